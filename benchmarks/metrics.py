@@ -1,0 +1,108 @@
+"""The paper's metrics: image and pixel AUROC / AP / F1-max (scikit-learn) and PRO (MVTec definition).
+
+PRO: the mean, over connected defect regions (8-connectivity, scipy), of the fraction of each region above a
+threshold, as a function of the false-positive rate on defect-free pixels; the area under that curve for FPR in
+[0, 0.3], divided by 0.3. (MuSc's code leaves out the division; ours follows MVTec.)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
+
+IMAGE_KEYS = ("image_auroc", "image_ap", "image_f1_max")
+PIXEL_KEYS = ("pixel_auroc", "pixel_ap", "pixel_f1_max", "pro")
+ALL_KEYS = IMAGE_KEYS + PIXEL_KEYS
+
+
+def f1_max(labels, scores) -> float:
+    """The best F1 over all thresholds."""
+    precision, recall, _ = precision_recall_curve(labels, scores)
+    denom = precision + recall
+    f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(denom), where=denom > 0)
+    return float(f1.max())
+
+
+def _both_classes(labels) -> bool:
+    labels = np.asarray(labels)
+    return labels.size > 0 and 0 < labels.sum() < labels.size
+
+
+def image_metrics(labels, scores) -> dict:
+    labels = np.asarray(labels).astype(np.int64)
+    scores = np.asarray(scores, dtype=np.float64)
+    if not _both_classes(labels):
+        return {k: None for k in IMAGE_KEYS}
+    return {
+        "image_auroc": float(roc_auc_score(labels, scores)),
+        "image_ap": float(average_precision_score(labels, scores)),
+        "image_f1_max": f1_max(labels, scores),
+    }
+
+
+def pro_score(masks, maps, fpr_limit: float = 0.3) -> float:
+    """Normalised area under the per-region-overlap curve up to ``fpr_limit`` (exact, every distinct threshold)."""
+    masks = np.asarray(masks, dtype=bool)
+    maps = np.asarray(maps, dtype=np.float64)
+    if masks.shape != maps.shape:
+        raise ValueError(f"masks {masks.shape} and maps {maps.shape} differ in shape")
+    structure = np.ones((3, 3), dtype=int)
+    region_weight = np.zeros(masks.shape, dtype=np.float64)
+    n_regions = 0
+    region_labels = []
+    for i, mask in enumerate(masks):
+        labelled, count = ndimage.label(mask, structure=structure)
+        region_labels.append((labelled, count))
+        n_regions += count
+    negatives = ~masks
+    n_neg = int(negatives.sum())
+    if n_regions == 0 or n_neg == 0:
+        return float("nan")
+    for i, (labelled, count) in enumerate(region_labels):
+        if count:
+            sizes = np.bincount(labelled.ravel())
+            weight = np.where(labelled > 0, 1.0 / sizes[labelled], 0.0)
+            region_weight[i] = weight / n_regions
+    flat_scores = maps.ravel()
+    order = np.argsort(-flat_scores, kind="stable")
+    pro = np.cumsum(region_weight.ravel()[order])
+    fpr = np.cumsum(negatives.ravel()[order]) / n_neg
+    # one curve point per distinct threshold: the last pixel of each run of equal scores
+    sorted_scores = flat_scores[order]
+    last = np.r_[sorted_scores[1:] != sorted_scores[:-1], True]
+    fpr = np.r_[0.0, fpr[last]]
+    pro = np.r_[0.0, pro[last]]
+    if fpr[-1] < fpr_limit:  # cannot happen for a full curve (fpr ends at 1), kept for safety
+        return float(np.trapezoid(pro, fpr) / fpr_limit)
+    cut = int(np.searchsorted(fpr, fpr_limit, side="right"))
+    x = np.r_[fpr[:cut], fpr_limit]
+    y_end = np.interp(fpr_limit, fpr[cut - 1 : cut + 1], pro[cut - 1 : cut + 1])
+    y = np.r_[pro[:cut], y_end]
+    return float(np.trapezoid(y, x) / fpr_limit)
+
+
+def pixel_metrics(masks, maps) -> dict:
+    masks = np.asarray(masks, dtype=bool)
+    maps = np.asarray(maps, dtype=np.float32)
+    if masks.shape != maps.shape:
+        raise ValueError(f"masks {masks.shape} and maps {maps.shape} differ in shape")
+    flat_labels = masks.ravel()
+    if not _both_classes(flat_labels):
+        return {k: None for k in PIXEL_KEYS}
+    flat_scores = maps.ravel()
+    return {
+        "pixel_auroc": float(roc_auc_score(flat_labels, flat_scores)),
+        "pixel_ap": float(average_precision_score(flat_labels, flat_scores)),
+        "pixel_f1_max": f1_max(flat_labels, flat_scores),
+        "pro": pro_score(masks, maps),
+    }
+
+
+def mean_metrics(per_category: dict) -> dict:
+    """Unweighted mean over categories of each metric (categories without it are left out)."""
+    out = {}
+    for key in ALL_KEYS:
+        values = [m[key] for m in per_category.values() if m.get(key) is not None]
+        out[key] = float(np.mean(values)) if values else None
+    return out

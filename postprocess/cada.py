@@ -1,0 +1,132 @@
+"""Content-Adaptive Data Augmentation (Eq. 4): how much does the object move across the lot, and which
+augmentations does that allow?
+
+Runs on the host on uint8 images (it prepares images for the encoder), so it is NumPy + Pillow only.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+_SALIENCY_SIZE = 64
+
+
+def object_centroid(image: np.ndarray) -> tuple[float, float]:
+    """Centroid (x, y), as fractions of the width and height, of what differs from the image's border.
+
+    The border's median colour stands for the background; pixels far from it (above the mean difference) are the
+    object. Crude, but it needs no model and works on both object and texture images.
+    """
+    small = np.asarray(Image.fromarray(image).convert("RGB").resize((_SALIENCY_SIZE, _SALIENCY_SIZE), Image.BILINEAR),
+                       dtype=np.float32)
+    border = np.concatenate([small[0], small[-1], small[:, 0], small[:, -1]], axis=0)
+    background = np.median(border, axis=0)
+    diff = np.abs(small - background).sum(axis=-1)
+    weight = np.where(diff > diff.mean(), diff, 0.0)
+    if weight.sum() <= 0:
+        return 0.5, 0.5
+    ys, xs = np.mgrid[0:_SALIENCY_SIZE, 0:_SALIENCY_SIZE]
+    total = weight.sum()
+    return float((weight * (xs + 0.5)).sum() / total / _SALIENCY_SIZE), float(
+        (weight * (ys + 0.5)).sum() / total / _SALIENCY_SIZE
+    )
+
+
+@dataclass
+class CadaDecision:
+    sigma: float
+    sigma_spatial: float
+    sigma_temporal: float
+    threshold: float
+    strategy: str  # "photometric" or "photometric+geometric"
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def cada_decision(images, threshold: float) -> CadaDecision:
+    """sigma = sqrt(sigma_spatial^2 + sigma_temporal^2) of the object centroid over the lot (in lot order).
+
+    sigma_spatial: spread of the centroid over the lot; sigma_temporal: spread of its frame-to-frame displacement
+    (a line camera sees the lot in order). Above the threshold the object moves: photometric augmentation only;
+    below it the object sits still and geometric augmentation adds useful variety.
+    """
+    centroids = np.array([object_centroid(im) for im in images], dtype=np.float64)
+    spatial = math.sqrt(float(centroids.var(axis=0).sum()))
+    temporal = math.sqrt(float(np.diff(centroids, axis=0).var(axis=0).sum()) / 2.0) if len(centroids) > 2 else 0.0
+    sigma = math.hypot(spatial, temporal)
+    strategy = "photometric" if sigma > threshold else "photometric+geometric"
+    return CadaDecision(sigma, spatial, temporal, threshold, strategy)
+
+
+@dataclass
+class Augmentation:
+    """One augmentation; ``matrix`` maps output pixel coordinates to input ones (PIL's affine convention)."""
+
+    brightness: float
+    contrast: float
+    matrix: tuple[float, ...] | None
+
+
+def _affine(size: int, rng: np.random.Generator) -> tuple[float, ...]:
+    """Flips, a small rotation and a small shift about the image centre, as PIL's inverse affine coefficients."""
+    angle = math.radians(rng.uniform(-15.0, 15.0))
+    flip_x = -1.0 if rng.random() < 0.5 else 1.0
+    flip_y = -1.0 if rng.random() < 0.5 else 1.0
+    shift = rng.uniform(-0.04, 0.04, size=2) * size
+    c, s = math.cos(angle), math.sin(angle)
+    # input = centre + R(angle) * F * (output - centre - shift)
+    a, b = c * flip_x, -s * flip_y
+    d, e = s * flip_x, c * flip_y
+    centre = size / 2.0
+    ox, oy = centre + shift[0], centre + shift[1]
+    return (a, b, centre - a * ox - b * oy, d, e, centre - d * ox - e * oy)
+
+
+def draw_augmentations(count: int, strategy: str, size: int, seed: int) -> list[Augmentation]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(count):
+        brightness = float(rng.uniform(0.85, 1.15))
+        contrast = float(rng.uniform(0.85, 1.15))
+        matrix = _affine(size, rng) if strategy == "photometric+geometric" else None
+        out.append(Augmentation(brightness, contrast, matrix))
+    return out
+
+
+def _border_colour(image: np.ndarray) -> tuple[int, ...]:
+    border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]], axis=0)
+    return tuple(int(v) for v in np.median(border, axis=0))
+
+
+def apply_augmentation(image: np.ndarray, aug: Augmentation) -> np.ndarray:
+    """Augment one (H, W, 3) uint8 image."""
+    out = image.astype(np.float32)
+    mean = out.mean()
+    out = (out - mean) * aug.contrast + mean * aug.brightness
+    out = np.clip(out, 0, 255).astype(np.uint8)
+    if aug.matrix is not None:
+        h, w = image.shape[:2]
+        out = np.asarray(
+            Image.fromarray(out).transform((w, h), Image.AFFINE, aug.matrix, resample=Image.BILINEAR,
+                                           fillcolor=_border_colour(image))
+        )
+    return out
+
+
+def warp_patch_map(patch_map: np.ndarray, aug: Augmentation, image_size: int) -> np.ndarray:
+    """Move a (h, w) patch-level map the way ``aug`` moves the image, so masks follow their patches."""
+    if aug.matrix is None:
+        return patch_map
+    h, w = patch_map.shape
+    scale = h / float(image_size)
+    a, b, c, d, e, f = aug.matrix
+    # the same affine expressed in patch-grid coordinates
+    grid_matrix = (a, b, c * scale, d, e, f * scale)
+    img = Image.fromarray(patch_map.astype(np.float32), mode="F")
+    fill = float(np.median(patch_map))
+    return np.asarray(img.transform((w, h), Image.AFFINE, grid_matrix, resample=Image.BILINEAR, fillcolor=fill))

@@ -1,0 +1,122 @@
+"""PA-CLIP scoring configuration: the defaults, and the paper's ablation rows as presets.
+
+Every number the paper leaves open is a field here; README.md ("Defaults") says why each was chosen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+# The ablation rows of the paper (Tables 3-4) plus the MuSc-style mutual-scoring baseline we must beat.
+MODES = ("baseline", "mutual", "pad", "pad_pam", "pad_mpam")
+MODE_HELP = {
+    "baseline": "text only: patch-text similarity (needs a text encoder)",
+    "mutual": "MuSc-style mutual scoring against the full bank; no normal bank, no subtraction",
+    "pad": "+PAD: full bank and a normal bank of the selected images (no augmentation, no coreset), "
+    "adaptive subtraction, normal bank at r=1 only",
+    "pad_pam": "+PAD+PAM: the normal bank adds CADA augmentations and coreset sampling, at r=1 only",
+    "pad_mpam": "+PAD+MPAM: the full method, normal banks at every scale",
+}
+
+
+@dataclass(frozen=True)
+class PAClipConfig:
+    # Multi-scale aggregation (Eq. 1) and fusion weights (Eq. 8); None = equal weights.
+    scales: tuple[int, ...] = (1, 3, 5)
+    scale_weights: tuple[float, ...] | None = None
+    # Feature normalisation before aggregation: "none", or "layernorm" (per token over channels).
+    feature_norm: str = "layernorm"
+
+    # Text (Eq. 2-3).
+    tau_text: float = 0.01
+    # Normal-image selection: this fraction of the lot, at least min_normal images.
+    normal_fraction: float = 0.1
+    min_normal: int = 2
+    # Patches of selected images whose prior anomaly score (text, or mutual without text) is above this
+    # quantile of the lot's prior scores are kept out of the normal bank.
+    normal_patch_quantile: float = 0.9
+
+    # Banks.
+    use_normal_bank: bool = True
+    multiscale_normal_bank: bool = True
+    augment: bool = True
+    n_augment: int = 4
+    cada_threshold: float = 0.05
+    full_coreset_ratio: float = 1.0
+    normal_coreset_ratio: float = 0.1
+    coreset_dim: int = 128
+
+    # Psi (Eq. 5-6).
+    interval_fraction: float = 0.3
+    k_min: int = 1
+    k_max: int = 64
+    normal_k: int = 3
+
+    # Adaptive subtraction (Eq. 7).
+    alpha: float = 0.5
+    tau_quantile: float = 0.5
+
+    # Maps and image score.
+    smooth_sigma: float = 4.0
+    image_score: str = "topk_mean"  # "max" or "topk_mean"
+    image_topk_fraction: float = 0.01
+
+    # Text-only map instead of memory banks (the "baseline" ablation row).
+    text_only: bool = False
+
+    memory_budget_mb: int = 256
+    seed: int = 0
+
+    def __post_init__(self):
+        if any(r < 1 or r % 2 == 0 for r in self.scales):
+            raise ValueError(f"scales must be odd positive integers, got {self.scales}")
+        if self.scale_weights is not None and len(self.scale_weights) != len(self.scales):
+            raise ValueError("scale_weights must have one weight per scale")
+        if self.feature_norm not in ("none", "layernorm"):
+            raise ValueError(f"feature_norm must be 'none' or 'layernorm', got {self.feature_norm!r}")
+        if self.image_score not in ("max", "topk_mean"):
+            raise ValueError(f"image_score must be 'max' or 'topk_mean', got {self.image_score!r}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"alpha must lie in [0, 1], got {self.alpha}")
+        for name in ("full_coreset_ratio", "normal_coreset_ratio"):
+            value = getattr(self, name)
+            if not 0.0 < value <= 1.0:
+                raise ValueError(f"{name} must lie in (0, 1], got {value}")
+        if self.k_min < 1 or self.k_max < self.k_min:
+            raise ValueError("need 1 <= k_min <= k_max")
+
+    @property
+    def weights(self) -> tuple[float, ...]:
+        if self.scale_weights is None:
+            return tuple(1.0 / len(self.scales) for _ in self.scales)
+        total = float(sum(self.scale_weights))
+        return tuple(w / total for w in self.scale_weights)
+
+    @property
+    def normal_bank_scales(self) -> tuple[int, ...]:
+        return self.scales if self.multiscale_normal_bank else (self.scales[0],)
+
+    def replace(self, **changes) -> "PAClipConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def for_mode(cls, mode: str, **overrides) -> "PAClipConfig":
+        """The configuration of one ablation row; overrides apply on top."""
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+        preset = {
+            "baseline": dict(text_only=True, use_normal_bank=False, augment=False),
+            "mutual": dict(use_normal_bank=False, augment=False),
+            "pad": dict(augment=False, normal_coreset_ratio=1.0, multiscale_normal_bank=False),
+            "pad_pam": dict(multiscale_normal_bank=False),
+            "pad_mpam": dict(),
+        }[mode]
+        preset.update(overrides)
+        return cls(**preset)
+
+
+DEFAULT_CONFIG = PAClipConfig()

@@ -1,0 +1,311 @@
+"""Array kernels of PA-CLIP scoring, written once against an array module ``xp``.
+
+``xp`` is ``numpy`` on a CPU and ``cupy`` on a GPU: every function takes its module from its input arrays, and
+uses only functions both modules have (matmul, cumsum, take, partition, quantile, ...). Nothing here ever holds a
+whole (N*L) x (N*L) distance matrix: the kNN kernels work in chunks sized by a memory budget in bytes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+try:  # CuPy is optional: present on GPU hosts only.
+    import cupy as _cupy
+except Exception:  # pragma: no cover - depends on the host
+    _cupy = None
+
+
+def get_xp(*arrays):
+    """The array module (numpy or cupy) the arrays live in."""
+    if _cupy is not None:
+        return _cupy.get_array_module(*arrays)
+    return np
+
+
+def to_numpy(array) -> np.ndarray:
+    if _cupy is not None and isinstance(array, _cupy.ndarray):
+        return _cupy.asnumpy(array)
+    return np.asarray(array)
+
+
+def _float32(x):
+    xp = get_xp(x)
+    return x.astype(xp.float32, copy=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Feature aggregation (Eq. 1)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def layer_norm(x, eps: float = 1e-5):
+    """Per-token normalisation over channels (no affine): tames the few huge channels of ViT residual streams."""
+    x = _float32(x)
+    xp = get_xp(x)
+    mean = x.mean(axis=-1, keepdims=True)
+    centred = x - mean
+    var = (centred * centred).mean(axis=-1, keepdims=True)
+    return centred / xp.sqrt(var + eps)
+
+
+def l2_normalize(x, eps: float = 1e-12):
+    xp = get_xp(x)
+    norm = xp.sqrt((x * x).sum(axis=-1, keepdims=True))
+    return x / xp.maximum(norm, eps)
+
+
+def _box_sum_axis(x, radius: int, axis: int):
+    """Sum over a window of +-radius along one axis, windows clipped at the borders (cumulative-sum trick)."""
+    xp = get_xp(x)
+    n = x.shape[axis]
+    pad_shape = list(x.shape)
+    pad_shape[axis] = 1
+    csum = xp.concatenate([xp.zeros(pad_shape, dtype=x.dtype), xp.cumsum(x, axis=axis)], axis=axis)
+    idx = xp.arange(n)
+    hi = xp.clip(idx + radius + 1, 0, n)
+    lo = xp.clip(idx - radius, 0, n)
+    return xp.take(csum, hi, axis=axis) - xp.take(csum, lo, axis=axis)
+
+
+def _window_counts(n: int, radius: int, xp):
+    idx = xp.arange(n)
+    return (xp.clip(idx + radius + 1, 0, n) - xp.clip(idx - radius, 0, n)).astype(xp.float32)
+
+
+def box_mean(grid_features, r: int):
+    """Mean over the r x r neighbourhood of each patch of (N, h, w, C); at borders, the mean of valid neighbours."""
+    if r == 1:
+        return grid_features
+    xp = get_xp(grid_features)
+    radius = r // 2
+    n, h, w, _ = grid_features.shape
+    summed = _box_sum_axis(_box_sum_axis(grid_features, radius, 1), radius, 2)
+    counts = _window_counts(h, radius, xp)[:, None] * _window_counts(w, radius, xp)[None, :]
+    return summed / counts[None, :, :, None]
+
+
+def aggregate(tokens, grid: tuple[int, int], r: int, feature_norm: str = "none"):
+    """(N, L, C) patch tokens of one layer -> (N, L, C) r x r-aggregated, L2-normalised features (float32)."""
+    x = _float32(tokens)
+    if feature_norm == "layernorm":
+        x = layer_norm(x)
+    n, length, channels = x.shape
+    h, w = grid
+    if h * w != length:
+        raise ValueError(f"grid {grid} does not match {length} tokens")
+    x = box_mean(x.reshape(n, h, w, channels), r).reshape(n, length, channels)
+    return l2_normalize(x)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Text scores (Eq. 2-3)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def text_defect_probability(features, text_embeds, tau: float):
+    """P(defective) of each feature vector: softmax over (cos to f_pos, cos to f_neg) / tau, second entry.
+
+    ``text_embeds`` is (2, D): row 0 the normal prompt, row 1 the defective prompt.
+    """
+    xp = get_xp(features)
+    f = l2_normalize(_float32(features))
+    t = l2_normalize(_float32(text_embeds))
+    logits = (f @ t.T) / tau
+    # softmax of two logits: P(neg) = sigmoid(l_neg - l_pos)
+    return 1.0 / (1.0 + xp.exp(logits[..., 0] - logits[..., 1]))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Coreset (approximate greedy k-center after a random projection, as in PatchCore)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def random_projection(d_in: int, d_out: int, seed: int) -> np.ndarray:
+    """A seeded Gaussian projection (numpy, float32); the same matrix serves NumPy, CuPy and the reference."""
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal((d_in, d_out)) / math.sqrt(d_out)).astype(np.float32)
+
+
+def coreset_size(n: int, ratio: float) -> int:
+    return max(1, min(n, int(math.ceil(ratio * n))))
+
+
+def greedy_coreset(points, n_select: int):
+    """Greedy k-center selection in each group of (G, P, d) points -> (G, n_select) indices.
+
+    Starts from the point nearest the group mean, then repeatedly takes the point farthest from the chosen set.
+    """
+    xp = get_xp(points)
+    points = _float32(points)
+    groups, n_points, _ = points.shape
+    if n_select >= n_points:
+        return xp.tile(xp.arange(n_points)[None, :], (groups, 1))
+    sq_norm = (points * points).sum(axis=-1)  # (G, P)
+    rows = xp.arange(groups)
+
+    def sq_dist_to(idx):
+        centre = points[rows, idx]  # (G, d)
+        dots = xp.einsum("gpd,gd->gp", points, centre)
+        return xp.maximum(sq_norm - 2.0 * dots + (centre * centre).sum(axis=-1)[:, None], 0.0)
+
+    mean = points.mean(axis=1)
+    start = xp.argmin(((points - mean[:, None, :]) ** 2).sum(axis=-1), axis=1)
+    selected = xp.empty((groups, n_select), dtype=xp.int64)
+    selected[:, 0] = start
+    min_dist = sq_dist_to(start)
+    for t in range(1, n_select):
+        nxt = xp.argmax(min_dist, axis=1)
+        selected[:, t] = nxt
+        min_dist = xp.minimum(min_dist, sq_dist_to(nxt))
+    return selected
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Psi: cosine kNN against the banks (Eq. 5-6)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def interval_k(n_bank_images: int, fraction: float, k_min: int, k_max: int) -> int:
+    """k of the interval average: round(fraction * (N - 1)) clamped to [k_min, k_max] and to N - 1."""
+    k = int(round(fraction * (n_bank_images - 1)))
+    k = max(k_min, min(k_max, k))
+    return max(1, min(k, max(1, n_bank_images - 1)))
+
+
+def _chunk(total: int, per_item_bytes: int, budget_bytes: int) -> int:
+    return int(max(1, min(total, budget_bytes // max(1, per_item_bytes))))
+
+
+def full_bank_scores(queries, bank, query_ids, bank_ids, k: int, budget_bytes: int):
+    """Interval-averaged mutual score of each query patch against a full bank.
+
+    queries (Nq, L, C) and bank (Nb, m, C) are unit vectors; bank image b carries id ``bank_ids[b]``. For each
+    query patch: cosine distance to the nearest patch of every bank image, images with the query's own id left
+    out, then the mean of the k smallest of those per-image minima. Returns (Nq, L) float32.
+    """
+    xp = get_xp(queries)
+    n_query, length, channels = queries.shape
+    n_bank, per_image, _ = bank.shape
+    flat_bank = bank.reshape(n_bank * per_image, channels)
+    out = xp.empty((n_query, length), dtype=xp.float32)
+    # memory per (query image, bank image) pair: the similarity block plus its share of the minima
+    q_chunk = _chunk(n_query, length * n_bank * 4 * 2, budget_bytes // 2)
+    for q0 in range(0, n_query, q_chunk):
+        q1 = min(n_query, q0 + q_chunk)
+        q = queries[q0:q1].reshape(-1, channels)
+        minima = xp.empty((q1 - q0, length, n_bank), dtype=xp.float32)
+        b_chunk = _chunk(n_bank, q.shape[0] * per_image * 4, budget_bytes // 2)
+        for b0 in range(0, n_bank, b_chunk):
+            b1 = min(n_bank, b0 + b_chunk)
+            sims = q @ flat_bank[b0 * per_image : b1 * per_image].T
+            best = sims.reshape(q1 - q0, length, b1 - b0, per_image).max(axis=-1)
+            minima[:, :, b0:b1] = 1.0 - best
+        own = query_ids[q0:q1, None] == bank_ids[None, :]  # (nq, Nb): a query never matches its own image
+        minima = xp.where(own[:, None, :], xp.float32(xp.inf), minima)
+        smallest = xp.partition(minima, k - 1, axis=-1)[..., :k]
+        out[q0:q1] = smallest.mean(axis=-1)
+    return out
+
+
+def normal_bank_scores(queries, bank, query_ids, bank_ids, k: int, budget_bytes: int):
+    """Mean cosine distance of each query patch to its k nearest normal-bank entries (own image's entries excluded).
+
+    queries (Nq, L, C), bank (M, C), bank_ids (M,). Returns (Nq, L) float32.
+    """
+    xp = get_xp(queries)
+    n_query, length, channels = queries.shape
+    n_entries = bank.shape[0]
+    k = max(1, min(k, n_entries))
+    out = xp.empty((n_query, length), dtype=xp.float32)
+    q_chunk = _chunk(n_query, length * 4 * min(n_entries, 4096), budget_bytes // 2)
+    for q0 in range(0, n_query, q_chunk):
+        q1 = min(n_query, q0 + q_chunk)
+        q = queries[q0:q1].reshape(-1, channels)
+        row_ids = xp.repeat(query_ids[q0:q1], length)
+        best = xp.full((q.shape[0], k), xp.inf, dtype=xp.float32)
+        m_chunk = _chunk(n_entries, q.shape[0] * 4 * 2, budget_bytes // 2)
+        for m0 in range(0, n_entries, m_chunk):
+            m1 = min(n_entries, m0 + m_chunk)
+            dist = 1.0 - q @ bank[m0:m1].T
+            dist = xp.where(row_ids[:, None] == bank_ids[None, m0:m1], xp.float32(xp.inf), dist)
+            both = xp.concatenate([best, dist.astype(xp.float32)], axis=1)
+            best = xp.partition(both, k - 1, axis=1)[:, :k]
+        out[q0:q1] = best.mean(axis=1).reshape(q1 - q0, length)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Decision (Eq. 7), fusion (Eq. 8), maps and image scores
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def adaptive_subtraction(full_scores, normal_scores, alpha: float, tau: float):
+    """S = S_c - alpha * S_b * 1[S_b <= tau]."""
+    xp = get_xp(full_scores)
+    return full_scores - alpha * normal_scores * (normal_scores <= tau).astype(xp.float32)
+
+
+def _bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """(n_out, n_in) linear-interpolation operator, half-pixel centres (torch align_corners=False)."""
+    scale = n_in / n_out
+    src = np.maximum((np.arange(n_out) + 0.5) * scale - 0.5, 0.0)
+    i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    frac = src - i0
+    op = np.zeros((n_out, n_in), dtype=np.float64)
+    np.add.at(op, (np.arange(n_out), i0), 1.0 - frac)
+    np.add.at(op, (np.arange(n_out), i1), frac)
+    return op
+
+
+def gaussian_kernel_1d(sigma: float) -> np.ndarray:
+    """Normalised Gaussian taps, truncated at 4 sigma (scipy's default)."""
+    radius = int(4.0 * sigma + 0.5)
+    x = np.arange(-radius, radius + 1, dtype=np.float64)
+    taps = np.exp(-0.5 * (x / sigma) ** 2)
+    return taps / taps.sum()
+
+
+def _gaussian_matrix(n: int, sigma: float) -> np.ndarray:
+    """(n, n) Gaussian blur operator with mirror borders (edge sample not repeated, torch's 'reflect')."""
+    taps = gaussian_kernel_1d(sigma)
+    radius = len(taps) // 2
+    if radius >= n:
+        raise ValueError(f"smoothing sigma {sigma} too large for a map of size {n}")
+    op = np.zeros((n, n), dtype=np.float64)
+    for offset, weight in zip(range(-radius, radius + 1), taps):
+        j = np.arange(n) + offset
+        j = np.where(j < 0, -j, j)
+        j = np.where(j > n - 1, 2 * (n - 1) - j, j)
+        np.add.at(op, (np.arange(n), j), weight)
+    return op
+
+
+def map_operator(n_in: int, n_out: int, sigma: float) -> np.ndarray:
+    """Upsample-then-smooth along one axis as one matrix (n_out, n_in), float32."""
+    op = _bilinear_matrix(n_in, n_out)
+    if sigma > 0:
+        op = _gaussian_matrix(n_out, sigma) @ op
+    return op.astype(np.float32)
+
+
+def patch_scores_to_maps(patch_scores, grid: tuple[int, int], size: tuple[int, int], sigma: float):
+    """(N, L) patch scores -> (N, H, W) maps: bilinear upsampling, then Gaussian smoothing (sigma 0 = none)."""
+    xp = get_xp(patch_scores)
+    h, w = grid
+    rows = xp.asarray(map_operator(h, size[0], sigma))
+    cols = xp.asarray(map_operator(w, size[1], sigma))
+    grid_scores = _float32(patch_scores).reshape(-1, h, w)
+    return rows @ grid_scores @ cols.T
+
+
+def image_scores(maps, method: str, topk_fraction: float):
+    """Reduce (N, H, W) maps to (N,) image scores: the max, or the mean of the top fraction of pixels."""
+    xp = get_xp(maps)
+    flat = maps.reshape(maps.shape[0], -1)
+    if method == "max":
+        return flat.max(axis=1)
+    k = max(1, int(round(topk_fraction * flat.shape[1])))
+    return xp.partition(flat, flat.shape[1] - k, axis=1)[:, -k:].mean(axis=1)

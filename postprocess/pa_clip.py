@@ -1,0 +1,245 @@
+"""PA-CLIP scoring of a lot (DESIGN.md steps 2-9) over encoder features, on NumPy or CuPy arrays.
+
+Two stages, because the normal bank needs images that are encoded only after the lot has been looked at:
+
+1. ``lot_stage``: multi-scale aggregation, patch-text scores, mutual scores against the full bank (the lot itself,
+   each image excluding its own patches), and the choice of the most normal images.
+2. (the caller augments the chosen images with CADA and encodes them: ``postprocess.pipeline``)
+3. ``finish_stage``: the normal bank from the chosen images and their augmentations, scores against it, adaptive
+   subtraction, multi-scale fusion, maps and image scores.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import kernels as K
+from .config import PAClipConfig
+
+
+@dataclass
+class Features:
+    """Encoder outputs for a set of images (the ``clip_vision`` contract)."""
+
+    layer_tokens: object  # (N, n_layers, L, C)
+    patch_embeds: object  # (N, L, D)
+    image_embeds: object  # (N, D)
+    grid: tuple[int, int]
+
+    def __len__(self) -> int:
+        return int(self.layer_tokens.shape[0])
+
+    def take(self, indices) -> "Features":
+        return Features(self.layer_tokens[indices], self.patch_embeds[indices], self.image_embeds[indices], self.grid)
+
+
+@dataclass
+class LotState:
+    """What stage 1 learnt about the lot."""
+
+    full_scores: dict  # r -> (N, L) mutual scores against the full bank ({} for the text-only baseline)
+    text_scores: dict  # r -> (N, L) P(defective) of each patch ({} without a text encoder)
+    normal_scores: object  # (N,) higher = more normal
+    normal_indices: np.ndarray  # chosen most-normal images, most normal first
+    selection: str  # "text" or "visual"
+    prior: object  # (N, L) prior anomaly score of each patch, used to keep defects out of the normal bank
+    prior_threshold: float
+
+
+@dataclass
+class NormalSet:
+    """The images the normal bank is built from: the chosen lot images and their augmentations."""
+
+    layer_tokens: object  # (M, n_layers, L, C)
+    source_ids: object  # (M,) lot index each one came from (a query never matches its own source)
+    prior: object  # (M, L) prior anomaly score of each patch, warped along with the augmentation
+
+
+@dataclass
+class ScoreResult:
+    maps: object  # (N, H, W) float32
+    scores: object  # (N,) float32
+    patch_scores: object  # (N, L) fused, before upsampling
+    per_scale: dict = field(default_factory=dict)  # r -> (N, L) after subtraction
+    normal_bank_scores: dict = field(default_factory=dict)  # r -> (N, L)
+    tau_b: dict = field(default_factory=dict)  # r -> subtraction threshold
+    normal_bank_sizes: dict = field(default_factory=dict)  # r -> entries kept
+
+
+def _budget(cfg: PAClipConfig) -> int:
+    return int(cfg.memory_budget_mb) * 1024 * 1024
+
+
+def fuse(per_scale: dict, cfg: PAClipConfig):
+    return sum(w * per_scale[r] for r, w in zip(cfg.scales, cfg.weights))
+
+
+def text_patch_scores(features: Features, text_embeds, cfg: PAClipConfig) -> dict:
+    """r -> (N, L) P(defective) of the r x r-aggregated projected patch embeddings."""
+    return {
+        r: K.text_defect_probability(K.aggregate(features.patch_embeds, features.grid, r), text_embeds, cfg.tau_text)
+        for r in cfg.scales
+    }
+
+
+def _layer_features(layer_tokens, layer: int, grid, r: int, cfg: PAClipConfig):
+    return K.aggregate(layer_tokens[:, layer], grid, r, cfg.feature_norm)
+
+
+def _projected(layer_tokens, grid, r: int, cfg: PAClipConfig, rows=None):
+    """Random projection of the concatenated layer features of each patch: (N, L, coreset_dim).
+
+    ``rows`` optionally picks images first. Coreset choices use all layers together, so a bank entry is one patch
+    with its features at every layer.
+    """
+    xp = K.get_xp(layer_tokens)
+    tokens = layer_tokens if rows is None else layer_tokens[rows]
+    n_layers, channels = tokens.shape[1], tokens.shape[3]
+    proj = xp.asarray(K.random_projection(n_layers * channels, cfg.coreset_dim, cfg.seed + r))
+    total = 0
+    for layer in range(n_layers):
+        feats = _layer_features(tokens, layer, grid, r, cfg)
+        total = total + feats @ proj[layer * channels : (layer + 1) * channels]
+    return total
+
+
+def full_bank_selection(layer_tokens, grid, r: int, cfg: PAClipConfig):
+    """Per-image coreset of the full bank: (N, m) patch indices, or None to keep every patch."""
+    length = layer_tokens.shape[2]
+    m = K.coreset_size(length, cfg.full_coreset_ratio)
+    if m >= length:
+        return None
+    return K.greedy_coreset(_projected(layer_tokens, grid, r, cfg), m)
+
+
+def mutual_scores(features: Features, r: int, cfg: PAClipConfig):
+    """(N, L) interval-averaged scores of every lot image against the rest of the lot, averaged over layers."""
+    xp = K.get_xp(features.layer_tokens)
+    n, n_layers = features.layer_tokens.shape[:2]
+    ids = xp.arange(n)
+    selection = full_bank_selection(features.layer_tokens, features.grid, r, cfg)
+    k = K.interval_k(n, cfg.interval_fraction, cfg.k_min, cfg.k_max)
+    total = 0
+    for layer in range(n_layers):
+        feats = _layer_features(features.layer_tokens, layer, features.grid, r, cfg)
+        bank = feats if selection is None else xp.take_along_axis(feats, selection[:, :, None], axis=1)
+        total = total + K.full_bank_scores(feats, bank, ids, ids, k, _budget(cfg))
+    return total / n_layers
+
+
+def select_normal(normal_scores, cfg: PAClipConfig) -> np.ndarray:
+    """Indices of the most normal images (highest score first): the top fraction, at least ``min_normal``."""
+    scores = K.to_numpy(normal_scores)
+    n = len(scores)
+    count = max(cfg.min_normal, int(np.ceil(cfg.normal_fraction * n)))
+    count = min(count, n)
+    return np.argsort(-scores, kind="stable")[:count]
+
+
+def lot_stage(features: Features, text_embeds, cfg: PAClipConfig) -> LotState:
+    n = len(features)
+    if n < 2:
+        raise ValueError(f"a lot needs at least 2 images to score them against each other, got {n}")
+    has_text = text_embeds is not None
+    if cfg.text_only and not has_text:
+        raise ValueError("the text-only baseline needs a text encoder; this backbone has none")
+    text_scores = text_patch_scores(features, text_embeds, cfg) if has_text else {}
+    full_scores = {} if cfg.text_only else {r: mutual_scores(features, r, cfg) for r in cfg.scales}
+
+    if has_text:
+        # Eq. 3: P(normal) of the CLS embedding
+        normal_scores = 1.0 - K.text_defect_probability(features.image_embeds, text_embeds, cfg.tau_text)
+        prior = fuse(text_scores, cfg)
+        selection = "text"
+    else:
+        # No text encoder: the images that look least anomalous to their peers are the most normal.
+        prior = fuse(full_scores, cfg)
+        h, w = features.grid
+        normal_scores = -K.image_scores(prior.reshape(n, h, w), cfg.image_score, cfg.image_topk_fraction)
+        selection = "visual"
+    xp = K.get_xp(prior)
+    threshold = float(xp.quantile(prior, cfg.normal_patch_quantile))
+    return LotState(
+        full_scores=full_scores,
+        text_scores=text_scores,
+        normal_scores=normal_scores,
+        normal_indices=select_normal(normal_scores, cfg),
+        selection=selection,
+        prior=prior,
+        prior_threshold=threshold,
+    )
+
+
+def original_normal_set(features: Features, state: LotState) -> NormalSet:
+    """The chosen lot images themselves, without augmentation."""
+    xp = K.get_xp(features.layer_tokens)
+    idx = xp.asarray(state.normal_indices)
+    return NormalSet(features.layer_tokens[idx], idx, state.prior[idx])
+
+
+def build_normal_bank(normal: NormalSet, grid, r: int, prior_threshold: float, cfg: PAClipConfig):
+    """Normal bank at scale r: (n_layers, M, C) unit features and (M,) source ids.
+
+    Patches whose prior anomaly score is above the threshold are left out; the rest are coreset-sampled.
+    """
+    xp = K.get_xp(normal.layer_tokens)
+    count, n_layers, length, _ = normal.layer_tokens.shape
+    keep = (normal.prior <= prior_threshold).reshape(-1)
+    if not bool(keep.any()):  # every patch looks defective: better a noisy bank than none
+        keep = xp.ones(count * length, dtype=bool)
+    flat_index = xp.nonzero(keep)[0]
+    n_keep = int(flat_index.shape[0])
+    m = K.coreset_size(n_keep, cfg.normal_coreset_ratio)
+    if m < n_keep:
+        proj = _projected(normal.layer_tokens, grid, r, cfg).reshape(count * length, -1)[flat_index]
+        flat_index = flat_index[K.greedy_coreset(proj[None], m)[0]]
+    ids = xp.repeat(xp.asarray(normal.source_ids), length)[flat_index]
+    layers = []
+    for layer in range(n_layers):
+        feats = _layer_features(normal.layer_tokens, layer, grid, r, cfg)
+        layers.append(feats.reshape(count * length, -1)[flat_index])
+    return xp.stack(layers), ids
+
+
+def normal_scores_against(features: Features, bank, bank_ids, cfg: PAClipConfig, r: int, query_ids=None):
+    """(N, L) mean kNN distance of each query patch to the normal bank, averaged over layers."""
+    xp = K.get_xp(features.layer_tokens)
+    n, n_layers = features.layer_tokens.shape[:2]
+    ids = xp.arange(n) if query_ids is None else query_ids
+    total = 0
+    for layer in range(n_layers):
+        feats = _layer_features(features.layer_tokens, layer, features.grid, r, cfg)
+        total = total + K.normal_bank_scores(feats, bank[layer], ids, bank_ids, cfg.normal_k, _budget(cfg))
+    return total / n_layers
+
+
+def finish_stage(features: Features, state: LotState, normal: NormalSet | None, cfg: PAClipConfig,
+                 map_size: tuple[int, int]) -> ScoreResult:
+    result = ScoreResult(maps=None, scores=None, patch_scores=None)
+    if cfg.text_only:
+        per_scale = dict(state.text_scores)
+    elif not cfg.use_normal_bank:
+        per_scale = dict(state.full_scores)
+    else:
+        if normal is None:
+            normal = original_normal_set(features, state)
+        for r in cfg.normal_bank_scales:
+            bank, bank_ids = build_normal_bank(normal, features.grid, r, state.prior_threshold, cfg)
+            s_b = normal_scores_against(features, bank, bank_ids, cfg, r)
+            xp = K.get_xp(s_b)
+            result.normal_bank_scores[r] = s_b
+            result.tau_b[r] = float(xp.quantile(s_b, cfg.tau_quantile))
+            result.normal_bank_sizes[r] = int(bank.shape[1])
+        per_scale = {}
+        for r in cfg.scales:
+            rb = r if r in result.normal_bank_scores else cfg.normal_bank_scales[0]
+            per_scale[r] = K.adaptive_subtraction(
+                state.full_scores[r], result.normal_bank_scores[rb], cfg.alpha, result.tau_b[rb]
+            )
+    result.per_scale = per_scale
+    result.patch_scores = fuse(per_scale, cfg)
+    result.maps = K.patch_scores_to_maps(result.patch_scores, features.grid, map_size, cfg.smooth_sigma)
+    result.scores = K.image_scores(result.maps, cfg.image_score, cfg.image_topk_fraction)
+    return result

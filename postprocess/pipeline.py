@@ -1,0 +1,139 @@
+"""PA-CLIP end to end in one process: encode a lot, choose normal images, augment them, score, make maps.
+
+The encoder is anything with ``encode(images) -> Features`` and ``encode_text(prompts) -> array | None`` (see
+``export.backbones``); the scoring is ``postprocess.pa_clip`` on NumPy arrays (or CuPy when the features are).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from . import kernels as K
+from .cada import apply_augmentation, cada_decision, draw_augmentations, warp_patch_map
+from .config import PAClipConfig
+from .pa_clip import Features, LotState, NormalSet, finish_stage, lot_stage
+
+NORMAL_PROMPT = "a photo of a normal {}"
+DEFECT_PROMPT = "a photo of a defective {}"
+
+
+def prompts_for(category: str) -> list[str]:
+    name = category.replace("_", " ")
+    return [NORMAL_PROMPT.format(name), DEFECT_PROMPT.format(name)]
+
+
+def encode_images(backbone, images: np.ndarray, batch_size: int = 8, desc: str | None = None) -> Features:
+    """Encode (N, H, W, 3) uint8 images in batches, with a progress bar when ``desc`` is given."""
+    parts = []
+    starts = range(0, len(images), batch_size)
+    for start in tqdm(starts, desc=desc, unit="batch", leave=False, disable=desc is None):
+        parts.append(backbone.encode(images[start : start + batch_size]))
+    return Features(
+        np.concatenate([p.layer_tokens for p in parts]),
+        np.concatenate([p.patch_embeds for p in parts]),
+        np.concatenate([p.image_embeds for p in parts]),
+        parts[0].grid,
+    )
+
+
+@dataclass
+class LotReport:
+    maps: np.ndarray  # (N, H, W) float32
+    scores: np.ndarray  # (N,) float32
+    normal_indices: np.ndarray
+    info: dict = field(default_factory=dict)
+
+
+def _state_key(cfg: PAClipConfig) -> tuple:
+    """The fields stage 1 depends on: configs that agree here share one LotState."""
+    return (cfg.scales, cfg.feature_norm, cfg.tau_text, cfg.normal_fraction, cfg.min_normal,
+            cfg.normal_patch_quantile, cfg.full_coreset_ratio, cfg.coreset_dim, cfg.interval_fraction, cfg.k_min,
+            cfg.k_max, cfg.text_only, cfg.scale_weights, cfg.image_score, cfg.image_topk_fraction, cfg.seed,
+            cfg.memory_budget_mb)
+
+
+class LotScorer:
+    """Scores one lot under one or more configurations, encoding each image (and augmentation) only once."""
+
+    def __init__(self, backbone, images: np.ndarray, category: str, batch_size: int = 8,
+                 features: Features | None = None, progress: bool = True):
+        if len(images) < 2:
+            raise ValueError(f"a lot needs at least 2 images, got {len(images)}")
+        self.backbone = backbone
+        self.images = images
+        self.category = category
+        self.batch_size = batch_size
+        self.progress = progress
+        self.features = features if features is not None else encode_images(
+            backbone, images, batch_size, desc=f"encode {category}" if progress else None)
+        text = backbone.encode_text(prompts_for(category)) if backbone.has_text else None
+        self.text_embeds = None if text is None else np.asarray(text, dtype=np.float32)
+        self._states: dict = {}
+        self._normal_sets: dict = {}
+
+    def state(self, cfg: PAClipConfig) -> LotState:
+        key = _state_key(cfg)
+        if key not in self._states:
+            self._states[key] = lot_stage(self.features, self.text_embeds, cfg)
+        return self._states[key]
+
+    def normal_set(self, cfg: PAClipConfig, state: LotState) -> tuple[NormalSet | None, dict]:
+        """The chosen images plus, with CADA on, their augmentations (encoded here) and warped priors."""
+        if not cfg.use_normal_bank or cfg.text_only:
+            return None, {}
+        idx = state.normal_indices
+        originals = NormalSet(self.features.layer_tokens[idx], idx, K.to_numpy(state.prior)[idx])
+        if not cfg.augment or cfg.n_augment <= 0:
+            return originals, {}
+        key = (_state_key(cfg), cfg.n_augment, cfg.cada_threshold)
+        if key not in self._normal_sets:
+            decision = cada_decision(self.images, cfg.cada_threshold)
+            size = self.images.shape[1]
+            h, w = self.features.grid
+            aug_images, aug_ids, aug_prior = [], [], []
+            for j, i in enumerate(idx):
+                for aug in draw_augmentations(cfg.n_augment, decision.strategy, size, cfg.seed + 1000 + j):
+                    aug_images.append(apply_augmentation(self.images[i], aug))
+                    aug_ids.append(i)
+                    aug_prior.append(warp_patch_map(originals.prior[j].reshape(h, w), aug, size).reshape(-1))
+            encoded = encode_images(self.backbone, np.stack(aug_images), self.batch_size,
+                                    desc="encode augmentations" if self.progress else None)
+            normal = NormalSet(
+                np.concatenate([originals.layer_tokens, encoded.layer_tokens]),
+                np.concatenate([idx, np.asarray(aug_ids)]),
+                np.concatenate([originals.prior, np.stack(aug_prior)]),
+            )
+            self._normal_sets[key] = (normal, {"cada": decision.to_dict(), "n_augmented": len(aug_images)})
+        return self._normal_sets[key]
+
+    def score(self, cfg: PAClipConfig, map_size: tuple[int, int] | None = None) -> LotReport:
+        size = map_size or tuple(self.images.shape[1:3])
+        state = self.state(cfg)
+        normal, extra = self.normal_set(cfg, state)
+        result = finish_stage(self.features, state, normal, cfg, size)
+        info = {
+            "normal_selection": state.selection,
+            "normal_selection_note": (
+                "normal images chosen by CLS-text similarity" if state.selection == "text" else
+                "backbone has no text encoder: normal images chosen visually (lowest mutual score)"),
+            "normal_indices": [int(i) for i in state.normal_indices],
+            "image_score": f"{cfg.image_score}" + (
+                f" (top {cfg.image_topk_fraction:.2%} of pixels)" if cfg.image_score == "topk_mean" else ""),
+            "tau_b": {str(r): v for r, v in result.tau_b.items()},
+            "normal_bank_entries": {str(r): v for r, v in result.normal_bank_sizes.items()},
+            **extra,
+        }
+        return LotReport(K.to_numpy(result.maps).astype(np.float32), K.to_numpy(result.scores).astype(np.float32),
+                         np.asarray(state.normal_indices), info)
+
+
+def score_lot(backbone, images: np.ndarray, category: str, cfg: PAClipConfig | None = None,
+              **kwargs) -> LotReport:
+    """One-shot: encode and score a lot of (N, H, W, 3) uint8 images."""
+    return LotScorer(backbone, images, category, **kwargs).score(cfg or PAClipConfig())
+
+
+__all__ = ["LotScorer", "LotReport", "score_lot", "encode_images", "prompts_for"]

