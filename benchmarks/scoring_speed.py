@@ -67,7 +67,7 @@ def worker(impl: str, args) -> dict:
         import torch
 
         from postprocess import reference
-    cfg = PAClipConfig()
+    cfg = PAClipConfig(full_coreset_ratio=args.full_coreset_ratio)
     features, text = make_inputs(args)
     size = (args.map_size, args.map_size)
     before = _rss_mb()
@@ -110,6 +110,8 @@ def main(argv=None) -> int:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--dim", type=int, default=768, help="projected embedding size")
     p.add_argument("--map-size", type=int, default=518)
+    p.add_argument("--full-coreset-ratio", type=float, default=PAClipConfig().full_coreset_ratio,
+                   help="fraction of each image's patches kept in the full bank (the default config keeps all)")
     p.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
     p.add_argument("--worker", choices=IMPLS, help=argparse.SUPPRESS)
     p.add_argument("--json", help="also write the rows to this file")
@@ -118,7 +120,8 @@ def main(argv=None) -> int:
         print(json.dumps(worker(args.worker, args)))
         return 0
     passthrough = [f"--images={args.images}", f"--tokens={args.tokens}", f"--channels={args.channels}",
-                   f"--layers={args.layers}", f"--dim={args.dim}", f"--map-size={args.map_size}"]
+                   f"--layers={args.layers}", f"--dim={args.dim}", f"--map-size={args.map_size}",
+                   f"--full-coreset-ratio={args.full_coreset_ratio}"]
     rows = []
     for impl in args.impls:
         print(f"running {impl} ...", file=sys.stderr, flush=True)
@@ -126,7 +129,7 @@ def main(argv=None) -> int:
                              check=True, capture_output=True, text=True)
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     print(f"\nscoring stage, {args.images} images, L={args.tokens}, C={args.channels}, {args.layers} layers, "
-          f"scales {PAClipConfig().scales}, default config")
+          f"scales {PAClipConfig().scales}, full-bank coreset ratio {args.full_coreset_ratio}, other settings default")
     print(f"{'impl':<8}{'lot stage s':>13}{'finish s':>10}{'total s':>10}{'ms/image':>10}{'peak MB':>10}")
     for r in rows:
         print(f"{r['impl']:<8}{r['lot_stage_s']:>13.1f}{r['finish_stage_s']:>10.1f}{r['total_s']:>10.1f}"
