@@ -20,6 +20,13 @@ MODE_HELP = {
 }
 
 
+# Settings used only after the normal images are chosen (normal bank, subtraction, maps).
+FINISH_STAGE_FIELDS = frozenset({
+    "use_normal_bank", "multiscale_normal_bank", "augment", "n_augment", "cada_threshold", "normal_coreset_ratio",
+    "normal_k", "alpha", "tau_quantile", "smooth_sigma",
+})
+
+
 @dataclass(frozen=True)
 class PAClipConfig:
     # Multi-scale aggregation (Eq. 1) and fusion weights (Eq. 8); None = equal weights.
@@ -96,6 +103,10 @@ class PAClipConfig:
     @property
     def normal_bank_scales(self) -> tuple[int, ...]:
         return self.scales if self.multiscale_normal_bank else (self.scales[0],)
+
+    def lot_stage_key(self) -> tuple:
+        """The settings stage 1 (mutual scores, normal-image choice) depends on: equal keys, equal stage-1 results."""
+        return tuple((k, v) for k, v in sorted(self.to_dict().items()) if k not in FINISH_STAGE_FIELDS)
 
     def replace(self, **changes) -> "PAClipConfig":
         return dataclasses.replace(self, **changes)

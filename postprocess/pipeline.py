@@ -47,14 +47,6 @@ class LotReport:
     info: dict = field(default_factory=dict)
 
 
-def _state_key(cfg: PAClipConfig) -> tuple:
-    """The fields stage 1 depends on: configs that agree here share one LotState."""
-    return (cfg.scales, cfg.feature_norm, cfg.tau_text, cfg.normal_fraction, cfg.min_normal,
-            cfg.normal_patch_quantile, cfg.full_coreset_ratio, cfg.coreset_dim, cfg.interval_fraction, cfg.k_min,
-            cfg.k_max, cfg.text_only, cfg.scale_weights, cfg.image_score, cfg.image_topk_fraction, cfg.seed,
-            cfg.memory_budget_mb)
-
-
 class LotScorer:
     """Scores one lot under one or more configurations, encoding each image (and augmentation) only once."""
 
@@ -75,7 +67,7 @@ class LotScorer:
         self._normal_sets: dict = {}
 
     def state(self, cfg: PAClipConfig) -> LotState:
-        key = _state_key(cfg)
+        key = cfg.lot_stage_key()
         if key not in self._states:
             self._states[key] = lot_stage(self.features, self.text_embeds, cfg)
         return self._states[key]
@@ -88,7 +80,7 @@ class LotScorer:
         originals = NormalSet(self.features.layer_tokens[idx], idx, K.to_numpy(state.prior)[idx])
         if not cfg.augment or cfg.n_augment <= 0:
             return originals, {}
-        key = (_state_key(cfg), cfg.n_augment, cfg.cada_threshold)
+        key = (cfg.lot_stage_key(), cfg.n_augment, cfg.cada_threshold)
         if key not in self._normal_sets:
             decision = cada_decision(self.images, cfg.cada_threshold)
             size = self.images.shape[1]
