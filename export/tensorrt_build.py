@@ -1,0 +1,115 @@
+"""TensorRT engine for ``clip_vision``, built from the exported ONNX file with the TensorRT Python API.
+
+FP16, one optimisation profile over batch sizes, a timing cache kept beside the repository so rebuilds are quick.
+The profile and the Triton config are plain functions (tested on any machine); building needs TensorRT and a GPU,
+and says so clearly when either is missing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .onnx_export import fingerprint_of, vision_config, write_model_dir
+
+ENGINE_NAME = "clip_vision_trt"
+
+
+class TensorRTUnavailable(RuntimeError):
+    """TensorRT or a CUDA GPU is missing; the message says what to install or where to run."""
+
+
+@dataclass(frozen=True)
+class BatchProfile:
+    """Shapes of the ``images`` input for the optimisation profile: (min, opt, max) batch at one image size."""
+
+    image_size: int
+    min_batch: int = 1
+    opt_batch: int = 4
+    max_batch: int = 8
+
+    def __post_init__(self):
+        if not 1 <= self.min_batch <= self.opt_batch <= self.max_batch:
+            raise ValueError(f"need 1 <= min <= opt <= max batch, got {self.min_batch}/{self.opt_batch}/"
+                             f"{self.max_batch}")
+
+    def shapes(self) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+        s = self.image_size
+        return ((self.min_batch, s, s, 3), (self.opt_batch, s, s, 3), (self.max_batch, s, s, 3))
+
+
+def engine_config(fingerprint: dict, profile: BatchProfile, n_taps: int, tokens: int, channels: int, dim: int,
+                  instances: int = 1) -> str:
+    """config.pbtxt serving the plan under the clip_vision contract, on the GPU."""
+    # the encoder that produced the plan travels in the config, so a mismatched bank can be refused
+    encoder = f'parameters {{ key: "encoder" value: {{ string_value: "{fingerprint_text(fingerprint)}" }} }}\n'
+    return vision_config(ENGINE_NAME, profile.image_size, n_taps, tokens, channels, dim, profile.max_batch,
+                         platform="tensorrt_plan", kind="KIND_GPU", instances=instances, extra=encoder)
+
+
+def fingerprint_text(fingerprint: dict) -> str:
+    return ";".join(f"{k}={v}" for k, v in sorted(fingerprint.items())).replace('"', "'")
+
+
+def _import_tensorrt():
+    try:
+        import tensorrt as trt
+    except ImportError as err:
+        raise TensorRTUnavailable(
+            "TensorRT is not installed: pip install '.[gpu]' on a machine with an NVIDIA GPU (or build the plan in "
+            "the NGC TensorRT container); the ONNX model in the repository serves without it") from err
+    return trt
+
+
+def build_engine(onnx_path: Path, repository: Path, profile: BatchProfile, timing_cache: Path,
+                 workspace_gib: float = 8.0) -> Path:
+    """Parse the ONNX file, build an FP16 plan with ``profile``, write ``repository/clip_vision_trt`` atomically."""
+    trt = _import_tensorrt()
+    logger = trt.Logger(trt.Logger.WARNING)
+    try:
+        builder = trt.Builder(logger)
+    except Exception as err:  # no driver / no device
+        raise TensorRTUnavailable(f"TensorRT found no usable CUDA GPU here ({err}); build the plan on the GPU host "
+                                  "that will serve it") from err
+    if builder is None:
+        raise TensorRTUnavailable("TensorRT found no usable CUDA GPU here; build the plan on the GPU host")
+    flags = 0
+    if hasattr(trt, "NetworkDefinitionCreationFlag") and hasattr(trt.NetworkDefinitionCreationFlag, "EXPLICIT_BATCH"):
+        flags = 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)  # TensorRT < 10 needs it said
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise ValueError(f"TensorRT could not parse {onnx_path}: {errors}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
+    config.set_flag(trt.BuilderFlag.FP16)
+    opt_profile = builder.create_optimization_profile()
+    opt_profile.set_shape("images", *profile.shapes())
+    config.add_optimization_profile(opt_profile)
+    cache_bytes = timing_cache.read_bytes() if timing_cache.is_file() else b""
+    cache = config.create_timing_cache(cache_bytes)
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise RuntimeError("TensorRT failed to build the engine; run with a larger --workspace-gib or read the "
+                           "TensorRT log above")
+    timing_cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp_cache = timing_cache.with_suffix(".tmp")
+    tmp_cache.write_bytes(memoryview(config.get_timing_cache().serialize()))
+    tmp_cache.replace(timing_cache)
+
+    fingerprint = fingerprint_of(onnx_path)
+    n_taps, tokens, channels, dim = output_dims(network)
+    return write_model_dir(repository, ENGINE_NAME, {
+        "1/model.plan": bytes(plan),
+        "config.pbtxt": engine_config(fingerprint, profile, n_taps, tokens, channels, dim),
+    })
+
+
+def output_dims(network) -> tuple[int, int, int, int]:
+    """(taps, tokens, channels, projected dim) read off the parsed network's outputs."""
+    outputs = {network.get_output(i).name: tuple(network.get_output(i).shape) for i in range(network.num_outputs)}
+    _, n_taps, tokens, channels = outputs["layer_tokens"]
+    dim = outputs["image_embeds"][-1]
+    return int(n_taps), int(tokens), int(channels), int(dim)
