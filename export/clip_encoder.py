@@ -65,6 +65,39 @@ class ClipVisionTaps(nn.Module):
         return layer_tokens, projected[:, 1:], projected[:, 0]
 
 
+class VisionContract(nn.Module):
+    """The clip_vision contract's output dtypes (float16, float16, float32) around the taps module."""
+
+    def __init__(self, taps: ClipVisionTaps):
+        super().__init__()
+        self.taps = taps
+
+    def forward(self, images: torch.Tensor):
+        layer_tokens, patch_embeds, image_embeds = self.taps(images)
+        return layer_tokens.half(), patch_embeds.half(), image_embeds.float()
+
+
+class TextContract(nn.Module):
+    """clip_text: INT64 tokens -> unit-length text embeddings."""
+
+    def __init__(self, clip: nn.Module):
+        super().__init__()
+        self.clip = clip
+
+    def forward(self, tokens: torch.Tensor):
+        embeds = self.clip.encode_text(tokens)
+        return embeds / embeds.norm(dim=-1, keepdim=True)
+
+
+def tokenizer_for(model_name: str):
+    """The open_clip tokenizer of a model (the tiny test model uses CLIP's BPE tokenizer)."""
+    import open_clip
+
+    if model_name == TINY_MODEL:
+        return open_clip.tokenizer.SimpleTokenizer()
+    return open_clip.get_tokenizer(model_name)
+
+
 def _tiny_clip(image_size: int):
     from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 

@@ -30,7 +30,7 @@ def fingerprint_of(path: str | Path) -> dict:
     raise ValueError(f"{path} does not say which encoder produced it (no {FINGERPRINT_KEY} metadata)")
 
 
-def _set_fingerprint(model, fingerprint: dict) -> None:
+def set_fingerprint(model, fingerprint: dict) -> None:
     for prop in list(model.metadata_props):
         if prop.key == FINGERPRINT_KEY:
             model.metadata_props.remove(prop)
@@ -125,20 +125,23 @@ def export_torch_module(module, example, path: Path, input_name: str, output_nam
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
     model = onnx.load(str(path))
-    _set_fingerprint(model, {**fingerprint, "precision": precision})
+    set_fingerprint(model, {**fingerprint, "precision": precision})
     onnx.save(model, str(path))
     onnx.checker.check_model(str(path))
 
 
-def ort_session(path: Path, precision: str = "fp32"):
-    """An ONNX Runtime CPU session. float16 graphs get basic graph optimisations only: with the extended ones,
-    onnxruntime 1.32 crashed (segmentation fault) building the session of our float16 ViT on the CPU."""
+def ort_session(model: str | Path | bytes, precision: str = "fp32", threads: int = 0):
+    """An ONNX Runtime CPU session of a file or serialized model. float16 graphs get basic graph optimisations
+    only: with the extended ones, onnxruntime 1.32 crashed (segmentation fault) building the session of our float16
+    ViT on the CPU."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
     if precision == "fp16":
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    source = model if isinstance(model, bytes) else str(model)
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
 
 def check_runs(path: Path, feeds: dict, precision: str = "fp32") -> list[np.ndarray]:

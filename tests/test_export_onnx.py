@@ -5,7 +5,7 @@ import onnxruntime as ort
 import pytest
 
 from export import __main__ as export_cli
-from export.backbones import ClipBackbone, ImgFocusBackbone
+from export.backbones import ClipBackbone, ImgFocusBackbone, OnnxBackbone
 from export.onnx_export import fingerprint_of, ort_session, write_model_dir
 
 
@@ -40,12 +40,17 @@ def test_tiny_export_matches_torch(tiny_repo):
     tokens = backbone.tokenizer(prompts).numpy().astype(np.int64)
     (text,) = run(tiny_repo / "clip_text/1/model.onnx", {"tokens": tokens})
     np.testing.assert_allclose(text, backbone.encode_text(prompts), atol=1e-5)
+    # the exported repository works as a backbone of its own
+    onnx_backbone = OnnxBackbone.from_repository(tiny_repo)
+    assert onnx_backbone.has_text and onnx_backbone.grid == (4, 4)
+    np.testing.assert_allclose(onnx_backbone.encode_text(prompts), text)
+    np.testing.assert_array_equal(onnx_backbone.encode(images).layer_tokens, layer_tokens)
 
 
 def test_export_records_encoder_and_config(tiny_repo):
     fp = fingerprint_of(tiny_repo / "clip_vision/1/model.onnx")
-    assert fp == {"backbone": "tiny", "weights": "random-init:seed0", "image_size": 56, "taps": [1, 2, 3, 4],
-                  "precision": "fp32"}
+    assert fp == {"backbone": "tiny", "weights": "random-init:seed0", "image_size": 56, "patch_size": 14,
+                  "taps": [1, 2, 3, 4], "precision": "fp32"}
     config = (tiny_repo / "clip_vision/config.pbtxt").read_text()
     assert 'platform: "onnxruntime_onnx"' in config and "TYPE_UINT8" in config and "[ 4, 16, 64 ]" in config
     assert not [p for p in tiny_repo.iterdir() if p.name.startswith(".")]
