@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -27,7 +26,13 @@ VARIANTS = ("torch", "ort-fp32", "ort-fp32-fused", "ort-fp16")
 
 
 def _peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    """This process's resident high-water mark. VmHWM, not ru_maxrss: Linux carries ru_maxrss across fork and
+    exec, so a worker started by a big parent would report the parent's peak."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def prepare(args, workdir: Path) -> dict:
