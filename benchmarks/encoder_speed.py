@@ -22,17 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.memory import peak_rss_mb
+
 VARIANTS = ("torch", "ort-fp32", "ort-fp32-fused", "ort-fp16")
-
-
-def _peak_mb() -> float:
-    """This process's resident high-water mark. VmHWM, not ru_maxrss: Linux carries ru_maxrss across fork and
-    exec, so a worker started by a big parent would report the parent's peak."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0
-    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def prepare(args, workdir: Path) -> dict:
@@ -91,7 +83,7 @@ def worker(args) -> dict:
             run(images[:batch])
             times.append(time.perf_counter() - t0)
         rows.append({"variant": args.worker, "batch": batch, "images_per_s": batch / statistics.median(times)})
-    peak = _peak_mb()
+    peak = peak_rss_mb()
     for row in rows:
         row["peak_mb"] = peak
     return {"rows": rows}

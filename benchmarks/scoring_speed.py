@@ -12,32 +12,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
 
 import numpy as np
 
+from benchmarks.memory import peak_rss_mb, rss_mb
+
 from postprocess.config import PAClipConfig
 
 IMPLS = ("numpy", "torch")
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        pages = int(f.read().split()[1])
-    return pages * resource.getpagesize() / 2**20
-
-
-def _peak_mb() -> float:
-    """This process's resident high-water mark. VmHWM, not ru_maxrss: Linux carries ru_maxrss across fork and
-    exec, so a worker started by a big parent would report the parent's peak."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0
-    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def make_inputs(args):
@@ -76,7 +61,7 @@ def worker(impl: str, args) -> dict:
     cfg = PAClipConfig(full_coreset_ratio=args.full_coreset_ratio)
     features, text = make_inputs(args)
     size = (args.map_size, args.map_size)
-    before = _rss_mb()
+    before = rss_mb()
     t0 = time.perf_counter()
     if impl == "numpy":
         state = lot_stage(features, text, cfg)
@@ -104,7 +89,7 @@ def worker(impl: str, args) -> dict:
         maps = maps.numpy()
     t2 = time.perf_counter()
     return {"impl": impl, "lot_stage_s": t1 - t0, "finish_stage_s": t2 - t1, "total_s": t2 - t0,
-            "peak_mb": _peak_mb() - before, "map_checksum": float(maps.astype(np.float64).sum())}
+            "peak_mb": peak_rss_mb() - before, "map_checksum": float(maps.astype(np.float64).sum())}
 
 
 def main(argv=None) -> int:
