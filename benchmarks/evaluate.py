@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from benchmarks.datasets import LAYOUTS, DatasetError, discover, load_category
 from benchmarks.metrics import ALL_KEYS, image_metrics, mean_metrics, pixel_metrics
 from client.heatmap import save_panel
+from export.clip_encoder import WeightsNotFound
 from postprocess.config import MODE_HELP, MODES, PAClipConfig
 from postprocess.pipeline import LotScorer
 
@@ -182,7 +183,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         evaluate(args)
-    except (DatasetError, ValueError, FileNotFoundError) as err:
+    except (DatasetError, ValueError, FileNotFoundError, WeightsNotFound) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

