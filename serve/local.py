@@ -1,0 +1,218 @@
+"""A real ``tritonserver`` on this machine, from the ``nvidia-pytriton`` wheel (Triton 2.51, Python backend only).
+
+The wheel ships the server binary, the Python backend library and per-Python-version stubs. ``LocalServer``:
+
+- lays out a backends folder in a private runtime directory: ``python/`` (library, utils, the stub for the running
+  Python) and ``onnxruntime/`` (a copy of the same library plus ``onnxruntime_backend.py`` as ``model.py``), so the
+  ``platform: "onnxruntime_onnx"`` encoder configs load unchanged;
+- starts the server on 127.0.0.1 (unless told otherwise) with this Python's environment first on PATH, so the
+  Python-backend models run with the packages installed here;
+- waits until the server is ready, or stops it and raises ``ServerError`` with the server's own error lines;
+- stops it (SIGTERM, then SIGKILL) and removes the shared-memory regions its backends left in /dev/shm.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+SHM_DIR = Path("/dev/shm")
+# Lines the CPU-only server prints at every start; they are not why a start failed.
+BENIGN = ("CudaDriverHelper", "Failed to initialize NVML", "DCGM", "unable to create stream", "CUDA driver",
+          "pinned memory", "cuda memory pool", "GPU metrics")
+
+
+class ServerError(RuntimeError):
+    """The server did not start or is not serving; the message carries its error lines."""
+
+
+def pytriton_dir() -> Path:
+    spec = importlib.util.find_spec("pytriton")  # found, not imported: its __init__ needs packages we skip
+    if spec is None or not spec.submodule_search_locations:
+        raise ServerError("tritonserver not found: pip install '.[serve]' and then "
+                          "pip install --no-deps nvidia-pytriton (see README), or run the NGC Triton image")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def bundled_server() -> tuple[Path, Path, Path]:
+    """(tritonserver binary, python backend folder, stub for this Python)."""
+    root = pytriton_dir() / "tritonserver"
+    binary = root / "bin" / "tritonserver"
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = root / "python_backend_stubs" / version / "triton_python_backend_stub"
+    for path in (binary, root / "backends" / "python" / "libtriton_python.so", stub):
+        if not path.is_file():
+            raise ServerError(f"the nvidia-pytriton bundle lacks {path} (Python {version})")
+    return binary, root / "backends" / "python", stub
+
+
+def prepare_backends(target: Path) -> Path:
+    """Lay out the backends folder the server is pointed at."""
+    _, python_backend, stub = bundled_server()
+    python_dir = target / "python"
+    python_dir.mkdir(parents=True, exist_ok=True)
+    for source in (python_backend / "libtriton_python.so", python_backend / "triton_python_backend_utils.py", stub):
+        shutil.copy2(source, python_dir / source.name)
+    ort_dir = target / "onnxruntime"
+    ort_dir.mkdir(exist_ok=True)
+    # a copy, not a link: the server resolves the backend's folder from the library's real path
+    shutil.copy2(python_backend / "libtriton_python.so", ort_dir / "libtriton_python.so")
+    shutil.copy2(HERE / "onnxruntime_backend.py", ort_dir / "model.py")
+    return target
+
+
+def server_environment(banks: Path | None) -> dict:
+    env = dict(os.environ)
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    libs = [sysconfig.get_config_var("LIBDIR") or "", str(pytriton_dir().parent / "nvidia_pytriton.libs")]
+    env["LD_LIBRARY_PATH"] = os.pathsep.join([p for p in libs if p] + [env.get("LD_LIBRARY_PATH", "")]).rstrip(":")
+    if banks is not None:
+        env["PA_CLIP_BANKS"] = str(Path(banks).resolve())
+    return env
+
+
+def error_lines(log_text: str, limit: int = 40) -> list[str]:
+    """The lines of a server log that say what went wrong."""
+    picked = []
+    for line in log_text.splitlines():
+        text = line.strip()
+        if not text or any(b in text for b in BENIGN):
+            continue
+        if text.startswith("E1") or text.startswith("E0") or "error" in text.lower() or "Traceback" in text \
+                or "Exception" in text or "UNAVAILABLE" in text:
+            picked.append(text)
+    return picked[-limit:]
+
+
+class LocalServer:
+    """``with LocalServer(repo) as server: ...`` or ``start()`` / ``stop()``."""
+
+    def __init__(self, repository: str | Path, banks: str | Path | None = None, host: str = "127.0.0.1",
+                 http_port: int = 8000, grpc_port: int = 8001, metrics_port: int = 8002,
+                 log_file: str | Path | None = None, extra_args: list[str] | None = None, log_verbose: int = 0):
+        self.repository = Path(repository).resolve()
+        if not (self.repository.is_dir() and any(self.repository.glob("*/config.pbtxt"))):
+            raise ServerError(f"{self.repository} is not a model repository (no */config.pbtxt): "
+                              "run `python -m export onnx --out model_repository` first")
+        self.banks = Path(banks).resolve() if banks is not None else None
+        self.host = host
+        self.http_port, self.grpc_port, self.metrics_port = http_port, grpc_port, metrics_port
+        self.extra_args = list(extra_args or [])
+        self.log_verbose = log_verbose
+        self.runtime = Path(tempfile.mkdtemp(prefix="pa-clip-triton-"))
+        self.log_file = Path(log_file) if log_file else self.runtime / "tritonserver.log"
+        self.shm_prefix = f"pa_clip_{uuid.uuid4().hex[:12]}_"
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def http_url(self) -> str:
+        return f"{self.host}:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.host}:{self.grpc_port}"
+
+    def command(self) -> list[str]:
+        binary, _, _ = bundled_server()
+        backends = prepare_backends(self.runtime / "backends")
+        shm = [f"shm-region-prefix-name={self.shm_prefix}", "shm-default-byte-size=16777216",
+               "shm-growth-byte-size=67108864"]
+        args = [str(binary), "--model-repository", str(self.repository), "--backend-directory", str(backends),
+                "--http-address", self.host, "--grpc-address", self.host, "--metrics-address", self.host,
+                "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port),
+                "--metrics-port", str(self.metrics_port), "--exit-on-error=true", "--strict-readiness=true",
+                f"--log-verbose={self.log_verbose}"]
+        for backend in ("python", "onnxruntime"):
+            args += [f"--backend-config={backend},{opt}" for opt in shm]
+        return args + self.extra_args
+
+    def start(self, timeout: float = 300.0) -> "LocalServer":
+        if self.process is not None:
+            raise ServerError("already started")
+        self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_file, "ab")
+        self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
+                                        env=server_environment(self.banks), start_new_session=True)
+        log.close()
+        try:
+            self.wait_ready(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://{self.http_url}/v2/health/ready", timeout=2) as response:
+                return response.status == 200
+        except (urllib.error.URLError, ConnectionError, OSError):
+            return False
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise ServerError(self._failure(f"tritonserver exited with code {self.process.returncode}"))
+            if self.ready():
+                return
+            time.sleep(0.25)
+        raise ServerError(self._failure(f"tritonserver was not ready after {timeout:.0f} s"))
+
+    def log_text(self) -> str:
+        try:
+            return self.log_file.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def _failure(self, headline: str) -> str:
+        lines = error_lines(self.log_text())
+        detail = "\n  ".join(lines) if lines else "(no error lines; full log: %s)" % self.log_file
+        return f"{headline}. Server says:\n  {detail}\nFull log: {self.log_file}"
+
+    def kill(self) -> None:
+        """SIGKILL the server and its backend processes at once (what a crash looks like)."""
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        if self.process is not None:
+            try:  # stubs the server could not reap
+                os.killpg(self.process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.process = None
+        self.remove_shared_memory()
+
+    def remove_shared_memory(self) -> list[str]:
+        removed = []
+        for path in SHM_DIR.glob(self.shm_prefix + "*") if SHM_DIR.is_dir() else []:
+            path.unlink(missing_ok=True)
+            removed.append(path.name)
+        return removed
+
+    def __enter__(self) -> "LocalServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+        shutil.rmtree(self.runtime, ignore_errors=True)

@@ -1,0 +1,81 @@
+"""A Triton Python-based backend that serves ``platform: "onnxruntime_onnx"`` models with ONNX Runtime.
+
+The Triton build bundled in the ``nvidia-pytriton`` wheel (used on CPU machines) has the Python backend only. The
+local server copies this file to ``backends/onnxruntime/model.py`` (beside a copy of ``libtriton_python.so``), so the
+unchanged ``clip_vision`` / ``clip_text`` configs that the NGC image serves with its native onnxruntime backend load
+here too. Requests that arrive together (dynamic batching) run as one ONNX Runtime call.
+"""
+
+import json
+import os
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        import onnxruntime as ort
+
+        config = json.loads(args["model_config"])
+        filename = config.get("default_model_filename") or "model.onnx"
+        path = os.path.join(args["model_repository"], args["model_version"], filename)
+        if not os.path.isfile(path):
+            raise pb_utils.TritonModelException(f"{config['name']}: no ONNX file at {path}")
+        params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = int(params.get("intra_op_thread_count", "0") or 0)
+        # float16 graphs: onnxruntime 1.32 crashed building CPU sessions of our fp16 ViT with extended optimisations
+        level = params.get("graph_optimization_level", "")
+        if level == "basic" or self._has_float16_input_or_output(path):
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.batched = int(config.get("max_batch_size", 0)) > 0
+        self.model_name = config["name"]
+
+    @staticmethod
+    def _has_float16_input_or_output(path):
+        import onnx
+
+        model = onnx.load(path, load_external_data=False)
+        for prop in model.metadata_props:
+            if prop.key == "pa_clip.encoder":
+                return json.loads(prop.value).get("precision") == "fp16"
+        return False
+
+    def execute(self, requests):
+        feeds_per_request = []
+        responses = [None] * len(requests)
+        for i, request in enumerate(requests):
+            feeds = {}
+            for name in self.input_names:
+                tensor = pb_utils.get_input_tensor_by_name(request, name)
+                if tensor is None:
+                    responses[i] = pb_utils.InferenceResponse(
+                        error=pb_utils.TritonError(f"{self.model_name}: missing input '{name}'"))
+                    break
+                feeds[name] = tensor.as_numpy()
+            feeds_per_request.append(feeds)
+        ok = [i for i, r in enumerate(responses) if r is None]
+        if not ok:
+            return responses
+        try:
+            if self.batched and len(ok) > 1:
+                sizes = [len(feeds_per_request[i][self.input_names[0]]) for i in ok]
+                merged = {n: np.concatenate([feeds_per_request[i][n] for i in ok]) for n in self.input_names}
+                outputs = self.session.run(self.output_names, merged)
+                bounds = np.cumsum([0] + sizes)
+                per_request = [[o[bounds[j]:bounds[j + 1]] for o in outputs] for j in range(len(ok))]
+            else:
+                per_request = [self.session.run(self.output_names, feeds_per_request[i]) for i in ok]
+        except Exception as exc:  # one bad batch must not take the model down
+            for i in ok:
+                responses[i] = pb_utils.InferenceResponse(
+                    error=pb_utils.TritonError(f"{self.model_name}: ONNX Runtime failed: {exc}"))
+            return responses
+        for i, outputs in zip(ok, per_request):
+            responses[i] = pb_utils.InferenceResponse(
+                [pb_utils.Tensor(n, np.ascontiguousarray(o)) for n, o in zip(self.output_names, outputs)])
+        return responses
