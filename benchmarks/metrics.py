@@ -16,6 +16,10 @@ PIXEL_KEYS = ("pixel_auroc", "pixel_ap", "pixel_f1_max", "pro")
 ALL_KEYS = IMAGE_KEYS + PIXEL_KEYS
 
 
+# NumPy 2 renamed trapz (the serving extra keeps NumPy 1.x, see pyproject.toml)
+_trapezoid = getattr(np, "trapezoid", None) or np.trapz
+
+
 def f1_max(labels, scores) -> float:
     """The best F1 over all thresholds."""
     precision, recall, _ = precision_recall_curve(labels, scores)
@@ -74,12 +78,12 @@ def pro_score(masks, maps, fpr_limit: float = 0.3) -> float:
     fpr = np.r_[0.0, fpr[last]]
     pro = np.r_[0.0, pro[last]]
     if fpr[-1] < fpr_limit:  # cannot happen for a full curve (fpr ends at 1), kept for safety
-        return float(np.trapezoid(pro, fpr) / fpr_limit)
+        return float(_trapezoid(pro, fpr) / fpr_limit)
     cut = int(np.searchsorted(fpr, fpr_limit, side="right"))
     x = np.r_[fpr[:cut], fpr_limit]
     y_end = np.interp(fpr_limit, fpr[cut - 1 : cut + 1], pro[cut - 1 : cut + 1])
     y = np.r_[pro[:cut], y_end]
-    return float(np.trapezoid(y, x) / fpr_limit)
+    return float(_trapezoid(y, x) / fpr_limit)
 
 
 def pixel_metrics(masks, maps) -> dict:

@@ -110,6 +110,19 @@ class ScoreService:
         result = score_with_bank(bank, features, ids, tuple(images.shape[1:3]))
         return K.to_numpy(result.maps).astype(np.float16), K.to_numpy(result.scores).astype(np.float32)
 
+    @staticmethod
+    def check_request(req: dict) -> None:
+        """Types and shapes of one request, checked alone so that a bad request cannot spoil a batch."""
+        images = _check_array("images", req["images"], np.uint8, 4)
+        _check_array("layer_tokens", req["layer_tokens"], np.float16, 4)
+        _check_array("patch_embeds", req["patch_embeds"], np.float16, 3)
+        _check_array("image_embeds", req["image_embeds"], np.float32, 2)
+        if images.shape[-1] != 3:
+            raise ValueError(f"input 'images' must be RGB [B,H,W,3], got {list(images.shape)}")
+        sizes = {len(req[k]) for k in ("images", "layer_tokens", "patch_embeds", "image_embeds")}
+        if len(sizes) != 1:
+            raise ValueError("inputs disagree on the number of images")
+
     def score_requests(self, requests: list[dict]) -> list:
         """Score several requests (dicts of the model's inputs), grouping items of the same bank into one call.
 
@@ -125,6 +138,7 @@ class ScoreService:
                                      f"got {len(banks)}")
                 if len(set(banks)) != 1:
                     raise ValueError("all images of one request must use the same bank")
+                self.check_request(req)
                 groups.setdefault(banks[0], []).append(i)
             except Exception as err:
                 results[i] = err

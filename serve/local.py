@@ -202,6 +202,7 @@ class LocalServer:
                 pass
         self.process = None
         self.remove_shared_memory()
+        shutil.rmtree(self.runtime / "backends", ignore_errors=True)  # the log stays for reading
 
     def remove_shared_memory(self) -> list[str]:
         removed = []

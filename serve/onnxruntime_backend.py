@@ -27,7 +27,7 @@ class TritonPythonModel:
         options.intra_op_num_threads = int(params.get("intra_op_thread_count", "0") or 0)
         # float16 graphs: onnxruntime 1.32 crashed building CPU sessions of our fp16 ViT with extended optimisations
         level = params.get("graph_optimization_level", "")
-        if level == "basic" or self._has_float16_input_or_output(path):
+        if level == "basic" or self._precision(args["model_repository"]) == "fp16":
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
         self.input_names = [i.name for i in self.session.get_inputs()]
@@ -36,14 +36,13 @@ class TritonPythonModel:
         self.model_name = config["name"]
 
     @staticmethod
-    def _has_float16_input_or_output(path):
-        import onnx
-
-        model = onnx.load(path, load_external_data=False)
-        for prop in model.metadata_props:
-            if prop.key == "pa_clip.encoder":
-                return json.loads(prop.value).get("precision") == "fp16"
-        return False
+    def _precision(model_dir):
+        """The precision the export recorded in encoder.json beside the model (fp32 when there is none)."""
+        try:
+            with open(os.path.join(model_dir, "encoder.json")) as f:
+                return json.load(f).get("precision", "fp32")
+        except (OSError, ValueError):
+            return "fp32"
 
     def execute(self, requests):
         feeds_per_request = []

