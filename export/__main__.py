@@ -118,7 +118,29 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--workspace-gib", type=float, default=8.0)
     t.add_argument("--timing-cache", default=str(Path.home() / ".cache" / "pa-clip" / "trt_timing.cache"),
                    help="TensorRT timing cache, reused across builds")
+    t.add_argument("--keep-onnx-in-ensemble", action="store_true",
+                   help="leave the pa_clip ensemble on the ONNX clip_vision (default: switch it to the plan)")
     return p
+
+
+def point_ensemble_at(repository: Path, encoder_model: str) -> list[Path]:
+    """Make the pa_clip ensemble, pa_clip_score and pa_clip_bank use ``encoder_model`` as their image encoder."""
+    import re
+
+    written = []
+    for name in SERVING_MODELS:
+        config = Path(repository) / name / "config.pbtxt"
+        if not config.is_file():
+            continue
+        text = config.read_text()
+        new = re.sub(r'model_name: "clip_vision[a-z_]*"', f'model_name: "{encoder_model}"', text)
+        new = re.sub(r'(key: "encoder_model" value: \{ string_value: ")[^"]*(")', rf'\g<1>{encoder_model}\g<2>', new)
+        if new != text:
+            tmp = config.with_suffix(".pbtxt.tmp")
+            tmp.write_text(new)
+            tmp.replace(config)
+            written.append(config)
+    return written
 
 
 def build_tensorrt(args) -> list[Path]:
@@ -131,7 +153,10 @@ def build_tensorrt(args) -> list[Path]:
         raise FileNotFoundError(f"no ONNX model at {onnx_path}: run `python -m export onnx` first")
     size = fingerprint_of(onnx_path)["image_size"]
     profile = BatchProfile(size, args.min_batch, args.opt_batch, args.max_batch)
-    return [build_engine(onnx_path, repository, profile, Path(args.timing_cache), args.workspace_gib)]
+    written = [build_engine(onnx_path, repository, profile, Path(args.timing_cache), args.workspace_gib)]
+    if not args.keep_onnx_in_ensemble:
+        written += point_ensemble_at(repository, "clip_vision_trt")
+    return written
 
 
 SERVING_MODELS = ("pa_clip", "pa_clip_score", "pa_clip_bank")

@@ -1,11 +1,14 @@
 """TensorRT: the profile and config are checked everywhere; the build itself needs TensorRT and a CUDA GPU."""
 
 import importlib.util
+from pathlib import Path
 
 import pytest
 
 from export import __main__ as export_cli
 from export.tensorrt_build import BatchProfile, engine_config
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _gpu_tensorrt() -> bool:
@@ -56,3 +59,17 @@ def test_build_plan(tiny_repo, tmp_path):
                             "--timing-cache", str(tmp_path / "cache")]) == 0
     assert (tiny_repo / "clip_vision_trt/1/model.plan").stat().st_size > 0
     assert (tmp_path / "cache").stat().st_size > 0
+
+
+def test_ensemble_can_be_pointed_at_the_plan_and_back(tmp_path):
+    from export.__main__ import install_serving_models, point_ensemble_at
+
+    install_serving_models(tmp_path)
+    changed = point_ensemble_at(tmp_path, "clip_vision_trt")
+    assert sorted(p.parent.name for p in changed) == ["pa_clip", "pa_clip_bank", "pa_clip_score"]
+    ensemble = (tmp_path / "pa_clip" / "config.pbtxt").read_text()
+    assert 'model_name: "clip_vision_trt"' in ensemble and 'model_name: "clip_vision"' not in ensemble
+    assert 'string_value: "clip_vision_trt"' in (tmp_path / "pa_clip_score" / "config.pbtxt").read_text()
+    point_ensemble_at(tmp_path, "clip_vision")
+    assert (tmp_path / "pa_clip" / "config.pbtxt").read_text() == \
+        (ROOT / "model_repository" / "pa_clip" / "config.pbtxt").read_text()

