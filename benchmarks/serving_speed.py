@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import sys
 import tempfile
 import threading
@@ -26,15 +25,6 @@ from client.demo_lot import write_demo_lot
 from client.infer import find_images, load_image
 from client.triton_client import PAClipClient
 
-
-def free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 def timed_run(url: str, protocol: str, shm: bool, concurrency: int, images: np.ndarray, bank: str) -> dict:
@@ -92,7 +82,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None, help="also write the rows here")
     args = p.parse_args(argv)
 
-    from serve.local import LocalServer
+    from serve.local import LocalServer, free_ports
 
     repository = Path(args.repository)
     size = json.loads((repository / "clip_vision" / "encoder.json").read_text())["image_size"]

@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", required=True, help="folder (searched recursively) or glob pattern of images")
     p.add_argument("--category", default=None,
                    help="product name used in the text prompts, e.g. 'bottle' (needed with --build)")
-    p.add_argument("--bank", default=None, help="bank id (default: the category)")
+    p.add_argument("--bank", default=None, help="bank id (default: the category, spaces as underscores)")
     p.add_argument("--build", action="store_true", help="build the bank from these images first (replaces it)")
     p.add_argument("--mode", default="pad_mpam", help="PA-CLIP variant for --build: pad_mpam (full, default), "
                    "pad_pam, pad, mutual, baseline")
@@ -201,7 +201,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     progress = not args.quiet
     out = Path(args.out)
-    bank = args.bank or args.category
+    bank = args.bank or (args.category or "").strip().replace(" ", "_")
     if not bank:
         print("error: give --bank (or --category, which names the bank by default)", file=sys.stderr)
         return 2

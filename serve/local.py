@@ -17,6 +17,7 @@ import importlib.util
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import sysconfig
@@ -36,6 +37,18 @@ BENIGN = ("CudaDriverHelper", "Failed to initialize NVML", "DCGM", "unable to cr
 
 class ServerError(RuntimeError):
     """The server did not start or is not serving; the message carries its error lines."""
+
+
+def free_ports(n: int) -> list[int]:
+    """n TCP ports free on 127.0.0.1 right now (held together while picking, so they differ)."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 def pytriton_dir() -> Path:

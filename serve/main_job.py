@@ -21,7 +21,7 @@ from pathlib import Path
 from client import infer
 from client.demo_lot import write_demo_lot
 
-from .local import LocalServer, ServerError
+from .local import LocalServer, ServerError, free_ports
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,13 +39,9 @@ def pick_ports(preferred: tuple[int, int, int]) -> tuple[int, int, int]:
     """The usual ports, or free ones when another server already holds them."""
     if all(port_free(p) for p in preferred):
         return preferred
-    picked = []
-    for _ in preferred:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            picked.append(s.getsockname()[1])
-    print(f"ports {preferred} are taken; using {tuple(picked)}", file=sys.stderr)
-    return tuple(picked)
+    picked = tuple(free_ports(len(preferred)))
+    print(f"ports {preferred} are taken; using {picked}", file=sys.stderr)
+    return picked
 
 
 def export(args) -> dict:

@@ -25,7 +25,7 @@ SIZE = 112
 
 pytest.importorskip("tritonclient.http", reason="tritonclient is not installed: pip install -e '.[serve]'")
 try:
-    from serve.local import LocalServer, ServerError, bundled_server
+    from serve.local import LocalServer, ServerError, bundled_server, free_ports
 
     bundled_server()
 except Exception as err:  # noqa: BLE001
@@ -33,15 +33,6 @@ except Exception as err:  # noqa: BLE001
 
 from client.triton_client import ClientError, PAClipClient  # noqa: E402
 
-
-def free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 def start_server(repository: Path, banks: Path, log: Path) -> LocalServer:
