@@ -225,8 +225,22 @@ def normal_bank_scores(queries, bank, query_ids, bank_ids, k: int, budget_bytes:
             dist = xp.where(row_ids[:, None] == bank_ids[None, m0:m1], xp.float32(xp.inf), dist)
             both = xp.concatenate([best, dist.astype(xp.float32)], axis=1)
             best = xp.partition(both, k - 1, axis=1)[:, :k]
-        out[q0:q1] = best.mean(axis=1).reshape(q1 - q0, length)
+        out[q0:q1] = finite_mean(best, axis=1).reshape(q1 - q0, length)
     return out
+
+
+def finite_mean(values, axis: int):
+    """Mean of the finite entries along ``axis``; 0 where there are none.
+
+    A small normal bank may hold fewer than k entries from images other than the query's own (a coreset of two
+    images can keep mostly one): the score is then the mean of the neighbours there are, and with none at all the
+    normal bank says nothing (0: nothing is subtracted), instead of an infinity that turns the map into NaN.
+    """
+    xp = get_xp(values)
+    finite = xp.isfinite(values)
+    count = finite.sum(axis=axis)
+    total = xp.where(finite, values, 0).sum(axis=axis)
+    return (total / xp.maximum(count, 1)).astype(xp.float32)
 
 
 # ---------------------------------------------------------------------------------------------------------------

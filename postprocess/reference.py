@@ -129,7 +129,9 @@ def normal_scores(layer_tokens, bank_layers, bank_ids, grid, r: int, cfg: PAClip
         for i in range(n):
             dist = 1.0 - feats[i] @ bank_layers[layer].T  # (L, M)
             dist[:, bank_ids == i] = float("inf")  # nor its own augmentations
-            total[i] += dist.topk(k, dim=-1, largest=False).values.mean(dim=-1)
+            nearest = dist.topk(k, dim=-1, largest=False).values
+            finite = torch.isfinite(nearest)  # fewer than k entries from other images: mean of those there are
+            total[i] += torch.where(finite, nearest, 0.0).sum(-1) / finite.sum(-1).clamp(min=1)
     return total / n_layers
 
 

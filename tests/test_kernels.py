@@ -90,6 +90,14 @@ def test_normal_bank_scores_excludes_own_entries(xp):
                                           xp.asarray(bank_ids), 1, 1 << 20))
     np.testing.assert_allclose(new, 0.0, atol=1e-6)
 
+    # fewer than k entries from other images: the mean of those there are; none at all: 0, never inf or NaN
+    few_ids = np.array([0] * 11 + [1])
+    few = K.to_numpy(K.normal_bank_scores(xp.asarray(q[:1]), xp.asarray(bank), xp.asarray(np.array([0])),
+                                          xp.asarray(few_ids), 3, 1 << 20))
+    np.testing.assert_allclose(few[0], 1 - q[0] @ bank[11], atol=1e-6)
+    alone = K.to_numpy(K.normal_bank_scores(xp.asarray(q[:1]), xp.asarray(bank), xp.asarray(np.array([0])),
+                                            xp.asarray(np.zeros(12, np.int64)), 3, 1 << 20))
+    np.testing.assert_array_equal(alone, 0.0)
 
 def test_adaptive_subtraction(xp):
     s_c = xp.asarray(np.array([1.0, 1.0, 1.0], np.float32))

@@ -323,3 +323,16 @@ def test_main_job_runs_export_server_build_and_score(workdir):
     assert len(list((out / "overlays").glob("*.png"))) == 24
     auroc = float(proc.stderr.split("image AUROC (sanity check against truth.json): ")[1].split()[0])
     assert auroc >= 0.95
+
+
+def test_serving_parity_benchmark_table(repository, workdir, capsys):
+    from benchmarks import serving_parity
+    from conftest import make_mvtec_tree
+
+    data = make_mvtec_tree(workdir / "parity_data", n_good=6, n_bad=3)
+    assert serving_parity.main(["--repository", str(repository), "--data", str(data)]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("|") and "---" not in line]
+    assert rows[1].startswith("| widget | 9 |")
+    assert float(rows[1].split("|")[3]) < 1e-3  # max map difference
+    deltas = [float(row.split("|")[-2]) for row in rows[1:]]
+    assert len(deltas) == 7 and max(abs(d) for d in deltas) < 1e-3

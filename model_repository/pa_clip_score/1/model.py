@@ -23,7 +23,7 @@ class TritonPythonModel:
         encoder = read_encoder_fingerprint(repository / params.get("encoder_model", "clip_vision"))
         store = BankStore(bank_root(repository, params.get("bank_dir", "")))
         self.service = ScoreService(store, encoder, array_module(params.get("array_module", "auto")),
-                                    int(params.get("bank_cache_size", "4") or 4))
+                                    int(params.get("bank_cache_size", "2") or 2))
 
     def execute(self, requests):
         inputs = []
