@@ -11,9 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+from client.images import IMAGE_SUFFIXES, model_input, read_rgb
+
 LAYOUTS = ("mvtec", "visa", "folder")
 
 
@@ -116,16 +117,6 @@ def discover(root: str | Path, layout: str, categories: list[str] | None = None)
     return found
 
 
-def read_image(path: Path, size: int) -> np.ndarray:
-    """An RGB image resized to size x size (bicubic), uint8; raises ValueError naming the file if unreadable."""
-    try:
-        with Image.open(path) as img:
-            img.load()
-            return np.asarray(img.convert("RGB").resize((size, size), Image.BICUBIC), dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, SyntaxError) as err:
-        raise ValueError(f"cannot read image {path}: {err}") from err
-
-
 def read_mask(path: Path | None, image_size: tuple[int, int], size: int) -> np.ndarray:
     if path is None:
         return np.zeros((size, size), dtype=bool)
@@ -142,14 +133,13 @@ def load_category(category: Category, size: int) -> LoadedCategory:
     images, masks, labels, kept, skipped = [], [], [], [], []
     for sample in category.samples:
         try:
-            with Image.open(sample.path) as probe:
-                original_size = probe.size
-            image = read_image(sample.path, size)
-        except (ValueError, UnidentifiedImageError, OSError) as err:
+            rgb = read_rgb(sample.path)
+        except ValueError as err:
             warnings.warn(f"skipping {sample.path}: {err}", stacklevel=2)
             skipped.append((str(sample.path), str(err)))
             continue
-        images.append(image)
+        original_size = rgb.size
+        images.append(model_input(rgb, size))
         labels.append(sample.label)
         kept.append(sample)
         if category.has_masks:

@@ -21,6 +21,7 @@ from benchmarks.metrics import image_metrics, pixel_metrics
 
 
 def served(repository: Path, banks: Path, images: np.ndarray, category: str, batch: int = 4):
+    from client.infer import build
     from client.triton_client import PAClipClient
     from serve.local import LocalServer, free_ports
 
@@ -29,9 +30,7 @@ def served(repository: Path, banks: Path, images: np.ndarray, category: str, bat
     with LocalServer(repository, banks, http_port=http, grpc_port=grpc, metrics_port=metrics) as server:
         client = PAClipClient(server.grpc_url, "grpc")
         start = time.perf_counter()
-        for i in range(0, len(images), 8):
-            client.add_images(bank, category, images[i:i + 8], reset=i == 0)
-        client.build_bank(bank)
+        build(client, bank, category, images, {}, chunk=8, progress=False)
         built = time.perf_counter() - start
         start = time.perf_counter()
         parts = [client.score(images[i:i + batch], bank) for i in range(0, len(images), batch)]

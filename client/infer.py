@@ -27,14 +27,11 @@ if __package__ in (None, ""):  # run as a script: make the project importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from client.heatmap import save_panel
+from client.images import IMAGE_SUFFIXES, model_input, read_rgb
 from client.triton_client import ClientError, PAClipClient
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
-
 
 def find_images(spec: str) -> list[Path]:
     """A folder (searched recursively) or a glob pattern -> sorted image files."""
@@ -48,13 +45,8 @@ def find_images(spec: str) -> list[Path]:
 
 def load_image(path: Path, size: int) -> tuple[np.ndarray, np.ndarray]:
     """(original RGB, resized to size x size) uint8; ValueError naming the file when it cannot be read."""
-    try:
-        with Image.open(path) as img:
-            img.load()
-            rgb = img.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise ValueError(f"cannot read image {path}: {err}") from err
-    return np.asarray(rgb), np.asarray(rgb.resize((size, size), Image.BICUBIC), dtype=np.uint8)
+    rgb = read_rgb(path)
+    return np.asarray(rgb), model_input(rgb, size)
 
 
 def load_images(paths: list[Path], size: int, progress: bool) -> tuple[list, list]:

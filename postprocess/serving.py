@@ -15,15 +15,14 @@ from pathlib import Path
 
 import numpy as np
 
+from export.onnx_export import ENCODER_FILE, fingerprint_of
+
 from . import kernels as K
 from .bank import BankError, BankStore, build_bank, check_bank_id, config_from_dict, encoder_identity, image_key, \
     score_with_bank
 from .config import MODES, PAClipConfig
 from .pa_clip import Features
 from .pipeline import LotScorer
-
-ENCODER_FILE = "encoder.json"
-
 
 def read_encoder_fingerprint(model_dir: str | Path) -> dict:
     """The fingerprint ``python -m export`` wrote beside an encoder model (``encoder.json``)."""
@@ -33,8 +32,6 @@ def read_encoder_fingerprint(model_dir: str | Path) -> dict:
         return json.loads(path.read_text())
     onnx_file = model_dir / "1" / "model.onnx"
     if onnx_file.is_file():  # repositories exported before encoder.json existed
-        from export.onnx_export import fingerprint_of
-
         return fingerprint_of(onnx_file)
     raise FileNotFoundError(f"no encoder fingerprint at {path}: export the encoder with `python -m export onnx`")
 
@@ -96,9 +93,7 @@ class ScoreService:
         return bank
 
     def score(self, bank_id: str, layer_tokens, patch_embeds, image_embeds, images) -> tuple[np.ndarray, np.ndarray]:
-        """(B, H, W) float16 maps and (B,) float32 scores for one bank."""
-        images = _check_array("images", images, np.uint8, 4)
-        layer_tokens = _check_array("layer_tokens", layer_tokens, np.float16, 4)
+        """(B, H, W) float16 maps and (B,) float32 scores for one bank (inputs as ``check_request`` accepts)."""
         bank = self.bank(bank_id)
         grid = bank.grid
         if layer_tokens.shape[2] != grid[0] * grid[1]:
@@ -240,9 +235,8 @@ class BankService:
     def build(self, bank_id: str, options: dict) -> dict:
         cfg = build_config(options)
         category, images, features = self.store.load_lot(bank_id)
-        if len(images) < 2:
-            raise BankError(f"bank {bank_id!r}: a lot needs at least 2 images to build a bank, it has {len(images)}")
         self.log(f"building bank {bank_id!r}: {len(images)} images of {category!r}")
+        # LotScorer refuses a lot of fewer than 2 images
         scorer = LotScorer(self.backbone, images, category, features=features, progress=False)
         bank, report = build_bank(scorer, cfg, bank_id, self.encoder)
         self.store.save(bank)

@@ -51,6 +51,16 @@ def test_bank_scores_equal_in_process_lot_scores(scorer, tiny, tmp_path, mode):
     assert np.abs(single.maps[0] - result.maps[4]).max() < 1e-5
 
 
+
+def test_full_bank_coreset_is_the_one_stage_one_scored_against(scorer, tiny):
+    cfg = PAClipConfig(full_coreset_ratio=0.5)
+    expected = scorer.score(cfg)
+    bank, _ = build_bank(scorer, cfg, "washer", tiny.fingerprint)
+    assert bank.manifest["full_bank_entries_per_image"]["1"] < scorer.features.layer_tokens.shape[2]
+    ids = bank.query_ids([image_key(img) for img in scorer.images])
+    result = score_with_bank(bank, scorer.features, ids)
+    assert np.abs(result.maps - expected.maps).max() < 1e-3
+
 def test_new_image_is_scored_against_every_lot_image(scorer, tiny, tmp_path):
     cfg = PAClipConfig()
     bank, _ = build_bank(scorer, cfg, "washer", tiny.fingerprint)
