@@ -29,8 +29,8 @@ VARIANTS = ("torch", "ort-fp32", "ort-fp32-fused", "ort-fp16")
 
 def prepare(args, workdir: Path) -> dict:
     """Export the ONNX variants once; returns variant -> model file."""
-    from export.__main__ import export_clip
     from export.backbones import ClipBackbone
+    from export.repository import export_clip
 
     backbone = ClipBackbone(args.model, "none", args.image_size)
     files = {}

@@ -21,10 +21,12 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from benchmarks.datasets import LAYOUTS, DatasetError, discover, load_category
-from benchmarks.metrics import ALL_KEYS, image_metrics, mean_metrics, pixel_metrics
+from benchmarks.metrics import ALL_KEYS, lot_metrics, mean_metrics
 from client.heatmap import save_panel
 from export.clip_encoder import WeightsNotFound
+from postprocess.atomic import write_atomic
 from postprocess.config import MODE_HELP, MODES, PAClipConfig
+from postprocess.host import HostSettings
 from postprocess.pipeline import LotScorer
 
 SHORT = {"image_auroc": "I-AUROC", "image_f1_max": "I-F1max", "image_ap": "I-AP", "pixel_auroc": "P-AUROC",
@@ -37,8 +39,7 @@ CONFIG_FLAGS = {
     "alpha": float, "tau_quantile": float, "normal_k": int, "k_min": int, "k_max": int,
     "interval_fraction": float, "full_coreset_ratio": float, "normal_coreset_ratio": float, "n_augment": int,
     "cada_threshold": float, "smooth_sigma": float, "image_score": str, "image_topk_fraction": float,
-    "feature_norm": str, "normal_fraction": float, "normal_patch_quantile": float, "memory_budget_mb": int,
-    "seed": int,
+    "feature_norm": str, "normal_fraction": float, "normal_patch_quantile": float, "seed": int,
 }
 
 
@@ -68,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, kind in CONFIG_FLAGS.items():
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=None,
                        help=f"override the default ({getattr(PAClipConfig(), name)})")
+    p.add_argument("--memory-budget-mb", type=int, default=HostSettings().memory_budget_mb,
+                   help="largest kNN block in memory (a host setting: it changes memory and speed, not results)")
     return p
 
 
@@ -96,6 +99,7 @@ def evaluate(args) -> dict:
     from export.backbones import load_backbone
 
     overrides = {name: getattr(args, name) for name in CONFIG_FLAGS if getattr(args, name) is not None}
+    host = HostSettings(memory_budget_mb=args.memory_budget_mb, array_module="numpy")
     primary = args.modes[0]
     modes = list(dict.fromkeys(args.modes + (list(MODES) if args.ablation else [])))
     if args.ablation:  # the paper's row order
@@ -124,17 +128,14 @@ def evaluate(args) -> dict:
             print(f"warning: {w.message}", file=sys.stderr)
         skipped_total += len(lot.skipped)
         t0 = time.perf_counter()
-        scorer = LotScorer(backbone, lot.images, category.name, batch_size=args.batch_size)
+        scorer = LotScorer(backbone, lot.images, category.name, batch_size=args.batch_size, host=host)
         encode_s = time.perf_counter() - t0
         for mode in modes:
             t1 = time.perf_counter()
             report = scorer.score(configs[mode])
             score_s = time.perf_counter() - t1
             metrics = {k: None for k in ALL_KEYS}
-            if lot.labels is not None:
-                metrics.update(image_metrics(lot.labels, report.scores))
-            if lot.masks is not None:
-                metrics.update(pixel_metrics(lot.masks, report.maps))
+            metrics.update(lot_metrics(lot.labels, lot.masks, report.scores, report.maps))
             metrics.update({"n_images": len(lot.images), "n_skipped": len(lot.skipped)})
             per_mode[mode][category.name] = metrics
             details[mode][category.name] = {
@@ -160,9 +161,7 @@ def evaluate(args) -> dict:
         "details": details, "config": {mode: cfg.to_dict() for mode, cfg in configs.items()},
         "skipped_images": skipped_total,
     }
-    with open(out / "results.json.tmp", "w") as f:
-        json.dump(result, f, indent=2)
-    (out / "results.json.tmp").replace(out / "results.json")
+    write_atomic(out / "results.json", json.dumps(result, indent=2))
     with open(out / "results.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["mode", "category", "path", "label", "score"])
         writer.writeheader()

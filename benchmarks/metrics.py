@@ -103,6 +103,17 @@ def pixel_metrics(masks, maps) -> dict:
     }
 
 
+def lot_metrics(labels, masks, scores, maps) -> dict:
+    """Every metric a scored lot's labels allow: image metrics when it has image labels, pixel metrics and PRO when
+    it has masks (each None where the labels hold one class only)."""
+    out = {}
+    if labels is not None:
+        out.update(image_metrics(labels, scores))
+    if masks is not None:
+        out.update(pixel_metrics(masks, maps))
+    return out
+
+
 def mean_metrics(per_category: dict) -> dict:
     """Unweighted mean over categories of each metric (categories without it are left out)."""
     out = {}

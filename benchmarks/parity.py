@@ -22,7 +22,7 @@ import numpy as np
 
 from benchmarks.datasets import discover, load_category
 from export.clip_encoder import WeightsNotFound
-from benchmarks.metrics import image_metrics, pixel_metrics
+from benchmarks.metrics import lot_metrics as metrics_of
 from postprocess.config import PAClipConfig
 from postprocess.pipeline import LotScorer, encode_images
 
@@ -51,15 +51,12 @@ def compare_outputs(reference, other) -> dict:
 
 def lot_metrics(backbone, lot, features, category: str) -> tuple[dict, np.ndarray]:
     report = LotScorer(backbone, lot.images, category, features=features, progress=False).score(PAClipConfig())
-    metrics = image_metrics(lot.labels, report.scores) if lot.labels is not None else {}
-    if lot.masks is not None:
-        metrics.update(pixel_metrics(lot.masks, report.maps))
-    return metrics, report.maps
+    return metrics_of(lot.labels, lot.masks, report.scores, report.maps), report.maps
 
 
 def run(args) -> dict:
-    from export.__main__ import export_clip
     from export.backbones import ClipBackbone, OnnxBackbone
+    from export.repository import export_clip
 
     torch_backbone = ClipBackbone(args.model, args.pretrained, args.image_size)
     categories = []

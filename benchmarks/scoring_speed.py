@@ -26,7 +26,7 @@ IMPLS = ("numpy", "torch")
 
 
 def make_inputs(args):
-    from postprocess.pa_clip import Features
+    from postprocess.contract import Features
 
     rng = np.random.default_rng(0)
     side = int(round(args.tokens ** 0.5))
@@ -52,7 +52,8 @@ def augmented(features, indices, n_augment: int, seed: int):
 
 
 def worker(impl: str, args) -> dict:
-    from postprocess.pa_clip import Features, NormalSet, finish_stage, lot_stage
+    from postprocess.contract import Features
+    from postprocess.pa_clip import NormalSet, finish_stage, lot_stage
 
     if impl == "torch":
         import torch
@@ -79,14 +80,14 @@ def worker(impl: str, args) -> dict:
                       torch.from_numpy(features.image_embeds), features.grid)
         state = reference.lot_stage(tf, torch.from_numpy(text), cfg)
         t1 = time.perf_counter()
-        idx = state["normal_indices"].numpy()
+        idx = state.normal_indices.numpy()
         aug = augmented(features, idx, cfg.n_augment, 1)
-        prior = state["prior"][idx]
-        tokens = torch.from_numpy(np.concatenate([features.layer_tokens[idx], aug]))
-        ids = torch.from_numpy(np.concatenate([idx, np.repeat(idx, cfg.n_augment)]))
-        priors = torch.cat([prior, prior.repeat_interleave(cfg.n_augment, 0)])
-        maps, _, _ = reference.finish_stage(tf, state, tokens, ids, priors, cfg, size)
-        maps = maps.numpy()
+        prior = state.prior[idx]
+        normal = NormalSet(torch.from_numpy(np.concatenate([features.layer_tokens[idx], aug])),
+                           torch.from_numpy(np.concatenate([idx, np.repeat(idx, cfg.n_augment)])),
+                           torch.cat([prior, prior.repeat_interleave(cfg.n_augment, 0)]))
+        result = reference.finish_stage(tf, state, normal, cfg, size)
+        maps = result.maps.numpy()
     t2 = time.perf_counter()
     return {"impl": impl, "lot_stage_s": t1 - t0, "finish_stage_s": t2 - t1, "total_s": t2 - t0,
             "peak_mb": peak_rss_mb() - before, "map_checksum": float(maps.astype(np.float64).sum())}

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.datasets import discover, load_category
-from benchmarks.metrics import image_metrics, pixel_metrics
+from benchmarks.metrics import lot_metrics
 
 
 def served(repository: Path, banks: Path, images: np.ndarray, category: str, batch: int = 4):
@@ -37,13 +37,6 @@ def served(repository: Path, banks: Path, images: np.ndarray, category: str, bat
         scored = time.perf_counter() - start
         client.close()
     return np.concatenate([m for m, _ in parts]), np.concatenate([s for _, s in parts]), built, scored
-
-
-def metrics_of(loaded, maps, scores) -> dict:
-    out = dict(image_metrics(loaded.labels, scores)) if loaded.labels is not None else {}
-    if loaded.masks is not None:
-        out.update(pixel_metrics(loaded.masks, maps))
-    return out
 
 
 def main(argv=None) -> int:
@@ -68,7 +61,8 @@ def main(argv=None) -> int:
         name = category.name.replace("_", " ")
         maps, scores, built, scored = served(repository, work / "banks", loaded.images, name)
         expected = LotScorer(backbone, loaded.images, name, progress=False).score(PAClipConfig())
-        ours, theirs = metrics_of(loaded, maps, scores), metrics_of(loaded, expected.maps, expected.scores)
+        ours = lot_metrics(loaded.labels, loaded.masks, scores, maps)
+        theirs = lot_metrics(loaded.labels, loaded.masks, expected.scores, expected.maps)
         head = (f"| {category.name} | {len(loaded.images)} | {np.abs(maps - expected.maps).max():.2e} | "
                 f"{np.abs(scores - expected.scores).max():.2e} |")
         for i, key in enumerate(ours):

@@ -24,6 +24,7 @@ import numpy as np
 from client.demo_lot import write_demo_lot
 from client.infer import find_images, load_image
 from client.triton_client import PAClipClient
+from postprocess.contract import VISION_MODEL, read_fingerprint
 
 
 
@@ -85,7 +86,7 @@ def main(argv=None) -> int:
     from serve.local import LocalServer, free_ports
 
     repository = Path(args.repository)
-    size = json.loads((repository / "clip_vision" / "encoder.json").read_text())["image_size"]
+    size = read_fingerprint(repository / VISION_MODEL)["image_size"]
     work = Path(tempfile.mkdtemp(prefix="pa-clip-serving-speed-"))
     folder = Path(args.images) if args.images else write_demo_lot(work / "lot")
     paths = find_images(str(folder))[: args.limit]

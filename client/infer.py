@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from client.heatmap import save_panel
 from client.images import IMAGE_SUFFIXES, model_input, read_rgb
 from client.triton_client import ClientError, PAClipClient
+from postprocess.atomic import write_atomic
 
 def find_images(spec: str) -> list[Path]:
     """A folder (searched recursively) or a glob pattern -> sorted image files."""
@@ -175,18 +176,23 @@ def score_all(args, loaded: list, bank: str, value_range: tuple[float, float], o
     return results, failed
 
 
+def decision(score: float, threshold: float) -> str:
+    """Above the threshold is anomalous; a score that is not a number is never called normal."""
+    if not np.isfinite(score):
+        return "invalid"
+    return "anomalous" if score > threshold else "normal"
+
+
 def write_results(out: Path, rows: list, threshold: float | None) -> Path:
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "results.csv"
-    tmp = path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["path", "score"] + (["decision"] if threshold is not None else []) + ["overlay"])
-        for row in rows:
-            decision = [] if threshold is None else ["anomalous" if row["score"] > threshold else "normal"]
-            writer.writerow([row["path"], f"{row['score']:.6f}"] + decision + [row.get("overlay", "")])
-    tmp.replace(path)
-    return path
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["path", "score"] + (["decision"] if threshold is not None else []) + ["overlay"])
+            for row in rows:
+                verdict = [] if threshold is None else [decision(row["score"], threshold)]
+                writer.writerow([row["path"], f"{row['score']:.6f}"] + verdict + [row.get("overlay", "")])
+
+    return write_atomic(out / "results.csv", write)
 
 
 def main(argv=None) -> int:
@@ -246,10 +252,10 @@ def main(argv=None) -> int:
         "seconds": round(elapsed, 3), "images_per_second": round(len(rows) / elapsed, 3) if elapsed > 0 else None,
         "images": rows,
     }
-    (out / "results.json").write_text(json.dumps(report, indent=1))
+    write_atomic(out / "results.json", json.dumps(report, indent=1))
     line = f"scored {len(rows)} images in {elapsed:.1f} s ({report['images_per_second']} img/s)"
     if args.threshold is not None:
-        line += f"; {sum(r['score'] > args.threshold for r in rows)} above {args.threshold}"
+        line += f"; {sum(decision(r['score'], args.threshold) == 'anomalous' for r in rows)} above {args.threshold}"
     print(f"{line}. Wrote {csv_path}" + ("" if args.no_overlays else f" and {out / 'overlays'}/"), file=sys.stderr)
     if failed:
         print(f"error: {len(failed)} image(s) failed: {failed[0]['error']}", file=sys.stderr)

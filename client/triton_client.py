@@ -10,8 +10,8 @@ import uuid
 
 import numpy as np
 
-ENSEMBLE = "pa_clip"
-BANK_MODEL = "pa_clip_bank"
+from postprocess.contract import ANOMALY_MAP, BANK, BANK_MODEL, ENSEMBLE, IMAGES, SCORE
+
 DEFAULT_URLS = {"http": "127.0.0.1:8000", "grpc": "127.0.0.1:8001"}
 
 
@@ -80,13 +80,13 @@ class PAClipClient:
 
         text("action", action)
         if bank:
-            text("bank", bank)
+            text(BANK, bank)
         if category:
             text("category", category)
         if options:
             text("options", json.dumps(options))
         if images is not None:
-            tensor = tc.InferInput("images", list(images.shape), "UINT8")
+            tensor = tc.InferInput(IMAGES, list(images.shape), "UINT8")
             tensor.set_data_from_numpy(np.ascontiguousarray(images))
             inputs.append(tensor)
         try:
@@ -123,14 +123,14 @@ class PAClipClient:
         if images.dtype != np.uint8 or images.ndim != 4:
             raise ValueError(f"images must be uint8 [B,H,W,3], got {images.dtype} {list(images.shape)}")
         n = len(images)
-        image_input = tc.InferInput("images", list(images.shape), "UINT8")
-        bank_input = tc.InferInput("bank", [n, 1], "BYTES")
+        image_input = tc.InferInput(IMAGES, list(images.shape), "UINT8")
+        bank_input = tc.InferInput(BANK, [n, 1], "BYTES")
         bank_input.set_data_from_numpy(np.array([[bank.encode()]] * n, dtype=np.object_))
         if self.protocol == "http":
-            outputs = [tc.InferRequestedOutput("anomaly_map", binary_data=True),
-                       tc.InferRequestedOutput("score", binary_data=True)]
+            outputs = [tc.InferRequestedOutput(ANOMALY_MAP, binary_data=True),
+                       tc.InferRequestedOutput(SCORE, binary_data=True)]
         else:
-            outputs = [tc.InferRequestedOutput("anomaly_map"), tc.InferRequestedOutput("score")]
+            outputs = [tc.InferRequestedOutput(ANOMALY_MAP), tc.InferRequestedOutput(SCORE)]
         if self.shared_memory:
             return self._score_shm(images, image_input, bank_input, outputs)
         image_input.set_data_from_numpy(images)
@@ -138,7 +138,7 @@ class PAClipClient:
             result = self.client.infer(ENSEMBLE, [image_input, bank_input], outputs=outputs)
         except self._error as err:
             raise ClientError(_message(err)) from err
-        return result.as_numpy("anomaly_map").astype(np.float32), result.as_numpy("score").reshape(-1)
+        return result.as_numpy(ANOMALY_MAP).astype(np.float32), result.as_numpy(SCORE).reshape(-1)
 
     def _score_shm(self, images, image_input, bank_input, outputs):
         """Pixels in and maps out through system shared memory regions registered with the server."""

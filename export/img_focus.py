@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from postprocess import contract as C
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 PATCH_SIZE = 14
@@ -66,7 +68,7 @@ def build_contract_model(taps: tuple[int, ...] = DEFAULT_TAPS):
     std = np.array(IMAGENET_STD, dtype=np.float32).reshape(1, 1, 1, 3) * 255.0
     inits = [numpy_helper.from_array(mean, "pa_mean"), numpy_helper.from_array(std, "pa_std")]
     front = [
-        helper.make_node("Cast", ["images"], ["pa_images_f"], to=TensorProto.FLOAT, name="pa_cast_in"),
+        helper.make_node("Cast", [C.IMAGES], ["pa_images_f"], to=TensorProto.FLOAT, name="pa_cast_in"),
         helper.make_node("Sub", ["pa_images_f", "pa_mean"], ["pa_centred"], name="pa_sub_mean"),
         helper.make_node("Div", ["pa_centred", "pa_std"], ["pa_normed"], name="pa_div_std"),
         helper.make_node("Transpose", ["pa_normed"], [_SOURCE_INPUT], perm=[0, 3, 1, 2], name="pa_to_nchw"),
@@ -89,11 +91,11 @@ def build_contract_model(taps: tuple[int, ...] = DEFAULT_TAPS):
         stacked.append(name + "_u")
     back += [
         helper.make_node("Concat", stacked, ["pa_layer_tokens_f"], axis=1, name="pa_stack_taps"),
-        helper.make_node("Cast", ["pa_layer_tokens_f"], ["layer_tokens"], to=TensorProto.FLOAT16, name="pa_cast_lt"),
+        helper.make_node("Cast", ["pa_layer_tokens_f"], [C.LAYER_TOKENS], to=TensorProto.FLOAT16, name="pa_cast_lt"),
         helper.make_node("Slice", [_FINAL_NORM, starts1, ends_big, axes1], ["pa_patch_f"], name="pa_patch_slice"),
-        helper.make_node("Cast", ["pa_patch_f"], ["patch_embeds"], to=TensorProto.FLOAT16, name="pa_cast_pe"),
+        helper.make_node("Cast", ["pa_patch_f"], [C.PATCH_EMBEDS], to=TensorProto.FLOAT16, name="pa_cast_pe"),
         helper.make_node("Gather", [_FINAL_NORM, zero], ["pa_cls"], axis=1, name="pa_cls_gather"),
-        helper.make_node("Squeeze", ["pa_cls", axes1], ["image_embeds"], name="pa_cls_squeeze"),
+        helper.make_node("Squeeze", ["pa_cls", axes1], [C.IMAGE_EMBEDS], name="pa_cls_squeeze"),
     ]
 
     nodes = front + list(graph.node) + back
@@ -101,12 +103,12 @@ def build_contract_model(taps: tuple[int, ...] = DEFAULT_TAPS):
     graph.node.extend(nodes)
     graph.initializer.extend(inits)
     del graph.input[:]
-    graph.input.append(helper.make_tensor_value_info("images", TensorProto.UINT8, ["batch", "height", "width", 3]))
+    graph.input.append(helper.make_tensor_value_info(C.IMAGES, TensorProto.UINT8, ["batch", "height", "width", 3]))
     del graph.output[:]
     graph.output.extend([
-        helper.make_tensor_value_info("layer_tokens", TensorProto.FLOAT16, ["batch", len(taps), "tokens", "channels"]),
-        helper.make_tensor_value_info("patch_embeds", TensorProto.FLOAT16, ["batch", "tokens", "channels"]),
-        helper.make_tensor_value_info("image_embeds", TensorProto.FLOAT, ["batch", "channels"]),
+        helper.make_tensor_value_info(C.LAYER_TOKENS, TensorProto.FLOAT16, ["batch", len(taps), "tokens", "channels"]),
+        helper.make_tensor_value_info(C.PATCH_EMBEDS, TensorProto.FLOAT16, ["batch", "tokens", "channels"]),
+        helper.make_tensor_value_info(C.IMAGE_EMBEDS, TensorProto.FLOAT, ["batch", "channels"]),
     ])
     # Drop the decoder: nodes nothing downstream of our outputs needs.
     needed = {o.name for o in graph.output}

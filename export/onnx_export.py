@@ -1,4 +1,5 @@
-"""ONNX export of the encoders into a Triton model repository: ``clip_vision`` and ``clip_text``.
+"""ONNX building blocks: torch -> ONNX with the encoder fingerprint recorded, the ONNX Runtime session factory,
+and writing a model folder into a Triton repository atomically.
 
 Each model is written beside its final place and renamed into it, so an interrupted export never leaves a
 half-written model in the repository. The ONNX file records what produced it (``metadata_props``: backbone,
@@ -7,7 +8,6 @@ weights hash, image size, taps), so that a bank built with one encoder is never 
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sys
@@ -16,68 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-FINGERPRINT_KEY = "pa_clip.encoder"
-TEXT_CONTEXT = 77
-# written beside each encoder model: the serving models read it to refuse banks of another encoder
-ENCODER_FILE = "encoder.json"
-
-
-def encoder_json(fingerprint: dict) -> str:
-    return json.dumps(fingerprint, indent=1, sort_keys=True)
-
-
-def fingerprint_of(path: str | Path) -> dict:
-    """The encoder fingerprint recorded in an exported ONNX file."""
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    for prop in model.metadata_props:
-        if prop.key == FINGERPRINT_KEY:
-            return json.loads(prop.value)
-    raise ValueError(f"{path} does not say which encoder produced it (no {FINGERPRINT_KEY} metadata)")
-
-
-def set_fingerprint(model, fingerprint: dict) -> None:
-    for prop in list(model.metadata_props):
-        if prop.key == FINGERPRINT_KEY:
-            model.metadata_props.remove(prop)
-    entry = model.metadata_props.add()
-    entry.key = FINGERPRINT_KEY
-    entry.value = json.dumps(fingerprint, sort_keys=True)
-
-
-def vision_config(name: str, image_size: int, n_taps: int, tokens: int, channels: int, dim: int,
-                  max_batch_size: int, platform: str = "onnxruntime_onnx", kind: str = "KIND_CPU",
-                  instances: int = 1, extra: str = "") -> str:
-    """config.pbtxt of the clip_vision contract (Triton dims exclude the batch dimension)."""
-    return f'''name: "{name}"
-platform: "{platform}"
-max_batch_size: {max_batch_size}
-input [
-  {{ name: "images" data_type: TYPE_UINT8 dims: [ {image_size}, {image_size}, 3 ] }}
-]
-output [
-  {{ name: "layer_tokens" data_type: TYPE_FP16 dims: [ {n_taps}, {tokens}, {channels} ] }},
-  {{ name: "patch_embeds" data_type: TYPE_FP16 dims: [ {tokens}, {dim} ] }},
-  {{ name: "image_embeds" data_type: TYPE_FP32 dims: [ {dim} ] }}
-]
-dynamic_batching {{ max_queue_delay_microseconds: 2000 }}
-instance_group [ {{ kind: {kind} count: {instances} }} ]
-{extra}'''
-
-
-def text_config(name: str, dim: int, max_batch_size: int, kind: str = "KIND_CPU") -> str:
-    return f'''name: "{name}"
-platform: "onnxruntime_onnx"
-max_batch_size: {max_batch_size}
-input [
-  {{ name: "tokens" data_type: TYPE_INT64 dims: [ {TEXT_CONTEXT} ] }}
-]
-output [
-  {{ name: "text_embeds" data_type: TYPE_FP32 dims: [ {dim} ] }}
-]
-instance_group [ {{ kind: {kind} count: 1 }} ]
-'''
+from postprocess.atomic import write_file
+from postprocess.contract import set_onnx_fingerprint
 
 
 def write_model_dir(repository: Path, name: str, files: dict[str, object]) -> Path:
@@ -91,14 +31,7 @@ def write_model_dir(repository: Path, name: str, files: dict[str, object]) -> Pa
         for rel, content in files.items():
             target = staging / rel
             target.parent.mkdir(parents=True, exist_ok=True)
-            if callable(content):
-                content(target)
-            elif isinstance(content, bytes):
-                target.write_bytes(content)
-            else:
-                target.write_text(content)
-            with open(target, "rb") as f:
-                os.fsync(f.fileno())
+            write_file(target, content)
         final = repository / name
         old = None
         if final.exists():
@@ -143,20 +76,21 @@ def export_torch_module(module, example, path: Path, input_name: str, output_nam
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
     model = onnx.load(str(path))
-    set_fingerprint(model, {**fingerprint, "precision": precision})
+    set_onnx_fingerprint(model, {**fingerprint, "precision": precision})
     onnx.save(model, str(path))
     onnx.checker.check_model(str(path))
 
 
-def ort_session(model: str | Path | bytes, precision: str = "fp32", threads: int = 0):
-    """An ONNX Runtime CPU session of a file or serialized model. float16 graphs get basic graph optimisations
-    only: with the extended ones, onnxruntime 1.32 crashed (segmentation fault) building the session of our float16
-    ViT on the CPU."""
+def ort_session(model: str | Path | bytes, precision: str = "fp32", threads: int = 0, basic_optimizations=False):
+    """The one ONNX Runtime CPU session factory (export checks, OnnxBackbone, benchmarks, the stand-in Triton
+    backend), for a file or a serialized model. float16 graphs get basic graph optimisations only: with the
+    extended ones, onnxruntime 1.32 crashed (segmentation fault) building the session of our float16 ViT on the
+    CPU."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
-    if precision == "fp16":
+    if precision == "fp16" or basic_optimizations:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     source = model if isinstance(model, bytes) else str(model)
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])

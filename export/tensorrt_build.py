@@ -10,9 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .onnx_export import ENCODER_FILE, encoder_json, fingerprint_of, vision_config, write_model_dir
+from postprocess import contract as C
+from postprocess.atomic import write_atomic
 
-ENGINE_NAME = "clip_vision_trt"
+from .onnx_export import write_model_dir
+
+ENGINE_NAME = C.VISION_TRT_MODEL
 
 
 class TensorRTUnavailable(RuntimeError):
@@ -43,7 +46,7 @@ def engine_config(fingerprint: dict, profile: BatchProfile, n_taps: int, tokens:
     """config.pbtxt serving the plan under the clip_vision contract, on the GPU."""
     # the encoder that produced the plan travels in the config, so a mismatched bank can be refused
     encoder = f'parameters {{ key: "encoder" value: {{ string_value: "{fingerprint_text(fingerprint)}" }} }}\n'
-    return vision_config(ENGINE_NAME, profile.image_size, n_taps, tokens, channels, dim, profile.max_batch,
+    return C.vision_config(ENGINE_NAME, profile.image_size, n_taps, tokens, channels, dim, profile.max_batch,
                          platform="tensorrt_plan", kind="KIND_GPU", instances=instances, extra=encoder)
 
 
@@ -85,7 +88,7 @@ def build_engine(onnx_path: Path, repository: Path, profile: BatchProfile, timin
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
     config.set_flag(trt.BuilderFlag.FP16)
     opt_profile = builder.create_optimization_profile()
-    opt_profile.set_shape("images", *profile.shapes())
+    opt_profile.set_shape(C.IMAGES, *profile.shapes())
     config.add_optimization_profile(opt_profile)
     cache_bytes = timing_cache.read_bytes() if timing_cache.is_file() else b""
     cache = config.create_timing_cache(cache_bytes)
@@ -94,23 +97,20 @@ def build_engine(onnx_path: Path, repository: Path, profile: BatchProfile, timin
     if plan is None:
         raise RuntimeError("TensorRT failed to build the engine; run with a larger --workspace-gib or read the "
                            "TensorRT log above")
-    timing_cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp_cache = timing_cache.with_suffix(".tmp")
-    tmp_cache.write_bytes(memoryview(config.get_timing_cache().serialize()))
-    tmp_cache.replace(timing_cache)
+    write_atomic(timing_cache, bytes(memoryview(config.get_timing_cache().serialize())))
 
-    fingerprint = fingerprint_of(onnx_path)
+    fingerprint = C.onnx_fingerprint(onnx_path)
     n_taps, tokens, channels, dim = output_dims(network)
     return write_model_dir(repository, ENGINE_NAME, {
         "1/model.plan": bytes(plan),
         "config.pbtxt": engine_config(fingerprint, profile, n_taps, tokens, channels, dim),
-        ENCODER_FILE: encoder_json({**fingerprint, "precision": "fp16-tensorrt"}),
+        C.ENCODER_FILE: C.encoder_json({**fingerprint, "precision": "fp16-tensorrt"}),
     })
 
 
 def output_dims(network) -> tuple[int, int, int, int]:
     """(taps, tokens, channels, projected dim) read off the parsed network's outputs."""
     outputs = {network.get_output(i).name: tuple(network.get_output(i).shape) for i in range(network.num_outputs)}
-    _, n_taps, tokens, channels = outputs["layer_tokens"]
-    dim = outputs["image_embeds"][-1]
+    _, n_taps, tokens, channels = outputs[C.LAYER_TOKENS]
+    dim = outputs[C.IMAGE_EMBEDS][-1]
     return int(n_taps), int(tokens), int(channels), int(dim)

@@ -25,7 +25,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass
@@ -34,17 +33,21 @@ from pathlib import Path
 import numpy as np
 
 from . import kernels as K
+from .atomic import fsync_dir, write_atomic
 from .config import PAClipConfig
-from .pa_clip import (Features, ScoreResult, bank_entries, decide, finish_stage, full_scores_against,
-                      layer_features, normal_banks, normal_scores_against, original_normal_set, text_patch_scores)
+from .contract import Features, encoder_identity
+from .errors import RequestError
+from .host import DEFAULT_HOST, HostSettings
+from .pa_clip import (ScoreResult, bank_entries, decide, finish_stage, full_scores_against, layer_features,
+                      normal_banks, normal_scores_against, original_normal_set, text_patch_scores)
 
 FORMAT_VERSION = 1
 BANK_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-# Fingerprint fields that make two encoders' features interchangeable; precision only moves the last digits.
-ENCODER_IDENTITY = ("backbone", "weights", "image_size", "patch_size", "taps")
+# Fields that banks built before host settings moved out of PAClipConfig still carry in their manifest.
+LEGACY_HOST_FIELDS = ("memory_budget_mb",)
 
 
-class BankError(ValueError):
+class BankError(RequestError):
     """A request about banks that cannot be served; the message says what to do."""
 
 
@@ -60,10 +63,6 @@ def image_key(image: np.ndarray) -> str:
     digest = hashlib.sha256(str(image.shape).encode())
     digest.update(np.ascontiguousarray(image).tobytes())
     return digest.hexdigest()
-
-
-def encoder_identity(fingerprint: dict) -> dict:
-    return {k: fingerprint.get(k) for k in ENCODER_IDENTITY}
 
 
 def check_encoder(manifest: dict, fingerprint: dict | None) -> None:
@@ -94,7 +93,8 @@ class Bank:
 
     @property
     def config(self) -> PAClipConfig:
-        return config_from_dict(self.manifest["config"])
+        stored = {k: v for k, v in self.manifest["config"].items() if k not in LEGACY_HOST_FIELDS}
+        return config_from_dict(stored)
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -104,6 +104,14 @@ class Bank:
         """Lot index of each image (-1 for an image that is not in the lot)."""
         index = {key: i for i, key in enumerate(self.manifest["image_keys"])}
         return np.asarray([index.get(key, -1) for key in keys], dtype=np.int64)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes its arrays take in memory."""
+        arrays = [*self.full.values(), *self.normal.values(), *self.normal_ids.values()]
+        if self.text_embeds is not None:
+            arrays.append(self.text_embeds)
+        return int(sum(a.nbytes for a in arrays))
 
     def to(self, xp) -> "Bank":
         """The same bank with its arrays in ``xp`` (numpy or cupy)."""
@@ -156,7 +164,7 @@ def build_bank(scorer, cfg: PAClipConfig, bank_id: str, encoder: dict, map_size=
         # Rounded to float16 before the lot is scored against them, so the lot's tau_b are those of the stored bank.
         banks = {r: (b.astype("float16"), ids)
                  for r, (b, ids) in normal_banks(normal, features.grid, state.prior_threshold, cfg).items()}
-    result = finish_stage(features, state, normal, cfg, size, banks=banks or None)
+    result = finish_stage(features, state, normal, cfg, size, banks=banks or None, host=scorer.host)
     maps = K.to_numpy(result.maps).astype(np.float32)
     scores = K.to_numpy(result.scores).astype(np.float32)
     k = K.interval_k(n, cfg.interval_fraction, cfg.k_min, cfg.k_max)
@@ -190,7 +198,8 @@ def build_bank(scorer, cfg: PAClipConfig, bank_id: str, encoder: dict, map_size=
     return bank, report
 
 
-def score_with_bank(bank: Bank, features: Features, query_ids, map_size: tuple[int, int] | None = None) -> ScoreResult:
+def score_with_bank(bank: Bank, features: Features, query_ids, map_size: tuple[int, int] | None = None,
+                    host: HostSettings = DEFAULT_HOST) -> ScoreResult:
     """Maps and image scores of query images (any images: lot members carry their lot index, others -1)."""
     cfg = bank.config
     if tuple(features.grid) != bank.grid:
@@ -205,10 +214,11 @@ def score_with_bank(bank: Bank, features: Features, query_ids, map_size: tuple[i
     else:
         bank_ids = xp.arange(bank.manifest["n_images"])
         k = int(bank.manifest["interval_k"])
-        full_scores = {r: full_scores_against(features, bank.full[r], bank_ids, query_ids, k, r, cfg)
+        full_scores = {r: full_scores_against(features, bank.full[r], bank_ids, query_ids, k, r, cfg, host)
                        for r in cfg.scales}
         for r in bank.normal:
-            normal_scores[r] = normal_scores_against(features, bank.normal[r], bank.normal_ids[r], cfg, r, query_ids)
+            normal_scores[r] = normal_scores_against(features, bank.normal[r], bank.normal_ids[r], cfg, r, query_ids,
+                                                     host)
     tau_b = {int(r): v for r, v in bank.manifest["tau_b"].items()}
     result = decide(full_scores, text_scores, normal_scores, tau_b, cfg, features.grid, size)
     result.normal_bank_scores = normal_scores
@@ -221,34 +231,11 @@ def score_with_bank(bank: Bank, features: Features, query_ids, map_size: tuple[i
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, write) -> None:
-    """Write ``path`` through a temporary file beside it: readers see the old file or the whole new one."""
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _save_tensors(path: Path, tensors: dict, metadata: dict | None = None) -> None:
     from safetensors.numpy import save_file
 
-    _write_atomic(path, lambda tmp: save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp),
-                                              metadata=metadata))
+    write_atomic(path, lambda tmp: save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp),
+                                             metadata=metadata))
 
 
 def _load_tensors(path: Path) -> tuple[dict, dict]:
@@ -318,14 +305,14 @@ class BankStore:
         try:
             manifest = {**bank.manifest, "version": version, "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
             _save_tensors(staging / "bank.safetensors", bank.tensors())
-            _write_atomic(staging / "manifest.json", lambda p: p.write_text(json.dumps(manifest, indent=1)))
+            write_atomic(staging / "manifest.json", json.dumps(manifest, indent=1))
             os.replace(staging, folder / version)
-            _fsync_dir(folder)
+            fsync_dir(folder)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
         previous = self.current_version(bank_id)
-        _write_atomic(folder / "CURRENT", lambda p: p.write_text(version))
+        write_atomic(folder / "CURRENT", version)  # the commit: readers see the old version or the new one
         # keep the version a reader may still be loading; older ones go
         for old in folder.glob("v-*"):
             if old.name not in (version, previous):
@@ -405,4 +392,4 @@ def _load_tensors_meta(path: Path) -> tuple[dict, dict]:
 
 
 __all__ = ["Bank", "BankError", "BankStore", "build_bank", "score_with_bank", "image_key", "check_bank_id",
-           "config_from_dict", "encoder_identity"]
+           "config_from_dict"]

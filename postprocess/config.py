@@ -1,6 +1,8 @@
 """PA-CLIP scoring configuration: the defaults, and the paper's ablation rows as presets.
 
-Every number the paper leaves open is a field here; README.md ("Defaults") says why each was chosen.
+Every number the paper leaves open is a field here; README.md ("Defaults") says why each was chosen. These fields
+decide the result and travel in a bank's manifest; how a machine runs the work (memory budget, NumPy or CuPy) is
+``postprocess.host.HostSettings`` and never does.
 """
 
 from __future__ import annotations
@@ -72,7 +74,6 @@ class PAClipConfig:
     # Text-only map instead of memory banks (the "baseline" ablation row).
     text_only: bool = False
 
-    memory_budget_mb: int = 256
     seed: int = 0
 
     def __post_init__(self):

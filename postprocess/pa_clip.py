@@ -17,22 +17,9 @@ import numpy as np
 
 from . import kernels as K
 from .config import PAClipConfig
-
-
-@dataclass
-class Features:
-    """Encoder outputs for a set of images (the ``clip_vision`` contract)."""
-
-    layer_tokens: object  # (N, n_layers, L, C)
-    patch_embeds: object  # (N, L, D)
-    image_embeds: object  # (N, D)
-    grid: tuple[int, int]
-
-    def __len__(self) -> int:
-        return int(self.layer_tokens.shape[0])
-
-    def take(self, indices) -> "Features":
-        return Features(self.layer_tokens[indices], self.patch_embeds[indices], self.image_embeds[indices], self.grid)
+from .contract import Features
+from .errors import RequestError
+from .host import DEFAULT_HOST, HostSettings
 
 
 @dataclass
@@ -68,10 +55,6 @@ class ScoreResult:
     normal_bank_scores: dict = field(default_factory=dict)  # r -> (N, L)
     tau_b: dict = field(default_factory=dict)  # r -> subtraction threshold
     normal_bank_sizes: dict = field(default_factory=dict)  # r -> entries kept
-
-
-def _budget(cfg: PAClipConfig) -> int:
-    return int(cfg.memory_budget_mb) * 1024 * 1024
 
 
 def fuse(per_scale: dict, cfg: PAClipConfig):
@@ -123,18 +106,19 @@ def bank_entries(feats, selection):
     return K.get_xp(feats).take_along_axis(feats, selection[:, :, None], axis=1)
 
 
-def full_scores_against(features: Features, bank_layers, bank_ids, query_ids, k: int, r: int, cfg: PAClipConfig):
+def full_scores_against(features: Features, bank_layers, bank_ids, query_ids, k: int, r: int, cfg: PAClipConfig,
+                        host: HostSettings = DEFAULT_HOST):
     """(N, L) interval-averaged scores of query images against a stored full bank ((n_layers, Nb, m, C)),
     averaged over layers; a query never matches the bank image that carries its own id."""
     n_layers = features.layer_tokens.shape[1]
     total = 0
     for layer in range(n_layers):
         feats = layer_features(features.layer_tokens, layer, features.grid, r, cfg)
-        total = total + K.full_bank_scores(feats, bank_layers[layer], query_ids, bank_ids, k, _budget(cfg))
+        total = total + K.full_bank_scores(feats, bank_layers[layer], query_ids, bank_ids, k, host.budget_bytes)
     return total / n_layers
 
 
-def mutual_scores(features: Features, r: int, cfg: PAClipConfig, selection=None):
+def mutual_scores(features: Features, r: int, cfg: PAClipConfig, selection=None, host: HostSettings = DEFAULT_HOST):
     """(N, L) interval-averaged scores of every lot image against the rest of the lot (``selection``: the full
     bank's per-image coreset from ``full_bank_selection``, None for every patch), averaged over layers."""
     xp = K.get_xp(features.layer_tokens)
@@ -144,7 +128,7 @@ def mutual_scores(features: Features, r: int, cfg: PAClipConfig, selection=None)
     total = 0
     for layer in range(n_layers):  # one layer at a time: the lot's features at every layer may not fit
         feats = layer_features(features.layer_tokens, layer, features.grid, r, cfg)
-        total = total + K.full_bank_scores(feats, bank_entries(feats, selection), ids, ids, k, _budget(cfg))
+        total = total + K.full_bank_scores(feats, bank_entries(feats, selection), ids, ids, k, host.budget_bytes)
     return total / n_layers
 
 
@@ -157,17 +141,17 @@ def select_normal(normal_scores, cfg: PAClipConfig) -> np.ndarray:
     return np.argsort(-scores, kind="stable")[:count]
 
 
-def lot_stage(features: Features, text_embeds, cfg: PAClipConfig) -> LotState:
+def lot_stage(features: Features, text_embeds, cfg: PAClipConfig, host: HostSettings = DEFAULT_HOST) -> LotState:
     n = len(features)
     if n < 2:
-        raise ValueError(f"a lot needs at least 2 images to score them against each other, got {n}")
+        raise RequestError(f"a lot needs at least 2 images to score them against each other, got {n}")
     has_text = text_embeds is not None
     if cfg.text_only and not has_text:
         raise ValueError("the text-only baseline needs a text encoder; this backbone has none")
     text_scores = text_patch_scores(features, text_embeds, cfg) if has_text else {}
     selections = {} if cfg.text_only else {
         r: full_bank_selection(features.layer_tokens, features.grid, r, cfg) for r in cfg.scales}
-    full_scores = {r: mutual_scores(features, r, cfg, selection) for r, selection in selections.items()}
+    full_scores = {r: mutual_scores(features, r, cfg, selection, host) for r, selection in selections.items()}
 
     if has_text:
         # Eq. 3: P(normal) of the CLS embedding
@@ -225,7 +209,8 @@ def build_normal_bank(normal: NormalSet, grid, r: int, prior_threshold: float, c
     return xp.stack(layers), ids
 
 
-def normal_scores_against(features: Features, bank, bank_ids, cfg: PAClipConfig, r: int, query_ids=None):
+def normal_scores_against(features: Features, bank, bank_ids, cfg: PAClipConfig, r: int, query_ids=None,
+                          host: HostSettings = DEFAULT_HOST):
     """(N, L) mean kNN distance of each query patch to the normal bank, averaged over layers."""
     xp = K.get_xp(features.layer_tokens)
     n, n_layers = features.layer_tokens.shape[:2]
@@ -233,7 +218,7 @@ def normal_scores_against(features: Features, bank, bank_ids, cfg: PAClipConfig,
     total = 0
     for layer in range(n_layers):
         feats = layer_features(features.layer_tokens, layer, features.grid, r, cfg)
-        total = total + K.normal_bank_scores(feats, bank[layer], ids, bank_ids, cfg.normal_k, _budget(cfg))
+        total = total + K.normal_bank_scores(feats, bank[layer], ids, bank_ids, cfg.normal_k, host.budget_bytes)
     return total / n_layers
 
 
@@ -263,7 +248,7 @@ def decide(full_scores: dict, text_scores: dict, normal_bank_scores: dict, tau_b
 
 
 def finish_stage(features: Features, state: LotState, normal: NormalSet | None, cfg: PAClipConfig,
-                 map_size: tuple[int, int], banks: dict | None = None) -> ScoreResult:
+                 map_size: tuple[int, int], banks: dict | None = None, host: HostSettings = DEFAULT_HOST) -> ScoreResult:
     """Stage 2 on the lot itself. ``banks`` (from ``normal_banks``) may be passed in when the caller keeps them."""
     result = ScoreResult(maps=None, scores=None, patch_scores=None)
     if cfg.use_normal_bank and not cfg.text_only:
@@ -272,7 +257,7 @@ def finish_stage(features: Features, state: LotState, normal: NormalSet | None, 
                 normal = original_normal_set(features, state)
             banks = normal_banks(normal, features.grid, state.prior_threshold, cfg)
         for r, (bank, bank_ids) in banks.items():
-            s_b = normal_scores_against(features, bank, bank_ids, cfg, r)
+            s_b = normal_scores_against(features, bank, bank_ids, cfg, r, host=host)
             xp = K.get_xp(s_b)
             result.normal_bank_scores[r] = s_b
             result.tau_b[r] = float(xp.quantile(s_b, cfg.tau_quantile))

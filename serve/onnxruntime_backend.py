@@ -12,24 +12,21 @@ import os
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from export.onnx_export import ort_session
+from postprocess.contract import read_fingerprint
+
 
 class TritonPythonModel:
     def initialize(self, args):
-        import onnxruntime as ort
-
         config = json.loads(args["model_config"])
         filename = config.get("default_model_filename") or "model.onnx"
         path = os.path.join(args["model_repository"], args["model_version"], filename)
         if not os.path.isfile(path):
             raise pb_utils.TritonModelException(f"{config['name']}: no ONNX file at {path}")
         params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = int(params.get("intra_op_thread_count", "0") or 0)
-        # float16 graphs: onnxruntime 1.32 crashed building CPU sessions of our fp16 ViT with extended optimisations
-        level = params.get("graph_optimization_level", "")
-        if level == "basic" or self._precision(args["model_repository"]) == "fp16":
-            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-        self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        self.session = ort_session(path, self._precision(args["model_repository"]),
+                                   threads=int(params.get("intra_op_thread_count", "0") or 0),
+                                   basic_optimizations=params.get("graph_optimization_level", "") == "basic")
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.batched = int(config.get("max_batch_size", 0)) > 0
@@ -37,10 +34,9 @@ class TritonPythonModel:
 
     @staticmethod
     def _precision(model_dir):
-        """The precision the export recorded in encoder.json beside the model (fp32 when there is none)."""
+        """The precision the export recorded beside the model (fp32 for a model this project did not export)."""
         try:
-            with open(os.path.join(model_dir, "encoder.json")) as f:
-                return json.load(f).get("precision", "fp32")
+            return read_fingerprint(model_dir).get("precision", "fp32")
         except (OSError, ValueError):
             return "fp32"
 

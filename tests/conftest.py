@@ -1,3 +1,11 @@
+"""Shared fixtures and the test tiers.
+
+Tiers (pytest markers): ``unit`` (no server, no real data: the loop for someone changing a kernel), ``server`` (a
+real tritonserver on 127.0.0.1), ``data`` (real images in ../shared/data). A test module says ``server`` or
+``data`` with ``pytestmark``; every other test is ``unit``. ``pytest -m unit`` runs one tier; ``./run.sh test``
+runs them all.
+"""
+
 import sys
 from pathlib import Path
 
@@ -9,6 +17,32 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 SHARED_DATA = ROOT.parent / "shared" / "data"
+TIERS = ("unit", "server", "data")
+# The demo lot the bank and serving tests share: 10 images, so that the interval k of the lot (N-1 = 9 others:
+# round(0.3 * 9) = 3) differs from the one of N-2 others (round(0.3 * 8) = 2) and an off-by-one shows.
+LOT_SIZE = 10
+LOT_IMAGE_SIZE = 112
+
+# The parity contract (README, "Parity"): banks store their entries in float16, which moves maps and scores by less
+# than BANK_STORAGE_TOL (2.3e-5 measured on the demo lot); the served anomaly_map is float16, so a served map also
+# carries float16 rounding: half a unit in the last place, |x| * 2**-11.
+BANK_STORAGE_TOL = 1e-4
+FLOAT16_HALF_ULP = 2.0 ** -11
+
+
+def assert_maps_within_contract(got, expected, served: bool = True):
+    """Maps scored against a stored bank (``served``: and returned as float16) against in-process maps."""
+    got, expected = np.asarray(got, np.float64), np.asarray(expected, np.float64)
+    assert got.shape == expected.shape
+    tolerance = BANK_STORAGE_TOL + (np.abs(expected) * FLOAT16_HALF_ULP if served else 0.0)
+    excess = np.abs(got - expected) - tolerance
+    assert excess.max() <= 0, f"maps differ by up to {np.abs(got - expected).max():.3g}, beyond the contract"
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if not any(item.get_closest_marker(tier) for tier in ("server", "data")):
+            item.add_marker(pytest.mark.unit)
 
 
 def make_mvtec_tree(root: Path, n_good=6, n_bad=4, size=96, seed=0) -> Path:
@@ -35,3 +69,45 @@ def make_mvtec_tree(root: Path, n_good=6, n_bad=4, size=96, seed=0) -> Path:
 @pytest.fixture
 def mvtec_tree(tmp_path):
     return make_mvtec_tree(tmp_path / "data")
+
+
+@pytest.fixture(scope="session")
+def tiny_clip():
+    """The tiny randomly initialised open_clip ViT (text tower included) at its own 56x56."""
+    from export.backbones import ClipBackbone
+
+    return ClipBackbone("tiny", pretrained="none")
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_112():
+    """The same tiny model at 112x112 (an 8x8 patch grid), for banks and serving."""
+    from export.backbones import ClipBackbone
+
+    return ClipBackbone("tiny", pretrained="none", image_size=LOT_IMAGE_SIZE)
+
+
+@pytest.fixture(scope="session")
+def tiny_repository(tmp_path_factory):
+    """The tiny model exported at 56 by ``python -m export onnx`` into a model repository."""
+    from export import __main__ as export_cli
+
+    repo = tmp_path_factory.mktemp("tiny_repository")
+    assert export_cli.main(["onnx", "--model", "tiny", "--pretrained", "none", "--out", str(repo)]) == 0
+    return repo
+
+
+@pytest.fixture(scope="session")
+def demo_lot_dir(tmp_path_factory):
+    """Synthetic washers (2 defective) as PNG files, as the main job's demo lot makes them."""
+    from client.demo_lot import write_demo_lot
+
+    return write_demo_lot(tmp_path_factory.mktemp("demo_lot"), n_images=LOT_SIZE, n_defective=2, size=128)
+
+
+@pytest.fixture(scope="session")
+def demo_lot(demo_lot_dir):
+    """The demo lot read the way the client reads it: uint8 [N,112,112,3]."""
+    from client.infer import load_image
+
+    return np.stack([load_image(p, LOT_IMAGE_SIZE)[1] for p in sorted(demo_lot_dir.glob("*.png"))])

@@ -6,25 +6,22 @@ import json
 import numpy as np
 import pytest
 
-from client.demo_lot import write_demo_lot
-from client.infer import load_image
-from export.backbones import ClipBackbone
 from postprocess import bank as bank_module
 from postprocess.bank import BankError, BankStore, build_bank, image_key, score_with_bank
 from postprocess.config import PAClipConfig
+from postprocess.errors import RequestError
 from postprocess.pipeline import LotScorer
 from postprocess.serving import BankService, ScoreService, build_config
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    return ClipBackbone("tiny", pretrained="none", image_size=112)
+def tiny(tiny_clip_112):
+    return tiny_clip_112
 
 
 @pytest.fixture(scope="module")
-def lot(tmp_path_factory):
-    folder = write_demo_lot(tmp_path_factory.mktemp("lot"), n_images=12, n_defective=2, size=128)
-    return np.stack([load_image(p, 112)[1] for p in sorted(folder.glob("*.png"))])
+def lot(demo_lot):
+    return demo_lot
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +114,7 @@ def test_bank_service_lifecycle_and_score_service(scorer, tiny, lot, tmp_path):
     service = BankService(store, tiny.fingerprint, tiny.encode, tiny.encode_text, log=lambda _: None)
     with pytest.raises(BankError, match="no images to build from"):
         service.handle("build", "washer")
-    with pytest.raises(BankError, match="resized to 112x112"):
+    with pytest.raises(RequestError, match="resized to 112x112"):
         service.handle("add", "washer", "washer", lot[:, :56, :56])
     assert service.handle("add", "washer", "washer", lot[:5], {"reset": True})["lot_size"] == 5
     with pytest.raises(BankError, match="for category 'washer', not 'bottle'"):
@@ -161,8 +158,8 @@ def test_manifest_is_json_and_tensors_safetensors(scorer, tiny, tmp_path):
     version = store.save(bank)
     folder = tmp_path / "washer" / version
     manifest = json.loads((folder / "manifest.json").read_text())
-    assert manifest["encoder"] == tiny.fingerprint and manifest["n_images"] == 12
+    assert manifest["encoder"] == tiny.fingerprint and manifest["n_images"] == len(scorer.images)
     assert sorted(p.name for p in folder.iterdir()) == ["bank.safetensors", "manifest.json"]
     with open(folder / "bank.safetensors", "rb") as f:
         header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-    assert header["full.r1"]["dtype"] == "F16" and header["full.r1"]["shape"][:2] == [4, 12]
+    assert header["full.r1"]["dtype"] == "F16" and header["full.r1"]["shape"][:2] == [4, len(scorer.images)]

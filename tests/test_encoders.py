@@ -13,8 +13,8 @@ from export.clip_encoder import WeightsNotFound, default_taps
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    return ClipBackbone("tiny", pretrained="none")
+def tiny(tiny_clip):
+    return tiny_clip
 
 
 def test_default_taps():
@@ -89,17 +89,17 @@ def test_checkpoint_file_is_loaded_and_positional_embedding_resized(tmp_path):
     import open_clip
 
     torch.manual_seed(3)
-    source = open_clip.create_model("ViT-B-32", pretrained=None)
-    path = tmp_path / "vitb32.pt"
+    source = open_clip.create_model("ViT-S-32", pretrained=None)  # the smallest standard ViT: quick to build
+    path = tmp_path / "vits32.pt"
     torch.save(source.state_dict(), path)
-    backbone = ClipBackbone("ViT-B-32", pretrained=str(path), image_size=288)
+    backbone = ClipBackbone("ViT-S-32", pretrained=str(path), image_size=288)
     assert backbone.grid == (9, 9) and backbone.fingerprint["weights"].startswith("sha256:")
     assert torch.equal(backbone.clip.visual.conv1.weight, source.visual.conv1.weight)
     f = backbone.encode(np.zeros((1, 288, 288, 3), np.uint8))
-    assert f.layer_tokens.shape == (1, 4, 81, 768)
+    assert f.layer_tokens.shape == (1, 4, 81, 384)
     # a checkpoint of another architecture is refused with a clear error
-    with pytest.raises(ValueError, match="does not match ViT-B-16"):
-        ClipBackbone("ViT-B-16", pretrained=str(path))
+    with pytest.raises(ValueError, match="does not match ViT-S-16"):
+        ClipBackbone("ViT-S-16", pretrained=str(path))
 
 
 @pytest.fixture(scope="module")

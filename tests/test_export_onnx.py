@@ -6,7 +6,8 @@ import pytest
 
 from export import __main__ as export_cli
 from export.backbones import ClipBackbone, ImgFocusBackbone, OnnxBackbone
-from export.onnx_export import fingerprint_of, ort_session, write_model_dir
+from export.onnx_export import ort_session, write_model_dir
+from postprocess.contract import onnx_fingerprint as fingerprint_of
 
 
 def cosine_min(a, b):
@@ -20,14 +21,12 @@ def run(path, feeds):
 
 
 @pytest.fixture(scope="module")
-def tiny_repo(tmp_path_factory):
-    repo = tmp_path_factory.mktemp("repo")
-    assert export_cli.main(["onnx", "--model", "tiny", "--pretrained", "none", "--out", str(repo)]) == 0
-    return repo
+def tiny_repo(tiny_repository):
+    return tiny_repository
 
 
-def test_tiny_export_matches_torch(tiny_repo):
-    backbone = ClipBackbone("tiny", pretrained="none")
+def test_tiny_export_matches_torch(tiny_repo, tiny_clip):
+    backbone = tiny_clip
     images = np.random.default_rng(0).integers(0, 256, (3, 56, 56, 3), dtype=np.uint8)
     ref = backbone.encode(images)
     layer_tokens, patch_embeds, image_embeds = run(tiny_repo / "clip_vision/1/model.onnx", {"images": images})
@@ -56,11 +55,11 @@ def test_export_records_encoder_and_config(tiny_repo):
     assert not [p for p in tiny_repo.iterdir() if p.name.startswith(".")]
 
 
-def test_fp16_export_stays_close(tmp_path):
+def test_fp16_export_stays_close(tmp_path, tiny_clip):
     assert export_cli.main(["onnx", "--model", "tiny", "--pretrained", "none", "--precision", "fp16",
                             "--out", str(tmp_path)]) == 0
     images = np.random.default_rng(1).integers(0, 256, (2, 56, 56, 3), dtype=np.uint8)
-    ref = ClipBackbone("tiny", pretrained="none").encode(images)
+    ref = tiny_clip.encode(images)
     layer_tokens, _, image_embeds = ort_session(tmp_path / "clip_vision/1/model.onnx", "fp16").run(
         None, {"images": images})
     assert cosine_min(layer_tokens, ref.layer_tokens) >= 0.999

@@ -34,10 +34,8 @@ def test_engine_config_serves_the_contract_on_gpu():
 
 
 @pytest.fixture(scope="module")
-def tiny_repo(tmp_path_factory):
-    repo = tmp_path_factory.mktemp("repo")
-    assert export_cli.main(["onnx", "--model", "tiny", "--pretrained", "none", "--out", str(repo)]) == 0
-    return repo
+def tiny_repo(tiny_repository):
+    return tiny_repository
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed here")
@@ -62,7 +60,7 @@ def test_build_plan(tiny_repo, tmp_path):
 
 
 def test_ensemble_can_be_pointed_at_the_plan_and_back(tmp_path):
-    from export.__main__ import install_serving_models, point_ensemble_at
+    from export.repository import install_serving_models, point_ensemble_at
 
     install_serving_models(tmp_path)
     changed = point_ensemble_at(tmp_path, "clip_vision_trt")

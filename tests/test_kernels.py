@@ -124,7 +124,8 @@ def test_stages_on_cupy_match_numpy():
     """The whole scoring (both stages) on CuPy arrays gives the NumPy maps: one code path for both."""
     xp = cupy
     from postprocess.config import PAClipConfig
-    from postprocess.pa_clip import Features, finish_stage, lot_stage
+    from postprocess.contract import Features
+    from postprocess.pa_clip import finish_stage, lot_stage
 
     rng = np.random.default_rng(5)
     tokens = rng.standard_normal((8, 2, 20, 12)).astype(np.float16)

@@ -3,14 +3,13 @@
 import numpy as np
 import pytest
 
-from export.backbones import ClipBackbone
 from postprocess.config import PAClipConfig
 from postprocess.pipeline import LotScorer, prompts_for, score_lot
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    return ClipBackbone("tiny", pretrained="none")
+def tiny(tiny_clip):
+    return tiny_clip
 
 
 @pytest.fixture(scope="module")

@@ -10,13 +10,14 @@ import warnings
 import pytest
 
 from benchmarks.datasets import discover, load_category
-from benchmarks.metrics import image_metrics, pixel_metrics
+from benchmarks.metrics import lot_metrics
 from conftest import SHARED_DATA
 from postprocess.config import PAClipConfig
 from postprocess.pipeline import LotScorer
 
-pytestmark = pytest.mark.skipif(not (SHARED_DATA / "magnetic_tile").is_dir(),
-                                reason=f"real images not found at {SHARED_DATA} (../shared/data beside the checkout)")
+pytestmark = [pytest.mark.data,
+              pytest.mark.skipif(not (SHARED_DATA / "magnetic_tile").is_dir(),
+                                 reason=f"real images not found at {SHARED_DATA} (../shared/data beside the checkout)")]
 
 MARGIN = 0.005
 # measured with the default configuration (README, "Results")
@@ -42,9 +43,7 @@ def score(backbone, root):
     out = {}
     for mode in ("pad_mpam", "mutual"):
         report = scorer.score(PAClipConfig.for_mode(mode))
-        metrics = image_metrics(lot.labels, report.scores)
-        if lot.masks is not None:
-            metrics.update(pixel_metrics(lot.masks, report.maps))
+        metrics = lot_metrics(lot.labels, lot.masks, report.scores, report.maps)
         out[mode] = (metrics, report)
     return out
 

@@ -1,14 +1,19 @@
 """The NumPy kernels against the plain-torch reference on random features: same choices, maps within 1e-4."""
 
+import inspect
+
 import numpy as np
 import pytest
 import torch
 
-from postprocess import reference
+from postprocess import kernels, pa_clip, reference
 from postprocess.config import PAClipConfig
-from postprocess.pa_clip import Features, NormalSet, finish_stage, lot_stage
+from postprocess.contract import Features
+from postprocess.host import HostSettings
+from postprocess.pa_clip import LotState, NormalSet, ScoreResult, finish_stage, lot_stage
 
 GRID = (6, 5)
+HOST = HostSettings(memory_budget_mb=1)  # small enough that the NumPy kNN kernels work in several chunks
 
 
 def random_features(n, seed, layers=3, channels=24, dim=16):
@@ -42,17 +47,20 @@ CASES = {
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_numpy_matches_torch_reference(case):
     spec = CASES[case]
-    cfg = PAClipConfig.for_mode(spec["mode"], memory_budget_mb=1, **spec["cfg"])
+    cfg = PAClipConfig.for_mode(spec["mode"], **spec["cfg"])
     feats = random_features(12, seed=1)
     text = np.random.default_rng(2).standard_normal((2, 16)).astype(np.float32) if spec["text"] else None
     tfeats = torch_features(feats)
     ttext = None if text is None else torch.from_numpy(text)
 
-    state = lot_stage(feats, text, cfg)
+    state = lot_stage(feats, text, cfg, host=HOST)
     ref_state = reference.lot_stage(tfeats, ttext, cfg)
-    np.testing.assert_array_equal(state.normal_indices, ref_state["normal_indices"].numpy())
+    assert isinstance(ref_state, LotState)
+    np.testing.assert_array_equal(state.normal_indices, ref_state.normal_indices.numpy())
+    assert state.full_scores.keys() == ref_state.full_scores.keys()
     for r in state.full_scores:
-        np.testing.assert_allclose(state.full_scores[r], ref_state["full"][r].numpy(), atol=1e-5)
+        np.testing.assert_allclose(state.full_scores[r], ref_state.full_scores[r].numpy(), atol=1e-5)
+    assert ref_state.prior_threshold == pytest.approx(state.prior_threshold, abs=1e-5)
 
     # augmentations of the chosen images, as the encoder would return them
     idx = state.normal_indices
@@ -61,13 +69,32 @@ def test_numpy_matches_torch_reference(case):
     normal_ids = np.concatenate([idx, np.repeat(idx, 2)])
     normal_prior = np.concatenate([np.asarray(state.prior)[idx], np.repeat(np.asarray(state.prior)[idx], 2, axis=0)])
     size = (23, 19)
-    result = finish_stage(feats, state, NormalSet(normal_tokens, normal_ids, normal_prior), cfg, size)
-    ref_maps, ref_scores, ref_patch = reference.finish_stage(
-        tfeats, ref_state, torch.from_numpy(normal_tokens.astype(np.float32)), torch.from_numpy(normal_ids),
-        torch.from_numpy(normal_prior), cfg, size)
+    result = finish_stage(feats, state, NormalSet(normal_tokens, normal_ids, normal_prior), cfg, size, host=HOST)
+    ref = reference.finish_stage(
+        tfeats, ref_state, NormalSet(torch.from_numpy(normal_tokens.astype(np.float32)), torch.from_numpy(normal_ids),
+                                     torch.from_numpy(normal_prior)), cfg, size)
+    assert isinstance(ref, ScoreResult)
     assert result.maps.shape == (12, *size)
-    np.testing.assert_allclose(result.patch_scores, ref_patch.numpy(), atol=1e-4)
-    np.testing.assert_allclose(result.maps, ref_maps.numpy(), atol=1e-4)
-    np.testing.assert_allclose(result.scores, ref_scores.numpy(), atol=1e-4)
+    np.testing.assert_allclose(result.patch_scores, ref.patch_scores.numpy(), atol=1e-4)
+    np.testing.assert_allclose(result.maps, ref.maps.numpy(), atol=1e-4)
+    np.testing.assert_allclose(result.scores, ref.scores.numpy(), atol=1e-4)
+    assert result.tau_b.keys() == ref.tau_b.keys()
+    for r in result.tau_b:
+        assert ref.tau_b[r] == pytest.approx(result.tau_b[r], abs=1e-5)
+    assert result.normal_bank_sizes == ref.normal_bank_sizes
     # the maps carry signal: not constant
     assert float(np.ptp(result.maps)) > 1e-3
+
+
+def test_reference_names_match_numpy_twins():
+    """Every public function of the reference is named after its NumPy twin and takes the twin's leading
+    arguments in the same order (the twins may add more, such as ``host``)."""
+    own = {name: fn for name, fn in inspect.getmembers(reference, inspect.isfunction)
+           if fn.__module__ == reference.__name__ and not name.startswith("_")}
+    assert own
+    for name, fn in own.items():
+        twin = getattr(pa_clip, name, None) or getattr(kernels, name, None)
+        assert inspect.isfunction(twin), f"reference.{name} has no twin in pa_clip.py or kernels.py"
+        ref_params = list(inspect.signature(fn).parameters)
+        twin_params = list(inspect.signature(twin).parameters)
+        assert twin_params[: len(ref_params)] == ref_params, f"{name}: {ref_params} vs {twin_params}"

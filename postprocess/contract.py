@@ -1,0 +1,181 @@
+"""The encoder contract, in one place: the Triton names, dtypes and shapes of ``clip_vision`` / ``clip_text`` and of
+the PA-CLIP serving models, and the encoder fingerprint (``encoder.json`` / ONNX metadata) with its checks.
+
+Export writes models to this contract, the serving models and the stand-in ONNX Runtime backend read it, the client
+and the benchmarks talk to it. Nothing here imports torch, ONNX or Triton (``onnx`` only inside the two functions
+that read or write ONNX metadata), so every package may import this module.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import RequestError
+
+# -- model names (Triton) -----------------------------------------------------------------------------------------
+VISION_MODEL = "clip_vision"
+VISION_TRT_MODEL = "clip_vision_trt"
+TEXT_MODEL = "clip_text"
+ENSEMBLE = "pa_clip"
+SCORE_MODEL = "pa_clip_score"
+BANK_MODEL = "pa_clip_bank"
+SERVING_MODELS = (ENSEMBLE, SCORE_MODEL, BANK_MODEL)
+
+# -- tensors ------------------------------------------------------------------------------------------------------
+IMAGES = "images"  # UINT8 [B,H,W,3], RGB, resized by the client; normalisation is inside the encoder graph
+LAYER_TOKENS = "layer_tokens"  # FP16 [B,n_taps,L,C], residual stream after the tapped blocks, CLS dropped
+PATCH_EMBEDS = "patch_embeds"  # FP16 [B,L,D], last block through the final norm (and projection)
+IMAGE_EMBEDS = "image_embeds"  # FP32 [B,D], the CLS token through the final norm (and projection)
+VISION_OUTPUTS = (LAYER_TOKENS, PATCH_EMBEDS, IMAGE_EMBEDS)
+VISION_DTYPES = {IMAGES: np.uint8, LAYER_TOKENS: np.float16, PATCH_EMBEDS: np.float16, IMAGE_EMBEDS: np.float32}
+VISION_RANKS = {IMAGES: 4, LAYER_TOKENS: 4, PATCH_EMBEDS: 3, IMAGE_EMBEDS: 2}
+TOKENS = "tokens"  # INT64 [B,77]
+TEXT_EMBEDS = "text_embeds"  # FP32 [B,D], unit length
+TEXT_CONTEXT = 77
+BANK = "bank"  # BYTES [B,1]: the bank id of each image
+ANOMALY_MAP = "anomaly_map"  # FP16 [B,H,W]
+SCORE = "score"  # FP32 [B,1]
+
+# -- fingerprint --------------------------------------------------------------------------------------------------
+ENCODER_FILE = "encoder.json"  # beside each encoder model in the repository
+FINGERPRINT_KEY = "pa_clip.encoder"  # ONNX metadata_props key holding the same JSON
+# The fields that make two encoders' features interchangeable; precision only moves the last digits.
+IDENTITY_FIELDS = ("backbone", "weights", "image_size", "patch_size", "taps")
+
+
+@dataclass
+class Features:
+    """``clip_vision``'s outputs for a set of images (NumPy or CuPy arrays) and the patch grid they lie on."""
+
+    layer_tokens: object  # (N, n_taps, L, C)
+    patch_embeds: object  # (N, L, D)
+    image_embeds: object  # (N, D)
+    grid: tuple[int, int]
+
+    def __len__(self) -> int:
+        return int(self.layer_tokens.shape[0])
+
+    def take(self, indices) -> "Features":
+        return Features(self.layer_tokens[indices], self.patch_embeds[indices], self.image_embeds[indices], self.grid)
+
+    def outputs(self) -> dict:
+        """The three tensors by their Triton names."""
+        return {LAYER_TOKENS: self.layer_tokens, PATCH_EMBEDS: self.patch_embeds, IMAGE_EMBEDS: self.image_embeds}
+
+    @classmethod
+    def from_outputs(cls, outputs, grid) -> "Features":
+        """From a mapping by Triton name, or a sequence in ``VISION_OUTPUTS`` order."""
+        if isinstance(outputs, dict):
+            outputs = [outputs[name] for name in VISION_OUTPUTS]
+        return cls(*outputs, tuple(grid))
+
+
+def check_tensor(name: str, array) -> np.ndarray:
+    """A request's tensor against the contract's dtype and rank (RequestError naming both when it is off)."""
+    array = np.asarray(array)
+    dtype, rank = np.dtype(VISION_DTYPES[name]), VISION_RANKS[name]
+    if array.dtype != dtype or array.ndim != rank:
+        raise RequestError(f"input '{name}' must be {dtype.name} with {rank} dimensions, "
+                           f"got {array.dtype} {list(array.shape)}")
+    return array
+
+
+def check_images(images, size: int) -> np.ndarray:
+    """UINT8 [B, size, size, 3], or a RequestError that says what to send."""
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise RequestError(f"images must be uint8 [B,H,W,3] (RGB), got {images.dtype} {list(images.shape)}")
+    if images.shape[1:3] != (size, size):
+        raise RequestError(f"images must be RGB resized to {size}x{size} first (uint8 [B,{size},{size},3]), "
+                           f"got {list(images.shape)}")
+    return images
+
+
+def grid_of(fingerprint: dict) -> tuple[int, int]:
+    """The patch grid (rows, columns) of an encoder's square input."""
+    side = int(fingerprint["image_size"]) // int(fingerprint["patch_size"])
+    return side, side
+
+
+def encoder_identity(fingerprint: dict) -> dict:
+    return {k: fingerprint.get(k) for k in IDENTITY_FIELDS}
+
+
+def same_encoder(a: dict, b: dict) -> bool:
+    return encoder_identity(a) == encoder_identity(b)
+
+
+def encoder_json(fingerprint: dict) -> str:
+    return json.dumps(fingerprint, indent=1, sort_keys=True)
+
+
+def onnx_fingerprint(path: str | Path) -> dict:
+    """The fingerprint recorded in an exported ONNX file's metadata."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    for prop in model.metadata_props:
+        if prop.key == FINGERPRINT_KEY:
+            return json.loads(prop.value)
+    raise ValueError(f"{path} does not say which encoder produced it (no {FINGERPRINT_KEY} metadata)")
+
+
+def set_onnx_fingerprint(model, fingerprint: dict) -> None:
+    """Record ``fingerprint`` in an onnx.ModelProto's metadata (replacing an earlier one)."""
+    for prop in list(model.metadata_props):
+        if prop.key == FINGERPRINT_KEY:
+            model.metadata_props.remove(prop)
+    entry = model.metadata_props.add()
+    entry.key = FINGERPRINT_KEY
+    entry.value = json.dumps(fingerprint, sort_keys=True)
+
+
+def read_fingerprint(model_dir: str | Path) -> dict:
+    """The fingerprint the export wrote beside an encoder model (``encoder.json``; older repositories: the ONNX
+    file's metadata)."""
+    model_dir = Path(model_dir)
+    path = model_dir / ENCODER_FILE
+    if path.is_file():
+        return json.loads(path.read_text())
+    onnx_file = model_dir / "1" / "model.onnx"
+    if onnx_file.is_file():
+        return onnx_fingerprint(onnx_file)
+    raise FileNotFoundError(f"no encoder fingerprint at {path}: export the encoder with `python -m export onnx`")
+
+
+# -- Triton configs of the encoders (dims exclude the batch dimension) ---------------------------------------------
+def vision_config(name: str, image_size: int, n_taps: int, tokens: int, channels: int, dim: int,
+                  max_batch_size: int, platform: str = "onnxruntime_onnx", kind: str = "KIND_CPU",
+                  instances: int = 1, extra: str = "") -> str:
+    return f'''name: "{name}"
+platform: "{platform}"
+max_batch_size: {max_batch_size}
+input [
+  {{ name: "{IMAGES}" data_type: TYPE_UINT8 dims: [ {image_size}, {image_size}, 3 ] }}
+]
+output [
+  {{ name: "{LAYER_TOKENS}" data_type: TYPE_FP16 dims: [ {n_taps}, {tokens}, {channels} ] }},
+  {{ name: "{PATCH_EMBEDS}" data_type: TYPE_FP16 dims: [ {tokens}, {dim} ] }},
+  {{ name: "{IMAGE_EMBEDS}" data_type: TYPE_FP32 dims: [ {dim} ] }}
+]
+dynamic_batching {{ max_queue_delay_microseconds: 2000 }}
+instance_group [ {{ kind: {kind} count: {instances} }} ]
+{extra}'''
+
+
+def text_config(name: str, dim: int, max_batch_size: int, kind: str = "KIND_CPU") -> str:
+    return f'''name: "{name}"
+platform: "onnxruntime_onnx"
+max_batch_size: {max_batch_size}
+input [
+  {{ name: "{TOKENS}" data_type: TYPE_INT64 dims: [ {TEXT_CONTEXT} ] }}
+]
+output [
+  {{ name: "{TEXT_EMBEDS}" data_type: TYPE_FP32 dims: [ {dim} ] }}
+]
+instance_group [ {{ kind: {kind} count: 1 }} ]
+'''

@@ -1,0 +1,70 @@
+"""Settings of the machine that runs the scoring, kept apart from ``PAClipConfig``.
+
+They decide how the work is done (how much memory a kNN block may take, NumPy or CuPy, how many bytes of banks stay
+loaded), never what comes out: they are not stored in a bank's manifest, so a bank built on one host scores the
+same on any other. The Triton models read them from their ``config.pbtxt`` parameters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+ARRAY_MODULES = ("auto", "numpy", "cupy")
+
+
+@dataclass(frozen=True)
+class HostSettings:
+    # Largest intermediate (similarity block) of the kNN kernels; results do not depend on it.
+    memory_budget_mb: int = 256
+    # "numpy", "cupy", or "auto" (CuPy when a CUDA GPU is usable).
+    array_module: str = "auto"
+    # Bytes of banks the scoring service keeps loaded; the least recently used bank goes first.
+    bank_cache_mb: int = 4096
+
+    def __post_init__(self):
+        if self.memory_budget_mb < 1:
+            raise ValueError(f"memory_budget_mb must be at least 1, got {self.memory_budget_mb}")
+        if self.array_module not in ARRAY_MODULES:
+            raise ValueError(f"array_module must be one of {', '.join(ARRAY_MODULES)}, got {self.array_module!r}")
+        if self.bank_cache_mb < 0:
+            raise ValueError(f"bank_cache_mb must be >= 0, got {self.bank_cache_mb}")
+
+    @property
+    def budget_bytes(self) -> int:
+        return int(self.memory_budget_mb) * 1024 * 1024
+
+    @property
+    def bank_cache_bytes(self) -> int:
+        return int(self.bank_cache_mb) * 1024 * 1024
+
+    def xp(self):
+        """The array module to score with: numpy, or cupy when asked for or (``auto``) when a CUDA GPU is there."""
+        import numpy as np
+
+        if self.array_module == "numpy":
+            return np
+        try:
+            import cupy
+
+            if cupy.cuda.runtime.getDeviceCount() > 0:
+                return cupy
+        except Exception as err:  # no cupy, no driver, no device
+            if self.array_module == "cupy":
+                raise RuntimeError(f"array_module=cupy but CuPy cannot use a GPU here: {err}") from err
+        return np
+
+    @classmethod
+    def from_parameters(cls, parameters: dict) -> "HostSettings":
+        """From Triton model-config parameters (strings); missing or empty ones keep their defaults."""
+        values = {}
+        for f in fields(cls):
+            raw = str(parameters.get(f.name, "") or "").strip()
+            if raw:
+                try:
+                    values[f.name] = int(raw) if f.type in ("int", int) else raw
+                except ValueError as err:
+                    raise ValueError(f"model parameter {f.name} must be an integer, got {raw!r}") from err
+        return cls(**values)
+
+
+DEFAULT_HOST = HostSettings()
