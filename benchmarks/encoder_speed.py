@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.memory import peak_rss_mb
+from postprocess.contract import IMAGES
 
 VARIANTS = ("torch", "ort-fp32", "ort-fp32-fused", "ort-fp16")
 
@@ -73,7 +74,7 @@ def worker(args) -> dict:
         session = ort_session(args.model_file, "fp16" if args.worker == "ort-fp16" else "fp32")
 
         def run(batch):
-            session.run(None, {"images": batch})
+            session.run(None, {IMAGES: batch})
     rows = []
     for batch in args.batches:
         run(images[:batch])  # warm-up

@@ -22,11 +22,11 @@ import numpy as np
 
 from benchmarks.datasets import discover, load_category
 from export.clip_encoder import WeightsNotFound
+from postprocess.contract import VISION_OUTPUTS
 from benchmarks.metrics import lot_metrics as metrics_of
 from postprocess.config import PAClipConfig
 from postprocess.pipeline import LotScorer, encode_images
 
-OUTPUTS = ("layer_tokens", "patch_embeds", "image_embeds")
 TARGETS = {"fp32": {"min_cosine": 0.9999, "image_auroc_delta": 0.001},
            "fp16": {"min_cosine": 0.999, "image_auroc_delta": 0.005}}
 METRICS = ("image_auroc", "pixel_auroc", "pro")
@@ -42,7 +42,7 @@ def min_cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 def compare_outputs(reference, other) -> dict:
     out = {}
-    for name in OUTPUTS:
+    for name in VISION_OUTPUTS:
         ref, got = getattr(reference, name), getattr(other, name)
         out[name] = {"min_cosine": min_cosine(ref, got),
                      "max_abs_diff": float(np.abs(ref.astype(np.float32) - got.astype(np.float32)).max())}

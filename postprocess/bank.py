@@ -35,7 +35,7 @@ import numpy as np
 from . import kernels as K
 from .atomic import fsync_dir, write_atomic
 from .config import PAClipConfig
-from .contract import Features, encoder_identity
+from .contract import IMAGES, TEXT_EMBEDS, VISION_OUTPUTS, Features, encoder_identity
 from .errors import RequestError
 from .host import DEFAULT_HOST, HostSettings
 from .pa_clip import (ScoreResult, bank_entries, decide, finish_stage, full_scores_against, layer_features,
@@ -128,7 +128,7 @@ class Bank:
             out[f"normal.r{r}"] = K.to_numpy(v)
             out[f"normal_ids.r{r}"] = K.to_numpy(self.normal_ids[r])
         if self.text_embeds is not None:
-            out["text_embeds"] = K.to_numpy(self.text_embeds)
+            out[TEXT_EMBEDS] = K.to_numpy(self.text_embeds)
         return out
 
     @classmethod
@@ -136,7 +136,7 @@ class Bank:
         def by_scale(prefix):
             return {int(k[len(prefix) + 2:]): v for k, v in tensors.items() if k.startswith(prefix + ".r")}
 
-        return cls(manifest, by_scale("full"), by_scale("normal"), by_scale("normal_ids"), tensors.get("text_embeds"))
+        return cls(manifest, by_scale("full"), by_scale("normal"), by_scale("normal_ids"), tensors.get(TEXT_EMBEDS))
 
 
 def build_bank(scorer, cfg: PAClipConfig, bank_id: str, encoder: dict, map_size=None):
@@ -358,13 +358,12 @@ class BankStore:
                 raise BankError(f"the pending lot of bank {bank_id!r} was encoded on another patch grid: reset it")
         index = 1 + max([int(p.stem.split("-")[1]) for p in parts], default=-1)
         _save_tensors(lot / f"part-{index:06d}.safetensors", {
-            "images": images, "layer_tokens": K.to_numpy(features.layer_tokens),
-            "patch_embeds": K.to_numpy(features.patch_embeds), "image_embeds": K.to_numpy(features.image_embeds),
+            IMAGES: images, **{name: K.to_numpy(array) for name, array in features.outputs().items()},
         }, metadata={"category": category, "grid": json.dumps(list(features.grid))})
         return self.lot_size(bank_id)
 
     def lot_size(self, bank_id: str) -> int:
-        return sum(_load_tensors_meta(p)[0]["images"][0] for p in sorted(self._lot(bank_id).glob("part-*.safetensors")))
+        return sum(_load_tensors_meta(p)[0][IMAGES][0] for p in sorted(self._lot(bank_id).glob("part-*.safetensors")))
 
     def load_lot(self, bank_id: str) -> tuple[str, np.ndarray, Features]:
         parts = sorted(self._lot(bank_id).glob("part-*.safetensors"))
@@ -375,8 +374,7 @@ class BankStore:
         meta = loaded[0][1]
         cat = lambda key: np.concatenate([t[key] for t, _ in loaded])  # noqa: E731
         grid = tuple(json.loads(meta["grid"]))
-        return meta["category"], cat("images"), Features(cat("layer_tokens"), cat("patch_embeds"),
-                                                         cat("image_embeds"), grid)
+        return meta["category"], cat(IMAGES), Features.from_outputs({k: cat(k) for k in VISION_OUTPUTS}, grid)
 
     def clear_lot(self, bank_id: str) -> None:
         shutil.rmtree(self._lot(bank_id), ignore_errors=True)

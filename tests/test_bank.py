@@ -2,6 +2,7 @@
 atomic, refuses other encoders and bad ids, and keeps the previous bank when a build dies mid-write."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -9,7 +10,10 @@ import pytest
 from postprocess import bank as bank_module
 from postprocess.bank import BankError, BankStore, build_bank, image_key, score_with_bank
 from postprocess.config import PAClipConfig
+from conftest import BANK_STORAGE_TOL, assert_maps_within_contract
+from postprocess import kernels as K
 from postprocess.errors import RequestError
+from postprocess.host import HostSettings
 from postprocess.pipeline import LotScorer
 from postprocess.serving import BankService, ScoreService, build_config
 
@@ -40,12 +44,35 @@ def test_bank_scores_equal_in_process_lot_scores(scorer, tiny, tmp_path, mode):
     ids = loaded.query_ids([image_key(img) for img in scorer.images])
     assert (ids == np.arange(len(ids))).all()
     result = score_with_bank(loaded, scorer.features, ids)
-    assert np.abs(result.maps - expected.maps).max() < 1e-3
-    assert np.abs(result.scores - expected.scores).max() < 1e-3
-    assert np.abs(report.maps - expected.maps).max() < 1e-3
+    assert_maps_within_contract(result.maps, expected.maps, served=False)
+    assert np.abs(result.scores - expected.scores).max() < BANK_STORAGE_TOL
+    assert_maps_within_contract(report.maps, expected.maps, served=False)
     # one image at a time gives the same map as the whole lot at once
     single = score_with_bank(loaded, scorer.features.take(slice(4, 5)), ids[4:5])
-    assert np.abs(single.maps[0] - result.maps[4]).max() < 1e-5
+    assert np.abs(single.maps[0] - result.maps[4]).max() < 1e-6
+
+
+def test_interval_k_of_the_bank_is_the_lots(scorer, tiny):
+    """k = round(0.3 * (N - 1)) over the N - 1 other lot images: 3 for this lot of 10 (2 for one image fewer)."""
+    n = len(scorer.images)
+    assert n == 10
+    bank, _ = build_bank(scorer, PAClipConfig.for_mode("mutual"), "washer", tiny.fingerprint)
+    assert bank.manifest["interval_k"] == 3 == K.interval_k(n, 0.3, 1, 64) != K.interval_k(n - 1, 0.3, 1, 64)
+
+
+def test_a_normal_image_scored_alone_never_matches_its_own_normal_bank_entries(scorer, tiny):
+    cfg = PAClipConfig()
+    expected = scorer.score(cfg)
+    bank, _ = build_bank(scorer, cfg, "washer", tiny.fingerprint)
+    ids = bank.query_ids([image_key(img) for img in scorer.images])
+    normal = scorer.state(cfg).normal_indices
+    assert len(normal) >= 2
+    for i in normal:  # these images (and their augmentations) are in the normal bank
+        alone = score_with_bank(bank, scorer.features.take(slice(i, i + 1)), ids[i:i + 1])
+        assert_maps_within_contract(alone.maps[0], expected.maps[i], served=False)
+        # as a stranger (id -1) it would find its own patches: the exclusion is what makes the two equal
+        stranger = score_with_bank(bank, scorer.features.take(slice(i, i + 1)), np.array([-1]))
+        assert np.abs(stranger.maps[0] - expected.maps[i]).max() > 10 * BANK_STORAGE_TOL
 
 
 
@@ -56,7 +83,41 @@ def test_full_bank_coreset_is_the_one_stage_one_scored_against(scorer, tiny):
     assert bank.manifest["full_bank_entries_per_image"]["1"] < scorer.features.layer_tokens.shape[2]
     ids = bank.query_ids([image_key(img) for img in scorer.images])
     result = score_with_bank(bank, scorer.features, ids)
-    assert np.abs(result.maps - expected.maps).max() < 1e-3
+    assert_maps_within_contract(result.maps, expected.maps, served=False)
+
+
+def test_host_settings_are_not_part_of_a_bank(scorer, tiny, lot, tmp_path):
+    """A bank built with one memory budget scores the same under another; the manifest holds no host setting."""
+    small = LotScorer(tiny, lot, "washer", features=scorer.features, progress=False,
+                      host=HostSettings(memory_budget_mb=1))
+    bank, _ = build_bank(small, PAClipConfig(), "washer", tiny.fingerprint)
+    assert not set(bank.manifest["config"]) & set(HostSettings.__dataclass_fields__)
+    ids = bank.query_ids([image_key(img) for img in lot])
+    tight = score_with_bank(bank, scorer.features, ids, host=HostSettings(memory_budget_mb=1))
+    roomy = score_with_bank(bank, scorer.features, ids, host=HostSettings(memory_budget_mb=4096))
+    np.testing.assert_allclose(tight.maps, roomy.maps, atol=1e-6)
+    with pytest.raises(BankError, match="memory_budget_mb is a setting of the host"):
+        build_config({"memory_budget_mb": 64})
+    # a bank written before host settings left the configuration still loads
+    store = BankStore(tmp_path)
+    store.save(bank)
+    version = store.current_version("washer")
+    manifest_path = tmp_path / "washer" / version / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["config"]["memory_budget_mb"] = 256
+    manifest_path.write_text(json.dumps(manifest))
+    assert store.load("washer", tiny.fingerprint).config == PAClipConfig()
+
+
+def test_host_settings_from_model_parameters():
+    host = HostSettings.from_parameters({"memory_budget_mb": "64", "array_module": "numpy", "bank_cache_mb": ""})
+    assert host == HostSettings(memory_budget_mb=64, array_module="numpy")
+    assert host.budget_bytes == 64 << 20
+    with pytest.raises(ValueError, match="memory_budget_mb must be an integer"):
+        HostSettings.from_parameters({"memory_budget_mb": "lots"})
+    with pytest.raises(ValueError, match="array_module must be one of"):
+        HostSettings.from_parameters({"array_module": "torch"})
+
 
 def test_new_image_is_scored_against_every_lot_image(scorer, tiny, tmp_path):
     cfg = PAClipConfig()
@@ -107,6 +168,66 @@ def test_crash_while_writing_keeps_previous_bank(scorer, tiny, tmp_path, monkeyp
     assert len(list((tmp_path / "washer").glob("v-*"))) == 2
     store.delete("washer")
     assert store.bank_ids() == []
+
+
+def test_current_is_replaced_by_rename_never_rewritten_in_place(scorer, tiny, tmp_path, monkeypatch):
+    """The commit of a build: CURRENT must be a new file renamed over the old one, so that a reader (or a crash)
+    sees the old name or the new one, never an empty or half-written file."""
+    store = BankStore(tmp_path)
+    bank, _ = build_bank(scorer, PAClipConfig.for_mode("mutual"), "washer", tiny.fingerprint)
+    first = store.save(bank)
+    current = tmp_path / "washer" / "CURRENT"
+    before = os.stat(current).st_ino
+    renamed = []
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda a, b: (renamed.append(os.path.basename(b)), real_replace(a, b))[1])
+    second = store.save(bank)
+    assert "CURRENT" in renamed and os.stat(current).st_ino != before
+    assert store.current_version("washer") == second != first
+
+    # a crash while the new name is being written (the bank folder itself is complete): the previous bank stays live
+    real_fsync = os.fsync
+
+    def dies_on_current(fd):
+        if ".tmp-CURRENT" in os.readlink(f"/proc/self/fd/{fd}"):
+            raise KeyboardInterrupt("killed while committing")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", dies_on_current)
+    with pytest.raises(KeyboardInterrupt):
+        store.save(bank)
+    monkeypatch.undo()
+    assert store.current_version("washer") == second
+    assert store.load("washer", tiny.fingerprint).manifest["version"] == second
+
+
+def test_score_service_sees_rebuilds_and_deletes_and_keeps_banks_within_its_byte_budget(scorer, tiny, lot, tmp_path):
+    store = BankStore(tmp_path)
+    mutual, _ = build_bank(scorer, PAClipConfig.for_mode("mutual"), "washer", tiny.fingerprint)
+    full, _ = build_bank(scorer, PAClipConfig(), "washer", tiny.fingerprint)
+    store.save(mutual)
+    service = ScoreService(store, tiny.fingerprint, HostSettings(array_module="numpy"))
+    features = scorer.features.take(slice(0, 3))
+    outputs = (features.layer_tokens, features.patch_embeds, features.image_embeds, lot[:3])
+    first, _ = service.score("washer", *outputs)
+    store.save(full)  # a rebuild commits a new version: the next request must see it
+    maps, _ = service.score("washer", *outputs)
+    assert_maps_within_contract(maps, scorer.score(PAClipConfig()).maps[:3])
+    assert np.abs(maps.astype(np.float32) - first).max() > 1e-3
+    store.delete("washer")
+    with pytest.raises(BankError, match="unknown bank 'washer'"):
+        service.score("washer", *outputs)
+
+    # byte budget: the least recently used bank goes first, the one in use always stays
+    for name in ("a", "b"):
+        mutual.manifest["bank"] = name
+        store.save(mutual)
+    roomy = ScoreService(store, tiny.fingerprint, HostSettings(array_module="numpy", bank_cache_mb=1024))
+    roomy.score("a", *outputs), roomy.score("b", *outputs)
+    assert list(roomy._cache) == ["a", "b"] and roomy.cached_bytes() > 0
+    tight = ScoreService(store, tiny.fingerprint, HostSettings(array_module="numpy", bank_cache_mb=0))
+    tight.score("a", *outputs), tight.score("b", *outputs)
+    assert list(tight._cache) == ["b"]
 
 
 def test_bank_service_lifecycle_and_score_service(scorer, tiny, lot, tmp_path):

@@ -51,7 +51,27 @@ def test_pixel_metrics_hand_case():
     # ranked .9(+) .4(-) .35(+): AP = .5*1 + .5*2/3
     assert m["pixel_ap"] == pytest.approx(0.5 + 0.5 * 2 / 3)
     assert m["pixel_f1_max"] == pytest.approx(0.8)
-    assert 0.0 <= m["pro"] <= 1.0
+    # two 1-pixel regions: .9 finds one at fpr 0 (pro .5), .35 the other after one negative (.4: fpr 1/6)
+    assert m["pro"] == pytest.approx((0.5 * (1 / 6) + 1.0 * (0.3 - 1 / 6)) / 0.3)
+
+
+def test_pro_merges_tied_scores_into_one_threshold():
+    # a constant map is one threshold: the curve goes straight from (0, 0) to (1, 1); its area to 0.3 is
+    # 0.3 * 0.3 / 2, i.e. 0.15 once normalised, whatever order the tied pixels are stored in
+    masks = np.zeros((2, 4, 4), bool)
+    masks[0, 1:3, 1:3] = True
+    masks[1, 0, 0] = True
+    assert pro_score(masks, np.full(masks.shape, 0.7)) == pytest.approx(0.15)
+    assert pro_score(masks[::-1], np.full(masks.shape, 0.7)) == pytest.approx(0.15)
+
+
+def test_pro_interpolates_the_segment_that_crosses_the_limit():
+    # one region of two pixels, three negatives; the second region pixel ties with a negative at 0.6:
+    # (0, 0) -> (0, .5) [0.9] -> (1/3, 1) [0.6, tie] -> (2/3, 1) -> (1, 1). At fpr 0.3 the curve is on the
+    # sloped segment: pro = .5 + .5 * 0.3 / (1/3) = .95, area = 0.3 * (.5 + .95) / 2.
+    masks = np.array([[[1, 1, 0, 0, 0]]], dtype=bool)
+    maps = np.array([[[0.9, 0.6, 0.6, 0.4, 0.1]]])
+    assert pro_score(masks, maps) == pytest.approx(0.3 * (0.5 + 0.95) / 2 / 0.3)
 
 
 def test_mean_skips_missing():

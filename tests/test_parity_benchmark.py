@@ -16,7 +16,10 @@ def test_parity_reports_and_meets_targets(mvtec_tree, tmp_path, capsys):
         for name in ("layer_tokens", "patch_embeds", "image_embeds"):
             entry = result[precision]["outputs"][name]
             assert entry["min_cosine"] >= parity.TARGETS[precision]["min_cosine"]
-            assert entry["max_abs_diff"] >= 0.0
+            # float16 outputs of magnitude ~1-10 agree within a few units in their last place
+            assert entry["max_abs_diff"] < 1e-2
+        # the float32 CLS embedding of an fp32 export is float32 arithmetic throughout
+        assert precision == "fp16" or result[precision]["outputs"]["image_embeds"]["max_abs_diff"] < 1e-4
         assert {"image_auroc", "pixel_auroc", "pro", "max_map_diff"} <= set(result[precision]["metric_deltas"]["widget"])
     assert result["missed_targets"] == [] and "all parity targets met" in printed
 

@@ -1,0 +1,86 @@
+"""The shape of the code: which package may import which, one home for the encoder contract, errors that say whose
+fault they are."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+from postprocess import contract as C
+from postprocess.errors import RequestError
+from postprocess.serving import describe_failure, parse_options, text_value
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("postprocess", "export", "client", "serve", "benchmarks")
+# Who may import whom (DESIGN layering; each package's __init__.py says the same).
+ALLOWED = {
+    "postprocess": set(),
+    "export": {"postprocess"},
+    "client": {"postprocess"},
+    "serve": {"postprocess", "export", "client"},
+    "benchmarks": {"postprocess", "export", "client", "serve"},
+}
+
+
+def imported_packages(package: str) -> dict[str, set[str]]:
+    """Project packages each module of ``package`` imports (module-level or inside functions)."""
+    found = {}
+    for path in sorted((ROOT / package).rglob("*.py")):
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names.add(node.module.split(".")[0])
+        found[str(path.relative_to(ROOT))] = (names & set(PACKAGES)) - {package}
+    return found
+
+
+def test_packages_import_only_downwards():
+    for package in PACKAGES:
+        for module, imports in imported_packages(package).items():
+            assert imports <= ALLOWED[package], f"{module} imports {sorted(imports - ALLOWED[package])}"
+
+
+def test_export_main_only_parses_arguments():
+    tree = ast.parse((ROOT / "export" / "__main__.py").read_text())
+    functions = {node.name for node in tree.body if isinstance(node, ast.FunctionDef)}
+    assert functions == {"build_parser", "main"}
+    for path in ROOT.rglob("*.py"):
+        if ".venv" not in path.parts:
+            assert "export.__main__ import" not in path.read_text() or path.name == "test_layout.py", path
+
+
+def test_tensor_names_are_spelled_in_the_contract_only():
+    """Python code outside the contract refers to the Triton tensor names through it (configs and tests may not)."""
+    names = [f'"{n}"' for n in (C.LAYER_TOKENS, C.PATCH_EMBEDS, C.IMAGE_EMBEDS, C.TEXT_EMBEDS, C.ANOMALY_MAP)]
+    offenders = []
+    for package in PACKAGES + ("model_repository",):
+        for path in (ROOT / package).rglob("*.py"):
+            if path.name != "contract.py" and any(n in path.read_text() for n in names):
+                offenders.append(str(path.relative_to(ROOT)))
+    assert offenders == []
+
+
+def test_a_request_error_is_the_callers_and_anything_else_is_ours_with_a_logged_id():
+    logged = []
+    message, internal = describe_failure("pa_clip_score", RequestError("unknown bank 'x'"), logged.append)
+    assert (message, internal, logged) == ("pa_clip_score: unknown bank 'x'", False, [])
+    try:
+        {}["missing"]
+    except KeyError as err:
+        message, internal = describe_failure("pa_clip_bank", err, logged.append)
+    assert internal and "internal error" in message and "KeyError" in message
+    incident = message.split("internal error ")[1].split()[0]
+    (entry,) = logged
+    assert f"internal error {incident}" in entry and "Traceback" in entry and "missing" in entry
+
+
+def test_request_text_and_options_are_checked():
+    assert text_value(b"washer", "bank") == "washer"
+    with pytest.raises(RequestError, match="'bank' must be UTF-8"):
+        text_value(b"\xff\xfe", "bank")
+    assert parse_options("") == {} and parse_options('{"mode": "pad"}') == {"mode": "pad"}
+    for bad in ("[1,2]", "{not json", '"pad"'):
+        with pytest.raises(RequestError, match="'options' must be a JSON object"):
+            parse_options(bad)
