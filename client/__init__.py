@@ -1,0 +1,7 @@
+"""What a user runs against the server: ``infer.py`` (the command), ``triton_client`` (HTTP/gRPC client of the
+``pa_clip`` ensemble and ``pa_clip_bank``), ``images`` (the one image reader, shared with the evaluation),
+``heatmap`` (overlay pictures), ``demo_lot`` (the built-in synthetic lot).
+
+May import: ``postprocess`` (the contract's names, the atomic write), numpy, Pillow, tritonclient. Never ``export``,
+``serve`` or ``benchmarks``: a client machine needs no torch.
+"""

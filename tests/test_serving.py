@@ -55,16 +55,6 @@ def repository(workdir):
 
 
 @pytest.fixture(scope="module")
-def lot_dir(demo_lot_dir):
-    return demo_lot_dir
-
-
-@pytest.fixture(scope="module")
-def lot(demo_lot):
-    return demo_lot
-
-
-@pytest.fixture(scope="module")
 def server(repository, workdir):
     srv = start_server(repository, workdir / "banks", workdir / "server.log")
     yield srv
