@@ -1,0 +1,33 @@
+"""The main job's encoder choice, without a server: CLIP when its weights are here, else the DINOv2 proxy, decided
+by catching WeightsNotFound (not by reading a child's stderr)."""
+
+from types import SimpleNamespace
+
+import pytest
+
+from serve import main_job
+
+
+def args_for(repository, backbone):
+    return SimpleNamespace(repository=str(repository), reexport=False, backbone=backbone, model="ViT-L-14-336",
+                           pretrained="openai")
+
+
+def test_missing_clip_weights_fall_back_to_the_proxy_and_say_so(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty_hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    fingerprint = main_job.export(args_for(tmp_path / "repo", "auto"))
+    assert fingerprint["backbone"].startswith("dinov2")
+    assert "no CLIP weights on this machine" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "repo").iterdir()) == ["clip_vision", "pa_clip", "pa_clip_bank",
+                                                                      "pa_clip_score"]
+    # the next run reuses it
+    assert main_job.export(args_for(tmp_path / "repo", "auto")) == fingerprint
+    assert "using the encoder already in" in capsys.readouterr().err
+
+
+def test_clip_asked_for_without_weights_stops_with_what_to_pass(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty_hf"))
+    with pytest.raises(SystemExit, match="--pretrained"):
+        main_job.export(args_for(tmp_path / "repo", "clip"))
+    assert not (tmp_path / "repo").exists()
