@@ -99,7 +99,7 @@ def evaluate(args) -> dict:
     from export.backbones import load_backbone
 
     overrides = {name: getattr(args, name) for name in CONFIG_FLAGS if getattr(args, name) is not None}
-    host = HostSettings(memory_budget_mb=args.memory_budget_mb, array_module="numpy")
+    host = HostSettings(memory_budget_mb=args.memory_budget_mb)  # CuPy when a GPU is there
     primary = args.modes[0]
     modes = list(dict.fromkeys(args.modes + (list(MODES) if args.ablation else [])))
     if args.ablation:  # the paper's row order

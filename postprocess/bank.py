@@ -152,17 +152,17 @@ def build_bank(scorer, cfg: PAClipConfig, bank_id: str, encoder: dict, map_size=
     normal, extra = scorer.normal_set(cfg, state)
     n = len(features)
     n_layers = features.layer_tokens.shape[1]
+    xp = K.get_xp(features.layer_tokens)  # the bank stays where the lot was scored until it is saved
     full = {}  # the coresets stage 1 scored against ({} for the text-only baseline)
     for r, selection in state.full_selections.items():
-        full[r] = np.stack([K.to_numpy(bank_entries(layer_features(features.layer_tokens, layer, features.grid, r,
-                                                                    cfg), selection)).astype(np.float16)
-                            for layer in range(n_layers)])
+        full[r] = xp.stack([bank_entries(layer_features(features.layer_tokens, layer, features.grid, r, cfg),
+                                         selection).astype(xp.float16) for layer in range(n_layers)])
     banks = {}
     if cfg.use_normal_bank and not cfg.text_only:
         if normal is None:
             normal = original_normal_set(features, state)
         # Rounded to float16 before the lot is scored against them, so the lot's tau_b are those of the stored bank.
-        banks = {r: (b.astype("float16"), ids)
+        banks = {r: (b.astype(xp.float16), ids)
                  for r, (b, ids) in normal_banks(normal, features.grid, state.prior_threshold, cfg).items()}
     result = finish_stage(features, state, normal, cfg, size, banks=banks or None, host=scorer.host)
     maps = K.to_numpy(result.maps).astype(np.float32)
@@ -189,9 +189,9 @@ def build_bank(scorer, cfg: PAClipConfig, bank_id: str, encoder: dict, map_size=
         "lot_scores": {"min": float(scores.min()), "median": float(np.median(scores)), "max": float(scores.max())},
         **{k_: v for k_, v in extra.items() if k_ in ("cada", "n_augmented")},
     }
-    bank = Bank(manifest, full, {r: K.to_numpy(b) for r, (b, _) in banks.items()},
-                {r: K.to_numpy(ids).astype(np.int64) for r, (_, ids) in banks.items()},
-                None if scorer.text_embeds is None else np.asarray(scorer.text_embeds, np.float32))
+    bank = Bank(manifest, full, {r: b for r, (b, _) in banks.items()},
+                {r: ids.astype(xp.int64) for r, (_, ids) in banks.items()},
+                None if scorer.text_embeds is None else scorer.text_embeds.astype(xp.float32))
     report = LotReport(maps, scores, np.asarray(state.normal_indices), {
         "normal_selection": state.selection, "normal_indices": manifest["normal_indices"],
         "tau_b": manifest["tau_b"], **extra})

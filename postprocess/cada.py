@@ -1,7 +1,8 @@
 """Content-Adaptive Data Augmentation (Eq. 4): how much does the object move across the lot, and which
 augmentations does that allow?
 
-Runs on the host on uint8 images (it prepares images for the encoder), so it is NumPy + Pillow only.
+The decision and the augmentations run on the host on uint8 images (they prepare images for the encoder: NumPy and
+Pillow); moving a patch-level map along with its image runs where the map lives (NumPy or CuPy).
 """
 
 from __future__ import annotations
@@ -118,15 +119,38 @@ def apply_augmentation(image: np.ndarray, aug: Augmentation) -> np.ndarray:
     return out
 
 
-def warp_patch_map(patch_map: np.ndarray, aug: Augmentation, image_size: int) -> np.ndarray:
-    """Move a (h, w) patch-level map the way ``aug`` moves the image, so masks follow their patches."""
+def patch_warp(matrix: tuple[float, ...], grid: tuple[int, int], image_size: int):
+    """The affine warp of a (h, w) patch map as a gather: (L, 4) source indices, (L, 4) bilinear weights and (L,)
+    1.0 where the source falls outside the map (those take the fill value). Host constants from the augmentation
+    alone, so the warp itself runs where the map is (NumPy or CuPy). Same sampling as PIL's ``transform(AFFINE,
+    BILINEAR)``: pixel centres, edge samples clamped, outside the map -> fill (tested against PIL)."""
+    h, w = grid
+    scale = h / float(image_size)
+    a, b, c, d, e, f = matrix
+    ys, xs = np.mgrid[0:h, 0:w].astype(np.float64) + 0.5
+    # the image's affine in patch-grid coordinates
+    x_in = a * xs + b * ys + c * scale
+    y_in = d * xs + e * ys + f * scale
+    inside = ((x_in >= 0) & (x_in < w) & (y_in >= 0) & (y_in < h)).reshape(-1)
+    x_in, y_in = x_in - 0.5, y_in - 0.5
+    x0, y0 = np.floor(x_in), np.floor(y_in)
+    dx, dy = (x_in - x0).reshape(-1), (y_in - y0).reshape(-1)
+    cols = [np.clip(x0 + k, 0, w - 1).astype(np.int64).reshape(-1) for k in (0, 1)]
+    rows = [np.clip(y0 + k, 0, h - 1).astype(np.int64).reshape(-1) for k in (0, 1)]
+    index = np.stack([rows[0] * w + cols[0], rows[0] * w + cols[1], rows[1] * w + cols[0], rows[1] * w + cols[1]], 1)
+    weight = np.stack([(1 - dx) * (1 - dy), dx * (1 - dy), (1 - dx) * dy, dx * dy], 1) * inside[:, None]
+    return index, weight.astype(np.float32), (~inside).astype(np.float32)
+
+
+def warp_patch_map(patch_map, aug: Augmentation, image_size: int):
+    """Move a (h, w) patch-level map (NumPy or CuPy) the way ``aug`` moves the image, so masks follow their
+    patches; where the image came from outside the frame, the map's median."""
     if aug.matrix is None:
         return patch_map
+    from .kernels import get_xp
+
+    xp = get_xp(patch_map)
     h, w = patch_map.shape
-    scale = h / float(image_size)
-    a, b, c, d, e, f = aug.matrix
-    # the same affine expressed in patch-grid coordinates
-    grid_matrix = (a, b, c * scale, d, e, f * scale)
-    img = Image.fromarray(patch_map.astype(np.float32), mode="F")
-    fill = float(np.median(patch_map))
-    return np.asarray(img.transform((w, h), Image.AFFINE, grid_matrix, resample=Image.BILINEAR, fillcolor=fill))
+    index, weight, outside = (xp.asarray(v) for v in patch_warp(aug.matrix, (h, w), image_size))
+    flat = patch_map.reshape(-1).astype(xp.float32)
+    return ((flat[index] * weight).sum(axis=-1) + xp.median(flat) * outside).reshape(h, w)

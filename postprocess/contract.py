@@ -62,6 +62,12 @@ class Features:
     def take(self, indices) -> "Features":
         return Features(self.layer_tokens[indices], self.patch_embeds[indices], self.image_embeds[indices], self.grid)
 
+    def to(self, xp) -> "Features":
+        """The same features in array module ``xp`` (host -> device is explicit and allowed; the reverse is not
+        how features move: only maps, scores and bank files leave the device)."""
+        return Features(xp.asarray(self.layer_tokens), xp.asarray(self.patch_embeds), xp.asarray(self.image_embeds),
+                        self.grid)
+
     def outputs(self) -> dict:
         """The three tensors by their Triton names."""
         return {LAYER_TOKENS: self.layer_tokens, PATCH_EMBEDS: self.patch_embeds, IMAGE_EMBEDS: self.image_embeds}

@@ -28,16 +28,19 @@ def prompts_for(category: str) -> list[str]:
     return [NORMAL_PROMPT.format(name), DEFECT_PROMPT.format(name)]
 
 
-def encode_images(backbone, images: np.ndarray, batch_size: int = 8, desc: str | None = None) -> Features:
-    """Encode (N, H, W, 3) uint8 images in batches, with a progress bar when ``desc`` is given."""
+def encode_images(backbone, images: np.ndarray, batch_size: int = 8, desc: str | None = None, xp=None) -> Features:
+    """Encode (N, H, W, 3) uint8 images in batches, with a progress bar when ``desc`` is given; the features end up
+    in ``xp`` (default: where the backbone returns them)."""
     parts = []
     starts = range(0, len(images), batch_size)
     for start in tqdm(starts, desc=desc, unit="batch", leave=False, disable=desc is None):
         parts.append(backbone.encode(images[start : start + batch_size]))
+    xp = xp or K.get_xp(parts[0].layer_tokens)
+    parts = [p.to(xp) for p in parts]
     return Features(
-        np.concatenate([p.layer_tokens for p in parts]),
-        np.concatenate([p.patch_embeds for p in parts]),
-        np.concatenate([p.image_embeds for p in parts]),
+        xp.concatenate([p.layer_tokens for p in parts]),
+        xp.concatenate([p.patch_embeds for p in parts]),
+        xp.concatenate([p.image_embeds for p in parts]),
         parts[0].grid,
     )
 
@@ -51,22 +54,29 @@ class LotReport:
 
 
 class LotScorer:
-    """Scores one lot under one or more configurations, encoding each image (and augmentation) only once."""
+    """Scores one lot under one or more configurations, encoding each image (and augmentation) only once.
+
+    Everything after the encoder runs in one array module, chosen once (``xp``, default ``host.xp()``: CuPy on a
+    GPU host, NumPy otherwise): features, text embeddings, augmentation features and priors are moved there as they
+    arrive, and only maps and scores come back.
+    """
 
     def __init__(self, backbone, images: np.ndarray, category: str, batch_size: int = 8,
-                 features: Features | None = None, progress: bool = True, host: HostSettings = DEFAULT_HOST):
+                 features: Features | None = None, progress: bool = True, host: HostSettings = DEFAULT_HOST,
+                 xp=None):
         if len(images) < 2:
             raise RequestError(f"a lot needs at least 2 images, got {len(images)}")
         self.backbone = backbone
         self.host = host
+        self.xp = xp if xp is not None else host.xp()
         self.images = images
         self.category = category
         self.batch_size = batch_size
         self.progress = progress
-        self.features = features if features is not None else encode_images(
-            backbone, images, batch_size, desc=f"encode {category}" if progress else None)
+        self.features = features.to(self.xp) if features is not None else encode_images(
+            backbone, images, batch_size, desc=f"encode {category}" if progress else None, xp=self.xp)
         text = backbone.encode_text(prompts_for(category)) if backbone.has_text else None
-        self.text_embeds = None if text is None else np.asarray(text, dtype=np.float32)
+        self.text_embeds = None if text is None else self.xp.asarray(text, dtype=self.xp.float32)
         self._states: dict = {}
         self._normal_sets: dict = {}
 
@@ -80,8 +90,10 @@ class LotScorer:
         """The chosen images plus, with CADA on, their augmentations (encoded here) and warped priors."""
         if not cfg.use_normal_bank or cfg.text_only:
             return None, {}
-        idx = state.normal_indices
-        originals = NormalSet(self.features.layer_tokens[idx], idx, K.to_numpy(state.prior)[idx])
+        xp = self.xp
+        idx = state.normal_indices  # host: which lot images to augment
+        on_device = xp.asarray(idx)
+        originals = NormalSet(self.features.layer_tokens[on_device], on_device, state.prior[on_device])
         if not cfg.augment or cfg.n_augment <= 0:
             return originals, {}
         key = (cfg.lot_stage_key(), cfg.n_augment, cfg.cada_threshold)
@@ -92,15 +104,15 @@ class LotScorer:
             aug_images, aug_ids, aug_prior = [], [], []
             for j, i in enumerate(idx):
                 for aug in draw_augmentations(cfg.n_augment, decision.strategy, size, cfg.seed + 1000 + j):
-                    aug_images.append(apply_augmentation(self.images[i], aug))
+                    aug_images.append(apply_augmentation(self.images[i], aug))  # pixels: host, for the encoder
                     aug_ids.append(i)
                     aug_prior.append(warp_patch_map(originals.prior[j].reshape(h, w), aug, size).reshape(-1))
             encoded = encode_images(self.backbone, np.stack(aug_images), self.batch_size,
-                                    desc="encode augmentations" if self.progress else None)
+                                    desc="encode augmentations" if self.progress else None, xp=xp)
             normal = NormalSet(
-                np.concatenate([originals.layer_tokens, encoded.layer_tokens]),
-                np.concatenate([idx, np.asarray(aug_ids)]),
-                np.concatenate([originals.prior, np.stack(aug_prior)]),
+                xp.concatenate([originals.layer_tokens, encoded.layer_tokens]),
+                xp.concatenate([on_device, xp.asarray(np.asarray(aug_ids, dtype=np.int64))]),
+                xp.concatenate([originals.prior, xp.stack(aug_prior).astype(originals.prior.dtype)]),
             )
             self._normal_sets[key] = (normal, {"cada": decision.to_dict(), "n_augmented": len(aug_images)})
         return self._normal_sets[key]

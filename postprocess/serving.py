@@ -67,11 +67,11 @@ class ScoreService:
     (``HostSettings.bank_cache_mb``; the least recently used goes first, the one in use always stays); a bank is
     reloaded when a build commits a new version, and a deleted one is refused."""
 
-    def __init__(self, store: BankStore, encoder: dict, host: HostSettings = DEFAULT_HOST):
+    def __init__(self, store: BankStore, encoder: dict, host: HostSettings = DEFAULT_HOST, xp=None):
         self.store = store
         self.encoder = encoder
         self.host = host
-        self.xp = host.xp()
+        self.xp = xp if xp is not None else host.xp()
         self._cache: OrderedDict = OrderedDict()  # bank id -> (version, Bank)
 
     def bank(self, bank_id: str):
@@ -135,7 +135,7 @@ class ScoreService:
                 results[i] = err
         for bank_id, members in groups.items():
             try:
-                parts = {k: np.concatenate([requests[i][k] for i in members])
+                parts = {k: K.get_xp(requests[members[0]][k]).concatenate([requests[i][k] for i in members])
                          for k in (*C.VISION_OUTPUTS, C.IMAGES)}
                 maps, scores = self.score(bank_id, *(parts[k] for k in C.VISION_OUTPUTS), parts[C.IMAGES])
                 start = 0

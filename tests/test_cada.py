@@ -45,3 +45,20 @@ def test_mask_follows_the_image():
         cx, cy = object_centroid(moved_img)
         peak_y, peak_x = np.unravel_index(np.argmax(moved_map), moved_map.shape)
         assert abs((peak_x + 0.5) / 8 - cx) <= 1.5 / 8 and abs((peak_y + 0.5) / 8 - cy) <= 1.5 / 8
+
+
+def test_patch_map_warp_samples_as_pil_does():
+    """The gather form of the warp (which runs on the device) against PIL's own affine transform of the map."""
+    from PIL import Image
+
+    rng = np.random.default_rng(4)
+    for seed in range(5):
+        for aug in draw_augmentations(3, "photometric+geometric", 112, seed):
+            for side in (8, 37):
+                patch_map = rng.random((side, side)).astype(np.float32)
+                a, b, c, d, e, f = aug.matrix
+                scale = side / 112
+                pil = np.asarray(Image.fromarray(patch_map, mode="F").transform(
+                    (side, side), Image.AFFINE, (a, b, c * scale, d, e, f * scale), resample=Image.BILINEAR,
+                    fillcolor=float(np.median(patch_map))))
+                np.testing.assert_allclose(warp_patch_map(patch_map, aug, 112), pil, atol=1e-6)

@@ -1,0 +1,92 @@
+"""The whole scoring path in one array module: run on a strict stand-in device (tests/strict_xp.py) that, like
+CuPy, refuses implicit conversion to NumPy, it gives NumPy's results and brings back only maps and scores."""
+
+import numpy as np
+import pytest
+
+import strict_xp
+from postprocess import kernels as K
+from postprocess.bank import BankStore, build_bank, image_key, score_with_bank
+from postprocess.config import MODES, PAClipConfig
+from postprocess.host import HostSettings
+from postprocess.pipeline import LotScorer
+from postprocess.serving import ScoreService
+from strict_xp import ImplicitTransfer, strict
+
+
+class DeviceBackbone:
+    """The tiny CLIP whose image features arrive on the device (as DLPack hands them over); text stays host-side,
+    as ONNX Runtime returns it."""
+
+    def __init__(self, backbone):
+        self.backbone = backbone
+        self.has_text = backbone.has_text
+
+    def encode(self, images):
+        return self.backbone.encode(images).to(strict)
+
+    def encode_text(self, prompts):
+        return self.backbone.encode_text(prompts)
+
+
+@pytest.fixture(scope="module")
+def scorers(tiny_clip_112, lot):
+    host = LotScorer(tiny_clip_112, lot, "washer", progress=False, xp=np)
+    device = LotScorer(DeviceBackbone(tiny_clip_112), lot, "washer", progress=False, xp=strict)
+    return host, device
+
+
+def test_the_strict_device_refuses_implicit_transfers():
+    x = strict.asarray(np.arange(6.0))
+    for implicit in (lambda: np.asarray(x), lambda: np.concatenate([x, x]), lambda: x + np.ones(6),
+                     lambda: x[np.array([0, 1])], lambda: np.exp(x)):
+        with pytest.raises(TypeError):
+            implicit()
+    assert float(x.sum()) == 15.0 and isinstance(strict.exp(x), strict_xp.StrictArray)
+    np.testing.assert_array_equal(K.to_numpy(x), np.arange(6.0))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_lot_scoring_on_the_device_matches_numpy_and_returns_only_maps_and_scores(scorers, lot, mode):
+    host, device = scorers
+    cfg = PAClipConfig.for_mode(mode, full_coreset_ratio=0.5)
+    expected = host.score(cfg)
+    strict_xp.TRANSFERS.clear()
+    got = device.score(cfg)
+    n = len(lot)
+    assert set(strict_xp.TRANSFERS) <= {(n, *lot.shape[1:3]), (n,)}, strict_xp.TRANSFERS  # maps, scores
+    np.testing.assert_allclose(got.maps, expected.maps, atol=1e-6)
+    np.testing.assert_array_equal(got.normal_indices, expected.normal_indices)
+    assert got.info == expected.info
+
+
+def test_bank_build_and_scoring_on_the_device(scorers, tiny_clip_112, lot, tmp_path):
+    host, device = scorers
+    cfg = PAClipConfig()
+    bank, report = build_bank(device, cfg, "washer", tiny_clip_112.fingerprint)
+    assert all(isinstance(v, strict_xp.StrictArray) for v in bank.full.values())
+    assert all(v.dtype == np.float16 for v in [*bank.full.values(), *bank.normal.values()])
+    store = BankStore(tmp_path)
+    store.save(bank)  # bank files leave the device here
+    expected, _ = build_bank(host, cfg, "washer", tiny_clip_112.fingerprint)
+    ids = np.asarray([int(i) for i in expected.query_ids([image_key(img) for img in lot])])
+    want = score_with_bank(expected, host.features, ids)
+    strict_xp.TRANSFERS.clear()
+    got = score_with_bank(store.load("washer").to(strict), device.features, ids)
+    assert strict_xp.TRANSFERS == []  # nothing left the device while scoring
+    np.testing.assert_allclose(K.to_numpy(got.maps), want.maps, atol=1e-6)
+    # the scoring service: host inputs in, maps and scores out
+    service = ScoreService(store, tiny_clip_112.fingerprint, HostSettings(), xp=strict)
+    features = tiny_clip_112.encode(lot[:2])
+    maps, scores = service.score("washer", *features.outputs().values(), lot[:2])
+    np.testing.assert_allclose(maps, want.maps[:2], atol=1e-3)
+
+
+def test_a_stray_numpy_call_in_the_device_path_fails(scorers, monkeypatch):
+    """What the strict module is for: put back the old bug (a NumPy concatenation of device features)."""
+    from postprocess import pipeline
+
+    _, device = scorers
+    monkeypatch.setattr(pipeline.K, "get_xp", lambda *arrays: np)
+    with pytest.raises(ImplicitTransfer):
+        pipeline.encode_images(DeviceBackbone(device.backbone.backbone), np.zeros((2, 112, 112, 3), np.uint8))
