@@ -239,6 +239,8 @@ def main(argv=None) -> int:
                   f"mode {options['mode']}", file=sys.stderr)
         info = client.bank_info(bank)
         client.close()
+        print(f"bank {bank!r}: {info['n_images']} lot images, {info['bytes_on_disk'] / 2**20:.1f} MB on disk, "
+              f"{info['bytes_in_memory'] / 2**20:.1f} MB once loaded for scoring", file=sys.stderr)
     except ClientError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -265,7 +267,7 @@ def main(argv=None) -> int:
 
 def summary_of(info: dict) -> dict:
     keep = ("bank", "category", "version", "built_at", "n_images", "normal_selection", "normal_indices", "encoder",
-            "map_range", "lot_scores", "cada")
+            "map_range", "lot_scores", "cada", "bytes_on_disk", "bytes_in_memory")
     return {k: info[k] for k in keep if k in info}
 
 

@@ -281,6 +281,18 @@ class BankStore:
             raise self._missing(bank_id)
         return json.loads((self._dir(bank_id) / version / "manifest.json").read_text())
 
+    def sizes(self, bank_id: str) -> dict:
+        """Bytes of the live version on disk, and of its arrays once loaded (on the GPU or in host memory), read
+        from the safetensors header without loading the tensors."""
+        version = self.current_version(bank_id)
+        if version is None:
+            raise self._missing(bank_id)
+        folder = self._dir(bank_id) / version
+        shapes, dtypes = _load_tensors_meta(folder / "bank.safetensors", with_dtypes=True)
+        itemsize = {"F16": 2, "F32": 4, "I64": 8, "BF16": 2, "F64": 8, "I32": 4}
+        resident = sum(int(np.prod(shape)) * itemsize[dtypes[name]] for name, shape in shapes.items())
+        return {"bytes_on_disk": sum(p.stat().st_size for p in folder.iterdir()), "bytes_in_memory": resident}
+
     def load(self, bank_id: str, encoder: dict | None = None) -> Bank:
         version = self.current_version(bank_id)
         if version is None:
@@ -380,13 +392,14 @@ class BankStore:
         shutil.rmtree(self._lot(bank_id), ignore_errors=True)
 
 
-def _load_tensors_meta(path: Path) -> tuple[dict, dict]:
-    """Shapes and metadata of a safetensors file without reading the tensors."""
+def _load_tensors_meta(path: Path, with_dtypes: bool = False) -> tuple[dict, dict]:
+    """Shapes and metadata (or, ``with_dtypes``, dtypes) of a safetensors file without reading the tensors."""
     with open(path, "rb") as f:
         size = int.from_bytes(f.read(8), "little")
         header = json.loads(f.read(size))
     meta = header.pop("__metadata__", {}) or {}
-    return {k: v["shape"] for k, v in header.items()}, meta
+    shapes = {k: v["shape"] for k, v in header.items()}
+    return (shapes, {k: v["dtype"] for k, v in header.items()}) if with_dtypes else (shapes, meta)
 
 
 __all__ = ["Bank", "BankError", "BankStore", "build_bank", "score_with_bank", "image_key", "check_bank_id",

@@ -182,56 +182,66 @@ def full_bank_scores(queries, bank, query_ids, bank_ids, k: int, budget_bytes: i
     queries (Nq, L, C) and bank (Nb, m, C) are unit vectors; bank image b carries id ``bank_ids[b]``. For each
     query patch: cosine distance to the nearest patch of every bank image, images with the query's own id left
     out, then the mean of the k smallest of those per-image minima. Returns (Nq, L) float32.
+
+    Memory: query patches are taken in row blocks (a block may be part of one image) and bank images in chunks, so
+    that the per-image minima of a block (with the copies ``where`` and ``partition`` make) fit half the budget and
+    one similarity block (with the bank chunk in float32) the other half.
     """
     xp = get_xp(queries)
     n_query, length, channels = queries.shape
     n_bank, per_image, _ = bank.shape
+    flat_queries = queries.reshape(n_query * length, channels)
     flat_bank = bank.reshape(n_bank * per_image, channels)
-    out = xp.empty((n_query, length), dtype=xp.float32)
-    # memory per (query image, bank image) pair: the similarity block plus its share of the minima
-    q_chunk = _chunk(n_query, length * n_bank * 4 * 2, budget_bytes // 2)
-    for q0 in range(0, n_query, q_chunk):
-        q1 = min(n_query, q0 + q_chunk)
-        q = queries[q0:q1].reshape(-1, channels)
-        minima = xp.empty((q1 - q0, length, n_bank), dtype=xp.float32)
-        b_chunk = _chunk(n_bank, q.shape[0] * per_image * 4, budget_bytes // 2)
+    row_ids = xp.repeat(query_ids, length)
+    out = xp.empty(n_query * length, dtype=xp.float32)
+    half = budget_bytes // 2
+    rows = _chunk(n_query * length, 4 * (3 * n_bank + per_image) + n_bank, half)
+    for r0 in range(0, n_query * length, rows):
+        r1 = min(n_query * length, r0 + rows)
+        q = flat_queries[r0:r1]
+        minima = xp.empty((r1 - r0, n_bank), dtype=xp.float32)
+        b_chunk = _chunk(n_bank, per_image * (4 * (r1 - r0) + 4 * channels), half)
         for b0 in range(0, n_bank, b_chunk):
             b1 = min(n_bank, b0 + b_chunk)
             sims = q @ flat_bank[b0 * per_image : b1 * per_image].T
-            best = sims.reshape(q1 - q0, length, b1 - b0, per_image).max(axis=-1)
-            minima[:, :, b0:b1] = 1.0 - best
-        own = query_ids[q0:q1, None] == bank_ids[None, :]  # (nq, Nb): a query never matches its own image
-        minima = xp.where(own[:, None, :], xp.float32(xp.inf), minima)
-        smallest = xp.partition(minima, k - 1, axis=-1)[..., :k]
-        out[q0:q1] = smallest.mean(axis=-1)
-    return out
+            minima[:, b0:b1] = 1.0 - sims.reshape(r1 - r0, b1 - b0, per_image).max(axis=-1)
+            del sims
+        own = row_ids[r0:r1, None] == bank_ids[None, :]  # a query never matches its own image
+        minima = xp.where(own, xp.float32(xp.inf), minima)
+        out[r0:r1] = xp.partition(minima, k - 1, axis=-1)[:, :k].mean(axis=-1)
+    return out.reshape(n_query, length)
 
 
 def normal_bank_scores(queries, bank, query_ids, bank_ids, k: int, budget_bytes: int):
     """Mean cosine distance of each query patch to its k nearest normal-bank entries (own image's entries excluded).
 
-    queries (Nq, L, C), bank (M, C), bank_ids (M,). Returns (Nq, L) float32.
+    queries (Nq, L, C), bank (M, C), bank_ids (M,). Returns (Nq, L) float32. Query patches in row blocks, bank
+    entries in chunks: a block's distances to a chunk (with the mask, the merge with the best k so far and the
+    partition's copy) and the chunk in float32 stay within the budget.
     """
     xp = get_xp(queries)
     n_query, length, channels = queries.shape
     n_entries = bank.shape[0]
     k = max(1, min(k, n_entries))
-    out = xp.empty((n_query, length), dtype=xp.float32)
-    q_chunk = _chunk(n_query, length * 4 * min(n_entries, 4096), budget_bytes // 2)
-    for q0 in range(0, n_query, q_chunk):
-        q1 = min(n_query, q0 + q_chunk)
-        q = queries[q0:q1].reshape(-1, channels)
-        row_ids = xp.repeat(query_ids[q0:q1], length)
-        best = xp.full((q.shape[0], k), xp.inf, dtype=xp.float32)
-        m_chunk = _chunk(n_entries, q.shape[0] * 4 * 2, budget_bytes // 2)
+    flat_queries = queries.reshape(n_query * length, channels)
+    row_ids = xp.repeat(query_ids, length)
+    out = xp.empty(n_query * length, dtype=xp.float32)
+    half = budget_bytes // 2
+    rows = _chunk(n_query * length, 17 * min(n_entries, 4096) + 12 * k, half)
+    for r0 in range(0, n_query * length, rows):
+        r1 = min(n_query * length, r0 + rows)
+        q = flat_queries[r0:r1]
+        best = xp.full((r1 - r0, k), xp.inf, dtype=xp.float32)
+        m_chunk = _chunk(n_entries, 17 * (r1 - r0) + 4 * channels, half)
         for m0 in range(0, n_entries, m_chunk):
             m1 = min(n_entries, m0 + m_chunk)
             dist = 1.0 - q @ bank[m0:m1].T
-            dist = xp.where(row_ids[:, None] == bank_ids[None, m0:m1], xp.float32(xp.inf), dist)
-            both = xp.concatenate([best, dist.astype(xp.float32)], axis=1)
+            dist = xp.where(row_ids[r0:r1, None] == bank_ids[None, m0:m1], xp.float32(xp.inf), dist)
+            both = xp.concatenate([best, dist.astype(xp.float32, copy=False)], axis=1)
+            del dist
             best = xp.partition(both, k - 1, axis=1)[:, :k]
-        out[q0:q1] = finite_mean(best, axis=1).reshape(q1 - q0, length)
-    return out
+        out[r0:r1] = finite_mean(best, axis=1)
+    return out.reshape(n_query, length)
 
 
 def finite_mean(values, axis: int):

@@ -229,8 +229,8 @@ class BankService:
         if action == "list":
             return {"banks": [summary(self.store.manifest(b)) for b in self.store.bank_ids()]}
         check_bank_id(bank_id)
-        if action == "info":
-            return summary(self.store.manifest(bank_id))
+        if action == "info":  # with its size on disk and once loaded (scoring keeps it in FP16 on the device)
+            return {**summary(self.store.manifest(bank_id)), **self.store.sizes(bank_id)}
         if action == "delete":
             self.store.delete(bank_id)
             return {"deleted": bank_id}

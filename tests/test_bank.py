@@ -240,6 +240,11 @@ def test_bank_service_lifecycle_and_score_service(scorer, tiny, lot, tmp_path):
     assert built["n_images"] == len(lot) and "image_keys" not in built
     assert not (tmp_path / "washer" / "lot").exists()  # the lot is consumed by the build
     assert [b["bank"] for b in service.handle("list")["banks"]] == ["washer"]
+    info = service.handle("info", "washer")
+    loaded = store.load("washer")
+    assert info["bytes_in_memory"] == loaded.nbytes > 0  # what the scoring service will hold (float16 entries)
+    version_dir = tmp_path / "washer" / info["version"]
+    assert info["bytes_on_disk"] == sum(p.stat().st_size for p in version_dir.iterdir()) > info["bytes_in_memory"]
 
     scores = ScoreService(store, tiny.fingerprint)
     features = tiny.encode(lot[:3])
