@@ -35,6 +35,16 @@ def to_numpy(array) -> np.ndarray:
     return np.asarray(array)
 
 
+def _fused(xp):
+    """The fused CUDA kernels (``postprocess.cuda_kernels``) when the arrays are CuPy's, else None: the code in this
+    module is then the path, and the kernels' reference."""
+    if _cupy is None or xp is not _cupy:
+        return None
+    from . import cuda_kernels
+
+    return cuda_kernels if cuda_kernels.enabled() else None
+
+
 def _float32(x):
     xp = get_xp(x)
     return x.astype(xp.float32, copy=False)
@@ -77,6 +87,9 @@ def box_mean(grid_features, r: int):
     if r == 1:
         return grid_features
     xp = get_xp(grid_features)
+    fused = _fused(xp)
+    if fused is not None:
+        return fused.box_mean(grid_features, r)
     n, h, w, c = grid_features.shape
     rows = xp.asarray(_box_mean_matrix(h, r // 2))
     cols = xp.asarray(_box_mean_matrix(w, r // 2))
@@ -153,6 +166,13 @@ def greedy_coreset(points, n_select: int):
     selected = xp.empty((groups, n_select), dtype=xp.int64)
     selected[:, 0] = start
     min_dist = sq_dist_to(start)
+    fused = _fused(xp)
+    if fused is not None:  # the distance update and its argmax in one kernel launch per step
+        nxt = xp.argmax(min_dist, axis=1)
+        for t in range(1, n_select):
+            selected[:, t] = nxt
+            nxt = fused.coreset_step(points, sq_norm, min_dist, nxt)
+        return selected
     for t in range(1, n_select):
         nxt = xp.argmax(min_dist, axis=1)
         selected[:, t] = nxt
@@ -188,6 +208,9 @@ def full_bank_scores(queries, bank, query_ids, bank_ids, k: int, budget_bytes: i
     one similarity block (with the bank chunk in float32) the other half.
     """
     xp = get_xp(queries)
+    fused = _fused(xp)
+    if fused is not None and k <= fused.MAX_K:
+        return fused.full_bank_scores(queries, bank, query_ids, bank_ids, k, budget_bytes)
     n_query, length, channels = queries.shape
     n_bank, per_image, _ = bank.shape
     flat_queries = queries.reshape(n_query * length, channels)
@@ -269,6 +292,14 @@ def adaptive_subtraction(full_scores, normal_scores, alpha: float, tau: float):
     return full_scores - alpha * normal_scores * (normal_scores <= tau).astype(xp.float32)
 
 
+def subtract_and_fuse(full: list, normal: list, taus: list, weights, alpha: float):
+    """Eq. 7 at every scale, then Eq. 8: sum_s w_s (S_c,s - alpha S_b,s 1[S_b,s <= tau_s]) (lists over scales)."""
+    fused = _fused(get_xp(full[0]))
+    if fused is not None:
+        return fused.subtract_and_fuse(full, normal, taus, weights, alpha)
+    return sum(w * adaptive_subtraction(c, b, alpha, t) for c, b, t, w in zip(full, normal, taus, weights))
+
+
 def _bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:
     """(n_out, n_in) linear-interpolation operator, half-pixel centres (torch align_corners=False)."""
     scale = n_in / n_out
@@ -317,6 +348,9 @@ def patch_scores_to_maps(patch_scores, grid: tuple[int, int], size: tuple[int, i
     """(N, L) patch scores -> (N, H, W) maps: bilinear upsampling, then Gaussian smoothing (sigma 0 = none)."""
     xp = get_xp(patch_scores)
     h, w = grid
+    fused = _fused(xp)
+    if fused is not None and sigma <= 0:
+        return fused.upsample_bilinear(patch_scores.reshape(-1, h, w), tuple(size))
     rows = xp.asarray(map_operator(h, size[0], sigma))
     cols = xp.asarray(map_operator(w, size[1], sigma))
     grid_scores = _float32(patch_scores).reshape(-1, h, w)

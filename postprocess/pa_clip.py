@@ -51,7 +51,6 @@ class ScoreResult:
     maps: object  # (N, H, W) float32
     scores: object  # (N,) float32
     patch_scores: object  # (N, L) fused, before upsampling
-    per_scale: dict = field(default_factory=dict)  # r -> (N, L) after subtraction
     normal_bank_scores: dict = field(default_factory=dict)  # r -> (N, L)
     tau_b: dict = field(default_factory=dict)  # r -> subtraction threshold
     normal_bank_sizes: dict = field(default_factory=dict)  # r -> entries kept
@@ -231,17 +230,14 @@ def decide(full_scores: dict, text_scores: dict, normal_bank_scores: dict, tau_b
            grid, map_size: tuple[int, int], result: ScoreResult | None = None) -> ScoreResult:
     """Adaptive subtraction (Eq. 7), fusion (Eq. 8), maps and image scores from per-scale patch scores."""
     result = result or ScoreResult(maps=None, scores=None, patch_scores=None)
-    if cfg.text_only:
-        per_scale = dict(text_scores)
-    elif not cfg.use_normal_bank:
-        per_scale = dict(full_scores)
+    if cfg.text_only or not cfg.use_normal_bank:
+        result.patch_scores = fuse(text_scores if cfg.text_only else full_scores, cfg)
     else:
-        per_scale = {}
-        for r in cfg.scales:
-            rb = r if r in normal_bank_scores else cfg.normal_bank_scales[0]
-            per_scale[r] = K.adaptive_subtraction(full_scores[r], normal_bank_scores[rb], cfg.alpha, tau_b[rb])
-    result.per_scale = per_scale
-    result.patch_scores = fuse(per_scale, cfg)
+        # a scale without a normal bank of its own (single-scale rows) uses the first one
+        banks = [r if r in normal_bank_scores else cfg.normal_bank_scales[0] for r in cfg.scales]
+        result.patch_scores = K.subtract_and_fuse([full_scores[r] for r in cfg.scales],
+                                                  [normal_bank_scores[b] for b in banks], [tau_b[b] for b in banks],
+                                                  cfg.weights, cfg.alpha)
     result.maps = K.patch_scores_to_maps(result.patch_scores, grid, map_size, cfg.smooth_sigma)
     result.scores = K.image_scores(result.maps, cfg.image_score, cfg.image_topk_fraction)
     return result

@@ -241,7 +241,6 @@ def decide(full_scores: dict, text_scores: dict, normal_bank_scores: dict, tau_b
         per_scale = {r: adaptive_subtraction(full_scores[r], normal_bank_scores.get(r, normal_bank_scores[first]),
                                              cfg.alpha, tau_b.get(r, tau_b[first])) for r in cfg.scales}
     weights = torch.tensor(cfg.weights, dtype=torch.float32).view(-1, 1, 1)
-    result.per_scale = per_scale
     result.patch_scores = (weights * torch.stack([per_scale[r] for r in cfg.scales])).sum(0)
     result.maps = patch_scores_to_maps(result.patch_scores, grid, map_size, cfg.smooth_sigma)
     result.scores = image_scores(result.maps, cfg.image_score, cfg.image_topk_fraction)

@@ -19,6 +19,11 @@ def xp(request):
     return request.param
 
 
+def knn_atol(xp) -> float:
+    """NumPy: float32 throughout. CuPy: the fused kNN multiplies in float16 tiles (float32 accumulation)."""
+    return 1e-6 if xp is np else 2e-3
+
+
 def test_box_mean_uses_valid_neighbours_at_borders(xp):
     grid = xp.arange(12, dtype=xp.float32).reshape(1, 3, 4, 1)
     out = K.to_numpy(K.box_mean(grid, 3))[0, :, :, 0]
@@ -66,12 +71,12 @@ def test_full_bank_scores_chunking_and_self_exclusion(xp):
     expected = _brute_full(feats, feats, ids, ids, 2)
     for budget in (64, 1 << 30):  # tiny budget forces many chunks
         got = K.full_bank_scores(xp.asarray(feats), xp.asarray(feats), xp.asarray(ids), xp.asarray(ids), 2, budget)
-        np.testing.assert_allclose(K.to_numpy(got), expected, atol=1e-6)
+        np.testing.assert_allclose(K.to_numpy(got), expected, atol=knn_atol(xp))
     # without self-exclusion each patch would find itself at distance 0
     assert expected.min() > 1e-3
     no_exclusion = K.full_bank_scores(xp.asarray(feats), xp.asarray(feats), xp.asarray(ids),
                                       xp.asarray(ids + 100), 1, 1 << 20)
-    np.testing.assert_allclose(K.to_numpy(no_exclusion), 0.0, atol=1e-6)
+    np.testing.assert_allclose(K.to_numpy(no_exclusion), 0.0, atol=knn_atol(xp))
 
 
 def test_normal_bank_scores_excludes_own_entries(xp):
@@ -137,7 +142,7 @@ def test_stages_on_cupy_match_numpy():
     device = Features(xp.asarray(tokens), xp.asarray(patch), xp.asarray(cls), (4, 5))
     expected = finish_stage(host, lot_stage(host, text, cfg), None, cfg, (16, 20))
     got = finish_stage(device, lot_stage(device, xp.asarray(text), cfg), None, cfg, (16, 20))
-    np.testing.assert_allclose(K.to_numpy(got.maps), expected.maps, atol=1e-4)
+    np.testing.assert_allclose(K.to_numpy(got.maps), expected.maps, atol=1e-3)  # fused float16 kNN tiles
 
 
 @pytest.mark.parametrize("kernel, budget", [("full", 256 << 10), ("normal", 1 << 20)])
