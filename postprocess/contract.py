@@ -82,8 +82,9 @@ class Features:
 
 def check_tensor(name: str, array) -> np.ndarray:
     """A request's tensor against the contract's dtype and rank (RequestError naming both when it is off)."""
-    array = np.asarray(array)
-    dtype, rank = np.dtype(VISION_DTYPES[name]), VISION_RANKS[name]
+    if not hasattr(array, "dtype"):
+        array = np.asarray(array)
+    dtype, rank = np.dtype(VISION_DTYPES[name]), VISION_RANKS[name]  # (CuPy arrays from DLPack stay where they are)
     if array.dtype != dtype or array.ndim != rank:
         raise RequestError(f"input '{name}' must be {dtype.name} with {rank} dimensions, "
                            f"got {array.dtype} {list(array.shape)}")

@@ -52,6 +52,19 @@ def describe_failure(model: str, err: BaseException, log_error) -> tuple[str, bo
             "this id"), True
 
 
+def from_triton(tensor, xp=np):
+    """A Triton Python-backend tensor as an array of ``xp``: a tensor on the GPU is taken through DLPack without a
+    copy (``FORCE_CPU_ONLY_INPUT_TENSORS: no``), one in host memory as NumPy, moved to ``xp`` when that is CuPy."""
+    if tensor.is_cpu():
+        array = tensor.as_numpy()
+        return array if xp is np else xp.asarray(array)
+    if xp is np:  # a host-side consumer (image hashes): the one explicit copy back
+        import cupy
+
+        return cupy.asnumpy(cupy.from_dlpack(tensor.to_dlpack()))
+    return xp.from_dlpack(tensor.to_dlpack())
+
+
 def text_value(raw, name: str) -> str:
     """One BYTES element as text; a clear error for bytes that are not UTF-8."""
     if isinstance(raw, bytes):

@@ -90,3 +90,25 @@ def test_a_stray_numpy_call_in_the_device_path_fails(scorers, monkeypatch):
     monkeypatch.setattr(pipeline.K, "get_xp", lambda *arrays: np)
     with pytest.raises(ImplicitTransfer):
         pipeline.encode_images(DeviceBackbone(device.backbone.backbone), np.zeros((2, 112, 112, 3), np.uint8))
+
+
+class HostTensor:
+    """What a Triton Python-backend tensor in host memory offers (is_cpu, as_numpy)."""
+
+    def __init__(self, array):
+        self.array = array
+
+    def is_cpu(self):
+        return True
+
+    def as_numpy(self):
+        return self.array
+
+
+def test_triton_tensors_arrive_in_the_scoring_array_module():
+    from postprocess.serving import from_triton
+
+    tensor = HostTensor(np.ones((2, 3), np.float16))
+    assert from_triton(tensor) is tensor.array  # a NumPy service reads it in place
+    moved = from_triton(tensor, strict)
+    assert isinstance(moved, strict_xp.StrictArray) and moved.dtype == np.float16

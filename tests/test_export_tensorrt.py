@@ -68,6 +68,8 @@ def test_ensemble_can_be_pointed_at_the_plan_and_back(tmp_path):
     ensemble = (tmp_path / "pa_clip" / "config.pbtxt").read_text()
     assert 'model_name: "clip_vision_trt"' in ensemble and 'model_name: "clip_vision"' not in ensemble
     assert 'string_value: "clip_vision_trt"' in (tmp_path / "pa_clip_score" / "config.pbtxt").read_text()
+    for name in ("pa_clip_score", "pa_clip_bank"):  # GPU instances beside the plan
+        assert "instance_group [ { kind: KIND_GPU" in (tmp_path / name / "config.pbtxt").read_text()
     point_ensemble_at(tmp_path, "clip_vision")
     assert (tmp_path / "pa_clip" / "config.pbtxt").read_text() == \
         (ROOT / "model_repository" / "pa_clip" / "config.pbtxt").read_text()

@@ -385,6 +385,9 @@ def test_our_faults_are_internal_errors_with_a_logged_traceback_and_bad_input_st
     assert status == 500, body
     incident = body["error"].split("internal error ")[1].split()[0]
     assert len(incident) == 8 and "server log" in body["error"]
+    deadline = time.monotonic() + 30  # the stub's log lines reach the server's log a moment after the answer
+    while f"internal error {incident}" not in server.log_text() and time.monotonic() < deadline:
+        time.sleep(0.1)
     log = server.log_text()
     at = log.index(f"internal error {incident}")
     assert "Traceback" in log[at:] and "JSONDecodeError" in log[at:]

@@ -14,7 +14,7 @@ try:
     from postprocess import contract as C
     from postprocess.bank import BankStore
     from postprocess.host import HostSettings
-    from postprocess.serving import BankService, bank_root, describe_failure, parse_options, text_value
+    from postprocess.serving import BankService, bank_root, describe_failure, from_triton, parse_options, text_value
 except ImportError as err:
     raise ImportError(f"pa_clip_bank needs the pa-clip-triton package in the server's Python "
                       f"(pip install -e . in the environment tritonserver runs models with): {err}") from err
@@ -27,12 +27,16 @@ def _text(request, name, default=""):
     return text_value(tensor.as_numpy().reshape(-1)[0], name)
 
 
-def _infer(model_name, inputs, outputs):
-    response = pb_utils.InferenceRequest(model_name=model_name, requested_output_names=outputs,
-                                         inputs=inputs).exec()
+def _infer(model_name, inputs, outputs, xp=np):
+    """BLS call; with CuPy the outputs are asked for in GPU memory and taken through DLPack (no host round trip)."""
+    options = {}
+    if xp is not np and hasattr(pb_utils, "PreferredMemory"):
+        options["preferred_memory"] = pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_GPU, 0)
+    response = pb_utils.InferenceRequest(model_name=model_name, requested_output_names=outputs, inputs=inputs,
+                                         **options).exec()
     if response.has_error():
         raise RuntimeError(f"{model_name}: {response.error().message()}")
-    return [pb_utils.get_output_tensor_by_name(response, name).as_numpy() for name in outputs]
+    return [from_triton(pb_utils.get_output_tensor_by_name(response, name), xp) for name in outputs]
 
 
 class TritonPythonModel:
@@ -58,15 +62,18 @@ class TritonPythonModel:
                                          "images will be chosen visually")
         store = BankStore(bank_root(repository, params.get("bank_dir", "")))
         store.clean()  # what a build killed mid-write left behind
+        host = HostSettings.from_parameters(params)
+        self.xp = host.xp()
         self.service = BankService(store, encoder, self.encode_images, encode_text, log=pb_utils.Logger.log_info,
-                                   host=HostSettings.from_parameters(params))
+                                   host=host)
 
     def encode_images(self, images):
         parts = []
         for start in range(0, len(images), self.batch_size):
             batch = np.ascontiguousarray(images[start:start + self.batch_size])
-            parts.append(_infer(self.vision_model, [pb_utils.Tensor(C.IMAGES, batch)], list(C.VISION_OUTPUTS)))
-        return C.Features.from_outputs([np.concatenate([p[i] for p in parts]) for i in range(3)], self.grid)
+            parts.append(_infer(self.vision_model, [pb_utils.Tensor(C.IMAGES, batch)], list(C.VISION_OUTPUTS),
+                                self.xp))
+        return C.Features.from_outputs([self.xp.concatenate([p[i] for p in parts]) for i in range(3)], self.grid)
 
     def encode_text(self, prompts):
         tokens = self.tokenizer(prompts).numpy().astype(np.int64)

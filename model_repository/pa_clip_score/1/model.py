@@ -3,13 +3,14 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import triton_python_backend_utils as pb_utils
 
 try:
     from postprocess import contract as C
     from postprocess.bank import BankStore
     from postprocess.host import HostSettings
-    from postprocess.serving import ScoreService, bank_root, describe_failure
+    from postprocess.serving import ScoreService, bank_root, describe_failure, from_triton
 except ImportError as err:  # the server's Python must have the project installed
     raise ImportError(f"pa_clip_score needs the pa-clip-triton package in the server's Python "
                       f"(pip install -e . in the environment tritonserver runs models with): {err}") from err
@@ -33,7 +34,10 @@ class TritonPythonModel:
         self.service = ScoreService(store, encoder, HostSettings.from_parameters(params))
 
     def execute(self, requests):
-        inputs = [{name: pb_utils.get_input_tensor_by_name(request, name).as_numpy() for name in INPUTS}
+        # encoder outputs stay on the device they arrive on (DLPack); pixels (hashed) and bank ids are host data
+        xp = self.service.xp
+        inputs = [{name: from_triton(pb_utils.get_input_tensor_by_name(request, name),
+                                     xp if name in C.VISION_OUTPUTS else np) for name in INPUTS}
                   for request in requests]
         responses = []
         for result in self.service.score_requests(inputs):
