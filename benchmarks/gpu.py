@@ -1,0 +1,328 @@
+"""The GPU path measured: each fused kernel, the whole scoring of a lot, and the pipeline end to end, against a torch
+reference on the same GPU written the way MuSc does it (``torch.cdist``), side by side in one run.
+
+    python -m benchmarks.gpu [--images 200] [--json out/gpu.json]      # one H100/H200: about 5 minutes
+    python -m benchmarks.gpu --dry-run                                   # tiny sizes on the CPU (NumPy, torch CPU)
+
+Rows: kNN (fused FP16 tiles + per-image max + interval top-k) in TFLOP/s against the dense FP16 peak and against a
+torch FP16 matmul measured here; coreset step, pooling, subtraction + fusion, upsampling in ms; the whole scoring of
+a lot (N images, L=1369, C=1024, 4 layers x 3 scales, default PAClipConfig) ours against the cdist reference, with
+the largest map difference; the in-process pipeline end to end (open_clip ViT-L-14-336@518, FP16, random weights:
+speed does not depend on them) with DLPack hand-off into the CuPy scoring, in images/s; peak GPU memory. The ratio
+lines come last. ``benchmarks/gpu_check.sh`` runs it with the GPU tests on a lent device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+
+H200_FP16_DENSE_TFLOPS = 989.0  # NVIDIA's figure for dense FP16/BF16 tensor-core work (H100 SXM: the same)
+
+
+class Device:
+    """Where the run happens: CuPy + torch on CUDA, or (``--dry-run``) NumPy + torch on the CPU."""
+
+    def __init__(self, dry_run: bool):
+        import torch
+
+        self.torch = torch
+        self.dry_run = dry_run
+        if dry_run:
+            self.xp, self.torch_device = np, "cpu"
+        else:
+            import cupy
+
+            self.xp, self.torch_device = cupy, "cuda"
+            cupy.get_default_memory_pool().free_all_blocks()
+            torch.cuda.reset_peak_memory_stats()
+
+    def sync(self):
+        if not self.dry_run:
+            self.xp.cuda.Device().synchronize()
+            self.torch.cuda.synchronize()
+
+    def timed(self, fn, repeat: int = 3) -> tuple[float, object]:
+        """Median seconds of ``repeat`` runs after one warm-up, and the last result."""
+        result = fn()
+        self.sync()
+        times = []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            result = fn()
+            self.sync()
+            times.append(time.perf_counter() - start)
+        return float(np.median(times)), result
+
+    def to_torch(self, array):
+        """A CuPy array as a torch tensor without a copy (DLPack), or a NumPy one on the CPU."""
+        if self.dry_run:
+            return self.torch.from_numpy(np.ascontiguousarray(array))
+        return self.torch.from_dlpack(array)
+
+    def from_torch(self, tensor):
+        return tensor.numpy() if self.dry_run else self.xp.from_dlpack(tensor.detach().contiguous())
+
+    def peak_memory_gb(self) -> float:
+        if self.dry_run:
+            return 0.0
+        pool = self.xp.get_default_memory_pool().total_bytes()
+        return (pool + self.torch.cuda.max_memory_allocated()) / 1e9
+
+
+def unit_features(xp, rng, shape):
+    x = xp.asarray(rng.standard_normal(shape, dtype=np.float32))
+    return x / xp.sqrt((x * x).sum(axis=-1, keepdims=True))
+
+
+# -- the torch reference, MuSc's way ------------------------------------------------------------------------------
+def musc_mutual_scores(torch, feats, k: int):
+    """(N, L, C) unit features -> (N, L): per patch the cdist distance to the nearest patch of each other image,
+    then the mean of the k smallest (cosine distance = squared euclidean / 2 for unit vectors)."""
+    n, length, channels = feats.shape
+    flat = feats.reshape(n * length, channels)
+    out = torch.empty(n, length, device=feats.device)
+    for i in range(n):
+        dist = torch.cdist(feats[i], flat).pow_(2).mul_(0.5).view(length, n, length).amin(dim=-1)
+        dist[:, i] = float("inf")
+        out[i] = dist.topk(k, dim=-1, largest=False).values.mean(dim=-1)
+    return out
+
+
+def musc_normal_scores(torch, feats, bank, bank_ids, k: int):
+    n, length, _ = feats.shape
+    out = torch.empty(n, length, device=feats.device)
+    for i in range(n):
+        dist = torch.cdist(feats[i], bank).pow_(2).mul_(0.5)
+        dist[:, bank_ids == i] = float("inf")
+        out[i] = dist.topk(k, dim=-1, largest=False).values.mean(dim=-1)
+    return out
+
+
+def torch_reference_scoring(dev, layer_tokens, normal_tokens, normal_ids, cfg, grid, map_size):
+    """The whole lot in torch on the same device: pooling, mutual scores, normal bank scores (bank = every patch of
+    the normal images, no coreset), subtraction, fusion, upsampling."""
+    torch, F = dev.torch, dev.torch.nn.functional
+    n, n_layers, length, channels = layer_tokens.shape
+    h, w = grid
+    k = max(1, min(cfg.k_max, max(cfg.k_min, round(cfg.interval_fraction * (n - 1))), n - 1))
+
+    def pooled(tokens, r):
+        x = tokens.float().reshape(-1, h, w, channels).permute(0, 3, 1, 2)
+        if r > 1:
+            x = F.avg_pool2d(x, r, stride=1, padding=r // 2, count_include_pad=False)
+        return F.normalize(x.permute(0, 2, 3, 1).reshape(-1, length, channels), dim=-1)
+
+    fused = 0
+    for r, weight in zip(cfg.scales, cfg.weights):
+        full = sum(musc_mutual_scores(torch, pooled(layer_tokens[:, l], r), k) for l in range(n_layers)) / n_layers
+        normal = sum(musc_normal_scores(torch, pooled(layer_tokens[:, l], r),
+                                        pooled(normal_tokens[:, l], r).reshape(-1, channels),
+                                        normal_ids.repeat_interleave(length), cfg.normal_k)
+                     for l in range(n_layers)) / n_layers
+        tau = torch.quantile(normal.flatten()[: 1 << 24].double(), cfg.tau_quantile).item()
+        fused = fused + weight * (full - cfg.alpha * normal * (normal <= tau).float())
+    return F.interpolate(fused.reshape(n, 1, h, w), size=map_size, mode="bilinear", align_corners=False)[:, 0]
+
+
+# -- rows ---------------------------------------------------------------------------------------------------------
+def kernel_rows(dev, args, rng) -> list[dict]:
+    from postprocess import kernels as K
+
+    xp, torch = dev.xp, dev.torch
+    rows = []
+    n_query, n_bank = args.query_images, args.images
+    queries = unit_features(xp, rng, (n_query, args.tokens, args.channels))
+    bank = unit_features(xp, rng, (n_bank, args.tokens, args.channels)).astype(xp.float16)
+    ids = xp.arange(n_bank)
+    k = K.interval_k(n_bank, 0.3, 1, 64)
+    seconds, got = dev.timed(lambda: K.full_bank_scores(queries, bank, ids[:n_query], ids, k, 256 << 20))
+    flops = 2.0 * n_query * args.tokens * n_bank * args.tokens * args.channels
+    side = 256 if dev.dry_run else 8192
+    a = torch.randn(side, side, device=dev.torch_device, dtype=torch.float32 if dev.dry_run else torch.float16)
+    matmul_s, _ = dev.timed(lambda: a @ a)
+    matmul_tflops = 2 * side ** 3 / matmul_s / 1e12
+    tq = dev.to_torch(queries)
+    tb = dev.to_torch(bank).float()
+    ref_s, ref = dev.timed(lambda: musc_mutual_scores_against(torch, tq, tb, k, ids_offset=0))
+    diff = float(np.abs(K.to_numpy(got) - ref.cpu().numpy()).max())
+    rows.append({"row": "kNN full bank (fused)", "ms": 1e3 * seconds, "tflops": flops / seconds / 1e12,
+                 "of_peak": flops / seconds / 1e12 / H200_FP16_DENSE_TFLOPS,
+                 "of_torch_fp16_matmul": flops / seconds / 1e12 / matmul_tflops, "torch_cdist_ms": 1e3 * ref_s,
+                 "max_diff": diff})
+    rows.append({"row": f"torch FP16 matmul {side}^3 (this device's practical peak)", "ms": 1e3 * matmul_s,
+                 "tflops": matmul_tflops, "of_peak": matmul_tflops / H200_FP16_DENSE_TFLOPS})
+    points = xp.asarray(rng.standard_normal((3, args.tokens, 128), dtype=np.float32))
+    m = max(2, args.tokens // 10)
+    seconds, _ = dev.timed(lambda: K.greedy_coreset(points, m))
+    rows.append({"row": f"coreset {m} of {args.tokens} in 3 groups", "ms": 1e3 * seconds})
+    side = int(round(math.sqrt(args.tokens)))
+    grid = xp.asarray(rng.standard_normal((args.query_images, side, side, args.channels), dtype=np.float32))
+    seconds, _ = dev.timed(lambda: K.box_mean(grid, 5))
+    rows.append({"row": f"pooling r=5 of {args.query_images} images", "ms": 1e3 * seconds})
+    scores = [xp.asarray(rng.random((args.images, side * side), dtype=np.float32)) for _ in range(6)]
+    seconds, _ = dev.timed(lambda: K.subtract_and_fuse(scores[:3], scores[3:], [0.5] * 3, [1 / 3] * 3, 0.2))
+    rows.append({"row": f"subtraction + fusion, {args.images} images x 3 scales", "ms": 1e3 * seconds})
+    seconds, _ = dev.timed(lambda: K.patch_scores_to_maps(scores[0], (side, side), (args.map_size,) * 2, 0.0))
+    rows.append({"row": f"upsampling to {args.map_size}, {args.images} images", "ms": 1e3 * seconds})
+    return rows
+
+
+def musc_mutual_scores_against(torch, queries, bank, k: int, ids_offset: int = 0):
+    """The kNN row's reference: queries (Nq, L, C) against bank images (Nb, m, C), query i is bank image i."""
+    n_query, length, channels = queries.shape
+    n_bank, per_image, _ = bank.shape
+    flat = bank.reshape(-1, channels)
+    out = torch.empty(n_query, length, device=queries.device)
+    for i in range(n_query):
+        dist = torch.cdist(queries[i], flat).pow_(2).mul_(0.5).view(length, n_bank, per_image).amin(dim=-1)
+        dist[:, ids_offset + i] = float("inf")
+        out[i] = dist.topk(k, dim=-1, largest=False).values.mean(dim=-1)
+    return out
+
+
+def lot_rows(dev, args) -> list[dict]:
+    """The whole scoring of a lot: ours (CuPy, fused kernels) against the cdist reference, same features."""
+    from benchmarks.scoring_speed import augmented, make_inputs
+    from postprocess import kernels as K
+    from postprocess.config import PAClipConfig
+    from postprocess.pa_clip import NormalSet, finish_stage, lot_stage
+
+    xp, torch = dev.xp, dev.torch
+    spec = SimpleNamespace(images=args.images, tokens=args.tokens, channels=args.channels, layers=4, dim=768)
+    host_features, text = make_inputs(spec)
+    features = host_features.to(xp)
+    cfg = PAClipConfig()
+    size = (args.map_size, args.map_size)
+
+    def ours():
+        state = lot_stage(features, xp.asarray(text), cfg)
+        idx = state.normal_indices
+        aug = augmented(host_features, idx, cfg.n_augment, 1)
+        on_device = xp.asarray(idx)
+        normal = NormalSet(xp.concatenate([features.layer_tokens[on_device], xp.asarray(aug)]),
+                           xp.concatenate([on_device, xp.asarray(np.repeat(idx, cfg.n_augment))]),
+                           xp.concatenate([state.prior[on_device], xp.repeat(state.prior[on_device], cfg.n_augment, 0)]))
+        return finish_stage(features, state, normal, cfg, size), normal
+
+    start = time.perf_counter()
+    result, normal = ours()
+    dev.sync()
+    ours_s = time.perf_counter() - start
+    tokens = dev.to_torch(features.layer_tokens)
+    start = time.perf_counter()
+    ref_maps = torch_reference_scoring(dev, tokens, dev.to_torch(normal.layer_tokens), dev.to_torch(normal.source_ids),
+                                       cfg, features.grid, size)
+    dev.sync()
+    ref_s = time.perf_counter() - start
+    # the reference keeps every normal patch (no coreset, no prior filter): its maps are a cost yardstick, compared
+    # here only for shape and scale
+    return [{"row": f"whole lot: {args.images} images, L={args.tokens}, C={args.channels}, 4 layers x 3 scales",
+             "ours_s": ours_s, "torch_cdist_s": ref_s, "speedup": ref_s / ours_s,
+             "map_mean_ours": float(K.to_numpy(result.maps).mean()), "map_mean_torch": float(ref_maps.mean())}]
+
+
+def end_to_end_rows(dev, args) -> list[dict]:
+    """open_clip in FP16 on torch, features handed to the CuPy scoring through DLPack, a lot of synthetic washers."""
+    import tempfile
+
+    from client.demo_lot import write_demo_lot
+    from client.images import model_input, read_rgb
+    from export.backbones import ClipBackbone
+    from postprocess.config import PAClipConfig
+    from postprocess.contract import Features
+    from postprocess.pipeline import LotScorer
+
+    torch = dev.torch
+    backbone = ClipBackbone(args.model, "none", args.image_size, device=dev.torch_device)
+    if not dev.dry_run:
+        backbone.vision.half()
+    folder = write_demo_lot(Path(tempfile.mkdtemp(prefix="pa-clip-gpu-")), n_images=min(args.images, 24),
+                            n_defective=2, size=args.image_size)
+    pictures = [model_input(read_rgb(p), args.image_size) for p in sorted(folder.glob("*.png"))]
+    images = np.stack([pictures[i % len(pictures)] for i in range(args.images)])
+
+    class DeviceBackbone:
+        """The backbone interface with features left on the device (DLPack into CuPy)."""
+
+        has_text = True
+
+        def encode(self, batch):
+            with torch.inference_mode():
+                tensors = backbone.vision(torch.from_numpy(batch).to(dev.torch_device))
+            layer_tokens, patch_embeds, image_embeds = (t.contiguous() for t in tensors)
+            return Features(dev.from_torch(layer_tokens.half()), dev.from_torch(patch_embeds.half()),
+                            dev.from_torch(image_embeds.float()), backbone.grid)
+
+        def encode_text(self, prompts):
+            return backbone.encode_text(prompts)
+
+    start = time.perf_counter()
+    scorer = LotScorer(DeviceBackbone(), images, "washer", batch_size=args.batch_size, progress=False, xp=dev.xp)
+    dev.sync()
+    encoded = time.perf_counter() - start
+    report = scorer.score(PAClipConfig())
+    dev.sync()
+    total = time.perf_counter() - start
+    return [{"row": f"end to end: {args.model}@{args.image_size} FP16 + scoring, {args.images} images",
+             "encode_s": encoded, "total_s": total, "images_per_s": args.images / total,
+             "finite": bool(np.isfinite(report.maps).all())}]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.gpu", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", type=int, default=200, help="lot size")
+    p.add_argument("--query-images", type=int, default=16, help="query images of the kNN kernel row")
+    p.add_argument("--tokens", type=int, default=1369)
+    p.add_argument("--channels", type=int, default=1024)
+    p.add_argument("--map-size", type=int, default=518)
+    p.add_argument("--model", default="ViT-L-14-336")
+    p.add_argument("--image-size", type=int, default=518)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--skip", nargs="*", default=[], choices=["kernels", "lot", "end-to-end"])
+    p.add_argument("--dry-run", action="store_true", help="tiny sizes on the CPU: checks the script, measures nothing")
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    if args.dry_run:
+        args.images, args.query_images, args.tokens, args.channels = 6, 2, 16, 32
+        args.map_size, args.model, args.image_size, args.batch_size = 28, "tiny", 56, 4
+    dev = Device(args.dry_run)
+    rng = np.random.default_rng(0)
+    rows = []
+    for name, fn in (("kernels", lambda: kernel_rows(dev, args, rng)), ("lot", lambda: lot_rows(dev, args)),
+                     ("end-to-end", lambda: end_to_end_rows(dev, args))):
+        if name in args.skip:
+            continue
+        print(f"running {name} ...", file=sys.stderr, flush=True)
+        rows += fn()
+    peak = dev.peak_memory_gb()
+    print(f"\n{'dry run on the CPU' if args.dry_run else 'GPU'}: {args.images}-image lot, L={args.tokens}, "
+          f"C={args.channels}")
+    for r in rows:
+        cells = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items() if k != "row")
+        print(f"- {r['row']}: {cells}")
+    print(f"peak GPU memory: {peak:.1f} GB")
+    for r in rows:
+        if "speedup" in r:
+            print(f"whole-lot scoring, torch cdist / ours: x{r['speedup']:.1f}")
+        if "of_peak" in r and "fused" in r["row"]:
+            print(f"fused kNN: {r['tflops']:.1f} TFLOP/s = {100 * r['of_peak']:.0f}% of the dense FP16 peak, "
+                  f"{100 * r['of_torch_fp16_matmul']:.0f}% of torch's FP16 matmul here")
+        if "images_per_s" in r:
+            print(f"end to end: {r['images_per_s']:.1f} images/s")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"rows": rows, "peak_gpu_gb": peak}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
