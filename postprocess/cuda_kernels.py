@@ -46,54 +46,37 @@ def _function(source: str, name: str):
         return cupy.RawModule(code=code, options=options, backend="nvcc").get_function(name)
 
 
-def _round_up(n: int, multiple: int) -> int:
-    return (n + multiple - 1) // multiple * multiple
-
-
-def _pad_channels(x, multiple: int = TILE):
-    """Zero channels up to a multiple of the tile: they leave every dot product as it was."""
-    import cupy
-
-    extra = _round_up(x.shape[-1], multiple) - x.shape[-1]
-    if extra == 0:
-        return x
-    return cupy.concatenate([x, cupy.zeros((*x.shape[:-1], extra), x.dtype)], axis=-1)
-
-
 def full_bank_scores(queries, bank, query_ids, bank_ids, k: int, budget_bytes: int):
     """``kernels.full_bank_scores`` on the GPU: WMMA tiles fused with the per-image maximum, then the interval
-    top-k. Only a block of per-image minima (rows x bank images, float32) is held, within half the budget."""
+    top-k. Queries and bank are read in place (float32 or float16; the kernel converts while staging its tiles):
+    the only intermediate is a block of per-image minima (rows x bank images, float32) within half the budget."""
     import cupy
 
-    n_query, length, _ = queries.shape
+    n_query, length, channels = queries.shape
     n_bank, per_image, _ = bank.shape
-    bank16 = _pad_channels(bank.astype(cupy.float16))
-    m_padded = _round_up(per_image, TILE)
-    if m_padded > per_image:  # repeat each image's first entry: a maximum cannot change
-        bank16 = cupy.concatenate([bank16, cupy.repeat(bank16[:, :1], m_padded - per_image, axis=1)], axis=1)
-    channels = bank16.shape[-1]
-    flat_bank = cupy.ascontiguousarray(bank16.reshape(n_bank * m_padded, channels))
+    if queries.dtype not in (cupy.float32, cupy.float16) or bank.dtype not in (cupy.float32, cupy.float16):
+        raise TypeError(f"fused kNN takes float32/float16, got {queries.dtype} and {bank.dtype}")
+    flat_queries = cupy.ascontiguousarray(queries).reshape(n_query * length, channels)
+    flat_bank = cupy.ascontiguousarray(bank).reshape(n_bank * per_image, channels)
+    if flat_queries.dtype == cupy.float16 and flat_bank.dtype == cupy.float32:
+        flat_queries = flat_queries.astype(cupy.float32)  # one instantiation fewer: this pairing never happens
+    name = {("float32", "float32"): "knn_image_min_f32_f32", ("float32", "float16"): "knn_image_min_f32_f16",
+            ("float16", "float16"): "knn_image_min_f16_f16"}[(flat_queries.dtype.name, flat_bank.dtype.name)]
+    knn = _function("knn.cu", name)
+    topk = _function("knn.cu", "interval_topk_mean")
     total = n_query * length
-    flat_queries = _pad_channels(queries.reshape(total, -1).astype(cupy.float16))
     row_ids = cupy.ascontiguousarray(cupy.repeat(query_ids.astype(cupy.int64), length))
     image_ids = cupy.ascontiguousarray(bank_ids.astype(cupy.int64))
     out = cupy.empty(total, dtype=cupy.float32)
-    rows = max(TILE, (budget_bytes // 2) // (4 * n_bank) // TILE * TILE)
-    knn = _function("knn.cu", "knn_image_min")
-    topk = _function("knn.cu", "interval_topk_mean")
+    rows = max(TILE * KNN_WARPS, (budget_bytes // 2) // (4 * n_bank))
     for r0 in range(0, total, rows):
-        r1 = min(total, r0 + rows)
-        count = r1 - r0
-        block = flat_queries[r0:r1]
-        if _round_up(count, TILE) > count:
-            block = cupy.concatenate([block, cupy.zeros((_round_up(count, TILE) - count, channels), cupy.float16)])
-        block = cupy.ascontiguousarray(block)
+        count = min(total, r0 + rows) - r0
         minima = cupy.empty((count, n_bank), dtype=cupy.float32)
         grid = (math.ceil(count / (TILE * KNN_WARPS)), n_bank)
-        knn(grid, (32 * KNN_WARPS,), (block, flat_bank, minima, np.int32(count), np.int32(channels),
-                                     np.int32(n_bank), np.int32(m_padded)))
-        topk((math.ceil(count / 256),), (256,), (minima, row_ids[r0:r1], image_ids, out[r0:r1], np.int32(count),
-                                                 np.int32(n_bank), np.int32(k)))
+        knn(grid, (32 * KNN_WARPS,), (flat_queries[r0:r0 + count], flat_bank, minima, np.int32(count),
+                                     np.int32(channels), np.int32(n_bank), np.int32(per_image)))
+        topk((math.ceil(count / 256),), (256,), (minima, row_ids[r0:r0 + count], image_ids, out[r0:r0 + count],
+                                                 np.int32(count), np.int32(n_bank), np.int32(k)))
     return out.reshape(n_query, length)
 
 

@@ -77,3 +77,33 @@ def test_fused_pooling_subtraction_fusion_and_upsampling_match_numpy():
     np.testing.assert_allclose(cupy.asnumpy(cuda_kernels.upsample_bilinear(cupy.asarray(scores).reshape(3, 7, 9),
                                                                            (50, 61))),
                                K.patch_scores_to_maps(scores, (7, 9), (50, 61), 0.0), atol=1e-5)
+
+
+@needs_gpu
+def test_fused_knn_stays_within_the_memory_budget_for_a_500_image_lot():
+    """The CuPy memory pool sees every allocation: a hook keeps the high-water mark of what is in use."""
+
+    class Peak(cupy.cuda.MemoryHook):
+        name = "peak"
+
+        def __init__(self):
+            self.in_use = self.peak = 0
+
+        def malloc_postprocess(self, device_id, size, mem_size, mem_ptr, pmem_id):
+            self.in_use += mem_size
+            self.peak = max(self.peak, self.in_use)
+
+        def free_postprocess(self, device_id, mem_size, mem_ptr, pmem_id):
+            self.in_use -= mem_size
+
+    rng = np.random.default_rng(3)
+    feats = cupy.asarray(unit_rows(rng, 500, 16, 32))
+    bank = feats.astype(cupy.float16)
+    ids = cupy.arange(500)
+    budget = 256 << 10
+    with Peak() as hook:
+        out = cuda_kernels.full_bank_scores(feats, bank, ids, ids, 30, budget)
+    assert hook.peak - out.nbytes <= budget, hook.peak
+    np.testing.assert_allclose(cupy.asnumpy(out), K.full_bank_scores(cupy.asnumpy(feats), cupy.asnumpy(bank),
+                                                                      np.arange(500), np.arange(500), 30, 1 << 30),
+                               atol=2e-3)

@@ -1,13 +1,11 @@
 // Cosine kNN against a full bank, fused: FP16 tensor-core tiles (WMMA 16x16x16, FP32 accumulation) of
 // query . bank-entry products, reduced on the fly to the best match per bank image, then the interval average
-// over the k nearest bank images. No similarity block ever reaches global memory.
+// over the k nearest bank images. No similarity block ever reaches global memory, and nothing is copied or padded
+// beforehand: each warp stages its 16x16 tiles in shared memory, converting to half and filling zeros past the ends.
 //
-// Layouts (row-major, contiguous):
-//   queries  (rows_padded, channels) half, rows_padded = rows rounded up to 16 (padding rows are zeros)
-//   bank     (n_images * m_padded, channels) half; each image's m entries padded to m_padded (a multiple of 16)
-//            with copies of its first entry, which cannot change a maximum
-//   minima   (rows, n_images) float: 1 - max_j cos(query, entry j of the image)
-// channels is a multiple of 16 (the caller pads with zeros, which leave every product unchanged).
+// Layouts (row-major, contiguous): queries (rows, channels), float or half; bank (n_images * per_image, channels),
+// float or half, image b's entries at rows [b * per_image, (b + 1) * per_image); minima (rows, n_images) float:
+// 1 - max_j (query . entry j of the image).
 #include <mma.h>
 #include <cuda_fp16.h>
 
@@ -15,11 +13,33 @@ using namespace nvcuda;
 
 #define KNN_WARPS 4
 
-extern "C" __global__ void knn_image_min(const __half* __restrict__ queries, const __half* __restrict__ bank,
-                                         float* __restrict__ minima, int rows, int channels, int n_images,
-                                         int m_padded)
+__device__ __forceinline__ __half to_half(float v) { return __float2half(v); }
+__device__ __forceinline__ __half to_half(__half v) { return v; }
+
+// Copy a 16 x 16 block (16 rows from `first`, 16 channels from c0) into shared memory as half, row by row; rows at
+// or past `row_end` and channels at or past `channels` read as zero. Each of the 32 lanes moves 8 values.
+template <typename T>
+__device__ __forceinline__ void stage_tile(__half* tile, const T* __restrict__ src, long long first, long long row_end,
+                                           int channels, int c0, int lane)
 {
-    __shared__ float tile[KNN_WARPS][16][16];
+    const int r = lane / 2;
+    const int c = (lane % 2) * 8;
+    const long long row = first + r;
+    for (int t = 0; t < 8; ++t) {
+        const int ch = c0 + c + t;
+        tile[r * 16 + c + t] = (row < row_end && ch < channels) ? to_half(src[row * channels + ch]) : __float2half(0.0f);
+    }
+}
+
+#define ENTRY_TILES 4  // entry tiles per pass: each staged query tile feeds four products
+
+template <typename TQ, typename TB>
+__device__ void knn_image_min_impl(const TQ* __restrict__ queries, const TB* __restrict__ bank,
+                                   float* __restrict__ minima, int rows, int channels, int n_images, int per_image)
+{
+    __shared__ __align__(32) __half a_tile[KNN_WARPS][256];
+    __shared__ __align__(32) __half b_tile[KNN_WARPS][ENTRY_TILES][256];
+    __shared__ __align__(32) float products[KNN_WARPS][256];
     const int warp = threadIdx.x / 32;
     const int lane = threadIdx.x % 32;
     const int row0 = (blockIdx.x * KNN_WARPS + warp) * 16;
@@ -27,34 +47,65 @@ extern "C" __global__ void knn_image_min(const __half* __restrict__ queries, con
     if (row0 >= rows) {
         return;  // no block-wide synchronisation below: a warp may leave alone
     }
-    const __half* a_base = queries + (size_t)row0 * channels;
-    const __half* image_base = bank + (size_t)image * m_padded * channels;
+    const long long image_first = (long long)image * per_image;
+    const long long image_end = image_first + per_image;
     float best = -INFINITY;  // lanes 0..15: the running best product of row row0 + lane
-    for (int e0 = 0; e0 < m_padded; e0 += 16) {
-        wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-        wmma::fill_fragment(acc, 0.0f);
-        const __half* b_base = image_base + (size_t)e0 * channels;
+    for (int e0 = 0; e0 < per_image; e0 += 16 * ENTRY_TILES) {
+        wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[ENTRY_TILES];
+        for (int t = 0; t < ENTRY_TILES; ++t) {
+            wmma::fill_fragment(acc[t], 0.0f);
+        }
         for (int c0 = 0; c0 < channels; c0 += 16) {
-            wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> a;
-            // entries are rows of the bank: read as a column-major K x N block, column n = entry e0 + n
-            wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::col_major> b;
-            wmma::load_matrix_sync(a, a_base + c0, channels);
-            wmma::load_matrix_sync(b, b_base + c0, channels);
-            wmma::mma_sync(acc, a, b, acc);
-        }
-        wmma::store_matrix_sync(&tile[warp][0][0], acc, 16, wmma::mem_row_major);
-        __syncwarp();
-        if (lane < 16) {
-            for (int j = 0; j < 16; ++j) {
-                best = fmaxf(best, tile[warp][lane][j]);
+            stage_tile(a_tile[warp], queries, row0, rows, channels, c0, lane);
+            for (int t = 0; t < ENTRY_TILES; ++t) {
+                stage_tile(b_tile[warp][t], bank, image_first + e0 + 16 * t, image_end, channels, c0, lane);
             }
+            __syncwarp();
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> a;
+            wmma::load_matrix_sync(a, a_tile[warp], 16);
+            for (int t = 0; t < ENTRY_TILES; ++t) {
+                // b_tile holds 16 entries x 16 channels: as a column-major K x N block, column n is an entry
+                wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::col_major> b;
+                wmma::load_matrix_sync(b, b_tile[warp][t], 16);
+                wmma::mma_sync(acc[t], a, b, acc[t]);
+            }
+            __syncwarp();
         }
-        __syncwarp();
+        for (int t = 0; t < ENTRY_TILES; ++t) {
+            wmma::store_matrix_sync(products[warp], acc[t], 16, wmma::mem_row_major);
+            __syncwarp();
+            if (lane < 16) {
+                // entries past the image's end (zeros, or the next image's) are not its own
+                const int valid = min(16, per_image - (e0 + 16 * t));
+                for (int j = 0; j < valid; ++j) {
+                    best = fmaxf(best, products[warp][lane * 16 + j]);
+                }
+            }
+            __syncwarp();
+        }
     }
     const int row = row0 + lane;
     if (lane < 16 && row < rows) {
         minima[(size_t)row * n_images + image] = 1.0f - best;
     }
+}
+
+extern "C" __global__ void knn_image_min_f32_f32(const float* queries, const float* bank, float* minima, int rows,
+                                                 int channels, int n_images, int per_image)
+{
+    knn_image_min_impl(queries, bank, minima, rows, channels, n_images, per_image);
+}
+
+extern "C" __global__ void knn_image_min_f32_f16(const float* queries, const __half* bank, float* minima, int rows,
+                                                 int channels, int n_images, int per_image)
+{
+    knn_image_min_impl(queries, bank, minima, rows, channels, n_images, per_image);
+}
+
+extern "C" __global__ void knn_image_min_f16_f16(const __half* queries, const __half* bank, float* minima, int rows,
+                                                 int channels, int n_images, int per_image)
+{
+    knn_image_min_impl(queries, bank, minima, rows, channels, n_images, per_image);
 }
 
 #define MAX_K 64
