@@ -107,25 +107,56 @@ class ScoreService:
     def score(self, bank_id: str, layer_tokens, patch_embeds, image_embeds, images) -> tuple[np.ndarray, np.ndarray]:
         """(B, H, W) float16 maps and (B,) float32 scores for one bank (inputs as ``check_request`` accepts)."""
         bank = self.bank(bank_id)
+        self.check_against_bank(bank, layer_tokens, patch_embeds, image_embeds, images)
         grid = bank.grid
-        if layer_tokens.shape[2] != grid[0] * grid[1]:
-            raise BankError(f"bank {bank_id!r} expects {grid[0]}x{grid[1]} patches per image, the encoder gave "
-                            f"{layer_tokens.shape[2]}: was the bank built with another encoder?")
         xp = self.xp
         features = Features(xp.asarray(layer_tokens), xp.asarray(patch_embeds), xp.asarray(image_embeds), grid)
         ids = bank.query_ids([image_key(img) for img in images])
         result = score_with_bank(bank, features, ids, tuple(images.shape[1:3]), self.host)
         return K.to_numpy(result.maps).astype(np.float16), K.to_numpy(result.scores).astype(np.float32)
 
-    @staticmethod
-    def check_request(req: dict) -> None:
-        """Types and shapes of one request, checked alone so that a bad request cannot spoil a batch."""
+    def check_request(self, req: dict) -> None:
+        """Types, shapes and values of one request against the encoder contract, checked alone so that a bad request
+        cannot spoil a batch (the bank's own checks follow in ``check_against_bank``)."""
         for name in (C.IMAGES, *C.VISION_OUTPUTS):
             C.check_tensor(name, req[name])
-        if req[C.IMAGES].shape[-1] != 3:
-            raise RequestError(f"input '{C.IMAGES}' must be RGB [B,H,W,3], got {list(req[C.IMAGES].shape)}")
+        images, layer_tokens = req[C.IMAGES], req[C.LAYER_TOKENS]
+        patch_embeds, image_embeds = req[C.PATCH_EMBEDS], req[C.IMAGE_EMBEDS]
+        if images.shape[-1] != 3:
+            raise RequestError(f"input '{C.IMAGES}' must be RGB [B,H,W,3], got {list(images.shape)}")
         if len({len(req[k]) for k in (C.IMAGES, *C.VISION_OUTPUTS)}) != 1:
             raise RequestError("inputs disagree on the number of images")
+        taps = len(self.encoder.get("taps", ())) or layer_tokens.shape[1]
+        if layer_tokens.shape[1] != taps:
+            raise RequestError(f"input '{C.LAYER_TOKENS}' must hold {taps} layers (the encoder's taps "
+                               f"{self.encoder.get('taps')}), got {layer_tokens.shape[1]}")
+        if patch_embeds.shape[1] != layer_tokens.shape[2] or patch_embeds.shape[2] != image_embeds.shape[1]:
+            raise RequestError(f"inputs disagree: '{C.LAYER_TOKENS}' {list(layer_tokens.shape)}, '{C.PATCH_EMBEDS}' "
+                               f"{list(patch_embeds.shape)}, '{C.IMAGE_EMBEDS}' {list(image_embeds.shape)}: patches "
+                               "(L) and the embedding width (D) must match")
+        for name in C.VISION_OUTPUTS:
+            xp = K.get_xp(req[name])
+            if not bool(xp.isfinite(req[name]).all()):
+                raise RequestError(f"input '{name}' holds NaN or infinite values: the encoder output is broken")
+
+    @staticmethod
+    def check_against_bank(bank, layer_tokens, patch_embeds, image_embeds, images) -> None:
+        """What a bank expects: its patch grid, its feature widths and its image size (which sets the map size)."""
+        name = bank.manifest["bank"]
+        (h, w), size = bank.grid, tuple(bank.manifest["image_size"])
+        if layer_tokens.shape[2] != h * w:
+            raise BankError(f"bank {name!r} expects {h}x{w} patches per image, the encoder gave "
+                            f"{layer_tokens.shape[2]}: was the bank built with another encoder?")
+        widths = {int(v.shape[-1]) for v in (*bank.full.values(), *bank.normal.values())}
+        if widths and widths != {int(layer_tokens.shape[3])}:
+            raise BankError(f"bank {name!r} holds features {widths.pop()} wide, '{C.LAYER_TOKENS}' are "
+                            f"{layer_tokens.shape[3]}: was the bank built with another encoder?")
+        if bank.text_embeds is not None and int(bank.text_embeds.shape[-1]) != int(image_embeds.shape[1]):
+            raise BankError(f"bank {name!r} has {bank.text_embeds.shape[-1]}-wide text embeddings, the image "
+                            f"embeddings are {image_embeds.shape[1]} wide: was the bank built with another encoder?")
+        if tuple(images.shape[1:3]) != size:
+            raise BankError(f"bank {name!r} scores {size[0]}x{size[1]} images (the size it was built at, which sets "
+                            f"the map size), got {images.shape[1]}x{images.shape[2]}: resize them first")
 
     def score_requests(self, requests: list[dict]) -> list:
         """Score several requests (dicts of the model's inputs), grouping items of the same bank into one call.
@@ -147,6 +178,22 @@ class ScoreService:
             except Exception as err:
                 results[i] = err
         for bank_id, members in groups.items():
+            try:
+                bank = self.bank(bank_id)
+            except Exception as err:
+                for i in members:
+                    results[i] = err
+                continue
+            valid = []
+            for i in members:  # each request against the bank alone, before they are scored together
+                try:
+                    self.check_against_bank(bank, *(requests[i][k] for k in (*C.VISION_OUTPUTS, C.IMAGES)))
+                    valid.append(i)
+                except Exception as err:
+                    results[i] = err
+            members = valid
+            if not members:
+                continue
             try:
                 parts = {k: K.get_xp(requests[members[0]][k]).concatenate([requests[i][k] for i in members])
                          for k in (*C.VISION_OUTPUTS, C.IMAGES)}

@@ -3,6 +3,7 @@ atomic, refuses other encoders and bad ids, and keeps the previous bank when a b
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -283,3 +284,34 @@ def test_manifest_is_json_and_tensors_safetensors(scorer, tiny, tmp_path):
     with open(folder / "bank.safetensors", "rb") as f:
         header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
     assert header["full.r1"]["dtype"] == "F16" and header["full.r1"]["shape"][:2] == [4, len(scorer.images)]
+
+
+def test_score_requests_are_checked_against_the_contract_and_the_bank_one_by_one(scorer, tiny, lot, tmp_path):
+    store = BankStore(tmp_path)
+    bank, _ = build_bank(scorer, PAClipConfig(), "washer", tiny.fingerprint)
+    store.save(bank)
+    service = ScoreService(store, tiny.fingerprint, HostSettings(array_module="numpy"))
+    features = tiny.encode(lot[:2])
+    good = {**features.outputs(), "images": lot[:2], "bank": np.array([[b"washer"]] * 2)}
+    nan_tokens = features.layer_tokens.copy()
+    nan_tokens[0, 0, 0, 0] = np.nan
+    inf_cls = features.image_embeds.copy()
+    inf_cls[1, 3] = np.inf
+    bad = {
+        "NaN or infinite": dict(good, layer_tokens=nan_tokens),
+        "'image_embeds' holds NaN": dict(good, image_embeds=inf_cls),
+        "must hold 4 layers": dict(good, layer_tokens=features.layer_tokens[:, :2].copy()),
+        "features 64 wide": dict(good, layer_tokens=np.zeros((2, 4, 64, 32), np.float16)),
+        "patches \\(L\\) and the embedding width": dict(good, patch_embeds=features.patch_embeds[:, :, :16].copy()),
+        "scores 112x112 images": dict(good, images=np.zeros((2, 1, 1, 3), np.uint8)),
+        "expects 8x8 patches": dict(good, layer_tokens=features.layer_tokens[:, :, :60].copy(),
+                                    patch_embeds=features.patch_embeds[:, :60].copy()),
+    }
+    results = service.score_requests([good, *bad.values(), good])
+    for (message, _), result in zip(bad.items(), results[1:-1]):
+        assert isinstance(result, RequestError), (message, result)
+        assert re.search(message, str(result)), (message, str(result))
+    # the good requests around them are scored, as if alone
+    alone = service.score_requests([good])[0]
+    for result in (results[0], results[-1]):
+        np.testing.assert_array_equal(result[0], alone[0])
