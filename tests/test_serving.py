@@ -105,7 +105,7 @@ def test_bank_list_info_delete(server, built, lot):
     client.close()
 
 
-def test_bad_requests_get_clear_errors_and_the_server_keeps_serving(server, built, lot):
+def test_bad_requests_get_clear_errors_and_the_server_keeps_serving(server, repository, built, lot):
     import tritonclient.http as httpclient
 
     client = PAClipClient(server.http_url)
@@ -139,6 +139,32 @@ def test_bad_requests_get_clear_errors_and_the_server_keeps_serving(server, buil
         client.add_images("washer2", "washer", np.zeros((1, 64, 64, 3), np.uint8))
     with pytest.raises(ClientError, match="unknown action"):
         client.bank_action("compact", "washer")
+    # pa_clip_score is reachable on its own: what it is sent is checked against the contract and the bank
+    from export.backbones import OnnxBackbone
+
+    features = OnnxBackbone.from_repository(repository).encode(lot[:1])
+
+    def scorer(**override):
+        tensors = {**features.outputs(), "images": lot[:1], **override}
+        inputs = []
+        for name, array in tensors.items():
+            tensor = httpclient.InferInput(name, list(array.shape), {np.float16: "FP16", np.float32: "FP32",
+                                                                     np.uint8: "UINT8"}[array.dtype.type])
+            tensor.set_data_from_numpy(array)
+            inputs.append(tensor)
+        b = httpclient.InferInput("bank", [1, 1], "BYTES")
+        b.set_data_from_numpy(np.array([[b"washer"]], dtype=np.object_))
+        return raw.infer("pa_clip_score", inputs + [b])
+
+    nan_tokens = features.layer_tokens.copy()
+    nan_tokens[..., 0] = np.nan
+    with pytest.raises(InferenceServerException, match="'layer_tokens' holds NaN or infinite values"):
+        scorer(layer_tokens=nan_tokens)
+    with pytest.raises(InferenceServerException, match="must hold 4 layers"):
+        scorer(layer_tokens=features.layer_tokens[:, :2].copy())
+    with pytest.raises(InferenceServerException, match="scores 112x112 images"):
+        scorer(images=np.zeros((1, 1, 1, 3), np.uint8))
+    assert scorer().as_numpy("anomaly_map").shape == (1, SIZE, SIZE)
     # still serving, and the bank is untouched
     maps, scores = client.score(lot[:2], "washer")
     assert maps.shape == (2, SIZE, SIZE) and np.isfinite(scores).all()
