@@ -85,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images scoring above this are marked 'anomalous' in results.csv")
     p.add_argument("--url", default=None, help="server address (default 127.0.0.1:8000 for http, :8001 for grpc)")
     p.add_argument("--protocol", choices=["http", "grpc"], default="http")
+    p.add_argument("--key", default=None, help="the server's access key (default: $PA_CLIP_KEY; needed when the "
+                   "server was started off loopback)")
     p.add_argument("--concurrency", type=int, default=4, help="requests in flight")
     p.add_argument("--batch-size", type=int, default=1, help="images per scoring request")
     p.add_argument("--shared-memory", action="store_true",
@@ -130,7 +132,7 @@ def score_all(args, loaded: list, bank: str, value_range: tuple[float, float], o
 
     def client() -> PAClipClient:
         if not hasattr(local, "client"):
-            local.client = PAClipClient(args.url, args.protocol, args.timeout, args.shared_memory)
+            local.client = PAClipClient(args.url, args.protocol, args.timeout, args.shared_memory, args.key)
             with lock:
                 clients.append(local.client)
         return local.client
@@ -217,7 +219,7 @@ def main(argv=None) -> int:
         return 2
     root = Path(args.images).resolve() if Path(args.images).is_dir() else None
     try:
-        client = PAClipClient(args.url, args.protocol, args.timeout)
+        client = PAClipClient(args.url, args.protocol, args.timeout, key=args.key)
         client.check_ready()
         encoder = client.encoder()
         size = int(encoder["encoder"]["image_size"])

@@ -10,7 +10,9 @@ import uuid
 
 import numpy as np
 
-from postprocess.contract import ANOMALY_MAP, BANK, BANK_MODEL, ENSEMBLE, IMAGES, SCORE
+import os
+
+from postprocess.contract import ACCESS_KEY_ENV, ACCESS_KEY_HEADER, ANOMALY_MAP, BANK, BANK_MODEL, ENSEMBLE, IMAGES, SCORE
 
 DEFAULT_URLS = {"http": "127.0.0.1:8000", "grpc": "127.0.0.1:8001"}
 
@@ -38,7 +40,12 @@ def _message(err) -> str:
 
 class PAClipClient:
     def __init__(self, url: str | None = None, protocol: str = "http", timeout_s: float = 3600.0,
-                 shared_memory: bool = False):
+                 shared_memory: bool = False, key: str | None = None):
+        """``key``: the server's access key (default: $PA_CLIP_KEY), sent with every request."""
+        key = key if key is not None else os.environ.get(ACCESS_KEY_ENV, "")
+        # Triton's gRPC frontend looks for restricted-protocol keys under this prefix
+        header = ACCESS_KEY_HEADER if protocol == "http" else f"triton-grpc-protocol-{ACCESS_KEY_HEADER}"
+        self.headers = {header: key} if key else None
         self.protocol = protocol
         self.url = url or DEFAULT_URLS[protocol]
         self._tc, self._error = _modules(protocol)
@@ -58,8 +65,9 @@ class PAClipClient:
     # -- server --------------------------------------------------------------------------------------------
     def check_ready(self) -> None:
         try:
-            ready = self.client.is_server_ready() and self.client.is_model_ready(ENSEMBLE) and \
-                self.client.is_model_ready(BANK_MODEL)
+            ready = self.client.is_server_ready(headers=self.headers) and \
+                self.client.is_model_ready(ENSEMBLE, headers=self.headers) and \
+                self.client.is_model_ready(BANK_MODEL, headers=self.headers)
         except Exception as err:
             raise ClientError(f"no Triton server answers at {self.url} ({self.protocol}): {_message(err)}. "
                               "Start one with `python -m serve` (see README)") from err
@@ -91,7 +99,7 @@ class PAClipClient:
             inputs.append(tensor)
         try:
             kwargs = {} if self.protocol == "http" else {"client_timeout": self.timeout_s}
-            result = self.client.infer(BANK_MODEL, inputs, **kwargs)
+            result = self.client.infer(BANK_MODEL, inputs, headers=self.headers, **kwargs)
         except self._error as err:
             raise ClientError(_message(err)) from err
         raw = result.as_numpy("result").reshape(-1)[0]
@@ -135,7 +143,7 @@ class PAClipClient:
             return self._score_shm(images, image_input, bank_input, outputs)
         image_input.set_data_from_numpy(images)
         try:
-            result = self.client.infer(ENSEMBLE, [image_input, bank_input], outputs=outputs)
+            result = self.client.infer(ENSEMBLE, [image_input, bank_input], outputs=outputs, headers=self.headers)
         except self._error as err:
             raise ClientError(_message(err)) from err
         return result.as_numpy(ANOMALY_MAP).astype(np.float32), result.as_numpy(SCORE).reshape(-1)
@@ -154,7 +162,7 @@ class PAClipClient:
                 name = f"pa_clip_{key}_{tag}"
                 handle = shm.create_shared_memory_region(name, f"/{name}", size)
                 regions[key] = (name, handle, size)
-                self.client.register_system_shared_memory(name, f"/{name}", size)
+                self.client.register_system_shared_memory(name, f"/{name}", size, headers=self.headers)
             self._shm = (regions, n, images.shape[1:])
         regions = self._shm[0]
         shm.set_shared_memory_region(regions["in"][1], [images])
@@ -162,7 +170,7 @@ class PAClipClient:
         outputs[0].set_shared_memory(regions["map"][0], h * w * 2 * n)
         outputs[1].set_shared_memory(regions["score"][0], 4 * n)
         try:
-            self.client.infer(ENSEMBLE, [image_input, bank_input], outputs=outputs)
+            self.client.infer(ENSEMBLE, [image_input, bank_input], outputs=outputs, headers=self.headers)
         except self._error as err:
             raise ClientError(_message(err)) from err
         maps = shm.get_contents_as_numpy(regions["map"][1], np.float16, [n, h, w]).astype(np.float32)
@@ -176,7 +184,7 @@ class PAClipClient:
 
         for name, handle, _ in self._shm[0].values():
             try:
-                self.client.unregister_system_shared_memory(name)
+                self.client.unregister_system_shared_memory(name, headers=self.headers)
             except Exception:  # the server may be gone already; the local region still goes
                 pass
             shm.destroy_shared_memory_region(handle)

@@ -40,6 +40,10 @@ BANK = "bank"  # BYTES [B,1]: the bank id of each image
 ANOMALY_MAP = "anomaly_map"  # FP16 [B,H,W]
 SCORE = "score"  # FP32 [B,1]
 
+# -- access ---------------------------------------------------------------------------------------------------------
+ACCESS_KEY_HEADER = "pa-clip-key"  # HTTP header / gRPC metadata carrying the server's access key
+ACCESS_KEY_ENV = "PA_CLIP_KEY"  # where python -m serve, client/infer.py and the benchmarks read it by default
+
 # -- fingerprint --------------------------------------------------------------------------------------------------
 ENCODER_FILE = "encoder.json"  # beside each encoder model in the repository
 FINGERPRINT_KEY = "pa_clip.encoder"  # ONNX metadata_props key holding the same JSON

@@ -1,17 +1,22 @@
 """python -m serve: serve a model repository with a local tritonserver until Ctrl-C.
 
-Binds 127.0.0.1 by default (HTTP 8000, gRPC 8001, metrics 8002). Use --host 0.0.0.0 to accept other machines;
-there is no authentication, so only do that on a trusted network.
+Binds 127.0.0.1 by default (HTTP 8000, gRPC 8001, metrics 8002 on loopback). Off loopback (--host 0.0.0.0) it needs
+an access key (--key, or $PA_CLIP_KEY): inference, bank actions and every administrative API then answer only
+requests carrying it (header / gRPC metadata "pa-clip-key"; client/infer.py and the benchmarks send $PA_CLIP_KEY).
+Health stays open for probes; the metrics port stays on loopback unless --metrics-host says otherwise.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import time
 
-from .local import LocalServer, ServerError
+from postprocess.contract import ACCESS_KEY_ENV
+
+from .local import LocalServer, ServerError, is_loopback
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,6 +25,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repository", default="model_repository", help="model repository (what `python -m export` wrote)")
     p.add_argument("--banks", default="banks", help="bank store folder (created if missing; survives restarts)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--key", default=None,
+                   help=f"access key every request must carry (default: ${ACCESS_KEY_ENV}); required off loopback")
+    p.add_argument("--insecure", action="store_true", help="off loopback without a key: anyone who reaches the "
+                   "port can score, build and delete banks")
+    p.add_argument("--metrics-host", default="127.0.0.1", help="address of the metrics port (it cannot check a key)")
     p.add_argument("--http-port", type=int, default=8000)
     p.add_argument("--grpc-port", type=int, default=8001)
     p.add_argument("--metrics-port", type=int, default=8002)
@@ -31,9 +41,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    key = args.key if args.key is not None else os.environ.get(ACCESS_KEY_ENV) or None
+    if not is_loopback(args.host) and not key and not args.insecure:
+        print(f"error: --host {args.host} opens the server to other machines: give an access key (--key or "
+              f"${ACCESS_KEY_ENV}; clients send it with the same variable), or --insecure on a network you trust",
+              file=sys.stderr)
+        return 2
     try:
         server = LocalServer(args.repository, args.banks, args.host, args.http_port, args.grpc_port,
-                             args.metrics_port, args.log, log_verbose=args.verbose)
+                             args.metrics_port, args.log, log_verbose=args.verbose, key=key,
+                             metrics_host=args.metrics_host)
         print(f"starting tritonserver on {args.host} (log: {server.log_file}) ...", file=sys.stderr, flush=True)
         start = time.monotonic()
         server.start(args.ready_timeout)
@@ -41,7 +58,8 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"ready in {time.monotonic() - start:.1f} s: HTTP {server.http_url}, gRPC {server.grpc_url}, "
-          f"metrics {args.host}:{args.metrics_port}; banks in {server.banks}. Ctrl-C stops it.",
+          f"metrics {args.metrics_host}:{args.metrics_port}; banks in {server.banks}"
+          f"{'; access key required' if key else ''}. Ctrl-C stops it.",
           file=sys.stderr, flush=True)
     stopping = []
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
 import signal
 import socket
@@ -28,11 +29,23 @@ import urllib.request
 import uuid
 from pathlib import Path
 
+from postprocess.contract import ACCESS_KEY_HEADER
+
 HERE = Path(__file__).resolve().parent
 SHM_DIR = Path("/dev/shm")
 # Lines the CPU-only server prints at every start; they are not why a start failed.
 BENIGN = ("CudaDriverHelper", "Failed to initialize NVML", "DCGM", "unable to create stream", "CUDA driver",
           "pinned memory", "cuda memory pool", "GPU metrics")
+
+
+KEY_PATTERN = re.compile(r"^[A-Za-z0-9_-]{16,128}$")
+# Every API Triton can restrict, except health: probes (Kubernetes, load balancers) carry no key.
+RESTRICTED_APIS = ("metadata", "inference", "shared-memory", "model-config", "model-repository", "statistics",
+                   "trace", "logging")
+
+
+def is_loopback(host: str) -> bool:
+    return host in ("localhost", "::1") or host.startswith("127.")
 
 
 class ServerError(RuntimeError):
@@ -114,7 +127,11 @@ class LocalServer:
 
     def __init__(self, repository: str | Path, banks: str | Path | None = None, host: str = "127.0.0.1",
                  http_port: int = 8000, grpc_port: int = 8001, metrics_port: int = 8002,
-                 log_file: str | Path | None = None, extra_args: list[str] | None = None, log_verbose: int = 0):
+                 log_file: str | Path | None = None, extra_args: list[str] | None = None, log_verbose: int = 0,
+                 key: str | None = None, metrics_host: str = "127.0.0.1"):
+        """``key``: when given, every API but health (inference, bank actions, metadata, shared memory, model
+        control, statistics, trace, logging) answers only requests carrying it in the ``pa-clip-key`` header (HTTP)
+        or metadata (gRPC). The metrics port cannot check a key: it stays on ``metrics_host`` (loopback)."""
         self.repository = Path(repository).resolve()
         if not (self.repository.is_dir() and any(self.repository.glob("*/config.pbtxt"))):
             raise ServerError(f"{self.repository} is not a model repository (no */config.pbtxt): "
@@ -127,6 +144,11 @@ class LocalServer:
         self.runtime = Path(tempfile.mkdtemp(prefix="pa-clip-triton-"))
         self.log_file = Path(log_file) if log_file else self.runtime / "tritonserver.log"
         self.shm_prefix = f"pa_clip_{uuid.uuid4().hex[:12]}_"
+        if key is not None and not KEY_PATTERN.match(key):
+            raise ServerError("the access key must be 16-128 letters, digits, '-' or '_' (e.g. from "
+                              "`python -c 'import secrets; print(secrets.token_urlsafe(32))'`)")
+        self.key = key
+        self.metrics_host = metrics_host
         self.process: subprocess.Popen | None = None
 
     @property
@@ -143,12 +165,15 @@ class LocalServer:
         shm = [f"shm-region-prefix-name={self.shm_prefix}", "shm-default-byte-size=16777216",
                "shm-growth-byte-size=67108864"]
         args = [str(binary), "--model-repository", str(self.repository), "--backend-directory", str(backends),
-                "--http-address", self.host, "--grpc-address", self.host, "--metrics-address", self.host,
+                "--http-address", self.host, "--grpc-address", self.host, "--metrics-address", self.metrics_host,
                 "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port),
                 "--metrics-port", str(self.metrics_port), "--exit-on-error=true", "--strict-readiness=true",
                 f"--log-verbose={self.log_verbose}"]
         for backend in ("python", "onnxruntime"):
             args += [f"--backend-config={backend},{opt}" for opt in shm]
+        if self.key:
+            args += [f"--http-restricted-api={','.join(RESTRICTED_APIS)}:{ACCESS_KEY_HEADER}={self.key}",
+                     f"--grpc-restricted-protocol={','.join(RESTRICTED_APIS)}:{ACCESS_KEY_HEADER}={self.key}"]
         return args + self.extra_args
 
     def start(self, timeout: float = 300.0) -> "LocalServer":
