@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log", default=None, help="server log file (default: a temporary folder, printed at start)")
     p.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for every model to load")
     p.add_argument("--verbose", type=int, default=0, help="tritonserver --log-verbose level")
+    p.add_argument("--max-restarts", type=int, default=5,
+                   help="restart a tritonserver that dies, up to this many times within ten minutes")
     return p
 
 
@@ -47,6 +49,13 @@ def main(argv=None) -> int:
               f"${ACCESS_KEY_ENV}; clients send it with the same variable), or --insecure on a network you trust",
               file=sys.stderr)
         return 2
+    stopping = []
+
+    def stop_request(*_):
+        stopping.append(1)
+        raise KeyboardInterrupt  # also interrupts a start that is still waiting for readiness
+
+    signal.signal(signal.SIGTERM, stop_request)
     try:
         server = LocalServer(args.repository, args.banks, args.host, args.http_port, args.grpc_port,
                              args.metrics_port, args.log, log_verbose=args.verbose, key=key,
@@ -57,25 +66,51 @@ def main(argv=None) -> int:
     except ServerError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return 0  # LocalServer.start stopped what it had started
     print(f"ready in {time.monotonic() - start:.1f} s: HTTP {server.http_url}, gRPC {server.grpc_url}, "
           f"metrics {args.metrics_host}:{args.metrics_port}; banks in {server.banks}"
-          f"{'; access key required' if key else ''}. Ctrl-C stops it.",
-          file=sys.stderr, flush=True)
-    stopping = []
-    signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
+          f"{'; access key required' if key else ''}. Ctrl-C stops it.", file=sys.stderr, flush=True)
     try:
-        while not stopping:
-            if server.process.poll() is not None:
-                print(f"error: tritonserver exited with code {server.process.returncode}; see {server.log_file}",
-                      file=sys.stderr)
-                server.stop()
-                return 1
-            time.sleep(0.5)
+        return supervise(server, args)
     except KeyboardInterrupt:
         pass
-    print("stopping tritonserver ...", file=sys.stderr, flush=True)
-    server.stop()
+    finally:
+        print("stopping tritonserver ...", file=sys.stderr, flush=True)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        server.stop()
     return 0
+
+
+def supervise(server: LocalServer, args) -> int:
+    """Restart tritonserver when it dies (a crash, the OOM killer): back-off 1, 2, 4 ... 60 s, the reason logged;
+    banks are on disk and a build cut short leaves the previous version live. Gives up after --max-restarts deaths
+    within ten minutes."""
+    deaths: list[float] = []
+    while True:
+        if server.process is not None and server.process.poll() is None:
+            time.sleep(0.5)
+            continue
+        code = server.process.returncode if server.process is not None else -1  # -1: the last restart failed
+        errors = server.last_errors()
+        now = time.monotonic()
+        deaths = [t for t in deaths if now - t < 600] + [now]
+        reason = f"signal {code - 128}" if code > 128 else f"exit code {code}"
+        print(f"tritonserver died ({reason}); its last error lines: {errors[-3:] or 'none'}; full log: "
+              f"{server.log_file}", file=sys.stderr, flush=True)
+        if len(deaths) > args.max_restarts:
+            print(f"error: tritonserver died {len(deaths)} times in ten minutes; giving up", file=sys.stderr)
+            return 1
+        delay = min(60.0, 2.0 ** (len(deaths) - 1))
+        print(f"restarting in {delay:.0f} s (banks stay as they are in {server.banks}) ...", file=sys.stderr,
+              flush=True)
+        server.stop()  # what the dead server left: stubs, shared memory
+        time.sleep(delay)
+        try:
+            server.start(args.ready_timeout)
+            print(f"restarted: HTTP {server.http_url}, gRPC {server.grpc_url}", file=sys.stderr, flush=True)
+        except ServerError as err:
+            print(f"restart failed: {err}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

@@ -122,6 +122,27 @@ def error_lines(log_text: str, limit: int = 40) -> list[str]:
     return picked[-limit:]
 
 
+def reclaim_shared_memory() -> list[str]:
+    """Remove the /dev/shm regions of local servers whose owning process is gone (killed before it could clean up)."""
+    removed = []
+    for path in SHM_DIR.glob("pa_clip_*") if SHM_DIR.is_dir() else []:
+        match = re.match(r"^pa_clip_(\d+)_[0-9a-f]{12}_", path.name)
+        if match and not _alive(int(match.group(1))):
+            path.unlink(missing_ok=True)
+            removed.append(path.name)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class LocalServer:
     """``with LocalServer(repo) as server: ...`` or ``start()`` / ``stop()``."""
 
@@ -143,12 +164,14 @@ class LocalServer:
         self.log_verbose = log_verbose
         self.runtime = Path(tempfile.mkdtemp(prefix="pa-clip-triton-"))
         self.log_file = Path(log_file) if log_file else self.runtime / "tritonserver.log"
-        self.shm_prefix = f"pa_clip_{uuid.uuid4().hex[:12]}_"
+        # the owner's pid in the prefix: regions of servers whose owner is gone are reclaimed at the next start
+        self.shm_prefix = f"pa_clip_{os.getpid()}_{uuid.uuid4().hex[:12]}_"
         if key is not None and not KEY_PATTERN.match(key):
             raise ServerError("the access key must be 16-128 letters, digits, '-' or '_' (e.g. from "
                               "`python -c 'import secrets; print(secrets.token_urlsafe(32))'`)")
         self.key = key
         self.metrics_host = metrics_host
+        self.log_offset = 0  # where the current start's lines begin in the log
         self.process: subprocess.Popen | None = None
 
     @property
@@ -168,7 +191,8 @@ class LocalServer:
                 "--http-address", self.host, "--grpc-address", self.host, "--metrics-address", self.metrics_host,
                 "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port),
                 "--metrics-port", str(self.metrics_port), "--exit-on-error=true", "--strict-readiness=true",
-                f"--log-verbose={self.log_verbose}"]
+                # a stop waits this long for requests in flight (an idle keep-alive connection would hold it 30 s)
+                "--exit-timeout-secs=5", f"--log-verbose={self.log_verbose}"]
         for backend in ("python", "onnxruntime"):
             args += [f"--backend-config={backend},{opt}" for opt in shm]
         if self.key:
@@ -180,8 +204,12 @@ class LocalServer:
         if self.process is not None:
             raise ServerError("already started")
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        reclaim_shared_memory()
         log = open(self.log_file, "ab")
-        self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
+        self.log_offset = log.tell()
+        # the guardian leads the new process group and takes it down if this process dies, even by SIGKILL
+        guarded = [sys.executable, "-m", "serve.guardian", str(os.getpid()), "--", *self.command()]
+        self.process = subprocess.Popen(guarded, stdout=log, stderr=subprocess.STDOUT, cwd=HERE.parent,
                                         env=server_environment(self.banks), start_new_session=True)
         log.close()
         try:
@@ -214,8 +242,12 @@ class LocalServer:
         except FileNotFoundError:
             return ""
 
+    def last_errors(self) -> list[str]:
+        """The error lines of the current (or last) start."""
+        return error_lines(self.log_text()[self.log_offset:])
+
     def _failure(self, headline: str) -> str:
-        lines = error_lines(self.log_text())
+        lines = error_lines(self.log_text()[self.log_offset:])
         detail = "\n  ".join(lines) if lines else "(no error lines; full log: %s)" % self.log_file
         return f"{headline}. Server says:\n  {detail}\nFull log: {self.log_file}"
 

@@ -490,3 +490,76 @@ def test_serving_parity_benchmark_table(repository, workdir, capsys):
     assert float(rows[1].split("|")[3]) <= 0.5 * FLOAT16_HALF_ULP + BANK_STORAGE_TOL
     deltas = [float(row.split("|")[-2]) for row in rows[1:]]
     assert len(deltas) == 7 and max(abs(d) for d in deltas) < 1e-3
+
+
+def _tritonserver_pids(port: int) -> list[int]:
+    """tritonserver processes listening on ``port`` (read from their command lines)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if cmdline and cmdline[0].endswith(b"tritonserver") and str(port).encode() in cmdline:
+                pids.append(int(entry.name))
+    return pids
+
+
+def _group_alive(pgid: int) -> bool:
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if os.getpgid(int(entry.name)) == pgid:
+                    return True
+            except (ProcessLookupError, PermissionError):
+                continue
+    return False
+
+
+def _read_until(stream, text: str, timeout: float = 180) -> list[str]:
+    lines, deadline = [], time.monotonic() + timeout
+    for line in stream:
+        lines.append(line)
+        if text in line or time.monotonic() > deadline:
+            break
+    return lines
+
+
+def test_serve_restarts_a_dead_server_and_nothing_outlives_a_killed_serve(repository, workdir, lot):
+    import signal
+
+    http, grpc, metrics = free_ports(3)
+    banks = workdir / "banks_supervised"
+    proc = subprocess.Popen([sys.executable, "-m", "serve", "--repository", str(repository), "--banks", str(banks),
+                             "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics)],
+                            cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    try:
+        assert "ready in" in _read_until(proc.stderr, "ready in")[-1]
+        client = PAClipClient(f"127.0.0.1:{http}")
+        client.add_images("kept", "washer", lot[:4], reset=True)
+        built = client.build_bank("kept", {"mode": "mutual"})
+        client.close()
+        (server_pid,) = _tritonserver_pids(http)
+        os.kill(server_pid, signal.SIGKILL)  # a crash
+        lines = _read_until(proc.stderr, "restarted:")
+        text = "".join(lines)
+        assert "tritonserver died (signal 9)" in text and "restarting in 1 s" in text, text
+        client = PAClipClient(f"127.0.0.1:{http}")
+        assert client.bank_info("kept")["version"] == built["version"]  # banks intact
+        client.close()
+        (new_pid,) = _tritonserver_pids(http)
+        group = os.getpgid(new_pid)
+        proc.kill()  # kill -9 of python -m serve itself: its server, stubs and shared memory must not outlive it
+        proc.wait(10)
+        deadline = time.monotonic() + 30
+        while _group_alive(group) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _group_alive(group), "processes of the server outlived python -m serve"
+    finally:
+        proc.kill()
+    # the next start reclaims what the killed one left in /dev/shm
+    from serve.local import reclaim_shared_memory
+
+    reclaim_shared_memory()
+    assert not [p for p in Path("/dev/shm").glob(f"pa_clip_{proc.pid}_*")]
