@@ -5,11 +5,58 @@ folder. Readers see the old file or the whole new one, never a part; a crash lea
 from __future__ import annotations
 
 import os
+import re
+import socket
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable, Union
 
 Content = Union[bytes, str, Callable[[Path], None]]
+
+# Temporary names carry their owner (host and pid), so that a replica sharing the folder removes only leftovers whose
+# owner is provably gone: a dead process on this host, or (another host's) anything older than a cleaner's limit.
+HOST = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:32] or "host"
+_OWNED = re.compile(r"^\.tmp-([A-Za-z0-9]+)\.(\d+)-")
+
+
+def owner_tag() -> str:
+    return f"{HOST}.{os.getpid()}"
+
+
+def temp_name(name: str) -> str:
+    """The name of a temporary file or folder for ``name`` owned by this process."""
+    return f".tmp-{owner_tag()}-{name}"
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def owner_gone(host: str, pid: int, since: float, stale_after_s: float) -> bool:
+    """Whether the process that owns something is provably gone: on this host its pid is dead; on another host
+    nothing can be checked, so only a thing older than ``stale_after_s`` counts as abandoned."""
+    if host == HOST:
+        return not pid_alive(pid)
+    return time.time() - since > stale_after_s
+
+
+def is_dead_leftover(path: Path, stale_after_s: float) -> bool:
+    """A ``.tmp-*`` leftover whose writer is gone (names without an owner: by age alone)."""
+    try:
+        mtime = path.stat().st_mtime
+    except FileNotFoundError:
+        return False
+    match = _OWNED.match(path.name)
+    if match is None:
+        return time.time() - mtime > stale_after_s
+    return owner_gone(match.group(1), int(match.group(2)), mtime, stale_after_s)
 
 
 def fsync_dir(path: Path) -> None:
@@ -36,7 +83,7 @@ def write_atomic(path: str | Path, content: Content) -> Path:
     """Replace ``path`` with ``content`` atomically (see the module docstring)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=temp_name(path.name) + "-", dir=path.parent)
     os.close(fd)
     try:
         write_file(Path(tmp), content)

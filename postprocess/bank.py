@@ -27,13 +27,14 @@ import re
 import shutil
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from . import kernels as K
-from .atomic import fsync_dir, write_atomic
+from .atomic import HOST, fsync_dir, is_dead_leftover, owner_gone, temp_name, write_atomic
 from .config import PAClipConfig
 from .contract import IMAGES, TEXT_EMBEDS, VISION_OUTPUTS, Features, encoder_identity
 from .errors import RequestError
@@ -246,11 +247,19 @@ def _load_tensors(path: Path) -> tuple[dict, dict]:
 
 
 class BankStore:
-    """Banks on disk under ``root`` (see the module docstring for the layout)."""
+    """Banks on disk under ``root`` (see the module docstring for the layout).
 
-    def __init__(self, root: str | Path):
+    Several servers may share ``root`` (a shared volume): version names carry the host, temporary names their owner
+    (host and pid), ``clean`` removes only leftovers whose owner is provably gone, and a build holds
+    ``<bank>/.build-lock`` so that one bank id is built by one replica at a time.
+    """
+
+    STALE_AFTER_S = 6 * 3600  # a leftover or a lock of another host counts as abandoned after this long
+
+    def __init__(self, root: str | Path, pending_ttl_s: float = 24 * 3600):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        self.pending_ttl_s = pending_ttl_s  # a lot added but never built is removed after this long
 
     # -- committed banks --------------------------------------------------------------------------------------
     def _dir(self, bank_id: str) -> Path:
@@ -311,8 +320,9 @@ class BankStore:
         bank_id = check_bank_id(bank.manifest["bank"])
         folder = self._dir(bank_id)
         folder.mkdir(exist_ok=True)
-        version = f"v-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
-        staging = folder / f".tmp-{version}"
+        # unique across replicas on a shared volume: the host's name, then 48 random bits
+        version = f"v-{time.strftime('%Y%m%dT%H%M%S')}-{HOST}-{uuid.uuid4().hex[:12]}"
+        staging = folder / temp_name(version)
         staging.mkdir()
         try:
             manifest = {**bank.manifest, "version": version, "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
@@ -340,14 +350,56 @@ class BankStore:
         os.replace(folder, trash)  # gone for readers at once
         shutil.rmtree(trash, ignore_errors=True)
 
-    def clean(self) -> None:
-        """Remove what interrupted writes left behind (temporary folders and files); live banks are untouched."""
-        leftovers = [*self.root.glob(".trash-*"), *self.root.glob("*/.tmp-*"), *self.root.glob("*/lot/.tmp-*")]
+    def clean(self) -> list[str]:
+        """Remove what interrupted writes left behind and lots that were never built: only what provably has no
+        live writer (another replica's build in progress stays). Returns what it removed."""
+        leftovers = [*self.root.glob(".trash-*")]  # renamed away already: nobody reads or writes them
+        leftovers += [p for p in [*self.root.glob("*/.tmp-*"), *self.root.glob("*/lot/.tmp-*")]
+                      if is_dead_leftover(p, self.STALE_AFTER_S)]
         for path in leftovers:
             if path.is_dir():
                 shutil.rmtree(path, ignore_errors=True)
             else:
                 path.unlink(missing_ok=True)
+        return [str(p) for p in leftovers] + self.expire_pending()
+
+    # -- one build per bank id, across replicas ---------------------------------------------------------------
+    @contextmanager
+    def building(self, bank_id: str):
+        """Hold the build lock of ``bank_id``; a second build gets a clear "in progress" error."""
+        folder = self._dir(bank_id)
+        folder.mkdir(exist_ok=True)
+        lock = folder / ".build-lock"
+        for attempt in range(2):
+            try:
+                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                break
+            except FileExistsError:
+                holder = self._lock_holder(lock)
+                if attempt == 0 and owner_gone(holder.get("host", ""), int(holder.get("pid", 0)),
+                                               float(holder.get("started", 0)), self.STALE_AFTER_S):
+                    try:  # a dead build's lock: move it away (atomically: only one replica wins) and try again
+                        os.replace(lock, folder / f".trash-lock-{uuid.uuid4().hex[:8]}")
+                    except FileNotFoundError:
+                        pass
+                    continue
+                raise BankError(f"a build of bank {bank_id!r} is in progress (host {holder.get('host', '?')}, pid "
+                                f"{holder.get('pid', '?')}, started {holder.get('started_at', '?')}): wait for it to "
+                                "finish, or build under another bank id") from None
+        with os.fdopen(fd, "w") as f:
+            json.dump({"host": HOST, "pid": os.getpid(), "started": time.time(),
+                       "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, f)
+        try:
+            yield
+        finally:
+            lock.unlink(missing_ok=True)
+
+    @staticmethod
+    def _lock_holder(lock: Path) -> dict:
+        try:
+            return json.loads(lock.read_text())
+        except (OSError, ValueError):  # being written right now, or gone: treat as a live holder
+            return {"host": HOST, "pid": os.getpid(), "started": time.time()}
 
     # -- the pending lot --------------------------------------------------------------------------------------
     def _lot(self, bank_id: str) -> Path:
@@ -390,6 +442,28 @@ class BankStore:
 
     def clear_lot(self, bank_id: str) -> None:
         shutil.rmtree(self._lot(bank_id), ignore_errors=True)
+
+    def pending_lots(self) -> list[dict]:
+        """Lots added but not (successfully) built: visible, with when they expire."""
+        out = []
+        for lot in sorted(self.root.glob("*/lot")):
+            parts = sorted(lot.glob("part-*.safetensors"))
+            if not parts or not BANK_ID_PATTERN.match(lot.parent.name):
+                continue
+            updated = max(p.stat().st_mtime for p in parts)
+            _, meta = _load_tensors_meta(parts[0])
+            out.append({"bank": lot.parent.name, "category": meta.get("category"),
+                        "images": sum(_load_tensors_meta(p)[0][IMAGES][0] for p in parts),
+                        "updated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(updated)),
+                        "expires_in_s": max(0, int(updated + self.pending_ttl_s - time.time()))})
+        return out
+
+    def expire_pending(self) -> list[str]:
+        """Remove pending lots untouched for ``pending_ttl_s``; returns their bank ids."""
+        expired = [p["bank"] for p in self.pending_lots() if p["expires_in_s"] == 0]
+        for bank_id in expired:
+            self.clear_lot(bank_id)
+        return expired
 
 
 def _load_tensors_meta(path: Path, with_dtypes: bool = False) -> tuple[dict, dict]:

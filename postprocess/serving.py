@@ -286,8 +286,10 @@ class BankService:
             raise BankError(f"unknown action {action!r}; one of {', '.join(self.ACTIONS)}")
         if action == "encoder":
             return {"encoder": self.encoder, "has_text": self.backbone.has_text}
-        if action == "list":
-            return {"banks": [summary(self.store.manifest(b)) for b in self.store.bank_ids()]}
+        if action == "list":  # with the lots added but not built (a failed build leaves its lot): they expire
+            self.store.expire_pending()
+            return {"banks": [summary(self.store.manifest(b)) for b in self.store.bank_ids()],
+                    "pending": self.store.pending_lots()}
         check_bank_id(bank_id)
         if action == "info":  # with its size on disk and once loaded (scoring keeps it in FP16 on the device)
             return {**summary(self.store.manifest(bank_id)), **self.store.sizes(bank_id)}
@@ -310,6 +312,10 @@ class BankService:
 
     def build(self, bank_id: str, options: dict) -> dict:
         cfg = build_config(options)
+        with self.store.building(bank_id):  # one build per bank id, also across replicas on one store
+            return self._build(bank_id, cfg)
+
+    def _build(self, bank_id: str, cfg: PAClipConfig) -> dict:
         category, images, features = self.store.load_lot(bank_id)
         self.log(f"building bank {bank_id!r}: {len(images)} images of {category!r}")
         # LotScorer refuses a lot of fewer than 2 images

@@ -4,6 +4,7 @@ atomic, refuses other encoders and bad ids, and keeps the previous bank when a b
 import json
 import os
 import re
+import time
 
 import numpy as np
 import pytest
@@ -185,7 +186,7 @@ def test_current_is_replaced_by_rename_never_rewritten_in_place(scorer, tiny, tm
     real_fsync = os.fsync
 
     def dies_on_current(fd):
-        if ".tmp-CURRENT" in os.readlink(f"/proc/self/fd/{fd}"):
+        if re.search(r"/\.tmp-[^/]*-CURRENT-[^/]*$", os.readlink(f"/proc/self/fd/{fd}")):
             raise KeyboardInterrupt("killed while committing")
         real_fsync(fd)
 
@@ -315,3 +316,72 @@ def test_score_requests_are_checked_against_the_contract_and_the_bank_one_by_one
     alone = service.score_requests([good])[0]
     for result in (results[0], results[-1]):
         np.testing.assert_array_equal(result[0], alone[0])
+
+
+def _dead_pid() -> int:
+    import subprocess
+
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def test_replicas_on_one_store_build_one_bank_id_at_a_time(scorer, tiny, lot, tmp_path):
+    from postprocess.atomic import HOST
+
+    store = BankStore(tmp_path)
+    service = BankService(store, tiny.fingerprint, tiny.encode, tiny.encode_text, log=lambda _: None)
+    service.handle("add", "washer", "washer", lot, {"reset": True})
+    with store.building("washer"):  # another replica's build in progress
+        with pytest.raises(BankError, match="a build of bank 'washer' is in progress"):
+            service.handle("build", "washer")
+    lock = tmp_path / "washer" / ".build-lock"
+    for holder, refused in [({"host": HOST, "pid": _dead_pid(), "started": time.time()}, False),  # dead here
+                            ({"host": "otherhost", "pid": 1, "started": time.time()}, True),  # alive elsewhere
+                            ({"host": "otherhost", "pid": 1, "started": time.time() - 7 * 3600}, False)]:  # stale
+        lock.write_text(json.dumps(holder))
+        if refused:
+            with pytest.raises(BankError, match="in progress"):
+                service.handle("build", "washer")
+            lock.unlink()
+        else:
+            with store.building("washer"):
+                pass
+    built = service.handle("build", "washer")
+    assert f"-{HOST}-" in built["version"] and not lock.exists()
+
+
+def test_clean_removes_only_leftovers_whose_owner_is_gone(tmp_path):
+    from postprocess.atomic import HOST
+
+    store = BankStore(tmp_path)
+    folder = tmp_path / "washer"
+    (folder / "lot").mkdir(parents=True)
+    old = time.time() - 7 * 3600
+    live = folder / f".tmp-{HOST}.{os.getpid()}-v-building"  # this process: a build in progress
+    dead = folder / f".tmp-{HOST}.{_dead_pid()}-v-crashed"
+    elsewhere = folder / ".tmp-otherhost.42-v-building"  # another replica, recent: it may be writing
+    abandoned = folder / ".tmp-otherhost.42-v-old"
+    unowned_old = folder / "lot" / ".tmp-part-000001.safetensors-x"
+    for path in (live, dead, elsewhere, abandoned):
+        path.mkdir()
+    unowned_old.write_bytes(b"half")
+    for path in (abandoned, unowned_old):
+        os.utime(path, (old, old))
+    store.clean()
+    assert sorted(p.name for p in folder.glob(".tmp-*")) == sorted([live.name, elsewhere.name])
+    assert not unowned_old.exists()
+
+
+def test_pending_lots_are_listed_and_expire(tiny, lot, tmp_path):
+    store = BankStore(tmp_path, pending_ttl_s=3600)
+    service = BankService(store, tiny.fingerprint, tiny.encode, tiny.encode_text, log=lambda _: None)
+    service.handle("add", "washer", "washer", lot[:1], {"reset": True})
+    with pytest.raises(RequestError, match="at least 2 images"):  # a failed build keeps its lot: visible
+        service.handle("build", "washer")
+    (pending,) = service.handle("list")["pending"]
+    assert pending["bank"] == "washer" and pending["images"] == 1 and 0 < pending["expires_in_s"] <= 3600
+    old = time.time() - 2 * 3600
+    for part in (tmp_path / "washer" / "lot").glob("part-*"):
+        os.utime(part, (old, old))
+    assert service.handle("list")["pending"] == [] and not (tmp_path / "washer" / "lot").exists()

@@ -563,3 +563,66 @@ def test_serve_restarts_a_dead_server_and_nothing_outlives_a_killed_serve(reposi
 
     reclaim_shared_memory()
     assert not [p for p in Path("/dev/shm").glob(f"pa_clip_{proc.pid}_*")]
+
+
+def test_two_servers_share_one_bank_store(repository, workdir, lot):
+    banks = workdir / "banks_shared"
+    log_a, log_b = workdir / "replica_a.log", workdir / "replica_b.log"
+    a = start_server(repository, banks, log_a)
+    b = start_server(repository, banks, log_b)
+    try:
+        ca, cb = PAClipClient(a.http_url), PAClipClient(b.grpc_url, "grpc")
+        ca.add_images("shared", "washer", lot, reset=True)
+        ca.build_bank("shared", {"mode": "mutual"})
+        maps_a, _ = ca.score(lot[:2], "shared")
+        maps_b, _ = cb.score(lot[:2], "shared")
+        np.testing.assert_array_equal(maps_a, maps_b)
+        cb.add_images("shared", "washer", lot, reset=True)  # rebuilt on the other replica: the first one sees it
+        rebuilt = cb.build_bank("shared", {"mode": "pad_mpam"})
+        assert ca.bank_info("shared")["version"] == rebuilt["version"]
+        np.testing.assert_array_equal(ca.score(lot[:2], "shared")[0], cb.score(lot[:2], "shared")[0])
+
+        # another replica (another host) is building: both refuse, neither deletes its work in progress
+        lock = banks / "shared" / ".build-lock"
+        lock.write_text(json.dumps({"host": "otherhost", "pid": 7, "started": time.time()}))
+        staging = banks / "shared" / ".tmp-otherhost.7-v-in-progress"
+        staging.mkdir()
+        for client in (ca, cb):
+            with pytest.raises(ClientError, match="a build of bank 'shared' is in progress .*otherhost"):
+                client.build_bank("shared")
+        b.stop()
+        b = start_server(repository, banks, log_b)  # its start cleans the store
+        assert staging.is_dir() and lock.is_file()
+        lock.unlink()
+        shutil.rmtree(staging)
+
+        # two replicas building the same id at once: one build wins, the other gets a clear answer
+        cb.close()
+        cb = PAClipClient(b.grpc_url, "grpc")
+        ca.add_images("race", "washer", np.concatenate([lot] * 6), reset=True)
+        outcomes = {}
+
+        def build(name, url, protocol):
+            client = PAClipClient(url, protocol)  # one client per thread
+            try:
+                outcomes[name] = client.build_bank("race")["version"]
+            except ClientError as err:
+                outcomes[name] = str(err)
+            client.close()
+
+        threads = [threading.Thread(target=build, args=args)
+                   for args in (("a", a.http_url, "http"), ("b", b.grpc_url, "grpc"))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(300)
+        wins = [v for v in outcomes.values() if v.startswith("v-")]
+        losses = [v for v in outcomes.values() if not v.startswith("v-")]
+        assert len(wins) == 1 and len(losses) == 1, outcomes
+        assert "in progress" in losses[0] or "no images to build from" in losses[0], losses
+        assert ca.bank_info("race")["version"] == wins[0] == cb.bank_info("race")["version"]
+        ca.close()
+        cb.close()
+    finally:
+        a.stop()
+        b.stop()
