@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import os
+import time
 import traceback
 import uuid
 from collections import OrderedDict
@@ -24,6 +25,7 @@ from .contract import Features
 from .errors import RequestError
 from .host import DEFAULT_HOST, HostSettings
 from .pipeline import LotScorer
+from .telemetry import NO_TELEMETRY, Telemetry
 
 
 def bank_root(model_repository: str | Path, configured: str = "") -> Path:
@@ -80,11 +82,13 @@ class ScoreService:
     (``HostSettings.bank_cache_mb``; the least recently used goes first, the one in use always stays); a bank is
     reloaded when a build commits a new version, and a deleted one is refused."""
 
-    def __init__(self, store: BankStore, encoder: dict, host: HostSettings = DEFAULT_HOST, xp=None):
+    def __init__(self, store: BankStore, encoder: dict, host: HostSettings = DEFAULT_HOST, xp=None,
+                 telemetry: Telemetry = NO_TELEMETRY):
         self.store = store
         self.encoder = encoder
         self.host = host
         self.xp = xp if xp is not None else host.xp()
+        self.telemetry = telemetry
         self._cache: OrderedDict = OrderedDict()  # bank id -> (version, Bank)
 
     def bank(self, bank_id: str):
@@ -93,12 +97,15 @@ class ScoreService:
         cached = self._cache.get(bank_id)
         if cached is not None and cached[0] == version:
             self._cache.move_to_end(bank_id)
+            self.telemetry.count("pa_clip_bank_cache_hits_total")
             return cached[1]
         self._cache.pop(bank_id, None)
         bank = self.store.load(bank_id, self.encoder).to(self.xp)  # raises BankError for a missing bank
+        self.telemetry.count("pa_clip_bank_cache_misses_total")
         self._cache[bank_id] = (bank.manifest["version"], bank)
         while len(self._cache) > 1 and self.cached_bytes() > self.host.bank_cache_bytes:
             self._cache.popitem(last=False)
+        self.telemetry.gauge("pa_clip_bank_cache_bytes", self.cached_bytes())
         return bank
 
     def cached_bytes(self) -> int:
@@ -163,6 +170,14 @@ class ScoreService:
 
         Returns, per request, ``(maps, scores)`` or the exception that request ran into.
         """
+        started = time.perf_counter()
+        try:
+            return self._score_requests(requests)
+        finally:
+            self.telemetry.count("pa_clip_score_requests_total", len(requests))
+            self.telemetry.count("pa_clip_score_seconds_total", time.perf_counter() - started)
+
+    def _score_requests(self, requests: list[dict]) -> list:
         results: list = [None] * len(requests)
         groups: dict = {}
         for i, req in enumerate(requests):
@@ -198,6 +213,7 @@ class ScoreService:
                 parts = {k: K.get_xp(requests[members[0]][k]).concatenate([requests[i][k] for i in members])
                          for k in (*C.VISION_OUTPUTS, C.IMAGES)}
                 maps, scores = self.score(bank_id, *(parts[k] for k in C.VISION_OUTPUTS), parts[C.IMAGES])
+                self.telemetry.count("pa_clip_images_scored_total", len(scores), bank=bank_id)
                 start = 0
                 for i in members:
                     n = len(requests[i][C.IMAGES])
@@ -272,10 +288,11 @@ class BankService:
     ACTIONS = ("add", "build", "list", "info", "delete", "encoder")
 
     def __init__(self, store: BankStore, encoder: dict, encode_images, encode_text=None, log=print,
-                 host: HostSettings = DEFAULT_HOST):
+                 host: HostSettings = DEFAULT_HOST, telemetry: Telemetry = NO_TELEMETRY):
         self.store = store
         self.encoder = encoder
         self.host = host
+        self.telemetry = telemetry
         self.backbone = RemoteEncoder(encode_images, encode_text)
         self.image_size = int(encoder["image_size"])
         self.log = log
@@ -312,8 +329,16 @@ class BankService:
 
     def build(self, bank_id: str, options: dict) -> dict:
         cfg = build_config(options)
-        with self.store.building(bank_id):  # one build per bank id, also across replicas on one store
-            return self._build(bank_id, cfg)
+        started = time.perf_counter()
+        outcome = "failed"
+        try:
+            with self.store.building(bank_id):  # one build per bank id, also across replicas on one store
+                result = self._build(bank_id, cfg)
+            outcome = "built"
+            return result
+        finally:
+            self.telemetry.count("pa_clip_bank_builds_total", bank=bank_id, outcome=outcome)
+            self.telemetry.count("pa_clip_bank_build_seconds_total", time.perf_counter() - started, bank=bank_id)
 
     def _build(self, bank_id: str, cfg: PAClipConfig) -> dict:
         category, images, features = self.store.load_lot(bank_id)

@@ -626,3 +626,30 @@ def test_two_servers_share_one_bank_store(repository, workdir, lot):
     finally:
         a.stop()
         b.stop()
+
+
+def test_prometheus_metrics_include_the_pipelines_own(server, built, lot):
+    client = PAClipClient(server.http_url)
+    before = _metric_values(server)
+    client.score(lot[:3], "washer")
+    client.close()
+    after = _metric_values(server)
+    scored = 'pa_clip_images_scored_total{bank="washer"}'
+    assert after[scored] - before.get(scored, 0.0) == 3
+    assert after['pa_clip_bank_builds_total{bank="washer",outcome="built"}'] >= 1
+    assert after["pa_clip_bank_cache_bytes"] > 0 and after["pa_clip_bank_cache_hits_total"] >= 1
+    assert after["pa_clip_score_seconds_total"] > before.get("pa_clip_score_seconds_total", 0.0)
+    assert any(name.startswith("nv_inference_request_success") for name in after)  # Triton's own, same port
+
+
+def _metric_values(server) -> dict:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            values[name] = float(value)
+    return values

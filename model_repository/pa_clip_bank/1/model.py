@@ -15,6 +15,7 @@ try:
     from postprocess.bank import BankStore
     from postprocess.host import HostSettings
     from postprocess.serving import BankService, bank_root, describe_failure, from_triton, parse_options, text_value
+    from postprocess.telemetry import TritonTelemetry
 except ImportError as err:
     raise ImportError(f"pa_clip_bank needs the pa-clip-triton package in the server's Python "
                       f"(pip install -e . in the environment tritonserver runs models with): {err}") from err
@@ -65,7 +66,7 @@ class TritonPythonModel:
         host = HostSettings.from_parameters(params)
         self.xp = host.xp()
         self.service = BankService(store, encoder, self.encode_images, encode_text, log=pb_utils.Logger.log_info,
-                                   host=host)
+                                   host=host, telemetry=TritonTelemetry(pb_utils))
 
     def encode_images(self, images):
         parts = []

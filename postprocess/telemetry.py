@@ -1,0 +1,70 @@
+"""What the scoring and bank services report for Prometheus, without depending on Triton.
+
+The services call ``count`` / ``gauge`` on the telemetry they were given: ``NO_TELEMETRY`` in-process and in unit
+tests, ``TritonTelemetry`` in the Python models, which publishes through Triton's custom-metrics API so the numbers
+appear on the server's metrics port (``/metrics``) beside Triton's own.
+"""
+
+from __future__ import annotations
+
+# name -> (kind, help text); labels are given per call
+METRICS = {
+    "pa_clip_images_scored_total": ("counter", "Images scored, per bank"),
+    "pa_clip_score_requests_total": ("counter", "Scoring requests answered (errors included)"),
+    "pa_clip_score_seconds_total": ("counter", "Seconds spent scoring requests (divide by the requests for a mean)"),
+    "pa_clip_bank_cache_hits_total": ("counter", "Scoring requests served from a bank already loaded"),
+    "pa_clip_bank_cache_misses_total": ("counter", "Bank loads from the store (first use, new version, evicted)"),
+    "pa_clip_bank_cache_bytes": ("gauge", "Bytes of banks resident in the scoring service"),
+    "pa_clip_bank_builds_total": ("counter", "Bank builds, per bank and outcome"),
+    "pa_clip_bank_build_seconds_total": ("counter", "Seconds spent building banks, per bank"),
+}
+
+
+class Telemetry:
+    def count(self, name: str, value: float = 1.0, **labels: str) -> None:
+        pass
+
+    def gauge(self, name: str, value: float, **labels: str) -> None:
+        pass
+
+
+NO_TELEMETRY = Telemetry()
+
+
+class RecordingTelemetry(Telemetry):
+    """Keeps the latest totals in a dict (tests, and anyone wiring another exporter)."""
+
+    def __init__(self):
+        self.values: dict = {}
+
+    def count(self, name, value=1.0, **labels):
+        key = (name, tuple(sorted(labels.items())))
+        self.values[key] = self.values.get(key, 0.0) + value
+
+    def gauge(self, name, value, **labels):
+        self.values[(name, tuple(sorted(labels.items())))] = value
+
+
+class TritonTelemetry(Telemetry):
+    """Triton's custom metrics (``pb_utils.MetricFamily``), created on first use."""
+
+    def __init__(self, pb_utils):
+        self._pb = pb_utils
+        self._families: dict = {}
+        self._metrics: dict = {}
+
+    def _metric(self, name: str, labels: dict):
+        key = (name, tuple(sorted(labels.items())))
+        if key not in self._metrics:
+            if name not in self._families:
+                kind, description = METRICS[name]
+                family_kind = self._pb.MetricFamily.COUNTER if kind == "counter" else self._pb.MetricFamily.GAUGE
+                self._families[name] = self._pb.MetricFamily(name=name, description=description, kind=family_kind)
+            self._metrics[key] = self._families[name].Metric(labels=dict(labels))
+        return self._metrics[key]
+
+    def count(self, name, value=1.0, **labels):
+        self._metric(name, labels).increment(float(value))
+
+    def gauge(self, name, value, **labels):
+        self._metric(name, labels).set(float(value))
