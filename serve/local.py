@@ -149,10 +149,14 @@ class LocalServer:
     def __init__(self, repository: str | Path, banks: str | Path | None = None, host: str = "127.0.0.1",
                  http_port: int = 8000, grpc_port: int = 8001, metrics_port: int = 8002,
                  log_file: str | Path | None = None, extra_args: list[str] | None = None, log_verbose: int = 0,
-                 key: str | None = None, metrics_host: str = "127.0.0.1"):
+                 key: str | None = None, metrics_host: str = "127.0.0.1", guard_http: bool = True,
+                 max_request_mb: int = 256):
         """``key``: when given, every API but health (inference, bank actions, metadata, shared memory, model
         control, statistics, trace, logging) answers only requests carrying it in the ``pa-clip-key`` header (HTTP)
-        or metadata (gRPC). The metrics port cannot check a key: it stays on ``metrics_host`` (loopback)."""
+        or metadata (gRPC). The metrics port cannot check a key: it stays on ``metrics_host`` (loopback).
+        ``guard_http``: clients reach HTTP through ``serve.http_guard`` (requests whose claimed shapes do not match
+        what they carry, or over ``max_request_mb``, are refused before Triton allocates for them); tritonserver's
+        own HTTP port is then a free port on loopback."""
         self.repository = Path(repository).resolve()
         if not (self.repository.is_dir() and any(self.repository.glob("*/config.pbtxt"))):
             raise ServerError(f"{self.repository} is not a model repository (no */config.pbtxt): "
@@ -172,6 +176,10 @@ class LocalServer:
         self.key = key
         self.metrics_host = metrics_host
         self.log_offset = 0  # where the current start's lines begin in the log
+        self.guard_http = guard_http
+        self.max_request_bytes = max_request_mb << 20
+        self.guard = None
+        self.triton_http = (host, http_port)  # where tritonserver itself listens for HTTP
         self.process: subprocess.Popen | None = None
 
     @property
@@ -188,8 +196,9 @@ class LocalServer:
         shm = [f"shm-region-prefix-name={self.shm_prefix}", "shm-default-byte-size=16777216",
                "shm-growth-byte-size=67108864"]
         args = [str(binary), "--model-repository", str(self.repository), "--backend-directory", str(backends),
-                "--http-address", self.host, "--grpc-address", self.host, "--metrics-address", self.metrics_host,
-                "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port),
+                "--http-address", self.triton_http[0], "--grpc-address", self.host,
+                "--metrics-address", self.metrics_host,
+                "--http-port", str(self.triton_http[1]), "--grpc-port", str(self.grpc_port),
                 "--metrics-port", str(self.metrics_port), "--exit-on-error=true", "--strict-readiness=true",
                 # a stop waits this long for requests in flight (an idle keep-alive connection would hold it 30 s)
                 "--exit-timeout-secs=5", f"--log-verbose={self.log_verbose}"]
@@ -205,6 +214,15 @@ class LocalServer:
             raise ServerError("already started")
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         reclaim_shared_memory()
+        if self.guard_http:
+            from .http_guard import HttpGuard
+
+            self.triton_http = ("127.0.0.1", free_ports(1)[0])
+            try:
+                self.guard = HttpGuard(self.host, self.http_port, self.triton_http[1], self.max_request_bytes).start()
+            except OSError as err:
+                self.guard = None
+                raise ServerError(f"cannot listen on {self.host}:{self.http_port}: {err}") from err
         log = open(self.log_file, "ab")
         self.log_offset = log.tell()
         # the guardian leads the new process group and takes it down if this process dies, even by SIGKILL
@@ -271,6 +289,9 @@ class LocalServer:
             except ProcessLookupError:
                 pass
         self.process = None
+        if self.guard is not None:
+            self.guard.stop()
+            self.guard = None
         self.remove_shared_memory()
         shutil.rmtree(self.runtime / "backends", ignore_errors=True)  # the log stays for reading
 

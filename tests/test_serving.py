@@ -540,7 +540,7 @@ def test_serve_restarts_a_dead_server_and_nothing_outlives_a_killed_serve(reposi
         client.add_images("kept", "washer", lot[:4], reset=True)
         built = client.build_bank("kept", {"mode": "mutual"})
         client.close()
-        (server_pid,) = _tritonserver_pids(http)
+        (server_pid,) = _tritonserver_pids(grpc)
         os.kill(server_pid, signal.SIGKILL)  # a crash
         lines = _read_until(proc.stderr, "restarted:")
         text = "".join(lines)
@@ -548,7 +548,7 @@ def test_serve_restarts_a_dead_server_and_nothing_outlives_a_killed_serve(reposi
         client = PAClipClient(f"127.0.0.1:{http}")
         assert client.bank_info("kept")["version"] == built["version"]  # banks intact
         client.close()
-        (new_pid,) = _tritonserver_pids(http)
+        (new_pid,) = _tritonserver_pids(grpc)
         group = os.getpgid(new_pid)
         proc.kill()  # kill -9 of python -m serve itself: its server, stubs and shared memory must not outlive it
         proc.wait(10)
@@ -653,3 +653,88 @@ def _metric_values(server) -> dict:
             name, _, value = line.rpartition(" ")
             values[name] = float(value)
     return values
+
+
+def _raw_http(url: str, body: bytes, headers: dict | None = None, path: str = "/v2/models/pa_clip/infer"):
+    import http.client
+
+    host, port = url.split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=60)
+    try:
+        connection.request("POST", path, body=body, headers={"Content-Type": "application/json", **(headers or {})})
+        response = connection.getresponse()
+        return response.status, response.read().decode(errors="replace")
+    finally:
+        connection.close()
+
+
+def test_hostile_http_requests_are_refused_before_triton_allocates(server, built, lot):
+    def infer(images_input):
+        return json.dumps({"inputs": [images_input, {"name": "bank", "shape": [1, 1], "datatype": "BYTES",
+                                                     "data": ["washer"]}]}).encode()
+
+    binary_body = infer({"name": "images", "shape": [1, SIZE, SIZE, 3], "datatype": "UINT8",
+                         "parameters": {"binary_data_size": 10}})
+    cases = [  # (body, headers, expected status, words of the answer)
+        (infer({"name": "images", "shape": [1, 100000, 100000, 3], "datatype": "UINT8", "data": [0] * 10}), {},
+         413, "claims shape [1, 100000, 100000, 3]"),  # the 200-byte request that used to abort tritonserver
+        (infer({"name": "images", "shape": [1, 20000, 20000, 3], "datatype": "UINT8", "data": [0] * 10}), {},
+         413, "at most"),
+        (infer({"name": "images", "shape": [1, SIZE, SIZE, 3], "datatype": "UINT8", "data": [0] * 10}), {},
+         400, "but carries 10"),
+        (b'{"inputs": [ {"name": "images"', {}, 400, "not valid JSON"),
+        (binary_body, {"Inference-Header-Content-Length": str(len(binary_body))}, 400, "more than the request carries"),
+        (binary_body + bytes(10), {"Inference-Header-Content-Length": str(len(binary_body))}, 400,
+         f"({SIZE * SIZE * 3} bytes) but carries 10 bytes"),
+        (infer({"name": "images", "shape": [-1, SIZE, SIZE, 3], "datatype": "UINT8", "data": [0]}), {}, 400,
+         "non-negative integers"),
+    ]
+    for body, headers, status, words in cases:
+        got, answer = _raw_http(server.http_url, body, headers)
+        assert got == status and words in answer, (got, answer)
+        assert server.ready()
+    # a body announced bigger than the limit is refused before it is read; a chunked one is refused
+    import socket as socket_module
+
+    host, port = server.http_url.split(":")
+    for head, status in ((f"Content-Length: {1 << 40}\r\n", b"413"), ("Transfer-Encoding: chunked\r\n", b"411")):
+        with socket_module.create_connection((host, int(port)), timeout=30) as s:
+            s.sendall(f"POST /v2/models/pa_clip/infer HTTP/1.1\r\nHost: x\r\n{head}\r\n".encode())
+            assert s.recv(4096).split(b" ")[1] == status
+    assert server.process.poll() is None and server.ready()
+    client = PAClipClient(server.http_url)
+    maps, _ = client.score(lot[:1], "washer")
+    client.close()
+    assert maps.shape == (1, SIZE, SIZE)
+
+
+def test_ten_kill_9_cycles_of_serve_leave_no_process_and_no_shared_memory(repository, workdir, lot):
+    """Each cycle: python -m serve ready, a request that makes the stubs allocate shared memory, kill -9 of serve."""
+    import signal
+
+    from serve.local import reclaim_shared_memory
+
+    leftovers = []
+    for cycle in range(10):
+        http, grpc, metrics = free_ports(3)
+        proc = subprocess.Popen([sys.executable, "-m", "serve", "--repository", str(repository), "--banks",
+                                 str(workdir / "banks_cycles"), "--http-port", str(http), "--grpc-port", str(grpc),
+                                 "--metrics-port", str(metrics)], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+        try:
+            assert "ready in" in _read_until(proc.stderr, "ready in")[-1], cycle
+            (server_pid,) = _tritonserver_pids(grpc)
+            group = os.getpgid(server_pid)
+            client = PAClipClient(f"127.0.0.1:{http}")
+            client.list_banks()
+            client.close()
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(10)
+        deadline = time.monotonic() + 30
+        while _group_alive(group) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if _group_alive(group):
+            leftovers.append(f"cycle {cycle}: processes of group {group}")
+    reclaim_shared_memory()  # what every start does first
+    assert not leftovers
+    assert not [p.name for p in Path("/dev/shm").glob("pa_clip_*") if not p.name.startswith(f"pa_clip_{os.getpid()}_")]
