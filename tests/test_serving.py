@@ -738,3 +738,43 @@ def test_ten_kill_9_cycles_of_serve_leave_no_process_and_no_shared_memory(reposi
     reclaim_shared_memory()  # what every start does first
     assert not leftovers
     assert not [p.name for p in Path("/dev/shm").glob("pa_clip_*") if not p.name.startswith(f"pa_clip_{os.getpid()}_")]
+
+
+def test_sigterm_during_the_start_and_a_stop_held_by_an_idle_connection(repository, workdir):
+    import http.client
+    import signal
+
+    def serve():
+        http_port, grpc_port, metrics_port = free_ports(3)
+        proc = subprocess.Popen([sys.executable, "-m", "serve", "--repository", str(repository), "--banks",
+                                 str(workdir / "banks_sigterm"), "--http-port", str(http_port), "--grpc-port",
+                                 str(grpc_port), "--metrics-port", str(metrics_port)], cwd=ROOT,
+                                stderr=subprocess.PIPE, text=True)
+        return proc, http_port, grpc_port
+
+    proc, _, grpc_port = serve()
+    try:
+        _read_until(proc.stderr, "starting tritonserver")
+        time.sleep(0.3)  # tritonserver is starting, not ready
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    finally:
+        proc.kill()
+    deadline = time.monotonic() + 10
+    while _tritonserver_pids(grpc_port) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _tritonserver_pids(grpc_port)
+
+    proc, http_port, _ = serve()
+    try:
+        assert "ready in" in _read_until(proc.stderr, "ready in")[-1]
+        idle = http.client.HTTPConnection("127.0.0.1", http_port, timeout=30)
+        idle.request("GET", "/v2/health/ready")  # a keep-alive connection left open and idle
+        assert idle.getresponse().read() == b""
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+        assert time.monotonic() - started < 15, "the stop waited on an idle connection"
+        idle.close()
+    finally:
+        proc.kill()
