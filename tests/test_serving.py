@@ -778,3 +778,57 @@ def test_sigterm_during_the_start_and_a_stop_held_by_an_idle_connection(reposito
         idle.close()
     finally:
         proc.kill()
+
+
+def _group_rss_mb(pgid: int) -> float:
+    """Resident memory of every process in a process group (the server, the guardian, the stubs)."""
+    total = 0.0
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if os.getpgid(int(entry.name)) != pgid:
+                    continue
+                for line in (entry / "status").read_text().splitlines():
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1]) / 1024
+            except (OSError, ProcessLookupError):
+                continue
+    return total
+
+
+def test_load_does_not_leak(server, built, lot):
+    """A short soak in every run (PA_CLIP_SOAK_SECONDS for a long one): 4 clients, HTTP and gRPC; after a warm-up
+    the memory of the server and its stubs grows by less than 5%."""
+    seconds = float(os.environ.get("PA_CLIP_SOAK_SECONDS", "0"))
+    group = os.getpgid(server.process.pid)
+
+    def load(rounds: int, until: float = 0.0):
+        errors = []
+
+        def worker(k):
+            protocol = "http" if k % 2 == 0 else "grpc"
+            client = PAClipClient(server.http_url if protocol == "http" else server.grpc_url, protocol)
+            try:
+                done = 0
+                while done < rounds or time.monotonic() < until:
+                    client.score(lot[(k + done) % len(lot):][:1], "washer")
+                    done += 1
+            except Exception as err:  # noqa: BLE001
+                errors.append(err)
+            finally:
+                client.close()
+
+        threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(600 + seconds)
+        assert not errors, errors
+
+    load(15)  # warm-up: connections, caches, allocator pools
+    before = _group_rss_mb(group)
+    load(50, time.monotonic() + seconds)
+    after = _group_rss_mb(group)
+    print(f"soak: server group {before:.0f} MB after the warm-up, {after:.0f} MB after the load")
+    assert after < before * 1.05, f"server memory grew from {before:.0f} MB to {after:.0f} MB"
+    assert server.ready()
