@@ -24,6 +24,10 @@ setup() {
         # the server binary only: the wheel's declared dependencies (numpy<2 pins, typer, ...) are not needed
         python -m pip install -q --no-deps "$PYTRITON"
     fi
+    # perf_analyzer (benchmarks/perf_analyzer.py and its test): best effort, the rest works without it
+    if [ ! -x .perf/bin/perf_analyzer ]; then
+        bash benchmarks/perf_setup.sh > /dev/null 2>&1 || echo "note: perf_analyzer not set up (benchmarks/perf_setup.sh)" >&2
+    fi
 }
 
 cmd=${1:-help}

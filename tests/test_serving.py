@@ -832,3 +832,22 @@ def test_load_does_not_leak(server, built, lot):
     print(f"soak: server group {before:.0f} MB after the warm-up, {after:.0f} MB after the load")
     assert after < before * 1.05, f"server memory grew from {before:.0f} MB to {after:.0f} MB"
     assert server.ready()
+
+
+def test_perf_analyzer_benchmark_table(repository, tmp_path, capsys):
+    from benchmarks import perf_analyzer
+
+    try:
+        perf_analyzer.find_perf_analyzer()
+    except FileNotFoundError as err:
+        pytest.skip(str(err))
+    assert perf_analyzer.main(["--repository", str(repository), "--out", str(tmp_path), "--concurrency", "1", "2",
+                               "--protocols", "http", "--shared-memory", "no", "--interval-ms", "500"]) == 0
+    import csv
+
+    rows = list(csv.DictReader(open(tmp_path / "perf_analyzer.csv")))
+    assert [(r["protocol"], r["in_flight"]) for r in rows] == [("http", "1"), ("http", "2")]
+    printed = capsys.readouterr().out
+    for r in rows:
+        assert f"| http | network | {r['in_flight']} | {float(r['images_per_s']):.2f} |" in printed
+    assert (tmp_path / "perf_analyzer.png").stat().st_size > 1000
