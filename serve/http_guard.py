@@ -101,9 +101,10 @@ class HttpGuard:
 
         async def close():
             self._server.close()
-            for task in asyncio.all_tasks():
-                if task is not asyncio.current_task():
-                    task.cancel()
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
         asyncio.run_coroutine_threadsafe(close(), self._loop).result(10)
         self._loop.call_soon_threadsafe(self._loop.stop)
@@ -131,10 +132,9 @@ class HttpGuard:
                 await up_writer.drain()
                 if not await _relay_response(up_reader, client_writer):
                     return
-        except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError,
+                asyncio.CancelledError):  # a client gone, garbage, or the guard stopping: drop the connection
             return
-        except asyncio.CancelledError:
-            raise
         finally:
             client_writer.close()
             if upstream is not None:

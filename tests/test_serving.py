@@ -125,6 +125,18 @@ def test_bad_requests_get_clear_errors_and_the_server_keeps_serving(server, repo
         ensemble(lot[:1].astype(np.float32), dtype="FP32")
     with pytest.raises(InferenceServerException, match=r"Expected \[-1,112,112,3\], got \[1,50,50,3\]"):
         ensemble(lot[:1, :50, :50].copy())
+    image = httpclient.InferInput("images", [1, SIZE, SIZE, 3], "UINT8")
+    image.set_data_from_numpy(lot[:1])
+    bad_id = httpclient.InferInput("bank", [1, 1], "BYTES")
+    bad_id.set_data_from_numpy(np.array([[b"\xff\xfe"]], dtype=np.object_))
+    with pytest.raises(InferenceServerException, match="input 'bank' must be UTF-8 text"):
+        raw.infer("pa_clip", [image, bad_id])
+    extra = httpclient.InferInput("extra", [1, 1], "FP32")
+    extra.set_data_from_numpy(np.zeros((1, 1), np.float32))
+    good_id = httpclient.InferInput("bank", [1, 1], "BYTES")
+    good_id.set_data_from_numpy(np.array([[b"washer"]], dtype=np.object_))
+    with pytest.raises(InferenceServerException, match="expected 2 inputs but got 3"):
+        raw.infer("pa_clip", [image, good_id, extra])
     with pytest.raises(ClientError, match="unknown bank 'no-such-bank'; banks on this server: washer"):
         client.score(lot[:1], "no-such-bank")
     with pytest.raises(ClientError, match="invalid bank id"):
