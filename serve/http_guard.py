@@ -87,6 +87,7 @@ class HttpGuard:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="http-guard", daemon=True)
         self._server = None
+        self._idle: set = set()  # connection tasks waiting for a client's next request (keep-alive)
 
     def start(self) -> "HttpGuard":
         self._thread.start()
@@ -94,6 +95,21 @@ class HttpGuard:
             asyncio.start_server(self._serve, self.host, self.port, limit=MAX_HEAD_BYTES), self._loop)
         self._server = future.result(30)
         return self
+
+    def close_idle(self) -> None:
+        """Close the connections that wait for a next request, so that a stopping tritonserver waits only for
+        requests really in flight (an idle keep-alive connection would hold it until its exit timeout)."""
+        if self._server is None:
+            return
+
+        async def close():
+            self._server.close()  # and take no new ones
+            idle = list(self._idle)
+            for task in idle:
+                task.cancel()
+            await asyncio.gather(*idle, return_exceptions=True)
+
+        asyncio.run_coroutine_threadsafe(close(), self._loop).result(10)
 
     def stop(self) -> None:
         if self._server is None:
@@ -115,7 +131,11 @@ class HttpGuard:
         upstream = None
         try:
             while True:
-                head = await _read_head(client_reader)
+                self._idle.add(asyncio.current_task())
+                try:
+                    head = await _read_head(client_reader)
+                finally:
+                    self._idle.discard(asyncio.current_task())
                 if head is None:
                     return
                 request_line, headers = head

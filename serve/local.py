@@ -276,6 +276,8 @@ class LocalServer:
             self.process.wait()
 
     def stop(self, timeout: float = 30.0) -> None:
+        if self.guard is not None:
+            self.guard.close_idle()  # requests in flight finish; idle keep-alive connections do not hold the stop
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:

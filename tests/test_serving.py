@@ -786,7 +786,8 @@ def test_sigterm_during_the_start_and_a_stop_held_by_an_idle_connection(reposito
         started = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0
-        assert time.monotonic() - started < 15, "the stop waited on an idle connection"
+        # unloading the models takes ~4 s here; an idle connection used to add the 30 s exit timeout
+        assert time.monotonic() - started < 10, "the stop waited on an idle connection"
         idle.close()
     finally:
         proc.kill()
