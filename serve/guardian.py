@@ -16,15 +16,7 @@ import subprocess
 import sys
 import time
 
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+from postprocess.atomic import pid_alive
 
 
 def main(argv: list[str]) -> int:
@@ -36,7 +28,7 @@ def main(argv: list[str]) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, _frame: server.send_signal(signum))
     while server.poll() is None:
-        if not alive(owner) or os.getppid() != owner:  # the owner is gone: take everything down with it
+        if not pid_alive(owner) or os.getppid() != owner:  # the owner is gone: take everything down with it
             os.killpg(os.getpgrp(), signal.SIGKILL)
         time.sleep(0.2)
     code = server.returncode

@@ -29,6 +29,7 @@ import urllib.request
 import uuid
 from pathlib import Path
 
+from postprocess.atomic import pid_alive
 from postprocess.contract import ACCESS_KEY_HEADER
 
 HERE = Path(__file__).resolve().parent
@@ -127,20 +128,10 @@ def reclaim_shared_memory() -> list[str]:
     removed = []
     for path in SHM_DIR.glob("pa_clip_*") if SHM_DIR.is_dir() else []:
         match = re.match(r"^pa_clip_(\d+)_[0-9a-f]{12}_", path.name)
-        if match and not _alive(int(match.group(1))):
+        if match and not pid_alive(int(match.group(1))):
             path.unlink(missing_ok=True)
             removed.append(path.name)
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class LocalServer:
