@@ -48,10 +48,11 @@ def input_data(image: np.ndarray, bank: str) -> dict:
                       "bank": [bank]}]}
 
 
-def run_one(binary, env, url, protocol, shm, concurrency, data_file, shape, out_csv, key, interval_ms) -> dict:
+def run_one(binary, env, url, protocol, shm, concurrency, data_file, shape, out_csv, key, interval_ms,
+            stability: float) -> dict:
     command = [binary, "-m", "pa_clip", "-u", url, "-i", protocol, "--input-data", str(data_file),
                "--shape", f"images:{','.join(map(str, shape))}", "--concurrency-range", f"{concurrency}",
-               "--measurement-interval", str(interval_ms), "--max-trials", "4", "--stability-percentage", "30",
+               "--measurement-interval", str(interval_ms), "--max-trials", "6", "--stability-percentage", str(stability),
                "-f", str(out_csv)]
     if shm:
         command += ["--shared-memory", "system"]
@@ -111,6 +112,8 @@ def main(argv=None) -> int:
     p.add_argument("--protocols", nargs="+", default=["http", "grpc"], choices=["http", "grpc"])
     p.add_argument("--shared-memory", choices=["both", "no", "yes"], default="both")
     p.add_argument("--interval-ms", type=int, default=3000, help="perf_analyzer's measurement window")
+    p.add_argument("--stability", type=float, default=30.0,
+                   help="percent by which consecutive windows may differ (perf_analyzer's --stability-percentage)")
     args = p.parse_args(argv)
 
     from client.demo_lot import write_demo_lot
@@ -149,7 +152,7 @@ def main(argv=None) -> int:
                     print(f"perf_analyzer {protocol}{' + shm' if shm else ''}, {concurrency} in flight ...",
                           file=sys.stderr, flush=True)
                     rows.append(run_one(binary, env, url, protocol, shm, concurrency, data_file, images.shape[1:],
-                                        work / "run.csv", key, args.interval_ms))
+                                        work / "run.csv", key, args.interval_ms, args.stability))
     with open(out / "perf_analyzer.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
