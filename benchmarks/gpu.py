@@ -83,14 +83,16 @@ def unit_features(xp, rng, shape):
 
 
 # -- the torch reference, MuSc's way ------------------------------------------------------------------------------
-def musc_mutual_scores(torch, feats, k: int):
-    """(N, L, C) unit features -> (N, L): per patch the cdist distance to the nearest patch of each other image,
-    then the mean of the k smallest (cosine distance = squared euclidean / 2 for unit vectors)."""
-    n, length, channels = feats.shape
-    flat = feats.reshape(n * length, channels)
-    out = torch.empty(n, length, device=feats.device)
-    for i in range(n):
-        dist = torch.cdist(feats[i], flat).pow_(2).mul_(0.5).view(length, n, length).amin(dim=-1)
+def musc_mutual_scores(torch, queries, bank, k: int):
+    """queries (Nq, L, C) against bank images (Nb, m, C), query i being bank image i: per patch the cdist distance to
+    the nearest patch of each other image, then the mean of the k smallest (cosine distance = squared euclidean / 2
+    for unit vectors)."""
+    n_query, length, channels = queries.shape
+    n_bank, per_image, _ = bank.shape
+    flat = bank.reshape(-1, channels)
+    out = torch.empty(n_query, length, device=queries.device)
+    for i in range(n_query):
+        dist = torch.cdist(queries[i], flat).pow_(2).mul_(0.5).view(length, n_bank, per_image).amin(dim=-1)
         dist[:, i] = float("inf")
         out[i] = dist.topk(k, dim=-1, largest=False).values.mean(dim=-1)
     return out
@@ -122,11 +124,11 @@ def torch_reference_scoring(dev, layer_tokens, normal_tokens, normal_ids, cfg, g
 
     fused = 0
     for r, weight in zip(cfg.scales, cfg.weights):
-        full = sum(musc_mutual_scores(torch, pooled(layer_tokens[:, l], r), k) for l in range(n_layers)) / n_layers
-        normal = sum(musc_normal_scores(torch, pooled(layer_tokens[:, l], r),
-                                        pooled(normal_tokens[:, l], r).reshape(-1, channels),
+        lot = [pooled(layer_tokens[:, l], r) for l in range(n_layers)]
+        full = sum(musc_mutual_scores(torch, feats, feats, k) for feats in lot) / n_layers
+        normal = sum(musc_normal_scores(torch, feats, pooled(normal_tokens[:, l], r).reshape(-1, channels),
                                         normal_ids.repeat_interleave(length), cfg.normal_k)
-                     for l in range(n_layers)) / n_layers
+                     for l, feats in enumerate(lot)) / n_layers
         tau = torch.quantile(normal.flatten()[: 1 << 24].double(), cfg.tau_quantile).item()
         fused = fused + weight * (full - cfg.alpha * normal * (normal <= tau).float())
     return F.interpolate(fused.reshape(n, 1, h, w), size=map_size, mode="bilinear", align_corners=False)[:, 0]
@@ -151,7 +153,7 @@ def kernel_rows(dev, args, rng) -> list[dict]:
     matmul_tflops = 2 * side ** 3 / matmul_s / 1e12
     tq = dev.to_torch(queries)
     tb = dev.to_torch(bank).float()
-    ref_s, ref = dev.timed(lambda: musc_mutual_scores_against(torch, tq, tb, k, ids_offset=0))
+    ref_s, ref = dev.timed(lambda: musc_mutual_scores(torch, tq, tb, k))
     diff = float(np.abs(K.to_numpy(got) - ref.cpu().numpy()).max())
     rows.append({"row": "kNN full bank (fused)", "ms": 1e3 * seconds, "tflops": flops / seconds / 1e12,
                  "of_peak": flops / seconds / 1e12 / H200_FP16_DENSE_TFLOPS,
@@ -173,19 +175,6 @@ def kernel_rows(dev, args, rng) -> list[dict]:
     seconds, _ = dev.timed(lambda: K.patch_scores_to_maps(scores[0], (side, side), (args.map_size,) * 2, 0.0))
     rows.append({"row": f"upsampling to {args.map_size}, {args.images} images", "ms": 1e3 * seconds})
     return rows
-
-
-def musc_mutual_scores_against(torch, queries, bank, k: int, ids_offset: int = 0):
-    """The kNN row's reference: queries (Nq, L, C) against bank images (Nb, m, C), query i is bank image i."""
-    n_query, length, channels = queries.shape
-    n_bank, per_image, _ = bank.shape
-    flat = bank.reshape(-1, channels)
-    out = torch.empty(n_query, length, device=queries.device)
-    for i in range(n_query):
-        dist = torch.cdist(queries[i], flat).pow_(2).mul_(0.5).view(length, n_bank, per_image).amin(dim=-1)
-        dist[:, ids_offset + i] = float("inf")
-        out[i] = dist.topk(k, dim=-1, largest=False).values.mean(dim=-1)
-    return out
 
 
 def lot_rows(dev, args) -> list[dict]:

@@ -297,9 +297,9 @@ class BankStore:
         if version is None:
             raise self._missing(bank_id)
         folder = self._dir(bank_id) / version
-        shapes, dtypes = _load_tensors_meta(folder / "bank.safetensors", with_dtypes=True)
+        tensors, _ = _load_tensors_meta(folder / "bank.safetensors")
         itemsize = {"F16": 2, "F32": 4, "I64": 8, "BF16": 2, "F64": 8, "I32": 4}
-        resident = sum(int(np.prod(shape)) * itemsize[dtypes[name]] for name, shape in shapes.items())
+        resident = sum(int(np.prod(t["shape"])) * itemsize[t["dtype"]] for t in tensors.values())
         return {"bytes_on_disk": sum(p.stat().st_size for p in folder.iterdir()), "bytes_in_memory": resident}
 
     def load(self, bank_id: str, encoder: dict | None = None) -> Bank:
@@ -427,7 +427,8 @@ class BankStore:
         return self.lot_size(bank_id)
 
     def lot_size(self, bank_id: str) -> int:
-        return sum(_load_tensors_meta(p)[0][IMAGES][0] for p in sorted(self._lot(bank_id).glob("part-*.safetensors")))
+        return sum(_load_tensors_meta(p)[0][IMAGES]["shape"][0]
+                   for p in sorted(self._lot(bank_id).glob("part-*.safetensors")))
 
     def load_lot(self, bank_id: str) -> tuple[str, np.ndarray, Features]:
         parts = sorted(self._lot(bank_id).glob("part-*.safetensors"))
@@ -453,7 +454,7 @@ class BankStore:
             updated = max(p.stat().st_mtime for p in parts)
             _, meta = _load_tensors_meta(parts[0])
             out.append({"bank": lot.parent.name, "category": meta.get("category"),
-                        "images": sum(_load_tensors_meta(p)[0][IMAGES][0] for p in parts),
+                        "images": self.lot_size(lot.parent.name),
                         "updated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(updated)),
                         "expires_in_s": max(0, int(updated + self.pending_ttl_s - time.time()))})
         return out
@@ -466,14 +467,13 @@ class BankStore:
         return expired
 
 
-def _load_tensors_meta(path: Path, with_dtypes: bool = False) -> tuple[dict, dict]:
-    """Shapes and metadata (or, ``with_dtypes``, dtypes) of a safetensors file without reading the tensors."""
+def _load_tensors_meta(path: Path) -> tuple[dict, dict]:
+    """The tensors' ``{"shape", "dtype"}`` and the metadata of a safetensors file, without reading the tensors."""
     with open(path, "rb") as f:
         size = int.from_bytes(f.read(8), "little")
         header = json.loads(f.read(size))
     meta = header.pop("__metadata__", {}) or {}
-    shapes = {k: v["shape"] for k, v in header.items()}
-    return (shapes, {k: v["dtype"] for k, v in header.items()}) if with_dtypes else (shapes, meta)
+    return header, meta
 
 
 __all__ = ["Bank", "BankError", "BankStore", "build_bank", "score_with_bank", "image_key", "check_bank_id",

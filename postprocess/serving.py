@@ -54,6 +54,14 @@ def describe_failure(model: str, err: BaseException, log_error) -> tuple[str, bo
             "this id"), True
 
 
+def error_response(pb_utils, model: str, err: BaseException):
+    """The Triton response for a failed request (``describe_failure``): INVALID_ARG for the caller's mistakes,
+    INTERNAL, with a logged traceback, for ours. ``pb_utils`` is the Python backend's module, passed in."""
+    message, internal = describe_failure(model, err, pb_utils.Logger.log_error)
+    code = pb_utils.TritonError.INTERNAL if internal else pb_utils.TritonError.INVALID_ARG
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))
+
+
 def from_triton(tensor, xp=np):
     """A Triton Python-backend tensor as an array of ``xp``: a tensor on the GPU is taken through DLPack without a
     copy (``FORCE_CPU_ONLY_INPUT_TENSORS: no``), one in host memory as NumPy, moved to ``xp`` when that is CuPy."""
@@ -115,6 +123,10 @@ class ScoreService:
         """(B, H, W) float16 maps and (B,) float32 scores for one bank (inputs as ``check_request`` accepts)."""
         bank = self.bank(bank_id)
         self.check_against_bank(bank, layer_tokens, patch_embeds, image_embeds, images)
+        return self._score_checked(bank, layer_tokens, patch_embeds, image_embeds, images)
+
+    def _score_checked(self, bank, layer_tokens, patch_embeds, image_embeds, images) -> tuple[np.ndarray, np.ndarray]:
+        """``score`` for inputs already checked against ``bank``."""
         grid = bank.grid
         xp = self.xp
         features = Features(xp.asarray(layer_tokens), xp.asarray(patch_embeds), xp.asarray(image_embeds), grid)
@@ -212,7 +224,7 @@ class ScoreService:
             try:
                 parts = {k: K.get_xp(requests[members[0]][k]).concatenate([requests[i][k] for i in members])
                          for k in (*C.VISION_OUTPUTS, C.IMAGES)}
-                maps, scores = self.score(bank_id, *(parts[k] for k in C.VISION_OUTPUTS), parts[C.IMAGES])
+                maps, scores = self._score_checked(bank, *(parts[k] for k in C.VISION_OUTPUTS), parts[C.IMAGES])
                 self.telemetry.count("pa_clip_images_scored_total", len(scores), bank=bank_id)
                 start = 0
                 for i in members:
@@ -353,4 +365,4 @@ class BankService:
 
 
 __all__ = ["ScoreService", "BankService", "RemoteEncoder", "bank_root", "build_config", "describe_failure",
-           "text_value"]
+           "error_response", "from_triton", "parse_options", "text_value"]

@@ -256,7 +256,7 @@ class LocalServer:
         return error_lines(self.log_text()[self.log_offset:])
 
     def _failure(self, headline: str) -> str:
-        lines = error_lines(self.log_text()[self.log_offset:])
+        lines = self.last_errors()
         detail = "\n  ".join(lines) if lines else "(no error lines; full log: %s)" % self.log_file
         return f"{headline}. Server says:\n  {detail}\nFull log: {self.log_file}"
 

@@ -14,7 +14,7 @@ try:
     from postprocess import contract as C
     from postprocess.bank import BankStore
     from postprocess.host import HostSettings
-    from postprocess.serving import BankService, bank_root, describe_failure, from_triton, parse_options, text_value
+    from postprocess.serving import BankService, bank_root, error_response, from_triton, parse_options, text_value
     from postprocess.telemetry import TritonTelemetry
 except ImportError as err:
     raise ImportError(f"pa_clip_bank needs the pa-clip-triton package in the server's Python "
@@ -92,7 +92,5 @@ class TritonPythonModel:
                 payload = np.array([json.dumps(result).encode()], dtype=np.object_)
                 responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("result", payload)]))
             except Exception as err:  # the model keeps serving; a fault of ours is logged with its traceback
-                message, internal = describe_failure(C.BANK_MODEL, err, pb_utils.Logger.log_error)
-                code = pb_utils.TritonError.INTERNAL if internal else pb_utils.TritonError.INVALID_ARG
-                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code)))
+                responses.append(error_response(pb_utils, C.BANK_MODEL, err))
         return responses

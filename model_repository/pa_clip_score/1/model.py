@@ -10,19 +10,13 @@ try:
     from postprocess import contract as C
     from postprocess.bank import BankStore
     from postprocess.host import HostSettings
-    from postprocess.serving import ScoreService, bank_root, describe_failure, from_triton
+    from postprocess.serving import ScoreService, bank_root, error_response, from_triton
     from postprocess.telemetry import TritonTelemetry
 except ImportError as err:  # the server's Python must have the project installed
     raise ImportError(f"pa_clip_score needs the pa-clip-triton package in the server's Python "
                       f"(pip install -e . in the environment tritonserver runs models with): {err}") from err
 
 INPUTS = (*C.VISION_OUTPUTS, C.IMAGES, C.BANK)
-
-
-def _error(err):
-    message, internal = describe_failure(C.SCORE_MODEL, err, pb_utils.Logger.log_error)
-    code = pb_utils.TritonError.INTERNAL if internal else pb_utils.TritonError.INVALID_ARG
-    return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))
 
 
 class TritonPythonModel:
@@ -44,7 +38,7 @@ class TritonPythonModel:
         responses = []
         for result in self.service.score_requests(inputs):
             if isinstance(result, Exception):
-                responses.append(_error(result))
+                responses.append(error_response(pb_utils, C.SCORE_MODEL, result))
             else:
                 maps, scores = result
                 responses.append(pb_utils.InferenceResponse([
