@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from client.images import IMAGE_SUFFIXES, model_input, read_rgb
+from client.images import IMAGE_SUFFIXES, image_size_of, model_input, read_rgb
 
 LAYOUTS = ("mvtec", "visa", "folder")
 
@@ -117,19 +117,28 @@ def discover(root: str | Path, layout: str, categories: list[str] | None = None)
     return found
 
 
-def read_mask(path: Path | None, image_size: tuple[int, int], size: int) -> np.ndarray:
+def read_mask(path: Path | None, image_size: tuple[int, int], size: tuple[int, int]) -> np.ndarray:
+    """The mask at the lot's (height, width); ``image_size`` is its image's (width, height)."""
+    height, width = size
     if path is None:
-        return np.zeros((size, size), dtype=bool)
+        return np.zeros((height, width), dtype=bool)
     with Image.open(path) as img:
         mask = img.convert("L")
         if mask.size != image_size:
             warnings.warn(f"mask {path} is {mask.size[0]}x{mask.size[1]} but its image is "
                           f"{image_size[0]}x{image_size[1]}; resizing the mask", stacklevel=2)
-        return np.asarray(mask.resize((size, size), Image.NEAREST)) > 127
+        return np.asarray(mask.resize((width, height), Image.NEAREST)) > 127
 
 
-def load_category(category: Category, size: int) -> LoadedCategory:
-    """Read and resize a category's images (and masks); unreadable images are skipped with a warning."""
+def original_sizes(category: Category) -> list[tuple[int, int]]:
+    """The (width, height) of each readable image of a category, from the file headers."""
+    return [size for size in (image_size_of(s.path) for s in category.samples) if size is not None]
+
+
+def load_category(category: Category, size) -> LoadedCategory:
+    """Read a category's images (and masks) resized to ``size`` (height, width), the lot's encoder input (see
+    ``export.backbones.input_size_for``); unreadable images are skipped with a warning."""
+    size = (size, size) if np.isscalar(size) else tuple(size)
     images, masks, labels, kept, skipped = [], [], [], [], []
     for sample in category.samples:
         try:

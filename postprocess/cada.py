@@ -73,22 +73,28 @@ class Augmentation:
     matrix: tuple[float, ...] | None
 
 
-def _affine(size: int, rng: np.random.Generator) -> tuple[float, ...]:
-    """Flips, a small rotation and a small shift about the image centre, as PIL's inverse affine coefficients."""
+def _size_pair(size) -> tuple[int, int]:
+    return (int(size), int(size)) if np.isscalar(size) else (int(size[0]), int(size[1]))
+
+
+def _affine(size, rng: np.random.Generator) -> tuple[float, ...]:
+    """Flips, a small rotation and a small shift about the image centre, as PIL's inverse affine coefficients
+    (``size``: the image's (height, width), or one number for a square)."""
+    height, width = _size_pair(size)
     angle = math.radians(rng.uniform(-15.0, 15.0))
     flip_x = -1.0 if rng.random() < 0.5 else 1.0
     flip_y = -1.0 if rng.random() < 0.5 else 1.0
-    shift = rng.uniform(-0.04, 0.04, size=2) * size
+    shift = rng.uniform(-0.04, 0.04, size=2) * np.array([width, height])
     c, s = math.cos(angle), math.sin(angle)
     # input = centre + R(angle) * F * (output - centre - shift)
     a, b = c * flip_x, -s * flip_y
     d, e = s * flip_x, c * flip_y
-    centre = size / 2.0
-    ox, oy = centre + shift[0], centre + shift[1]
-    return (a, b, centre - a * ox - b * oy, d, e, centre - d * ox - e * oy)
+    cx, cy = width / 2.0, height / 2.0
+    ox, oy = cx + shift[0], cy + shift[1]
+    return (a, b, cx - a * ox - b * oy, d, e, cy - d * ox - e * oy)
 
 
-def draw_augmentations(count: int, strategy: str, size: int, seed: int) -> list[Augmentation]:
+def draw_augmentations(count: int, strategy: str, size, seed: int) -> list[Augmentation]:
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(count):
@@ -119,13 +125,13 @@ def apply_augmentation(image: np.ndarray, aug: Augmentation) -> np.ndarray:
     return out
 
 
-def patch_warp(matrix: tuple[float, ...], grid: tuple[int, int], image_size: int):
+def patch_warp(matrix: tuple[float, ...], grid: tuple[int, int], image_size):
     """The affine warp of a (h, w) patch map as a gather: (L, 4) source indices, (L, 4) bilinear weights and (L,)
     1.0 where the source falls outside the map (those take the fill value). Host constants from the augmentation
     alone, so the warp itself runs where the map is (NumPy or CuPy). Same sampling as PIL's ``transform(AFFINE,
     BILINEAR)``: pixel centres, edge samples clamped, outside the map -> fill (tested against PIL)."""
     h, w = grid
-    scale = h / float(image_size)
+    scale = h / float(_size_pair(image_size)[0])  # patches per pixel, the same along both axes
     a, b, c, d, e, f = matrix
     ys, xs = np.mgrid[0:h, 0:w].astype(np.float64) + 0.5
     # the image's affine in patch-grid coordinates
@@ -142,7 +148,7 @@ def patch_warp(matrix: tuple[float, ...], grid: tuple[int, int], image_size: int
     return index, weight.astype(np.float32), (~inside).astype(np.float32)
 
 
-def warp_patch_map(patch_map, aug: Augmentation, image_size: int):
+def warp_patch_map(patch_map, aug: Augmentation, image_size):
     """Move a (h, w) patch-level map (NumPy or CuPy) the way ``aug`` moves the image, so masks follow their
     patches; where the image came from outside the frame, the map's median."""
     if aug.matrix is None:

@@ -25,7 +25,7 @@ MODE_HELP = {
 # Settings used only after the normal images are chosen (normal bank, subtraction, maps).
 FINISH_STAGE_FIELDS = frozenset({
     "use_normal_bank", "multiscale_normal_bank", "augment", "n_augment", "cada_threshold", "normal_coreset_ratio",
-    "normal_k", "alpha", "tau_quantile", "smooth_sigma",
+    "normal_k", "alpha", "tau_quantile", "smooth_sigma", "rescore_k", "rescore_weight",
 })
 
 
@@ -70,6 +70,10 @@ class PAClipConfig:
     smooth_sigma: float = 0.0
     image_score: str = "max"  # "max" or "topk_mean"
     image_topk_fraction: float = 0.01
+    # Lot-level image re-scoring: each image score moves by rescore_weight toward the mean score of its rescore_k
+    # most similar lot images (cosine of the image embeddings; a negative weight moves it away). 0 = off.
+    rescore_k: int = 0
+    rescore_weight: float = 0.5
 
     # Text-only map instead of memory banks (the "baseline" ablation row).
     text_only: bool = False
@@ -85,6 +89,10 @@ class PAClipConfig:
             raise ValueError(f"feature_norm must be 'none' or 'layernorm', got {self.feature_norm!r}")
         if self.image_score not in ("max", "topk_mean"):
             raise ValueError(f"image_score must be 'max' or 'topk_mean', got {self.image_score!r}")
+        if self.rescore_k < 0:
+            raise ValueError(f"rescore_k must be >= 0 (0 = no re-scoring), got {self.rescore_k}")
+        if not -1.0 <= self.rescore_weight <= 1.0:
+            raise ValueError(f"rescore_weight must lie in [-1, 1], got {self.rescore_weight}")
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"alpha must lie in [0, 1], got {self.alpha}")
         for name in ("full_coreset_ratio", "normal_coreset_ratio"):

@@ -95,25 +95,75 @@ def check_tensor(name: str, array) -> np.ndarray:
     return array
 
 
-def check_images(images, size: int) -> np.ndarray:
-    """UINT8 [B, size, size, 3], or a RequestError that says what to send."""
+def size_pair(size) -> tuple[int, int]:
+    """(height, width) from a square size (int) or an [height, width] pair."""
+    if isinstance(size, (int, np.integer)):
+        return int(size), int(size)
+    h, w = (int(v) for v in size)
+    return h, w
+
+
+def fixed_input_size(fingerprint: dict) -> tuple[int, int] | None:
+    """The one (height, width) an encoder takes, or None when it takes any multiple of its patch size (an encoder
+    exported with dynamic height and width, like the DINOv2 proxy)."""
+    if fingerprint.get("dynamic_size"):
+        return None
+    return size_pair(fingerprint["image_size"])
+
+
+def long_side(fingerprint: dict) -> int:
+    """The encoder's configured size: the long side a lot is resized to when its aspect ratio is kept."""
+    return max(size_pair(fingerprint["image_size"]))
+
+
+def grid_for(size, patch_size: int) -> tuple[int, int]:
+    """The patch grid (rows, columns) of an (height, width) input."""
+    h, w = size_pair(size)
+    return h // int(patch_size), w // int(patch_size)
+
+
+ASPECTS = ("native", "square")
+
+
+def lot_input_size(image_sizes, long: int, patch_size: int, aspect: str = "native") -> tuple[int, int]:
+    """The one (height, width) a lot is encoded at: the long side ``long``, the lot's median aspect ratio kept
+    (``native``) or a square; both sides multiples of the patch size (at least 2 patches).
+
+    ``image_sizes`` are the originals' (width, height), as PIL gives them.
+    """
+    if aspect not in ASPECTS:
+        raise RequestError(f"aspect must be one of {', '.join(ASPECTS)}, got {aspect!r}")
+    p = int(patch_size)
+    if long % p:
+        raise RequestError(f"image size {long} is not a multiple of the patch size {p}")
+    if aspect == "square" or not len(image_sizes):
+        return long, long
+    ratio = float(np.median([w / h for w, h in image_sizes]))  # width / height
+    short = max(2, round(long * min(ratio, 1 / ratio) / p)) * p
+    return (short, long) if ratio >= 1 else (long, short)
+
+
+def check_images(images, patch_size: int, size=None) -> np.ndarray:
+    """UINT8 [B,H,W,3] with H and W multiples of the patch size (and equal to ``size`` when the encoder or the bank
+    takes one size), or a RequestError that says what to send."""
     images = np.asarray(images)
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
         raise RequestError(f"images must be uint8 [B,H,W,3] (RGB), got {images.dtype} {list(images.shape)}")
-    if images.shape[1:3] != (size, size):
-        raise RequestError(f"images must be RGB resized to {size}x{size} first (uint8 [B,{size},{size},3]), "
+    h, w = images.shape[1:3]
+    if size is not None and (h, w) != size_pair(size):
+        sh, sw = size_pair(size)
+        raise RequestError(f"images must be RGB resized to {sh}x{sw} (height x width) first (uint8 [B,{sh},{sw},3]), "
                            f"got {list(images.shape)}")
+    if h % patch_size or w % patch_size or not h or not w:
+        raise RequestError(f"image height and width must be multiples of the patch size {patch_size}, got {h}x{w}")
     return images
 
 
-def grid_of(fingerprint: dict) -> tuple[int, int]:
-    """The patch grid (rows, columns) of an encoder's square input."""
-    side = int(fingerprint["image_size"]) // int(fingerprint["patch_size"])
-    return side, side
-
-
 def encoder_identity(fingerprint: dict) -> dict:
-    return {k: fingerprint.get(k) for k in IDENTITY_FIELDS}
+    """What makes features interchangeable. An encoder that takes any size gives the same features whatever its
+    configured size, so that is not part of it (a bank records the size it was built at on its own)."""
+    fields = [k for k in IDENTITY_FIELDS if not (k == "image_size" and fingerprint.get("dynamic_size"))]
+    return {k: fingerprint.get(k) for k in fields}
 
 
 def same_encoder(a: dict, b: dict) -> bool:
@@ -159,14 +209,16 @@ def read_fingerprint(model_dir: str | Path) -> dict:
 
 
 # -- Triton configs of the encoders (dims exclude the batch dimension) ---------------------------------------------
-def vision_config(name: str, image_size: int, n_taps: int, tokens: int, channels: int, dim: int,
+def vision_config(name: str, image_size, n_taps: int, tokens: int, channels: int, dim: int,
                   max_batch_size: int, platform: str = "onnxruntime_onnx", kind: str = "KIND_CPU",
                   instances: int = 1, extra: str = "") -> str:
+    """``image_size``: an int or (height, width) for a fixed-size encoder, None for any size (then tokens is -1)."""
+    h, w = (-1, -1) if image_size is None else size_pair(image_size)
     return f'''name: "{name}"
 platform: "{platform}"
 max_batch_size: {max_batch_size}
 input [
-  {{ name: "{IMAGES}" data_type: TYPE_UINT8 dims: [ {image_size}, {image_size}, 3 ] }}
+  {{ name: "{IMAGES}" data_type: TYPE_UINT8 dims: [ {h}, {w}, 3 ] }}
 ]
 output [
   {{ name: "{LAYER_TOKENS}" data_type: TYPE_FP16 dims: [ {n_taps}, {tokens}, {channels} ] }},

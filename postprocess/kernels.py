@@ -365,3 +365,25 @@ def image_scores(maps, method: str, topk_fraction: float):
         return flat.max(axis=1)
     k = max(1, int(round(topk_fraction * flat.shape[1])))
     return xp.partition(flat, flat.shape[1] - k, axis=1)[:, -k:].mean(axis=1)
+
+
+def neighbour_rescore(scores, embeds, ref_embeds, ref_scores, k: int, weight: float, query_ids=None):
+    """Image scores refined by the lot (in the spirit of MuSc's re-scoring with image-level neighbours): each score
+    moves by ``weight`` toward the mean score of its ``k`` most similar reference images, by cosine similarity of
+    their embeddings. A query never counts itself: reference ``j`` is left out for a query whose id is ``j``."""
+    xp = get_xp(scores)
+    q = embeds.astype(xp.float32)
+    r = ref_embeds.astype(xp.float32)
+    q = q / xp.maximum(xp.linalg.norm(q, axis=1, keepdims=True), 1e-12)
+    r = r / xp.maximum(xp.linalg.norm(r, axis=1, keepdims=True), 1e-12)
+    sim = q @ r.T  # (N, M): a lot is hundreds of images, never a memory concern
+    m = int(sim.shape[1])
+    if query_ids is not None:
+        sim = xp.where(xp.asarray(query_ids)[:, None] == xp.arange(m)[None, :], -xp.inf, sim)
+        m -= 1  # a lot member has one reference fewer
+    k = min(int(k), m)
+    if k < 1:
+        return scores
+    nearest = xp.argpartition(-sim, k - 1, axis=1)[:, :k]
+    neighbour_mean = ref_scores.astype(xp.float32)[nearest].mean(axis=1)
+    return (scores + weight * (neighbour_mean - scores)).astype(scores.dtype)

@@ -54,6 +54,7 @@ class ScoreResult:
     normal_bank_scores: dict = field(default_factory=dict)  # r -> (N, L)
     tau_b: dict = field(default_factory=dict)  # r -> subtraction threshold
     normal_bank_sizes: dict = field(default_factory=dict)  # r -> entries kept
+    map_scores: object = None  # (N,) image scores from the maps alone, before lot-level re-scoring
 
 
 def fuse(per_scale: dict, cfg: PAClipConfig):
@@ -243,6 +244,18 @@ def decide(full_scores: dict, text_scores: dict, normal_bank_scores: dict, tau_b
     return result
 
 
+def rescore_images(result: ScoreResult, image_embeds, ref_embeds, ref_scores, cfg: PAClipConfig,
+                   query_ids=None) -> ScoreResult:
+    """Lot-level image re-scoring (``cfg.rescore_k`` > 0): ``result.scores`` refined with the scores of the most
+    similar reference images (the lot itself, or the lot a bank was built from); ``result.map_scores`` keeps the
+    scores of the maps alone."""
+    result.map_scores = result.scores
+    if cfg.rescore_k > 0:
+        result.scores = K.neighbour_rescore(result.scores, image_embeds, ref_embeds, ref_scores, cfg.rescore_k,
+                                            cfg.rescore_weight, query_ids)
+    return result
+
+
 def finish_stage(features: Features, state: LotState, normal: NormalSet | None, cfg: PAClipConfig,
                  map_size: tuple[int, int], banks: dict | None = None, host: HostSettings = DEFAULT_HOST) -> ScoreResult:
     """Stage 2 on the lot itself. ``banks`` (from ``normal_banks``) may be passed in when the caller keeps them."""
@@ -258,5 +271,8 @@ def finish_stage(features: Features, state: LotState, normal: NormalSet | None, 
             result.normal_bank_scores[r] = s_b
             result.tau_b[r] = float(xp.quantile(s_b, cfg.tau_quantile))
             result.normal_bank_sizes[r] = int(bank.shape[1])
-    return decide(state.full_scores, state.text_scores, result.normal_bank_scores, result.tau_b, cfg,
-                  features.grid, map_size, result)
+    result = decide(state.full_scores, state.text_scores, result.normal_bank_scores, result.tau_b, cfg,
+                    features.grid, map_size, result)
+    xp = K.get_xp(result.scores)
+    return rescore_images(result, features.image_embeds, features.image_embeds, result.scores, cfg,
+                          xp.arange(len(features)))

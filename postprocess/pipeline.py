@@ -99,7 +99,7 @@ class LotScorer:
         key = (cfg.lot_stage_key(), cfg.n_augment, cfg.cada_threshold)
         if key not in self._normal_sets:
             decision = cada_decision(self.images, cfg.cada_threshold)
-            size = self.images.shape[1]
+            size = tuple(self.images.shape[1:3])
             h, w = self.features.grid
             aug_images, aug_ids, aug_prior = [], [], []
             for j, i in enumerate(idx):

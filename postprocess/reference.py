@@ -247,6 +247,27 @@ def decide(full_scores: dict, text_scores: dict, normal_bank_scores: dict, tau_b
     return result
 
 
+def rescore_images(result: ScoreResult, image_embeds, ref_embeds, ref_scores, cfg: PAClipConfig,
+                   query_ids=None) -> ScoreResult:
+    """Each image score moved toward the mean score of its most similar other reference images (torch topk)."""
+    result.map_scores = result.scores
+    if cfg.rescore_k <= 0:
+        return result
+    q = torch.nn.functional.normalize(torch.as_tensor(image_embeds).float(), dim=1)
+    r = torch.nn.functional.normalize(torch.as_tensor(ref_embeds).float(), dim=1)
+    sim = q @ r.T
+    if query_ids is not None:
+        for i, own in enumerate(torch.as_tensor(query_ids).tolist()):
+            if own >= 0:
+                sim[i, own] = float("-inf")
+    k = min(cfg.rescore_k, r.shape[0] - (query_ids is not None))
+    if k >= 1:
+        nearest = sim.topk(k, dim=1).indices
+        mean = torch.as_tensor(ref_scores).float()[nearest].mean(1)
+        result.scores = result.scores + cfg.rescore_weight * (mean - result.scores)
+    return result
+
+
 def finish_stage(features: Features, state: LotState, normal: NormalSet | None, cfg: PAClipConfig,
                  map_size) -> ScoreResult:
     """Stage 2: normal banks from ``normal`` (None: the chosen lot images alone), scores against them, decision."""
@@ -260,5 +281,7 @@ def finish_stage(features: Features, state: LotState, normal: NormalSet | None, 
             result.normal_bank_scores[r] = s_b
             result.tau_b[r] = float(torch.quantile(s_b.flatten().double(), cfg.tau_quantile))
             result.normal_bank_sizes[r] = int(bank.shape[1])
-    return decide(state.full_scores, state.text_scores, result.normal_bank_scores, result.tau_b, cfg,
-                  features.grid, map_size, result)
+    result = decide(state.full_scores, state.text_scores, result.normal_bank_scores, result.tau_b, cfg,
+                    features.grid, map_size, result)
+    return rescore_images(result, features.image_embeds, features.image_embeds, result.scores, cfg,
+                          torch.arange(len(features)))

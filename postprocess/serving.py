@@ -306,7 +306,8 @@ class BankService:
         self.host = host
         self.telemetry = telemetry
         self.backbone = RemoteEncoder(encode_images, encode_text)
-        self.image_size = int(encoder["image_size"])
+        self.patch_size = int(encoder["patch_size"])
+        self.fixed_size = C.fixed_input_size(encoder)  # None: the encoder takes any multiple of the patch size
         self.log = log
 
     def handle(self, action: str, bank_id: str = "", category: str = "", images=None, options=None) -> dict:
@@ -334,7 +335,7 @@ class BankService:
             raise BankError("add needs a category name (the product, e.g. 'bottle')")
         if images is None or len(images) == 0:
             raise BankError("add needs at least one image")
-        images = C.check_images(images, self.image_size)
+        images = C.check_images(images, self.patch_size, self.fixed_size)
         features = self.backbone.encode(images)
         size = self.store.add_to_lot(bank_id, category, images, features, reset=reset)
         return {"bank": bank_id, "category": category, "lot_size": size}

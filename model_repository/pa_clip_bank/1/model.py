@@ -49,7 +49,7 @@ class TritonPythonModel:
         self.text_model = params.get("text_model", C.TEXT_MODEL)
         self.batch_size = int(params.get("encode_batch_size", "8") or 8)
         encoder = C.read_fingerprint(repository / self.vision_model)
-        self.grid = C.grid_of(encoder)
+        self.patch_size = int(encoder["patch_size"])
         encode_text = None
         text_dir = repository / self.text_model
         if (text_dir / "config.pbtxt").is_file():
@@ -74,7 +74,8 @@ class TritonPythonModel:
             batch = np.ascontiguousarray(images[start:start + self.batch_size])
             parts.append(_infer(self.vision_model, [pb_utils.Tensor(C.IMAGES, batch)], list(C.VISION_OUTPUTS),
                                 self.xp))
-        return C.Features.from_outputs([self.xp.concatenate([p[i] for p in parts]) for i in range(3)], self.grid)
+        return C.Features.from_outputs([self.xp.concatenate([p[i] for p in parts]) for i in range(3)],
+                                       C.grid_for(images.shape[1:3], self.patch_size))
 
     def encode_text(self, prompts):
         tokens = self.tokenizer(prompts).numpy().astype(np.int64)
