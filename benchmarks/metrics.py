@@ -114,6 +114,21 @@ def lot_metrics(labels, masks, scores, maps) -> dict:
     return out
 
 
+def per_defect_type(labels, masks, scores, maps, defect_types) -> dict:
+    """``lot_metrics`` of each defect type against the good images (the paper's per-type breakdown): the lot is
+    scored once, as a whole; each row keeps the good images and one defect type."""
+    if labels is None:
+        return {}
+    types = np.asarray(defect_types)
+    labels = np.asarray(labels)
+    rows = {}
+    for name in sorted({t for t, label in zip(types, labels) if label == 1}):
+        keep = (labels == 0) | (types == name)
+        rows[name] = lot_metrics(labels[keep], None if masks is None else masks[keep], np.asarray(scores)[keep],
+                                 maps[keep])
+    return rows
+
+
 def mean_metrics(per_category: dict) -> dict:
     """Unweighted mean over categories of each metric (categories without it are left out)."""
     out = {}

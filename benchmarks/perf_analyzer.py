@@ -119,7 +119,7 @@ def main(argv=None) -> int:
     from client.demo_lot import write_demo_lot
     from client.infer import find_images, load_image
     from client.triton_client import PAClipClient
-    from postprocess.contract import ACCESS_KEY_ENV, VISION_MODEL, read_fingerprint
+    from postprocess.contract import ACCESS_KEY_ENV, VISION_MODEL, fixed_input_size, long_side, read_fingerprint
     from serve.local import LocalServer, free_ports
 
     try:
@@ -128,7 +128,8 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     repository = Path(args.repository)
-    size = read_fingerprint(repository / VISION_MODEL)["image_size"]
+    fingerprint = read_fingerprint(repository / VISION_MODEL)
+    size = fixed_input_size(fingerprint) or (long_side(fingerprint),) * 2  # the demo lot is square
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="pa-clip-perf-"))
@@ -159,7 +160,7 @@ def main(argv=None) -> int:
         writer.writerows(rows)
     plot(rows, out / "perf_analyzer.png")
     encoder = read_fingerprint(repository / VISION_MODEL)
-    print(f"\nperf_analyzer, pa_clip ensemble, {encoder['backbone']} at {size}x{size}, one image per request")
+    print(f"\nperf_analyzer, pa_clip ensemble, {encoder['backbone']} at {size[0]}x{size[1]}, one image per request")
     print("| protocol | transport | in flight | images/s | latency p50 (ms) | p90 (ms) |")
     print("|---|---|---|---|---|---|")
     for r in rows:

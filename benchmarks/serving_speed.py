@@ -24,7 +24,7 @@ import numpy as np
 from client.demo_lot import write_demo_lot
 from client.infer import find_images, load_image
 from client.triton_client import PAClipClient
-from postprocess.contract import VISION_MODEL, read_fingerprint
+from postprocess.contract import VISION_MODEL, fixed_input_size, long_side, read_fingerprint
 
 
 
@@ -86,7 +86,8 @@ def main(argv=None) -> int:
     from serve.local import LocalServer, free_ports
 
     repository = Path(args.repository)
-    size = read_fingerprint(repository / VISION_MODEL)["image_size"]
+    fingerprint = read_fingerprint(repository / VISION_MODEL)
+    size = fixed_input_size(fingerprint) or (long_side(fingerprint),) * 2  # the demo lot is square
     work = Path(tempfile.mkdtemp(prefix="pa-clip-serving-speed-"))
     folder = Path(args.images) if args.images else write_demo_lot(work / "lot")
     paths = find_images(str(folder))[: args.limit]
@@ -102,7 +103,7 @@ def main(argv=None) -> int:
         built = client.build_bank("speed")
         build_s = time.perf_counter() - t - added
         client.close()
-        print(f"{len(images)} images at {size}x{size}, encoder {built['encoder']['backbone']}: add (encode) "
+        print(f"{len(images)} images at {size[0]}x{size[1]}, encoder {built['encoder']['backbone']}: add (encode) "
               f"{added:.1f} s, build {build_s:.1f} s", file=sys.stderr)
         for concurrency in args.concurrency:
             rows.append(timed_run(server.http_url, "http", False, concurrency, images, "speed"))

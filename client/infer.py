@@ -30,9 +30,11 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from client.heatmap import save_panel
-from client.images import IMAGE_SUFFIXES, model_input, read_rgb
+from client.images import IMAGE_SUFFIXES, image_size_of, model_input, read_rgb
 from client.triton_client import ClientError, PAClipClient
+from postprocess import contract as C
 from postprocess.atomic import write_atomic
+from postprocess.errors import RequestError
 
 def find_images(spec: str) -> list[Path]:
     """A folder (searched recursively) or a glob pattern -> sorted image files."""
@@ -44,13 +46,31 @@ def find_images(spec: str) -> list[Path]:
     return sorted(found)
 
 
-def load_image(path: Path, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """(original RGB, resized to size x size) uint8; ValueError naming the file when it cannot be read."""
+def load_image(path: Path, size) -> tuple[np.ndarray, np.ndarray]:
+    """(original RGB, resized to size = (height, width)) uint8; ValueError naming the file when it cannot be read."""
     rgb = read_rgb(path)
     return np.asarray(rgb), model_input(rgb, size)
 
 
-def load_images(paths: list[Path], size: int, progress: bool) -> tuple[list, list]:
+def lot_size(encoder: dict, paths: list[Path], aspect: str, image_size: list[int] | None) -> tuple[int, int]:
+    """The (height, width) a new lot is sent at: --image-size HEIGHT WIDTH, else the encoder's one size when it was
+    exported for one, else the long side (--image-size SIZE or the encoder's) with the lot's median aspect."""
+    fixed = C.fixed_input_size(encoder)
+    patch = int(encoder["patch_size"])
+    if image_size is not None and len(image_size) == 2:
+        size = (image_size[0], image_size[1])
+        if fixed is not None and size != fixed:
+            raise RequestError(f"the server's encoder takes {fixed[0]}x{fixed[1]} images only; export it again "
+                               f"with --image-size {size[0]} {size[1]} to use that size")
+        C.check_images(np.zeros((1, *size, 3), np.uint8), patch)
+        return size
+    if fixed is not None:
+        return fixed
+    long = image_size[0] if image_size else C.long_side(encoder)
+    return C.lot_input_size([s for s in map(image_size_of, paths) if s], long, patch, aspect)
+
+
+def load_images(paths: list[Path], size, progress: bool) -> tuple[list, list]:
     loaded, skipped = [], []
     for path in tqdm(paths, desc="read images", unit="img", disable=not progress, leave=False):
         try:
@@ -80,6 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "pad_pam, pad, mutual, baseline")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a PA-CLIP setting for --build, e.g. --set alpha=0.3 (JSON values)")
+    p.add_argument("--image-size", type=int, nargs="+", default=None, metavar="SIZE",
+                   help="with --build: the long side the lot is resized to (default: the encoder's), or HEIGHT "
+                   "WIDTH. Without --build images are resized to the size the bank was built at")
+    p.add_argument("--aspect", choices=C.ASPECTS, default="native",
+                   help="with --build: keep the lot's median aspect ratio (native) or stretch to a square")
     p.add_argument("--out", default="out/infer", help="output folder")
     p.add_argument("--threshold", type=float, default=None,
                    help="images scoring above this are marked 'anomalous' in results.csv")
@@ -222,8 +247,15 @@ def main(argv=None) -> int:
         client = PAClipClient(args.url, args.protocol, args.timeout, key=args.key)
         client.check_ready()
         encoder = client.encoder()
-        size = int(encoder["encoder"]["image_size"])
-        print(f"server {client.url} ({args.protocol}): encoder {encoder['encoder']['backbone']} at {size}x{size}"
+        if args.build:
+            size = lot_size(encoder["encoder"], paths, args.aspect, args.image_size)
+        else:  # the bank was built at one size: its images' size, which is also its maps' size
+            size = tuple(client.bank_info(bank)["image_size"])
+            if args.image_size is not None:
+                print(f"note: --image-size applies to --build; bank {bank!r} scores {size[0]}x{size[1]} images",
+                      file=sys.stderr)
+        print(f"server {client.url} ({args.protocol}): encoder {encoder['encoder']['backbone']}, images sent at "
+              f"{size[0]}x{size[1]} (height x width)"
               + ("" if encoder["has_text"] else " (no text encoder: normal images are chosen visually)"),
               file=sys.stderr)
         loaded, skipped = load_images(paths, size, progress)
@@ -243,7 +275,7 @@ def main(argv=None) -> int:
         client.close()
         print(f"bank {bank!r}: {info['n_images']} lot images, {info['bytes_on_disk'] / 2**20:.1f} MB on disk, "
               f"{info['bytes_in_memory'] / 2**20:.1f} MB once loaded for scoring", file=sys.stderr)
-    except ClientError as err:
+    except (ClientError, RequestError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     t1 = time.perf_counter()
@@ -269,7 +301,7 @@ def main(argv=None) -> int:
 
 def summary_of(info: dict) -> dict:
     keep = ("bank", "category", "version", "built_at", "n_images", "normal_selection", "normal_indices", "encoder",
-            "map_range", "lot_scores", "cada", "bytes_on_disk", "bytes_in_memory")
+            "map_range", "lot_scores", "cada", "bytes_on_disk", "bytes_in_memory", "image_size")
     return {k: info[k] for k in keep if k in info}
 
 

@@ -374,8 +374,8 @@ def neighbour_rescore(scores, embeds, ref_embeds, ref_scores, k: int, weight: fl
     xp = get_xp(scores)
     q = embeds.astype(xp.float32)
     r = ref_embeds.astype(xp.float32)
-    q = q / xp.maximum(xp.linalg.norm(q, axis=1, keepdims=True), 1e-12)
-    r = r / xp.maximum(xp.linalg.norm(r, axis=1, keepdims=True), 1e-12)
+    q = q / xp.maximum(xp.sqrt((q * q).sum(axis=1, keepdims=True)), 1e-12)
+    r = r / xp.maximum(xp.sqrt((r * r).sum(axis=1, keepdims=True)), 1e-12)
     sim = q @ r.T  # (N, M): a lot is hundreds of images, never a memory concern
     m = int(sim.shape[1])
     if query_ids is not None:

@@ -163,6 +163,11 @@ class ScoreService:
         """What a bank expects: its patch grid, its feature widths and its image size (which sets the map size)."""
         name = bank.manifest["bank"]
         (h, w), size = bank.grid, tuple(bank.manifest["image_size"])
+        # first: with an encoder that takes any size, another size is the likely cause of every mismatch below
+        if tuple(images.shape[1:3]) != size:
+            raise BankError(f"bank {name!r} scores {size[0]}x{size[1]} images (height x width: the size it was built "
+                            f"at, which sets the map size), got {images.shape[1]}x{images.shape[2]}: resize them "
+                            "first (client/infer.py does)")
         if layer_tokens.shape[2] != h * w:
             raise BankError(f"bank {name!r} expects {h}x{w} patches per image, the encoder gave "
                             f"{layer_tokens.shape[2]}: was the bank built with another encoder?")
@@ -173,9 +178,6 @@ class ScoreService:
         if bank.text_embeds is not None and int(bank.text_embeds.shape[-1]) != int(image_embeds.shape[1]):
             raise BankError(f"bank {name!r} has {bank.text_embeds.shape[-1]}-wide text embeddings, the image "
                             f"embeddings are {image_embeds.shape[1]} wide: was the bank built with another encoder?")
-        if tuple(images.shape[1:3]) != size:
-            raise BankError(f"bank {name!r} scores {size[0]}x{size[1]} images (the size it was built at, which sets "
-                            f"the map size), got {images.shape[1]}x{images.shape[2]}: resize them first")
 
     def score_requests(self, requests: list[dict]) -> list:
         """Score several requests (dicts of the model's inputs), grouping items of the same bank into one call.

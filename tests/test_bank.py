@@ -30,9 +30,10 @@ def scorer(tiny, lot):
     return LotScorer(tiny, lot, "washer", progress=False)
 
 
-@pytest.mark.parametrize("mode", ["pad_mpam", "pad", "mutual", "baseline"])
+@pytest.mark.parametrize("mode", ["pad_mpam", "pad", "mutual", "baseline", "pad_mpam+rescore"])
 def test_bank_scores_equal_in_process_lot_scores(scorer, tiny, tmp_path, mode):
-    cfg = PAClipConfig.for_mode(mode)
+    mode, _, rescore = mode.partition("+")
+    cfg = PAClipConfig.for_mode(mode, **({"rescore_k": 3} if rescore else {}))
     expected = scorer.score(cfg)
     bank, report = build_bank(scorer, cfg, "washer", tiny.fingerprint)
     store = BankStore(tmp_path)
@@ -47,6 +48,32 @@ def test_bank_scores_equal_in_process_lot_scores(scorer, tiny, tmp_path, mode):
     # one image at a time gives the same map as the whole lot at once
     single = score_with_bank(loaded, scorer.features.take(slice(4, 5)), ids[4:5])
     assert np.abs(single.maps[0] - result.maps[4]).max() < 1e-6
+
+
+def test_a_non_square_lot_builds_a_bank_of_its_size_that_refuses_other_sizes(tiny, lot, tmp_path):
+    wide = np.ascontiguousarray(lot[:, 28:84])  # 56 x 112: a 4 x 8 patch grid
+    scorer = LotScorer(tiny, wide, "washer", progress=False)
+    cfg = PAClipConfig(rescore_k=3)
+    expected = scorer.score(cfg)
+    assert expected.maps.shape == (len(wide), 56, 112) and scorer.features.grid == (4, 8)
+    bank, _ = build_bank(scorer, cfg, "washer", tiny.fingerprint)
+    assert bank.manifest["image_size"] == [56, 112] and bank.manifest["grid"] == [4, 8]
+    store = BankStore(tmp_path)
+    store.save(bank)
+    loaded = store.load("washer", tiny.fingerprint)
+    ids = loaded.query_ids([image_key(img) for img in wide])
+    result = score_with_bank(loaded, scorer.features, ids)
+    assert_maps_within_contract(result.maps, expected.maps, served=False)
+    assert np.abs(result.scores - expected.scores).max() < BANK_STORAGE_TOL
+    # a new image is scored against the whole lot: its score moves toward its 3 nearest lot images' map scores
+    new = score_with_bank(loaded, tiny.encode(wide[:1, :, ::-1].copy()), [-1])
+    assert new.scores[0] != new.map_scores[0]
+    with pytest.raises(BankError, match=r"built on a \(4, 8\) grid"):
+        score_with_bank(loaded, tiny.encode(lot[:1]), [-1])
+    service = ScoreService(store, tiny.fingerprint)
+    square = tiny.encode(lot[:1])
+    with pytest.raises(BankError, match="scores 56x112 images"):
+        service.score("washer", *square.outputs().values(), lot[:1])
 
 
 def test_interval_k_of_the_bank_is_the_lots(scorer, tiny):

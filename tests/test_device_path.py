@@ -60,6 +60,18 @@ def test_lot_scoring_on_the_device_matches_numpy_and_returns_only_maps_and_score
     assert got.info == expected.info
 
 
+def test_a_non_square_lot_with_rescoring_stays_on_the_device(tiny_clip_112, lot):
+    wide = np.ascontiguousarray(lot[:, 28:84])
+    cfg = PAClipConfig(rescore_k=3, full_coreset_ratio=0.5)
+    expected = LotScorer(tiny_clip_112, wide, "washer", progress=False, xp=np).score(cfg)
+    device = LotScorer(DeviceBackbone(tiny_clip_112), wide, "washer", progress=False, xp=strict)
+    strict_xp.TRANSFERS.clear()
+    got = device.score(cfg)
+    assert set(strict_xp.TRANSFERS) <= {(len(wide), 56, 112), (len(wide),)}, strict_xp.TRANSFERS
+    np.testing.assert_allclose(got.maps, expected.maps, atol=1e-6)
+    np.testing.assert_allclose(got.scores, expected.scores, atol=1e-6)
+
+
 def test_bank_build_and_scoring_on_the_device(scorers, tiny_clip_112, lot, tmp_path):
     host, device = scorers
     cfg = PAClipConfig()

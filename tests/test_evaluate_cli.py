@@ -32,7 +32,7 @@ def test_evaluate_writes_results_tables_and_overlays(mvtec_tree, tmp_path, run_e
                         "--ablation", "--overlays", "2", "--n-augment", "1")
     assert proc.returncode == 0, proc.stderr
     assert "no text encoder" in proc.stderr and "broken.png" in proc.stderr
-    assert "I-AUROC" in proc.stdout and "ablation (mean)" in proc.stdout
+    assert "I-AUROC" in proc.stdout and "rows (mean)" in proc.stdout
     result = json.loads((out / "results.json").read_text())
     assert KEYS <= set(result["categories"]["widget"]) and KEYS <= set(result["mean"])
     assert set(result["ablation"]) == {"mutual", "pad", "pad_pam", "pad_mpam"}

@@ -170,3 +170,22 @@ def test_knn_intermediates_stay_within_the_memory_budget_for_a_500_image_lot(ker
         tracemalloc.stop()
     assert 0 < peak <= budget, f"peak {peak} bytes of intermediates against a budget of {budget}"
     np.testing.assert_allclose(out, run(1 << 30), atol=1e-6)
+
+
+def test_neighbour_rescore_moves_each_score_toward_its_look_alikes():
+    """Two groups of look-alike images (embeddings near x or near y); k = 2 neighbours are the other two of a group."""
+    embeds = np.array([[1, 0.1], [1, 0], [1, -0.1], [0.1, 1], [0, 1], [-0.1, 1]], np.float32)
+    scores = np.array([1.0, 2.0, 3.0, 10.0, 11.0, 30.0], np.float32)
+    ids = np.arange(6)
+    got = K.neighbour_rescore(scores, embeds, embeds, scores, 2, 0.5, ids)
+    means = np.array([2.5, 2.0, 1.5, 20.5, 20.0, 10.5])  # each image's two group-mates, never itself
+    np.testing.assert_allclose(got, scores + 0.5 * (means - scores), rtol=1e-6)
+    away = K.neighbour_rescore(scores, embeds, embeds, scores, 2, -0.5, ids)
+    np.testing.assert_allclose(away, scores - 0.5 * (means - scores), rtol=1e-6)
+    # a new image (id -1) counts every reference: its two nearest are images 0 and 1
+    new = K.neighbour_rescore(np.array([5.0], np.float32), np.array([[1, 0.05]], np.float32), embeds, scores, 2, 1.0,
+                              np.array([-1]))
+    np.testing.assert_allclose(new, [1.5])
+    # k larger than the lot: the mean of all the others
+    np.testing.assert_allclose(K.neighbour_rescore(scores, embeds, embeds, scores, 50, 1.0, ids)[0],
+                               (scores.sum() - 1.0) / 5, rtol=1e-6)

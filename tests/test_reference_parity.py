@@ -41,6 +41,8 @@ CASES = {
     "pad-single-scale": dict(mode="pad", text=True, cfg=dict(alpha=0.8, tau_quantile=0.7)),
     "mutual": dict(mode="mutual", text=False, cfg=dict(smooth_sigma=1.5)),
     "text-baseline": dict(mode="baseline", text=True, cfg=dict()),
+    "lot-rescoring": dict(mode="pad_mpam", text=True, cfg=dict(rescore_k=3, rescore_weight=0.5)),
+    "lot-rescoring-away": dict(mode="mutual", text=False, cfg=dict(rescore_k=40, rescore_weight=-0.4)),
 }
 
 
@@ -78,6 +80,8 @@ def test_numpy_matches_torch_reference(case):
     np.testing.assert_allclose(result.patch_scores, ref.patch_scores.numpy(), atol=1e-4)
     np.testing.assert_allclose(result.maps, ref.maps.numpy(), atol=1e-4)
     np.testing.assert_allclose(result.scores, ref.scores.numpy(), atol=1e-4)
+    np.testing.assert_allclose(result.map_scores, ref.map_scores.numpy(), atol=1e-4)
+    assert (cfg.rescore_k > 0) == (not np.allclose(result.scores, result.map_scores))
     assert result.tau_b.keys() == ref.tau_b.keys()
     for r in result.tau_b:
         assert ref.tau_b[r] == pytest.approx(result.tau_b[r], abs=1e-5)
