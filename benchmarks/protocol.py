@@ -1,0 +1,123 @@
+"""The honest protocol: choose settings on one data set, report them on another, in both directions.
+
+    python -m benchmarks.protocol --tune magnetic_tile=RUNS_A/*/results.json --report ball_screw=RUNS_B/*/results.json
+
+Each ``results.json`` is one ``python -m benchmarks.evaluate`` run (one input size and aspect, several rows from
+--modes/--variant); a candidate is one row of one run, named ``<aspect>@<size>/<row>``, and must be present for both
+sets. For each direction the candidate with the best selection score (default: the mean of image AUROC and PRO) on
+the tuning set is chosen, and its figures on the other set are what we report, per defect type too. The reported
+set's own best candidate is printed beside it, marked as an oracle: it shows what tuning on the reported set would
+have bought, and is never a default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import sys
+from pathlib import Path
+
+from benchmarks.evaluate import SHORT, TABLE_KEYS, format_table
+from postprocess.atomic import write_atomic
+
+
+def candidate_name(run: dict, row: str) -> str:
+    size = run.get("image_size")
+    size = "default" if not size else "x".join(str(v) for v in size)
+    return f"{run.get('aspect', 'square')}@{size}/{row}"
+
+
+def load_set(spec: str) -> tuple[str, dict]:
+    """``NAME=GLOB`` -> (NAME, {candidate: {"mean": metrics, "defect_types": {...}, "details": {...}}})."""
+    name, sep, pattern = spec.partition("=")
+    if not sep or not name:
+        raise ValueError(f"a set is NAME=GLOB of results.json files, got {spec!r}")
+    files = sorted(glob.glob(pattern))
+    if not files:
+        raise ValueError(f"set {name}: no results.json matches {pattern!r}; run python -m benchmarks.evaluate first")
+    candidates = {}
+    for path in files:
+        run = json.loads(Path(path).read_text())
+        for row, block in run["ablation"].items():
+            per_type = {}
+            for types in block.get("defect_types", {}).values():
+                per_type.update(types)
+            details = next(iter(run["details"][row].values()), {})
+            candidates[candidate_name(run, row)] = {
+                "mean": block["mean"], "defect_types": per_type, "source": path,
+                "seconds_per_image": details.get("score_seconds_per_image"), "bank_mb": details.get("bank_mb"),
+                "input_size": details.get("input_size"),
+            }
+    return name, candidates
+
+
+def selection_score(metrics: dict, keys: list[str]) -> float:
+    values = [metrics.get(k) for k in keys]
+    if any(v is None for v in values):
+        return float("-inf")
+    return sum(values) / len(values)
+
+
+def choose(candidates: dict, keys: list[str]) -> str:
+    """The best candidate by the selection score; ties go to the name that sorts first (deterministic)."""
+    return max(sorted(candidates), key=lambda c: selection_score(candidates[c]["mean"], keys))
+
+
+def direction(tune: tuple[str, dict], report: tuple[str, dict], keys: list[str], baseline: str | None) -> dict:
+    (tune_name, tune_c), (report_name, report_c) = tune, report
+    shared = sorted(set(tune_c) & set(report_c))
+    if not shared:
+        raise ValueError(f"no candidate was run on both {tune_name} and {report_name}")
+    chosen = choose({c: tune_c[c] for c in shared}, keys)
+    oracle = choose({c: report_c[c] for c in shared}, keys)
+    out = {"tuned_on": tune_name, "reported_on": report_name, "chosen": chosen, "selection": keys,
+           "reported": report_c[chosen], "oracle": oracle, "oracle_metrics": report_c[oracle]["mean"],
+           "candidates": len(shared)}
+    if baseline and baseline in report_c:
+        out["baseline"] = baseline
+        out["baseline_metrics"] = report_c[baseline]["mean"]
+    return out
+
+
+def print_direction(d: dict) -> None:
+    print(f"\ntuned on {d['tuned_on']} ({d['candidates']} candidates, selection: mean of "
+          f"{', '.join(SHORT[k] for k in d['selection'])}) -> {d['chosen']}")
+    rows = {f"{d['reported_on']} (reported)": d["reported"]["mean"]}
+    rows.update({f"  {t}": m for t, m in sorted(d["reported"]["defect_types"].items())})
+    if "baseline" in d:
+        rows[f"old default {d['baseline']}"] = d["baseline_metrics"]
+    rows[f"oracle {d['oracle']}"] = d["oracle_metrics"]
+    print(format_table(f"on {d['reported_on']}", rows, TABLE_KEYS))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.protocol", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sets", nargs=2, required=True, metavar="NAME=GLOB",
+                   help="the two data sets' evaluate results; each direction tunes on one and reports the other")
+    p.add_argument("--select", nargs="+", default=["image_auroc", "pro"], choices=list(SHORT),
+                   help="metrics whose mean picks the candidate on the tuning set")
+    p.add_argument("--baseline", default="square@224/pad_mpam",
+                   help="candidate shown as the old default beside the reported figures")
+    p.add_argument("--json", default=None, help="also write both directions here")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        a, b = (load_set(spec) for spec in args.sets)
+        directions = [direction(a, b, args.select, args.baseline), direction(b, a, args.select, args.baseline)]
+    except (ValueError, KeyError, json.JSONDecodeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for d in directions:
+        print_direction(d)
+    if args.json:
+        write_atomic(Path(args.json), json.dumps(directions, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,41 @@
+"""The tune-on-one-set, report-on-the-other protocol: which candidate it picks and what it reports."""
+
+import json
+
+from benchmarks import protocol
+
+
+def write_run(path, aspect, size, rows):
+    """A results.json as benchmarks.evaluate writes it, with only what the protocol reads."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ablation = {row: {"mean": {"image_auroc": a, "pro": p, "pixel_auroc": 0.9},
+                      "defect_types": {"cat": {"crack": {"image_auroc": a - 0.1, "pro": p}}}}
+                for row, (a, p) in rows.items()}
+    details = {row: {"cat": {"score_seconds_per_image": 0.1, "bank_mb": 1.0, "input_size": [size, size]}}
+               for row in rows}
+    path.write_text(json.dumps({"aspect": aspect, "image_size": [size], "ablation": ablation, "details": details}))
+    return path
+
+
+def test_each_direction_picks_on_its_tuning_set_and_reports_the_other(tmp_path, capsys):
+    # set A prefers native/rs, set B prefers square/pad_mpam: each direction must report the OTHER set's figures
+    write_run(tmp_path / "a/n/results.json", "native", 224, {"pad_mpam": (0.70, 0.60), "rs": (0.80, 0.65)})
+    write_run(tmp_path / "a/s/results.json", "square", 224, {"pad_mpam": (0.72, 0.60), "rs": (0.71, 0.60)})
+    write_run(tmp_path / "b/n/results.json", "native", 224, {"pad_mpam": (0.60, 0.50), "rs": (0.62, 0.52)})
+    write_run(tmp_path / "b/s/results.json", "square", 224, {"pad_mpam": (0.90, 0.70), "rs": (0.50, 0.50)})
+    out = tmp_path / "protocol.json"
+    code = protocol.main(["--sets", f"A={tmp_path}/a/*/results.json", f"B={tmp_path}/b/*/results.json",
+                          "--json", str(out)])
+    assert code == 0
+    a_to_b, b_to_a = json.loads(out.read_text())
+    assert a_to_b["chosen"] == "native@224/rs" and a_to_b["reported_on"] == "B"
+    assert a_to_b["reported"]["mean"]["image_auroc"] == 0.62  # B's figure for A's choice, not B's best
+    assert a_to_b["oracle"] == "square@224/pad_mpam" and a_to_b["baseline_metrics"]["image_auroc"] == 0.90
+    assert b_to_a["chosen"] == "square@224/pad_mpam" and b_to_a["reported"]["mean"]["image_auroc"] == 0.72
+    printed = capsys.readouterr().out
+    assert "tuned on A" in printed and "oracle square@224/pad_mpam" in printed and "crack" in printed
+
+
+def test_missing_runs_are_a_clear_error(tmp_path, capsys):
+    assert protocol.main(["--sets", f"A={tmp_path}/none/*.json", f"B={tmp_path}/none/*.json"]) == 2
+    assert "run python -m benchmarks.evaluate first" in capsys.readouterr().err
