@@ -22,6 +22,8 @@ MODE_HELP = {
 }
 
 
+IMAGE_SCORES = ("max", "topk_mean", "mean")
+
 # Settings used only after the normal images are chosen (normal bank, subtraction, maps).
 FINISH_STAGE_FIELDS = frozenset({
     "use_normal_bank", "multiscale_normal_bank", "augment", "n_augment", "cada_threshold", "normal_coreset_ratio",
@@ -68,7 +70,9 @@ class PAClipConfig:
 
     # Maps and image score.
     smooth_sigma: float = 0.0
-    image_score: str = "max"  # "max" or "topk_mean"
+    # "max" of the map, "topk_mean" (mean of its top image_topk_fraction: the paper's "averaging the patch-level
+    # scores", read as the top ones), or "mean" of the whole map (that sentence read literally)
+    image_score: str = "max"
     image_topk_fraction: float = 0.01
     # Lot-level image re-scoring: each image score moves by rescore_weight toward the mean score of its rescore_k
     # most similar lot images (cosine of the image embeddings; a negative weight moves it away). 0 = off.
@@ -87,8 +91,8 @@ class PAClipConfig:
             raise ValueError("scale_weights must have one weight per scale")
         if self.feature_norm not in ("none", "layernorm"):
             raise ValueError(f"feature_norm must be 'none' or 'layernorm', got {self.feature_norm!r}")
-        if self.image_score not in ("max", "topk_mean"):
-            raise ValueError(f"image_score must be 'max' or 'topk_mean', got {self.image_score!r}")
+        if self.image_score not in IMAGE_SCORES:
+            raise ValueError(f"image_score must be one of {', '.join(IMAGE_SCORES)}, got {self.image_score!r}")
         if self.rescore_k < 0:
             raise ValueError(f"rescore_k must be >= 0 (0 = no re-scoring), got {self.rescore_k}")
         if not -1.0 <= self.rescore_weight <= 1.0:

@@ -358,11 +358,14 @@ def patch_scores_to_maps(patch_scores, grid: tuple[int, int], size: tuple[int, i
 
 
 def image_scores(maps, method: str, topk_fraction: float):
-    """Reduce (N, H, W) maps to (N,) image scores: the max, or the mean of the top fraction of pixels."""
+    """Reduce (N, H, W) maps to (N,) image scores: the max, the mean of the top fraction of pixels, or the mean of
+    the whole map (the paper's sentence read literally)."""
     xp = get_xp(maps)
     flat = maps.reshape(maps.shape[0], -1)
     if method == "max":
         return flat.max(axis=1)
+    if method == "mean":
+        return flat.mean(axis=1)
     k = max(1, int(round(topk_fraction * flat.shape[1])))
     return xp.partition(flat, flat.shape[1] - k, axis=1)[:, -k:].mean(axis=1)
 

@@ -93,10 +93,12 @@ def patch_scores_to_maps(patch_scores: torch.Tensor, grid, size, sigma: float) -
 
 
 def image_scores(maps: torch.Tensor, method: str, topk_fraction: float) -> torch.Tensor:
-    """(N, H, W) -> (N,): the max, or the mean of the top fraction of pixels."""
+    """(N, H, W) -> (N,): the max, the mean of the top fraction of pixels, or the mean of all."""
     flat = maps.reshape(maps.shape[0], -1)
     if method == "max":
         return flat.max(dim=1).values
+    if method == "mean":
+        return flat.sum(dim=1) / flat.shape[1]
     k = max(1, int(round(topk_fraction * flat.shape[1])))
     return flat.topk(k, dim=1).values.mean(dim=1)
 

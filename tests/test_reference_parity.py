@@ -38,7 +38,7 @@ CASES = {
                                                                   full_coreset_ratio=0.5, normal_coreset_ratio=0.3)),
     "visual-selection": dict(mode="pad_mpam", text=False, cfg=dict(smooth_sigma=0.0, image_score="topk_mean",
                                                                    image_topk_fraction=0.05)),
-    "pad-single-scale": dict(mode="pad", text=True, cfg=dict(alpha=0.8, tau_quantile=0.7)),
+    "pad-single-scale": dict(mode="pad", text=True, cfg=dict(alpha=0.8, tau_quantile=0.7, image_score="mean")),
     "mutual": dict(mode="mutual", text=False, cfg=dict(smooth_sigma=1.5)),
     "text-baseline": dict(mode="baseline", text=True, cfg=dict()),
     "lot-rescoring": dict(mode="pad_mpam", text=True, cfg=dict(rescore_k=3, rescore_weight=0.5)),
