@@ -91,6 +91,32 @@ def print_direction(d: dict) -> None:
     print(format_table(f"on {d['reported_on']}", rows, TABLE_KEYS))
 
 
+def candidate_table(sets: list[tuple[str, dict]], only: str | None = None) -> str:
+    """Every candidate run on every set, as a Markdown table: accuracy, scoring time and bank size (the resolution
+    table of the README; ``only``: candidates whose row is this one, e.g. pad_mpam)."""
+    names = sorted({c for _, cands in sets for c in cands if only is None or c.endswith("/" + only)},
+                   key=lambda c: (c.split("/")[1], c.split("@")[0], int(c.split("@")[1].split("/")[0].split("x")[0])
+                                  if c.split("@")[1][0].isdigit() else 0))
+    lines = ["| candidate | set | input HxW | I-AUROC | P-AUROC | P-AP | PRO | scoring s/image | bank MB |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name in names:
+        for set_name, cands in sets:
+            if name not in cands:
+                continue
+            c = cands[name]
+            m = c["mean"]
+
+            def pct(key):
+                return "-" if m.get(key) is None else f"{100 * m[key]:.1f}"
+
+            size = "x".join(str(v) for v in c["input_size"]) if c.get("input_size") else "-"
+            secs = "-" if c.get("seconds_per_image") is None else f"{c['seconds_per_image']:.3f}"
+            bank = "-" if c.get("bank_mb") is None else f"{c['bank_mb']:.0f}"
+            lines.append(f"| {name} | {set_name} | {size} | {pct('image_auroc')} | {pct('pixel_auroc')} | "
+                         f"{pct('pixel_ap')} | {pct('pro')} | {secs} | {bank} |")
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.protocol", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -101,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", default="square@224/pad_mpam",
                    help="candidate shown as the old default beside the reported figures")
     p.add_argument("--json", default=None, help="also write both directions here")
+    p.add_argument("--table", nargs="?", const="", default=None, metavar="ROW",
+                   help="also print every candidate on both sets as a Markdown table (only those of ROW if given)")
     return p
 
 
@@ -114,6 +142,9 @@ def main(argv=None) -> int:
         return 2
     for d in directions:
         print_direction(d)
+    if args.table is not None:
+        print()
+        print(candidate_table([a, b], args.table or None))
     if args.json:
         write_atomic(Path(args.json), json.dumps(directions, indent=1))
     return 0

@@ -25,7 +25,7 @@ def test_each_direction_picks_on_its_tuning_set_and_reports_the_other(tmp_path, 
     write_run(tmp_path / "b/s/results.json", "square", 224, {"pad_mpam": (0.90, 0.70), "rs": (0.50, 0.50)})
     out = tmp_path / "protocol.json"
     code = protocol.main(["--sets", f"A={tmp_path}/a/*/results.json", f"B={tmp_path}/b/*/results.json",
-                          "--json", str(out)])
+                          "--json", str(out), "--table"])
     assert code == 0
     a_to_b, b_to_a = json.loads(out.read_text())
     assert a_to_b["chosen"] == "native@224/rs" and a_to_b["reported_on"] == "B"
@@ -34,6 +34,7 @@ def test_each_direction_picks_on_its_tuning_set_and_reports_the_other(tmp_path, 
     assert b_to_a["chosen"] == "square@224/pad_mpam" and b_to_a["reported"]["mean"]["image_auroc"] == 0.72
     printed = capsys.readouterr().out
     assert "tuned on A" in printed and "oracle square@224/pad_mpam" in printed and "crack" in printed
+    assert "| native@224/rs | B | 224x224 | 62.0 | 90.0 | - | 52.0 | 0.100 | 1 |" in printed
 
 
 def test_missing_runs_are_a_clear_error(tmp_path, capsys):
