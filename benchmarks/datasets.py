@@ -40,9 +40,9 @@ class Category:
 @dataclass
 class LoadedCategory:
     name: str
-    images: np.ndarray  # (N, S, S, 3) uint8
+    images: np.ndarray  # (N, H, W, 3) uint8, at the lot's input size
     labels: np.ndarray | None  # (N,) int, or None for unlabelled folders
-    masks: np.ndarray | None  # (N, S, S) bool, or None without pixel labels
+    masks: np.ndarray | None  # (N, H, W) bool, or None without pixel labels
     samples: list[Sample]
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
 

@@ -125,7 +125,7 @@ class PAClipClient:
 
     # -- scoring -------------------------------------------------------------------------------------------
     def score(self, images: np.ndarray, bank: str) -> tuple[np.ndarray, np.ndarray]:
-        """(B, S, S, 3) uint8 images -> (B, S, S) float32 maps and (B,) float32 scores."""
+        """(B, H, W, 3) uint8 images (at the bank's size) -> (B, H, W) float32 maps and (B,) float32 scores."""
         tc = self._tc
         images = np.ascontiguousarray(images)
         if images.dtype != np.uint8 or images.ndim != 4:

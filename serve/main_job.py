@@ -94,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--banks", default="banks")
     p.add_argument("--reexport", action="store_true", help="export the encoder even if the repository has one")
     p.add_argument("--threshold", type=float, default=None, help="mark images above this score as anomalous")
+    p.add_argument("--aspect", choices=["native", "square"], default="native",
+                   help="send the lot at its median aspect ratio (native) or stretched to a square")
     p.add_argument("--keep-serving", action="store_true", help="leave the server running at the end (Ctrl-C stops)")
     return p
 
@@ -127,7 +129,7 @@ def main(argv=None) -> int:
     try:
         bank = category.replace(" ", "_")
         code = infer.main(["--url", server.http_url, "--images", str(images), "--category", category,
-                           "--bank", bank, "--build", "--out", str(out)]
+                           "--bank", bank, "--build", "--out", str(out), "--aspect", args.aspect]
                           + ([] if args.threshold is None else ["--threshold", str(args.threshold)]))
         if code == 0:
             report(out, fingerprint, truth)
