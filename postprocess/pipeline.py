@@ -6,6 +6,7 @@ The encoder is anything with ``encode(images) -> Features`` and ``encode_text(pr
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -17,7 +18,7 @@ from .config import PAClipConfig
 from .contract import Features
 from .errors import RequestError
 from .host import DEFAULT_HOST, HostSettings
-from .pa_clip import LotState, NormalSet, finish_stage, lot_stage
+from .pa_clip import LotState, NormalSet, finish_stage, lot_stage, rescore_images
 
 NORMAL_PROMPT = "a photo of a normal {}"
 DEFECT_PROMPT = "a photo of a defective {}"
@@ -79,6 +80,7 @@ class LotScorer:
         self.text_embeds = None if text is None else self.xp.asarray(text, dtype=self.xp.float32)
         self._states: dict = {}
         self._normal_sets: dict = {}
+        self._finished: dict = {}
 
     def state(self, cfg: PAClipConfig) -> LotState:
         key = cfg.lot_stage_key()
@@ -121,7 +123,16 @@ class LotScorer:
         size = map_size or tuple(self.images.shape[1:3])
         state = self.state(cfg)
         normal, extra = self.normal_set(cfg, state)
-        result = finish_stage(self.features, state, normal, cfg, size, host=self.host)
+        # Lot-level re-scoring only reads the map scores: settings that differ in it alone share one finish stage
+        plain = cfg.replace(rescore_k=0, rescore_weight=0.0)
+        key = (tuple(sorted(plain.to_dict().items())), tuple(size))
+        if key not in self._finished:
+            self._finished.clear()  # one kept: maps of a whole lot are large
+            self._finished[key] = finish_stage(self.features, state, normal, plain, size, host=self.host)
+        result = copy.copy(self._finished[key])
+        xp = K.get_xp(result.scores)
+        result = rescore_images(result, self.features.image_embeds, self.features.image_embeds, result.scores, cfg,
+                                xp.arange(len(self.features)))
         info = {
             "normal_selection": state.selection,
             "normal_selection_note": (
@@ -130,6 +141,8 @@ class LotScorer:
             "normal_indices": [int(i) for i in state.normal_indices],
             "image_score": f"{cfg.image_score}" + (
                 f" (top {cfg.image_topk_fraction:.2%} of pixels)" if cfg.image_score == "topk_mean" else ""),
+            "image_rescoring": (f"toward the mean of the {cfg.rescore_k} most similar lot images, weight "
+                                f"{cfg.rescore_weight}" if cfg.rescore_k > 0 else "off"),
             "tau_b": {str(r): v for r, v in result.tau_b.items()},
             "normal_bank_entries": {str(r): v for r, v in result.normal_bank_sizes.items()},
             **extra,

@@ -54,3 +54,24 @@ def test_bad_lots(tiny, lot):
         PAClipConfig.for_mode("fancy")
     with pytest.raises(ValueError, match="alpha"):
         PAClipConfig(alpha=2.0)
+
+
+def test_rescoring_rows_share_one_finish_stage_and_equal_a_fresh_scorer(tiny, lot):
+    from postprocess import kernels as K
+
+    scorer = LotScorer(tiny, lot, "widget", progress=False)
+    plain = scorer.score(PAClipConfig())
+    first = scorer._finished[next(iter(scorer._finished))]
+    rescored = scorer.score(PAClipConfig(rescore_k=3, rescore_weight=0.7))
+    assert scorer._finished[next(iter(scorer._finished))] is first  # the maps were not computed again
+    np.testing.assert_array_equal(rescored.maps, plain.maps)
+    want = K.neighbour_rescore(plain.scores, scorer.features.image_embeds, scorer.features.image_embeds,
+                               plain.scores, 3, 0.7, np.arange(len(lot)))
+    np.testing.assert_allclose(rescored.scores, want, rtol=1e-6)
+    fresh = LotScorer(tiny, lot, "widget", progress=False).score(PAClipConfig(rescore_k=3, rescore_weight=0.7))
+    np.testing.assert_allclose(fresh.scores, rescored.scores, rtol=1e-6)
+    assert "3 most similar lot images" in rescored.info["image_rescoring"] and plain.info["image_rescoring"] == "off"
+    # a finish-stage setting is not served from the cache
+    other = scorer.score(PAClipConfig(alpha=0.9))
+    assert not np.allclose(other.maps, plain.maps)
+    np.testing.assert_array_equal(scorer.score(PAClipConfig()).scores, plain.scores)
