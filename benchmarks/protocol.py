@@ -39,15 +39,19 @@ def load_set(spec: str) -> tuple[str, dict]:
     candidates = {}
     for path in files:
         run = json.loads(Path(path).read_text())
+        primary = next(iter(run["details"][run["mode"]].values()), {}) if "mode" in run else {}
         for row, block in run["ablation"].items():
             per_type = {}
             for types in block.get("defect_types", {}).values():
                 per_type.update(types)
             details = next(iter(run["details"][row].values()), {})
+            # a row that reused the first row's stages (re-scoring variants) costs what that row cost
+            seconds = [v for v in (details.get("score_seconds_per_image"), primary.get("score_seconds_per_image"))
+                       if v is not None]
             candidates[candidate_name(run, row)] = {
                 "mean": block["mean"], "defect_types": per_type, "source": path,
-                "seconds_per_image": details.get("score_seconds_per_image"), "bank_mb": details.get("bank_mb"),
-                "input_size": details.get("input_size"),
+                "seconds_per_image": max(seconds) if seconds else None,
+                "bank_mb": details.get("bank_mb", primary.get("bank_mb")), "input_size": details.get("input_size"),
             }
     return name, candidates
 
@@ -64,16 +68,21 @@ def choose(candidates: dict, keys: list[str]) -> str:
     return max(sorted(candidates), key=lambda c: selection_score(candidates[c]["mean"], keys))
 
 
-def direction(tune: tuple[str, dict], report: tuple[str, dict], keys: list[str], baseline: str | None) -> dict:
+def direction(tune: tuple[str, dict], report: tuple[str, dict], keys: list[str], baseline: str | None,
+              max_seconds: float | None = None) -> dict:
     (tune_name, tune_c), (report_name, report_c) = tune, report
     shared = sorted(set(tune_c) & set(report_c))
     if not shared:
         raise ValueError(f"no candidate was run on both {tune_name} and {report_name}")
-    chosen = choose({c: tune_c[c] for c in shared}, keys)
+    affordable = [c for c in shared if max_seconds is None or (tune_c[c]["seconds_per_image"] or 0) <= max_seconds]
+    if not affordable:
+        raise ValueError(f"no candidate scores {tune_name} within {max_seconds} s per image")
+    chosen = choose({c: tune_c[c] for c in affordable}, keys)
     oracle = choose({c: report_c[c] for c in shared}, keys)
     out = {"tuned_on": tune_name, "reported_on": report_name, "chosen": chosen, "selection": keys,
            "reported": report_c[chosen], "oracle": oracle, "oracle_metrics": report_c[oracle]["mean"],
-           "candidates": len(shared)}
+           "candidates": len(affordable), "max_seconds_per_image": max_seconds,
+           "tuning_metrics": tune_c[chosen]["mean"]}
     if baseline and baseline in report_c:
         out["baseline"] = baseline
         out["baseline_metrics"] = report_c[baseline]["mean"]
@@ -81,7 +90,8 @@ def direction(tune: tuple[str, dict], report: tuple[str, dict], keys: list[str],
 
 
 def print_direction(d: dict) -> None:
-    print(f"\ntuned on {d['tuned_on']} ({d['candidates']} candidates, selection: mean of "
+    budget = "" if d["max_seconds_per_image"] is None else f" scoring within {d['max_seconds_per_image']} s/image"
+    print(f"\ntuned on {d['tuned_on']} ({d['candidates']} candidates{budget}, selection: mean of "
           f"{', '.join(SHORT[k] for k in d['selection'])}) -> {d['chosen']}")
     rows = {f"{d['reported_on']} (reported)": d["reported"]["mean"]}
     rows.update({f"  {t}": m for t, m in sorted(d["reported"]["defect_types"].items())})
@@ -126,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="metrics whose mean picks the candidate on the tuning set")
     p.add_argument("--baseline", default="square@224/pad_mpam",
                    help="candidate shown as the old default beside the reported figures")
+    p.add_argument("--max-seconds-per-image", type=float, default=None,
+                   help="only candidates whose scoring time per image on the tuning set is within this (as measured "
+                   "by evaluate on the machine that ran it; a row that reused another's stages counts that row's)")
     p.add_argument("--json", default=None, help="also write both directions here")
     p.add_argument("--table", nargs="?", const="", default=None, metavar="ROW",
                    help="also print every candidate on both sets as a Markdown table (only those of ROW if given)")
@@ -136,7 +149,9 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         a, b = (load_set(spec) for spec in args.sets)
-        directions = [direction(a, b, args.select, args.baseline), direction(b, a, args.select, args.baseline)]
+        budget = args.max_seconds_per_image
+        directions = [direction(a, b, args.select, args.baseline, budget),
+                      direction(b, a, args.select, args.baseline, budget)]
     except (ValueError, KeyError, json.JSONDecodeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

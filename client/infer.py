@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, nargs="+", default=None, metavar="SIZE",
                    help="with --build: the long side the lot is resized to (default: the encoder's), or HEIGHT "
                    "WIDTH. Without --build images are resized to the size the bank was built at")
-    p.add_argument("--aspect", choices=C.ASPECTS, default="native",
+    p.add_argument("--aspect", choices=C.ASPECTS, default=C.DEFAULT_ASPECT,
                    help="with --build: keep the lot's median aspect ratio (native) or stretch to a square")
     p.add_argument("--out", default="out/infer", help="output folder")
     p.add_argument("--threshold", type=float, default=None,

@@ -123,6 +123,7 @@ def grid_for(size, patch_size: int) -> tuple[int, int]:
 
 
 ASPECTS = ("native", "square")
+DEFAULT_ASPECT = "native"  # README "Results": the protocol's choice
 
 
 def lot_input_size(image_sizes, long: int, patch_size: int, aspect: str = "native") -> tuple[int, int]:

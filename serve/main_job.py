@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--banks", default="banks")
     p.add_argument("--reexport", action="store_true", help="export the encoder even if the repository has one")
     p.add_argument("--threshold", type=float, default=None, help="mark images above this score as anomalous")
-    p.add_argument("--aspect", choices=["native", "square"], default="native",
+    p.add_argument("--aspect", choices=C.ASPECTS, default=C.DEFAULT_ASPECT,
                    help="send the lot at its median aspect ratio (native) or stretched to a square")
     p.add_argument("--keep-serving", action="store_true", help="leave the server running at the end (Ctrl-C stops)")
     return p

@@ -5,15 +5,16 @@ import json
 from benchmarks import protocol
 
 
-def write_run(path, aspect, size, rows):
+def write_run(path, aspect, size, rows, seconds=0.1):
     """A results.json as benchmarks.evaluate writes it, with only what the protocol reads."""
     path.parent.mkdir(parents=True, exist_ok=True)
     ablation = {row: {"mean": {"image_auroc": a, "pro": p, "pixel_auroc": 0.9},
                       "defect_types": {"cat": {"crack": {"image_auroc": a - 0.1, "pro": p}}}}
                 for row, (a, p) in rows.items()}
-    details = {row: {"cat": {"score_seconds_per_image": 0.1, "bank_mb": 1.0, "input_size": [size, size]}}
+    details = {row: {"cat": {"score_seconds_per_image": seconds, "bank_mb": 1.0, "input_size": [size, size]}}
                for row in rows}
-    path.write_text(json.dumps({"aspect": aspect, "image_size": [size], "ablation": ablation, "details": details}))
+    path.write_text(json.dumps({"aspect": aspect, "image_size": [size], "mode": "pad_mpam", "ablation": ablation,
+                                "details": details}))
     return path
 
 
@@ -35,6 +36,21 @@ def test_each_direction_picks_on_its_tuning_set_and_reports_the_other(tmp_path, 
     printed = capsys.readouterr().out
     assert "tuned on A" in printed and "oracle square@224/pad_mpam" in printed and "crack" in printed
     assert "| native@224/rs | B | 224x224 | 62.0 | 90.0 | - | 52.0 | 0.100 | 1 |" in printed
+
+
+def test_a_time_budget_keeps_slow_candidates_out_of_the_choice(tmp_path):
+    write_run(tmp_path / "a/n/results.json", "native", 448, {"pad_mpam": (0.90, 0.90)}, seconds=5.0)
+    write_run(tmp_path / "a/s/results.json", "square", 224, {"pad_mpam": (0.70, 0.60), "rs": (0.75, 0.60)})
+    write_run(tmp_path / "b/n/results.json", "native", 448, {"pad_mpam": (0.80, 0.80)}, seconds=1.0)
+    write_run(tmp_path / "b/s/results.json", "square", 224, {"pad_mpam": (0.60, 0.50), "rs": (0.65, 0.50)})
+    sets = ["--sets", f"A={tmp_path}/a/*/results.json", f"B={tmp_path}/b/*/results.json"]
+    out = tmp_path / "p.json"
+    assert protocol.main(sets + ["--json", str(out)]) == 0
+    assert json.loads(out.read_text())[0]["chosen"] == "native@448/pad_mpam"
+    assert protocol.main(sets + ["--json", str(out), "--max-seconds-per-image", "2"]) == 0
+    a_to_b, b_to_a = json.loads(out.read_text())
+    assert a_to_b["chosen"] == "square@224/rs"  # 448 costs 5 s per image on A: out
+    assert b_to_a["chosen"] == "native@448/pad_mpam"  # 1 s on B: in, and its cost on A is reported, not judged
 
 
 def test_missing_runs_are_a_clear_error(tmp_path, capsys):
