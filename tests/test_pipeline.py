@@ -60,7 +60,7 @@ def test_rescoring_rows_share_one_finish_stage_and_equal_a_fresh_scorer(tiny, lo
     from postprocess import kernels as K
 
     scorer = LotScorer(tiny, lot, "widget", progress=False)
-    plain = scorer.score(PAClipConfig())
+    plain = scorer.score(PAClipConfig(rescore_k=0))
     first = scorer._finished[next(iter(scorer._finished))]
     rescored = scorer.score(PAClipConfig(rescore_k=3, rescore_weight=0.7))
     assert scorer._finished[next(iter(scorer._finished))] is first  # the maps were not computed again
@@ -72,6 +72,6 @@ def test_rescoring_rows_share_one_finish_stage_and_equal_a_fresh_scorer(tiny, lo
     np.testing.assert_allclose(fresh.scores, rescored.scores, rtol=1e-6)
     assert "3 most similar lot images" in rescored.info["image_rescoring"] and plain.info["image_rescoring"] == "off"
     # a finish-stage setting is not served from the cache
-    other = scorer.score(PAClipConfig(alpha=0.9))
+    other = scorer.score(PAClipConfig(alpha=0.9, rescore_k=0))
     assert not np.allclose(other.maps, plain.maps)
-    np.testing.assert_array_equal(scorer.score(PAClipConfig()).scores, plain.scores)
+    np.testing.assert_array_equal(scorer.score(PAClipConfig(rescore_k=0)).scores, plain.scores)

