@@ -76,7 +76,7 @@ class PAClipConfig:
     image_topk_fraction: float = 0.01
     # Lot-level image re-scoring: each image score moves by rescore_weight toward the mean score of its rescore_k
     # most similar lot images (cosine of the image embeddings; a negative weight moves it away). 0 = off.
-    rescore_k: int = 5
+    rescore_k: int = 20
     rescore_weight: float = 0.5
 
     # Text-only map instead of memory banks (the "baseline" ablation row).
