@@ -48,8 +48,11 @@ def load_set(spec: str) -> tuple[str, dict]:
             # a row that reused the first row's stages (re-scoring variants) costs what that row cost
             seconds = [v for v in (details.get("score_seconds_per_image"), primary.get("score_seconds_per_image"))
                        if v is not None]
+            size = details.get("input_size")
+            patch = int(run.get("backbone", {}).get("patch_size", 14))
             candidates[candidate_name(run, row)] = {
                 "mean": block["mean"], "defect_types": per_type, "source": path,
+                "patches": None if not size else (size[0] // patch) * (size[1] // patch),
                 "seconds_per_image": max(seconds) if seconds else None,
                 "bank_mb": details.get("bank_mb", primary.get("bank_mb")), "input_size": details.get("input_size"),
             }
@@ -69,19 +72,22 @@ def choose(candidates: dict, keys: list[str]) -> str:
 
 
 def direction(tune: tuple[str, dict], report: tuple[str, dict], keys: list[str], baseline: str | None,
-              max_seconds: float | None = None) -> dict:
+              max_seconds: float | None = None, max_patches: int | None = None) -> dict:
     (tune_name, tune_c), (report_name, report_c) = tune, report
     shared = sorted(set(tune_c) & set(report_c))
     if not shared:
         raise ValueError(f"no candidate was run on both {tune_name} and {report_name}")
-    affordable = [c for c in shared if max_seconds is None or (tune_c[c]["seconds_per_image"] or 0) <= max_seconds]
+    affordable = [c for c in shared
+                  if (max_seconds is None or (tune_c[c]["seconds_per_image"] or 0) <= max_seconds)
+                  and (max_patches is None or (tune_c[c]["patches"] or 0) <= max_patches)]
     if not affordable:
-        raise ValueError(f"no candidate scores {tune_name} within {max_seconds} s per image")
+        raise ValueError(f"no candidate scores {tune_name} within the budget ({max_seconds} s per image, "
+                         f"{max_patches} patches per image)")
     chosen = choose({c: tune_c[c] for c in affordable}, keys)
     oracle = choose({c: report_c[c] for c in shared}, keys)
     out = {"tuned_on": tune_name, "reported_on": report_name, "chosen": chosen, "selection": keys,
            "reported": report_c[chosen], "oracle": oracle, "oracle_metrics": report_c[oracle]["mean"],
-           "candidates": len(affordable), "max_seconds_per_image": max_seconds,
+           "candidates": len(affordable), "max_seconds_per_image": max_seconds, "max_patches": max_patches,
            "tuning_metrics": tune_c[chosen]["mean"]}
     if baseline and baseline in report_c:
         out["baseline"] = baseline
@@ -91,6 +97,7 @@ def direction(tune: tuple[str, dict], report: tuple[str, dict], keys: list[str],
 
 def print_direction(d: dict) -> None:
     budget = "" if d["max_seconds_per_image"] is None else f" scoring within {d['max_seconds_per_image']} s/image"
+    budget += "" if d.get("max_patches") is None else f" of at most {d['max_patches']} patches per image"
     print(f"\ntuned on {d['tuned_on']} ({d['candidates']} candidates{budget}, selection: mean of "
           f"{', '.join(SHORT[k] for k in d['selection'])}) -> {d['chosen']}")
     rows = {f"{d['reported_on']} (reported)": d["reported"]["mean"]}
@@ -107,8 +114,8 @@ def candidate_table(sets: list[tuple[str, dict]], only: str | None = None) -> st
     names = sorted({c for _, cands in sets for c in cands if only is None or c.endswith("/" + only)},
                    key=lambda c: (c.split("/")[1], c.split("@")[0], int(c.split("@")[1].split("/")[0].split("x")[0])
                                   if c.split("@")[1][0].isdigit() else 0))
-    lines = ["| candidate | set | input HxW | I-AUROC | P-AUROC | P-AP | PRO | scoring s/image | bank MB |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| candidate | set | input HxW | patches | I-AUROC | P-AUROC | P-AP | PRO | scoring s/image | bank MB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name in names:
         for set_name, cands in sets:
             if name not in cands:
@@ -122,7 +129,8 @@ def candidate_table(sets: list[tuple[str, dict]], only: str | None = None) -> st
             size = "x".join(str(v) for v in c["input_size"]) if c.get("input_size") else "-"
             secs = "-" if c.get("seconds_per_image") is None else f"{c['seconds_per_image']:.3f}"
             bank = "-" if c.get("bank_mb") is None else f"{c['bank_mb']:.0f}"
-            lines.append(f"| {name} | {set_name} | {size} | {pct('image_auroc')} | {pct('pixel_auroc')} | "
+            lines.append(f"| {name} | {set_name} | {size} | {c.get('patches') or '-'} | {pct('image_auroc')} | "
+                         f"{pct('pixel_auroc')} | "
                          f"{pct('pixel_ap')} | {pct('pro')} | {secs} | {bank} |")
     return "\n".join(lines)
 
@@ -139,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-seconds-per-image", type=float, default=None,
                    help="only candidates whose scoring time per image on the tuning set is within this (as measured "
                    "by evaluate on the machine that ran it; a row that reused another's stages counts that row's)")
+    p.add_argument("--max-patches", type=int, default=None,
+                   help="only candidates whose lots (on the tuning set) have at most this many patches per image: "
+                   "the scoring cost grows with its square, and unlike a time it does not depend on the machine")
     p.add_argument("--json", default=None, help="also write both directions here")
     p.add_argument("--table", nargs="?", const="", default=None, metavar="ROW",
                    help="also print every candidate on both sets as a Markdown table (only those of ROW if given)")
@@ -149,9 +160,9 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         a, b = (load_set(spec) for spec in args.sets)
-        budget = args.max_seconds_per_image
-        directions = [direction(a, b, args.select, args.baseline, budget),
-                      direction(b, a, args.select, args.baseline, budget)]
+        budget = (args.max_seconds_per_image, args.max_patches)
+        directions = [direction(a, b, args.select, args.baseline, *budget),
+                      direction(b, a, args.select, args.baseline, *budget)]
     except (ValueError, KeyError, json.JSONDecodeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

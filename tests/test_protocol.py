@@ -35,7 +35,7 @@ def test_each_direction_picks_on_its_tuning_set_and_reports_the_other(tmp_path, 
     assert b_to_a["chosen"] == "square@224/pad_mpam" and b_to_a["reported"]["mean"]["image_auroc"] == 0.72
     printed = capsys.readouterr().out
     assert "tuned on A" in printed and "oracle square@224/pad_mpam" in printed and "crack" in printed
-    assert "| native@224/rs | B | 224x224 | 62.0 | 90.0 | - | 52.0 | 0.100 | 1 |" in printed
+    assert "| native@224/rs | B | 224x224 | 256 | 62.0 | 90.0 | - | 52.0 | 0.100 | 1 |" in printed
 
 
 def test_a_time_budget_keeps_slow_candidates_out_of_the_choice(tmp_path):
@@ -51,6 +51,9 @@ def test_a_time_budget_keeps_slow_candidates_out_of_the_choice(tmp_path):
     a_to_b, b_to_a = json.loads(out.read_text())
     assert a_to_b["chosen"] == "square@224/rs"  # 448 costs 5 s per image on A: out
     assert b_to_a["chosen"] == "native@448/pad_mpam"  # 1 s on B: in, and its cost on A is reported, not judged
+    # the same by patches per image (448 x 448 is 1024 patches), whatever the machine's speed
+    assert protocol.main(sets + ["--json", str(out), "--max-patches", "500"]) == 0
+    assert [d["chosen"] for d in json.loads(out.read_text())] == ["square@224/rs", "square@224/rs"]
 
 
 def test_missing_runs_are_a_clear_error(tmp_path, capsys):
