@@ -55,10 +55,14 @@ def export(args) -> dict:
     vision = out / C.VISION_MODEL
     if (vision / C.ENCODER_FILE).is_file() and not args.reexport:
         fingerprint = C.read_fingerprint(vision)
-        print(f"using the encoder already in {args.repository}: {fingerprint['backbone']} "
-              f"(--reexport to export again)", file=sys.stderr)
-        repository.install_serving_models(out)
-        return fingerprint
+        if "dynamic_size" in fingerprint:
+            print(f"using the encoder already in {args.repository}: {fingerprint['backbone']} "
+                  f"(--reexport to export again)", file=sys.stderr)
+            repository.install_serving_models(out)
+            return fingerprint
+        # written before encoders said which input sizes they take: it would serve square lots only
+        print(f"the encoder in {args.repository} was exported before H x W inputs: exporting it again",
+              file=sys.stderr)
     backbone = None
     if args.backbone in ("auto", "clip"):
         print(f"exporting CLIP {args.model} ({args.pretrained}) ...", file=sys.stderr, flush=True)

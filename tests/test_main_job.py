@@ -1,6 +1,7 @@
 """The main job's encoder choice, without a server: CLIP when its weights are here, else the DINOv2 proxy, decided
 by catching WeightsNotFound (not by reading a child's stderr)."""
 
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -24,6 +25,12 @@ def test_missing_clip_weights_fall_back_to_the_proxy_and_say_so(tmp_path, monkey
     # the next run reuses it
     assert main_job.export(args_for(tmp_path / "repo", "auto")) == fingerprint
     assert "using the encoder already in" in capsys.readouterr().err
+    # one exported before encoders said which sizes they take is exported again (it would serve squares only)
+    encoder_file = tmp_path / "repo" / "clip_vision" / "encoder.json"
+    old = {k: v for k, v in json.loads(encoder_file.read_text()).items() if k != "dynamic_size"}
+    encoder_file.write_text(json.dumps(old))
+    assert main_job.export(args_for(tmp_path / "repo", "auto"))["dynamic_size"] is True
+    assert "exported before H x W inputs" in capsys.readouterr().err
 
 
 def test_clip_asked_for_without_weights_stops_with_what_to_pass(tmp_path, monkeypatch):
