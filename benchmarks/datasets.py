@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image
 
 from client.images import IMAGE_SUFFIXES, image_size_of, model_input, read_rgb
+from postprocess.contract import size_pair
 
 LAYOUTS = ("mvtec", "visa", "folder")
 
@@ -138,7 +139,7 @@ def original_sizes(category: Category) -> list[tuple[int, int]]:
 def load_category(category: Category, size) -> LoadedCategory:
     """Read a category's images (and masks) resized to ``size`` (height, width), the lot's encoder input (see
     ``export.backbones.input_size_for``); unreadable images are skipped with a warning."""
-    size = (size, size) if np.isscalar(size) else tuple(size)
+    size = size_pair(size)
     images, masks, labels, kept, skipped = [], [], [], [], []
     for sample in category.samples:
         try:

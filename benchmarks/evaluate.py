@@ -33,7 +33,7 @@ from client.heatmap import save_panel
 from export.clip_encoder import WeightsNotFound
 from postprocess.atomic import write_atomic
 from postprocess.config import MODE_HELP, MODES, PAClipConfig
-from postprocess.contract import ASPECTS, DEFAULT_ASPECT
+from postprocess.contract import ASPECTS, DEFAULT_ASPECT, size_argument
 from postprocess.host import HostSettings
 from postprocess.pipeline import LotScorer
 
@@ -150,14 +150,6 @@ def row_configs(args, has_text: bool) -> tuple[str, dict]:
     return primary, rows
 
 
-def explicit_size(args):
-    if args.image_size is None or len(args.image_size) == 1:
-        return None
-    if len(args.image_size) != 2:
-        raise ValueError(f"--image-size takes SIZE or HEIGHT WIDTH, got {len(args.image_size)} numbers")
-    return tuple(args.image_size)
-
-
 def evaluate(args) -> dict:
     from export.backbones import input_size_for, load_backbone
     from postprocess.bank import build_bank
@@ -166,9 +158,8 @@ def evaluate(args) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     categories = discover(args.data, args.dataset, args.categories)
-    fixed = explicit_size(args)
-    long_side = None if args.image_size is None else max(args.image_size)
-    backbone = load_backbone(args.backbone, args.pretrained, long_side)
+    fixed, long_side = size_argument(args.image_size)
+    backbone = load_backbone(args.backbone, args.pretrained, max(fixed) if fixed else long_side)
     primary, configs = row_configs(args, backbone.has_text)
     rows = list(configs)
 

@@ -15,11 +15,13 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import math
 import sys
 from pathlib import Path
 
 from benchmarks.evaluate import SHORT, TABLE_KEYS, format_table
 from postprocess.atomic import write_atomic
+from postprocess.contract import grid_for
 
 
 def candidate_name(run: dict, row: str) -> str:
@@ -52,7 +54,7 @@ def load_set(spec: str) -> tuple[str, dict]:
             patch = int(run.get("backbone", {}).get("patch_size", 14))
             candidates[candidate_name(run, row)] = {
                 "mean": block["mean"], "defect_types": per_type, "source": path,
-                "patches": None if not size else (size[0] // patch) * (size[1] // patch),
+                "patches": None if not size else math.prod(grid_for(size, patch)),
                 "seconds_per_image": max(seconds) if seconds else None,
                 "bank_mb": details.get("bank_mb", primary.get("bank_mb")), "input_size": details.get("input_size"),
             }
@@ -111,9 +113,12 @@ def print_direction(d: dict) -> None:
 def candidate_table(sets: list[tuple[str, dict]], only: str | None = None) -> str:
     """Every candidate run on every set, as a Markdown table: accuracy, scoring time and bank size (the resolution
     table of the README; ``only``: candidates whose row is this one, e.g. pad_mpam)."""
-    names = sorted({c for _, cands in sets for c in cands if only is None or c.endswith("/" + only)},
-                   key=lambda c: (c.split("/")[1], c.split("@")[0], int(c.split("@")[1].split("/")[0].split("x")[0])
-                                  if c.split("@")[1][0].isdigit() else 0))
+    def order(name: str):  # by row, then aspect, then size: "native@336/rs20" -> ("rs20", "native", 336)
+        setting, row = name.split("/", 1)
+        aspect, size = setting.split("@")
+        return row, aspect, int(size.split("x")[0]) if size[0].isdigit() else 0
+
+    names = sorted({c for _, cands in sets for c in cands if only is None or c.endswith("/" + only)}, key=order)
     lines = ["| candidate | set | input HxW | patches | I-AUROC | P-AUROC | P-AP | PRO | scoring s/image | bank MB |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for name in names:

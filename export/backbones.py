@@ -148,8 +148,7 @@ class ImgFocusBackbone(OnnxBackbone):
 
 def input_size_for(backbone, image_sizes, aspect: str = C.DEFAULT_ASPECT, size=None) -> tuple[int, int]:
     """The (height, width) to encode a lot at with this backbone (``contract.choose_input_size``)."""
-    fingerprint = {**backbone.fingerprint, "dynamic_size": backbone.fixed_size is None}
-    return C.choose_input_size(fingerprint, image_sizes, aspect, size)
+    return C.choose_input_size(backbone.fingerprint, image_sizes, aspect, size)
 
 
 def load_backbone(name: str = clip_encoder.DEFAULT_MODEL, pretrained: str | None = "openai",

@@ -40,8 +40,7 @@ def export_clip(backbone, out: Path, precision: str = "fp32", max_batch_size: in
     height, width = C.size_pair(size or backbone.image_size)
     backbone.set_input_size((height, width))
     (gh, gw) = backbone.grid
-    fingerprint = {**backbone.fingerprint, "image_size": height if height == width else [height, width],
-                   "dynamic_size": False}
+    fingerprint = {**backbone.fingerprint, **C.fixed_size_fields((height, width))}
     visual = backbone.clip.visual
     channels, dim = visual.transformer.width, visual.proj.shape[1]
     written = []

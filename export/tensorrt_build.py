@@ -99,8 +99,8 @@ def build_engine(onnx_path: Path, repository: Path, profile: BatchProfile, timin
                            "TensorRT log above")
     write_atomic(timing_cache, bytes(memoryview(config.get_timing_cache().serialize())))
 
-    h, w = C.size_pair(profile.image_size)  # the plan takes this one size, whatever the ONNX model took
-    fingerprint = {**C.onnx_fingerprint(onnx_path), "image_size": h if h == w else [h, w], "dynamic_size": False}
+    # the plan takes this one size, whatever the ONNX model took
+    fingerprint = {**C.onnx_fingerprint(onnx_path), **C.fixed_size_fields(profile.image_size)}
     n_taps, tokens, channels, dim = output_dims(network)
     return write_model_dir(repository, ENGINE_NAME, {
         "1/model.plan": bytes(plan),

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from .contract import size_pair
+
 _SALIENCY_SIZE = 64
 
 
@@ -73,14 +75,10 @@ class Augmentation:
     matrix: tuple[float, ...] | None
 
 
-def _size_pair(size) -> tuple[int, int]:
-    return (int(size), int(size)) if np.isscalar(size) else (int(size[0]), int(size[1]))
-
-
 def _affine(size, rng: np.random.Generator) -> tuple[float, ...]:
     """Flips, a small rotation and a small shift about the image centre, as PIL's inverse affine coefficients
     (``size``: the image's (height, width), or one number for a square)."""
-    height, width = _size_pair(size)
+    height, width = size_pair(size)
     angle = math.radians(rng.uniform(-15.0, 15.0))
     flip_x = -1.0 if rng.random() < 0.5 else 1.0
     flip_y = -1.0 if rng.random() < 0.5 else 1.0
@@ -131,7 +129,7 @@ def patch_warp(matrix: tuple[float, ...], grid: tuple[int, int], image_size):
     alone, so the warp itself runs where the map is (NumPy or CuPy). Same sampling as PIL's ``transform(AFFINE,
     BILINEAR)``: pixel centres, edge samples clamped, outside the map -> fill (tested against PIL)."""
     h, w = grid
-    scale = h / float(_size_pair(image_size)[0])  # patches per pixel, the same along both axes
+    scale = h / float(size_pair(image_size)[0])  # patches per pixel, the same along both axes
     a, b, c, d, e, f = matrix
     ys, xs = np.mgrid[0:h, 0:w].astype(np.float64) + 0.5
     # the image's affine in patch-grid coordinates

@@ -103,6 +103,24 @@ def size_pair(size) -> tuple[int, int]:
     return h, w
 
 
+def fixed_size_fields(size) -> dict:
+    """The fingerprint fields of an encoder that takes one (height, width): a square as one number."""
+    h, w = size_pair(size)
+    return {"image_size": h if h == w else [h, w], "dynamic_size": False}
+
+
+def size_argument(values) -> tuple[tuple[int, int] | None, int | None]:
+    """A command line's ``--image-size SIZE`` or ``--image-size HEIGHT WIDTH`` (argparse ``nargs="+"``, or None) as
+    (fixed (height, width) or None, long side or None)."""
+    if values is None:
+        return None, None
+    if len(values) == 1:
+        return None, int(values[0])
+    if len(values) == 2:
+        return (int(values[0]), int(values[1])), None
+    raise RequestError(f"--image-size takes SIZE or HEIGHT WIDTH, got {len(values)} numbers")
+
+
 def fixed_input_size(fingerprint: dict) -> tuple[int, int] | None:
     """The one (height, width) an encoder takes, or None when it takes any multiple of its patch size (an encoder
     exported with dynamic height and width, like the DINOv2 proxy)."""

@@ -256,6 +256,13 @@ def rescore_images(result: ScoreResult, image_embeds, ref_embeds, ref_scores, cf
     return result
 
 
+def rescore_within_lot(result: ScoreResult, features: Features, cfg: PAClipConfig) -> ScoreResult:
+    """``rescore_images`` with the lot as its own reference: each image's neighbours are the other lot images."""
+    xp = K.get_xp(result.scores)
+    return rescore_images(result, features.image_embeds, features.image_embeds, result.scores, cfg,
+                          xp.arange(len(features)))
+
+
 def finish_stage(features: Features, state: LotState, normal: NormalSet | None, cfg: PAClipConfig,
                  map_size: tuple[int, int], banks: dict | None = None, host: HostSettings = DEFAULT_HOST) -> ScoreResult:
     """Stage 2 on the lot itself. ``banks`` (from ``normal_banks``) may be passed in when the caller keeps them."""
@@ -273,6 +280,4 @@ def finish_stage(features: Features, state: LotState, normal: NormalSet | None, 
             result.normal_bank_sizes[r] = int(bank.shape[1])
     result = decide(state.full_scores, state.text_scores, result.normal_bank_scores, result.tau_b, cfg,
                     features.grid, map_size, result)
-    xp = K.get_xp(result.scores)
-    return rescore_images(result, features.image_embeds, features.image_embeds, result.scores, cfg,
-                          xp.arange(len(features)))
+    return rescore_within_lot(result, features, cfg)

@@ -18,7 +18,7 @@ from .config import PAClipConfig
 from .contract import Features
 from .errors import RequestError
 from .host import DEFAULT_HOST, HostSettings
-from .pa_clip import LotState, NormalSet, finish_stage, lot_stage, rescore_images
+from .pa_clip import LotState, NormalSet, finish_stage, lot_stage, rescore_within_lot
 
 NORMAL_PROMPT = "a photo of a normal {}"
 DEFECT_PROMPT = "a photo of a defective {}"
@@ -129,10 +129,7 @@ class LotScorer:
         if key not in self._finished:
             self._finished.clear()  # one kept: maps of a whole lot are large
             self._finished[key] = finish_stage(self.features, state, normal, plain, size, host=self.host)
-        result = copy.copy(self._finished[key])
-        xp = K.get_xp(result.scores)
-        result = rescore_images(result, self.features.image_embeds, self.features.image_embeds, result.scores, cfg,
-                                xp.arange(len(self.features)))
+        result = rescore_within_lot(copy.copy(self._finished[key]), self.features, cfg)
         info = {
             "normal_selection": state.selection,
             "normal_selection_note": (
