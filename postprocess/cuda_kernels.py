@@ -1,7 +1,9 @@
-"""The fused CUDA kernels of ``postprocess/cuda/*.cu`` behind the array kernels' signatures, for CuPy arrays.
+"""The fused CUDA kernels of ``postprocess/cuda/*.cu`` behind the array kernels' signatures.
 
-``postprocess.kernels`` calls these when its inputs are CuPy arrays (the NumPy code there stays their reference;
-``tests/test_cuda_kernels.py`` holds each to it on a GPU and compiles every source with nvcc on any machine).
+``postprocess.kernels`` calls these when its inputs are CuPy arrays (the NumPy code there stays their reference).
+Every wrapper takes its array module from its inputs and its compiled kernels from ``compiled`` (CuPy's by default),
+so the code that sizes grids, blocks and chunks is the same code whichever runs the kernels: on a GPU, CuPy; in the
+tests, the same ``.cu`` files compiled for the CPU (``tests/cuda_cpu``), with NumPy arrays.
 ``PA_CLIP_FUSED_KERNELS=0`` turns them off (the same scoring then runs through CuPy's generic kernels), which is
 how ``benchmarks/gpu.py`` measures what fusion buys.
 """
@@ -12,18 +14,44 @@ import functools
 import math
 import os
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
+from .kernels import get_xp
+
 SOURCE_DIR = Path(__file__).resolve().parent / "cuda"
-SOURCES = ("knn.cu", "coreset.cu", "maps.cu")
-KNN_WARPS = 4  # as in knn.cu
-MAX_K = 64  # as in knn.cu
-TILE = 16  # WMMA tile edge
+# Every kernel of every source, by name: what either compiler must provide.
+KERNELS = {
+    "knn.cu": ("knn_image_min_f32_f32", "knn_image_min_f32_f16", "knn_image_min_f16_f16", "interval_topk_mean"),
+    "coreset.cu": ("coreset_step",),
+    "maps.cu": ("box_mean", "subtract_and_fuse", "upsample_bilinear"),
+}
+SOURCES = tuple(KERNELS)
+# The facts the kernels and this module share, defined here only: passed as -D to every compiler of the sources
+# (NVRTC, nvcc, the CPU harness's C++ compiler), used below to size launches.
+COMPILE_DEFINES = {
+    "TILE": 16,  # WMMA tile edge (16x16x16)
+    "KNN_WARPS": 4,  # warps per kNN block: a block covers TILE * KNN_WARPS query rows of one bank image
+    "MAX_K": 64,  # largest interval k (the top-k kernel keeps k values per thread in registers)
+    "CORESET_THREADS": 256,  # threads per coreset block (one block per group)
+}
+TILE = COMPILE_DEFINES["TILE"]
+KNN_WARPS = COMPILE_DEFINES["KNN_WARPS"]
+MAX_K = COMPILE_DEFINES["MAX_K"]
+CORESET_THREADS = COMPILE_DEFINES["CORESET_THREADS"]
+ELEMENTWISE_THREADS = 256  # one thread per output element: top-k rows, pooling, fusion, upsampling
+
+# compiled(source, name) -> a launchable kernel: kernel(grid, block, args, shared_mem=0), CuPy's RawKernel call.
+Compiled = Callable[[str, str], Callable]
 
 
 def enabled() -> bool:
     return os.environ.get("PA_CLIP_FUSED_KERNELS", "1") != "0"
+
+
+def compile_options() -> tuple[str, ...]:
+    return tuple(f"-D{name}={value}" for name, value in COMPILE_DEFINES.items())
 
 
 def _include_options() -> tuple[str, ...]:
@@ -34,103 +62,111 @@ def _include_options() -> tuple[str, ...]:
 
 
 @functools.lru_cache(maxsize=None)
-def _function(source: str, name: str):
+def cupy_kernel(source: str, name: str):
     """A kernel compiled by NVRTC, or by nvcc where NVRTC lacks a header (mma.h)."""
     import cupy
 
+    if name not in KERNELS[source]:
+        raise KeyError(f"{source} has no kernel {name!r} (cuda_kernels.KERNELS)")
     code = (SOURCE_DIR / source).read_text()
-    options = ("-std=c++17", *_include_options())
+    options = ("-std=c++17", *compile_options(), *_include_options())
     try:
         return cupy.RawModule(code=code, options=options).get_function(name)
     except cupy.cuda.compiler.CompileException:
         return cupy.RawModule(code=code, options=options, backend="nvcc").get_function(name)
 
 
-def full_bank_scores(queries, bank, query_ids, bank_ids, k: int, budget_bytes: int):
-    """``kernels.full_bank_scores`` on the GPU: WMMA tiles fused with the per-image maximum, then the interval
-    top-k. Queries and bank are read in place (float32 or float16; the kernel converts while staging its tiles):
-    the only intermediate is a block of per-image minima (rows x bank images, float32) within half the budget."""
-    import cupy
+def _blocks(count: int, per_block: int) -> int:
+    return max(1, math.ceil(count / per_block))
 
+
+def full_bank_scores(queries, bank, query_ids, bank_ids, k: int, budget_bytes: int,
+                     compiled: Compiled = cupy_kernel):
+    """``kernels.full_bank_scores`` fused: WMMA tiles with the per-image maximum, then the interval top-k.
+    Queries and bank are read in place (float32 or float16; the kernel converts while staging its tiles): the only
+    intermediate is a block of per-image minima (rows x bank images, float32) within half the budget."""
+    xp = get_xp(queries)
     n_query, length, channels = queries.shape
     n_bank, per_image, _ = bank.shape
-    if queries.dtype not in (cupy.float32, cupy.float16) or bank.dtype not in (cupy.float32, cupy.float16):
+    if queries.dtype not in (xp.float32, xp.float16) or bank.dtype not in (xp.float32, xp.float16):
         raise TypeError(f"fused kNN takes float32/float16, got {queries.dtype} and {bank.dtype}")
-    flat_queries = cupy.ascontiguousarray(queries).reshape(n_query * length, channels)
-    flat_bank = cupy.ascontiguousarray(bank).reshape(n_bank * per_image, channels)
-    if flat_queries.dtype == cupy.float16 and flat_bank.dtype == cupy.float32:
-        flat_queries = flat_queries.astype(cupy.float32)  # one instantiation fewer: this pairing never happens
+    if not 1 <= k <= MAX_K:
+        raise ValueError(f"fused kNN takes an interval k from 1 to {MAX_K}, got {k}")
+    flat_queries = xp.ascontiguousarray(queries).reshape(n_query * length, channels)
+    flat_bank = xp.ascontiguousarray(bank).reshape(n_bank * per_image, channels)
+    if flat_queries.dtype == xp.float16 and flat_bank.dtype == xp.float32:
+        flat_queries = flat_queries.astype(xp.float32)  # one instantiation fewer: this pairing never happens
     name = {("float32", "float32"): "knn_image_min_f32_f32", ("float32", "float16"): "knn_image_min_f32_f16",
             ("float16", "float16"): "knn_image_min_f16_f16"}[(flat_queries.dtype.name, flat_bank.dtype.name)]
-    knn = _function("knn.cu", name)
-    topk = _function("knn.cu", "interval_topk_mean")
+    knn = compiled("knn.cu", name)
+    topk = compiled("knn.cu", "interval_topk_mean")
     total = n_query * length
-    row_ids = cupy.ascontiguousarray(cupy.repeat(query_ids.astype(cupy.int64), length))
-    image_ids = cupy.ascontiguousarray(bank_ids.astype(cupy.int64))
-    out = cupy.empty(total, dtype=cupy.float32)
-    rows = max(TILE * KNN_WARPS, (budget_bytes // 2) // (4 * n_bank))
+    row_ids = xp.ascontiguousarray(xp.repeat(query_ids.astype(xp.int64), length))
+    image_ids = xp.ascontiguousarray(bank_ids.astype(xp.int64))
+    out = xp.empty(total, dtype=xp.float32)
+    rows_per_block = TILE * KNN_WARPS
+    rows = max(rows_per_block, (budget_bytes // 2) // (4 * n_bank))  # the minima block: rows x images, float32
     for r0 in range(0, total, rows):
         count = min(total, r0 + rows) - r0
-        minima = cupy.empty((count, n_bank), dtype=cupy.float32)
-        grid = (math.ceil(count / (TILE * KNN_WARPS)), n_bank)
-        knn(grid, (32 * KNN_WARPS,), (flat_queries[r0:r0 + count], flat_bank, minima, np.int32(count),
-                                     np.int32(channels), np.int32(n_bank), np.int32(per_image)))
-        topk((math.ceil(count / 256),), (256,), (minima, row_ids[r0:r0 + count], image_ids, out[r0:r0 + count],
-                                                 np.int32(count), np.int32(n_bank), np.int32(k)))
+        minima = xp.empty((count, n_bank), dtype=xp.float32)
+        knn((_blocks(count, rows_per_block), n_bank), (32 * KNN_WARPS,),
+            (flat_queries[r0:r0 + count], flat_bank, minima, np.int32(count), np.int32(channels), np.int32(n_bank),
+             np.int32(per_image)))
+        topk((_blocks(count, ELEMENTWISE_THREADS),), (ELEMENTWISE_THREADS,),
+             (minima, row_ids[r0:r0 + count], image_ids, out[r0:r0 + count], np.int32(count), np.int32(n_bank),
+              np.int32(k)))
     return out.reshape(n_query, length)
 
 
-def coreset_step(points, sq_norm, min_dist, centre):
-    """Fold ``centre`` (G,) into ``min_dist`` (G, P) in place and return the next centres (G,) (farthest points)."""
-    import cupy
-
+def coreset_step(points, sq_norm, min_dist, centre, compiled: Compiled = cupy_kernel):
+    """Fold ``centre`` (G,) into ``min_dist`` (G, P) float32, in place, and return the next centres (G,) int64 (the
+    farthest points). ``points`` (G, P, d) and ``sq_norm`` (G, P) float32."""
+    xp = get_xp(points)
     groups, n_points, dim = points.shape
-    threads = 256
-    nxt = cupy.empty(groups, dtype=cupy.int64)
-    _function("coreset.cu", "coreset_step")(
-        (groups,), (threads,),
-        (cupy.ascontiguousarray(points), cupy.ascontiguousarray(sq_norm), min_dist,
-         cupy.ascontiguousarray(centre.astype(cupy.int64)), nxt, np.int32(n_points), np.int32(dim)),
-        shared_mem=threads * 8)
+    if not min_dist.flags.c_contiguous or min_dist.dtype != xp.float32:
+        raise TypeError("coreset_step updates min_dist in place: it must be C-contiguous float32")
+    nxt = xp.empty(groups, dtype=xp.int64)
+    compiled("coreset.cu", "coreset_step")(
+        (groups,), (CORESET_THREADS,),
+        (xp.ascontiguousarray(points), xp.ascontiguousarray(sq_norm), min_dist,
+         xp.ascontiguousarray(centre.astype(xp.int64)), nxt, np.int32(n_points), np.int32(dim)))
     return nxt
 
 
-def box_mean(grid_features, r: int):
-    """``kernels.box_mean`` of (N, h, w, C) float32 features."""
-    import cupy
-
-    x = cupy.ascontiguousarray(grid_features.astype(cupy.float32))
+def box_mean(grid_features, r: int, compiled: Compiled = cupy_kernel):
+    """``kernels.box_mean`` of (N, h, w, C) features, float32 out."""
+    xp = get_xp(grid_features)
+    x = xp.ascontiguousarray(grid_features.astype(xp.float32))
     n, h, w, c = x.shape
-    out = cupy.empty_like(x)
-    _function("maps.cu", "box_mean")((math.ceil(x.size / 256),), (256,),
-                                     (x, out, np.int32(n), np.int32(h), np.int32(w), np.int32(c), np.int32(r // 2)))
+    out = xp.empty_like(x)
+    compiled("maps.cu", "box_mean")((_blocks(x.size, ELEMENTWISE_THREADS),), (ELEMENTWISE_THREADS,),
+                                    (x, out, np.int32(n), np.int32(h), np.int32(w), np.int32(c), np.int32(r // 2)))
     return out
 
 
-def subtract_and_fuse(full: list, normal: list, taus: list, weights, alpha: float):
+def subtract_and_fuse(full: list, normal: list, taus: list, weights, alpha: float,
+                      compiled: Compiled = cupy_kernel):
     """``kernels.subtract_and_fuse``: Eq. 7 at every scale and Eq. 8 over them in one pass."""
-    import cupy
-
+    xp = get_xp(full[0])
     shape = full[0].shape
-    stacked_full = cupy.ascontiguousarray(cupy.stack(full).astype(cupy.float32))
-    stacked_normal = cupy.ascontiguousarray(cupy.stack(normal).astype(cupy.float32))
-    out = cupy.empty(shape, dtype=cupy.float32)
+    stacked_full = xp.ascontiguousarray(xp.stack(full).astype(xp.float32))
+    stacked_normal = xp.ascontiguousarray(xp.stack(normal).astype(xp.float32))
+    out = xp.empty(shape, dtype=xp.float32)
     size = int(np.prod(shape))
-    _function("maps.cu", "subtract_and_fuse")(
-        (math.ceil(size / 256),), (256,),
-        (stacked_full, stacked_normal, cupy.asarray(taus, dtype=cupy.float32),
-         cupy.asarray(weights, dtype=cupy.float32), out, np.float32(alpha), np.int32(len(full)), np.int64(size)))
+    compiled("maps.cu", "subtract_and_fuse")(
+        (_blocks(size, ELEMENTWISE_THREADS),), (ELEMENTWISE_THREADS,),
+        (stacked_full, stacked_normal, xp.asarray(taus, dtype=xp.float32), xp.asarray(weights, dtype=xp.float32),
+         out, np.float32(alpha), np.int32(len(full)), np.int64(size)))
     return out
 
 
-def upsample_bilinear(grid_scores, size: tuple[int, int]):
+def upsample_bilinear(grid_scores, size: tuple[int, int], compiled: Compiled = cupy_kernel):
     """(N, h, w) -> (N, H, W), half-pixel centres (``kernels.patch_scores_to_maps`` without smoothing)."""
-    import cupy
-
-    x = cupy.ascontiguousarray(grid_scores.astype(cupy.float32))
+    xp = get_xp(grid_scores)
+    x = xp.ascontiguousarray(grid_scores.astype(xp.float32))
     n, h, w = x.shape
-    out = cupy.empty((n, *size), dtype=cupy.float32)
-    _function("maps.cu", "upsample_bilinear")((math.ceil(out.size / 256),), (256,),
-                                              (x, out, np.int32(n), np.int32(h), np.int32(w), np.int32(size[0]),
-                                               np.int32(size[1])))
+    out = xp.empty((n, *size), dtype=xp.float32)
+    compiled("maps.cu", "upsample_bilinear")((_blocks(out.size, ELEMENTWISE_THREADS),), (ELEMENTWISE_THREADS,),
+                                             (x, out, np.int32(n), np.int32(h), np.int32(w), np.int32(size[0]),
+                                              np.int32(size[1])))
     return out

@@ -11,7 +11,13 @@
 
 using namespace nvcuda;
 
-#define KNN_WARPS 4
+// Set by postprocess/cuda_kernels.py (COMPILE_DEFINES) for every compiler that builds this file: the launch grid
+// there is computed from the same values.
+#if !defined(TILE) || !defined(KNN_WARPS) || !defined(MAX_K)
+#error "TILE, KNN_WARPS and MAX_K come from postprocess/cuda_kernels.py (COMPILE_DEFINES)"
+#endif
+static_assert(TILE == 16, "WMMA 16x16x16 tiles: stage_tile moves 8 values per lane of a 16 x 16 tile");
+static_assert(MAX_K >= 1 && KNN_WARPS >= 1, "interval k and warps per block are positive");
 
 __device__ __forceinline__ __half to_half(float v) { return __float2half(v); }
 __device__ __forceinline__ __half to_half(__half v) { return v; }
@@ -27,7 +33,7 @@ __device__ __forceinline__ void stage_tile(__half* tile, const T* __restrict__ s
     const long long row = first + r;
     for (int t = 0; t < 8; ++t) {
         const int ch = c0 + c + t;
-        tile[r * 16 + c + t] = (row < row_end && ch < channels) ? to_half(src[row * channels + ch]) : __float2half(0.0f);
+        tile[r * TILE + c + t] = (row < row_end && ch < channels) ? to_half(src[row * channels + ch]) : __float2half(0.0f);
     }
 }
 
@@ -37,12 +43,12 @@ template <typename TQ, typename TB>
 __device__ void knn_image_min_impl(const TQ* __restrict__ queries, const TB* __restrict__ bank,
                                    float* __restrict__ minima, int rows, int channels, int n_images, int per_image)
 {
-    __shared__ __align__(32) __half a_tile[KNN_WARPS][256];
-    __shared__ __align__(32) __half b_tile[KNN_WARPS][ENTRY_TILES][256];
-    __shared__ __align__(32) float products[KNN_WARPS][256];
+    __shared__ __align__(32) __half a_tile[KNN_WARPS][TILE * TILE];
+    __shared__ __align__(32) __half b_tile[KNN_WARPS][ENTRY_TILES][TILE * TILE];
+    __shared__ __align__(32) float products[KNN_WARPS][TILE * TILE];
     const int warp = threadIdx.x / 32;
     const int lane = threadIdx.x % 32;
-    const int row0 = (blockIdx.x * KNN_WARPS + warp) * 16;
+    const int row0 = (blockIdx.x * KNN_WARPS + warp) * TILE;
     const int image = blockIdx.y;
     if (row0 >= rows) {
         return;  // no block-wide synchronisation below: a warp may leave alone
@@ -50,42 +56,42 @@ __device__ void knn_image_min_impl(const TQ* __restrict__ queries, const TB* __r
     const long long image_first = (long long)image * per_image;
     const long long image_end = image_first + per_image;
     float best = -INFINITY;  // lanes 0..15: the running best product of row row0 + lane
-    for (int e0 = 0; e0 < per_image; e0 += 16 * ENTRY_TILES) {
-        wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[ENTRY_TILES];
+    for (int e0 = 0; e0 < per_image; e0 += TILE * ENTRY_TILES) {
+        wmma::fragment<wmma::accumulator, TILE, TILE, TILE, float> acc[ENTRY_TILES];
         for (int t = 0; t < ENTRY_TILES; ++t) {
             wmma::fill_fragment(acc[t], 0.0f);
         }
-        for (int c0 = 0; c0 < channels; c0 += 16) {
+        for (int c0 = 0; c0 < channels; c0 += TILE) {
             stage_tile(a_tile[warp], queries, row0, rows, channels, c0, lane);
             for (int t = 0; t < ENTRY_TILES; ++t) {
-                stage_tile(b_tile[warp][t], bank, image_first + e0 + 16 * t, image_end, channels, c0, lane);
+                stage_tile(b_tile[warp][t], bank, image_first + e0 + TILE * t, image_end, channels, c0, lane);
             }
             __syncwarp();
-            wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> a;
-            wmma::load_matrix_sync(a, a_tile[warp], 16);
+            wmma::fragment<wmma::matrix_a, TILE, TILE, TILE, __half, wmma::row_major> a;
+            wmma::load_matrix_sync(a, a_tile[warp], TILE);
             for (int t = 0; t < ENTRY_TILES; ++t) {
                 // b_tile holds 16 entries x 16 channels: as a column-major K x N block, column n is an entry
-                wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::col_major> b;
-                wmma::load_matrix_sync(b, b_tile[warp][t], 16);
+                wmma::fragment<wmma::matrix_b, TILE, TILE, TILE, __half, wmma::col_major> b;
+                wmma::load_matrix_sync(b, b_tile[warp][t], TILE);
                 wmma::mma_sync(acc[t], a, b, acc[t]);
             }
             __syncwarp();
         }
         for (int t = 0; t < ENTRY_TILES; ++t) {
-            wmma::store_matrix_sync(products[warp], acc[t], 16, wmma::mem_row_major);
+            wmma::store_matrix_sync(products[warp], acc[t], TILE, wmma::mem_row_major);
             __syncwarp();
-            if (lane < 16) {
+            if (lane < TILE) {
                 // entries past the image's end (zeros, or the next image's) are not its own
-                const int valid = min(16, per_image - (e0 + 16 * t));
+                const int valid = min(TILE, per_image - (e0 + TILE * t));
                 for (int j = 0; j < valid; ++j) {
-                    best = fmaxf(best, products[warp][lane * 16 + j]);
+                    best = fmaxf(best, products[warp][lane * TILE + j]);
                 }
             }
             __syncwarp();
         }
     }
     const int row = row0 + lane;
-    if (lane < 16 && row < rows) {
+    if (lane < TILE && row < rows) {
         minima[(size_t)row * n_images + image] = 1.0f - best;
     }
 }
@@ -107,8 +113,6 @@ extern "C" __global__ void knn_image_min_f16_f16(const __half* queries, const __
 {
     knn_image_min_impl(queries, bank, minima, rows, channels, n_images, per_image);
 }
-
-#define MAX_K 64
 
 // Mean of the k smallest per-image minima of each row, the row's own image left out (k <= MAX_K).
 extern "C" __global__ void interval_topk_mean(const float* __restrict__ minima, const long long* __restrict__ row_ids,
