@@ -5,11 +5,14 @@ reference on the same GPU written the way MuSc does it (``torch.cdist``), side b
     python -m benchmarks.gpu --dry-run                                   # tiny sizes on the CPU (NumPy, torch CPU)
 
 Rows: kNN (fused FP16 tiles + per-image max + interval top-k) in TFLOP/s against the dense FP16 peak and against a
-torch FP16 matmul measured here; coreset step, pooling, subtraction + fusion, upsampling in ms; the whole scoring of
+torch FP16 matmul measured here; coreset step, pooling, subtraction + fusion, upsampling in ms; each kernel row
+twice, fused and generic (CuPy's own kernels, ``PA_CLIP_FUSED_KERNELS=0``), and each on its own, so a kernel that
+fails records its error and leaves the other figures; the whole scoring of
 a lot (N images, L=1369, C=1024, 4 layers x 3 scales, default PAClipConfig) ours against the cdist reference, with
 the largest map difference; the in-process pipeline end to end (open_clip ViT-L-14-336@518, FP16, random weights:
 speed does not depend on them) with DLPack hand-off into the CuPy scoring, in images/s; peak GPU memory. The ratio
-lines come last. ``benchmarks/gpu_check.sh`` runs it with the GPU tests on a lent device.
+lines come last; ``--json`` is rewritten after every section. Exit status 1 when a row failed.
+``benchmarks/gpu_check.sh`` runs it with the GPU tests on a lent device.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -135,7 +139,34 @@ def torch_reference_scoring(dev, layer_tokens, normal_tokens, normal_ids, cfg, g
 
 
 # -- rows ---------------------------------------------------------------------------------------------------------
+FUSED_SETTINGS = (("fused", "1"), ("generic", "0"))  # PA_CLIP_FUSED_KERNELS: our CUDA kernels, or CuPy's generic ones
+
+
+def guarded(name: str, fn) -> list[dict]:
+    """The rows ``fn`` returns, or one row that records its error: a kernel that fails on the device still leaves the
+    other rows' figures."""
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001 - any failure is a figure to report, not a reason to stop the check
+        print(f"{name}: FAILED: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        return [{"row": name, "error": f"{type(e).__name__}: {e}"[:500]}]
+
+
+def with_fused_kernels(setting: str, fn):
+    previous = os.environ.get("PA_CLIP_FUSED_KERNELS")
+    os.environ["PA_CLIP_FUSED_KERNELS"] = setting
+    try:
+        return fn()
+    finally:
+        if previous is None:
+            del os.environ["PA_CLIP_FUSED_KERNELS"]
+        else:
+            os.environ["PA_CLIP_FUSED_KERNELS"] = previous
+
+
 def kernel_rows(dev, args, rng) -> list[dict]:
+    """Each kernel twice, fused and generic (``PA_CLIP_FUSED_KERNELS=0``), every row on its own: one failing kernel
+    leaves the others' figures."""
     from postprocess import kernels as K
 
     xp, torch = dev.xp, dev.torch
@@ -145,35 +176,56 @@ def kernel_rows(dev, args, rng) -> list[dict]:
     bank = unit_features(xp, rng, (n_bank, args.tokens, args.channels)).astype(xp.float16)
     ids = xp.arange(n_bank)
     k = K.interval_k(n_bank, 0.3, 1, 64)
-    seconds, got = dev.timed(lambda: K.full_bank_scores(queries, bank, ids[:n_query], ids, k, 256 << 20))
     flops = 2.0 * n_query * args.tokens * n_bank * args.tokens * args.channels
     side = 256 if dev.dry_run else 8192
-    a = torch.randn(side, side, device=dev.torch_device, dtype=torch.float32 if dev.dry_run else torch.float16)
-    matmul_s, _ = dev.timed(lambda: a @ a)
-    matmul_tflops = 2 * side ** 3 / matmul_s / 1e12
-    tq = dev.to_torch(queries)
-    tb = dev.to_torch(bank).float()
-    ref_s, ref = dev.timed(lambda: musc_mutual_scores(torch, tq, tb, k))
-    diff = float(np.abs(K.to_numpy(got) - ref.cpu().numpy()).max())
-    rows.append({"row": "kNN full bank (fused)", "ms": 1e3 * seconds, "tflops": flops / seconds / 1e12,
-                 "of_peak": flops / seconds / 1e12 / H200_FP16_DENSE_TFLOPS,
-                 "of_torch_fp16_matmul": flops / seconds / 1e12 / matmul_tflops, "torch_cdist_ms": 1e3 * ref_s,
-                 "max_diff": diff})
-    rows.append({"row": f"torch FP16 matmul {side}^3 (this device's practical peak)", "ms": 1e3 * matmul_s,
-                 "tflops": matmul_tflops, "of_peak": matmul_tflops / H200_FP16_DENSE_TFLOPS})
+
+    def matmul_row():
+        a = torch.randn(side, side, device=dev.torch_device, dtype=torch.float32 if dev.dry_run else torch.float16)
+        matmul_s, _ = dev.timed(lambda: a @ a)
+        tflops = 2 * side ** 3 / matmul_s / 1e12
+        return [{"row": f"torch FP16 matmul {side}^3 (this device's practical peak)", "ms": 1e3 * matmul_s,
+                 "tflops": tflops, "of_peak": tflops / H200_FP16_DENSE_TFLOPS}]
+
+    rows += guarded("torch FP16 matmul", matmul_row)
+    matmul_tflops = rows[-1].get("tflops")
+    reference = {}
+
+    def torch_reference():
+        if "scores" not in reference:
+            tq, tb = dev.to_torch(queries), dev.to_torch(bank).float()
+            reference["s"], ref = dev.timed(lambda: musc_mutual_scores(torch, tq, tb, k))
+            reference["scores"] = ref.cpu().numpy()
+        return reference["scores"], reference["s"]
+
+    def knn_row(label):
+        seconds, got = dev.timed(lambda: K.full_bank_scores(queries, bank, ids[:n_query], ids, k, 256 << 20))
+        ref, ref_s = torch_reference()
+        tflops = flops / seconds / 1e12
+        row = {"row": f"kNN full bank ({label})", "ms": 1e3 * seconds, "tflops": tflops,
+               "of_peak": tflops / H200_FP16_DENSE_TFLOPS, "torch_cdist_ms": 1e3 * ref_s,
+               "max_diff": float(np.abs(K.to_numpy(got) - ref).max())}
+        if matmul_tflops:
+            row["of_torch_fp16_matmul"] = tflops / matmul_tflops
+        return [row]
+
     points = xp.asarray(rng.standard_normal((3, args.tokens, 128), dtype=np.float32))
     m = max(2, args.tokens // 10)
-    seconds, _ = dev.timed(lambda: K.greedy_coreset(points, m))
-    rows.append({"row": f"coreset {m} of {args.tokens} in 3 groups", "ms": 1e3 * seconds})
-    side = int(round(math.sqrt(args.tokens)))
-    grid = xp.asarray(rng.standard_normal((args.query_images, side, side, args.channels), dtype=np.float32))
-    seconds, _ = dev.timed(lambda: K.box_mean(grid, 5))
-    rows.append({"row": f"pooling r=5 of {args.query_images} images", "ms": 1e3 * seconds})
-    scores = [xp.asarray(rng.random((args.images, side * side), dtype=np.float32)) for _ in range(6)]
-    seconds, _ = dev.timed(lambda: K.subtract_and_fuse(scores[:3], scores[3:], [0.5] * 3, [1 / 3] * 3, 0.2))
-    rows.append({"row": f"subtraction + fusion, {args.images} images x 3 scales", "ms": 1e3 * seconds})
-    seconds, _ = dev.timed(lambda: K.patch_scores_to_maps(scores[0], (side, side), (args.map_size,) * 2, 0.0))
-    rows.append({"row": f"upsampling to {args.map_size}, {args.images} images", "ms": 1e3 * seconds})
+    grid_side = int(round(math.sqrt(args.tokens)))
+    grid = xp.asarray(rng.standard_normal((args.query_images, grid_side, grid_side, args.channels), dtype=np.float32))
+    scores = [xp.asarray(rng.random((args.images, grid_side * grid_side), dtype=np.float32)) for _ in range(6)]
+    timed_rows = [
+        (f"coreset {m} of {args.tokens} in 3 groups", lambda: K.greedy_coreset(points, m)),
+        (f"pooling r=5 of {args.query_images} images", lambda: K.box_mean(grid, 5)),
+        (f"subtraction + fusion, {args.images} images x 3 scales",
+         lambda: K.subtract_and_fuse(scores[:3], scores[3:], [0.5] * 3, [1 / 3] * 3, 0.2)),
+        (f"upsampling to {args.map_size}, {args.images} images",
+         lambda: K.patch_scores_to_maps(scores[0], (grid_side, grid_side), (args.map_size,) * 2, 0.0)),
+    ]
+    for label, setting in FUSED_SETTINGS:
+        rows += guarded(f"kNN full bank ({label})", lambda: with_fused_kernels(setting, lambda: knn_row(label)))
+        for name, fn in timed_rows:
+            rows += guarded(f"{name} ({label})", lambda: with_fused_kernels(
+                setting, lambda: [{"row": f"{name} ({label})", "ms": 1e3 * dev.timed(fn)[0]}]))
     return rows
 
 
@@ -265,6 +317,12 @@ def end_to_end_rows(dev, args) -> list[dict]:
              "finite": bool(np.isfinite(report.maps).all())}]
 
 
+def write_json(path, rows, dev):
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps({"rows": rows, "peak_gpu_gb": dev.peak_memory_gb()}, indent=1))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.gpu", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -291,26 +349,34 @@ def main(argv=None) -> int:
         if name in args.skip:
             continue
         print(f"running {name} ...", file=sys.stderr, flush=True)
-        rows += fn()
+        rows += guarded(name, fn)
+        write_json(args.json, rows, dev)  # after every section: a check cut off later keeps these figures
     peak = dev.peak_memory_gb()
     print(f"\n{'dry run on the CPU' if args.dry_run else 'GPU'}: {args.images}-image lot, L={args.tokens}, "
           f"C={args.channels}")
     for r in rows:
+        if "error" in r:
+            print(f"- {r['row']}: FAILED: {r['error']}")
+            continue
         cells = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items() if k != "row")
         print(f"- {r['row']}: {cells}")
     print(f"peak GPU memory: {peak:.1f} GB")
     for r in rows:
         if "speedup" in r:
             print(f"whole-lot scoring, torch cdist / ours: x{r['speedup']:.1f}")
-        if "of_peak" in r and "fused" in r["row"]:
-            print(f"fused kNN: {r['tflops']:.1f} TFLOP/s = {100 * r['of_peak']:.0f}% of the dense FP16 peak, "
-                  f"{100 * r['of_torch_fp16_matmul']:.0f}% of torch's FP16 matmul here")
+        if r["row"] == "kNN full bank (fused)" and "tflops" in r:
+            of_matmul = r.get("of_torch_fp16_matmul")
+            print(f"fused kNN: {r['tflops']:.1f} TFLOP/s = {100 * r['of_peak']:.0f}% of the dense FP16 peak"
+                  + (f", {100 * of_matmul:.0f}% of torch's FP16 matmul here" if of_matmul else ""))
         if "images_per_s" in r:
             print(f"end to end: {r['images_per_s']:.1f} images/s")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"rows": rows, "peak_gpu_gb": peak}, indent=1))
-    return 0
+    by_name = {r["row"]: r for r in rows if "ms" in r}
+    for name, r in by_name.items():
+        generic = by_name.get(name.replace("(fused)", "(generic)"))
+        if name.endswith("(fused)") and generic:
+            print(f"{name.removesuffix(' (fused)')}: generic / fused x{generic['ms'] / r['ms']:.1f}")
+    write_json(args.json, rows, dev)
+    return 1 if any("error" in r for r in rows) else 0
 
 
 if __name__ == "__main__":

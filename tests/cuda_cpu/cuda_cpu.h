@@ -352,6 +352,7 @@ template <> struct TypeName<float> { static constexpr const char* value = "float
 template <> struct TypeName<int> { static constexpr const char* value = "int32"; };
 template <> struct TypeName<long long> { static constexpr const char* value = "int64"; };
 template <> struct TypeName<__half> { static constexpr const char* value = "float16"; };
+template <> struct TypeName<unsigned short> { static constexpr const char* value = "uint16"; };
 
 template <typename T>
 inline std::string type_name() {

@@ -23,6 +23,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -87,8 +88,9 @@ def build(source: Path, kernels: tuple[str, ...], sanitizer: str = "") -> Path:
     unit = f'#include "{source}"\n' + "".join(f"CUDA_CPU_KERNEL({name})\n" for name in kernels)
     flags = ["-std=c++17", "-O1", "-g", "-fPIC", "-shared", "-pthread", "-Wall", "-include", str(HEADER),
              f"-I{INCLUDE}", *cuda_kernels.compile_options(), *SANITIZER_FLAGS[sanitizer]]
+    # keyed by content, not by path: a copy of an unchanged source (the planted-fault folders) reuses its build
     digest = hashlib.sha256()
-    for part in (unit, " ".join(flags), _compiler_version()):
+    for part in (" ".join(kernels), " ".join(flags), _compiler_version()):
         digest.update(part.encode())
     for path in (source, HEADER, *sorted(INCLUDE.iterdir())):
         digest.update(path.read_bytes())
@@ -105,6 +107,13 @@ def build(source: Path, kernels: tuple[str, ...], sanitizer: str = "") -> Path:
             raise CudaCpuError(f"{source.name} does not compile for the CPU:\n{proc.stderr}")
         os.replace(built, target)  # atomic: a parallel build of the same key writes the same bytes
     return target
+
+
+def build_many(jobs) -> list[Path]:
+    """``build(source, kernels, sanitizer)`` for each job, one compiler per core: a fresh clone compiles a dozen
+    libraries in its first test run."""
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        return list(pool.map(lambda job: build(*job), list(jobs)))
 
 
 class CpuKernel:
@@ -184,25 +193,30 @@ class CpuKernels:
 
     ``order``: a key of ORDERS. ``sanitizer``: "" (plain), "address" (ASan + UBSan) or "thread" (TSan); a sanitized
     build only loads in a process started with ``sanitizer_environment``. ``source_dir``: where the .cu files are
-    (a copy with a planted fault, in the tests that prove faults are caught)."""
+    (a copy with a planted fault, in the tests that prove faults are caught). ``kernels``: the kernel names of each
+    source (default ``cuda_kernels.KERNELS``)."""
 
     def __init__(self, order: str = "concurrent", sanitizer: str = "", source_dir: Path | None = None,
-                 seed: int = 0):
+                 seed: int = 0, kernels: dict[str, tuple[str, ...]] | None = None):
         self.order, self.sanitizer, self.seed = order, sanitizer, seed
         self.source_dir = Path(source_dir or cuda_kernels.SOURCE_DIR)
+        self.names = kernels or cuda_kernels.KERNELS
         self.libraries: dict[str, ctypes.CDLL] = {}
         self.kernels: dict[tuple[str, str], CpuKernel] = {}
 
+    def build_all(self) -> list[Path]:
+        return build_many((self.source_dir / source, names, self.sanitizer) for source, names in self.names.items())
+
     def library(self, source: str) -> ctypes.CDLL:
         if source not in self.libraries:
-            path = build(self.source_dir / source, cuda_kernels.KERNELS[source], self.sanitizer)
+            path = build(self.source_dir / source, self.names[source], self.sanitizer)
             self.libraries[source] = ctypes.CDLL(str(path))
         return self.libraries[source]
 
     def __call__(self, source: str, name: str) -> CpuKernel:
         if (source, name) not in self.kernels:
-            if name not in cuda_kernels.KERNELS[source]:
-                raise KeyError(f"{source} has no kernel {name!r} (cuda_kernels.KERNELS)")
+            if name not in self.names[source]:
+                raise KeyError(f"{source} has no kernel {name!r}")
             self.kernels[source, name] = CpuKernel(self.library(source), source, name, ORDERS[self.order],
                                                    self.seed, exact_copies=bool(self.sanitizer))
         return self.kernels[source, name]
