@@ -26,6 +26,12 @@ SANITIZER_EXIT = 86  # harness.sanitizer_environment: the exit status of a proce
 SANITIZER_REPORTS = {"address": "ERROR: AddressSanitizer", "thread": "WARNING: ThreadSanitizer"}
 
 
+def needs(sanitizer):
+    return pytest.mark.skipif(bool(sanitizer) and not harness.sanitizer_available(sanitizer),
+                              reason=f"the {sanitizer} sanitizer's runtime ({harness.RUNTIMES.get(sanitizer)}) is "
+                                     f"not installed with {harness.CXX}")
+
+
 def selftest(order="concurrent", sanitizer=""):
     return harness.CpuKernels(order, sanitizer, harness.HERE, kernels=SELFTEST)
 
@@ -157,7 +163,8 @@ print("not caught")
 '''
 
 
-@pytest.mark.parametrize("sanitizer,kernel", [("address", "unguarded_write"), ("thread", "mirror")])
+@pytest.mark.parametrize("sanitizer,kernel", [pytest.param("address", "unguarded_write", marks=needs("address")),
+                                              pytest.param("thread", "mirror", marks=needs("thread"))])
 def test_the_sanitizers_catch_a_write_past_an_argument_and_a_race(sanitizer, kernel, builds):
     env = harness.sanitizer_environment(sanitizer)
     proc = subprocess.run([sys.executable, "-c", SANITIZER_SELFTEST.format(kernel=kernel)], cwd=ROOT, env=env,
@@ -168,9 +175,10 @@ def test_the_sanitizers_catch_a_write_past_an_argument_and_a_race(sanitizer, ker
 
 @pytest.mark.parametrize("sanitizer,selection", [
     # nvcc must not run under a preloaded sanitizer runtime: the compile tests stay out of these runs
-    ("address", "not gpu and not compile"),  # ASan + UBSan: every kernel and case
+    pytest.param("address", "not gpu and not compile", marks=needs("address")),  # ASan + UBSan: every kernel, case
     # TSan (slow): the kernels with shared memory and barriers, on their cases with tails
-    ("thread", "(knn_matches and (tails or two-entry) or coreset_steps and (tail or passes)) and not gpu"),
+    pytest.param("thread", "(knn_matches and (tails or two-entry) or coreset_steps and (tail or passes)) and not gpu",
+                 marks=needs("thread")),
 ])
 def test_the_kernels_pass_under_the_sanitizers(sanitizer, selection, builds):
     proc = child_pytest("tests/test_cuda_kernels.py", "-k", selection, sanitizer=sanitizer)
@@ -218,15 +226,16 @@ def builds(tmp_path_factory):
         assert text.count(correct) == 1, f"{source} changed: update the planted fault {fault!r}"
         (folder / source).write_text(text.replace(correct, planted))
         folders[fault] = folder
-        jobs += [(folder / name, names, sanitizer) for name, names in cuda_kernels.KERNELS.items()]
-    for sanitizer in ("address", "thread"):
+        if not sanitizer or harness.sanitizer_available(sanitizer):
+            jobs += [(folder / name, names, sanitizer) for name, names in cuda_kernels.KERNELS.items()]
+    for sanitizer in filter(harness.sanitizer_available, ("address", "thread")):
         jobs += [(cuda_kernels.SOURCE_DIR / name, names, sanitizer) for name, names in cuda_kernels.KERNELS.items()]
         jobs += [(harness.HERE / name, names, sanitizer) for name, names in SELFTEST.items()]
     harness.build_many(jobs)  # every fault compiles: what fails is the run
     return folders
 
 
-@pytest.mark.parametrize("fault", PLANTED_FAULTS)
+@pytest.mark.parametrize("fault", [pytest.param(f, marks=needs(PLANTED_FAULTS[f][3])) for f in PLANTED_FAULTS])
 def test_a_planted_fault_fails_the_kernel_tests(fault, builds):
     source, correct, planted, sanitizer, selection = PLANTED_FAULTS[fault]
     # the serial schedules make a missing barrier fail every time; a sanitizer watches real concurrent threads

@@ -69,6 +69,11 @@ def runtime_library(sanitizer: str) -> str:
                           check=True).stdout.strip()
 
 
+def sanitizer_available(sanitizer: str) -> bool:
+    """The compiler has the sanitizer's runtime (it answers a bare name when it has not)."""
+    return compiler_available() and Path(runtime_library(sanitizer)).is_absolute()
+
+
 def sanitizer_environment(sanitizer: str) -> dict[str, str]:
     """The environment for a Python process that loads ``sanitizer`` builds."""
     env = dict(os.environ, PA_CLIP_CUDA_CPU_SANITIZER=sanitizer, LD_PRELOAD=runtime_library(sanitizer))
