@@ -1,38 +1,163 @@
-"""Reading images the one way the encoder expects them: RGB, resized to the lot's (height, width) with bicubic
-filtering, uint8.
+"""Reading images the one way the encoder expects them: 8-bit RGB, the right way up, resized to the lot's
+(height, width) with bicubic filtering.
 
 The evaluation (``benchmarks.datasets``) and the server client (``client/infer.py``) both read through here, so
 that an image scored through Triton gets the very pixels the in-process pipeline saw.
+
+What cameras write, and how it is read:
+- 8-bit grey, RGB, palette, CMYK, YCbCr (PNG, TIFF, BMP, JPEG, WebP): converted to RGB by Pillow; an alpha channel
+  (LA, RGBA, PA) is dropped, not blended: a camera's alpha carries no part.
+- More than 8 bits (16-bit PNG and TIFF, grey or colour; 32-bit integer and float TIFF): **the bit-depth rule**. A
+  file states its container (16 bits), not how many bits the sensor filled: a 12-bit camera writes values up to
+  4095 in a 16-bit PNG. The image's significant bits are ``bit_depth`` when given (``infer.py --bit-depth``), else the
+  smallest of 8, 10, 12, 14 and 16 bits that holds its largest value; values are scaled from that range to 0-255
+  (rounded), so a 12-bit image is neither 16x too dark nor clipped. Float images: 0-1 when their values lie there,
+  else the integer rule on their rounded values. 16-bit colour PNGs are decoded with pypng and colour TIFFs with
+  tifffile, because Pillow keeps only their top byte.
+- The EXIF orientation (JPEG, TIFF, PNG eXIf) is applied: a camera held sideways gives an upright image.
+- Large images are decoded small when the format allows it (JPEG: at 1/2, 1/4 or 1/8 scale, never below twice the
+  size the image is sent at), so a 6000x4000 photo is not held at full size.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from postprocess.contract import size_pair
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+STANDARD_DEPTHS = (8, 10, 12, 14, 16)
+HIGH_DEPTH_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I", "F"}
+# EXIF orientations that turn the picture a quarter: width and height swap
+QUARTER_TURNS = {5, 6, 7, 8}
+# EXIF orientation -> the transposition that makes the image upright (the TIFF/EXIF definition)
+UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+           5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+           8: Image.Transpose.ROTATE_90}
+READ_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError)
 
 
-def read_rgb(path: str | Path) -> Image.Image:
-    """The image as RGB; ValueError naming the file when it cannot be read."""
+@dataclass(frozen=True)
+class Decoded:
+    """An image as read: ``rgb`` (8-bit RGB, upright), the significant bits it was scaled from (8 for 8-bit files),
+    its EXIF orientation (1 = as stored) and the file's mode."""
+
+    rgb: Image.Image
+    bits: int
+    orientation: int
+    source_mode: str
+
+
+def significant_bits(values: np.ndarray, bit_depth: int | None = None) -> int:
+    """The bit-depth rule: ``bit_depth`` when given, else the smallest standard depth that holds the largest value."""
+    if bit_depth is not None:
+        if not 1 <= bit_depth <= 32:
+            raise ValueError(f"bit depth must be between 1 and 32, got {bit_depth}")
+        return bit_depth
+    top = int(values.max()) if values.size else 0
+    for bits in STANDARD_DEPTHS:
+        if top < (1 << bits):
+            return bits
+    return 32
+
+
+def to_8bit(values: np.ndarray, bit_depth: int | None = None) -> tuple[np.ndarray, int]:
+    """Integer or float samples -> uint8 by the bit-depth rule; (array, significant bits)."""
+    if values.dtype.kind == "f":
+        finite = np.nan_to_num(values.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+        if bit_depth is None and finite.size and finite.min() >= 0.0 and finite.max() <= 1.0:
+            return np.round(finite * 255.0).astype(np.uint8), 0
+        values = np.round(np.clip(finite, 0, None)).astype(np.uint64)
+    values = np.clip(values, 0, None)
+    bits = significant_bits(values, bit_depth)
+    if bits == 8:
+        return np.clip(values, 0, 255).astype(np.uint8), 8
+    scale = 255.0 / float((1 << bits) - 1)
+    return np.clip(np.round(values.astype(np.float64) * scale), 0, 255).astype(np.uint8), bits
+
+
+def _rgb_from_array(values: np.ndarray, bit_depth: int | None) -> tuple[Image.Image, int]:
+    """(H, W) or (H, W, channels) samples -> 8-bit RGB; a second or fourth channel (alpha) is dropped."""
+    if values.ndim == 3 and values.shape[2] in (2, 4):
+        values = values[..., :-1]
+    if values.ndim == 3 and values.shape[2] == 1:
+        values = values[..., 0]
+    pixels, bits = to_8bit(values, bit_depth)
+    if pixels.ndim == 2:
+        pixels = np.repeat(pixels[..., None], 3, axis=2)
+    if pixels.ndim != 3 or pixels.shape[2] != 3:
+        raise ValueError(f"unsupported layout of samples {values.shape}")
+    return Image.fromarray(np.ascontiguousarray(pixels), "RGB"), bits
+
+
+def _wide_colour_samples(img: Image.Image, path: Path) -> np.ndarray | None:
+    """The full-depth samples of a colour PNG or TIFF with more than 8 bits per sample, which Pillow would cut to
+    their top byte; None for every other image."""
+    if img.format == "PNG" and img.mode in ("RGB", "RGBA") and any(
+            str(tile.args[0] if isinstance(tile.args, tuple) else tile.args).endswith(";16B") for tile in img.tile):
+        import png  # pypng
+
+        width, height, rows, info = png.Reader(filename=str(path)).asDirect()
+        planes = info["planes"]
+        return np.vstack([np.asarray(row, dtype=np.uint16) for row in rows]).reshape(height, width, planes)
+    if img.format == "TIFF" and img.mode in ("RGB", "RGBA", "RGBX"):
+        per_sample = img.tag_v2.get(258)  # BitsPerSample
+        if per_sample and max(per_sample if isinstance(per_sample, tuple) else (per_sample,)) > 8:
+            import tifffile
+
+            return np.asarray(tifffile.imread(str(path), key=0))
+    return None
+
+
+def decode(path: str | Path, bit_depth: int | None = None, min_size=None) -> Decoded:
+    """The image at ``path`` as 8-bit RGB, upright (see the module's notes). ``min_size`` (height, width): the image
+    may be decoded at a reduced scale as long as both sides stay at least twice this. ValueError naming the file when
+    it cannot be read."""
+    path = Path(path)
     try:
         with Image.open(path) as img:
-            img.load()
-            return img.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+            source_mode = img.mode
+            wide = _wide_colour_samples(img, path)  # before getexif: a PNG's getexif decodes it
+            orientation = int(img.getexif().get(ExifTags.Base.Orientation, 1) or 1)
+            if min_size is not None and img.format == "JPEG":
+                height, width = size_pair(min_size)
+                if orientation in QUARTER_TURNS:
+                    height, width = width, height
+                img.draft("RGB", (2 * width, 2 * height))  # JPEG decodes at the smallest scale that keeps these
+            if wide is not None:
+                rgb, bits = _rgb_from_array(wide, bit_depth)
+            elif img.mode in HIGH_DEPTH_MODES:
+                img.load()
+                rgb, bits = _rgb_from_array(np.asarray(img), bit_depth)
+            else:
+                img.load()
+                rgb, bits = img.convert("RGB"), 8
+    except READ_ERRORS as err:
         raise ValueError(f"cannot read image {path}: {err}") from err
+    if orientation in UPRIGHT:
+        rgb = rgb.transpose(UPRIGHT[orientation])
+    return Decoded(rgb, bits, orientation if orientation in UPRIGHT else 1, source_mode)
+
+
+def read_rgb(path: str | Path, bit_depth: int | None = None, min_size=None) -> Image.Image:
+    """The image as 8-bit RGB, upright; ValueError naming the file when it cannot be read."""
+    return decode(path, bit_depth, min_size).rgb
 
 
 def image_size_of(path: str | Path) -> tuple[int, int] | None:
-    """(width, height) from the file's header (nothing decoded), or None when it cannot be read."""
+    """(width, height) of the upright image, from the file's header (nothing decoded), or None when it cannot be
+    read."""
     try:
         with Image.open(path) as img:
-            return img.size
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+            width, height = img.size
+            if img.getexif().get(ExifTags.Base.Orientation, 1) in QUARTER_TURNS:
+                width, height = height, width
+            return width, height
+    except READ_ERRORS:
         return None
 
 
@@ -40,3 +165,11 @@ def model_input(rgb: Image.Image, size) -> np.ndarray:
     """(height, width, 3) uint8: what clip_vision takes (``size``: (height, width), or one number for a square)."""
     height, width = size_pair(size)
     return np.asarray(rgb.resize((width, height), Image.BICUBIC), dtype=np.uint8)
+
+
+def display_copy(rgb: Image.Image, long_side: int = 1600) -> np.ndarray:
+    """The image for an overlay panel, its long side at most ``long_side``: a lot of large photos is not held at
+    full size while it is scored."""
+    if max(rgb.size) > long_side:
+        rgb = ImageOps.contain(rgb, (long_side, long_side), Image.BICUBIC)
+    return np.asarray(rgb)

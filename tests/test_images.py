@@ -1,0 +1,131 @@
+"""client/images.py reads what cameras write: each case with a file this test writes, compared with what the
+pixels should be."""
+
+import numpy as np
+import png  # pypng
+import pytest
+import tifffile
+from PIL import ExifTags, Image
+
+from client.images import decode, display_copy, image_size_of, model_input, read_rgb, significant_bits
+
+RNG = np.random.default_rng(0)
+GREY12 = (RNG.random((24, 40)) * 4095).astype(np.uint16)  # a 12-bit camera's values in a 16-bit container
+COLOUR12 = (RNG.random((24, 40, 3)) * 4095).astype(np.uint16)
+
+
+def scaled(values, bits):
+    return np.round(values.astype(np.float64) * 255.0 / ((1 << bits) - 1)).astype(np.uint8)
+
+
+def grey_rgb(grey):
+    return np.repeat(grey[..., None], 3, axis=2)
+
+
+def test_a_12_bit_grey_png_is_scaled_from_12_bits_not_cut(tmp_path):
+    Image.fromarray(GREY12).save(tmp_path / "mono12.png")
+    decoded = decode(tmp_path / "mono12.png")
+    assert decoded.bits == 12 and decoded.source_mode.startswith("I;16")
+    np.testing.assert_array_equal(np.asarray(decoded.rgb), grey_rgb(scaled(GREY12, 12)))
+
+
+def test_a_full_16_bit_grey_png_and_an_explicit_bit_depth(tmp_path):
+    full = (GREY12.astype(np.uint32) * 16 + 15).astype(np.uint16)  # up to 65535
+    Image.fromarray(full).save(tmp_path / "mono16.png")
+    np.testing.assert_array_equal(np.asarray(read_rgb(tmp_path / "mono16.png")), grey_rgb(scaled(full, 16)))
+    dim = (GREY12 // 8).astype(np.uint16)  # a dark 12-bit image: the rule alone would call it 9 -> 10 bits
+    Image.fromarray(dim).save(tmp_path / "dim12.png")
+    assert decode(tmp_path / "dim12.png").bits == 10
+    np.testing.assert_array_equal(np.asarray(read_rgb(tmp_path / "dim12.png", bit_depth=12)),
+                                  grey_rgb(scaled(dim, 12)))
+
+
+def test_16_bit_colour_png_and_tiff_keep_their_low_bits(tmp_path):
+    png.from_array(COLOUR12.reshape(24, -1), "RGB;16").save(tmp_path / "rgb12.png")
+    tifffile.imwrite(tmp_path / "rgb12.tif", COLOUR12)
+    for name in ("rgb12.png", "rgb12.tif"):
+        decoded = decode(tmp_path / name)
+        assert decoded.bits == 12, name
+        np.testing.assert_array_equal(np.asarray(decoded.rgb), scaled(COLOUR12, 12), err_msg=name)
+
+
+def test_grey_alpha_16_bit_png_drops_the_alpha(tmp_path):
+    la = np.stack([GREY12, np.full_like(GREY12, 4095)], axis=-1)
+    png.from_array(la.reshape(24, -1), "LA;16").save(tmp_path / "la.png")
+    np.testing.assert_array_equal(np.asarray(read_rgb(tmp_path / "la.png")), grey_rgb(scaled(GREY12, 12)))
+
+
+def test_8_bit_modes_and_formats(tmp_path):
+    rgb = (RNG.random((24, 40, 3)) * 255).astype(np.uint8)
+    grey = rgb[..., 0]
+    cases = {
+        "grey.png": (Image.fromarray(grey, "L"), grey_rgb(grey)),
+        "grey.bmp": (Image.fromarray(grey, "L"), grey_rgb(grey)),
+        "rgb.tif": (Image.fromarray(rgb), rgb),
+        "rgba.png": (Image.fromarray(np.dstack([rgb, np.full(grey.shape, 7, np.uint8)]), "RGBA"), rgb),
+        "la.png": (Image.fromarray(np.dstack([grey, grey]), "LA"), grey_rgb(grey)),
+        "palette.png": (Image.fromarray(rgb).quantize(16), None),
+        "bits.png": (Image.fromarray(grey > 127), grey_rgb(np.where(grey > 127, 255, 0).astype(np.uint8))),
+    }
+    for name, (img, expected) in cases.items():
+        img.save(tmp_path / name)
+        got = np.asarray(read_rgb(tmp_path / name))
+        assert got.shape == (24, 40, 3) and got.dtype == np.uint8, name
+        if expected is None:  # palette: the palette's colours
+            expected = np.asarray(img.convert("RGB"))
+        np.testing.assert_array_equal(got, expected, err_msg=name)
+    Image.fromarray(rgb).convert("CMYK").save(tmp_path / "cmyk.jpg", quality=95)
+    assert np.abs(np.asarray(read_rgb(tmp_path / "cmyk.jpg"), np.int16) - rgb).mean() < 12
+
+
+def test_float_tiff_in_0_1(tmp_path):
+    values = RNG.random((24, 40)).astype(np.float32)
+    tifffile.imwrite(tmp_path / "f.tif", values)
+    np.testing.assert_array_equal(np.asarray(read_rgb(tmp_path / "f.tif")),
+                                  grey_rgb(np.round(values.astype(np.float64) * 255).astype(np.uint8)))
+
+
+def test_the_exif_orientation_is_applied(tmp_path):
+    """A landscape scene stored sideways with orientation 6 (turn 90 degrees clockwise to view) reads upright."""
+    upright = np.zeros((30, 60, 3), np.uint8)
+    upright[:, :30] = (255, 0, 0)  # red on the left
+    upright[:, 30:] = (0, 0, 255)
+    stored = Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90)  # 60 x 30, as a sideways camera writes
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = 6
+    stored.save(tmp_path / "turned.jpg", exif=exif, quality=98)
+    decoded = decode(tmp_path / "turned.jpg")
+    got = np.asarray(decoded.rgb)
+    assert decoded.orientation == 6 and got.shape == (30, 60, 3)
+    assert image_size_of(tmp_path / "turned.jpg") == (60, 30)
+    assert got[15, 5, 0] > 200 and got[15, 5, 2] < 60  # red still on the left
+    assert got[15, 55, 2] > 200 and got[15, 55, 0] < 60
+
+
+def test_a_large_jpeg_is_decoded_small_but_never_below_twice_the_size_sent(tmp_path):
+    Image.fromarray((RNG.random((2000, 3000, 3)) * 255).astype(np.uint8)).save(tmp_path / "big.jpg")
+    small = read_rgb(tmp_path / "big.jpg", min_size=(224, 336))
+    assert small.size == (750, 500)  # 1/4 scale: 1/8 would be 375 x 250, under 2 x (336, 224)
+    assert read_rgb(tmp_path / "big.jpg").size == (3000, 2000)
+    assert model_input(small, (224, 336)).shape == (224, 336, 3)
+    assert display_copy(read_rgb(tmp_path / "big.jpg"), 1600).shape == (1067, 1600, 3)
+
+
+def test_unreadable_files_name_themselves(tmp_path):
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    (tmp_path / "text.jpg").write_text("not an image")
+    for name in ("broken.png", "text.jpg"):
+        with pytest.raises(ValueError, match=name):
+            read_rgb(tmp_path / name)
+        assert image_size_of(tmp_path / name) is None
+
+
+def test_the_bit_depth_rule():
+    assert significant_bits(np.array([0, 255])) == 8
+    assert significant_bits(np.array([256])) == 10
+    assert significant_bits(np.array([4095])) == 12
+    assert significant_bits(np.array([4096])) == 14
+    assert significant_bits(np.array([65535])) == 16
+    assert significant_bits(np.array([5]), bit_depth=12) == 12
+    with pytest.raises(ValueError, match="between 1 and 32"):
+        significant_bits(np.array([5]), bit_depth=0)

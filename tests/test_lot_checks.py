@@ -1,0 +1,80 @@
+"""client/lot_checks.py and how client/infer.py uses it: lots too small, images the other way round or of another
+shape, the same file twice, mixed bit depths."""
+
+import numpy as np
+from PIL import Image
+
+from client import infer, lot_checks
+from client.infer import bit_depth_warning, load_images
+
+
+def test_a_lot_below_the_minimum_is_refused_and_a_small_one_warned():
+    assert lot_checks.check_lot_size(lot_checks.MIN_LOT_IMAGES - 1).refusal
+    assert "at least" in lot_checks.check_lot_size(2).refusal
+    small = lot_checks.check_lot_size(lot_checks.MIN_LOT_IMAGES)
+    assert small.refusal is None and small.warnings
+    enough = lot_checks.check_lot_size(lot_checks.WEAK_LOT_IMAGES)
+    assert enough.refusal is None and not enough.warnings
+
+
+def test_infer_refuses_a_two_image_lot_before_it_contacts_a_server(tmp_path, capsys):
+    for i in range(2):
+        Image.fromarray(np.full((32, 48, 3), 40 * i, np.uint8)).save(tmp_path / f"{i}.png")
+    # no server runs on this port: the refusal comes first
+    code = infer.main(["--images", str(tmp_path), "--category", "bottle", "--build", "--url", "127.0.0.1:9",
+                       "--quiet", "--out", str(tmp_path / "out")])
+    assert code == 2
+    assert "a lot of 2 image(s) cannot be scored" in capsys.readouterr().err
+
+
+def test_images_the_other_way_round_are_named_and_turned_on_request():
+    sizes = {f"land{i}.png": (300, 200) for i in range(5)} | {"up.png": (200, 300), "sq.png": (250, 251)}
+    kept = lot_checks.check_orientation(sizes, "keep")
+    assert not kept.turn and "up.png" in kept.warnings[0] and "--orientation majority" in kept.warnings[0]
+    assert "land0.png" not in kept.warnings[0] and "sq.png" not in kept.warnings[0]
+    turned = lot_checks.check_orientation(sizes, "majority")
+    assert turned.turn == {"up.png"}
+    # against a bank of portrait images the landscape ones are the odd ones
+    assert lot_checks.check_orientation(sizes, "majority", "portrait").turn == {f"land{i}.png" for i in range(5)}
+    assert not lot_checks.check_orientation({"a": (300, 200), "b": (310, 200)}, "keep").warnings
+
+
+def test_an_image_of_another_shape_is_named():
+    sizes = {f"{i}.png": (400, 300) for i in range(6)} | {"wide.png": (6000, 1000), "up.png": (300, 400)}
+    warning = lot_checks.check_aspect(sizes, turned=set())
+    assert len(warning) == 1 and "wide.png" in warning[0] and "up.png" in warning[0] and "0.png" not in warning[0]
+    assert "up.png" not in lot_checks.check_aspect(sizes, turned={"up.png"})[0]  # turned, it fits
+
+
+def test_identical_files_are_named(tmp_path):
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a.png")
+    (tmp_path / "b.png").write_bytes((tmp_path / "a.png").read_bytes())
+    Image.fromarray(np.ones((8, 8, 3), np.uint8)).save(tmp_path / "c.png")
+    hashes = {p: lot_checks.sha256_of(p) for p in sorted(tmp_path.glob("*.png"))}
+    found = lot_checks.check_duplicates(hashes)
+    assert len(found) == 1 and "a.png, b.png" in found[0] and "c.png" not in found[0]
+
+
+def test_a_turned_image_is_sent_turned_and_its_overlay_is_upright(tmp_path):
+    scene = np.zeros((40, 60, 3), np.uint8)
+    scene[:, :10] = 255  # a white stripe on the left
+    Image.fromarray(scene).save(tmp_path / "land.png")
+    Image.fromarray(scene).transpose(Image.Transpose.ROTATE_270).save(tmp_path / "up.png")  # stored portrait
+    loaded, _ = load_images([tmp_path / "land.png", tmp_path / "up.png"], (40, 60), False,
+                            turn={tmp_path / "up.png"})
+    (_, land_show, land_sent, land_info), (_, up_show, up_sent, up_info) = loaded
+    assert up_info["turned"] and not land_info["turned"]
+    assert up_show.shape == (60, 40, 3)  # the overlay shows the file as it lies
+    np.testing.assert_array_equal(up_sent, land_sent)  # turned counter-clockwise it is the landscape scene again
+    # the map of the turned image, turned back (as score_all does), lies on the file as it lies
+    assert np.rot90(np.asarray(up_sent[..., 0]), -1).shape == up_show.shape[:2]
+    np.testing.assert_array_equal(np.rot90(up_sent, -1), up_show)
+
+
+def test_mixed_bit_depths_are_warned(tmp_path):
+    Image.fromarray(np.full((8, 8), 4000, np.uint16)).save(tmp_path / "bright.png")
+    Image.fromarray(np.full((8, 8), 900, np.uint16)).save(tmp_path / "dark.png")
+    loaded, _ = load_images(sorted(tmp_path.glob("*.png")), (8, 8), False)
+    assert "--bit-depth" in bit_depth_warning(loaded)
+    loaded, _ = load_images(sorted(tmp_path.glob("*.png")), (8, 8), False, bit_depth=12)
+    assert bit_depth_warning(loaded) is None
