@@ -143,7 +143,7 @@ def load_category(category: Category, size) -> LoadedCategory:
     images, masks, labels, kept, skipped = [], [], [], [], []
     for sample in category.samples:
         try:
-            rgb = read_rgb(sample.path)
+            rgb = read_rgb(sample.path, min_size=size)
         except ValueError as err:
             warnings.warn(f"skipping {sample.path}: {err}", stacklevel=2)
             skipped.append((str(sample.path), str(err)))

@@ -28,17 +28,20 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from benchmarks.datasets import LAYOUTS, DatasetError, discover, load_category, original_sizes
-from benchmarks.metrics import ALL_KEYS, lot_metrics, mean_metrics, per_defect_type
+from benchmarks.metrics import ALL_KEYS, DECISION_KEYS, decision_metrics, lot_metrics, mean_metrics, per_defect_type
 from client.heatmap import save_panel
 from export.clip_encoder import WeightsNotFound
 from postprocess.atomic import write_atomic
 from postprocess.config import MODE_HELP, MODES, PAClipConfig
-from postprocess.contract import ASPECTS, DEFAULT_ASPECT, size_argument
+from postprocess.contract import ASPECTS, DEFAULT_ASPECT, Features, size_argument
+from postprocess.decision import DEFAULT_FALSE_ALARM_RATE, DEFAULT_METHOD, METHODS, calibrate
 from postprocess.host import HostSettings
-from postprocess.pipeline import LotScorer
+from postprocess.pipeline import LotScorer, encode_images
 
 SHORT = {"image_auroc": "I-AUROC", "image_f1_max": "I-F1max", "image_ap": "I-AP", "pixel_auroc": "P-AUROC",
-         "pixel_f1_max": "P-F1max", "pixel_ap": "P-AP", "pro": "PRO"}
+         "pixel_f1_max": "P-F1max", "pixel_ap": "P-AP", "pro": "PRO", "false_alarm_rate": "FalseAl",
+         "recall": "Recall", "f1_auto": "F1-auto"}
+DECISION_TABLE_KEYS = ("image_auroc", "pro", "false_alarm_rate", "recall", "f1_auto", "image_f1_max")
 # The paper's column order (Tables 1-2).
 TABLE_KEYS = ("image_auroc", "image_f1_max", "image_ap", "pixel_auroc", "pixel_f1_max", "pixel_ap", "pro")
 
@@ -87,6 +90,16 @@ def build_parser() -> argparse.ArgumentParser:
     for name, kind in CONFIG_FLAGS.items():
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=None,
                        help=f"override the default ({getattr(PAClipConfig(), name)})")
+    p.add_argument("--defect-rate", type=float, default=None, metavar="R",
+                   help="score lots resampled to this fraction of defective images (e.g. 0.05): every good image "
+                   "is kept and defective ones are drawn (at least 1), --repeats times with a fixed seed; each lot "
+                   "is scored as a lot. Default: the whole set as one lot")
+    p.add_argument("--repeats", type=int, default=5, help="resampled lots per category with --defect-rate")
+    p.add_argument("--resample-seed", type=int, default=0, help="seed of the --defect-rate draws")
+    p.add_argument("--false-alarm-rate", type=float, default=DEFAULT_FALSE_ALARM_RATE,
+                   help="the budget of the automatic decision (fraction of good parts called defective)")
+    p.add_argument("--decision-method", choices=METHODS, default=DEFAULT_METHOD,
+                   help="how the automatic threshold is derived from a lot's scores (postprocess/decision.py)")
     p.add_argument("--memory-budget-mb", type=int, default=HostSettings().memory_budget_mb,
                    help="largest kNN block in memory (a host setting: it changes memory and speed, not results)")
     return p
@@ -112,6 +125,33 @@ def _select_overlays(labels, scores, count: int) -> list[int]:
     good = [i for i in reversed(order) if labels[i] == 0]
     picks = defective[: (count + 1) // 2] + good[: count // 2]
     return picks[:count]
+
+
+def resample_lots(n_images: int, labels, defect_rate: float | None, repeats: int, seed: int) -> list[np.ndarray]:
+    """Index arrays of the lots to score: the whole set, or ``repeats`` lots with every good image and
+    round(R * goods / (1 - R)) defective ones (at least 1) drawn without replacement."""
+    if defect_rate is None:
+        return [np.arange(n_images)]
+    if labels is None:
+        raise ValueError("--defect-rate needs labelled images (good and defective)")
+    if not 0.0 < defect_rate < 1.0:
+        raise ValueError(f"--defect-rate is a fraction between 0 and 1, got {defect_rate}")
+    good, bad = np.flatnonzero(labels == 0), np.flatnonzero(labels == 1)
+    n_bad = min(len(bad), max(1, round(defect_rate * len(good) / (1.0 - defect_rate))))
+    lots = []
+    for r in range(repeats):
+        drawn = np.random.default_rng([seed, r]).choice(bad, n_bad, replace=False)
+        lots.append(np.sort(np.concatenate([good, drawn])))
+    return lots
+
+
+def mean_over_lots(metrics: list[dict]) -> dict:
+    out = {}
+    for key in metrics[0]:
+        values = [m[key] for m in metrics if m.get(key) is not None]
+        out[key] = float(np.mean(values)) if values and all(isinstance(v, (int, float)) for v in values) else (
+            metrics[0][key] if len(metrics) == 1 else None)
+    return out
 
 
 def parse_variant(text: str) -> tuple[str, dict]:
@@ -178,40 +218,68 @@ def evaluate(args) -> dict:
         skipped_total += len(lot.skipped)
         types = [s.defect_type for s in lot.samples]
         t0 = time.perf_counter()
-        scorer = LotScorer(backbone, lot.images, category.name, batch_size=args.batch_size, host=host)
+        features = encode_images(backbone, lot.images, args.batch_size, desc=f"encode {category.name}",
+                                 xp=host.xp())
         encode_s = time.perf_counter() - t0
+        lots = resample_lots(len(lot.images), lot.labels, args.defect_rate, args.repeats, args.resample_seed)
+        # one scorer per lot, shared by the rows: rows that share an encoding and a first stage reuse them
+        scorers = [LotScorer(backbone, lot.images[idx], category.name, batch_size=args.batch_size, progress=False,
+                             features=Features(features.layer_tokens[idx], features.patch_embeds[idx],
+                                               features.image_embeds[idx], features.grid), host=host)
+                   for idx in lots]
         for row in rows:
-            t1 = time.perf_counter()
-            report = scorer.score(configs[row])
-            score_s = time.perf_counter() - t1
-            metrics = {k: None for k in ALL_KEYS}
-            metrics.update(lot_metrics(lot.labels, lot.masks, report.scores, report.maps))
-            metrics.update({"n_images": len(lot.images), "n_skipped": len(lot.skipped)})
+            per_lot, lot_details, score_s = [], [], 0.0
+            for idx, scorer in zip(lots, scorers):
+                whole = len(idx) == len(lot.images)
+                labels = None if lot.labels is None else lot.labels[idx]
+                masks = None if lot.masks is None else lot.masks[idx]
+                t1 = time.perf_counter()
+                report = scorer.score(configs[row])
+                score_s += time.perf_counter() - t1
+                metrics = {k: None for k in ALL_KEYS}
+                metrics.update(lot_metrics(labels, masks, report.scores, report.maps))
+                calibration = calibrate(report.scores, report.normal_indices, args.false_alarm_rate,
+                                        args.decision_method)
+                if labels is not None:
+                    metrics.update(decision_metrics(labels, report.scores > calibration.threshold))
+                per_lot.append(metrics)
+                lot_details.append({"indices": idx.tolist(), "scores": report.scores.round(6).tolist(),
+                                    "normal_indices": report.normal_indices.tolist(),
+                                    "calibration": calibration.to_dict()})
+            metrics = mean_over_lots(per_lot)
+            metrics.update({"n_images": int(np.mean([len(i) for i in lots])), "n_skipped": len(lot.skipped),
+                            "n_lots": len(lots)})
             per_row[row][category.name] = metrics
-            per_type[row][category.name] = per_defect_type(lot.labels, lot.masks, report.scores, report.maps, types)
+            per_type[row][category.name] = per_defect_type(lot.labels, lot.masks, report.scores, report.maps,
+                                                           types) if whole else {}
             details[row][category.name] = {
                 **report.info, "input_size": list(size), "aspect": args.aspect if fixed is None else "fixed",
                 "skipped": [{"path": p, "reason": r} for p, r in lot.skipped],
                 "encode_seconds": round(encode_s, 3), "score_seconds": round(score_s, 3),
-                "score_seconds_per_image": round(score_s / len(lot.images), 4),
+                "score_seconds_per_image": round(score_s / sum(len(i) for i in lots), 4),
+                "defect_rate": args.defect_rate, "lots": lot_details,
+                "labels": None if lot.labels is None else lot.labels.tolist(),
             }
             if args.bank_size and row == primary:
                 bank, _ = build_bank(scorer, configs[row], "evaluate", backbone.fingerprint)
                 details[row][category.name]["bank_mb"] = round(bank.nbytes / 2**20, 2)
+            # overlays and the CSV: the last lot scored (the whole set without --defect-rate)
             low, high = float(np.percentile(report.maps, 1)), float(report.maps.max())
-            for i in _select_overlays(lot.labels, report.scores, args.overlays):
-                sample = lot.samples[i]
+            for j in _select_overlays(labels, report.scores, args.overlays):
+                sample = lot.samples[idx[j]]
                 name = f"{sample.defect_type or 'image'}_{sample.path.stem}.png"
-                save_panel(out / "overlays" / row / category.name / name, lot.images[i], report.maps[i], low, high,
-                           None if lot.masks is None else lot.masks[i])
-            for i, sample in enumerate(lot.samples):
+                save_panel(out / "overlays" / row / category.name / name, lot.images[idx[j]], report.maps[j], low,
+                           high, None if masks is None else masks[j])
+            for j, i in enumerate(idx):
+                sample = lot.samples[i]
                 csv_rows.append({"mode": row, "category": category.name, "path": str(sample.path),
                                  "label": "" if sample.label is None else sample.label,
-                                 "score": f"{report.scores[i]:.6f}"})
+                                 "score": f"{report.scores[j]:.6f}"})
 
     result = {
         "dataset": args.dataset, "data": str(args.data), "backbone": backbone.fingerprint, "mode": primary,
-        "aspect": args.aspect, "image_size": args.image_size,
+        "aspect": args.aspect, "image_size": args.image_size, "defect_rate": args.defect_rate,
+        "decision": {"method": args.decision_method, "false_alarm_rate": args.false_alarm_rate},
         "categories": per_row[primary], "defect_types": per_type[primary], "mean": mean_metrics(per_row[primary]),
         "ablation": {row: {"categories": per_row[row], "defect_types": per_type[row],
                            "mean": mean_metrics(per_row[row])} for row in rows},
@@ -230,6 +298,10 @@ def evaluate(args) -> dict:
         table[name] = metrics
         table.update({f"  {name}/{t}": m for t, m in per_type[primary][name].items()})
     print(format_table(f"{primary}", {**table, "mean": result["mean"]}))
+    rate = "whole set" if args.defect_rate is None else f"{args.defect_rate:.0%} defective, {args.repeats} lots"
+    print()
+    print(format_table(f"decisions ({rate})", {**per_row[primary], "mean": result["mean"]}, DECISION_TABLE_KEYS))
+    print(f"automatic threshold: {args.decision_method}, false-alarm budget {args.false_alarm_rate:.1%}")
     if len(rows) > 1:
         print()
         print(format_table("rows (mean)", {row: result["ablation"][row]["mean"] for row in rows}))

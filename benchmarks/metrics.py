@@ -13,7 +13,10 @@ from sklearn.metrics import average_precision_score, precision_recall_curve, roc
 
 IMAGE_KEYS = ("image_auroc", "image_ap", "image_f1_max")
 PIXEL_KEYS = ("pixel_auroc", "pixel_ap", "pixel_f1_max", "pro")
-ALL_KEYS = IMAGE_KEYS + PIXEL_KEYS
+# the decision at the automatic threshold (postprocess.decision): good parts called defective, defective parts found,
+# and F1 (against image_f1_max, the best F1 any threshold gives: the oracle)
+DECISION_KEYS = ("false_alarm_rate", "recall", "f1_auto")
+ALL_KEYS = IMAGE_KEYS + PIXEL_KEYS + DECISION_KEYS
 
 
 # NumPy 2 renamed trapz (the serving extra keeps NumPy 1.x, see pyproject.toml)
@@ -100,6 +103,22 @@ def pixel_metrics(masks, maps) -> dict:
         "pixel_ap": float(average_precision_score(flat_labels, flat_scores)),
         "pixel_f1_max": f1_max(flat_labels, flat_scores),
         "pro": pro_score(masks, maps),
+    }
+
+
+def decision_metrics(labels, anomalous) -> dict:
+    """``anomalous`` (bool per image, the decision) against the labels: the false-alarm rate on good parts, the
+    recall on defective parts, F1 (scikit-learn; 0 when nothing is called defective). None where a class is
+    missing."""
+    from sklearn.metrics import f1_score
+
+    labels = np.asarray(labels).astype(np.int64)
+    anomalous = np.asarray(anomalous, dtype=bool)
+    good, bad = labels == 0, labels == 1
+    return {
+        "false_alarm_rate": float(anomalous[good].mean()) if good.any() else None,
+        "recall": float(anomalous[bad].mean()) if bad.any() else None,
+        "f1_auto": float(f1_score(labels, anomalous.astype(np.int64), zero_division=0)) if bad.any() else None,
     }
 
 

@@ -6,8 +6,13 @@
 images; the lot itself is the reference). Without --build the images are scored against an existing bank, e.g. the
 next lot of the same product, or single images online.
 
-Writes OUT/results.csv (path,score[,decision]), OUT/results.json (everything, plus the bank's summary) and
-OUT/overlays/*.png (image | heat map; blue = like the lot, red = anomalous, on the bank's colour scale).
+Every image gets its raw score, a calibrated score (0-1, 0.5 at the bank's automatic threshold) and a decision,
+normal or anomalous: the bank derives the threshold from its own lot for a false-alarm budget (--false-alarm-rate,
+default 1% of good parts called defective), so no labels and no guessing of a threshold are needed.
+
+Writes OUT/results.csv (path,score,calibrated,decision,overlay), OUT/results.json (everything, plus the bank's
+summary) and OUT/overlays/*.png (image | heat map; blue = like the lot, red = anomalous, on the bank's colour
+scale).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import sys
 import threading
 import time
 import warnings
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
@@ -27,12 +33,15 @@ if __package__ in (None, ""):  # run as a script: make the project importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
+from PIL import Image
 from tqdm.auto import tqdm
 
 from client.heatmap import save_panel
-from client.images import IMAGE_SUFFIXES, image_size_of, model_input, read_rgb
+from client import lot_checks
+from client.images import IMAGE_SUFFIXES, decode, display_copy, image_size_of, model_input
 from client.triton_client import ClientError, PAClipClient
 from postprocess import contract as C
+from postprocess import decision as D
 from postprocess.atomic import write_atomic
 from postprocess.errors import RequestError
 
@@ -46,30 +55,49 @@ def find_images(spec: str) -> list[Path]:
     return sorted(found)
 
 
-def load_image(path: Path, size) -> tuple[np.ndarray, np.ndarray]:
-    """(original RGB, resized to size = (height, width)) uint8; ValueError naming the file when it cannot be read."""
-    rgb = read_rgb(path)
-    return np.asarray(rgb), model_input(rgb, size)
+def load_image(path: Path, size, bit_depth: int | None = None, turn: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(the image for the overlay, what is sent: resized to size = (height, width)) uint8; ``turn``: sent turned a
+    quarter counter-clockwise (``--orientation majority``). ValueError naming the file when it cannot be read."""
+    return load_lot_image(path, size, bit_depth, turn)[:2]
 
 
-def lot_size(encoder: dict, paths: list[Path], aspect: str, image_size: list[int] | None) -> tuple[int, int]:
+def load_lot_image(path: Path, size, bit_depth: int | None = None, turn: bool = False):
+    decoded = decode(path, bit_depth, min_size=size)
+    rgb = decoded.rgb.transpose(Image.Transpose.ROTATE_90) if turn else decoded.rgb
+    info = {"bits": decoded.bits, "turned": turn, "orientation": decoded.orientation}
+    return display_copy(decoded.rgb), model_input(rgb, size), info
+
+
+def lot_size(encoder: dict, sizes: list[tuple[int, int]], aspect: str, image_size: list[int] | None) -> tuple[int, int]:
     """The (height, width) a new lot is sent at (``contract.choose_input_size``): --image-size HEIGHT WIDTH, else
     the encoder's one size when it was exported for one, else the long side (--image-size SIZE or the encoder's)
-    with the lot's median aspect ratio, or a square."""
+    with the lot's median aspect ratio (``sizes``: upright (width, height) of each image), or a square."""
     pair, long = C.size_argument(image_size)
-    sizes = [s for s in map(image_size_of, paths) if s] if pair is None else []
-    return C.choose_input_size(encoder, sizes, aspect, pair, long)
+    return C.choose_input_size(encoder, sizes if pair is None else [], aspect, pair, long)
 
 
-def load_images(paths: list[Path], size, progress: bool) -> tuple[list, list]:
+def load_images(paths: list[Path], size, progress: bool, bit_depth: int | None = None,
+                turn: set = frozenset()) -> tuple[list, list]:
+    """[(path, overlay image, model input, info)] and [skipped]: an unreadable image is skipped with a warning."""
     loaded, skipped = [], []
     for path in tqdm(paths, desc="read images", unit="img", disable=not progress, leave=False):
         try:
-            loaded.append((path, *load_image(path, size)))
+            loaded.append((path, *load_lot_image(path, size, bit_depth, path in turn)))
         except ValueError as err:
             warnings.warn(f"skipping: {err}", stacklevel=2)
             skipped.append({"path": str(path), "error": str(err)})
     return loaded, skipped
+
+
+def bit_depth_warning(loaded: list) -> str | None:
+    """Images of one lot read at different bit depths (the bit-depth rule looks at each image's largest value):
+    a dark image of a 12-bit camera may read as 10-bit, brighter than its neighbours."""
+    depths = Counter(item[3]["bits"] for item in loaded)
+    if len(depths) > 1 and max(depths) > 8:
+        seen = ", ".join(f"{n} at {bits if bits else 'float 0-1'} bits" for bits, n in sorted(depths.items()))
+        return (f"the images were read at different bit depths ({seen}): give the camera's depth with --bit-depth "
+                "so that every image is scaled alike (client/images.py, the bit-depth rule)")
+    return None
 
 
 def relative_name(path: Path, root: Path | None) -> str:
@@ -96,9 +124,21 @@ def build_parser() -> argparse.ArgumentParser:
                    "WIDTH. Without --build images are resized to the size the bank was built at")
     p.add_argument("--aspect", choices=C.ASPECTS, default=C.DEFAULT_ASPECT,
                    help="with --build: keep the lot's median aspect ratio (native) or stretch to a square")
+    p.add_argument("--orientation", choices=lot_checks.ORIENTATIONS, default="keep",
+                   help="images that lie the other way from the lot (portrait in a landscape lot, or from the bank's "
+                   "shape): keep them as they are (a warning names them) or turn them a quarter to the majority "
+                   "orientation; their maps are turned back")
+    p.add_argument("--bit-depth", type=int, default=None, metavar="BITS",
+                   help="significant bits of images stored with more than 8 (e.g. 12 for a 12-bit camera writing "
+                   "16-bit PNGs); default: the smallest of 8/10/12/14/16 that holds each image's largest value")
     p.add_argument("--out", default="out/infer", help="output folder")
-    p.add_argument("--threshold", type=float, default=None,
-                   help="images scoring above this are marked 'anomalous' in results.csv")
+    p.add_argument("--threshold", default="auto",
+                   help="'auto' (default): the bank's automatic threshold for the false-alarm budget; or a "
+                   "calibrated score strictly between 0 and 1 above which an image is anomalous (0.5 = auto; "
+                   "higher calls fewer parts defective)")
+    p.add_argument("--false-alarm-rate", type=float, default=None, metavar="RATE",
+                   help="the fraction of good parts you accept being called defective, e.g. 0.01 (default: the "
+                   f"bank's, {D.DEFAULT_FALSE_ALARM_RATE}); the threshold follows from it")
     p.add_argument("--url", default=None, help="server address (default 127.0.0.1:8000 for http, :8001 for grpc)")
     p.add_argument("--protocol", choices=["http", "grpc"], default="http")
     p.add_argument("--key", default=None, help="the server's access key (default: $PA_CLIP_KEY; needed when the "
@@ -157,9 +197,12 @@ def score_all(args, loaded: list, bank: str, value_range: tuple[float, float], o
         images = np.stack([item[2] for item in batch])
         maps, scores = client().score(images, bank)
         rows = []
-        for (path, original, _), amap, score in zip(batch, maps, scores):
+        for (path, original, _, info), amap, score in zip(batch, maps, scores):
             name = relative_name(path, root)
             row = {"path": str(path), "score": float(score)}
+            if info["turned"]:  # sent turned a quarter counter-clockwise: the map is turned back onto the image
+                amap = np.rot90(amap, -1)
+                row["turned"] = True
             if not args.no_overlays:
                 target = out / "overlays" / Path(name).with_suffix(".png")
                 save_panel(target, original, amap, *value_range)
@@ -181,7 +224,7 @@ def score_all(args, loaded: list, bank: str, value_range: tuple[float, float], o
                 try:
                     results.extend(future.result())
                 except ClientError as err:
-                    for path, _, _ in futures[future]:
+                    for path, *_ in futures[future]:
                         failed.append({"path": str(path), "error": str(err)})
                     warnings.warn(f"request failed: {err}", stacklevel=2)
                 bar.update(len(futures[future]))
@@ -194,23 +237,47 @@ def score_all(args, loaded: list, bank: str, value_range: tuple[float, float], o
     return results, failed
 
 
-def decision(score: float, threshold: float) -> str:
-    """Above the threshold is anomalous; a score that is not a number is never called normal."""
-    if not np.isfinite(score):
-        return "invalid"
-    return "anomalous" if score > threshold else "normal"
+def parse_threshold(text: str) -> float | None:
+    """--threshold: None for 'auto', else a calibrated score strictly between 0 and 1 (DecisionError otherwise)."""
+    if str(text).strip().lower() == "auto":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise D.DecisionError(f"--threshold is 'auto' or a calibrated score strictly between 0 and 1, got {text!r}")
+    return D.check_calibrated_threshold(value)
 
 
-def write_results(out: Path, rows: list, threshold: float | None) -> Path:
+def add_decisions(rows: list, calibration: D.Calibration | None, threshold: float | None) -> None:
+    """Each row gets its calibrated score and decision (0.5 on the calibrated scale = the automatic threshold)."""
+    for row in rows:
+        if calibration is None:
+            row["calibrated"], row["decision"] = None, "unknown"
+            continue
+        calibrated = float(calibration.calibrated(row["score"]))
+        row["calibrated"] = calibrated
+        row["decision"] = D.decide([calibrated], 0.5 if threshold is None else threshold)[0]
+
+
+def write_results(out: Path, rows: list) -> Path:
     def write(tmp: Path) -> None:
         with open(tmp, "w", newline="") as f:
             writer = csv.writer(f)
-            writer.writerow(["path", "score"] + (["decision"] if threshold is not None else []) + ["overlay"])
+            writer.writerow(["path", "score", "calibrated", "decision", "overlay"])
             for row in rows:
-                verdict = [] if threshold is None else [decision(row["score"], threshold)]
-                writer.writerow([row["path"], f"{row['score']:.6f}"] + verdict + [row.get("overlay", "")])
+                calibrated = row.get("calibrated")
+                writer.writerow([row["path"], f"{row['score']:.6f}",
+                                 "" if calibrated is None or not np.isfinite(calibrated) else f"{calibrated:.4f}",
+                                 row.get("decision", "unknown"), row.get("overlay", "")])
 
     return write_atomic(out / "results.csv", write)
+
+
+def calibration_of(info: dict, false_alarm_rate: float | None) -> D.Calibration | None:
+    """The bank's calibration at the budget asked for; None for a bank built before banks kept one."""
+    if "decision" not in info:
+        return None
+    return D.Calibration.from_dict(info["decision"]).with_rate(false_alarm_rate)
 
 
 def main(argv=None) -> int:
@@ -229,33 +296,67 @@ def main(argv=None) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    try:
+        threshold = parse_threshold(args.threshold)
+        if args.false_alarm_rate is not None:
+            D.check_false_alarm_rate(args.false_alarm_rate)
+    except D.DecisionError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     paths = find_images(args.images)
     if not paths:
         print(f"error: no images found at {args.images!r} (a folder or a glob like 'photos/*.png')", file=sys.stderr)
         return 2
     root = Path(args.images).resolve() if Path(args.images).is_dir() else None
+    found_warnings: list[str] = []
+
+    def warn(message: str) -> None:
+        found_warnings.append(message)
+        print(f"warning: {message}", file=sys.stderr)
+
+    upright = {p: s for p in paths if (s := image_size_of(p))}  # (width, height) after the EXIF orientation
+    if args.build and (refusal := lot_checks.check_lot_size(len(upright)).refusal):
+        print(f"error: {refusal}", file=sys.stderr)
+        return 2
     try:
         client = PAClipClient(args.url, args.protocol, args.timeout, key=args.key)
         client.check_ready()
         encoder = client.encoder()
         if args.build:
-            size = lot_size(encoder["encoder"], paths, args.aspect, args.image_size)
+            turning = lot_checks.check_orientation(upright, args.orientation)
+            sizes = [(h, w) if p in turning.turn else (w, h) for p, (w, h) in upright.items()]
+            size = lot_size(encoder["encoder"], sizes, args.aspect, args.image_size)
         else:  # the bank was built at one size: its images' size, which is also its maps' size
             size = tuple(client.bank_info(bank)["image_size"])
             if args.image_size is not None:
                 print(f"note: --image-size applies to --build; bank {bank!r} scores {size[0]}x{size[1]} images",
                       file=sys.stderr)
+            turning = lot_checks.check_orientation(upright, args.orientation,
+                                                   lot_checks.orientation_of(size[1], size[0]))
+        for message in turning.warnings + lot_checks.check_aspect(upright, turning.turn):
+            warn(message)
         print(f"server {client.url} ({args.protocol}): encoder {encoder['encoder']['backbone']}, images sent at "
               f"{size[0]}x{size[1]} (height x width)"
               + ("" if encoder["has_text"] else " (no text encoder: normal images are chosen visually)"),
               file=sys.stderr)
-        loaded, skipped = load_images(paths, size, progress)
+        loaded, skipped = load_images(paths, size, progress, args.bit_depth, turning.turn)
         if skipped:
             print(f"skipped {len(skipped)} unreadable image(s): " + ", ".join(s["path"] for s in skipped),
                   file=sys.stderr)
         if not loaded:
             print("error: none of the images could be read", file=sys.stderr)
             return 2
+        if args.build:
+            checked = lot_checks.check_lot_size(len(loaded))
+            if checked.refusal:
+                print(f"error: {checked.refusal}", file=sys.stderr)
+                return 2
+            for message in checked.warnings:
+                warn(message)
+        for message in lot_checks.check_duplicates({item[0]: lot_checks.sha256_of(item[0]) for item in loaded}):
+            warn(message)
+        if message := bit_depth_warning(loaded):
+            warn(message)
         t0 = time.perf_counter()
         if args.build:
             built = build(client, bank, args.category, np.stack([item[2] for item in loaded]), options, 8, progress)
@@ -272,17 +373,27 @@ def main(argv=None) -> int:
     t1 = time.perf_counter()
     rows, failed = score_all(args, loaded, bank, tuple(info["map_range"]), out, root, progress)
     elapsed = time.perf_counter() - t1
-    csv_path = write_results(out, rows, args.threshold)
+    calibration = calibration_of(info, args.false_alarm_rate)
+    if calibration is None:
+        warn(f"bank {bank!r} was built before banks kept a calibration: no decisions; build it again (--build)")
+    add_decisions(rows, calibration, threshold)
+    csv_path = write_results(out, rows)
     report = {
-        "bank": summary_of(info), "threshold": args.threshold, "protocol": args.protocol,
-        "scored": len(rows), "skipped": skipped, "failed": failed,
+        "bank": summary_of(info), "protocol": args.protocol,
+        "decision": None if calibration is None else {
+            **calibration.to_dict(), "threshold_calibrated": 0.5 if threshold is None else threshold,
+            "threshold_source": "auto" if threshold is None else "--threshold"},
+        "scored": len(rows), "skipped": skipped, "failed": failed, "warnings": found_warnings,
         "seconds": round(elapsed, 3), "images_per_second": round(len(rows) / elapsed, 3) if elapsed > 0 else None,
         "images": rows,
     }
     write_atomic(out / "results.json", json.dumps(report, indent=1))
     line = f"scored {len(rows)} images in {elapsed:.1f} s ({report['images_per_second']} img/s)"
-    if args.threshold is not None:
-        line += f"; {sum(decision(r['score'], args.threshold) == 'anomalous' for r in rows)} above {args.threshold}"
+    if calibration is not None:
+        called = sum(r["decision"] == "anomalous" for r in rows)
+        how = (f"automatic threshold {calibration.threshold:.4g} (false-alarm budget {calibration.false_alarm_rate:.1%})"
+               if threshold is None else f"calibrated threshold {threshold}")
+        line += f"; {called} anomalous, {len(rows) - called} normal at the {how}"
     print(f"{line}. Wrote {csv_path}" + ("" if args.no_overlays else f" and {out / 'overlays'}/"), file=sys.stderr)
     if failed:
         print(f"error: {len(failed)} image(s) failed: {failed[0]['error']}", file=sys.stderr)
@@ -292,7 +403,7 @@ def main(argv=None) -> int:
 
 def summary_of(info: dict) -> dict:
     keep = ("bank", "category", "version", "built_at", "n_images", "normal_selection", "normal_indices", "encoder",
-            "map_range", "lot_scores", "cada", "bytes_on_disk", "bytes_in_memory", "image_size")
+            "map_range", "lot_scores", "decision", "cada", "bytes_on_disk", "bytes_in_memory", "image_size")
     return {k: info[k] for k in keep if k in info}
 
 

@@ -37,6 +37,7 @@ from . import kernels as K
 from .atomic import HOST, fsync_dir, is_dead_leftover, owner_gone, temp_name, write_atomic
 from .config import PAClipConfig
 from .contract import IMAGES, TEXT_EMBEDS, VISION_OUTPUTS, Features, encoder_identity
+from .decision import calibrate
 from .errors import RequestError
 from .host import DEFAULT_HOST, HostSettings
 from .pa_clip import (ScoreResult, bank_entries, decide, finish_stage, full_scores_against, layer_features,
@@ -199,6 +200,9 @@ def build_bank(scorer, cfg: PAClipConfig, bank_id: str, encoder: dict, map_size=
         # colour scale for heat maps: the lot's median pixel score to its 99.9th percentile
         "map_range": [float(np.quantile(maps, 0.5)), float(np.quantile(maps, 0.999))],
         "lot_scores": {"min": float(scores.min()), "median": float(np.median(scores)), "max": float(scores.max())},
+        # the automatic threshold and calibrated score of this lot (postprocess/decision.py), kept so that an image
+        # scored alone later gets the decision it would have got in the lot
+        "decision": calibrate(scores, state.normal_indices).to_dict(),
         **{k_: v for k_, v in extra.items() if k_ in ("cada", "n_augmented")},
     }
     bank = Bank(manifest, full, {r: b for r, (b, _) in banks.items()},

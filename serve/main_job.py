@@ -97,7 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repository", default="model_repository")
     p.add_argument("--banks", default="banks")
     p.add_argument("--reexport", action="store_true", help="export the encoder even if the repository has one")
-    p.add_argument("--threshold", type=float, default=None, help="mark images above this score as anomalous")
+    p.add_argument("--threshold", default="auto",
+                   help="'auto' (default: the bank's automatic threshold for the false-alarm budget) or a calibrated "
+                   "score strictly between 0 and 1 above which an image is anomalous (client/infer.py --help)")
+    p.add_argument("--false-alarm-rate", type=float, default=None, metavar="RATE",
+                   help="the fraction of good parts you accept being called defective (default 0.01)")
     p.add_argument("--aspect", choices=C.ASPECTS, default=C.DEFAULT_ASPECT,
                    help="send the lot at its median aspect ratio (native) or stretched to a square")
     p.add_argument("--keep-serving", action="store_true", help="leave the server running at the end (Ctrl-C stops)")
@@ -134,7 +138,8 @@ def main(argv=None) -> int:
         bank = category.replace(" ", "_")
         code = infer.main(["--url", server.http_url, "--images", str(images), "--category", category,
                            "--bank", bank, "--build", "--out", str(out), "--aspect", args.aspect]
-                          + ([] if args.threshold is None else ["--threshold", str(args.threshold)]))
+                          + ["--threshold", str(args.threshold)]
+                          + ([] if args.false_alarm_rate is None else ["--false-alarm-rate", str(args.false_alarm_rate)]))
         if code == 0:
             report(out, fingerprint, truth)
         if args.keep_serving and code == 0:
@@ -155,11 +160,24 @@ def report(out: Path, fingerprint: dict, truth: dict | None) -> None:
     print(f"\nencoder: {fingerprint['backbone']} at {fingerprint['image_size']}px; bank "
           f"{results['bank']['bank']!r} from {results['bank']['n_images']} images "
           f"(normal images chosen by {results['bank']['normal_selection']})", file=sys.stderr)
-    print("highest scores:", file=sys.stderr)
+    print("highest scores (raw, calibrated: 0.5 = the automatic threshold, decision):", file=sys.stderr)
     for row in rows[:5]:
         name = Path(row["path"]).name
         label = f"  [{truth.get(name, '?')}]" if truth else ""
-        print(f"  {row['score']:.4f}  {name}{label}", file=sys.stderr)
+        calibrated = "-" if row.get("calibrated") is None else f"{row['calibrated']:.3f}"
+        print(f"  {row['score']:.4f}  {calibrated}  {row.get('decision', 'unknown'):<9}  {name}{label}",
+              file=sys.stderr)
+    decision = results.get("decision")
+    if decision:
+        called = [r for r in results["images"] if r.get("decision") == "anomalous"]
+        print(f"decisions: {len(called)} anomalous, {len(results['images']) - len(called)} normal (threshold "
+              f"{decision['threshold']:.4g} from the lot itself, {decision['method']}, false-alarm budget "
+              f"{decision['false_alarm_rate']:.1%}; {out / 'results.csv'})", file=sys.stderr)
+        if truth:
+            defective = {n for n, v in truth.items() if v != "good"}
+            caught = sum(Path(r["path"]).name in defective for r in called)
+            print(f"against truth.json: {caught} of {len(defective)} defective caught, {len(called) - caught} false "
+                  f"alarm(s) among {len(truth) - len(defective)} good", file=sys.stderr)
     if truth:
         from sklearn.metrics import roc_auc_score
 

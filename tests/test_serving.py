@@ -227,17 +227,20 @@ def test_infer_cli_writes_scores_overlays_and_skips_corrupt_images(server, built
     (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     out = workdir / "cli_out"
     proc = subprocess.run([sys.executable, "client/infer.py", "--url", server.grpc_url, "--protocol", "grpc",
-                           "--images", str(images), "--bank", "washer", "--out", str(out), "--threshold", "0.1",
-                           "--quiet"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+                           "--images", str(images), "--bank", "washer", "--out", str(out), "--quiet"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "skipped 1 unreadable image(s)" in proc.stderr
     lines = (out / "results.csv").read_text().splitlines()
-    assert lines[0].startswith("path,score,decision")
+    assert lines[0] == "path,score,calibrated,decision,overlay"
     assert len(lines) == 5
-    for line in lines[1:]:  # above the threshold is anomalous, at or below it normal
-        _, score, verdict = line.split(",")[:3]
-        assert verdict == ("anomalous" if float(score) > 0.1 else "normal"), line
     report = json.loads((out / "results.json").read_text())
+    threshold = report["decision"]["threshold"]  # the bank's automatic threshold, at its 1% false-alarm budget
+    assert report["decision"]["threshold_source"] == "auto" and report["decision"]["false_alarm_rate"] == 0.01
+    for line in lines[1:]:  # no --threshold: above the bank's automatic threshold is anomalous, calibrated > 0.5
+        _, score, calibrated, verdict = line.split(",")[:4]
+        assert verdict == ("anomalous" if float(score) > threshold else "normal"), line
+        assert (float(calibrated) > 0.5) == (verdict == "anomalous"), line
     assert report["skipped"][0]["path"].endswith("broken.png") and report["scored"] == 4
     assert len(list((out / "overlays").glob("*.png"))) == 4
     # without a server: a clear error and exit code 2
