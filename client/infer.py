@@ -300,7 +300,9 @@ def main(argv=None) -> int:
         threshold = parse_threshold(args.threshold)
         if args.false_alarm_rate is not None:
             D.check_false_alarm_rate(args.false_alarm_rate)
-    except D.DecisionError as err:
+        if args.bit_depth is not None and not 1 <= args.bit_depth <= 16:
+            raise ValueError(f"--bit-depth is the significant bits of 16-bit images, 1 to 16, got {args.bit_depth}")
+    except ValueError as err:  # DecisionError included
         print(f"error: {err}", file=sys.stderr)
         return 2
     paths = find_images(args.images)

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-MIN_LOT_IMAGES = 4  # below this a lot is refused: the defective image of a pair is not told from the good one
-WEAK_LOT_IMAGES = 16  # below this a warning: the defective image scores highest in only some lots
+MIN_LOT_IMAGES = 3  # below this a lot is refused: with 2 images both get the same score
+WEAK_LOT_IMAGES = 16  # below this a warning: the margin of a defective image over a good one is still growing
 ASPECT_TOLERANCE = 0.25  # an image whose aspect ratio is off the lot's median by more than this is named
 SQUARE_TOLERANCE = 0.05  # sides within this of each other: neither landscape nor portrait
 NAMED = 10  # images named in one warning, at most

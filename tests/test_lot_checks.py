@@ -78,3 +78,10 @@ def test_mixed_bit_depths_are_warned(tmp_path):
     assert "--bit-depth" in bit_depth_warning(loaded)
     loaded, _ = load_images(sorted(tmp_path.glob("*.png")), (8, 8), False, bit_depth=12)
     assert bit_depth_warning(loaded) is None
+
+
+def test_infer_refuses_bad_thresholds_budgets_and_bit_depths_before_it_reads_anything(tmp_path, capsys):
+    for flags, words in ((["--threshold", "5"], "between 0 and 1"), (["--threshold", "nan"], "between 0 and 1"),
+                         (["--false-alarm-rate", "2"], "between 0 and 0.5"), (["--bit-depth", "40"], "1 to 16")):
+        code = infer.main(["--images", str(tmp_path / "none"), "--bank", "b", "--url", "127.0.0.1:9", *flags])
+        assert code == 2 and words in capsys.readouterr().err, flags

