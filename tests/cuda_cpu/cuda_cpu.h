@@ -113,6 +113,18 @@ class BlockRun {
 
     // A kernel thread starts only when it may run.
     void enter(int tid) {
+        if (!serial()) {
+            // Concurrent: every thread of the block passes this gate before any runs the kernel, on a mutex of its
+            // own. Without it a thread started late by the OS could take a lock another thread released after its
+            // kernel body, which orders the two bodies and hides a race from ThreadSanitizer.
+            std::unique_lock<std::mutex> gate(gate_m);
+            if (++entered == n) {
+                gate_cv.notify_all();
+            } else {
+                gate_cv.wait(gate, [&] { return entered == n; });
+            }
+            return;
+        }
         std::unique_lock<std::mutex> lock(m);
         wake[tid].wait(lock, [&] { return failed || !serial() || baton == tid; });
         if (failed) {
@@ -225,6 +237,9 @@ class BlockRun {
     int n;
     int order;
     std::mutex m;
+    std::mutex gate_m;  // the concurrent start gate's own (see enter)
+    std::condition_variable gate_cv;
+    int entered = 0;
     std::unique_ptr<std::condition_variable[]> wake;  // one per thread: a hand-over wakes one thread, not all
     std::vector<int> live, arrived, state, waiting_at, rank;
     int active = 0;
