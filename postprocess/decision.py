@@ -14,6 +14,11 @@ Methods (``benchmarks/decisions.py`` measures them at real defect rates; README 
 - ``lower_half``: centre = median; spread = root mean square of (score - median) over the scores below the median,
   the side defects do not reach (robust while fewer than half the parts are defective);
 - ``mad``: centre = median; spread = 1.4826 * median absolute deviation (both sides);
+- ``upper_quartile``: centre = median; spread = (75th percentile - median) / 0.6745, the Gaussian sigma of the
+  upper side only (good parts' scores lean right);
+- ``exponential_tail``: the good parts' upper tail as exponential (a peaks-over-threshold model): above the 75th
+  percentile q75, P(score > t) = 0.25 exp(-(t - q75) / beta), beta = median excess over q75 / ln 2 (the median, so a
+  few defects in the tail do not stretch it); threshold = q75 + beta ln(0.25 / false_alarm_rate), spread = beta;
 - ``normal_images``: centre and spread = mean and standard deviation of the images the method chose as normal.
 """
 
@@ -25,7 +30,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from scipy.stats import norm
 
-METHODS = ("lower_half", "mad", "normal_images")
+METHODS = ("lower_half", "mad", "upper_quartile", "exponential_tail", "normal_images")
+TAIL_QUANTILE = 0.75  # exponential_tail: where the tail model starts
 DEFAULT_METHOD = "lower_half"
 DEFAULT_FALSE_ALARM_RATE = 0.01
 MIN_SPREAD_FRACTION = 1e-3  # of |centre|: a lot of identical scores still gets a usable scale
@@ -45,7 +51,7 @@ class Calibration:
 
     @property
     def threshold(self) -> float:
-        return threshold_for(self.centre, self.spread, self.false_alarm_rate)
+        return threshold_for(self.centre, self.spread, self.false_alarm_rate, self.method)
 
     def with_rate(self, false_alarm_rate: float | None) -> "Calibration":
         if false_alarm_rate is None:
@@ -84,7 +90,11 @@ def check_calibrated_threshold(value) -> float:
     return value
 
 
-def threshold_for(centre: float, spread: float, false_alarm_rate: float) -> float:
+def threshold_for(centre: float, spread: float, false_alarm_rate: float, method: str = DEFAULT_METHOD) -> float:
+    """Gaussian methods: centre + z * spread; ``exponential_tail``: centre (= q75) + spread * ln(0.25 / rate)."""
+    if method == "exponential_tail":
+        tail = 1.0 - TAIL_QUANTILE
+        return float(centre + spread * math.log(tail / min(false_alarm_rate, tail)))
     return float(centre + norm.ppf(1.0 - false_alarm_rate) * spread)
 
 
@@ -105,6 +115,12 @@ def calibrate(scores, normal_indices=None, false_alarm_rate: float = DEFAULT_FAL
         spread = float(np.sqrt(np.mean(below ** 2))) if below.size else 0.0
     elif method == "mad":
         spread = 1.4826 * float(np.median(np.abs(scores - centre)))
+    elif method == "upper_quartile":
+        spread = (float(np.quantile(scores, 0.75)) - centre) / norm.ppf(0.75)
+    elif method == "exponential_tail":
+        centre = float(np.quantile(scores, TAIL_QUANTILE))
+        excess = scores[scores > centre] - centre
+        spread = float(np.median(excess)) / math.log(2.0) if excess.size else 0.0
     else:
         chosen = scores if normal_indices is None else raw[np.asarray(normal_indices, dtype=np.int64)]
         chosen = chosen[np.isfinite(chosen)]

@@ -17,7 +17,7 @@ def line_lot(n_good=2000, defect_rate=0.03, seed=0):
     return good, bad
 
 
-@pytest.mark.parametrize("method", ["lower_half", "mad"])
+@pytest.mark.parametrize("method", ["lower_half", "mad", "upper_quartile"])
 @pytest.mark.parametrize("rate", [0.01, 0.05])
 def test_the_false_alarm_budget_holds_on_gaussian_good_parts_with_defects_in_the_lot(method, rate):
     good, bad = line_lot()
@@ -25,6 +25,22 @@ def test_the_false_alarm_budget_holds_on_gaussian_good_parts_with_defects_in_the
     observed = float((good > cal.threshold).mean())
     assert 0.4 * rate <= observed <= 2.0 * rate, (method, rate, observed)
     assert (bad > cal.threshold).mean() > 0.9
+
+
+@pytest.mark.parametrize("rate", [0.01, 0.05])
+def test_the_exponential_tail_holds_the_budget_on_right_skewed_good_parts(rate):
+    """Good parts' scores with an exponential upper tail (as real lots' lean right): the Gaussian methods call far
+    more than the budget defective, the tail model about the budget."""
+    rng = np.random.default_rng(1)
+    good = 0.13 + rng.exponential(0.01, 4000)
+    bad = rng.normal(0.3, 0.02, 120)
+    lot = np.r_[good, bad]
+    tail = calibrate(lot, false_alarm_rate=rate, method="exponential_tail")
+    observed = float((good > tail.threshold).mean())
+    assert 0.4 * rate <= observed <= 2.0 * rate, observed
+    assert (good > calibrate(lot, false_alarm_rate=rate, method="lower_half").threshold).mean() > 2 * rate
+    assert (bad > tail.threshold).mean() > 0.9
+    assert tail.calibrated(tail.threshold) == pytest.approx(0.5)
 
 
 def test_the_lower_half_ignores_the_defects_tail():
@@ -65,4 +81,4 @@ def test_degenerate_lots_still_calibrate_and_bad_input_is_refused():
     for rate in (0, 0.5, -0.1, float("nan"), float("inf")):
         with pytest.raises(DecisionError, match="between 0 and 0.5"):
             check_false_alarm_rate(rate)
-    assert set(METHODS) == {"lower_half", "mad", "normal_images"}
+    assert set(METHODS) == {"lower_half", "mad", "upper_quartile", "exponential_tail", "normal_images"}
