@@ -7,8 +7,9 @@ and reported on the other, both directions.
 Each set is a folder of evaluate runs (``*/results.json``, one per defect rate). Per method and defect rate: the
 false-alarm rate on good parts (against the budget), the recall on defective parts, F1 at the automatic threshold
 and F1max (the best any threshold gives on that lot: the oracle), averaged over the lots. The rule that chooses:
-among the methods whose false-alarm rate stays within 2x the budget at every defect rate of the tuning set, the
-highest mean F1-auto / F1max; if none stays within, the lowest worst false-alarm rate.
+among the methods whose false-alarm rate stays within 2x the budget at every defect rate of the tuning set, the one
+that tolerates the most defective parts in a lot (``decision.BREAKDOWN``: a line's lot can be worse than usual),
+then the highest mean F1-auto / F1max; if none stays within, the lowest worst false-alarm rate.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.metrics import decision_metrics, f1_max
-from postprocess.decision import METHODS, calibrate
+from postprocess.decision import BREAKDOWN, METHODS, calibrate
 
 
 def load_runs(folder: str) -> dict:
@@ -59,8 +60,8 @@ def measure(runs: dict, method: str, budget: float) -> dict:
 def choose(results: dict, budget: float) -> str:
     within = [m for m, rows in results.items() if all(r["false_alarm_rate"] <= 2 * budget for r in rows.values())]
     if within:
-        return max(within, key=lambda m: np.mean([r["f1_auto"] / r["f1_max"] for r in results[m].values()
-                                                   if r["f1_max"] > 0]))
+        return max(within, key=lambda m: (BREAKDOWN[m], np.mean([r["f1_auto"] / r["f1_max"]
+                                                                 for r in results[m].values() if r["f1_max"] > 0])))
     return min(results, key=lambda m: max(r["false_alarm_rate"] for r in results[m].values()))
 
 

@@ -19,6 +19,10 @@ Methods (``benchmarks/decisions.py`` measures them at real defect rates; README 
 - ``exponential_tail``: the good parts' upper tail as exponential (a peaks-over-threshold model): above the 75th
   percentile q75, P(score > t) = 0.25 exp(-(t - q75) / beta), beta = median excess over q75 / ln 2 (the median, so a
   few defects in the tail do not stretch it); threshold = q75 + beta ln(0.25 / false_alarm_rate), spread = beta;
+- ``quartile_exponential``: the same exponential model from the median up, its scale from the quartiles alone:
+  P(score > t) = 0.5 exp(-(t - median) / beta), beta = (75th percentile - median) / ln 2; threshold = median +
+  beta ln(0.5 / false_alarm_rate). It holds while fewer than a quarter of the lot are defective (the tail model above
+  the 75th percentile breaks once an eighth are);
 - ``normal_images``: centre and spread = mean and standard deviation of the images the method chose as normal.
 """
 
@@ -30,9 +34,13 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from scipy.stats import norm
 
-METHODS = ("lower_half", "mad", "upper_quartile", "exponential_tail", "normal_images")
-TAIL_QUANTILE = 0.75  # exponential_tail: where the tail model starts
-DEFAULT_METHOD = "lower_half"
+METHODS = ("lower_half", "mad", "upper_quartile", "exponential_tail", "quartile_exponential", "normal_images")
+EXPONENTIAL_FROM = {"exponential_tail": 0.75, "quartile_exponential": 0.5}  # where each tail model starts
+# the largest fraction of defective parts in a lot each method tolerates before its estimate is theirs, not the good
+# parts' (by construction: which order statistics it reads)
+BREAKDOWN = {"lower_half": 0.5, "mad": 0.5, "upper_quartile": 0.25, "quartile_exponential": 0.25,
+             "exponential_tail": 0.125, "normal_images": 0.0}
+DEFAULT_METHOD = "quartile_exponential"  # chosen on magnetic tile by benchmarks.decisions; README "Decisions"
 DEFAULT_FALSE_ALARM_RATE = 0.01
 MIN_SPREAD_FRACTION = 1e-3  # of |centre|: a lot of identical scores still gets a usable scale
 
@@ -91,9 +99,10 @@ def check_calibrated_threshold(value) -> float:
 
 
 def threshold_for(centre: float, spread: float, false_alarm_rate: float, method: str = DEFAULT_METHOD) -> float:
-    """Gaussian methods: centre + z * spread; ``exponential_tail``: centre (= q75) + spread * ln(0.25 / rate)."""
-    if method == "exponential_tail":
-        tail = 1.0 - TAIL_QUANTILE
+    """Gaussian methods: centre + z * spread; exponential ones: centre (where the tail starts) + spread *
+    ln(tail fraction / rate)."""
+    if method in EXPONENTIAL_FROM:
+        tail = 1.0 - EXPONENTIAL_FROM[method]
         return float(centre + spread * math.log(tail / min(false_alarm_rate, tail)))
     return float(centre + norm.ppf(1.0 - false_alarm_rate) * spread)
 
@@ -117,8 +126,10 @@ def calibrate(scores, normal_indices=None, false_alarm_rate: float = DEFAULT_FAL
         spread = 1.4826 * float(np.median(np.abs(scores - centre)))
     elif method == "upper_quartile":
         spread = (float(np.quantile(scores, 0.75)) - centre) / norm.ppf(0.75)
+    elif method == "quartile_exponential":
+        spread = (float(np.quantile(scores, 0.75)) - centre) / math.log(2.0)
     elif method == "exponential_tail":
-        centre = float(np.quantile(scores, TAIL_QUANTILE))
+        centre = float(np.quantile(scores, EXPONENTIAL_FROM[method]))
         excess = scores[scores > centre] - centre
         spread = float(np.median(excess)) / math.log(2.0) if excess.size else 0.0
     else:

@@ -27,20 +27,32 @@ def test_the_false_alarm_budget_holds_on_gaussian_good_parts_with_defects_in_the
     assert (bad > cal.threshold).mean() > 0.9
 
 
+@pytest.mark.parametrize("method", ["exponential_tail", "quartile_exponential"])
 @pytest.mark.parametrize("rate", [0.01, 0.05])
-def test_the_exponential_tail_holds_the_budget_on_right_skewed_good_parts(rate):
+def test_the_exponential_tail_holds_the_budget_on_right_skewed_good_parts(method, rate):
     """Good parts' scores with an exponential upper tail (as real lots' lean right): the Gaussian methods call far
     more than the budget defective, the tail model about the budget."""
     rng = np.random.default_rng(1)
     good = 0.13 + rng.exponential(0.01, 4000)
     bad = rng.normal(0.3, 0.02, 120)
     lot = np.r_[good, bad]
-    tail = calibrate(lot, false_alarm_rate=rate, method="exponential_tail")
+    tail = calibrate(lot, false_alarm_rate=rate, method=method)
     observed = float((good > tail.threshold).mean())
     assert 0.4 * rate <= observed <= 2.0 * rate, observed
     assert (good > calibrate(lot, false_alarm_rate=rate, method="lower_half").threshold).mean() > 2 * rate
     assert (bad > tail.threshold).mean() > 0.9
     assert tail.calibrated(tail.threshold) == pytest.approx(0.5)
+
+
+def test_the_quartile_exponential_survives_a_lot_a_sixth_defective_where_the_tail_model_breaks():
+    """An eighth of the lot defective or more fills the top quartile that exponential_tail reads."""
+    rng = np.random.default_rng(2)
+    good = 0.03 + rng.exponential(0.003, 200)
+    bad = rng.normal(0.1, 0.01, 40)  # 17% of the lot, like the demo lot
+    lot = np.r_[good, bad]
+    quartiles = calibrate(lot, method="quartile_exponential")
+    assert (bad > quartiles.threshold).mean() > 0.9 and (good > quartiles.threshold).mean() <= 0.02
+    assert (bad > calibrate(lot, method="exponential_tail").threshold).mean() < 0.5
 
 
 def test_the_lower_half_ignores_the_defects_tail():
@@ -81,4 +93,5 @@ def test_degenerate_lots_still_calibrate_and_bad_input_is_refused():
     for rate in (0, 0.5, -0.1, float("nan"), float("inf")):
         with pytest.raises(DecisionError, match="between 0 and 0.5"):
             check_false_alarm_rate(rate)
-    assert set(METHODS) == {"lower_half", "mad", "upper_quartile", "exponential_tail", "normal_images"}
+    assert set(METHODS) == {"lower_half", "mad", "upper_quartile", "exponential_tail", "quartile_exponential",
+                            "normal_images"}
