@@ -38,7 +38,7 @@ def test_the_exponential_tail_holds_the_budget_on_right_skewed_good_parts(method
     lot = np.r_[good, bad]
     tail = calibrate(lot, false_alarm_rate=rate, method=method)
     observed = float((good > tail.threshold).mean())
-    assert 0.4 * rate <= observed <= 2.0 * rate, observed
+    assert 0.4 * rate <= observed <= 1.5 * rate, observed  # an exponential tail: the model holds
     assert (good > calibrate(lot, false_alarm_rate=rate, method="lower_half").threshold).mean() > 2 * rate
     assert (bad > tail.threshold).mean() > 0.9
     assert tail.calibrated(tail.threshold) == pytest.approx(0.5)
