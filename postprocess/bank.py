@@ -44,7 +44,8 @@ from .pa_clip import (ScoreResult, bank_entries, decide, finish_stage, full_scor
                       normal_banks, normal_scores_against, original_normal_set, rescore_images, text_patch_scores)
 
 FORMAT_VERSION = 1
-BANK_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# used with fullmatch only: "$" would let a trailing newline through (a folder "banks/x\n")
+BANK_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 # Fields that banks built before host settings moved out of PAClipConfig still carry in their manifest.
 LEGACY_HOST_FIELDS = ("memory_budget_mb",)
 LOT_EMBEDS, LOT_SCORES = "lot_image_embeds", "lot_map_scores"  # bank tensors for lot-level re-scoring
@@ -55,7 +56,7 @@ class BankError(RequestError):
 
 
 def check_bank_id(bank_id: str) -> str:
-    if not isinstance(bank_id, str) or not BANK_ID_PATTERN.match(bank_id):
+    if not isinstance(bank_id, str) or not BANK_ID_PATTERN.fullmatch(bank_id):
         raise BankError(f"invalid bank id {bank_id!r}: use 1-128 letters, digits, '.', '_' or '-', "
                         "starting with a letter or digit")
     return bank_id
@@ -298,7 +299,7 @@ class BankStore:
 
     def bank_ids(self) -> list[str]:
         return sorted(p.name for p in self.root.iterdir()
-                      if p.is_dir() and BANK_ID_PATTERN.match(p.name) and (p / "CURRENT").is_file())
+                      if p.is_dir() and BANK_ID_PATTERN.fullmatch(p.name) and (p / "CURRENT").is_file())
 
     def _missing(self, bank_id: str) -> BankError:
         known = self.bank_ids()
@@ -472,7 +473,7 @@ class BankStore:
         out = []
         for lot in sorted(self.root.glob("*/lot")):
             parts = sorted(lot.glob("part-*.safetensors"))
-            if not parts or not BANK_ID_PATTERN.match(lot.parent.name):
+            if not parts or not BANK_ID_PATTERN.fullmatch(lot.parent.name):
                 continue
             updated = max(p.stat().st_mtime for p in parts)
             _, meta = _load_tensors_meta(parts[0])

@@ -329,7 +329,10 @@ class BankService:
             self.store.delete(bank_id)
             return {"deleted": bank_id}
         if action == "add":
-            return self.add(bank_id, category, images, bool(options.get("reset", False)))
+            reset = options.get("reset", False)
+            if not isinstance(reset, bool):  # "no" is a non-empty string: read as true it would wipe the lot
+                raise BankError(f"option 'reset' must be true or false, got {reset!r}")
+            return self.add(bank_id, category, images, reset)
         return self.build(bank_id, options)
 
     def add(self, bank_id: str, category: str, images, reset: bool) -> dict:

@@ -163,9 +163,18 @@ def test_store_refuses_other_encoder_unknown_bank_and_bad_ids(scorer, tiny, tmp_
     store.load("washer", {**tiny.fingerprint, "precision": "fp16"})  # precision alone is the same encoder
     with pytest.raises(BankError, match="unknown bank 'bottle'; banks on this server: washer"):
         store.load("bottle")
-    for bad in ("../etc", "a/b", "", ".hidden", "x" * 200):
+    for bad in ("../etc", "a/b", "", ".hidden", "x" * 200, "washer\n", "probe-nl\n"):
         with pytest.raises(BankError, match="invalid bank id"):
             store.load(bad)
+
+
+def test_reset_must_be_a_boolean(tiny, lot, tmp_path):
+    service = BankService(BankStore(tmp_path), tiny.fingerprint, tiny.encode, tiny.encode_text, log=lambda _: None)
+    assert service.handle("add", "washer", "washer", lot[:3], {"reset": True})["lot_size"] == 3
+    for value in ("no", 1, None, "false"):
+        with pytest.raises(BankError, match="'reset' must be true or false"):
+            service.handle("add", "washer", "washer", lot[3:5], {"reset": value})
+    assert service.handle("add", "washer", "washer", lot[3:5], {"reset": False})["lot_size"] == 5  # kept
 
 
 def test_crash_while_writing_keeps_previous_bank(scorer, tiny, tmp_path, monkeypatch):
