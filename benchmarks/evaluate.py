@@ -146,11 +146,11 @@ def resample_lots(n_images: int, labels, defect_rate: float | None, repeats: int
 
 
 def mean_over_lots(metrics: list[dict]) -> dict:
+    """Each metric's mean over the lots that have it (None where none has)."""
     out = {}
     for key in metrics[0]:
-        values = [m[key] for m in metrics if m.get(key) is not None]
-        out[key] = float(np.mean(values)) if values and all(isinstance(v, (int, float)) for v in values) else (
-            metrics[0][key] if len(metrics) == 1 else None)
+        values = [m[key] for m in metrics if m[key] is not None]
+        out[key] = float(np.mean(values)) if values else None
     return out
 
 
