@@ -20,6 +20,7 @@ pickle: tensors are safetensors, the rest JSON.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -254,11 +255,36 @@ def score_with_bank(bank: Bank, features: Features, query_ids, map_size: tuple[i
 # ---------------------------------------------------------------------------------------------------------------
 
 
+class StoreFull(BankError):
+    """The bank store's volume is full: the message says where and what to free."""
+
+
+def _is_disk_full(err: BaseException) -> bool:
+    # OSError from Python's own writes; safetensors' Rust writer reports "StorageFull" / "No space left" in text
+    return (isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)) or \
+        any(words in str(err) for words in ("No space left", "StorageFull", "Disk quota exceeded"))
+
+
+@contextmanager
+def disk_full_is_clear(folder: Path):
+    """Turn a full volume into a ``StoreFull`` that says what to free, instead of an internal error."""
+    try:
+        yield
+    except Exception as err:
+        if not _is_disk_full(err):
+            raise
+        raise StoreFull(f"no space left on the volume of the bank store ({folder}): free space there (delete banks "
+                        "you no longer need with the 'delete' action, or pending lots you will not build), or move "
+                        "the store to a larger volume (PA_CLIP_BANKS / python -m serve --banks); nothing was "
+                        "changed") from err
+
+
 def _save_tensors(path: Path, tensors: dict, metadata: dict | None = None) -> None:
     from safetensors.numpy import save_file
 
-    write_atomic(path, lambda tmp: save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp),
-                                             metadata=metadata))
+    with disk_full_is_clear(path.parent):
+        write_atomic(path, lambda tmp: save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp),
+                                                 metadata=metadata))
 
 
 def _load_tensors(path: Path) -> tuple[dict, dict]:
@@ -349,7 +375,8 @@ class BankStore:
         try:
             manifest = {**bank.manifest, "version": version, "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
             _save_tensors(staging / "bank.safetensors", bank.tensors())
-            write_atomic(staging / "manifest.json", json.dumps(manifest, indent=1))
+            with disk_full_is_clear(folder):
+                write_atomic(staging / "manifest.json", json.dumps(manifest, indent=1))
             os.replace(staging, folder / version)
             fsync_dir(folder)
         except BaseException:
@@ -375,7 +402,8 @@ class BankStore:
     def clean(self) -> list[str]:
         """Remove what interrupted writes left behind and lots that were never built: only what provably has no
         live writer (another replica's build in progress stays). Returns what it removed."""
-        leftovers = [*self.root.glob(".trash-*")]  # renamed away already: nobody reads or writes them
+        # renamed away already (deleted banks, taken-over build locks): nobody reads or writes them
+        leftovers = [*self.root.glob(".trash-*"), *self.root.glob("*/.trash-lock-*")]
         leftovers += [p for p in [*self.root.glob("*/.tmp-*"), *self.root.glob("*/lot/.tmp-*")]
                       if is_dead_leftover(p, self.STALE_AFTER_S)]
         for path in leftovers:
@@ -400,8 +428,10 @@ class BankStore:
                 holder = self._lock_holder(lock)
                 if attempt == 0 and owner_gone(holder.get("host", ""), int(holder.get("pid", 0)),
                                                float(holder.get("started", 0)), self.STALE_AFTER_S):
+                    trash = folder / f".trash-lock-{uuid.uuid4().hex[:8]}"
                     try:  # a dead build's lock: move it away (atomically: only one replica wins) and try again
-                        os.replace(lock, folder / f".trash-lock-{uuid.uuid4().hex[:8]}")
+                        os.replace(lock, trash)
+                        trash.unlink()
                     except FileNotFoundError:
                         pass
                     continue

@@ -8,6 +8,7 @@ decide the result and travel in a bank's manifest; how a machine runs the work (
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from dataclasses import dataclass, field
 
 # The ablation rows of the paper (Tables 3-4) plus the MuSc-style mutual-scoring baseline we must beat.
@@ -29,6 +30,40 @@ FINISH_STAGE_FIELDS = frozenset({
     "use_normal_bank", "multiscale_normal_bank", "augment", "n_augment", "cada_threshold", "normal_coreset_ratio",
     "normal_k", "alpha", "tau_quantile", "smooth_sigma", "rescore_k", "rescore_weight",
 })
+
+
+# What each numeric setting may take: (lowest, highest, whether the lowest itself is allowed). Checked when a
+# configuration is made, so a build request gets a 400 that states the range instead of a failure halfway through.
+# The upper bounds keep one request's work and memory sane; 64 is the top-k the GPU kernels keep (MAX_K).
+RANGES = {
+    "tau_text": (0.0, 10.0, False),
+    "normal_fraction": (0.0, 1.0, False),
+    "min_normal": (1, 10_000, True),
+    "normal_patch_quantile": (0.0, 1.0, True),
+    "n_augment": (0, 64, True),
+    "cada_threshold": (0.0, 1.0, True),
+    "full_coreset_ratio": (0.0, 1.0, False),
+    "normal_coreset_ratio": (0.0, 1.0, False),
+    "coreset_dim": (1, 4096, True),
+    "interval_fraction": (0.0, 1.0, False),
+    "k_min": (1, 64, True),
+    "k_max": (1, 64, True),
+    "normal_k": (1, 64, True),
+    "alpha": (0.0, 1.0, True),
+    "tau_quantile": (0.0, 1.0, True),
+    "smooth_sigma": (0.0, 64.0, True),
+    "image_topk_fraction": (0.0, 1.0, False),
+    "rescore_k": (0, 1000, True),
+    "rescore_weight": (-1.0, 1.0, True),
+    "seed": (0, 2**32 - 1, True),
+}
+MAX_SCALE = 15  # the largest pooling window r (an r x r neighbourhood of patches)
+
+
+def describe_range(name: str) -> str:
+    low, high, closed = RANGES[name]
+    kind = "an integer" if isinstance(low, int) else "a number"
+    return f"{kind} in {'[' if closed else '('}{low}, {high}]"
 
 
 @dataclass(frozen=True)
@@ -85,6 +120,7 @@ class PAClipConfig:
     seed: int = 0
 
     def __post_init__(self):
+        self._check_types_and_ranges()
         if any(r < 1 or r % 2 == 0 for r in self.scales):
             raise ValueError(f"scales must be odd positive integers, got {self.scales}")
         if self.scale_weights is not None and len(self.scale_weights) != len(self.scales):
@@ -93,18 +129,35 @@ class PAClipConfig:
             raise ValueError(f"feature_norm must be 'none' or 'layernorm', got {self.feature_norm!r}")
         if self.image_score not in IMAGE_SCORES:
             raise ValueError(f"image_score must be one of {', '.join(IMAGE_SCORES)}, got {self.image_score!r}")
-        if self.rescore_k < 0:
-            raise ValueError(f"rescore_k must be >= 0 (0 = no re-scoring), got {self.rescore_k}")
-        if not -1.0 <= self.rescore_weight <= 1.0:
-            raise ValueError(f"rescore_weight must lie in [-1, 1], got {self.rescore_weight}")
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"alpha must lie in [0, 1], got {self.alpha}")
-        for name in ("full_coreset_ratio", "normal_coreset_ratio"):
-            value = getattr(self, name)
-            if not 0.0 < value <= 1.0:
-                raise ValueError(f"{name} must lie in (0, 1], got {value}")
-        if self.k_min < 1 or self.k_max < self.k_min:
-            raise ValueError("need 1 <= k_min <= k_max")
+        if self.k_max < self.k_min:
+            raise ValueError(f"need k_min <= k_max, got {self.k_min} and {self.k_max}")
+
+    def _check_types_and_ranges(self) -> None:
+        """Strict types (a boolean is not a number, "no" is not a boolean) and the ``RANGES``."""
+        for f in dataclasses.fields(self):
+            value, default = getattr(self, f.name), f.default
+            if isinstance(default, bool):
+                if type(value) is not bool:
+                    raise ValueError(f"{f.name} must be true or false, got {value!r}")
+            elif isinstance(default, (int, float)):
+                kind = numbers.Integral if type(default) is int else numbers.Real
+                if not isinstance(value, kind) or isinstance(value, bool):
+                    raise ValueError(f"{f.name} must be {describe_range(f.name)}, got {value!r}")
+                low, high, closed = RANGES[f.name]
+                if not (low <= value <= high) or (value == low and not closed) or value != value:
+                    raise ValueError(f"{f.name} must be {describe_range(f.name)}, got {value!r}")
+            elif isinstance(default, str) and not isinstance(value, str):
+                raise ValueError(f"{f.name} must be text, got {value!r}")
+        if not isinstance(self.scales, (tuple, list)) or not self.scales or len(self.scales) > 8 or \
+                not all(isinstance(r, numbers.Integral) and not isinstance(r, bool) and 1 <= r <= MAX_SCALE and r % 2 for r in self.scales):
+            raise ValueError(f"scales must be 1 to 8 odd integers in [1, {MAX_SCALE}], got {self.scales!r}")
+        if self.scale_weights is not None:
+            weights = self.scale_weights
+            if not isinstance(weights, (tuple, list)) or not all(
+                    isinstance(w, numbers.Real) and not isinstance(w, bool) and 0 <= w < float("inf") for w in weights) \
+                    or not sum(weights) > 0:
+                raise ValueError(f"scale_weights must be non-negative numbers with a positive sum (or null), got "
+                                 f"{weights!r}")
 
     @property
     def weights(self) -> tuple[float, ...]:

@@ -134,6 +134,21 @@ def long_side(fingerprint: dict) -> int:
     return max(size_pair(fingerprint["image_size"]))
 
 
+# A dynamic-size encoder is asked to take images up to this many times its configured long side: encoding time
+# grows with the square of the side (a 1204x1204 image cost 20 s of CPU encoder time), so the servers refuse larger
+# ones before encoding (serve.request_checks, serve/onnxruntime_backend.py).
+MAX_SIDE_FACTOR = 2
+
+
+def max_image_side(fingerprint: dict) -> int:
+    """The longest image side an encoder is asked to take: its own size when it takes one, else ``MAX_SIDE_FACTOR``
+    times its configured long side (a fingerprint's ``max_image_side`` overrides)."""
+    if fingerprint.get("max_image_side"):
+        return int(fingerprint["max_image_side"])
+    fixed = fixed_input_size(fingerprint)
+    return max(fixed) if fixed is not None else MAX_SIDE_FACTOR * long_side(fingerprint)
+
+
 def grid_for(size, patch_size: int) -> tuple[int, int]:
     """The patch grid (rows, columns) of an (height, width) input."""
     h, w = size_pair(size)
@@ -175,10 +190,14 @@ def choose_input_size(fingerprint: dict, image_sizes, aspect: str = DEFAULT_ASPE
             raise RequestError(f"this encoder takes {fixed[0]}x{fixed[1]} images only, not {size[0]}x{size[1]}: "
                                f"export it again with --image-size {size[0]} {size[1]}")
         check_images(np.zeros((1, *size, 3), np.uint8), patch)
-        return size
-    if fixed is not None:
-        return fixed
-    return lot_input_size(image_sizes, long or long_side(fingerprint), patch, aspect)
+    elif fixed is not None:
+        size = fixed
+    else:
+        size = lot_input_size(image_sizes, long or long_side(fingerprint), patch, aspect)
+    if max(size) > max_image_side(fingerprint):
+        raise RequestError(f"{size[0]}x{size[1]} is over this encoder's {max_image_side(fingerprint)} pixels a side "
+                           "(servers refuse larger images before encoding them): choose a smaller size")
+    return size
 
 
 def check_images(images, patch_size: int, size=None) -> np.ndarray:

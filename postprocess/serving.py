@@ -62,6 +62,29 @@ def error_response(pb_utils, model: str, err: BaseException):
     return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))
 
 
+# A request carrying this parameter is a health canary (serve.canary): a model answers it at once, without work.
+CANARY_PARAMETER = "pa_clip_canary"
+
+
+def canary_message(model: str) -> str:
+    return f"{model}: alive"
+
+
+def is_canary(request) -> bool:
+    """Whether a Python-backend request is a canary (its parameters are a JSON object)."""
+    import json
+
+    try:
+        return CANARY_PARAMETER in json.loads(request.parameters() or "{}")
+    except (AttributeError, ValueError):
+        return False
+
+
+def canary_response(pb_utils, model: str):
+    """The answer to a canary: an error, so that no output has to be made up, with words only a live model sends."""
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(canary_message(model)))
+
+
 def from_triton(tensor, xp=np):
     """A Triton Python-backend tensor as an array of ``xp``: a tensor on the GPU is taken through DLPack without a
     copy (``FORCE_CPU_ONLY_INPUT_TENSORS: no``), one in host memory as NumPy, moved to ``xp`` when that is CuPy."""
@@ -371,4 +394,5 @@ class BankService:
 
 
 __all__ = ["ScoreService", "BankService", "RemoteEncoder", "bank_root", "build_config", "describe_failure",
-           "error_response", "from_triton", "parse_options", "text_value"]
+           "error_response", "from_triton", "parse_options", "text_value", "CANARY_PARAMETER", "canary_message",
+           "is_canary", "canary_response"]

@@ -13,10 +13,13 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 
 from postprocess.contract import ACCESS_KEY_ENV
 
+from .canary import Canaries
 from .local import LocalServer, ServerError, is_loopback
+from .request_checks import Limits, max_image_side
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,7 +40,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for every model to load")
     p.add_argument("--verbose", type=int, default=0, help="tritonserver --log-verbose level")
     p.add_argument("--max-restarts", type=int, default=5,
-                   help="restart a tritonserver that dies, up to this many times within ten minutes")
+                   help="restart a tritonserver that dies or whose model fails its canary, up to this many times "
+                   "within ten minutes")
+    p.add_argument("--canary-interval", type=float, default=2.0,
+                   help="seconds between canary requests through each Python-run model (0: none)")
+    p.add_argument("--max-request-mb", type=int, default=256, help="largest request body / gRPC message taken")
+    p.add_argument("--max-inflight-mb", type=int, default=512,
+                   help="request bodies held at once over HTTP, all connections together (more: 503, retry)")
     return p
 
 
@@ -57,9 +66,11 @@ def main(argv=None) -> int:
 
     signal.signal(signal.SIGTERM, stop_request)
     try:
+        limits = Limits(max_request_bytes=args.max_request_mb << 20, max_inflight_bytes=args.max_inflight_mb << 20,
+                        max_image_side=max_image_side(Path(args.repository)))
         server = LocalServer(args.repository, args.banks, args.host, args.http_port, args.grpc_port,
                              args.metrics_port, args.log, log_verbose=args.verbose, key=key,
-                             metrics_host=args.metrics_host)
+                             metrics_host=args.metrics_host, limits=limits)
         print(f"starting tritonserver on {args.host} (log: {server.log_file}) ...", file=sys.stderr, flush=True)
         start = time.monotonic()
         server.start(args.ready_timeout)
@@ -83,34 +94,53 @@ def main(argv=None) -> int:
 
 
 def supervise(server: LocalServer, args) -> int:
-    """Restart tritonserver when it dies (a crash, the OOM killer): back-off 1, 2, 4 ... 60 s, the reason logged;
-    banks are on disk and a build cut short leaves the previous version live. Gives up after --max-restarts deaths
+    """Restart tritonserver when it dies (a crash, the OOM killer) or one of its Python-run models fails its canary
+    (a dead stub: ``serve.canary``): health says not ready at once, back-off 1, 2, 4 ... 60 s, the reason logged;
+    banks are on disk and a build cut short leaves the previous version live. Gives up after --max-restarts
     within ten minutes."""
+    canaries = Canaries(server, args.canary_interval) if args.canary_interval > 0 else None
     deaths: list[float] = []
-    while True:
-        if server.process is not None and server.process.poll() is None:
-            time.sleep(0.5)
-            continue
+    try:
+        while True:
+            reason = _why_down(server, canaries)
+            if reason is None:
+                time.sleep(0.25)
+                continue
+            server.health_state = (False, reason)  # /v2/health/ready answers 503 from now until the restart is up
+            now = time.monotonic()
+            deaths = [t for t in deaths if now - t < 600] + [now]
+            print(f"{reason}; full log: {server.log_file}", file=sys.stderr, flush=True)
+            if len(deaths) > args.max_restarts:
+                print(f"error: {len(deaths)} restarts needed in ten minutes; giving up", file=sys.stderr)
+                return 1
+            delay = min(60.0, 2.0 ** (len(deaths) - 1))
+            print(f"restarting tritonserver in {delay:.0f} s (banks stay as they are in {server.banks}) ...",
+                  file=sys.stderr, flush=True)
+            server.stop(keep_guards=True)  # what the server left: stubs, shared memory; clients wait at the guards
+            time.sleep(delay)
+            try:
+                server.start(args.ready_timeout)
+                print(f"restarted: HTTP {server.http_url}, gRPC {server.grpc_url}", file=sys.stderr, flush=True)
+            except ServerError as err:
+                print(f"restart failed: {err}", file=sys.stderr, flush=True)
+            if canaries is not None:
+                canaries.reset()
+    finally:
+        if canaries is not None:
+            canaries.close()
+
+
+def _why_down(server: LocalServer, canaries) -> str | None:
+    """Why the server must be restarted, or None while it serves."""
+    if server.process is None or server.process.poll() is not None:
         code = server.process.returncode if server.process is not None else -1  # -1: the last restart failed
-        errors = server.last_errors()
-        now = time.monotonic()
-        deaths = [t for t in deaths if now - t < 600] + [now]
-        reason = f"signal {code - 128}" if code > 128 else f"exit code {code}"
-        print(f"tritonserver died ({reason}); its last error lines: {errors[-3:] or 'none'}; full log: "
-              f"{server.log_file}", file=sys.stderr, flush=True)
-        if len(deaths) > args.max_restarts:
-            print(f"error: tritonserver died {len(deaths)} times in ten minutes; giving up", file=sys.stderr)
-            return 1
-        delay = min(60.0, 2.0 ** (len(deaths) - 1))
-        print(f"restarting in {delay:.0f} s (banks stay as they are in {server.banks}) ...", file=sys.stderr,
-              flush=True)
-        server.stop()  # what the dead server left: stubs, shared memory
-        time.sleep(delay)
-        try:
-            server.start(args.ready_timeout)
-            print(f"restarted: HTTP {server.http_url}, gRPC {server.grpc_url}", file=sys.stderr, flush=True)
-        except ServerError as err:
-            print(f"restart failed: {err}", file=sys.stderr, flush=True)
+        how = f"signal {code - 128}" if code > 128 else f"exit code {code}"
+        return f"tritonserver died ({how}); its last error lines: {server.last_errors()[-3:] or 'none'}"
+    if canaries is not None:
+        healthy, failures = canaries.check()
+        if not healthy:
+            return f"a model failed its canary ({failures})"
+    return None
 
 
 if __name__ == "__main__":

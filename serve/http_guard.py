@@ -1,100 +1,79 @@
-"""A guard in front of tritonserver's HTTP port: what Triton 2.51 itself lacks to survive hostile requests.
+"""The guard in front of tritonserver's HTTP port: requests are parsed by h11 (a kept HTTP/1.1 library), checked
+(``serve.request_checks``), and forwarded as one canonical request; tritonserver's own port is on loopback and
+answers only requests that carry the guard's per-start secret (health aside).
 
-Triton's HTTP frontend allocates the buffer an input's claimed shape needs before it compares the claim with the data:
-a 200-byte JSON request claiming [1,100000,100000,3] makes it allocate 30 GB and abort (std::bad_alloc). No
-configuration prevents it (the JSON is parsed before the model's dims are checked; 2.51 has no request-size option).
-``HttpGuard`` listens where clients connect, forwards every request to tritonserver on loopback, and first refuses,
-with a 4xx and a message that says what is wrong:
+Refused before Triton sees them, each with a 4xx and a message that says what is wrong:
+- anything h11 cannot parse, a target that is not a plain ``/v2/...`` path (absolute form, query, percent escapes,
+  dot segments), a method Triton does not serve, a repeated framing or key header;
+- without the access key (when the server has one): everything but health;
+- a body over ``max_request_bytes`` (413), chunked or without a Content-Length (411), or more than
+  ``max_inflight_bytes`` held by all connections together (503, retry);
+- JSON with duplicate keys, NaN, or deeper than ``max_json_depth``; an inference request whose claimed shapes do not
+  match what it carries or claim too much (images over the encoder's side); a shared-memory registration of one of
+  the server's own regions;
+- a client too slow to send: idle, head and body read timeouts.
 
-- a body over ``max_body_bytes`` (413) or without a Content-Length (411);
-- an inference request whose JSON is malformed (400: Triton answers 500);
-- an input whose claimed shape does not match what it carries: the number of JSON values, or the size of its binary
-  part for fixed-size types (400), or that claims more than ``max_body_bytes`` of tensor (413).
-
-Everything else passes through unchanged (keep-alive, the access-key header, binary tensors, shared memory).
+``/v2/health/ready`` is answered by the guard itself while the supervisor's canaries say a model is down.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
-import math
 import re
 import threading
+from http import HTTPStatus
 
-INFER_PATH = re.compile(r"^/v2/models/[^/]+(/versions/[^/]+)?/infer/?(\?.*)?$")
-ITEM_BYTES = {"BOOL": 1, "UINT8": 1, "UINT16": 2, "UINT32": 4, "UINT64": 8, "INT8": 1, "INT16": 2, "INT32": 4,
-              "INT64": 8, "FP16": 2, "BF16": 2, "FP32": 4, "FP64": 8}
+import h11
+
+from postprocess.contract import ACCESS_KEY_HEADER
+
+from .request_checks import Limits, Refused, check_inference_json, check_region_key, load_json
+
+INTERNAL_HEADER = "pa-clip-internal"  # the per-start secret tritonserver's own ports ask for
 MAX_HEAD_BYTES = 64 * 1024
-
-
-class Refused(Exception):
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
-
-
-def _count_values(data) -> int:
-    if isinstance(data, list):
-        return sum(_count_values(v) for v in data)
-    return 1
-
-
-def check_inference_body(body: bytes, header_length: int | None, max_bytes: int) -> None:
-    """Raise ``Refused`` unless every input's claimed shape agrees with what the request carries."""
-    head = body if header_length is None else body[:header_length]
-    try:
-        request = json.loads(head)
-    except (ValueError, UnicodeDecodeError) as err:
-        raise Refused(400, f"the inference request is not valid JSON: {err}") from None
-    if not isinstance(request, dict) or not isinstance(request.get("inputs", []), list):
-        raise Refused(400, "the inference request must be a JSON object with an 'inputs' list")
-    binary_left = 0 if header_length is None else len(body) - header_length
-    for item in request.get("inputs", []):
-        if not isinstance(item, dict):
-            raise Refused(400, "each entry of 'inputs' must be a JSON object")
-        name, shape, datatype = item.get("name", "?"), item.get("shape"), item.get("datatype", "")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-            raise Refused(400, f"input '{name}': 'shape' must be a list of non-negative integers, got {shape!r}")
-        elements = math.prod(shape)
-        size = ITEM_BYTES.get(datatype)
-        if size is not None and elements * size > max_bytes:
-            raise Refused(413, f"input '{name}' claims shape {shape} ({elements * size} bytes of {datatype}); this "
-                               f"server takes at most {max_bytes} bytes per request")
-        parameters = item.get("parameters") or {}
-        if "data" in item:
-            carried = _count_values(item["data"])
-            if carried != elements:
-                raise Refused(400, f"input '{name}' claims shape {shape} ({elements} values) but carries {carried}")
-        elif "binary_data_size" in parameters:
-            binary = parameters["binary_data_size"]
-            if not isinstance(binary, int) or binary < 0 or binary > binary_left:
-                raise Refused(400, f"input '{name}': binary_data_size {binary!r} is more than the request carries")
-            binary_left -= binary
-            if size is not None and binary != elements * size:
-                raise Refused(400, f"input '{name}' claims shape {shape} of {datatype} ({elements * size} bytes) "
-                                   f"but carries {binary} bytes")
-        elif "shared_memory_region" not in parameters:
-            raise Refused(400, f"input '{name}' carries no data (no 'data', binary part or shared-memory region)")
+# one path segment: no dot segments, no percent escapes, nothing Triton's router could read another way
+TARGET = re.compile(rb"/v2(/[A-Za-z0-9_-][A-Za-z0-9_.-]*)*")
+HEALTH = re.compile(rb"/v2/health/(live|ready)|/v2/models/[^/]+(/versions/[^/]+)?/ready")
+REGISTER = re.compile(rb"/v2/systemsharedmemory/region/[^/]+/register")
+SINGLE_HEADERS = {b"content-length", b"transfer-encoding", b"inference-header-content-length", b"host",
+                  ACCESS_KEY_HEADER.encode(), INTERNAL_HEADER.encode()}
+NOT_FORWARDED = {b"connection", b"keep-alive", b"expect", b"transfer-encoding", b"content-length", b"host", b"te",
+                 b"upgrade", b"trailer", b"proxy-connection", ACCESS_KEY_HEADER.encode(), INTERNAL_HEADER.encode()}
+READ_SIZE = 1 << 16
 
 
 class HttpGuard:
-    """``start()`` listens on (host, port) in a thread of its own and forwards to 127.0.0.1:upstream_port."""
+    """``start()`` listens on (host, port) in a thread of its own and forwards to 127.0.0.1:upstream_port.
 
-    def __init__(self, host: str, port: int, upstream_port: int, max_body_bytes: int = 256 << 20):
+    ``key``: the access key clients must send (None: none asked). ``secret``: what tritonserver's own port asks for.
+    ``health``: a callable giving (ready, reason), consulted for ``/v2/health/ready``."""
+
+    def __init__(self, host: str, port: int, upstream_port: int, limits: Limits = Limits(), key: str | None = None,
+                 secret: str | None = None, health=None):
         self.host, self.port, self.upstream_port = host, port, upstream_port
-        self.max_body_bytes = max_body_bytes
+        self.limits = limits
+        self.key, self.secret, self.health = key, secret, health
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="http-guard", daemon=True)
         self._server = None
         self._idle: set = set()  # connection tasks waiting for a client's next request (keep-alive)
+        self.inflight_bytes = 0  # request bodies held right now (touched on the loop's thread only)
 
     def start(self) -> "HttpGuard":
         self._thread.start()
-        future = asyncio.run_coroutine_threadsafe(
-            asyncio.start_server(self._serve, self.host, self.port, limit=MAX_HEAD_BYTES), self._loop)
-        self._server = future.result(30)
+        future = asyncio.run_coroutine_threadsafe(asyncio.start_server(self._serve, self.host, self.port), self._loop)
+        try:
+            self._server = future.result(30)
+        except BaseException:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            raise
         return self
+
+    def set_upstream(self, port: int) -> None:
+        """Where tritonserver listens now (a restart picks a new port); connections opened later go there."""
+        self.upstream_port = port
 
     def close_idle(self) -> None:
         """Close the connections that wait for a next request, so that a stopping tritonserver waits only for
@@ -103,7 +82,6 @@ class HttpGuard:
             return
 
         async def close():
-            self._server.close()  # and take no new ones
             idle = list(self._idle)
             for task in idle:
                 task.cancel()
@@ -127,107 +105,232 @@ class HttpGuard:
         self._thread.join(10)
         self._server = None
 
-    async def _serve(self, client_reader, client_writer):
-        upstream = None
+    # -- one client connection --------------------------------------------------------------------------------
+    async def _serve(self, reader, writer):
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
+        upstream = _Upstream(self)
         try:
             while True:
                 self._idle.add(asyncio.current_task())
                 try:
-                    head = await _read_head(client_reader)
+                    event = await _next_event(conn, reader, self.limits.idle_timeout_s, self.limits.head_timeout_s)
                 finally:
                     self._idle.discard(asyncio.current_task())
-                if head is None:
-                    return
-                request_line, headers = head
+                if not isinstance(event, h11.Request):
+                    return  # the client closed, or timed out between requests
                 try:
-                    body = await self._read_body(client_reader, client_writer, request_line, headers)
+                    await self._handle(conn, reader, writer, event, upstream)
                 except Refused as refused:
-                    await _answer(client_writer, refused.status, str(refused))
-                    return  # the rest of what it sent is unread: close
-                if upstream is None:
-                    upstream = await asyncio.open_connection("127.0.0.1", self.upstream_port)
-                up_reader, up_writer = upstream
-                forwarded = [request_line] + [f"{k}: {v}" for k, v in headers if k.lower() != "expect"]
-                up_writer.write(("\r\n".join(forwarded) + "\r\n\r\n").encode("latin-1") + body)
-                await up_writer.drain()
-                if not await _relay_response(up_reader, client_writer):
+                    await _answer(conn, writer, refused.status, str(refused), close=True)
+                    return  # what else it sent is unread: close
+                if conn.our_state is h11.MUST_CLOSE or conn.their_state is not h11.DONE:
                     return
-        except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError,
-                asyncio.CancelledError):  # a client gone, garbage, or the guard stopping: drop the connection
+                conn.start_next_cycle()
+        except h11.RemoteProtocolError as err:
+            await _answer(conn, writer, err.error_status_hint, f"malformed HTTP request: {err}", close=True)
+        except (ConnectionError, asyncio.TimeoutError, asyncio.IncompleteReadError, h11.LocalProtocolError,
+                asyncio.CancelledError):  # a client gone or too slow, or the guard stopping: drop the connection
             return
         finally:
-            client_writer.close()
-            if upstream is not None:
-                upstream[1].close()
+            upstream.close()
+            writer.close()
 
-    async def _read_body(self, reader, writer, request_line: str, headers: list) -> bytes:
-        lookup = {k.lower(): v for k, v in headers}
-        if "chunked" in lookup.get("transfer-encoding", "").lower():
+    async def _handle(self, conn, reader, writer, request: h11.Request, upstream) -> None:
+        headers = _header_lists(request.headers)
+        path = request.target
+        if request.method not in (b"GET", b"POST"):
+            raise Refused(405, f"method {request.method.decode('latin-1')} is not served (GET and POST are)")
+        if not TARGET.fullmatch(path):
+            raise Refused(400, "the request target must be a plain path under /v2 (no scheme and host, query, "
+                               "percent escapes or dot segments)")
+        repeated = sorted(name.decode() for name in SINGLE_HEADERS if len(headers.get(name, ())) > 1)
+        if repeated:
+            raise Refused(400, f"header {', '.join(repeated)} sent more than once")
+        health = HEALTH.fullmatch(path) is not None
+        if self.key and not health:
+            sent = headers.get(ACCESS_KEY_HEADER.encode(), [b""])[0]
+            if not hmac.compare_digest(sent, self.key.encode()):
+                raise Refused(401, f"this server needs its access key in the '{ACCESS_KEY_HEADER}' header "
+                                   "(client/infer.py sends $PA_CLIP_KEY)")
+        size = await self._reserve(conn, writer, request, headers)
+        try:
+            body = await _read_body(conn, reader, self.limits)
+            if path == b"/v2/health/ready" and self.health is not None:
+                ready, reason = self.health()
+                if not ready:
+                    await _answer(conn, writer, 503, f"not ready: {reason}")
+                    return
+            if request.method == b"POST":
+                await self._check_body(path, headers, body)
+            forwarded = [(k, v) for k, v in request.headers if k.lower() not in NOT_FORWARDED]
+            forwarded += [(b"host", f"127.0.0.1:{self.upstream_port}".encode()), (b"content-length", str(size).encode())]
+            if self.secret:
+                forwarded.append((INTERNAL_HEADER.encode(), self.secret.encode()))
+            await upstream.relay(h11.Request(method=request.method, target=path, headers=forwarded), body, conn,
+                                 writer)
+        finally:
+            self.inflight_bytes -= size
+
+    async def _reserve(self, conn, writer, request, headers) -> int:
+        """The body's size, counted against the bytes all connections may hold at once."""
+        if b"chunked" in b"".join(headers.get(b"transfer-encoding", [])).lower():
             raise Refused(411, "chunked request bodies are not accepted: send a Content-Length")
-        length = lookup.get("content-length")
-        method, path = (request_line.split(" ") + ["", ""])[:2]
-        if length is None:
-            if method in ("POST", "PUT"):
+        lengths = headers.get(b"content-length")
+        if not lengths:
+            if request.method == b"POST":
                 raise Refused(411, "a request with a body needs a Content-Length header")
-            return b""
-        if not length.isdigit():
-            raise Refused(400, f"bad Content-Length {length!r}")
-        size = int(length)
-        if size > self.max_body_bytes:
-            raise Refused(413, f"the request body is {size} bytes; this server takes at most {self.max_body_bytes}")
-        if lookup.get("expect", "").lower() == "100-continue":
-            writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-            await writer.drain()
-        body = await reader.readexactly(size)
-        if method == "POST" and INFER_PATH.match(path):
-            header_length = lookup.get("inference-header-content-length")
-            if header_length is not None and (not header_length.isdigit() or int(header_length) > size):
-                raise Refused(400, f"bad Inference-Header-Content-Length {header_length!r}")
-            check_inference_body(body, None if header_length is None else int(header_length), self.max_body_bytes)
-        return body
+            size = 0
+        else:
+            size = int(lengths[0])  # h11 has checked it is a number
+        if size > self.limits.max_request_bytes:
+            raise Refused(413, f"the request body is {size} bytes; this server takes at most "
+                               f"{self.limits.max_request_bytes}")
+        if size and self.inflight_bytes + size > self.limits.max_inflight_bytes:
+            raise Refused(503, f"the server holds {self.inflight_bytes} bytes of requests already (at most "
+                               f"{self.limits.max_inflight_bytes}): retry in a moment")
+        self.inflight_bytes += size
+        if conn.they_are_waiting_for_100_continue:
+            writer.write(conn.send(h11.InformationalResponse(status_code=100, headers=[])))
+        return size
+
+    async def _check_body(self, path: bytes, headers: dict, body: bytes) -> None:
+        loop = asyncio.get_running_loop()
+        segments = path.split(b"/")
+        if b"infer" in segments:
+            announced = headers.get(b"inference-header-content-length")
+            header_length = None
+            if announced:
+                text = announced[0].decode("latin-1")
+                if not text.isdigit() or int(text) > len(body):
+                    raise Refused(400, f"bad Inference-Header-Content-Length {text!r}")
+                header_length = int(text)
+            check = lambda: check_inference_json(body, header_length, self.limits)  # noqa: E731
+        elif body:
+            if len(body) > self.limits.max_json_bytes:
+                raise Refused(413, f"a {len(body)}-byte JSON body; at most {self.limits.max_json_bytes}")
+            register = REGISTER.fullmatch(path) is not None
+
+            def check():
+                document = load_json(body, "the request body", self.limits.max_json_depth)
+                if register:
+                    check_region_key(document.get("key") if isinstance(document, dict) else None)
+        else:
+            return
+        # a large JSON document takes a while to parse: off the loop, so other connections go on
+        await (loop.run_in_executor(None, check) if len(body) > (1 << 20) else _call(check))
 
 
-async def _read_head(reader):
-    """(request or status line, [(name, value)]) or None at the end of the stream."""
-    try:
-        raw = await reader.readuntil(b"\r\n\r\n")
-    except asyncio.IncompleteReadError as err:
-        if not err.partial:
-            return None
-        raise
-    lines = raw.decode("latin-1").split("\r\n")[:-2]
-    headers = []
-    for line in lines[1:]:
-        name, _, value = line.partition(":")
-        headers.append((name.strip(), value.strip()))
-    return lines[0], headers
+async def _call(function):
+    return function()
 
 
-async def _relay_response(reader, writer) -> bool:
-    """Copy one response; False when the connection is to be closed afterwards."""
-    head = await _read_head(reader)
-    if head is None:
-        return False
-    status_line, headers = head
-    writer.write(("\r\n".join([status_line] + [f"{k}: {v}" for k, v in headers]) + "\r\n\r\n").encode("latin-1"))
-    lookup = {k.lower(): v for k, v in headers}
-    if "chunked" in lookup.get("transfer-encoding", "").lower():
+class _Upstream:
+    """The connection to tritonserver that one client connection uses (kept alive across its requests)."""
+
+    def __init__(self, guard: HttpGuard):
+        self.guard = guard
+        self.streams = None
+        self.conn = None
+
+    def close(self) -> None:
+        if self.streams is not None:
+            self.streams[1].close()
+        self.streams = self.conn = None
+
+    async def relay(self, request: h11.Request, body: bytes, client: h11.Connection, writer) -> None:
+        if self.conn is not None and self.conn.our_state is not h11.IDLE:
+            self.close()
+        if self.conn is None:
+            try:
+                self.streams = await asyncio.open_connection("127.0.0.1", self.guard.upstream_port)
+            except OSError:
+                raise Refused(503, "the inference server is not answering (restarting?): retry in a moment") from None
+            self.conn = h11.Connection(h11.CLIENT)
+        up_reader, up_writer = self.streams
+        up_writer.write(self.conn.send(request) + self.conn.send(h11.Data(data=body)) +
+                        self.conn.send(h11.EndOfMessage()))
+        await up_writer.drain()
+        response = None
         while True:
-            size_line = await reader.readuntil(b"\r\n")
-            size = int(size_line.split(b";")[0], 16)
-            chunk = await reader.readexactly(size + 2)
-            writer.write(size_line + chunk)
-            if size == 0:
-                break
-    else:
-        writer.write(await reader.readexactly(int(lookup.get("content-length", "0"))))
-    await writer.drain()
-    return lookup.get("connection", "").lower() != "close"
+            event = self.conn.next_event()
+            if event is h11.NEED_DATA:
+                data = await up_reader.read(READ_SIZE)
+                if not data and response is None:
+                    self.close()
+                    raise Refused(502, "the inference server closed the connection without an answer (it may have "
+                                       "died: python -m serve restarts it): retry in a moment")
+                self.conn.receive_data(data)
+                continue
+            if isinstance(event, h11.InformationalResponse):
+                continue
+            if isinstance(event, h11.Response):
+                response = event
+                kept = [(k, v) for k, v in event.headers if k.lower() not in (b"connection", b"keep-alive",
+                                                                                 b"transfer-encoding")]
+                writer.write(client.send(h11.Response(status_code=event.status_code, headers=kept,
+                                                      reason=event.reason)))
+            elif isinstance(event, h11.Data):
+                writer.write(client.send(h11.Data(data=event.data)))
+                await writer.drain()
+            elif isinstance(event, h11.EndOfMessage):
+                writer.write(client.send(h11.EndOfMessage()))
+                await writer.drain()
+                if self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE:
+                    self.conn.start_next_cycle()
+                else:
+                    self.close()
+                return
+            else:  # ConnectionClosed mid-response
+                self.close()
+                raise ConnectionError("the inference server closed the connection mid-answer")
 
 
-async def _answer(writer, status: int, message: str) -> None:
-    reason = {400: "Bad Request", 411: "Length Required", 413: "Payload Too Large"}.get(status, "Error")
+def _header_lists(headers) -> dict:
+    lists: dict = {}
+    for name, value in headers:
+        lists.setdefault(name.lower(), []).append(value)
+    return lists
+
+
+async def _next_event(conn: h11.Connection, reader, first_timeout: float, rest_timeout: float):
+    """The next h11 event; ``first_timeout`` for the first byte, then ``rest_timeout`` for the whole head."""
+    loop = asyncio.get_running_loop()
+    deadline = None
+    while True:
+        event = conn.next_event()
+        if event is not h11.NEED_DATA:
+            return event
+        timeout = first_timeout if deadline is None else max(0.0, deadline - loop.time())
+        data = await asyncio.wait_for(reader.read(READ_SIZE), timeout)
+        if deadline is None:
+            deadline = loop.time() + rest_timeout
+        conn.receive_data(data)
+
+
+async def _read_body(conn: h11.Connection, reader, limits: Limits) -> bytes:
+    body = bytearray()
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            data = await asyncio.wait_for(reader.read(READ_SIZE), limits.read_timeout_s)
+            conn.receive_data(data)
+        elif isinstance(event, h11.Data):
+            body += event.data
+        elif isinstance(event, h11.EndOfMessage):
+            return bytes(body)
+        else:
+            raise ConnectionError("the client closed the connection mid-body")
+
+
+async def _answer(conn: h11.Connection, writer, status: int, message: str, close: bool = False) -> None:
     body = json.dumps({"error": message}).encode()
-    writer.write(f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
-                 f"Connection: close\r\n\r\n".encode() + body)
-    await writer.drain()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if close:
+        headers.append((b"connection", b"close"))
+    try:
+        writer.write(conn.send(h11.Response(status_code=status, headers=headers,
+                                            reason=HTTPStatus(status).phrase.encode())) +
+                     conn.send(h11.Data(data=body)) + conn.send(h11.EndOfMessage()))
+        await writer.drain()
+    except (h11.LocalProtocolError, ConnectionError):
+        pass  # a response was under way already, or the client is gone

@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -30,7 +31,8 @@ import uuid
 from pathlib import Path
 
 from postprocess.atomic import pid_alive
-from postprocess.contract import ACCESS_KEY_HEADER
+from .http_guard import INTERNAL_HEADER
+from .request_checks import Limits, max_image_side
 
 HERE = Path(__file__).resolve().parent
 SHM_DIR = Path("/dev/shm")
@@ -38,6 +40,9 @@ SHM_DIR = Path("/dev/shm")
 BENIGN = ("CudaDriverHelper", "Failed to initialize NVML", "DCGM", "unable to create stream", "CUDA driver",
           "pinned memory", "cuda memory pool", "GPU metrics")
 
+
+# How a process that dies of a C++ exception or a signal says so (tritonserver's own log has no E-line for it).
+FATAL = ("terminate called", "what():", "Aborted", "Segmentation fault", "Killed", "std::bad_alloc")
 
 KEY_PATTERN = re.compile(r"^[A-Za-z0-9_-]{16,128}$")
 # Every API Triton can restrict, except health: probes (Kubernetes, load balancers) carry no key.
@@ -118,7 +123,7 @@ def error_lines(log_text: str, limit: int = 40) -> list[str]:
         if not text or any(b in text for b in BENIGN):
             continue
         if text.startswith("E1") or text.startswith("E0") or "error" in text.lower() or "Traceback" in text \
-                or "Exception" in text or "UNAVAILABLE" in text:
+                or "Exception" in text or "UNAVAILABLE" in text or text.startswith(FATAL):
             picked.append(text)
     return picked[-limit:]
 
@@ -140,14 +145,13 @@ class LocalServer:
     def __init__(self, repository: str | Path, banks: str | Path | None = None, host: str = "127.0.0.1",
                  http_port: int = 8000, grpc_port: int = 8001, metrics_port: int = 8002,
                  log_file: str | Path | None = None, extra_args: list[str] | None = None, log_verbose: int = 0,
-                 key: str | None = None, metrics_host: str = "127.0.0.1", guard_http: bool = True,
-                 max_request_mb: int = 256):
+                 key: str | None = None, metrics_host: str = "127.0.0.1", limits: Limits | None = None):
         """``key``: when given, every API but health (inference, bank actions, metadata, shared memory, model
         control, statistics, trace, logging) answers only requests carrying it in the ``pa-clip-key`` header (HTTP)
         or metadata (gRPC). The metrics port cannot check a key: it stays on ``metrics_host`` (loopback).
-        ``guard_http``: clients reach HTTP through ``serve.http_guard`` (requests whose claimed shapes do not match
-        what they carry, or over ``max_request_mb``, are refused before Triton allocates for them); tritonserver's
-        own HTTP port is then a free port on loopback."""
+        Clients reach HTTP and gRPC through the guards (``serve.http_guard``, ``serve.grpc_guard``: ``limits``, by
+        default 256 MB a request and the encoder's longest image side); tritonserver's own ports are free ports on
+        loopback that answer only requests carrying a secret drawn at each start (health aside)."""
         self.repository = Path(repository).resolve()
         if not (self.repository.is_dir() and any(self.repository.glob("*/config.pbtxt"))):
             raise ServerError(f"{self.repository} is not a model repository (no */config.pbtxt): "
@@ -167,11 +171,26 @@ class LocalServer:
         self.key = key
         self.metrics_host = metrics_host
         self.log_offset = 0  # where the current start's lines begin in the log
-        self.guard_http = guard_http
-        self.max_request_bytes = max_request_mb << 20
-        self.guard = None
-        self.triton_http = (host, http_port)  # where tritonserver itself listens for HTTP
+        if limits is None:
+            limits = Limits(max_image_side=max_image_side(self.repository))
+        self.limits = limits
+        self.guards: list = []
+        self.secret = ""  # drawn at each start: what tritonserver's own ports ask for
+        self.internal_http = self.internal_grpc = 0  # tritonserver's own ports (loopback)
+        self.health_state = (True, "")  # set by the supervisor's canaries (serve.__main__); the guards report it
         self.process: subprocess.Popen | None = None
+
+    def health(self) -> tuple[bool, str]:
+        return self.health_state
+
+    @property
+    def internal_http_url(self) -> str:
+        """tritonserver's own HTTP port (requests need ``internal_headers``)."""
+        return f"127.0.0.1:{self.internal_http}"
+
+    @property
+    def internal_headers(self) -> dict:
+        return {INTERNAL_HEADER: self.secret}
 
     @property
     def http_url(self) -> str:
@@ -187,17 +206,16 @@ class LocalServer:
         shm = [f"shm-region-prefix-name={self.shm_prefix}", "shm-default-byte-size=16777216",
                "shm-growth-byte-size=67108864"]
         args = [str(binary), "--model-repository", str(self.repository), "--backend-directory", str(backends),
-                "--http-address", self.triton_http[0], "--grpc-address", self.host,
-                "--metrics-address", self.metrics_host,
-                "--http-port", str(self.triton_http[1]), "--grpc-port", str(self.grpc_port),
+                "--http-address", "127.0.0.1", "--grpc-address", "127.0.0.1", "--metrics-address", self.metrics_host,
+                "--http-port", str(self.internal_http), "--grpc-port", str(self.internal_grpc),
                 "--metrics-port", str(self.metrics_port), "--exit-on-error=true", "--strict-readiness=true",
                 # a stop waits this long for requests in flight (an idle keep-alive connection would hold it 30 s)
                 "--exit-timeout-secs=5", f"--log-verbose={self.log_verbose}"]
         for backend in ("python", "onnxruntime"):
             args += [f"--backend-config={backend},{opt}" for opt in shm]
-        if self.key:
-            args += [f"--http-restricted-api={','.join(RESTRICTED_APIS)}:{ACCESS_KEY_HEADER}={self.key}",
-                     f"--grpc-restricted-protocol={','.join(RESTRICTED_APIS)}:{ACCESS_KEY_HEADER}={self.key}"]
+        # the guards check the client's key; tritonserver's own ports answer only the guards (and the canaries)
+        args += [f"--http-restricted-api={','.join(RESTRICTED_APIS)}:{INTERNAL_HEADER}={self.secret}",
+                 f"--grpc-restricted-protocol={','.join(RESTRICTED_APIS)}:{INTERNAL_HEADER}={self.secret}"]
         return args + self.extra_args
 
     def start(self, timeout: float = 300.0) -> "LocalServer":
@@ -205,15 +223,10 @@ class LocalServer:
             raise ServerError("already started")
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         reclaim_shared_memory()
-        if self.guard_http:
-            from .http_guard import HttpGuard
-
-            self.triton_http = ("127.0.0.1", free_ports(1)[0])
-            try:
-                self.guard = HttpGuard(self.host, self.http_port, self.triton_http[1], self.max_request_bytes).start()
-            except OSError as err:
-                self.guard = None
-                raise ServerError(f"cannot listen on {self.host}:{self.http_port}: {err}") from err
+        self.secret = secrets.token_urlsafe(24)
+        self.internal_http, self.internal_grpc = free_ports(2)
+        self.health_state = (True, "")
+        self._start_guards()
         log = open(self.log_file, "ab")
         self.log_offset = log.tell()
         # the guardian leads the new process group and takes it down if this process dies, even by SIGKILL
@@ -227,6 +240,31 @@ class LocalServer:
             self.stop()
             raise
         return self
+
+    def _start_guards(self) -> None:
+        """The public ports: one guard each, forwarding to tritonserver's own ports (kept across restarts)."""
+        from .grpc_guard import GrpcGuard
+        from .http_guard import HttpGuard
+
+        if self.guards:
+            for guard in self.guards:
+                guard.secret = self.secret
+            self.guards[0].set_upstream(self.internal_http)
+            self.guards[1].set_upstream(self.internal_grpc)
+            return
+        common = dict(limits=self.limits, key=self.key, secret=self.secret, health=self.health)
+        try:
+            self.guards.append(HttpGuard(self.host, self.http_port, self.internal_http, **common).start())
+            self.guards.append(GrpcGuard(self.host, self.grpc_port, self.internal_grpc, **common).start())
+        except OSError as err:
+            self.stop_guards()
+            raise ServerError(f"cannot listen on {self.host} (HTTP {self.http_port}, gRPC {self.grpc_port}): {err}"
+                              ) from err
+
+    def stop_guards(self) -> None:
+        for guard in self.guards:
+            guard.stop()
+        self.guards = []
 
     def ready(self) -> bool:
         try:
@@ -266,9 +304,10 @@ class LocalServer:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
 
-    def stop(self, timeout: float = 30.0) -> None:
-        if self.guard is not None:
-            self.guard.close_idle()  # requests in flight finish; idle keep-alive connections do not hold the stop
+    def stop(self, timeout: float = 30.0, keep_guards: bool = False) -> None:
+        """``keep_guards``: a restart follows: the public ports stay open (health says not ready meanwhile)."""
+        if self.guards:
+            self.guards[0].close_idle()  # requests in flight finish; idle keep-alive connections do not hold the stop
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
@@ -282,11 +321,16 @@ class LocalServer:
             except ProcessLookupError:
                 pass
         self.process = None
-        if self.guard is not None:
-            self.guard.stop()
-            self.guard = None
+        if not keep_guards:
+            self.stop_guards()
         self.remove_shared_memory()
-        shutil.rmtree(self.runtime / "backends", ignore_errors=True)  # the log stays for reading
+        self.remove_runtime()
+
+    def remove_runtime(self) -> None:
+        """The private folder goes, but for the log when it is there (it is printed at the start: for reading)."""
+        shutil.rmtree(self.runtime / "backends", ignore_errors=True)
+        if not self.log_file.resolve().is_relative_to(self.runtime.resolve()):
+            shutil.rmtree(self.runtime, ignore_errors=True)
 
     def remove_shared_memory(self) -> list[str]:
         removed = []

@@ -13,7 +13,8 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from export.onnx_export import ort_session
-from postprocess.contract import read_fingerprint
+from postprocess.contract import IMAGES, max_image_side, read_fingerprint
+from postprocess.serving import canary_response, is_canary
 
 
 class TritonPythonModel:
@@ -31,6 +32,10 @@ class TritonPythonModel:
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.batched = int(config.get("max_batch_size", 0)) > 0
         self.model_name = config["name"]
+        try:  # checked before any work: encoding time grows with the square of the side
+            self.max_side = max_image_side(read_fingerprint(args["model_repository"]))
+        except (OSError, ValueError, KeyError):
+            self.max_side = 0
 
     @staticmethod
     def _precision(model_dir):
@@ -40,16 +45,28 @@ class TritonPythonModel:
         except (OSError, ValueError):
             return "fp32"
 
+    def _refusal(self, name, array):
+        """Why an input cannot be encoded (before any work), or None."""
+        if array.size == 0:
+            return f"input '{name}' is empty (shape {list(array.shape)})"
+        if name == IMAGES and array.ndim == 4 and self.max_side and max(array.shape[1:3]) > self.max_side:
+            return (f"input '{name}' holds {array.shape[1]}x{array.shape[2]} images; this encoder takes at most "
+                    f"{self.max_side} pixels a side: resize them (client/infer.py does)")
+        return None
+
     def execute(self, requests):
         feeds_per_request = []
         responses = [None] * len(requests)
         for i, request in enumerate(requests):
             feeds = {}
-            for name in self.input_names:
+            if is_canary(request):
+                responses[i] = canary_response(pb_utils, self.model_name)
+            for name in self.input_names if responses[i] is None else ():
                 tensor = pb_utils.get_input_tensor_by_name(request, name)
-                if tensor is None:
-                    responses[i] = pb_utils.InferenceResponse(
-                        error=pb_utils.TritonError(f"{self.model_name}: missing input '{name}'"))
+                problem = f"missing input '{name}'" if tensor is None else self._refusal(name, tensor.as_numpy())
+                if problem:
+                    responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(
+                        f"{self.model_name}: {problem}", pb_utils.TritonError.INVALID_ARG))
                     break
                 feeds[name] = tensor.as_numpy()
             feeds_per_request.append(feeds)

@@ -309,8 +309,30 @@ def test_build_options_are_checked():
         build_config({"mode": "best"})
     with pytest.raises(BankError, match="unknown PA-CLIP settings"):
         build_config({"alpha_": 1})
-    with pytest.raises(BankError, match="alpha must lie"):
-        build_config({"alpha": 3})
+    # each range is stated in the answer; booleans and integers are strict (what a probe sent and got a 500 or a
+    # bank for)
+    for options, words in [({"alpha": 3}, "alpha must be a number in [0.0, 1.0], got 3"),
+                           ({"tau_quantile": 7}, "tau_quantile must be a number in [0.0, 1.0]"),
+                           ({"scales": []}, "scales must be 1 to 8 odd integers in [1, 15]"),
+                           ({"scales": [1, 2]}, "odd integers"), ({"scales": [1, 99]}, "odd integers"),
+                           ({"scale_weights": [0, 0, 0]}, "positive sum"),
+                           ({"scale_weights": [1, -1, 1]}, "non-negative"),
+                           ({"seed": "x"}, "seed must be an integer in [0, 4294967295]"),
+                           ({"seed": 1.5}, "seed must be an integer"), ({"seed": True}, "seed must be an integer"),
+                           ({"normal_k": -3}, "normal_k must be an integer in [1, 64]"),
+                           ({"normal_k": 65}, "normal_k must be an integer in [1, 64]"),
+                           ({"n_augment": -1}, "n_augment must be an integer in [0, 64]"),
+                           ({"interval_fraction": 5}, "interval_fraction must be a number in (0.0, 1.0]"),
+                           ({"interval_fraction": 0}, "interval_fraction must be a number in (0.0, 1.0]"),
+                           ({"smooth_sigma": -1}, "smooth_sigma must be a number in [0.0, 64.0]"),
+                           ({"coreset_dim": 0}, "coreset_dim must be an integer in [1, 4096]"),
+                           ({"augment": "no"}, "augment must be true or false"),
+                           ({"augment": 1}, "augment must be true or false"),
+                           ({"k_min": 9, "k_max": 3}, "k_min <= k_max"),
+                           ({"feature_norm": 3}, "feature_norm must be text")]:
+        with pytest.raises(BankError, match=re.escape(words)):
+            build_config(options)
+    assert build_config({"interval_fraction": 1, "seed": 7, "scale_weights": [0, 1, 2]}).interval_fraction == 1
 
 
 def test_manifest_is_json_and_tensors_safetensors(scorer, tiny, tmp_path):
@@ -397,6 +419,7 @@ def test_replicas_on_one_store_build_one_bank_id_at_a_time(scorer, tiny, lot, tm
                 pass
     built = service.handle("build", "washer")
     assert f"-{HOST}-" in built["version"] and not lock.exists()
+    assert not list((tmp_path / "washer").glob(".trash-lock-*"))  # taken-over locks leave nothing behind
 
 
 def test_clean_removes_only_leftovers_whose_owner_is_gone(tmp_path):
@@ -416,9 +439,38 @@ def test_clean_removes_only_leftovers_whose_owner_is_gone(tmp_path):
     unowned_old.write_bytes(b"half")
     for path in (abandoned, unowned_old):
         os.utime(path, (old, old))
+    taken_over = folder / ".trash-lock-0123abcd"  # what a take-over cut short (before its unlink) leaves
+    taken_over.write_text("{}")
     store.clean()
     assert sorted(p.name for p in folder.glob(".tmp-*")) == sorted([live.name, elsewhere.name])
-    assert not unowned_old.exists()
+    assert not unowned_old.exists() and not taken_over.exists()
+
+
+@pytest.mark.parametrize("failure", [OSError(28, "No space left on device"),
+                                     Exception('Error while serializing: IoError(Os { code: 28, kind: StorageFull, '
+                                               'message: "No space left on device" })')])
+def test_a_full_disk_says_what_to_free_and_changes_nothing(scorer, tiny, lot, tmp_path, monkeypatch, failure):
+    """Python's own ENOSPC, and safetensors' words for it (what the probe's full disk answered as an internal
+    error), become a StoreFull naming the store; the bank and the lot stay as they were."""
+    store = BankStore(tmp_path)
+    service = BankService(store, tiny.fingerprint, tiny.encode, tiny.encode_text, log=lambda _: None)
+    service.handle("add", "washer", "washer", lot, {"reset": True})
+    first = service.handle("build", "washer")["version"]
+    service.handle("add", "washer", "washer", lot, {"reset": True})
+
+    def full(*_args, **_kwargs):
+        raise failure
+
+    monkeypatch.setattr("safetensors.numpy.save_file", full)
+    for action, options in (("build", {}), ("add", {})):
+        with pytest.raises(bank_module.StoreFull, match=re.escape(f"no space left on the volume of the bank store "
+                                                                  f"({tmp_path / 'washer'}")):
+            service.handle(action, "washer", "washer", lot if action == "add" else None, options)
+    assert store.current_version("washer") == first and store.lot_size("washer") == len(lot)
+    assert not [p for p in (tmp_path / "washer").rglob("*") if ".tmp-" in p.name]
+    monkeypatch.setattr("safetensors.numpy.save_file", lambda *a, **k: (_ for _ in ()).throw(ValueError("other")))
+    with pytest.raises(ValueError, match="other"):  # anything else stays what it is
+        service.handle("build", "washer")
 
 
 def test_pending_lots_are_listed_and_expire(tiny, lot, tmp_path):

@@ -510,16 +510,17 @@ def test_serving_parity_benchmark_table(repository, workdir, capsys):
     assert len(deltas) == 7 and max(abs(d) for d in deltas) < 1e-3
 
 
-def _tritonserver_pids(port: int) -> list[int]:
-    """tritonserver processes listening on ``port`` (read from their command lines)."""
-    pids = []
+def _tritonserver_pids(owner: int) -> list[int]:
+    """The tritonserver processes that process ``owner`` (python -m serve, or a test) started: their shared-memory
+    prefix names it (``LocalServer.shm_prefix``), also once they are re-parented."""
+    pids, mark = [], f"shm-region-prefix-name=pa_clip_{owner}_".encode()
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
                 cmdline = (entry / "cmdline").read_bytes().split(b"\0")
             except OSError:
                 continue
-            if cmdline and cmdline[0].endswith(b"tritonserver") and str(port).encode() in cmdline:
+            if cmdline and cmdline[0].endswith(b"tritonserver") and any(mark in arg for arg in cmdline):
                 pids.append(int(entry.name))
     return pids
 
@@ -558,15 +559,15 @@ def test_serve_restarts_a_dead_server_and_nothing_outlives_a_killed_serve(reposi
         client.add_images("kept", "washer", lot[:4], reset=True)
         built = client.build_bank("kept", {"mode": "mutual"})
         client.close()
-        (server_pid,) = _tritonserver_pids(grpc)
+        (server_pid,) = _tritonserver_pids(proc.pid)
         os.kill(server_pid, signal.SIGKILL)  # a crash
         lines = _read_until(proc.stderr, "restarted:")
         text = "".join(lines)
-        assert "tritonserver died (signal 9)" in text and "restarting in 1 s" in text, text
+        assert "tritonserver died (signal 9)" in text and "restarting tritonserver in 1 s" in text, text
         client = PAClipClient(f"127.0.0.1:{http}")
         assert client.bank_info("kept")["version"] == built["version"]  # banks intact
         client.close()
-        (new_pid,) = _tritonserver_pids(grpc)
+        (new_pid,) = _tritonserver_pids(proc.pid)
         group = os.getpgid(new_pid)
         proc.kill()  # kill -9 of python -m serve itself: its server, stubs and shared memory must not outlive it
         proc.wait(10)
@@ -740,7 +741,7 @@ def test_ten_kill_9_cycles_of_serve_leave_no_process_and_no_shared_memory(reposi
                                  "--metrics-port", str(metrics)], cwd=ROOT, stderr=subprocess.PIPE, text=True)
         try:
             assert "ready in" in _read_until(proc.stderr, "ready in")[-1], cycle
-            (server_pid,) = _tritonserver_pids(grpc)
+            (server_pid,) = _tritonserver_pids(proc.pid)
             group = os.getpgid(server_pid)
             client = PAClipClient(f"127.0.0.1:{http}")
             client.list_banks()
@@ -770,7 +771,7 @@ def test_sigterm_during_the_start_and_a_stop_held_by_an_idle_connection(reposito
                                 stderr=subprocess.PIPE, text=True)
         return proc, http_port, grpc_port
 
-    proc, _, grpc_port = serve()
+    proc, _, _ = serve()
     try:
         _read_until(proc.stderr, "starting tritonserver")
         time.sleep(0.3)  # tritonserver is starting, not ready
@@ -779,9 +780,9 @@ def test_sigterm_during_the_start_and_a_stop_held_by_an_idle_connection(reposito
     finally:
         proc.kill()
     deadline = time.monotonic() + 10
-    while _tritonserver_pids(grpc_port) and time.monotonic() < deadline:
+    while _tritonserver_pids(proc.pid) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not _tritonserver_pids(grpc_port)
+    assert not _tritonserver_pids(proc.pid)
 
     proc, http_port, _ = serve()
     try:
@@ -912,8 +913,25 @@ def test_a_non_square_lot_goes_through_export_the_server_and_infer_at_its_own_as
         with pytest.raises(ClientError, match="scores 42x112 images"):
             client.score(np.zeros((1, 112, 112, 3), np.uint8), "washer")
         maps, _ = client.score(pixels[:1], "washer")
+        # an image over twice the encoder's size (contract.max_image_side: 224 here) is refused before it is
+        # encoded: by the guard, and by the encoder itself for what does not pass the guard (BLS, direct calls)
+        with pytest.raises(ClientError, match="at most 224 pixels a side"):
+            client.score(np.zeros((1, 238, 238, 3), np.uint8), "washer")
         client.close()
         assert maps.shape == (1, 42, 112)
+        import tritonclient.http as httpclient
+        from tritonclient.utils import InferenceServerException
+
+        direct = httpclient.InferenceServerClient(srv.internal_http_url)
+        tensor = httpclient.InferInput("images", [1, 238, 238, 3], "UINT8")
+        tensor.set_data_from_numpy(np.zeros((1, 238, 238, 3), np.uint8))
+        with pytest.raises(InferenceServerException, match="this encoder takes at most 224 pixels a side"):
+            direct.infer("clip_vision", [tensor], headers=srv.internal_headers)
+        tensor = httpclient.InferInput("images", [1, 0, 14, 3], "UINT8")
+        tensor.set_data_from_numpy(np.zeros((1, 0, 14, 3), np.uint8))
+        with pytest.raises(InferenceServerException, match="is empty"):
+            direct.infer("clip_vision", [tensor], headers=srv.internal_headers)
+        direct.close()
         # an image stored portrait in this landscape lot: named without --orientation, turned with it, and its
         # map turned back onto the file as it lies
         odd = workdir / "odd_lot"

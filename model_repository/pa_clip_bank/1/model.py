@@ -14,7 +14,8 @@ try:
     from postprocess import contract as C
     from postprocess.bank import BankStore
     from postprocess.host import HostSettings
-    from postprocess.serving import BankService, bank_root, error_response, from_triton, parse_options, text_value
+    from postprocess.serving import (BankService, bank_root, canary_response, error_response, from_triton,
+                                     is_canary, parse_options, text_value)
     from postprocess.telemetry import TritonTelemetry
 except ImportError as err:
     raise ImportError(f"pa_clip_bank needs the pa-clip-triton package in the server's Python "
@@ -84,6 +85,9 @@ class TritonPythonModel:
     def execute(self, requests):
         responses = []
         for request in requests:
+            if is_canary(request):
+                responses.append(canary_response(pb_utils, C.BANK_MODEL))
+                continue
             try:
                 images = pb_utils.get_input_tensor_by_name(request, C.IMAGES)
                 result = self.service.handle(_text(request, "action"), _text(request, C.BANK),

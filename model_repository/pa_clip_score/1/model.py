@@ -10,7 +10,7 @@ try:
     from postprocess import contract as C
     from postprocess.bank import BankStore
     from postprocess.host import HostSettings
-    from postprocess.serving import ScoreService, bank_root, error_response, from_triton
+    from postprocess.serving import ScoreService, bank_root, canary_response, error_response, from_triton, is_canary
     from postprocess.telemetry import TritonTelemetry
 except ImportError as err:  # the server's Python must have the project installed
     raise ImportError(f"pa_clip_score needs the pa-clip-triton package in the server's Python "
@@ -32,15 +32,15 @@ class TritonPythonModel:
     def execute(self, requests):
         # encoder outputs stay on the device they arrive on (DLPack); pixels (hashed) and bank ids are host data
         xp = self.service.xp
-        inputs = [{name: from_triton(pb_utils.get_input_tensor_by_name(request, name),
-                                     xp if name in C.VISION_OUTPUTS else np) for name in INPUTS}
-                  for request in requests]
-        responses = []
-        for result in self.service.score_requests(inputs):
+        responses = [canary_response(pb_utils, C.SCORE_MODEL) if is_canary(r) else None for r in requests]
+        real = [i for i, r in enumerate(responses) if r is None]
+        inputs = [{name: from_triton(pb_utils.get_input_tensor_by_name(requests[i], name),
+                                     xp if name in C.VISION_OUTPUTS else np) for name in INPUTS} for i in real]
+        for i, result in zip(real, self.service.score_requests(inputs)):
             if isinstance(result, Exception):
-                responses.append(error_response(pb_utils, C.SCORE_MODEL, result))
+                responses[i] = error_response(pb_utils, C.SCORE_MODEL, result)
             else:
                 maps, scores = result
-                responses.append(pb_utils.InferenceResponse([
-                    pb_utils.Tensor(C.ANOMALY_MAP, maps), pb_utils.Tensor(C.SCORE, scores.reshape(-1, 1))]))
+                responses[i] = pb_utils.InferenceResponse([
+                    pb_utils.Tensor(C.ANOMALY_MAP, maps), pb_utils.Tensor(C.SCORE, scores.reshape(-1, 1))])
         return responses

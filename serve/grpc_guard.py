@@ -1,0 +1,153 @@
+"""The guard in front of tritonserver's gRPC port: what ``serve.http_guard`` is for HTTP.
+
+Triton 2.51 takes gRPC messages up to 2 GB and has no option to lower that; its gRPC port is therefore on loopback,
+asking for the guard's per-start secret (health aside), and clients reach it through this proxy, which:
+- receives messages up to ``max_request_bytes`` (gRPC's own maximum receive size; larger: RESOURCE_EXHAUSTED);
+- asks for the access key (metadata ``triton-grpc-protocol-pa-clip-key``, what Triton's own restriction reads) on
+  everything but health, when the server has one;
+- checks an inference request's claimed shapes against what it carries and against the limits, and refuses a
+  shared-memory registration of the server's own regions (``serve.request_checks``);
+- answers ServerReady with false while the supervisor's canaries say a model is down;
+- forwards the message bytes unchanged otherwise. Streaming inference is not served (the product's models answer
+  one response per request: use ModelInfer).
+"""
+
+from __future__ import annotations
+
+import hmac
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+from tritonclient.grpc import service_pb2
+
+from postprocess.contract import ACCESS_KEY_HEADER
+
+from .http_guard import INTERNAL_HEADER
+from .request_checks import Limits, Refused, check_carried, check_region_key, check_shape
+
+SERVICE = "/inference.GRPCInferenceService/"
+STREAMING = {"ModelStreamInfer"}
+HEALTH = {"ServerLive", "ServerReady", "ModelReady"}
+KEY_METADATA = f"triton-grpc-protocol-{ACCESS_KEY_HEADER}"
+INTERNAL_METADATA = f"triton-grpc-protocol-{INTERNAL_HEADER}"
+CONTENT_FIELDS = [f.name for f in service_pb2.InferTensorContents.DESCRIPTOR.fields]
+STATUS_CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
+                403: grpc.StatusCode.PERMISSION_DENIED, 413: grpc.StatusCode.RESOURCE_EXHAUSTED,
+                503: grpc.StatusCode.UNAVAILABLE}
+UNLIMITED = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
+
+
+def check_inference_request(request: service_pb2.ModelInferRequest, limits: Limits) -> None:
+    raw = list(request.raw_input_contents)
+    if raw and len(raw) != len(request.inputs):
+        raise Refused(400, f"{len(raw)} raw_input_contents for {len(request.inputs)} inputs: send one per input")
+    for i, item in enumerate(request.inputs):
+        shape = list(item.shape)
+        elements = check_shape(item.name, item.datatype, shape, limits)
+        if raw:
+            check_carried(item.name, item.datatype, elements, shape, binary_bytes=len(raw[i]))
+        elif "shared_memory_region" not in item.parameters:
+            values = sum(len(getattr(item.contents, field)) for field in CONTENT_FIELDS)
+            check_carried(item.name, item.datatype, elements, shape, values=values)
+
+
+class GrpcGuard:
+    """``start()`` listens on (host, port) and forwards to 127.0.0.1:upstream_port (see the module's docstring)."""
+
+    def __init__(self, host: str, port: int, upstream_port: int, limits: Limits = Limits(), key: str | None = None,
+                 secret: str | None = None, health=None, workers: int = 16):
+        self.host, self.port = host, port
+        self.limits, self.key, self.secret, self.health = limits, key, secret, health
+        self.workers = workers
+        self.server = None
+        self.channel = None
+        self.set_upstream(upstream_port)
+
+    def set_upstream(self, port: int) -> None:
+        old = self.channel
+        self.upstream_port = port
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=UNLIMITED)
+        if old is not None:
+            old.close()
+
+    def start(self) -> "GrpcGuard":
+        self.server = grpc.server(ThreadPoolExecutor(self.workers, thread_name_prefix="grpc-guard"),
+                                  handlers=[_Handlers(self)], maximum_concurrent_rpcs=4 * self.workers,
+                                  options=[("grpc.max_receive_message_length", self.limits.max_request_bytes),
+                                           ("grpc.max_send_message_length", -1), ("grpc.so_reuseport", 0)])
+        address = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        try:
+            bound = self.server.add_insecure_port(address)
+        except RuntimeError as err:
+            bound = 0
+            detail = str(err)
+        else:
+            detail = "in use?"
+        if not bound:
+            raise OSError(f"cannot listen for gRPC on {address} ({detail})")
+        self.server.start()
+        return self
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop(grace=2).wait(5)
+            self.server = None
+        if self.channel is not None:
+            self.channel.close()
+            self.channel = None
+
+    def forward(self, method: str, request: bytes, context) -> bytes:
+        name = method[len(SERVICE):]
+        metadata = [(k, v) for k, v in context.invocation_metadata()]
+        try:
+            if self.key and name not in HEALTH:
+                sent = next((v for k, v in metadata if k == KEY_METADATA), "")
+                if not hmac.compare_digest(str(sent).encode(), self.key.encode()):
+                    raise Refused(401, f"this server needs its access key in the '{KEY_METADATA}' metadata "
+                                       "(client/infer.py sends $PA_CLIP_KEY)")
+            if name == "ServerReady" and self.health is not None and not self.health()[0]:
+                return service_pb2.ServerReadyResponse(ready=False).SerializeToString()
+            if name == "ModelInfer":
+                check_inference_request(_parse(service_pb2.ModelInferRequest, request), self.limits)
+            elif name == "SystemSharedMemoryRegister":
+                check_region_key(_parse(service_pb2.SystemSharedMemoryRegisterRequest, request).key)
+        except Refused as refused:
+            context.abort(STATUS_CODES.get(refused.status, grpc.StatusCode.INVALID_ARGUMENT), str(refused))
+        outgoing = [(k, v) for k, v in metadata
+                    if k not in (KEY_METADATA, INTERNAL_METADATA, "user-agent") and not k.startswith((":", "grpc-"))]
+        if self.secret:
+            outgoing.append((INTERNAL_METADATA, self.secret))
+        call = self.channel.unary_unary(method)  # bytes in, bytes out: the message goes on as it came
+        remaining = context.time_remaining()  # without a client deadline grpcio gives a huge number, not None
+        try:
+            return call(request, metadata=outgoing, timeout=remaining if remaining is not None and remaining < 1e7
+                        else None)
+        except grpc.RpcError as err:
+            code = err.code()
+            if code is grpc.StatusCode.UNAVAILABLE:
+                context.abort(code, "the inference server is not answering (restarting?): retry in a moment")
+            context.abort(code, err.details() or str(code))
+
+
+def _parse(message_type, data: bytes):
+    try:
+        return message_type.FromString(data)
+    except Exception as err:  # protobuf's DecodeError
+        raise Refused(400, f"malformed {message_type.__name__}: {err}") from None
+
+
+class _Handlers(grpc.GenericRpcHandler):
+    def __init__(self, guard: GrpcGuard):
+        self.guard = guard
+
+    def service(self, details):
+        method = details.method
+        name = method[len(SERVICE):] if method.startswith(SERVICE) else ""
+        if name not in service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods_by_name:
+            return None  # UNIMPLEMENTED
+        if name in STREAMING:
+            def refuse(_requests, context):
+                context.abort(grpc.StatusCode.UNIMPLEMENTED, "streaming inference is not served: use ModelInfer")
+            return grpc.stream_stream_rpc_method_handler(refuse)
+        return grpc.unary_unary_rpc_method_handler(lambda request, context: self.guard.forward(method, request,
+                                                                                                context))

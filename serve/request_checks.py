@@ -1,0 +1,200 @@
+"""What the guards in front of tritonserver check, for HTTP and gRPC alike, before Triton does any work.
+
+Triton 2.51 allocates what an input's claimed shape needs before it compares the claim with the data, parses JSON
+that a Python parser reads differently (duplicate keys: Triton keeps the first, Python the last), and lets any
+client register the server's own shared-memory regions. Each check below raises ``Refused`` with the HTTP status
+and a message that says what to send instead.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from postprocess import contract as C
+
+ITEM_BYTES = {"BOOL": 1, "UINT8": 1, "UINT16": 2, "UINT32": 4, "UINT64": 8, "INT8": 1, "INT16": 2, "INT32": 4,
+              "INT64": 8, "FP16": 2, "BF16": 2, "FP32": 4, "FP64": 8}
+BYTES_PREFIX = 4  # every BYTES element carries at least its 4-byte length
+# The regions a local server's backends create (serve.local.LocalServer.shm_prefix): never a client's to register.
+SERVER_REGION = re.compile(r"^pa_clip_\d+_[0-9a-f]{12}_")
+SHM_DIR = Path("/dev/shm")
+
+
+class Refused(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may claim and how long a client may take to send it (``python -m serve --help``)."""
+    max_request_bytes: int = 256 << 20
+    max_inflight_bytes: int = 512 << 20  # request bodies held at once, all connections together
+    max_json_bytes: int = 32 << 20  # the JSON part (tensors as JSON lists are 2-20 bytes a value: send them binary)
+    max_json_depth: int = 32
+    max_image_side: int = 0  # the longest side of an 'images' input; 0: no bound
+    idle_timeout_s: float = 120.0  # a keep-alive connection waiting for its next request
+    head_timeout_s: float = 30.0  # from a request's first byte to the end of its head
+    read_timeout_s: float = 30.0  # between two pieces of a body
+
+
+def _refuse_duplicates(pairs):
+    seen = {}
+    for key, value in pairs:
+        if key in seen:
+            raise Refused(400, f"duplicate key {key!r} in a JSON object: send each key once")
+        seen[key] = value
+    return seen
+
+
+def _refuse_constant(name):
+    raise Refused(400, f"{name} is not JSON: send numbers")
+
+
+def load_json(data: bytes, what: str, max_depth: int):
+    """Parse JSON as Triton must see it: duplicate keys, NaN/Infinity and nesting deeper than ``max_depth`` refused."""
+    try:
+        value = json.loads(data, object_pairs_hook=_refuse_duplicates, parse_constant=_refuse_constant)
+    except RecursionError:
+        raise Refused(400, f"{what} is nested too deeply (at most {max_depth} levels)") from None
+    except (ValueError, UnicodeDecodeError) as err:
+        if isinstance(err, Refused):
+            raise
+        raise Refused(400, f"{what} is not valid JSON: {err}") from None
+    depth_of_deepest = _depth(value)
+    if depth_of_deepest > max_depth:
+        raise Refused(400, f"{what} is nested {depth_of_deepest} levels deep; at most {max_depth}")
+    return value
+
+
+def _depth(value) -> int:
+    deepest, stack = 0, [(value, 1)]
+    while stack:  # iterative: a deep document must not exhaust the guard's own stack
+        item, depth = stack.pop()
+        if isinstance(item, (list, dict)):
+            deepest = max(deepest, depth)
+            stack.extend((v, depth + 1) for v in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
+def count_values(data) -> int:
+    """The number of scalars in a (nested) JSON list."""
+    count, stack = 0, [data]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, list):
+            stack.extend(item)
+        else:
+            count += 1
+    return count
+
+
+def check_shape(name: str, datatype: str, shape, limits: Limits) -> int:
+    """The element count of a claimed shape, or ``Refused`` for a shape that is malformed, too big, or (for
+    'images') outside the encoder's image size."""
+    if not isinstance(shape, (list, tuple)) or not all(type(d) is int and d >= 0 for d in shape):
+        raise Refused(400, f"input '{name}': 'shape' must be a list of non-negative integers, got {shape!r}")
+    elements = math.prod(shape)
+    size = ITEM_BYTES.get(datatype, BYTES_PREFIX)
+    if elements * size > limits.max_request_bytes:
+        raise Refused(413, f"input '{name}' claims shape {list(shape)} ({elements * size} bytes of {datatype}); this "
+                           f"server takes at most {limits.max_request_bytes} bytes per request")
+    if name == C.IMAGES and len(shape) >= 3:
+        height, width = shape[-3], shape[-2]
+        if height == 0 or width == 0:
+            raise Refused(400, f"input '{name}' claims {height}x{width} images: an image needs at least one pixel")
+        if limits.max_image_side and max(height, width) > limits.max_image_side:
+            raise Refused(413, f"input '{name}' claims {height}x{width} images; this server's encoder takes at most "
+                               f"{limits.max_image_side} pixels a side: resize them (client/infer.py does)")
+    return elements
+
+
+def check_carried(name: str, datatype: str, elements: int, shape, *, values: int | None = None,
+                  binary_bytes: int | None = None) -> None:
+    """The data an input carries against its claimed shape: a JSON value count, or the size of its binary part."""
+    if values is not None and values != elements:
+        raise Refused(400, f"input '{name}' claims shape {list(shape)} ({elements} values) but carries {values}")
+    if binary_bytes is not None:
+        size = ITEM_BYTES.get(datatype)
+        if size is not None and binary_bytes != elements * size:
+            raise Refused(400, f"input '{name}' claims shape {list(shape)} of {datatype} ({elements * size} bytes) "
+                               f"but carries {binary_bytes} bytes")
+        if size is None and binary_bytes < elements * BYTES_PREFIX:
+            raise Refused(400, f"input '{name}' claims {elements} {datatype} elements but carries {binary_bytes} "
+                               f"bytes (each element takes at least {BYTES_PREFIX})")
+
+
+def check_inference_json(body: bytes, header_length: int | None, limits: Limits) -> None:
+    """An HTTP inference request (JSON, optionally followed by binary tensors) against its claimed shapes."""
+    head = body if header_length is None else body[:header_length]
+    if len(head) > limits.max_json_bytes:
+        raise Refused(413, f"the request's JSON is {len(head)} bytes; at most {limits.max_json_bytes}: send tensors "
+                           "as binary data (tritonclient does by default)")
+    request = load_json(head, "the inference request", limits.max_json_depth)
+    if not isinstance(request, dict) or not isinstance(request.get("inputs"), list):
+        raise Refused(400, "the inference request must be a JSON object with an 'inputs' list")
+    binary_left = 0 if header_length is None else len(body) - header_length
+    for item in request["inputs"]:
+        if not isinstance(item, dict):
+            raise Refused(400, "each entry of 'inputs' must be a JSON object")
+        name, datatype = str(item.get("name", "?")), str(item.get("datatype", ""))
+        shape = item.get("shape")
+        elements = check_shape(name, datatype, shape, limits)
+        parameters = item.get("parameters", {})
+        if not isinstance(parameters, dict):
+            raise Refused(400, f"input '{name}': 'parameters' must be a JSON object")
+        if "data" in item:
+            check_carried(name, datatype, elements, shape, values=count_values(item["data"]))
+        elif "binary_data_size" in parameters:
+            binary = parameters["binary_data_size"]
+            if type(binary) is not int or binary < 0 or binary > binary_left:
+                raise Refused(400, f"input '{name}': binary_data_size {binary!r} is more than the request carries")
+            binary_left -= binary
+            check_carried(name, datatype, elements, shape, binary_bytes=binary)
+        elif "shared_memory_region" not in parameters:
+            raise Refused(400, f"input '{name}' carries no data (no 'data', binary part or shared-memory region)")
+
+
+def check_region_key(key) -> None:
+    """A system shared-memory registration must not name a region of this machine's servers: scoring into one
+    aborts tritonserver (their locks are the backends' own)."""
+    if not isinstance(key, str) or not key:
+        raise Refused(400, "a shared-memory registration needs a 'key' (the region's name, e.g. '/my_region')")
+    name = key[1:] if key.startswith("/") else key
+    if not name or "/" in name or name in (".", ".."):
+        raise Refused(400, f"shared-memory key {key!r} must be one name, e.g. '/my_region'")
+    if SERVER_REGION.match(name) or _same_file_as_a_server_region(name):
+        raise Refused(403, f"shared-memory region {key!r} belongs to the server itself: register a region of your "
+                           "own (tritonclient.utils.shared_memory.create_shared_memory_region)")
+
+
+def _same_file_as_a_server_region(name: str) -> bool:
+    """A hard link to a server region under another name is the same region."""
+    try:
+        target = (SHM_DIR / name).stat()
+    except OSError:
+        return False  # Triton will say it does not exist
+    for path in SHM_DIR.glob("pa_clip_*"):
+        try:
+            if SERVER_REGION.match(path.name) and os.path.samestat(path.stat(), target):
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def max_image_side(repository: Path | None) -> int:
+    """The longest image side the served encoder is asked to take (``contract.max_image_side``); 0 when the
+    repository has no encoder fingerprint."""
+    if repository is None:
+        return 0
+    try:
+        return C.max_image_side(C.read_fingerprint(Path(repository) / C.VISION_MODEL))
+    except Exception:  # noqa: BLE001 (no fingerprint, or an unreadable model: its own load will say so)
+        return 0

@@ -1,0 +1,403 @@
+"""The guards in front of a real tritonserver (serve.http_guard, serve.grpc_guard) and the canaries behind health:
+what an independent probe used to knock the server over with, replayed, and what must hold instead."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from http.client import HTTPResponse
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import LOT_IMAGE_SIZE as SIZE
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.server
+
+pytest.importorskip("tritonclient.http", reason="tritonclient is not installed: pip install -e '.[serve]'")
+pytest.importorskip("h11", reason="h11 is not installed: pip install -e '.[serve]'")
+try:
+    from serve.local import LocalServer, bundled_server, free_ports
+
+    bundled_server()
+except Exception as err:  # noqa: BLE001
+    pytest.skip(f"tritonserver from the nvidia-pytriton wheel is not available here: {err}", allow_module_level=True)
+
+from client.triton_client import ClientError, PAClipClient  # noqa: E402
+from serve.http_guard import INTERNAL_HEADER, HttpGuard  # noqa: E402
+from serve.request_checks import Limits, max_image_side  # noqa: E402
+
+MAX_REQUEST = 16 << 20
+CRASH_INPUT = {"name": "images", "shape": [1, 100000, 100000, 3], "datatype": "UINT8", "data": [0] * 10}
+BANK_INPUT = {"name": "bank", "shape": [1, 1], "datatype": "BYTES", "data": ["washer"]}
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("guard")
+
+
+@pytest.fixture(scope="module")
+def repository(workdir):
+    repo = workdir / "model_repository"
+    subprocess.run([sys.executable, "-m", "export", "onnx", "--model", "tiny", "--pretrained", "none",
+                    "--image-size", str(SIZE), "--out", str(repo)], cwd=ROOT, check=True, capture_output=True)
+    return repo
+
+
+@pytest.fixture(scope="module")
+def server(repository, workdir):
+    http, grpc, metrics = free_ports(3)
+    limits = Limits(max_request_bytes=MAX_REQUEST, max_image_side=max_image_side(repository))
+    srv = LocalServer(repository, workdir / "banks", http_port=http, grpc_port=grpc, metrics_port=metrics,
+                      log_file=workdir / "server.log", limits=limits).start(timeout=180)
+    client = PAClipClient(srv.http_url)
+    yield srv
+    client.close()
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def bank(server, lot):
+    client = PAClipClient(server.http_url)
+    client.add_images("washer", "washer", lot[:4], reset=True)
+    client.build_bank("washer", {"mode": "mutual"})
+    client.close()
+    return "washer"
+
+
+def exchange(url: str, data: bytes, timeout: float = 30) -> tuple[int, str]:
+    """Send raw bytes; the response read with the standard library's HTTP parser."""
+    host, port = url.split(":")
+    with socket.create_connection((host, int(port)), timeout=timeout) as sock:
+        sock.sendall(data)
+        response = HTTPResponse(sock)
+        response.begin()
+        return response.status, response.read().decode(errors="replace")
+
+
+def request(body: bytes, target: str = "/v2/models/pa_clip/infer", method: str = "POST", version: str = "HTTP/1.1",
+            headers: str | None = None) -> bytes:
+    head = headers if headers is not None else f"Host: x\r\nContent-Length: {len(body)}\r\n"
+    return f"{method} {target} {version}\r\n{head}\r\n".encode() + body
+
+
+def infer_body(*inputs) -> bytes:
+    return json.dumps({"inputs": list(inputs)}).encode()
+
+
+def probe_cases() -> list[tuple[str, bytes, int | None, str]]:
+    """(what, raw request, expected status or None for any 4xx, words expected in the answer)."""
+    crash = infer_body(CRASH_INPUT, BANK_INPUT)
+    small = infer_body({"name": "images", "shape": [1, 2, 2, 3], "datatype": "UINT8", "data": [0] * 12}, BANK_INPUT)
+    cases = [
+        # the bypasses the probe found: the 300-byte request that aborted tritonserver, written other ways
+        ("plain", request(crash), 413, "claims shape"),
+        ("two spaces", request(crash, target=" /v2/models/pa_clip/infer"), 400, "malformed HTTP request"),
+        ("absolute form", request(crash, target="http://x/v2/models/pa_clip/infer"), 400, "plain path"),
+        ("duplicate shape, huge first",
+         request(b'{"inputs": [{"name": "images", "shape": [1, 100000, 100000, 3], "shape": [1, 2, 2, 3], '
+                 b'"datatype": "UINT8", "data": [0,0,0,0,0,0,0,0,0,0,0,0]}]}'), 400, "duplicate key 'shape'"),
+        ("duplicate inputs",
+         request(b'{"inputs": [{"name": "images", "shape": [1, 100000, 100000, 3], "datatype": "UINT8", '
+                 b'"data": [0]}], "inputs": []}'), 400, "duplicate key 'inputs'"),
+        ("900 levels", request(b'{"inputs": [{"name": "images", "shape": [1], "datatype": "UINT8", "data": ' +
+                               b"[" * 900 + b"0" + b"]" * 900 + b"}]}"), 400, "nested"),
+        ("0x0 image", request(infer_body({"name": "images", "shape": [1, 0, 0, 3], "datatype": "UINT8",
+                                          "data": []}, BANK_INPUT)), 400, "at least one pixel"),
+        ("1204x1204 image", request(infer_body({"name": "images", "shape": [1, 1204, 1204, 3],
+                                                "datatype": "UINT8", "data": [0]}, BANK_INPUT)), 413,
+         f"at most {SIZE} pixels"),
+        ("versioned target", request(crash, target="/v2/models/pa_clip/versions/1/infer"), 413, "claims shape"),
+    ]
+    for target in ("/v2/models/pa_clip/infer/", "/v2//models/pa_clip/infer", "/v2/models/pa%5Fclip/infer",
+                   "/v2/models/pa_clip/infer?x=1", "/v2/models/./pa_clip/infer", "/v2/models/../models/pa_clip/infer",
+                   "/v2/models/pa_clip/infer#", "v2/models/pa_clip/infer", "*", "/v2/models/pa_clip/infer%00",
+                   "/V2/models/pa_clip/infer", "/v2\\models\\pa_clip\\infer", "//x/v2/models/pa_clip/infer",
+                   "https://127.0.0.1/v2/models/pa_clip/infer", "/v2/models/pa_clip/infer;x"):
+        cases.append((f"target {target}", request(crash, target=target), 400, ""))
+    for method in ("post", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT", "HEAD"):
+        cases.append((f"method {method}", request(crash, method=method), None, ""))
+    for version in ("HTTP/1.0", "HTTP/1.1 ", "HTTP/2.0", "HTTP/0.9", "HTTPS/1.1", "HTTP/1.1\r\nX"):
+        cases.append((f"version {version!r}", request(crash, version=version), None, ""))
+    length = len(crash)
+    for what, head in [
+        ("two lengths", f"Host: x\r\nContent-Length: {length}\r\nContent-Length: 10\r\n"),
+        ("plus length", f"Host: x\r\nContent-Length: +{length}\r\n"),
+        ("hex length", f"Host: x\r\nContent-Length: 0x{length:x}\r\n"),
+        ("length list", f"Host: x\r\nContent-Length: {length}, {length}\r\n"),
+        ("negative length", "Host: x\r\nContent-Length: -1\r\n"),
+        ("chunked", "Host: x\r\nTransfer-Encoding: chunked\r\n"),
+        ("chunked and length", f"Host: x\r\nTransfer-Encoding: chunked\r\nContent-Length: {length}\r\n"),
+        ("odd encoding", f"Host: x\r\nTransfer-Encoding: gzip\r\nContent-Length: {length}\r\n"),
+        ("no length", "Host: x\r\n"),
+        ("no host", f"Content-Length: {length}\r\n"),
+        ("two hosts", f"Host: x\r\nHost: y\r\nContent-Length: {length}\r\n"),
+        ("folded header", f"Host: x\r\nX-A: 1\r\n  folded\r\nContent-Length: {length}\r\n"),
+        ("no colon", f"Host: x\r\nBroken header\r\nContent-Length: {length}\r\n"),
+        ("space before colon", f"Host: x\r\nContent-Length : {length}\r\n"),
+        ("NUL in header", f"Host: x\r\nX-A: a\0b\r\nContent-Length: {length}\r\n"),
+        ("two header lengths",
+         f"Host: x\r\nContent-Length: {length}\r\nInference-Header-Content-Length: 5\r\n"
+         f"Inference-Header-Content-Length: {length}\r\n"),
+        ("header length past the body", f"Host: x\r\nContent-Length: {length}\r\nInference-Header-Content-Length: "
+                                        f"{length + 1}\r\n"),
+        ("header length not a number", f"Host: x\r\nContent-Length: {length}\r\nInference-Header-Content-Length: "
+                                       "x\r\n"),
+        ("huge length", f"Host: x\r\nContent-Length: {1 << 40}\r\n"),
+        ("bare LF", f"Host: x\nContent-Length: {length}\n"),
+    ]:
+        cases.append((f"header: {what}", request(crash, headers=head), None, ""))
+    for count in (33, 100, 5000, 100_000):
+        cases.append((f"{count} levels", request(b'{"inputs": ' + b"[" * count + b"]" * count + b"}"), 400, "nested"))
+    for constant in (b"NaN", b"Infinity", b"-Infinity"):
+        cases.append((f"{constant!r}", request(b'{"inputs": [{"name": "images", "shape": [1], "datatype": "FP32", '
+                                               b'"data": [' + constant + b"]}]}"), 400, "not JSON"))
+    for cut in range(1, len(small), max(1, len(small) // 60)):  # truncated at ~60 places
+        cases.append((f"cut at {cut}", request(small[:cut]), 400, "not valid JSON"))
+    for key in ("name", "datatype", "data", "parameters"):
+        item = json.dumps({"name": "images", "shape": [1, 2, 2, 3], "datatype": "UINT8", "data": [0] * 12,
+                           "parameters": {}})
+        doubled = item[:-1] + f', "{key}": {json.dumps(json.loads(item)[key])}}}'
+        cases.append((f"duplicate {key}", request(b'{"inputs": [' + doubled.encode() + b"]}"), 400, "duplicate key"))
+    cases.append(("duplicate binary size", request(
+        b'{"inputs": [{"name": "images", "shape": [1, 2, 2, 3], "datatype": "UINT8", "parameters": '
+        b'{"binary_data_size": 12, "binary_data_size": 0}}]}'), 400, "duplicate key"))
+    for body in (b"", b"null", b"[]", b"{}", b'{"inputs": null}', b'{"inputs": "x"}', b'{"inputs": [1]}',
+                 b'{"inputs": ["x"]}', b'{"inputs": [null]}', b'{"inputs": [[]]}', b"\xef\xbb\xbf{}", b"\xff\xfe",
+                 b'{"inputs": [{}]}', b'"inputs"', b"1", b"true", b"{'inputs': []}", b'{"inputs": [], }'):
+        cases.append((f"body {body[:20]!r}", request(body), 400, ""))
+    for shape in ("null", '"1,2,2,3"', "[[1, 2], 2, 3]", "[1.0, 2, 2, 3]", "[true, 2, 2, 3]", "[-1, 2, 2, 3]",
+                  "[18446744073709551617, 1, 1, 3]", "[9223372036854775807, 1, 1, 3]", "[1e9, 1, 1, 3]", "{}",
+                  "[1, 2, 2, 3, -5]", '["1", 2, 2, 3]'):
+        cases.append((f"shape {shape}", request(b'{"inputs": [{"name": "images", "shape": ' + shape.encode() +
+                                                b', "datatype": "UINT8", "data": [0]}]}'), None, ""))
+    for size in ("-1", '"12"', "12.0", "1e3", "99999999", "null", "true", "[12]"):
+        body = (b'{"inputs": [{"name": "images", "shape": [1, 2, 2, 3], "datatype": "UINT8", "parameters": '
+                b'{"binary_data_size": ' + size.encode() + b"}}]}")
+        cases.append((f"binary size {size}", request(body + bytes(12), headers=(
+            f"Host: x\r\nContent-Length: {len(body) + 12}\r\nInference-Header-Content-Length: {len(body)}\r\n")),
+            400, ""))
+    for datatype, data in (("BYTES", '["a"]'), ("FP32", "[0]"), ("INT64", "[0]"), ("FOO", "[0]")):
+        cases.append((f"{datatype} claim", request(b'{"inputs": [{"name": "bank", "shape": [1000000000, 1], '
+                                                   b'"datatype": "' + datatype.encode() + b'", "data": ' +
+                                                   data.encode() + b"}]}"), None, ""))
+    # other endpoints: their JSON is read strictly too
+    for target, body in (("/v2/repository/models/pa_clip/load", b'{"parameters": {}, "parameters": {}}'),
+                         ("/v2/systemsharedmemory/region/r/register", b'{"key": "/a", "key": "/b"}'),
+                         ("/v2/systemsharedmemory/region/r/register", b"[" * 2000 + b"]" * 2000),
+                         ("/v2/systemsharedmemory/region/r/register", b'{"key": "/a/../b", "byte_size": 8}'),
+                         ("/v2/trace/setting", b'{"trace_level": ["TIMESTAMPS"], "trace_level": []}'),
+                         ("/v2/logging", b'{"log_verbose_level": NaN}'),
+                         ("/v2/models/pa_clip/trace/setting", b"{"),
+                         ("/v2/repository/index", b"{,}")):
+        cases.append((f"{target} {body[:16]!r}", request(body, target=target), None, ""))
+    for target in ("/v2/models/../v2/health/ready", "/", "/metrics", "/v2/models/pa_clip/generate_stream/../infer"):
+        cases.append((f"GET {target}", request(b"", target=target, method="GET"), None, ""))
+    return cases
+
+
+def test_the_probes_requests_are_refused_and_the_server_stays_up(server, bank, lot):
+    cases = probe_cases()
+    assert len(cases) >= 180
+    wrong = []
+    for what, raw, status, words in cases:
+        try:
+            got, answer = exchange(server.http_url, raw)
+        except (ConnectionError, socket.timeout, OSError) as err:  # closed without an answer: also a refusal
+            got, answer = 0, str(err)
+        fine = (got == status) if status is not None else (400 <= got < 500 or got in (501, 505) or got == 0)
+        if not fine or words not in answer or got == 0 and status is not None:
+            wrong.append(f"{what}: {got} {answer[:160]}")
+    assert not wrong, "\n".join(wrong)
+    assert server.process.poll() is None and server.ready()
+    log = server.log_file.read_text(errors="replace")
+    assert "bad_alloc" not in log and "terminate called" not in log
+    client = PAClipClient(server.http_url)
+    maps, _ = client.score(lot[:1], bank)
+    client.close()
+    assert maps.shape == (1, SIZE, SIZE)
+
+
+def test_tritonserver_itself_answers_only_requests_carrying_the_guards_secret(server, bank, lot):
+    import tritonclient.grpc as grpcclient
+    import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
+
+    body = json.dumps({"inputs": [{"name": "images", "shape": [1, SIZE, SIZE, 3], "datatype": "UINT8",
+                                   "data": lot[0].reshape(-1).tolist()}, BANK_INPUT],
+                       "parameters": {"binary_data_output": True}}).encode()  # FP16 maps come back binary only
+    assert exchange(server.internal_http_url, request(body))[0] in (401, 403)
+    secret = f"Host: x\r\nContent-Length: {len(body)}\r\n{INTERNAL_HEADER}: {server.secret}\r\n"
+    status, answer = exchange(server.internal_http_url, request(body, headers=secret))
+    assert status == 200, answer
+    assert exchange(server.internal_http_url, request(b"", "/v2/health/ready", "GET"))[0] == 200  # probes
+    grpc_client = grpcclient.InferenceServerClient(f"127.0.0.1:{server.internal_grpc}")
+    with pytest.raises(InferenceServerException):
+        grpc_client.get_model_repository_index()
+    assert grpc_client.get_model_repository_index(
+        headers={f"triton-grpc-protocol-{INTERNAL_HEADER}": server.secret}) is not None
+    assert grpc_client.is_server_ready()
+    grpc_client.close()
+    http_client = httpclient.InferenceServerClient(server.internal_http_url)
+    with pytest.raises(InferenceServerException):
+        http_client.get_model_repository_index()
+    http_client.close()
+
+
+def test_the_servers_own_shared_memory_cannot_be_registered(server, bank, lot):
+    import tritonclient.grpc as grpcclient
+    import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
+
+    regions = sorted(Path("/dev/shm").glob(server.shm_prefix + "*"))
+    assert regions, "the server's backends have no shared memory regions"
+    alias = Path("/dev/shm") / f"alias_{os.getpid()}_{time.monotonic_ns()}"
+    os.link(regions[0], alias)
+    try:
+        for client in (httpclient.InferenceServerClient(server.http_url),
+                       grpcclient.InferenceServerClient(server.grpc_url)):
+            for key in (f"/{regions[0].name}", f"/{alias.name}"):
+                with pytest.raises(InferenceServerException, match="belongs to the server itself"):
+                    client.register_system_shared_memory("stolen", key, 1 << 20)
+            client.close()
+    finally:
+        alias.unlink()
+    # a client's own region still works (the ensemble test in test_serving.py scores through one)
+    client = PAClipClient(server.http_url, shared_memory=True)
+    maps, _ = client.score(lot[:1], bank)
+    client.close()
+    assert maps.shape == (1, SIZE, SIZE) and server.process.poll() is None
+
+
+def test_limits_come_before_work_over_http_and_grpc(server, bank, lot):
+    """(The encoder's own refusal of a large image needs a dynamic-size encoder: tests/test_serving.py, the
+    non-square lot.)"""
+    big = np.zeros((1, 1204, 1204, 3), np.uint8)
+    for protocol, url in (("http", server.http_url), ("grpc", server.grpc_url)):
+        client = PAClipClient(url, protocol)
+        with pytest.raises(ClientError, match=f"at most {SIZE} pixels"):
+            client.score(big, bank)
+        with pytest.raises(ClientError, match="at least one pixel"):
+            client.score(np.zeros((1, 0, 0, 3), np.uint8), bank)
+        client.close()
+    # gRPC's own maximum receive size: a message over the server's limit never reaches Triton
+    huge = np.zeros((1, 2600, 2600, 3), np.uint8)  # 20 MB > 16 MB
+    client = PAClipClient(server.grpc_url, "grpc")
+    with pytest.raises(ClientError, match="(?i)larger than max|RESOURCE_EXHAUSTED"):
+        client.score(huge, bank)
+    client.close()
+    assert server.process.poll() is None
+
+
+def test_slow_clients_time_out_and_held_bodies_are_capped(server, bank):
+    limits = Limits(max_request_bytes=1 << 20, max_inflight_bytes=1 << 20, idle_timeout_s=1.0, head_timeout_s=1.0,
+                    read_timeout_s=1.0)
+    port = free_ports(1)[0]
+    guard = HttpGuard("127.0.0.1", port, server.internal_http, limits, secret=server.secret).start()
+    try:
+        slow = []
+        for _ in range(50):  # half a head each, never finished
+            sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+            sock.sendall(b"POST /v2/models/pa_clip/infer HTTP/1.1\r\nHost: x\r\n")
+            slow.append(sock)
+        stalled = socket.create_connection(("127.0.0.1", port), timeout=10)  # a body that stops coming
+        stalled.sendall(b"POST /v2/models/pa_clip/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 900000\r\n\r\n{")
+        # while it holds 900 kB, a second big body is over the 1 MB in flight: 503, retry
+        status, answer = exchange(f"127.0.0.1:{port}", request(b"x" * 200_000))
+        assert status == 503 and "retry" in answer, answer
+        for sock in [*slow, stalled]:  # each dropped without an answer once its timeout passed
+            try:
+                assert sock.recv(4096) == b"", "a slow client got an answer"
+            except ConnectionResetError:
+                pass
+            sock.close()
+        assert guard.inflight_bytes == 0
+        # the bytes are free again: the same request is read and checked now
+        status, answer = exchange(f"127.0.0.1:{port}", request(b"x" * 200_000))
+        assert status == 400 and "not valid JSON" in answer
+        idle = socket.create_connection(("127.0.0.1", port), timeout=10)
+        idle.sendall(request(b"", "/v2/health/live", "GET"))
+        time.sleep(2.5)  # over the idle timeout after its answer
+        received = b""
+        while chunk := idle.recv(4096):
+            received += chunk
+        assert received.startswith(b"HTTP/1.1 200"), received  # answered, then closed for idling
+        idle.close()
+    finally:
+        guard.stop()
+
+
+def test_a_dead_stub_makes_health_false_and_the_server_comes_back(repository, workdir, lot):
+    """Kill -9 of each Python-run model's stub (what the OOM killer does): ready must go false, the supervisor must
+    restart the server, and a request must be answered again. Prints how long each took (README, Reliability)."""
+    http, grpc, metrics = free_ports(3)
+    proc = subprocess.Popen([sys.executable, "-m", "serve", "--repository", str(repository), "--banks",
+                             str(workdir / "banks_canary"), "--http-port", str(http), "--grpc-port", str(grpc),
+                             "--metrics-port", str(metrics), "--canary-interval", "1", "--max-restarts", "9"],
+                            cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    url = f"127.0.0.1:{http}"
+
+    def ready() -> bool:
+        try:
+            with urllib.request.urlopen(f"http://{url}/v2/health/ready", timeout=5) as response:
+                return response.status == 200
+        except (urllib.error.URLError, ConnectionError, OSError):
+            return False
+
+    def wait(condition, limit: float) -> float:
+        started = time.monotonic()
+        while not condition():
+            assert time.monotonic() - started < limit, f"not within {limit} s"
+            time.sleep(0.1)
+        return time.monotonic() - started
+
+    try:
+        wait(ready, 180)
+        client = PAClipClient(url)
+        client.add_images("w", "washer", lot[:4], reset=True)
+        client.build_bank("w", {"mode": "mutual"})
+        client.close()
+        timings = []
+        for model in ("pa_clip_score", "pa_clip_bank", "clip_vision", "clip_text"):
+            (stub,) = _stub_pids(proc.pid, model)
+            os.kill(stub, signal.SIGKILL)
+            noticed = wait(lambda: not ready(), 15)
+            back = noticed + wait(ready, 120)
+            client = PAClipClient(url)
+            maps, _ = client.score(lot[:1], "w")
+            client.close()
+            assert maps.shape == (1, SIZE, SIZE)
+            timings.append((model, noticed, back))
+        print("\n".join(f"{m}: not ready after {n:.1f} s, serving again after {b:.1f} s" for m, n, b in timings))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    log = proc.stderr.read()
+    assert log.count("failed its canary") >= 4 and "is not healthy" in log, log[-3000:]
+
+
+def _stub_pids(owner: int, model: str) -> list[int]:
+    """The Python-backend stub of ``model`` in the server that ``owner`` started (its shared-memory prefix names
+    the owner; its instance name is the model's)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                args = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if args and args[0].endswith(b"triton_python_backend_stub") and f"{model}_0_0".encode() in args and \
+                    any(a.startswith(f"pa_clip_{owner}_".encode()) for a in args):
+                pids.append(int(entry.name))
+    return pids
