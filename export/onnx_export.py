@@ -96,6 +96,26 @@ def ort_session(model: str | Path | bytes, precision: str = "fp32", threads: int
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
 
+def ort_run_options_shrinking_the_arena():
+    """Run options under which ONNX Runtime hands its CPU arena's unused chunks back at the end of the run."""
+    import onnxruntime as ort
+
+    options = ort.RunOptions()
+    options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+    return options
+
+
+def release_freed_heap() -> None:
+    """Return freed heap pages to the system (glibc keeps them for reuse otherwise); a no-op elsewhere."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def check_runs(path: Path, feeds: dict, precision: str = "fp32") -> list[np.ndarray]:
     """Load the file in ONNX Runtime and run it once: an export that does not load is not written."""
     return ort_session(path, precision).run(None, feeds)

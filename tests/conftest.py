@@ -114,3 +114,28 @@ def lot(lot_dir):
     from client.infer import load_image
 
     return np.stack([load_image(p, LOT_IMAGE_SIZE)[1] for p in sorted(lot_dir.glob("*.png"))])
+
+
+def stub_pids(owner: int, model: str) -> list[int]:
+    """The Python-backend stub of ``model`` in the server that ``owner`` started (its shared-memory prefix names
+    the owner; its instance name is the model's)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                args = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if args and args[0].endswith(b"triton_python_backend_stub") and f"{model}_0_0".encode() in args and \
+                    any(a.startswith(f"pa_clip_{owner}_".encode()) for a in args):
+                pids.append(int(entry.name))
+    return pids
+
+
+def stub_rss_mb(owner: int, model: str) -> float:
+    """Resident memory of ``model``'s stub (``stub_pids``)."""
+    (pid,) = stub_pids(owner, model)
+    for line in (Path("/proc") / str(pid) / "status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmRSS for pid {pid}")

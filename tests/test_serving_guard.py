@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import LOT_IMAGE_SIZE as SIZE
+from conftest import LOT_IMAGE_SIZE as SIZE, stub_pids
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.server
@@ -367,7 +367,7 @@ def test_a_dead_stub_makes_health_false_and_the_server_comes_back(repository, wo
         client.close()
         timings = []
         for model in ("pa_clip_score", "pa_clip_bank", "clip_vision", "clip_text"):
-            (stub,) = _stub_pids(proc.pid, model)
+            (stub,) = stub_pids(proc.pid, model)
             os.kill(stub, signal.SIGKILL)
             noticed = wait(lambda: not ready(), 15)
             back = noticed + wait(ready, 120)
@@ -385,19 +385,3 @@ def test_a_dead_stub_makes_health_false_and_the_server_comes_back(repository, wo
             proc.kill()
     log = proc.stderr.read()
     assert log.count("failed its canary") >= 4 and "is not healthy" in log, log[-3000:]
-
-
-def _stub_pids(owner: int, model: str) -> list[int]:
-    """The Python-backend stub of ``model`` in the server that ``owner`` started (its shared-memory prefix names
-    the owner; its instance name is the model's)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                args = (entry / "cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if args and args[0].endswith(b"triton_python_backend_stub") and f"{model}_0_0".encode() in args and \
-                    any(a.startswith(f"pa_clip_{owner}_".encode()) for a in args):
-                pids.append(int(entry.name))
-    return pids
