@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-restarts", type=int, default=5,
                    help="restart a tritonserver that dies or whose model fails its canary, up to this many times "
                    "within ten minutes")
+    p.add_argument("--tritonserver", default=None,
+                   help="a full Triton install's binary (NVIDIA's image: /opt/tritonserver/bin/tritonserver, with its "
+                   "native backends) instead of the one the nvidia-pytriton wheel bundles")
     p.add_argument("--canary-interval", type=float, default=2.0,
                    help="seconds between canary requests through each Python-run model (0: none)")
     p.add_argument("--max-request-mb", type=int, default=256, help="largest request body / gRPC message taken")
@@ -70,7 +73,7 @@ def main(argv=None) -> int:
                         max_image_side=max_image_side(Path(args.repository)))
         server = LocalServer(args.repository, args.banks, args.host, args.http_port, args.grpc_port,
                              args.metrics_port, args.log, log_verbose=args.verbose, key=key,
-                             metrics_host=args.metrics_host, limits=limits)
+                             metrics_host=args.metrics_host, limits=limits, tritonserver=args.tritonserver)
         print(f"starting tritonserver on {args.host} (log: {server.log_file}) ...", file=sys.stderr, flush=True)
         start = time.monotonic()
         server.start(args.ready_timeout)

@@ -19,9 +19,7 @@ from tritonclient.grpc import model_config_pb2
 
 from postprocess.serving import CANARY_PARAMETER, canary_message
 
-# models run by a Python stub here: the Python backend, and ONNX models served by serve/onnxruntime_backend.py
-PYTHON_RUN = {"python"}
-PYTHON_RUN_PLATFORMS = {"onnxruntime_onnx"}
+PYTHON_BACKEND = "python"
 DTYPES = {"TYPE_STRING": "BYTES", "TYPE_FP16": "FP16", "TYPE_FP32": "FP32", "TYPE_UINT8": "UINT8",
           "TYPE_INT64": "INT64", "TYPE_INT32": "INT32", "TYPE_BOOL": "BOOL"}
 
@@ -31,9 +29,10 @@ def read_config(model_dir: Path) -> model_config_pb2.ModelConfig:
     return text_format.Parse((model_dir / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
 
 
-def python_run_models(repository: Path) -> list[model_config_pb2.ModelConfig]:
+def python_run_models(repository: Path, platforms: set[str]) -> list[model_config_pb2.ModelConfig]:
+    """The models of the Python backend, and those of ``platforms`` (run by a Python stub on this server)."""
     configs = [read_config(path.parent) for path in sorted(Path(repository).glob("*/config.pbtxt"))]
-    return [c for c in configs if c.backend in PYTHON_RUN or c.platform in PYTHON_RUN_PLATFORMS]
+    return [c for c in configs if c.backend == PYTHON_BACKEND or c.platform in platforms]
 
 
 def canary_inputs(config: model_config_pb2.ModelConfig, tritonclient_http) -> list:
@@ -67,7 +66,7 @@ class Canaries:
         self.server = server
         self.interval_s = interval_s
         self.http = http
-        self.models = python_run_models(server.repository)
+        self.models = python_run_models(server.repository, server.python_run_platforms)
         self.pool = ThreadPoolExecutor(max(1, len(self.models)), thread_name_prefix="canary")
         self.in_flight: dict = {}
         self.last_sent = 0.0

@@ -108,7 +108,9 @@ def prepare_backends(target: Path) -> Path:
 def server_environment(banks: Path | None) -> dict:
     env = dict(os.environ)
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
-    libs = [sysconfig.get_config_var("LIBDIR") or "", str(pytriton_dir().parent / "nvidia_pytriton.libs")]
+    libs = [sysconfig.get_config_var("LIBDIR") or ""]
+    if importlib.util.find_spec("pytriton") is not None:  # the bundle's own libraries (absent in the NGC image)
+        libs.append(str(pytriton_dir().parent / "nvidia_pytriton.libs"))
     env["LD_LIBRARY_PATH"] = os.pathsep.join([p for p in libs if p] + [env.get("LD_LIBRARY_PATH", "")]).rstrip(":")
     if banks is not None:
         env["PA_CLIP_BANKS"] = str(Path(banks).resolve())
@@ -145,13 +147,19 @@ class LocalServer:
     def __init__(self, repository: str | Path, banks: str | Path | None = None, host: str = "127.0.0.1",
                  http_port: int = 8000, grpc_port: int = 8001, metrics_port: int = 8002,
                  log_file: str | Path | None = None, extra_args: list[str] | None = None, log_verbose: int = 0,
-                 key: str | None = None, metrics_host: str = "127.0.0.1", limits: Limits | None = None):
+                 key: str | None = None, metrics_host: str = "127.0.0.1", limits: Limits | None = None,
+                 tritonserver: str | Path | None = None):
         """``key``: when given, every API but health (inference, bank actions, metadata, shared memory, model
         control, statistics, trace, logging) answers only requests carrying it in the ``pa-clip-key`` header (HTTP)
         or metadata (gRPC). The metrics port cannot check a key: it stays on ``metrics_host`` (loopback).
         Clients reach HTTP and gRPC through the guards (``serve.http_guard``, ``serve.grpc_guard``: ``limits``, by
         default 256 MB a request and the encoder's longest image side); tritonserver's own ports are free ports on
-        loopback that answer only requests carrying a secret drawn at each start (health aside)."""
+        loopback that answer only requests carrying a secret drawn at each start (health aside).
+        ``tritonserver``: the binary of a full Triton install (``/opt/tritonserver/bin/tritonserver`` in NVIDIA's
+        image, with its native onnxruntime / TensorRT backends beside it) instead of the nvidia-pytriton bundle."""
+        self.tritonserver = Path(tritonserver) if tritonserver is not None else None
+        if self.tritonserver is not None and not self.tritonserver.is_file():
+            raise ServerError(f"no tritonserver binary at {self.tritonserver}")
         self.repository = Path(repository).resolve()
         if not (self.repository.is_dir() and any(self.repository.glob("*/config.pbtxt"))):
             raise ServerError(f"{self.repository} is not a model repository (no */config.pbtxt): "
@@ -180,6 +188,12 @@ class LocalServer:
         self.health_state = (True, "")  # set by the supervisor's canaries (serve.__main__); the guards report it
         self.process: subprocess.Popen | None = None
 
+    @property
+    def python_run_platforms(self) -> set[str]:
+        """Platforms this server runs through a Python stub: with the bundle, ONNX models go to
+        serve/onnxruntime_backend.py; a full Triton install has the native backend."""
+        return set() if self.tritonserver is not None else {"onnxruntime_onnx"}
+
     def health(self) -> tuple[bool, str]:
         return self.health_state
 
@@ -201,8 +215,12 @@ class LocalServer:
         return f"{self.host}:{self.grpc_port}"
 
     def command(self) -> list[str]:
-        binary, _, _ = bundled_server()
-        backends = prepare_backends(self.runtime / "backends")
+        if self.tritonserver is not None:  # a full Triton install (the NGC image): its own native backends
+            binary = self.tritonserver
+            backends = binary.parent.parent / "backends"
+        else:
+            binary, _, _ = bundled_server()
+            backends = prepare_backends(self.runtime / "backends")
         shm = [f"shm-region-prefix-name={self.shm_prefix}", "shm-default-byte-size=16777216",
                "shm-growth-byte-size=67108864"]
         args = [str(binary), "--model-repository", str(self.repository), "--backend-directory", str(backends),

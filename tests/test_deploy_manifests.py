@@ -4,7 +4,7 @@ from pathlib import Path
 
 import yaml
 
-from serve.local import RESTRICTED_APIS
+from serve import __main__ as serve_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,9 +28,13 @@ def test_manifests_describe_replicas_on_a_shared_bank_store_behind_a_key():
     assert env["PA_CLIP_BANKS"]["value"] == mounts["banks"]
     claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod["spec"]["volumes"]}
     assert claims["banks"] == docs["PersistentVolumeClaim"]["metadata"]["name"]
+    # the pods run python -m serve: its guards face clients (the key checked there, from $PA_CLIP_KEY), and its
+    # canaries stand behind the readiness probe; tritonserver is the image's own, on loopback
     command = " ".join(container["args"])
-    restricted = ",".join(RESTRICTED_APIS) + ":pa-clip-key=$(PA_CLIP_KEY)"  # the same APIs python -m serve guards
-    assert f"--http-restricted-api={restricted}" in command and f"--grpc-restricted-protocol={restricted}" in command
+    args = serve_cli.build_parser().parse_args(command.split("-m serve", 1)[1].split())
+    assert args.tritonserver == "/opt/tritonserver/bin/tritonserver" and args.host == "0.0.0.0"
+    assert (args.http_port, args.grpc_port, args.metrics_port) == (8000, 8001, 8002)
+    assert args.key is None and args.canary_interval > 0 and args.banks == mounts["banks"]
     service = docs["Service"]["spec"]
     assert service["selector"] == pod["metadata"]["labels"]
     assert {p["targetPort"] for p in service["ports"]} == set(ports)

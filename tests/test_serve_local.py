@@ -40,3 +40,25 @@ def test_a_stop_leaves_no_start_up_folder_unless_it_holds_the_log(tmp_path):
     assert inside.log_file.read_text() == "log" and not (inside.runtime / "backends").exists()
     inside.log_file.unlink()
     inside.runtime.rmdir()
+
+
+def test_a_full_triton_install_is_run_with_its_own_backends(tmp_path):
+    """NVIDIA's image (docs/k8s): its tritonserver, the backends folder beside it, no Python stand-in for ONNX; only
+    Python-backend models get canaries there."""
+    from serve.canary import python_run_models
+
+    binary = tmp_path / "opt" / "tritonserver" / "bin" / "tritonserver"
+    binary.parent.mkdir(parents=True)
+    binary.write_text("")
+    repo = _repository(tmp_path)
+    (repo / "enc").mkdir()
+    (repo / "enc" / "config.pbtxt").write_text('name: "enc"\nplatform: "onnxruntime_onnx"\n')
+    server = LocalServer(repo, log_file=tmp_path / "log", tritonserver=binary)
+    command = server.command()
+    assert command[0] == str(binary)
+    assert command[command.index("--backend-directory") + 1] == str(tmp_path / "opt" / "tritonserver" / "backends")
+    assert [c.name for c in python_run_models(repo, server.python_run_platforms)] == ["m"]
+    bundled = LocalServer(repo, log_file=tmp_path / "log")
+    assert [c.name for c in python_run_models(repo, bundled.python_run_platforms)] == ["enc", "m"]
+    server.stop()
+    bundled.stop()
