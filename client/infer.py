@@ -10,9 +10,12 @@ Every image gets its raw score, a calibrated score (0-1, 0.5 at the bank's autom
 normal or anomalous: the bank derives the threshold from its own lot for a false-alarm budget (--false-alarm-rate,
 default 1% of good parts called defective), so no labels and no guessing of a threshold are needed.
 
-Writes OUT/results.csv (path,score,calibrated,decision,overlay), OUT/results.json (everything, plus the bank's
-summary) and OUT/overlays/*.png (image | heat map; blue = like the lot, red = anomalous, on the bank's colour
-scale).
+Writes OUT/results.csv (rank,path,score,calibrated,decision,width,height,overlay,note: worst first, then the
+images skipped or failed with the reason), OUT/results.json (everything, plus the bank's summary) and
+OUT/overlays/*.png (file name, score and decision above [image | heat map]: blue = like the lot, red = anomalous, on
+the bank's colour scale, with a colour bar and a white outline where the map crosses the threshold); prints the
+counts and the ten worst images, and writes OUT/report.html: the score histogram with the threshold and the images
+worst first as thumbnails linking to their overlays, in one self-contained page.
 """
 
 from __future__ import annotations
@@ -36,7 +39,8 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from client.heatmap import save_panel
+from client.heatmap import DEFAULT_OVERLAY_SIZE, Caption, save_panel
+from client.report import write_report
 from client import lot_checks
 from client.images import IMAGE_SUFFIXES, decode, display_copy, image_size_of, model_input
 from client.triton_client import ClientError, PAClipClient
@@ -148,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shared-memory", action="store_true",
                    help="send pixels and receive maps through system shared memory (client on the server's host)")
     p.add_argument("--no-overlays", action="store_true", help="write scores only")
+    p.add_argument("--overlay-size", type=int, default=DEFAULT_OVERLAY_SIZE, metavar="PIXELS",
+                   help=f"longest side of each panel of an overlay (default {DEFAULT_OVERLAY_SIZE}; 0: the original's "
+                   "size); results.csv keeps the original's width and height")
     p.add_argument("--save-maps", action="store_true", help="also write each map as float16 .npy")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for one request (builds are long)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -180,8 +187,11 @@ def build(client: PAClipClient, bank: str, category: str, images: np.ndarray, op
 
 
 def score_all(args, loaded: list, bank: str, value_range: tuple[float, float], out: Path, root: Path | None,
-              progress: bool) -> tuple[list, list]:
-    """Score in batches with ``args.concurrency`` requests in flight; overlays are written as results arrive."""
+              progress: bool, calibration: D.Calibration | None = None,
+              threshold: float | None = None) -> tuple[list, list]:
+    """Score in batches with ``args.concurrency`` requests in flight; each result gets its decision
+    (``add_decisions``) and its overlay as it arrives."""
+    outline_at = raw_threshold(calibration, threshold)
     local = threading.local()
     clients = []
     lock = threading.Lock()
@@ -199,13 +209,18 @@ def score_all(args, loaded: list, bank: str, value_range: tuple[float, float], o
         rows = []
         for (path, original, _, info), amap, score in zip(batch, maps, scores):
             name = relative_name(path, root)
-            row = {"path": str(path), "score": float(score)}
+            row = {"path": str(path), "score": float(score), "width": original.shape[1],
+                   "height": original.shape[0]}
+            add_decisions([row], calibration, threshold)
             if info["turned"]:  # sent turned a quarter counter-clockwise: the map is turned back onto the image
                 amap = np.rot90(amap, -1)
                 row["turned"] = True
             if not args.no_overlays:
                 target = out / "overlays" / Path(name).with_suffix(".png")
-                save_panel(target, original, amap, *value_range)
+                # the outline: where the map crosses the image threshold (an image's score is its map's maximum by
+                # default, so an image called anomalous is outlined where that happens)
+                caption = Caption(name, row["score"], row["calibrated"], row["decision"], outline_at)
+                save_panel(target, original, amap, *value_range, caption=caption, max_side=args.overlay_size or None)
                 row["overlay"] = str(target)
             if args.save_maps:
                 target = out / "maps" / Path(name).with_suffix(".npy")
@@ -232,8 +247,9 @@ def score_all(args, loaded: list, bank: str, value_range: tuple[float, float], o
         bar.close()
         for c in clients:
             c.close()
-    order = {str(item[0]): i for i, item in enumerate(loaded)}
-    results.sort(key=lambda row: order[row["path"]])
+    results.sort(key=lambda row: (-row["score"], row["path"]))  # worst first
+    for rank, row in enumerate(results, 1):
+        row["rank"] = rank
     return results, failed
 
 
@@ -248,6 +264,13 @@ def parse_threshold(text: str) -> float | None:
     return D.check_calibrated_threshold(value)
 
 
+def raw_threshold(calibration: D.Calibration | None, threshold: float | None) -> float | None:
+    """The threshold in raw score (and map) units: the bank's automatic one, or the user's calibrated one."""
+    if calibration is None:
+        return None
+    return calibration.threshold if threshold is None else calibration.raw(threshold)
+
+
 def add_decisions(rows: list, calibration: D.Calibration | None, threshold: float | None) -> None:
     """Each row gets its calibrated score and decision (0.5 on the calibrated scale = the automatic threshold)."""
     for row in rows:
@@ -259,18 +282,40 @@ def add_decisions(rows: list, calibration: D.Calibration | None, threshold: floa
         row["decision"] = D.decide([calibrated], 0.5 if threshold is None else threshold)[0]
 
 
-def write_results(out: Path, rows: list) -> Path:
+CSV_COLUMNS = ["rank", "path", "score", "calibrated", "decision", "width", "height", "overlay", "note"]
+
+
+def write_results(out: Path, rows: list, skipped: list = (), failed: list = ()) -> Path:
+    """results.csv: the scored images worst first (rank 1 = highest score), then those skipped or failed, each with
+    its reason in 'note'. width x height: the original's, as it lies (the overlay may be smaller)."""
     def write(tmp: Path) -> None:
         with open(tmp, "w", newline="") as f:
             writer = csv.writer(f)
-            writer.writerow(["path", "score", "calibrated", "decision", "overlay"])
+            writer.writerow(CSV_COLUMNS)
             for row in rows:
                 calibrated = row.get("calibrated")
-                writer.writerow([row["path"], f"{row['score']:.6f}",
+                writer.writerow([row.get("rank", ""), row["path"], f"{row['score']:.6f}",
                                  "" if calibrated is None or not np.isfinite(calibrated) else f"{calibrated:.4f}",
-                                 row.get("decision", "unknown"), row.get("overlay", "")])
+                                 row.get("decision", "unknown"), row.get("width", ""), row.get("height", ""),
+                                 row.get("overlay", ""), "turned a quarter to score" if row.get("turned") else ""])
+            for kind, items in (("skipped", skipped), ("failed", failed)):
+                for item in items:
+                    writer.writerow(["", item["path"], "", "", kind, "", "", "", item.get("error", "")])
 
     return write_atomic(out / "results.csv", write)
+
+
+def print_summary(rows: list, skipped: list, failed: list, worst: int = 10) -> None:
+    """Counts, then the worst images with their scores and decisions."""
+    flagged = sum(r.get("decision") == "anomalous" for r in rows)
+    print(f"{len(rows)} scored, {len(skipped)} skipped, {len(failed)} failed; {flagged} flagged anomalous",
+          file=sys.stderr)
+    if rows:
+        print(f"worst {min(worst, len(rows))} (rank, score, calibrated, decision, image):", file=sys.stderr)
+    for row in rows[:worst]:
+        calibrated = "-" if row.get("calibrated") is None else f"{row['calibrated']:.3f}"
+        print(f"  {row['rank']:>4}  {row['score']:.4f}  {calibrated:>5}  {row.get('decision', 'unknown'):<9}  "
+              f"{row['path']}", file=sys.stderr)
 
 
 def calibration_of(info: dict, false_alarm_rate: float | None) -> D.Calibration | None:
@@ -372,14 +417,14 @@ def main(argv=None) -> int:
     except (ClientError, RequestError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    t1 = time.perf_counter()
-    rows, failed = score_all(args, loaded, bank, tuple(info["map_range"]), out, root, progress)
-    elapsed = time.perf_counter() - t1
     calibration = calibration_of(info, args.false_alarm_rate)
     if calibration is None:
         warn(f"bank {bank!r} was built before banks kept a calibration: no decisions; build it again (--build)")
-    add_decisions(rows, calibration, threshold)
-    csv_path = write_results(out, rows)
+    t1 = time.perf_counter()
+    rows, failed = score_all(args, loaded, bank, tuple(info["map_range"]), out, root, progress, calibration,
+                             threshold)
+    elapsed = time.perf_counter() - t1
+    csv_path = write_results(out, rows, skipped, failed)
     report = {
         "bank": summary_of(info), "protocol": args.protocol,
         "decision": None if calibration is None else {
@@ -397,6 +442,11 @@ def main(argv=None) -> int:
                if threshold is None else f"calibrated threshold {threshold}")
         line += f"; {called} anomalous, {len(rows) - called} normal at the {how}"
     print(f"{line}. Wrote {csv_path}" + ("" if args.no_overlays else f" and {out / 'overlays'}/"), file=sys.stderr)
+    page = write_report(out, f"PA-CLIP: {len(rows)} images against bank {bank!r}", rows, skipped, failed,
+                        raw_threshold(calibration, threshold), line)
+    print(f"report page: {page}", file=sys.stderr)
+    if not args.quiet:
+        print_summary(rows, skipped, failed)
     if failed:
         print(f"error: {len(failed)} image(s) failed: {failed[0]['error']}", file=sys.stderr)
         return 1

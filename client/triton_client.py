@@ -117,6 +117,13 @@ class PAClipClient:
     def delete_bank(self, bank: str) -> dict:
         return self.bank_action("delete", bank)
 
+    def store(self) -> dict:
+        """Every bank with its sizes, the pending lots, and the store's bytes and limit."""
+        return self.bank_action("list")
+
+    def prune_banks(self) -> dict:
+        return self.bank_action("prune")
+
     def add_images(self, bank: str, category: str, images: np.ndarray, reset: bool = False) -> dict:
         return self.bank_action("add", bank, category, images, {"reset": True} if reset else None)
 

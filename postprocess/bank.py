@@ -304,10 +304,13 @@ class BankStore:
 
     STALE_AFTER_S = 6 * 3600  # a leftover or a lock of another host counts as abandoned after this long
 
-    def __init__(self, root: str | Path, pending_ttl_s: float = 24 * 3600):
+    PRUNE_AFTER_S = 600  # an older version younger than this may still be being loaded by a replica: prune keeps it
+
+    def __init__(self, root: str | Path, pending_ttl_s: float = 24 * 3600, max_bytes: int | None = None):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.pending_ttl_s = pending_ttl_s  # a lot added but never built is removed after this long
+        self.max_bytes = max_bytes  # what the whole store may hold (python -m serve --max-store-gb); None: no limit
 
     # -- committed banks --------------------------------------------------------------------------------------
     def _dir(self, bank_id: str) -> Path:
@@ -350,6 +353,42 @@ class BankStore:
         resident = sum(int(np.prod(t["shape"])) * itemsize[t["dtype"]] for t in tensors.values())
         return {"bytes_on_disk": sum(p.stat().st_size for p in folder.iterdir()), "bytes_in_memory": resident}
 
+    def versions(self, bank_id: str) -> list[dict]:
+        """The versions on disk, newest first, each with its bytes and whether it is the live one."""
+        current = self.current_version(bank_id)
+        folders = sorted(self._dir(bank_id).glob("v-*"), key=lambda p: p.stat().st_mtime, reverse=True)
+        return [{"version": p.name, "live": p.name == current, "bytes": _bytes_under(p)} for p in folders]
+
+    def total_bytes(self) -> int:
+        return _bytes_under(self.root)
+
+    def check_room(self, adding: int = 0) -> None:
+        """Refuse, with what to do, a write that would take the store over ``max_bytes``."""
+        if self.max_bytes is None:
+            return
+        held = self.total_bytes()
+        if held + adding > self.max_bytes:
+            raise StoreFull(f"the bank store ({self.root}) holds {_human(held)} and this would add "
+                            f"{_human(adding)}; this server keeps at most {_human(self.max_bytes)} "
+                            "(python -m serve --max-store-gb): delete banks you no longer need (python -m "
+                            "client.banks delete ID) or prune old versions (python -m client.banks prune)")
+
+    def prune(self) -> dict:
+        """Remove what no one needs: versions other than the live one (older than ``PRUNE_AFTER_S``), bank folders
+        a failed build left empty, and ``clean``'s leftovers. Returns what went and the bytes freed."""
+        before = self.total_bytes()
+        removed = self.clean()
+        for folder in sorted(p for p in self.root.iterdir() if p.is_dir() and BANK_ID_PATTERN.fullmatch(p.name)):
+            current = self.current_version(folder.name)
+            for version in folder.glob("v-*"):
+                if version.name != current and time.time() - version.stat().st_mtime > self.PRUNE_AFTER_S:
+                    shutil.rmtree(version, ignore_errors=True)
+                    removed.append(str(version))
+            if _holds_nothing(folder):
+                shutil.rmtree(folder, ignore_errors=True)
+                removed.append(str(folder))
+        return {"removed": removed, "freed_bytes": max(0, before - self.total_bytes())}
+
     def load(self, bank_id: str, encoder: dict | None = None) -> Bank:
         version = self.current_version(bank_id)
         if version is None:
@@ -366,6 +405,7 @@ class BankStore:
     def save(self, bank: Bank) -> str:
         """Commit a bank: write a new version folder completely, then point CURRENT at it."""
         bank_id = check_bank_id(bank.manifest["bank"])
+        self.check_room(bank.nbytes)  # the arrays are stored as they are held: their bytes are the file's
         folder = self._dir(bank_id)
         folder.mkdir(exist_ok=True)
         # unique across replicas on a shared volume: the host's name, then 48 random bits
@@ -445,6 +485,8 @@ class BankStore:
             yield
         finally:
             lock.unlink(missing_ok=True)
+            if _holds_nothing(folder):  # a build that failed before anything was written leaves no folder behind
+                shutil.rmtree(folder, ignore_errors=True)
 
     @staticmethod
     def _lock_holder(lock: Path) -> dict:
@@ -461,6 +503,7 @@ class BankStore:
                    reset: bool = False) -> int:
         """Append encoded images to the bank's pending lot; returns the lot's size."""
         lot = self._lot(bank_id)
+        self.check_room(images.nbytes + sum(int(a.nbytes) for a in features.outputs().values()))
         if reset and lot.exists():
             shutil.rmtree(lot)
         lot.mkdir(parents=True, exist_ok=True)
@@ -521,6 +564,30 @@ class BankStore:
         return expired
 
 
+def _human(n: int) -> str:
+    return f"{n / 2**30:.2f} GB" if n >= 2**29 else f"{n / 2**20:.1f} MB"
+
+
+def _bytes_under(path: Path) -> int:
+    total = 0
+    for item in path.rglob("*"):
+        try:
+            if item.is_file() and not item.is_symlink():
+                total += item.stat().st_size
+        except OSError:  # removed meanwhile
+            continue
+    return total
+
+
+def _holds_nothing(folder: Path) -> bool:
+    """A bank folder without a live version, a pending lot, a version or a build in progress."""
+    try:
+        return folder.is_dir() and not any(p.name in ("CURRENT", "lot", ".build-lock") or p.name.startswith("v-")
+                                           for p in folder.iterdir())
+    except OSError:
+        return False
+
+
 def _load_tensors_meta(path: Path) -> tuple[dict, dict]:
     """The tensors' ``{"shape", "dtype"}`` and the metadata of a safetensors file, without reading the tensors."""
     with open(path, "rb") as f:
@@ -530,5 +597,5 @@ def _load_tensors_meta(path: Path) -> tuple[dict, dict]:
     return header, meta
 
 
-__all__ = ["Bank", "BankError", "BankStore", "build_bank", "score_with_bank", "image_key", "check_bank_id",
+__all__ = ["Bank", "BankError", "BankStore", "StoreFull", "build_bank", "score_with_bank", "image_key", "check_bank_id",
            "config_from_dict"]

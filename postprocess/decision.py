@@ -72,6 +72,11 @@ class Calibration:
         z = (np.asarray(scores, dtype=np.float64) - self.threshold) / self.spread
         return 1.0 / (1.0 + np.exp(-np.clip(z, -60.0, 60.0)))
 
+    def raw(self, calibrated: float) -> float:
+        """The raw score whose calibrated score is ``calibrated`` (strictly between 0 and 1): ``calibrated``'s
+        inverse, e.g. a user's calibrated threshold in map units."""
+        return float(self.threshold + self.spread * np.log(calibrated / (1.0 - calibrated)))
+
     def to_dict(self) -> dict:
         return {**asdict(self), "threshold": self.threshold}
 

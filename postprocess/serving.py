@@ -38,6 +38,23 @@ def bank_root(model_repository: str | Path, configured: str = "") -> Path:
     return path if path.is_absolute() else repo.parent / path
 
 
+STORE_LIMIT_ENV = "PA_CLIP_MAX_STORE_GB"  # python -m serve --max-store-gb: what the bank store may hold
+
+
+def store_limit_bytes() -> int | None:
+    """The bank store's size limit from the environment (None: no limit)."""
+    text = os.environ.get(STORE_LIMIT_ENV, "").strip()
+    if not text:
+        return None
+    try:
+        gigabytes = float(text)
+    except ValueError:
+        raise ValueError(f"{STORE_LIMIT_ENV} must be a number of gigabytes, got {text!r}") from None
+    if not gigabytes > 0:
+        raise ValueError(f"{STORE_LIMIT_ENV} must be positive, got {text!r}")
+    return int(gigabytes * 2**30)
+
+
 def describe_failure(model: str, err: BaseException, log_error) -> tuple[str, bool]:
     """(message for the client, whether the fault is ours).
 
@@ -322,7 +339,7 @@ def parse_options(text: str) -> dict:
 
 
 class BankService:
-    ACTIONS = ("add", "build", "list", "info", "delete", "encoder")
+    ACTIONS = ("add", "build", "list", "info", "delete", "encoder", "prune")
 
     def __init__(self, store: BankStore, encoder: dict, encode_images, encode_text=None, log=print,
                  host: HostSettings = DEFAULT_HOST, telemetry: Telemetry = NO_TELEMETRY):
@@ -343,11 +360,15 @@ class BankService:
             return {"encoder": self.encoder, "has_text": self.backbone.has_text}
         if action == "list":  # with the lots added but not built (a failed build leaves its lot): they expire
             self.store.expire_pending()
-            return {"banks": [summary(self.store.manifest(b)) for b in self.store.bank_ids()],
-                    "pending": self.store.pending_lots()}
+            return {"banks": [{**summary(self.store.manifest(b)), **self.store.sizes(b)} for b in self.store.bank_ids()],
+                    "pending": self.store.pending_lots(), "store_bytes": self.store.total_bytes(),
+                    "store_limit_bytes": self.store.max_bytes}
+        if action == "prune":
+            return self.store.prune()
         check_bank_id(bank_id)
         if action == "info":  # with its size on disk and once loaded (scoring keeps it in FP16 on the device)
-            return {**summary(self.store.manifest(bank_id)), **self.store.sizes(bank_id)}
+            return {**summary(self.store.manifest(bank_id)), **self.store.sizes(bank_id),
+                    "versions": self.store.versions(bank_id)}
         if action == "delete":
             self.store.delete(bank_id)
             return {"deleted": bank_id}
@@ -395,4 +416,4 @@ class BankService:
 
 __all__ = ["ScoreService", "BankService", "RemoteEncoder", "bank_root", "build_config", "describe_failure",
            "error_response", "from_triton", "parse_options", "text_value", "CANARY_PARAMETER", "canary_message",
-           "is_canary", "canary_response"]
+           "is_canary", "canary_response", "STORE_LIMIT_ENV", "store_limit_bytes"]

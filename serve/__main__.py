@@ -42,6 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-restarts", type=int, default=5,
                    help="restart a tritonserver that dies or whose model fails its canary, up to this many times "
                    "within ten minutes")
+    p.add_argument("--restart-backoff", type=float, default=1.0, metavar="SECONDS",
+                   help="the first restart's delay; each further one within ten minutes waits twice as long (at most "
+                   "60 s)")
+    p.add_argument("--max-store-gb", type=float, default=None,
+                   help="what the bank store may hold: an add or a build past it is refused with what to delete "
+                   "(default: no limit)")
     p.add_argument("--tritonserver", default=None,
                    help="a full Triton install's binary (NVIDIA's image: /opt/tritonserver/bin/tritonserver, with its "
                    "native backends) instead of the one the nvidia-pytriton wheel bundles")
@@ -73,7 +79,8 @@ def main(argv=None) -> int:
                         max_image_side=max_image_side(Path(args.repository)))
         server = LocalServer(args.repository, args.banks, args.host, args.http_port, args.grpc_port,
                              args.metrics_port, args.log, log_verbose=args.verbose, key=key,
-                             metrics_host=args.metrics_host, limits=limits, tritonserver=args.tritonserver)
+                             metrics_host=args.metrics_host, limits=limits, tritonserver=args.tritonserver,
+                             max_store_gb=args.max_store_gb)
         print(f"starting tritonserver on {args.host} (log: {server.log_file}) ...", file=sys.stderr, flush=True)
         start = time.monotonic()
         server.start(args.ready_timeout)
@@ -116,8 +123,8 @@ def supervise(server: LocalServer, args) -> int:
             if len(deaths) > args.max_restarts:
                 print(f"error: {len(deaths)} restarts needed in ten minutes; giving up", file=sys.stderr)
                 return 1
-            delay = min(60.0, 2.0 ** (len(deaths) - 1))
-            print(f"restarting tritonserver in {delay:.0f} s (banks stay as they are in {server.banks}) ...",
+            delay = min(60.0, args.restart_backoff * 2.0 ** (len(deaths) - 1))
+            print(f"restarting tritonserver in {delay:.3g} s (banks stay as they are in {server.banks}) ...",
                   file=sys.stderr, flush=True)
             server.stop(keep_guards=True)  # what the server left: stubs, shared memory; clients wait at the guards
             time.sleep(delay)

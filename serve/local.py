@@ -31,6 +31,8 @@ import uuid
 from pathlib import Path
 
 from postprocess.atomic import pid_alive
+from postprocess.serving import STORE_LIMIT_ENV
+
 from .http_guard import INTERNAL_HEADER
 from .request_checks import Limits, max_image_side
 
@@ -105,7 +107,7 @@ def prepare_backends(target: Path) -> Path:
     return target
 
 
-def server_environment(banks: Path | None) -> dict:
+def server_environment(banks: Path | None, max_store_gb: float | None = None) -> dict:
     env = dict(os.environ)
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     libs = [sysconfig.get_config_var("LIBDIR") or ""]
@@ -114,15 +116,26 @@ def server_environment(banks: Path | None) -> dict:
     env["LD_LIBRARY_PATH"] = os.pathsep.join([p for p in libs if p] + [env.get("LD_LIBRARY_PATH", "")]).rstrip(":")
     if banks is not None:
         env["PA_CLIP_BANKS"] = str(Path(banks).resolve())
+    if max_store_gb is not None:
+        env[STORE_LIMIT_ENV] = str(max_store_gb)
     return env
 
 
 def error_lines(log_text: str, limit: int = 40) -> list[str]:
-    """The lines of a server log that say what went wrong."""
-    picked = []
+    """The lines of a server log that say what went wrong. A tritonserver that refuses its arguments prints its
+    whole usage text first (option lines that mention "error" among them) and its reason after it: that reason is
+    kept, the usage text is not."""
+    picked, in_usage = [], False
     for line in log_text.splitlines():
         text = line.strip()
+        if text.startswith("Usage: tritonserver"):
+            in_usage = True
+            continue
         if not text or any(b in text for b in BENIGN):
+            continue
+        if in_usage:
+            if not line[:1].isspace() and not text.endswith(":"):
+                picked.append(text)  # not an option or a heading: what tritonserver says after its usage
             continue
         if text.startswith("E1") or text.startswith("E0") or "error" in text.lower() or "Traceback" in text \
                 or "Exception" in text or "UNAVAILABLE" in text or text.startswith(FATAL):
@@ -148,7 +161,7 @@ class LocalServer:
                  http_port: int = 8000, grpc_port: int = 8001, metrics_port: int = 8002,
                  log_file: str | Path | None = None, extra_args: list[str] | None = None, log_verbose: int = 0,
                  key: str | None = None, metrics_host: str = "127.0.0.1", limits: Limits | None = None,
-                 tritonserver: str | Path | None = None):
+                 tritonserver: str | Path | None = None, max_store_gb: float | None = None):
         """``key``: when given, every API but health (inference, bank actions, metadata, shared memory, model
         control, statistics, trace, logging) answers only requests carrying it in the ``pa-clip-key`` header (HTTP)
         or metadata (gRPC). The metrics port cannot check a key: it stays on ``metrics_host`` (loopback).
@@ -157,6 +170,7 @@ class LocalServer:
         loopback that answer only requests carrying a secret drawn at each start (health aside).
         ``tritonserver``: the binary of a full Triton install (``/opt/tritonserver/bin/tritonserver`` in NVIDIA's
         image, with its native onnxruntime / TensorRT backends beside it) instead of the nvidia-pytriton bundle."""
+        self.max_store_gb = max_store_gb  # what the bank store may hold: builds and adds past it are refused
         self.tritonserver = Path(tritonserver) if tritonserver is not None else None
         if self.tritonserver is not None and not self.tritonserver.is_file():
             raise ServerError(f"no tritonserver binary at {self.tritonserver}")
@@ -250,7 +264,8 @@ class LocalServer:
         # the guardian leads the new process group and takes it down if this process dies, even by SIGKILL
         guarded = [sys.executable, "-m", "serve.guardian", str(os.getpid()), "--", *self.command()]
         self.process = subprocess.Popen(guarded, stdout=log, stderr=subprocess.STDOUT, cwd=HERE.parent,
-                                        env=server_environment(self.banks), start_new_session=True)
+                                        env=server_environment(self.banks, self.max_store_gb),
+                                        start_new_session=True)
         log.close()
         try:
             self.wait_ready(timeout)
@@ -295,11 +310,11 @@ class LocalServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise ServerError(self._failure(f"tritonserver exited with code {self.process.returncode}"))
+                raise ServerError(self.failure(f"tritonserver exited with code {self.process.returncode}"))
             if self.ready():
                 return
             time.sleep(0.25)
-        raise ServerError(self._failure(f"tritonserver was not ready after {timeout:.0f} s"))
+        raise ServerError(self.failure(f"tritonserver was not ready after {timeout:.0f} s"))
 
     def log_text(self) -> str:
         try:
@@ -311,7 +326,8 @@ class LocalServer:
         """The error lines of the current (or last) start."""
         return error_lines(self.log_text()[self.log_offset:])
 
-    def _failure(self, headline: str) -> str:
+    def failure(self, headline: str) -> str:
+        """``headline`` with the server's error lines of this start and where its log is."""
         lines = self.last_errors()
         detail = "\n  ".join(lines) if lines else "(no error lines; full log: %s)" % self.log_file
         return f"{headline}. Server says:\n  {detail}\nFull log: {self.log_file}"

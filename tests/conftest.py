@@ -116,9 +116,9 @@ def lot(lot_dir):
     return np.stack([load_image(p, LOT_IMAGE_SIZE)[1] for p in sorted(lot_dir.glob("*.png"))])
 
 
-def stub_pids(owner: int, model: str) -> list[int]:
-    """The Python-backend stub of ``model`` in the server that ``owner`` started (its shared-memory prefix names
-    the owner; its instance name is the model's)."""
+def stub_pids(prefix: str, model: str) -> list[int]:
+    """The Python-backend stub of ``model`` in the server whose shared-memory prefix starts with ``prefix``
+    (``LocalServer.shm_prefix``: one server; ``pa_clip_<pid>_``: the servers process pid started)."""
     pids = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -127,14 +127,14 @@ def stub_pids(owner: int, model: str) -> list[int]:
             except OSError:
                 continue
             if args and args[0].endswith(b"triton_python_backend_stub") and f"{model}_0_0".encode() in args and \
-                    any(a.startswith(f"pa_clip_{owner}_".encode()) for a in args):
+                    any(a.startswith(prefix.encode()) for a in args):
                 pids.append(int(entry.name))
     return pids
 
 
-def stub_rss_mb(owner: int, model: str) -> float:
+def stub_rss_mb(prefix: str, model: str) -> float:
     """Resident memory of ``model``'s stub (``stub_pids``)."""
-    (pid,) = stub_pids(owner, model)
+    (pid,) = stub_pids(prefix, model)
     for line in (Path("/proc") / str(pid) / "status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024

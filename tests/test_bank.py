@@ -485,3 +485,40 @@ def test_pending_lots_are_listed_and_expire(tiny, lot, tmp_path):
     for part in (tmp_path / "washer" / "lot").glob("part-*"):
         os.utime(part, (old, old))
     assert service.handle("list")["pending"] == [] and not (tmp_path / "washer" / "lot").exists()
+
+
+def test_failed_builds_leave_nothing_and_prune_removes_old_versions(tiny, lot, tmp_path, monkeypatch):
+    store = BankStore(tmp_path)
+    service = BankService(store, tiny.fingerprint, tiny.encode, tiny.encode_text, log=lambda _: None)
+    with pytest.raises(RequestError, match="no images to build from"):  # never added: no folder stays behind
+        service.handle("build", "one")
+    assert not (tmp_path / "one").exists()
+    service.handle("add", "washer", "washer", lot, {"reset": True})
+    first = service.handle("build", "washer")["version"]
+    service.handle("add", "washer", "washer", lot, {"reset": True})
+    second = service.handle("build", "washer")["version"]
+    info = service.handle("info", "washer")
+    assert [v["version"] for v in info["versions"]] == [second, first] and info["versions"][0]["live"]
+    assert service.handle("prune")["removed"] == []  # the one before may still be loading somewhere: kept a while
+    monkeypatch.setattr(BankStore, "PRUNE_AFTER_S", 0.0)
+    (tmp_path / "empty").mkdir()  # what a failed build used to leave
+    pruned = service.handle("prune")
+    assert sorted(pruned["removed"]) == sorted([str(tmp_path / "washer" / first), str(tmp_path / "empty")])
+    assert pruned["freed_bytes"] > 0 and store.current_version("washer") == second
+    listed = service.handle("list")
+    assert listed["banks"][0]["bytes_on_disk"] > 0 and listed["store_bytes"] == store.total_bytes()
+
+
+def test_a_store_limit_refuses_adds_and_builds_past_it(tiny, lot, tmp_path):
+    store = BankStore(tmp_path, max_bytes=1 << 30)
+    service = BankService(store, tiny.fingerprint, tiny.encode, tiny.encode_text, log=lambda _: None)
+    service.handle("add", "washer", "washer", lot, {"reset": True})
+    held = store.total_bytes()
+    store.max_bytes = held + 1000  # the lot fits; the bank it builds does not
+    with pytest.raises(bank_module.StoreFull, match=r"keeps at most .* MB \(python -m serve --max-store-gb\)"):
+        service.handle("build", "washer")
+    assert store.current_version("washer") is None and store.lot_size("washer") == len(lot)  # lot kept
+    store.max_bytes = held  # nothing more fits: a further add is refused before it touches the lot
+    with pytest.raises(bank_module.StoreFull, match="delete banks you no longer need"):
+        service.handle("add", "washer", "washer", lot, {"reset": True})
+    assert store.lot_size("washer") == len(lot) and store.total_bytes() == held

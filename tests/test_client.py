@@ -5,7 +5,7 @@ import csv
 import numpy as np
 import pytest
 
-from client.infer import add_decisions, calibration_of, parse_threshold, write_results
+from client.infer import add_decisions, calibration_of, parse_threshold, print_summary, write_results
 from postprocess.decision import DecisionError, calibrate
 
 
@@ -23,7 +23,7 @@ def test_decisions_come_from_the_bank_calibration(tmp_path):
     assert got["b.png"][0] == "anomalous" and float(got["b.png"][1]) > 0.5
     assert got["c.png"] == ("normal", "0.5000")
     assert got["d.png"] == ("invalid", "")
-    assert open(path).read().splitlines()[0] == "path,score,calibrated,decision,overlay"
+    assert open(path).read().splitlines()[0] == "rank,path,score,calibrated,decision,width,height,overlay,note"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
     # a stricter budget moves the threshold up: b stays anomalous, the calibrated score of a falls
     strict = calibration_of(info, 0.001)
@@ -44,3 +44,52 @@ def test_thresholds_out_of_range_are_refused_with_the_range(text):
 def test_auto_and_in_range_thresholds():
     assert parse_threshold("auto") is None and parse_threshold("AUTO") is None
     assert parse_threshold("0.7") == 0.7
+
+
+def test_results_are_worst_first_with_the_skipped_and_failed_after_them(tmp_path, capsys):
+    rows = [{"rank": 1, "path": "b.png", "score": 0.9, "calibrated": 0.8, "decision": "anomalous", "width": 640,
+             "height": 480},
+            {"rank": 2, "path": "a.png", "score": 0.1, "calibrated": 0.2, "decision": "normal", "width": 640,
+             "height": 480, "turned": True}]
+    skipped = [{"path": "broken.png", "error": "cannot identify image file"}]
+    failed = [{"path": "c.png", "error": "the server went away"}]
+    table = list(csv.DictReader(open(write_results(tmp_path, rows, skipped, failed))))
+    assert [(r["rank"], r["path"], r["decision"]) for r in table] == [
+        ("1", "b.png", "anomalous"), ("2", "a.png", "normal"), ("", "broken.png", "skipped"), ("", "c.png", "failed")]
+    assert table[0]["width"] == "640" and table[1]["note"] == "turned a quarter to score"
+    assert table[2]["note"] == "cannot identify image file" and table[3]["note"] == "the server went away"
+    print_summary(rows, skipped, failed)
+    text = capsys.readouterr().err
+    assert "2 scored, 1 skipped, 1 failed; 1 flagged anomalous" in text
+    assert text.index("b.png") < text.index("a.png")
+
+
+def test_an_overlay_says_what_it_shows(tmp_path):
+    """File name, score, decision and colour bar drawn; the outline where the map crosses the threshold; a large
+    image capped to --overlay-size."""
+    from PIL import Image
+
+    from client.heatmap import OUTLINE_COLOUR, Caption, render_panel, save_panel
+
+    image = np.full((1200, 1800, 3), 120, np.uint8)
+    amap = np.zeros((60, 90), np.float32)
+    amap[20:40, 30:60] = 1.0  # one defect
+    caption = Caption("lot/part-007.png", 0.8731, 0.91, "anomalous", threshold=0.5)
+    picture = render_panel(image, amap, 0.0, 1.0, caption, max_side=300)
+    pixels = np.asarray(picture)
+    assert max(picture.size) < 900 and picture.size[0] > 2 * 300  # two 300-wide panels, a bar, no 3600-wide one
+    heat = pixels[-208:-8, 304:604]  # the heat-map panel (200 x 300 after the cap), under the caption
+    white = np.all(heat == OUTLINE_COLOUR, axis=-1)
+    rows, cols = np.nonzero(white)
+    assert white.any() and 60 <= rows.min() and rows.max() <= 140 and 95 <= cols.min() and cols.max() <= 205
+    assert not white[:50].any()  # nothing outlined away from the defect
+    plain = np.asarray(render_panel(image, amap, 0.0, 1.0, None, max_side=300))
+    assert plain.shape[0] < pixels.shape[0]  # the caption takes room above the panels
+    red = np.all(pixels[:40] == (200, 30, 30), axis=-1)  # the decision written in its colour
+    assert red.sum() > 20
+    calm = render_panel(image, np.zeros_like(amap), 0.0, 1.0, Caption("x", 0.1, 0.2, "normal", threshold=0.5),
+                        max_side=300)
+    assert not np.all(np.asarray(calm)[-208:-8, 304:604] == OUTLINE_COLOUR, axis=-1).any()
+    path = save_panel(tmp_path / "o" / "p.png", image, amap, 0.0, 1.0, caption=caption, max_side=0)
+    with Image.open(path) as saved:
+        assert saved.size[0] > 2 * 1800  # 0: the original size

@@ -19,6 +19,12 @@ def test_the_servers_real_last_error_is_shown():
     assert error_lines(log) == ["terminate called after throwing an instance of 'std::bad_alloc'",
                                 "what():  std::bad_alloc", "Aborted (core dumped)"]
     assert error_lines("Segmentation fault\n") == ["Segmentation fault"]
+    # arguments refused: the usage text (whose option lines mention errors) is skipped, the reason after it kept
+    usage = ("Usage: tritonserver [options]\n  --help\n\tPrint usage\nLogging:\n  --log-error <boolean>\n"
+             "\tEnable/disable error level logging.\n\nThe server cannot listen to HTTP requests and GRPC requests at "
+             "the same address and port 0.0.0.0:8765\n")
+    assert error_lines(usage) == ["The server cannot listen to HTTP requests and GRPC requests at the same address "
+                                  "and port 0.0.0.0:8765"]
     assert error_lines("I1201 fine\nW1201 CUDA driver missing\n") == []
 
 

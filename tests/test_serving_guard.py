@@ -341,7 +341,7 @@ def test_a_dead_stub_makes_health_false_and_the_server_comes_back(repository, wo
     http, grpc, metrics = free_ports(3)
     proc = subprocess.Popen([sys.executable, "-m", "serve", "--repository", str(repository), "--banks",
                              str(workdir / "banks_canary"), "--http-port", str(http), "--grpc-port", str(grpc),
-                             "--metrics-port", str(metrics), "--canary-interval", "1", "--max-restarts", "9"],
+                             "--metrics-port", str(metrics), "--canary-interval", "1", "--max-restarts", "9", "--restart-backoff", "0.25"],
                             cwd=ROOT, stderr=subprocess.PIPE, text=True)
     url = f"127.0.0.1:{http}"
 
@@ -367,7 +367,7 @@ def test_a_dead_stub_makes_health_false_and_the_server_comes_back(repository, wo
         client.close()
         timings = []
         for model in ("pa_clip_score", "pa_clip_bank", "clip_vision", "clip_text"):
-            (stub,) = stub_pids(proc.pid, model)
+            (stub,) = stub_pids(f"pa_clip_{proc.pid}_", model)
             os.kill(stub, signal.SIGKILL)
             noticed = wait(lambda: not ready(), 15)
             back = noticed + wait(ready, 120)

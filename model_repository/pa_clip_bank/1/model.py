@@ -15,7 +15,7 @@ try:
     from postprocess.bank import BankStore
     from postprocess.host import HostSettings
     from postprocess.serving import (BankService, bank_root, canary_response, error_response, from_triton,
-                                     is_canary, parse_options, text_value)
+                                     is_canary, parse_options, store_limit_bytes, text_value)
     from postprocess.telemetry import TritonTelemetry
 except ImportError as err:
     raise ImportError(f"pa_clip_bank needs the pa-clip-triton package in the server's Python "
@@ -62,7 +62,7 @@ class TritonPythonModel:
             else:
                 pb_utils.Logger.log_warn(f"{C.BANK_MODEL}: {self.text_model} belongs to another encoder; normal "
                                          "images will be chosen visually")
-        store = BankStore(bank_root(repository, params.get("bank_dir", "")))
+        store = BankStore(bank_root(repository, params.get("bank_dir", "")), max_bytes=store_limit_bytes())
         store.clean()  # what a build killed mid-write left behind
         host = HostSettings.from_parameters(params)
         self.xp = host.xp()

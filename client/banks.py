@@ -1,0 +1,105 @@
+"""python -m client.banks: look after the banks a server keeps.
+
+  python -m client.banks list              every bank: lot size, image size, encoder, versions, bytes, build date
+  python -m client.banks info BANK         one bank in full (its versions on disk, its decision calibration, ...)
+  python -m client.banks delete BANK       delete one (asks first; --yes does not)
+  python -m client.banks prune             remove old versions and what failed builds left behind
+
+The server keeps the live version of a bank and the one before it (a replica may still be loading it); `prune`
+removes older ones. `python -m serve --max-store-gb N` refuses adds and builds that would take the store past N GB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from client.triton_client import ClientError, PAClipClient
+
+
+def megabytes(n) -> str:
+    return "-" if n is None else f"{n / 2**20:.1f} MB"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m client.banks", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--url", default=None, help="server address (default 127.0.0.1:8000 for http, :8001 for grpc)")
+    p.add_argument("--protocol", choices=["http", "grpc"], default="http")
+    p.add_argument("--key", default=None, help="the server's access key (default: $PA_CLIP_KEY)")
+    p.add_argument("--json", action="store_true", help="print what the server answered, as JSON")
+    commands = p.add_subparsers(dest="command", required=True)
+    commands.add_parser("list", help="every bank and the store's size")
+    commands.add_parser("info", help="one bank in full").add_argument("bank")
+    delete = commands.add_parser("delete", help="delete one bank")
+    delete.add_argument("bank")
+    delete.add_argument("--yes", action="store_true", help="do not ask")
+    commands.add_parser("prune", help="remove old versions and what failed builds left")
+    return p
+
+
+def print_list(store: dict) -> None:
+    banks = store["banks"]
+    limit = store.get("store_limit_bytes")
+    print(f"{len(banks)} bank(s), {megabytes(store['store_bytes'])} in the store"
+          + (f" (limit {megabytes(limit)})" if limit else ""))
+    if banks:
+        print(f"{'bank':<24} {'category':<16} {'lot':>5} {'image size':>10} {'on disk':>10}  {'built':<25} encoder")
+    for bank in banks:
+        size = "x".join(str(v) for v in bank.get("image_size", []))
+        print(f"{bank['bank']:<24} {str(bank.get('category', '')):<16} {bank.get('n_images', ''):>5} {size:>10} "
+              f"{megabytes(bank.get('bytes_on_disk')):>10}  {bank.get('built_at', ''):<25} "
+              f"{bank.get('encoder', {}).get('backbone', '?')}")
+    for lot in store.get("pending", []):
+        print(f"pending lot of {lot['bank']!r}: {lot['images']} image(s) added, not built; expires in "
+              f"{lot['expires_in_s'] // 3600} h")
+
+
+def print_info(info: dict) -> None:
+    for key in ("bank", "category", "version", "built_at", "n_images", "image_size", "normal_selection"):
+        if key in info:
+            print(f"{key:<17} {info[key]}")
+    print(f"{'encoder':<17} {info.get('encoder', {}).get('backbone', '?')} "
+          f"({info.get('encoder', {}).get('weights', '?')})")
+    print(f"{'on disk':<17} {megabytes(info.get('bytes_on_disk'))} (live version); "
+          f"{megabytes(info.get('bytes_in_memory'))} once loaded for scoring")
+    if info.get("decision"):
+        d = info["decision"]
+        print(f"{'threshold':<17} {d['threshold']:.4g} ({d['method']}, false-alarm budget {d['false_alarm_rate']:.1%})")
+    for version in info.get("versions", []):
+        print(f"  {version['version']}  {megabytes(version['bytes'])}" + ("  (live)" if version["live"] else ""))
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        client = PAClipClient(args.url, args.protocol, key=args.key)
+        if args.command == "list":
+            answer = client.store()
+            show = print_list
+        elif args.command == "info":
+            answer = client.bank_info(args.bank)
+            show = print_info
+        elif args.command == "delete":
+            if not args.yes:
+                reply = input(f"delete bank {args.bank!r} from {client.url}? [y/N] ").strip().lower()
+                if reply not in ("y", "yes"):
+                    print("nothing deleted")
+                    return 1
+            answer = client.delete_bank(args.bank)
+            show = lambda a: print(f"deleted bank {a['deleted']!r}")  # noqa: E731
+        else:
+            answer = client.prune_banks()
+            show = lambda a: print(f"removed {len(a['removed'])} item(s), freed {megabytes(a['freed_bytes'])}"  # noqa
+                                   + "".join(f"\n  {item}" for item in a["removed"]))
+        client.close()
+    except ClientError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(answer, indent=1)) if args.json else show(answer)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
