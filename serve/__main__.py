@@ -74,6 +74,9 @@ def main(argv=None) -> int:
         raise KeyboardInterrupt  # also interrupts a start that is still waiting for readiness
 
     signal.signal(signal.SIGTERM, stop_request)
+    server = None
+    # one try from the start to the end: a SIGTERM (a KeyboardInterrupt here) is handled wherever it lands, also
+    # between two statements (a stop sent right after "ready" once escaped and left the process killed by SIGINT)
     try:
         limits = Limits(max_request_bytes=args.max_request_mb << 20, max_inflight_bytes=args.max_inflight_mb << 20,
                         max_image_side=max_image_side(Path(args.repository)))
@@ -84,23 +87,20 @@ def main(argv=None) -> int:
         print(f"starting tritonserver on {args.host} (log: {server.log_file}) ...", file=sys.stderr, flush=True)
         start = time.monotonic()
         server.start(args.ready_timeout)
+        print(f"ready in {time.monotonic() - start:.1f} s: HTTP {server.http_url}, gRPC {server.grpc_url}, "
+              f"metrics {args.metrics_host}:{args.metrics_port}; banks in {server.banks}"
+              f"{'; access key required' if key else ''}. Ctrl-C stops it.", file=sys.stderr, flush=True)
+        return supervise(server, args)
     except ServerError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        return 0  # LocalServer.start stopped what it had started
-    print(f"ready in {time.monotonic() - start:.1f} s: HTTP {server.http_url}, gRPC {server.grpc_url}, "
-          f"metrics {args.metrics_host}:{args.metrics_port}; banks in {server.banks}"
-          f"{'; access key required' if key else ''}. Ctrl-C stops it.", file=sys.stderr, flush=True)
-    try:
-        return supervise(server, args)
-    except KeyboardInterrupt:
-        pass
+        return 0
     finally:
-        print("stopping tritonserver ...", file=sys.stderr, flush=True)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        server.stop()
-    return 0
+        if server is not None and (server.process is not None or server.guards):
+            print("stopping tritonserver ...", file=sys.stderr, flush=True)
+            server.stop()
 
 
 def supervise(server: LocalServer, args) -> int:
