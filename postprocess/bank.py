@@ -7,60 +7,39 @@ image sent again never matches its own patches. Scoring one image against a bank
 whole lot in one process (``tests/test_bank.py``). Entries are stored as float16 (half the disk and memory; the
 maps move by less than 1e-3).
 
-On disk (``BankStore``), one folder per bank id:
-
-    <root>/<bank>/CURRENT                      name of the live version folder (replaced atomically)
-    <root>/<bank>/v-<build id>/manifest.json   encoder fingerprint, config, counts, thresholds, image hashes
-    <root>/<bank>/v-<build id>/bank.safetensors
-    <root>/<bank>/lot/part-<n>.safetensors     images added but not yet built (the pending lot)
-
-A version folder is complete before ``CURRENT`` names it, so a crash mid-build leaves the previous bank live. No
-pickle: tensors are safetensors, the rest JSON.
+What a bank is: its arrays (``Bank``) and its ``BankManifest`` (what it was built from and with, its thresholds).
+Where banks live on disk: ``postprocess.bank_store`` (which imports this module, never the other way round).
 """
 
 from __future__ import annotations
 
-import errno
+import dataclasses
 import hashlib
 import json
-import os
-import re
-import shutil
-import time
-import uuid
-from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
-from . import kernels as K
-from .atomic import HOST, fsync_dir, is_dead_leftover, owner_gone, temp_name, write_atomic
+from . import kernels as K, strict_json
 from .config import PAClipConfig
-from .contract import IMAGES, TEXT_EMBEDS, VISION_OUTPUTS, Features, encoder_identity
-from .decision import calibrate
+from .contract import TEXT_EMBEDS, Features, encoder_identity
+from .decision import Calibration, calibrate
 from .errors import RequestError
 from .host import DEFAULT_HOST, HostSettings
-from .pa_clip import (ScoreResult, bank_entries, decide, finish_stage, full_scores_against, layer_features,
-                      normal_banks, normal_scores_against, original_normal_set, rescore_images, text_patch_scores)
+from .pa_clip import (ScoreResult, bank_entries, decide, full_scores_against, layer_features, normal_scores_against,
+                      rescore_images, text_patch_scores)
 
+# The manifest format this code writes. A change to what manifest.json holds bumps it and adds the step from the
+# previous format to MIGRATIONS, so that banks already on a (shared) store keep loading.
 FORMAT_VERSION = 1
-# used with fullmatch only: "$" would let a trailing newline through (a folder "banks/x\n")
-BANK_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-# Fields that banks built before host settings moved out of PAClipConfig still carry in their manifest.
+MIGRATIONS: dict = {}  # format v -> function(manifest dict of format v) -> manifest dict of format v + 1
+# Fields that banks built before host settings moved out of PAClipConfig still carry in their manifest's config.
 LEGACY_HOST_FIELDS = ("memory_budget_mb",)
 LOT_EMBEDS, LOT_SCORES = "lot_image_embeds", "lot_map_scores"  # bank tensors for lot-level re-scoring
 
 
 class BankError(RequestError):
     """A request about banks that cannot be served; the message says what to do."""
-
-
-def check_bank_id(bank_id: str) -> str:
-    if not isinstance(bank_id, str) or not BANK_ID_PATTERN.fullmatch(bank_id):
-        raise BankError(f"invalid bank id {bank_id!r}: use 1-128 letters, digits, '.', '_' or '-', "
-                        "starting with a letter or digit")
-    return bank_id
 
 
 def image_key(image: np.ndarray) -> str:
@@ -70,12 +49,12 @@ def image_key(image: np.ndarray) -> str:
     return digest.hexdigest()
 
 
-def check_encoder(manifest: dict, fingerprint: dict | None) -> None:
+def check_encoder(manifest: "BankManifest", fingerprint: dict | None) -> None:
     if fingerprint is None:
         return
-    built, serving = encoder_identity(manifest["encoder"]), encoder_identity(fingerprint)
+    built, serving = encoder_identity(manifest.encoder), encoder_identity(fingerprint)
     if built != serving:
-        raise BankError(f"bank {manifest['bank']!r} was built with encoder {built}, but this server runs {serving}: "
+        raise BankError(f"bank {manifest.bank!r} was built with encoder {built}, but this server runs {serving}: "
                         "rebuild the bank (client/infer.py --build) or serve the encoder it was built with")
 
 
@@ -88,9 +67,124 @@ def config_from_dict(values: dict) -> PAClipConfig:
     return PAClipConfig(**fixed)
 
 
+def _jsonable(value):
+    """Tuples as lists, recursively: what the value reads back as from JSON."""
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def _by_scale(values: dict, kind) -> dict:
+    """A per-scale table keyed by the scale r (JSON keys are strings)."""
+    return {int(r): kind(v) for r, v in values.items()}
+
+
+@dataclass(frozen=True, kw_only=True)
+class BankManifest:
+    """What a bank was built from and with, and what the lot measured: ``manifest.json`` beside its tensors.
+
+    The JSON (``to_json``, ``to_dict``: also what the ``info`` and ``list`` bank actions return) keeps the field
+    order below, writes per-scale tables with string keys ("1", "3", ...) and leaves out the fields that are None.
+    """
+
+    format_version: int = FORMAT_VERSION
+    bank: str
+    category: str
+    encoder: dict  # the encoder's fingerprint (contract.encoder_identity: what must match to score with the bank)
+    config: PAClipConfig  # the PA-CLIP settings the bank was built with (no host settings)
+    grid: tuple[int, int]  # patch grid (h, w)
+    image_size: tuple[int, int]  # (height, width) of the images it scores; maps come out at this size
+    n_images: int  # lot size
+    image_keys: tuple[str, ...]  # image_key of each lot image, in lot order
+    interval_k: int
+    tau_b: dict  # r -> subtraction threshold measured on the lot (float)
+    normal_bank_entries: dict  # r -> entries of the normal bank at scale r ({} without a normal bank)
+    full_bank_entries_per_image: dict  # r -> full-bank entries per lot image ({} for the text-only baseline)
+    normal_selection: str  # "text" or "visual": how the normal images were chosen
+    normal_indices: tuple[int, ...]  # lot index of each image chosen as normal
+    map_range: tuple[float, float]  # heat maps' colour scale: the lot's median pixel score to its 99.9th percentile
+    lot_scores: dict  # the lot's image scores: {"min", "median", "max"}
+    # the automatic threshold and calibrated score of this lot (postprocess/decision.py, Calibration.to_dict), kept
+    # as written so that an image scored alone later gets the decision it would have got in the lot
+    decision: dict
+    cada: dict | None = None  # the CADA decision (cada.CadaDecision.to_dict) when the normal set was augmented
+    n_augmented: int | None = None  # augmentations encoded into the normal bank
+    version: str | None = None  # the version folder, set by BankStore.save
+    built_at: str | None = None  # when it was saved (local time, ISO 8601)
+
+    @property
+    def calibration(self) -> Calibration:
+        return Calibration.from_dict(self.decision)
+
+    def to_dict(self) -> dict:
+        """The manifest as JSON values (lists, string keys), in the order it is written."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is None and f.default is None:
+                continue
+            if f.name == "config":
+                value = value.to_dict()
+            elif f.name in ("tau_b", "normal_bank_entries", "full_bank_entries_per_image"):
+                value = {str(r): v for r, v in value.items()}
+            out[f.name] = _jsonable(value)
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> "BankManifest":
+        """Read ``manifest.json``: damaged JSON (or a key written twice) raises ValueError, a format this code does
+        not read a BankError that says to rebuild."""
+        try:
+            values = strict_json.loads(text)
+        except strict_json.JsonRefused as err:
+            raise ValueError(f"{err} (a bank manifest): the file is damaged; rebuild the bank") from None
+        return cls.from_dict(values)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "BankManifest":
+        if not isinstance(values, dict):
+            raise ValueError(f"a bank manifest is a JSON object, not {type(values).__name__}")
+        version = values.get("format_version")
+        while type(version) is int and version in MIGRATIONS:  # an older format: brought up to this one step by step
+            values = MIGRATIONS[version](values)
+            version = values.get("format_version")
+        if type(version) is not int or version != FORMAT_VERSION:
+            raise BankError(f"bank {values.get('bank')!r} has format {version}, this server reads "
+                            f"{FORMAT_VERSION}: rebuild it")
+        names = {f.name for f in dataclasses.fields(cls)}
+        required = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING}
+        if set(values) - names or required - set(values):
+            raise ValueError(f"bank manifest of {values.get('bank')!r} (format {version}) has unknown fields "
+                             f"{sorted(set(values) - names)} and lacks {sorted(required - set(values))}: the file is "
+                             "damaged; rebuild the bank")
+        v = dict(values)
+        stored = {k: x for k, x in v["config"].items() if k not in LEGACY_HOST_FIELDS}
+        optional_int = v.get("n_augmented")
+        return cls(
+            format_version=int(v["format_version"]), bank=str(v["bank"]), category=str(v["category"]),
+            encoder=dict(v["encoder"]), config=config_from_dict(stored), grid=tuple(int(x) for x in v["grid"]),
+            image_size=tuple(int(x) for x in v["image_size"]), n_images=int(v["n_images"]),
+            image_keys=tuple(str(x) for x in v["image_keys"]), interval_k=int(v["interval_k"]),
+            tau_b=_by_scale(v["tau_b"], float), normal_bank_entries=_by_scale(v["normal_bank_entries"], int),
+            full_bank_entries_per_image=_by_scale(v["full_bank_entries_per_image"], int),
+            normal_selection=str(v["normal_selection"]), normal_indices=tuple(int(i) for i in v["normal_indices"]),
+            map_range=tuple(float(x) for x in v["map_range"]), lot_scores=dict(v["lot_scores"]),
+            decision=dict(v["decision"]), cada=None if v.get("cada") is None else dict(v["cada"]),
+            n_augmented=None if optional_int is None else int(optional_int),
+            version=v.get("version"), built_at=v.get("built_at"))
+
+    def replace(self, **changes) -> "BankManifest":
+        return dataclasses.replace(self, **changes)
+
+
 @dataclass
 class Bank:
-    manifest: dict
+    manifest: BankManifest
     full: dict  # r -> (n_layers, N, m, C) float16; {} for the text-only baseline
     normal: dict  # r -> (n_layers, M, C) float16
     normal_ids: dict  # r -> (M,) int64 lot index of each entry's source image
@@ -105,16 +199,15 @@ class Bank:
 
     @property
     def config(self) -> PAClipConfig:
-        stored = {k: v for k, v in self.manifest["config"].items() if k not in LEGACY_HOST_FIELDS}
-        return config_from_dict(stored)
+        return self.manifest.config
 
     @property
     def grid(self) -> tuple[int, int]:
-        return tuple(self.manifest["grid"])
+        return self.manifest.grid
 
     def query_ids(self, keys: list[str]) -> np.ndarray:
         """Lot index of each image (-1 for an image that is not in the lot)."""
-        index = {key: i for i, key in enumerate(self.manifest["image_keys"])}
+        index = {key: i for i, key in enumerate(self.manifest.image_keys)}
         return np.asarray([index.get(key, -1) for key in keys], dtype=np.int64)
 
     @property
@@ -145,7 +238,7 @@ class Bank:
         return out
 
     @classmethod
-    def from_tensors(cls, manifest: dict, tensors: dict) -> "Bank":
+    def from_tensors(cls, manifest: BankManifest, tensors: dict) -> "Bank":
         def by_scale(prefix):
             return {int(k[len(prefix) + 2:]): v for k, v in tensors.items() if k.startswith(prefix + ".r")}
 
@@ -154,67 +247,39 @@ class Bank:
 
 
 def build_bank(scorer, cfg: PAClipConfig, bank_id: str, encoder: dict, map_size=None):
-    """Build a bank from a ``postprocess.pipeline.LotScorer`` (lot encoded, augmentations encoded on demand).
+    """Package what ``LotScorer.run`` computed on the lot as a bank (still where the lot was scored until it is saved).
 
-    Returns the bank and the lot's own report (maps and scores of the lot images, as ``LotScorer.score`` gives).
+    Returns the bank and the lot's own report (maps and scores of the lot images, as ``LotScorer.score`` gives, but
+    with the lot scored against the float16 normal banks the bank stores, so its tau_b are the stored bank's).
     """
-    from .pipeline import LotReport
-
-    features = scorer.features
-    size = tuple(map_size or scorer.images.shape[1:3])
-    state = scorer.state(cfg)
-    normal, extra = scorer.normal_set(cfg, state)
-    n = len(features)
-    n_layers = features.layer_tokens.shape[1]
-    xp = K.get_xp(features.layer_tokens)  # the bank stays where the lot was scored until it is saved
+    run = scorer.run(cfg, map_size, bank_dtype=np.float16)
+    features, state, result = scorer.features, run.state, run.result
+    report = run.report()
+    n, n_layers = len(features), features.layer_tokens.shape[1]
+    xp = K.get_xp(features.layer_tokens)
     full = {}  # the coresets stage 1 scored against ({} for the text-only baseline)
     for r, selection in state.full_selections.items():
         full[r] = xp.stack([bank_entries(layer_features(features.layer_tokens, layer, features.grid, r, cfg),
                                          selection).astype(xp.float16) for layer in range(n_layers)])
-    banks = {}
-    if cfg.use_normal_bank and not cfg.text_only:
-        if normal is None:
-            normal = original_normal_set(features, state)
-        # Rounded to float16 before the lot is scored against them, so the lot's tau_b are those of the stored bank.
-        banks = {r: (b.astype(xp.float16), ids)
-                 for r, (b, ids) in normal_banks(normal, features.grid, state.prior_threshold, cfg).items()}
-    result = finish_stage(features, state, normal, cfg, size, banks=banks or None, host=scorer.host)
-    maps = K.to_numpy(result.maps).astype(np.float32)
-    scores = K.to_numpy(result.scores).astype(np.float32)
     rescoring = cfg.rescore_k > 0  # the lot's embeddings and map scores stay, for scoring new images the same way
-    k = K.interval_k(n, cfg.interval_fraction, cfg.k_min, cfg.k_max)
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "bank": bank_id,
-        "category": scorer.category,
-        "encoder": dict(encoder),
-        "config": cfg.to_dict(),
-        "grid": list(features.grid),
-        "image_size": list(size),
-        "n_images": n,
-        "image_keys": [image_key(img) for img in scorer.images],
-        "interval_k": k,
-        "tau_b": {str(r): v for r, v in result.tau_b.items()},
-        "normal_bank_entries": {str(r): int(b.shape[1]) for r, (b, _) in banks.items()},
-        "full_bank_entries_per_image": {str(r): int(v.shape[2]) for r, v in full.items()},
-        "normal_selection": state.selection,
-        "normal_indices": [int(i) for i in state.normal_indices],
-        # colour scale for heat maps: the lot's median pixel score to its 99.9th percentile
-        "map_range": [float(np.quantile(maps, 0.5)), float(np.quantile(maps, 0.999))],
-        "lot_scores": {"min": float(scores.min()), "median": float(np.median(scores)), "max": float(scores.max())},
-        # the automatic threshold and calibrated score of this lot (postprocess/decision.py), kept so that an image
-        # scored alone later gets the decision it would have got in the lot
-        "decision": calibrate(scores, state.normal_indices).to_dict(),
-        **{k_: v for k_, v in extra.items() if k_ in ("cada", "n_augmented")},
-    }
-    bank = Bank(manifest, full, {r: b for r, (b, _) in banks.items()},
-                {r: ids.astype(xp.int64) for r, (_, ids) in banks.items()},
+    maps, scores = report.maps, report.scores
+    manifest = BankManifest(
+        bank=bank_id, category=scorer.category, encoder=dict(encoder), config=cfg, grid=tuple(features.grid),
+        image_size=run.map_size, n_images=n, image_keys=tuple(image_key(img) for img in scorer.images),
+        interval_k=K.interval_k(n, cfg.interval_fraction, cfg.k_min, cfg.k_max),
+        tau_b=dict(result.tau_b),
+        normal_bank_entries={r: int(b.shape[1]) for r, (b, _) in run.banks.items()},
+        full_bank_entries_per_image={r: int(v.shape[2]) for r, v in full.items()},
+        normal_selection=state.selection, normal_indices=tuple(int(i) for i in state.normal_indices),
+        map_range=(float(np.quantile(maps, 0.5)), float(np.quantile(maps, 0.999))),
+        lot_scores={"min": float(scores.min()), "median": float(np.median(scores)), "max": float(scores.max())},
+        decision=calibrate(scores, state.normal_indices).to_dict(),
+        cada=run.extra.get("cada"), n_augmented=run.extra.get("n_augmented"))
+    bank = Bank(manifest, full, {r: b for r, (b, _) in run.banks.items()},
+                {r: ids.astype(xp.int64) for r, (_, ids) in run.banks.items()},
                 None if scorer.text_embeds is None else scorer.text_embeds.astype(xp.float32),
                 features.image_embeds.astype(xp.float32) if rescoring else None,
                 result.map_scores.astype(xp.float32) if rescoring else None)
-    report = LotReport(maps, scores, np.asarray(state.normal_indices), {
-        "normal_selection": state.selection, "normal_indices": manifest["normal_indices"],
-        "tau_b": manifest["tau_b"], **extra})
     return bank, report
 
 
@@ -224,378 +289,31 @@ def score_with_bank(bank: Bank, features: Features, query_ids, map_size: tuple[i
     cfg = bank.config
     if tuple(features.grid) != bank.grid:
         raise BankError(f"features on a {features.grid} patch grid cannot be scored against bank "
-                        f"{bank.manifest['bank']!r} built on a {bank.grid} grid")
+                        f"{bank.manifest.bank!r} built on a {bank.grid} grid")
     xp = K.get_xp(features.layer_tokens)
     query_ids = xp.asarray(query_ids)
-    size = tuple(map_size or bank.manifest["image_size"])
+    size = tuple(map_size or bank.manifest.image_size)
     full_scores, text_scores, normal_scores = {}, {}, {}
     if cfg.text_only:
         text_scores = text_patch_scores(features, bank.text_embeds, cfg)
     else:
-        bank_ids = xp.arange(bank.manifest["n_images"])
-        k = int(bank.manifest["interval_k"])
+        bank_ids = xp.arange(bank.manifest.n_images)
+        k = bank.manifest.interval_k
         full_scores = {r: full_scores_against(features, bank.full[r], bank_ids, query_ids, k, r, cfg, host)
                        for r in cfg.scales}
         for r in bank.normal:
             normal_scores[r] = normal_scores_against(features, bank.normal[r], bank.normal_ids[r], cfg, r, query_ids,
                                                      host)
-    tau_b = {int(r): v for r, v in bank.manifest["tau_b"].items()}
+    tau_b = dict(bank.manifest.tau_b)
     result = decide(full_scores, text_scores, normal_scores, tau_b, cfg, features.grid, size)
     result.normal_bank_scores = normal_scores
     result.tau_b = tau_b
     if cfg.rescore_k > 0 and bank.lot_embeds is None:
-        raise BankError(f"bank {bank.manifest['bank']!r} asks for lot-level re-scoring but holds no lot embeddings: "
+        raise BankError(f"bank {bank.manifest.bank!r} asks for lot-level re-scoring but holds no lot embeddings: "
                         "rebuild it")
     # the same neighbours a lot image had in its lot (its own entry left out), new images: the whole lot
     return rescore_images(result, features.image_embeds, bank.lot_embeds, bank.lot_scores, cfg, query_ids)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# The store
-# ---------------------------------------------------------------------------------------------------------------
-
-
-class StoreFull(BankError):
-    """The bank store's volume is full: the message says where and what to free."""
-
-
-def _is_disk_full(err: BaseException) -> bool:
-    # OSError from Python's own writes; safetensors' Rust writer reports "StorageFull" / "No space left" in text
-    return (isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)) or \
-        any(words in str(err) for words in ("No space left", "StorageFull", "Disk quota exceeded"))
-
-
-@contextmanager
-def disk_full_is_clear(folder: Path):
-    """Turn a full volume into a ``StoreFull`` that says what to free, instead of an internal error."""
-    try:
-        yield
-    except Exception as err:
-        if not _is_disk_full(err):
-            raise
-        raise StoreFull(f"no space left on the volume of the bank store ({folder}): free space there (delete banks "
-                        "you no longer need with the 'delete' action, or pending lots you will not build), or move "
-                        "the store to a larger volume (PA_CLIP_BANKS / python -m serve --banks); nothing was "
-                        "changed") from err
-
-
-def _save_tensors(path: Path, tensors: dict, metadata: dict | None = None) -> None:
-    from safetensors.numpy import save_file
-
-    with disk_full_is_clear(path.parent):
-        write_atomic(path, lambda tmp: save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp),
-                                                 metadata=metadata))
-
-
-def _load_tensors(path: Path) -> tuple[dict, dict]:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="numpy") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
-
-
-class BankStore:
-    """Banks on disk under ``root`` (see the module docstring for the layout).
-
-    Several servers may share ``root`` (a shared volume): version names carry the host, temporary names their owner
-    (host and pid), ``clean`` removes only leftovers whose owner is provably gone, and a build holds
-    ``<bank>/.build-lock`` so that one bank id is built by one replica at a time.
-    """
-
-    STALE_AFTER_S = 6 * 3600  # a leftover or a lock of another host counts as abandoned after this long
-
-    PRUNE_AFTER_S = 600  # an older version younger than this may still be being loaded by a replica: prune keeps it
-
-    def __init__(self, root: str | Path, pending_ttl_s: float = 24 * 3600, max_bytes: int | None = None):
-        self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.pending_ttl_s = pending_ttl_s  # a lot added but never built is removed after this long
-        self.max_bytes = max_bytes  # what the whole store may hold (python -m serve --max-store-gb); None: no limit
-
-    # -- committed banks --------------------------------------------------------------------------------------
-    def _dir(self, bank_id: str) -> Path:
-        return self.root / check_bank_id(bank_id)
-
-    def current_version(self, bank_id: str) -> str | None:
-        try:
-            name = (self._dir(bank_id) / "CURRENT").read_text().strip()
-        except FileNotFoundError:
-            return None
-        return name or None
-
-    def exists(self, bank_id: str) -> bool:
-        return self.current_version(bank_id) is not None
-
-    def bank_ids(self) -> list[str]:
-        return sorted(p.name for p in self.root.iterdir()
-                      if p.is_dir() and BANK_ID_PATTERN.fullmatch(p.name) and (p / "CURRENT").is_file())
-
-    def _missing(self, bank_id: str) -> BankError:
-        known = self.bank_ids()
-        return BankError(f"unknown bank {bank_id!r}; " + (f"banks on this server: {', '.join(known)}" if known else
-                         "this server has no banks yet") + ". Build one with client/infer.py --build")
-
-    def manifest(self, bank_id: str) -> dict:
-        version = self.current_version(bank_id)
-        if version is None:
-            raise self._missing(bank_id)
-        return json.loads((self._dir(bank_id) / version / "manifest.json").read_text())
-
-    def sizes(self, bank_id: str) -> dict:
-        """Bytes of the live version on disk, and of its arrays once loaded (on the GPU or in host memory), read
-        from the safetensors header without loading the tensors."""
-        version = self.current_version(bank_id)
-        if version is None:
-            raise self._missing(bank_id)
-        folder = self._dir(bank_id) / version
-        tensors, _ = _load_tensors_meta(folder / "bank.safetensors")
-        itemsize = {"F16": 2, "F32": 4, "I64": 8, "BF16": 2, "F64": 8, "I32": 4}
-        resident = sum(int(np.prod(t["shape"])) * itemsize[t["dtype"]] for t in tensors.values())
-        return {"bytes_on_disk": sum(p.stat().st_size for p in folder.iterdir()), "bytes_in_memory": resident}
-
-    def versions(self, bank_id: str) -> list[dict]:
-        """The versions on disk, newest first, each with its bytes and whether it is the live one."""
-        current = self.current_version(bank_id)
-        folders = sorted(self._dir(bank_id).glob("v-*"), key=lambda p: p.stat().st_mtime, reverse=True)
-        return [{"version": p.name, "live": p.name == current, "bytes": _bytes_under(p)} for p in folders]
-
-    def total_bytes(self) -> int:
-        return _bytes_under(self.root)
-
-    def check_room(self, adding: int = 0) -> None:
-        """Refuse, with what to do, a write that would take the store over ``max_bytes``."""
-        if self.max_bytes is None:
-            return
-        held = self.total_bytes()
-        if held + adding > self.max_bytes:
-            raise StoreFull(f"the bank store ({self.root}) holds {_human(held)} and this would add "
-                            f"{_human(adding)}; this server keeps at most {_human(self.max_bytes)} "
-                            "(python -m serve --max-store-gb): delete banks you no longer need (python -m "
-                            "client.banks delete ID) or prune old versions (python -m client.banks prune)")
-
-    def prune(self) -> dict:
-        """Remove what no one needs: versions other than the live one (older than ``PRUNE_AFTER_S``), bank folders
-        a failed build left empty, and ``clean``'s leftovers. Returns what went and the bytes freed."""
-        before = self.total_bytes()
-        removed = self.clean()
-        for folder in sorted(p for p in self.root.iterdir() if p.is_dir() and BANK_ID_PATTERN.fullmatch(p.name)):
-            current = self.current_version(folder.name)
-            for version in folder.glob("v-*"):
-                if version.name != current and time.time() - version.stat().st_mtime > self.PRUNE_AFTER_S:
-                    shutil.rmtree(version, ignore_errors=True)
-                    removed.append(str(version))
-            if _holds_nothing(folder):
-                shutil.rmtree(folder, ignore_errors=True)
-                removed.append(str(folder))
-        return {"removed": removed, "freed_bytes": max(0, before - self.total_bytes())}
-
-    def load(self, bank_id: str, encoder: dict | None = None) -> Bank:
-        version = self.current_version(bank_id)
-        if version is None:
-            raise self._missing(bank_id)
-        folder = self._dir(bank_id) / version
-        manifest = json.loads((folder / "manifest.json").read_text())
-        if manifest.get("format_version") != FORMAT_VERSION:
-            raise BankError(f"bank {bank_id!r} has format {manifest.get('format_version')}, this server reads "
-                            f"{FORMAT_VERSION}: rebuild it")
-        check_encoder(manifest, encoder)
-        tensors, _ = _load_tensors(folder / "bank.safetensors")
-        return Bank.from_tensors(manifest, tensors)
-
-    def save(self, bank: Bank) -> str:
-        """Commit a bank: write a new version folder completely, then point CURRENT at it."""
-        bank_id = check_bank_id(bank.manifest["bank"])
-        self.check_room(bank.nbytes)  # the arrays are stored as they are held: their bytes are the file's
-        folder = self._dir(bank_id)
-        folder.mkdir(exist_ok=True)
-        # unique across replicas on a shared volume: the host's name, then 48 random bits
-        version = f"v-{time.strftime('%Y%m%dT%H%M%S')}-{HOST}-{uuid.uuid4().hex[:12]}"
-        staging = folder / temp_name(version)
-        staging.mkdir()
-        try:
-            manifest = {**bank.manifest, "version": version, "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-            _save_tensors(staging / "bank.safetensors", bank.tensors())
-            with disk_full_is_clear(folder):
-                write_atomic(staging / "manifest.json", json.dumps(manifest, indent=1))
-            os.replace(staging, folder / version)
-            fsync_dir(folder)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        previous = self.current_version(bank_id)
-        write_atomic(folder / "CURRENT", version)  # the commit: readers see the old version or the new one
-        # keep the version a reader may still be loading; older ones go
-        for old in folder.glob("v-*"):
-            if old.name not in (version, previous):
-                shutil.rmtree(old, ignore_errors=True)
-        bank.manifest = manifest
-        return version
-
-    def delete(self, bank_id: str) -> None:
-        folder = self._dir(bank_id)
-        if not folder.exists():
-            raise self._missing(bank_id)
-        trash = self.root / f".trash-{bank_id}-{uuid.uuid4().hex[:8]}"
-        os.replace(folder, trash)  # gone for readers at once
-        shutil.rmtree(trash, ignore_errors=True)
-
-    def clean(self) -> list[str]:
-        """Remove what interrupted writes left behind and lots that were never built: only what provably has no
-        live writer (another replica's build in progress stays). Returns what it removed."""
-        # renamed away already (deleted banks, taken-over build locks): nobody reads or writes them
-        leftovers = [*self.root.glob(".trash-*"), *self.root.glob("*/.trash-lock-*")]
-        leftovers += [p for p in [*self.root.glob("*/.tmp-*"), *self.root.glob("*/lot/.tmp-*")]
-                      if is_dead_leftover(p, self.STALE_AFTER_S)]
-        for path in leftovers:
-            if path.is_dir():
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                path.unlink(missing_ok=True)
-        return [str(p) for p in leftovers] + self.expire_pending()
-
-    # -- one build per bank id, across replicas ---------------------------------------------------------------
-    @contextmanager
-    def building(self, bank_id: str):
-        """Hold the build lock of ``bank_id``; a second build gets a clear "in progress" error."""
-        folder = self._dir(bank_id)
-        folder.mkdir(exist_ok=True)
-        lock = folder / ".build-lock"
-        for attempt in range(2):
-            try:
-                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-                break
-            except FileExistsError:
-                holder = self._lock_holder(lock)
-                if attempt == 0 and owner_gone(holder.get("host", ""), int(holder.get("pid", 0)),
-                                               float(holder.get("started", 0)), self.STALE_AFTER_S):
-                    trash = folder / f".trash-lock-{uuid.uuid4().hex[:8]}"
-                    try:  # a dead build's lock: move it away (atomically: only one replica wins) and try again
-                        os.replace(lock, trash)
-                        trash.unlink()
-                    except FileNotFoundError:
-                        pass
-                    continue
-                raise BankError(f"a build of bank {bank_id!r} is in progress (host {holder.get('host', '?')}, pid "
-                                f"{holder.get('pid', '?')}, started {holder.get('started_at', '?')}): wait for it to "
-                                "finish, or build under another bank id") from None
-        with os.fdopen(fd, "w") as f:
-            json.dump({"host": HOST, "pid": os.getpid(), "started": time.time(),
-                       "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, f)
-        try:
-            yield
-        finally:
-            lock.unlink(missing_ok=True)
-            if _holds_nothing(folder):  # a build that failed before anything was written leaves no folder behind
-                shutil.rmtree(folder, ignore_errors=True)
-
-    @staticmethod
-    def _lock_holder(lock: Path) -> dict:
-        try:
-            return json.loads(lock.read_text())
-        except (OSError, ValueError):  # being written right now, or gone: treat as a live holder
-            return {"host": HOST, "pid": os.getpid(), "started": time.time()}
-
-    # -- the pending lot --------------------------------------------------------------------------------------
-    def _lot(self, bank_id: str) -> Path:
-        return self._dir(bank_id) / "lot"
-
-    def add_to_lot(self, bank_id: str, category: str, images: np.ndarray, features: Features,
-                   reset: bool = False) -> int:
-        """Append encoded images to the bank's pending lot; returns the lot's size."""
-        lot = self._lot(bank_id)
-        self.check_room(images.nbytes + sum(int(a.nbytes) for a in features.outputs().values()))
-        if reset and lot.exists():
-            shutil.rmtree(lot)
-        lot.mkdir(parents=True, exist_ok=True)
-        parts = sorted(lot.glob("part-*.safetensors"))
-        if parts:
-            _, meta = _load_tensors_meta(parts[0])
-            if meta.get("category") != category:
-                raise BankError(f"the pending lot of bank {bank_id!r} is for category {meta.get('category')!r}, "
-                                f"not {category!r}: start a new lot (reset) or use another bank id")
-            if json.loads(meta["grid"]) != list(features.grid):
-                raise BankError(f"the pending lot of bank {bank_id!r} holds images of another size (patch grid "
-                                f"{tuple(json.loads(meta['grid']))}, these give {tuple(features.grid)}): a lot is "
-                                "encoded at one size; resize them like the first part, or start over with reset")
-        index = 1 + max([int(p.stem.split("-")[1]) for p in parts], default=-1)
-        _save_tensors(lot / f"part-{index:06d}.safetensors", {
-            IMAGES: images, **{name: K.to_numpy(array) for name, array in features.outputs().items()},
-        }, metadata={"category": category, "grid": json.dumps(list(features.grid))})
-        return self.lot_size(bank_id)
-
-    def lot_size(self, bank_id: str) -> int:
-        return sum(_load_tensors_meta(p)[0][IMAGES]["shape"][0]
-                   for p in sorted(self._lot(bank_id).glob("part-*.safetensors")))
-
-    def load_lot(self, bank_id: str) -> tuple[str, np.ndarray, Features]:
-        parts = sorted(self._lot(bank_id).glob("part-*.safetensors"))
-        if not parts:
-            raise BankError(f"bank {bank_id!r} has no images to build from: add a lot first "
-                            "(client/infer.py --build --images DIR)")
-        loaded = [_load_tensors(p) for p in parts]
-        meta = loaded[0][1]
-        cat = lambda key: np.concatenate([t[key] for t, _ in loaded])  # noqa: E731
-        grid = tuple(json.loads(meta["grid"]))
-        return meta["category"], cat(IMAGES), Features.from_outputs({k: cat(k) for k in VISION_OUTPUTS}, grid)
-
-    def clear_lot(self, bank_id: str) -> None:
-        shutil.rmtree(self._lot(bank_id), ignore_errors=True)
-
-    def pending_lots(self) -> list[dict]:
-        """Lots added but not (successfully) built: visible, with when they expire."""
-        out = []
-        for lot in sorted(self.root.glob("*/lot")):
-            parts = sorted(lot.glob("part-*.safetensors"))
-            if not parts or not BANK_ID_PATTERN.fullmatch(lot.parent.name):
-                continue
-            updated = max(p.stat().st_mtime for p in parts)
-            _, meta = _load_tensors_meta(parts[0])
-            out.append({"bank": lot.parent.name, "category": meta.get("category"),
-                        "images": self.lot_size(lot.parent.name),
-                        "updated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(updated)),
-                        "expires_in_s": max(0, int(updated + self.pending_ttl_s - time.time()))})
-        return out
-
-    def expire_pending(self) -> list[str]:
-        """Remove pending lots untouched for ``pending_ttl_s``; returns their bank ids."""
-        expired = [p["bank"] for p in self.pending_lots() if p["expires_in_s"] == 0]
-        for bank_id in expired:
-            self.clear_lot(bank_id)
-        return expired
-
-
-def _human(n: int) -> str:
-    return f"{n / 2**30:.2f} GB" if n >= 2**29 else f"{n / 2**20:.1f} MB"
-
-
-def _bytes_under(path: Path) -> int:
-    total = 0
-    for item in path.rglob("*"):
-        try:
-            if item.is_file() and not item.is_symlink():
-                total += item.stat().st_size
-        except OSError:  # removed meanwhile
-            continue
-    return total
-
-
-def _holds_nothing(folder: Path) -> bool:
-    """A bank folder without a live version, a pending lot, a version or a build in progress."""
-    try:
-        return folder.is_dir() and not any(p.name in ("CURRENT", "lot", ".build-lock") or p.name.startswith("v-")
-                                           for p in folder.iterdir())
-    except OSError:
-        return False
-
-
-def _load_tensors_meta(path: Path) -> tuple[dict, dict]:
-    """The tensors' ``{"shape", "dtype"}`` and the metadata of a safetensors file, without reading the tensors."""
-    with open(path, "rb") as f:
-        size = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(size))
-    meta = header.pop("__metadata__", {}) or {}
-    return header, meta
-
-
-__all__ = ["Bank", "BankError", "BankStore", "StoreFull", "build_bank", "score_with_bank", "image_key", "check_bank_id",
-           "config_from_dict"]
+__all__ = ["Bank", "BankManifest", "BankError", "build_bank", "score_with_bank", "image_key", "check_encoder",
+           "config_from_dict", "FORMAT_VERSION"]

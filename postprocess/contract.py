@@ -14,11 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
+from . import strict_json
 from .errors import RequestError
 
 # -- model names (Triton) -----------------------------------------------------------------------------------------
-VISION_MODEL = "clip_vision"
-VISION_TRT_MODEL = "clip_vision_trt"
+VISION_MODEL = "clip_vision"  # the ONNX encoder; every encoder target: export/targets.py
 TEXT_MODEL = "clip_text"
 ENSEMBLE = "pa_clip"
 SCORE_MODEL = "pa_clip_score"
@@ -238,7 +238,7 @@ def onnx_fingerprint(path: str | Path) -> dict:
     model = onnx.load(str(path), load_external_data=False)
     for prop in model.metadata_props:
         if prop.key == FINGERPRINT_KEY:
-            return json.loads(prop.value)
+            return strict_json.loads(prop.value)
     raise ValueError(f"{path} does not say which encoder produced it (no {FINGERPRINT_KEY} metadata)")
 
 
@@ -258,44 +258,8 @@ def read_fingerprint(model_dir: str | Path) -> dict:
     model_dir = Path(model_dir)
     path = model_dir / ENCODER_FILE
     if path.is_file():
-        return json.loads(path.read_text())
+        return strict_json.loads(path.read_text())
     onnx_file = model_dir / "1" / "model.onnx"
     if onnx_file.is_file():
         return onnx_fingerprint(onnx_file)
     raise FileNotFoundError(f"no encoder fingerprint at {path}: export the encoder with `python -m export onnx`")
-
-
-# -- Triton configs of the encoders (dims exclude the batch dimension) ---------------------------------------------
-def vision_config(name: str, image_size, n_taps: int, tokens: int, channels: int, dim: int,
-                  max_batch_size: int, platform: str = "onnxruntime_onnx", kind: str = "KIND_CPU",
-                  instances: int = 1, extra: str = "") -> str:
-    """``image_size``: an int or (height, width) for a fixed-size encoder, None for any size (then tokens is -1)."""
-    h, w = (-1, -1) if image_size is None else size_pair(image_size)
-    return f'''name: "{name}"
-platform: "{platform}"
-max_batch_size: {max_batch_size}
-input [
-  {{ name: "{IMAGES}" data_type: TYPE_UINT8 dims: [ {h}, {w}, 3 ] }}
-]
-output [
-  {{ name: "{LAYER_TOKENS}" data_type: TYPE_FP16 dims: [ {n_taps}, {tokens}, {channels} ] }},
-  {{ name: "{PATCH_EMBEDS}" data_type: TYPE_FP16 dims: [ {tokens}, {dim} ] }},
-  {{ name: "{IMAGE_EMBEDS}" data_type: TYPE_FP32 dims: [ {dim} ] }}
-]
-dynamic_batching {{ max_queue_delay_microseconds: 2000 }}
-instance_group [ {{ kind: {kind} count: {instances} }} ]
-{extra}'''
-
-
-def text_config(name: str, dim: int, max_batch_size: int, kind: str = "KIND_CPU") -> str:
-    return f'''name: "{name}"
-platform: "onnxruntime_onnx"
-max_batch_size: {max_batch_size}
-input [
-  {{ name: "{TOKENS}" data_type: TYPE_INT64 dims: [ {TEXT_CONTEXT} ] }}
-]
-output [
-  {{ name: "{TEXT_EMBEDS}" data_type: TYPE_FP32 dims: [ {dim} ] }}
-]
-instance_group [ {{ kind: {kind} count: 1 }} ]
-'''

@@ -18,7 +18,7 @@ from typing import Callable
 
 import numpy as np
 
-from .kernels import get_xp
+from .kernels import get_xp, half_budget
 
 SOURCE_DIR = Path(__file__).resolve().parent / "cuda"
 # Every kernel of every source, by name: what either compiler must provide.
@@ -80,6 +80,12 @@ def _blocks(count: int, per_block: int) -> int:
     return max(1, math.ceil(count / per_block))
 
 
+def fused_rows_per_pass(budget_bytes: int, n_bank: int) -> int:
+    """Bounds a pass of the fused kNN: its block of per-image minima (rows x bank images, float32) within half the
+    budget, and at least the rows of one kNN block (TILE * KNN_WARPS)."""
+    return max(TILE * KNN_WARPS, half_budget(budget_bytes) // (4 * n_bank))
+
+
 def full_bank_scores(queries, bank, query_ids, bank_ids, k: int, budget_bytes: int,
                      compiled: Compiled = cupy_kernel):
     """``kernels.full_bank_scores`` fused: WMMA tiles with the per-image maximum, then the interval top-k.
@@ -105,7 +111,7 @@ def full_bank_scores(queries, bank, query_ids, bank_ids, k: int, budget_bytes: i
     image_ids = xp.ascontiguousarray(bank_ids.astype(xp.int64))
     out = xp.empty(total, dtype=xp.float32)
     rows_per_block = TILE * KNN_WARPS
-    rows = max(rows_per_block, (budget_bytes // 2) // (4 * n_bank))  # the minima block: rows x images, float32
+    rows = fused_rows_per_pass(budget_bytes, n_bank)
     for r0 in range(0, total, rows):
         count = min(total, r0 + rows) - r0
         minima = xp.empty((count, n_bank), dtype=xp.float32)

@@ -192,8 +192,48 @@ def interval_k(n_bank_images: int, fraction: float, k_min: int, k_max: int) -> i
     return max(1, min(k, max(1, n_bank_images - 1)))
 
 
+# The chunk sizes of the kNN kernels, one formula each (bytes as NumPy/CuPy hold them: float32 4, bool 1).
+
+
 def _chunk(total: int, per_item_bytes: int, budget_bytes: int) -> int:
+    """How many of ``total`` items of ``per_item_bytes`` fit ``budget_bytes``: at least 1, at most ``total``."""
     return int(max(1, min(total, budget_bytes // max(1, per_item_bytes))))
+
+
+def half_budget(budget_bytes: int) -> int:
+    """The share of each of the two intermediates a kNN pass holds at once: the per-row results (minima, best k)
+    and one block of similarities or distances (with its bank chunk)."""
+    return budget_bytes // 2
+
+
+def full_bank_row_bytes(n_bank: int, per_image: int) -> int:
+    """Bounds a row block of ``full_bank_scores``: per query row, its per-image minima and the copies ``where`` and
+    ``partition`` make (3 x float32 per bank image), the own-image mask (bool) and one image's similarities."""
+    return 4 * (3 * n_bank + per_image) + n_bank
+
+
+def full_bank_image_bytes(rows: int, per_image: int, channels: int) -> int:
+    """Bounds a bank chunk of ``full_bank_scores``: per bank image, its similarities to the block's ``rows``
+    (float32) and its patches in float32."""
+    return per_image * (4 * rows + 4 * channels)
+
+
+# Bank entries a row block of normal_bank_scores is sized for: an entry chunk holds at least these many (more when
+# the block has fewer rows than the budget allows).
+NORMAL_ROW_ENTRIES = 4096
+
+
+def normal_bank_row_bytes(n_entries: int, k: int) -> int:
+    """Bounds a row block of ``normal_bank_scores``: per query row, 17 bytes per entry of a chunk of up to
+    NORMAL_ROW_ENTRIES (the distances, the mask, ``where``'s copy, the merge and ``partition``'s copy) and 12 per
+    kept neighbour (the best k, in the merge and in the partition's copy)."""
+    return 17 * min(n_entries, NORMAL_ROW_ENTRIES) + 12 * k
+
+
+def normal_bank_entry_bytes(rows: int, channels: int) -> int:
+    """Bounds an entry chunk of ``normal_bank_scores``: per entry, 17 bytes per row of the block (as above) and the
+    entry in float32."""
+    return 17 * rows + 4 * channels
 
 
 def full_bank_scores(queries, bank, query_ids, bank_ids, k: int, budget_bytes: int):
@@ -217,13 +257,13 @@ def full_bank_scores(queries, bank, query_ids, bank_ids, k: int, budget_bytes: i
     flat_bank = bank.reshape(n_bank * per_image, channels)
     row_ids = xp.repeat(query_ids, length)
     out = xp.empty(n_query * length, dtype=xp.float32)
-    half = budget_bytes // 2
-    rows = _chunk(n_query * length, 4 * (3 * n_bank + per_image) + n_bank, half)
+    half = half_budget(budget_bytes)
+    rows = _chunk(n_query * length, full_bank_row_bytes(n_bank, per_image), half)
     for r0 in range(0, n_query * length, rows):
         r1 = min(n_query * length, r0 + rows)
         q = flat_queries[r0:r1]
         minima = xp.empty((r1 - r0, n_bank), dtype=xp.float32)
-        b_chunk = _chunk(n_bank, per_image * (4 * (r1 - r0) + 4 * channels), half)
+        b_chunk = _chunk(n_bank, full_bank_image_bytes(r1 - r0, per_image, channels), half)
         for b0 in range(0, n_bank, b_chunk):
             b1 = min(n_bank, b0 + b_chunk)
             sims = q @ flat_bank[b0 * per_image : b1 * per_image].T
@@ -233,6 +273,52 @@ def full_bank_scores(queries, bank, query_ids, bank_ids, k: int, budget_bytes: i
         minima = xp.where(own, xp.float32(xp.inf), minima)
         out[r0:r1] = xp.partition(minima, k - 1, axis=-1)[:, :k].mean(axis=-1)
     return out.reshape(n_query, length)
+
+
+def lot_minima_bytes(n_images: int, length: int) -> int:
+    """Bounds ``lot_mutual_scores``: every patch's per-image minima of the whole lot at once (float32)."""
+    return 4 * n_images * n_images * length
+
+
+def lot_pair_block_images(n_images: int, length: int, budget_bytes: int) -> int:
+    """Images per group in ``lot_mutual_scores``: one group pair's (g*L, g*L) float32 similarities fit the budget."""
+    return max(1, min(n_images, int((budget_bytes // (4 * length * length)) ** 0.5)))
+
+
+def lot_mutual_scores(feats, k: int, budget_bytes: int):
+    """``full_bank_scores`` of a lot against itself with every patch in the bank (image i carries id i).
+
+    Image i's minima against image j and j's against i are the row and column maxima of one similarity block, so
+    each pair of images is multiplied once: half the products of the general path. The lot's minima are held whole
+    (``lot_minima_bytes``); when they do not fit half the budget, or the fused CUDA kernels serve the arrays, this
+    is ``full_bank_scores``. The products' rounding may differ from the general path's in the last bit.
+    """
+    xp = get_xp(feats)
+    n, length, channels = feats.shape
+    half = half_budget(budget_bytes)
+    if _fused(xp) is not None or lot_minima_bytes(n, length) > half:
+        ids = xp.arange(n)
+        return full_bank_scores(feats, feats, ids, ids, k, budget_bytes)
+    flat = feats.reshape(n * length, channels)
+    minima = xp.empty((n, length, n), dtype=xp.float32)  # [query image, patch, bank image]
+    group = lot_pair_block_images(n, length, half)
+    for a0 in range(0, n, group):
+        a1 = min(n, a0 + group)
+        for b0 in range(a0, n, group):
+            b1 = min(n, b0 + group)
+            sims = (flat[a0 * length : a1 * length] @ flat[b0 * length : b1 * length].T).reshape(
+                a1 - a0, length, b1 - b0, length)
+            minima[a0:a1, :, b0:b1] = 1.0 - sims.max(axis=3)
+            minima[b0:b1, :, a0:a1] = (1.0 - sims.max(axis=1)).transpose(1, 2, 0)
+            del sims
+    own = xp.arange(n)
+    minima[own, :, own] = xp.float32(xp.inf)  # a query never matches its own image
+    out = xp.empty((n, length), dtype=xp.float32)
+    rows = _chunk(n, 4 * length * n, half)  # partition's copy of a block of images' minima
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        out[r0:r1] = xp.partition(minima[r0:r1], k - 1, axis=-1)[..., :k].mean(axis=-1)
+    return out
 
 
 def normal_bank_scores(queries, bank, query_ids, bank_ids, k: int, budget_bytes: int):
@@ -249,13 +335,13 @@ def normal_bank_scores(queries, bank, query_ids, bank_ids, k: int, budget_bytes:
     flat_queries = queries.reshape(n_query * length, channels)
     row_ids = xp.repeat(query_ids, length)
     out = xp.empty(n_query * length, dtype=xp.float32)
-    half = budget_bytes // 2
-    rows = _chunk(n_query * length, 17 * min(n_entries, 4096) + 12 * k, half)
+    half = half_budget(budget_bytes)
+    rows = _chunk(n_query * length, normal_bank_row_bytes(n_entries, k), half)
     for r0 in range(0, n_query * length, rows):
         r1 = min(n_query * length, r0 + rows)
         q = flat_queries[r0:r1]
         best = xp.full((r1 - r0, k), xp.inf, dtype=xp.float32)
-        m_chunk = _chunk(n_entries, 17 * (r1 - r0) + 4 * channels, half)
+        m_chunk = _chunk(n_entries, normal_bank_entry_bytes(r1 - r0, channels), half)
         for m0 in range(0, n_entries, m_chunk):
             m1 = min(n_entries, m0 + m_chunk)
             dist = 1.0 - q @ bank[m0:m1].T

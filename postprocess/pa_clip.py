@@ -1,4 +1,4 @@
-"""PA-CLIP scoring of a lot (DESIGN.md steps 2-9) over encoder features, on NumPy or CuPy arrays.
+"""PA-CLIP scoring of a lot (docs/design.md, section 4) over encoder features, on NumPy or CuPy arrays.
 
 Two stages, because the normal bank needs images that are encoded only after the lot has been looked at:
 
@@ -128,7 +128,10 @@ def mutual_scores(features: Features, r: int, cfg: PAClipConfig, selection=None,
     total = 0
     for layer in range(n_layers):  # one layer at a time: the lot's features at every layer may not fit
         feats = layer_features(features.layer_tokens, layer, features.grid, r, cfg)
-        total = total + K.full_bank_scores(feats, bank_entries(feats, selection), ids, ids, k, host.budget_bytes)
+        if selection is None:  # the lot is its own bank: each pair of images compared once
+            total = total + K.lot_mutual_scores(feats, k, host.budget_bytes)
+        else:
+            total = total + K.full_bank_scores(feats, bank_entries(feats, selection), ids, ids, k, host.budget_bytes)
     return total / n_layers
 
 

@@ -1,7 +1,8 @@
 """PA-CLIP end to end in one process: encode a lot, choose normal images, augment them, score, make maps.
 
-The encoder is anything with ``encode(images) -> Features`` and ``encode_text(prompts) -> array | None`` (see
-``export.backbones``); the scoring is ``postprocess.pa_clip`` on NumPy arrays (or CuPy when the features are).
+The encoder is a ``postprocess.backbone.Backbone``: ``encode(images) -> Features``, ``encode_text(prompts) -> array |
+None`` and ``has_text`` (``export.backbones``, ``serving.RemoteEncoder``); the scoring is ``postprocess.pa_clip`` on
+NumPy arrays (or CuPy when the features are).
 """
 
 from __future__ import annotations
@@ -13,12 +14,13 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from . import kernels as K
+from .backbone import Backbone
 from .cada import apply_augmentation, cada_decision, draw_augmentations, warp_patch_map
 from .config import PAClipConfig
 from .contract import Features
 from .errors import RequestError
 from .host import DEFAULT_HOST, HostSettings
-from .pa_clip import LotState, NormalSet, finish_stage, lot_stage, rescore_within_lot
+from .pa_clip import LotState, NormalSet, ScoreResult, finish_stage, lot_stage, normal_banks, rescore_within_lot
 
 NORMAL_PROMPT = "a photo of a normal {}"
 DEFECT_PROMPT = "a photo of a defective {}"
@@ -29,7 +31,8 @@ def prompts_for(category: str) -> list[str]:
     return [NORMAL_PROMPT.format(name), DEFECT_PROMPT.format(name)]
 
 
-def encode_images(backbone, images: np.ndarray, batch_size: int = 8, desc: str | None = None, xp=None) -> Features:
+def encode_images(backbone: Backbone, images: np.ndarray, batch_size: int = 8, desc: str | None = None,
+                  xp=None) -> Features:
     """Encode (N, H, W, 3) uint8 images in batches, with a progress bar when ``desc`` is given; the features end up
     in ``xp`` (default: where the backbone returns them)."""
     parts = []
@@ -54,6 +57,41 @@ class LotReport:
     info: dict = field(default_factory=dict)
 
 
+@dataclass
+class LotRun:
+    """One lot scored under one configuration: what ``LotScorer.score`` reports and ``postprocess.bank.build_bank``
+    packages as a bank."""
+    cfg: PAClipConfig
+    map_size: tuple[int, int]
+    state: LotState  # stage 1: mutual scores, the normal images, the full banks' coresets
+    normal: NormalSet | None  # the normal images (and their augmentations); None without a normal bank
+    banks: dict  # r -> (normal bank (n_layers, M, C), source ids (M,)) the lot was scored against; {} without
+    result: ScoreResult  # maps, image scores (after lot-level re-scoring), map scores, tau_b
+    extra: dict  # what the normal set adds: "cada" and "n_augmented" when it was augmented
+
+    def info(self) -> dict:
+        cfg, state, result = self.cfg, self.state, self.result
+        return {
+            "normal_selection": state.selection,
+            "normal_selection_note": (
+                "normal images chosen by CLS-text similarity" if state.selection == "text" else
+                "backbone has no text encoder: normal images chosen visually (lowest mutual score)"),
+            "normal_indices": [int(i) for i in state.normal_indices],
+            "image_score": f"{cfg.image_score}" + (
+                f" (top {cfg.image_topk_fraction:.2%} of pixels)" if cfg.image_score == "topk_mean" else ""),
+            "image_rescoring": (f"toward the mean of the {cfg.rescore_k} most similar lot images, weight "
+                                f"{cfg.rescore_weight}" if cfg.rescore_k > 0 else "off"),
+            "tau_b": {str(r): v for r, v in result.tau_b.items()},
+            "normal_bank_entries": {str(r): v for r, v in result.normal_bank_sizes.items()},
+            **self.extra,
+        }
+
+    def report(self) -> LotReport:
+        return LotReport(K.to_numpy(self.result.maps).astype(np.float32),
+                         K.to_numpy(self.result.scores).astype(np.float32), np.asarray(self.state.normal_indices),
+                         self.info())
+
+
 class LotScorer:
     """Scores one lot under one or more configurations, encoding each image (and augmentation) only once.
 
@@ -62,7 +100,7 @@ class LotScorer:
     arrive, and only maps and scores come back.
     """
 
-    def __init__(self, backbone, images: np.ndarray, category: str, batch_size: int = 8,
+    def __init__(self, backbone: Backbone, images: np.ndarray, category: str, batch_size: int = 8,
                  features: Features | None = None, progress: bool = True, host: HostSettings = DEFAULT_HOST,
                  xp=None):
         if len(images) < 2:
@@ -119,39 +157,41 @@ class LotScorer:
             self._normal_sets[key] = (normal, {"cada": decision.to_dict(), "n_augmented": len(aug_images)})
         return self._normal_sets[key]
 
-    def score(self, cfg: PAClipConfig, map_size: tuple[int, int] | None = None) -> LotReport:
-        size = map_size or tuple(self.images.shape[1:3])
+    def run(self, cfg: PAClipConfig, map_size: tuple[int, int] | None = None, bank_dtype=None) -> LotRun:
+        """Score the lot under ``cfg``: stage 1, the normal set, the normal banks and the finish stage, each computed
+        once per lot and settings (the last finish stage is kept; settings that differ only in lot-level re-scoring
+        share it).
+
+        ``bank_dtype``: the normal banks rounded to it before the lot is scored against them (``build_bank``:
+        float16, so that the lot's tau_b are those of the stored bank); None keeps them as computed (``score``).
+        """
+        size = tuple(map_size or self.images.shape[1:3])
         state = self.state(cfg)
         normal, extra = self.normal_set(cfg, state)
         # Lot-level re-scoring only reads the map scores: settings that differ in it alone share one finish stage
         plain = cfg.replace(rescore_k=0, rescore_weight=0.0)
-        key = (tuple(sorted(plain.to_dict().items())), tuple(size))
+        key = (tuple(sorted(plain.to_dict().items())), size, None if bank_dtype is None else np.dtype(bank_dtype).str)
         if key not in self._finished:
             self._finished.clear()  # one kept: maps of a whole lot are large
-            self._finished[key] = finish_stage(self.features, state, normal, plain, size, host=self.host)
-        result = rescore_within_lot(copy.copy(self._finished[key]), self.features, cfg)
-        info = {
-            "normal_selection": state.selection,
-            "normal_selection_note": (
-                "normal images chosen by CLS-text similarity" if state.selection == "text" else
-                "backbone has no text encoder: normal images chosen visually (lowest mutual score)"),
-            "normal_indices": [int(i) for i in state.normal_indices],
-            "image_score": f"{cfg.image_score}" + (
-                f" (top {cfg.image_topk_fraction:.2%} of pixels)" if cfg.image_score == "topk_mean" else ""),
-            "image_rescoring": (f"toward the mean of the {cfg.rescore_k} most similar lot images, weight "
-                                f"{cfg.rescore_weight}" if cfg.rescore_k > 0 else "off"),
-            "tau_b": {str(r): v for r, v in result.tau_b.items()},
-            "normal_bank_entries": {str(r): v for r, v in result.normal_bank_sizes.items()},
-            **extra,
-        }
-        return LotReport(K.to_numpy(result.maps).astype(np.float32), K.to_numpy(result.scores).astype(np.float32),
-                         np.asarray(state.normal_indices), info)
+            banks = {}
+            if normal is not None:  # a normal bank is used (normal_set gives None otherwise)
+                banks = normal_banks(normal, self.features.grid, state.prior_threshold, plain)
+                if bank_dtype is not None:
+                    banks = {r: (b.astype(bank_dtype), ids) for r, (b, ids) in banks.items()}
+            self._finished[key] = banks, finish_stage(self.features, state, normal, plain, size, banks=banks or None,
+                                                      host=self.host)
+        banks, finished = self._finished[key]
+        result = rescore_within_lot(copy.copy(finished), self.features, cfg)
+        return LotRun(cfg, size, state, normal, banks, result, extra)
+
+    def score(self, cfg: PAClipConfig, map_size: tuple[int, int] | None = None) -> LotReport:
+        return self.run(cfg, map_size).report()
 
 
-def score_lot(backbone, images: np.ndarray, category: str, cfg: PAClipConfig | None = None,
+def score_lot(backbone: Backbone, images: np.ndarray, category: str, cfg: PAClipConfig | None = None,
               **kwargs) -> LotReport:
     """One-shot: encode and score a lot of (N, H, W, 3) uint8 images."""
     return LotScorer(backbone, images, category, **kwargs).score(cfg or PAClipConfig())
 
 
-__all__ = ["LotScorer", "LotReport", "score_lot", "encode_images", "prompts_for"]
+__all__ = ["LotScorer", "LotReport", "LotRun", "score_lot", "encode_images", "prompts_for"]

@@ -1,4 +1,4 @@
-"""A plain-torch reference of PA-CLIP scoring (DESIGN.md steps 2-9), written for clarity, not for memory or speed.
+"""A plain-torch reference of PA-CLIP scoring (docs/design.md, section 4), written for clarity, not for memory or speed.
 
 Every function carries the name, argument order and return type of its NumPy twin in ``postprocess.kernels`` or
 ``postprocess.pa_clip``, so the two read side by side; the dataclasses (``Features``, ``LotState``, ``NormalSet``,

@@ -18,8 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from . import contract as C
-from . import kernels as K
-from .bank import BankError, BankStore, build_bank, check_bank_id, config_from_dict, image_key, score_with_bank
+from . import kernels as K, strict_json
+from .bank import BankError, BankManifest, build_bank, config_from_dict, image_key, score_with_bank
+from .bank_store import BankStore, check_bank_id
 from .config import MODES, PAClipConfig
 from .contract import Features
 from .errors import RequestError
@@ -150,7 +151,7 @@ class ScoreService:
         self._cache.pop(bank_id, None)
         bank = self.store.load(bank_id, self.encoder).to(self.xp)  # raises BankError for a missing bank
         self.telemetry.count("pa_clip_bank_cache_misses_total")
-        self._cache[bank_id] = (bank.manifest["version"], bank)
+        self._cache[bank_id] = (bank.manifest.version, bank)
         while len(self._cache) > 1 and self.cached_bytes() > self.host.bank_cache_bytes:
             self._cache.popitem(last=False)
         self.telemetry.gauge("pa_clip_bank_cache_bytes", self.cached_bytes())
@@ -201,8 +202,8 @@ class ScoreService:
     @staticmethod
     def check_against_bank(bank, layer_tokens, patch_embeds, image_embeds, images) -> None:
         """What a bank expects: its patch grid, its feature widths and its image size (which sets the map size)."""
-        name = bank.manifest["bank"]
-        (h, w), size = bank.grid, tuple(bank.manifest["image_size"])
+        name = bank.manifest.bank
+        (h, w), size = bank.grid, bank.manifest.image_size
         # first: with an encoder that takes any size, another size is the likely cause of every mismatch below
         if tuple(images.shape[1:3]) != size:
             raise BankError(f"bank {name!r} scores {size[0]}x{size[1]} images (height x width: the size it was built "
@@ -280,7 +281,7 @@ class ScoreService:
 
 
 class RemoteEncoder:
-    """The backbone interface of ``postprocess.pipeline`` over callables (the Triton models, through BLS)."""
+    """A ``postprocess.backbone.Backbone`` over callables (the Triton models, through BLS)."""
 
     def __init__(self, encode_images, encode_text=None):
         self._encode_images = encode_images
@@ -318,20 +319,18 @@ def build_config(options: dict) -> PAClipConfig:
         raise BankError(f"bad build options {options}: {err}") from err
 
 
-def summary(manifest: dict) -> dict:
-    """A manifest without the per-image hashes (what clients are shown)."""
-    return {k: v for k, v in manifest.items() if k != "image_keys"}
+def summary(manifest: BankManifest) -> dict:
+    """A manifest as JSON values without the per-image hashes (what clients are shown)."""
+    return {k: v for k, v in manifest.to_dict().items() if k != "image_keys"}
 
 
 def parse_options(text: str) -> dict:
     """The ``options`` input of pa_clip_bank: a JSON object (empty text = no options)."""
-    import json
-
     if not text.strip():
         return {}
     try:
-        options = json.loads(text)
-    except json.JSONDecodeError as err:
+        options = strict_json.loads(text)
+    except ValueError as err:  # bad JSON, a key given twice, NaN
         raise RequestError(f"input 'options' must be a JSON object, e.g. {{\"mode\": \"pad_mpam\"}}: {err}") from err
     if not isinstance(options, dict):
         raise RequestError(f"input 'options' must be a JSON object, e.g. {{\"mode\": \"pad_mpam\"}}, got {text!r}")
@@ -352,6 +351,14 @@ class BankService:
         self.fixed_size = C.fixed_input_size(encoder)  # None: the encoder takes any multiple of the patch size
         self.log = log
 
+    def _listed(self, bank_id: str) -> dict:
+        """One bank of ``list``; one this server cannot read (a newer format, a damaged manifest) is listed with why,
+        so that the others are still shown."""
+        try:
+            return {**summary(self.store.manifest(bank_id)), **self.store.sizes(bank_id)}
+        except (BankError, OSError, ValueError) as err:
+            return {"bank": bank_id, "error": str(err)}
+
     def handle(self, action: str, bank_id: str = "", category: str = "", images=None, options=None) -> dict:
         options = options or {}
         if action not in self.ACTIONS:
@@ -360,7 +367,7 @@ class BankService:
             return {"encoder": self.encoder, "has_text": self.backbone.has_text}
         if action == "list":  # with the lots added but not built (a failed build leaves its lot): they expire
             self.store.expire_pending()
-            return {"banks": [{**summary(self.store.manifest(b)), **self.store.sizes(b)} for b in self.store.bank_ids()],
+            return {"banks": [self._listed(b) for b in self.store.bank_ids()],
                     "pending": self.store.pending_lots(), "store_bytes": self.store.total_bytes(),
                     "store_limit_bytes": self.store.max_bytes}
         if action == "prune":
@@ -410,7 +417,7 @@ class BankService:
         bank, report = build_bank(scorer, cfg, bank_id, self.encoder)
         self.store.save(bank)
         self.store.clear_lot(bank_id)
-        self.log(f"bank {bank_id!r} built: version {bank.manifest['version']}")
+        self.log(f"bank {bank_id!r} built: version {bank.manifest.version}")
         return {**summary(bank.manifest), "lot_image_scores": [float(s) for s in report.scores]}
 
 

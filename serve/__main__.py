@@ -67,10 +67,8 @@ def main(argv=None) -> int:
               f"${ACCESS_KEY_ENV}; clients send it with the same variable), or --insecure on a network you trust",
               file=sys.stderr)
         return 2
-    stopping = []
 
     def stop_request(*_):
-        stopping.append(1)
         raise KeyboardInterrupt  # also interrupts a start that is still waiting for readiness
 
     signal.signal(signal.SIGTERM, stop_request)

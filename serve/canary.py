@@ -14,19 +14,15 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
+from tritonclient.utils import triton_to_np_dtype
 
+from export.triton_config import read_config
 from postprocess.serving import CANARY_PARAMETER, canary_message
 
 PYTHON_BACKEND = "python"
 DTYPES = {"TYPE_STRING": "BYTES", "TYPE_FP16": "FP16", "TYPE_FP32": "FP32", "TYPE_UINT8": "UINT8",
           "TYPE_INT64": "INT64", "TYPE_INT32": "INT32", "TYPE_BOOL": "BOOL"}
-
-
-def read_config(model_dir: Path) -> model_config_pb2.ModelConfig:
-    """A config.pbtxt through Triton's own protobuf schema."""
-    return text_format.Parse((model_dir / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
 
 
 def python_run_models(repository: Path, platforms: set[str]) -> list[model_config_pb2.ModelConfig]:
@@ -44,17 +40,11 @@ def canary_inputs(config: model_config_pb2.ModelConfig, tritonclient_http) -> li
         dtype = DTYPES[model_config_pb2.DataType.Name(spec.data_type)]
         shape = ([1] if config.max_batch_size > 0 else []) + [0 if d < 0 else d for d in spec.dims]
         data = np.full(shape, b"", dtype=np.object_) if dtype == "BYTES" else \
-            np.zeros(shape, dtype=tritonclient_http_dtype(dtype))
+            np.zeros(shape, dtype=triton_to_np_dtype(dtype))
         tensor = tritonclient_http.InferInput(spec.name, shape, dtype)
         tensor.set_data_from_numpy(data, binary_data=True)
         inputs.append(tensor)
     return inputs
-
-
-def tritonclient_http_dtype(dtype: str):
-    from tritonclient.utils import triton_to_np_dtype
-
-    return triton_to_np_dtype(dtype)
 
 
 class Canaries:

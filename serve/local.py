@@ -206,7 +206,9 @@ class LocalServer:
     def python_run_platforms(self) -> set[str]:
         """Platforms this server runs through a Python stub: with the bundle, ONNX models go to
         serve/onnxruntime_backend.py; a full Triton install has the native backend."""
-        return set() if self.tritonserver is not None else {"onnxruntime_onnx"}
+        from export.targets import ONNX
+
+        return set() if self.tritonserver is not None else {ONNX.platform}
 
     def health(self) -> tuple[bool, str]:
         return self.health_state

@@ -8,14 +8,13 @@ and a message that says what to send instead.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from postprocess import contract as C
+from postprocess import contract as C, strict_json
 
 ITEM_BYTES = {"BOOL": 1, "UINT8": 1, "UINT16": 2, "UINT32": 4, "UINT64": 8, "INT8": 1, "INT16": 2, "INT32": 4,
               "INT64": 8, "FP16": 2, "BF16": 2, "FP32": 4, "FP64": 8}
@@ -44,28 +43,15 @@ class Limits:
     read_timeout_s: float = 30.0  # between two pieces of a body
 
 
-def _refuse_duplicates(pairs):
-    seen = {}
-    for key, value in pairs:
-        if key in seen:
-            raise Refused(400, f"duplicate key {key!r} in a JSON object: send each key once")
-        seen[key] = value
-    return seen
-
-
-def _refuse_constant(name):
-    raise Refused(400, f"{name} is not JSON: send numbers")
-
-
 def load_json(data: bytes, what: str, max_depth: int):
     """Parse JSON as Triton must see it: duplicate keys, NaN/Infinity and nesting deeper than ``max_depth`` refused."""
     try:
-        value = json.loads(data, object_pairs_hook=_refuse_duplicates, parse_constant=_refuse_constant)
+        value = strict_json.loads(data)
     except RecursionError:
         raise Refused(400, f"{what} is nested too deeply (at most {max_depth} levels)") from None
+    except strict_json.JsonRefused as err:
+        raise Refused(400, str(err)) from None
     except (ValueError, UnicodeDecodeError) as err:
-        if isinstance(err, Refused):
-            raise
         raise Refused(400, f"{what} is not valid JSON: {err}") from None
     depth_of_deepest = _depth(value)
     if depth_of_deepest > max_depth:

@@ -4,10 +4,21 @@ Tiers (pytest markers): ``unit`` (no server, no real data: the loop for someone 
 real tritonserver on 127.0.0.1), ``data`` (real images in ../shared/data). A test module says ``server`` or
 ``data`` with ``pytestmark``; every other test is ``unit``. ``pytest -m unit`` runs one tier; ``./run.sh test``
 runs them all.
+
+``slow`` (a marker across the tiers): a test that takes a minute or more in CI on 2 cores (kill and restart
+cycles, two servers or two main jobs at once, the load soak, a dead stub per model, another encoder exported, the
+real-data lots). ``pytest -m "server and not slow"`` is the loop of a few minutes for someone changing the serving;
+CI runs everything. Every run ends with the time spent per tier, and how much of it was ``slow``
+(``pytest_terminal_summary`` below): the figures the README's tier timings are read from.
+
+Server-tier fixtures: ``repository`` (the tiny model exported at 112, once per session; no test writes into it),
+``workdir`` (a folder per test module), ``server`` and ``built`` (one server per module, with the bank "washer").
 """
 
+import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -43,6 +54,27 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if not any(item.get_closest_marker(tier) for tier in ("server", "data")):
             item.add_marker(pytest.mark.unit)
+        tier = next(t for t in TIERS if item.get_closest_marker(t))
+        _TIER_OF[item.nodeid] = (tier, item.get_closest_marker("slow") is not None)
+
+
+_TIER_OF: dict[str, tuple[str, bool]] = {}  # node id -> (tier, slow)
+_SECONDS: dict[tuple[str, bool], float] = {}  # (tier, slow) -> setup + call + teardown, every test summed
+
+
+def pytest_runtest_logreport(report):
+    if report.nodeid in _TIER_OF:
+        key = _TIER_OF[report.nodeid]
+        _SECONDS[key] = _SECONDS.get(key, 0.0) + report.duration
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The wall time per tier (setup, call and teardown of its tests; a module fixture counts where it is made)."""
+    if _SECONDS:
+        terminalreporter.write_sep("-", "time per tier")
+        terminalreporter.write_line(", ".join(
+            f"{tier} {_SECONDS.get((tier, False), 0) + _SECONDS.get((tier, True), 0):.0f} s "
+            f"(slow {_SECONDS.get((tier, True), 0):.0f} s)" for tier in TIERS))
 
 
 def make_mvtec_tree(root: Path, n_good=6, n_bad=4, size=96, seed=0, width=None, types=("scratch",)) -> Path:
@@ -116,9 +148,8 @@ def lot(lot_dir):
     return np.stack([load_image(p, LOT_IMAGE_SIZE)[1] for p in sorted(lot_dir.glob("*.png"))])
 
 
-def stub_pids(prefix: str, model: str) -> list[int]:
-    """The Python-backend stub of ``model`` in the server whose shared-memory prefix starts with ``prefix``
-    (``LocalServer.shm_prefix``: one server; ``pa_clip_<pid>_``: the servers process pid started)."""
+def process_pids(matches: Callable[[list[bytes]], bool]) -> list[int]:
+    """The processes whose command line (the arguments, as bytes) ``matches``: one walk of /proc for the helpers."""
     pids = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -126,10 +157,23 @@ def stub_pids(prefix: str, model: str) -> list[int]:
                 args = (entry / "cmdline").read_bytes().split(b"\0")
             except OSError:
                 continue
-            if args and args[0].endswith(b"triton_python_backend_stub") and f"{model}_0_0".encode() in args and \
-                    any(a.startswith(prefix.encode()) for a in args):
+            if args and matches(args):
                 pids.append(int(entry.name))
     return pids
+
+
+def stub_pids(prefix: str, model: str) -> list[int]:
+    """The Python-backend stub of ``model`` in the server whose shared-memory prefix starts with ``prefix``
+    (``LocalServer.shm_prefix``: one server; ``pa_clip_<pid>_``: the servers process pid started)."""
+    return process_pids(lambda args: args[0].endswith(b"triton_python_backend_stub") and
+                        f"{model}_0_0".encode() in args and any(a.startswith(prefix.encode()) for a in args))
+
+
+def tritonserver_pids(owner: int) -> list[int]:
+    """The tritonserver processes that process ``owner`` (python -m serve, or a test) started: their shared-memory
+    prefix names it (``LocalServer.shm_prefix``), also once they are re-parented."""
+    mark = f"shm-region-prefix-name=pa_clip_{owner}_".encode()
+    return process_pids(lambda args: args[0].endswith(b"tritonserver") and any(mark in arg for arg in args))
 
 
 def stub_rss_mb(prefix: str, model: str) -> float:
@@ -139,3 +183,46 @@ def stub_rss_mb(prefix: str, model: str) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     raise AssertionError(f"no VmRSS for pid {pid}")
+
+
+# --- the server tier's fixtures (tests/test_serving_*.py; serving_helpers.py skips those modules without a server)
+
+
+@pytest.fixture(scope="session")
+def repository(tmp_path_factory):
+    """The tiny model (text tower included) exported at 112 by ``python -m export onnx``: one export for every
+    server-tier module. Read-only: a test that needs another repository makes its own under ``workdir``."""
+    repo = tmp_path_factory.mktemp("serving_repository") / "model_repository"
+    subprocess.run([sys.executable, "-m", "export", "onnx", "--model", "tiny", "--pretrained", "none",
+                    "--image-size", str(LOT_IMAGE_SIZE), "--out", str(repo)], cwd=ROOT, check=True,
+                   capture_output=True)
+    return repo
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, request):
+    """A folder of the test module's own (bank stores, logs, outputs)."""
+    return tmp_path_factory.mktemp(request.module.__name__.removeprefix("test_"))
+
+
+@pytest.fixture(scope="module")
+def server(repository, workdir):
+    """A server of the module's own, its banks in ``workdir / "banks"``."""
+    from serving_helpers import start_server
+
+    srv = start_server(repository, workdir / "banks", workdir / "server.log")
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def built(server, lot):
+    """The bank "washer" of the demo lot (pad_mpam), added in two parts, on the module's ``server``."""
+    from client.triton_client import PAClipClient
+
+    client = PAClipClient(server.http_url)
+    client.add_images("washer", "washer", lot[:7], reset=True)
+    client.add_images("washer", "washer", lot[7:])
+    info = client.build_bank("washer", {"mode": "pad_mpam"})
+    client.close()
+    return info

@@ -9,8 +9,9 @@ import time
 import numpy as np
 import pytest
 
-from postprocess import bank as bank_module
-from postprocess.bank import BankError, BankStore, build_bank, image_key, score_with_bank
+from postprocess import bank_store as store_module
+from postprocess.bank import BankError, build_bank, image_key, score_with_bank
+from postprocess.bank_store import BankStore
 from postprocess.config import PAClipConfig
 from conftest import BANK_STORAGE_TOL, assert_maps_within_contract
 from postprocess import kernels as K
@@ -57,7 +58,7 @@ def test_a_non_square_lot_builds_a_bank_of_its_size_that_refuses_other_sizes(tin
     expected = scorer.score(cfg)
     assert expected.maps.shape == (len(wide), 56, 112) and scorer.features.grid == (4, 8)
     bank, _ = build_bank(scorer, cfg, "washer", tiny.fingerprint)
-    assert bank.manifest["image_size"] == [56, 112] and bank.manifest["grid"] == [4, 8]
+    assert bank.manifest.image_size == (56, 112) and bank.manifest.grid == (4, 8)
     store = BankStore(tmp_path)
     store.save(bank)
     loaded = store.load("washer", tiny.fingerprint)
@@ -81,7 +82,7 @@ def test_interval_k_of_the_bank_is_the_lots(scorer, tiny):
     n = len(scorer.images)
     assert n == 10
     bank, _ = build_bank(scorer, PAClipConfig.for_mode("mutual"), "washer", tiny.fingerprint)
-    assert bank.manifest["interval_k"] == 3 == K.interval_k(n, 0.3, 1, 64) != K.interval_k(n - 1, 0.3, 1, 64)
+    assert bank.manifest.interval_k == 3 == K.interval_k(n, 0.3, 1, 64) != K.interval_k(n - 1, 0.3, 1, 64)
 
 
 def test_a_normal_image_scored_alone_never_matches_its_own_normal_bank_entries(scorer, tiny):
@@ -104,7 +105,7 @@ def test_full_bank_coreset_is_the_one_stage_one_scored_against(scorer, tiny):
     cfg = PAClipConfig(full_coreset_ratio=0.5)
     expected = scorer.score(cfg)
     bank, _ = build_bank(scorer, cfg, "washer", tiny.fingerprint)
-    assert bank.manifest["full_bank_entries_per_image"]["1"] < scorer.features.layer_tokens.shape[2]
+    assert bank.manifest.full_bank_entries_per_image[1] < scorer.features.layer_tokens.shape[2]
     ids = bank.query_ids([image_key(img) for img in scorer.images])
     result = score_with_bank(bank, scorer.features, ids)
     assert_maps_within_contract(result.maps, expected.maps, served=False)
@@ -115,7 +116,7 @@ def test_host_settings_are_not_part_of_a_bank(scorer, tiny, lot, tmp_path):
     small = LotScorer(tiny, lot, "washer", features=scorer.features, progress=False,
                       host=HostSettings(memory_budget_mb=1))
     bank, _ = build_bank(small, PAClipConfig(), "washer", tiny.fingerprint)
-    assert not set(bank.manifest["config"]) & set(HostSettings.__dataclass_fields__)
+    assert not set(bank.manifest.to_dict()["config"]) & set(HostSettings.__dataclass_fields__)
     ids = bank.query_ids([image_key(img) for img in lot])
     tight = score_with_bank(bank, scorer.features, ids, host=HostSettings(memory_budget_mb=1))
     roomy = score_with_bank(bank, scorer.features, ids, host=HostSettings(memory_budget_mb=4096))
@@ -187,12 +188,12 @@ def test_crash_while_writing_keeps_previous_bank(scorer, tiny, tmp_path, monkeyp
         path.write_bytes(b"half a file")
         raise KeyboardInterrupt("killed mid-write")
 
-    monkeypatch.setattr(bank_module, "_save_tensors", dies)
+    monkeypatch.setattr(store_module, "_save_tensors", dies)
     with pytest.raises(KeyboardInterrupt):
         store.save(second)
     monkeypatch.undo()
     assert store.current_version("washer") == version
-    assert store.load("washer", tiny.fingerprint).manifest["config"]["use_normal_bank"] is False
+    assert store.load("washer", tiny.fingerprint).manifest.config.use_normal_bank is False
     store.clean()
     assert not list((tmp_path / "washer").glob(".tmp-*"))
     # a later build replaces it, and only the live and the previous versions stay on disk
@@ -231,7 +232,7 @@ def test_current_is_replaced_by_rename_never_rewritten_in_place(scorer, tiny, tm
         store.save(bank)
     monkeypatch.undo()
     assert store.current_version("washer") == second
-    assert store.load("washer", tiny.fingerprint).manifest["version"] == second
+    assert store.load("washer", tiny.fingerprint).manifest.version == second
 
 
 def test_score_service_sees_rebuilds_and_deletes_and_keeps_banks_within_its_byte_budget(scorer, tiny, lot, tmp_path):
@@ -253,7 +254,7 @@ def test_score_service_sees_rebuilds_and_deletes_and_keeps_banks_within_its_byte
 
     # byte budget: the least recently used bank goes first, the one in use always stays
     for name in ("a", "b"):
-        mutual.manifest["bank"] = name
+        mutual.manifest = mutual.manifest.replace(bank=name)
         store.save(mutual)
     roomy = ScoreService(store, tiny.fingerprint, HostSettings(array_module="numpy", bank_cache_mb=1024))
     roomy.score("a", *outputs), roomy.score("b", *outputs)
@@ -463,7 +464,7 @@ def test_a_full_disk_says_what_to_free_and_changes_nothing(scorer, tiny, lot, tm
 
     monkeypatch.setattr("safetensors.numpy.save_file", full)
     for action, options in (("build", {}), ("add", {})):
-        with pytest.raises(bank_module.StoreFull, match=re.escape(f"no space left on the volume of the bank store "
+        with pytest.raises(store_module.StoreFull, match=re.escape(f"no space left on the volume of the bank store "
                                                                   f"({tmp_path / 'washer'}")):
             service.handle(action, "washer", "washer", lot if action == "add" else None, options)
     assert store.current_version("washer") == first and store.lot_size("washer") == len(lot)
@@ -515,10 +516,10 @@ def test_a_store_limit_refuses_adds_and_builds_past_it(tiny, lot, tmp_path):
     service.handle("add", "washer", "washer", lot, {"reset": True})
     held = store.total_bytes()
     store.max_bytes = held + 1000  # the lot fits; the bank it builds does not
-    with pytest.raises(bank_module.StoreFull, match=r"keeps at most .* MB \(python -m serve --max-store-gb\)"):
+    with pytest.raises(store_module.StoreFull, match=r"keeps at most .* MB \(python -m serve --max-store-gb\)"):
         service.handle("build", "washer")
     assert store.current_version("washer") is None and store.lot_size("washer") == len(lot)  # lot kept
     store.max_bytes = held  # nothing more fits: a further add is refused before it touches the lot
-    with pytest.raises(bank_module.StoreFull, match="delete banks you no longer need"):
+    with pytest.raises(store_module.StoreFull, match="delete banks you no longer need"):
         service.handle("add", "washer", "washer", lot, {"reset": True})
     assert store.lot_size("washer") == len(lot) and store.total_bytes() == held

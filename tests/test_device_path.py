@@ -6,7 +6,8 @@ import pytest
 
 import strict_xp
 from postprocess import kernels as K
-from postprocess.bank import BankStore, build_bank, image_key, score_with_bank
+from postprocess.bank import build_bank, image_key, score_with_bank
+from postprocess.bank_store import BankStore
 from postprocess.config import MODES, PAClipConfig
 from postprocess.host import HostSettings
 from postprocess.pipeline import LotScorer

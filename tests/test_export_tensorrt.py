@@ -4,9 +4,11 @@ import importlib.util
 from pathlib import Path
 
 import pytest
+from tritonclient.grpc import model_config_pb2 as mc
 
 from export import __main__ as export_cli
 from export.tensorrt_build import BatchProfile, engine_config
+from export.triton_config import config_text, parse_config, read_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,10 +29,15 @@ def test_profile_shapes_and_validation():
 
 def test_engine_config_serves_the_contract_on_gpu():
     fp = {"backbone": "ViT-L-14-336", "weights": "tag:openai", "image_size": 518, "taps": [6, 12, 18, 24]}
-    text = engine_config(fp, BatchProfile(518, max_batch=16), 4, 1369, 1024, 768)
-    assert 'platform: "tensorrt_plan"' in text and "KIND_GPU" in text and "max_batch_size: 16" in text
-    assert "[ 518, 518, 3 ]" in text and "[ 4, 1369, 1024 ]" in text and "TYPE_FP16" in text
-    assert "weights=tag:openai" in text
+    config = parse_config(config_text(engine_config(fp, BatchProfile(518, max_batch=16), 4, 1369, 1024, 768)))
+    assert config.name == "clip_vision_trt" and config.platform == "tensorrt_plan" and config.max_batch_size == 16
+    assert [(g.kind, g.count) for g in config.instance_group] == [(mc.ModelInstanceGroup.KIND_GPU, 1)]
+    (images,) = config.input
+    assert (images.name, images.data_type, list(images.dims)) == ("images", mc.TYPE_UINT8, [518, 518, 3])
+    assert [(o.name, o.data_type, list(o.dims)) for o in config.output] == [
+        ("layer_tokens", mc.TYPE_FP16, [4, 1369, 1024]), ("patch_embeds", mc.TYPE_FP16, [1369, 768]),
+        ("image_embeds", mc.TYPE_FP32, [768])]
+    assert "weights=tag:openai" in config.parameters["encoder"].string_value
 
 
 @pytest.fixture(scope="module")
@@ -65,11 +72,14 @@ def test_ensemble_can_be_pointed_at_the_plan_and_back(tmp_path):
     install_serving_models(tmp_path)
     changed = point_ensemble_at(tmp_path, "clip_vision_trt")
     assert sorted(p.parent.name for p in changed) == ["pa_clip", "pa_clip_bank", "pa_clip_score"]
-    ensemble = (tmp_path / "pa_clip" / "config.pbtxt").read_text()
-    assert 'model_name: "clip_vision_trt"' in ensemble and 'model_name: "clip_vision"' not in ensemble
-    assert 'string_value: "clip_vision_trt"' in (tmp_path / "pa_clip_score" / "config.pbtxt").read_text()
-    for name in ("pa_clip_score", "pa_clip_bank"):  # GPU instances beside the plan
-        assert "instance_group [ { kind: KIND_GPU" in (tmp_path / name / "config.pbtxt").read_text()
+    ensemble = read_config(tmp_path / "pa_clip")
+    assert [s.model_name for s in ensemble.ensemble_scheduling.step] == ["clip_vision_trt", "pa_clip_score"]
+    for name in ("pa_clip_score", "pa_clip_bank"):
+        config = read_config(tmp_path / name)
+        assert config.parameters["encoder_model"].string_value == "clip_vision_trt"
+        # GPU instances beside the plan
+        assert [g.kind for g in config.instance_group] == [mc.ModelInstanceGroup.KIND_GPU]
+    assert point_ensemble_at(tmp_path, "clip_vision_trt") == []  # nothing to change, nothing written
     point_ensemble_at(tmp_path, "clip_vision")
-    assert (tmp_path / "pa_clip" / "config.pbtxt").read_text() == \
-        (ROOT / "model_repository" / "pa_clip" / "config.pbtxt").read_text()
+    for name in ("pa_clip", "pa_clip_score", "pa_clip_bank"):
+        assert read_config(tmp_path / name) == read_config(ROOT / "model_repository" / name)

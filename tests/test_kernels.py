@@ -79,6 +79,25 @@ def test_full_bank_scores_chunking_and_self_exclusion(xp):
     np.testing.assert_allclose(K.to_numpy(no_exclusion), 0.0, atol=knn_atol(xp))
 
 
+def test_lot_mutual_scores_compares_each_pair_once_and_matches_the_general_path(xp):
+    rng = np.random.default_rng(5)
+    feats = rng.standard_normal((7, 9, 6)).astype(np.float32)
+    feats /= np.linalg.norm(feats, axis=-1, keepdims=True)
+    ids = np.arange(7)
+    expected = _brute_full(feats, feats, ids, ids, 3)
+    # budgets giving groups of 2 and 3 images (pairs of groups that overlap the lot's end), the whole lot in one
+    # block, and one too small to hold the lot's minima (the general path)
+    for budget, group in ((2 * K.lot_minima_bytes(7, 9), 2), (2 * 4 * 81 * 9, 3), (1 << 30, 7), (64, None)):
+        if group:
+            assert K.lot_pair_block_images(7, 9, budget // 2) == group
+        got = K.lot_mutual_scores(xp.asarray(feats), 3, budget)
+        np.testing.assert_allclose(K.to_numpy(got), expected, atol=knn_atol(xp))
+    one = K.lot_mutual_scores(xp.asarray(feats[:3]), 1, 2 * K.lot_minima_bytes(3, 9))  # groups of one image
+    assert K.lot_pair_block_images(3, 9, K.lot_minima_bytes(3, 9)) == 1
+    np.testing.assert_allclose(K.to_numpy(one), _brute_full(feats[:3], feats[:3], ids[:3], ids[:3], 1),
+                               atol=knn_atol(xp))
+
+
 def test_normal_bank_scores_excludes_own_entries(xp):
     rng = np.random.default_rng(2)
     q = rng.standard_normal((3, 4, 5)).astype(np.float32)

@@ -2,6 +2,8 @@
 fault they are."""
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +14,7 @@ from postprocess.serving import describe_failure, parse_options, text_value
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("postprocess", "export", "client", "serve", "benchmarks")
-# Who may import whom (DESIGN layering; each package's __init__.py says the same).
+# Who may import whom (docs/design.md; each package's __init__.py says the same).
 ALLOWED = {
     "postprocess": set(),
     "export": {"postprocess"},
@@ -40,6 +42,55 @@ def test_packages_import_only_downwards():
     for package in PACKAGES:
         for module, imports in imported_packages(package).items():
             assert imports <= ALLOWED[package], f"{module} imports {sorted(imports - ALLOWED[package])}"
+
+
+# The Python models tritonserver runs (model_repository/*/1/model.py) may import the stdlib, NumPy, Triton's module,
+# CuPy and postprocess, nothing else: the server needs no torch, no open_clip, no export.
+MODEL_FILES = sorted(ROOT.glob("model_repository/*/1/model.py"))
+MODELS_MAY_IMPORT = {"numpy", "triton_python_backend_utils", "cupy", "postprocess"}
+# Also run inside the server: the stand-in for Triton's onnxruntime backend (copied into its backends folder).
+SERVER_SIDE_FILES = MODEL_FILES + [ROOT / "serve" / "onnxruntime_backend.py"]
+NOT_IN_THE_SERVER = {"torch", "torchvision", "open_clip", "export.clip_encoder", "export.backbones",
+                     "export.repository"}
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every module ``path`` imports (module-level or inside functions), with ``from package import submodule``
+    spelled out as ``package.submodule`` when the submodule is a file of the project."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module)
+            folder = ROOT.joinpath(*node.module.split("."))
+            for alias in node.names:
+                if (folder / f"{alias.name}.py").is_file() or (folder / alias.name / "__init__.py").is_file():
+                    names.add(f"{node.module}.{alias.name}")
+    return names
+
+
+def test_the_python_models_import_only_postprocess():
+    assert len(MODEL_FILES) >= 2, "no model_repository/*/1/model.py found"
+    for path in MODEL_FILES:
+        tops = {name.split(".")[0] for name in imported_modules(path)}
+        outside = {top for top in tops if top not in sys.stdlib_module_names} - MODELS_MAY_IMPORT
+        assert not outside, f"{path.relative_to(ROOT)} imports {sorted(outside)}: the server's Python models may " \
+                            f"import only postprocess (and the stdlib, numpy, triton_python_backend_utils, cupy)"
+
+
+def test_what_the_server_side_python_imports_imports_no_torch():
+    """Imports, in a fresh interpreter, every project module the server's Python models import (as they do:
+    followed from their real imports), and checks that none of them brought torch or open_clip with it."""
+    modules = sorted({name for path in SERVER_SIDE_FILES for name in imported_modules(path)
+                      if name.split(".")[0] in PACKAGES})
+    assert "postprocess.serving" in modules and "postprocess.text_tokens" in modules, modules
+    code = (f"import importlib, sys\nfor name in {modules!r}:\n    importlib.import_module(name)\n"
+            f"found = sorted({set(NOT_IN_THE_SERVER)!r} & set(sys.modules))\n"
+            "assert not found, f'importing {modules} imports {found}'")
+    proc = subprocess.run([sys.executable, "-c", f"modules = {modules!r}\n" + code], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 def test_export_main_only_parses_arguments():
@@ -81,6 +132,6 @@ def test_request_text_and_options_are_checked():
     with pytest.raises(RequestError, match="'bank' must be UTF-8"):
         text_value(b"\xff\xfe", "bank")
     assert parse_options("") == {} and parse_options('{"mode": "pad"}') == {"mode": "pad"}
-    for bad in ("[1,2]", "{not json", '"pad"'):
+    for bad in ("[1,2]", "{not json", '"pad"', '{"mode": "pad", "mode": "mutual"}', '{"alpha": NaN}'):
         with pytest.raises(RequestError, match="'options' must be a JSON object"):
             parse_options(bad)

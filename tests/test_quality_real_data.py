@@ -17,7 +17,7 @@ from postprocess.config import PAClipConfig
 from postprocess.contract import DEFAULT_ASPECT
 from postprocess.pipeline import LotScorer
 
-pytestmark = [pytest.mark.data,
+pytestmark = [pytest.mark.data, pytest.mark.slow,  # each lot takes 2 to 7 minutes on 2 cores
               pytest.mark.skipif(not (SHARED_DATA / "magnetic_tile").is_dir(),
                                  reason=f"real images not found at {SHARED_DATA} (../shared/data beside the checkout)")]
 

@@ -17,20 +17,12 @@ import numpy as np
 import pytest
 
 from conftest import LOT_IMAGE_SIZE as SIZE, stub_pids
+from serving_helpers import ROOT, ClientError, PAClipClient, free_ports, start_server
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.server
 
-pytest.importorskip("tritonclient.http", reason="tritonclient is not installed: pip install -e '.[serve]'")
 pytest.importorskip("h11", reason="h11 is not installed: pip install -e '.[serve]'")
-try:
-    from serve.local import LocalServer, bundled_server, free_ports
 
-    bundled_server()
-except Exception as err:  # noqa: BLE001
-    pytest.skip(f"tritonserver from the nvidia-pytriton wheel is not available here: {err}", allow_module_level=True)
-
-from client.triton_client import ClientError, PAClipClient  # noqa: E402
 from serve.http_guard import INTERNAL_HEADER, HttpGuard  # noqa: E402
 from serve.request_checks import Limits, max_image_side  # noqa: E402
 
@@ -40,24 +32,10 @@ BANK_INPUT = {"name": "bank", "shape": [1, 1], "datatype": "BYTES", "data": ["wa
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    return tmp_path_factory.mktemp("guard")
-
-
-@pytest.fixture(scope="module")
-def repository(workdir):
-    repo = workdir / "model_repository"
-    subprocess.run([sys.executable, "-m", "export", "onnx", "--model", "tiny", "--pretrained", "none",
-                    "--image-size", str(SIZE), "--out", str(repo)], cwd=ROOT, check=True, capture_output=True)
-    return repo
-
-
-@pytest.fixture(scope="module")
 def server(repository, workdir):
-    http, grpc, metrics = free_ports(3)
+    """This module's server: conftest's, with a 16 MB request limit."""
     limits = Limits(max_request_bytes=MAX_REQUEST, max_image_side=max_image_side(repository))
-    srv = LocalServer(repository, workdir / "banks", http_port=http, grpc_port=grpc, metrics_port=metrics,
-                      log_file=workdir / "server.log", limits=limits).start(timeout=180)
+    srv = start_server(repository, workdir / "banks", workdir / "server.log", limits=limits)
     client = PAClipClient(srv.http_url)
     yield srv
     client.close()
@@ -270,7 +248,7 @@ def test_the_servers_own_shared_memory_cannot_be_registered(server, bank, lot):
             client.close()
     finally:
         alias.unlink()
-    # a client's own region still works (the ensemble test in test_serving.py scores through one)
+    # a client's own region still works (the ensemble test in test_serving_contract.py scores through one)
     client = PAClipClient(server.http_url, shared_memory=True)
     maps, _ = client.score(lot[:1], bank)
     client.close()
@@ -278,7 +256,7 @@ def test_the_servers_own_shared_memory_cannot_be_registered(server, bank, lot):
 
 
 def test_limits_come_before_work_over_http_and_grpc(server, bank, lot):
-    """(The encoder's own refusal of a large image needs a dynamic-size encoder: tests/test_serving.py, the
+    """(The encoder's own refusal of a large image needs a dynamic-size encoder: tests/test_serving_scale.py, the
     non-square lot.)"""
     big = np.zeros((1, 1204, 1204, 3), np.uint8)
     for protocol, url in (("http", server.http_url), ("grpc", server.grpc_url)):
@@ -335,6 +313,7 @@ def test_slow_clients_time_out_and_held_bodies_are_capped(server, bank):
         guard.stop()
 
 
+@pytest.mark.slow
 def test_a_dead_stub_makes_health_false_and_the_server_comes_back(repository, workdir, lot):
     """Kill -9 of each Python-run model's stub (what the OOM killer does): ready must go false, the supervisor must
     restart the server, and a request must be answered again. Prints how long each took (README, Reliability)."""

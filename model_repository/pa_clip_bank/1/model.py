@@ -12,11 +12,12 @@ import triton_python_backend_utils as pb_utils
 
 try:
     from postprocess import contract as C
-    from postprocess.bank import BankStore
+    from postprocess.bank_store import BankStore
     from postprocess.host import HostSettings
     from postprocess.serving import (BankService, bank_root, canary_response, error_response, from_triton,
                                      is_canary, parse_options, store_limit_bytes, text_value)
     from postprocess.telemetry import TritonTelemetry
+    from postprocess.text_tokens import load_tokenizer
 except ImportError as err:
     raise ImportError(f"pa_clip_bank needs the pa-clip-triton package in the server's Python "
                       f"(pip install -e . in the environment tritonserver runs models with): {err}") from err
@@ -55,9 +56,7 @@ class TritonPythonModel:
         text_dir = repository / self.text_model
         if (text_dir / "config.pbtxt").is_file():
             if C.same_encoder(C.read_fingerprint(text_dir), encoder):
-                from export.clip_encoder import tokenizer_for
-
-                self.tokenizer = tokenizer_for(encoder["backbone"])
+                self.tokenizer = load_tokenizer(text_dir)  # clip_text/tokenizer.json: no torch in the server
                 encode_text = self.encode_text
             else:
                 pb_utils.Logger.log_warn(f"{C.BANK_MODEL}: {self.text_model} belongs to another encoder; normal "
@@ -79,7 +78,7 @@ class TritonPythonModel:
                                        C.grid_for(images.shape[1:3], self.patch_size))
 
     def encode_text(self, prompts):
-        tokens = self.tokenizer(prompts).numpy().astype(np.int64)
+        tokens = self.tokenizer(prompts)  # INT64 [B, 77]
         return _infer(self.text_model, [pb_utils.Tensor(C.TOKENS, tokens)], [C.TEXT_EMBEDS])[0]
 
     def execute(self, requests):

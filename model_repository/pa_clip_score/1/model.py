@@ -8,7 +8,7 @@ import triton_python_backend_utils as pb_utils
 
 try:
     from postprocess import contract as C
-    from postprocess.bank import BankStore
+    from postprocess.bank_store import BankStore
     from postprocess.host import HostSettings
     from postprocess.serving import ScoreService, bank_root, canary_response, error_response, from_triton, is_canary
     from postprocess.telemetry import TritonTelemetry

@@ -1,0 +1,385 @@
+"""The bank store: banks on disk, one folder per bank id, safe to share between replicas.
+
+    <root>/<bank>/CURRENT                      name of the live version folder (replaced atomically)
+    <root>/<bank>/v-<build id>/manifest.json   ``BankManifest`` (postprocess/bank.py): encoder fingerprint, config,
+                                               counts, thresholds, image hashes
+    <root>/<bank>/v-<build id>/bank.safetensors
+    <root>/<bank>/lot/part-<n>.safetensors     images added but not yet built (the pending lot)
+    <root>/<bank>/.build-lock                  held by the one build of this bank id in progress
+
+A version folder is complete before ``CURRENT`` names it, so a crash mid-build leaves the previous bank live. No
+pickle: tensors are safetensors, the rest JSON. What a bank holds and how it scores is ``postprocess.bank``; this
+module only stores it (it imports ``postprocess.bank``, never the other way round).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import shutil
+import time
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+from . import kernels as K
+from .atomic import HOST, fsync_dir, is_dead_leftover, owner_gone, temp_name, write_atomic
+from .bank import Bank, BankError, BankManifest, check_encoder
+from .contract import IMAGES, VISION_OUTPUTS, Features
+
+# used with fullmatch only: "$" would let a trailing newline through (a folder "banks/x\n")
+BANK_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def check_bank_id(bank_id: str) -> str:
+    """``bank_id`` if it is a valid bank id (it names a folder of the store), else a ``BankError`` that says why."""
+    if not isinstance(bank_id, str) or not BANK_ID_PATTERN.fullmatch(bank_id):
+        raise BankError(f"invalid bank id {bank_id!r}: use 1-128 letters, digits, '.', '_' or '-', "
+                        "starting with a letter or digit")
+    return bank_id
+
+
+class StoreFull(BankError):
+    """The bank store's volume is full: the message says where and what to free."""
+
+
+def _is_disk_full(err: BaseException) -> bool:
+    # OSError from Python's own writes; safetensors' Rust writer reports "StorageFull" / "No space left" in text
+    return (isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)) or \
+        any(words in str(err) for words in ("No space left", "StorageFull", "Disk quota exceeded"))
+
+
+@contextmanager
+def disk_full_is_clear(folder: Path):
+    """Turn a full volume into a ``StoreFull`` that says what to free, instead of an internal error."""
+    try:
+        yield
+    except Exception as err:
+        if not _is_disk_full(err):
+            raise
+        raise StoreFull(f"no space left on the volume of the bank store ({folder}): free space there (delete banks "
+                        "you no longer need with the 'delete' action, or pending lots you will not build), or move "
+                        "the store to a larger volume (PA_CLIP_BANKS / python -m serve --banks); nothing was "
+                        "changed") from err
+
+
+def _save_tensors(path: Path, tensors: dict, metadata: dict | None = None) -> None:
+    from safetensors.numpy import save_file
+
+    with disk_full_is_clear(path.parent):
+        write_atomic(path, lambda tmp: save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp),
+                                                 metadata=metadata))
+
+
+def _load_tensors(path: Path) -> tuple[dict, dict]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+
+
+class BankStore:
+    """Banks on disk under ``root`` (see the module docstring for the layout).
+
+    Several servers may share ``root`` (a shared volume): version names carry the host, temporary names their owner
+    (host and pid), ``clean`` removes only leftovers whose owner is provably gone, and a build holds
+    ``<bank>/.build-lock`` so that one bank id is built by one replica at a time.
+    """
+
+    STALE_AFTER_S = 6 * 3600  # a leftover or a lock of another host counts as abandoned after this long
+
+    PRUNE_AFTER_S = 600  # an older version younger than this may still be being loaded by a replica: prune keeps it
+
+    def __init__(self, root: str | Path, pending_ttl_s: float = 24 * 3600, max_bytes: int | None = None):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.pending_ttl_s = pending_ttl_s  # a lot added but never built is removed after this long
+        self.max_bytes = max_bytes  # what the whole store may hold (python -m serve --max-store-gb); None: no limit
+
+    # -- committed banks --------------------------------------------------------------------------------------
+    def _dir(self, bank_id: str) -> Path:
+        return self.root / check_bank_id(bank_id)
+
+    def current_version(self, bank_id: str) -> str | None:
+        try:
+            name = (self._dir(bank_id) / "CURRENT").read_text().strip()
+        except FileNotFoundError:
+            return None
+        return name or None
+
+    def exists(self, bank_id: str) -> bool:
+        return self.current_version(bank_id) is not None
+
+    def bank_ids(self) -> list[str]:
+        return sorted(p.name for p in self.root.iterdir()
+                      if p.is_dir() and BANK_ID_PATTERN.fullmatch(p.name) and (p / "CURRENT").is_file())
+
+    def _missing(self, bank_id: str) -> BankError:
+        known = self.bank_ids()
+        return BankError(f"unknown bank {bank_id!r}; " + (f"banks on this server: {', '.join(known)}" if known else
+                         "this server has no banks yet") + ". Build one with client/infer.py --build")
+
+    def manifest(self, bank_id: str) -> BankManifest:
+        version = self.current_version(bank_id)
+        if version is None:
+            raise self._missing(bank_id)
+        return BankManifest.from_json((self._dir(bank_id) / version / "manifest.json").read_text())
+
+    def sizes(self, bank_id: str) -> dict:
+        """Bytes of the live version on disk, and of its arrays once loaded (on the GPU or in host memory), read
+        from the safetensors header without loading the tensors."""
+        version = self.current_version(bank_id)
+        if version is None:
+            raise self._missing(bank_id)
+        folder = self._dir(bank_id) / version
+        tensors, _ = _load_tensors_meta(folder / "bank.safetensors")
+        itemsize = {"F16": 2, "F32": 4, "I64": 8, "BF16": 2, "F64": 8, "I32": 4}
+        resident = sum(int(np.prod(t["shape"])) * itemsize[t["dtype"]] for t in tensors.values())
+        return {"bytes_on_disk": sum(p.stat().st_size for p in folder.iterdir()), "bytes_in_memory": resident}
+
+    def versions(self, bank_id: str) -> list[dict]:
+        """The versions on disk, newest first, each with its bytes and whether it is the live one."""
+        current = self.current_version(bank_id)
+        folders = sorted(self._dir(bank_id).glob("v-*"), key=lambda p: p.stat().st_mtime, reverse=True)
+        return [{"version": p.name, "live": p.name == current, "bytes": _bytes_under(p)} for p in folders]
+
+    def total_bytes(self) -> int:
+        return _bytes_under(self.root)
+
+    def check_room(self, adding: int = 0) -> None:
+        """Refuse, with what to do, a write that would take the store over ``max_bytes``."""
+        if self.max_bytes is None:
+            return
+        held = self.total_bytes()
+        if held + adding > self.max_bytes:
+            raise StoreFull(f"the bank store ({self.root}) holds {_human(held)} and this would add "
+                            f"{_human(adding)}; this server keeps at most {_human(self.max_bytes)} "
+                            "(python -m serve --max-store-gb): delete banks you no longer need (python -m "
+                            "client.banks delete ID) or prune old versions (python -m client.banks prune)")
+
+    def prune(self) -> dict:
+        """Remove what no one needs: versions other than the live one (older than ``PRUNE_AFTER_S``), bank folders
+        a failed build left empty, and ``clean``'s leftovers. Returns what went and the bytes freed."""
+        before = self.total_bytes()
+        removed = self.clean()
+        for folder in sorted(p for p in self.root.iterdir() if p.is_dir() and BANK_ID_PATTERN.fullmatch(p.name)):
+            current = self.current_version(folder.name)
+            for version in folder.glob("v-*"):
+                if version.name != current and time.time() - version.stat().st_mtime > self.PRUNE_AFTER_S:
+                    shutil.rmtree(version, ignore_errors=True)
+                    removed.append(str(version))
+            if _holds_nothing(folder):
+                shutil.rmtree(folder, ignore_errors=True)
+                removed.append(str(folder))
+        return {"removed": removed, "freed_bytes": max(0, before - self.total_bytes())}
+
+    def load(self, bank_id: str, encoder: dict | None = None) -> Bank:
+        version = self.current_version(bank_id)
+        if version is None:
+            raise self._missing(bank_id)
+        folder = self._dir(bank_id) / version
+        manifest = BankManifest.from_json((folder / "manifest.json").read_text())  # refuses formats it cannot read
+        check_encoder(manifest, encoder)
+        tensors, _ = _load_tensors(folder / "bank.safetensors")
+        return Bank.from_tensors(manifest, tensors)
+
+    def save(self, bank: Bank) -> str:
+        """Commit a bank: write a new version folder completely, then point CURRENT at it."""
+        bank_id = check_bank_id(bank.manifest.bank)
+        self.check_room(bank.nbytes)  # the arrays are stored as they are held: their bytes are the file's
+        folder = self._dir(bank_id)
+        folder.mkdir(exist_ok=True)
+        # unique across replicas on a shared volume: the host's name, then 48 random bits
+        version = f"v-{time.strftime('%Y%m%dT%H%M%S')}-{HOST}-{uuid.uuid4().hex[:12]}"
+        staging = folder / temp_name(version)
+        staging.mkdir()
+        try:
+            manifest = bank.manifest.replace(version=version, built_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+            _save_tensors(staging / "bank.safetensors", bank.tensors())
+            with disk_full_is_clear(folder):
+                write_atomic(staging / "manifest.json", manifest.to_json())
+            os.replace(staging, folder / version)
+            fsync_dir(folder)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        previous = self.current_version(bank_id)
+        write_atomic(folder / "CURRENT", version)  # the commit: readers see the old version or the new one
+        # keep the version a reader may still be loading; older ones go
+        for old in folder.glob("v-*"):
+            if old.name not in (version, previous):
+                shutil.rmtree(old, ignore_errors=True)
+        bank.manifest = manifest
+        return version
+
+    def delete(self, bank_id: str) -> None:
+        folder = self._dir(bank_id)
+        if not folder.exists():
+            raise self._missing(bank_id)
+        trash = self.root / f".trash-{bank_id}-{uuid.uuid4().hex[:8]}"
+        os.replace(folder, trash)  # gone for readers at once
+        shutil.rmtree(trash, ignore_errors=True)
+
+    def clean(self) -> list[str]:
+        """Remove what interrupted writes left behind and lots that were never built: only what provably has no
+        live writer (another replica's build in progress stays). Returns what it removed."""
+        # renamed away already (deleted banks, taken-over build locks): nobody reads or writes them
+        leftovers = [*self.root.glob(".trash-*"), *self.root.glob("*/.trash-lock-*")]
+        leftovers += [p for p in [*self.root.glob("*/.tmp-*"), *self.root.glob("*/lot/.tmp-*")]
+                      if is_dead_leftover(p, self.STALE_AFTER_S)]
+        for path in leftovers:
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        return [str(p) for p in leftovers] + self.expire_pending()
+
+    # -- one build per bank id, across replicas ---------------------------------------------------------------
+    @contextmanager
+    def building(self, bank_id: str):
+        """Hold the build lock of ``bank_id``; a second build gets a clear "in progress" error."""
+        folder = self._dir(bank_id)
+        folder.mkdir(exist_ok=True)
+        lock = folder / ".build-lock"
+        for attempt in range(2):
+            try:
+                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                break
+            except FileExistsError:
+                holder = self._lock_holder(lock)
+                if attempt == 0 and owner_gone(holder.get("host", ""), int(holder.get("pid", 0)),
+                                               float(holder.get("started", 0)), self.STALE_AFTER_S):
+                    trash = folder / f".trash-lock-{uuid.uuid4().hex[:8]}"
+                    try:  # a dead build's lock: move it away (atomically: only one replica wins) and try again
+                        os.replace(lock, trash)
+                        trash.unlink()
+                    except FileNotFoundError:
+                        pass
+                    continue
+                raise BankError(f"a build of bank {bank_id!r} is in progress (host {holder.get('host', '?')}, pid "
+                                f"{holder.get('pid', '?')}, started {holder.get('started_at', '?')}): wait for it to "
+                                "finish, or build under another bank id") from None
+        with os.fdopen(fd, "w") as f:
+            json.dump({"host": HOST, "pid": os.getpid(), "started": time.time(),
+                       "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, f)
+        try:
+            yield
+        finally:
+            lock.unlink(missing_ok=True)
+            if _holds_nothing(folder):  # a build that failed before anything was written leaves no folder behind
+                shutil.rmtree(folder, ignore_errors=True)
+
+    @staticmethod
+    def _lock_holder(lock: Path) -> dict:
+        try:
+            return json.loads(lock.read_text())
+        except (OSError, ValueError):  # being written right now, or gone: treat as a live holder
+            return {"host": HOST, "pid": os.getpid(), "started": time.time()}
+
+    # -- the pending lot --------------------------------------------------------------------------------------
+    def _lot(self, bank_id: str) -> Path:
+        return self._dir(bank_id) / "lot"
+
+    def add_to_lot(self, bank_id: str, category: str, images: np.ndarray, features: Features,
+                   reset: bool = False) -> int:
+        """Append encoded images to the bank's pending lot; returns the lot's size."""
+        lot = self._lot(bank_id)
+        self.check_room(images.nbytes + sum(int(a.nbytes) for a in features.outputs().values()))
+        if reset and lot.exists():
+            shutil.rmtree(lot)
+        lot.mkdir(parents=True, exist_ok=True)
+        parts = sorted(lot.glob("part-*.safetensors"))
+        if parts:
+            _, meta = _load_tensors_meta(parts[0])
+            if meta.get("category") != category:
+                raise BankError(f"the pending lot of bank {bank_id!r} is for category {meta.get('category')!r}, "
+                                f"not {category!r}: start a new lot (reset) or use another bank id")
+            if json.loads(meta["grid"]) != list(features.grid):
+                raise BankError(f"the pending lot of bank {bank_id!r} holds images of another size (patch grid "
+                                f"{tuple(json.loads(meta['grid']))}, these give {tuple(features.grid)}): a lot is "
+                                "encoded at one size; resize them like the first part, or start over with reset")
+        index = 1 + max([int(p.stem.split("-")[1]) for p in parts], default=-1)
+        _save_tensors(lot / f"part-{index:06d}.safetensors", {
+            IMAGES: images, **{name: K.to_numpy(array) for name, array in features.outputs().items()},
+        }, metadata={"category": category, "grid": json.dumps(list(features.grid))})
+        return self.lot_size(bank_id)
+
+    def lot_size(self, bank_id: str) -> int:
+        return sum(_load_tensors_meta(p)[0][IMAGES]["shape"][0]
+                   for p in sorted(self._lot(bank_id).glob("part-*.safetensors")))
+
+    def load_lot(self, bank_id: str) -> tuple[str, np.ndarray, Features]:
+        parts = sorted(self._lot(bank_id).glob("part-*.safetensors"))
+        if not parts:
+            raise BankError(f"bank {bank_id!r} has no images to build from: add a lot first "
+                            "(client/infer.py --build --images DIR)")
+        loaded = [_load_tensors(p) for p in parts]
+        meta = loaded[0][1]
+        cat = lambda key: np.concatenate([t[key] for t, _ in loaded])  # noqa: E731
+        grid = tuple(json.loads(meta["grid"]))
+        return meta["category"], cat(IMAGES), Features.from_outputs({k: cat(k) for k in VISION_OUTPUTS}, grid)
+
+    def clear_lot(self, bank_id: str) -> None:
+        shutil.rmtree(self._lot(bank_id), ignore_errors=True)
+
+    def pending_lots(self) -> list[dict]:
+        """Lots added but not (successfully) built: visible, with when they expire."""
+        out = []
+        for lot in sorted(self.root.glob("*/lot")):
+            parts = sorted(lot.glob("part-*.safetensors"))
+            if not parts or not BANK_ID_PATTERN.fullmatch(lot.parent.name):
+                continue
+            updated = max(p.stat().st_mtime for p in parts)
+            _, meta = _load_tensors_meta(parts[0])
+            out.append({"bank": lot.parent.name, "category": meta.get("category"),
+                        "images": self.lot_size(lot.parent.name),
+                        "updated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(updated)),
+                        "expires_in_s": max(0, int(updated + self.pending_ttl_s - time.time()))})
+        return out
+
+    def expire_pending(self) -> list[str]:
+        """Remove pending lots untouched for ``pending_ttl_s``; returns their bank ids."""
+        expired = [p["bank"] for p in self.pending_lots() if p["expires_in_s"] == 0]
+        for bank_id in expired:
+            self.clear_lot(bank_id)
+        return expired
+
+
+def _human(n: int) -> str:
+    return f"{n / 2**30:.2f} GB" if n >= 2**29 else f"{n / 2**20:.1f} MB"
+
+
+def _bytes_under(path: Path) -> int:
+    total = 0
+    for item in path.rglob("*"):
+        try:
+            if item.is_file() and not item.is_symlink():
+                total += item.stat().st_size
+        except OSError:  # removed meanwhile
+            continue
+    return total
+
+
+def _holds_nothing(folder: Path) -> bool:
+    """A bank folder without a live version, a pending lot, a version or a build in progress."""
+    try:
+        return folder.is_dir() and not any(p.name in ("CURRENT", "lot", ".build-lock") or p.name.startswith("v-")
+                                           for p in folder.iterdir())
+    except OSError:
+        return False
+
+
+def _load_tensors_meta(path: Path) -> tuple[dict, dict]:
+    """The tensors' ``{"shape", "dtype"}`` and the metadata of a safetensors file, without reading the tensors."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+    meta = header.pop("__metadata__", {}) or {}
+    return header, meta
+
+
+__all__ = ["BankStore", "StoreFull", "disk_full_is_clear", "check_bank_id", "BANK_ID_PATTERN"]

@@ -1,0 +1,126 @@
+"""The bank manifest: a typed, versioned BankManifest that reads the banks already on a store (format 1, as the code
+before it wrote them: tests/fixtures/bank_store_format1) and writes them back the same, refusing formats it cannot read
+and damaged files."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import BANK_STORAGE_TOL, assert_maps_within_contract
+from postprocess.bank import FORMAT_VERSION, BankError, BankManifest, build_bank, image_key, score_with_bank
+from postprocess.bank_store import BankStore
+from postprocess.config import PAClipConfig
+from postprocess.pipeline import LotScorer
+from postprocess.serving import BankService
+
+FIXTURE = Path(__file__).parent / "fixtures" / "bank_store_format1"
+
+
+@pytest.fixture
+def old_store(tmp_path):
+    """A copy of a store holding bank 'washer' as written before the manifest was a dataclass."""
+    shutil.copytree(FIXTURE, tmp_path / "banks")
+    store = BankStore(tmp_path / "banks")
+    return store, tmp_path / "banks" / "washer" / store.current_version("washer") / "manifest.json"
+
+
+def test_a_format_1_manifest_reads_into_typed_fields_and_writes_back_byte_for_byte(old_store):
+    store, path = old_store
+    text = path.read_text()
+    manifest = store.manifest("washer")
+    assert manifest.format_version == 1 == FORMAT_VERSION
+    assert manifest.config == PAClipConfig(scales=(1, 3), full_coreset_ratio=0.25)
+    assert (manifest.bank, manifest.category, manifest.grid, manifest.image_size) == ("washer", "washer", (8, 8),
+                                                                                      (112, 112))
+    assert manifest.n_images == len(manifest.image_keys) == 10 and manifest.interval_k == 3
+    assert set(manifest.tau_b) == {1, 3} and all(isinstance(v, float) for v in manifest.tau_b.values())
+    assert manifest.full_bank_entries_per_image == {1: 16, 3: 16} and manifest.normal_bank_entries == {1: 64, 3: 64}
+    assert manifest.n_augmented == 8 and manifest.cada["strategy"] and manifest.version == path.parent.name
+    assert manifest.calibration.threshold == pytest.approx(manifest.decision["threshold"], rel=1e-12)
+    # what the info and list actions send is what the file holds; written again, it is the same file
+    assert manifest.to_dict() == json.loads(text)
+    assert manifest.to_json() == text
+    assert BankManifest.from_json(manifest.to_json()) == manifest
+
+
+def test_a_format_1_bank_scores_like_one_built_now(old_store, tiny_clip_112, lot):
+    store, _ = old_store
+    old = store.load("washer", tiny_clip_112.fingerprint)
+    scorer = LotScorer(tiny_clip_112, lot, "washer", progress=False)
+    fresh, _ = build_bank(scorer, old.config, "washer", tiny_clip_112.fingerprint)
+    # the same lot, the same settings: the same manifest (but for when it was saved)
+    got, want = old.manifest.to_dict(), fresh.manifest.to_dict()
+    assert {k for k in got if k not in want} == {"version", "built_at"}
+    for key in want:
+        if key in ("tau_b", "map_range", "lot_scores", "decision", "cada"):
+            assert json.dumps(got[key]) == json.dumps(want[key]) or \
+                np.allclose(*(np.array(list(d.values()) if isinstance(d, dict) else d, dtype=float)
+                              for d in (got[key], want[key])), rtol=1e-5), key
+        else:
+            assert got[key] == want[key], key
+    assert sorted(old.tensors()) == sorted(fresh.tensors())
+    ids = old.query_ids([image_key(img) for img in lot])
+    assert (ids == np.arange(len(lot))).all()
+    for features, query in ((scorer.features, ids), (tiny_clip_112.encode(lot[:2, :, ::-1].copy()), [-1, -1])):
+        then, now = score_with_bank(old, features, query), score_with_bank(fresh, features, query)
+        assert_maps_within_contract(then.maps, now.maps, served=False)
+        assert np.abs(then.scores - now.scores).max() < BANK_STORAGE_TOL
+
+
+def test_legacy_host_fields_in_the_config_are_dropped_on_load(old_store, tiny_clip_112):
+    store, path = old_store
+    raw = json.loads(path.read_text())
+    raw["config"]["memory_budget_mb"] = 256  # banks built before host settings left PAClipConfig
+    path.write_text(json.dumps(raw, indent=1))
+    assert store.load("washer", tiny_clip_112.fingerprint).config == PAClipConfig(scales=(1, 3),
+                                                                                  full_coreset_ratio=0.25)
+    assert "memory_budget_mb" not in store.manifest("washer").to_dict()["config"]
+
+
+@pytest.mark.parametrize("version", [2, 0, None, "1", True])
+def test_formats_this_code_does_not_read_are_refused_with_what_to_do(old_store, tiny_clip_112, version):
+    store, path = old_store
+    raw = json.loads(path.read_text())
+    raw["format_version"] = version
+    path.write_text(json.dumps(raw))
+    for read in (lambda: store.load("washer", tiny_clip_112.fingerprint), lambda: store.manifest("washer")):
+        with pytest.raises(BankError, match=f"bank 'washer' has format {version!s}, this server reads 1: rebuild it"):
+            read()
+    # the bank action 'list' still answers, naming the bank it cannot read and why
+    service = BankService(store, tiny_clip_112.fingerprint, encode_images=None)
+    (listed,) = service.handle("list")["banks"]
+    assert listed["bank"] == "washer" and "rebuild it" in listed["error"]
+
+
+def test_damaged_manifests_are_internal_errors_not_guesses(old_store):
+    store, path = old_store
+    text = path.read_text()
+    path.write_text(text.replace('"bank": "washer",', '"bank": "washer",\n "bank": "other",', 1))
+    with pytest.raises(ValueError, match="duplicate key 'bank'"):
+        store.manifest("washer")
+    raw = json.loads(text)
+    for change in ({"surprise": 1}, {"tau_b": None}):
+        damaged = {k: v for k, v in {**raw, **change}.items() if v is not None}
+        path.write_text(json.dumps(damaged))
+        with pytest.raises(ValueError, match=r"unknown fields \['surprise'\] and lacks \[\]|unknown fields \[\] and "
+                                             r"lacks \['tau_b'\]"):
+            store.manifest("washer")
+    path.write_text("{ not json")
+    with pytest.raises(json.JSONDecodeError):
+        store.manifest("washer")
+
+
+def test_a_new_manifest_round_trips_and_its_optional_fields_stay_out_until_set(tiny_clip_112, lot, tmp_path):
+    scorer = LotScorer(tiny_clip_112, lot[:4], "washer", progress=False)
+    bank, _ = build_bank(scorer, PAClipConfig.for_mode("mutual"), "washer", tiny_clip_112.fingerprint)
+    written = bank.manifest.to_dict()
+    assert list(written)[0] == "format_version" and written["format_version"] == FORMAT_VERSION
+    assert not {"cada", "n_augmented", "version", "built_at"} & set(written)  # no augmentation, not saved yet
+    assert written == json.loads(bank.manifest.to_json())
+    assert BankManifest.from_json(bank.manifest.to_json()) == bank.manifest
+    version = BankStore(tmp_path).save(bank)
+    assert bank.manifest.version == version and bank.manifest.built_at
+    assert BankStore(tmp_path).manifest("washer") == bank.manifest

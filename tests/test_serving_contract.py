@@ -1,0 +1,392 @@
+"""The serving contract against a real tritonserver on loopback (the nvidia-pytriton bundle), talked to with
+tritonclient: what a client sends and gets back, and the clear refusals. One server for the module (conftest:
+``server``, with the bank ``built``); the quick server tests, none of them ``slow``.
+
+The encoder is the tiny random open_clip ViT exported to ONNX (with its text tower, so builds go through
+clip_text too); the lot is the synthetic washer lot that the README's main job uses.
+"""
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from conftest import BANK_STORAGE_TOL, FLOAT16_HALF_ULP, LOT_IMAGE_SIZE as SIZE, assert_maps_within_contract
+from serving_helpers import ROOT, ClientError, LocalServer, PAClipClient, free_ports
+from postprocess.config import PAClipConfig
+from postprocess.pipeline import LotScorer
+
+pytestmark = pytest.mark.server
+
+
+@pytest.mark.parametrize("protocol,shm", [("http", False), ("grpc", False), ("http", True)])
+def test_ensemble_matches_in_process_pipeline(server, repository, built, lot, protocol, shm):
+    from export.backbones import OnnxBackbone
+
+    url = server.http_url if protocol == "http" else server.grpc_url
+    client = PAClipClient(url, protocol, shared_memory=shm)
+    maps, scores = [], []
+    for start in range(0, len(lot), 5):
+        m, s = client.score(lot[start:start + 5], "washer")
+        maps.append(m)
+        scores.append(s)
+    client.close()
+    maps, scores = np.concatenate(maps), np.concatenate(scores)
+    expected = LotScorer(OnnxBackbone.from_repository(repository), lot, "washer", progress=False).score(PAClipConfig())
+    assert built["normal_selection"] == "text"  # prompts went through clip_text
+    assert maps.shape == (len(lot), SIZE, SIZE)
+    assert_maps_within_contract(maps, expected.maps)
+    assert np.abs(scores - expected.scores).max() < BANK_STORAGE_TOL
+
+
+def test_bank_list_info_delete(server, built, lot):
+    client = PAClipClient(server.grpc_url, "grpc")
+    client.add_images("scratchpad", "washer", lot[:4], reset=True)
+    client.build_bank("scratchpad", {"mode": "mutual"})
+    assert {"washer", "scratchpad"} <= {b["bank"] for b in client.list_banks()}
+    info = client.bank_info("scratchpad")
+    assert info["n_images"] == 4 and info["config"]["use_normal_bank"] is False
+    assert info["encoder"]["backbone"] == "tiny"
+    client.delete_bank("scratchpad")
+    with pytest.raises(ClientError, match="unknown bank 'scratchpad'"):
+        client.bank_info("scratchpad")
+    client.close()
+
+
+def test_bad_requests_get_clear_errors_and_the_server_keeps_serving(server, repository, built, lot):
+    import tritonclient.http as httpclient
+
+    client = PAClipClient(server.http_url)
+    raw = httpclient.InferenceServerClient(server.http_url)
+
+    def ensemble(images, bank="washer", dtype="UINT8"):
+        i = httpclient.InferInput("images", list(images.shape), dtype)
+        i.set_data_from_numpy(images)
+        b = httpclient.InferInput("bank", [len(images), 1], "BYTES")
+        b.set_data_from_numpy(np.array([[bank.encode()]] * len(images), dtype=np.object_))
+        return raw.infer("pa_clip", [i, b])
+
+    from tritonclient.utils import InferenceServerException
+
+    with pytest.raises(InferenceServerException, match="FP32|UINT8|data-type|datatype"):
+        ensemble(lot[:1].astype(np.float32), dtype="FP32")
+    with pytest.raises(InferenceServerException, match=r"Expected \[-1,112,112,3\], got \[1,50,50,3\]"):
+        ensemble(lot[:1, :50, :50].copy())
+    image = httpclient.InferInput("images", [1, SIZE, SIZE, 3], "UINT8")
+    image.set_data_from_numpy(lot[:1])
+    bad_id = httpclient.InferInput("bank", [1, 1], "BYTES")
+    bad_id.set_data_from_numpy(np.array([[b"\xff\xfe"]], dtype=np.object_))
+    with pytest.raises(InferenceServerException, match="input 'bank' must be UTF-8 text"):
+        raw.infer("pa_clip", [image, bad_id])
+    extra = httpclient.InferInput("extra", [1, 1], "FP32")
+    extra.set_data_from_numpy(np.zeros((1, 1), np.float32))
+    good_id = httpclient.InferInput("bank", [1, 1], "BYTES")
+    good_id.set_data_from_numpy(np.array([[b"washer"]], dtype=np.object_))
+    with pytest.raises(InferenceServerException, match="expected 2 inputs but got 3"):
+        raw.infer("pa_clip", [image, good_id, extra])
+    with pytest.raises(ClientError, match="unknown bank 'no-such-bank'; banks on this server: washer"):
+        client.score(lot[:1], "no-such-bank")
+    with pytest.raises(ClientError, match="invalid bank id"):
+        client.score(lot[:1], "../washer")
+    with pytest.raises(ClientError, match="no images to build from"):
+        client.build_bank("empty-lot")
+    with pytest.raises(ClientError, match="add needs at least one image"):
+        client.add_images("empty-lot", "washer", lot[:0])
+    with pytest.raises(ClientError, match="at least 2 images"):
+        client.add_images("one-image", "washer", lot[:1], reset=True)
+        client.build_bank("one-image")
+    with pytest.raises(ClientError, match="resized to 112x112"):
+        client.add_images("washer2", "washer", np.zeros((1, 64, 64, 3), np.uint8))
+    with pytest.raises(ClientError, match="unknown action"):
+        client.bank_action("compact", "washer")
+    # pa_clip_score is reachable on its own: what it is sent is checked against the contract and the bank
+    from export.backbones import OnnxBackbone
+
+    features = OnnxBackbone.from_repository(repository).encode(lot[:1])
+
+    def scorer(**override):
+        tensors = {**features.outputs(), "images": lot[:1], **override}
+        inputs = []
+        for name, array in tensors.items():
+            tensor = httpclient.InferInput(name, list(array.shape), {np.float16: "FP16", np.float32: "FP32",
+                                                                     np.uint8: "UINT8"}[array.dtype.type])
+            tensor.set_data_from_numpy(array)
+            inputs.append(tensor)
+        b = httpclient.InferInput("bank", [1, 1], "BYTES")
+        b.set_data_from_numpy(np.array([[b"washer"]], dtype=np.object_))
+        return raw.infer("pa_clip_score", inputs + [b])
+
+    nan_tokens = features.layer_tokens.copy()
+    nan_tokens[..., 0] = np.nan
+    with pytest.raises(InferenceServerException, match="'layer_tokens' holds NaN or infinite values"):
+        scorer(layer_tokens=nan_tokens)
+    with pytest.raises(InferenceServerException, match="must hold 4 layers"):
+        scorer(layer_tokens=features.layer_tokens[:, :2].copy())
+    with pytest.raises(InferenceServerException, match="scores 112x112 images"):
+        scorer(images=np.zeros((1, 1, 1, 3), np.uint8))
+    assert scorer().as_numpy("anomaly_map").shape == (1, SIZE, SIZE)
+    # still serving, and the bank is untouched
+    maps, scores = client.score(lot[:2], "washer")
+    assert maps.shape == (2, SIZE, SIZE) and np.isfinite(scores).all()
+    assert client.bank_info("washer")["version"] == built["version"]
+    raw.close()
+    client.close()
+
+
+def test_four_concurrent_clients_get_correct_results(server, built, lot):
+    reference = PAClipClient(server.http_url)
+    expected_maps, expected_scores = zip(*(reference.score(lot[i:i + 1], "washer") for i in range(len(lot))))
+    reference.close()
+    expected_maps, expected_scores = np.concatenate(expected_maps), np.concatenate(expected_scores)
+    results, errors = {}, []
+
+    def worker(k):
+        try:
+            protocol = "http" if k % 2 == 0 else "grpc"
+            client = PAClipClient(server.http_url if protocol == "http" else server.grpc_url, protocol)
+            for _ in range(2):
+                for i in range(k, len(lot), 4):
+                    m, s = client.score(lot[i:i + 1], "washer")
+                    results[(k, i)] = (m[0], s[0])
+            client.close()
+        except Exception as err:  # noqa: BLE001
+            errors.append(err)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors
+    assert len(results) == len(lot)
+    for (_, i), (m, s) in results.items():
+        # the same bank on the same server: batched with other requests or not, the float32 results differ in the
+        # last bits only, so the float16 maps by at most one unit in the last place
+        assert (np.abs(m - expected_maps[i]) <= np.abs(expected_maps[i]) * 2 * FLOAT16_HALF_ULP + 1e-6).all()
+        assert abs(s - expected_scores[i]) < 1e-6
+
+
+def test_infer_cli_writes_scores_overlays_and_skips_corrupt_images(server, built, lot_dir, workdir):
+    images = workdir / "cli_images"
+    images.mkdir()
+    for p in sorted(lot_dir.glob("*.png"))[:4]:
+        (images / p.name).write_bytes(p.read_bytes())
+    (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    out = workdir / "cli_out"
+    proc = subprocess.run([sys.executable, "client/infer.py", "--url", server.grpc_url, "--protocol", "grpc",
+                           "--images", str(images), "--bank", "washer", "--out", str(out), "--quiet"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "skipped 1 unreadable image(s)" in proc.stderr
+    table = list(csv.DictReader(open(out / "results.csv")))
+    assert [r["rank"] for r in table] == ["1", "2", "3", "4", ""] and table[-1]["decision"] == "skipped"
+    assert table[-1]["path"].endswith("broken.png") and table[-1]["note"]
+    scores = [float(r["score"]) for r in table[:4]]
+    assert scores == sorted(scores, reverse=True)  # worst first
+    report = json.loads((out / "results.json").read_text())
+    threshold = report["decision"]["threshold"]  # the bank's automatic threshold, at its 1% false-alarm budget
+    assert report["decision"]["threshold_source"] == "auto" and report["decision"]["false_alarm_rate"] == 0.01
+    for row in table[:4]:  # no --threshold: above the bank's automatic threshold is anomalous, calibrated > 0.5
+        assert row["decision"] == ("anomalous" if float(row["score"]) > threshold else "normal"), row
+        assert (float(row["calibrated"]) > 0.5) == (row["decision"] == "anomalous"), row
+        assert (row["width"], row["height"]) == ("128", "128")
+    assert report["skipped"][0]["path"].endswith("broken.png") and report["scored"] == 4
+    assert len(list((out / "overlays").glob("*.png"))) == 4
+    # without a server: a clear error and exit code 2
+    (port,) = free_ports(1)
+    proc = subprocess.run([sys.executable, "client/infer.py", "--url", f"127.0.0.1:{port}", "--images", str(images),
+                           "--bank", "washer", "--out", str(out)], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2 and "no Triton server answers" in proc.stderr
+
+
+def test_banks_command_lists_shows_deletes_and_prunes(server, built, lot, repository, workdir):
+    def banks(*args, stdin=None):
+        return subprocess.run([sys.executable, "-m", "client.banks", "--url", server.http_url, *args], cwd=ROOT,
+                              capture_output=True, text=True, input=stdin, timeout=120)
+
+    client = PAClipClient(server.http_url)
+    client.add_images("scratch", "washer", lot[:4], reset=True)
+    client.build_bank("scratch", {"mode": "mutual"})
+    client.close()
+    listed = banks("list")
+    assert listed.returncode == 0, listed.stderr
+    assert "in the store" in listed.stdout and "scratch" in listed.stdout and "washer" in listed.stdout
+    row = next(line for line in listed.stdout.splitlines() if line.startswith("scratch "))
+    assert f"{SIZE}x{SIZE}" in row and " MB" in row and "washer" in row
+    info = banks("info", "scratch")
+    assert info.returncode == 0 and "(live)" in info.stdout and "threshold" in info.stdout, info.stdout
+    assert json.loads(banks("--json", "info", "scratch").stdout)["n_images"] == 4
+    assert banks("delete", "scratch", stdin="n\n").returncode == 1  # asked, and told no
+    deleted = banks("delete", "scratch", "--yes")
+    assert deleted.returncode == 0 and "deleted bank 'scratch'" in deleted.stdout
+    assert "scratch" not in banks("list").stdout
+    pruned = banks("prune")
+    assert pruned.returncode == 0 and "freed" in pruned.stdout
+    missing = banks("info", "scratch")
+    assert missing.returncode == 2 and "unknown bank 'scratch'" in missing.stderr
+    # a store limit: an add past it is refused with what to do, and the server keeps serving
+    http, grpc, metrics = free_ports(3)
+    small = LocalServer(repository, workdir / "banks_small", http_port=http, grpc_port=grpc, metrics_port=metrics,
+                        max_store_gb=0.001).start(timeout=180)
+    try:
+        client = PAClipClient(small.http_url)
+        client.add_images("a", "washer", lot[:2], reset=True)  # about 0.1 MB: fits
+        with pytest.raises(ClientError, match="keeps at most 1.0 MB"):
+            client.add_images("a", "washer", np.repeat(lot, 10, axis=0))
+        assert client.list_banks() == []
+        client.close()
+    finally:
+        small.stop()
+
+
+def test_a_rebuilt_bank_is_served_at_once_and_a_deleted_one_is_refused(server, repository, lot):
+    from export.backbones import OnnxBackbone
+
+    client = PAClipClient(server.http_url)
+    client.add_images("live", "washer", lot, reset=True)
+    client.build_bank("live", {"mode": "mutual"})
+    mutual_maps, _ = client.score(lot[:3], "live")  # loads and caches the first version
+    client.add_images("live", "washer", lot, reset=True)
+    client.build_bank("live", {"mode": "pad_mpam"})
+    maps, scores = client.score(lot[:3], "live")
+    expected = LotScorer(OnnxBackbone.from_repository(repository), lot, "washer", progress=False).score(PAClipConfig())
+    assert_maps_within_contract(maps, expected.maps[:3])
+    assert np.abs(maps - mutual_maps).max() > 1e-3  # the two versions do differ
+    client.delete_bank("live")
+    with pytest.raises(ClientError, match="unknown bank 'live'"):
+        client.score(lot[:1], "live")
+    client.close()
+
+
+def _post(url: str, model: str, inputs: list) -> tuple[int, dict]:
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(f"http://{url}/v2/models/{model}/infer", json.dumps({"inputs": inputs}).encode(),
+                                     {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def test_our_faults_are_internal_errors_with_a_logged_traceback_and_bad_input_stays_400(server, workdir, lot):
+    client = PAClipClient(server.http_url)
+    client.add_images("broken", "washer", lot[:4], reset=True)
+    client.build_bank("broken", {"mode": "mutual"})
+    client.close()
+    banks = workdir / "banks"
+    version = (banks / "broken" / "CURRENT").read_text()
+    (banks / "broken" / version / "manifest.json").write_text("{ not json")  # a damaged bank store, not the user
+
+    def bank_action(action, bank):
+        return _post(server.http_url, "pa_clip_bank", [
+            {"name": "action", "shape": [1], "datatype": "BYTES", "data": [action]},
+            {"name": "bank", "shape": [1], "datatype": "BYTES", "data": [bank]}])
+
+    status, body = bank_action("info", "broken")
+    assert status == 500, body
+    incident = body["error"].split("internal error ")[1].split()[0]
+    assert len(incident) == 8 and "server log" in body["error"]
+    deadline = time.monotonic() + 30  # the stub's log lines reach the server's log a moment after the answer
+    while f"internal error {incident}" not in server.log_text() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    log = server.log_text()
+    at = log.index(f"internal error {incident}")
+    assert "Traceback" in log[at:] and "JSONDecodeError" in log[at:]
+    status, body = bank_action("info", "no-such-bank")
+    assert status == 400 and "unknown bank 'no-such-bank'" in body["error"]
+    status, body = _post(server.http_url, "pa_clip_bank", [
+        {"name": "action", "shape": [1], "datatype": "BYTES", "data": ["build"]},
+        {"name": "bank", "shape": [1], "datatype": "BYTES", "data": ["washer"]},
+        {"name": "options", "shape": [1], "datatype": "BYTES", "data": ["[1,2]"]}])
+    assert status == 400 and "must be a JSON object" in body["error"]
+    shutil.rmtree(banks / "broken")
+
+
+def test_prometheus_metrics_include_the_pipelines_own(server, built, lot):
+    client = PAClipClient(server.http_url)
+    before = _metric_values(server)
+    client.score(lot[:3], "washer")
+    client.close()
+    after = _metric_values(server)
+    scored = 'pa_clip_images_scored_total{bank="washer"}'
+    assert after[scored] - before.get(scored, 0.0) == 3
+    assert after['pa_clip_bank_builds_total{bank="washer",outcome="built"}'] >= 1
+    assert after["pa_clip_bank_cache_bytes"] > 0 and after["pa_clip_bank_cache_hits_total"] >= 1
+    assert after["pa_clip_score_seconds_total"] > before.get("pa_clip_score_seconds_total", 0.0)
+    assert any(name.startswith("nv_inference_request_success") for name in after)  # Triton's own, same port
+
+
+def _metric_values(server) -> dict:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            values[name] = float(value)
+    return values
+
+
+def _raw_http(url: str, body: bytes, headers: dict | None = None, path: str = "/v2/models/pa_clip/infer"):
+    import http.client
+
+    host, port = url.split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=60)
+    try:
+        connection.request("POST", path, body=body, headers={"Content-Type": "application/json", **(headers or {})})
+        response = connection.getresponse()
+        return response.status, response.read().decode(errors="replace")
+    finally:
+        connection.close()
+
+
+def test_hostile_http_requests_are_refused_before_triton_allocates(server, built, lot):
+    def infer(images_input):
+        return json.dumps({"inputs": [images_input, {"name": "bank", "shape": [1, 1], "datatype": "BYTES",
+                                                     "data": ["washer"]}]}).encode()
+
+    binary_body = infer({"name": "images", "shape": [1, SIZE, SIZE, 3], "datatype": "UINT8",
+                         "parameters": {"binary_data_size": 10}})
+    cases = [  # (body, headers, expected status, words of the answer)
+        (infer({"name": "images", "shape": [1, 100000, 100000, 3], "datatype": "UINT8", "data": [0] * 10}), {},
+         413, "claims shape [1, 100000, 100000, 3]"),  # the 200-byte request that used to abort tritonserver
+        (infer({"name": "images", "shape": [1, 20000, 20000, 3], "datatype": "UINT8", "data": [0] * 10}), {},
+         413, "at most"),
+        (infer({"name": "images", "shape": [1, SIZE, SIZE, 3], "datatype": "UINT8", "data": [0] * 10}), {},
+         400, "but carries 10"),
+        (b'{"inputs": [ {"name": "images"', {}, 400, "not valid JSON"),
+        (binary_body, {"Inference-Header-Content-Length": str(len(binary_body))}, 400, "more than the request carries"),
+        (binary_body + bytes(10), {"Inference-Header-Content-Length": str(len(binary_body))}, 400,
+         f"({SIZE * SIZE * 3} bytes) but carries 10 bytes"),
+        (infer({"name": "images", "shape": [-1, SIZE, SIZE, 3], "datatype": "UINT8", "data": [0]}), {}, 400,
+         "non-negative integers"),
+    ]
+    for body, headers, status, words in cases:
+        got, answer = _raw_http(server.http_url, body, headers)
+        assert got == status and words in answer, (got, answer)
+        assert server.ready()
+    # a body announced bigger than the limit is refused before it is read; a chunked one is refused
+    import socket as socket_module
+
+    host, port = server.http_url.split(":")
+    for head, status in ((f"Content-Length: {1 << 40}\r\n", b"413"), ("Transfer-Encoding: chunked\r\n", b"411")):
+        with socket_module.create_connection((host, int(port)), timeout=30) as s:
+            s.sendall(f"POST /v2/models/pa_clip/infer HTTP/1.1\r\nHost: x\r\n{head}\r\n".encode())
+            assert s.recv(4096).split(b" ")[1] == status
+    assert server.process.poll() is None and server.ready()
+    client = PAClipClient(server.http_url)
+    maps, _ = client.score(lot[:1], "washer")
+    client.close()
+    assert maps.shape == (1, SIZE, SIZE)
+
