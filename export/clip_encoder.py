@@ -113,29 +113,24 @@ def tokenizer_for(model_name: str):
     return open_clip.get_tokenizer(model_name)
 
 
-def tokenizer_document(tokenizer) -> dict:
-    """What ``postprocess.text_tokens`` needs to tokenize as ``tokenizer`` does, for ``clip_text/tokenizer.json``.
+def server_tokenizer(tokenizer):
+    """The torch-free tokenizer (``postprocess.text_tokens.ClipTokenizer``) that tokenizes as ``tokenizer`` does,
+    to be written as ``clip_text/tokenizer.json``.
 
-    Only open_clip's ``SimpleTokenizer`` (CLIP's BPE: every OpenAI CLIP model and the tiny one) without a
-    reduction strategy can be reproduced; another tokenizer is refused here, at export, rather than in the server.
+    Only open_clip's ``SimpleTokenizer`` with CLIP's clean-up (lower case) and no reduction strategy (every OpenAI
+    CLIP model and the tiny one) is reproduced; another tokenizer is refused here, at export, not in the server.
     """
     from open_clip.tokenizer import SimpleTokenizer
 
     from postprocess import text_tokens
 
-    clean = getattr(tokenizer, "clean_fn", None)
-    clean = getattr(clean, "__name__", "").removeprefix("_clean_")
-    if not isinstance(tokenizer, SimpleTokenizer) or tokenizer.reduction_fn is not None or \
-            clean not in text_tokens.CLEAN_MODES:
+    clean = getattr(getattr(tokenizer, "clean_fn", None), "__name__", "")
+    if not isinstance(tokenizer, SimpleTokenizer) or tokenizer.reduction_fn is not None or clean != "_clean_lower":
         raise ValueError(f"the server tokenizes prompts without torch, as CLIP's BPE tokenizer does; this model's "
                          f"tokenizer ({type(tokenizer).__name__}) is another one: export an open_clip model that "
                          f"uses open_clip.tokenizer.SimpleTokenizer")
     merges = [pair for pair, _ in sorted(tokenizer.bpe_ranks.items(), key=lambda item: item[1])]
-    by_id = sorted(tokenizer.encoder.items(), key=lambda item: item[1])
-    special = [token for token, _ in by_id[2 * 256 + len(merges):]]
-    return {"format": text_tokens.FORMAT, "context_length": int(tokenizer.context_length), "clean": clean,
-            "special_tokens": special, "vocab_size": len(tokenizer.encoder),
-            "merges": [" ".join(pair) for pair in merges]}
+    return text_tokens.ClipTokenizer(text_tokens.build(tokenizer.encoder, merges, tokenizer.context_length))
 
 
 def _tiny_clip(image_size: int):

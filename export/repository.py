@@ -60,8 +60,8 @@ def export_clip(backbone, out: Path, precision: str = "fp32", max_batch_size: in
         prompts = ["a photo of a normal object", "a photo of a defective object"]
         tokens = backbone.tokenizer(prompts)
         # the server tokenizes without torch (postprocess.text_tokens) from tokenizer.json: it must agree
-        tokenizer = clip_encoder.tokenizer_document(backbone.tokenizer)
-        if not np.array_equal(text_tokens.ClipTokenizer.from_document(tokenizer)(prompts), tokens.numpy()):
+        tokenizer = clip_encoder.server_tokenizer(backbone.tokenizer)
+        if not np.array_equal(tokenizer(prompts), tokens.numpy()):
             raise RuntimeError(f"{text_tokens.TOKENIZER_FILE} does not tokenize as {backbone.name}'s tokenizer")
         export_torch_module(clip_encoder.TextContract(backbone.clip).eval(), tokens.to(torch.int64), text_path,
                             C.TOKENS, [C.TEXT_EMBEDS], fingerprint, "fp32")
@@ -76,7 +76,7 @@ def export_clip(backbone, out: Path, precision: str = "fp32", max_batch_size: in
             "1/model.onnx": _mover(text_path),
             "config.pbtxt": config_text(targets.text_config(dim, max_batch_size)),
             C.ENCODER_FILE: C.encoder_json({**fingerprint, "precision": "fp32"}),
-            text_tokens.TOKENIZER_FILE: text_tokens.document_json(tokenizer).encode("utf-8"),
+            text_tokens.TOKENIZER_FILE: tokenizer.to_json().encode("utf-8"),
         }))
     return written
 

@@ -1,183 +1,93 @@
-"""CLIP's BPE tokenizer without torch: the prompts "a photo of a normal {category}" / "... defective ..." as the
-INT64 [B, 77] tokens that ``clip_text`` takes, in the server's ``pa_clip_bank`` and in ``OnnxBackbone``.
+"""CLIP's tokenizer without torch: the prompts "a photo of a normal {category}" / "... defective ..." as the INT64
+[B, 77] tokens that ``clip_text`` takes, in the server's ``pa_clip_bank`` and in ``OnnxBackbone``.
 
-The export writes what the tokenizer needs beside the text model, ``clip_text/tokenizer.json`` (the BPE merges of
-open_clip's ``bpe_simple_vocab_16e6.txt.gz``, the special tokens, the context length and the clean-up;
-``export.clip_encoder.tokenizer_document``). ``ClipTokenizer`` is open_clip's ``SimpleTokenizer`` step for step, so
-the ids are the same (tests/test_text_tokens.py checks them against open_clip):
+The export writes the tokenizer beside the text model, ``clip_text/tokenizer.json``, in the format of Hugging Face's
+``tokenizers`` library (a kept, compiled implementation of byte-level BPE): CLIP's vocabulary and merges taken from
+open_clip's tokenizer, CLIP's pre-split pattern, the byte-to-character mapping, ``</w>`` at word ends, the start and
+end tokens, truncation and zero padding to the context length. What ``tokenizers`` cannot express, open_clip's text
+clean-up, is done here first (``clean``). tests/test_text_tokens.py checks the ids against open_clip's, id for id.
 
-1. clean: ``ftfy.fix_text``, ``html.unescape`` twice, strip; then (``clean: lower``, CLIP's) whitespace runs
-   collapsed to one space and lower case (``whitespace``: no lower case; ``canonicalize``: punctuation removed);
-2. pre-split with CLIP's pattern (special tokens, English contractions, letter runs, single digits, runs of other
-   non-space characters), case-insensitive;
-3. each piece's UTF-8 bytes mapped to printable characters (GPT-2's byte-to-unicode table), ``</w>`` appended to
-   its last character, BPE merges applied lowest rank first;
-4. ``<start_of_text>`` ids ``<end_of_text>``, zero padding to the context length; a longer text is cut to the
-   context length with its last id replaced by ``<end_of_text>``.
-
-Imports numpy, ``regex`` (for ``\\p{L}``) and ``ftfy``: no torch, no open_clip.
+Imports numpy, ``tokenizers``, ``regex`` and ``ftfy``: no torch, no open_clip.
 """
 
 from __future__ import annotations
 
 import html
-import json
-import string
 from pathlib import Path
 
 import numpy as np
 
 from . import strict_json
+from .contract import TEXT_CONTEXT
 
 TOKENIZER_FILE = "tokenizer.json"
-FORMAT = "clip-bpe"  # open_clip's SimpleTokenizer
-CLEAN_MODES = ("lower", "whitespace", "canonicalize")
+START, END = "<start_of_text>", "<end_of_text>"
+PAD_ID = 0  # open_clip pads with id 0
+# CLIP's pre-split: the special tokens, English contractions, runs of letters, single digits, runs of anything else
+# that is not a space. The text is lower-cased before, so the pattern needs no case-insensitive flag.
+CLIP_SPLIT = START + "|" + END + r"""|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 
 
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's table: every byte to a printable character (printable ASCII and Latin-1 map to themselves)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(2 ** 8):
-        if b not in bs:
-            bs.append(b)
-            cs.append(2 ** 8 + n)
-            n += 1
-    return dict(zip(bs, [chr(c) for c in cs]))
-
-
-def _basic_clean(text: str) -> str:
+def clean(text: str) -> str:
+    """open_clip's clean-up of CLIP's prompts: broken Unicode fixed (ftfy), HTML entities decoded (twice, as
+    open_clip does), runs of white space made one space, stripped, lower case."""
     import ftfy
+    import regex
 
-    text = ftfy.fix_text(text)
-    text = html.unescape(html.unescape(text))
-    return text.strip()
-
-
-def _whitespace_clean(text: str) -> str:
-    return " ".join(text.split()).strip()
+    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+    return regex.sub(r"\s+", " ", text).strip().lower()
 
 
-def _canonicalize(text: str) -> str:
-    text = text.replace("_", " ").translate(str.maketrans("", "", string.punctuation)).lower()
-    return " ".join(text.split()).strip()
+def build(vocab: dict[str, int], merges: list[tuple[str, str]], context_length: int = TEXT_CONTEXT):
+    """The ``tokenizers.Tokenizer`` of a CLIP BPE vocabulary (token -> id, with START and END) and its merges (lowest
+    rank first), ready to be written as ``tokenizer.json``."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
 
-
-def clean(text: str, mode: str = "lower") -> str:
-    if mode == "lower":
-        return _whitespace_clean(_basic_clean(text)).lower()
-    if mode == "whitespace":
-        return _whitespace_clean(_basic_clean(text))
-    if mode == "canonicalize":
-        return _canonicalize(_basic_clean(text))
-    raise ValueError(f"unknown clean-up {mode!r} (expected one of {', '.join(CLEAN_MODES)})")
+    for special in (START, END):
+        if special not in vocab:
+            raise ValueError(f"a CLIP vocabulary holds {START} and {END}; {special} is missing")
+    tokenizer = Tokenizer(models.BPE(vocab=dict(vocab), merges=list(merges), end_of_word_suffix="</w>",
+                                     continuing_subword_prefix="", fuse_unk=False))
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(CLIP_SPLIT), behavior="removed", invert=True),  # keep the matches, drop the rest
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),  # UTF-8 bytes as printable characters
+    ])
+    tokenizer.add_special_tokens([START, END])
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{START} $A {END}", special_tokens=[(START, vocab[START]), (END, vocab[END])])
+    # a longer text keeps its first context_length - 2 tokens between START and END, as open_clip cuts it
+    tokenizer.enable_truncation(max_length=int(context_length))
+    tokenizer.enable_padding(length=int(context_length), pad_id=PAD_ID, pad_token=START)
+    return tokenizer
 
 
 class ClipTokenizer:
-    """Texts -> INT64 [B, context_length] token ids, as open_clip's ``SimpleTokenizer(...)(texts)``."""
+    """Texts -> INT64 [B, context length] token ids, as open_clip's ``SimpleTokenizer(texts)`` gives them."""
 
-    def __init__(self, merges: list[tuple[str, str]], special_tokens=("<start_of_text>", "<end_of_text>"),
-                 context_length: int = 77, clean_mode: str = "lower"):
-        import regex
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.sot_token_id = tokenizer.token_to_id(START)
+        self.eot_token_id = tokenizer.token_to_id(END)
+        if self.sot_token_id is None or self.eot_token_id is None or tokenizer.padding is None:
+            raise ValueError(f"not a CLIP tokenizer: it lacks {START}/{END} or padding to a context length")
 
-        if clean_mode not in CLEAN_MODES:
-            raise ValueError(f"unknown clean-up {clean_mode!r} (expected one of {', '.join(CLEAN_MODES)})")
-        if len(special_tokens) < 2 or int(context_length) < 2:
-            raise ValueError("a CLIP tokenizer needs <start_of_text>, <end_of_text> and a context of 2 or more")
-        self.byte_encoder = bytes_to_unicode()
-        merges = [tuple(m) for m in merges]
-        vocab = list(self.byte_encoder.values())
-        vocab = vocab + [v + "</w>" for v in vocab] + ["".join(m) for m in merges] + list(special_tokens)
-        self.encoder = dict(zip(vocab, range(len(vocab))))
-        self.bpe_ranks = dict(zip(merges, range(len(merges))))
-        self.cache = {t: t for t in special_tokens}
-        self.pattern = regex.compile("|".join(special_tokens) +
-                                     r"""|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
-                                     regex.IGNORECASE)
-        self.sot_token_id = self.encoder[special_tokens[0]]
-        self.eot_token_id = self.encoder[special_tokens[1]]
-        self.context_length = int(context_length)
-        self.clean_mode = clean_mode
-        self.vocab_size = len(self.encoder)
-
-    def bpe(self, token: str) -> str:
-        if token in self.cache:
-            return self.cache[token]
-        word = tuple(token[:-1]) + (token[-1] + "</w>",)
-        pairs = _pairs(word)
-        if not pairs:
-            return token + "</w>"
-        while True:
-            bigram = min(pairs, key=lambda pair: self.bpe_ranks.get(pair, float("inf")))
-            if bigram not in self.bpe_ranks:
-                break
-            first, second = bigram
-            merged = []
-            i = 0
-            while i < len(word):
-                try:
-                    j = word.index(first, i)
-                except ValueError:
-                    merged.extend(word[i:])
-                    break
-                merged.extend(word[i:j])
-                i = j
-                if word[i] == first and i < len(word) - 1 and word[i + 1] == second:
-                    merged.append(first + second)
-                    i += 2
-                else:
-                    merged.append(word[i])
-                    i += 1
-            word = tuple(merged)
-            if len(word) == 1:
-                break
-            pairs = _pairs(word)
-        result = " ".join(word)
-        self.cache[token] = result
-        return result
-
-    def encode(self, text: str) -> list[int]:
-        """The ids of ``text`` without the start and end tokens."""
-        ids = []
-        for piece in self.pattern.findall(clean(text, self.clean_mode)):
-            piece = "".join(self.byte_encoder[b] for b in piece.encode("utf-8"))
-            ids.extend(self.encoder[t] for t in self.bpe(piece).split(" "))
-        return ids
-
-    def __call__(self, texts, context_length: int | None = None) -> np.ndarray:
+    def __call__(self, texts) -> np.ndarray:
         if isinstance(texts, str):
             texts = [texts]
-        length = int(context_length or self.context_length)
-        result = np.zeros((len(texts), length), dtype=np.int64)
-        for row, text in enumerate(texts):
-            ids = [self.sot_token_id] + self.encode(text) + [self.eot_token_id]
-            if len(ids) > length:
-                ids = ids[:length]
-                ids[-1] = self.eot_token_id
-            result[row, :len(ids)] = ids
-        return result
+        encoded = self.tokenizer.encode_batch([clean(t) for t in texts])
+        return np.asarray([e.ids for e in encoded], dtype=np.int64).reshape(len(texts), -1)
+
+    def to_json(self) -> str:
+        return self.tokenizer.to_str()
 
     @classmethod
-    def from_document(cls, document: dict) -> "ClipTokenizer":
-        if document.get("format") != FORMAT:
-            raise ValueError(f"not a {FORMAT} tokenizer (format {document.get('format')!r})")
-        tokenizer = cls([tuple(m.split(" ")) for m in document["merges"]], tuple(document["special_tokens"]),
-                        document["context_length"], document.get("clean", "lower"))
-        if "vocab_size" in document and tokenizer.vocab_size != int(document["vocab_size"]):
-            raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens, its file says "
-                             f"{document['vocab_size']}")
-        return tokenizer
+    def from_json(cls, text: str) -> "ClipTokenizer":
+        from tokenizers import Tokenizer
 
-
-def _pairs(word: tuple[str, ...]) -> set[tuple[str, str]]:
-    return set(zip(word[:-1], word[1:]))
-
-
-def document_json(document: dict) -> str:
-    """The text of ``tokenizer.json`` (UTF-8: the merges hold the byte table's non-ASCII characters)."""
-    return json.dumps(document, ensure_ascii=False, separators=(",", ":"))
+        document = strict_json.loads(text)  # a key written twice is refused before the library reads the file
+        if not isinstance(document, dict) or (document.get("model") or {}).get("type") != "BPE":
+            raise ValueError("not a BPE tokenizer in the tokenizers library's format")
+        return cls(Tokenizer.from_str(text))
 
 
 def load_tokenizer(model_dir: str | Path) -> ClipTokenizer:
@@ -189,6 +99,6 @@ def load_tokenizer(model_dir: str | Path) -> ClipTokenizer:
             f"tokenizes prompts without torch from that file, which `python -m export onnx` writes beside the text "
             f"model")
     try:
-        return ClipTokenizer.from_document(strict_json.loads(path.read_text(encoding="utf-8")))
-    except (ValueError, KeyError, TypeError) as err:
+        return ClipTokenizer.from_json(path.read_text(encoding="utf-8"))
+    except Exception as err:  # the library's own errors are plain Exceptions
         raise ValueError(f"{path}: not a tokenizer this version reads ({err}); re-export the encoder") from err

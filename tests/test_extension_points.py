@@ -280,10 +280,14 @@ def test_pointing_at_each_target_and_back_gives_the_checked_in_configs(tmp_path)
         point_ensemble_at(tmp_path, "clip_vision_ov")
 
 
-def test_the_canary_reads_configs_with_the_same_helper():
+def test_the_canary_reads_configs_with_the_same_helper(tmp_path):
+    from export.triton_config import write_config
     from serve import canary
 
     assert canary.read_config is read_config
-    models = canary.python_run_models(ROOT / "model_repository", {targets.ONNX.platform})
+    # the checked-in serving models beside an ONNX encoder's config (a fresh clone has no exported encoder)
+    install_serving_models(tmp_path)
+    write_config(tmp_path / C.VISION_MODEL, targets.ONNX.config((112, 112), 4, 64, 64, 32, 8))
+    models = canary.python_run_models(tmp_path, {targets.ONNX.platform})
     assert {m.name for m in models} == {C.VISION_MODEL, C.SCORE_MODEL, C.BANK_MODEL}
     assert all(isinstance(m, mc.ModelConfig) for m in models)

@@ -1,6 +1,5 @@
 """postprocess/text_tokens.py: the server's torch-free CLIP tokenizer gives open_clip's token ids, id for id."""
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +8,7 @@ import numpy as np
 import pytest
 
 from postprocess import text_tokens
-from postprocess.text_tokens import ClipTokenizer, document_json, load_tokenizer
+from postprocess.text_tokens import ClipTokenizer, load_tokenizer
 
 open_clip = pytest.importorskip("open_clip", reason="open_clip is not installed: pip install -e '.[export]'")
 
@@ -24,7 +23,7 @@ ODD = [
     "part #4711 (rev. B)", "o-ring, 3/8\"", "bolt's head", "it's", "we'll", "12345678901234567890", "½ inch washer",
     "Ⅻ gear", "x²", "crème brûlée", "Straße", "Ångström", "naïve café", "ｆｕｌｌｗｉｄｔｈ", "汽车零件", "нержавейка",
     "ねじ", "🔩 bolt", "a&amp;b", "&lt;gear&gt;", "Ã©cran", "tab\u00a0nbsp", "zero\u200bwidth", "combining e\u0301",
-    "<start_of_text>", "foo<end_of_text>bar", "!!!???...", "__", "___init___", "",
+    "unit\x1fseparator", "next\x85line", "<start_of_text>", "foo<end_of_text>bar", "!!!???...", "__", "___init___", "",
 ]
 LONG = "very " * 80 + "long category name that does not fit"
 
@@ -41,10 +40,9 @@ def reference():
 
 @pytest.fixture(scope="module")
 def ours(reference):
-    from export.clip_encoder import tokenizer_document
+    from export.clip_encoder import server_tokenizer
 
-    document = json.loads(document_json(tokenizer_document(reference)))  # through the file's text
-    return ClipTokenizer.from_document(document)
+    return ClipTokenizer.from_json(server_tokenizer(reference).to_json())  # through the file's text
 
 
 @pytest.mark.parametrize("names", [MVTEC, VISA, ODD, [LONG], [""]], ids=["mvtec", "visa", "odd", "long", "empty"])
@@ -61,22 +59,24 @@ def test_a_long_name_is_truncated_keeping_the_end_token(ours, reference):
     tokens = ours([f"a photo of a defective {LONG}"])[0]
     assert (tokens != 0).all() and tokens[0] == ours.sot_token_id and tokens[-1] == ours.eot_token_id
     assert np.array_equal(ours(["a photo of a normal "])[0], reference(["a photo of a normal "])[0].numpy())
-    assert np.array_equal(ours("bottle", context_length=5), reference("bottle", context_length=5).numpy())
+    assert np.array_equal(ours([LONG])[0], reference([LONG])[0].numpy())
 
 
 def test_the_clip_models_tokenizer_is_the_tiny_ones(reference):
-    from export.clip_encoder import tokenizer_document
+    from export.clip_encoder import server_tokenizer
 
-    assert tokenizer_document(open_clip.get_tokenizer("ViT-L-14-336")) == tokenizer_document(reference)
+    assert server_tokenizer(open_clip.get_tokenizer("ViT-L-14-336")).to_json() == server_tokenizer(reference).to_json()
 
 
 def test_other_tokenizers_are_refused_at_export():
-    from export.clip_encoder import tokenizer_document
+    from export.clip_encoder import server_tokenizer
 
     with pytest.raises(ValueError, match="CLIP's BPE tokenizer"):
-        tokenizer_document(object())
+        server_tokenizer(object())
     with pytest.raises(ValueError, match="CLIP's BPE tokenizer"):
-        tokenizer_document(open_clip.tokenizer.SimpleTokenizer(reduction_mask="simple"))
+        server_tokenizer(open_clip.tokenizer.SimpleTokenizer(reduction_mask="simple"))
+    with pytest.raises(ValueError, match="CLIP's BPE tokenizer"):
+        server_tokenizer(open_clip.tokenizer.SimpleTokenizer(clean="canonicalize"))
 
 
 def test_the_export_writes_it_beside_clip_text_and_the_onnx_backbone_uses_it(tiny_repository, reference):
@@ -93,7 +93,7 @@ def test_a_repository_exported_before_the_tokenizer_file_says_to_re_export(tmp_p
     with pytest.raises(FileNotFoundError, match="re-export: this repository's clip_text has no tokenizer.json"):
         load_tokenizer(tmp_path / "clip_text")
     (tmp_path / "clip_text").mkdir()
-    (tmp_path / "clip_text" / text_tokens.TOKENIZER_FILE).write_text('{"format": "wordpiece"}')
+    (tmp_path / "clip_text" / text_tokens.TOKENIZER_FILE).write_text('{"model": {"type": "WordPiece"}}')
     with pytest.raises(ValueError, match="re-export"):
         load_tokenizer(tmp_path / "clip_text")
 
