@@ -281,8 +281,9 @@ def lot_minima_bytes(n_images: int, length: int) -> int:
 
 
 def lot_pair_block_images(n_images: int, length: int, budget_bytes: int) -> int:
-    """Images per group in ``lot_mutual_scores``: one group pair's (g*L, g*L) float32 similarities fit the budget."""
-    return max(1, min(n_images, int((budget_bytes // (4 * length * length)) ** 0.5)))
+    """Images per group in ``lot_mutual_scores``: one group pair's (g*L, g*L) float32 similarities and the four
+    (g, L, g) float32 results of their row and column maxima (each maximum, then one minus it) fit the budget."""
+    return max(1, min(n_images, int((budget_bytes // (4 * length * (length + 4))) ** 0.5)))
 
 
 def lot_mutual_scores(feats, k: int, budget_bytes: int):
@@ -314,7 +315,7 @@ def lot_mutual_scores(feats, k: int, budget_bytes: int):
     own = xp.arange(n)
     minima[own, :, own] = xp.float32(xp.inf)  # a query never matches its own image
     out = xp.empty((n, length), dtype=xp.float32)
-    rows = _chunk(n, 4 * length * n, half)  # partition's copy of a block of images' minima
+    rows = _chunk(n, lot_minima_bytes(n, length) // n, half)  # partition copies a block of images' minima
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
         out[r0:r1] = xp.partition(minima[r0:r1], k - 1, axis=-1)[..., :k].mean(axis=-1)

@@ -57,6 +57,12 @@ def test_interval_k_is_clamped():
     assert K.interval_k(2, 0.3, 5, 64) == 1  # never more than the other images
 
 
+def _unit_vectors(rng, shape):
+    """Random float32 vectors of length 1 along the last axis (features as the kNN kernels take them)."""
+    x = rng.standard_normal(shape).astype(np.float32)
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
 def _brute_full(q, b, qid, bid, k):
     d = 1 - np.einsum("qlc,bmc->qlbm", q, b).max(-1)  # (Nq, L, Nb)
     d = np.where((qid[:, None] == bid[None, :])[:, None, :], np.inf, d)
@@ -65,8 +71,7 @@ def _brute_full(q, b, qid, bid, k):
 
 def test_full_bank_scores_chunking_and_self_exclusion(xp):
     rng = np.random.default_rng(1)
-    feats = rng.standard_normal((7, 9, 6)).astype(np.float32)
-    feats /= np.linalg.norm(feats, axis=-1, keepdims=True)
+    feats = _unit_vectors(rng, (7, 9, 6))
     ids = np.arange(7)
     expected = _brute_full(feats, feats, ids, ids, 2)
     for budget in (64, 1 << 30):  # tiny budget forces many chunks
@@ -81,13 +86,13 @@ def test_full_bank_scores_chunking_and_self_exclusion(xp):
 
 def test_lot_mutual_scores_compares_each_pair_once_and_matches_the_general_path(xp):
     rng = np.random.default_rng(5)
-    feats = rng.standard_normal((7, 9, 6)).astype(np.float32)
-    feats /= np.linalg.norm(feats, axis=-1, keepdims=True)
+    feats = _unit_vectors(rng, (7, 9, 6))
     ids = np.arange(7)
     expected = _brute_full(feats, feats, ids, ids, 3)
     # budgets giving groups of 2 and 3 images (pairs of groups that overlap the lot's end), the whole lot in one
     # block, and one too small to hold the lot's minima (the general path)
-    for budget, group in ((2 * K.lot_minima_bytes(7, 9), 2), (2 * 4 * 81 * 9, 3), (1 << 30, 7), (64, None)):
+    pair = 4 * 9 * (9 + 4)  # bytes a pair of images takes in a group block: similarities and the maxima's results
+    for budget, group in ((2 * 4 * pair, 2), (2 * 9 * pair, 3), (1 << 30, 7), (64, None)):
         if group:
             assert K.lot_pair_block_images(7, 9, budget // 2) == group
         got = K.lot_mutual_scores(xp.asarray(feats), 3, budget)
@@ -100,8 +105,7 @@ def test_lot_mutual_scores_compares_each_pair_once_and_matches_the_general_path(
 
 def test_normal_bank_scores_excludes_own_entries(xp):
     rng = np.random.default_rng(2)
-    q = rng.standard_normal((3, 4, 5)).astype(np.float32)
-    q /= np.linalg.norm(q, axis=-1, keepdims=True)
+    q = _unit_vectors(rng, (3, 4, 5))
     bank = q.reshape(12, 5)
     bank_ids = np.repeat(np.arange(3), 4)
     got = K.to_numpy(K.normal_bank_scores(xp.asarray(q), xp.asarray(bank), xp.asarray(np.arange(3)),
@@ -164,7 +168,7 @@ def test_stages_on_cupy_match_numpy():
     np.testing.assert_allclose(K.to_numpy(got.maps), expected.maps, atol=1e-3)  # fused float16 kNN tiles
 
 
-@pytest.mark.parametrize("kernel, budget", [("full", 256 << 10), ("normal", 1 << 20)])
+@pytest.mark.parametrize("kernel, budget", [("full", 256 << 10), ("normal", 1 << 20), ("lot", 34 << 20)])
 def test_knn_intermediates_stay_within_the_memory_budget_for_a_500_image_lot(kernel, budget):
     """tracemalloc sees NumPy's allocations: the peak above the inputs, less the output, stays under the budget,
     and the chunked result equals the one computed in a single block."""
@@ -172,12 +176,13 @@ def test_knn_intermediates_stay_within_the_memory_budget_for_a_500_image_lot(ker
 
     rng = np.random.default_rng(7)
     n, length, channels = 500, 16, 8
-    feats = rng.standard_normal((n, length, channels)).astype(np.float32)
-    feats /= np.linalg.norm(feats, axis=-1, keepdims=True)
+    feats = _unit_vectors(rng, (n, length, channels))
     bank = feats.astype(np.float16)  # stored banks are float16: their float32 copies count too
     ids = np.arange(n)
     if kernel == "full":
         run = lambda b: K.full_bank_scores(feats, bank, ids, ids, 30, b)  # noqa: E731
+    elif kernel == "lot":  # the lot against itself: its 16 MB of minima and a block of pairs (32 MB at least)
+        run = lambda b: K.lot_mutual_scores(feats, 30, b)  # noqa: E731
     else:
         run = lambda b: K.normal_bank_scores(feats, bank.reshape(-1, channels), ids, np.repeat(ids, length), 3, b)  # noqa: E731
     tracemalloc.start()
