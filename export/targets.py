@@ -40,8 +40,7 @@ class EncoderTarget:
     build_config: Callable[..., ModelConfig] = triton_config.vision_config
 
     def __post_init__(self):
-        if bool(self.platform) == bool(self.backend):
-            raise ValueError(f"encoder target {self.name}: give a platform or a backend, not both or neither")
+        triton_config.check_runner(f"encoder target {self.name}", self.platform, self.backend)
         for kind in (self.kind, self.serving_kind):
             triton_config.instance_kind(kind)  # a name the schema knows
 

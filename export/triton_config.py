@@ -57,10 +57,15 @@ def _tensor(spec, name: str, data_type: str, dims) -> None:
     spec.dims.extend(int(d) for d in dims)
 
 
-def _model(name: str, platform: str, backend: str, max_batch_size: int, kind: str, instances: int,
-           parameters: dict | None) -> ModelConfig:
+def check_runner(name: str, platform: str, backend: str) -> None:
+    """A Triton model names exactly one of a platform and a backend."""
     if bool(platform) == bool(backend):
         raise ValueError(f"{name}: a Triton model has a platform or a backend (got {platform!r} and {backend!r})")
+
+
+def _model(name: str, platform: str, backend: str, max_batch_size: int, kind: str, instances: int,
+           parameters: dict | None) -> ModelConfig:
+    check_runner(name, platform, backend)
     config = ModelConfig(name=name, platform=platform, backend=backend, max_batch_size=int(max_batch_size))
     config.instance_group.add(kind=instance_kind(kind), count=int(instances))
     for key, value in (parameters or {}).items():

@@ -10,8 +10,8 @@
   Triton), ``text_tokens`` (CLIP's BPE tokenizer without torch, from the ``clip_text/tokenizer.json`` the export
   writes), ``reference`` (plain-torch twin of ``pa_clip``/``kernels``, the only module here that imports torch).
 
-May import: numpy, scipy, Pillow, safetensors, tqdm, ftfy and regex (the tokenizer), CuPy when present: the base
-install (pyproject.toml's ``dependencies``). Never ``export``, ``client``, ``serve`` or
+May import: numpy, scipy, Pillow, safetensors, tqdm, tokenizers, ftfy and regex (the tokenizer), CuPy when
+present: the base install (pyproject.toml's ``dependencies``). Never ``export``, ``client``, ``serve`` or
 ``benchmarks``: every other package builds on this one.
 """
 

@@ -23,7 +23,7 @@ import numpy as np
 from . import kernels as K, strict_json
 from .config import PAClipConfig
 from .contract import TEXT_EMBEDS, Features, encoder_identity
-from .decision import Calibration, calibrate
+from .decision import calibrate
 from .errors import RequestError
 from .host import DEFAULT_HOST, HostSettings
 from .pa_clip import (ScoreResult, bank_entries, decide, full_scores_against, layer_features, normal_scores_against,
@@ -113,10 +113,6 @@ class BankManifest:
     n_augmented: int | None = None  # augmentations encoded into the normal bank
     version: str | None = None  # the version folder, set by BankStore.save
     built_at: str | None = None  # when it was saved (local time, ISO 8601)
-
-    @property
-    def calibration(self) -> Calibration:
-        return Calibration.from_dict(self.decision)
 
     def to_dict(self) -> dict:
         """The manifest as JSON values (lists, string keys), in the order it is written."""

@@ -374,12 +374,14 @@ def _holds_nothing(folder: Path) -> bool:
 
 
 def _load_tensors_meta(path: Path) -> tuple[dict, dict]:
-    """The tensors' ``{"shape", "dtype"}`` and the metadata of a safetensors file, without reading the tensors."""
-    with open(path, "rb") as f:
-        size = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(size))
-    meta = header.pop("__metadata__", {}) or {}
-    return header, meta
+    """The tensors' ``{"shape", "dtype"}`` and the metadata of a safetensors file, without reading the tensors
+    (safetensors reads the header; the data stays on disk)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as f:
+        slices = {name: f.get_slice(name) for name in f.keys()}
+        return ({name: {"shape": list(t.get_shape()), "dtype": t.get_dtype()} for name, t in slices.items()},
+                dict(f.metadata() or {}))
 
 
 __all__ = ["BankStore", "StoreFull", "disk_full_is_clear", "check_bank_id", "BANK_ID_PATTERN"]

@@ -351,11 +351,15 @@ class BankService:
         self.fixed_size = C.fixed_input_size(encoder)  # None: the encoder takes any multiple of the patch size
         self.log = log
 
+    def _described(self, bank_id: str) -> dict:
+        """A bank's manifest summary with its sizes (``info`` adds its versions)."""
+        return {**summary(self.store.manifest(bank_id)), **self.store.sizes(bank_id)}
+
     def _listed(self, bank_id: str) -> dict:
         """One bank of ``list``; one this server cannot read (a newer format, a damaged manifest) is listed with why,
         so that the others are still shown."""
         try:
-            return {**summary(self.store.manifest(bank_id)), **self.store.sizes(bank_id)}
+            return self._described(bank_id)
         except (BankError, OSError, ValueError) as err:
             return {"bank": bank_id, "error": str(err)}
 
@@ -374,8 +378,7 @@ class BankService:
             return self.store.prune()
         check_bank_id(bank_id)
         if action == "info":  # with its size on disk and once loaded (scoring keeps it in FP16 on the device)
-            return {**summary(self.store.manifest(bank_id)), **self.store.sizes(bank_id),
-                    "versions": self.store.versions(bank_id)}
+            return {**self._described(bank_id), "versions": self.store.versions(bank_id)}
         if action == "delete":
             self.store.delete(bank_id)
             return {"deleted": bank_id}

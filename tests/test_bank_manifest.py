@@ -13,6 +13,7 @@ from conftest import BANK_STORAGE_TOL, assert_maps_within_contract
 from postprocess.bank import FORMAT_VERSION, BankError, BankManifest, build_bank, image_key, score_with_bank
 from postprocess.bank_store import BankStore
 from postprocess.config import PAClipConfig
+from postprocess.decision import Calibration
 from postprocess.pipeline import LotScorer
 from postprocess.serving import BankService
 
@@ -39,7 +40,8 @@ def test_a_format_1_manifest_reads_into_typed_fields_and_writes_back_byte_for_by
     assert set(manifest.tau_b) == {1, 3} and all(isinstance(v, float) for v in manifest.tau_b.values())
     assert manifest.full_bank_entries_per_image == {1: 16, 3: 16} and manifest.normal_bank_entries == {1: 64, 3: 64}
     assert manifest.n_augmented == 8 and manifest.cada["strategy"] and manifest.version == path.parent.name
-    assert manifest.calibration.threshold == pytest.approx(manifest.decision["threshold"], rel=1e-12)
+    assert Calibration.from_dict(manifest.decision).threshold == pytest.approx(manifest.decision["threshold"],
+                                                                             rel=1e-12)
     # what the info and list actions send is what the file holds; written again, it is the same file
     assert manifest.to_dict() == json.loads(text)
     assert manifest.to_json() == text
