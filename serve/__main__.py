@@ -95,7 +95,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         return 0
     finally:
+        # stopping: a second stop request (SIGTERM, Ctrl-C) must not cut the stop short and escape as an interrupt
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         if server is not None and (server.process is not None or server.guards):
             print("stopping tritonserver ...", file=sys.stderr, flush=True)
             server.stop()
