@@ -70,6 +70,8 @@ def print_info(info: dict) -> None:
     if info.get("decision"):
         d = info["decision"]
         print(f"{'threshold':<17} {d['threshold']:.4g} ({d['method']}, false-alarm budget {d['false_alarm_rate']:.1%})")
+        if d.get("confidence"):
+            print(f"{'':<17} {d['confidence']['text']}")
     for version in info.get("versions", []):
         print(f"  {version['version']}  {megabytes(version['bytes'])}" + ("  (live)" if version["live"] else ""))
 

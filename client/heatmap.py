@@ -1,5 +1,10 @@
 """Heat-map pictures a person reads without the README: the image, the map laid over it with the outline of the
-region above the threshold, a caption (file name, score, decision) and a colour bar with the map's scale.
+region that makes the decision, a caption (file name, score, decision) and a colour bar with the map's scale.
+
+One story per image: the outline is drawn only on an image decided anomalous, where its map reaches the level that
+belongs to the decision (``postprocess.decision.map_level``: with lot-level re-scoring an image's score is not its
+map's maximum, so the bank's threshold alone would outline pits on parts decided normal); the colour bar always
+marks that level, written "above the scale" when the map's colours stop below it.
 
 Colours come from matplotlib's colour maps (looked up once as a table); drawing, text and the outline from Pillow.
 """
@@ -50,10 +55,11 @@ def overlay(image: np.ndarray, anomaly_map: np.ndarray, low: float, high: float,
 
 
 def outline(mask: np.ndarray, width: int = 2) -> np.ndarray:
-    """The boundary pixels of a boolean region (the region less its erosion), ``width`` pixels wide."""
-    region = Image.fromarray(np.asarray(mask, dtype=np.uint8) * 255)
-    eroded = region.filter(ImageFilter.MinFilter(3))
-    edge = np.asarray(region) > np.asarray(eroded)
+    """The boundary pixels of a boolean region (the region less its erosion), ``width`` pixels wide; the picture's
+    edge counts as outside, so a region that fills the picture is still outlined."""
+    padded = np.pad(np.asarray(mask, dtype=np.uint8) * 255, 1)
+    eroded = np.asarray(Image.fromarray(padded).filter(ImageFilter.MinFilter(3)))[1:-1, 1:-1]
+    edge = padded[1:-1, 1:-1] > eroded
     if width > 1:
         edge = np.asarray(Image.fromarray(edge.astype(np.uint8) * 255).filter(
             ImageFilter.MaxFilter(2 * (width // 2) + 1))) > 0
@@ -70,19 +76,35 @@ def fit(image: np.ndarray, max_side: int | None) -> np.ndarray:
     return np.asarray(Image.fromarray(image).resize(size, Image.LANCZOS))
 
 
+def region_mask(anomaly_map: np.ndarray, level: float, height: int, width: int) -> np.ndarray:
+    """Where the map reaches ``level``, found at the map's own resolution and then scaled to (height, width) so that
+    no pixel of it is lost (resizing the map first would smooth a one-pixel peak below the level)."""
+    region = np.asarray(anomaly_map, dtype=np.float32) >= level
+    if region.shape == (height, width):
+        return region
+    return np.asarray(Image.fromarray(region.astype(np.uint8) * 255).resize((width, height), Image.BOX)) > 0
+
+
 @dataclass(frozen=True)
 class Caption:
-    """What the picture says about its image. ``threshold``: the map value above which the region is outlined
-    (None: no outline)."""
+    """What the picture says about its image. ``threshold``: the map value that belongs to its decision (the colour
+    bar marks it; the region reaching it is outlined when the decision is anomalous; None: neither).
+    ``provisional``: the bank's threshold is extrapolated from too few lot images (``Calibration.confidence``)."""
     name: str
     score: float
     calibrated: float | None = None
     decision: str = "unknown"
     threshold: float | None = None
+    provisional: bool = False
+
+    @property
+    def outlined(self) -> bool:
+        return self.threshold is not None and self.decision == "anomalous"
 
     def text(self) -> str:
         calibrated = "" if self.calibrated is None else f" (calibrated {self.calibrated:.2f}; 0.5 = threshold)"
-        return f"{self.decision.upper()}  score {self.score:.4f}{calibrated}"
+        provisional = " (provisional)" if self.provisional else ""
+        return f"{self.decision.upper()}{provisional}  score {self.score:.4f}{calibrated}"
 
 
 @lru_cache(maxsize=4)
@@ -91,11 +113,17 @@ def _font(size: int):
 
 
 def _colour_bar(height: int, low: float, high: float, threshold: float | None, font) -> Image.Image:
-    """A vertical bar, hot end at the top, with the map values of its ends (and the threshold) written beside."""
+    """A vertical bar, hot end at the top, with the map values of its ends and the threshold written beside; a
+    threshold beyond the scale is marked at the end it lies past."""
     ramp = colorize(np.linspace(high, low, height)[:, None].repeat(BAR_WIDTH, axis=1), low, high)
     labels = [(0, f"{high:.3g}"), (height - 1, f"{low:.3g}")]
-    if threshold is not None and low < threshold < high:
-        labels.append((round((high - threshold) / (high - low) * (height - 1)), f"{threshold:.3g} threshold"))
+    if threshold is not None and np.isfinite(threshold):
+        if threshold >= high:  # the map's colours stop below it: marked under the top label
+            labels.append((min(font.size + 4, height - 1), f"{threshold:.3g} threshold for this image (above the scale)"))
+        elif threshold <= low:
+            labels.append((max(0, height - 1 - font.size - 4), f"{threshold:.3g} threshold for this image (below the scale)"))
+        else:
+            labels.append((round((high - threshold) / (high - low) * (height - 1)), f"{threshold:.3g} threshold for this image"))
     text_width = max(int(font.getlength(text)) for _, text in labels) + 6
     bar = Image.new("RGB", (BAR_WIDTH + text_width, height), "white")
     bar.paste(Image.fromarray(ramp), (0, 0))
@@ -116,8 +144,9 @@ def render_panel(image: np.ndarray, anomaly_map: np.ndarray, low: float, high: f
     amap = _resized_map(anomaly_map, h, w)
     heat = overlay(shown, amap, low, high)
     threshold = None if caption is None else caption.threshold
-    if threshold is not None:
-        heat[outline(amap > threshold, width=max(1, round(max(h, w) / 256)))] = OUTLINE_COLOUR
+    if caption is not None and caption.outlined:
+        region = region_mask(anomaly_map, threshold, h, w)
+        heat[outline(region, width=max(1, round(max(h, w) / 256)))] = OUTLINE_COLOUR
     panels = [shown, heat]
     if mask is not None:
         truth = np.asarray(Image.fromarray(np.asarray(mask, dtype=np.uint8) * 255).resize((w, h), Image.NEAREST))

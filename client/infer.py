@@ -8,12 +8,15 @@ next lot of the same product, or single images online.
 
 Every image gets its raw score, a calibrated score (0-1, 0.5 at the bank's automatic threshold) and a decision,
 normal or anomalous: the bank derives the threshold from its own lot for a false-alarm budget (--false-alarm-rate,
-default 1% of good parts called defective), so no labels and no guessing of a threshold are needed.
+default 1%: the expected fraction of new good parts called defective), so no labels and no guessing of a threshold
+are needed. A lot too small to measure the threshold for the budget makes its decisions provisional (said in the
+summary, results.csv and the report, with how many images would measure it).
 
-Writes OUT/results.csv (rank,path,score,calibrated,decision,width,height,overlay,note: worst first, then the
+Writes OUT/results.csv (rank,path,score,calibrated,decision,provisional,width,height,overlay,note: worst first, then the
 images skipped or failed with the reason), OUT/results.json (everything, plus the bank's summary) and
 OUT/overlays/*.png (file name, score and decision above [image | heat map]: blue = like the lot, red = anomalous, on
-the bank's colour scale, with a colour bar and a white outline where the map crosses the threshold); prints the
+the bank's colour scale, with a colour bar marking the threshold and, on images decided anomalous only, a white
+outline where the map reaches the level that made the decision); prints the
 counts and the ten worst images, and writes OUT/report.html: the score histogram with the threshold and the images
 worst first as thumbnails linking to their overlays, in one self-contained page.
 """
@@ -187,11 +190,9 @@ def build(client: PAClipClient, bank: str, category: str, images: np.ndarray, op
 
 
 def score_all(args, loaded: list, bank: str, value_range: tuple[float, float], out: Path, root: Path | None,
-              progress: bool, calibration: D.Calibration | None = None,
-              threshold: float | None = None) -> tuple[list, list]:
+              progress: bool, decider: D.Decider | None = None) -> tuple[list, list]:
     """Score in batches with ``args.concurrency`` requests in flight; each result gets its decision
     (``add_decisions``) and its overlay as it arrives."""
-    outline_at = raw_threshold(calibration, threshold)
     local = threading.local()
     clients = []
     lock = threading.Lock()
@@ -211,16 +212,14 @@ def score_all(args, loaded: list, bank: str, value_range: tuple[float, float], o
             name = relative_name(path, root)
             row = {"path": str(path), "score": float(score), "width": original.shape[1],
                    "height": original.shape[0]}
-            add_decisions([row], calibration, threshold)
+            level = add_decisions([row], decider, [amap])[0]
             if info["turned"]:  # sent turned a quarter counter-clockwise: the map is turned back onto the image
                 amap = np.rot90(amap, -1)
                 row["turned"] = True
             if not args.no_overlays:
                 target = out / "overlays" / Path(name).with_suffix(".png")
-                # the outline: where the map crosses the image threshold (an image's score is its map's maximum by
-                # default, so an image called anomalous is outlined where that happens)
-                caption = Caption(name, row["score"], row["calibrated"], row["decision"], outline_at)
-                save_panel(target, original, amap, *value_range, caption=caption, max_side=args.overlay_size or None)
+                save_panel(target, original, amap, *value_range, caption=caption_for(name, row, level),
+                           max_side=args.overlay_size or None)
                 row["overlay"] = str(target)
             if args.save_maps:
                 target = out / "maps" / Path(name).with_suffix(".npy")
@@ -253,6 +252,13 @@ def score_all(args, loaded: list, bank: str, value_range: tuple[float, float], o
     return results, failed
 
 
+def caption_for(name: str, row: dict, level: float | None) -> Caption:
+    """What an overlay says: the row's decision and scores; ``level`` (the map value that belongs to the decision,
+    ``Decider.decide``) is marked on the colour bar and outlined only on an image decided anomalous."""
+    return Caption(name, row["score"], row.get("calibrated"), row.get("decision", "unknown"), level,
+                   bool(row.get("provisional")))
+
+
 def parse_threshold(text: str) -> float | None:
     """--threshold: None for 'auto', else a calibrated score strictly between 0 and 1 (DecisionError otherwise)."""
     if str(text).strip().lower() == "auto":
@@ -264,30 +270,33 @@ def parse_threshold(text: str) -> float | None:
     return D.check_calibrated_threshold(value)
 
 
-def raw_threshold(calibration: D.Calibration | None, threshold: float | None) -> float | None:
-    """The threshold in raw score (and map) units: the bank's automatic one, or the user's calibrated one."""
-    if calibration is None:
-        return None
-    return calibration.threshold if threshold is None else calibration.raw(threshold)
-
-
-def add_decisions(rows: list, calibration: D.Calibration | None, threshold: float | None) -> None:
-    """Each row gets its calibrated score and decision (0.5 on the calibrated scale = the automatic threshold)."""
-    for row in rows:
-        if calibration is None:
+def add_decisions(rows: list, decider: D.Decider | None, maps=None) -> list:
+    """Each row gets its calibrated score, decision (0.5 on the calibrated scale = the automatic threshold) and
+    whether that threshold is provisional; returns each row's outline level (None without ``maps`` or a decider)."""
+    levels = []
+    provisional = decider is not None and decider.calibration.confidence()["provisional"]
+    for i, row in enumerate(rows):
+        if decider is None:
             row["calibrated"], row["decision"] = None, "unknown"
+            levels.append(None)
             continue
-        calibrated = float(calibration.calibrated(row["score"]))
-        row["calibrated"] = calibrated
-        row["decision"] = D.decide([calibrated], 0.5 if threshold is None else threshold)[0]
+        decided = decider.decide(row["score"], None if maps is None else maps[i])
+        row["calibrated"], row["decision"] = decided["calibrated"], decided["decision"]
+        if provisional and row["decision"] != "invalid":
+            row["provisional"] = True
+        levels.append(decided.get("level"))
+    return levels
 
 
-CSV_COLUMNS = ["rank", "path", "score", "calibrated", "decision", "width", "height", "overlay", "note"]
+CSV_COLUMNS = ["rank", "path", "score", "calibrated", "decision", "provisional", "width", "height", "overlay",
+               "note"]
 
 
 def write_results(out: Path, rows: list, skipped: list = (), failed: list = ()) -> Path:
     """results.csv: the scored images worst first (rank 1 = highest score), then those skipped or failed, each with
-    its reason in 'note'. width x height: the original's, as it lies (the overlay may be smaller)."""
+    its reason in 'note'. provisional: "yes" when the bank's threshold is extrapolated from too few lot images for
+    the budget (``Calibration.confidence``). width x height: the original's, as it lies (the overlay may be
+    smaller)."""
     def write(tmp: Path) -> None:
         with open(tmp, "w", newline="") as f:
             writer = csv.writer(f)
@@ -296,11 +305,12 @@ def write_results(out: Path, rows: list, skipped: list = (), failed: list = ()) 
                 calibrated = row.get("calibrated")
                 writer.writerow([row.get("rank", ""), row["path"], f"{row['score']:.6f}",
                                  "" if calibrated is None or not np.isfinite(calibrated) else f"{calibrated:.4f}",
-                                 row.get("decision", "unknown"), row.get("width", ""), row.get("height", ""),
-                                 row.get("overlay", ""), "turned a quarter to score" if row.get("turned") else ""])
+                                 row.get("decision", "unknown"), "yes" if row.get("provisional") else "",
+                                 row.get("width", ""), row.get("height", ""), row.get("overlay", ""),
+                                 "turned a quarter to score" if row.get("turned") else ""])
             for kind, items in (("skipped", skipped), ("failed", failed)):
                 for item in items:
-                    writer.writerow(["", item["path"], "", "", kind, "", "", "", item.get("error", "")])
+                    writer.writerow(["", item["path"], "", "", kind, "", "", "", "", item.get("error", "")])
 
     return write_atomic(out / "results.csv", write)
 
@@ -308,21 +318,15 @@ def write_results(out: Path, rows: list, skipped: list = (), failed: list = ()) 
 def print_summary(rows: list, skipped: list, failed: list, worst: int = 10) -> None:
     """Counts, then the worst images with their scores and decisions."""
     flagged = sum(r.get("decision") == "anomalous" for r in rows)
-    print(f"{len(rows)} scored, {len(skipped)} skipped, {len(failed)} failed; {flagged} flagged anomalous",
-          file=sys.stderr)
+    provisional = " (provisional decisions)" if any(r.get("provisional") for r in rows) else ""
+    print(f"{len(rows)} scored, {len(skipped)} skipped, {len(failed)} failed; {flagged} flagged anomalous"
+          f"{provisional}", file=sys.stderr)
     if rows:
         print(f"worst {min(worst, len(rows))} (rank, score, calibrated, decision, image):", file=sys.stderr)
     for row in rows[:worst]:
         calibrated = "-" if row.get("calibrated") is None else f"{row['calibrated']:.3f}"
         print(f"  {row['rank']:>4}  {row['score']:.4f}  {calibrated:>5}  {row.get('decision', 'unknown'):<9}  "
               f"{row['path']}", file=sys.stderr)
-
-
-def calibration_of(info: dict, false_alarm_rate: float | None) -> D.Calibration | None:
-    """The bank's calibration at the budget asked for; None for a bank built before banks kept one."""
-    if "decision" not in info:
-        return None
-    return D.Calibration.from_dict(info["decision"]).with_rate(false_alarm_rate)
 
 
 def main(argv=None) -> int:
@@ -417,18 +421,22 @@ def main(argv=None) -> int:
     except (ClientError, RequestError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    calibration = calibration_of(info, args.false_alarm_rate)
-    if calibration is None:
+    try:
+        decider = D.Decider.for_bank(info, args.false_alarm_rate, threshold)
+    except D.DecisionError as err:
+        print(f"error: bank {bank!r} holds a calibration this client cannot use ({err}): build it again (--build)",
+              file=sys.stderr)
+        return 2
+    if decider is None:
         warn(f"bank {bank!r} was built before banks kept a calibration: no decisions; build it again (--build)")
     t1 = time.perf_counter()
-    rows, failed = score_all(args, loaded, bank, tuple(info["map_range"]), out, root, progress, calibration,
-                             threshold)
+    rows, failed = score_all(args, loaded, bank, tuple(info["map_range"]), out, root, progress, decider)
     elapsed = time.perf_counter() - t1
     csv_path = write_results(out, rows, skipped, failed)
     report = {
         "bank": summary_of(info), "protocol": args.protocol,
-        "decision": None if calibration is None else {
-            **calibration.to_dict(), "threshold_calibrated": 0.5 if threshold is None else threshold,
+        "decision": None if decider is None else {
+            **decider.calibration.to_dict(), "threshold_calibrated": 0.5 if threshold is None else threshold,
             "threshold_source": "auto" if threshold is None else "--threshold"},
         "scored": len(rows), "skipped": skipped, "failed": failed, "warnings": found_warnings,
         "seconds": round(elapsed, 3), "images_per_second": round(len(rows) / elapsed, 3) if elapsed > 0 else None,
@@ -436,14 +444,17 @@ def main(argv=None) -> int:
     }
     write_atomic(out / "results.json", json.dumps(report, indent=1))
     line = f"scored {len(rows)} images in {elapsed:.1f} s ({report['images_per_second']} img/s)"
-    if calibration is not None:
+    if decider is not None:
+        calibration = decider.calibration
         called = sum(r["decision"] == "anomalous" for r in rows)
         how = (f"automatic threshold {calibration.threshold:.4g} (false-alarm budget {calibration.false_alarm_rate:.1%})"
                if threshold is None else f"calibrated threshold {threshold}")
         line += f"; {called} anomalous, {len(rows) - called} normal at the {how}"
+        if threshold is None:
+            line += f"; {calibration.confidence()['text']}"
     print(f"{line}. Wrote {csv_path}" + ("" if args.no_overlays else f" and {out / 'overlays'}/"), file=sys.stderr)
     page = write_report(out, f"PA-CLIP: {len(rows)} images against bank {bank!r}", rows, skipped, failed,
-                        raw_threshold(calibration, threshold), line)
+                        None if decider is None else decider.raw_threshold, line)
     print(f"report page: {page}", file=sys.stderr)
     if not args.quiet:
         print_summary(rows, skipped, failed)

@@ -1,7 +1,8 @@
 """OUT/report.html: one self-contained page for a scored lot, read in any browser without the rest of OUT.
 
 - the lot's score histogram with the threshold (matplotlib, embedded as a PNG);
-- the images worst first as thumbnails (embedded), each with its rank, score, calibrated score and decision, and a
+- the images worst first as thumbnails (embedded), each with its rank, score, calibrated score and decision (marked
+  provisional when the bank's threshold is extrapolated from too few lot images), and a
   link to its full overlay (OUT/overlays/..., relative: the page works where OUT is copied);
 - the images skipped or failed, with the reason.
 """
@@ -32,6 +33,7 @@ h1 { font-size: 1.4em; margin-bottom: 0.2em; }
 .bad { color: #c81e1e; font-weight: bold; }
 .good { color: #1e8c3c; }
 .unknown { color: #666; }
+.provisional { color: #a06000; }
 table { border-collapse: collapse; } td, th { border: 1px solid #ccc; padding: 3px 8px; text-align: left; }
 """
 # Counts the pictures that really loaded and any error, for a reader (or a test in a browser) to check.
@@ -97,8 +99,9 @@ def render(title: str, rows: list, skipped: list, failed: list, threshold: float
         if link and picture:
             picture = f'<a href="{e(link)}">{picture}</a>'
         cards.append(f'<div class="card">{picture}<div>#{row.get("rank", "")} '
-                     f'<span class="{DECISION_CLASSES.get(decision, "unknown")}">{e(decision)}</span> '
-                     f'score {row["score"]:.4f}{calibrated}</div><div class="name">{e(row["path"])}</div></div>')
+                     f'<span class="{DECISION_CLASSES.get(decision, "unknown")}">{e(decision)}</span>'
+                     + (' <span class="provisional">(provisional)</span>' if row.get("provisional") else "")
+                     + f' score {row["score"]:.4f}{calibrated}</div><div class="name">{e(row["path"])}</div></div>')
     left_out = "".join(f"<tr><td>{kind}</td><td>{e(item['path'])}</td><td>{e(item.get('error', ''))}</td></tr>"
                        for kind, items in (("skipped", skipped), ("failed", failed)) for item in items)
     scores = [row["score"] for row in rows]

@@ -239,6 +239,8 @@ def report(out: Path, fingerprint: dict, truth: dict | None) -> None:
         print(f"decisions: {len(called)} anomalous, {len(results['images']) - len(called)} normal (threshold "
               f"{decision['threshold']:.4g} from the lot itself, {decision['method']}, false-alarm budget "
               f"{decision['false_alarm_rate']:.1%}; {out / 'results.csv'})", file=sys.stderr)
+        if "confidence" in decision:
+            print(f"  {decision['confidence']['text']}", file=sys.stderr)
         if truth:
             defective = {n for n, v in truth.items() if v != "good"}
             caught = sum(Path(r["path"]).name in defective for r in called)

@@ -5,17 +5,17 @@ import csv
 import numpy as np
 import pytest
 
-from client.infer import add_decisions, calibration_of, parse_threshold, print_summary, write_results
-from postprocess.decision import DecisionError, calibrate
+from client.infer import add_decisions, parse_threshold, print_summary, write_results
+from postprocess.decision import Decider, DecisionError, calibrate
 
 
 def test_decisions_come_from_the_bank_calibration(tmp_path):
     lot = np.r_[np.linspace(0.04, 0.06, 40), 0.2]
     info = {"decision": calibrate(lot).to_dict()}
-    cal = calibration_of(info, None)
+    cal = Decider.for_bank(info).calibration
     rows = [{"path": "a.png", "score": 0.05}, {"path": "b.png", "score": 0.2},
             {"path": "c.png", "score": cal.threshold}, {"path": "d.png", "score": float("nan")}]
-    add_decisions(rows, cal, None)
+    add_decisions(rows, Decider.for_bank(info))
     path = write_results(tmp_path, rows)
     got = {r["path"]: (r["decision"], r["calibrated"]) for r in csv.DictReader(open(path))}
     # above the threshold is anomalous; at it (calibrated 0.5), normal; a score that is not a number is never normal
@@ -23,15 +23,22 @@ def test_decisions_come_from_the_bank_calibration(tmp_path):
     assert got["b.png"][0] == "anomalous" and float(got["b.png"][1]) > 0.5
     assert got["c.png"] == ("normal", "0.5000")
     assert got["d.png"] == ("invalid", "")
-    assert open(path).read().splitlines()[0] == "rank,path,score,calibrated,decision,width,height,overlay,note"
+    assert open(path).read().splitlines()[0] == \
+        "rank,path,score,calibrated,decision,provisional,width,height,overlay,note"
+    assert {r["provisional"] for r in csv.DictReader(open(path))} == {""}  # 41 images measure a 1% budget
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
     # a stricter budget moves the threshold up: b stays anomalous, the calibrated score of a falls
-    strict = calibration_of(info, 0.001)
+    strict = Decider.for_bank(info, 0.001).calibration
     assert strict.threshold > cal.threshold and strict.calibrated(0.05) < cal.calibrated(0.05)
     # a user threshold on the calibrated scale
-    add_decisions(rows, cal, 0.999)
+    add_decisions(rows, Decider.for_bank(info, threshold_calibrated=0.999999))
     assert [r["decision"] for r in rows] == ["normal", "anomalous", "normal", "invalid"]
-    add_decisions(rows, calibration_of({}, None), None)  # a bank from before calibrations
+    # a small lot's decisions are marked provisional, in the CSV and the summary line
+    small = {"decision": calibrate(lot[:8]).to_dict()}
+    add_decisions(rows, Decider.for_bank(small))
+    assert [r.get("provisional") for r in rows] == [True, True, True, None]
+    assert [r["provisional"] for r in csv.DictReader(open(write_results(tmp_path, rows)))] == ["yes"] * 3 + [""]
+    add_decisions(rows, Decider.for_bank({}))  # a bank from before calibrations
     assert {r["decision"] for r in rows} == {"unknown"}
 
 
@@ -60,7 +67,9 @@ def test_results_are_worst_first_with_the_skipped_and_failed_after_them(tmp_path
     assert table[2]["note"] == "cannot identify image file" and table[3]["note"] == "the server went away"
     print_summary(rows, skipped, failed)
     text = capsys.readouterr().err
-    assert "2 scored, 1 skipped, 1 failed; 1 flagged anomalous" in text
+    assert "2 scored, 1 skipped, 1 failed; 1 flagged anomalous\n" in text
+    print_summary([{**r, "provisional": True} for r in rows], skipped, failed)
+    assert "1 flagged anomalous (provisional decisions)" in capsys.readouterr().err
     assert text.index("b.png") < text.index("a.png")
 
 

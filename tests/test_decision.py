@@ -1,90 +1,154 @@
-"""postprocess/decision.py: thresholds and calibrated scores from a lot's own scores."""
+"""postprocess/decision.py: thresholds and calibrated scores from a lot's own scores.
+
+The budget's promise is about new good parts: the expected fraction of them, scored later, above the threshold.
+The tests draw lots and new parts from the same distribution (as the lot's leave-one-out scores and a new part's are)
+and compute that fraction exactly from the distribution, averaged over many lots.
+"""
 
 import math
 
 import numpy as np
 import pytest
+from scipy import stats
 
-from postprocess.decision import (METHODS, Calibration, DecisionError, calibrate, check_false_alarm_rate,
-                                  decide)
+from postprocess import kernels as K
+from postprocess.decision import (DEFAULT_METHOD, METHODS, Calibration, Decider, DecisionError, calibrate,
+                                  check_false_alarm_rate, decide, images_needed, map_level)
+
+# good parts' score distributions of different shapes (frozen scipy distributions: exact survival functions)
+SHAPES = {
+    "gaussian": stats.norm(0.05, 0.005),
+    "right-skewed": stats.lognorm(0.35, scale=0.04),
+    "exponential tail": stats.expon(0.03, 0.006),
+    "bounded": stats.beta(2, 5, loc=0.02, scale=0.05),
+}
 
 
-def line_lot(n_good=2000, defect_rate=0.03, seed=0):
-    """Good parts ~ N(0.05, 0.005); defective ones well above, as a line's lot."""
+def expected_false_alarms(good, n_lot, budget, defect_rate=0.0, lots=400, seed=0, method=DEFAULT_METHOD):
+    """The mean over lots of P(new good part > the lot's threshold), defects drawn far above the good parts."""
     rng = np.random.default_rng(seed)
-    good = rng.normal(0.05, 0.005, n_good)
-    bad = rng.normal(0.09, 0.01, int(n_good * defect_rate / (1 - defect_rate)))
-    return good, bad
+    n_bad = round(defect_rate * n_lot)
+    rates = []
+    for _ in range(lots):
+        lot = np.r_[good.rvs(n_lot - n_bad, random_state=rng), good.ppf(0.9999) * 1.5 + rng.random(n_bad) * 0.01]
+        rates.append(good.sf(calibrate(lot, None, budget, method).threshold))
+    return float(np.mean(rates))
 
 
-@pytest.mark.parametrize("method", ["lower_half", "mad", "upper_quartile"])
-@pytest.mark.parametrize("rate", [0.01, 0.05])
-def test_the_false_alarm_budget_holds_on_gaussian_good_parts_with_defects_in_the_lot(method, rate):
-    good, bad = line_lot()
-    cal = calibrate(np.r_[good, bad], false_alarm_rate=rate, method=method)
-    observed = float((good > cal.threshold).mean())
-    assert 0.4 * rate <= observed <= 2.0 * rate, (method, rate, observed)
-    assert (bad > cal.threshold).mean() > 0.9
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("n_lot,budget", [(36, 0.05), (200, 0.01), (120, 0.05)])
+def test_the_lot_quantile_keeps_the_budget_inside_the_lot_quantiles(shape, n_lot, budget):
+    """Where the lot's own scores reach the budget's quantile the lot_quantile threshold is an order statistic: the
+    expected rate on new good parts is the budget whatever the distribution (less at most 1 / (n + 1))."""
+    rate = expected_false_alarms(SHAPES[shape], n_lot, budget, method="lot_quantile")
+    assert budget - 1.5 / (n_lot + 1) <= rate <= 1.15 * budget, (shape, rate)
 
 
-@pytest.mark.parametrize("method", ["exponential_tail", "quartile_exponential"])
-@pytest.mark.parametrize("rate", [0.01, 0.05])
-def test_the_exponential_tail_holds_the_budget_on_right_skewed_good_parts(method, rate):
-    """Good parts' scores with an exponential upper tail (as real lots' lean right): the Gaussian methods call far
-    more than the budget defective, the tail model about the budget."""
-    rng = np.random.default_rng(1)
-    good = 0.13 + rng.exponential(0.01, 4000)
-    bad = rng.normal(0.3, 0.02, 120)
-    lot = np.r_[good, bad]
-    tail = calibrate(lot, false_alarm_rate=rate, method=method)
-    observed = float((good > tail.threshold).mean())
-    assert 0.4 * rate <= observed <= 1.5 * rate, observed  # an exponential tail: the model holds
-    assert (good > calibrate(lot, false_alarm_rate=rate, method="lower_half").threshold).mean() > 2 * rate
-    assert (bad > tail.threshold).mean() > 0.9
-    assert tail.calibrated(tail.threshold) == pytest.approx(0.5)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_past_the_lot_the_quantiles_tail_stays_within_the_band(shape):
+    """A 1% budget from 36 images lies past the largest: the exponential tail takes over and the expected rate stays
+    within [0.5, 2] x the budget for light and heavy tails alike."""
+    rate = expected_false_alarms(SHAPES[shape], 36, 0.01, method="lot_quantile")
+    assert 0.5 * 0.01 <= rate <= 2 * 0.01, (shape, rate)
 
 
-def test_the_quartile_exponential_survives_a_lot_a_sixth_defective_where_the_tail_model_breaks():
-    """An eighth of the lot defective or more fills the top quartile that exponential_tail reads."""
-    rng = np.random.default_rng(2)
-    good = 0.03 + rng.exponential(0.003, 200)
-    bad = rng.normal(0.1, 0.01, 40)  # 17% of the lot, like the demo lot
-    lot = np.r_[good, bad]
-    quartiles = calibrate(lot, method="quartile_exponential")
-    assert (bad > quartiles.threshold).mean() > 0.9 and (good > quartiles.threshold).mean() <= 0.02
-    assert (bad > calibrate(lot, method="exponential_tail").threshold).mean() < 0.5
+@pytest.mark.parametrize("shape", ["gaussian", "right-skewed", "bounded"])
+@pytest.mark.parametrize("n_lot,budget,defect_rate", [(36, 0.05, 0.0), (36, 0.01, 0.03), (60, 0.05, 0.1),
+                                                      (24, 0.01, 0.17)])
+def test_the_default_keeps_the_budget_on_clean_and_contaminated_lots(shape, n_lot, budget, defect_rate):
+    """The default (trimmed_tail) on lots of a line's size, clean or with defects far above the good parts (the demo
+    lot is 4 of 24): within [0.5, 2.5] x the budget, 3x for the demo-like lot. (Pure exponential tails overshoot to
+    2.6x at 1% from 36 images and to 3.1x on the demo-like lot: the tail's scale from 9 excesses is noisy; magnetic
+    tile's real lots stay within 2x, ``python -m benchmarks.line``.)"""
+    rate = expected_false_alarms(SHAPES[shape], n_lot, budget, defect_rate)
+    assert 0.5 * budget <= rate <= (3 if defect_rate > 0.15 else 2.5) * budget, (shape, rate)
 
 
-def test_the_lower_half_ignores_the_defects_tail():
-    """Half the lot far above: the lower half still sees only the good parts' spread."""
-    good, _ = line_lot(n_good=1000)
-    cal = calibrate(np.r_[good, np.full(400, 5.0)], method="lower_half")
-    assert cal.spread < 0.02
-    mad = calibrate(np.r_[good, np.full(400, 5.0)], method="mad")
-    assert mad.spread > cal.spread
+@pytest.mark.parametrize("method", ["trimmed_tail", "lot_quantile"])
+@pytest.mark.parametrize("defect_rate", [0.03, 0.1])
+def test_defects_in_the_lot_are_left_out_and_do_not_spend_the_budget(method, defect_rate):
+    good = SHAPES["right-skewed"]
+    clean = expected_false_alarms(good, 60, 0.05, method=method)
+    dirty = expected_false_alarms(good, 60, 0.05, defect_rate, method=method)
+    assert dirty >= 0.6 * clean, (clean, dirty)  # without trimming the defects push it to a fraction
+    rng = np.random.default_rng(3)
+    lot = np.r_[good.rvs(54, random_state=rng), [0.5, 0.55, 0.6]]
+    cal = calibrate(lot, false_alarm_rate=0.05, method=method)
+    assert cal.n_excluded == 3 and cal.threshold < 0.5
+    assert "3 lot images left out as suspected defects" in cal.confidence()["text"]
+    if defect_rate > 0.05:  # without leaving them out the tail model is stretched by them
+        assert expected_false_alarms(good, 60, 0.05, defect_rate, method="exponential_tail") < 0.3 * clean
 
 
-def test_normal_images_method_uses_the_chosen_images():
-    scores = np.r_[np.full(5, 0.05) + np.arange(5) * 0.001, np.full(5, 1.0)]
-    cal = calibrate(scores, normal_indices=[0, 1, 2, 3, 4], method="normal_images")
-    assert cal.centre == pytest.approx(0.052) and cal.threshold < 0.1
+def test_a_small_clean_lot_calls_none_of_its_own_images_and_says_it_is_provisional():
+    """The issue's 7 good screws: one came out anomalous at calibrated 0.991 with the old quartile model."""
+    rng = np.random.default_rng(4)
+    lot = 0.03 + rng.exponential(0.01, 7)
+    cal = calibrate(lot)
+    assert (lot <= cal.threshold).all() and (lot <= calibrate(lot, method="lot_quantile").threshold).all()
+    confidence = cal.confidence()
+    assert confidence["provisional"] and confidence["images_needed"] == images_needed(0.01) == 36
+    assert "provisional" in confidence["text"] and "collect 36+" in confidence["text"]
+    assert not calibrate(0.03 + rng.exponential(0.01, 40)).confidence()["provisional"]
+    assert not calibrate(lot, false_alarm_rate=0.1).confidence()["provisional"]  # 7 images measure a 10% budget
+
+
+@pytest.mark.parametrize("method,shape,least", [("lot_quantile", "gaussian", 0.84), ("lot_quantile", "bounded", 0.84),
+                                                (DEFAULT_METHOD, "gaussian", 0.75),
+                                                (DEFAULT_METHOD, "right-skewed", 0.75)])
+def test_the_stated_range_covers_the_realised_rates(method, shape, least):
+    """The 5-95% range of realised false-alarm rates that ``confidence`` states holds for about 90% of lots: exactly
+    for the order statistic, less well for a tail fit (78-90% on these shapes)."""
+    good = SHAPES[shape]
+    rng = np.random.default_rng(5)
+    inside = []
+    for _ in range(400):
+        cal = calibrate(good.rvs(36, random_state=rng), false_alarm_rate=0.05, method=method)
+        c = cal.confidence()
+        inside.append(c["realised_low"] <= good.sf(cal.threshold) <= c["realised_high"])
+    assert least <= np.mean(inside) <= 0.97
+
+
+def test_the_old_quartile_model_overshoots_where_the_lot_quantile_does_not():
+    """Good parts whose tail is lighter than the lot's body suggests (the issue: 0 of 54 defective screws called
+    at a 1% budget): the old default extrapolates the quartiles and keeps far less than the budget."""
+    good = SHAPES["bounded"]
+    old = expected_false_alarms(good, 200, 0.05, method="quartile_exponential")
+    new = expected_false_alarms(good, 200, 0.05)
+    assert old < 0.5 * 0.05 and 0.5 * 0.05 <= new <= 2 * 0.05  # the old one falls out of the band
 
 
 def test_calibrated_scores_put_the_threshold_at_one_half_and_survive_the_manifest():
-    good, bad = line_lot()
-    cal = calibrate(np.r_[good, bad])
+    lot = np.r_[SHAPES["right-skewed"].rvs(80, random_state=np.random.default_rng(6)), 0.5]
+    cal = calibrate(lot)
     assert cal.calibrated(cal.threshold) == pytest.approx(0.5)
     assert cal.calibrated(cal.threshold + cal.spread) == pytest.approx(1 / (1 + math.exp(-1)))
-    c = cal.calibrated(np.r_[good, bad])
-    assert ((c > 0.5) == (np.r_[good, bad] > cal.threshold)).all() and ((0 <= c) & (c <= 1)).all()
+    c = cal.calibrated(lot)
+    assert ((c > 0.5) == (lot > cal.threshold)).all() and ((0 <= c) & (c <= 1)).all()
     again = Calibration.from_dict(cal.to_dict())
     assert again == cal and again.to_dict()["threshold"] == cal.threshold
     assert cal.with_rate(0.001).threshold > cal.threshold > cal.with_rate(0.2).threshold
+    assert cal.raw(0.5) == pytest.approx(cal.threshold)
+    for bad in ({"reference": [0.2, 0.1]}, {"reference": [0.1]}, {"reference": [0.1, float("nan")]},
+                {"spread": 0.0}, {"method": "oracle"}, {"false_alarm_rate": 0.7}):
+        with pytest.raises(DecisionError):
+            Calibration.from_dict({**cal.to_dict(), **bad})
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if m not in ("lot_quantile", "trimmed_tail")])
+def test_banks_built_with_the_older_methods_keep_their_decisions(method):
+    """A manifest written before lot_quantile: its decision dict has no reference and still reads."""
+    lot = np.r_[np.linspace(0.04, 0.06, 40), 0.2]
+    old = calibrate(lot, list(range(5)), method=method).to_dict()
+    for key in ("reference", "n_excluded", "confidence"):
+        old.pop(key, None)
+    cal = Calibration.from_dict(old)
+    assert cal.threshold == pytest.approx(old["threshold"]) and cal.reference == ()
 
 
 def test_degenerate_lots_still_calibrate_and_bad_input_is_refused():
     same = calibrate(np.full(10, 0.3))
-    assert same.spread > 0 and same.threshold > 0.3
+    assert same.spread > 0 and same.threshold >= 0.3
     assert decide(same.calibrated([0.3, 0.5, float("nan")])) == ["normal", "anomalous", "invalid"]
     with pytest.raises(DecisionError, match="at least 2"):
         calibrate([0.1, float("nan")])
@@ -93,5 +157,41 @@ def test_degenerate_lots_still_calibrate_and_bad_input_is_refused():
     for rate in (0, 0.5, -0.1, float("nan"), float("inf")):
         with pytest.raises(DecisionError, match="between 0 and 0.5"):
             check_false_alarm_rate(rate)
-    assert set(METHODS) == {"lower_half", "mad", "upper_quartile", "exponential_tail", "quartile_exponential",
-                            "normal_images"}
+
+
+@pytest.mark.parametrize("image_score", ["max", "topk_mean", "mean"])
+@pytest.mark.parametrize("weight", [0.0, 0.5, -0.5, 1.0])
+def test_the_map_level_belongs_to_the_decision(image_score, weight):
+    """An image decided anomalous has pixels at or above its level, one decided normal (with the map's maximum)
+    has none: re-scored scores moved by their neighbours included."""
+    rng = np.random.default_rng(7)
+    maps = rng.gamma(2.0, 0.01, (60, 12, 20)).astype(np.float32)
+    maps[::7, 3:5, 4:6] += 0.2  # some spots
+    embeds = rng.normal(size=(60, 8)).astype(np.float32)
+    own = K.image_scores(maps, image_score, 0.01)
+    scores = K.neighbour_rescore(own, embeds, embeds, own, 5, weight, np.arange(60)) if weight else own
+    threshold = float(np.quantile(scores, 0.8))
+    for amap, stat, score in zip(maps, own, scores):
+        level = map_level(float(stat), float(score), threshold, weight)
+        if score > threshold:
+            assert (amap >= level).any()
+        elif image_score == "max" and weight != 1.0:
+            assert not (amap > level + 1e-6).any()
+
+
+def test_a_decider_reads_the_bank_summary():
+    lot = np.r_[np.linspace(0.04, 0.06, 40), 0.2]
+    info = {"decision": calibrate(lot).to_dict(), "config": {"image_score": "max", "rescore_k": 20,
+                                                              "rescore_weight": 0.5}}
+    decider = Decider.for_bank(info)
+    amap = np.full((4, 4), 0.05, np.float32)
+    amap[1, 1] = 0.3
+    # re-scored down to just below the threshold: normal, and its level lies above the spot
+    decided = decider.decide(decider.raw_threshold - 1e-4, amap)
+    assert decided["decision"] == "normal" and decided["level"] > 0.3
+    decided = decider.decide(decider.raw_threshold + 1e-4, amap)
+    assert decided["decision"] == "anomalous" and decided["level"] < 0.3
+    strict = Decider.for_bank(info, threshold_calibrated=0.999)  # the user's threshold on the calibrated scale
+    assert strict.decide(decider.raw_threshold + 1e-4)["decision"] == "normal"
+    assert Decider.for_bank({}) is None
+    assert Decider.for_bank({"decision": info["decision"]}).rescore_weight == 0.0

@@ -1,0 +1,82 @@
+"""One story per image: an overlay's outline, its colour bar and its caption agree with the decision.
+
+The scores are made the way the scoring model makes them: maps reduced to image scores and re-scored toward the
+lot's most similar images (``kernels.neighbour_rescore``), the threshold from the lot (``decision.calibrate``), and
+the overlay drawn by the client's own path (``client.infer.add_decisions``, ``caption_for``, ``render_panel``).
+Re-scoring is what made the old overlays lie: a part with one hot pixel pulled below the threshold by its
+neighbours was decided normal and outlined anyway.
+"""
+
+import numpy as np
+import pytest
+
+from client.heatmap import OUTLINE_COLOUR, render_panel
+from client.infer import add_decisions, caption_for
+from postprocess import kernels as K
+from postprocess.decision import Decider, calibrate
+
+SIZE = (70, 168)  # a ball screw's 140x336 at half size
+
+
+def lot_like(n=48, seed=0):
+    """Maps of a lot: textured good parts, some with one hot pixel (a pit), some with a larger blotch; embeddings
+    that group look-alikes so that re-scoring moves scores."""
+    rng = np.random.default_rng(seed)
+    maps = rng.gamma(4.0, 0.006, (n, *SIZE)).astype(np.float32)
+    for i in range(0, n, 5):  # one-pixel pits: the map's maximum sees them, a bilinear thumbnail may not
+        maps[i, rng.integers(5, SIZE[0] - 5), rng.integers(5, SIZE[1] - 5)] += rng.uniform(0.03, 0.12)
+    for i in range(2, n, 9):
+        maps[i, 20:30, 40:60] += rng.uniform(0.02, 0.08)
+    groups = rng.normal(size=(4, 16))
+    embeds = (groups[np.arange(n) % 4] + 0.3 * rng.normal(size=(n, 16))).astype(np.float32)
+    return maps, embeds
+
+
+def outlined(picture, width: int, height: int) -> bool:
+    pixels = np.asarray(picture)
+    heat = pixels[-height - 8:-8, width + 4: 2 * width + 4]  # the second panel: under the caption, right of the image
+    return bool(np.all(heat == OUTLINE_COLOUR, axis=-1).any())
+
+
+@pytest.mark.parametrize("image_score", ["max", "topk_mean"])
+@pytest.mark.parametrize("user_quantile", [None, 0.5, 0.85])
+def test_outlines_appear_exactly_on_images_decided_anomalous(image_score, user_quantile):
+    """The automatic threshold, and a user's --threshold (on the calibrated scale) at the lot's median and 85th
+    percentile score."""
+    maps, embeds = lot_like()
+    own = K.image_scores(maps, image_score, 0.01)
+    scores = K.neighbour_rescore(own, embeds, embeds, own, 5, 0.5, np.arange(len(maps)))
+    info = {"decision": calibrate(scores, false_alarm_rate=0.2).to_dict(),
+            "config": {"image_score": image_score, "image_topk_fraction": 0.01, "rescore_k": 5,
+                       "rescore_weight": 0.5}}
+    user_threshold = None
+    if user_quantile is not None:
+        user_threshold = float(Decider.for_bank(info).calibration.calibrated(np.quantile(scores, user_quantile)))
+    decider = Decider.for_bank(info, threshold_calibrated=user_threshold)
+    rows = [{"path": f"part-{i}.png", "score": float(s)} for i, s in enumerate(scores)]
+    levels = add_decisions(rows, decider, maps)
+    image = np.full((*SIZE, 3), 128, np.uint8)
+    contradictions = []
+    spots_on_normal = 0
+    for row, amap, level in zip(rows, maps, levels):
+        spots_on_normal += row["decision"] == "normal" and amap.max() > decider.raw_threshold
+        picture = render_panel(image, amap, 0.0, 0.15, caption_for(row["path"], row, level), max_side=84)
+        if outlined(picture, 84, 35) != (row["decision"] == "anomalous"):
+            contradictions.append((row["path"], row["decision"], float(amap.max()), level))
+    assert not contradictions
+    decisions = [r["decision"] for r in rows]
+    assert "anomalous" in decisions and "normal" in decisions
+    if image_score == "max" and user_threshold is None:
+        assert spots_on_normal  # the case the old overlays got wrong is in the lot
+
+
+def test_the_colour_bar_marks_a_threshold_above_the_scale():
+    amap = np.zeros((40, 60), np.float32)
+    from client.heatmap import Caption
+
+    calm = np.asarray(render_panel(np.full((40, 60, 3), 128, np.uint8), amap, 0.0, 1.0,
+                                   Caption("x", 0.1, 0.2, "normal", threshold=3.0), max_side=0))
+    bare = np.asarray(render_panel(np.full((40, 60, 3), 128, np.uint8), amap, 0.0, 1.0,
+                                   Caption("x", 0.1, 0.2, "normal", threshold=None), max_side=0))
+    assert calm.shape[1] > bare.shape[1]  # the label "3 threshold (above the scale)" widens the bar
+    assert not outlined(calm, 60, 40)
