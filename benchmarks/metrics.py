@@ -155,3 +155,24 @@ def mean_metrics(per_category: dict) -> dict:
         values = [m[key] for m in per_category.values() if m.get(key) is not None]
         out[key] = float(np.mean(values)) if values else None
     return out
+
+
+def f1_at_prevalence(false_alarm_rate: float, recall: float, prevalence: float) -> float:
+    """F1 of a decision with this false-alarm rate and recall on a stream with ``prevalence`` defective parts (a
+    line's rate, not the benchmark set's): precision = p R / (p R + (1 - p) FA)."""
+    caught = prevalence * recall
+    if caught <= 0:
+        return 0.0
+    precision = caught / (caught + (1.0 - prevalence) * false_alarm_rate)
+    return float(2 * precision * recall / (precision + recall))
+
+
+def f1_max_at_prevalence(labels, scores, prevalence: float) -> float:
+    """The best ``f1_at_prevalence`` over all thresholds of these scores (the oracle at a line's rate)."""
+    from sklearn.metrics import roc_curve
+
+    labels = np.asarray(labels).astype(np.int64)
+    if not _both_classes(labels):
+        return 0.0
+    fpr, tpr, _ = roc_curve(labels, np.asarray(scores, dtype=np.float64))
+    return max(f1_at_prevalence(f, t, prevalence) for f, t in zip(fpr, tpr))

@@ -121,8 +121,7 @@ def test_resampled_lots_keep_every_good_image_and_draw_the_defective_ones():
 
 
 def test_defect_rate_lots_are_scored_as_lots_with_decisions(tmp_path, run_evaluate):
-    from benchmarks import decisions
-    from postprocess.decision import METHODS
+    from postprocess.decision import DEFAULT_METHOD
     from tests.conftest import make_mvtec_tree
 
     data = make_mvtec_tree(tmp_path / "data", n_good=12, n_bad=4, size=56)
@@ -141,8 +140,4 @@ def test_defect_rate_lots_are_scored_as_lots_with_decisions(tmp_path, run_evalua
         assert all(len(lot["indices"]) == (13 if rate else 16) for lot in lots)  # 12 good + round(0.1*12/0.9) = 1
         for key in ("false_alarm_rate", "recall", "f1_auto"):
             assert 0.0 <= widget[key] <= 1.0
-    proc_out = tmp_path / "decisions.json"
-    assert decisions.main(["--tune", f"a={runs}", "--report", f"b={runs}", "--json", str(proc_out)]) == 0
-    found = json.loads(proc_out.read_text())
-    assert set(found["sets"]["a"]) == set(METHODS)
-    assert set(found["sets"]["a"]["mad"]) == {"10%", "whole set"}
+        assert all(lot["calibration"]["method"] == DEFAULT_METHOD for lot in lots)

