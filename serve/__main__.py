@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -149,7 +150,12 @@ def _why_down(server: LocalServer, canaries) -> str | None:
     if canaries is not None:
         healthy, failures = canaries.check()
         if not healthy:
-            return f"a model failed its canary ({failures})"
+            # a killed server fails its canaries too, often before its exit shows: name the death when it was one
+            try:
+                server.process.wait(timeout=1.0)
+            except subprocess.TimeoutExpired:
+                return f"a model failed its canary ({failures})"
+            return _why_down(server, None)
     return None
 
 
