@@ -4,6 +4,8 @@
   python -m client.banks info BANK         one bank in full (its versions on disk, its decision calibration, ...)
   python -m client.banks delete BANK       delete one (asks first; --yes does not)
   python -m client.banks prune             remove old versions and what failed builds left behind
+  python -m client.banks verify [BANK]     check every bank (or one) against its manifest: file digests, tensor
+                                           shapes, dtypes and values; exit code 1 when one is damaged
 
 The server keeps the live version of a bank and the one before it (a replica may still be loading it); `prune`
 removes older ones. `python -m serve --max-store-gb N` refuses adds and builds that would take the store past N GB.
@@ -36,7 +38,17 @@ def build_parser() -> argparse.ArgumentParser:
     delete.add_argument("bank")
     delete.add_argument("--yes", action="store_true", help="do not ask")
     commands.add_parser("prune", help="remove old versions and what failed builds left")
+    commands.add_parser("verify", help="check banks against their manifests (all, or one)").add_argument(
+        "bank", nargs="?", default="")
     return p
+
+
+def print_verified(answer: dict) -> None:
+    for bank in answer["banks"]:
+        if bank["ok"]:
+            print(f"{bank['bank']:<24} ok: {bank['verified']} ({bank['version']}, {bank['seconds']:.2f} s)")
+        else:
+            print(f"{bank['bank']:<24} DAMAGED: {bank['error']}")
 
 
 def print_list(store: dict) -> None:
@@ -94,6 +106,9 @@ def main(argv=None) -> int:
                     return 1
             answer = client.delete_bank(args.bank)
             show = lambda a: print(f"deleted bank {a['deleted']!r}")  # noqa: E731
+        elif args.command == "verify":
+            answer = client.bank_action("verify", args.bank)
+            show = print_verified
         else:
             answer = client.prune_banks()
             show = lambda a: print(f"removed {len(a['removed'])} item(s), freed {megabytes(a['freed_bytes'])}"  # noqa
@@ -103,6 +118,8 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(json.dumps(answer, indent=1)) if args.json else show(answer)
+    if args.command == "verify" and not all(bank["ok"] for bank in answer["banks"]):
+        return 1
     return 0
 
 

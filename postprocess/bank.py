@@ -31,8 +31,10 @@ from .pa_clip import (ScoreResult, bank_entries, decide, full_scores_against, la
 
 # The manifest format this code writes. A change to what manifest.json holds bumps it and adds the step from the
 # previous format to MIGRATIONS, so that banks already on a (shared) store keep loading.
-FORMAT_VERSION = 1
-MIGRATIONS: dict = {}  # format v -> function(manifest dict of format v) -> manifest dict of format v + 1
+FORMAT_VERSION = 2
+# format 2 added the digests of the version's files and the shapes and dtypes of its tensors (``files``,
+# ``tensors``): a format-1 bank has neither, and is checked against what its other fields imply
+MIGRATIONS: dict = {1: lambda values: {**values, "format_version": 2}}
 # Fields that banks built before host settings moved out of PAClipConfig still carry in their manifest's config.
 LEGACY_HOST_FIELDS = ("memory_budget_mb",)
 LOT_EMBEDS, LOT_SCORES = "lot_image_embeds", "lot_map_scores"  # bank tensors for lot-level re-scoring
@@ -40,6 +42,10 @@ LOT_EMBEDS, LOT_SCORES = "lot_image_embeds", "lot_map_scores"  # bank tensors fo
 
 class BankError(RequestError):
     """A request about banks that cannot be served; the message says what to do."""
+
+
+class BankFormatError(BankError):
+    """A manifest of a format this code does not read (a newer server wrote it): rebuild, or serve with that one."""
 
 
 def image_key(image: np.ndarray) -> str:
@@ -113,6 +119,10 @@ class BankManifest:
     n_augmented: int | None = None  # augmentations encoded into the normal bank
     version: str | None = None  # the version folder, set by BankStore.save
     built_at: str | None = None  # when it was saved (local time, ISO 8601)
+    # set by BankStore.save: file name -> {"sha256", "bytes"} of the version's data files, and tensor name ->
+    # {"shape", "dtype"} of bank.safetensors (None in banks of format 1)
+    files: dict | None = None
+    tensors: dict | None = None
 
     def to_dict(self) -> dict:
         """The manifest as JSON values (lists, string keys), in the order it is written."""
@@ -150,8 +160,8 @@ class BankManifest:
             values = MIGRATIONS[version](values)
             version = values.get("format_version")
         if type(version) is not int or version != FORMAT_VERSION:
-            raise BankError(f"bank {values.get('bank')!r} has format {version}, this server reads "
-                            f"{FORMAT_VERSION}: rebuild it")
+            raise BankFormatError(f"bank {values.get('bank')!r} has format {version}, this server reads "
+                                  f"{FORMAT_VERSION}: rebuild it")
         names = {f.name for f in dataclasses.fields(cls)}
         required = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING}
         if set(values) - names or required - set(values):
@@ -172,7 +182,9 @@ class BankManifest:
             map_range=tuple(float(x) for x in v["map_range"]), lot_scores=dict(v["lot_scores"]),
             decision=dict(v["decision"]), cada=None if v.get("cada") is None else dict(v["cada"]),
             n_augmented=None if optional_int is None else int(optional_int),
-            version=v.get("version"), built_at=v.get("built_at"))
+            version=v.get("version"), built_at=v.get("built_at"),
+            files=None if v.get("files") is None else dict(v["files"]),
+            tensors=None if v.get("tensors") is None else dict(v["tensors"]))
 
     def replace(self, **changes) -> "BankManifest":
         return dataclasses.replace(self, **changes)
@@ -240,6 +252,113 @@ class Bank:
 
         return cls(manifest, by_scale("full"), by_scale("normal"), by_scale("normal_ids"), tensors.get(TEXT_EMBEDS),
                    tensors.get(LOT_EMBEDS), tensors.get(LOT_SCORES))
+
+
+class BankDamaged(BankError):
+    """A version on disk that cannot be what was written: it is refused, never scored with."""
+
+
+def damaged(bank_id: str, version: str | None, why: str) -> BankDamaged:
+    return BankDamaged(f"bank {bank_id!r} version {version or '?'} is damaged ({why}): rebuild it (client/infer.py "
+                       "--build) or restore the version from a backup")
+
+
+DTYPES = {"F16": np.float16, "F32": np.float32, "I64": np.int64}  # what bank.safetensors holds, by safetensors name
+DTYPE_NAMES = {np.dtype(v).str: k for k, v in DTYPES.items()}
+SCORE_LIMIT = 1e6  # no threshold or score range of a real bank comes near it; 1e30 is damage
+
+
+def check_manifest(manifest: "BankManifest", bank_id: str) -> None:
+    """What the manifest's own fields must satisfy (the config is checked against ``RANGES`` when it is read):
+    ``BankDamaged`` naming the first that does not."""
+    def fail(why):
+        raise damaged(bank_id, manifest.version, why)
+
+    if manifest.bank != bank_id:
+        fail(f"its manifest is for bank {manifest.bank!r}")
+    cfg = manifest.config
+    if manifest.n_images < 2 or len(manifest.image_keys) != manifest.n_images:
+        fail(f"n_images {manifest.n_images} with {len(manifest.image_keys)} image keys")
+    if not all(isinstance(k, str) and len(k) == 64 for k in manifest.image_keys):
+        fail("an image key is not a SHA-256")
+    if len(manifest.grid) != 2 or min(manifest.grid) < 1 or len(manifest.image_size) != 2 or \
+            min(manifest.image_size) < 1:
+        fail(f"grid {manifest.grid}, image size {manifest.image_size}")
+    if not 1 <= manifest.interval_k <= max(1, manifest.n_images - 1):
+        fail(f"interval k {manifest.interval_k} for {manifest.n_images} images")
+    full_scales = set() if cfg.text_only else set(cfg.scales)
+    normal_scales = set(cfg.normal_bank_scales) if cfg.use_normal_bank and not cfg.text_only else set()
+    if set(manifest.full_bank_entries_per_image) != full_scales:
+        fail(f"full-bank scales {sorted(manifest.full_bank_entries_per_image)}, the configuration's {sorted(full_scales)}")
+    if set(manifest.normal_bank_entries) != normal_scales or set(manifest.tau_b) != normal_scales:
+        fail(f"normal-bank scales {sorted(manifest.normal_bank_entries)} / thresholds {sorted(manifest.tau_b)}, the "
+             f"configuration's {sorted(normal_scales)}")
+    for name, values in (("tau_b", manifest.tau_b.values()), ("map_range", manifest.map_range),
+                         ("lot_scores", manifest.lot_scores.values())):
+        if not all(isinstance(v, (int, float)) and np.isfinite(v) and abs(v) < SCORE_LIMIT for v in values):
+            fail(f"{name} holds {list(values)}")
+    if manifest.map_range[0] > manifest.map_range[1]:
+        fail(f"map_range {manifest.map_range}")
+    from .decision import Calibration, DecisionError
+
+    try:
+        threshold = Calibration.from_dict(manifest.decision).threshold
+    except (DecisionError, KeyError, TypeError, ValueError) as err:
+        fail(f"its decision: {err}")
+    if not (np.isfinite(threshold) and abs(threshold) < SCORE_LIMIT):
+        fail(f"its decision's threshold is {threshold}")
+
+
+def expected_tensors(manifest: "BankManifest") -> dict:
+    """Tensor name -> the dimensions the manifest fixes (None where it does not say: layers, feature width)."""
+    cfg, n = manifest.config, manifest.n_images
+    out = {}
+    for r, per_image in manifest.full_bank_entries_per_image.items():
+        out[f"full.r{r}"] = ((None, n, per_image, None), ("F16",))
+    for r, entries in manifest.normal_bank_entries.items():
+        out[f"normal.r{r}"] = ((None, entries, None), ("F16",))
+        out[f"normal_ids.r{r}"] = ((entries,), ("I64",))
+    if cfg.rescore_k > 0:
+        out[LOT_EMBEDS] = ((n, None), ("F32",))
+        out[LOT_SCORES] = ((n,), ("F32",))
+    return out
+
+
+def check_tensors(manifest: "BankManifest", tensors: dict, bank_id: str) -> None:
+    """Every tensor against the manifest: the names its settings imply, the shapes and dtypes it recorded (format
+    2) and those its counts fix, finite values, source ids inside the lot."""
+    def fail(why):
+        raise damaged(bank_id, manifest.version, why)
+
+    expected = expected_tensors(manifest)
+    names = set(tensors) - {TEXT_EMBEDS}
+    if names != set(expected):
+        missing, extra = sorted(set(expected) - names), sorted(names - set(expected))
+        fail(f"bank.safetensors lacks {missing} and holds {extra}" if extra else f"bank.safetensors lacks {missing}")
+    if manifest.tensors is not None and set(manifest.tensors) != set(tensors):
+        fail(f"bank.safetensors holds {sorted(tensors)}, its manifest records {sorted(manifest.tensors)}")
+    for name, array in tensors.items():
+        dtype = DTYPE_NAMES.get(array.dtype.str, array.dtype.str)
+        if manifest.tensors is not None:
+            want = manifest.tensors[name]
+            if list(array.shape) != list(want["shape"]) or dtype != want["dtype"]:
+                fail(f"tensor {name} is {dtype} {list(array.shape)}, its manifest records {want['dtype']} "
+                     f"{want['shape']}")
+        shape, dtypes = expected.get(name, ((None, None), ("F32",)))
+        if len(array.shape) != len(shape) or any(w is not None and w != g for w, g in zip(shape, array.shape)) or \
+                dtype not in dtypes:
+            fail(f"tensor {name} is {dtype} {list(array.shape)}, the manifest implies {'/'.join(dtypes)} "
+                 f"{['*' if w is None else w for w in shape]}")
+        if array.dtype.kind == "f" and not bool(np.isfinite(array).all()):
+            fail(f"tensor {name} holds NaN or infinite values")
+        if name.startswith("normal_ids.") and array.size and (array.min() < 0 or array.max() >= manifest.n_images):
+            fail(f"tensor {name} names lot images outside 0..{manifest.n_images - 1}")
+
+
+def tensor_record(tensors: dict) -> dict:
+    """The shapes and dtypes a manifest records for the tensors it is saved with."""
+    return {name: {"shape": list(a.shape), "dtype": DTYPE_NAMES.get(a.dtype.str, a.dtype.str)}
+            for name, a in sorted(tensors.items())}
 
 
 def build_bank(scorer, cfg: PAClipConfig, bank_id: str, encoder: dict, map_size=None):
@@ -311,5 +430,6 @@ def score_with_bank(bank: Bank, features: Features, query_ids, map_size: tuple[i
     return rescore_images(result, features.image_embeds, bank.lot_embeds, bank.lot_scores, cfg, query_ids)
 
 
-__all__ = ["Bank", "BankManifest", "BankError", "build_bank", "score_with_bank", "image_key", "check_encoder",
+__all__ = ["Bank", "BankManifest", "BankError", "BankDamaged", "BankFormatError", "check_manifest", "check_tensors", "damaged",
+           "tensor_record", "build_bank", "score_with_bank", "image_key", "check_encoder",
            "config_from_dict", "FORMAT_VERSION"]

@@ -28,11 +28,16 @@ import numpy as np
 
 from . import kernels as K
 from .atomic import HOST, fsync_dir, is_dead_leftover, owner_gone, temp_name, write_atomic
-from .bank import Bank, BankError, BankManifest, check_encoder
+from .bank import (Bank, BankError, BankFormatError, BankManifest, check_encoder, check_manifest, check_tensors,
+                   damaged, tensor_record)
 from .contract import IMAGES, VISION_OUTPUTS, Features
 
 # used with fullmatch only: "$" would let a trailing newline through (a folder "banks/x\n")
 BANK_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+# what CURRENT may name: a version folder of its own bank (no separator, so nothing outside it)
+VERSION_PATTERN = re.compile(r"v-[A-Za-z0-9][A-Za-z0-9._-]{0,200}")
+DATA_FILES = ("bank.safetensors",)  # a version's files whose digests its manifest records
+HASH_CHUNK = 1 << 20
 
 
 def check_bank_id(bank_id: str) -> str:
@@ -75,6 +80,22 @@ def _save_tensors(path: Path, tensors: dict, metadata: dict | None = None) -> No
                                                  metadata=metadata))
 
 
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file, read in chunks (a bank may not fit in memory twice)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _regular_file(path: Path) -> bool:
+    """A plain file, not a link (to /dev/zero, to another bank) nor anything else."""
+    return path.is_file() and not path.is_symlink()
+
+
 def _load_tensors(path: Path) -> tuple[dict, dict]:
     from safetensors import safe_open
 
@@ -104,39 +125,106 @@ class BankStore:
     def _dir(self, bank_id: str) -> Path:
         return self.root / check_bank_id(bank_id)
 
+    def _own_dir(self, bank_id: str) -> Path:
+        """The bank's folder for writing: never through a link out of the store."""
+        folder = self._dir(bank_id)
+        if folder.is_symlink():
+            raise BankError(f"bank {bank_id!r} is a symbolic link in the store, not a folder of its own: delete it "
+                            "(python -m client.banks delete) and build the bank again")
+        return folder
+
     def current_version(self, bank_id: str) -> str | None:
+        """The live version's folder name, or None when the bank has none. CURRENT must name a version folder of
+        this bank (no separator, no link): anything else is damage, refused with what to do."""
+        folder = self._dir(bank_id)
+        current = folder / "CURRENT"
+        if folder.is_symlink() or current.is_symlink():
+            raise damaged(bank_id, None, f"{'its folder' if folder.is_symlink() else 'CURRENT'} is a symbolic link: "
+                          "a bank lives in the store's own folders")
         try:
-            name = (self._dir(bank_id) / "CURRENT").read_text().strip()
+            name = current.read_text().strip()
         except FileNotFoundError:
             return None
-        return name or None
+        except (OSError, UnicodeDecodeError) as err:
+            raise damaged(bank_id, None, f"CURRENT cannot be read: {err}") from None
+        if not name:
+            return None
+        if not VERSION_PATTERN.fullmatch(name):
+            raise damaged(bank_id, None, f"CURRENT names {name[:80]!r}, not a version folder of this bank")
+        version = folder / name
+        if version.is_symlink() or not version.is_dir():
+            raise damaged(bank_id, name, "CURRENT names a version that is not on disk" if not version.exists()
+                          else "its version folder is a symbolic link or not a folder")
+        return name
 
     def exists(self, bank_id: str) -> bool:
         return self.current_version(bank_id) is not None
 
     def bank_ids(self) -> list[str]:
+        """The banks of the store, by folder name (a folder that is a link is listed, to be refused by name)."""
         return sorted(p.name for p in self.root.iterdir()
-                      if p.is_dir() and BANK_ID_PATTERN.fullmatch(p.name) and (p / "CURRENT").is_file())
+                      if BANK_ID_PATTERN.fullmatch(p.name) and (p.is_symlink() or (p / "CURRENT").exists()))
 
     def _missing(self, bank_id: str) -> BankError:
         known = self.bank_ids()
         return BankError(f"unknown bank {bank_id!r}; " + (f"banks on this server: {', '.join(known)}" if known else
                          "this server has no banks yet") + ". Build one with client/infer.py --build")
 
-    def manifest(self, bank_id: str) -> BankManifest:
+    def _live(self, bank_id: str) -> tuple[str, Path]:
         version = self.current_version(bank_id)
         if version is None:
             raise self._missing(bank_id)
-        return BankManifest.from_json((self._dir(bank_id) / version / "manifest.json").read_text())
+        return version, self._dir(bank_id) / version
+
+    def _read_manifest(self, bank_id: str, version: str, folder: Path) -> BankManifest:
+        """The version's manifest, checked (``bank.check_manifest``): damage of any kind is a ``BankDamaged``."""
+        path = folder / "manifest.json"
+        if not _regular_file(path):
+            raise damaged(bank_id, version, "manifest.json is missing" if not path.exists() and not path.is_symlink()
+                          else "manifest.json is a link or not a file")
+        try:
+            manifest = BankManifest.from_json(path.read_bytes())
+        except BankFormatError:  # written by a server of another format: not damage
+            raise
+        except BankError as err:
+            raise damaged(bank_id, version, f"manifest.json: {err}") from None
+        except (ValueError, TypeError, KeyError, AttributeError, OSError) as err:
+            raise damaged(bank_id, version, f"manifest.json: {type(err).__name__}: {err}") from None
+        if manifest.version not in (None, version):
+            raise damaged(bank_id, version, f"its manifest is of version {manifest.version}")
+        check_manifest(manifest.replace(version=version), bank_id)
+        return manifest
+
+    def manifest(self, bank_id: str) -> BankManifest:
+        version, folder = self._live(bank_id)
+        return self._read_manifest(bank_id, version, folder)
+
+    def _check_files(self, manifest: BankManifest, bank_id: str, version: str, folder: Path) -> None:
+        """Each data file a plain file whose size and SHA-256 are those the manifest recorded when it was written."""
+        for name in DATA_FILES:
+            path = folder / name
+            if not _regular_file(path):
+                raise damaged(bank_id, version, f"{name} is missing" if not path.exists() and not path.is_symlink()
+                              else f"{name} is a link or not a file")
+            if manifest.files is None:  # format 1: no digests; the tensors are checked against the manifest
+                continue
+            want = manifest.files.get(name) or {}
+            if path.stat().st_size != want.get("bytes"):
+                raise damaged(bank_id, version, f"{name} is {path.stat().st_size} bytes, its manifest records "
+                              f"{want.get('bytes')}")
+            if file_digest(path) != want.get("sha256"):
+                raise damaged(bank_id, version, f"{name} digest differs")
 
     def sizes(self, bank_id: str) -> dict:
         """Bytes of the live version on disk, and of its arrays once loaded (on the GPU or in host memory), read
         from the safetensors header without loading the tensors."""
-        version = self.current_version(bank_id)
-        if version is None:
-            raise self._missing(bank_id)
-        folder = self._dir(bank_id) / version
-        tensors, _ = _load_tensors_meta(folder / "bank.safetensors")
+        version, folder = self._live(bank_id)
+        if not _regular_file(folder / "bank.safetensors"):
+            raise damaged(bank_id, version, "bank.safetensors is missing, a link or not a file")
+        try:
+            tensors, _ = _load_tensors_meta(folder / "bank.safetensors")
+        except Exception as err:  # safetensors' own error types: a header that does not parse
+            raise damaged(bank_id, version, f"bank.safetensors: {err}") from None
         itemsize = {"F16": 2, "F32": 4, "I64": 8, "BF16": 2, "F64": 8, "I32": 4}
         resident = sum(int(np.prod(t["shape"])) * itemsize[t["dtype"]] for t in tensors.values())
         return {"bytes_on_disk": sum(p.stat().st_size for p in folder.iterdir()), "bytes_in_memory": resident}
@@ -166,8 +254,12 @@ class BankStore:
         a failed build left empty, and ``clean``'s leftovers. Returns what went and the bytes freed."""
         before = self.total_bytes()
         removed = self.clean()
-        for folder in sorted(p for p in self.root.iterdir() if p.is_dir() and BANK_ID_PATTERN.fullmatch(p.name)):
-            current = self.current_version(folder.name)
+        for folder in sorted(p for p in self.root.iterdir()
+                             if p.is_dir() and not p.is_symlink() and BANK_ID_PATTERN.fullmatch(p.name)):
+            try:
+                current = self.current_version(folder.name)
+            except BankError:  # a damaged bank keeps its versions: one of them may be the one to restore
+                continue
             for version in folder.glob("v-*"):
                 if version.name != current and time.time() - version.stat().st_mtime > self.PRUNE_AFTER_S:
                     shutil.rmtree(version, ignore_errors=True)
@@ -178,28 +270,49 @@ class BankStore:
         return {"removed": removed, "freed_bytes": max(0, before - self.total_bytes())}
 
     def load(self, bank_id: str, encoder: dict | None = None) -> Bank:
-        version = self.current_version(bank_id)
-        if version is None:
-            raise self._missing(bank_id)
-        folder = self._dir(bank_id) / version
-        manifest = BankManifest.from_json((folder / "manifest.json").read_text())  # refuses formats it cannot read
+        """The live version, verified: manifest fields, file digests, every tensor against the manifest. Damage is a
+        ``BankDamaged`` naming the bank, the version and what is wrong; nothing damaged is ever scored with."""
+        version, folder = self._live(bank_id)
+        manifest = self._read_manifest(bank_id, version, folder)  # refuses formats it cannot read
         check_encoder(manifest, encoder)
-        tensors, _ = _load_tensors(folder / "bank.safetensors")
+        self._check_files(manifest, bank_id, version, folder)
+        try:
+            tensors, _ = _load_tensors(folder / "bank.safetensors")
+        except Exception as err:  # a header or data that safetensors cannot read
+            raise damaged(bank_id, version, f"bank.safetensors: {err}") from None
+        check_tensors(manifest.replace(version=version), tensors, bank_id)
         return Bank.from_tensors(manifest, tensors)
+
+    def verify(self, bank_id: str) -> dict:
+        """Everything ``load`` checks, for one bank: ``{"bank", "version", "ok", "seconds"}`` and ``error`` when not."""
+        started = time.perf_counter()
+        try:
+            bank = self.load(bank_id)
+            out = {"bank": bank_id, "version": bank.manifest.version, "ok": True,
+                   "verified": "digests and tensors" if bank.manifest.files is not None else
+                   "tensors (format 1: no digests recorded)"}
+        except BankError as err:
+            out = {"bank": bank_id, "ok": False, "error": str(err)}
+        return {**out, "seconds": round(time.perf_counter() - started, 3)}
 
     def save(self, bank: Bank) -> str:
         """Commit a bank: write a new version folder completely, then point CURRENT at it."""
         bank_id = check_bank_id(bank.manifest.bank)
         self.check_room(bank.nbytes)  # the arrays are stored as they are held: their bytes are the file's
-        folder = self._dir(bank_id)
+        folder = self._own_dir(bank_id)
         folder.mkdir(exist_ok=True)
         # unique across replicas on a shared volume: the host's name, then 48 random bits
         version = f"v-{time.strftime('%Y%m%dT%H%M%S')}-{HOST}-{uuid.uuid4().hex[:12]}"
         staging = folder / temp_name(version)
         staging.mkdir()
         try:
-            manifest = bank.manifest.replace(version=version, built_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-            _save_tensors(staging / "bank.safetensors", bank.tensors())
+            tensors = bank.tensors()
+            _save_tensors(staging / "bank.safetensors", tensors)
+            # the digest of what was written, read back from the disk it will be read from
+            files = {name: {"sha256": file_digest(staging / name), "bytes": (staging / name).stat().st_size}
+                     for name in DATA_FILES}
+            manifest = bank.manifest.replace(version=version, built_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                             files=files, tensors=tensor_record(tensors))
             with disk_full_is_clear(folder):
                 write_atomic(staging / "manifest.json", manifest.to_json())
             os.replace(staging, folder / version)
@@ -218,6 +331,9 @@ class BankStore:
 
     def delete(self, bank_id: str) -> None:
         folder = self._dir(bank_id)
+        if folder.is_symlink():  # a link in the store: the link goes, what it points at is not ours to remove
+            folder.unlink()
+            return
         if not folder.exists():
             raise self._missing(bank_id)
         trash = self.root / f".trash-{bank_id}-{uuid.uuid4().hex[:8]}"
@@ -242,7 +358,7 @@ class BankStore:
     @contextmanager
     def building(self, bank_id: str):
         """Hold the build lock of ``bank_id``; a second build gets a clear "in progress" error."""
-        folder = self._dir(bank_id)
+        folder = self._own_dir(bank_id)
         folder.mkdir(exist_ok=True)
         lock = folder / ".build-lock"
         for attempt in range(2):
@@ -282,7 +398,7 @@ class BankStore:
 
     # -- the pending lot --------------------------------------------------------------------------------------
     def _lot(self, bank_id: str) -> Path:
-        return self._dir(bank_id) / "lot"
+        return self._own_dir(bank_id) / "lot"
 
     def add_to_lot(self, bank_id: str, category: str, images: np.ndarray, features: Features,
                    reset: bool = False) -> int:
@@ -330,8 +446,10 @@ class BankStore:
         """Lots added but not (successfully) built: visible, with when they expire."""
         out = []
         for lot in sorted(self.root.glob("*/lot")):
+            if lot.parent.is_symlink() or not BANK_ID_PATTERN.fullmatch(lot.parent.name):
+                continue
             parts = sorted(lot.glob("part-*.safetensors"))
-            if not parts or not BANK_ID_PATTERN.fullmatch(lot.parent.name):
+            if not parts:
                 continue
             updated = max(p.stat().st_mtime for p in parts)
             _, meta = _load_tensors_meta(parts[0])
@@ -384,4 +502,5 @@ def _load_tensors_meta(path: Path) -> tuple[dict, dict]:
                 dict(f.metadata() or {}))
 
 
-__all__ = ["BankStore", "StoreFull", "disk_full_is_clear", "check_bank_id", "BANK_ID_PATTERN"]
+__all__ = ["BankStore", "StoreFull", "disk_full_is_clear", "check_bank_id", "file_digest", "BANK_ID_PATTERN",
+           "VERSION_PATTERN"]

@@ -338,7 +338,7 @@ def parse_options(text: str) -> dict:
 
 
 class BankService:
-    ACTIONS = ("add", "build", "list", "info", "delete", "encoder", "prune")
+    ACTIONS = ("add", "build", "list", "info", "delete", "encoder", "prune", "verify")
 
     def __init__(self, store: BankStore, encoder: dict, encode_images, encode_text=None, log=print,
                  host: HostSettings = DEFAULT_HOST, telemetry: Telemetry = NO_TELEMETRY):
@@ -376,6 +376,9 @@ class BankService:
                     "store_limit_bytes": self.store.max_bytes}
         if action == "prune":
             return self.store.prune()
+        if action == "verify":  # every bank, or the one named: digests, tensors, manifest fields
+            return {"banks": [self.store.verify(b) for b in ([check_bank_id(bank_id)] if bank_id
+                                                             else self.store.bank_ids())]}
         check_bank_id(bank_id)
         if action == "info":  # with its size on disk and once loaded (scoring keeps it in FP16 on the device)
             return {**self._described(bank_id), "versions": self.store.versions(bank_id)}

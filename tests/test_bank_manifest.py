@@ -28,11 +28,12 @@ def old_store(tmp_path):
     return store, tmp_path / "banks" / "washer" / store.current_version("washer") / "manifest.json"
 
 
-def test_a_format_1_manifest_reads_into_typed_fields_and_writes_back_byte_for_byte(old_store):
+def test_a_format_1_manifest_reads_into_typed_fields_and_writes_back_the_same_as_format_2(old_store):
     store, path = old_store
     text = path.read_text()
     manifest = store.manifest("washer")
-    assert manifest.format_version == 1 == FORMAT_VERSION
+    assert json.loads(text)["format_version"] == 1 and manifest.format_version == 2 == FORMAT_VERSION
+    assert manifest.files is None and manifest.tensors is None  # format 1 recorded no digests
     assert manifest.config == PAClipConfig(scales=(1, 3), full_coreset_ratio=0.25)
     assert (manifest.bank, manifest.category, manifest.grid, manifest.image_size) == ("washer", "washer", (8, 8),
                                                                                       (112, 112))
@@ -42,9 +43,11 @@ def test_a_format_1_manifest_reads_into_typed_fields_and_writes_back_byte_for_by
     assert manifest.n_augmented == 8 and manifest.cada["strategy"] and manifest.version == path.parent.name
     assert Calibration.from_dict(manifest.decision).threshold == pytest.approx(manifest.decision["threshold"],
                                                                              rel=1e-12)
-    # what the info and list actions send is what the file holds; written again, it is the same file
-    assert manifest.to_dict() == json.loads(text)
-    assert manifest.to_json() == text
+    # what the info and list actions send is what the file holds; written again, it is the same file but for the
+    # format's number
+    assert manifest.to_dict() == {**json.loads(text), "format_version": 2}
+    assert manifest.to_json() == text.replace('"format_version": 1', '"format_version": 2')
+    assert store.verify("washer")["verified"] == "tensors (format 1: no digests recorded)"
     assert BankManifest.from_json(manifest.to_json()) == manifest
 
 
@@ -85,14 +88,14 @@ def test_legacy_host_fields_in_the_config_are_dropped_on_load(old_store, tiny_cl
     assert "memory_budget_mb" not in store.manifest("washer").to_dict()["config"]
 
 
-@pytest.mark.parametrize("version", [2, 0, None, "1", True])
+@pytest.mark.parametrize("version", [3, 0, None, "1", True])
 def test_formats_this_code_does_not_read_are_refused_with_what_to_do(old_store, tiny_clip_112, version):
     store, path = old_store
     raw = json.loads(path.read_text())
     raw["format_version"] = version
     path.write_text(json.dumps(raw))
     for read in (lambda: store.load("washer", tiny_clip_112.fingerprint), lambda: store.manifest("washer")):
-        with pytest.raises(BankError, match=f"bank 'washer' has format {version!s}, this server reads 1: rebuild it"):
+        with pytest.raises(BankError, match=f"bank 'washer' has format {version!s}, this server reads 2: rebuild it"):
             read()
     # the bank action 'list' still answers, naming the bank it cannot read and why
     service = BankService(store, tiny_clip_112.fingerprint, encode_images=None)
@@ -100,21 +103,21 @@ def test_formats_this_code_does_not_read_are_refused_with_what_to_do(old_store, 
     assert listed["bank"] == "washer" and "rebuild it" in listed["error"]
 
 
-def test_damaged_manifests_are_internal_errors_not_guesses(old_store):
+def test_damaged_manifests_are_refused_as_damage_not_guessed(old_store):
     store, path = old_store
     text = path.read_text()
     path.write_text(text.replace('"bank": "washer",', '"bank": "washer",\n "bank": "other",', 1))
-    with pytest.raises(ValueError, match="duplicate key 'bank'"):
+    with pytest.raises(BankError, match="bank 'washer' version v-.* is damaged .*duplicate key 'bank'"):
         store.manifest("washer")
     raw = json.loads(text)
     for change in ({"surprise": 1}, {"tau_b": None}):
         damaged = {k: v for k, v in {**raw, **change}.items() if v is not None}
         path.write_text(json.dumps(damaged))
-        with pytest.raises(ValueError, match=r"unknown fields \['surprise'\] and lacks \[\]|unknown fields \[\] and "
-                                             r"lacks \['tau_b'\]"):
+        with pytest.raises(BankError, match=r"is damaged .*(unknown fields \['surprise'\] and lacks \[\]|unknown "
+                                             r"fields \[\] and lacks \['tau_b'\])"):
             store.manifest("washer")
     path.write_text("{ not json")
-    with pytest.raises(json.JSONDecodeError):
+    with pytest.raises(BankError, match="is damaged .*manifest.json"):
         store.manifest("washer")
 
 

@@ -245,6 +245,41 @@ def test_banks_command_lists_shows_deletes_and_prunes(server, built, lot, reposi
         small.stop()
 
 
+def test_a_damaged_bank_is_refused_through_the_server_naming_it_and_verify_finds_it(server, built, lot, workdir):
+    """The probe's worst find: 64 bytes flipped in a version's bank.safetensors moved maps by up to 9.1, silently.
+    Now the scoring model refuses the bank when it loads it (400: the message names it and what to do), verify
+    finds it, and the other banks serve."""
+    def verify(*bank):
+        return subprocess.run([sys.executable, "-m", "client.banks", "--url", server.http_url, "verify", *bank],
+                              cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+    store = workdir / "banks"
+    shutil.copytree(store / "washer", store / "washer_copy")
+    live = store / "washer_copy" / (store / "washer_copy" / "CURRENT").read_text().strip()
+    manifest = json.loads((live / "manifest.json").read_text())
+    (live / "manifest.json").write_text(json.dumps({**manifest, "bank": "washer_copy"}, indent=1))
+    try:
+        intact = verify("washer_copy")
+        assert intact.returncode == 0 and "ok: digests and tensors" in intact.stdout, intact.stdout + intact.stderr
+        data = bytearray((live / "bank.safetensors").read_bytes())
+        middle = len(data) // 2
+        data[middle:middle + 64] = bytes(b ^ 0xFF for b in data[middle:middle + 64])
+        (live / "bank.safetensors").write_bytes(bytes(data))
+        checked = verify()
+        assert checked.returncode == 1, checked.stdout + checked.stderr
+        assert "washer_copy" in checked.stdout and "DAMAGED" in checked.stdout and "digest differs" in checked.stdout
+        assert any(line.startswith("washer ") and " ok: digests and tensors" in line
+                   for line in checked.stdout.splitlines()), checked.stdout
+        client = PAClipClient(server.http_url)
+        with pytest.raises(ClientError, match="bank 'washer_copy' version v-.* is damaged \\(bank.safetensors "
+                                              "digest differs\\): rebuild it"):
+            client.score(lot[:1], "washer_copy")
+        client.score(lot[:1], "washer")  # the others still serve
+        client.close()
+    finally:
+        shutil.rmtree(store / "washer_copy", ignore_errors=True)
+
+
 def test_a_rebuilt_bank_is_served_at_once_and_a_deleted_one_is_refused(server, repository, lot):
     from export.backbones import OnnxBackbone
 
