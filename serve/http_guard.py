@@ -6,12 +6,14 @@ Refused before Triton sees them, each with a 4xx and a message that says what is
 - anything h11 cannot parse, a target that is not a plain ``/v2/...`` path (absolute form, query, percent escapes,
   dot segments), a method Triton does not serve, a repeated framing or key header;
 - without the access key (when the server has one): everything but health;
-- a body over ``max_request_bytes`` (413), chunked or without a Content-Length (411), or more than
-  ``max_inflight_bytes`` held by all connections together (503, retry);
+- a body over ``max_request_bytes`` (413), chunked or without a Content-Length (411), or one whose bytes, as they
+  arrive, would take what all connections hold past ``max_inflight_bytes`` (503, retry): a body is budgeted by what
+  it has sent, not by what it claims, so clients that claim much and trickle hold nothing of the others' share;
 - JSON with duplicate keys, NaN, or deeper than ``max_json_depth``; an inference request whose claimed shapes do not
   match what it carries or claim too much (images over the encoder's side); a shared-memory registration of one of
   the server's own regions;
-- a client too slow to send: idle, head and body read timeouts.
+- a client too slow to send: idle, head and body read timeouts, and a body that falls under ``min_body_rate_bps``
+  on average once ``body_grace_s`` have passed.
 
 ``/v2/health/ready`` is answered by the guard itself while the supervisor's canaries say a model is down.
 """
@@ -152,9 +154,18 @@ class HttpGuard:
             if not hmac.compare_digest(sent, self.key.encode()):
                 raise Refused(401, f"this server needs its access key in the '{ACCESS_KEY_HEADER}' header "
                                    "(client/infer.py sends $PA_CLIP_KEY)")
-        size = await self._reserve(conn, writer, request, headers)
+        size = await self._check_length(conn, writer, request, headers)
+        held = [0]  # what this body holds of the budget so far
+
+        def reserve(n: int) -> None:
+            if self.inflight_bytes + n > self.limits.max_inflight_bytes:
+                raise Refused(503, f"the server holds {self.inflight_bytes} bytes of requests already (at most "
+                                   f"{self.limits.max_inflight_bytes}): retry in a moment")
+            self.inflight_bytes += n
+            held[0] += n
+
         try:
-            body = await _read_body(conn, reader, self.limits)
+            body = await _read_body(conn, reader, self.limits, reserve)
             if path == b"/v2/health/ready" and self.health is not None:
                 ready, reason = self.health()
                 if not ready:
@@ -169,10 +180,10 @@ class HttpGuard:
             await upstream.relay(h11.Request(method=request.method, target=path, headers=forwarded), body, conn,
                                  writer)
         finally:
-            self.inflight_bytes -= size
+            self.inflight_bytes -= held[0]
 
-    async def _reserve(self, conn, writer, request, headers) -> int:
-        """The body's size, counted against the bytes all connections may hold at once."""
+    async def _check_length(self, conn, writer, request, headers) -> int:
+        """The body's announced size, checked against the request limit (its bytes are budgeted as they arrive)."""
         if b"chunked" in b"".join(headers.get(b"transfer-encoding", [])).lower():
             raise Refused(411, "chunked request bodies are not accepted: send a Content-Length")
         lengths = headers.get(b"content-length")
@@ -185,10 +196,9 @@ class HttpGuard:
         if size > self.limits.max_request_bytes:
             raise Refused(413, f"the request body is {size} bytes; this server takes at most "
                                f"{self.limits.max_request_bytes}")
-        if size and self.inflight_bytes + size > self.limits.max_inflight_bytes:
+        if size and self.inflight_bytes + min(size, READ_SIZE) > self.limits.max_inflight_bytes:
             raise Refused(503, f"the server holds {self.inflight_bytes} bytes of requests already (at most "
                                f"{self.limits.max_inflight_bytes}): retry in a moment")
-        self.inflight_bytes += size
         if conn.they_are_waiting_for_100_continue:
             writer.write(conn.send(h11.InformationalResponse(status_code=100, headers=[])))
         return size
@@ -307,14 +317,22 @@ async def _next_event(conn: h11.Connection, reader, first_timeout: float, rest_t
         conn.receive_data(data)
 
 
-async def _read_body(conn: h11.Connection, reader, limits: Limits) -> bytes:
+async def _read_body(conn: h11.Connection, reader, limits: Limits, reserve=lambda n: None) -> bytes:
+    """The whole body; ``reserve(n)`` books each piece against the shared budget as it arrives (it raises to
+    refuse). A body slower than ``limits.min_body_rate_bps`` on average after ``limits.body_grace_s`` is dropped."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
     body = bytearray()
     while True:
         event = conn.next_event()
         if event is h11.NEED_DATA:
             data = await asyncio.wait_for(reader.read(READ_SIZE), limits.read_timeout_s)
+            elapsed = loop.time() - started
+            if elapsed > limits.body_grace_s and len(body) + len(data) < limits.min_body_rate_bps * elapsed:
+                raise asyncio.TimeoutError("the body comes too slowly")
             conn.receive_data(data)
         elif isinstance(event, h11.Data):
+            reserve(len(event.data))
             body += event.data
         elif isinstance(event, h11.EndOfMessage):
             return bytes(body)

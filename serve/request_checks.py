@@ -41,6 +41,10 @@ class Limits:
     idle_timeout_s: float = 120.0  # a keep-alive connection waiting for its next request
     head_timeout_s: float = 30.0  # from a request's first byte to the end of its head
     read_timeout_s: float = 30.0  # between two pieces of a body
+    # a body must keep coming at this average rate once body_grace_s have passed since its head (a client that
+    # trickles a byte now and then is dropped): 16 KB/s is a 130 kbit/s line
+    min_body_rate_bps: int = 16 << 10
+    body_grace_s: float = 30.0
 
 
 def load_json(data: bytes, what: str, max_depth: int):

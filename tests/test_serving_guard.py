@@ -287,7 +287,9 @@ def test_slow_clients_time_out_and_held_bodies_are_capped(server, bank):
             sock.sendall(b"POST /v2/models/pa_clip/infer HTTP/1.1\r\nHost: x\r\n")
             slow.append(sock)
         stalled = socket.create_connection(("127.0.0.1", port), timeout=10)  # a body that stops coming
-        stalled.sendall(b"POST /v2/models/pa_clip/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 900000\r\n\r\n{")
+        stalled.sendall(b"POST /v2/models/pa_clip/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 950000\r\n\r\n{"
+                        + b" " * 899_999)
+        time.sleep(0.3)  # read by the guard: it holds what arrived
         # while it holds 900 kB, a second big body is over the 1 MB in flight: 503, retry
         status, answer = exchange(f"127.0.0.1:{port}", request(b"x" * 200_000))
         assert status == 503 and "retry" in answer, answer
@@ -310,6 +312,56 @@ def test_slow_clients_time_out_and_held_bodies_are_capped(server, bank):
         assert received.startswith(b"HTTP/1.1 200"), received  # answered, then closed for idling
         idle.close()
     finally:
+        guard.stop()
+
+
+def test_clients_that_claim_much_and_trickle_do_not_stop_valid_requests(server, bank, lot):
+    """The probe: two connections claiming 256 MB bodies and sending a byte now and then were booked at their claim
+    against --max-inflight-mb (512), and every other request got 503 for as long as they trickled. Bodies are booked
+    as they arrive now, and a body under the minimum rate after the grace period is dropped."""
+    import threading
+
+    limits = Limits(max_request_bytes=256 << 20, max_inflight_bytes=512 << 20, body_grace_s=3.0,
+                    min_body_rate_bps=1024, read_timeout_s=30.0)
+    port = free_ports(1)[0]
+    guard = HttpGuard("127.0.0.1", port, server.internal_http, limits, secret=server.secret).start()
+    stop = threading.Event()
+    dropped = []
+
+    def trickle():
+        sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        sock.sendall(b"POST /v2/models/pa_clip/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 268435456\r\n\r\n")
+        started = time.monotonic()
+        try:
+            while not stop.is_set():
+                sock.sendall(b"{")
+                time.sleep(0.25)
+        except OSError:  # the guard closed it
+            dropped.append(time.monotonic() - started)
+        finally:
+            sock.close()
+
+    threads = [threading.Thread(target=trickle) for _ in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(0.5)  # both are trickling, each claiming 256 MB: the whole budget under the old booking
+        client = PAClipClient(f"127.0.0.1:{port}")
+        started = time.monotonic()
+        for _ in range(3):
+            maps, scores = client.score(lot[:2], bank)  # valid requests are served meanwhile
+            assert maps.shape[0] == 2 and np.isfinite(scores).all()
+        assert client.bank_info(bank)["bank"] == bank
+        client.close()
+        assert time.monotonic() - started < 20 and len(dropped) < 2  # served while they still trickled
+        for t in threads:
+            t.join(15)
+        assert len(dropped) == 2 and all(2.5 <= d <= 10 for d in dropped), dropped  # dropped after the grace
+        assert guard.inflight_bytes == 0
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(5)
         guard.stop()
 
 
