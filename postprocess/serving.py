@@ -337,6 +337,9 @@ def parse_options(text: str) -> dict:
     return options
 
 
+MAX_CATEGORY_CHARS = 200  # a product name, in a prompt of CLIP's 77 tokens: far more would be cut anyway
+
+
 class BankService:
     ACTIONS = ("add", "build", "list", "info", "delete", "encoder", "prune", "verify")
 
@@ -395,6 +398,9 @@ class BankService:
     def add(self, bank_id: str, category: str, images, reset: bool) -> dict:
         if not category:
             raise BankError("add needs a category name (the product, e.g. 'bottle')")
+        if len(category) > MAX_CATEGORY_CHARS or any(ord(c) < 32 or ord(c) == 127 for c in category):
+            raise BankError(f"a category name is at most {MAX_CATEGORY_CHARS} characters with no control characters "
+                            f"(it goes into the text prompts), got {len(category)} characters: {category[:40]!r}")
         if images is None or len(images) == 0:
             raise BankError("add needs at least one image")
         images = C.check_images(images, self.patch_size, self.fixed_size)

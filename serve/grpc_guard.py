@@ -5,8 +5,10 @@ asking for the guard's per-start secret (health aside), and clients reach it thr
 - receives messages up to ``max_request_bytes`` (gRPC's own maximum receive size; larger: RESOURCE_EXHAUSTED);
 - asks for the access key (metadata ``triton-grpc-protocol-pa-clip-key``, what Triton's own restriction reads) on
   everything but health, when the server has one;
-- checks an inference request's claimed shapes against what it carries and against the limits, and refuses a
-  shared-memory registration of the server's own regions (``serve.request_checks``);
+- parses every message with its method's type (malformed: INVALID_ARGUMENT), refuses names holding a NUL or another
+  control character, checks an inference request's claimed shapes against what it carries and against the limits,
+  and refuses a shared-memory registration of the server's own regions (``serve.request_checks``); a registration
+  Triton cannot make is the client's INVALID_ARGUMENT, not INTERNAL;
 - answers ServerReady with false while the supervisor's canaries say a model is down;
 - forwards the message bytes unchanged otherwise. Streaming inference is not served (the product's models answer
   one response per request: use ModelInfer).
@@ -35,6 +37,21 @@ STATUS_CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAU
                 403: grpc.StatusCode.PERMISSION_DENIED, 413: grpc.StatusCode.RESOURCE_EXHAUSTED,
                 503: grpc.StatusCode.UNAVAILABLE}
 UNLIMITED = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
+# each method's request type: every message is parsed before it goes on (a malformed one is the client's fault)
+REQUEST_TYPES = {m.name: getattr(service_pb2, m.input_type.name)
+                 for m in service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods}
+REGISTRATIONS = {"SystemSharedMemoryRegister", "CudaSharedMemoryRegister"}
+NAME_FIELDS = ("name", "model_name", "region_name")
+
+
+def check_names(message) -> None:
+    """Names Triton reads as C strings: one holding a NUL or another control character would be served as what
+    comes before it ("pa_clip\\0x" as pa_clip)."""
+    for field in NAME_FIELDS:
+        if field in message.DESCRIPTOR.fields_by_name:
+            value = getattr(message, field)
+            if isinstance(value, str) and any(ord(c) < 32 or ord(c) == 127 for c in value):
+                raise Refused(400, f"{field} {value[:80]!r} holds a NUL or another control character")
 
 
 def check_inference_request(request: service_pb2.ModelInferRequest, limits: Limits) -> None:
@@ -107,10 +124,12 @@ class GrpcGuard:
                                        "(client/infer.py sends $PA_CLIP_KEY)")
             if name == "ServerReady" and self.health is not None and not self.health()[0]:
                 return service_pb2.ServerReadyResponse(ready=False).SerializeToString()
+            message = _parse(REQUEST_TYPES[name], request)
+            check_names(message)
             if name == "ModelInfer":
-                check_inference_request(_parse(service_pb2.ModelInferRequest, request), self.limits)
+                check_inference_request(message, self.limits)
             elif name == "SystemSharedMemoryRegister":
-                check_region_key(_parse(service_pb2.SystemSharedMemoryRegisterRequest, request).key)
+                check_region_key(message.key)
         except Refused as refused:
             context.abort(STATUS_CODES.get(refused.status, grpc.StatusCode.INVALID_ARGUMENT), str(refused))
         outgoing = [(k, v) for k, v in metadata
@@ -126,6 +145,8 @@ class GrpcGuard:
             code = err.code()
             if code is grpc.StatusCode.UNAVAILABLE:
                 context.abort(code, "the inference server is not answering (restarting?): retry in a moment")
+            if name in REGISTRATIONS and code is grpc.StatusCode.INTERNAL:
+                code = grpc.StatusCode.INVALID_ARGUMENT  # Triton's answer to a region that cannot be registered
             context.abort(code, err.details() or str(code))
 
 

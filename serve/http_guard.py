@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import http.client
+import io
 import json
 import re
 import threading
@@ -34,7 +36,9 @@ from postprocess.contract import ACCESS_KEY_HEADER
 from .request_checks import Limits, Refused, check_inference_json, check_region_key, load_json
 
 INTERNAL_HEADER = "pa-clip-internal"  # the per-start secret tritonserver's own ports ask for
-MAX_HEAD_BYTES = 64 * 1024
+# tritonserver 2.51 drops a request head of 8 KB or more (9 KB: it closed the connection unanswered, 502): a client's
+# head is held under that with room for the host, length and secret headers the guard adds (431 above it)
+MAX_HEAD_BYTES = 7 * 1024
 # one path segment: no dot segments, no percent escapes, nothing Triton's router could read another way
 TARGET = re.compile(rb"/v2(/[A-Za-z0-9_-][A-Za-z0-9_.-]*)*")
 HEALTH = re.compile(rb"/v2/health/(live|ready)|/v2/models/[^/]+(/versions/[^/]+)?/ready")
@@ -115,12 +119,14 @@ class HttpGuard:
             while True:
                 self._idle.add(asyncio.current_task())
                 try:
-                    event = await _next_event(conn, reader, self.limits.idle_timeout_s, self.limits.head_timeout_s)
+                    event, head = await _next_event(conn, reader, self.limits.idle_timeout_s,
+                                                    self.limits.head_timeout_s)
                 finally:
                     self._idle.discard(asyncio.current_task())
                 if not isinstance(event, h11.Request):
                     return  # the client closed, or timed out between requests
                 try:
+                    _check_head(head)
                     await self._handle(conn, reader, writer, event, upstream)
                 except Refused as refused:
                     await _answer(conn, writer, refused.status, str(refused), close=True)
@@ -129,7 +135,11 @@ class HttpGuard:
                     return
                 conn.start_next_cycle()
         except h11.RemoteProtocolError as err:
-            await _answer(conn, writer, err.error_status_hint, f"malformed HTTP request: {err}", close=True)
+            status = err.error_status_hint
+            if status == 501:  # a transfer coding h11 does not take: the client's to change, not ours to implement
+                status = 400
+            await _answer(conn, writer, status, f"malformed HTTP request: {err}" + (
+                " (send the body with a Content-Length)" if "Transfer-Encoding" in str(err) else ""), close=True)
         except (ConnectionError, asyncio.TimeoutError, asyncio.IncompleteReadError, h11.LocalProtocolError,
                 asyncio.CancelledError):  # a client gone or too slow, or the guard stopping: drop the connection
             return
@@ -303,18 +313,40 @@ def _header_lists(headers) -> dict:
 
 
 async def _next_event(conn: h11.Connection, reader, first_timeout: float, rest_timeout: float):
-    """The next h11 event; ``first_timeout`` for the first byte, then ``rest_timeout`` for the whole head."""
+    """(the next h11 event, the raw bytes of its head when it is a request); ``first_timeout`` for the first byte,
+    then ``rest_timeout`` for the whole head."""
     loop = asyncio.get_running_loop()
     deadline = None
+    received = bytearray(conn.trailing_data[0])  # what the last cycle read past its end (a pipelined request)
     while True:
         event = conn.next_event()
         if event is not h11.NEED_DATA:
-            return event
+            head = bytes(received[:len(received) - len(conn.trailing_data[0])])
+            return event, head
         timeout = first_timeout if deadline is None else max(0.0, deadline - loop.time())
         data = await asyncio.wait_for(reader.read(READ_SIZE), timeout)
         if deadline is None:
             deadline = loop.time() + rest_timeout
+        received += data  # bounded: h11 refuses an unfinished head over MAX_HEAD_BYTES (431)
         conn.receive_data(data)
+
+
+def _check_head(head: bytes) -> None:
+    """What h11 lets through and Triton would not: a head over what Triton accepts (h11 checks only heads that
+    arrive in pieces), and framing or key headers sent twice with the same value (h11 keeps one of them). The
+    header lines are read again with the standard library's parser, which keeps every copy."""
+    if len(head) > MAX_HEAD_BYTES:
+        raise Refused(431, f"the request head is {len(head)} bytes; this server takes at most {MAX_HEAD_BYTES}")
+    lines = io.BytesIO(head)
+    lines.readline()  # the request line: h11 has read it
+    try:
+        message = http.client.parse_headers(lines)
+    except http.client.HTTPException as err:  # over its 100 headers
+        raise Refused(431, f"the request head has too many header lines: {err}") from None
+    repeated = sorted({name.lower() for name in message.keys()
+                       if name.lower().encode() in SINGLE_HEADERS and len(message.get_all(name)) > 1})
+    if repeated:
+        raise Refused(400, f"header {', '.join(repeated)} sent more than once")
 
 
 async def _read_body(conn: h11.Connection, reader, limits: Limits, reserve=lambda n: None) -> bytes:

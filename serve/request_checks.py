@@ -8,6 +8,7 @@ and a message that says what to send instead.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -120,6 +121,37 @@ def check_carried(name: str, datatype: str, elements: int, shape, *, values: int
                                f"bytes (each element takes at least {BYTES_PREFIX})")
 
 
+INTEGER_RANGES = {"UINT8": (0, 255), "UINT16": (0, 65535), "UINT32": (0, 2**32 - 1), "UINT64": (0, 2**64 - 1),
+                  "INT8": (-128, 127), "INT16": (-32768, 32767), "INT32": (-2**31, 2**31 - 1),
+                  "INT64": (-2**63, 2**63 - 1)}
+
+
+def check_json_values(name: str, datatype: str, data) -> None:
+    """JSON data of an integer type must be integers in the type's range (Triton answered 500 for UINT8 data that
+    was not unsigned integers); of a float type, numbers; BOOL, booleans; BYTES, strings."""
+    low_high = INTEGER_RANGES.get(datatype)
+    stack = [data]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, list):
+            stack.extend(item)
+            continue
+        if low_high is not None:
+            fine = type(item) is int and low_high[0] <= item <= low_high[1]
+        elif datatype in ("FP16", "FP32", "FP64", "BF16"):
+            fine = type(item) in (int, float)
+        elif datatype == "BOOL":
+            fine = type(item) is bool
+        elif datatype == "BYTES":
+            fine = isinstance(item, str)
+        else:
+            return  # a datatype Triton itself will refuse
+        if not fine:
+            kind = f"integers in [{low_high[0]}, {low_high[1]}]" if low_high else {
+                "BOOL": "true or false", "BYTES": "strings"}.get(datatype, "numbers")
+            raise Refused(400, f"input '{name}': {datatype} data must be {kind}, got {json.dumps(item)[:40]}")
+
+
 def check_inference_json(body: bytes, header_length: int | None, limits: Limits) -> None:
     """An HTTP inference request (JSON, optionally followed by binary tensors) against its claimed shapes."""
     head = body if header_length is None else body[:header_length]
@@ -141,6 +173,7 @@ def check_inference_json(body: bytes, header_length: int | None, limits: Limits)
             raise Refused(400, f"input '{name}': 'parameters' must be a JSON object")
         if "data" in item:
             check_carried(name, datatype, elements, shape, values=count_values(item["data"]))
+            check_json_values(name, datatype, item["data"])
         elif "binary_data_size" in parameters:
             binary = parameters["binary_data_size"]
             if type(binary) is not int or binary < 0 or binary > binary_left:

@@ -315,6 +315,65 @@ def test_slow_clients_time_out_and_held_bodies_are_capped(server, bank):
         guard.stop()
 
 
+def test_limits_agree_with_triton_and_every_refusal_is_a_4xx(server, bank, lot):
+    """Issue 25's smaller finds, each refused now: heads Triton drops (a 9 KB head got 502, larger ones no answer),
+    identical framing headers twice, other transfer codings (501), UINT8 JSON data that is not unsigned integers
+    (Triton's own 500), names with a NUL over gRPC ("pa_clip\\0x" was served as pa_clip), malformed messages and
+    registrations Triton cannot make (INTERNAL), a 1 MB category name (stored)."""
+    import grpc
+    from tritonclient.grpc import service_pb2
+
+    from serve.http_guard import MAX_HEAD_BYTES
+
+    small = infer_body({"name": "images", "shape": [1, 2, 2, 3], "datatype": "UINT8", "data": [0] * 12}, BANK_INPUT)
+    pad = lambda n: f"Host: x\r\nX-Pad: {'a' * n}\r\n"  # noqa: E731
+    cases = [
+        ("a head just under the limit", request(b"", "/v2/health/live", "GET", headers=pad(MAX_HEAD_BYTES - 200)),
+         200, ""),
+        ("a head over it, in one piece", request(b"", "/v2/health/live", "GET", headers=pad(MAX_HEAD_BYTES + 10)),
+         431, "at most"),
+        ("a 20 KB head", request(b"", "/v2/health/live", "GET", headers=pad(20_000)), 431, ""),
+        ("identical lengths", request(small, headers=f"Host: x\r\nContent-Length: {len(small)}\r\n"
+                                                     f"Content-Length: {len(small)}\r\n"), 400, "more than once"),
+        ("gzip", request(small, headers=f"Host: x\r\nTransfer-Encoding: gzip\r\nContent-Length: {len(small)}\r\n"),
+         400, "Content-Length"),
+    ]
+    for data in ("[-1]", "[256]", "[1.5]", '["a"]', "[true]", "[null]"):
+        body = infer_body({"name": "images", "shape": [1, 1, 1, 1], "datatype": "UINT8", "data": json.loads(data)},
+                          BANK_INPUT)
+        cases.append((f"UINT8 data {data}", request(body), 400, "UINT8 data must be integers in [0, 255]"))
+    wrong = []
+    for what, raw, status, words in cases:
+        try:
+            got, answer = exchange(server.http_url, raw)
+        except (ConnectionError, socket.timeout, OSError) as err:
+            got, answer = 0, str(err)
+        if got != status or words not in answer:
+            wrong.append(f"{what}: {got} {answer[:160]}")
+    assert not wrong, "\n".join(wrong)
+
+    channel = grpc.insecure_channel(server.grpc_url)
+    method = lambda name: channel.unary_unary(f"/inference.GRPCInferenceService/{name}")  # noqa: E731
+    for name, message, words in (
+            ("ModelMetadata", b"\xff\xff\xff\x01", "malformed ModelMetadataRequest"),
+            ("ModelMetadata", service_pb2.ModelMetadataRequest(name="pa_clip\0x").SerializeToString(), "NUL"),
+            ("ModelReady", service_pb2.ModelReadyRequest(name="pa_clip\0x").SerializeToString(), "NUL"),
+            ("SystemSharedMemoryRegister", service_pb2.SystemSharedMemoryRegisterRequest(
+                name="r", key="/pa_clip_test_no_such_region", byte_size=8).SerializeToString(), "")):
+        with pytest.raises(grpc.RpcError) as refused:
+            method(name)(message, timeout=30)
+        assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT, (name, refused.value)
+        assert words in (refused.value.details() or ""), refused.value.details()
+    assert service_pb2.ModelReadyResponse.FromString(method("ModelReady")(
+        service_pb2.ModelReadyRequest(name="pa_clip").SerializeToString(), timeout=30)).ready
+    channel.close()
+    client = PAClipClient(server.http_url)
+    with pytest.raises(ClientError, match="at most 200 characters"):
+        client.add_images("long_name", "x" * (1 << 20), lot[:2], reset=True)
+    client.close()
+    assert server.process.poll() is None and server.ready()
+
+
 def test_clients_that_claim_much_and_trickle_do_not_stop_valid_requests(server, bank, lot):
     """The probe: two connections claiming 256 MB bodies and sending a byte now and then were booked at their claim
     against --max-inflight-mb (512), and every other request got 503 for as long as they trickled. Bodies are booked
