@@ -316,26 +316,29 @@ def test_our_faults_are_internal_errors_with_a_logged_traceback_and_bad_input_st
     client = PAClipClient(server.http_url)
     client.add_images("broken", "washer", lot[:4], reset=True)
     client.build_bank("broken", {"mode": "mutual"})
-    client.close()
     banks = workdir / "banks"
-    version = (banks / "broken" / "CURRENT").read_text()
-    (banks / "broken" / version / "manifest.json").write_text("{ not json")  # a damaged bank store, not the user
+    # a store in a state the server never leaves it in (its lot folder a plain file): nothing the caller can fix.
+    # A damaged bank, by contrast, is refused as damage, a 400 (tests/test_bank_integrity.py)
+    (banks / "broken" / "lot").write_text("not a folder")
 
     def bank_action(action, bank):
         return _post(server.http_url, "pa_clip_bank", [
             {"name": "action", "shape": [1], "datatype": "BYTES", "data": [action]},
             {"name": "bank", "shape": [1], "datatype": "BYTES", "data": [bank]}])
 
-    status, body = bank_action("info", "broken")
-    assert status == 500, body
-    incident = body["error"].split("internal error ")[1].split()[0]
-    assert len(incident) == 8 and "server log" in body["error"]
+    with pytest.raises(ClientError) as raised:
+        client.add_images("broken", "washer", lot[:1])
+    client.close()
+    assert raised.value.__cause__.status() in ("500", "StatusCode.INTERNAL"), str(raised.value)
+    message = str(raised.value)
+    incident = message.split("internal error ")[1].split()[0]
+    assert len(incident) == 8 and "server log" in message and "FileExistsError" in message
     deadline = time.monotonic() + 30  # the stub's log lines reach the server's log a moment after the answer
     while f"internal error {incident}" not in server.log_text() and time.monotonic() < deadline:
         time.sleep(0.1)
     log = server.log_text()
     at = log.index(f"internal error {incident}")
-    assert "Traceback" in log[at:] and "JSONDecodeError" in log[at:]
+    assert "Traceback" in log[at:] and "FileExistsError" in log[at:]
     status, body = bank_action("info", "no-such-bank")
     assert status == 400 and "unknown bank 'no-such-bank'" in body["error"]
     status, body = _post(server.http_url, "pa_clip_bank", [
