@@ -119,7 +119,7 @@ def main(argv=None) -> int:
     from client.demo_lot import write_demo_lot
     from client.infer import find_images, load_image
     from client.triton_client import PAClipClient
-    from postprocess.contract import ACCESS_KEY_ENV, VISION_MODEL, fixed_input_size, long_side, read_fingerprint
+    from postprocess.contract import ACCESS_KEY_ENV, VISION_MODEL, read_fingerprint, square_size
     from serve.local import LocalServer, free_ports
 
     try:
@@ -129,7 +129,7 @@ def main(argv=None) -> int:
         return 2
     repository = Path(args.repository)
     fingerprint = read_fingerprint(repository / VISION_MODEL)
-    size = fixed_input_size(fingerprint) or (long_side(fingerprint),) * 2  # the demo lot is square
+    size = square_size(fingerprint)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="pa-clip-perf-"))

@@ -24,7 +24,7 @@ import numpy as np
 from client.demo_lot import write_demo_lot
 from client.infer import find_images, load_image
 from client.triton_client import PAClipClient
-from postprocess.contract import VISION_MODEL, fixed_input_size, long_side, read_fingerprint
+from postprocess.contract import VISION_MODEL, read_fingerprint, square_size
 
 
 
@@ -88,7 +88,7 @@ def main(argv=None) -> int:
 
     repository = Path(args.repository)
     fingerprint = read_fingerprint(repository / VISION_MODEL)
-    size = fixed_input_size(fingerprint) or (long_side(fingerprint),) * 2  # the demo lot is square
+    size = square_size(fingerprint)
     work = Path(tempfile.mkdtemp(prefix="pa-clip-serving-speed-"))
     folder = Path(args.images) if args.images else write_demo_lot(work / "lot")
     paths = find_images(str(folder))[: args.limit]

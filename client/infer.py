@@ -186,7 +186,8 @@ def build(client: PAClipClient, bank: str, category: str, images: np.ndarray, op
     bar.close()
     print(f"building bank {bank!r} from {len(images)} images (the server encodes augmentations and builds "
           "the memory banks; this is the slow part) ...", file=sys.stderr, flush=True)
-    return client.build_bank(bank, options)
+    return client.build_bank(bank, options, on_wait=lambda message: print(
+        f"waiting: {message.split(': ', 1)[-1]}", file=sys.stderr, flush=True))
 
 
 def score_all(args, loaded: list, bank: str, value_range: tuple[float, float], out: Path, root: Path | None,

@@ -6,15 +6,17 @@ One ``PAClipClient`` per thread: ``client/infer.py`` runs several of them to kee
 from __future__ import annotations
 
 import json
+import os
+import time
 import uuid
 
 import numpy as np
 
-import os
-
 from postprocess.contract import ACCESS_KEY_ENV, ACCESS_KEY_HEADER, ANOMALY_MAP, BANK, BANK_MODEL, ENSEMBLE, IMAGES, SCORE
+from postprocess.errors import BUSY
 
 DEFAULT_URLS = {"http": "127.0.0.1:8000", "grpc": "127.0.0.1:8001"}
+BUSY_RETRY_S = 2.0  # how often a build is sent again while the server builds another bank
 
 
 class ClientError(RuntimeError):
@@ -127,8 +129,23 @@ class PAClipClient:
     def add_images(self, bank: str, category: str, images: np.ndarray, reset: bool = False) -> dict:
         return self.bank_action("add", bank, category, images, {"reset": True} if reset else None)
 
-    def build_bank(self, bank: str, options: dict | None = None) -> dict:
-        return self.bank_action("build", bank, options=options or None)
+    def build_bank(self, bank: str, options: dict | None = None, wait_s: float | None = None,
+                   on_wait=None) -> dict:
+        """Build ``bank`` from its pending lot. A server builds one bank at a time: while it builds another it
+        answers "server busy" (503), and the build is sent again every ``BUSY_RETRY_S`` seconds, for at most
+        ``wait_s`` (default: this client's timeout); ``on_wait(message)`` hears the first such answer."""
+        deadline = time.monotonic() + (self.timeout_s if wait_s is None else wait_s)
+        told = False
+        while True:
+            try:
+                return self.bank_action("build", bank, options=options or None)
+            except ClientError as err:
+                if BUSY not in str(err) or time.monotonic() + BUSY_RETRY_S > deadline:
+                    raise
+                if on_wait is not None and not told:
+                    on_wait(str(err))
+                    told = True
+                time.sleep(BUSY_RETRY_S)
 
     # -- scoring -------------------------------------------------------------------------------------------
     def score(self, images: np.ndarray, bank: str) -> tuple[np.ndarray, np.ndarray]:
@@ -200,3 +217,9 @@ class PAClipClient:
     def close(self) -> None:
         self.close_shared_memory()
         self.client.close()
+
+    def __enter__(self) -> "PAClipClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -155,7 +155,7 @@ def build_tensorrt(repository: Path, onnx_path: Path | None, min_batch: int, opt
         raise FileNotFoundError(f"no ONNX model at {onnx_path}: run `python -m export onnx` first")
     fingerprint = C.onnx_fingerprint(onnx_path)
     # A plan is built for one input size: the encoder's own, or the square at its long side for one that takes any
-    size = C.fixed_input_size(fingerprint) or (C.long_side(fingerprint),) * 2
+    size = C.square_size(fingerprint)
     profile = BatchProfile(size, min_batch, opt_batch, max_batch)
     written = [build_engine(onnx_path, repository, profile, Path(timing_cache), workspace_gib)]
     if switch_ensemble:

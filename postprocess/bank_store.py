@@ -15,10 +15,12 @@ module only stores it (it imports ``postprocess.bank``, never the other way roun
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import re
 import shutil
+import tempfile
 import time
 import uuid
 from contextlib import contextmanager
@@ -31,6 +33,7 @@ from .atomic import HOST, fsync_dir, is_dead_leftover, owner_gone, temp_name, wr
 from .bank import (Bank, BankError, BankFormatError, BankManifest, check_encoder, check_manifest, check_tensors,
                    damaged, tensor_record)
 from .contract import IMAGES, VISION_OUTPUTS, Features
+from .errors import ServerBusy
 
 # used with fullmatch only: "$" would let a trailing newline through (a folder "banks/x\n")
 BANK_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -38,6 +41,8 @@ BANK_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 VERSION_PATTERN = re.compile(r"v-[A-Za-z0-9][A-Za-z0-9._-]{0,200}")
 DATA_FILES = ("bank.safetensors",)  # a version's files whose digests its manifest records
 HASH_CHUNK = 1 << 20
+# flocked by the one build running on this host (any store, any bank; per user, so that no one else can hold it)
+BUILD_SLOT = Path(tempfile.gettempdir()) / f"pa-clip-build-slot-{os.getuid()}"
 
 
 def check_bank_id(bank_id: str) -> str:
@@ -101,6 +106,35 @@ def _load_tensors(path: Path) -> tuple[dict, dict]:
 
     with safe_open(str(path), framework="numpy") as f:
         return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+
+
+@contextmanager
+def build_slot(bank_id: str):
+    """The one build at a time of this host, or ``ServerBusy`` naming the build that has it.
+
+    A build takes every core it can get; two at once would also take the bank model's last free instance, and
+    then ``info`` (which every scoring run asks first) would wait behind them. A flock on a file of the host's
+    temporary folder (``BUILD_SLOT``), so a killed build releases it with its process, and the store holds
+    nothing of it: replicas on other hosts build side by side."""
+    fd = os.open(BUILD_SLOT, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                holder = json.loads(os.pread(fd, 4096, 0) or b"{}")
+            except ValueError:  # being written by the holder right now
+                holder = {}
+            raise ServerBusy(f"this host is building bank {holder.get('bank', '?')!r} (started "
+                             f"{holder.get('started_at', '?')}); builds run one at a time so that scoring and "
+                             "bank actions stay answered: send the build again when it finishes (client/infer.py "
+                             "waits by itself)") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps({"bank": bank_id, "pid": os.getpid(),
+                                  "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}).encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the flock
 
 
 class BankStore:
@@ -389,6 +423,17 @@ class BankStore:
             if _holds_nothing(folder):  # a build that failed before anything was written leaves no folder behind
                 shutil.rmtree(folder, ignore_errors=True)
 
+    def build_holder(self, bank_id: str) -> dict | None:
+        """Who holds the build lock of ``bank_id`` (host, pid, started), or None when no live build does."""
+        lock = self._dir(bank_id) / ".build-lock"
+        if not lock.exists():
+            return None
+        holder = self._lock_holder(lock)
+        if owner_gone(holder.get("host", ""), int(holder.get("pid", 0)), float(holder.get("started", 0)),
+                      self.STALE_AFTER_S):
+            return None
+        return holder
+
     @staticmethod
     def _lock_holder(lock: Path) -> dict:
         try:
@@ -402,8 +447,13 @@ class BankStore:
 
     def add_to_lot(self, bank_id: str, category: str, images: np.ndarray, features: Features,
                    reset: bool = False) -> int:
-        """Append encoded images to the bank's pending lot; returns the lot's size."""
+        """Append encoded images to the bank's pending lot; returns the lot's size. Refused while a build of this bank
+        runs: the build reads the lot it started with, and images added meanwhile would belong to neither."""
         lot = self._lot(bank_id)
+        if (holder := self.build_holder(bank_id)) is not None:
+            raise BankError(f"bank {bank_id!r} is being built right now (host {holder.get('host', '?')}, pid "
+                            f"{holder.get('pid', '?')}, started {holder.get('started_at', '?')}): add these images "
+                            "after the build finishes, or to another bank id")
         self.check_room(images.nbytes + sum(int(a.nbytes) for a in features.outputs().values()))
         if reset and lot.exists():
             shutil.rmtree(lot)
@@ -428,7 +478,8 @@ class BankStore:
         return sum(_load_tensors_meta(p)[0][IMAGES]["shape"][0]
                    for p in sorted(self._lot(bank_id).glob("part-*.safetensors")))
 
-    def load_lot(self, bank_id: str) -> tuple[str, np.ndarray, Features]:
+    def load_lot(self, bank_id: str) -> tuple[str, np.ndarray, Features, list[Path]]:
+        """The pending lot: (category, images, features, the part files it was read from)."""
         parts = sorted(self._lot(bank_id).glob("part-*.safetensors"))
         if not parts:
             raise BankError(f"bank {bank_id!r} has no images to build from: add a lot first "
@@ -437,10 +488,19 @@ class BankStore:
         meta = loaded[0][1]
         cat = lambda key: np.concatenate([t[key] for t, _ in loaded])  # noqa: E731
         grid = tuple(json.loads(meta["grid"]))
-        return meta["category"], cat(IMAGES), Features.from_outputs({k: cat(k) for k in VISION_OUTPUTS}, grid)
+        return (meta["category"], cat(IMAGES), Features.from_outputs({k: cat(k) for k in VISION_OUTPUTS}, grid),
+                parts)
 
-    def clear_lot(self, bank_id: str) -> None:
-        shutil.rmtree(self._lot(bank_id), ignore_errors=True)
+    def clear_lot(self, bank_id: str, parts: list[Path] | None = None) -> None:
+        """Remove the pending lot, or only ``parts`` of it (what a build read: a part added since stays)."""
+        lot = self._lot(bank_id)
+        if parts is None:
+            shutil.rmtree(lot, ignore_errors=True)
+            return
+        for part in parts:
+            part.unlink(missing_ok=True)
+        if not any(lot.glob("part-*.safetensors")):
+            shutil.rmtree(lot, ignore_errors=True)
 
     def pending_lots(self) -> list[dict]:
         """Lots added but not (successfully) built: visible, with when they expire."""

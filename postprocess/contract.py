@@ -134,6 +134,12 @@ def long_side(fingerprint: dict) -> int:
     return max(size_pair(fingerprint["image_size"]))
 
 
+def square_size(fingerprint: dict) -> tuple[int, int]:
+    """The (height, width) a square lot (the demo lots, a TensorRT plan's profile) is sent at: the encoder's one
+    size, or the square at its long side for one that takes any."""
+    return fixed_input_size(fingerprint) or (long_side(fingerprint),) * 2
+
+
 # A dynamic-size encoder is asked to take images up to this many times its configured long side: encoding time
 # grows with the square of the side (a 1204x1204 image cost 20 s of CPU encoder time), so the servers refuse larger
 # ones before encoding (serve.request_checks, serve/onnxruntime_backend.py).

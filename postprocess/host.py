@@ -20,6 +20,9 @@ class HostSettings:
     array_module: str = "auto"
     # Bytes of banks the scoring service keeps loaded; the least recently used bank goes first.
     bank_cache_mb: int = 4096
+    # How much lower the bank model's CPU priority is (Unix nice, 0-19): a build then takes the cores scoring
+    # leaves idle, not the ones it needs.
+    build_nice: int = 10
 
     def __post_init__(self):
         if self.memory_budget_mb < 1:
@@ -28,6 +31,8 @@ class HostSettings:
             raise ValueError(f"array_module must be one of {', '.join(ARRAY_MODULES)}, got {self.array_module!r}")
         if self.bank_cache_mb < 0:
             raise ValueError(f"bank_cache_mb must be >= 0, got {self.bank_cache_mb}")
+        if not 0 <= self.build_nice <= 19:
+            raise ValueError(f"build_nice must be in [0, 19], got {self.build_nice}")
 
     @property
     def budget_bytes(self) -> int:
@@ -65,6 +70,27 @@ class HostSettings:
                 except ValueError as err:
                     raise ValueError(f"model parameter {f.name} must be an integer, got {raw!r}") from err
         return cls(**values)
+
+
+def lower_priority(nice: int) -> int:
+    """Raise the nice value of every thread of this process by ``nice`` (on Linux each thread has its own, and
+    NumPy's BLAS threads exist from its import on; threads started later inherit their starter's). Returns the
+    number of threads changed; 0 where the system has no per-thread list."""
+    import os
+    from pathlib import Path
+
+    tasks = Path("/proc/self/task")
+    if nice <= 0 or not tasks.is_dir():
+        return 0
+    changed = 0
+    for entry in tasks.iterdir():
+        tid = int(entry.name)
+        try:
+            os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
+            changed += 1
+        except OSError:  # ended meanwhile
+            pass
+    return changed
 
 
 DEFAULT_HOST = HostSettings()

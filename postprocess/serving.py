@@ -20,10 +20,10 @@ import numpy as np
 from . import contract as C
 from . import kernels as K, strict_json
 from .bank import BankError, BankManifest, build_bank, config_from_dict, image_key, score_with_bank
-from .bank_store import BankStore, check_bank_id
+from .bank_store import BankStore, build_slot, check_bank_id
 from .config import MODES, PAClipConfig
 from .contract import Features
-from .errors import RequestError
+from .errors import RequestError, ServerBusy
 from .host import DEFAULT_HOST, HostSettings
 from .pipeline import LotScorer
 from .telemetry import NO_TELEMETRY, Telemetry
@@ -74,9 +74,11 @@ def describe_failure(model: str, err: BaseException, log_error) -> tuple[str, bo
 
 def error_response(pb_utils, model: str, err: BaseException):
     """The Triton response for a failed request (``describe_failure``): INVALID_ARG for the caller's mistakes,
-    INTERNAL, with a logged traceback, for ours. ``pb_utils`` is the Python backend's module, passed in."""
+    UNAVAILABLE (503) for "busy, retry", INTERNAL, with a logged traceback, for ours. ``pb_utils`` is the Python
+    backend's module, passed in."""
     message, internal = describe_failure(model, err, pb_utils.Logger.log_error)
-    code = pb_utils.TritonError.INTERNAL if internal else pb_utils.TritonError.INVALID_ARG
+    code = pb_utils.TritonError.INTERNAL if internal else pb_utils.TritonError.UNAVAILABLE \
+        if isinstance(err, ServerBusy) else pb_utils.TritonError.INVALID_ARG
     return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))
 
 
@@ -413,7 +415,9 @@ class BankService:
         started = time.perf_counter()
         outcome = "failed"
         try:
-            with self.store.building(bank_id):  # one build per bank id, also across replicas on one store
+            # one build at a time on this host (the other instance stays free for info and adds, scoring keeps
+            # the cores it needs), and one build per bank id, also across replicas on one store
+            with build_slot(bank_id), self.store.building(bank_id):
                 result = self._build(bank_id, cfg)
             outcome = "built"
             return result
@@ -422,13 +426,13 @@ class BankService:
             self.telemetry.count("pa_clip_bank_build_seconds_total", time.perf_counter() - started, bank=bank_id)
 
     def _build(self, bank_id: str, cfg: PAClipConfig) -> dict:
-        category, images, features = self.store.load_lot(bank_id)
+        category, images, features, parts = self.store.load_lot(bank_id)
         self.log(f"building bank {bank_id!r}: {len(images)} images of {category!r}")
         # LotScorer refuses a lot of fewer than 2 images
         scorer = LotScorer(self.backbone, images, category, features=features, progress=False, host=self.host)
         bank, report = build_bank(scorer, cfg, bank_id, self.encoder)
         self.store.save(bank)
-        self.store.clear_lot(bank_id)
+        self.store.clear_lot(bank_id, parts)  # only what it was built from: a later add stays for the next build
         self.log(f"bank {bank_id!r} built: version {bank.manifest.version}")
         return {**summary(bank.manifest), "lot_image_scores": [float(s) for s in report.scores]}
 

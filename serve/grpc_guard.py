@@ -23,6 +23,7 @@ import grpc
 from tritonclient.grpc import service_pb2
 
 from postprocess.contract import ACCESS_KEY_HEADER
+from postprocess.errors import BUSY
 
 from .http_guard import INTERNAL_HEADER
 from .request_checks import Limits, Refused, check_carried, check_region_key, check_shape
@@ -143,7 +144,7 @@ class GrpcGuard:
                         else None)
         except grpc.RpcError as err:
             code = err.code()
-            if code is grpc.StatusCode.UNAVAILABLE:
+            if code is grpc.StatusCode.UNAVAILABLE and BUSY not in (err.details() or ""):  # not a model's "busy"
                 context.abort(code, "the inference server is not answering (restarting?): retry in a moment")
             if name in REGISTRATIONS and code is grpc.StatusCode.INTERNAL:
                 code = grpc.StatusCode.INVALID_ARGUMENT  # Triton's answer to a region that cannot be registered

@@ -142,6 +142,26 @@ def test_host_settings_from_model_parameters():
         HostSettings.from_parameters({"memory_budget_mb": "lots"})
     with pytest.raises(ValueError, match="array_module must be one of"):
         HostSettings.from_parameters({"array_module": "torch"})
+    with pytest.raises(ValueError, match=r"build_nice must be in \[0, 19\]"):
+        HostSettings.from_parameters({"build_nice": "-5"})
+
+
+def test_lower_priority_reaches_every_thread_of_the_process():
+    """The bank model lowers its own priority after NumPy's BLAS threads exist: each of them must be lowered too."""
+    import subprocess
+    import sys
+
+    script = ("import os, threading, numpy as np\n"
+              "from postprocess.host import lower_priority\n"
+              "np.ones((256, 256)) @ np.ones((256, 256))\n"  # BLAS threads up
+              "changed = lower_priority(5)\n"
+              "t = threading.Thread(target=lambda: None); t.start(); t.join()\n"
+              "nice = [os.getpriority(os.PRIO_PROCESS, int(tid)) for tid in os.listdir('/proc/self/task')]\n"
+              "print(changed, *nice)")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split()
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    changed, nice = int(out[0]), [int(n) for n in out[1:]]
+    assert 1 <= changed <= len(nice) and set(nice) == {min(19, base + 5)}  # a thread started later inherits it
 
 
 def test_new_image_is_scored_against_every_lot_image(scorer, tiny, tmp_path):
@@ -421,6 +441,43 @@ def test_replicas_on_one_store_build_one_bank_id_at_a_time(scorer, tiny, lot, tm
     built = service.handle("build", "washer")
     assert f"-{HOST}-" in built["version"] and not lock.exists()
     assert not list((tmp_path / "washer").glob(".trash-lock-*"))  # taken-over locks leave nothing behind
+
+
+def test_one_build_at_a_time_per_host_and_no_add_into_a_lot_being_built(tiny, lot, tmp_path):
+    import subprocess
+    import sys
+
+    from postprocess.bank_store import build_slot
+    from postprocess.errors import ServerBusy
+
+    holder, other = BankStore(tmp_path), BankStore(tmp_path)  # the two instances of the bank model on one host
+    service = BankService(other, tiny.fingerprint, tiny.encode, tiny.encode_text, log=lambda _: None)
+    service.handle("add", "washer", "washer", lot, {"reset": True})
+    with build_slot("bottle"):  # another instance's, or another server's on this host
+        with pytest.raises(ServerBusy, match="server busy: this host is building bank 'bottle' "):
+            service.handle("build", "washer")
+    assert other.lot_size("washer") == len(lot)  # the refused build kept its lot
+    with holder.building("washer"):  # its build has started: what it reads is the lot it started with
+        with pytest.raises(BankError, match="bank 'washer' is being built right now"):
+            service.handle("add", "washer", "washer", lot[:2])
+    # a killed build releases the slot with its process (a flock, no stale file to take over)
+    script = ("import time; from postprocess.bank_store import build_slot\n"
+              "with build_slot('bottle'):\n    print('held', flush=True); time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    with pytest.raises(ServerBusy, match="building bank 'bottle'"):
+        with build_slot("washer"):
+            pass
+    proc.kill()
+    proc.wait()
+    with build_slot("washer"):
+        pass
+    # a part that lands after a build read the lot stays for the next build
+    _, _, _, parts = other.load_lot("washer")
+    other.add_to_lot("washer", "washer", lot[:3], tiny.encode(lot[:3]))
+    other.clear_lot("washer", parts)
+    assert other.lot_size("washer") == 3
+    assert service.handle("build", "washer")["n_images"] == 3 and not (tmp_path / "washer" / "lot").exists()
 
 
 def test_clean_removes_only_leftovers_whose_owner_is_gone(tmp_path):

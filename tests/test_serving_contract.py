@@ -22,6 +22,8 @@ from serving_helpers import ROOT, ClientError, LocalServer, PAClipClient, free_p
 from postprocess.config import PAClipConfig
 from postprocess.pipeline import LotScorer
 
+SLOW_BUILD_LOTS = 10  # copies of the 24-image lot: a build of about 5 s here, the checks during it take under 1 s
+
 pytestmark = pytest.mark.server
 
 
@@ -297,6 +299,59 @@ def test_a_rebuilt_bank_is_served_at_once_and_a_deleted_one_is_refused(server, r
     with pytest.raises(ClientError, match="unknown bank 'live'"):
         client.score(lot[:1], "live")
     client.close()
+
+
+def test_one_banks_build_holds_up_no_other_bank(server, built, lot, workdir):
+    """Issue 25: a scoring run (infer.py asks info first) waited behind another bank's build. Now, while one bank
+    builds, the other bank instance answers info, list and adds, scoring goes on, a second build gets "server
+    busy" (503) at once, and a client that waits has its build done after the first."""
+    rng = np.random.default_rng(5)
+    slow = np.concatenate([np.clip(lot.astype(np.int16) + rng.integers(-12, 13, lot.shape), 0, 255).astype(np.uint8)
+                           for _ in range(SLOW_BUILD_LOTS)])  # a lot big enough that its build takes seconds
+    with PAClipClient(server.http_url) as client:
+        for start in range(0, len(slow), 32):
+            client.add_images("slow_build", "washer", slow[start:start + 32], reset=start == 0)
+    lock = workdir / "banks" / "slow_build" / ".build-lock"
+    results, waits = {}, []
+
+    def build(bank, **kwargs):
+        with PAClipClient(server.grpc_url, "grpc") as client:  # gRPC: thread-safe, unlike the gevent HTTP client
+            try:
+                results[bank] = client.build_bank(bank, **kwargs)
+            except ClientError as err:
+                results[bank] = err
+
+    first = threading.Thread(target=build, args=("slow_build",))
+    first.start()
+    deadline = time.monotonic() + 60
+    while not lock.exists() and first.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert lock.exists(), f"the build of slow_build never took its lock: {results}"
+    with PAClipClient(server.http_url) as client:
+        info = client.bank_info("washer")
+        maps, scores = client.score(lot[:2], "washer")
+        listed = {b["bank"] for b in client.list_banks()}
+        assert lock.exists() and first.is_alive(), "info, scoring and list waited for another bank's build to end"
+        client.add_images("queued", "washer", lot[:6], reset=True)
+        with pytest.raises(ClientError, match="is being built right now"):
+            client.add_images("slow_build", "washer", lot[:1])
+        with pytest.raises(ClientError, match="server busy: this host is building bank 'slow_build'") as busy:
+            client.build_bank("queued", wait_s=0)
+        assert busy.value.__cause__.status() == "503"
+        second = threading.Thread(target=build, args=("queued",), kwargs={"on_wait": waits.append})
+        second.start()
+        time.sleep(0.5)  # its first try, refused while slow_build builds
+        assert lock.exists() and first.is_alive(), "the build of slow_build ended too soon to tell: make it longer"
+    assert info["n_images"] == built["n_images"] and maps.shape[0] == 2 and np.isfinite(scores).all()
+    assert "washer" in listed
+    first.join(timeout=300)
+    second.join(timeout=300)
+    assert results["slow_build"]["n_images"] == len(slow), results["slow_build"]
+    assert results["queued"]["n_images"] == 6, results["queued"]  # built once the slot was free
+    assert len(waits) == 1 and "building bank 'slow_build'" in waits[0]
+    with PAClipClient(server.http_url) as client:
+        for bank in ("slow_build", "queued"):
+            client.delete_bank(bank)
 
 
 def _post(url: str, model: str, inputs: list) -> tuple[int, dict]:

@@ -13,7 +13,7 @@ import triton_python_backend_utils as pb_utils
 try:
     from postprocess import contract as C
     from postprocess.bank_store import BankStore
-    from postprocess.host import HostSettings
+    from postprocess.host import HostSettings, lower_priority
     from postprocess.serving import (BankService, bank_root, canary_response, error_response, from_triton,
                                      is_canary, parse_options, store_limit_bytes, text_value)
     from postprocess.telemetry import TritonTelemetry
@@ -64,6 +64,7 @@ class TritonPythonModel:
         store = BankStore(bank_root(repository, params.get("bank_dir", "")), max_bytes=store_limit_bytes())
         store.clean()  # what a build killed mid-write left behind
         host = HostSettings.from_parameters(params)
+        lower_priority(host.build_nice)  # builds yield the CPU to scoring (pa_clip_score and the encoder)
         self.xp = host.xp()
         self.service = BankService(store, encoder, self.encode_images, encode_text, log=pb_utils.Logger.log_info,
                                    host=host, telemetry=TritonTelemetry(pb_utils))
