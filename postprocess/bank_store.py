@@ -108,6 +108,11 @@ def _load_tensors(path: Path) -> tuple[dict, dict]:
         return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
 
 
+def _described_holder(holder: dict) -> str:
+    """A build lock's holder as the refusals name it."""
+    return f"host {holder.get('host', '?')}, pid {holder.get('pid', '?')}, started {holder.get('started_at', '?')}"
+
+
 @contextmanager
 def build_slot(bank_id: str):
     """The one build at a time of this host, or ``ServerBusy`` naming the build that has it.
@@ -401,8 +406,7 @@ class BankStore:
                 break
             except FileExistsError:
                 holder = self._lock_holder(lock)
-                if attempt == 0 and owner_gone(holder.get("host", ""), int(holder.get("pid", 0)),
-                                               float(holder.get("started", 0)), self.STALE_AFTER_S):
+                if attempt == 0 and self._holder_gone(holder):
                     trash = folder / f".trash-lock-{uuid.uuid4().hex[:8]}"
                     try:  # a dead build's lock: move it away (atomically: only one replica wins) and try again
                         os.replace(lock, trash)
@@ -410,9 +414,8 @@ class BankStore:
                     except FileNotFoundError:
                         pass
                     continue
-                raise BankError(f"a build of bank {bank_id!r} is in progress (host {holder.get('host', '?')}, pid "
-                                f"{holder.get('pid', '?')}, started {holder.get('started_at', '?')}): wait for it to "
-                                "finish, or build under another bank id") from None
+                raise BankError(f"a build of bank {bank_id!r} is in progress ({_described_holder(holder)}): wait "
+                                "for it to finish, or build under another bank id") from None
         with os.fdopen(fd, "w") as f:
             json.dump({"host": HOST, "pid": os.getpid(), "started": time.time(),
                        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, f)
@@ -429,10 +432,12 @@ class BankStore:
         if not lock.exists():
             return None
         holder = self._lock_holder(lock)
-        if owner_gone(holder.get("host", ""), int(holder.get("pid", 0)), float(holder.get("started", 0)),
-                      self.STALE_AFTER_S):
-            return None
-        return holder
+        return None if self._holder_gone(holder) else holder
+
+    def _holder_gone(self, holder: dict) -> bool:
+        """Whether a build lock's holder provably no longer builds (a dead pid here, or stale from elsewhere)."""
+        return owner_gone(holder.get("host", ""), int(holder.get("pid", 0)), float(holder.get("started", 0)),
+                          self.STALE_AFTER_S)
 
     @staticmethod
     def _lock_holder(lock: Path) -> dict:
@@ -451,9 +456,8 @@ class BankStore:
         runs: the build reads the lot it started with, and images added meanwhile would belong to neither."""
         lot = self._lot(bank_id)
         if (holder := self.build_holder(bank_id)) is not None:
-            raise BankError(f"bank {bank_id!r} is being built right now (host {holder.get('host', '?')}, pid "
-                            f"{holder.get('pid', '?')}, started {holder.get('started_at', '?')}): add these images "
-                            "after the build finishes, or to another bank id")
+            raise BankError(f"bank {bank_id!r} is being built right now ({_described_holder(holder)}): add these "
+                            "images after the build finishes, or to another bank id")
         self.check_room(images.nbytes + sum(int(a.nbytes) for a in features.outputs().values()))
         if reset and lot.exists():
             shutil.rmtree(lot)
