@@ -49,7 +49,7 @@ from benchmarks.datasets import Sample, _images_in, discover, load_category, ori
 from benchmarks.metrics import f1_at_prevalence, f1_max, f1_max_at_prevalence
 from postprocess import contract as C
 from postprocess.atomic import write_atomic
-from postprocess.decision import BREAKDOWN, METHODS, calibrate
+from postprocess.decision import BREAKDOWN, DEFAULT_METHOD, METHODS, calibrate
 
 IMAGE_SCORES = ("score", "max", "top1", "mean", "area", "max_or_mean")
 IMAGE_SCORE_HELP = {
@@ -113,10 +113,10 @@ class ServerLine:
         self.server.start()
         self.client = PAClipClient(self.server.http_url)
 
-    def build(self, bank: str, category: str, images: np.ndarray) -> dict:
+    def build(self, bank: str, category: str, images: np.ndarray, options: dict) -> dict:
         for start in range(0, len(images), 8):
             self.client.add_images(bank, category, images[start:start + 8], reset=start == 0)
-        self.client.build_bank(bank)
+        self.client.build_bank(bank, options)
         return self.client.bank_info(bank)
 
     def score(self, bank: str, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -142,14 +142,13 @@ class InProcessLine:
         self.keys = {}
         self.banks = {}
 
-    def build(self, bank: str, category: str, images: np.ndarray, lot: np.ndarray) -> dict:
+    def build(self, bank: str, category: str, images: np.ndarray, options: dict, lot: np.ndarray) -> dict:
         from postprocess.bank import build_bank
-        from postprocess.config import PAClipConfig
         from postprocess.pipeline import LotScorer
-        from postprocess.serving import summary
+        from postprocess.serving import build_config, summary
 
         scorer = LotScorer(self.backbone, images, category, progress=False, features=self.features.take(lot))
-        built, _ = build_bank(scorer, PAClipConfig(), bank, self.backbone.fingerprint)
+        built, _ = build_bank(scorer, build_config(options), bank, self.backbone.fingerprint)
         self.banks[bank] = built
         return summary(built.manifest)
 
@@ -195,12 +194,13 @@ def collect(args) -> int:
             new = np.setdiff1d(np.arange(len(labels)), chosen)
             bank = f"line-{n_defective}-{split}"
             t0 = time.perf_counter()
-            info = (line.build(bank, category.name, lot.images[chosen], chosen) if args.in_process
-                    else line.build(bank, category.name, lot.images[chosen]))
+            info = (line.build(bank, category.name, lot.images[chosen], args.options, chosen) if args.in_process
+                    else line.build(bank, category.name, lot.images[chosen], args.options))
             build_s = time.perf_counter() - t0
             record = {"defect_rate": rate, "split": split, "n_defective": n_defective, "build_s": build_s,
                       "decision": info["decision"], "map_range": info["map_range"],
-                      "normal_indices": info["normal_indices"]}
+                      "normal_indices": info["normal_indices"], "interval_k": info["interval_k"],
+                      "config": info["config"]}
             for part, indices in (("lot", chosen), ("new", new)):
                 maps, scores = [], []
                 t0 = time.perf_counter()
@@ -218,7 +218,7 @@ def collect(args) -> int:
             line.drop(bank)
             splits.append(record)
             result = {"set": category.name, "data": str(args.data), "mode": "in-process" if args.in_process else
-                      "server", "encoder": fingerprint, "image_size": list(size), "lot_size": args.lot_size,
+                      "server", "options": args.options, "encoder": fingerprint, "image_size": list(size), "lot_size": args.lot_size,
                       "seed": args.seed, "labels": labels.tolist(),
                       "types": [s.defect_type for s in lot.samples], "paths": [str(s.path) for s in lot.samples],
                       "splits": splits}
@@ -293,9 +293,26 @@ def measure(data: dict, kind: str, method: str, budget: float) -> dict:
     return rows
 
 
-def all_candidates(data: dict) -> dict:
-    return {(kind, method): {budget: measure(data, kind, method, budget) for budget in BUDGETS}
-            for kind in IMAGE_SCORES for method in METHODS}
+def variant_label(options: dict) -> str:
+    """The name of a collect's settings in candidate names: "" for the defaults, else "key=value,..."."""
+    return ",".join(f"{k}={json.dumps(v)}" for k, v in sorted(options.items()))
+
+
+def candidate_name(label: str, kind: str) -> str:
+    return kind if not label else f"{label}/{kind}"
+
+
+def all_candidates(variants: dict) -> tuple[dict, dict]:
+    """Every (image score under each collect's settings) x method, and each one's oracle recall: ``variants`` maps
+    a settings label to its collect's data (the same lots, drawn with the same seed)."""
+    candidates, oracles = {}, {}
+    for label, data in variants.items():
+        for kind in IMAGE_SCORES:
+            name = candidate_name(label, kind)
+            oracles[name] = oracle(data, kind)
+            for method in METHODS:
+                candidates[(name, method)] = {budget: measure(data, kind, method, budget) for budget in BUDGETS}
+    return candidates, oracles
 
 
 def rate_interval(events: int, n: int, coverage: float = 0.9) -> tuple[float, float]:
@@ -448,15 +465,35 @@ def summary_rows(candidates: dict) -> list[str]:
     return lines
 
 
+def load_variants(spec: str) -> tuple[str, dict]:
+    """NAME=FOLDER[,FOLDER...] -> the set's name and {settings label: collect data}, the first folder first."""
+    name, sep, folders = spec.partition("=")
+    variants: dict = {}
+    for folder in folders.split(",") if sep else []:
+        path = Path(folder) / "line.json"
+        if not path.is_file():
+            raise SystemExit(f"error: {spec!r}: no {path} (run collect first)")
+        data = json.loads(path.read_text())
+        label = variant_label(data.get("options", {}))
+        if label in variants:
+            raise SystemExit(f"error: {spec!r}: two folders collected with the same settings ({label or 'defaults'})")
+        variants[label] = data
+    if not variants:
+        raise SystemExit(f"error: {spec!r}: want NAME=FOLDER[,FOLDER...] with FOLDER/line.json (run collect first)")
+    return name, variants
+
+
 def report(args) -> int:
     sets = {}
     for spec in (args.tune, args.report):
-        name, sep, folder = spec.partition("=")
-        path = Path(folder) / "line.json"
-        if not sep or not path.is_file():
-            raise SystemExit(f"error: {spec!r}: want NAME=FOLDER with FOLDER/line.json (run collect first)")
-        data = json.loads(path.read_text())
-        sets[name] = (data, all_candidates(data), {kind: oracle(data, kind) for kind in IMAGE_SCORES})
+        name, variants = load_variants(spec)
+        sets[name] = (variants, *all_candidates(variants))
+    labels = [list(v) for v, _, _ in sets.values()]
+    if labels[0] != labels[1]:
+        raise SystemExit(f"error: both sets need the same settings, in the same order; got {labels[0]} and "
+                         f"{labels[1]}")
+    # the product's image score under the first folder's settings is the incumbent
+    args.shipped_score = candidate_name(labels[0][0], args.shipped_score)
     (tune, *_), (other, *_) = sets.items()
     out = {}
     for a, b in ((tune, other), (other, tune)):
@@ -476,7 +513,7 @@ def report(args) -> int:
               f"over {args.shipped_score}, paired over the defective images):")
         for kind, res in sorted(oracles.items(), key=lambda kv: -mean_recall(kv[1])):
             gain, error = recall_gain(res, oracles[args.shipped_score])
-            print(f"  {kind:<12} {mean_recall(res):6.1%}  gain {gain:+.1%} (standard error {error:.1%})")
+            print(f"  {kind:<30} {mean_recall(res):6.1%}  gain {gain:+.1%} (standard error {error:.1%})")
         kind = out[f"{name} -> {other if name == tune else tune}"][0]
         print(f"{name}: methods for {kind} (band miss, calibration error |log2(rate / budget)|, mean recall):")
         for (k, m), res in sorted(((c, r) for c, r in candidates.items() if c[0] == kind),
@@ -510,14 +547,19 @@ def main(argv=None) -> int:
     c.add_argument("--splits", type=int, default=5, help="lots drawn per defect rate")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--batch", type=int, default=8, help="new images per scoring request")
+    c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="a PA-CLIP setting for every build (as client/infer.py --set), e.g. --set rescore_k=0")
     c.add_argument("--in-process", action="store_true",
                    help="no server: the same build and scoring in this process (faster; for exploring)")
     r = sub.add_parser("report", help="choose on one set, report on the other, both directions")
-    r.add_argument("--tune", required=True, metavar="NAME=FOLDER")
-    r.add_argument("--report", required=True, metavar="NAME=FOLDER")
+    r.add_argument("--tune", required=True, metavar="NAME=FOLDER[,FOLDER...]",
+                   help="the set to choose on: one collect, or several with other settings (--set), the shipped "
+                   "settings first; their image scores are candidates side by side")
+    r.add_argument("--report", required=True, metavar="NAME=FOLDER[,FOLDER...]",
+                   help="the set to report on, its folders collected with the same settings in the same order")
     r.add_argument("--shipped-score", default="score", choices=IMAGE_SCORES,
                    help="the image score the product ships: another replaces it only on evidence (see choose)")
-    r.add_argument("--shipped-method", default="lot_quantile", choices=METHODS)
+    r.add_argument("--shipped-method", default=DEFAULT_METHOD, choices=METHODS)
     r.add_argument("--all", action="store_true", help="also list every candidate")
     r.add_argument("--json", default=None)
     args = p.parse_args(argv)
@@ -526,6 +568,14 @@ def main(argv=None) -> int:
             p.error("--lot-size must be at least 2, --splits and --batch at least 1")
         if not all(0 <= r < 1 for r in args.defect_rates):
             p.error(f"--defect-rates are fractions in [0, 1), got {args.defect_rates}")
+        from client.infer import parse_overrides
+        from postprocess.serving import build_config
+
+        try:
+            args.options = parse_overrides(args.overrides)
+            build_config(args.options)
+        except ValueError as err:
+            p.error(str(err))
         return collect(args)
     return report(args)
 
