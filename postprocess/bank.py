@@ -26,7 +26,7 @@ from .contract import TEXT_EMBEDS, Features, encoder_identity
 from .decision import calibrate
 from .errors import RequestError
 from .host import DEFAULT_HOST, HostSettings
-from .pa_clip import (ScoreResult, bank_entries, decide, full_scores_against, layer_features, normal_scores_against,
+from .pa_clip import (ScoreResult, SearchSpace, bank_entries, decide, full_scores_against, normal_scores_against,
                       rescore_images, text_patch_scores)
 
 # The manifest format this code writes. A change to what manifest.json holds bumps it and adds the step from the
@@ -200,10 +200,20 @@ class Bank:
     # With lot-level re-scoring on: the lot's image embeddings (N, D) float32 and the scores of its maps (N,)
     lot_embeds: object | None = None
     lot_scores: object | None = None
+    full_scale: dict = dataclasses.field(default_factory=dict)  # r -> (n_layers, N, m) float32 with int8 entries
+    bases: dict = dataclasses.field(default_factory=dict)  # r -> (n_layers, C, d) float32 with a projection
 
     def _arrays(self) -> list:
-        arrays = [*self.full.values(), *self.normal.values(), *self.normal_ids.values()]
+        arrays = [*self.full.values(), *self.normal.values(), *self.normal_ids.values(), *self.full_scale.values(),
+                  *self.bases.values()]
         return arrays + [a for a in (self.text_embeds, self.lot_embeds, self.lot_scores) if a is not None]
+
+    @property
+    def space(self) -> SearchSpace:
+        """Where this bank is searched: its scoring layers and projections (``pa_clip.SearchSpace``)."""
+        stored = next(iter({**self.full, **self.normal}.values()), None)  # (n_layers, ...): every tap it scores with
+        layers = self.config.layers or tuple(range(0 if stored is None else int(stored.shape[0])))
+        return SearchSpace(tuple(layers), dict(self.bases))
 
     @property
     def config(self) -> PAClipConfig:
@@ -230,12 +240,17 @@ class Bank:
 
         return Bank(self.manifest, {r: move(v) for r, v in self.full.items()},
                     {r: move(v) for r, v in self.normal.items()}, {r: move(v) for r, v in self.normal_ids.items()},
-                    move(self.text_embeds), move(self.lot_embeds), move(self.lot_scores))
+                    move(self.text_embeds), move(self.lot_embeds), move(self.lot_scores),
+                    {r: move(v) for r, v in self.full_scale.items()}, {r: move(v) for r, v in self.bases.items()})
 
     def tensors(self) -> dict:
         out = {}
         for r, v in self.full.items():
             out[f"full.r{r}"] = K.to_numpy(v)
+        for r, v in self.full_scale.items():
+            out[f"full_scale.r{r}"] = K.to_numpy(v)
+        for r, v in self.bases.items():
+            out[f"basis.r{r}"] = K.to_numpy(v)
         for r, v in self.normal.items():
             out[f"normal.r{r}"] = K.to_numpy(v)
             out[f"normal_ids.r{r}"] = K.to_numpy(self.normal_ids[r])
@@ -251,7 +266,7 @@ class Bank:
             return {int(k[len(prefix) + 2:]): v for k, v in tensors.items() if k.startswith(prefix + ".r")}
 
         return cls(manifest, by_scale("full"), by_scale("normal"), by_scale("normal_ids"), tensors.get(TEXT_EMBEDS),
-                   tensors.get(LOT_EMBEDS), tensors.get(LOT_SCORES))
+                   tensors.get(LOT_EMBEDS), tensors.get(LOT_SCORES), by_scale("full_scale"), by_scale("basis"))
 
 
 class BankDamaged(BankError):
@@ -263,7 +278,7 @@ def damaged(bank_id: str, version: str | None, why: str) -> BankDamaged:
                        "--build) or restore the version from a backup")
 
 
-DTYPES = {"F16": np.float16, "F32": np.float32, "I64": np.int64}  # what bank.safetensors holds, by safetensors name
+DTYPES = {"F16": np.float16, "F32": np.float32, "I64": np.int64, "I8": np.int8}  # what bank.safetensors holds, by safetensors name
 DTYPE_NAMES = {np.dtype(v).str: k for k, v in DTYPES.items()}
 SCORE_LIMIT = 1e6  # no threshold or score range of a real bank comes near it; 1e30 is damage
 
@@ -312,11 +327,20 @@ def check_manifest(manifest: "BankManifest", bank_id: str) -> None:
 def expected_tensors(manifest: "BankManifest") -> dict:
     """Tensor name -> the dimensions the manifest fixes (None where it does not say: layers, feature width)."""
     cfg, n = manifest.config, manifest.n_images
+    n_layers = len(cfg.layers) or None  # every tap: as many as the encoder has
+    width = cfg.bank_dim or None
     out = {}
     for r, per_image in manifest.full_bank_entries_per_image.items():
-        out[f"full.r{r}"] = ((None, n, per_image, None), ("F16",))
+        if cfg.full_bank_storage == "int8":
+            out[f"full.r{r}"] = ((n_layers, n, per_image, width), ("I8",))
+            out[f"full_scale.r{r}"] = ((n_layers, n, per_image), ("F32",))
+        else:
+            out[f"full.r{r}"] = ((n_layers, n, per_image, width), ("F16",))
+    if cfg.bank_dim and not cfg.text_only:
+        for r in cfg.scales:
+            out[f"basis.r{r}"] = ((n_layers, None, cfg.bank_dim), ("F32",))
     for r, entries in manifest.normal_bank_entries.items():
-        out[f"normal.r{r}"] = ((None, entries, None), ("F16",))
+        out[f"normal.r{r}"] = ((n_layers, entries, width), ("F16",))
         out[f"normal_ids.r{r}"] = ((entries,), ("I64",))
     if cfg.rescore_k > 0:
         out[LOT_EMBEDS] = ((n, None), ("F32",))
@@ -372,10 +396,15 @@ def build_bank(scorer, cfg: PAClipConfig, bank_id: str, encoder: dict, map_size=
     report = run.report()
     n, n_layers = len(features), features.layer_tokens.shape[1]
     xp = K.get_xp(features.layer_tokens)
-    full = {}  # the coresets stage 1 scored against ({} for the text-only baseline)
+    full, full_scale = {}, {}  # the coresets stage 1 scored against ({} for the text-only baseline)
+    space = state.space
     for r, selection in state.full_selections.items():
-        full[r] = xp.stack([bank_entries(layer_features(features.layer_tokens, layer, features.grid, r, cfg),
-                                         selection).astype(xp.float16) for layer in range(n_layers)])
+        entries = xp.stack([bank_entries(space.features(features.layer_tokens, position, features.grid, r, cfg),
+                                         selection) for position in range(len(space.layers))])
+        if cfg.full_bank_storage == "int8":
+            full[r], full_scale[r] = K.quantize_rows(entries)
+        else:
+            full[r] = entries.astype(xp.float16)
     rescoring = cfg.rescore_k > 0  # the lot's embeddings and map scores stay, for scoring new images the same way
     maps, scores = report.maps, report.scores
     manifest = BankManifest(
@@ -394,7 +423,8 @@ def build_bank(scorer, cfg: PAClipConfig, bank_id: str, encoder: dict, map_size=
                 {r: ids.astype(xp.int64) for r, (_, ids) in run.banks.items()},
                 None if scorer.text_embeds is None else scorer.text_embeds.astype(xp.float32),
                 features.image_embeds.astype(xp.float32) if rescoring else None,
-                result.map_scores.astype(xp.float32) if rescoring else None)
+                result.map_scores.astype(xp.float32) if rescoring else None,
+                full_scale, {r: b.astype(xp.float32) for r, b in space.bases.items()})
     return bank, report
 
 
@@ -406,6 +436,10 @@ def score_with_bank(bank: Bank, features: Features, query_ids, map_size: tuple[i
         raise BankError(f"features on a {features.grid} patch grid cannot be scored against bank "
                         f"{bank.manifest.bank!r} built on a {bank.grid} grid")
     xp = K.get_xp(features.layer_tokens)
+    for r, basis in bank.bases.items():  # the encoder's identity matched: another width is a damaged basis
+        if int(basis.shape[1]) != int(features.layer_tokens.shape[-1]):
+            raise damaged(bank.manifest.bank, bank.manifest.version, f"tensor basis.r{r} projects "
+                          f"{basis.shape[1]} channels, the encoder gives {features.layer_tokens.shape[-1]}")
     query_ids = xp.asarray(query_ids)
     size = tuple(map_size or bank.manifest.image_size)
     full_scores, text_scores, normal_scores = {}, {}, {}
@@ -414,11 +448,12 @@ def score_with_bank(bank: Bank, features: Features, query_ids, map_size: tuple[i
     else:
         bank_ids = xp.arange(bank.manifest.n_images)
         k = bank.manifest.interval_k
-        full_scores = {r: full_scores_against(features, bank.full[r], bank_ids, query_ids, k, r, cfg, host)
-                       for r in cfg.scales}
+        space = bank.space
+        full_scores = {r: full_scores_against(features, bank.full[r], bank_ids, query_ids, k, r, cfg, space, host,
+                                              bank.full_scale.get(r)) for r in cfg.scales}
         for r in bank.normal:
-            normal_scores[r] = normal_scores_against(features, bank.normal[r], bank.normal_ids[r], cfg, r, query_ids,
-                                                     host)
+            normal_scores[r] = normal_scores_against(features, bank.normal[r], bank.normal_ids[r], cfg, r, space,
+                                                     query_ids, host)
     tau_b = dict(bank.manifest.tau_b)
     result = decide(full_scores, text_scores, normal_scores, tau_b, cfg, features.grid, size)
     result.normal_bank_scores = normal_scores

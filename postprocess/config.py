@@ -24,11 +24,14 @@ MODE_HELP = {
 
 
 IMAGE_SCORES = ("max", "topk_mean", "mean")
+BANK_PROJECTIONS = ("pca", "random")
+BANK_STORAGE = ("float16", "int8")
+MAX_TAPS = 64  # the largest tapped-layer index ``layers`` may name (an encoder has far fewer taps)
 
 # Settings used only after the normal images are chosen (normal bank, subtraction, maps).
 FINISH_STAGE_FIELDS = frozenset({
     "use_normal_bank", "multiscale_normal_bank", "augment", "n_augment", "cada_threshold", "normal_coreset_ratio",
-    "normal_k", "alpha", "tau_quantile", "smooth_sigma", "rescore_k", "rescore_weight",
+    "normal_k", "alpha", "tau_quantile", "smooth_sigma", "rescore_k", "rescore_weight", "full_bank_storage",
 })
 
 
@@ -45,6 +48,7 @@ RANGES = {
     "full_coreset_ratio": (0.0, 1.0, False),
     "normal_coreset_ratio": (0.0, 1.0, False),
     "coreset_dim": (1, 4096, True),
+    "bank_dim": (0, 4096, True),
     "interval_fraction": (0.0, 1.0, False),
     "k_min": (1, 64, True),
     "k_max": (1, 64, True),
@@ -92,6 +96,14 @@ class PAClipConfig:
     full_coreset_ratio: float = 1.0
     normal_coreset_ratio: float = 0.1
     coreset_dim: int = 128
+    # Where the banks are searched: the tapped layers that score (indices into the encoder's taps; empty: all), and
+    # each one's pooled features projected onto bank_dim directions (0: every channel), "pca" (the lot's principal
+    # directions) or a seeded "random" projection; the full bank's entries stored as float16 or as int8 with a
+    # scale per entry.
+    layers: tuple[int, ...] = ()
+    bank_dim: int = 0
+    bank_projection: str = "pca"
+    full_bank_storage: str = "float16"
 
     # Psi (Eq. 5-6).
     interval_fraction: float = 0.3
@@ -129,6 +141,12 @@ class PAClipConfig:
             raise ValueError(f"feature_norm must be 'none' or 'layernorm', got {self.feature_norm!r}")
         if self.image_score not in IMAGE_SCORES:
             raise ValueError(f"image_score must be one of {', '.join(IMAGE_SCORES)}, got {self.image_score!r}")
+        if self.bank_projection not in BANK_PROJECTIONS:
+            raise ValueError(f"bank_projection must be one of {', '.join(BANK_PROJECTIONS)}, got "
+                             f"{self.bank_projection!r}")
+        if self.full_bank_storage not in BANK_STORAGE:
+            raise ValueError(f"full_bank_storage must be one of {', '.join(BANK_STORAGE)}, got "
+                             f"{self.full_bank_storage!r}")
         if self.k_max < self.k_min:
             raise ValueError(f"need k_min <= k_max, got {self.k_min} and {self.k_max}")
 
@@ -151,6 +169,11 @@ class PAClipConfig:
         if not isinstance(self.scales, (tuple, list)) or not self.scales or len(self.scales) > 8 or \
                 not all(isinstance(r, numbers.Integral) and not isinstance(r, bool) and 1 <= r <= MAX_SCALE and r % 2 for r in self.scales):
             raise ValueError(f"scales must be 1 to 8 odd integers in [1, {MAX_SCALE}], got {self.scales!r}")
+        if not isinstance(self.layers, (tuple, list)) or len(self.layers) > MAX_TAPS or len(set(self.layers)) != \
+                len(self.layers) or not all(isinstance(i, numbers.Integral) and not isinstance(i, bool) and
+                                            0 <= i < MAX_TAPS for i in self.layers):
+            raise ValueError(f"layers must be distinct tapped-layer indices in [0, {MAX_TAPS}) (empty: all), got "
+                             f"{self.layers!r}")
         if self.scale_weights is not None:
             weights = self.scale_weights
             if not isinstance(weights, (tuple, list)) or not all(

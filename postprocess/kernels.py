@@ -236,12 +236,27 @@ def normal_bank_entry_bytes(rows: int, channels: int) -> int:
     return 17 * rows + 4 * channels
 
 
-def full_bank_scores(queries, bank, query_ids, bank_ids, k: int, budget_bytes: int):
+def quantize_rows(values):
+    """int8 entries with one float32 scale per row (the last axis): values ~= q * scale, |q| <= 127."""
+    xp = get_xp(values)
+    values = _float32(values)
+    scale = xp.abs(values).max(axis=-1) / 127.0
+    scale = xp.where(scale > 0, scale, xp.float32(1.0)).astype(xp.float32)
+    return xp.rint(values / scale[..., None]).astype(xp.int8), scale
+
+
+def dequantize_rows(q, scale, dtype=None):
+    xp = get_xp(q)
+    return (q.astype(xp.float32) * scale[..., None]).astype(dtype or xp.float32, copy=False)
+
+
+def full_bank_scores(queries, bank, query_ids, bank_ids, k: int, budget_bytes: int, bank_scale=None):
     """Interval-averaged mutual score of each query patch against a full bank.
 
-    queries (Nq, L, C) and bank (Nb, m, C) are unit vectors; bank image b carries id ``bank_ids[b]``. For each
-    query patch: cosine distance to the nearest patch of every bank image, images with the query's own id left
-    out, then the mean of the k smallest of those per-image minima. Returns (Nq, L) float32.
+    queries (Nq, L, C) and bank (Nb, m, C) are unit vectors (or their projections); bank image b carries id
+    ``bank_ids[b]``; an int8 bank comes with ``bank_scale`` (Nb, m), one scale per entry (``quantize_rows``). For
+    each query patch: cosine distance to the nearest patch of every bank image, images with the query's own id
+    left out, then the mean of the k smallest of those per-image minima. Returns (Nq, L) float32.
 
     Memory: query patches are taken in row blocks (a block may be part of one image) and bank images in chunks, so
     that the per-image minima of a block (with the copies ``where`` and ``partition`` make) fit half the budget and
@@ -250,11 +265,14 @@ def full_bank_scores(queries, bank, query_ids, bank_ids, k: int, budget_bytes: i
     xp = get_xp(queries)
     fused = _fused(xp)
     if fused is not None and k <= fused.MAX_K:
+        if bank_scale is not None:  # the fused kNN reads float16 entries
+            bank = dequantize_rows(bank, bank_scale, xp.float16)
         return fused.full_bank_scores(queries, bank, query_ids, bank_ids, k, budget_bytes)
     n_query, length, channels = queries.shape
     n_bank, per_image, _ = bank.shape
     flat_queries = queries.reshape(n_query * length, channels)
     flat_bank = bank.reshape(n_bank * per_image, channels)
+    flat_scale = None if bank_scale is None else bank_scale.reshape(n_bank * per_image)
     row_ids = xp.repeat(query_ids, length)
     out = xp.empty(n_query * length, dtype=xp.float32)
     half = half_budget(budget_bytes)
@@ -266,7 +284,10 @@ def full_bank_scores(queries, bank, query_ids, bank_ids, k: int, budget_bytes: i
         b_chunk = _chunk(n_bank, full_bank_image_bytes(r1 - r0, per_image, channels), half)
         for b0 in range(0, n_bank, b_chunk):
             b1 = min(n_bank, b0 + b_chunk)
-            sims = q @ flat_bank[b0 * per_image : b1 * per_image].T
+            entries = flat_bank[b0 * per_image : b1 * per_image]
+            if flat_scale is not None:  # int8: this chunk in float32 (what the chunk's bytes are sized for)
+                entries = dequantize_rows(entries, flat_scale[b0 * per_image : b1 * per_image])
+            sims = q @ entries.T
             minima[:, b0:b1] = 1.0 - sims.reshape(r1 - r0, b1 - b0, per_image).max(axis=-1)
             del sims
         own = row_ids[r0:r1, None] == bank_ids[None, :]  # a query never matches its own image

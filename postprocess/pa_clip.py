@@ -35,6 +35,7 @@ class LotState:
     prior_threshold: float
     # r -> (N, m) per-image coreset of the full bank, or None for every patch ({} for the text-only baseline)
     full_selections: dict = field(default_factory=dict)
+    space: "SearchSpace | None" = None  # where the banks are searched (fit_search_space)
 
 
 @dataclass
@@ -73,30 +74,103 @@ def layer_features(layer_tokens, layer: int, grid, r: int, cfg: PAClipConfig):
     return K.aggregate(layer_tokens[:, layer], grid, r, cfg.feature_norm)
 
 
-def _projected(layer_tokens, grid, r: int, cfg: PAClipConfig, rows=None):
-    """Random projection of the concatenated layer features of each patch: (N, L, coreset_dim).
+PCA_SAMPLE = 16384  # pooled patches a projection is fitted on (a random sample of the lot's: enough for C <= 4096)
 
-    ``rows`` optionally picks images first. Coreset choices use all layers together, so a bank entry is one patch
-    with its features at every layer.
+
+@dataclass
+class SearchSpace:
+    """Where the banks are searched: the tapped layers that score, and per scale r each one's projection (C, d) of
+    the pooled unit features onto ``bank_dim`` directions, or none (every channel).
+
+    A projected feature is not re-normalised: with B orthonormal (PCA), 1 - (xB).(yB) = 1 - x.y + (the residuals'
+    product), so a patch whose difference lies off the lot's main directions keeps most of its distance instead of
+    being pulled onto the lot's subspace; a random projection keeps x.y in expectation.
+    """
+
+    layers: tuple[int, ...]
+    bases: dict = field(default_factory=dict)  # r -> (len(layers), C, d) float32, {} without a projection
+
+    def features(self, layer_tokens, position: int, grid, r: int, cfg: PAClipConfig):
+        """(N, L, d) search features of the ``position``-th scoring layer at scale r."""
+        feats = layer_features(layer_tokens, self.layers[position], grid, r, cfg)
+        basis = self.bases.get(r)
+        return feats if basis is None else feats @ basis[position]
+
+    def width(self, r: int, channels: int) -> int:
+        """The search features' width at scale r for encoder features of ``channels``."""
+        basis = self.bases.get(r)
+        return channels if basis is None else int(basis.shape[-1])
+
+
+def scoring_layers(cfg: PAClipConfig, n_layers: int) -> tuple[int, ...]:
+    if not cfg.layers:
+        return tuple(range(n_layers))
+    if max(cfg.layers) >= n_layers:
+        raise RequestError(f"layers {list(cfg.layers)} name taps the encoder does not have: it has {n_layers} "
+                           f"(0 to {n_layers - 1})")
+    return tuple(int(i) for i in cfg.layers)
+
+
+def fit_search_space(features: Features, cfg: PAClipConfig) -> SearchSpace:
+    """The scoring layers and, with ``bank_dim`` below the feature width, each one's projection: the top
+    ``bank_dim`` principal directions (uncentred: what best keeps dot products) of a seeded sample of the lot's
+    pooled patches, or a seeded Gaussian projection."""
+    xp = K.get_xp(features.layer_tokens)
+    n, n_layers, length, channels = features.layer_tokens.shape
+    layers = scoring_layers(cfg, n_layers)
+    if cfg.bank_dim == 0:
+        return SearchSpace(layers)
+    if cfg.bank_dim >= channels:
+        raise RequestError(f"bank_dim {cfg.bank_dim} is not below the encoder's feature width {channels}: use 0 to "
+                           "keep every channel, or fewer directions")
+    rows = None
+    if n * length > PCA_SAMPLE:  # host indices, then one explicit move
+        rows = xp.asarray(np.sort(np.random.default_rng(cfg.seed).choice(n * length, PCA_SAMPLE, replace=False)))
+    bases = {}
+    for r in cfg.scales:
+        per_layer = []
+        for position, layer in enumerate(layers):
+            if cfg.bank_projection == "random":
+                seed = cfg.seed + 7919 * r + position
+                per_layer.append(xp.asarray(K.random_projection(channels, cfg.bank_dim, seed)))
+                continue
+            flat = layer_features(features.layer_tokens, layer, features.grid, r, cfg).reshape(n * length, channels)
+            if rows is not None:
+                flat = flat[rows]
+            gram = K.to_numpy(flat.T @ flat).astype(np.float64)  # (C, C): small, decomposed on the host
+            _, vectors = np.linalg.eigh(gram)  # ascending eigenvalues
+            top = vectors[:, ::-1][:, :cfg.bank_dim]
+            # an eigenvector's sign is arbitrary, and coreset choices project the coordinates: fix it (its largest
+            # component positive) so that any correct eigensolver gives the same bank
+            top = top * np.sign(top[np.abs(top).argmax(axis=0), np.arange(top.shape[1])])
+            per_layer.append(xp.asarray(np.ascontiguousarray(top).astype(np.float32)))
+        bases[r] = xp.stack(per_layer)
+    return SearchSpace(layers, bases)
+
+
+def _projected(layer_tokens, grid, r: int, cfg: PAClipConfig, space: SearchSpace, rows=None):
+    """Random projection of the concatenated search features of each patch: (N, L, coreset_dim).
+
+    ``rows`` optionally picks images first. Coreset choices use all scoring layers together, so a bank entry is one
+    patch with its features at every layer.
     """
     xp = K.get_xp(layer_tokens)
     tokens = layer_tokens if rows is None else layer_tokens[rows]
-    n_layers, channels = tokens.shape[1], tokens.shape[3]
-    proj = xp.asarray(K.random_projection(n_layers * channels, cfg.coreset_dim, cfg.seed + r))
+    width = space.width(r, tokens.shape[-1])
+    proj = xp.asarray(K.random_projection(len(space.layers) * width, cfg.coreset_dim, cfg.seed + r))
     total = 0
-    for layer in range(n_layers):
-        feats = layer_features(tokens, layer, grid, r, cfg)
-        total = total + feats @ proj[layer * channels : (layer + 1) * channels]
+    for position in range(len(space.layers)):  # one layer at a time: the lot's features at every layer may not fit
+        total = total + space.features(tokens, position, grid, r, cfg) @ proj[position * width:(position + 1) * width]
     return total
 
 
-def full_bank_selection(layer_tokens, grid, r: int, cfg: PAClipConfig):
+def full_bank_selection(layer_tokens, grid, r: int, cfg: PAClipConfig, space: SearchSpace):
     """Per-image coreset of the full bank: (N, m) patch indices, or None to keep every patch."""
     length = layer_tokens.shape[2]
     m = K.coreset_size(length, cfg.full_coreset_ratio)
     if m >= length:
         return None
-    return K.greedy_coreset(_projected(layer_tokens, grid, r, cfg), m)
+    return K.greedy_coreset(_projected(layer_tokens, grid, r, cfg, space), m)
 
 
 def bank_entries(feats, selection):
@@ -107,32 +181,35 @@ def bank_entries(feats, selection):
 
 
 def full_scores_against(features: Features, bank_layers, bank_ids, query_ids, k: int, r: int, cfg: PAClipConfig,
-                        host: HostSettings = DEFAULT_HOST):
-    """(N, L) interval-averaged scores of query images against a stored full bank ((n_layers, Nb, m, C)),
-    averaged over layers; a query never matches the bank image that carries its own id."""
-    n_layers = features.layer_tokens.shape[1]
+                        space: SearchSpace, host: HostSettings = DEFAULT_HOST, bank_scales=None):
+    """(N, L) interval-averaged scores of query images against a stored full bank ((n_scoring_layers, Nb, m, d);
+    int8 entries with ``bank_scales`` (n_scoring_layers, Nb, m)), averaged over layers; a query never matches the
+    bank image that carries its own id."""
     total = 0
-    for layer in range(n_layers):
-        feats = layer_features(features.layer_tokens, layer, features.grid, r, cfg)
-        total = total + K.full_bank_scores(feats, bank_layers[layer], query_ids, bank_ids, k, host.budget_bytes)
-    return total / n_layers
+    for position in range(len(space.layers)):
+        feats = space.features(features.layer_tokens, position, features.grid, r, cfg)
+        scale = None if bank_scales is None else bank_scales[position]
+        total = total + K.full_bank_scores(feats, bank_layers[position], query_ids, bank_ids, k, host.budget_bytes,
+                                           bank_scale=scale)
+    return total / len(space.layers)
 
 
-def mutual_scores(features: Features, r: int, cfg: PAClipConfig, selection=None, host: HostSettings = DEFAULT_HOST):
+def mutual_scores(features: Features, r: int, cfg: PAClipConfig, space: SearchSpace, selection=None,
+                  host: HostSettings = DEFAULT_HOST):
     """(N, L) interval-averaged scores of every lot image against the rest of the lot (``selection``: the full
     bank's per-image coreset from ``full_bank_selection``, None for every patch), averaged over layers."""
     xp = K.get_xp(features.layer_tokens)
-    n, n_layers = features.layer_tokens.shape[:2]
+    n = features.layer_tokens.shape[0]
     ids = xp.arange(n)
     k = K.interval_k(n, cfg.interval_fraction, cfg.k_min, cfg.k_max)
     total = 0
-    for layer in range(n_layers):  # one layer at a time: the lot's features at every layer may not fit
-        feats = layer_features(features.layer_tokens, layer, features.grid, r, cfg)
+    for position in range(len(space.layers)):  # one layer at a time: the lot's features at every layer may not fit
+        feats = space.features(features.layer_tokens, position, features.grid, r, cfg)
         if selection is None:  # the lot is its own bank: each pair of images compared once
             total = total + K.lot_mutual_scores(feats, k, host.budget_bytes)
         else:
             total = total + K.full_bank_scores(feats, bank_entries(feats, selection), ids, ids, k, host.budget_bytes)
-    return total / n_layers
+    return total / len(space.layers)
 
 
 def select_normal(normal_scores, cfg: PAClipConfig) -> np.ndarray:
@@ -152,9 +229,10 @@ def lot_stage(features: Features, text_embeds, cfg: PAClipConfig, host: HostSett
     if cfg.text_only and not has_text:
         raise ValueError("the text-only baseline needs a text encoder; this backbone has none")
     text_scores = text_patch_scores(features, text_embeds, cfg) if has_text else {}
+    space = fit_search_space(features, cfg)
     selections = {} if cfg.text_only else {
-        r: full_bank_selection(features.layer_tokens, features.grid, r, cfg) for r in cfg.scales}
-    full_scores = {r: mutual_scores(features, r, cfg, selection, host) for r, selection in selections.items()}
+        r: full_bank_selection(features.layer_tokens, features.grid, r, cfg, space) for r in cfg.scales}
+    full_scores = {r: mutual_scores(features, r, cfg, space, selection, host) for r, selection in selections.items()}
 
     if has_text:
         # Eq. 3: P(normal) of the CLS embedding
@@ -178,6 +256,7 @@ def lot_stage(features: Features, text_embeds, cfg: PAClipConfig, host: HostSett
         prior=prior,
         prior_threshold=threshold,
         full_selections=selections,
+        space=space,
     )
 
 
@@ -188,13 +267,14 @@ def original_normal_set(features: Features, state: LotState) -> NormalSet:
     return NormalSet(features.layer_tokens[idx], idx, state.prior[idx])
 
 
-def build_normal_bank(normal: NormalSet, grid, r: int, prior_threshold: float, cfg: PAClipConfig):
-    """Normal bank at scale r: (n_layers, M, C) unit features and (M,) source ids.
+def build_normal_bank(normal: NormalSet, grid, r: int, prior_threshold: float, cfg: PAClipConfig,
+                      space: SearchSpace):
+    """Normal bank at scale r: (n_scoring_layers, M, d) search features and (M,) source ids.
 
     Patches whose prior anomaly score is above the threshold are left out; the rest are coreset-sampled.
     """
     xp = K.get_xp(normal.layer_tokens)
-    count, n_layers, length, _ = normal.layer_tokens.shape
+    count, _, length, _ = normal.layer_tokens.shape
     keep = (normal.prior <= prior_threshold).reshape(-1)
     if not bool(keep.any()):  # every patch looks defective: better a noisy bank than none
         keep = xp.ones(count * length, dtype=bool)
@@ -202,32 +282,32 @@ def build_normal_bank(normal: NormalSet, grid, r: int, prior_threshold: float, c
     n_keep = int(flat_index.shape[0])
     m = K.coreset_size(n_keep, cfg.normal_coreset_ratio)
     if m < n_keep:
-        proj = _projected(normal.layer_tokens, grid, r, cfg).reshape(count * length, -1)[flat_index]
+        proj = _projected(normal.layer_tokens, grid, r, cfg, space).reshape(count * length, -1)[flat_index]
         flat_index = flat_index[K.greedy_coreset(proj[None], m)[0]]
     ids = xp.repeat(xp.asarray(normal.source_ids), length)[flat_index]
     layers = []
-    for layer in range(n_layers):
-        feats = layer_features(normal.layer_tokens, layer, grid, r, cfg)
+    for position in range(len(space.layers)):
+        feats = space.features(normal.layer_tokens, position, grid, r, cfg)
         layers.append(feats.reshape(count * length, -1)[flat_index])
     return xp.stack(layers), ids
 
 
-def normal_scores_against(features: Features, bank, bank_ids, cfg: PAClipConfig, r: int, query_ids=None,
-                          host: HostSettings = DEFAULT_HOST):
+def normal_scores_against(features: Features, bank, bank_ids, cfg: PAClipConfig, r: int, space: SearchSpace,
+                          query_ids=None, host: HostSettings = DEFAULT_HOST):
     """(N, L) mean kNN distance of each query patch to the normal bank, averaged over layers."""
     xp = K.get_xp(features.layer_tokens)
-    n, n_layers = features.layer_tokens.shape[:2]
+    n = features.layer_tokens.shape[0]
     ids = xp.arange(n) if query_ids is None else query_ids
     total = 0
-    for layer in range(n_layers):
-        feats = layer_features(features.layer_tokens, layer, features.grid, r, cfg)
-        total = total + K.normal_bank_scores(feats, bank[layer], ids, bank_ids, cfg.normal_k, host.budget_bytes)
-    return total / n_layers
+    for position in range(len(space.layers)):
+        feats = space.features(features.layer_tokens, position, features.grid, r, cfg)
+        total = total + K.normal_bank_scores(feats, bank[position], ids, bank_ids, cfg.normal_k, host.budget_bytes)
+    return total / len(space.layers)
 
 
-def normal_banks(normal: NormalSet, grid, prior_threshold: float, cfg: PAClipConfig) -> dict:
-    """r -> (bank (n_layers, M, C), source ids (M,)) at every scale that has a normal bank."""
-    return {r: build_normal_bank(normal, grid, r, prior_threshold, cfg) for r in cfg.normal_bank_scales}
+def normal_banks(normal: NormalSet, grid, prior_threshold: float, cfg: PAClipConfig, space: SearchSpace) -> dict:
+    """r -> (bank (n_scoring_layers, M, d), source ids (M,)) at every scale that has a normal bank."""
+    return {r: build_normal_bank(normal, grid, r, prior_threshold, cfg, space) for r in cfg.normal_bank_scales}
 
 
 def decide(full_scores: dict, text_scores: dict, normal_bank_scores: dict, tau_b: dict, cfg: PAClipConfig,
@@ -274,9 +354,9 @@ def finish_stage(features: Features, state: LotState, normal: NormalSet | None, 
         if banks is None:
             if normal is None:
                 normal = original_normal_set(features, state)
-            banks = normal_banks(normal, features.grid, state.prior_threshold, cfg)
+            banks = normal_banks(normal, features.grid, state.prior_threshold, cfg, state.space)
         for r, (bank, bank_ids) in banks.items():
-            s_b = normal_scores_against(features, bank, bank_ids, cfg, r, host=host)
+            s_b = normal_scores_against(features, bank, bank_ids, cfg, r, state.space, host=host)
             xp = K.get_xp(s_b)
             result.normal_bank_scores[r] = s_b
             result.tau_b[r] = float(xp.quantile(s_b, cfg.tau_quantile))

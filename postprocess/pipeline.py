@@ -175,7 +175,7 @@ class LotScorer:
             self._finished.clear()  # one kept: maps of a whole lot are large
             banks = {}
             if normal is not None:  # a normal bank is used (normal_set gives None otherwise)
-                banks = normal_banks(normal, self.features.grid, state.prior_threshold, plain)
+                banks = normal_banks(normal, self.features.grid, state.prior_threshold, plain, state.space)
                 if bank_dtype is not None:
                     banks = {r: (b.astype(bank_dtype), ids) for r, (b, ids) in banks.items()}
             self._finished[key] = banks, finish_stage(self.features, state, normal, plain, size, banks=banks or None,

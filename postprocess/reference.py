@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 import torch
 import torch.nn.functional as F
 
 from .config import PAClipConfig
 from .contract import Features
 from .kernels import coreset_size, random_projection
-from .pa_clip import LotState, NormalSet, ScoreResult
+from .pa_clip import PCA_SAMPLE, LotState, NormalSet, ScoreResult, SearchSpace, scoring_layers
 
 # -- kernels.py twins -------------------------------------------------------------------------------------------
 
@@ -117,39 +119,74 @@ def text_patch_scores(features: Features, text_embeds: torch.Tensor, cfg: PAClip
             for r in cfg.scales}
 
 
-def _projected(layer_tokens: torch.Tensor, grid, r: int, cfg: PAClipConfig, rows=None) -> torch.Tensor:
-    """(N, L, coreset_dim): all layers' features of a patch concatenated, then projected, so that a coreset entry is
-    one patch with its features at every layer."""
+def fit_search_space(features: Features, cfg: PAClipConfig) -> SearchSpace:
+    """The scoring layers and, with ``bank_dim``, each one's projection: the eigenvectors of the sample's Gram
+    matrix with the largest eigenvalues (torch's eigh), or the seeded Gaussian projection. The sample's rows are
+    drawn as the twin draws them."""
+    n, n_layers, length, channels = features.layer_tokens.shape
+    layers = scoring_layers(cfg, n_layers)
+    if cfg.bank_dim == 0:
+        return SearchSpace(layers)
+    rows = None
+    if n * length > PCA_SAMPLE:
+        rows = torch.from_numpy(np.sort(np.random.default_rng(cfg.seed).choice(n * length, PCA_SAMPLE, replace=False)))
+    bases = {}
+    for r in cfg.scales:
+        per_layer = []
+        for position, layer in enumerate(layers):
+            if cfg.bank_projection == "random":
+                per_layer.append(torch.from_numpy(random_projection(channels, cfg.bank_dim, cfg.seed + 7919 * r + position)))
+                continue
+            flat = aggregate(features.layer_tokens[:, layer], features.grid, r, cfg.feature_norm).reshape(-1, channels)
+            if rows is not None:
+                flat = flat[rows]
+            _, vectors = torch.linalg.eigh((flat.T @ flat).double())
+            top = vectors.flip(-1)[:, :cfg.bank_dim]
+            top = top * top.gather(0, top.abs().argmax(0, keepdim=True)).sign()  # the largest component positive
+            per_layer.append(top.float())
+        bases[r] = torch.stack(per_layer)
+    return SearchSpace(layers, bases)
+
+
+def _search_features(tokens: torch.Tensor, space: SearchSpace, position: int, grid, r: int, cfg: PAClipConfig):
+    """(N, L, d): the position-th scoring layer's pooled features, projected when the space has a basis."""
+    feats = aggregate(tokens[:, space.layers[position]], grid, r, cfg.feature_norm)
+    return feats if r not in space.bases else feats @ torch.as_tensor(space.bases[r][position])
+
+
+def _projected(layer_tokens: torch.Tensor, grid, r: int, cfg: PAClipConfig, space: SearchSpace,
+               rows=None) -> torch.Tensor:
+    """(N, L, coreset_dim): all scoring layers' search features of a patch concatenated, then projected, so that a
+    coreset entry is one patch with its features at every layer."""
     tokens = layer_tokens if rows is None else layer_tokens[rows]
-    n_layers, channels = tokens.shape[1], tokens.shape[3]
-    feats = torch.cat([aggregate(tokens[:, l], grid, r, cfg.feature_norm) for l in range(n_layers)], dim=-1)
-    return feats @ torch.from_numpy(random_projection(n_layers * channels, cfg.coreset_dim, cfg.seed + r))
+    feats = torch.cat([_search_features(tokens, space, p, grid, r, cfg) for p in range(len(space.layers))], dim=-1)
+    return feats @ torch.from_numpy(random_projection(feats.shape[-1], cfg.coreset_dim, cfg.seed + r))
 
 
-def full_bank_selection(layer_tokens: torch.Tensor, grid, r: int, cfg: PAClipConfig):
+def full_bank_selection(layer_tokens: torch.Tensor, grid, r: int, cfg: PAClipConfig, space: SearchSpace):
     """Per-image coreset of the full bank: (N, m) patch indices, or None to keep every patch."""
     length = layer_tokens.shape[2]
     m = coreset_size(length, cfg.full_coreset_ratio)
     if m >= length:
         return None
-    return greedy_coreset(_projected(layer_tokens, grid, r, cfg), m)
+    return greedy_coreset(_projected(layer_tokens, grid, r, cfg, space), m)
 
 
-def mutual_scores(features: Features, r: int, cfg: PAClipConfig, selection=None) -> torch.Tensor:
+def mutual_scores(features: Features, r: int, cfg: PAClipConfig, space: SearchSpace, selection=None) -> torch.Tensor:
     """(N, L): per patch, nearest distance to each other lot image (its coreset ``selection``, or every patch), mean
-    of the k smallest of those, mean over layers."""
-    n, n_layers, length, _ = features.layer_tokens.shape
+    of the k smallest of those, mean over the scoring layers."""
+    n, _, length, _ = features.layer_tokens.shape
     k = interval_k(n, cfg.interval_fraction, cfg.k_min, cfg.k_max)
     total = torch.zeros(n, length)
-    for layer in range(n_layers):
-        feats = aggregate(features.layer_tokens[:, layer], features.grid, r, cfg.feature_norm)
+    for position in range(len(space.layers)):
+        feats = _search_features(features.layer_tokens, space, position, features.grid, r, cfg)
         bank = feats if selection is None else torch.stack([feats[i, selection[i]] for i in range(n)])
         for i in range(n):  # one query image at a time keeps the distance block at L x N x m
             dist = 1.0 - torch.einsum("lc,bmc->lbm", feats[i], bank)
             per_image = dist.min(dim=-1).values  # (L, N): nearest patch of every image
             per_image[:, i] = float("inf")  # never match yourself
             total[i] += per_image.sort(dim=-1).values[:, :k].mean(dim=-1)
-    return total / n_layers
+    return total / len(space.layers)
 
 
 def select_normal(normal_scores: torch.Tensor, cfg: PAClipConfig) -> torch.Tensor:
@@ -164,9 +201,10 @@ def lot_stage(features: Features, text_embeds, cfg: PAClipConfig) -> LotState:
     n = len(features)
     has_text = text_embeds is not None
     text_scores = text_patch_scores(features, text_embeds, cfg) if has_text else {}
+    space = fit_search_space(features, cfg)
     selections = {} if cfg.text_only else {
-        r: full_bank_selection(features.layer_tokens, features.grid, r, cfg) for r in cfg.scales}
-    full_scores = {r: mutual_scores(features, r, cfg, selection) for r, selection in selections.items()}
+        r: full_bank_selection(features.layer_tokens, features.grid, r, cfg, space) for r in cfg.scales}
+    full_scores = {r: mutual_scores(features, r, cfg, space, selection) for r, selection in selections.items()}
     if has_text:
         normal_scores = 1.0 - text_defect_probability(features.image_embeds, text_embeds, cfg.tau_text)  # Eq. 3
         prior = fuse(text_scores, cfg)
@@ -187,6 +225,7 @@ def lot_stage(features: Features, text_embeds, cfg: PAClipConfig) -> LotState:
         # in float64: torch.quantile and numpy's float32 quantile then agree to float32 precision
         prior_threshold=float(torch.quantile(prior.flatten().double(), cfg.normal_patch_quantile)),
         full_selections=selections,
+        space=space,
     )
 
 
@@ -196,39 +235,42 @@ def original_normal_set(features: Features, state: LotState) -> NormalSet:
     return NormalSet(features.layer_tokens[idx], idx, state.prior[idx])
 
 
-def build_normal_bank(normal: NormalSet, grid, r: int, prior_threshold: float, cfg: PAClipConfig):
-    """(n_layers, M, C) unit features and (M,) source ids: patches at or below the prior threshold, coreset-sampled."""
-    count, n_layers, length, _ = normal.layer_tokens.shape
+def build_normal_bank(normal: NormalSet, grid, r: int, prior_threshold: float, cfg: PAClipConfig,
+                      space: SearchSpace):
+    """(n_layers, M, d) search features and (M,) source ids: patches at or below the prior threshold,
+    coreset-sampled."""
+    count, _, length, _ = normal.layer_tokens.shape
     keep = torch.nonzero(normal.prior.reshape(-1) <= prior_threshold).squeeze(1)
     if keep.numel() == 0:  # every patch looks defective: better a noisy bank than none
         keep = torch.arange(count * length)
     m = coreset_size(keep.numel(), cfg.normal_coreset_ratio)
     if m < keep.numel():
-        proj = _projected(normal.layer_tokens, grid, r, cfg).reshape(count * length, -1)[keep]
+        proj = _projected(normal.layer_tokens, grid, r, cfg, space).reshape(count * length, -1)[keep]
         keep = keep[greedy_coreset(proj[None], m)[0]]
     ids = torch.as_tensor(normal.source_ids).repeat_interleave(length)[keep]
-    layers = [aggregate(normal.layer_tokens[:, l], grid, r, cfg.feature_norm).reshape(count * length, -1)[keep]
-              for l in range(n_layers)]
+    layers = [_search_features(normal.layer_tokens, space, p, grid, r, cfg).reshape(count * length, -1)[keep]
+              for p in range(len(space.layers))]
     return torch.stack(layers), ids
 
 
 def normal_scores_against(features: Features, bank: torch.Tensor, bank_ids, cfg: PAClipConfig, r: int,
-                          query_ids=None) -> torch.Tensor:
-    """(N, L) mean distance of each query patch to its k nearest normal-bank entries, mean over layers."""
-    n, n_layers, length, _ = features.layer_tokens.shape
+                          space: SearchSpace, query_ids=None) -> torch.Tensor:
+    """(N, L) mean distance of each query patch to its k nearest normal-bank entries, mean over the scoring
+    layers."""
+    n, _, length, _ = features.layer_tokens.shape
     query_ids = torch.arange(n) if query_ids is None else torch.as_tensor(query_ids)
     bank_ids = torch.as_tensor(bank_ids)
     k = min(cfg.normal_k, bank_ids.numel())
     total = torch.zeros(n, length)
-    for layer in range(n_layers):
-        feats = aggregate(features.layer_tokens[:, layer], features.grid, r, cfg.feature_norm)
+    for position in range(len(space.layers)):
+        feats = _search_features(features.layer_tokens, space, position, features.grid, r, cfg)
         for i in range(n):
-            dist = 1.0 - feats[i] @ bank[layer].T  # (L, M)
+            dist = 1.0 - feats[i] @ bank[position].T  # (L, M)
             dist[:, bank_ids == query_ids[i]] = float("inf")  # nor its own augmentations
             nearest = dist.topk(k, dim=-1, largest=False).values
             finite = torch.isfinite(nearest)  # fewer than k entries from other images: mean of those there are
             total[i] += torch.where(finite, nearest, 0.0).sum(-1) / finite.sum(-1).clamp(min=1)
-    return total / n_layers
+    return total / len(space.layers)
 
 
 def decide(full_scores: dict, text_scores: dict, normal_bank_scores: dict, tau_b: dict, cfg: PAClipConfig,
@@ -278,8 +320,8 @@ def finish_stage(features: Features, state: LotState, normal: NormalSet | None, 
         if normal is None:
             normal = original_normal_set(features, state)
         for r in cfg.normal_bank_scales:
-            bank, bank_ids = build_normal_bank(normal, features.grid, r, state.prior_threshold, cfg)
-            s_b = normal_scores_against(features, bank, bank_ids, cfg, r)
+            bank, bank_ids = build_normal_bank(normal, features.grid, r, state.prior_threshold, cfg, state.space)
+            s_b = normal_scores_against(features, bank, bank_ids, cfg, r, state.space)
             result.normal_bank_scores[r] = s_b
             result.tau_b[r] = float(torch.quantile(s_b.flatten().double(), cfg.tau_quantile))
             result.normal_bank_sizes[r] = int(bank.shape[1])

@@ -214,10 +214,15 @@ class ScoreService:
         if layer_tokens.shape[2] != h * w:
             raise BankError(f"bank {name!r} expects {h}x{w} patches per image, the encoder gave "
                             f"{layer_tokens.shape[2]}: was the bank built with another encoder?")
-        widths = {int(v.shape[-1]) for v in (*bank.full.values(), *bank.normal.values())}
+        # the encoder's width: what the bank's projections take, or (without) what its entries hold
+        widths = {int(v.shape[1]) for v in bank.bases.values()} or \
+            {int(v.shape[-1]) for v in (*bank.full.values(), *bank.normal.values())}
         if widths and widths != {int(layer_tokens.shape[3])}:
             raise BankError(f"bank {name!r} holds features {widths.pop()} wide, '{C.LAYER_TOKENS}' are "
                             f"{layer_tokens.shape[3]}: was the bank built with another encoder?")
+        if bank.config.layers and max(bank.config.layers) >= layer_tokens.shape[1]:
+            raise BankError(f"bank {name!r} scores with taps {list(bank.config.layers)}, '{C.LAYER_TOKENS}' has "
+                            f"{layer_tokens.shape[1]}: was the bank built with another encoder?")
         if bank.text_embeds is not None and int(bank.text_embeds.shape[-1]) != int(image_embeds.shape[1]):
             raise BankError(f"bank {name!r} has {bank.text_embeds.shape[-1]}-wide text embeddings, the image "
                             f"embeddings are {image_embeds.shape[1]} wide: was the bank built with another encoder?")

@@ -31,10 +31,15 @@ def scorer(tiny, lot):
     return LotScorer(tiny, lot, "washer", progress=False)
 
 
-@pytest.mark.parametrize("mode", ["pad_mpam", "pad", "mutual", "baseline", "pad_mpam+rescore"])
+SMALL_BANKS = {"rescore": {"rescore_k": 3}, "pca": {"bank_dim": 12, "layers": (1, 3)},
+               "random": {"bank_dim": 10, "bank_projection": "random"}}
+
+
+@pytest.mark.parametrize("mode", ["pad_mpam", "pad", "mutual", "baseline", "pad_mpam+rescore", "pad_mpam+pca",
+                                  "pad+random"])
 def test_bank_scores_equal_in_process_lot_scores(scorer, tiny, tmp_path, mode):
-    mode, _, rescore = mode.partition("+")
-    cfg = PAClipConfig.for_mode(mode, **({"rescore_k": 3} if rescore else {}))
+    mode, _, extra = mode.partition("+")
+    cfg = PAClipConfig.for_mode(mode, **SMALL_BANKS.get(extra, {}))
     expected = scorer.score(cfg)
     bank, report = build_bank(scorer, cfg, "washer", tiny.fingerprint)
     store = BankStore(tmp_path)
@@ -49,6 +54,46 @@ def test_bank_scores_equal_in_process_lot_scores(scorer, tiny, tmp_path, mode):
     # one image at a time gives the same map as the whole lot at once
     single = score_with_bank(loaded, scorer.features.take(slice(4, 5)), ids[4:5])
     assert np.abs(single.maps[0] - result.maps[4]).max() < 1e-6
+
+
+def test_a_projected_bank_stores_its_search_space_and_is_smaller(scorer, tiny, tmp_path):
+    """bank_dim and layers shrink what is stored (entries of bank_dim values, only the scoring taps) and the bank
+    keeps its bases, so that a new image is projected as the lot was."""
+    full = build_bank(scorer, PAClipConfig(), "washer", tiny.fingerprint)[0]
+    small = build_bank(scorer, PAClipConfig(bank_dim=8, layers=(3,)), "washer", tiny.fingerprint)[0]
+    n_taps, channels = scorer.features.layer_tokens.shape[1], scorer.features.layer_tokens.shape[3]
+    for r in (1, 3, 5):
+        assert full.full[r].shape[0] == n_taps and full.full[r].shape[-1] == channels and not full.bases
+        assert small.full[r].shape[0] == 1 and small.full[r].shape[-1] == 8 and small.normal[r].shape[-1] == 8
+        assert small.bases[r].shape == (1, channels, 8)
+    assert small.nbytes * 4 < full.nbytes
+    store = BankStore(tmp_path)
+    store.save(small)
+    loaded = store.load("washer", tiny.fingerprint)
+    assert loaded.space.layers == (3,) and set(loaded.bases) == {1, 3, 5}
+    with pytest.raises(RequestError, match="not below the encoder's feature width"):
+        build_bank(scorer, PAClipConfig(bank_dim=channels), "washer", tiny.fingerprint)
+    with pytest.raises(RequestError, match="taps the encoder does not have"):
+        build_bank(scorer, PAClipConfig(layers=(0, n_taps)), "washer", tiny.fingerprint)
+
+
+def test_an_int8_full_bank_scores_like_the_float16_one(scorer, tiny, tmp_path):
+    """int8 entries with a scale per entry: a quarter of float32's bytes, half of float16's, and the same maps
+    within the quantisation's reach (|q - x| <= scale / 2 per value: about 0.4% of the entry's largest value)."""
+    cfg = PAClipConfig(bank_dim=16)
+    half = build_bank(scorer, cfg, "washer", tiny.fingerprint)[0]
+    quarter = build_bank(scorer, cfg.replace(full_bank_storage="int8"), "washer", tiny.fingerprint)[0]
+    for r in (1, 3, 5):
+        assert quarter.full[r].dtype == np.int8 and quarter.full_scale[r].shape == quarter.full[r].shape[:-1]
+        assert quarter.full[r].nbytes * 2 == half.full[r].nbytes
+    store = BankStore(tmp_path)
+    store.save(quarter)
+    loaded = store.load("washer", tiny.fingerprint)
+    ids = loaded.query_ids([image_key(img) for img in scorer.images])
+    got = score_with_bank(loaded, scorer.features, ids)
+    want = score_with_bank(half, scorer.features, ids)
+    assert np.abs(got.maps - want.maps).max() < 5e-3
+    assert not np.array_equal(got.maps, want.maps)
 
 
 def test_a_non_square_lot_builds_a_bank_of_its_size_that_refuses_other_sizes(tiny, lot, tmp_path):

@@ -44,9 +44,13 @@ def test_a_format_1_manifest_reads_into_typed_fields_and_writes_back_the_same_as
     assert Calibration.from_dict(manifest.decision).threshold == pytest.approx(manifest.decision["threshold"],
                                                                              rel=1e-12)
     # what the info and list actions send is what the file holds; written again, it is the same file but for the
-    # format's number
-    assert manifest.to_dict() == {**json.loads(text), "format_version": 2}
-    assert manifest.to_json() == text.replace('"format_version": 1', '"format_version": 2')
+    # format's number and the settings added since, written at their defaults (which do what the bank did)
+    stored = json.loads(text)
+    added = {k: v for k, v in PAClipConfig().to_dict().items() if k not in stored["config"]}
+    assert set(added) == {"layers", "bank_dim", "bank_projection", "full_bank_storage"}
+    want = {**stored, "format_version": 2, "config": {**stored["config"], **json.loads(json.dumps(added))}}
+    assert manifest.to_dict() == want
+    assert list(json.loads(manifest.to_json())) == list(stored)  # the fields in the order they were written
     assert store.verify("washer")["verified"] == "tensors (format 1: no digests recorded)"
     assert BankManifest.from_json(manifest.to_json()) == manifest
 

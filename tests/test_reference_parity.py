@@ -43,6 +43,10 @@ CASES = {
     "text-baseline": dict(mode="baseline", text=True, cfg=dict()),
     "lot-rescoring": dict(mode="pad_mpam", text=True, cfg=dict(rescore_k=3, rescore_weight=0.5)),
     "lot-rescoring-away": dict(mode="mutual", text=False, cfg=dict(rescore_k=40, rescore_weight=-0.4)),
+    # the search space: two of the three taps, each projected onto the lot's 8 principal directions (or a seeded
+    # random projection), with coresets chosen in it
+    "pca-two-layers": dict(mode="pad_mpam", text=False, cfg=dict(layers=(2, 0), bank_dim=8, full_coreset_ratio=0.5)),
+    "random-projection": dict(mode="pad_mpam", text=True, cfg=dict(bank_dim=6, bank_projection="random")),
 }
 
 
