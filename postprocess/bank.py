@@ -26,8 +26,8 @@ from .contract import TEXT_EMBEDS, Features, encoder_identity
 from .decision import calibrate
 from .errors import RequestError
 from .host import DEFAULT_HOST, HostSettings
-from .pa_clip import (ScoreResult, SearchSpace, bank_entries, decide, full_scores_against, normal_scores_against,
-                      rescore_images, text_patch_scores)
+from .pa_clip import (ScoreResult, SearchSpace, bank_entries, decide, full_bank_references, full_scores_against,
+                      lot_interval_k, normal_scores_against, rescore_images, text_patch_scores)
 
 # The manifest format this code writes. A change to what manifest.json holds bumps it and adds the step from the
 # previous format to MIGRATIONS, so that banks already on a (shared) store keep loading.
@@ -38,6 +38,7 @@ MIGRATIONS: dict = {1: lambda values: {**values, "format_version": 2}}
 # Fields that banks built before host settings moved out of PAClipConfig still carry in their manifest's config.
 LEGACY_HOST_FIELDS = ("memory_budget_mb",)
 LOT_EMBEDS, LOT_SCORES = "lot_image_embeds", "lot_map_scores"  # bank tensors for lot-level re-scoring
+FULL_IDS = "full_ids"  # the lot images a sampled full bank keeps
 
 
 class BankError(RequestError):
@@ -202,10 +203,19 @@ class Bank:
     lot_scores: object | None = None
     full_scale: dict = dataclasses.field(default_factory=dict)  # r -> (n_layers, N, m) float32 with int8 entries
     bases: dict = dataclasses.field(default_factory=dict)  # r -> (n_layers, C, d) float32 with a projection
+    full_ids: object | None = None  # (N_bank,) int64 lot index of each full-bank image, when it keeps a sample
+
+    @property
+    def full_bank_ids(self):
+        """The lot index of each image the full bank keeps (every lot image, or its sample)."""
+        if self.full_ids is not None:
+            return self.full_ids
+        xp = K.get_xp(*self.full.values()) if self.full else np
+        return xp.arange(self.manifest.n_images)
 
     def _arrays(self) -> list:
         arrays = [*self.full.values(), *self.normal.values(), *self.normal_ids.values(), *self.full_scale.values(),
-                  *self.bases.values()]
+                  *self.bases.values(), *([] if self.full_ids is None else [self.full_ids])]
         return arrays + [a for a in (self.text_embeds, self.lot_embeds, self.lot_scores) if a is not None]
 
     @property
@@ -241,7 +251,8 @@ class Bank:
         return Bank(self.manifest, {r: move(v) for r, v in self.full.items()},
                     {r: move(v) for r, v in self.normal.items()}, {r: move(v) for r, v in self.normal_ids.items()},
                     move(self.text_embeds), move(self.lot_embeds), move(self.lot_scores),
-                    {r: move(v) for r, v in self.full_scale.items()}, {r: move(v) for r, v in self.bases.items()})
+                    {r: move(v) for r, v in self.full_scale.items()}, {r: move(v) for r, v in self.bases.items()},
+                    move(self.full_ids))
 
     def tensors(self) -> dict:
         out = {}
@@ -255,7 +266,7 @@ class Bank:
             out[f"normal.r{r}"] = K.to_numpy(v)
             out[f"normal_ids.r{r}"] = K.to_numpy(self.normal_ids[r])
         for name, value in ((TEXT_EMBEDS, self.text_embeds), (LOT_EMBEDS, self.lot_embeds),
-                            (LOT_SCORES, self.lot_scores)):
+                            (LOT_SCORES, self.lot_scores), (FULL_IDS, self.full_ids)):
             if value is not None:
                 out[name] = K.to_numpy(value)
         return out
@@ -266,7 +277,8 @@ class Bank:
             return {int(k[len(prefix) + 2:]): v for k, v in tensors.items() if k.startswith(prefix + ".r")}
 
         return cls(manifest, by_scale("full"), by_scale("normal"), by_scale("normal_ids"), tensors.get(TEXT_EMBEDS),
-                   tensors.get(LOT_EMBEDS), tensors.get(LOT_SCORES), by_scale("full_scale"), by_scale("basis"))
+                   tensors.get(LOT_EMBEDS), tensors.get(LOT_SCORES), by_scale("full_scale"), by_scale("basis"),
+                   tensors.get(FULL_IDS))
 
 
 class BankDamaged(BankError):
@@ -329,13 +341,17 @@ def expected_tensors(manifest: "BankManifest") -> dict:
     cfg, n = manifest.config, manifest.n_images
     n_layers = len(cfg.layers) or None  # every tap: as many as the encoder has
     width = cfg.bank_dim or None
+    references = full_bank_references(n, cfg)
+    n_full = n if references is None else len(references)
     out = {}
+    if references is not None and not cfg.text_only:
+        out[FULL_IDS] = ((n_full,), ("I64",))
     for r, per_image in manifest.full_bank_entries_per_image.items():
         if cfg.full_bank_storage == "int8":
-            out[f"full.r{r}"] = ((n_layers, n, per_image, width), ("I8",))
-            out[f"full_scale.r{r}"] = ((n_layers, n, per_image), ("F32",))
+            out[f"full.r{r}"] = ((n_layers, n_full, per_image, width), ("I8",))
+            out[f"full_scale.r{r}"] = ((n_layers, n_full, per_image), ("F32",))
         else:
-            out[f"full.r{r}"] = ((n_layers, n, per_image, width), ("F16",))
+            out[f"full.r{r}"] = ((n_layers, n_full, per_image, width), ("F16",))
     if cfg.bank_dim and not cfg.text_only:
         for r in cfg.scales:
             out[f"basis.r{r}"] = ((n_layers, None, cfg.bank_dim), ("F32",))
@@ -377,6 +393,8 @@ def check_tensors(manifest: "BankManifest", tensors: dict, bank_id: str) -> None
             fail(f"tensor {name} holds NaN or infinite values")
         if name.startswith("normal_ids.") and array.size and (array.min() < 0 or array.max() >= manifest.n_images):
             fail(f"tensor {name} names lot images outside 0..{manifest.n_images - 1}")
+        if name == FULL_IDS and not np.array_equal(array, full_bank_references(manifest.n_images, manifest.config)):
+            fail(f"tensor {name} is not the sample of lot images its settings draw")
 
 
 def tensor_record(tensors: dict) -> dict:
@@ -398,9 +416,11 @@ def build_bank(scorer, cfg: PAClipConfig, bank_id: str, encoder: dict, map_size=
     xp = K.get_xp(features.layer_tokens)
     full, full_scale = {}, {}  # the coresets stage 1 scored against ({} for the text-only baseline)
     space = state.space
+    references = state.full_references
+    kept = features.layer_tokens if references is None else features.layer_tokens[xp.asarray(references)]
     for r, selection in state.full_selections.items():
-        entries = xp.stack([bank_entries(space.features(features.layer_tokens, position, features.grid, r, cfg),
-                                         selection) for position in range(len(space.layers))])
+        entries = xp.stack([bank_entries(space.features(kept, position, features.grid, r, cfg), selection)
+                            for position in range(len(space.layers))])
         if cfg.full_bank_storage == "int8":
             full[r], full_scale[r] = K.quantize_rows(entries)
         else:
@@ -410,7 +430,7 @@ def build_bank(scorer, cfg: PAClipConfig, bank_id: str, encoder: dict, map_size=
     manifest = BankManifest(
         bank=bank_id, category=scorer.category, encoder=dict(encoder), config=cfg, grid=tuple(features.grid),
         image_size=run.map_size, n_images=n, image_keys=tuple(image_key(img) for img in scorer.images),
-        interval_k=K.interval_k(n, cfg.interval_fraction, cfg.k_min, cfg.k_max),
+        interval_k=lot_interval_k(n, cfg),
         tau_b=dict(result.tau_b),
         normal_bank_entries={r: int(b.shape[1]) for r, (b, _) in run.banks.items()},
         full_bank_entries_per_image={r: int(v.shape[2]) for r, v in full.items()},
@@ -424,7 +444,8 @@ def build_bank(scorer, cfg: PAClipConfig, bank_id: str, encoder: dict, map_size=
                 None if scorer.text_embeds is None else scorer.text_embeds.astype(xp.float32),
                 features.image_embeds.astype(xp.float32) if rescoring else None,
                 result.map_scores.astype(xp.float32) if rescoring else None,
-                full_scale, {r: b.astype(xp.float32) for r, b in space.bases.items()})
+                full_scale, {r: b.astype(xp.float32) for r, b in space.bases.items()},
+                None if references is None or cfg.text_only else xp.asarray(references.astype(np.int64)))
     return bank, report
 
 
@@ -446,7 +467,7 @@ def score_with_bank(bank: Bank, features: Features, query_ids, map_size: tuple[i
     if cfg.text_only:
         text_scores = text_patch_scores(features, bank.text_embeds, cfg)
     else:
-        bank_ids = xp.arange(bank.manifest.n_images)
+        bank_ids = xp.asarray(bank.full_bank_ids)
         k = bank.manifest.interval_k
         space = bank.space
         full_scores = {r: full_scores_against(features, bank.full[r], bank_ids, query_ids, k, r, cfg, space, host,

@@ -49,6 +49,7 @@ RANGES = {
     "normal_coreset_ratio": (0.0, 1.0, False),
     "coreset_dim": (1, 4096, True),
     "bank_dim": (0, 4096, True),
+    "full_bank_images": (0, 1_000_000, True),
     "interval_fraction": (0.0, 1.0, False),
     "k_min": (1, 64, True),
     "k_max": (1, 64, True),
@@ -101,6 +102,9 @@ class PAClipConfig:
     # directions) or a seeded "random" projection; the full bank's entries stored as float16 or as int8 with a
     # scale per entry.
     layers: tuple[int, ...] = ()
+    # Lots larger than this + 1 images keep a seeded sample of this many in the full bank, and every image, of the lot
+    # or new, is scored against that sample instead of the whole lot (0: always the whole lot)
+    full_bank_images: int = 0
     bank_dim: int = 0
     bank_projection: str = "pca"
     full_bank_storage: str = "float16"

@@ -33,9 +33,12 @@ class LotState:
     selection: str  # "text" or "visual"
     prior: object  # (N, L) prior anomaly score of each patch, used to keep defects out of the normal bank
     prior_threshold: float
-    # r -> (N, m) per-image coreset of the full bank, or None for every patch ({} for the text-only baseline)
+    # r -> (N_bank, m) per-image coreset of the images the full bank keeps (full_references), or None for every
+    # patch ({} for the text-only baseline)
     full_selections: dict = field(default_factory=dict)
     space: "SearchSpace | None" = None  # where the banks are searched (fit_search_space)
+    # the lot indices the full bank keeps (sorted, host), None for every lot image (full_bank_references)
+    full_references: np.ndarray | None = None
 
 
 @dataclass
@@ -164,6 +167,22 @@ def _projected(layer_tokens, grid, r: int, cfg: PAClipConfig, space: SearchSpace
     return total
 
 
+def full_bank_references(n_images: int, cfg: PAClipConfig) -> np.ndarray | None:
+    """The lot images the full bank keeps: every one (None) up to ``full_bank_images`` + 1, else a seeded sample of
+    ``full_bank_images`` (sorted lot indices), so that the lot stage and the bank grow linearly with the lot."""
+    if cfg.full_bank_images == 0 or n_images <= cfg.full_bank_images + 1:
+        return None
+    return np.sort(np.random.default_rng([cfg.seed, n_images]).choice(n_images, cfg.full_bank_images, replace=False))
+
+
+def lot_interval_k(n_images: int, cfg: PAClipConfig) -> int:
+    """The interval k of a lot's scoring, lot images and new ones alike: from the images the full bank keeps (a new
+    image is compared with all of them, a lot image with the others)."""
+    references = full_bank_references(n_images, cfg)
+    n_bank = n_images if references is None else len(references) + 1
+    return K.interval_k(n_bank, cfg.interval_fraction, cfg.k_min, cfg.k_max)
+
+
 def full_bank_selection(layer_tokens, grid, r: int, cfg: PAClipConfig, space: SearchSpace):
     """Per-image coreset of the full bank: (N, m) patch indices, or None to keep every patch."""
     length = layer_tokens.shape[2]
@@ -194,21 +213,25 @@ def full_scores_against(features: Features, bank_layers, bank_ids, query_ids, k:
     return total / len(space.layers)
 
 
-def mutual_scores(features: Features, r: int, cfg: PAClipConfig, space: SearchSpace, selection=None,
+def mutual_scores(features: Features, r: int, cfg: PAClipConfig, space: SearchSpace, selection=None, references=None,
                   host: HostSettings = DEFAULT_HOST):
-    """(N, L) interval-averaged scores of every lot image against the rest of the lot (``selection``: the full
-    bank's per-image coreset from ``full_bank_selection``, None for every patch), averaged over layers."""
+    """(N, L) interval-averaged scores of every lot image against the rest of the lot, or (``references``: sorted
+    lot indices) against those of them that are not itself; ``selection``: the full bank's per-image coreset of
+    those images from ``full_bank_selection``, None for every patch. Averaged over layers."""
     xp = K.get_xp(features.layer_tokens)
     n = features.layer_tokens.shape[0]
     ids = xp.arange(n)
-    k = K.interval_k(n, cfg.interval_fraction, cfg.k_min, cfg.k_max)
+    k = lot_interval_k(n, cfg)
+    bank_ids = ids if references is None else xp.asarray(references)
     total = 0
     for position in range(len(space.layers)):  # one layer at a time: the lot's features at every layer may not fit
         feats = space.features(features.layer_tokens, position, features.grid, r, cfg)
-        if selection is None:  # the lot is its own bank: each pair of images compared once
+        if selection is None and references is None:  # the lot is its own bank: each pair of images compared once
             total = total + K.lot_mutual_scores(feats, k, host.budget_bytes)
         else:
-            total = total + K.full_bank_scores(feats, bank_entries(feats, selection), ids, ids, k, host.budget_bytes)
+            bank = feats if references is None else feats[bank_ids]
+            total = total + K.full_bank_scores(feats, bank_entries(bank, selection), ids, bank_ids, k,
+                                               host.budget_bytes)
     return total / len(space.layers)
 
 
@@ -230,9 +253,13 @@ def lot_stage(features: Features, text_embeds, cfg: PAClipConfig, host: HostSett
         raise ValueError("the text-only baseline needs a text encoder; this backbone has none")
     text_scores = text_patch_scores(features, text_embeds, cfg) if has_text else {}
     space = fit_search_space(features, cfg)
+    references = full_bank_references(n, cfg)
+    kept = features.layer_tokens if references is None else features.layer_tokens[K.get_xp(
+        features.layer_tokens).asarray(references)]
     selections = {} if cfg.text_only else {
-        r: full_bank_selection(features.layer_tokens, features.grid, r, cfg, space) for r in cfg.scales}
-    full_scores = {r: mutual_scores(features, r, cfg, space, selection, host) for r, selection in selections.items()}
+        r: full_bank_selection(kept, features.grid, r, cfg, space) for r in cfg.scales}
+    full_scores = {r: mutual_scores(features, r, cfg, space, selection, references, host)
+                   for r, selection in selections.items()}
 
     if has_text:
         # Eq. 3: P(normal) of the CLS embedding
@@ -257,6 +284,7 @@ def lot_stage(features: Features, text_embeds, cfg: PAClipConfig, host: HostSett
         prior_threshold=threshold,
         full_selections=selections,
         space=space,
+        full_references=references,
     )
 
 

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from .config import PAClipConfig
 from .contract import Features
 from .kernels import coreset_size, random_projection
-from .pa_clip import PCA_SAMPLE, LotState, NormalSet, ScoreResult, SearchSpace, scoring_layers
+from .pa_clip import (PCA_SAMPLE, LotState, NormalSet, ScoreResult, SearchSpace, full_bank_references, lot_interval_k,
+                      scoring_layers)
 
 # -- kernels.py twins -------------------------------------------------------------------------------------------
 
@@ -172,19 +173,22 @@ def full_bank_selection(layer_tokens: torch.Tensor, grid, r: int, cfg: PAClipCon
     return greedy_coreset(_projected(layer_tokens, grid, r, cfg, space), m)
 
 
-def mutual_scores(features: Features, r: int, cfg: PAClipConfig, space: SearchSpace, selection=None) -> torch.Tensor:
-    """(N, L): per patch, nearest distance to each other lot image (its coreset ``selection``, or every patch), mean
-    of the k smallest of those, mean over the scoring layers."""
+def mutual_scores(features: Features, r: int, cfg: PAClipConfig, space: SearchSpace, selection=None,
+                  references=None) -> torch.Tensor:
+    """(N, L): per patch, nearest distance to each other lot image (or each of ``references`` but itself; its
+    coreset ``selection``, or every patch), mean of the k smallest of those, mean over the scoring layers."""
     n, _, length, _ = features.layer_tokens.shape
-    k = interval_k(n, cfg.interval_fraction, cfg.k_min, cfg.k_max)
+    k = lot_interval_k(n, cfg)
+    bank_ids = torch.arange(n) if references is None else torch.as_tensor(references)
     total = torch.zeros(n, length)
     for position in range(len(space.layers)):
         feats = _search_features(features.layer_tokens, space, position, features.grid, r, cfg)
-        bank = feats if selection is None else torch.stack([feats[i, selection[i]] for i in range(n)])
+        kept = feats[bank_ids]
+        bank = kept if selection is None else torch.stack([kept[j, selection[j]] for j in range(len(bank_ids))])
         for i in range(n):  # one query image at a time keeps the distance block at L x N x m
             dist = 1.0 - torch.einsum("lc,bmc->lbm", feats[i], bank)
-            per_image = dist.min(dim=-1).values  # (L, N): nearest patch of every image
-            per_image[:, i] = float("inf")  # never match yourself
+            per_image = dist.min(dim=-1).values  # (L, N_bank): nearest patch of every kept image
+            per_image[:, bank_ids == i] = float("inf")  # never match yourself
             total[i] += per_image.sort(dim=-1).values[:, :k].mean(dim=-1)
     return total / len(space.layers)
 
@@ -202,9 +206,12 @@ def lot_stage(features: Features, text_embeds, cfg: PAClipConfig) -> LotState:
     has_text = text_embeds is not None
     text_scores = text_patch_scores(features, text_embeds, cfg) if has_text else {}
     space = fit_search_space(features, cfg)
+    references = full_bank_references(n, cfg)  # the seeded sample is shared, as the random projections are
+    kept = features.layer_tokens if references is None else features.layer_tokens[torch.as_tensor(references)]
     selections = {} if cfg.text_only else {
-        r: full_bank_selection(features.layer_tokens, features.grid, r, cfg, space) for r in cfg.scales}
-    full_scores = {r: mutual_scores(features, r, cfg, space, selection) for r, selection in selections.items()}
+        r: full_bank_selection(kept, features.grid, r, cfg, space) for r in cfg.scales}
+    full_scores = {r: mutual_scores(features, r, cfg, space, selection, references)
+                   for r, selection in selections.items()}
     if has_text:
         normal_scores = 1.0 - text_defect_probability(features.image_embeds, text_embeds, cfg.tau_text)  # Eq. 3
         prior = fuse(text_scores, cfg)
@@ -226,6 +233,7 @@ def lot_stage(features: Features, text_embeds, cfg: PAClipConfig) -> LotState:
         prior_threshold=float(torch.quantile(prior.flatten().double(), cfg.normal_patch_quantile)),
         full_selections=selections,
         space=space,
+        full_references=references,
     )
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from postprocess import bank_store as store_module
-from postprocess.bank import BankError, build_bank, image_key, score_with_bank
+from postprocess.bank import BankError, build_bank, check_tensors, image_key, score_with_bank
 from postprocess.bank_store import BankStore
 from postprocess.config import PAClipConfig
 from conftest import BANK_STORAGE_TOL, assert_maps_within_contract
@@ -32,11 +32,12 @@ def scorer(tiny, lot):
 
 
 SMALL_BANKS = {"rescore": {"rescore_k": 3}, "pca": {"bank_dim": 12, "layers": (1, 3)},
-               "random": {"bank_dim": 10, "bank_projection": "random"}}
+               "random": {"bank_dim": 10, "bank_projection": "random"},
+               "sampled": {"full_bank_images": 4, "full_coreset_ratio": 0.5, "rescore_k": 3}}
 
 
 @pytest.mark.parametrize("mode", ["pad_mpam", "pad", "mutual", "baseline", "pad_mpam+rescore", "pad_mpam+pca",
-                                  "pad+random"])
+                                  "pad+random", "pad_mpam+sampled", "mutual+sampled"])
 def test_bank_scores_equal_in_process_lot_scores(scorer, tiny, tmp_path, mode):
     mode, _, extra = mode.partition("+")
     cfg = PAClipConfig.for_mode(mode, **SMALL_BANKS.get(extra, {}))
@@ -75,6 +76,29 @@ def test_a_projected_bank_stores_its_search_space_and_is_smaller(scorer, tiny, t
         build_bank(scorer, PAClipConfig(bank_dim=channels), "washer", tiny.fingerprint)
     with pytest.raises(RequestError, match="taps the encoder does not have"):
         build_bank(scorer, PAClipConfig(layers=(0, n_taps)), "washer", tiny.fingerprint)
+
+
+def test_a_lot_larger_than_the_full_bank_keeps_a_sample_and_scores_against_it(scorer, tiny, tmp_path):
+    """full_bank_images: a lot of 10 keeps 4 of its images in the full bank (a seeded sample, recorded), each lot
+    image is scored against those 4 (3 when it is one of them) and a new image against the same 4, with one k."""
+    cfg = PAClipConfig(full_bank_images=4)
+    bank, _ = build_bank(scorer, cfg, "washer", tiny.fingerprint)
+    sample = K.to_numpy(bank.full_ids)
+    assert len(sample) == 4 and list(sample) == sorted(set(sample.tolist()))
+    assert all(v.shape[1] == 4 for v in bank.full.values()) and bank.manifest.interval_k == 1  # round(0.3 * 4)
+    store = BankStore(tmp_path)
+    store.save(bank)
+    loaded = store.load("washer", tiny.fingerprint)
+    np.testing.assert_array_equal(loaded.full_ids, sample)
+    # a bank of the whole lot scores differently; a lot of 5 keeps every image (nothing to sample)
+    whole = build_bank(scorer, PAClipConfig(), "washer", tiny.fingerprint)[0]
+    assert whole.full_ids is None and next(iter(whole.full.values())).shape[1] == len(scorer.images)
+    small = LotScorer(tiny, scorer.images[:5], "washer", progress=False, features=scorer.features.take(slice(0, 5)))
+    assert build_bank(small, cfg, "washer", tiny.fingerprint)[0].full_ids is None
+    # a sample that is not the one the settings draw is damage, not a bank
+    tensors = {**loaded.tensors(), "full_ids": (sample + 1) % len(scorer.images)}
+    with pytest.raises(BankError, match="not the sample"):
+        check_tensors(loaded.manifest, tensors, "washer")
 
 
 def test_an_int8_full_bank_scores_like_the_float16_one(scorer, tiny, tmp_path):

@@ -47,6 +47,9 @@ CASES = {
     # random projection), with coresets chosen in it
     "pca-two-layers": dict(mode="pad_mpam", text=False, cfg=dict(layers=(2, 0), bank_dim=8, full_coreset_ratio=0.5)),
     "random-projection": dict(mode="pad_mpam", text=True, cfg=dict(bank_dim=6, bank_projection="random")),
+    # a lot larger than the full bank: every image scored against a sample of 7 (every patch; a coreset of each)
+    "sampled-full-bank": dict(mode="pad_mpam", text=True, cfg=dict(full_bank_images=7)),
+    "sampled-coreset": dict(mode="mutual", text=False, cfg=dict(full_bank_images=5, full_coreset_ratio=0.5)),
 }
 
 
