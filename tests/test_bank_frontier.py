@@ -10,7 +10,7 @@ from benchmarks import bank_frontier as frontier
 from conftest import make_mvtec_tree
 
 VARIANTS = ["today=", "quarter=full_coreset_ratio:0.25,bank_dim:C/4", "int8=full_bank_storage:int8",
-            "tap=layers:[-1]"]
+            "tap=layers:[-1]", "hnsw=search:faiss-hnsw,candidates:600,ef_search:600"]
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,7 @@ def collected(repository, tmp_path_factory):
 
 def test_each_variant_is_built_on_the_same_lots_and_measured(collected):
     _, data = collected
-    assert list(data["variants"]) == ["today", "quarter", "int8", "tap"]
+    assert list(data["variants"]) == ["today", "quarter", "int8", "tap", "hnsw"]
     channels, taps = data["channels"], data["taps"]
     quarter = data["variants"]["quarter"]
     assert quarter["settings"] == {"full_coreset_ratio": 0.25, "bank_dim": channels // 4}
@@ -67,6 +67,39 @@ def test_the_report_chooses_among_the_small_and_cheap_ones(collected, capsys):
     # nothing 100x smaller: said so, no choice
     assert frontier.main(["report", "--tune", f"A={out}", "--report", f"B={out}", "--smaller", "100"]) == 0
     assert "nothing is small and cheap enough" in capsys.readouterr().out
+
+
+def test_faiss_with_every_entry_a_candidate_is_the_exact_search(collected):
+    """HNSW asked for as many candidates as a tiny bank holds finds every nearest entry: the same scores as the
+    brute-force kernel, and its own count of distance computations as the work."""
+    _, data = collected
+    for exact, approximate in zip(data["variants"]["today"]["splits"], data["variants"]["hnsw"]["splits"]):
+        for key in ("image_auroc", "pixel_auroc", "pro"):
+            assert approximate[key] == pytest.approx(exact[key], abs=1e-6)
+        assert approximate["flop_per_new_image"] != exact["flop_per_new_image"]
+
+
+def test_a_faiss_search_stands_in_for_the_full_bank_kernel():
+    from postprocess import kernels as K
+
+    rng = np.random.default_rng(0)
+    queries = rng.standard_normal((3, 20, 16)).astype(np.float32)
+    bank = rng.standard_normal((7, 30, 16)).astype(np.float32)
+    queries /= np.linalg.norm(queries, axis=-1, keepdims=True)
+    bank /= np.linalg.norm(bank, axis=-1, keepdims=True)
+    ids, bank_ids = np.array([0, -1, 5]), np.arange(7)
+    exact = K.full_bank_scores(queries, bank, ids, bank_ids, 3, 1 << 20)
+    search = frontier.FaissFullBank(hnsw_m=16, ef_search=400, candidates=7 * 30)
+    np.testing.assert_allclose(search(queries, bank, ids, bank_ids, 3, 0), exact, atol=1e-6)
+    assert search.flop > 0
+    # few candidates: the images not reached stand in at the last candidate's distance, never above the truth
+    few = frontier.FaissFullBank(hnsw_m=16, ef_search=400, candidates=2)(queries, bank, ids, bank_ids, 3, 0)
+    assert np.all(few <= exact + 1e-6) and not np.allclose(few, exact)
+    # int8 entries are searched as what they stand for
+    q8, scale = K.quantize_rows(bank)
+    got = frontier.FaissFullBank(candidates=210, ef_search=400)(queries, q8, ids, bank_ids, 3, 0, bank_scale=scale)
+    np.testing.assert_allclose(got, K.full_bank_scores(queries, q8, ids, bank_ids, 3, 1 << 20, bank_scale=scale),
+                               atol=1e-5)
 
 
 def test_the_rule_keeps_accuracy_first():
