@@ -264,7 +264,7 @@ class BankStore:
             tensors, _ = _load_tensors_meta(folder / "bank.safetensors")
         except Exception as err:  # safetensors' own error types: a header that does not parse
             raise damaged(bank_id, version, f"bank.safetensors: {err}") from None
-        itemsize = {"F16": 2, "F32": 4, "I64": 8, "BF16": 2, "F64": 8, "I32": 4}
+        itemsize = {"F16": 2, "F32": 4, "I64": 8, "BF16": 2, "F64": 8, "I32": 4, "I8": 1, "U8": 1}
         resident = sum(int(np.prod(t["shape"])) * itemsize[t["dtype"]] for t in tensors.values())
         return {"bytes_on_disk": sum(p.stat().st_size for p in folder.iterdir()), "bytes_in_memory": resident}
 

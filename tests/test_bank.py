@@ -113,6 +113,7 @@ def test_an_int8_full_bank_scores_like_the_float16_one(scorer, tiny, tmp_path):
     store = BankStore(tmp_path)
     store.save(quarter)
     loaded = store.load("washer", tiny.fingerprint)
+    assert store.sizes("washer")["bytes_in_memory"] == loaded.nbytes  # int8 counted at a byte each
     ids = loaded.query_ids([image_key(img) for img in scorer.images])
     got = score_with_bank(loaded, scorer.features, ids)
     want = score_with_bank(half, scorer.features, ids)
