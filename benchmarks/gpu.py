@@ -270,6 +270,62 @@ def lot_rows(dev, args) -> list[dict]:
              "map_mean_ours": float(K.to_numpy(result.maps).mean()), "map_mean_torch": float(ref_maps.mean())}]
 
 
+def bank_rows(dev, args) -> list[dict]:
+    """Online scoring of new images against banks built on the device from the same lot of random ViT-L-sized
+    features (N images), one bank per setting of ``benchmarks.online_speed.VARIANTS`` (the banks before issue 26
+    beside today's defaults): bank GB, ms per new image (16 at a time), and the ratio."""
+    from benchmarks.online_speed import VARIANTS
+    from benchmarks.scoring_speed import make_inputs
+    from postprocess.bank import build_bank, score_with_bank
+    from postprocess.contract import Features
+    from postprocess.pipeline import LotScorer
+    from postprocess.serving import build_config
+
+    xp = dev.xp
+    spec = SimpleNamespace(images=args.images, tokens=args.tokens, channels=args.channels, layers=4, dim=768)
+    host_features, _ = make_inputs(spec)
+    features = host_features.to(xp)
+    side = int(round(math.sqrt(args.tokens)))
+    rng = np.random.default_rng(1)
+
+    class RandomBackbone:
+        """Encodes the CADA copies as noisy copies of the lot's features: the cost of building, not its content."""
+
+        has_text = False
+
+        def encode(self, images):
+            index = rng.integers(0, args.images, len(images))
+            tokens = host_features.layer_tokens[index].astype(np.float32)
+            tokens += 0.3 * rng.standard_normal(tokens.shape, dtype=np.float32)
+            return Features(xp.asarray(tokens.astype(np.float16)), features.patch_embeds[xp.asarray(index)],
+                            features.image_embeds[xp.asarray(index)], features.grid)
+
+        def encode_text(self, prompts):
+            return None
+
+    images = np.zeros((args.images, side * 14, side * 14, 3), np.uint8)
+    queries = features.take(slice(0, min(16, args.images)))
+    ids = xp.full(queries.layer_tokens.shape[0], -1)
+    rows, base_ms = [], None
+    for name, settings in VARIANTS.items():
+        def one(name=name, settings=settings):
+            scorer = LotScorer(RandomBackbone(), images, "bank", progress=False, features=features, xp=xp)
+            start = time.perf_counter()
+            bank = build_bank(scorer, build_config(dict(settings)), "gpu", {"backbone": "random"})[0]
+            dev.sync()
+            build_s = time.perf_counter() - start
+            seconds, _ = dev.timed(lambda: score_with_bank(bank, queries, ids))
+            ms = 1e3 * seconds / queries.layer_tokens.shape[0]
+            return [{"row": f"bank {name}: {args.images} lot images, new images scored 16 at a time",
+                     "bank_gb": bank.nbytes / 1e9, "build_s": build_s, "ms_per_new_image": ms}]
+        got = guarded(f"bank {name}", one)
+        if "ms_per_new_image" in got[-1]:
+            base_ms = base_ms or got[-1]["ms_per_new_image"]
+            got[-1]["faster_than_first"] = base_ms / got[-1]["ms_per_new_image"]
+        rows += got
+    return rows
+
+
 def end_to_end_rows(dev, args) -> list[dict]:
     """open_clip in FP16 on torch, features handed to the CuPy scoring through DLPack, a lot of synthetic washers."""
     import tempfile
@@ -334,7 +390,7 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="ViT-L-14-336")
     p.add_argument("--image-size", type=int, default=518)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--skip", nargs="*", default=[], choices=["kernels", "lot", "end-to-end"])
+    p.add_argument("--skip", nargs="*", default=[], choices=["kernels", "lot", "banks", "end-to-end"])
     p.add_argument("--dry-run", action="store_true", help="tiny sizes on the CPU: checks the script, measures nothing")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
@@ -345,7 +401,7 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(0)
     rows = []
     for name, fn in (("kernels", lambda: kernel_rows(dev, args, rng)), ("lot", lambda: lot_rows(dev, args)),
-                     ("end-to-end", lambda: end_to_end_rows(dev, args))):
+                     ("banks", lambda: bank_rows(dev, args)), ("end-to-end", lambda: end_to_end_rows(dev, args))):
         if name in args.skip:
             continue
         print(f"running {name} ...", file=sys.stderr, flush=True)
@@ -370,6 +426,9 @@ def main(argv=None) -> int:
                   + (f", {100 * of_matmul:.0f}% of torch's FP16 matmul here" if of_matmul else ""))
         if "images_per_s" in r:
             print(f"end to end: {r['images_per_s']:.1f} images/s")
+        if "faster_than_first" in r:
+            print(f"{r['row'].split(':')[0]}: {r['ms_per_new_image']:.2f} ms per new image, {r['bank_gb']:.2f} GB, "
+                  f"x{r['faster_than_first']:.1f} the first bank's speed")
     by_name = {r["row"]: r for r in rows if "ms" in r}
     for name, r in by_name.items():
         generic = by_name.get(name.replace("(fused)", "(generic)"))

@@ -23,6 +23,9 @@ def test_dry_run_walks_every_row_fused_and_generic(tmp_path, capsys):
         assert f"kNN full bank ({label})" in names
         assert sum(n.endswith(f"({label})") for n in names) == 5, names  # kNN, coreset, pooling, fusion, upsampling
     assert any(n.startswith("whole lot") for n in names) and any(n.startswith("end to end") for n in names)
+    banks = [r for r in rows if r["row"].startswith("bank ")]
+    assert [r["row"].split(":")[0] for r in banks] == ["bank before issue 26", "bank default"]
+    assert all(r["ms_per_new_image"] > 0 and r["bank_gb"] > 0 for r in banks)
     knn = next(r for r in rows if r["row"] == "kNN full bank (fused)")
     assert knn["max_diff"] < 1e-3  # our kNN and the cdist reference agree (float16 bank)
     whole = next(r for r in rows if r["row"].startswith("whole lot"))
@@ -37,7 +40,7 @@ def test_a_failing_kernel_row_leaves_the_others(tmp_path, monkeypatch, capsys):
         raise RuntimeError("CUDA_ERROR_ILLEGAL_ADDRESS (planted)")
 
     monkeypatch.setattr(kernels, "box_mean", broken)
-    assert gpu.main(["--dry-run", "--skip", "lot", "end-to-end", "--json", str(tmp_path / "gpu.json")]) == 1
+    assert gpu.main(["--dry-run", "--skip", "lot", "banks", "end-to-end", "--json", str(tmp_path / "gpu.json")]) == 1
     rows = json.loads((tmp_path / "gpu.json").read_text())["rows"]
     failed = [r["row"] for r in rows if "error" in r]
     assert failed == ["pooling r=5 of 2 images (fused)", "pooling r=5 of 2 images (generic)"]
