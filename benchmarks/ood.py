@@ -1,0 +1,203 @@
+"""Does a bank notice what it has never seen? Candidate out-of-distribution statistics measured on real parts, other
+products and synthetic camera faults.
+
+    python -m benchmarks.ood collect --data ../shared/data/magnetic_tile --others ../shared/data/ball_screw \\
+        ../shared/data/mvtec_bottle --out out/ood/magnetic_tile
+    python -m benchmarks.ood report --tune "magnetic tile=out/ood/magnetic_tile" --report "ball screw=out/ood/ball_screw"
+
+``collect``: for each split, a bank is built in this process on a start-of-shift lot (as ``benchmarks.line`` draws
+it), and scored against it are the lot itself (each image against the others), the set's other images (new good and
+defective parts), every image of the ``--others`` sets resized to the bank's size, and each new good part made into
+each synthetic fault of ``FAULTS``. Per image it keeps each statistic of ``postprocess.ood``.
+
+``report``: per statistic, the share flagged out of distribution in each group when the threshold is calibrated on
+the lot as the bank would calibrate it; the rule (on the tuning set): the statistic whose worst flagged share over
+the OOD groups is highest among those flagging at most 5% of the product's own parts (good or defective), reported on
+the other set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFilter
+
+from benchmarks.datasets import discover, load_category
+from benchmarks.line import draw_lot, line_samples
+from postprocess import contract as C
+from postprocess.atomic import write_atomic
+
+
+def _shift(img: np.ndarray) -> np.ndarray:
+    """The camera moved by a quarter of the frame: the picture slides right, the edge column fills the gap."""
+    w = img.shape[1]
+    q = w // 4
+    out = np.empty_like(img)
+    out[:, q:] = img[:, :w - q]
+    out[:, :q] = img[:, :1]
+    return out
+
+
+def _blur(img: np.ndarray) -> np.ndarray:
+    """Heavy defocus: a Gaussian of a fortieth of the long side."""
+    radius = max(img.shape[:2]) / 40.0
+    return np.asarray(Image.fromarray(img).filter(ImageFilter.GaussianBlur(radius)))
+
+
+def _gain(factor: float):
+    return lambda img: np.clip(img.astype(np.float32) * factor, 0, 255).astype(np.uint8)
+
+
+FAULTS = {
+    "black frame": lambda img: np.zeros_like(img),
+    "white frame": lambda img: np.full_like(img, 255),
+    "heavy blur": _blur,
+    "shifted a quarter": _shift,
+    "brightness x0.5": _gain(0.5),
+    "brightness x1.5": _gain(1.5),
+}
+
+
+def collect(args) -> int:
+    from export.backbones import OnnxBackbone
+    from postprocess import kernels as K
+    from postprocess.bank import build_bank, image_key, score_with_bank
+    from postprocess.ood import ood_statistics
+    from postprocess.pipeline import LotScorer, encode_images
+    from postprocess.serving import build_config
+
+    backbone = OnnxBackbone.from_repository(Path(args.repository))
+    category = line_samples(args.data)
+    from benchmarks.datasets import original_sizes
+
+    size = C.choose_input_size(backbone.fingerprint, original_sizes(category), C.DEFAULT_ASPECT)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        data = load_category(category, size)
+        others = {}
+        for root in args.others:
+            (other,) = discover(root, "mvtec")
+            others[other.name] = load_category(other, size).images
+    labels = data.labels
+    features = encode_images(backbone, data.images, 8, desc="encode the set")
+    encoded_others = {name: encode_images(backbone, imgs, 8) for name, imgs in others.items()}
+    n_defective = max(1, round(args.defect_rate * args.lot_size))
+    splits = []
+    for split in range(args.splits):
+        lot = draw_lot(labels, args.lot_size, n_defective, args.seed, split)
+        new = np.setdiff1d(np.arange(len(labels)), lot)
+        scorer = LotScorer(backbone, data.images[lot], category.name, progress=False, features=features.take(lot))
+        bank, _ = build_bank(scorer, build_config(dict(args.options)), "ood", backbone.fingerprint)
+
+        def stats(feats, images):
+            out = []
+            for start in range(0, len(images), 8):
+                f = feats.take(slice(start, start + 8))
+                ids = bank.query_ids([image_key(img) for img in images[start:start + 8]])
+                result = score_with_bank(bank, f, ids)
+                out.append(ood_statistics(bank, result, f, ids))
+            return {k: np.concatenate([o[k] for o in out]).round(6).tolist() for k in out[0]}
+
+        record = {"split": split, "lot": lot.tolist(), "new": new.tolist(),
+                  "groups": {"lot": stats(features.take(lot), data.images[lot]),
+                             "new good": stats(features.take(new[labels[new] == 0]), data.images[new[labels[new] == 0]]),
+                             "new defective": stats(features.take(new[labels[new] == 1]),
+                                                    data.images[new[labels[new] == 1]])}}
+        for name, feats in encoded_others.items():
+            record["groups"][f"other: {name}"] = stats(feats, others[name])
+        good = data.images[new[labels[new] == 0]]
+        for fault, make in FAULTS.items():
+            faulty = np.stack([make(img) for img in good])
+            record["groups"][f"fault: {fault}"] = stats(encode_images(backbone, faulty, 8), faulty)
+        splits.append(record)
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        write_atomic(out / "ood.json", json.dumps({"set": category.name, "options": args.options, "splits": splits}))
+        print(f"split {split} done", file=sys.stderr)
+    return 0
+
+
+def flagged(data: dict, statistic: str, budget: float, method: str) -> dict:
+    """Per group, the share above the threshold calibrated on the lot's own values of the statistic."""
+    from postprocess.decision import calibrate
+
+    counts: dict = {}
+    for record in data["splits"]:
+        threshold = calibrate(record["groups"]["lot"][statistic], None, budget, method).threshold
+        for group, values in record["groups"].items():
+            if group == "lot":
+                continue
+            v = np.asarray(values[statistic])
+            c = counts.setdefault(group, [0, 0])
+            c[0], c[1] = c[0] + int((v > threshold).sum()), c[1] + len(v)
+    return {g: hit / max(1, n) for g, (hit, n) in counts.items()}
+
+
+def own_groups(rates: dict) -> list:
+    return [g for g in rates if g in ("new good", "new defective")]
+
+
+def choose(data: dict, budget: float, method: str, max_own: float) -> str:
+    """The statistic whose worst OOD group is flagged most often, among those flagging at most ``max_own`` of the
+    product's own parts (all of them when none does)."""
+    rates = {s: flagged(data, s, budget, method) for s in data["splits"][0]["groups"]["lot"]}
+    fair = [s for s, r in rates.items() if max(r[g] for g in own_groups(r)) <= max_own] or list(rates)
+    return max(fair, key=lambda s: min(v for g, v in rates[s].items() if g not in own_groups(rates[s])))
+
+
+def report(args) -> int:
+    sets = {}
+    for spec in (args.tune, args.report):
+        name, _, folder = spec.partition("=")
+        sets[name] = json.loads((Path(folder) / "ood.json").read_text())
+    names = list(sets)
+    for a, b in ((names[0], names[1]), (names[1], names[0])):
+        pick = choose(sets[a], args.budget, args.method, args.max_own)
+        print(f"\nchosen on {a}: {pick}; reported on {b}")
+    for name, data in sets.items():
+        statistics = list(data["splits"][0]["groups"]["lot"])
+        table = {s: flagged(data, s, args.budget, args.method) for s in statistics}
+        groups = list(table[statistics[0]])
+        print(f"\n{name} ({len(data['splits'])} banks; threshold: {args.method} at {args.budget:.1%} of the lot):\n")
+        print("| group | " + " | ".join(statistics) + " |\n|---|" + "---:|" * len(statistics))
+        for g in groups:
+            print(f"| {g} | " + " | ".join(f"{100 * table[s][g]:.1f}%" for s in statistics) + " |")
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.ood", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("collect")
+    c.add_argument("--data", required=True)
+    c.add_argument("--others", nargs="*", default=[], help="other products' sets (MVTec layout)")
+    c.add_argument("--out", required=True)
+    c.add_argument("--repository", default="model_repository")
+    c.add_argument("--lot-size", type=int, default=36)
+    c.add_argument("--defect-rate", type=float, default=0.05)
+    c.add_argument("--splits", type=int, default=3)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE")
+    r = sub.add_parser("report")
+    r.add_argument("--tune", required=True)
+    r.add_argument("--report", required=True)
+    r.add_argument("--budget", type=float, default=0.005, help="the lot's share the OOD threshold leaves above it")
+    r.add_argument("--method", default="trimmed_tail")
+    r.add_argument("--max-own", type=float, default=0.05)
+    args = p.parse_args(argv)
+    if args.command == "collect":
+        from client.infer import parse_overrides
+
+        args.options = parse_overrides(args.overrides)
+        return collect(args)
+    return report(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
