@@ -6,6 +6,10 @@
   python -m client.banks prune             remove old versions and what failed builds left behind
   python -m client.banks verify [BANK]     check every bank (or one) against its manifest: file digests, tensor
                                            shapes, dtypes and values; exit code 1 when one is damaged
+  python -m client.banks update BANK --images DIR
+                                           grow a bank with new parts without building it anew: those that look
+                                           like its lot's good parts are folded in (a new version), the rest left
+                                           out and listed; the decision's calibration is read again
 
 The server keeps the live version of a bank and the one before it (a replica may still be loading it); `prune`
 removes older ones. `python -m serve --max-store-gb N` refuses adds and builds that would take the store past N GB.
@@ -16,6 +20,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+
+import numpy as np
 
 from client.triton_client import ClientError, PAClipClient
 
@@ -40,7 +46,46 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("prune", help="remove old versions and what failed builds left")
     commands.add_parser("verify", help="check banks against their manifests (all, or one)").add_argument(
         "bank", nargs="?", default="")
+    update = commands.add_parser("update", help="fold new good parts into a bank (a new version)")
+    update.add_argument("bank")
+    update.add_argument("--images", required=True, help="a folder, a file or a glob of the new parts")
+    update.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
+
+
+def update(client: PAClipClient, args) -> dict:
+    """Send the new parts at the bank's size as its pending lot (started afresh), then grow the bank with them."""
+    from client.infer import find_images, load_images
+
+    info = client.bank_info(args.bank)
+    paths = find_images(args.images)
+    if not paths:
+        raise ClientError(f"no images found at {args.images!r}")
+    loaded, skipped = load_images(paths, tuple(info["image_size"]), not args.quiet)
+    if not loaded:
+        raise ClientError(f"none of the {len(paths)} images at {args.images!r} could be read")
+    images = [item[2] for item in loaded]
+    for start in range(0, len(images), 8):
+        client.add_images(args.bank, info["category"], np.stack(images[start:start + 8]), reset=start == 0)
+    answer = client.update_bank(args.bank, on_wait=lambda m: print(f"waiting: {m}", file=sys.stderr))
+    answer["update"]["paths"] = [str(item[0]) for item in loaded]
+    answer["update"]["skipped"] = [str(s) for s in skipped]
+    return answer
+
+
+def print_update(answer: dict) -> None:
+    report = answer["update"]
+    paths = report.pop("paths", [])
+    print(f"{report['scored']} image(s) scored against bank {answer['bank']!r}: {report['folded_in']} folded in, "
+          f"{len(report['left_out'])} left out, {report['already_in_lot']} already in its lot; lot now "
+          f"{answer['n_images']} images" + (f", version {answer['version']}" if report["folded_in"] else
+                                            " (nothing written)"))
+    for item in report["left_out"]:
+        name = paths[item["index"]] if item["index"] < len(paths) else f"#{item['index']}"
+        print(f"  left out: {name}: {item['why']} (score {item['score']:.4g})")
+    if answer.get("decision"):
+        d = answer["decision"]
+        print(f"threshold now {d['threshold']:.4g} ({d['method']}, {d['false_alarm_rate']:.1%} budget)")
 
 
 def print_verified(answer: dict) -> None:
@@ -109,6 +154,9 @@ def main(argv=None) -> int:
         elif args.command == "verify":
             answer = client.bank_action("verify", args.bank)
             show = print_verified
+        elif args.command == "update":
+            answer = update(client, args)
+            show = print_update
         else:
             answer = client.prune_banks()
             show = lambda a: print(f"removed {len(a['removed'])} item(s), freed {megabytes(a['freed_bytes'])}"  # noqa

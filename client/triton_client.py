@@ -134,11 +134,19 @@ class PAClipClient:
         """Build ``bank`` from its pending lot. A server builds one bank at a time: while it builds another it
         answers "server busy" (503), and the build is sent again every ``BUSY_RETRY_S`` seconds, for at most
         ``wait_s`` (default: this client's timeout); ``on_wait(message)`` hears the first such answer."""
+        return self._one_build_at_a_time("build", bank, options, wait_s, on_wait)
+
+    def update_bank(self, bank: str, wait_s: float | None = None, on_wait=None) -> dict:
+        """Grow the live ``bank`` with its pending lot (``postprocess.growth``): the parts that look like its good
+        ones are folded in, a new version written. Busy servers are waited for as ``build_bank`` waits."""
+        return self._one_build_at_a_time("update", bank, None, wait_s, on_wait)
+
+    def _one_build_at_a_time(self, action: str, bank: str, options, wait_s, on_wait) -> dict:
         deadline = time.monotonic() + (self.timeout_s if wait_s is None else wait_s)
         told = False
         while True:
             try:
-                return self.bank_action("build", bank, options=options or None)
+                return self.bank_action(action, bank, options=options or None)
             except ClientError as err:
                 if BUSY not in str(err) or time.monotonic() + BUSY_RETRY_S > deadline:
                     raise

@@ -348,7 +348,7 @@ MAX_CATEGORY_CHARS = 200  # a product name, in a prompt of CLIP's 77 tokens: far
 
 
 class BankService:
-    ACTIONS = ("add", "build", "list", "info", "delete", "encoder", "prune", "verify")
+    ACTIONS = ("add", "build", "update", "list", "info", "delete", "encoder", "prune", "verify")
 
     def __init__(self, store: BankStore, encoder: dict, encode_images, encode_text=None, log=print,
                  host: HostSettings = DEFAULT_HOST, telemetry: Telemetry = NO_TELEMETRY):
@@ -400,6 +400,10 @@ class BankService:
             if not isinstance(reset, bool):  # "no" is a non-empty string: read as true it would wipe the lot
                 raise BankError(f"option 'reset' must be true or false, got {reset!r}")
             return self.add(bank_id, category, images, reset)
+        if action == "update":
+            if options:
+                raise BankError(f"update takes no options (it keeps the bank's settings), got {sorted(options)}")
+            return self.build(bank_id, None)
         return self.build(bank_id, options)
 
     def add(self, bank_id: str, category: str, images, reset: bool) -> dict:
@@ -415,16 +419,18 @@ class BankService:
         size = self.store.add_to_lot(bank_id, category, images, features, reset=reset)
         return {"bank": bank_id, "category": category, "lot_size": size}
 
-    def build(self, bank_id: str, options: dict) -> dict:
-        cfg = build_config(options)
+    def build(self, bank_id: str, options: dict | None) -> dict:
+        """Build the bank from its pending lot with ``options`` (a PA-CLIP configuration), or (None) grow the live
+        bank with it (``postprocess.growth``)."""
+        cfg = None if options is None else build_config(options)
         started = time.perf_counter()
         outcome = "failed"
         try:
             # one build at a time on this host (the other instance stays free for info and adds, scoring keeps
             # the cores it needs), and one build per bank id, also across replicas on one store
             with build_slot(bank_id), self.store.building(bank_id):
-                result = self._build(bank_id, cfg)
-            outcome = "built"
+                result = self._build(bank_id, cfg) if cfg is not None else self._update(bank_id)
+            outcome = "built" if cfg is not None else "updated"
             return result
         finally:
             self.telemetry.count("pa_clip_bank_builds_total", bank=bank_id, outcome=outcome)
@@ -440,6 +446,28 @@ class BankService:
         self.store.clear_lot(bank_id, parts)  # only what it was built from: a later add stays for the next build
         self.log(f"bank {bank_id!r} built: version {bank.manifest.version}")
         return {**summary(bank.manifest), "lot_image_scores": [float(s) for s in report.scores]}
+
+    def _update(self, bank_id: str) -> dict:
+        from .growth import grow_bank
+
+        bank = self.store.load(bank_id, self.encoder)
+        category, images, features, parts = self.store.load_lot(bank_id)
+        if category != bank.manifest.category:
+            raise BankError(f"the pending lot of bank {bank_id!r} is for category {category!r}, the bank for "
+                            f"{bank.manifest.category!r}: add images of its product (or reset the lot)")
+        if tuple(features.grid) != bank.grid:
+            raise BankError(f"the pending lot of bank {bank_id!r} was encoded on a {tuple(features.grid)} patch grid, "
+                            f"the bank scores {bank.grid}: resize the images to the bank's size "
+                            f"{bank.manifest.image_size[0]}x{bank.manifest.image_size[1]}")
+        self.log(f"updating bank {bank_id!r} (version {bank.manifest.version}) with {len(images)} images")
+        grown, report = grow_bank(bank.to(self.host.xp()), features.to(self.host.xp()),
+                                  [image_key(img) for img in images], self.host)
+        if report["folded_in"]:
+            self.store.save(grown)
+        self.store.clear_lot(bank_id, parts)
+        self.log(f"bank {bank_id!r}: {report['folded_in']} of {report['scored']} images folded in"
+                 + (f": version {grown.manifest.version}" if report["folded_in"] else ""))
+        return {**summary(grown.manifest), "update": report}
 
 
 __all__ = ["ScoreService", "BankService", "RemoteEncoder", "bank_root", "build_config", "describe_failure",

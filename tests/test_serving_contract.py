@@ -247,6 +247,46 @@ def test_banks_command_lists_shows_deletes_and_prunes(server, built, lot, reposi
         small.stop()
 
 
+def test_a_bank_grows_with_new_parts_through_the_server(server, lot, lot_dir, workdir):
+    """python -m client.banks update: the new parts go in as the bank's pending lot, those like its good parts are
+    folded into a new version (the others listed), the lot is cleared; the grown bank serves at once."""
+    client = PAClipClient(server.http_url)
+    client.add_images("grow", "washer", lot[:6], reset=True)
+    client.build_bank("grow")
+    before = client.bank_info("grow")
+    new = workdir / "new_parts"
+    new.mkdir()
+    for path in sorted(lot_dir.glob("*.png"))[6:]:
+        shutil.copy(path, new / path.name)
+
+    def banks(*args):
+        return subprocess.run([sys.executable, "-m", "client.banks", "--url", server.http_url, *args], cwd=ROOT,
+                              capture_output=True, text=True, timeout=300)
+
+    grown = banks("--json", "update", "grow", "--images", str(new), "--quiet")
+    assert grown.returncode == 0, grown.stderr
+    answer = json.loads(grown.stdout)
+    report = answer["update"]
+    assert report["scored"] == 4 and report["folded_in"] + len(report["left_out"]) == 4
+    after = client.bank_info("grow")
+    assert after["n_images"] == 6 + report["folded_in"]
+    assert (after["version"] != before["version"]) == (report["folded_in"] > 0)
+    assert not any(p["bank"] == "grow" for p in client.store()["pending"])  # the lot it read is cleared
+    maps, scores = client.score(lot[6:], "grow")
+    assert np.isfinite(scores).all() and maps.shape == (4, SIZE, SIZE)
+    # the same parts again: all of those folded in are lot members now
+    again = json.loads(banks("--json", "update", "grow", "--images", str(new), "--quiet").stdout)["update"]
+    assert again["already_in_lot"] == report["folded_in"]
+    printed = banks("update", "grow", "--images", str(new), "--quiet")
+    assert "already in its lot" in printed.stdout
+    with pytest.raises(ClientError, match="update takes no options"):
+        client.bank_action("update", "grow", options={"alpha": 0.5})
+    missing = banks("update", "nope", "--images", str(new))
+    assert missing.returncode == 2 and "unknown bank 'nope'" in missing.stderr
+    client.delete_bank("grow")
+    client.close()
+
+
 def test_a_damaged_bank_is_refused_through_the_server_naming_it_and_verify_finds_it(server, built, lot, workdir):
     """The probe's worst find: 64 bytes flipped in a version's bank.safetensors moved maps by up to 9.1, silently.
     Now the scoring model refuses the bank when it loads it (400: the message names it and what to do), verify

@@ -1,0 +1,164 @@
+"""Growing a bank with the line (issue 27): new good parts folded into an existing bank without the lot stage.
+
+The new images are scored against the bank as any new part is. Those that look like the lot's ordinary good parts
+(a score at most the lot's ``ACCEPT_QUANTILE`` reference score: well inside the good parts, where a defect the
+decision misses rarely lies) join the bank: their per-image coresets are appended to the full bank, their patches
+are merged into the normal bank's coreset (the greedy k-center continues from the entries it has), and their image
+embeddings and map scores join the re-scoring reference. The calibration is read again from the lot's reference
+scores and every new image's score (suspected defects left out by the method, as in a build). What the lot stage
+measured once (tau_b, the heat maps' colour scale) is kept.
+
+A bank whose full bank keeps a sample of its lot (``full_bank_images``) grows until the lot passes that size, then
+keeps the sample its settings draw for the grown lot; once sampled it is not grown again (the images outside the
+sample left no entries): build it anew.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from . import kernels as K
+from .bank import Bank, BankError, score_with_bank
+from .contract import Features
+from .decision import READS_REFERENCE, Calibration, calibrate
+from .host import DEFAULT_HOST, HostSettings
+from .pa_clip import _projected, bank_entries, full_bank_references, full_bank_selection, lot_interval_k
+
+ACCEPT_QUANTILE = 0.75  # of the lot's reference scores: a new image at or below it is an ordinary good part
+
+
+def accept_level(calibration: Calibration) -> float:
+    """The highest score a new image may have to be folded in."""
+    if calibration.method in READS_REFERENCE and calibration.reference:
+        return float(np.quantile(np.asarray(calibration.reference), ACCEPT_QUANTILE))
+    return calibration.raw(0.25)  # a method that kept no scores: well below its threshold
+
+
+def _coreset_features(bank: Bank, r: int, entries, cfg):
+    """The coreset projection of stored normal-bank entries ((layers, M, d) search features): what ``_projected``
+    gives for the patches they came from."""
+    xp = K.get_xp(entries)
+    layers, count, width = entries.shape
+    proj = xp.asarray(K.random_projection(layers * width, cfg.coreset_dim, cfg.seed + r))
+    total = 0
+    for position in range(layers):
+        total = total + entries[position].astype(xp.float32) @ proj[position * width:(position + 1) * width]
+    return total
+
+
+def extend_coreset(existing, candidates, n_add: int):
+    """Indices of ``n_add`` of ``candidates`` (P, d) chosen greedily farthest from ``existing`` (M, d) and from each
+    other: the k-center greedy continued from a set it already holds."""
+    xp = K.get_xp(candidates)
+    n_add = min(n_add, int(candidates.shape[0]))
+    if n_add <= 0:
+        return xp.zeros(0, dtype=xp.int64)
+    sq = (candidates * candidates).sum(axis=1)
+    if existing.shape[0]:
+        dots = candidates @ existing.T
+        min_dist = xp.maximum(sq[:, None] - 2.0 * dots + (existing * existing).sum(axis=1)[None, :], 0.0).min(axis=1)
+    else:
+        min_dist = xp.full(candidates.shape[0], xp.inf, dtype=xp.float32)
+    chosen = []
+    for _ in range(n_add):
+        nxt = int(xp.argmax(min_dist))
+        chosen.append(nxt)
+        centre = candidates[nxt]
+        min_dist = xp.minimum(min_dist, xp.maximum(sq - 2.0 * (candidates @ centre) + (centre * centre).sum(), 0.0))
+        min_dist[nxt] = -1.0
+    return xp.asarray(np.asarray(chosen, dtype=np.int64))
+
+
+def grow_bank(bank: Bank, features: Features, keys: list[str], host: HostSettings = DEFAULT_HOST) -> tuple:
+    """A new bank: ``bank`` with the new images (``features``, their image keys) that look like its good parts folded
+    in, and a report: how many were scored, folded in, left out and why."""
+    cfg, manifest = bank.config, bank.manifest
+    if cfg.text_only:
+        raise BankError(f"bank {manifest.bank!r} is a text-only baseline: it holds no lot to grow")
+    if bank.full_ids is not None:
+        raise BankError(f"bank {manifest.bank!r} keeps a sample of {len(bank.full_ids)} of its {manifest.n_images} "
+                        "lot images in its full bank (full_bank_images): build it anew with the new images")
+    xp = K.get_xp(*bank.full.values())
+    ids = bank.query_ids(keys)
+    fresh = np.flatnonzero(ids < 0)
+    report = {"scored": len(keys), "already_in_lot": int((ids >= 0).sum()), "folded_in": 0, "left_out": []}
+    if fresh.size == 0:
+        return bank, report
+    new = features.take(xp.asarray(fresh))
+    result = score_with_bank(bank, new, np.full(fresh.size, -1), host=host)
+    scores = K.to_numpy(result.scores).astype(np.float64)
+    calibration = Calibration.from_dict(manifest.decision)
+    level = accept_level(calibration)
+    accepted = np.flatnonzero(scores <= level)
+    for j in np.flatnonzero(scores > level):
+        report["left_out"].append({"index": int(fresh[j]), "score": float(scores[j]),
+                                   "why": f"score above the lot's {ACCEPT_QUANTILE:.0%} reference ({level:.4g})"})
+    n_old = manifest.n_images
+    n_new = n_old + accepted.size
+    space = bank.space
+    if accepted.size:
+        take = xp.asarray(accepted)
+        tokens = new.layer_tokens[take]
+        full, full_scale = dict(bank.full), dict(bank.full_scale)
+        for r in full:
+            selection = full_bank_selection(tokens, new.grid, r, cfg, space)
+            entries = xp.stack([bank_entries(space.features(tokens, p, new.grid, r, cfg), selection)
+                                for p in range(len(space.layers))])
+            if r in full_scale:
+                q, scale = K.quantize_rows(entries)
+                full[r] = xp.concatenate([full[r], q], axis=1)
+                full_scale[r] = xp.concatenate([full_scale[r], scale], axis=1)
+            else:
+                full[r] = xp.concatenate([full[r], entries.astype(xp.float16)], axis=1)
+        references = full_bank_references(n_new, cfg)
+        full_ids = None
+        if references is not None:  # the grown lot passes the sample's size: keep the sample its settings draw
+            keep = xp.asarray(references)
+            full = {r: v[:, keep] for r, v in full.items()}
+            full_scale = {r: v[:, keep] for r, v in full_scale.items()}
+            full_ids = keep.astype(xp.int64)
+        # the normal bank: patches of the folded-in images that their own scores do not mark, merged into the coreset
+        patch = result.patch_scores[take]
+        cut = float(xp.quantile(patch, cfg.normal_patch_quantile))
+        candidates_mask = (patch <= cut).reshape(-1)
+        flat = xp.nonzero(candidates_mask)[0]
+        normal, normal_ids = dict(bank.normal), dict(bank.normal_ids)
+        length = int(tokens.shape[2])
+        for r in normal:
+            proj = _projected(tokens, new.grid, r, cfg, space).reshape(-1, cfg.coreset_dim)[flat]
+            existing = _coreset_features(bank, r, bank.normal[r], cfg)
+            n_add = K.coreset_size(int(flat.shape[0]), cfg.normal_coreset_ratio)
+            pick = flat[extend_coreset(existing, proj.astype(xp.float32), n_add)]
+            added = xp.stack([space.features(tokens, p, new.grid, r, cfg).reshape(-1, normal[r].shape[-1])[pick]
+                              for p in range(len(space.layers))])
+            normal[r] = xp.concatenate([normal[r], added.astype(normal[r].dtype)], axis=1)
+            source = xp.asarray(n_old + np.repeat(np.arange(accepted.size), length))[pick]
+            normal_ids[r] = xp.concatenate([normal_ids[r], source.astype(normal_ids[r].dtype)])
+        lot_embeds, lot_scores = bank.lot_embeds, bank.lot_scores
+        if lot_embeds is not None:
+            lot_embeds = xp.concatenate([lot_embeds, new.image_embeds[take].astype(xp.float32)])
+            lot_scores = xp.concatenate([lot_scores, result.map_scores[take].astype(xp.float32)])
+    else:
+        full, full_scale, normal, normal_ids = bank.full, bank.full_scale, bank.normal, bank.normal_ids
+        lot_embeds, lot_scores, full_ids = bank.lot_embeds, bank.lot_scores, None
+    # the calibration read again: the lot's kept scores and every new image's (its method leaves suspected defects
+    # out as a build does); a method that kept no scores keeps its calibration
+    decision = manifest.decision
+    if calibration.method in READS_REFERENCE and calibration.reference:
+        pooled = np.concatenate([np.asarray(calibration.reference), scores])
+        decision = calibrate(pooled, None, calibration.false_alarm_rate, calibration.method).to_dict()
+    summary_scores = np.concatenate([np.asarray(calibration.reference or [manifest.lot_scores["median"]]), scores])
+    grown = manifest.replace(
+        n_images=n_new, image_keys=manifest.image_keys + tuple(keys[int(fresh[j])] for j in accepted),
+        interval_k=lot_interval_k(n_new, cfg),
+        normal_bank_entries={r: int(v.shape[1]) for r, v in normal.items()},
+        lot_scores={"min": float(summary_scores.min()), "median": float(np.median(summary_scores)),
+                    "max": float(summary_scores.max())},
+        decision=decision, version=None, built_at=None, files=None, tensors=None)
+    report["folded_in"] = int(accepted.size)
+    report["lot_size"] = n_new
+    return dataclasses.replace(bank, manifest=grown, full=full, full_scale=full_scale, normal=normal,
+                               normal_ids=normal_ids, lot_embeds=lot_embeds, lot_scores=lot_scores,
+                               full_ids=full_ids), report

@@ -1,0 +1,102 @@
+"""Growing a bank (postprocess/growth.py): new parts that look like the lot's good ones folded in without the lot
+stage, the rest left out, a version that loads, verifies and scores like a bank built on the larger lot."""
+
+import numpy as np
+import pytest
+from scipy.stats import spearmanr
+
+from postprocess import growth
+from postprocess.bank import BankError, build_bank, image_key, score_with_bank
+from postprocess.bank_store import BankStore
+from postprocess.config import PAClipConfig
+from postprocess.pipeline import LotScorer, encode_images
+
+
+@pytest.fixture(scope="module")
+def washers(tmp_path_factory, tiny_clip_112):
+    from client.demo_lot import write_demo_lot
+    from client.infer import load_image
+
+    folder = write_demo_lot(tmp_path_factory.mktemp("washers"), n_images=40, n_defective=4, size=128, seed=3)
+    images = np.stack([load_image(p, 112)[1] for p in sorted(folder.glob("*.png"))])
+    import json
+
+    truth = json.loads((folder / "truth.json").read_text())
+    labels = np.asarray([truth[p.name] != "good" for p in sorted(folder.glob("*.png"))])
+    return images, labels, encode_images(tiny_clip_112, images, 8)
+
+
+def bank_on(tiny, images, features, cfg=None):
+    scorer = LotScorer(tiny, images, "washer", progress=False, features=features)
+    return build_bank(scorer, cfg or PAClipConfig(rescore_k=5), "washer", tiny.fingerprint)[0]
+
+
+def keys(images):
+    return [image_key(img) for img in images]
+
+
+def test_new_good_parts_are_folded_in_and_the_version_loads(tiny_clip_112, washers, tmp_path):
+    images, labels, features = washers
+    good = np.flatnonzero(~labels)
+    lot, new = good[:14], np.concatenate([good[14:22], np.flatnonzero(labels)])
+    bank = bank_on(tiny_clip_112, images[lot], features.take(lot))
+    grown, report = growth.grow_bank(bank, features.take(new), keys(images[new]))
+    assert report["scored"] == len(new) and report["already_in_lot"] == 0
+    folded = report["folded_in"]
+    assert 0 < folded < len(new) and folded + len(report["left_out"]) == len(new)
+    level = growth.accept_level(growth.Calibration.from_dict(bank.manifest.decision))
+    assert all(item["score"] > level for item in report["left_out"])
+    assert grown.manifest.n_images == 14 + folded == len(grown.manifest.image_keys)
+    for r in bank.full:
+        assert grown.full[r].shape[1] == 14 + folded
+        assert grown.normal[r].shape[1] > bank.normal[r].shape[1]
+        assert int(grown.normal_ids[r].max()) < 14 + folded
+    assert grown.lot_embeds.shape[0] == grown.lot_scores.shape[0] == 14 + folded
+    # the calibration is read again from the lot's kept scores and every new part's
+    old = bank.manifest.decision
+    assert grown.manifest.decision["n_images"] == len(old["reference"]) + len(new)
+    assert grown.manifest.decision["threshold"] != old["threshold"]
+    store = BankStore(tmp_path)
+    store.save(grown)
+    loaded = store.load("washer", tiny_clip_112.fingerprint)  # every tensor checked against the grown manifest
+    ids = loaded.query_ids(keys(images[new]))
+    assert (ids >= 0).sum() == folded  # a folded-in part is now a lot member: never matched against itself
+    result = score_with_bank(loaded, features.take(new), ids)
+    assert np.isfinite(result.maps).all()
+    # sending the same images again folds nothing in twice
+    again, second = growth.grow_bank(loaded, features.take(new), keys(images[new]))
+    assert second["already_in_lot"] == folded and again.manifest.n_images >= loaded.manifest.n_images
+
+
+def test_a_grown_bank_scores_like_one_built_on_the_larger_lot(tiny_clip_112, washers, monkeypatch):
+    """Everything folded in (the acceptance level lifted): held-out images rank alike against the grown bank and
+    against a bank built on the whole larger lot."""
+    images, labels, features = washers
+    good = np.flatnonzero(~labels)
+    lot, new, held = good[:14], good[14:24], np.concatenate([good[24:], np.flatnonzero(labels)])
+    monkeypatch.setattr(growth, "accept_level", lambda calibration: float("inf"))
+    grown, report = growth.grow_bank(bank_on(tiny_clip_112, images[lot], features.take(lot)), features.take(new),
+                                     keys(images[new]))
+    assert report["folded_in"] == len(new)
+    rebuilt = bank_on(tiny_clip_112, images[np.concatenate([lot, new])], features.take(np.concatenate([lot, new])))
+    assert grown.manifest.interval_k == rebuilt.manifest.interval_k
+    ids = np.full(len(held), -1)
+    a = score_with_bank(grown, features.take(held), ids).scores
+    b = score_with_bank(rebuilt, features.take(held), ids).scores
+    assert spearmanr(a, b)[0] > 0.9
+    assert np.abs(a - b).max() < 0.25 * (b.max() - b.min())
+
+
+def test_a_bank_that_keeps_a_sample_is_not_grown(tiny_clip_112, washers):
+    images, _, features = washers
+    bank = bank_on(tiny_clip_112, images[:12], features.take(slice(0, 12)), PAClipConfig(full_bank_images=5))
+    with pytest.raises(BankError, match="build it anew"):
+        growth.grow_bank(bank, features.take(slice(12, 16)), keys(images[12:16]))
+
+
+def test_extending_a_coreset_takes_the_farthest_points_first():
+    existing = np.array([[0.0, 0.0]], np.float32)
+    candidates = np.array([[0.1, 0.0], [5.0, 0.0], [0.0, 4.0], [5.1, 0.0]], np.float32)
+    assert growth.extend_coreset(existing, candidates, 2).tolist() == [3, 2]
+    assert growth.extend_coreset(existing, candidates, 0).tolist() == []
+    assert sorted(growth.extend_coreset(existing, candidates, 9).tolist()) == [0, 1, 2, 3]
