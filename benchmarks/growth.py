@@ -1,0 +1,142 @@
+"""Growing a bank with the line (``python -m client.banks update``) against building it anew, on real parts.
+
+    python -m benchmarks.growth --data ../shared/data/ball_screw [--splits 5] [--batch 20] [--batch-defects 1]
+
+Per split, in this process: a bank is built on a start-of-shift lot (as ``benchmarks.line`` draws it), then a batch of
+new parts (``--batch-defects`` of them defective) is folded in with ``postprocess.growth.grow_bank``, and, side by
+side, a bank is built anew on the lot and the batch. Every other image of the set is then scored as a new part
+against the three banks. Per split: seconds of the update and of the rebuild, which batch parts were folded in (and
+whether a defective one was), image AUROC on the held-out parts before and after the update and with the rebuild,
+recall and false alarms at each bank's automatic threshold, the recall on held-out parts of the defect types the batch
+carried (a defect seen again later must still be flagged), and how closely the grown bank's scores follow the
+rebuilt bank's (Spearman correlation; largest difference in units of the rebuilt scores' spread).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+from scipy.stats import spearmanr
+from sklearn.metrics import roc_auc_score
+
+from benchmarks.datasets import load_category, original_sizes
+from benchmarks.line import draw_lot, line_samples
+from postprocess import contract as C
+from postprocess.atomic import write_atomic
+
+
+def decisions(bank, scores) -> np.ndarray:
+    from postprocess.decision import Calibration
+
+    return np.asarray(scores) > Calibration.from_dict(bank.manifest.decision).threshold
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.growth", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="one category in the MVTec layout")
+    p.add_argument("--repository", default="model_repository")
+    p.add_argument("--lot-size", type=int, default=36)
+    p.add_argument("--defect-rate", type=float, default=0.05, help="of the start-of-shift lot")
+    p.add_argument("--batch", type=int, default=20, help="new parts folded in")
+    p.add_argument("--batch-defects", type=int, default=1, help="defective parts among them")
+    p.add_argument("--splits", type=int, default=5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+
+    from export.backbones import OnnxBackbone
+    from postprocess import kernels as K
+    from postprocess.bank import build_bank, image_key, score_with_bank
+    from postprocess.config import PAClipConfig
+    from postprocess.growth import grow_bank
+    from postprocess.pipeline import LotScorer, encode_images
+
+    backbone = OnnxBackbone.from_repository(Path(args.repository))
+    category = line_samples(args.data)
+    size = C.choose_input_size(backbone.fingerprint, original_sizes(category), C.DEFAULT_ASPECT)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        data = load_category(category, size)
+    labels = data.labels
+    types = np.asarray([s.defect_type for s in data.samples])
+    features = encode_images(backbone, data.images, 8, desc="encode the set")
+    keys = [image_key(img) for img in data.images]
+    cfg = PAClipConfig()
+    n_defective = max(1, round(args.defect_rate * args.lot_size))
+    rows = []
+    for split in range(args.splits):
+        lot = draw_lot(labels, args.lot_size, n_defective, args.seed, split)
+        rest = np.setdiff1d(np.arange(len(labels)), lot)
+        rng = np.random.default_rng([args.seed, split, 99])
+        good, bad = rest[labels[rest] == 0], rest[labels[rest] == 1]
+        batch = np.concatenate([rng.choice(good, args.batch - args.batch_defects, replace=False),
+                                rng.choice(bad, args.batch_defects, replace=False)])
+        held = np.setdiff1d(rest, batch)
+
+        def built(indices):
+            scorer = LotScorer(backbone, data.images[indices], category.name, progress=False,
+                               features=features.take(indices))
+            return build_bank(scorer, cfg, "growth", backbone.fingerprint)[0]
+
+        def scores(bank):
+            out = []
+            for start in range(0, len(held), 8):
+                part = held[start:start + 8]
+                ids = bank.query_ids([keys[i] for i in part])
+                out.append(K.to_numpy(score_with_bank(bank, features.take(part), ids).scores))
+            return np.concatenate(out).astype(np.float64)
+
+        before = built(lot)
+        t0 = time.perf_counter()
+        grown, report = grow_bank(before, features.take(batch), [keys[i] for i in batch])
+        update_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        rebuilt = built(np.concatenate([lot, batch]))
+        rebuild_s = time.perf_counter() - t0
+        y = labels[held]
+        s_before, s_grown, s_rebuilt = scores(before), scores(grown), scores(rebuilt)
+        batch_types = sorted({types[i] for i in batch if labels[i] == 1})
+        same_type = np.isin(types[held], batch_types) & (y == 1)
+        folded = set(batch.tolist()) - {int(batch[item["index"]]) for item in report["left_out"]}
+        row = {"split": split, "update_s": update_s, "rebuild_s": rebuild_s, "folded_in": report["folded_in"],
+               "defective_folded_in": int(sum(labels[i] for i in folded)),
+               "spearman_grown_rebuilt": float(spearmanr(s_grown, s_rebuilt)[0]),
+               "max_diff_over_spread": float(np.abs(s_grown - s_rebuilt).max() / (np.ptp(s_rebuilt) or 1.0))}
+        for name, bank, s in (("before", before, s_before), ("grown", grown, s_grown), ("rebuilt", rebuilt, s_rebuilt)):
+            called = decisions(bank, s)
+            row[f"auroc_{name}"] = float(roc_auc_score(y, s))
+            row[f"recall_{name}"] = float(called[y == 1].mean())
+            row[f"false_alarms_{name}"] = float(called[y == 0].mean())
+            row[f"same_type_recall_{name}"] = float(called[same_type].mean()) if same_type.any() else None
+        rows.append(row)
+        print(json.dumps(row), file=sys.stderr)
+    mean = {k: float(np.mean([r[k] for r in rows if r[k] is not None])) for k in rows[0] if k != "split"
+            and any(r[k] is not None for r in rows)}
+    print(f"\n{category.name}: lot of {args.lot_size} ({n_defective} defective), a batch of {args.batch} new parts "
+          f"({args.batch_defects} defective) folded in, {args.splits} splits; mean over splits\n")
+    print("| bank | AUROC on held-out parts | recall | false alarms | recall on the batch's defect types |\n"
+          "|---|---:|---:|---:|---:|")
+    for name in ("before", "grown", "rebuilt"):
+        same = mean.get(f"same_type_recall_{name}")
+        print(f"| {name} | {mean[f'auroc_{name}']:.3f} | {mean[f'recall_{name}']:.1%} | "
+              f"{mean[f'false_alarms_{name}']:.1%} | {'-' if same is None else format(same, '.1%')} |")
+    print(f"\nfolded in: {mean['folded_in']:.1f} of {args.batch} per batch; defective parts folded in: "
+          f"{sum(r['defective_folded_in'] for r in rows)} of {args.batch_defects * args.splits}")
+    print(f"grown against rebuilt: Spearman {mean['spearman_grown_rebuilt']:.3f}, largest difference "
+          f"{mean['max_diff_over_spread']:.1%} of the rebuilt scores' spread")
+    print(f"time: update {mean['update_s']:.1f} s, rebuild {mean['rebuild_s']:.1f} s "
+          f"(x{mean['rebuild_s'] / mean['update_s']:.1f} faster)")
+    if args.json:
+        write_atomic(Path(args.json), json.dumps({"set": category.name, "rows": rows, "mean": mean}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

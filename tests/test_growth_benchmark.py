@@ -1,0 +1,19 @@
+"""benchmarks/growth.py: an update against a rebuild on the same lots and batches (tiny model, synthetic parts)."""
+
+import json
+
+from benchmarks import growth
+from conftest import make_mvtec_tree
+
+
+def test_update_and_rebuild_side_by_side(repository, tmp_path, capsys):
+    data = make_mvtec_tree(tmp_path / "data", n_good=20, n_bad=5, size=112) / "widget"
+    assert growth.main(["--data", str(data), "--repository", str(repository), "--lot-size", "8", "--batch", "6",
+                        "--batch-defects", "1", "--splits", "2", "--json", str(tmp_path / "g.json")]) == 0
+    saved = json.loads((tmp_path / "g.json").read_text())
+    assert len(saved["rows"]) == 2
+    for row in saved["rows"]:
+        assert row["update_s"] > 0 and row["rebuild_s"] > 0 and 0 <= row["folded_in"] <= 6
+        assert 0 <= row["auroc_grown"] <= 1 and -1 <= row["spearman_grown_rebuilt"] <= 1
+    out = capsys.readouterr().out
+    assert "| grown |" in out and "| rebuilt |" in out and "faster)" in out
