@@ -100,7 +100,7 @@ def collect(args) -> int:
                 f = feats.take(slice(start, start + 8))
                 ids = bank.query_ids([image_key(img) for img in images[start:start + 8]])
                 result = score_with_bank(bank, f, ids)
-                out.append(ood_statistics(bank, result, f, ids))
+                out.append(ood_statistics(bank, result, f, ids, images[start:start + 8]))
             return {k: np.concatenate([o[k] for o in out]).round(6).tolist() for k in out[0]}
 
         record = {"split": split, "lot": lot.tolist(), "new": new.tolist(),
@@ -122,20 +122,50 @@ def collect(args) -> int:
     return 0
 
 
-def flagged(data: dict, statistic: str, budget: float, method: str) -> dict:
-    """Per group, the share above the threshold calibrated on the lot's own values of the statistic."""
+TWO_SIDED = ("brightness", "contrast")  # too dark is as foreign as too bright
+UNIONS = ("patch_median|brightness|contrast", "patch_q75|brightness|contrast", "patch_mean|brightness|contrast")
+
+
+def thresholds(lot_values, statistic: str, budget: float, method: str) -> tuple[float, float]:
+    """(low, high): a value outside is out of distribution; a two-sided statistic spends half the budget a side."""
     from postprocess.decision import calibrate
 
+    values = np.asarray(lot_values, dtype=np.float64)
+    if statistic in TWO_SIDED:
+        high = calibrate(values, None, budget / 2, method).threshold
+        low = -calibrate(-values, None, budget / 2, method).threshold
+        return low, high
+    return -np.inf, calibrate(values, None, budget, method).threshold
+
+
+def outside(record: dict, group: str, spec: str, budget: float, method: str) -> np.ndarray:
+    """Which images of ``group`` the statistic (or union ``a|b|c``: any of them, the budget split evenly) flags."""
+    parts = spec.split("|")
+    hit = None
+    for statistic in parts:
+        low, high = thresholds(record["groups"]["lot"][statistic], statistic, budget / len(parts), method)
+        v = np.asarray(record["groups"][group][statistic])
+        one = (v < low) | (v > high)
+        hit = one if hit is None else hit | one
+    return hit
+
+
+def flagged(data: dict, statistic: str, budget: float, method: str) -> dict:
+    """Per group, the share outside the thresholds calibrated on the lot's own values of the statistic."""
     counts: dict = {}
     for record in data["splits"]:
-        threshold = calibrate(record["groups"]["lot"][statistic], None, budget, method).threshold
-        for group, values in record["groups"].items():
+        for group in record["groups"]:
             if group == "lot":
                 continue
-            v = np.asarray(values[statistic])
+            hit = outside(record, group, statistic, budget, method)
             c = counts.setdefault(group, [0, 0])
-            c[0], c[1] = c[0] + int((v > threshold).sum()), c[1] + len(v)
+            c[0], c[1] = c[0] + int(hit.sum()), c[1] + len(hit)
     return {g: hit / max(1, n) for g, (hit, n) in counts.items()}
+
+
+def candidates(data: dict) -> list[str]:
+    have = set(data["splits"][0]["groups"]["lot"])
+    return sorted(have) + [u for u in UNIONS if set(u.split("|")) <= have]
 
 
 def own_groups(rates: dict) -> list:
@@ -145,7 +175,7 @@ def own_groups(rates: dict) -> list:
 def choose(data: dict, budget: float, method: str, max_own: float) -> str:
     """The statistic whose worst OOD group is flagged most often, among those flagging at most ``max_own`` of the
     product's own parts (all of them when none does)."""
-    rates = {s: flagged(data, s, budget, method) for s in data["splits"][0]["groups"]["lot"]}
+    rates = {s: flagged(data, s, budget, method) for s in candidates(data)}
     fair = [s for s, r in rates.items() if max(r[g] for g in own_groups(r)) <= max_own] or list(rates)
     return max(fair, key=lambda s: min(v for g, v in rates[s].items() if g not in own_groups(rates[s])))
 
@@ -160,7 +190,7 @@ def report(args) -> int:
         pick = choose(sets[a], args.budget, args.method, args.max_own)
         print(f"\nchosen on {a}: {pick}; reported on {b}")
     for name, data in sets.items():
-        statistics = list(data["splits"][0]["groups"]["lot"])
+        statistics = candidates(data)
         table = {s: flagged(data, s, args.budget, args.method) for s in statistics}
         groups = list(table[statistics[0]])
         print(f"\n{name} ({len(data['splits'])} banks; threshold: {args.method} at {args.budget:.1%} of the lot):\n")
