@@ -8,7 +8,7 @@ products and synthetic camera faults.
 ``collect``: for each split, a bank is built in this process on a start-of-shift lot (as ``benchmarks.line`` draws
 it), and scored against it are the lot itself (each image against the others), the set's other images (new good and
 defective parts), every image of the ``--others`` sets resized to the bank's size, and each new good part made into
-each synthetic fault of ``FAULTS``. Per image it keeps each statistic of ``postprocess.ood``.
+each synthetic fault of ``FAULTS``. Per image it keeps each statistic of ``postprocess.ood.STATISTICS``.
 
 ``report``: per statistic, the share flagged out of distribution in each group when the threshold is calibrated on
 the lot as the bank would calibrate it; the rule (on the tuning set): the statistic whose worst flagged share over
@@ -67,7 +67,7 @@ def collect(args) -> int:
     from export.backbones import OnnxBackbone
     from postprocess import kernels as K
     from postprocess.bank import build_bank, image_key, score_with_bank
-    from postprocess.ood import ood_statistics
+    from postprocess.ood import STATISTICS, image_statistics
     from postprocess.pipeline import LotScorer, encode_images
     from postprocess.serving import build_config
 
@@ -100,7 +100,7 @@ def collect(args) -> int:
                 f = feats.take(slice(start, start + 8))
                 ids = bank.query_ids([image_key(img) for img in images[start:start + 8]])
                 result = score_with_bank(bank, f, ids)
-                out.append(ood_statistics(bank, result, f, ids, images[start:start + 8]))
+                out.append(image_statistics(result.maps, images[start:start + 8], STATISTICS))
             return {k: np.concatenate([o[k] for o in out]).round(6).tolist() for k in out[0]}
 
         record = {"split": split, "lot": lot.tolist(), "new": new.tolist(),
@@ -122,42 +122,22 @@ def collect(args) -> int:
     return 0
 
 
-TWO_SIDED = ("brightness", "contrast")  # too dark is as foreign as too bright
-UNIONS = ("patch_median|brightness|contrast", "patch_q75|brightness|contrast", "patch_mean|brightness|contrast")
+UNIONS = ("map_median|brightness|contrast", "map_q75|brightness|contrast", "map_mean|brightness|contrast")
 
 
-def thresholds(lot_values, statistic: str, budget: float, method: str) -> tuple[float, float]:
-    """(low, high): a value outside is out of distribution; a two-sided statistic spends half the budget a side."""
-    from postprocess.decision import calibrate
+def flagged(data: dict, spec: str, budget: float) -> dict:
+    """Per group, the share outside the thresholds the bank would calibrate on the lot's own values of the statistic
+    (or of each statistic of the union ``a|b|c``, the budget shared: ``postprocess.ood.calibrate_ood``)."""
+    from postprocess.ood import calibrate_ood
 
-    values = np.asarray(lot_values, dtype=np.float64)
-    if statistic in TWO_SIDED:
-        high = calibrate(values, None, budget / 2, method).threshold
-        low = -calibrate(-values, None, budget / 2, method).threshold
-        return low, high
-    return -np.inf, calibrate(values, None, budget, method).threshold
-
-
-def outside(record: dict, group: str, spec: str, budget: float, method: str) -> np.ndarray:
-    """Which images of ``group`` the statistic (or union ``a|b|c``: any of them, the budget split evenly) flags."""
-    parts = spec.split("|")
-    hit = None
-    for statistic in parts:
-        low, high = thresholds(record["groups"]["lot"][statistic], statistic, budget / len(parts), method)
-        v = np.asarray(record["groups"][group][statistic])
-        one = (v < low) | (v > high)
-        hit = one if hit is None else hit | one
-    return hit
-
-
-def flagged(data: dict, statistic: str, budget: float, method: str) -> dict:
-    """Per group, the share outside the thresholds calibrated on the lot's own values of the statistic."""
     counts: dict = {}
+    names = spec.split("|")
     for record in data["splits"]:
-        for group in record["groups"]:
+        calibration = calibrate_ood(record["groups"]["lot"], names, budget)
+        for group, values in record["groups"].items():
             if group == "lot":
                 continue
-            hit = outside(record, group, statistic, budget, method)
+            hit, _ = calibration.outside(values)
             c = counts.setdefault(group, [0, 0])
             c[0], c[1] = c[0] + int(hit.sum()), c[1] + len(hit)
     return {g: hit / max(1, n) for g, (hit, n) in counts.items()}
@@ -172,10 +152,10 @@ def own_groups(rates: dict) -> list:
     return [g for g in rates if g in ("new good", "new defective")]
 
 
-def choose(data: dict, budget: float, method: str, max_own: float) -> str:
+def choose(data: dict, budget: float, max_own: float) -> str:
     """The statistic whose worst OOD group is flagged most often, among those flagging at most ``max_own`` of the
     product's own parts (all of them when none does)."""
-    rates = {s: flagged(data, s, budget, method) for s in candidates(data)}
+    rates = {s: flagged(data, s, budget) for s in candidates(data)}
     fair = [s for s, r in rates.items() if max(r[g] for g in own_groups(r)) <= max_own] or list(rates)
     return max(fair, key=lambda s: min(v for g, v in rates[s].items() if g not in own_groups(rates[s])))
 
@@ -187,13 +167,13 @@ def report(args) -> int:
         sets[name] = json.loads((Path(folder) / "ood.json").read_text())
     names = list(sets)
     for a, b in ((names[0], names[1]), (names[1], names[0])):
-        pick = choose(sets[a], args.budget, args.method, args.max_own)
+        pick = choose(sets[a], args.budget, args.max_own)
         print(f"\nchosen on {a}: {pick}; reported on {b}")
     for name, data in sets.items():
         statistics = candidates(data)
-        table = {s: flagged(data, s, args.budget, args.method) for s in statistics}
+        table = {s: flagged(data, s, args.budget) for s in statistics}
         groups = list(table[statistics[0]])
-        print(f"\n{name} ({len(data['splits'])} banks; threshold: {args.method} at {args.budget:.1%} of the lot):\n")
+        print(f"\n{name} ({len(data['splits'])} banks; thresholds at {args.budget:.1%} of the lot, shared in a union):\n")
         print("| group | " + " | ".join(statistics) + " |\n|---|" + "---:|" * len(statistics))
         for g in groups:
             print(f"| {g} | " + " | ".join(f"{100 * table[s][g]:.1f}%" for s in statistics) + " |")
@@ -217,8 +197,7 @@ def main(argv=None) -> int:
     r = sub.add_parser("report")
     r.add_argument("--tune", required=True)
     r.add_argument("--report", required=True)
-    r.add_argument("--budget", type=float, default=0.005, help="the lot's share the OOD threshold leaves above it")
-    r.add_argument("--method", default="trimmed_tail")
+    r.add_argument("--budget", type=float, default=0.005, help="the lot's share the thresholds leave outside")
     r.add_argument("--max-own", type=float, default=0.05)
     args = p.parse_args(argv)
     if args.command == "collect":

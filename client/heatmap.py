@@ -20,7 +20,7 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 COLOUR_MAP = "turbo"  # perceptually ordered, blue (like the lot) to red (anomalous)
 DEFAULT_OVERLAY_SIZE = 768  # the longest side of each panel in pixels (client/infer.py --overlay-size)
-DECISION_COLOURS = {"anomalous": (200, 30, 30), "normal": (30, 140, 60)}
+DECISION_COLOURS = {"anomalous": (200, 30, 30), "normal": (30, 140, 60), "out_of_distribution": (190, 110, 0)}
 OUTLINE_COLOUR = (255, 255, 255)
 BAR_WIDTH, MARGIN, GAP = 18, 8, 4
 
@@ -104,6 +104,8 @@ class Caption:
     def text(self) -> str:
         calibrated = "" if self.calibrated is None else f" (calibrated {self.calibrated:.2f}; 0.5 = threshold)"
         provisional = " (provisional)" if self.provisional else ""
+        if self.decision == "out_of_distribution":  # the score is not a verdict on this image: said first
+            return f"OUT OF DISTRIBUTION: unlike the bank's lot{provisional}  score {self.score:.4f}"
         return f"{self.decision.upper()}{provisional}  score {self.score:.4f}{calibrated}"
 
 

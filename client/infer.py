@@ -209,11 +209,11 @@ def score_all(args, loaded: list, bank: str, value_range: tuple[float, float], o
         images = np.stack([item[2] for item in batch])
         maps, scores = client().score(images, bank)
         rows = []
-        for (path, original, _, info), amap, score in zip(batch, maps, scores):
+        for (path, original, sent, info), amap, score in zip(batch, maps, scores):
             name = relative_name(path, root)
             row = {"path": str(path), "score": float(score), "width": original.shape[1],
                    "height": original.shape[0]}
-            level = add_decisions([row], decider, [amap])[0]
+            level = add_decisions([row], decider, [amap], [sent])[0]
             if info["turned"]:  # sent turned a quarter counter-clockwise: the map is turned back onto the image
                 amap = np.rot90(amap, -1)
                 row["turned"] = True
@@ -271,8 +271,9 @@ def parse_threshold(text: str) -> float | None:
     return D.check_calibrated_threshold(value)
 
 
-def add_decisions(rows: list, decider: D.Decider | None, maps=None) -> list:
-    """Each row gets its calibrated score, decision (0.5 on the calibrated scale = the automatic threshold) and
+def add_decisions(rows: list, decider: D.Decider | None, maps=None, images=None) -> list:
+    """Each row gets its calibrated score, decision (0.5 on the calibrated scale = the automatic threshold; with
+    ``maps`` and the ``images`` sent, ``out_of_distribution`` and its reason for an image unlike the bank's lot) and
     whether that threshold is provisional; returns each row's outline level (None without ``maps`` or a decider)."""
     levels = []
     provisional = decider is not None and decider.calibration.confidence()["provisional"]
@@ -281,8 +282,10 @@ def add_decisions(rows: list, decider: D.Decider | None, maps=None) -> list:
             row["calibrated"], row["decision"] = None, "unknown"
             levels.append(None)
             continue
-        decided = decider.decide(row["score"], None if maps is None else maps[i])
+        decided = decider.decide(row["score"], None if maps is None else maps[i], None if images is None else images[i])
         row["calibrated"], row["decision"] = decided["calibrated"], decided["decision"]
+        if "ood_reason" in decided:
+            row["ood_reason"] = decided["ood_reason"]
         if provisional and row["decision"] != "invalid":
             row["provisional"] = True
         levels.append(decided.get("level"))
@@ -308,7 +311,8 @@ def write_results(out: Path, rows: list, skipped: list = (), failed: list = ()) 
                                  "" if calibrated is None or not np.isfinite(calibrated) else f"{calibrated:.4f}",
                                  row.get("decision", "unknown"), "yes" if row.get("provisional") else "",
                                  row.get("width", ""), row.get("height", ""), row.get("overlay", ""),
-                                 "turned a quarter to score" if row.get("turned") else ""])
+                                 "; ".join(n for n in (row.get("ood_reason"), "turned a quarter to score" if
+                                                       row.get("turned") else None) if n)])
             for kind, items in (("skipped", skipped), ("failed", failed)):
                 for item in items:
                     writer.writerow(["", item["path"], "", "", kind, "", "", "", "", item.get("error", "")])
@@ -319,14 +323,16 @@ def write_results(out: Path, rows: list, skipped: list = (), failed: list = ()) 
 def print_summary(rows: list, skipped: list, failed: list, worst: int = 10) -> None:
     """Counts, then the worst images with their scores and decisions."""
     flagged = sum(r.get("decision") == "anomalous" for r in rows)
+    foreign = sum(r.get("decision") == D.OUT_OF_DISTRIBUTION for r in rows)
     provisional = " (provisional decisions)" if any(r.get("provisional") for r in rows) else ""
     print(f"{len(rows)} scored, {len(skipped)} skipped, {len(failed)} failed; {flagged} flagged anomalous"
-          f"{provisional}", file=sys.stderr)
+          + (f", {foreign} out of distribution (unlike the bank's lot: wrong product, camera moved, or lighting "
+             "changed)" if foreign else "") + provisional, file=sys.stderr)
     if rows:
         print(f"worst {min(worst, len(rows))} (rank, score, calibrated, decision, image):", file=sys.stderr)
     for row in rows[:worst]:
         calibrated = "-" if row.get("calibrated") is None else f"{row['calibrated']:.3f}"
-        print(f"  {row['rank']:>4}  {row['score']:.4f}  {calibrated:>5}  {row.get('decision', 'unknown'):<9}  "
+        print(f"  {row['rank']:>4}  {row['score']:.4f}  {calibrated:>5}  {row.get('decision', 'unknown'):<19}  "
               f"{row['path']}", file=sys.stderr)
 
 
@@ -448,9 +454,11 @@ def main(argv=None) -> int:
     if decider is not None:
         calibration = decider.calibration
         called = sum(r["decision"] == "anomalous" for r in rows)
+        foreign = sum(r["decision"] == D.OUT_OF_DISTRIBUTION for r in rows)
         how = (f"automatic threshold {calibration.threshold:.4g} (false-alarm budget {calibration.false_alarm_rate:.1%})"
                if threshold is None else f"calibrated threshold {threshold}")
-        line += f"; {called} anomalous, {len(rows) - called} normal at the {how}"
+        line += (f"; {called} anomalous, {len(rows) - called - foreign} normal at the {how}"
+                 + (f", {foreign} out of distribution" if foreign else ""))
         if threshold is None:
             line += f"; {calibration.confidence()['text']}"
     print(f"{line}. Wrote {csv_path}" + ("" if args.no_overlays else f" and {out / 'overlays'}/"), file=sys.stderr)

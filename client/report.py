@@ -2,7 +2,8 @@
 
 - the lot's score histogram with the threshold (matplotlib, embedded as a PNG);
 - the images worst first as thumbnails (embedded), each with its rank, score, calibrated score and decision (marked
-  provisional when the bank's threshold is extrapolated from too few lot images), and a
+  provisional when the bank's threshold is extrapolated from too few lot images; an image out of distribution with
+  why), and a
   link to its full overlay (OUT/overlays/..., relative: the page works where OUT is copied);
 - the images skipped or failed, with the reason.
 """
@@ -21,7 +22,7 @@ from PIL import Image
 from postprocess.atomic import write_atomic
 
 THUMBNAIL_SIDE = 220
-DECISION_CLASSES = {"anomalous": "bad", "normal": "good"}
+DECISION_CLASSES = {"anomalous": "bad", "normal": "good", "out_of_distribution": "foreign"}
 STYLE = """
 body { font-family: sans-serif; margin: 1.5em; color: #222; }
 h1 { font-size: 1.4em; margin-bottom: 0.2em; }
@@ -33,6 +34,7 @@ h1 { font-size: 1.4em; margin-bottom: 0.2em; }
 .bad { color: #c81e1e; font-weight: bold; }
 .good { color: #1e8c3c; }
 .unknown { color: #666; }
+.foreign { color: #b46e00; font-weight: bold; }
 .provisional { color: #a06000; }
 table { border-collapse: collapse; } td, th { border: 1px solid #ccc; padding: 3px 8px; text-align: left; }
 """
@@ -101,7 +103,9 @@ def render(title: str, rows: list, skipped: list, failed: list, threshold: float
         cards.append(f'<div class="card">{picture}<div>#{row.get("rank", "")} '
                      f'<span class="{DECISION_CLASSES.get(decision, "unknown")}">{e(decision)}</span>'
                      + (' <span class="provisional">(provisional)</span>' if row.get("provisional") else "")
-                     + f' score {row["score"]:.4f}{calibrated}</div><div class="name">{e(row["path"])}</div></div>')
+                     + f' score {row["score"]:.4f}{calibrated}</div>'
+                     + (f'<div class="foreign">{e(row["ood_reason"])}</div>' if row.get("ood_reason") else "")
+                     + f'<div class="name">{e(row["path"])}</div></div>')
     left_out = "".join(f"<tr><td>{kind}</td><td>{e(item['path'])}</td><td>{e(item.get('error', ''))}</td></tr>"
                        for kind, items in (("skipped", skipped), ("failed", failed)) for item in items)
     scores = [row["score"] for row in rows]

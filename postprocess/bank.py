@@ -25,16 +25,18 @@ from .config import PAClipConfig
 from .contract import TEXT_EMBEDS, Features, encoder_identity
 from .decision import calibrate
 from .errors import RequestError
+from .ood import DEFAULT_STATISTICS, calibrate_ood, image_statistics
 from .host import DEFAULT_HOST, HostSettings
 from .pa_clip import (ScoreResult, SearchSpace, bank_entries, decide, full_bank_references, full_scores_against,
                       lot_interval_k, normal_scores_against, rescore_images, text_patch_scores)
 
 # The manifest format this code writes. A change to what manifest.json holds bumps it and adds the step from the
 # previous format to MIGRATIONS, so that banks already on a (shared) store keep loading.
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 # format 2 added the digests of the version's files and the shapes and dtypes of its tensors (``files``,
-# ``tensors``): a format-1 bank has neither, and is checked against what its other fields imply
-MIGRATIONS: dict = {1: lambda values: {**values, "format_version": 2}}
+# ``tensors``): a format-1 bank has neither, and is checked against what its other fields imply; format 3 the
+# out-of-distribution calibration (``ood``): a bank built before has none and makes no such decisions
+MIGRATIONS: dict = {1: lambda values: {**values, "format_version": 2}, 2: lambda values: {**values, "format_version": 3}}
 # Fields that banks built before host settings moved out of PAClipConfig still carry in their manifest's config.
 LEGACY_HOST_FIELDS = ("memory_budget_mb",)
 LOT_EMBEDS, LOT_SCORES = "lot_image_embeds", "lot_map_scores"  # bank tensors for lot-level re-scoring
@@ -116,6 +118,9 @@ class BankManifest:
     # the automatic threshold and calibrated score of this lot (postprocess/decision.py, Calibration.to_dict), kept
     # as written so that an image scored alone later gets the decision it would have got in the lot
     decision: dict
+    # the out-of-distribution statistics' lot values and thresholds (postprocess/ood.py, OodCalibration.to_dict);
+    # None in banks built before format 3
+    ood: dict | None = None
     cada: dict | None = None  # the CADA decision (cada.CadaDecision.to_dict) when the normal set was augmented
     n_augmented: int | None = None  # augmentations encoded into the normal bank
     version: str | None = None  # the version folder, set by BankStore.save
@@ -181,7 +186,8 @@ class BankManifest:
             full_bank_entries_per_image=_by_scale(v["full_bank_entries_per_image"], int),
             normal_selection=str(v["normal_selection"]), normal_indices=tuple(int(i) for i in v["normal_indices"]),
             map_range=tuple(float(x) for x in v["map_range"]), lot_scores=dict(v["lot_scores"]),
-            decision=dict(v["decision"]), cada=None if v.get("cada") is None else dict(v["cada"]),
+            decision=dict(v["decision"]), ood=None if v.get("ood") is None else dict(v["ood"]),
+            cada=None if v.get("cada") is None else dict(v["cada"]),
             n_augmented=None if optional_int is None else int(optional_int),
             version=v.get("version"), built_at=v.get("built_at"),
             files=None if v.get("files") is None else dict(v["files"]),
@@ -334,6 +340,16 @@ def check_manifest(manifest: "BankManifest", bank_id: str) -> None:
         fail(f"its decision: {err}")
     if not (np.isfinite(threshold) and abs(threshold) < SCORE_LIMIT):
         fail(f"its decision's threshold is {threshold}")
+    if manifest.ood is not None:
+        from .ood import OodCalibration
+
+        try:
+            ood = OodCalibration.from_dict(manifest.ood)
+        except (KeyError, TypeError, ValueError) as err:
+            fail(f"its out-of-distribution calibration: {err}")
+        if not all(np.isfinite(v).all() and np.abs(v).max(initial=0) < SCORE_LIMIT
+                   for v in map(np.asarray, ood.references.values())):
+            fail("its out-of-distribution calibration holds values no lot gives")
 
 
 def expected_tensors(manifest: "BankManifest") -> dict:
@@ -438,6 +454,7 @@ def build_bank(scorer, cfg: PAClipConfig, bank_id: str, encoder: dict, map_size=
         map_range=(float(np.quantile(maps, 0.5)), float(np.quantile(maps, 0.999))),
         lot_scores={"min": float(scores.min()), "median": float(np.median(scores)), "max": float(scores.max())},
         decision=calibrate(scores, state.normal_indices).to_dict(),
+        ood=calibrate_ood(image_statistics(maps, scorer.images, DEFAULT_STATISTICS)).to_dict(),
         cada=run.extra.get("cada"), n_augmented=run.extra.get("n_augmented"))
     bank = Bank(manifest, full, {r: b for r, (b, _) in run.banks.items()},
                 {r: ids.astype(xp.int64) for r, (_, ids) in run.banks.items()},

@@ -287,6 +287,10 @@ def calibrate(scores, normal_indices=None, false_alarm_rate: float = DEFAULT_FAL
     return Calibration(method, centre, spread, false_alarm_rate, int(scores.size), reference, excluded)
 
 
+OUT_OF_DISTRIBUTION = "out_of_distribution"  # the decision of an image unlike the bank's lot as a whole (ood.py)
+DECISIONS = ("normal", "anomalous", OUT_OF_DISTRIBUTION, "invalid")
+
+
 def decide(calibrated_scores, threshold: float = 0.5) -> list[str]:
     """'anomalous' above the threshold (calibrated scale), 'normal' at or below it, 'invalid' for NaN."""
     out = []
@@ -321,6 +325,7 @@ class Decider:
     image_score: str = "max"
     image_topk_fraction: float = 0.01
     rescore_weight: float = 0.0  # 0 when the bank does not re-score
+    ood: object | None = None  # the bank's OodCalibration (postprocess/ood.py); None: no such decisions
 
     @classmethod
     def for_bank(cls, info: dict, false_alarm_rate: float | None = None,
@@ -329,11 +334,14 @@ class Decider:
         banks kept a calibration."""
         if "decision" not in info:
             return None
+        from .ood import OodCalibration
+
         config = info.get("config", {})
         rescoring = int(config.get("rescore_k", 0)) > 0
+        ood = None if info.get("ood") is None else OodCalibration.from_dict(info["ood"])
         return cls(Calibration.from_dict(info["decision"]).with_rate(false_alarm_rate), threshold_calibrated,
                    str(config.get("image_score", "max")), float(config.get("image_topk_fraction", 0.01)),
-                   float(config.get("rescore_weight", 0.0)) if rescoring else 0.0)
+                   float(config.get("rescore_weight", 0.0)) if rescoring else 0.0, ood)
 
     @property
     def raw_threshold(self) -> float:
@@ -342,11 +350,21 @@ class Decider:
             return self.calibration.threshold
         return self.calibration.raw(self.threshold_calibrated)
 
-    def decide(self, score: float, anomaly_map=None) -> dict:
-        """``calibrated``, ``decision`` and, given the image's map, ``level``: the map value its outline marks."""
+    def decide(self, score: float, anomaly_map=None, image=None) -> dict:
+        """``calibrated``, ``decision`` and, given the image's map, ``level``: the map value its outline marks; given
+        its map and the image sent (uint8 [H, W, 3]) as well, an image outside the bank's out-of-distribution
+        thresholds is decided ``out_of_distribution`` whatever its score, with ``ood_reason``."""
         calibrated = float(self.calibration.calibrated(score))
         cut = 0.5 if self.threshold_calibrated is None else self.threshold_calibrated
         out = {"calibrated": calibrated, "decision": decide([calibrated], cut)[0]}
+        if self.ood is not None and anomaly_map is not None and image is not None and np.isfinite(score):
+            from .ood import image_statistics, reason
+
+            values = image_statistics(np.asarray(anomaly_map, dtype=np.float32)[None], np.asarray(image)[None],
+                                      self.ood.statistics)
+            outside, why = self.ood.outside(values)
+            if outside[0]:
+                out["decision"], out["ood_reason"] = OUT_OF_DISTRIBUTION, reason(why[0])
         if anomaly_map is not None and np.isfinite(score):
             amap = np.asarray(anomaly_map, dtype=np.float32)
             statistic = float(image_scores(amap[None], self.image_score, self.image_topk_fraction)[0])
@@ -354,6 +372,6 @@ class Decider:
         return out
 
 
-__all__ = ["Calibration", "Decider", "DecisionError", "METHODS", "DEFAULT_METHOD", "DEFAULT_FALSE_ALARM_RATE", "calibrate",
+__all__ = ["Calibration", "Decider", "DecisionError", "DECISIONS", "OUT_OF_DISTRIBUTION", "METHODS", "DEFAULT_METHOD", "DEFAULT_FALSE_ALARM_RATE", "calibrate",
            "check_calibrated_threshold", "check_false_alarm_rate", "decide", "images_needed", "map_level",
            "threshold_for"]

@@ -28,12 +28,13 @@ def old_store(tmp_path):
     return store, tmp_path / "banks" / "washer" / store.current_version("washer") / "manifest.json"
 
 
-def test_a_format_1_manifest_reads_into_typed_fields_and_writes_back_the_same_as_format_2(old_store):
+def test_a_format_1_manifest_reads_into_typed_fields_and_writes_back_the_same_as_the_current_format(old_store):
     store, path = old_store
     text = path.read_text()
     manifest = store.manifest("washer")
-    assert json.loads(text)["format_version"] == 1 and manifest.format_version == 2 == FORMAT_VERSION
+    assert json.loads(text)["format_version"] == 1 and manifest.format_version == 3 == FORMAT_VERSION
     assert manifest.files is None and manifest.tensors is None  # format 1 recorded no digests
+    assert manifest.ood is None  # nor format 2 an out-of-distribution calibration
     assert manifest.config == PAClipConfig(scales=(1, 3), full_coreset_ratio=0.25)
     assert (manifest.bank, manifest.category, manifest.grid, manifest.image_size) == ("washer", "washer", (8, 8),
                                                                                       (112, 112))
@@ -48,7 +49,7 @@ def test_a_format_1_manifest_reads_into_typed_fields_and_writes_back_the_same_as
     stored = json.loads(text)
     added = {k: v for k, v in PAClipConfig().to_dict().items() if k not in stored["config"]}
     assert set(added) == {"layers", "full_bank_images", "bank_dim", "bank_projection", "full_bank_storage"}
-    want = {**stored, "format_version": 2, "config": {**stored["config"], **json.loads(json.dumps(added))}}
+    want = {**stored, "format_version": 3, "config": {**stored["config"], **json.loads(json.dumps(added))}}
     assert manifest.to_dict() == want
     assert list(json.loads(manifest.to_json())) == list(stored)  # the fields in the order they were written
     assert store.verify("washer")["verified"] == "tensors (format 1: no digests recorded)"
@@ -63,6 +64,8 @@ def test_a_format_1_bank_scores_like_one_built_now(old_store, tiny_clip_112, lot
     # the same lot, the same settings: the same manifest (but for when it was saved)
     got, want = old.manifest.to_dict(), fresh.manifest.to_dict()
     assert {k for k in got if k not in want} == {"version", "built_at"}
+    assert {k for k in want if k not in got} == {"ood"}  # a bank of format 1 has no out-of-distribution calibration
+    want.pop("ood")
     # the decision's method changed since that bank was written (trimmed_tail): the old one still reads and decides
     assert Calibration.from_dict(got.pop("decision")).method == "quartile_exponential"
     assert Calibration.from_dict(want.pop("decision")).method == DEFAULT_METHOD == "trimmed_tail"
@@ -92,14 +95,14 @@ def test_legacy_host_fields_in_the_config_are_dropped_on_load(old_store, tiny_cl
     assert "memory_budget_mb" not in store.manifest("washer").to_dict()["config"]
 
 
-@pytest.mark.parametrize("version", [3, 0, None, "1", True])
+@pytest.mark.parametrize("version", [4, 0, None, "1", True])
 def test_formats_this_code_does_not_read_are_refused_with_what_to_do(old_store, tiny_clip_112, version):
     store, path = old_store
     raw = json.loads(path.read_text())
     raw["format_version"] = version
     path.write_text(json.dumps(raw))
     for read in (lambda: store.load("washer", tiny_clip_112.fingerprint), lambda: store.manifest("washer")):
-        with pytest.raises(BankError, match=f"bank 'washer' has format {version!s}, this server reads 2: rebuild it"):
+        with pytest.raises(BankError, match=f"bank 'washer' has format {version!s}, this server reads 3: rebuild it"):
             read()
     # the bank action 'list' still answers, naming the bank it cannot read and why
     service = BankService(store, tiny_clip_112.fingerprint, encode_images=None)

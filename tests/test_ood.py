@@ -1,0 +1,66 @@
+"""Out-of-distribution decisions (postprocess/ood.py): statistics from the map and the pixels, thresholds calibrated
+on the lot and kept in the bank, an image outside any of them decided out_of_distribution with why."""
+
+import math
+
+import numpy as np
+import pytest
+
+from postprocess import ood
+from postprocess.bank import build_bank, image_key, score_with_bank
+from postprocess.config import PAClipConfig
+from postprocess.decision import OUT_OF_DISTRIBUTION, Decider
+from postprocess.pipeline import LotScorer
+from postprocess.serving import summary
+
+
+def test_statistics_read_the_map_and_the_pixels():
+    maps = np.zeros((2, 4, 4), np.float32)
+    maps[1, :2] = 1.0  # half the map high
+    images = np.full((2, 4, 4, 3), 100, np.uint8)
+    images[1, :, :2] = 200
+    values = ood.image_statistics(maps, images)
+    assert values["map_median"].tolist() == [0.0, 0.5] and values["map_mean"].tolist() == [0.0, 0.5]
+    assert values["map_q75"].tolist() == [0.0, 1.0]
+    assert values["brightness"].tolist() == [100.0, 150.0] and values["contrast"].tolist() == [0.0, 50.0]
+    with pytest.raises(ValueError, match="unknown out-of-distribution statistic"):
+        ood.image_statistics(maps, images, ["sharpness"])
+
+
+def test_thresholds_from_the_lot_flag_what_lies_outside_either_side():
+    rng = np.random.default_rng(0)
+    lot = {"map_median": rng.normal(0.1, 0.01, 40), "brightness": rng.normal(120, 3, 40)}
+    calibration = ood.calibrate_ood(lot, ("map_median", "brightness"), 0.01)
+    assert math.isinf(calibration.low["map_median"]) and calibration.low["brightness"] < 110
+    probe = {"map_median": np.array([0.1, 0.5, 0.1, 0.1]), "brightness": np.array([120, 120, 60, 180])}
+    hit, why = calibration.outside(probe)
+    assert hit.tolist() == [False, True, True, True] and why == [[], ["map_median"], ["brightness"], ["brightness"]]
+    assert not calibration.outside(lot)[0].any()  # never inside the lot's own range
+    restored = ood.OodCalibration.from_dict(calibration.to_dict())
+    assert restored.outside(probe)[0].tolist() == hit.tolist()
+    assert calibration.to_dict()["low"]["map_median"] is None  # JSON has no infinity
+    for broken in ({"statistics": ["nope"]}, {"budget": 0.9}, {"statistics": []}):
+        with pytest.raises((ValueError, KeyError)):
+            ood.OodCalibration.from_dict({**calibration.to_dict(), **broken})
+    assert "brightness lies outside" in ood.reason(["brightness"]) and "camera moved" in ood.reason(["map_median"])
+
+
+def test_a_bank_decides_a_black_frame_out_of_distribution_and_its_own_parts_not(tiny_clip_112, lot):
+    scorer = LotScorer(tiny_clip_112, lot, "washer", progress=False)
+    bank, report = build_bank(scorer, PAClipConfig(), "washer", tiny_clip_112.fingerprint)
+    assert bank.manifest.ood["statistics"] == list(ood.DEFAULT_STATISTICS)
+    decider = Decider.for_bank(summary(bank.manifest))
+    decided = [decider.decide(float(s), m, img)["decision"] for s, m, img in zip(report.scores, report.maps, lot)]
+    assert OUT_OF_DISTRIBUTION not in decided  # the lot's own parts lie inside the thresholds its values set
+    frames = np.stack([np.zeros_like(lot[0]), np.full_like(lot[0], 255)])
+    result = score_with_bank(bank, tiny_clip_112.encode(frames), np.full(2, -1))
+    for i in range(2):
+        got = decider.decide(float(result.scores[i]), result.maps[i], frames[i])
+        assert got["decision"] == OUT_OF_DISTRIBUTION and "camera moved" in got["ood_reason"]
+    # without the image sent there is no such decision (a caller that has only the score)
+    assert decider.decide(float(result.scores[0]), result.maps[0])["decision"] != OUT_OF_DISTRIBUTION
+    # a bank built before format 3 has no calibration: no such decisions
+    old = {k: v for k, v in summary(bank.manifest).items() if k != "ood"}
+    assert Decider.for_bank(old).decide(float(result.scores[0]), result.maps[0], frames[0])["decision"] != \
+        OUT_OF_DISTRIBUTION
+    assert image_key(frames[0]) not in bank.manifest.image_keys
