@@ -1,7 +1,8 @@
 """python -m client.banks: look after the banks a server keeps.
 
   python -m client.banks list              every bank: lot size, image size, encoder, versions, bytes, build date
-  python -m client.banks info BANK         one bank in full (its versions on disk, its decision calibration, ...)
+  python -m client.banks info BANK         one bank in full (its versions on disk, its decision calibration, what
+                                           scoring saw lately: score quantiles, out-of-distribution rate, drift)
   python -m client.banks delete BANK       delete one (asks first; --yes does not)
   python -m client.banks prune             remove old versions and what failed builds left behind
   python -m client.banks verify [BANK]     check every bank (or one) against its manifest: file digests, tensor
@@ -131,6 +132,16 @@ def print_info(info: dict) -> None:
             print(f"{'':<17} {d['confidence']['text']}")
     for version in info.get("versions", []):
         print(f"  {version['version']}  {megabytes(version['bytes'])}" + ("  (live)" if version["live"] else ""))
+    if info.get("ood"):
+        print(f"{'out of dist.':<17} an image outside the lot's range of {', '.join(info['ood']['statistics'])} "
+              "is decided out_of_distribution")
+    for monitor in info.get("monitors", []):
+        quantiles = ", ".join(f"q{float(q):g} {v:.4g}" for q, v in monitor.get("score_quantiles", {}).items())
+        state = "ALARM: the latest parts are unlike the lot" if monitor.get("alarm") else "steady"
+        print(f"{'scored lately':<17} {monitor['window']} new images (of {monitor['seen']}) by {monitor['process']}: "
+              f"scores {quantiles or '-'}; out of distribution {monitor['ood_rate']:.1%}; drift "
+              f"{monitor['drift']:.2f} (p {monitor['drift_p']:.2g}) against the lot's {monitor.get('statistic', '')}: "
+              f"{state}")
 
 
 def main(argv=None) -> int:

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from . import kernels as K
+from . import strict_json
 from .atomic import HOST, fsync_dir, is_dead_leftover, owner_gone, temp_name, write_atomic
 from .bank import (Bank, BankError, BankFormatError, BankManifest, check_encoder, check_manifest, check_tensors,
                    damaged, tensor_record)
@@ -198,6 +199,35 @@ class BankStore:
 
     def exists(self, bank_id: str) -> bool:
         return self.current_version(bank_id) is not None
+
+    # -- what the scoring services saw (postprocess/drift.py) -------------------------------------------------------
+    MONITOR_FRESH_S = 24 * 3600  # a scoring process's window older than this is no longer shown
+
+    def write_monitor(self, bank_id: str, summary: dict) -> None:
+        """One scoring process's window of a bank (``<bank>/monitor/<host>-<pid>.json``, replaced atomically): what
+        ``info`` shows of the images scored lately. Nothing is written for a bank that is not in the store."""
+        folder = self._own_dir(bank_id)
+        if not folder.is_dir():
+            return
+        monitor = folder / "monitor"
+        monitor.mkdir(exist_ok=True)
+        write_atomic(monitor / f"{HOST}-{os.getpid()}.json", json.dumps(summary))
+
+    def monitors(self, bank_id: str) -> list[dict]:
+        """The fresh windows of every scoring process that scored with the bank's live version, newest first (a
+        window that cannot be read is left out: it is a report, not the bank)."""
+        current = self.current_version(bank_id)
+        out = []
+        for path in sorted((self._dir(bank_id) / "monitor").glob("*.json")):
+            try:
+                if path.is_symlink() or time.time() - path.stat().st_mtime > self.MONITOR_FRESH_S:
+                    continue
+                summary = strict_json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            if isinstance(summary, dict) and summary.get("version") == current:
+                out.append({**summary, "process": path.stem})
+        return sorted(out, key=lambda m: -float(m.get("updated", 0)))
 
     def bank_ids(self) -> list[str]:
         """The banks of the store, by folder name (a folder that is a link is listed, to be refused by name)."""

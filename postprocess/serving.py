@@ -26,6 +26,8 @@ from .contract import Features
 from .errors import RequestError, ServerBusy
 from .host import DEFAULT_HOST, HostSettings
 from .pipeline import LotScorer
+from .drift import DriftMonitor
+from .ood import OodCalibration, image_statistics
 from .telemetry import NO_TELEMETRY, Telemetry
 
 
@@ -141,6 +143,8 @@ class ScoreService:
         self.xp = xp if xp is not None else host.xp()
         self.telemetry = telemetry
         self._cache: OrderedDict = OrderedDict()  # bank id -> (version, Bank)
+        self.drift = DriftMonitor()
+        self._persisted: dict = {}  # bank id -> (when its window was last written to the store, its alarm then)
 
     def bank(self, bank_id: str):
         check_bank_id(bank_id)
@@ -175,7 +179,45 @@ class ScoreService:
         features = Features(xp.asarray(layer_tokens), xp.asarray(patch_embeds), xp.asarray(image_embeds), grid)
         ids = bank.query_ids([image_key(img) for img in images])
         result = score_with_bank(bank, features, ids, tuple(images.shape[1:3]), self.host)
-        return K.to_numpy(result.maps).astype(np.float16), K.to_numpy(result.scores).astype(np.float32)
+        maps, scores = K.to_numpy(result.maps).astype(np.float16), K.to_numpy(result.scores).astype(np.float32)
+        self.observe(bank, ids, maps, scores, images)
+        return maps, scores
+
+    MONITOR_WRITE_S = 5.0  # a bank's window is written to the store this often per process, and when its alarm turns
+
+    def observe(self, bank, ids, maps, scores, images) -> None:
+        """The new images (not the lot's own, sent again) join the bank's drift window (``postprocess.drift``):
+        its figures go to the metrics port and, every few seconds, to the store for ``info``. Never fails a
+        request: a fault here is counted and logged once."""
+        if bank.manifest.ood is None:  # built before banks kept an out-of-distribution calibration
+            return
+        try:
+            new = np.asarray(ids) < 0
+            if not new.any():
+                return
+            calibration = OodCalibration.from_dict(bank.manifest.ood)
+            values = image_statistics(maps[new].astype(np.float32), K.to_numpy(images)[new], calibration.statistics)
+            outside, _ = calibration.outside(values)
+            drifting = calibration.statistics[0]  # the map statistic: what moves when the whole image does
+            bank_id = bank.manifest.bank
+            window = self.drift.observe(bank_id, bank.manifest.version, calibration.references[drifting],
+                                        scores[new], values[drifting], outside)
+            for q, value in window["score_quantiles"].items():
+                self.telemetry.gauge("pa_clip_bank_score_quantile", value, bank=bank_id, q=q)
+            self.telemetry.gauge("pa_clip_bank_ood_rate", window["ood_rate"], bank=bank_id)
+            self.telemetry.gauge("pa_clip_bank_drift", window["drift"], bank=bank_id)
+            self.telemetry.gauge("pa_clip_bank_drift_alarm", float(window["alarm"]), bank=bank_id)
+            self.telemetry.count("pa_clip_images_out_of_distribution_total", float(outside.sum()), bank=bank_id)
+            last, alarmed = self._persisted.get(bank_id, (-1e9, None))
+            if time.monotonic() - last >= self.MONITOR_WRITE_S or alarmed != window["alarm"]:  # an alarm at once
+                self._persisted[bank_id] = (time.monotonic(), window["alarm"])
+                self.store.write_monitor(bank_id, {**window, "statistic": drifting})
+        except Exception as err:  # a report, not the answer: the scores stand
+            self.telemetry.count("pa_clip_monitor_errors_total")
+            if not getattr(self, "_monitor_error_logged", False):
+                self._monitor_error_logged = True
+                print(f"pa_clip_score: the drift window failed ({type(err).__name__}: {err}); scoring goes on",
+                      flush=True)
 
     def check_request(self, req: dict) -> None:
         """Types, shapes and values of one request against the encoder contract, checked alone so that a bad request
@@ -390,8 +432,9 @@ class BankService:
             return {"banks": [self.store.verify(b) for b in ([check_bank_id(bank_id)] if bank_id
                                                              else self.store.bank_ids())]}
         check_bank_id(bank_id)
-        if action == "info":  # with its size on disk and once loaded (scoring keeps it in FP16 on the device)
-            return {**self._described(bank_id), "versions": self.store.versions(bank_id)}
+        if action == "info":  # with its size on disk and once loaded, and what scoring saw of it lately
+            return {**self._described(bank_id), "versions": self.store.versions(bank_id),
+                    "monitors": self.store.monitors(bank_id)}
         if action == "delete":
             self.store.delete(bank_id)
             return {"deleted": bank_id}

@@ -64,3 +64,42 @@ def test_a_bank_decides_a_black_frame_out_of_distribution_and_its_own_parts_not(
     assert Decider.for_bank(old).decide(float(result.scores[0]), result.maps[0], frames[0])["decision"] != \
         OUT_OF_DISTRIBUTION
     assert image_key(frames[0]) not in bank.manifest.image_keys
+
+
+def test_the_scoring_service_keeps_a_drift_window_that_alarms_on_a_brightening_line(tiny_clip_112, lot, tmp_path):
+    """New washers of the same making keep the window steady; the same washers growing brighter image by image
+    move the whole-image statistic away from the lot's, and the alarm is raised. The window goes to the metrics and
+    to the store, where the bank's info shows it."""
+    from client.demo_lot import write_demo_lot
+    from client.infer import load_image
+    from postprocess.bank_store import BankStore
+    from postprocess.serving import BankService, ScoreService
+    from postprocess.telemetry import RecordingTelemetry
+
+    folder = write_demo_lot(tmp_path / "new", n_images=48, n_defective=0, size=128, seed=11)
+    fresh = np.stack([load_image(p, 112)[1] for p in sorted(folder.glob("*.png"))])
+    store = BankStore(tmp_path / "banks")
+    for bank_id in ("steady", "brighter"):
+        store.save(build_bank(LotScorer(tiny_clip_112, lot, "washer", progress=False), PAClipConfig(), bank_id,
+                              tiny_clip_112.fingerprint)[0])
+    telemetry = RecordingTelemetry()
+    service = ScoreService(store, tiny_clip_112.fingerprint, telemetry=telemetry)
+    gain = np.linspace(1.0, 1.8, len(fresh))[:, None, None, None]
+    brighter = np.clip(fresh.astype(np.float32) * gain, 0, 255).astype(np.uint8)
+    for bank_id, images in (("steady", fresh), ("brighter", brighter)):
+        for start in range(0, len(images), 8):
+            batch = images[start:start + 8]
+            service.score(bank_id, *tiny_clip_112.encode(batch).outputs().values(), batch)
+    steady, bright = service.drift.summary("steady"), service.drift.summary("brighter")
+    assert steady["window"] == bright["window"] == len(fresh)
+    assert not steady["alarm"] and bright["alarm"] and bright["drift"] > steady["drift"]
+    assert bright["ood_rate"] > steady["ood_rate"]
+    gauge = lambda name, bank: telemetry.values[(name, (("bank", bank),))]  # noqa: E731
+    assert gauge("pa_clip_bank_drift_alarm", "brighter") == 1.0 and gauge("pa_clip_bank_drift_alarm", "steady") == 0.0
+    assert ("pa_clip_bank_score_quantile", (("bank", "steady"), ("q", "0.9"))) in telemetry.values
+    # the lot's own images sent again are not new: the window does not move
+    service.score("steady", *tiny_clip_112.encode(lot[:4]).outputs().values(), lot[:4])
+    assert service.drift.summary("steady")["seen"] == len(fresh)
+    info = BankService(store, tiny_clip_112.fingerprint, encode_images=None).handle("info", "brighter")
+    (monitor,) = info["monitors"]
+    assert monitor["alarm"] and monitor["window"] >= 8 and monitor["statistic"] == "map_median"

@@ -14,6 +14,8 @@ import sys
 import threading
 import time
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -482,6 +484,53 @@ def _raw_http(url: str, body: bytes, headers: dict | None = None, path: str = "/
         return response.status, response.read().decode(errors="replace")
     finally:
         connection.close()
+
+
+def test_a_brightening_line_raises_the_drift_alarm_on_the_metrics_port_and_in_info(server, lot, workdir):
+    """Two banks of the same lot; one scores new washers as they come, the other the same washers growing brighter
+    image by image: only the second's drift alarm is raised, on /metrics and in python -m client.banks info; a black
+    frame scored by the client is decided out_of_distribution in results.csv."""
+    from client.demo_lot import write_demo_lot
+    from client.infer import load_image
+
+    folder = write_demo_lot(workdir / "drift_parts", n_images=48, n_defective=0, size=128, seed=11)
+    fresh = np.stack([load_image(p, SIZE)[1] for p in sorted(folder.glob("*.png"))])
+    gain = np.linspace(1.0, 1.8, len(fresh))[:, None, None, None]
+    brighter = np.clip(fresh.astype(np.float32) * gain, 0, 255).astype(np.uint8)
+    client = PAClipClient(server.http_url)
+    for bank, images in (("steady", fresh), ("brighter", brighter)):
+        client.add_images(bank, "washer", lot, reset=True)
+        client.build_bank(bank)
+        for start in range(0, len(images), 8):
+            client.score(images[start:start + 8], bank)
+    values = _metric_values(server)
+    assert values['pa_clip_bank_drift_alarm{bank="brighter"}'] == 1.0
+    assert values['pa_clip_bank_drift_alarm{bank="steady"}'] == 0.0
+    assert values['pa_clip_bank_drift{bank="brighter"}'] > values['pa_clip_bank_drift{bank="steady"}']
+    assert 'pa_clip_bank_score_quantile{bank="steady",q="0.99"}' in values
+    info = subprocess.run([sys.executable, "-m", "client.banks", "--url", server.http_url, "info", "brighter"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert info.returncode == 0 and "ALARM: the latest parts are unlike the lot" in info.stdout, info.stdout
+    assert "out of dist." in info.stdout
+    # the client's decision: a black frame among new washers
+    parts = workdir / "with_black"
+    parts.mkdir()
+    shutil.copy(sorted(folder.glob("*.png"))[0], parts / "good.png")
+    from PIL import Image
+
+    Image.new("RGB", (128, 128)).save(parts / "black.png")
+    out = workdir / "black_out"
+    run = subprocess.run([sys.executable, "client/infer.py", "--url", server.http_url, "--bank", "steady", "--images",
+                          str(parts), "--out", str(out), "--quiet"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr
+    rows = {Path(r["path"]).name: r for r in csv.DictReader(open(out / "results.csv"))}
+    assert rows["black.png"]["decision"] == "out_of_distribution" and "camera moved" in rows["black.png"]["note"]
+    assert rows["good.png"]["decision"] != "out_of_distribution"
+    assert "1 out of distribution" in run.stderr
+    for bank in ("steady", "brighter"):
+        client.delete_bank(bank)
+    client.close()
 
 
 def test_hostile_http_requests_are_refused_before_triton_allocates(server, built, lot):
