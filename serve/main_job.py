@@ -23,6 +23,7 @@ from pathlib import Path
 from client import infer
 from client.demo_lot import write_demo_lot
 from postprocess import contract as C
+from postprocess import flags as F
 
 from .local import LocalServer, ServerError, free_ports
 
@@ -159,8 +160,8 @@ def export_once(args) -> dict:
     return C.read_fingerprint(vision)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="./run.sh main", description=__doc__,
+def build_parser(prog: str = "./run.sh main") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", default=None, help="your lot: a folder or glob of images (default: the demo lot)")
     p.add_argument("--category", default=None, help="product name (default: the folder's name, 'washer' for the demo)")
@@ -174,19 +175,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", default="auto",
                    help="'auto' (default: the bank's automatic threshold for the false-alarm budget) or a calibrated "
                    "score strictly between 0 and 1 above which an image is anomalous (client/infer.py --help)")
-    p.add_argument("--false-alarm-rate", type=float, default=None, metavar="RATE",
+    p.add_argument("--false-alarm-rate", type=F.FALSE_ALARM_RATE, default=None, metavar="RATE",
                    help="the fraction of good parts you accept being called defective (default 0.01)")
     p.add_argument("--aspect", choices=C.ASPECTS, default=C.DEFAULT_ASPECT,
                    help="send the lot at its median aspect ratio (native) or stretched to a square")
     p.add_argument("--keep-serving", action="store_true", help="leave the server running at the end (Ctrl-C stops)")
     for name, port in zip(("http", "grpc", "metrics"), DEFAULT_PORTS):
-        p.add_argument(f"--{name}-port", type=int, default=None,
+        p.add_argument(f"--{name}-port", type=F.PORT, default=None,
                        help=f"{name} port on 127.0.0.1 (default {port}, or a free one when another job holds it)")
     return p
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv=None, prog: str = "./run.sh main") -> int:
+    args = build_parser(prog).parse_args(argv)
     out = Path(args.out)
     truth = None
     if args.images is None:
@@ -207,10 +208,10 @@ def main(argv=None) -> int:
         return 2
     print(f"server ready in {time.monotonic() - t0:.1f} s", file=sys.stderr)
     try:
-        bank = category.replace(" ", "_")
+        bank = infer.safe_bank_id(category)
         with bank_in_use(Path(args.banks), bank):
             code = infer.main(["--url", server.http_url, "--images", str(images), "--category", category,
-                               "--bank", bank, "--build", "--out", str(out), "--aspect", args.aspect]
+                               "--bank", bank, "--build", "--out", str(out), "--overwrite", "--aspect", args.aspect]
                               + ["--threshold", str(args.threshold)]
                               + ([] if args.false_alarm_rate is None
                                  else ["--false-alarm-rate", str(args.false_alarm_rate)]))

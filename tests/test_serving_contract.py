@@ -202,11 +202,42 @@ def test_infer_cli_writes_scores_overlays_and_skips_corrupt_images(server, built
         assert (row["width"], row["height"]) == ("128", "128")
     assert report["skipped"][0]["path"].endswith("broken.png") and report["scored"] == 4
     assert len(list((out / "overlays").glob("*.png"))) == 4
-    # without a server: a clear error and exit code 2
+    assert report["product"]["name"] == "pa-clip-triton" and report["product"]["version"] != "unknown"
+    assert report["bank_version"] == report["bank"]["version"] and "--bank" in report["command"]
+    # without a server: a clear error and exit status 3 (the previous results stay: nothing answered)
     (port,) = free_ports(1)
     proc = subprocess.run([sys.executable, "client/infer.py", "--url", f"127.0.0.1:{port}", "--images", str(images),
-                           "--bank", "washer", "--out", str(out)], cwd=ROOT, capture_output=True, text=True)
-    assert proc.returncode == 2 and "no Triton server answers" in proc.stderr
+                           "--bank", "washer", "--out", str(out), "--overwrite"], cwd=ROOT, capture_output=True,
+                          text=True)
+    assert proc.returncode == 3 and "no Triton server answers" in proc.stderr
+    assert (out / "results.csv").exists()
+
+
+def test_exit_statuses_and_outputs_a_script_can_trust(server, built, lot_dir, workdir):
+    """pa-clip score: 4 when the server refuses (an unknown bank), 1 with --fail-on when a part is decided so, 2 for
+    an --out holding another run; --overwrite leaves none of the old run's overlays behind."""
+    images = workdir / "exit_images"
+    images.mkdir()
+    for p in sorted(lot_dir.glob("*.png"))[:3]:
+        (images / p.name).write_bytes(p.read_bytes())
+    out = workdir / "exit_out"
+
+    def score(*extra):
+        return subprocess.run([sys.executable, "-m", "cli", "score", "--url", server.http_url, "--images", str(images),
+                               "--out", str(out), "--quiet", *extra], cwd=ROOT, capture_output=True, text=True,
+                              timeout=300)
+
+    refused = score("--bank", "no_such_bank")
+    assert refused.returncode == 4 and "no_such_bank" in refused.stderr
+    first = score("--bank", "washer", "--threshold", "0.001", "--fail-on", "anomalous")  # everything is anomalous
+    assert first.returncode == 1 and "--fail-on anomalous: 3 image(s)" in first.stderr, first.stderr
+    stale = out / "overlays" / "from_another_lot.png"
+    stale.write_bytes(b"old")
+    again = score("--bank", "washer")
+    assert again.returncode == 2 and "pass --overwrite" in again.stderr
+    replaced = score("--bank", "washer", "--overwrite", "--fail-on", "out_of_distribution")
+    assert replaced.returncode == 0, replaced.stderr
+    assert not stale.exists() and len(list((out / "overlays").glob("*.png"))) == 3
 
 
 def test_banks_command_lists_shows_deletes_and_prunes(server, built, lot, repository, workdir):
