@@ -27,6 +27,7 @@ from .errors import RequestError, ServerBusy
 from .host import DEFAULT_HOST, HostSettings
 from .pipeline import LotScorer
 from .drift import DriftMonitor
+from .logs import get_logger
 from .ood import OodCalibration, image_statistics
 from .telemetry import NO_TELEMETRY, Telemetry
 
@@ -216,8 +217,8 @@ class ScoreService:
             self.telemetry.count("pa_clip_monitor_errors_total")
             if not getattr(self, "_monitor_error_logged", False):
                 self._monitor_error_logged = True
-                print(f"pa_clip_score: the drift window failed ({type(err).__name__}: {err}); scoring goes on",
-                      flush=True)
+                get_logger("score").warning(f"the drift window failed ({type(err).__name__}: {err}); scoring goes "
+                                            "on", exc_info=True)
 
     def check_request(self, req: dict) -> None:
         """Types, shapes and values of one request against the encoder contract, checked alone so that a bad request
@@ -392,7 +393,7 @@ MAX_CATEGORY_CHARS = 200  # a product name, in a prompt of CLIP's 77 tokens: far
 class BankService:
     ACTIONS = ("add", "build", "update", "list", "info", "delete", "encoder", "prune", "verify")
 
-    def __init__(self, store: BankStore, encoder: dict, encode_images, encode_text=None, log=print,
+    def __init__(self, store: BankStore, encoder: dict, encode_images, encode_text=None, log=None,
                  host: HostSettings = DEFAULT_HOST, telemetry: Telemetry = NO_TELEMETRY):
         self.store = store
         self.encoder = encoder
@@ -401,7 +402,7 @@ class BankService:
         self.backbone = RemoteEncoder(encode_images, encode_text)
         self.patch_size = int(encoder["patch_size"])
         self.fixed_size = C.fixed_input_size(encoder)  # None: the encoder takes any multiple of the patch size
-        self.log = log
+        self.log = log or get_logger("bank").info
 
     def _described(self, bank_id: str) -> dict:
         """A bank's manifest summary with its sizes (``info`` adds its versions)."""

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from postprocess.contract import ACCESS_KEY_ENV
 from postprocess import flags as F
+from postprocess.logs import FORMAT_ENV, FORMATS, LEVEL_ENV, LEVELS, configure, get_logger
 
 from .canary import Canaries
 from .local import LocalServer, ServerError, is_loopback
@@ -58,6 +59,12 @@ def build_parser(prog: str = "python -m serve") -> argparse.ArgumentParser:
     p.add_argument("--max-request-mb", type=F.integer(1, 4096), default=256, help="largest request body / gRPC message taken")
     p.add_argument("--max-inflight-mb", type=F.integer(1, 65536), default=512,
                    help="request bodies held at once over HTTP, all connections together (more: 503, retry)")
+    p.add_argument("--log-level", choices=LEVELS, default=None,
+                   help=f"the least important lines shown, here and in the models' lines of the server log "
+                   f"(default ${LEVEL_ENV} or info)")
+    p.add_argument("--log-format", choices=FORMATS, default=None,
+                   help=f"text (the lines as they read) or json (one object per line, for a log collector; default "
+                   f"${FORMAT_ENV} or text)")
     return p
 
 
@@ -70,11 +77,14 @@ def main(argv=None, prog: str = "python -m serve") -> int:
     if len({args.http_port, args.grpc_port, args.metrics_port}) < 3:
         parser.error(f"--http-port, --grpc-port and --metrics-port must differ, got {args.http_port}, "
                      f"{args.grpc_port}, {args.metrics_port}")
+    for name, value in ((LEVEL_ENV, args.log_level), (FORMAT_ENV, args.log_format)):
+        if value:
+            os.environ[name] = value  # tritonserver's Python models read it too (postprocess.logs.to_triton)
+    log = configure(args.log_level, args.log_format)
     key = args.key if args.key is not None else os.environ.get(ACCESS_KEY_ENV) or None
     if not is_loopback(args.host) and not key and not args.insecure:
-        print(f"error: --host {args.host} opens the server to other machines: give an access key (--key or "
-              f"${ACCESS_KEY_ENV}; clients send it with the same variable), or --insecure on a network you trust",
-              file=sys.stderr)
+        log.error(f"error: --host {args.host} opens the server to other machines: give an access key (--key or "
+                  f"${ACCESS_KEY_ENV}; clients send it with the same variable), or --insecure on a network you trust")
         return 2
 
     def stop_request(*_):
@@ -91,15 +101,15 @@ def main(argv=None, prog: str = "python -m serve") -> int:
                              args.metrics_port, args.log, log_verbose=args.verbose, key=key,
                              metrics_host=args.metrics_host, limits=limits, tritonserver=args.tritonserver,
                              max_store_gb=args.max_store_gb)
-        print(f"starting tritonserver on {args.host} (log: {server.log_file}) ...", file=sys.stderr, flush=True)
+        log.info(f"starting tritonserver on {args.host} (log: {server.log_file}) ...")
         start = time.monotonic()
         server.start(args.ready_timeout)
-        print(f"ready in {time.monotonic() - start:.1f} s: HTTP {server.http_url}, gRPC {server.grpc_url}, "
-              f"metrics {args.metrics_host}:{args.metrics_port}; banks in {server.banks}"
-              f"{'; access key required' if key else ''}. Ctrl-C stops it.", file=sys.stderr, flush=True)
+        log.info(f"ready in {time.monotonic() - start:.1f} s: HTTP {server.http_url}, gRPC {server.grpc_url}, "
+                 f"metrics {args.metrics_host}:{args.metrics_port}; banks in {server.banks}"
+                 f"{'; access key required' if key else ''}. Ctrl-C stops it.")
         return supervise(server, args)
     except ServerError as err:
-        print(f"error: {err}", file=sys.stderr)
+        log.error(f"error: {err}")
         return 2
     except KeyboardInterrupt:
         return 0
@@ -108,11 +118,12 @@ def main(argv=None, prog: str = "python -m serve") -> int:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         if server is not None and (server.process is not None or server.guards):
-            print("stopping tritonserver ...", file=sys.stderr, flush=True)
+            log.info("stopping tritonserver ...")
             server.stop()
 
 
 def supervise(server: LocalServer, args) -> int:
+    log = get_logger("serve")
     """Restart tritonserver when it dies (a crash, the OOM killer) or one of its Python-run models fails its canary
     (a dead stub: ``serve.canary``): health says not ready at once, back-off 1, 2, 4 ... 60 s, the reason logged;
     banks are on disk and a build cut short leaves the previous version live. Gives up after --max-restarts
@@ -128,20 +139,19 @@ def supervise(server: LocalServer, args) -> int:
             server.health_state = (False, reason)  # /v2/health/ready answers 503 from now until the restart is up
             now = time.monotonic()
             deaths = [t for t in deaths if now - t < 600] + [now]
-            print(f"{reason}; full log: {server.log_file}", file=sys.stderr, flush=True)
+            log.warning(f"{reason}; full log: {server.log_file}")
             if len(deaths) > args.max_restarts:
-                print(f"error: {len(deaths)} restarts needed in ten minutes; giving up", file=sys.stderr)
+                log.error(f"error: {len(deaths)} restarts needed in ten minutes; giving up")
                 return 1
             delay = min(60.0, args.restart_backoff * 2.0 ** (len(deaths) - 1))
-            print(f"restarting tritonserver in {delay:.3g} s (banks stay as they are in {server.banks}) ...",
-                  file=sys.stderr, flush=True)
+            log.warning(f"restarting tritonserver in {delay:.3g} s (banks stay as they are in {server.banks}) ...")
             server.stop(keep_guards=True)  # what the server left: stubs, shared memory; clients wait at the guards
             time.sleep(delay)
             try:
                 server.start(args.ready_timeout)
-                print(f"restarted: HTTP {server.http_url}, gRPC {server.grpc_url}", file=sys.stderr, flush=True)
+                log.info(f"restarted: HTTP {server.http_url}, gRPC {server.grpc_url}")
             except ServerError as err:
-                print(f"restart failed: {err}", file=sys.stderr, flush=True)
+                log.error(f"restart failed: {err}")
             if canaries is not None:
                 canaries.reset()
     finally:

@@ -16,6 +16,7 @@ try:
     from postprocess.host import HostSettings, lower_priority
     from postprocess.serving import (BankService, bank_root, canary_response, error_response, from_triton,
                                      is_canary, parse_options, store_limit_bytes, text_value)
+    from postprocess.logs import to_triton
     from postprocess.telemetry import TritonTelemetry
     from postprocess.text_tokens import load_tokenizer
 except ImportError as err:
@@ -44,6 +45,7 @@ def _infer(model_name, inputs, outputs, xp=np):
 
 class TritonPythonModel:
     def initialize(self, args):
+        to_triton(pb_utils)  # the pa_clip loggers into Triton's log
         config = json.loads(args["model_config"])
         params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
         repository = Path(args["model_repository"]).parent
@@ -66,8 +68,8 @@ class TritonPythonModel:
         host = HostSettings.from_parameters(params)
         lower_priority(host.build_nice)  # builds yield the CPU to scoring (pa_clip_score and the encoder)
         self.xp = host.xp()
-        self.service = BankService(store, encoder, self.encode_images, encode_text, log=pb_utils.Logger.log_info,
-                                   host=host, telemetry=TritonTelemetry(pb_utils))
+        self.service = BankService(store, encoder, self.encode_images, encode_text, host=host,
+                                   telemetry=TritonTelemetry(pb_utils))
 
     def encode_images(self, images):
         parts = []

@@ -11,6 +11,7 @@ try:
     from postprocess.bank_store import BankStore
     from postprocess.host import HostSettings
     from postprocess.serving import ScoreService, bank_root, canary_response, error_response, from_triton, is_canary
+    from postprocess.logs import to_triton
     from postprocess.telemetry import TritonTelemetry
 except ImportError as err:  # the server's Python must have the project installed
     raise ImportError(f"pa_clip_score needs the pa-clip-triton package in the server's Python "
@@ -21,6 +22,7 @@ INPUTS = (*C.VISION_OUTPUTS, C.IMAGES, C.BANK)
 
 class TritonPythonModel:
     def initialize(self, args):
+        to_triton(pb_utils)  # the pa_clip loggers into Triton's log
         config = json.loads(args["model_config"])
         params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
         repository = Path(args["model_repository"]).parent
