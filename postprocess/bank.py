@@ -64,7 +64,7 @@ def check_encoder(manifest: "BankManifest", fingerprint: dict | None) -> None:
     built, serving = encoder_identity(manifest.encoder), encoder_identity(fingerprint)
     if built != serving:
         raise BankError(f"bank {manifest.bank!r} was built with encoder {built}, but this server runs {serving}: "
-                        "rebuild the bank (client/infer.py --build) or serve the encoder it was built with")
+                        "rebuild the bank (pa-clip score --build) or serve the encoder it was built with")
 
 
 def config_from_dict(values: dict) -> PAClipConfig:
@@ -292,7 +292,7 @@ class BankDamaged(BankError):
 
 
 def damaged(bank_id: str, version: str | None, why: str) -> BankDamaged:
-    return BankDamaged(f"bank {bank_id!r} version {version or '?'} is damaged ({why}): rebuild it (client/infer.py "
+    return BankDamaged(f"bank {bank_id!r} version {version or '?'} is damaged ({why}): rebuild it (pa-clip score "
                        "--build) or restore the version from a backup")
 
 

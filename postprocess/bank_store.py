@@ -133,7 +133,7 @@ def build_slot(bank_id: str):
                 holder = {}
             raise ServerBusy(f"this host is building bank {holder.get('bank', '?')!r} (started "
                              f"{holder.get('started_at', '?')}); builds run one at a time so that scoring and "
-                             "bank actions stay answered: send the build again when it finishes (client/infer.py "
+                             "bank actions stay answered: send the build again when it finishes (pa-clip score "
                              "waits by itself)") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps({"bank": bank_id, "pid": os.getpid(),
@@ -237,7 +237,7 @@ class BankStore:
     def _missing(self, bank_id: str) -> BankError:
         known = self.bank_ids()
         return BankError(f"unknown bank {bank_id!r}; " + (f"banks on this server: {', '.join(known)}" if known else
-                         "this server has no banks yet") + ". Build one with client/infer.py --build")
+                         "this server has no banks yet") + ". Build one with pa-clip score --build")
 
     def _live(self, bank_id: str) -> tuple[str, Path]:
         version = self.current_version(bank_id)
@@ -517,7 +517,7 @@ class BankStore:
         parts = sorted(self._lot(bank_id).glob("part-*.safetensors"))
         if not parts:
             raise BankError(f"bank {bank_id!r} has no images to build from: add a lot first "
-                            "(client/infer.py --build --images DIR)")
+                            "(pa-clip score --build --images DIR)")
         loaded = [_load_tensors(p) for p in parts]
         meta = loaded[0][1]
         cat = lambda key: np.concatenate([t[key] for t, _ in loaded])  # noqa: E731

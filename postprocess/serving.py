@@ -253,7 +253,7 @@ class ScoreService:
         if tuple(images.shape[1:3]) != size:
             raise BankError(f"bank {name!r} scores {size[0]}x{size[1]} images (height x width: the size it was built "
                             f"at, which sets the map size), got {images.shape[1]}x{images.shape[2]}: resize them "
-                            "first (client/infer.py does)")
+                            "first (pa-clip score does)")
         if layer_tokens.shape[2] != h * w:
             raise BankError(f"bank {name!r} expects {h}x{w} patches per image, the encoder gave "
                             f"{layer_tokens.shape[2]}: was the bank built with another encoder?")

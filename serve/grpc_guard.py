@@ -122,7 +122,7 @@ class GrpcGuard:
                 sent = next((v for k, v in metadata if k == KEY_METADATA), "")
                 if not hmac.compare_digest(str(sent).encode(), self.key.encode()):
                     raise Refused(401, f"this server needs its access key in the '{KEY_METADATA}' metadata "
-                                       "(client/infer.py sends $PA_CLIP_KEY)")
+                                       "(pa-clip score sends $PA_CLIP_KEY)")
             if name == "ServerReady" and self.health is not None and not self.health()[0]:
                 return service_pb2.ServerReadyResponse(ready=False).SerializeToString()
             message = _parse(REQUEST_TYPES[name], request)

@@ -163,7 +163,7 @@ class HttpGuard:
             sent = headers.get(ACCESS_KEY_HEADER.encode(), [b""])[0]
             if not hmac.compare_digest(sent, self.key.encode()):
                 raise Refused(401, f"this server needs its access key in the '{ACCESS_KEY_HEADER}' header "
-                                   "(client/infer.py sends $PA_CLIP_KEY)")
+                                   "(pa-clip score sends $PA_CLIP_KEY)")
         size = await self._check_length(conn, writer, request, headers)
         held = [0]  # what this body holds of the budget so far
 

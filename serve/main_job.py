@@ -174,7 +174,7 @@ def build_parser(prog: str = "./run.sh main") -> argparse.ArgumentParser:
     p.add_argument("--reexport", action="store_true", help="export the encoder even if the repository has one")
     p.add_argument("--threshold", default="auto",
                    help="'auto' (default: the bank's automatic threshold for the false-alarm budget) or a calibrated "
-                   "score strictly between 0 and 1 above which an image is anomalous (client/infer.py --help)")
+                   "score strictly between 0 and 1 above which an image is anomalous (pa-clip score --help)")
     p.add_argument("--false-alarm-rate", type=F.FALSE_ALARM_RATE, default=None, metavar="RATE",
                    help="the fraction of good parts you accept being called defective (default 0.01)")
     p.add_argument("--aspect", choices=C.ASPECTS, default=C.DEFAULT_ASPECT,

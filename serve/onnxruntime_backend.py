@@ -57,7 +57,7 @@ class TritonPythonModel:
             return f"input '{name}' is empty (shape {list(array.shape)})"
         if name == IMAGES and array.ndim == 4 and self.max_side and max(array.shape[1:3]) > self.max_side:
             return (f"input '{name}' holds {array.shape[1]}x{array.shape[2]} images; this encoder takes at most "
-                    f"{self.max_side} pixels a side: resize them (client/infer.py does)")
+                    f"{self.max_side} pixels a side: resize them (pa-clip score does)")
         return None
 
     def _run(self, feeds):

@@ -102,7 +102,7 @@ def check_shape(name: str, datatype: str, shape, limits: Limits) -> int:
             raise Refused(400, f"input '{name}' claims {height}x{width} images: an image needs at least one pixel")
         if limits.max_image_side and max(height, width) > limits.max_image_side:
             raise Refused(413, f"input '{name}' claims {height}x{width} images; this server's encoder takes at most "
-                               f"{limits.max_image_side} pixels a side: resize them (client/infer.py does)")
+                               f"{limits.max_image_side} pixels a side: resize them (pa-clip score does)")
     return elements
 
 

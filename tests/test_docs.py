@@ -26,7 +26,7 @@ OUTSIDE = re.compile("|".join([
 DATA = re.compile(_SHARED + r"/data\b")
 DATA_ALLOWED = ("tests/", "benchmarks/", "README.md", "run.sh", ".ci/run", "pyproject.toml")
 
-TOP_LEVEL = ("postprocess", "export", "serve", "client", "tests", "benchmarks", "model_repository", "docs", ".ci")
+TOP_LEVEL = ("postprocess", "export", "serve", "client", "cli", "tests", "benchmarks", "model_repository", "docs", ".ci")
 # a repository path written in the design page: top-level folder, then path characters (globs allowed)
 PATH = re.compile(r"(?<![\w./<>-])((?:%s)/[\w./*-]*[\w*/])" % "|".join(re.escape(t) for t in TOP_LEVEL))
 ROOT_FILE = re.compile(r"`(README\.md|run\.sh|pyproject\.toml)`")
