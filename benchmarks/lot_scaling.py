@@ -108,7 +108,7 @@ def time_lots(args) -> int:
                    "score_s_per_image": score_s / 8, "score_peak_mb": score_mb}
             rows.append(row)
             print(json.dumps(row), file=sys.stderr)
-            del scorer, bank
+
     fits = {str(s): growth(rows, s, min(args.sizes) if s == 0 else s + 1) for s in args.references}
     lines = ["| lot images | full bank keeps | build s | build s / image | build peak MB (traced) | bank MB | "
              "scoring s / new image | scoring peak MB |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]

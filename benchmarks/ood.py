@@ -28,8 +28,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from benchmarks.datasets import discover, load_category
-from benchmarks.line import draw_lot, line_samples
-from postprocess import contract as C
+from benchmarks.line import draw_lot, line_set
 from postprocess.atomic import write_atomic
 
 
@@ -64,21 +63,14 @@ FAULTS = {
 
 
 def collect(args) -> int:
-    from export.backbones import OnnxBackbone
-    from postprocess import kernels as K
     from postprocess.bank import build_bank, image_key, score_with_bank
     from postprocess.ood import STATISTICS, image_statistics
     from postprocess.pipeline import LotScorer, encode_images
     from postprocess.serving import build_config
 
-    backbone = OnnxBackbone.from_repository(Path(args.repository))
-    category = line_samples(args.data)
-    from benchmarks.datasets import original_sizes
-
-    size = C.choose_input_size(backbone.fingerprint, original_sizes(category), C.DEFAULT_ASPECT)
+    backbone, category, size, data = line_set(args.data, args.repository)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        data = load_category(category, size)
         others = {}
         for root in args.others:
             (other,) = discover(root, "mvtec")

@@ -241,12 +241,13 @@ def product_version() -> str:
         return "unknown"
 
 
-def parse_overrides(items: list[str]) -> dict:
+def parse_overrides(items, separator: str = "=", flag: str = "--set") -> dict:
+    """KEY=VALUE items (or KEY:VALUE with ``separator``) -> settings, values read as JSON where they parse."""
     options = {}
     for item in items:
-        key, sep, value = item.partition("=")
+        key, sep, value = item.partition(separator)
         if not sep:
-            raise ValueError(f"--set wants KEY=VALUE, got {item!r}")
+            raise ValueError(f"{flag} wants KEY{separator}VALUE, got {item!r}")
         try:
             options[key] = json.loads(value)
         except json.JSONDecodeError:

@@ -428,7 +428,7 @@ def build_bank(scorer, cfg: PAClipConfig, bank_id: str, encoder: dict, map_size=
     run = scorer.run(cfg, map_size, bank_dtype=np.float16)
     features, state, result = scorer.features, run.state, run.result
     report = run.report()
-    n, n_layers = len(features), features.layer_tokens.shape[1]
+    n = len(features)
     xp = K.get_xp(features.layer_tokens)
     full, full_scale = {}, {}  # the coresets stage 1 scored against ({} for the text-only baseline)
     space = state.space
