@@ -109,8 +109,10 @@ class PAClipConfig:
     bank_projection: str = "pca"
     full_bank_storage: str = "float16"
 
-    # Psi (Eq. 5-6).
-    interval_fraction: float = 0.3
+    # Psi (Eq. 5-6). The interval average reads the k = interval_fraction * (N - 1) nearest lot images: what recurs in
+    # more than that share of a lot counts as normal. A line's lots are a few percent defective, so 5% (chosen on
+    # magnetic tile with benchmarks.line; MuSc's 30% is for half-defective test sets: README "Decisions on a line")
+    interval_fraction: float = 0.05
     k_min: int = 1
     k_max: int = 64
     normal_k: int = 3
@@ -127,7 +129,7 @@ class PAClipConfig:
     image_topk_fraction: float = 0.01
     # Lot-level image re-scoring: each image score moves by rescore_weight toward the mean score of its rescore_k
     # most similar lot images (cosine of the image embeddings; a negative weight moves it away). 0 = off.
-    rescore_k: int = 20
+    rescore_k: int = 0  # off: on new parts at line rates it did not help (README "Decisions on a line")
     rescore_weight: float = 0.5
 
     # Text-only map instead of memory banks (the "baseline" ablation row).

@@ -5,17 +5,17 @@ the bank, that the threshold calls anomalous. The lot's own scores are what tell
 is scored against the other lot images (never against its own patches), so a good lot image's score is drawn like a
 new good part's (``python -m benchmarks.line`` measures both, through a server).
 
-**The default method, ``trimmed_tail``** (chosen on magnetic tile, reported on ball screw by ``python -m
-benchmarks.line``; README "Decisions on a line"):
+**The default method, ``quartile_exponential``** (chosen on magnetic tile with ``python -m benchmarks.line``,
+together with the lot stage's interval fraction of 5% and the map's maximum, not re-scored, as the image score;
+reported on ball screw; README "Decisions on a line"): the good parts' upper tail is taken as exponential above the
+lot's median, its scale from the quartiles: P(score > t) = 0.5 exp(-(t - median) / b), b = (q75 - median) / ln 2;
+threshold = median + b ln(0.5 / budget), ``spread`` = b. Read off the median and the upper quartile, it tolerates a
+quarter of the lot defective before its estimate is theirs.
 
-1. *Suspected defects are left out.* A lot is mostly good parts, but not only: defective images sit in the upper
-   tail and would stretch any tail model. Where the gap between two of the top scores exceeds ``TRIM_GAP`` tail
-   scales of the scores below it, everything above the gap is left out (at most ``MAX_TRIM`` of the lot). A clean
-   lot's largest score clears that gap in about e^-6 of lots.
-2. *The good parts' upper tail is exponential above their 75th percentile* q75 (a peaks-over-threshold model):
-   P(score > t) = 0.25 exp(-(t - q75) / b), b = the median excess over q75 / ln 2 (the median, so that defects that
-   overlap the good parts and were not left out do not stretch it); threshold = q75 + b ln(0.25 / budget),
-   ``spread`` = b.
+``trimmed_tail`` (the default before; now beside it): suspected defects are left out first (where the gap between
+two of the top scores exceeds ``TRIM_GAP`` tail scales of the scores below it, everything above the gap, at most
+``MAX_TRIM`` of the lot), then an exponential tail above the remaining scores' 75th percentile q75, its scale the
+median excess over q75 / ln 2: threshold = q75 + b ln(0.25 / budget).
 
 Measured beside it (``METHODS``): ``lot_quantile``, the conformal reading (the threshold is the reference's order
 statistic at rank (n + 1)(1 - budget), distribution-free for a clean lot, an exponential tail past the largest
@@ -24,9 +24,9 @@ scores and lift the ranks a 36-image lot reads at 1-5%; ``exponential_tail`` (th
 anything out: breaks once an eighth of the lot is defective far above the rest); and the older parametric
 methods, kept so that banks built with them keep their decisions (``threshold = centre + z * spread`` for the
 Gaussian ones, z the normal quantile of 1 - budget): ``lower_half`` (median; RMS of the scores below it), ``mad``,
-``upper_quartile`` ((q75 - median) / 0.6745), ``quartile_exponential`` (exponential above the median, scale
-(q75 - median) / ln 2: the default before; it extrapolated the body's spread far past the good parts and called
-almost nothing on ball screw), ``normal_images`` (mean and deviation of the images chosen as normal).
+``upper_quartile`` ((q75 - median) / 0.6745), ``normal_images`` (mean and deviation of the images chosen as
+normal). Every calibration keeps the lot's scores it read (``reference``), so that a bank grown with new parts
+(``postprocess.growth``) reads its threshold again from them and the new ones.
 
 **How sure it is.** A threshold read off n lot scores at a budget is about as sure as the order statistic at rank
 (n + 1)(1 - budget), whose realised rate on new good parts is Beta((n + 1) budget, (n + 1)(1 - budget))
@@ -58,7 +58,7 @@ EXPONENTIAL_FROM = {"exponential_tail": 0.75, "trimmed_tail": 0.75, "quartile_ex
 # parts' (by construction: which order statistics it reads; lot_quantile: the trimmed share)
 BREAKDOWN = {"lower_half": 0.5, "mad": 0.5, "upper_quartile": 0.25, "quartile_exponential": 0.25,
              "exponential_tail": 0.125, "normal_images": 0.0, "lot_quantile": 0.2, "trimmed_tail": 0.2}
-DEFAULT_METHOD = "trimmed_tail"  # chosen on magnetic tile by benchmarks.line; README "Decisions on a line"
+DEFAULT_METHOD = "quartile_exponential"  # chosen on magnetic tile by benchmarks.line; README "Decisions on a line"
 DEFAULT_FALSE_ALARM_RATE = 0.01
 MIN_SPREAD_FRACTION = 1e-3  # of |centre|: a lot of identical scores still gets a usable scale
 TAIL_FRACTION = 0.25  # lot_quantile: the top quarter of the reference sets the tail scale (at least TAIL_MIN)
@@ -66,7 +66,7 @@ TAIL_MIN = 3
 TRIM_GAP = 6.0  # lot_quantile: a gap of this many tail scales above the next score marks a suspected defect
 MAX_TRIM = 0.2  # of the lot: never more left out than this (a line's lot is a few percent defective)
 CONFIDENCE = 0.9  # the share of lots the stated range of realised false-alarm rates covers
-READS_REFERENCE = ("lot_quantile", "trimmed_tail")  # methods that keep the lot's (trimmed) scores in the bank
+READS_REFERENCE = ("lot_quantile", "trimmed_tail")  # methods whose threshold reads the lot's (trimmed) scores
 
 
 class DecisionError(ValueError):
@@ -192,7 +192,7 @@ class Calibration:
     def to_dict(self) -> dict:
         out = {"method": self.method, "centre": self.centre, "spread": self.spread,
                "false_alarm_rate": self.false_alarm_rate, "n_images": self.n_images}
-        if self.method in READS_REFERENCE:
+        if self.reference:  # every method keeps the scores it read (a grown bank reads its threshold again)
             out.update(reference=list(self.reference), n_excluded=self.n_excluded)
         return {**out, "threshold": self.threshold, "confidence": self.confidence()}
 
@@ -202,8 +202,8 @@ class Calibration:
         if method not in METHODS:
             raise DecisionError(f"unknown decision method {method!r}; one of {', '.join(METHODS)}")
         reference = tuple(float(v) for v in d.get("reference", ()))
-        if method in READS_REFERENCE and (len(reference) < 2 or not all(map(math.isfinite, reference))
-                                          or any(b < a for a, b in zip(reference, reference[1:]))):
+        if (method in READS_REFERENCE or reference) and (len(reference) < 2 or not all(map(math.isfinite, reference))
+                                                          or any(b < a for a, b in zip(reference, reference[1:]))):
             raise DecisionError(f"a {method} calibration needs at least 2 finite, sorted reference scores")
         cal = cls(method, float(d["centre"]), float(d["spread"]), check_false_alarm_rate(d["false_alarm_rate"]),
                   int(d["n_images"]), reference, int(d.get("n_excluded", 0)))
@@ -284,6 +284,8 @@ def calibrate(scores, normal_indices=None, false_alarm_rate: float = DEFAULT_FAL
             chosen = scores
         centre, spread = float(np.mean(chosen)), float(np.std(chosen, ddof=1))
     spread = max(spread, MIN_SPREAD_FRACTION * max(abs(centre), 1e-6))
+    if not reference:  # the scores it read, kept whatever the method
+        reference = tuple(float(v) for v in np.sort(scores))
     return Calibration(method, centre, spread, false_alarm_rate, int(scores.size), reference, excluded)
 
 

@@ -22,7 +22,7 @@ import numpy as np
 from . import kernels as K
 from .bank import Bank, BankError, score_with_bank
 from .contract import Features
-from .decision import READS_REFERENCE, Calibration, calibrate
+from .decision import Calibration, calibrate
 from .host import DEFAULT_HOST, HostSettings
 from .pa_clip import _projected, bank_entries, full_bank_references, full_bank_selection, lot_interval_k
 
@@ -31,9 +31,9 @@ ACCEPT_QUANTILE = 0.75  # of the lot's reference scores: a new image at or below
 
 def accept_level(calibration: Calibration) -> float:
     """The highest score a new image may have to be folded in."""
-    if calibration.method in READS_REFERENCE and calibration.reference:
+    if calibration.reference:
         return float(np.quantile(np.asarray(calibration.reference), ACCEPT_QUANTILE))
-    return calibration.raw(0.25)  # a method that kept no scores: well below its threshold
+    return calibration.raw(0.25)  # a bank built before calibrations kept their scores: well below its threshold
 
 
 def _coreset_features(bank: Bank, r: int, entries, cfg):
@@ -146,7 +146,7 @@ def grow_bank(bank: Bank, features: Features, keys: list[str], host: HostSetting
     # the calibration read again: the lot's kept scores and every new image's (its method leaves suspected defects
     # out as a build does); a method that kept no scores keeps its calibration
     decision = manifest.decision
-    if calibration.method in READS_REFERENCE and calibration.reference:
+    if calibration.reference:
         pooled = np.concatenate([np.asarray(calibration.reference), scores])
         decision = calibrate(pooled, None, calibration.false_alarm_rate, calibration.method).to_dict()
     summary_scores = np.concatenate([np.asarray(calibration.reference or [manifest.lot_scores["median"]]), scores])

@@ -264,7 +264,7 @@ def test_banks_command_lists_shows_deletes_and_prunes(server, built, lot, reposi
     pruned = banks("prune")
     assert pruned.returncode == 0 and "freed" in pruned.stdout
     missing = banks("info", "scratch")
-    assert missing.returncode == 2 and "unknown bank 'scratch'" in missing.stderr
+    assert missing.returncode == 4 and "unknown bank 'scratch'" in missing.stderr
     # a store limit: an add past it is refused with what to do, and the server keeps serving
     http, grpc, metrics = free_ports(3)
     small = LocalServer(repository, workdir / "banks_small", http_port=http, grpc_port=grpc, metrics_port=metrics,
@@ -315,7 +315,7 @@ def test_a_bank_grows_with_new_parts_through_the_server(server, lot, lot_dir, wo
     with pytest.raises(ClientError, match="update takes no options"):
         client.bank_action("update", "grow", options={"alpha": 0.5})
     missing = banks("update", "nope", "--images", str(new))
-    assert missing.returncode == 2 and "unknown bank 'nope'" in missing.stderr
+    assert missing.returncode == 4 and "unknown bank 'nope'" in missing.stderr
     client.delete_bank("grow")
     client.close()
 
