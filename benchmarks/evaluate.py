@@ -42,6 +42,7 @@ from postprocess import flags as F
 SHORT = {"image_auroc": "I-AUROC", "image_f1_max": "I-F1max", "image_ap": "I-AP", "pixel_auroc": "P-AUROC",
          "pixel_f1_max": "P-F1max", "pixel_ap": "P-AP", "pro": "PRO", "false_alarm_rate": "FalseAl",
          "recall": "Recall", "f1_auto": "F1-auto"}
+HALF_DEFECTIVE = 0.2  # a lot more defective than this is a benchmark test set, not a line's lot
 DECISION_TABLE_KEYS = ("image_auroc", "pro", "false_alarm_rate", "recall", "f1_auto", "image_f1_max")
 # The paper's column order (Tables 1-2).
 TABLE_KEYS = ("image_auroc", "image_f1_max", "image_ap", "pixel_auroc", "pixel_f1_max", "pixel_ap", "pro")
@@ -225,6 +226,12 @@ def evaluate(args) -> dict:
                                  xp=host.xp())
         encode_s = time.perf_counter() - t0
         lots = resample_lots(len(lot.images), lot.labels, args.defect_rate, args.repeats, args.resample_seed)
+        fraction = configs[primary].interval_fraction
+        if lot.labels is not None and lot.labels[lots[0]].mean() > max(HALF_DEFECTIVE, 2 * fraction):
+            print(f"note: {category.name}: {lot.labels[lots[0]].mean():.0%} of the lot is defective; the interval "
+                  f"fraction {fraction:g} assumes a line's lot, a few percent defective (defects that recur in more "
+                  f"than {fraction:.0%} of the lot read as normal). To score a benchmark test set as MuSc and PA-CLIP "
+                  f"do, pass --interval-fraction 0.3", file=sys.stderr)
         # one scorer per lot, shared by the rows: rows that share an encoding and a first stage reuse them
         scorers = [LotScorer(backbone, lot.images[idx], category.name, batch_size=args.batch_size, progress=False,
                              features=Features(features.layer_tokens[idx], features.patch_embeds[idx],

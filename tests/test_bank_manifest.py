@@ -35,7 +35,9 @@ def test_a_format_1_manifest_reads_into_typed_fields_and_writes_back_the_same_as
     assert json.loads(text)["format_version"] == 1 and manifest.format_version == 3 == FORMAT_VERSION
     assert manifest.files is None and manifest.tensors is None  # format 1 recorded no digests
     assert manifest.ood is None  # nor format 2 an out-of-distribution calibration
-    assert manifest.config == PAClipConfig(scales=(1, 3), full_coreset_ratio=0.25)
+    # the settings it was built with, not today's defaults (interval fraction 0.3 and re-scoring were the defaults then)
+    assert manifest.config == PAClipConfig(scales=(1, 3), full_coreset_ratio=0.25, interval_fraction=0.3,
+                                           rescore_k=20)
     assert (manifest.bank, manifest.category, manifest.grid, manifest.image_size) == ("washer", "washer", (8, 8),
                                                                                       (112, 112))
     assert manifest.n_images == len(manifest.image_keys) == 10 and manifest.interval_k == 3
@@ -66,9 +68,12 @@ def test_a_format_1_bank_scores_like_one_built_now(old_store, tiny_clip_112, lot
     assert {k for k in got if k not in want} == {"version", "built_at"}
     assert {k for k in want if k not in got} == {"ood"}  # a bank of format 1 has no out-of-distribution calibration
     want.pop("ood")
-    # the decision's method changed since that bank was written (trimmed_tail): the old one still reads and decides
-    assert Calibration.from_dict(got.pop("decision")).method == "quartile_exponential"
-    assert Calibration.from_dict(want.pop("decision")).method == DEFAULT_METHOD == "trimmed_tail"
+    # the same method as when that bank was written; a calibration now keeps the lot scores it read, an old one
+    # without them still reads and decides the same
+    then, now = Calibration.from_dict(got.pop("decision")), Calibration.from_dict(want.pop("decision"))
+    assert then.method == now.method == DEFAULT_METHOD == "quartile_exponential"
+    assert not then.reference and len(now.reference) == len(lot)
+    assert then.threshold == pytest.approx(now.threshold, rel=1e-4)
     for key in want:
         if key in ("tau_b", "map_range", "lot_scores", "cada"):
             assert json.dumps(got[key]) == json.dumps(want[key]) or \
@@ -90,8 +95,8 @@ def test_legacy_host_fields_in_the_config_are_dropped_on_load(old_store, tiny_cl
     raw = json.loads(path.read_text())
     raw["config"]["memory_budget_mb"] = 256  # banks built before host settings left PAClipConfig
     path.write_text(json.dumps(raw, indent=1))
-    assert store.load("washer", tiny_clip_112.fingerprint).config == PAClipConfig(scales=(1, 3),
-                                                                                  full_coreset_ratio=0.25)
+    assert store.load("washer", tiny_clip_112.fingerprint).config == PAClipConfig(
+        scales=(1, 3), full_coreset_ratio=0.25, interval_fraction=0.3, rescore_k=20)
     assert "memory_budget_mb" not in store.manifest("washer").to_dict()["config"]
 
 

