@@ -31,6 +31,9 @@ TWO_SIDED = ("brightness", "contrast")
 DEFAULT_STATISTICS = ("map_median", "brightness", "contrast")
 OOD_BUDGET = 0.005  # the share of the lot's own parts the thresholds leave outside (all statistics together)
 OOD_METHOD = "exponential_tail"  # no trimming: a lot value is never called foreign to its own lot
+# maps come back from the server as float16: a lot image's statistic read off its served map can lie this much
+# (relative) beyond the float32 value the bank was calibrated on, so the lot's own range is widened by it
+SERVED_ROUNDING = 2.0 ** -10
 REASONS = {
     "map_median": "most of the image is unlike the lot",
     "map_q75": "much of the image is unlike the lot",
@@ -116,12 +119,15 @@ def calibrate_ood(values: dict, names=DEFAULT_STATISTICS, budget: float = OOD_BU
     for name in names:
         v = np.asarray(values[name], dtype=np.float64)
         refs[name] = tuple(float(x) for x in np.sort(v))
-        # never inside the lot's own range: what the lot holds is not foreign to it
+        # never inside the lot's own range (as the client reads it off served maps): what the lot holds is not
+        # foreign to it
+        top, bottom = (float(x) + sign * (abs(float(x)) * SERVED_ROUNDING + 1e-12)
+                       for x, sign in ((v.max(), 1), (v.min(), -1)))
         if name in TWO_SIDED:
-            high[name] = max(float(v.max()), calibrate(v, None, share / 2, OOD_METHOD).threshold)
-            low[name] = min(float(v.min()), -calibrate(-v, None, share / 2, OOD_METHOD).threshold)
+            high[name] = max(top, calibrate(v, None, share / 2, OOD_METHOD).threshold)
+            low[name] = min(bottom, -calibrate(-v, None, share / 2, OOD_METHOD).threshold)
         else:
-            high[name] = max(float(v.max()), calibrate(v, None, share, OOD_METHOD).threshold)
+            high[name] = max(top, calibrate(v, None, share, OOD_METHOD).threshold)
             low[name] = -math.inf
     return OodCalibration(tuple(names), budget, refs, low, high)
 

@@ -18,11 +18,11 @@ def shifts(repository, tmp_path_factory):
     root = tmp_path_factory.mktemp("line")
     data = make_mvtec_tree(root / "data", n_good=12, n_bad=6, size=112) / "widget"
     out = {}
-    for mode in ("server", "in-process", "server-k1", "in-process-k1"):
+    for mode in ("server", "in-process", "server-k2", "in-process-k2"):
         args = ["collect", "--data", str(data), "--out", str(root / mode), "--repository", str(repository),
                 "--lot-size", "9", "--defect-rates", "0.1", "--splits", "2", "--batch", "4"]
         args += ["--in-process"] if mode.startswith("in-process") else []
-        args += ["--set", "interval_fraction=0.01", "--set", "rescore_k=0"] if mode.endswith("k1") else []
+        args += ["--set", "interval_fraction=0.3", "--set", "rescore_k=3"] if mode.endswith("k2") else []
         assert line.main(args) == 0
         out[mode] = json.loads((root / mode / "line.json").read_text())
     return root, out
@@ -45,7 +45,7 @@ def test_a_shift_scores_the_lot_and_the_new_parts_through_the_server(shifts):
             assert np.all(np.asarray(stats["max"]) >= np.asarray(stats["mean"]))
 
 
-@pytest.mark.parametrize("settings", ["", "-k1"])
+@pytest.mark.parametrize("settings", ["", "-k2"])
 def test_the_server_and_the_process_give_the_same_shift(shifts, settings):
     """The same lots (fixed seed), the same maths and settings: scores within the bank's float16 storage."""
     _, out = shifts
@@ -57,16 +57,20 @@ def test_the_server_and_the_process_give_the_same_shift(shifts, settings):
 
 
 def test_settings_reach_the_bank_and_change_the_scores(shifts):
-    """--set builds every bank with that setting: interval k 1 and no re-scoring, on the server as in process."""
+    """--set builds every bank with that setting (MuSc's interval, k 2 of 8, and re-scoring), on the server as in
+    process; the defaults (k 1, no re-scoring) without it."""
     _, out = shifts
-    for mode in ("server-k1", "in-process-k1"):
-        assert out[mode]["options"] == {"interval_fraction": 0.01, "rescore_k": 0}
+    for mode in ("server-k2", "in-process-k2"):
+        assert out[mode]["options"] == {"interval_fraction": 0.3, "rescore_k": 3}
+        for record in out[mode]["splits"]:
+            assert record["interval_k"] == 2 and record["config"]["rescore_k"] == 3
+    for mode in ("server", "in-process"):
+        assert out[mode]["options"] == {}
         for record in out[mode]["splits"]:
             assert record["interval_k"] == 1 and record["config"]["rescore_k"] == 0
             # without re-scoring the score is the map's maximum itself (the map as sent: float16)
             assert np.allclose(record["new"]["score"], record["new"]["max"], rtol=2e-3, atol=1e-6)
-    assert out["server"]["options"] == {} and out["server"]["splits"][0]["interval_k"] == 2
-    assert not np.allclose(out["server"]["splits"][0]["new"]["max"], out["server-k1"]["splits"][0]["new"]["max"])
+    assert not np.allclose(out["server"]["splits"][0]["new"]["max"], out["server-k2"]["splits"][0]["new"]["max"])
 
 
 def test_the_report_chooses_on_one_set_and_reports_on_the_other(shifts, capsys):
@@ -85,16 +89,16 @@ def test_the_report_compares_settings_side_by_side(shifts, capsys):
     """Several collects per set: each one's image scores are candidates, named by their settings; the first
     folder's are the shipped ones."""
     root, _ = shifts
-    assert line.main(["report", "--tune", f"A={root / 'server'},{root / 'server-k1'}",
-                      "--report", f"B={root / 'in-process'},{root / 'in-process-k1'}",
+    assert line.main(["report", "--tune", f"A={root / 'server'},{root / 'server-k2'}",
+                      "--report", f"B={root / 'in-process'},{root / 'in-process-k2'}",
                       "--json", str(root / "report2.json")]) == 0
     text = capsys.readouterr().out
-    assert "interval_fraction=0.01,rescore_k=0/max " in text and "gain over score," in text
+    assert "interval_fraction=0.3,rescore_k=3/max " in text and "gain over score," in text
     saved = json.loads((root / "report2.json").read_text())
-    assert "interval_fraction=0.01,rescore_k=0/score/trimmed_tail" in saved["sets"]["B"]
+    assert "interval_fraction=0.3,rescore_k=3/score/trimmed_tail" in saved["sets"]["B"]
     assert "score/trimmed_tail" in saved["sets"]["B"]
     with pytest.raises(SystemExit, match="same settings"):  # the two sets must hold the same settings
-        line.main(["report", "--tune", f"A={root / 'server'},{root / 'server-k1'}", "--report",
+        line.main(["report", "--tune", f"A={root / 'server'},{root / 'server-k2'}", "--report",
                    f"B={root / 'in-process'}"])
     with pytest.raises(SystemExit, match="same settings"):  # and no settings twice
         line.main(["report", "--tune", f"A={root / 'server'},{root / 'in-process'}", "--report", f"B={root / 'server'}"])

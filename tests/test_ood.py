@@ -45,6 +45,18 @@ def test_thresholds_from_the_lot_flag_what_lies_outside_either_side():
     assert "brightness lies outside" in ood.reason(["brightness"]) and "camera moved" in ood.reason(["map_median"])
 
 
+def test_a_lot_image_read_off_its_served_float16_map_is_still_inside():
+    """Where the tail's threshold falls inside the lot (one lot image far above the rest), the lot's largest value is
+    the threshold; the client reads it off the map as served (float16), which can round it up."""
+    lot = {"map_median": np.r_[0.05 + np.linspace(0, 1e-3, 20), 0.08683]}
+    calibration = ood.calibrate_ood(lot, ("map_median",), 0.005)
+    assert calibration.high["map_median"] < 0.087  # the lot's largest value sets it
+    served = np.float16(lot["map_median"].astype(np.float32)).astype(np.float64)
+    assert served[-1] > lot["map_median"][-1]  # float16 rounds it up
+    assert not calibration.outside({"map_median": served})[0].any()
+    assert calibration.outside({"map_median": np.array([0.09])})[0].all()
+
+
 def test_a_bank_decides_a_black_frame_out_of_distribution_and_its_own_parts_not(tiny_clip_112, lot):
     scorer = LotScorer(tiny_clip_112, lot, "washer", progress=False)
     bank, report = build_bank(scorer, PAClipConfig(), "washer", tiny_clip_112.fingerprint)
