@@ -298,7 +298,7 @@ def main(argv=None) -> int:
     c.add_argument("--repository", default="model_repository", help="the exported model repository")
     c.add_argument("--variant", action="append", default=[], metavar="NAME=KEY:VALUE,...",
                    help="a bank to measure (repeat; the first is the one the others are compared with); default: "
-                   + "; ".join(VARIANTS))
+                   + "; ".join(VARIANTS).replace("%", "%%"))  # argparse formats help with %
     c.add_argument("--lot-size", type=int, default=36, help="images in the start-of-shift lot the bank is built on")
     c.add_argument("--defect-rate", type=float, default=0.05, help="share of defective images in that lot")
     c.add_argument("--splits", type=int, default=3, help="lots drawn per variant (the same for every variant)")
