@@ -166,7 +166,9 @@ def report(args) -> int:
         table = {s: flagged(data, s, args.budget) for s in statistics}
         groups = list(table[statistics[0]])
         print(f"\n{name} ({len(data['splits'])} banks; thresholds at {args.budget:.1%} of the lot, shared in a union):\n")
-        print("| group | " + " | ".join(statistics) + " |\n|---|" + "---:|" * len(statistics))
+        # a union's name is written with "+" in the table: a "|" would split its markdown cell
+        print("| group | " + " | ".join(s.replace("|", " + ") for s in statistics) + " |\n|---|"
+              + "---:|" * len(statistics))
         for g in groups:
             print(f"| {g} | " + " | ".join(f"{100 * table[s][g]:.1f}%" for s in statistics) + " |")
     return 0

@@ -1,0 +1,26 @@
+"""benchmarks/ood.py: banks on lots of one product, scored against its own new parts, another product and synthetic
+camera faults; the report's tables and choice (tiny model, synthetic parts)."""
+
+from benchmarks import ood
+from conftest import make_mvtec_tree
+from postprocess.ood import STATISTICS
+
+
+def test_collect_and_report_on_two_sets(repository, tmp_path, capsys):
+    one = make_mvtec_tree(tmp_path / "one", n_good=14, n_bad=4, size=112) / "widget"
+    two = make_mvtec_tree(tmp_path / "two", n_good=14, n_bad=4, size=112, seed=1) / "widget"
+    for data, other, out in ((one, two, "a"), (two, one, "b")):
+        assert ood.main(["collect", "--data", str(data), "--others", str(other), "--repository", str(repository),
+                         "--out", str(tmp_path / out), "--lot-size", "8", "--splits", "1"]) == 0
+    capsys.readouterr()
+    assert ood.main(["report", "--tune", f"A={tmp_path / 'a'}", "--report", f"B={tmp_path / 'b'}"]) == 0
+    text = capsys.readouterr().out
+    assert "chosen on A:" in text and "reported on B" in text and "chosen on B:" in text
+    tables = [line for line in text.splitlines() if line.startswith("| ")]
+    header = tables[0].strip("|").split("|")
+    # one cell per statistic and per union: a union is written with "+", never with a "|" that splits its cell
+    assert all(s in " ".join(header) for s in STATISTICS) and any(" + " in cell for cell in header)
+    for row in tables[1:]:
+        assert len(row.strip("|").split("|")) == len(header), row
+    groups = {row.split("|")[1].strip() for row in tables[1:]}
+    assert {"new good", "new defective", "fault: black frame", "fault: shifted a quarter"} <= groups
