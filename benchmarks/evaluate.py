@@ -227,8 +227,9 @@ def evaluate(args) -> dict:
         encode_s = time.perf_counter() - t0
         lots = resample_lots(len(lot.images), lot.labels, args.defect_rate, args.repeats, args.resample_seed)
         fraction = configs[primary].interval_fraction
-        if lot.labels is not None and lot.labels[lots[0]].mean() > max(HALF_DEFECTIVE, 2 * fraction):
-            print(f"note: {category.name}: {lot.labels[lots[0]].mean():.0%} of the lot is defective; the interval "
+        defective = None if lot.labels is None else float(lot.labels[lots[0]].mean())
+        if defective is not None and defective > max(HALF_DEFECTIVE, 2 * fraction):
+            print(f"note: {category.name}: {defective:.0%} of the lot is defective; the interval "
                   f"fraction {fraction:g} assumes a line's lot, a few percent defective (defects that recur in more "
                   f"than {fraction:.0%} of the lot read as normal). To score a benchmark test set as MuSc and PA-CLIP "
                   f"do, pass --interval-fraction 0.3", file=sys.stderr)

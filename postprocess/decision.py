@@ -359,18 +359,17 @@ class Decider:
         calibrated = float(self.calibration.calibrated(score))
         cut = 0.5 if self.threshold_calibrated is None else self.threshold_calibrated
         out = {"calibrated": calibrated, "decision": decide([calibrated], cut)[0]}
-        if self.ood is not None and anomaly_map is not None and image is not None and np.isfinite(score):
+        if anomaly_map is None or not np.isfinite(score):
+            return out
+        amap = np.asarray(anomaly_map, dtype=np.float32)
+        if self.ood is not None and image is not None:
             from .ood import image_statistics, reason
 
-            values = image_statistics(np.asarray(anomaly_map, dtype=np.float32)[None], np.asarray(image)[None],
-                                      self.ood.statistics)
-            outside, why = self.ood.outside(values)
+            outside, why = self.ood.outside(image_statistics(amap[None], np.asarray(image)[None], self.ood.statistics))
             if outside[0]:
                 out["decision"], out["ood_reason"] = OUT_OF_DISTRIBUTION, reason(why[0])
-        if anomaly_map is not None and np.isfinite(score):
-            amap = np.asarray(anomaly_map, dtype=np.float32)
-            statistic = float(image_scores(amap[None], self.image_score, self.image_topk_fraction)[0])
-            out["level"] = map_level(statistic, float(score), self.raw_threshold, self.rescore_weight)
+        statistic = float(image_scores(amap[None], self.image_score, self.image_topk_fraction)[0])
+        out["level"] = map_level(statistic, float(score), self.raw_threshold, self.rescore_weight)
         return out
 
 
