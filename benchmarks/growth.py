@@ -86,7 +86,7 @@ def main(argv=None) -> int:
 
         before = built(lot)
         t0 = time.perf_counter()
-        grown, report = grow_bank(before, features.take(batch), [keys[i] for i in batch])
+        grown, report = grow_bank(before, features.take(batch), data.images[batch])
         update_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         rebuilt = built(np.concatenate([lot, batch]))

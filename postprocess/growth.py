@@ -5,8 +5,9 @@ The new images are scored against the bank as any new part is. Those that look l
 decision misses rarely lies) join the bank: their per-image coresets are appended to the full bank, their patches
 are merged into the normal bank's coreset (the greedy k-center continues from the entries it has), and their image
 embeddings and map scores join the re-scoring reference. The calibration is read again from the lot's reference
-scores and every new image's score (suspected defects left out by the method, as in a build). What the lot stage
-measured once (tau_b, the heat maps' colour scale) is kept.
+scores and every new image's score (suspected defects left out by the method, as in a build); the
+out-of-distribution calibration from the lot's statistics and those of the images folded in (they are the lot
+now). What the lot stage measured once (tau_b, the heat maps' colour scale) is kept.
 
 A bank whose full bank keeps a sample of its lot (``full_bank_images``) grows until the lot passes that size, then
 keeps the sample its settings draw for the grown lot; once sampled it is not grown again (the images outside the
@@ -24,6 +25,7 @@ from .bank import Bank, BankError, score_with_bank
 from .contract import Features
 from .decision import Calibration, calibrate
 from .host import DEFAULT_HOST, HostSettings
+from .ood import OodCalibration, calibrate_ood, image_statistics
 from .pa_clip import _projected, bank_entries, full_bank_references, full_bank_selection, lot_interval_k
 
 ACCEPT_QUANTILE = 0.75  # of the lot's reference scores: a new image at or below it is an ordinary good part
@@ -48,32 +50,23 @@ def _coreset_features(bank: Bank, r: int, entries, cfg):
     return total
 
 
-def extend_coreset(existing, candidates, n_add: int):
+def extend_coreset(existing, candidates, n_add: int, budget_bytes: int = DEFAULT_HOST.budget_bytes):
     """Indices of ``n_add`` of ``candidates`` (P, d) chosen greedily farthest from ``existing`` (M, d) and from each
-    other: the k-center greedy continued from a set it already holds."""
+    other: ``kernels.greedy_coreset`` continued from a set it already holds."""
     xp = K.get_xp(candidates)
     n_add = min(n_add, int(candidates.shape[0]))
     if n_add <= 0:
         return xp.zeros(0, dtype=xp.int64)
-    sq = (candidates * candidates).sum(axis=1)
-    if existing.shape[0]:
-        dots = candidates @ existing.T
-        min_dist = xp.maximum(sq[:, None] - 2.0 * dots + (existing * existing).sum(axis=1)[None, :], 0.0).min(axis=1)
-    else:
-        min_dist = xp.full(candidates.shape[0], xp.inf, dtype=xp.float32)
-    chosen = []
-    for _ in range(n_add):
-        nxt = int(xp.argmax(min_dist))
-        chosen.append(nxt)
-        centre = candidates[nxt]
-        min_dist = xp.minimum(min_dist, xp.maximum(sq - 2.0 * (candidates @ centre) + (centre * centre).sum(), 0.0))
-        min_dist[nxt] = -1.0
-    return xp.asarray(np.asarray(chosen, dtype=np.int64))
+    held = None if not existing.shape[0] else K.nearest_sq_dist(candidates, existing, budget_bytes)[None]
+    return K.greedy_coreset(candidates[None], n_add, held)[0]
 
 
-def grow_bank(bank: Bank, features: Features, keys: list[str], host: HostSettings = DEFAULT_HOST) -> tuple:
-    """A new bank: ``bank`` with the new images (``features``, their image keys) that look like its good parts folded
-    in, and a report: how many were scored, folded in, left out and why."""
+def grow_bank(bank: Bank, features: Features, images, host: HostSettings = DEFAULT_HOST) -> tuple:
+    """A new bank: ``bank`` with the new images ((N, H, W, 3) uint8 as the encoder got them, and their ``features``)
+    that look like its good parts folded in, and a report: how many were scored, folded in, left out and why."""
+    from .bank import image_key
+
+    keys = [image_key(img) for img in images]
     cfg, manifest = bank.config, bank.manifest
     if cfg.text_only:
         raise BankError(f"bank {manifest.bank!r} is a text-only baseline: it holds no lot to grow")
@@ -130,7 +123,7 @@ def grow_bank(bank: Bank, features: Features, keys: list[str], host: HostSetting
             proj = _projected(tokens, new.grid, r, cfg, space).reshape(-1, cfg.coreset_dim)[flat]
             existing = _coreset_features(bank, r, bank.normal[r], cfg)
             n_add = K.coreset_size(int(flat.shape[0]), cfg.normal_coreset_ratio)
-            pick = flat[extend_coreset(existing, proj.astype(xp.float32), n_add)]
+            pick = flat[extend_coreset(existing, proj.astype(xp.float32), n_add, host.budget_bytes)]
             added = xp.stack([space.features(tokens, p, new.grid, r, cfg).reshape(-1, normal[r].shape[-1])[pick]
                               for p in range(len(space.layers))])
             normal[r] = xp.concatenate([normal[r], added.astype(normal[r].dtype)], axis=1)
@@ -150,13 +143,20 @@ def grow_bank(bank: Bank, features: Features, keys: list[str], host: HostSetting
         pooled = np.concatenate([np.asarray(calibration.reference), scores])
         decision = calibrate(pooled, None, calibration.false_alarm_rate, calibration.method).to_dict()
     summary_scores = np.concatenate([np.asarray(calibration.reference or [manifest.lot_scores["median"]]), scores])
+    ood = manifest.ood
+    if ood is not None and accepted.size:  # the folded-in images' statistics join the lot's
+        held = OodCalibration.from_dict(ood)
+        values = image_statistics(result.maps[xp.asarray(accepted)], np.asarray(images)[fresh[accepted]],
+                                  held.statistics)
+        pooled = {n: np.concatenate([np.asarray(held.references[n]), values[n]]) for n in held.statistics}
+        ood = calibrate_ood(pooled, held.statistics, held.budget).to_dict()
     grown = manifest.replace(
         n_images=n_new, image_keys=manifest.image_keys + tuple(keys[int(fresh[j])] for j in accepted),
         interval_k=lot_interval_k(n_new, cfg),
         normal_bank_entries={r: int(v.shape[1]) for r, v in normal.items()},
         lot_scores={"min": float(summary_scores.min()), "median": float(np.median(summary_scores)),
                     "max": float(summary_scores.max())},
-        decision=decision, version=None, built_at=None, files=None, tensors=None)
+        decision=decision, ood=ood, version=None, built_at=None, files=None, tensors=None)
     report["folded_in"] = int(accepted.size)
     report["lot_size"] = n_new
     return dataclasses.replace(bank, manifest=grown, full=full, full_scale=full_scale, normal=normal,

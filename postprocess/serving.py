@@ -504,8 +504,7 @@ class BankService:
                             f"the bank scores {bank.grid}: resize the images to the bank's size "
                             f"{bank.manifest.image_size[0]}x{bank.manifest.image_size[1]}")
         self.log(f"updating bank {bank_id!r} (version {bank.manifest.version}) with {len(images)} images")
-        grown, report = grow_bank(bank.to(self.host.xp()), features.to(self.host.xp()),
-                                  [image_key(img) for img in images], self.host)
+        grown, report = grow_bank(bank.to(self.host.xp()), features.to(self.host.xp()), images, self.host)
         if report["folded_in"]:
             self.store.save(grown)
         self.store.clear_lot(bank_id, parts)

@@ -40,7 +40,7 @@ def test_new_good_parts_are_folded_in_and_the_version_loads(tiny_clip_112, washe
     good = np.flatnonzero(~labels)
     lot, new = good[:14], np.concatenate([good[14:22], np.flatnonzero(labels)])
     bank = bank_on(tiny_clip_112, images[lot], features.take(lot))
-    grown, report = growth.grow_bank(bank, features.take(new), keys(images[new]))
+    grown, report = growth.grow_bank(bank, features.take(new), images[new])
     assert report["scored"] == len(new) and report["already_in_lot"] == 0
     folded = report["folded_in"]
     assert 0 < folded < len(new) and folded + len(report["left_out"]) == len(new)
@@ -56,6 +56,17 @@ def test_new_good_parts_are_folded_in_and_the_version_loads(tiny_clip_112, washe
     old = bank.manifest.decision
     assert grown.manifest.decision["n_images"] == len(old["reference"]) + len(new)
     assert grown.manifest.decision["threshold"] != old["threshold"]
+    # and the out-of-distribution calibration from the lot's statistics and the folded-in images' (the lot now)
+    from postprocess.ood import OodCalibration, calibrate_ood, image_statistics
+
+    held = OodCalibration.from_dict(bank.manifest.ood)
+    accepted = [i for i in range(len(new)) if i not in {item["index"] for item in report["left_out"]}]
+    served = score_with_bank(bank, features.take(new[accepted]), np.full(len(accepted), -1))
+    values = image_statistics(served.maps, images[new[accepted]], held.statistics)
+    expected = calibrate_ood({n: np.concatenate([held.references[n], values[n]]) for n in held.statistics},
+                             held.statistics, held.budget).to_dict()
+    assert all(len(v) == 14 + folded for v in grown.manifest.ood["references"].values())
+    assert grown.manifest.ood["high"] == pytest.approx(expected["high"])
     store = BankStore(tmp_path)
     store.save(grown)
     loaded = store.load("washer", tiny_clip_112.fingerprint)  # every tensor checked against the grown manifest
@@ -64,7 +75,7 @@ def test_new_good_parts_are_folded_in_and_the_version_loads(tiny_clip_112, washe
     result = score_with_bank(loaded, features.take(new), ids)
     assert np.isfinite(result.maps).all()
     # sending the same images again folds nothing in twice
-    again, second = growth.grow_bank(loaded, features.take(new), keys(images[new]))
+    again, second = growth.grow_bank(loaded, features.take(new), images[new])
     assert second["already_in_lot"] == folded and again.manifest.n_images >= loaded.manifest.n_images
 
 
@@ -76,7 +87,7 @@ def test_a_grown_bank_scores_like_one_built_on_the_larger_lot(tiny_clip_112, was
     lot, new, held = good[:14], good[14:24], np.concatenate([good[24:], np.flatnonzero(labels)])
     monkeypatch.setattr(growth, "accept_level", lambda calibration: float("inf"))
     grown, report = growth.grow_bank(bank_on(tiny_clip_112, images[lot], features.take(lot)), features.take(new),
-                                     keys(images[new]))
+                                     images[new])
     assert report["folded_in"] == len(new)
     rebuilt = bank_on(tiny_clip_112, images[np.concatenate([lot, new])], features.take(np.concatenate([lot, new])))
     assert grown.manifest.interval_k == rebuilt.manifest.interval_k
@@ -91,7 +102,7 @@ def test_a_bank_that_keeps_a_sample_is_not_grown(tiny_clip_112, washers):
     images, _, features = washers
     bank = bank_on(tiny_clip_112, images[:12], features.take(slice(0, 12)), PAClipConfig(full_bank_images=5))
     with pytest.raises(BankError, match="build it anew"):
-        growth.grow_bank(bank, features.take(slice(12, 16)), keys(images[12:16]))
+        growth.grow_bank(bank, features.take(slice(12, 16)), images[12:16])
 
 
 def test_extending_a_coreset_takes_the_farthest_points_first():
@@ -100,3 +111,18 @@ def test_extending_a_coreset_takes_the_farthest_points_first():
     assert growth.extend_coreset(existing, candidates, 2).tolist() == [3, 2]
     assert growth.extend_coreset(existing, candidates, 0).tolist() == []
     assert sorted(growth.extend_coreset(existing, candidates, 9).tolist()) == [0, 1, 2, 3]
+
+
+def test_extending_a_coreset_continues_the_greedy_selection_it_came_from():
+    """Growing the normal bank must pick what one greedy selection over the old and new points would have picked
+    after the old ones: the same k-center greedy (kernels.greedy_coreset), continued, not a second copy of it."""
+    from postprocess import kernels as K
+
+    rng = np.random.default_rng(3)
+    points = rng.standard_normal((60, 8)).astype(np.float32)
+    whole = K.greedy_coreset(points[None], 14)[0]
+    held, later = whole[:6], whole[6:]
+    rest = np.setdiff1d(np.arange(60), held)
+    for budget in (1 << 20, 64):  # one block, and a block per point
+        picks = growth.extend_coreset(points[held], points[rest], 8, budget)
+        assert rest[picks].tolist() == later.tolist()
