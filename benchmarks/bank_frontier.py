@@ -53,10 +53,13 @@ VARIANTS = {
     "coreset 25% + pca C/4 + int8": {"full_coreset_ratio": 0.25, "bank_dim": "C/4", "full_bank_storage": "int8"},
     "coreset 10% + pca C/4": {"full_coreset_ratio": 0.1, "bank_dim": "C/4"},
     "faiss HNSW": {"search": "faiss-hnsw"},
+    "bfloat16 products": {"cpu_matmul": "bfloat16"},
     "coreset 25% + pca C/4, faiss HNSW": {"full_coreset_ratio": 0.25, "bank_dim": "C/4", "search": "faiss-hnsw"},
 }
 # Settings of the approximate search (not bank settings: how new images are matched against the full bank)
 SEARCH_KEYS = ("search", "hnsw_m", "ef_search", "candidates")
+# Host settings (postprocess/host.py: how the maths runs here, e.g. cpu_matmul:bfloat16), for the build and scoring
+HOST_KEYS = ("cpu_matmul",)
 METRICS = ("image_auroc", "pixel_auroc", "pro")
 
 
@@ -115,7 +118,8 @@ class FaissFullBank:
         index.hnsw.efSearch = max(self.ef_search, self.candidates)
         return index
 
-    def __call__(self, queries, bank, query_ids, bank_ids, k, budget_bytes, bank_scale=None):
+    def __call__(self, queries, bank, query_ids, bank_ids, k, budget_bytes, bank_scale=None, matmul="float32"):
+        # matmul: faiss multiplies in float32 whatever the host asks of the NumPy kernel
         n_query, length, width = queries.shape
         n_bank, per_image, _ = bank.shape
         index = self._index(bank, bank_scale)
@@ -154,6 +158,7 @@ def knn_work(bank, length: int, channels: int, normal: bool = True, projection: 
 def collect(args) -> int:
     from postprocess import kernels as K
     from postprocess.bank import build_bank, image_key, score_with_bank
+    from postprocess.host import HostSettings
     from postprocess.pipeline import LotScorer, encode_images
     from postprocess.serving import build_config
 
@@ -170,10 +175,12 @@ def collect(args) -> int:
     for name, split in tqdm(plan, desc=f"frontier {category.name}", unit="bank"):
         settings = resolve(variants[name], channels, n_taps)
         search = {k: v for k, v in settings.items() if k in SEARCH_KEYS}
-        cfg = build_config({k: v for k, v in settings.items() if k not in SEARCH_KEYS})
+        host = HostSettings(**{k: v for k, v in settings.items() if k in HOST_KEYS})
+        cfg = build_config({k: v for k, v in settings.items() if k not in SEARCH_KEYS + HOST_KEYS})
         lot = draw_lot(labels, args.lot_size, n_defective, args.seed, split)
         new = np.setdiff1d(np.arange(len(labels)), lot)
-        scorer = LotScorer(backbone, data.images[lot], category.name, progress=False, features=features.take(lot))
+        scorer = LotScorer(backbone, data.images[lot], category.name, progress=False, features=features.take(lot),
+                           host=host)
         t0 = time.perf_counter()
         bank, _ = build_bank(scorer, cfg, "frontier", backbone.fingerprint)
         build_s = time.perf_counter() - t0
@@ -189,7 +196,7 @@ def collect(args) -> int:
             for start in range(0, len(new), args.batch):
                 batch = new[start:start + args.batch]
                 ids = bank.query_ids([image_key(img) for img in data.images[batch]])
-                result = score_with_bank(bank, features.take(batch), ids)
+                result = score_with_bank(bank, features.take(batch), ids, host=host)
                 maps.append(K.to_numpy(result.maps).astype(np.float32))
                 scores.append(K.to_numpy(result.scores).astype(np.float32))
         finally:

@@ -1,5 +1,5 @@
-"""Online scoring speed on this machine: new images per second against banks of 24, 100 and 200 lot images, the bank
-settings before issue 26 beside today's defaults, in one run.
+"""Online scoring speed on this machine: new images per second against banks of 24, 100 and 200 lot images, today's
+default bank beside the frontier's smaller one, each with float32 and bfloat16 products, in one run.
 
     python -m benchmarks.online_speed --data ../shared/data/magnetic_tile [--sizes 24 100 200] [--new 32]
 
@@ -20,16 +20,20 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.bank_frontier import parse_variant
+from benchmarks.bank_frontier import HOST_KEYS, parse_variant, resolve
 from benchmarks.lot_scaling import _backbone, _lot, repeated
 from postprocess.atomic import write_atomic
 
-# What the banks were before issue 26 (every patch, every channel, every lot image, float16), stated in full so that
-# it stays what it was when the defaults move; "default" is PAClipConfig() as it is now.
+# Today's default bank (every patch, every channel, every lot image, float16: as before issue 26, whose frontier
+# changed no default), the frontier's smallest choice that kept magnetic tile's accuracy (README "Bank size and the
+# cost of a new image"; widths relative to the encoder's as in benchmarks.bank_frontier), and each with the kNN's
+# products in bfloat16 (the host setting cpu_matmul: torch/oneDNN on this CPU instead of NumPy's float32 BLAS).
 VARIANTS = {
-    "before issue 26": {"full_coreset_ratio": 1.0, "bank_dim": 0, "layers": [], "full_bank_images": 0,
-                        "full_bank_storage": "float16"},
     "default": {},
+    "default, bfloat16 products": {"cpu_matmul": "bfloat16"},
+    "coreset 25% + pca C/4 + int8": {"full_coreset_ratio": 0.25, "bank_dim": "C/4", "full_bank_storage": "int8"},
+    "coreset 25% + pca C/4 + int8, bfloat16 products": {"full_coreset_ratio": 0.25, "bank_dim": "C/4",
+                                                        "full_bank_storage": "int8", "cpu_matmul": "bfloat16"},
 }
 BATCH = 8
 
@@ -43,7 +47,8 @@ def main(argv=None) -> int:
     p.add_argument("--new", type=int, default=32, help="new images scored per measurement (a multiple of 8)")
     p.add_argument("--repeats", type=int, default=3, help="turns each setting takes (the median is kept)")
     p.add_argument("--variant", action="append", default=[], metavar="NAME=KEY:VALUE,...",
-                   help="bank settings to compare (the first is the baseline); default: " + "; ".join(VARIANTS))
+                   help="bank settings to compare (the first is the baseline); default: "
+                   + "; ".join(VARIANTS).replace("%", "%%"))  # argparse formats help with %
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     if min(args.sizes) < 3 or args.new < BATCH or args.new % BATCH or args.repeats < 1:
@@ -55,45 +60,57 @@ def main(argv=None) -> int:
 
     from postprocess.bank import build_bank, score_with_bank
     from postprocess.pipeline import LotScorer, encode_images
+    from postprocess.host import HostSettings
     from postprocess.serving import build_config
 
     backbone = _backbone(args.repository)
     category, data = _lot(args.data, backbone)
     features = encode_images(backbone, data.images, BATCH, desc="encode the set")
+    _, n_taps, _, channels = features.layer_tokens.shape
+    try:
+        variants = {name: resolve(settings, channels, n_taps) for name, settings in variants.items()}
+    except ValueError as err:
+        p.error(str(err))
     new_index = np.arange(args.new) % len(data.images)
     new_images, new_features = data.images[new_index], features.take(new_index)
     ids = np.full(BATCH, -1)
     rows = []
     for n in args.sizes:
         lot_features, lot_images = repeated(features, data.images, n)
-        banks = {}
+        banks, hosts, build_s = {}, {}, {}
         for name, settings in variants.items():
-            scorer = LotScorer(backbone, lot_images, category.name, progress=False, features=lot_features)
-            banks[name] = build_bank(scorer, build_config(dict(settings)), "online", backbone.fingerprint)[0]
+            hosts[name] = HostSettings(**{k: v for k, v in settings.items() if k in HOST_KEYS})
+            cfg = build_config({k: v for k, v in settings.items() if k not in HOST_KEYS})
+            scorer = LotScorer(backbone, lot_images, category.name, progress=False, features=lot_features,
+                               host=hosts[name])
+            t0 = time.perf_counter()
+            banks[name] = build_bank(scorer, cfg, "online", backbone.fingerprint)[0]
+            build_s[name] = time.perf_counter() - t0
         times = {name: {"score": [], "end_to_end": []} for name in variants}
         for _ in range(args.repeats):
             for name, bank in banks.items():
                 t0 = time.perf_counter()
                 for start in range(0, args.new, BATCH):
-                    score_with_bank(bank, new_features.take(slice(start, start + BATCH)), ids)
+                    score_with_bank(bank, new_features.take(slice(start, start + BATCH)), ids, host=hosts[name])
                 times[name]["score"].append(time.perf_counter() - t0)
                 t0 = time.perf_counter()
                 for start in range(0, args.new, BATCH):
-                    score_with_bank(bank, backbone.encode(new_images[start:start + BATCH]), ids)
+                    score_with_bank(bank, backbone.encode(new_images[start:start + BATCH]), ids, host=hosts[name])
                 times[name]["end_to_end"].append(time.perf_counter() - t0)
         for name, bank in banks.items():
-            rows.append({"lot_size": n, "variant": name, "bank_mb": bank.nbytes / 1e6,
+            rows.append({"lot_size": n, "variant": name, "bank_mb": bank.nbytes / 1e6, "build_s": build_s[name],
                          "score_images_per_s": args.new / float(np.median(times[name]["score"])),
                          "end_to_end_images_per_s": args.new / float(np.median(times[name]["end_to_end"]))})
             print(json.dumps(rows[-1]), file=sys.stderr)
     base_name = next(iter(variants))
     print(f"\n{category.name}: {data.images.shape[1]}x{data.images.shape[2]}, {args.new} new images per turn, "
           f"median of {args.repeats}; this machine\n")
-    print("| lot images | bank | bank MB | scoring images/s | x | with the encoder images/s | x |\n"
-          "|---:|---|---:|---:|---:|---:|---:|")
+    print("| lot images | bank | bank MB | build s | scoring images/s | x | with the encoder images/s | x |\n"
+          "|---:|---|---:|---:|---:|---:|---:|---:|")
     for row in rows:
         base = next(r for r in rows if r["lot_size"] == row["lot_size"] and r["variant"] == base_name)
-        print(f"| {row['lot_size']} | {row['variant']} | {row['bank_mb']:.1f} | {row['score_images_per_s']:.2f} | "
+        print(f"| {row['lot_size']} | {row['variant']} | {row['bank_mb']:.1f} | {row['build_s']:.1f} | "
+              f"{row['score_images_per_s']:.2f} | "
               f"{row['score_images_per_s'] / base['score_images_per_s']:.1f} | {row['end_to_end_images_per_s']:.2f} | "
               f"{row['end_to_end_images_per_s'] / base['end_to_end_images_per_s']:.1f} |")
     if args.json:

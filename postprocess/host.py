@@ -1,8 +1,10 @@
 """Settings of the machine that runs the scoring, kept apart from ``PAClipConfig``.
 
 They decide how the work is done (how much memory a kNN block may take, NumPy or CuPy, how many bytes of banks stay
-loaded), never what comes out: they are not stored in a bank's manifest, so a bank built on one host scores the
-same on any other. The Triton models read them from their ``config.pbtxt`` parameters.
+loaded), not what comes out: they are not stored in a bank's manifest, so a bank built on one host scores the
+same on any other. One exception, chosen by whoever runs the host: ``cpu_matmul="bfloat16"`` multiplies the kNN's
+similarities in bfloat16 on a CPU, faster where the CPU has AVX-512 BF16, with scores off by about 1e-3
+(``benchmarks/cpu_matmul.py``). The Triton models read them from their ``config.pbtxt`` parameters.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 ARRAY_MODULES = ("auto", "numpy", "cupy")
+CPU_MATMULS = ("float32", "bfloat16")  # kernels.MATMUL_PRECISIONS (kept apart: kernels imports CuPy)
 
 
 @dataclass(frozen=True)
@@ -23,6 +26,9 @@ class HostSettings:
     # How much lower the bank model's CPU priority is (Unix nice, 0-19): a build then takes the cores scoring
     # leaves idle, not the ones it needs.
     build_nice: int = 10
+    # The kNN's products on a CPU: "float32" (NumPy's BLAS) or "bfloat16" (torch/oneDNN; needs torch and a CPU
+    # with bfloat16 support). The GPU path is float32 whatever this says.
+    cpu_matmul: str = "float32"
 
     def __post_init__(self):
         if self.memory_budget_mb < 1:
@@ -33,6 +39,14 @@ class HostSettings:
             raise ValueError(f"bank_cache_mb must be >= 0, got {self.bank_cache_mb}")
         if not 0 <= self.build_nice <= 19:
             raise ValueError(f"build_nice must be in [0, 19], got {self.build_nice}")
+        if self.cpu_matmul not in CPU_MATMULS:
+            raise ValueError(f"cpu_matmul must be one of {', '.join(CPU_MATMULS)}, got {self.cpu_matmul!r}")
+        if self.cpu_matmul == "bfloat16":
+            from .kernels import bfloat16_available
+
+            if not bfloat16_available():
+                raise ValueError("cpu_matmul=bfloat16 needs torch (pip install torch) and a CPU whose oneDNN "
+                                 "supports bfloat16; set cpu_matmul=float32 on this host")
 
     @property
     def budget_bytes(self) -> int:

@@ -50,6 +50,52 @@ def _float32(x):
     return x.astype(xp.float32, copy=False)
 
 
+# How the kNN kernels multiply on a CPU (``HostSettings.cpu_matmul``): NumPy's float32 BLAS, or bfloat16 products
+# through torch (oneDNN; AVX-512 BF16 where the CPU has it). CuPy arrays always take float32 (the GPU has its own
+# fused kernels).
+MATMUL_PRECISIONS = ("float32", "bfloat16")
+
+
+def bfloat16_available() -> bool:
+    """Whether this host can take ``cpu_matmul="bfloat16"``: torch importable and oneDNN's bfloat16 usable."""
+    try:
+        import torch
+
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except Exception:  # no torch (a serving machine may have only the base install), or an older torch
+        return False
+
+
+def _bfloat16_product(a, b):
+    """``a @ b.T`` of NumPy rows as a torch bfloat16 tensor (both sides rounded to bfloat16, products too)."""
+    import torch
+
+    left = torch.from_numpy(np.ascontiguousarray(a)).to(torch.bfloat16)
+    right = torch.from_numpy(np.ascontiguousarray(b)).to(torch.bfloat16)
+    return left @ right.T
+
+
+def similarities(a, b, precision: str = "float32"):
+    """(n, m) float32 dot products ``a @ b.T`` of rows a (n, C) and b (m, C). ``precision="bfloat16"`` on NumPy
+    arrays: both sides rounded to bfloat16, multiplied by torch and the products rounded to bfloat16 (about 3
+    significant digits: cosine similarities off by up to ~4e-3; ``benchmarks/online_speed.py`` measures the speed,
+    ``benchmarks/bank_frontier.py`` what it does to accuracy)."""
+    if precision == "bfloat16" and get_xp(a, b) is np:
+        return _bfloat16_product(a, b).float().numpy()
+    return a @ b.T
+
+
+def nearest_distances(a, b, shape, axes, precision: str = "float32") -> tuple:
+    """Cosine distances to the nearest: one minus the maxima of ``similarities(a, b)`` seen as ``shape`` along each
+    of ``axes``, a tuple of float32 arrays. In bfloat16 the maxima are taken before widening to float32, so only they are copied,
+    not every product."""
+    if precision == "bfloat16" and get_xp(a, b) is np:
+        sims = _bfloat16_product(a, b).reshape(shape)
+        return tuple(1.0 - sims.amax(dim=axis).float().numpy() for axis in axes)
+    sims = similarities(a, b).reshape(shape)
+    return tuple(1.0 - sims.max(axis=axis) for axis in axes)  # NumPy subtracts from a temporary in place
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Feature aggregation (Eq. 1)
 # ---------------------------------------------------------------------------------------------------------------
@@ -272,13 +318,15 @@ def dequantize_rows(q, scale, dtype=None):
     return (q.astype(xp.float32) * scale[..., None]).astype(dtype or xp.float32, copy=False)
 
 
-def full_bank_scores(queries, bank, query_ids, bank_ids, k: int, budget_bytes: int, bank_scale=None):
+def full_bank_scores(queries, bank, query_ids, bank_ids, k: int, budget_bytes: int, bank_scale=None,
+                     matmul: str = "float32"):
     """Interval-averaged mutual score of each query patch against a full bank.
 
     queries (Nq, L, C) and bank (Nb, m, C) are unit vectors (or their projections); bank image b carries id
     ``bank_ids[b]``; an int8 bank comes with ``bank_scale`` (Nb, m), one scale per entry (``quantize_rows``). For
     each query patch: cosine distance to the nearest patch of every bank image, images with the query's own id
-    left out, then the mean of the k smallest of those per-image minima. Returns (Nq, L) float32.
+    left out, then the mean of the k smallest of those per-image minima. Returns (Nq, L) float32. ``matmul``: the
+    products' precision on a CPU (``similarities``).
 
     Memory: query patches are taken in row blocks (a block may be part of one image) and bank images in chunks, so
     that the per-image minima of a block (with the copies ``where`` and ``partition`` make) fit half the budget and
@@ -309,9 +357,7 @@ def full_bank_scores(queries, bank, query_ids, bank_ids, k: int, budget_bytes: i
             entries = flat_bank[b0 * per_image : b1 * per_image]
             if flat_scale is not None:  # int8: this chunk in float32 (what the chunk's bytes are sized for)
                 entries = dequantize_rows(entries, flat_scale[b0 * per_image : b1 * per_image])
-            sims = q @ entries.T
-            minima[:, b0:b1] = 1.0 - sims.reshape(r1 - r0, b1 - b0, per_image).max(axis=-1)
-            del sims
+            minima[:, b0:b1] = nearest_distances(q, entries, (r1 - r0, b1 - b0, per_image), (-1,), matmul)[0]
         own = row_ids[r0:r1, None] == bank_ids[None, :]  # a query never matches its own image
         minima = xp.where(own, xp.float32(xp.inf), minima)
         out[r0:r1] = xp.partition(minima, k - 1, axis=-1)[:, :k].mean(axis=-1)
@@ -329,7 +375,7 @@ def lot_pair_block_images(n_images: int, length: int, budget_bytes: int) -> int:
     return max(1, min(n_images, int((budget_bytes // (4 * length * (length + 4))) ** 0.5)))
 
 
-def lot_mutual_scores(feats, k: int, budget_bytes: int):
+def lot_mutual_scores(feats, k: int, budget_bytes: int, matmul: str = "float32"):
     """``full_bank_scores`` of a lot against itself with every patch in the bank (image i carries id i).
 
     Image i's minima against image j and j's against i are the row and column maxima of one similarity block, so
@@ -342,7 +388,7 @@ def lot_mutual_scores(feats, k: int, budget_bytes: int):
     half = half_budget(budget_bytes)
     if _fused(xp) is not None or lot_minima_bytes(n, length) > half:
         ids = xp.arange(n)
-        return full_bank_scores(feats, feats, ids, ids, k, budget_bytes)
+        return full_bank_scores(feats, feats, ids, ids, k, budget_bytes, matmul=matmul)
     flat = feats.reshape(n * length, channels)
     minima = xp.empty((n, length, n), dtype=xp.float32)  # [query image, patch, bank image]
     group = lot_pair_block_images(n, length, half)
@@ -350,11 +396,11 @@ def lot_mutual_scores(feats, k: int, budget_bytes: int):
         a1 = min(n, a0 + group)
         for b0 in range(a0, n, group):
             b1 = min(n, b0 + group)
-            sims = (flat[a0 * length : a1 * length] @ flat[b0 * length : b1 * length].T).reshape(
-                a1 - a0, length, b1 - b0, length)
-            minima[a0:a1, :, b0:b1] = 1.0 - sims.max(axis=3)
-            minima[b0:b1, :, a0:a1] = (1.0 - sims.max(axis=1)).transpose(1, 2, 0)
-            del sims
+            rows, cols = nearest_distances(flat[a0 * length : a1 * length], flat[b0 * length : b1 * length],
+                                           (a1 - a0, length, b1 - b0, length), (3, 1), matmul)
+            minima[a0:a1, :, b0:b1] = rows
+            minima[b0:b1, :, a0:a1] = cols.transpose(1, 2, 0)
+            del rows, cols
     own = xp.arange(n)
     minima[own, :, own] = xp.float32(xp.inf)  # a query never matches its own image
     out = xp.empty((n, length), dtype=xp.float32)
@@ -365,7 +411,7 @@ def lot_mutual_scores(feats, k: int, budget_bytes: int):
     return out
 
 
-def normal_bank_scores(queries, bank, query_ids, bank_ids, k: int, budget_bytes: int):
+def normal_bank_scores(queries, bank, query_ids, bank_ids, k: int, budget_bytes: int, matmul: str = "float32"):
     """Mean cosine distance of each query patch to its k nearest normal-bank entries (own image's entries excluded).
 
     queries (Nq, L, C), bank (M, C), bank_ids (M,). Returns (Nq, L) float32. Query patches in row blocks, bank
@@ -388,7 +434,7 @@ def normal_bank_scores(queries, bank, query_ids, bank_ids, k: int, budget_bytes:
         m_chunk = _chunk(n_entries, normal_bank_entry_bytes(r1 - r0, channels), half)
         for m0 in range(0, n_entries, m_chunk):
             m1 = min(n_entries, m0 + m_chunk)
-            dist = 1.0 - q @ bank[m0:m1].T
+            dist = 1.0 - similarities(q, bank[m0:m1], matmul)
             dist = xp.where(row_ids[r0:r1, None] == bank_ids[None, m0:m1], xp.float32(xp.inf), dist)
             both = xp.concatenate([best, dist.astype(xp.float32, copy=False)], axis=1)
             del dist

@@ -209,7 +209,7 @@ def full_scores_against(features: Features, bank_layers, bank_ids, query_ids, k:
         feats = space.features(features.layer_tokens, position, features.grid, r, cfg)
         scale = None if bank_scales is None else bank_scales[position]
         total = total + K.full_bank_scores(feats, bank_layers[position], query_ids, bank_ids, k, host.budget_bytes,
-                                           bank_scale=scale)
+                                           bank_scale=scale, matmul=host.cpu_matmul)
     return total / len(space.layers)
 
 
@@ -227,11 +227,11 @@ def mutual_scores(features: Features, r: int, cfg: PAClipConfig, space: SearchSp
     for position in range(len(space.layers)):  # one layer at a time: the lot's features at every layer may not fit
         feats = space.features(features.layer_tokens, position, features.grid, r, cfg)
         if selection is None and references is None:  # the lot is its own bank: each pair of images compared once
-            total = total + K.lot_mutual_scores(feats, k, host.budget_bytes)
+            total = total + K.lot_mutual_scores(feats, k, host.budget_bytes, matmul=host.cpu_matmul)
         else:
             bank = feats if references is None else feats[bank_ids]
             total = total + K.full_bank_scores(feats, bank_entries(bank, selection), ids, bank_ids, k,
-                                               host.budget_bytes)
+                                               host.budget_bytes, matmul=host.cpu_matmul)
     return total / len(space.layers)
 
 
@@ -329,7 +329,8 @@ def normal_scores_against(features: Features, bank, bank_ids, cfg: PAClipConfig,
     total = 0
     for position in range(len(space.layers)):
         feats = space.features(features.layer_tokens, position, features.grid, r, cfg)
-        total = total + K.normal_bank_scores(feats, bank[position], ids, bank_ids, cfg.normal_k, host.budget_bytes)
+        total = total + K.normal_bank_scores(feats, bank[position], ids, bank_ids, cfg.normal_k, host.budget_bytes,
+                                             matmul=host.cpu_matmul)
     return total / len(space.layers)
 
 

@@ -217,6 +217,17 @@ def test_host_settings_from_model_parameters():
         HostSettings.from_parameters({"array_module": "torch"})
     with pytest.raises(ValueError, match=r"build_nice must be in \[0, 19\]"):
         HostSettings.from_parameters({"build_nice": "-5"})
+    with pytest.raises(ValueError, match="cpu_matmul must be one of float32, bfloat16"):
+        HostSettings.from_parameters({"cpu_matmul": "int4"})
+    assert HostSettings.from_parameters({}).cpu_matmul == "float32"  # the exact products unless a host asks
+
+
+def test_a_bfloat16_host_refuses_to_start_where_it_cannot_multiply_in_bfloat16(monkeypatch):
+    from postprocess import kernels as K
+
+    monkeypatch.setattr(K, "bfloat16_available", lambda: False)
+    with pytest.raises(ValueError, match="cpu_matmul=bfloat16 needs torch"):
+        HostSettings(cpu_matmul="bfloat16")
 
 
 def test_lower_priority_reaches_every_thread_of_the_process():

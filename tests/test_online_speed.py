@@ -20,4 +20,24 @@ def test_settings_side_by_side(repository, tmp_path, capsys):
     assert all(r["score_images_per_s"] > 0 and r["end_to_end_images_per_s"] > 0 for r in rows)
     out = capsys.readouterr().out
     assert "| 12 | small |" in out and "| 12 | whole |" in out
-    assert online_speed.VARIANTS["before issue 26"]["full_coreset_ratio"] == 1.0
+    assert online_speed.VARIANTS["default"] == {}  # today's bank, whatever the defaults are
+
+
+def test_relative_widths_and_host_settings_reach_the_bank_and_the_scoring(repository, tmp_path, monkeypatch):
+    """A variant may name a width relative to the encoder's (bank_dim:C/4) and a host setting (cpu_matmul): the
+    first is resolved into the bank's config, the second goes to the host the build and scoring run on."""
+    from postprocess import kernels as K
+
+    import torch
+
+    seen = []
+    # the products in bfloat16 are counted (and taken in float32, so that this runs on any CPU)
+    monkeypatch.setattr(K, "bfloat16_available", lambda: True)
+    monkeypatch.setattr(K, "_bfloat16_product", lambda a, b: seen.append(a.shape) or torch.from_numpy(a @ b.T))
+    data = make_mvtec_tree(tmp_path / "data", n_good=5, n_bad=2, size=112) / "widget"
+    assert online_speed.main(["--data", str(data), "--repository", str(repository), "--sizes", "5", "--new", "8",
+                              "--repeats", "1", "--variant", "quarter=bank_dim:C/4,cpu_matmul:bfloat16", "--json",
+                              str(tmp_path / "o.json")]) == 0
+    result = json.loads((tmp_path / "o.json").read_text())
+    assert isinstance(result["variants"]["quarter"]["bank_dim"], int)
+    assert seen  # the build's and the scoring's kNN took the host's products
