@@ -2,6 +2,7 @@
 report that chooses on one set and reports on the other."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -141,3 +142,24 @@ def test_the_shipped_image_score_stays_unless_another_wins_beyond_the_noise():
     assert line.choose_image_score({"shipped": shipped, "other": clearly}, "shipped") == "other"
     gain, error = line.recall_gain(clearly, shipped)
     assert gain > 2 * error > 0
+
+
+def test_the_tail_shape_reads_new_good_parts_in_the_quartile_models_units():
+    """An exponential tail above the median is what the quartile model assumes: its shares come out as the model's;
+    a bounded tail (uniform) falls below them past the lot, with the same quartiles."""
+    rng = np.random.default_rng(0)
+
+    def shift(draw):
+        n_new = 4000
+        labels = [0] * (400 + n_new)  # lots of 400: quartiles known well enough to test the shares
+        splits = [{"lot": {"max": draw(400).tolist(), "indices": list(range(400))},
+                   "new": {"max": draw(n_new).tolist(), "indices": list(range(400, 400 + n_new))}} for _ in range(5)]
+        return {"labels": labels, "splits": splits}
+
+    exponential = line.tail_shape(shift(lambda n: np.where(rng.random(n) < 0.5, -rng.exponential(1.0, n),
+                                                           rng.exponential(1.0, n))), "max")
+    for x in (1, 2, 3):
+        assert exponential["above"][x] == pytest.approx(0.5 * math.exp(-x), rel=0.25)
+    uniform = line.tail_shape(shift(lambda n: rng.random(n)), "max")
+    assert uniform["above"][3] < 0.5 * exponential["above"][3]  # a bounded tail past the lot's quartiles
+    assert uniform["new_good"] == exponential["new_good"] == 5 * 4000
