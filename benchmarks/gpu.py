@@ -272,8 +272,10 @@ def lot_rows(dev, args) -> list[dict]:
 
 def bank_rows(dev, args) -> list[dict]:
     """Online scoring of new images against banks built on the device from the same lot of random ViT-L-sized
-    features (N images), one bank per setting of ``benchmarks.online_speed.VARIANTS`` (the banks before issue 26
-    beside today's defaults): bank GB, ms per new image (16 at a time), and the ratio."""
+    features (N images), one bank per setting of ``benchmarks.online_speed.VARIANTS`` (today's bank beside the
+    frontier's smaller one; widths relative to the features'; the bfloat16 rows are left out: a setting of a CPU
+    host, the GPU multiplies in its own FP16 tiles): bank GB, ms per new image (16 at a time), and the ratio."""
+    from benchmarks.bank_frontier import HOST_KEYS, resolve
     from benchmarks.online_speed import VARIANTS
     from benchmarks.scoring_speed import make_inputs
     from postprocess.bank import build_bank, score_with_bank
@@ -307,7 +309,9 @@ def bank_rows(dev, args) -> list[dict]:
     queries = features.take(slice(0, min(16, args.images)))
     ids = xp.full(queries.layer_tokens.shape[0], -1)
     rows, base_ms = [], None
-    for name, settings in VARIANTS.items():
+    variants = {name: resolve(settings, args.channels, 4) for name, settings in VARIANTS.items()
+                if not set(settings) & set(HOST_KEYS)}
+    for name, settings in variants.items():
         def one(name=name, settings=settings):
             scorer = LotScorer(RandomBackbone(), images, "bank", progress=False, features=features, xp=xp)
             start = time.perf_counter()

