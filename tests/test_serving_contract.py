@@ -603,3 +603,31 @@ def test_hostile_http_requests_are_refused_before_triton_allocates(server, built
     client.close()
     assert maps.shape == (1, SIZE, SIZE)
 
+
+
+@pytest.mark.skipif(not __import__("postprocess.kernels", fromlist=["x"]).bfloat16_available(),
+                    reason="torch with oneDNN bfloat16 is not installed here")
+def test_a_server_set_to_bfloat16_products_scores_the_same_bank_within_their_rounding(server, repository, built,
+                                                                                      lot, workdir):
+    """``cpu_matmul: bfloat16`` in pa_clip_score's config.pbtxt reaches the served scoring: the same bank, read by a
+    second server from the same store, scores the lot within bfloat16's rounding of the float32 server, not equal."""
+    from export.triton_config import read_config, write_config
+    from serving_helpers import start_server
+
+    repo = workdir / "bf16_repository"
+    shutil.copytree(repository, repo)
+    config = read_config(repo / "pa_clip_score")
+    config.parameters["cpu_matmul"].string_value = "bfloat16"
+    write_config(repo / "pa_clip_score", config)
+    exact = PAClipClient(server.http_url)
+    expected_maps, expected = exact.score(lot[:6], "washer")
+    exact.close()
+    bf16 = start_server(repo, workdir / "banks", workdir / "bf16_server.log")
+    try:
+        client = PAClipClient(bf16.http_url)
+        maps, scores = client.score(lot[:6], "washer")
+        client.close()
+    finally:
+        bf16.stop()
+    assert 0 < np.abs(maps.astype(np.float64) - expected_maps).max() < 2e-2
+    assert np.abs(scores - expected).max() < 1e-2
