@@ -239,9 +239,18 @@ def test_lower_priority_reaches_every_thread_of_the_process():
               "from postprocess.host import lower_priority\n"
               "np.ones((256, 256)) @ np.ones((256, 256))\n"  # BLAS threads up
               "changed = lower_priority(5)\n"
-              "t = threading.Thread(target=lambda: None); t.start(); t.join()\n"
-              "nice = [os.getpriority(os.PRIO_PROCESS, int(tid)) for tid in os.listdir('/proc/self/task')]\n"
-              "print(changed, *nice)")
+              # a thread started later reads its own priority while it runs (after a join its task may still be
+              # listed for a moment, then gone: threads that ended meanwhile are skipped)
+              "later = []\n"
+              "t = threading.Thread(target=lambda: later.append(os.getpriority(os.PRIO_PROCESS, "
+              "threading.get_native_id()))); t.start(); t.join()\n"
+              "nice = []\n"
+              "for tid in os.listdir('/proc/self/task'):\n"
+              "    try:\n"
+              "        nice.append(os.getpriority(os.PRIO_PROCESS, int(tid)))\n"
+              "    except ProcessLookupError:\n"
+              "        pass\n"
+              "print(changed, *later, *nice)")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split()
     base = os.getpriority(os.PRIO_PROCESS, 0)
     changed, nice = int(out[0]), [int(n) for n in out[1:]]
