@@ -73,6 +73,14 @@ def parse_variant(text: str) -> tuple[str, dict]:
     return name, parse_overrides(filter(None, body.split(",")), ":", f"--variant {name}:")
 
 
+def split_host(settings: dict) -> tuple:
+    """(the ``HostSettings`` a variant's host keys ask for, the rest of its settings)."""
+    from postprocess.host import HostSettings
+
+    return (HostSettings(**{k: v for k, v in settings.items() if k in HOST_KEYS}),
+            {k: v for k, v in settings.items() if k not in HOST_KEYS})
+
+
 def resolve(settings: dict, channels: int, n_taps: int) -> dict:
     """Relative widths ("C/4") and layers counted from the end, against this encoder."""
     out = dict(settings)
@@ -158,7 +166,6 @@ def knn_work(bank, length: int, channels: int, normal: bool = True, projection: 
 def collect(args) -> int:
     from postprocess import kernels as K
     from postprocess.bank import build_bank, image_key, score_with_bank
-    from postprocess.host import HostSettings
     from postprocess.pipeline import LotScorer, encode_images
     from postprocess.serving import build_config
 
@@ -175,8 +182,8 @@ def collect(args) -> int:
     for name, split in tqdm(plan, desc=f"frontier {category.name}", unit="bank"):
         settings = resolve(variants[name], channels, n_taps)
         search = {k: v for k, v in settings.items() if k in SEARCH_KEYS}
-        host = HostSettings(**{k: v for k, v in settings.items() if k in HOST_KEYS})
-        cfg = build_config({k: v for k, v in settings.items() if k not in SEARCH_KEYS + HOST_KEYS})
+        host, rest = split_host(settings)
+        cfg = build_config({k: v for k, v in rest.items() if k not in SEARCH_KEYS})
         lot = draw_lot(labels, args.lot_size, n_defective, args.seed, split)
         new = np.setdiff1d(np.arange(len(labels)), lot)
         scorer = LotScorer(backbone, data.images[lot], category.name, progress=False, features=features.take(lot),

@@ -254,7 +254,7 @@ TAIL_STEPS = (1, 2, 3, 4, 5, 6)
 def tail_shape(data: dict, kind: str) -> dict:
     """How the new good parts' upper tail lies against the quartile model's (``decision.quartile_exponential``), in
     that model's own units: per x, the share of new good parts above the lot's median + x b (b = (q75 - median) /
-    ln 2, each split's lot), pooled over the splits, beside the model's 0.5 e^-x; and the lots' median quartile
+    ln 2, each split's lot), pooled over the splits (the model says 0.5 e^-x); and the lots' median quartile
     ratio (q87.5 - q75) / (q75 - median), what a lot shows of the tail's shape (ln 2 / ln 2 = 1 for an exponential
     tail). Two products whose lots show the same ratio but whose new parts fall off differently past the lot's
     largest score cannot both be kept in the band by one tail model at a budget beyond the lot."""
@@ -268,8 +268,7 @@ def tail_shape(data: dict, kind: str) -> dict:
         excess.append((new_scores[labels[record["new"]["indices"]] == 0] - median) / b)
     excess = np.concatenate(excess)
     return {"ratio": float(np.median(ratios)), "new_good": int(excess.size),
-            "above": {x: float((excess > x).mean()) for x in TAIL_STEPS},
-            "model": {x: 0.5 * math.exp(-x) for x in TAIL_STEPS}}
+            "above": {x: float((excess > x).mean()) for x in TAIL_STEPS}}
 
 
 def candidate_scores(record: dict, kind: str) -> tuple[np.ndarray, np.ndarray]:
@@ -562,13 +561,11 @@ def report(args) -> int:
         for (k, m), res in sorted(((c, r) for c, r in candidates.items() if c[0] == kind),
                                   key=lambda cr: (band_miss(cr[1]), calibration_error(cr[1]))):
             print(f"  {m:<22} {band_miss(res):.2f}  {calibration_error(res):.2f}  {mean_recall(res):.1%}")
-    print(f"\nthe new good parts' tail against the quartile model ({args.shipped_score.split('/')[-1]}): the share "
-          "above the lot's "
-          "median + x b, b = (q75 - median) / ln 2 (the model: 0.5 e^-x; at a 1% budget its threshold is x = 3.91, "
-          "at 5% x = 2.30)\n")
+    kind = args.shipped_score.split("/")[-1]
+    print(f"\nthe new good parts' tail against the quartile model ({kind}): the share above the lot's median + x b, "
+          "b = (q75 - median) / ln 2 (the model: 0.5 e^-x; at a 1% budget its threshold is x = 3.91, at 5% x = 2.30)\n")
     print("| set | settings | lots' (q87.5 - q75) / (q75 - median) | new good | "
           + " | ".join(f"x = {x}" for x in TAIL_STEPS) + " |\n|---|---|---:|---:|" + "---:|" * len(TAIL_STEPS))
-    kind = args.shipped_score.split("/")[-1]
     for name, (variants, _, _) in sets.items():
         for label, data in variants.items():
             shape = tail_shape(data, kind)

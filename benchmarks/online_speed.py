@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.bank_frontier import HOST_KEYS, parse_variant, resolve
+from benchmarks.bank_frontier import parse_variant, resolve, split_host
 from benchmarks.lot_scaling import _backbone, _lot, repeated
 from postprocess.atomic import write_atomic
 
@@ -60,7 +60,6 @@ def main(argv=None) -> int:
 
     from postprocess.bank import build_bank, score_with_bank
     from postprocess.pipeline import LotScorer, encode_images
-    from postprocess.host import HostSettings
     from postprocess.serving import build_config
 
     backbone = _backbone(args.repository)
@@ -79,8 +78,8 @@ def main(argv=None) -> int:
         lot_features, lot_images = repeated(features, data.images, n)
         banks, hosts, build_s = {}, {}, {}
         for name, settings in variants.items():
-            hosts[name] = HostSettings(**{k: v for k, v in settings.items() if k in HOST_KEYS})
-            cfg = build_config({k: v for k, v in settings.items() if k not in HOST_KEYS})
+            hosts[name], rest = split_host(settings)
+            cfg = build_config(rest)
             scorer = LotScorer(backbone, lot_images, category.name, progress=False, features=lot_features,
                                host=hosts[name])
             t0 = time.perf_counter()

@@ -21,7 +21,7 @@ import dataclasses
 import numpy as np
 
 from . import kernels as K
-from .bank import Bank, BankError, score_with_bank
+from .bank import Bank, BankError, image_key, score_with_bank
 from .contract import Features
 from .decision import Calibration, calibrate
 from .host import DEFAULT_HOST, HostSettings
@@ -64,8 +64,6 @@ def extend_coreset(existing, candidates, n_add: int, budget_bytes: int = DEFAULT
 def grow_bank(bank: Bank, features: Features, images, host: HostSettings = DEFAULT_HOST) -> tuple:
     """A new bank: ``bank`` with the new images ((N, H, W, 3) uint8 as the encoder got them, and their ``features``)
     that look like its good parts folded in, and a report: how many were scored, folded in, left out and why."""
-    from .bank import image_key
-
     keys = [image_key(img) for img in images]
     cfg, manifest = bank.config, bank.manifest
     if cfg.text_only:

@@ -4,7 +4,8 @@ They decide how the work is done (how much memory a kNN block may take, NumPy or
 loaded), not what comes out: they are not stored in a bank's manifest, so a bank built on one host scores the
 same on any other. One exception, chosen by whoever runs the host: ``cpu_matmul="bfloat16"`` multiplies the kNN's
 similarities in bfloat16 on a CPU, faster where the CPU has AVX-512 BF16, with scores off by about 1e-3
-(``benchmarks/cpu_matmul.py``). The Triton models read them from their ``config.pbtxt`` parameters.
+(``benchmarks/online_speed.py``, ``benchmarks/bank_frontier.py``). The Triton models read them from their
+``config.pbtxt`` parameters.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 ARRAY_MODULES = ("auto", "numpy", "cupy")
-CPU_MATMULS = ("float32", "bfloat16")  # kernels.MATMUL_PRECISIONS (kept apart: kernels imports CuPy)
+CPU_MATMULS = ("float32", "bfloat16")  # what kernels.similarities / nearest_distances take
 
 
 @dataclass(frozen=True)

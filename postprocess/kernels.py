@@ -50,10 +50,9 @@ def _float32(x):
     return x.astype(xp.float32, copy=False)
 
 
-# How the kNN kernels multiply on a CPU (``HostSettings.cpu_matmul``): NumPy's float32 BLAS, or bfloat16 products
-# through torch (oneDNN; AVX-512 BF16 where the CPU has it). CuPy arrays always take float32 (the GPU has its own
-# fused kernels).
-MATMUL_PRECISIONS = ("float32", "bfloat16")
+# How the kNN kernels multiply on a CPU (``HostSettings.cpu_matmul``, ``host.CPU_MATMULS``): NumPy's float32 BLAS, or
+# bfloat16 products through torch (oneDNN; AVX-512 BF16 where the CPU has it). CuPy arrays always take float32 (the
+# GPU has its own fused kernels).
 
 
 def bfloat16_available() -> bool:
@@ -87,8 +86,8 @@ def similarities(a, b, precision: str = "float32"):
 
 def nearest_distances(a, b, shape, axes, precision: str = "float32") -> tuple:
     """Cosine distances to the nearest: one minus the maxima of ``similarities(a, b)`` seen as ``shape`` along each
-    of ``axes``, a tuple of float32 arrays. In bfloat16 the maxima are taken before widening to float32, so only they are copied,
-    not every product."""
+    of ``axes``, a tuple of float32 arrays. In bfloat16 the maxima are taken before widening to float32, so only
+    they are copied, not every product."""
     if precision == "bfloat16" and get_xp(a, b) is np:
         sims = _bfloat16_product(a, b).reshape(shape)
         return tuple(1.0 - sims.amax(dim=axis).float().numpy() for axis in axes)
@@ -232,7 +231,7 @@ def greedy_coreset(points, n_select: int, held_sq_dist=None):
     return selected
 
 
-def nearest_sq_dist(points, held, budget_bytes: int = 256 << 20):
+def nearest_sq_dist(points, held, budget_bytes: int):
     """(P,) squared distance of each of ``points`` (P, d) to its nearest row of ``held`` (M, d), M >= 1: where a
     coreset being extended stands (``greedy_coreset``'s ``held_sq_dist``). Points in row blocks whose (rows, M)
     float32 distances fit the budget."""
