@@ -8,7 +8,9 @@ products and synthetic camera faults.
 ``collect``: for each split, a bank is built in this process on a start-of-shift lot (as ``benchmarks.line`` draws
 it), and scored against it are the lot itself (each image against the others), the set's other images (new good and
 defective parts), every image of the ``--others`` sets resized to the bank's size, and each new good part made into
-each synthetic fault of ``FAULTS``. Per image it keeps each statistic of ``postprocess.ood.STATISTICS``.
+each synthetic fault of ``FAULTS``. Per image it keeps each statistic of ``postprocess.ood.STATISTICS`` and, as
+candidates the server does not compute, the image-embedding statistics of ``EMBEDDING_STATISTICS`` (each image's
+distance to its nearest lot image, the lot's own images left out of their own comparison).
 
 ``report``: per statistic, the share flagged out of distribution in each group when the threshold is calibrated on
 the lot as the bank would calibrate it; the rule (on the tuning set): the statistic whose worst flagged share over
@@ -62,6 +64,41 @@ FAULTS = {
 }
 
 
+EMBEDDING_STATISTICS = {
+    "embedding_nn": "1 - the largest cosine of the encoder's image embedding to a lot image's",
+    "grid_nn": "1 - the largest mean cosine, cell by cell, of the last tap's patches pooled on a 4 x 4 grid (where "
+               "things are in the frame counts: a moved camera moves them)",
+}
+GRID_CELLS = 4
+
+
+def image_descriptors(features) -> dict:
+    """name -> (N, cells, C) unit vectors per cell, one cell for the whole-image embedding."""
+    def unit(v):
+        return v / np.maximum(np.linalg.norm(v, axis=-1, keepdims=True), 1e-12)
+
+    tokens = np.asarray(features.layer_tokens[:, -1], dtype=np.float64)  # (N, L, C), the last tap
+    n, _, channels = tokens.shape
+    grid = tokens.reshape(n, *features.grid, channels)
+    cells = [grid[:, rows][:, :, cols].mean(axis=(1, 2))
+             for rows in np.array_split(np.arange(features.grid[0]), GRID_CELLS)
+             for cols in np.array_split(np.arange(features.grid[1]), GRID_CELLS)]
+    return {"embedding_nn": unit(np.asarray(features.image_embeds, dtype=np.float64))[:, None],
+            "grid_nn": unit(np.stack(cells, axis=1))}
+
+
+def embedding_statistics(query: dict, lot: dict, own: bool = False) -> dict:
+    """name -> (N,) distance of each query image to its nearest lot image (``own``: the queries are the lot, and
+    an image is not compared with itself)."""
+    out = {}
+    for name in EMBEDDING_STATISTICS:
+        similarity = np.einsum("ikc,jkc->ij", query[name], lot[name]) / query[name].shape[1]
+        if own:
+            np.fill_diagonal(similarity, -np.inf)
+        out[name] = (1.0 - similarity.max(axis=1)).round(6).tolist()
+    return out
+
+
 def collect(args) -> int:
     from postprocess.bank import build_bank, image_key, score_with_bank
     from postprocess.ood import STATISTICS, image_statistics
@@ -85,18 +122,20 @@ def collect(args) -> int:
         new = np.setdiff1d(np.arange(len(labels)), lot)
         scorer = LotScorer(backbone, data.images[lot], category.name, progress=False, features=features.take(lot))
         bank, _ = build_bank(scorer, build_config(dict(args.options)), "ood", backbone.fingerprint)
+        lot_descriptors = image_descriptors(features.take(lot))
 
-        def stats(feats, images):
+        def stats(feats, images, own=False):
             out = []
             for start in range(0, len(images), 8):
                 f = feats.take(slice(start, start + 8))
                 ids = bank.query_ids([image_key(img) for img in images[start:start + 8]])
                 result = score_with_bank(bank, f, ids)
                 out.append(image_statistics(result.maps, images[start:start + 8], STATISTICS))
-            return {k: np.concatenate([o[k] for o in out]).round(6).tolist() for k in out[0]}
+            return ({k: np.concatenate([o[k] for o in out]).round(6).tolist() for k in out[0]}
+                    | embedding_statistics(image_descriptors(feats), lot_descriptors, own))
 
         record = {"split": split, "lot": lot.tolist(), "new": new.tolist(),
-                  "groups": {"lot": stats(features.take(lot), data.images[lot]),
+                  "groups": {"lot": stats(features.take(lot), data.images[lot], own=True),
                              "new good": stats(features.take(new[labels[new] == 0]), data.images[new[labels[new] == 0]]),
                              "new defective": stats(features.take(new[labels[new] == 1]),
                                                     data.images[new[labels[new] == 1]])}}
@@ -114,7 +153,8 @@ def collect(args) -> int:
     return 0
 
 
-UNIONS = ("map_median|brightness|contrast", "map_q75|brightness|contrast", "map_mean|brightness|contrast")
+UNIONS = ("map_median|brightness|contrast", "map_q75|brightness|contrast", "map_mean|brightness|contrast",
+          "map_median|grid_nn", "map_q75|grid_nn|brightness|contrast")
 
 
 def flagged(data: dict, spec: str, budget: float) -> dict:

@@ -19,8 +19,30 @@ def test_collect_and_report_on_two_sets(repository, tmp_path, capsys):
     tables = [line for line in text.splitlines() if line.startswith("| ")]
     header = tables[0].strip("|").split("|")
     # one cell per statistic and per union: a union is written with "+", never with a "|" that splits its cell
-    assert all(s in " ".join(header) for s in STATISTICS) and any(" + " in cell for cell in header)
+    assert all(s in " ".join(header) for s in (*STATISTICS, *ood.EMBEDDING_STATISTICS))
+    assert any(" + " in cell for cell in header)
     for row in tables[1:]:
         assert len(row.strip("|").split("|")) == len(header), row
     groups = {row.split("|")[1].strip() for row in tables[1:]}
     assert {"new good", "new defective", "fault: black frame", "fault: shifted a quarter"} <= groups
+
+
+def test_embedding_statistics_leave_the_lots_own_image_out_and_see_a_moved_frame():
+    """The lot compared with itself is never at distance 0 (its own image left out); a quarter shift moves the
+    position-aware grid statistic more than the whole-image one is moved by it."""
+    import numpy as np
+
+    from postprocess.contract import Features
+
+    rng = np.random.default_rng(0)
+    n, gh, gw, c = 6, 8, 8, 16
+    base = rng.normal(size=(1, 1, gh, gw, c)) + 0.1 * rng.normal(size=(n, 1, gh, gw, c))
+    lot = Features(base.reshape(n, 1, gh * gw, c), np.zeros((n, gh * gw, 4)), base.mean(axis=(1, 2, 3)), (gh, gw))
+    shifted_tokens = np.roll(base, gw // 4, axis=3)
+    shifted = Features(shifted_tokens.reshape(n, 1, gh * gw, c), np.zeros((n, gh * gw, 4)),
+                       shifted_tokens.mean(axis=(1, 2, 3)), (gh, gw))
+    lot_d = ood.image_descriptors(lot)
+    own = ood.embedding_statistics(lot_d, lot_d, own=True)
+    assert min(own["grid_nn"]) > 1e-4 and min(own["embedding_nn"]) > 1e-6
+    moved = ood.embedding_statistics(ood.image_descriptors(shifted), lot_d)
+    assert min(moved["grid_nn"]) > 10 * max(own["grid_nn"])
