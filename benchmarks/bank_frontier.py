@@ -126,8 +126,11 @@ class FaissFullBank:
         index.hnsw.efSearch = max(self.ef_search, self.candidates)
         return index
 
-    def __call__(self, queries, bank, query_ids, bank_ids, k, budget_bytes, bank_scale=None, matmul="float32"):
+    def __call__(self, queries, bank, query_ids, bank_ids, k, budget_bytes, bank_scale=None, matmul="float32",
+                 neighbours=0):
         # matmul: faiss multiplies in float32 whatever the host asks of the NumPy kernel
+        if neighbours:
+            raise SystemExit("error: a faiss search reads the whole bank: leave full_bank_neighbours at 0 with it")
         n_query, length, width = queries.shape
         n_bank, per_image, _ = bank.shape
         index = self._index(bank, bank_scale)
@@ -149,12 +152,16 @@ class FaissFullBank:
 
 def knn_work(bank, length: int, channels: int, normal: bool = True, projection: bool = True) -> float:
     """Multiply-adds x 2 (FLOP) to score one new image against ``bank``: per scale and scoring layer, its L patches
-    against every full-bank entry and (``normal``) every normal-bank entry, and (``projection``) the projection of
-    its features."""
+    against every full-bank entry (with ``full_bank_neighbours``, those of the images it reads, and its mean against
+    every image's mean entry; the means themselves, read once per request, are not counted) and (``normal``) every
+    normal-bank entry, and (``projection``) the projection of its features."""
     total = 0.0
+    neighbours = bank.config.full_bank_neighbours
     for r, full in bank.full.items():  # (layers, N, m, d)
         layers, n, m, width = (int(v) for v in full.shape)
-        total += 2.0 * layers * length * n * m * width
+        count = max(neighbours, bank.manifest.interval_k)
+        read = count if neighbours > 0 and count < n - 1 else n
+        total += 2.0 * layers * length * read * m * width + (2.0 * layers * n * width if read < n else 0.0)
         if projection and r in bank.bases:
             total += 2.0 * layers * length * channels * width
     for r, entries in bank.normal.items() if normal else ():  # (layers, M, d)

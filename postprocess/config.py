@@ -50,6 +50,7 @@ RANGES = {
     "coreset_dim": (1, 4096, True),
     "bank_dim": (0, 4096, True),
     "full_bank_images": (0, 1_000_000, True),
+    "full_bank_neighbours": (0, 1_000_000, True),
     "interval_fraction": (0.0, 1.0, False),
     "k_min": (1, 64, True),
     "k_max": (1, 64, True),
@@ -105,6 +106,10 @@ class PAClipConfig:
     # Lots larger than this + 1 images keep a seeded sample of this many in the full bank, and every image, of the lot
     # or new, is scored against that sample instead of the whole lot (0: always the whole lot)
     full_bank_images: int = 0
+    # Each image, of the lot or new, is compared with its full_bank_neighbours most similar full-bank images (the
+    # cosine of their mean entries; at least the interval's k of them) instead of every one (0: every one): the
+    # interval average reads the nearest few images anyway, and the work per image stops growing with the lot
+    full_bank_neighbours: int = 0
     bank_dim: int = 0
     bank_projection: str = "pca"
     full_bank_storage: str = "float16"

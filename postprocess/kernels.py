@@ -317,8 +317,31 @@ def dequantize_rows(q, scale, dtype=None):
     return (q.astype(xp.float32) * scale[..., None]).astype(dtype or xp.float32, copy=False)
 
 
+def image_descriptors(entries, scale=None, budget_bytes: int = 1 << 26):
+    """(N, C) float32 unit vectors: the mean of each image's (N, m, C) entries (int8 ones with their (N, m) scales),
+    images taken in chunks whose float32 copy fits ``budget_bytes``."""
+    xp = get_xp(entries)
+    n, per_image, channels = entries.shape
+    out = xp.empty((n, channels), dtype=xp.float32)
+    step = _chunk(n, 4 * per_image * channels, budget_bytes)
+    for b0 in range(0, n, step):
+        chunk = entries[b0:b0 + step]
+        chunk = _float32(chunk) if scale is None else dequantize_rows(chunk, scale[b0:b0 + step])
+        out[b0:b0 + step] = chunk.mean(axis=1)
+    return l2_normalize(out)
+
+
+def nearest_images(queries, bank, query_ids, bank_ids, count: int, bank_scale=None, budget_bytes: int = 1 << 26):
+    """(Nq, count) indices of each query image's ``count`` most similar bank images (cosine of the mean entries,
+    ``image_descriptors``), most similar first, images with the query's own id never among them."""
+    xp = get_xp(queries)
+    similarity = image_descriptors(queries, None, budget_bytes) @ image_descriptors(bank, bank_scale, budget_bytes).T
+    similarity = xp.where(query_ids[:, None] == bank_ids[None, :], -xp.inf, similarity)
+    return xp.argsort(-similarity, axis=1)[:, :count]
+
+
 def full_bank_scores(queries, bank, query_ids, bank_ids, k: int, budget_bytes: int, bank_scale=None,
-                     matmul: str = "float32"):
+                     matmul: str = "float32", neighbours: int = 0):
     """Interval-averaged mutual score of each query patch against a full bank.
 
     queries (Nq, L, C) and bank (Nb, m, C) are unit vectors (or their projections); bank image b carries id
@@ -327,11 +350,24 @@ def full_bank_scores(queries, bank, query_ids, bank_ids, k: int, budget_bytes: i
     left out, then the mean of the k smallest of those per-image minima. Returns (Nq, L) float32. ``matmul``: the
     products' precision on a CPU (``similarities``).
 
+    ``neighbours`` > 0: each query image is compared with its ``max(neighbours, k)`` most similar bank images only
+    (``nearest_images``), not with all: the interval reads the nearest few images anyway, and the work per query
+    no longer grows with the bank. A bank with no more images than that (its own left out) is searched whole.
+
     Memory: query patches are taken in row blocks (a block may be part of one image) and bank images in chunks, so
     that the per-image minima of a block (with the copies ``where`` and ``partition`` make) fit half the budget and
     one similarity block (with the bank chunk in float32) the other half.
     """
     xp = get_xp(queries)
+    count = max(neighbours, k)
+    if neighbours > 0 and count < bank.shape[0] - 1:
+        chosen = nearest_images(queries, bank, query_ids, bank_ids, count, bank_scale, half_budget(budget_bytes))
+        out = xp.empty(queries.shape[:2], dtype=xp.float32)
+        for i in range(queries.shape[0]):  # one query image against its own neighbours (the same kernels)
+            pick = chosen[i]
+            out[i] = full_bank_scores(queries[i:i + 1], bank[pick], query_ids[i:i + 1], bank_ids[pick], k,
+                                      budget_bytes, None if bank_scale is None else bank_scale[pick], matmul)[0]
+        return out
     fused = _fused(xp)
     if fused is not None and k <= fused.MAX_K:
         if bank_scale is not None:  # the fused kNN reads float16 entries

@@ -209,7 +209,8 @@ def full_scores_against(features: Features, bank_layers, bank_ids, query_ids, k:
         feats = space.features(features.layer_tokens, position, features.grid, r, cfg)
         scale = None if bank_scales is None else bank_scales[position]
         total = total + K.full_bank_scores(feats, bank_layers[position], query_ids, bank_ids, k, host.budget_bytes,
-                                           bank_scale=scale, matmul=host.cpu_matmul)
+                                           bank_scale=scale, matmul=host.cpu_matmul,
+                                           neighbours=cfg.full_bank_neighbours)
     return total / len(space.layers)
 
 
@@ -226,12 +227,14 @@ def mutual_scores(features: Features, r: int, cfg: PAClipConfig, space: SearchSp
     total = 0
     for position in range(len(space.layers)):  # one layer at a time: the lot's features at every layer may not fit
         feats = space.features(features.layer_tokens, position, features.grid, r, cfg)
-        if selection is None and references is None:  # the lot is its own bank: each pair of images compared once
+        whole = cfg.full_bank_neighbours == 0 or max(cfg.full_bank_neighbours, k) >= n - 1
+        if selection is None and references is None and whole:  # the lot is its own bank: each pair once
             total = total + K.lot_mutual_scores(feats, k, host.budget_bytes, matmul=host.cpu_matmul)
         else:
             bank = feats if references is None else feats[bank_ids]
             total = total + K.full_bank_scores(feats, bank_entries(bank, selection), ids, bank_ids, k,
-                                               host.budget_bytes, matmul=host.cpu_matmul)
+                                               host.budget_bytes, matmul=host.cpu_matmul,
+                                               neighbours=cfg.full_bank_neighbours)
     return total / len(space.layers)
 
 

@@ -185,10 +185,20 @@ def mutual_scores(features: Features, r: int, cfg: PAClipConfig, space: SearchSp
         feats = _search_features(features.layer_tokens, space, position, features.grid, r, cfg)
         kept = feats[bank_ids]
         bank = kept if selection is None else torch.stack([kept[j, selection[j]] for j in range(len(bank_ids))])
+        # full_bank_neighbours: only each image's most similar kept images (cosine of the mean entries) are read
+        count = max(cfg.full_bank_neighbours, k)
+        narrow = cfg.full_bank_neighbours > 0 and count < len(bank_ids) - 1
+        bank_mean = torch.nn.functional.normalize(bank.mean(dim=1), dim=-1)
         for i in range(n):  # one query image at a time keeps the distance block at L x N x m
             dist = 1.0 - torch.einsum("lc,bmc->lbm", feats[i], bank)
             per_image = dist.min(dim=-1).values  # (L, N_bank): nearest patch of every kept image
             per_image[:, bank_ids == i] = float("inf")  # never match yourself
+            if narrow:
+                likeness = bank_mean @ torch.nn.functional.normalize(feats[i].mean(dim=0), dim=-1)
+                likeness[bank_ids == i] = -float("inf")
+                unread = torch.ones(len(bank_ids), dtype=torch.bool)
+                unread[likeness.argsort(descending=True)[:count]] = False
+                per_image[:, unread] = float("inf")
             total[i] += per_image.sort(dim=-1).values[:, :k].mean(dim=-1)
     return total / len(space.layers)
 

@@ -10,7 +10,8 @@ from benchmarks import bank_frontier as frontier
 from conftest import make_mvtec_tree
 
 VARIANTS = ["today=", "quarter=full_coreset_ratio:0.25,bank_dim:C/4", "int8=full_bank_storage:int8",
-            "tap=layers:[-1]", "hnsw=search:faiss-hnsw,candidates:600,ef_search:600"]
+            "tap=layers:[-1]", "hnsw=search:faiss-hnsw,candidates:600,ef_search:600",
+            "neighbours=full_bank_neighbours:2"]
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +28,7 @@ def collected(repository, tmp_path_factory):
 
 def test_each_variant_is_built_on_the_same_lots_and_measured(collected):
     _, data = collected
-    assert list(data["variants"]) == ["today", "quarter", "int8", "tap", "hnsw"]
+    assert list(data["variants"]) == ["today", "quarter", "int8", "tap", "hnsw", "neighbours"]
     channels, taps = data["channels"], data["taps"]
     quarter = data["variants"]["quarter"]
     assert quarter["settings"] == {"full_coreset_ratio": 0.25, "bank_dim": channels // 4}
@@ -51,6 +52,11 @@ def test_work_and_size_follow_what_the_bank_holds(collected):
         assert int8["full_bank_bytes"] == pytest.approx(today["full_bank_bytes"] / 2, rel=0.15)
         assert int8["flop_per_new_image"] == today["flop_per_new_image"]
         assert tap["flop_per_new_image"] == pytest.approx(today["flop_per_new_image"] / data["taps"], rel=1e-9)
+        # 2 of the lot's 8 images read per new image (and its mean against all 8): the full bank's work falls to
+        # about a quarter, the bank stays whole
+        neighbours = v["neighbours"]["splits"][i]
+        assert neighbours["full_bank_bytes"] == today["full_bank_bytes"]
+        assert today["flop_per_new_image"] / 4 < neighbours["flop_per_new_image"] < today["flop_per_new_image"] / 2
 
 
 def test_the_report_chooses_among_the_small_and_cheap_ones(collected, capsys):

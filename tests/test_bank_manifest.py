@@ -50,7 +50,8 @@ def test_a_format_1_manifest_reads_into_typed_fields_and_writes_back_the_same_as
     # format's number and the settings added since, written at their defaults (which do what the bank did)
     stored = json.loads(text)
     added = {k: v for k, v in PAClipConfig().to_dict().items() if k not in stored["config"]}
-    assert set(added) == {"layers", "full_bank_images", "bank_dim", "bank_projection", "full_bank_storage"}
+    assert set(added) == {"layers", "full_bank_images", "full_bank_neighbours", "bank_dim", "bank_projection",
+                          "full_bank_storage"}
     want = {**stored, "format_version": 3, "config": {**stored["config"], **json.loads(json.dumps(added))}}
     assert manifest.to_dict() == want
     assert list(json.loads(manifest.to_json())) == list(stored)  # the fields in the order they were written

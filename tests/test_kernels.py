@@ -84,6 +84,41 @@ def test_full_bank_scores_chunking_and_self_exclusion(xp):
     np.testing.assert_allclose(K.to_numpy(no_exclusion), 0.0, atol=knn_atol(xp))
 
 
+def test_full_bank_neighbours_read_only_each_querys_most_similar_images(xp):
+    """neighbours: each query image against its most similar bank images (cosine of the mean entries), never its
+    own; as many as the bank holds (but its own) is the whole search."""
+    rng = np.random.default_rng(3)
+    # three families of images: a family shares a direction, so an image's look-alikes are its family
+    centres = _unit_vectors(rng, (3, 1, 8))
+    bank = _unit_vectors(rng, (12, 10, 8)) * 0.6 + np.repeat(centres, 4, axis=0)
+    bank = (bank / np.linalg.norm(bank, axis=-1, keepdims=True)).astype(np.float32)
+    ids = np.arange(12)
+    exact = _brute_full(bank, bank, ids, ids, 2)
+    args = (xp.asarray(bank), xp.asarray(bank), xp.asarray(ids), xp.asarray(ids), 2, 1 << 20)
+    whole = K.full_bank_scores(*args, neighbours=11)
+    np.testing.assert_allclose(K.to_numpy(whole), exact, atol=knn_atol(xp))
+    chosen = K.to_numpy(K.nearest_images(xp.asarray(bank), xp.asarray(bank), xp.asarray(ids), xp.asarray(ids), 3))
+    assert all(i not in row for i, row in enumerate(chosen))  # never its own image
+    assert all({j // 4 for j in row} == {i // 4} for i, row in enumerate(chosen))  # its family's other three
+    # where an image's nearest patches lie in its look-alikes, reading those alone loses nothing
+    np.testing.assert_allclose(K.to_numpy(K.full_bank_scores(*args, neighbours=3)), exact, atol=knn_atol(xp))
+    # images with no families: the kernel reads exactly the chosen images, and never comes nearer than the whole
+    bank = _unit_vectors(rng, (12, 10, 8))
+    exact = _brute_full(bank, bank, ids, ids, 2)
+    args = (xp.asarray(bank), xp.asarray(bank), xp.asarray(ids), xp.asarray(ids), 2, 1 << 20)
+    chosen = K.to_numpy(K.nearest_images(xp.asarray(bank), xp.asarray(bank), xp.asarray(ids), xp.asarray(ids), 3))
+    narrow = K.to_numpy(K.full_bank_scores(*args, neighbours=3))
+    expected = np.stack([_brute_full(bank[i:i + 1], bank[chosen[i]], ids[i:i + 1], chosen[i], 2)[0]
+                         for i in range(12)])
+    np.testing.assert_allclose(narrow, expected, atol=knn_atol(xp))
+    assert (narrow >= exact - 1e-6).all() and (narrow > exact + 1e-3).any()
+    # int8 entries: the same images chosen, the scores within the int8 rounding
+    q, scale = K.quantize_rows(xp.asarray(bank))
+    int8 = K.full_bank_scores(xp.asarray(bank), q, xp.asarray(ids), xp.asarray(ids), 2, 1 << 20, bank_scale=scale,
+                              neighbours=3)
+    np.testing.assert_allclose(K.to_numpy(int8), narrow, atol=2e-2)
+
+
 def test_lot_mutual_scores_compares_each_pair_once_and_matches_the_general_path(xp):
     rng = np.random.default_rng(5)
     feats = _unit_vectors(rng, (7, 9, 6))

@@ -50,6 +50,8 @@ CASES = {
     # a lot larger than the full bank: every image scored against a sample of 7 (every patch; a coreset of each)
     "sampled-full-bank": dict(mode="pad_mpam", text=True, cfg=dict(full_bank_images=7)),
     "sampled-coreset": dict(mode="mutual", text=False, cfg=dict(full_bank_images=5, full_coreset_ratio=0.5)),
+    # each image compared with its 4 most similar lot images only (k = 2 at interval 0.2 of 12 images)
+    "image-neighbours": dict(mode="pad_mpam", text=True, cfg=dict(full_bank_neighbours=4, interval_fraction=0.2)),
 }
 
 
