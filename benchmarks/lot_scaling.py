@@ -1,17 +1,20 @@
-"""How a lot's cost grows with its size, and what scoring against a sample of the lot costs in accuracy.
+"""How a lot's cost grows with its size, and what scoring against a sample of the lot, or against each image's
+nearest lot images only, costs in accuracy.
 
-    python -m benchmarks.lot_scaling time --data ../shared/data/ball_screw --sizes 50 100 200 400 --references 0 100
-    python -m benchmarks.lot_scaling accuracy --data ../shared/data/magnetic_tile --references 0 25 50 100
+    python -m benchmarks.lot_scaling time --data ../shared/data/ball_screw --sizes 50 100 200 400 --references 0 100 \
+        --neighbours 16
+    python -m benchmarks.lot_scaling accuracy --data ../shared/data/magnetic_tile --references 0 25 50 100 --neighbours 8
 
 ``time``: lots of each ``--sizes`` made of the set's real images repeated (each repeat's features nudged by a little
 noise, so that no two are identical: the time of the kNN does not depend on the content), built into a bank in this
-process under each ``--references`` (``full_bank_images``; 0: the whole lot, exact), and 8 new images scored against
-it. Per row: the build's seconds (lot stage, CADA copies encoded, finish stage, packaging), its peak of traced memory
+process under each ``--references`` (``full_bank_images``; 0: the whole lot, exact) and each ``--neighbours``
+(``full_bank_neighbours``: every image compared with that many of its most similar lot images), and 8 new images
+scored against it. Per row: the build's seconds (lot stage, CADA copies encoded, finish stage, packaging), its peak of traced memory
 (``tracemalloc``: what NumPy allocates; the encoder's own memory is not traced), the bank's bytes, and the seconds
 and peak memory of scoring. The growth exponent is fitted on log time against log size per setting.
 
-``accuracy``: the set's test images as one lot (as ``benchmarks.evaluate`` scores it), once per ``--references``;
-image AUROC, pixel AUROC and PRO beside the exact lot stage's.
+``accuracy``: the set's test images as one lot (as ``benchmarks.evaluate`` scores it), once per setting; image
+AUROC, pixel AUROC and PRO beside the exact lot stage's.
 """
 
 from __future__ import annotations
@@ -76,9 +79,22 @@ def traced(fn):
     return seconds, peak / 1e6, result
 
 
-def growth(rows: list, references: int, above: int) -> float | None:
+def settings(args) -> list[tuple[int, int]]:
+    """(full_bank_images, full_bank_neighbours) of each setting measured: the ``--references`` ones, then each of
+    ``--neighbours`` with the whole lot kept."""
+    return [(r, 0) for r in args.references] + [(0, n) for n in args.neighbours]
+
+
+def label(references: int, neighbours: int) -> str:
+    if neighbours:
+        return f"nearest {neighbours}"
+    return "every image (exact)" if references == 0 else f"a sample of {references}"
+
+
+def growth(rows: list, references: int, above: int, neighbours: int = 0) -> float | None:
     """Slope of log(build seconds) on log(lot size), over the sizes above ``above`` (None: fewer than two)."""
-    points = [(r["lot_size"], r["build_s"]) for r in rows if r["references"] == references and r["lot_size"] > above]
+    points = [(r["lot_size"], r["build_s"]) for r in rows if r["references"] == references
+              and r.get("neighbours", 0) == neighbours and r["lot_size"] > above]
     if len(points) < 2:
         return None
     x, y = np.log([p[0] for p in points]), np.log([p[1] for p in points])
@@ -96,31 +112,34 @@ def time_lots(args) -> int:
     rows = []
     for n in args.sizes:
         lot_features, images = repeated(features, data.images, n)
-        for references in args.references:
-            cfg = PAClipConfig(full_bank_images=references)
+        for references, neighbours in settings(args):
+            cfg = PAClipConfig(full_bank_images=references, full_bank_neighbours=neighbours)
             scorer = LotScorer(backbone, images, category.name, progress=False, features=lot_features)
             build_s, build_mb, (bank, _) = traced(lambda: build_bank(scorer, cfg, "scaling", backbone.fingerprint))
             new = features.take(slice(0, 8))
             ids = np.full(8, -1)
             score_s, score_mb, _ = traced(lambda: score_with_bank(bank, new, ids))
-            row = {"lot_size": n, "references": references, "full_bank_images": int(bank.full_bank_ids.shape[0]),
+            row = {"lot_size": n, "references": references, "neighbours": neighbours,
+                   "full_bank_images": int(bank.full_bank_ids.shape[0]),
                    "build_s": build_s, "build_peak_mb": build_mb, "bank_mb": bank.nbytes / 1e6,
                    "score_s_per_image": score_s / 8, "score_peak_mb": score_mb}
             rows.append(row)
             print(json.dumps(row), file=sys.stderr)
 
-    fits = {str(s): growth(rows, s, min(args.sizes) if s == 0 else s + 1) for s in args.references}
-    lines = ["| lot images | full bank keeps | build s | build s / image | build peak MB (traced) | bank MB | "
-             "scoring s / new image | scoring peak MB |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    # a setting's growth is fitted where it differs from the whole lot: above its sample, or its neighbours + 1
+    fits = {label(s, nb): growth(rows, s, min(args.sizes) if s + nb == 0 else s + nb + 1, nb)
+            for s, nb in settings(args)}
+    lines = ["| lot images | full bank keeps | each image reads | build s | build s / image | build peak MB (traced) | "
+             "bank MB | scoring s / new image | scoring peak MB |", "|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['lot_size']} | {r['full_bank_images']} | {r['build_s']:.1f} | "
+        reads = label(r["references"], r["neighbours"]).replace("every image (exact)", "every image")
+        lines.append(f"| {r['lot_size']} | {r['full_bank_images']} | {reads} | {r['build_s']:.1f} | "
                      f"{r['build_s'] / r['lot_size']:.3f} | {r['build_peak_mb']:.0f} | {r['bank_mb']:.0f} | "
                      f"{r['score_s_per_image']:.3f} | {r['score_peak_mb']:.0f} |")
     print(f"\n{category.name}: lots of repeated real images, {data.images.shape[1]}x{data.images.shape[2]}\n")
     print("\n".join(lines))
-    for s, slope in fits.items():
-        label = "whole lot" if s == "0" else f"sample of {s}, above {int(s) + 1} images"
-        print(f"build time grows as N^{slope:.2f} ({label})" if slope is not None else f"({label}: too few sizes)")
+    for name, slope in fits.items():
+        print(f"build time grows as N^{slope:.2f} ({name})" if slope is not None else f"({name}: too few sizes)")
     if args.json:
         write_atomic(Path(args.json), json.dumps({"set": category.name, "rows": rows, "growth": fits}, indent=1))
     return 0
@@ -134,24 +153,24 @@ def accuracy(args) -> int:
     category, data = _lot(args.data, backbone)
     scorer = LotScorer(backbone, data.images, category.name, progress=False)
     rows = {}
-    for references in args.references:
+    for references, neighbours in settings(args):
         t0 = time.perf_counter()
-        result = scorer.score(PAClipConfig(full_bank_images=references))
+        result = scorer.score(PAClipConfig(full_bank_images=references, full_bank_neighbours=neighbours))
         metrics = lot_metrics(data.labels, data.masks, result.scores, result.maps)
-        rows[references] = {"seconds": time.perf_counter() - t0, **metrics}
-        print(json.dumps({"references": references, **rows[references]}), file=sys.stderr)
-    base = rows[args.references[0]]
+        rows[label(references, neighbours)] = {"references": references, "neighbours": neighbours,
+                                               "seconds": time.perf_counter() - t0, **metrics}
+        print(json.dumps(rows[label(references, neighbours)]), file=sys.stderr)
+    base = next(iter(rows.values()))
     keys = ("image_auroc", "pixel_auroc", "pro")
     print(f"\n{category.name}: the test set as one lot of {len(data.images)}\n")
-    print("| full bank keeps | I-AUROC | P-AUROC | PRO | seconds |\n|---|---:|---:|---:|---:|")
-    for references, r in rows.items():
-        label = "every image (exact)" if references == 0 else f"a sample of {references}"
+    print("| each image reads | I-AUROC | P-AUROC | PRO | seconds |\n|---|---:|---:|---:|---:|")
+    for name, r in rows.items():
         cells = " | ".join(f"{100 * r[k]:.1f}" + ("" if r is base else f" ({100 * (r[k] - base[k]):+.1f})")
                            for k in keys)
-        print(f"| {label} | {cells} | {r['seconds']:.0f} |")
+        print(f"| {name} | {cells} | {r['seconds']:.0f} |")
     if args.json:
         write_atomic(Path(args.json), json.dumps({"set": category.name, "lot_size": len(data.images),
-                                                  "rows": {str(k): v for k, v in rows.items()}}, indent=1))
+                                                  "rows": rows}, indent=1))
     return 0
 
 
@@ -167,10 +186,12 @@ def main(argv=None) -> int:
         s.add_argument("--repository", default="model_repository", help="the exported model repository")
         s.add_argument("--references", type=int, nargs="+", default=[0, 100],
                        help="full_bank_images settings to compare (0: the whole lot; the first is the baseline)")
+        s.add_argument("--neighbours", type=int, nargs="*", default=[],
+                       help="full_bank_neighbours settings to compare beside them (each with the whole lot kept)")
         s.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    if any(r < 0 for r in args.references) or (args.command == "time" and min(args.sizes) < 3):
-        p.error("--references at least 0, --sizes at least 3")
+    if any(r < 0 for r in args.references) or any(n < 1 for n in args.neighbours) or (args.command == "time" and min(args.sizes) < 3):
+        p.error("--references at least 0, --neighbours at least 1, --sizes at least 3")
     return time_lots(args) if args.command == "time" else accuracy(args)
 
 

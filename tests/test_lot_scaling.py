@@ -12,18 +12,20 @@ from conftest import make_mvtec_tree
 def test_time_and_accuracy_tables(repository, tmp_path, capsys):
     data = make_mvtec_tree(tmp_path / "data", n_good=6, n_bad=3, size=112) / "widget"
     assert lot_scaling.main(["time", "--data", str(data), "--repository", str(repository), "--sizes", "6", "14",
-                             "--references", "0", "4", "--json", str(tmp_path / "t.json")]) == 0
+                             "--references", "0", "4", "--neighbours", "3", "--json", str(tmp_path / "t.json")]) == 0
     saved = json.loads((tmp_path / "t.json").read_text())
-    rows = {(r["lot_size"], r["references"]): r for r in saved["rows"]}
+    rows = {(r["lot_size"], r["references"] or -r["neighbours"]): r for r in saved["rows"]}
     assert rows[(14, 0)]["full_bank_images"] == 14 and rows[(14, 4)]["full_bank_images"] == 4
     assert rows[(6, 4)]["full_bank_images"] == 4  # 6 > 4 + 1: sampled
     assert rows[(14, 4)]["bank_mb"] < rows[(14, 0)]["bank_mb"]
+    assert rows[(14, -3)]["full_bank_images"] == 14  # neighbours keep the whole lot, and read 3 of it per image
     assert all(r["build_peak_mb"] > 0 and r["score_s_per_image"] > 0 for r in rows.values())
-    assert "| 14 | 4 |" in capsys.readouterr().out
-    assert lot_scaling.main(["accuracy", "--data", str(data), "--repository", str(repository), "--references", "0",
-                             "3"]) == 0
     out = capsys.readouterr().out
-    assert "| every image (exact) |" in out and "| a sample of 3 |" in out
+    assert "| 14 | 4 | a sample of 4 |" in out and "| 14 | 14 | nearest 3 |" in out
+    assert lot_scaling.main(["accuracy", "--data", str(data), "--repository", str(repository), "--references", "0",
+                             "3", "--neighbours", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "| every image (exact) |" in out and "| a sample of 3 |" in out and "| nearest 2 |" in out
 
 
 def test_repeats_are_never_identical_and_growth_is_a_log_log_slope():
