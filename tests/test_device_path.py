@@ -73,16 +73,17 @@ def test_a_non_square_lot_with_rescoring_stays_on_the_device(tiny_clip_112, lot)
     np.testing.assert_allclose(got.scores, expected.scores, atol=1e-6)
 
 
-@pytest.mark.parametrize("settings", [{}, {"bank_dim": 12, "layers": (0, 2), "full_bank_storage": "int8"}])
+@pytest.mark.parametrize("settings", [{}, {"bank_dim": 12, "layers": (0, 2), "full_bank_storage": "int8"},
+                                      {"full_bank_neighbours": 3, "full_bank_storage": "int8"}])
 def test_bank_build_and_scoring_on_the_device(scorers, tiny_clip_112, lot, tmp_path, settings):
     host, device = scorers
     cfg = PAClipConfig(**settings)
     bank, report = build_bank(device, cfg, "washer", tiny_clip_112.fingerprint)
     assert all(isinstance(v, strict_xp.StrictArray) for v in bank.full.values())
-    full_dtype = np.int8 if settings else np.float16
+    full_dtype = np.int8 if settings.get("full_bank_storage") == "int8" else np.float16
     assert all(v.dtype == full_dtype for v in bank.full.values())
     assert all(v.dtype == np.float16 for v in bank.normal.values())
-    assert bool(bank.bases) == bool(settings) and bool(bank.full_scale) == bool(settings)
+    assert bool(bank.bases) == ("bank_dim" in settings) and bool(bank.full_scale) == (full_dtype == np.int8)
     store = BankStore(tmp_path)
     store.save(bank)  # bank files leave the device here
     expected, _ = build_bank(host, cfg, "washer", tiny_clip_112.fingerprint)
