@@ -272,8 +272,8 @@ def lot_rows(dev, args) -> list[dict]:
 
 def bank_rows(dev, args) -> list[dict]:
     """Online scoring of new images against banks built on the device from the same lot of random ViT-L-sized
-    features (N images), one bank per setting of ``benchmarks.online_speed.VARIANTS`` (today's bank beside the
-    frontier's smaller one; widths relative to the features'; the bfloat16 rows are left out: a setting of a CPU
+    features (N images), one bank per setting of ``benchmarks.online_speed.VARIANTS`` (the full bank beside the
+    default one; widths relative to the features'; the bfloat16 rows are left out: a setting of a CPU
     host, the GPU multiplies in its own FP16 tiles): bank GB, ms per new image (16 at a time), and the ratio."""
     from benchmarks.bank_frontier import HOST_KEYS, resolve
     from benchmarks.online_speed import VARIANTS

@@ -1,5 +1,5 @@
-"""Online scoring speed on this machine: new images per second against banks of 24, 100 and 200 lot images, today's
-default bank beside the frontier's smaller one, each with float32 and bfloat16 products, in one run.
+"""Online scoring speed on this machine: new images per second against banks of 24, 100 and 200 lot images, the full
+bank (as before issue 26) beside the default one, each with float32 and bfloat16 products, in one run.
 
     python -m benchmarks.online_speed --data ../shared/data/magnetic_tile [--sizes 24 100 200] [--new 32]
 
@@ -20,20 +20,19 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.bank_frontier import parse_variant, resolve, split_host
+from benchmarks.bank_frontier import FULL_BANK, parse_variant, resolve, split_host
 from benchmarks.lot_scaling import _backbone, _lot, repeated
 from postprocess.atomic import write_atomic
 
-# Today's default bank (every patch, every channel, every lot image, float16: as before issue 26, whose frontier
-# changed no default), the frontier's smallest choice that kept magnetic tile's accuracy (README "Bank size and the
-# cost of a new image"; widths relative to the encoder's as in benchmarks.bank_frontier), and each with the kNN's
-# products in bfloat16 (the host setting cpu_matmul: torch/oneDNN on this CPU instead of NumPy's float32 BLAS).
+# The full bank (every patch, every channel, every lot image read, float16: the default before issue 26) and the
+# default since (the frontier's choice: pca C/8 + int8 + 8 neighbours, README "Bank size and the cost of a new
+# image"), each with the kNN's products in bfloat16 (the host setting cpu_matmul: torch/oneDNN on this CPU instead
+# of NumPy's float32 BLAS).
 VARIANTS = {
-    "default": {},
+    "full bank": FULL_BANK,
+    "full bank, bfloat16 products": {**FULL_BANK, "cpu_matmul": "bfloat16"},
+    "default": {},  # pca C/8 + int8 + 8 neighbours since issue 26
     "default, bfloat16 products": {"cpu_matmul": "bfloat16"},
-    "coreset 25% + pca C/4 + int8": {"full_coreset_ratio": 0.25, "bank_dim": "C/4", "full_bank_storage": "int8"},
-    "coreset 25% + pca C/4 + int8, bfloat16 products": {"full_coreset_ratio": 0.25, "bank_dim": "C/4",
-                                                        "full_bank_storage": "int8", "cpu_matmul": "bfloat16"},
 }
 BATCH = 8
 

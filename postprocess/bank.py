@@ -67,13 +67,19 @@ def check_encoder(manifest: "BankManifest", fingerprint: dict | None) -> None:
                         "rebuild the bank (pa-clip score --build) or serve the encoder it was built with")
 
 
+# A bank's manifest holds every setting there was when it was built. One added later, or whose default changed, is
+# read back, when absent, as what the bank did then, not as today's default (issue 26 made the full bank int8, C/8
+# and 8 neighbours by default; a bank written before then holds float16 entries at every channel).
+ABSENT_SETTINGS = {"full_bank_storage": "float16", "full_bank_neighbours": 0, "bank_dim_divisor": 1}
+
+
 def config_from_dict(values: dict) -> PAClipConfig:
     names = {f for f in PAClipConfig.__dataclass_fields__}
     unknown = set(values) - names
     if unknown:
         raise BankError(f"unknown PA-CLIP settings {sorted(unknown)}; known: {sorted(names)}")
     fixed = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
-    return PAClipConfig(**fixed)
+    return PAClipConfig(**{**{k: v for k, v in ABSENT_SETTINGS.items() if k not in fixed}, **fixed})
 
 
 def _jsonable(value):
@@ -368,9 +374,9 @@ def expected_tensors(manifest: "BankManifest") -> dict:
             out[f"full_scale.r{r}"] = ((n_layers, n_full, per_image), ("F32",))
         else:
             out[f"full.r{r}"] = ((n_layers, n_full, per_image, width), ("F16",))
-    if cfg.bank_dim and not cfg.text_only:
+    if (cfg.bank_dim or cfg.bank_dim_divisor > 1) and not cfg.text_only:
         for r in cfg.scales:
-            out[f"basis.r{r}"] = ((n_layers, None, cfg.bank_dim), ("F32",))
+            out[f"basis.r{r}"] = ((n_layers, None, width), ("F32",))
     for r, entries in manifest.normal_bank_entries.items():
         out[f"normal.r{r}"] = ((n_layers, entries, width), ("F16",))
         out[f"normal_ids.r{r}"] = ((entries,), ("I64",))

@@ -49,6 +49,7 @@ RANGES = {
     "normal_coreset_ratio": (0.0, 1.0, False),
     "coreset_dim": (1, 4096, True),
     "bank_dim": (0, 4096, True),
+    "bank_dim_divisor": (1, 4096, True),
     "full_bank_images": (0, 1_000_000, True),
     "full_bank_neighbours": (0, 1_000_000, True),
     "interval_fraction": (0.0, 1.0, False),
@@ -99,9 +100,11 @@ class PAClipConfig:
     normal_coreset_ratio: float = 0.1
     coreset_dim: int = 128
     # Where the banks are searched: the tapped layers that score (indices into the encoder's taps; empty: all), and
-    # each one's pooled features projected onto bank_dim directions (0: every channel), "pca" (the lot's principal
-    # directions) or a seeded "random" projection; the full bank's entries stored as float16 or as int8 with a
-    # scale per entry.
+    # each one's pooled features projected onto bank_dim directions, or (bank_dim 0) onto the encoder's channels /
+    # bank_dim_divisor (divisor 1: every channel, no projection): "pca" (the lot's principal directions) or a seeded
+    # "random" projection; the full bank's entries stored as float16 or as int8 with a scale per entry.
+    # The defaults (C/8, int8, 8 neighbours) were chosen on magnetic tile with benchmarks.bank_frontier and reported
+    # on ball screw: 12x smaller and 26x less work per new image there, within 0.3 points (README "Bank size")
     layers: tuple[int, ...] = ()
     # Lots larger than this + 1 images keep a seeded sample of this many in the full bank, and every image, of the lot
     # or new, is scored against that sample instead of the whole lot (0: always the whole lot)
@@ -109,10 +112,11 @@ class PAClipConfig:
     # Each image, of the lot or new, is compared with its full_bank_neighbours most similar full-bank images (the
     # cosine of their mean entries; at least the interval's k of them) instead of every one (0: every one): the
     # interval average reads the nearest few images anyway, and the work per image stops growing with the lot
-    full_bank_neighbours: int = 0
+    full_bank_neighbours: int = 8
     bank_dim: int = 0
+    bank_dim_divisor: int = 8
     bank_projection: str = "pca"
-    full_bank_storage: str = "float16"
+    full_bank_storage: str = "int8"
 
     # Psi (Eq. 5-6). The interval average reads the k = interval_fraction * (N - 1) nearest lot images: what recurs in
     # more than that share of a lot counts as normal. A line's lots are a few percent defective, so 5% (chosen on
@@ -160,6 +164,13 @@ class PAClipConfig:
                              f"{self.full_bank_storage!r}")
         if self.k_max < self.k_min:
             raise ValueError(f"need k_min <= k_max, got {self.k_min} and {self.k_max}")
+
+    def search_dim(self, channels: int) -> int:
+        """The width the banks are searched at for encoder features of ``channels``: bank_dim, else channels /
+        bank_dim_divisor; 0 for every channel (no projection)."""
+        if self.bank_dim:
+            return self.bank_dim
+        return max(1, channels // self.bank_dim_divisor) if self.bank_dim_divisor > 1 else 0
 
     def _check_types_and_ranges(self) -> None:
         """Strict types (a boolean is not a number, "no" is not a boolean) and the ``RANGES``."""

@@ -115,17 +115,18 @@ def scoring_layers(cfg: PAClipConfig, n_layers: int) -> tuple[int, ...]:
 
 
 def fit_search_space(features: Features, cfg: PAClipConfig) -> SearchSpace:
-    """The scoring layers and, with ``bank_dim`` below the feature width, each one's projection: the top
-    ``bank_dim`` principal directions (uncentred: what best keeps dot products) of a seeded sample of the lot's
+    """The scoring layers and, with a search width below the feature width (``PAClipConfig.search_dim``), each
+    one's projection: the top that many principal directions (uncentred: what best keeps dot products) of a seeded sample of the lot's
     pooled patches, or a seeded Gaussian projection."""
     xp = K.get_xp(features.layer_tokens)
     n, n_layers, length, channels = features.layer_tokens.shape
     layers = scoring_layers(cfg, n_layers)
-    if cfg.bank_dim == 0:
+    width = cfg.search_dim(channels)
+    if width == 0 or cfg.text_only:  # text only: no bank is searched
         return SearchSpace(layers)
-    if cfg.bank_dim >= channels:
-        raise RequestError(f"bank_dim {cfg.bank_dim} is not below the encoder's feature width {channels}: use 0 to "
-                           "keep every channel, or fewer directions")
+    if width >= channels:
+        raise RequestError(f"bank_dim {width} is not below the encoder's feature width {channels}: use bank_dim 0 "
+                           "with bank_dim_divisor 1 to keep every channel, or fewer directions")
     rows = None
     if n * length > PCA_SAMPLE:  # host indices, then one explicit move
         rows = xp.asarray(np.sort(np.random.default_rng(cfg.seed).choice(n * length, PCA_SAMPLE, replace=False)))
@@ -135,14 +136,14 @@ def fit_search_space(features: Features, cfg: PAClipConfig) -> SearchSpace:
         for position, layer in enumerate(layers):
             if cfg.bank_projection == "random":
                 seed = cfg.seed + 7919 * r + position
-                per_layer.append(xp.asarray(K.random_projection(channels, cfg.bank_dim, seed)))
+                per_layer.append(xp.asarray(K.random_projection(channels, width, seed)))
                 continue
             flat = layer_features(features.layer_tokens, layer, features.grid, r, cfg).reshape(n * length, channels)
             if rows is not None:
                 flat = flat[rows]
             gram = K.to_numpy(flat.T @ flat).astype(np.float64)  # (C, C): small, decomposed on the host
             _, vectors = np.linalg.eigh(gram)  # ascending eigenvalues
-            top = vectors[:, ::-1][:, :cfg.bank_dim]
+            top = vectors[:, ::-1][:, :width]
             # an eigenvector's sign is arbitrary, and coreset choices project the coordinates: fix it (its largest
             # component positive) so that any correct eigensolver gives the same bank
             top = top * np.sign(top[np.abs(top).argmax(axis=0), np.arange(top.shape[1])])
@@ -228,13 +229,15 @@ def mutual_scores(features: Features, r: int, cfg: PAClipConfig, space: SearchSp
     for position in range(len(space.layers)):  # one layer at a time: the lot's features at every layer may not fit
         feats = space.features(features.layer_tokens, position, features.grid, r, cfg)
         whole = cfg.full_bank_neighbours == 0 or max(cfg.full_bank_neighbours, k) >= n - 1
-        if selection is None and references is None and whole:  # the lot is its own bank: each pair once
+        if selection is None and references is None and whole and cfg.full_bank_storage != "int8":
+            # the lot is its own bank: each pair of images compared once
             total = total + K.lot_mutual_scores(feats, k, host.budget_bytes, matmul=host.cpu_matmul)
         else:
-            bank = feats if references is None else feats[bank_ids]
-            total = total + K.full_bank_scores(feats, bank_entries(bank, selection), ids, bank_ids, k,
-                                               host.budget_bytes, matmul=host.cpu_matmul,
-                                               neighbours=cfg.full_bank_neighbours)
+            entries = bank_entries(feats if references is None else feats[bank_ids], selection)
+            if cfg.full_bank_storage == "int8":  # the lot is scored against its entries as the bank stores them
+                entries = K.dequantize_rows(*K.quantize_rows(entries))
+            total = total + K.full_bank_scores(feats, entries, ids, bank_ids, k, host.budget_bytes,
+                                               matmul=host.cpu_matmul, neighbours=cfg.full_bank_neighbours)
     return total / len(space.layers)
 
 

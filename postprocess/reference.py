@@ -121,12 +121,13 @@ def text_patch_scores(features: Features, text_embeds: torch.Tensor, cfg: PAClip
 
 
 def fit_search_space(features: Features, cfg: PAClipConfig) -> SearchSpace:
-    """The scoring layers and, with ``bank_dim``, each one's projection: the eigenvectors of the sample's Gram
+    """The scoring layers and, with a search width (``search_dim``), each one's projection: the eigenvectors of the sample's Gram
     matrix with the largest eigenvalues (torch's eigh), or the seeded Gaussian projection. The sample's rows are
     drawn as the twin draws them."""
     n, n_layers, length, channels = features.layer_tokens.shape
     layers = scoring_layers(cfg, n_layers)
-    if cfg.bank_dim == 0:
+    width = cfg.search_dim(channels)
+    if width == 0 or cfg.text_only:  # text only: no bank is searched
         return SearchSpace(layers)
     rows = None
     if n * length > PCA_SAMPLE:
@@ -136,13 +137,13 @@ def fit_search_space(features: Features, cfg: PAClipConfig) -> SearchSpace:
         per_layer = []
         for position, layer in enumerate(layers):
             if cfg.bank_projection == "random":
-                per_layer.append(torch.from_numpy(random_projection(channels, cfg.bank_dim, cfg.seed + 7919 * r + position)))
+                per_layer.append(torch.from_numpy(random_projection(channels, width, cfg.seed + 7919 * r + position)))
                 continue
             flat = aggregate(features.layer_tokens[:, layer], features.grid, r, cfg.feature_norm).reshape(-1, channels)
             if rows is not None:
                 flat = flat[rows]
             _, vectors = torch.linalg.eigh((flat.T @ flat).double())
-            top = vectors.flip(-1)[:, :cfg.bank_dim]
+            top = vectors.flip(-1)[:, :width]
             top = top * top.gather(0, top.abs().argmax(0, keepdim=True)).sign()  # the largest component positive
             per_layer.append(top.float())
         bases[r] = torch.stack(per_layer)
@@ -185,6 +186,10 @@ def mutual_scores(features: Features, r: int, cfg: PAClipConfig, space: SearchSp
         feats = _search_features(features.layer_tokens, space, position, features.grid, r, cfg)
         kept = feats[bank_ids]
         bank = kept if selection is None else torch.stack([kept[j, selection[j]] for j in range(len(bank_ids))])
+        if cfg.full_bank_storage == "int8":  # the entries as an int8 bank holds them: a scale per entry
+            scale = bank.abs().amax(dim=-1, keepdim=True) / 127.0
+            scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+            bank = torch.round(bank / scale) * scale
         # full_bank_neighbours: only each image's most similar kept images (cosine of the mean entries) are read
         count = max(cfg.full_bank_neighbours, k)
         narrow = cfg.full_bank_neighbours > 0 and count < len(bank_ids) - 1

@@ -41,10 +41,12 @@ BANK_STORAGE_TOL = 1e-4
 FLOAT16_HALF_ULP = 2.0 ** -11
 
 
-def storage_tolerance(channels: int | None = None, bank_dim: int = 0) -> float:
-    """BANK_STORAGE_TOL for entries of every channel; a bank projected onto d of C directions keeps larger
-    coordinates (the same length in fewer of them), whose float16 rounding moves a distance up to sqrt(C / d) more."""
-    return BANK_STORAGE_TOL * (float(np.sqrt(channels / bank_dim)) if bank_dim and channels else 1.0)
+def storage_tolerance(channels: int | None = None, cfg=None) -> float:
+    """BANK_STORAGE_TOL for entries of every channel; a bank projected onto d of C directions (``cfg``'s search
+    width) keeps larger coordinates (the same length in fewer of them), whose float16 rounding moves a distance up to
+    sqrt(C / d) more. (int8 entries: the lot is scored against them as stored, so they add nothing.)"""
+    width = cfg.search_dim(channels) if cfg is not None and channels else 0
+    return BANK_STORAGE_TOL * (float(np.sqrt(channels / width)) if width else 1.0)
 
 
 def assert_maps_within_contract(got, expected, served: bool = True, storage_tol: float = BANK_STORAGE_TOL):

@@ -49,7 +49,7 @@ def test_bank_scores_equal_in_process_lot_scores(scorer, tiny, tmp_path, mode):
     ids = loaded.query_ids([image_key(img) for img in scorer.images])
     assert (ids == np.arange(len(ids))).all()
     result = score_with_bank(loaded, scorer.features, ids)
-    tol = storage_tolerance(scorer.features.layer_tokens.shape[-1], cfg.bank_dim)
+    tol = storage_tolerance(scorer.features.layer_tokens.shape[-1], cfg)
     assert_maps_within_contract(result.maps, expected.maps, served=False, storage_tol=tol)
     assert np.abs(result.scores - expected.scores).max() < tol
     assert_maps_within_contract(report.maps, expected.maps, served=False, storage_tol=tol)
@@ -61,7 +61,7 @@ def test_bank_scores_equal_in_process_lot_scores(scorer, tiny, tmp_path, mode):
 def test_a_projected_bank_stores_its_search_space_and_is_smaller(scorer, tiny, tmp_path):
     """bank_dim and layers shrink what is stored (entries of bank_dim values, only the scoring taps) and the bank
     keeps its bases, so that a new image is projected as the lot was."""
-    full = build_bank(scorer, PAClipConfig(), "washer", tiny.fingerprint)[0]
+    full = build_bank(scorer, PAClipConfig(bank_dim_divisor=1), "washer", tiny.fingerprint)[0]
     small = build_bank(scorer, PAClipConfig(bank_dim=8, layers=(3,)), "washer", tiny.fingerprint)[0]
     n_taps, channels = scorer.features.layer_tokens.shape[1], scorer.features.layer_tokens.shape[3]
     for r in (1, 3, 5):
@@ -105,7 +105,7 @@ def test_a_lot_larger_than_the_full_bank_keeps_a_sample_and_scores_against_it(sc
 def test_an_int8_full_bank_scores_like_the_float16_one(scorer, tiny, tmp_path):
     """int8 entries with a scale per entry: a quarter of float32's bytes, half of float16's, and the same maps
     within the quantisation's reach (|q - x| <= scale / 2 per value: about 0.4% of the entry's largest value)."""
-    cfg = PAClipConfig(bank_dim=16)
+    cfg = PAClipConfig(bank_dim=16, full_bank_storage="float16")
     half = build_bank(scorer, cfg, "washer", tiny.fingerprint)[0]
     quarter = build_bank(scorer, cfg.replace(full_bank_storage="int8"), "washer", tiny.fingerprint)[0]
     for r in (1, 3, 5):
@@ -459,7 +459,9 @@ def test_manifest_is_json_and_tensors_safetensors(scorer, tiny, tmp_path):
     assert sorted(p.name for p in folder.iterdir()) == ["bank.safetensors", "manifest.json"]
     with open(folder / "bank.safetensors", "rb") as f:
         header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-    assert header["full.r1"]["dtype"] == "F16" and header["full.r1"]["shape"][:2] == [4, len(scorer.images)]
+    # int8 entries with a float32 scale each, at an eighth of the channels (the defaults since issue 26)
+    assert header["full.r1"]["dtype"] == "I8" and header["full.r1"]["shape"][:2] == [4, len(scorer.images)]
+    assert header["full_scale.r1"]["dtype"] == "F32" and header["basis.r1"]["dtype"] == "F32"
 
 
 def test_score_requests_are_checked_against_the_contract_and_the_bank_one_by_one(scorer, tiny, lot, tmp_path):

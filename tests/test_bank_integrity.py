@@ -131,7 +131,7 @@ DAMAGE = [
     ("source ids outside the lot", lambda r: (without_digests(version_dir(r)), rewrite_tensor(
         version_dir(r), "normal_ids.r1", lambda a: a + 1000)), "outside"),
     ("a tensor missing, format 1", lambda r: (without_digests(version_dir(r)), rewrite_tensor(
-        version_dir(r), "full.r3", lambda a: a[:, :2])), "full.r3 is F16"),
+        version_dir(r), "full.r3", lambda a: a[:, :2])), "full.r3 is I8 [4, 2,"),
 ]
 
 

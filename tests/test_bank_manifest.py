@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from conftest import BANK_STORAGE_TOL, assert_maps_within_contract
-from postprocess.bank import FORMAT_VERSION, BankError, BankManifest, build_bank, image_key, score_with_bank
+from postprocess.bank import (ABSENT_SETTINGS, FORMAT_VERSION, BankError, BankManifest, build_bank, image_key,
+                              score_with_bank)
 from postprocess.bank_store import BankStore
 from postprocess.config import PAClipConfig
 from postprocess.decision import DEFAULT_METHOD, Calibration
@@ -35,9 +36,11 @@ def test_a_format_1_manifest_reads_into_typed_fields_and_writes_back_the_same_as
     assert json.loads(text)["format_version"] == 1 and manifest.format_version == 3 == FORMAT_VERSION
     assert manifest.files is None and manifest.tensors is None  # format 1 recorded no digests
     assert manifest.ood is None  # nor format 2 an out-of-distribution calibration
-    # the settings it was built with, not today's defaults (interval fraction 0.3 and re-scoring were the defaults then)
+    # the settings it was built with, not today's defaults (interval fraction 0.3 and re-scoring were the defaults
+    # then; float16 entries at every channel, every lot image read, before issue 26)
     assert manifest.config == PAClipConfig(scales=(1, 3), full_coreset_ratio=0.25, interval_fraction=0.3,
-                                           rescore_k=20)
+                                           rescore_k=20, full_bank_storage="float16", full_bank_neighbours=0,
+                                           bank_dim_divisor=1)
     assert (manifest.bank, manifest.category, manifest.grid, manifest.image_size) == ("washer", "washer", (8, 8),
                                                                                       (112, 112))
     assert manifest.n_images == len(manifest.image_keys) == 10 and manifest.interval_k == 3
@@ -47,11 +50,12 @@ def test_a_format_1_manifest_reads_into_typed_fields_and_writes_back_the_same_as
     assert Calibration.from_dict(manifest.decision).threshold == pytest.approx(manifest.decision["threshold"],
                                                                              rel=1e-12)
     # what the info and list actions send is what the file holds; written again, it is the same file but for the
-    # format's number and the settings added since, written at their defaults (which do what the bank did)
+    # format's number and the settings added since, written as what the bank did (ABSENT_SETTINGS, else their defaults)
     stored = json.loads(text)
-    added = {k: v for k, v in PAClipConfig().to_dict().items() if k not in stored["config"]}
-    assert set(added) == {"layers", "full_bank_images", "full_bank_neighbours", "bank_dim", "bank_projection",
-                          "full_bank_storage"}
+    added = {k: v for k, v in manifest.config.to_dict().items() if k not in stored["config"]}
+    assert set(added) == {"layers", "full_bank_images", "full_bank_neighbours", "bank_dim", "bank_dim_divisor",
+                          "bank_projection", "full_bank_storage"}
+    assert {k: added[k] for k in ABSENT_SETTINGS} == ABSENT_SETTINGS  # what the bank did, not today's defaults
     want = {**stored, "format_version": 3, "config": {**stored["config"], **json.loads(json.dumps(added))}}
     assert manifest.to_dict() == want
     assert list(json.loads(manifest.to_json())) == list(stored)  # the fields in the order they were written
@@ -97,7 +101,7 @@ def test_legacy_host_fields_in_the_config_are_dropped_on_load(old_store, tiny_cl
     raw["config"]["memory_budget_mb"] = 256  # banks built before host settings left PAClipConfig
     path.write_text(json.dumps(raw, indent=1))
     assert store.load("washer", tiny_clip_112.fingerprint).config == PAClipConfig(
-        scales=(1, 3), full_coreset_ratio=0.25, interval_fraction=0.3, rescore_k=20)
+        scales=(1, 3), full_coreset_ratio=0.25, interval_fraction=0.3, rescore_k=20, **ABSENT_SETTINGS)
     assert "memory_budget_mb" not in store.manifest("washer").to_dict()["config"]
 
 

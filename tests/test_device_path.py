@@ -54,8 +54,9 @@ def test_lot_scoring_on_the_device_matches_numpy_and_returns_only_maps_and_score
     expected = host.score(cfg)
     strict_xp.TRANSFERS.clear()
     got = device.score(cfg)
-    n = len(lot)
-    assert set(strict_xp.TRANSFERS) <= {(n, *lot.shape[1:3]), (n,)}, strict_xp.TRANSFERS  # maps, scores
+    n, channels = len(lot), host.features.layer_tokens.shape[-1]
+    # maps, scores, and the PCA's (C, C) Gram matrices (the search space at C/8: decomposed on the host, small)
+    assert set(strict_xp.TRANSFERS) <= {(n, *lot.shape[1:3]), (n,), (channels, channels)}, strict_xp.TRANSFERS
     np.testing.assert_allclose(got.maps, expected.maps, atol=1e-6)
     np.testing.assert_array_equal(got.normal_indices, expected.normal_indices)
     assert got.info == expected.info
@@ -68,22 +69,24 @@ def test_a_non_square_lot_with_rescoring_stays_on_the_device(tiny_clip_112, lot)
     device = LotScorer(DeviceBackbone(tiny_clip_112), wide, "washer", progress=False, xp=strict)
     strict_xp.TRANSFERS.clear()
     got = device.score(cfg)
-    assert set(strict_xp.TRANSFERS) <= {(len(wide), 56, 112), (len(wide),)}, strict_xp.TRANSFERS
+    channels = device.features.layer_tokens.shape[-1]  # the PCA's Gram matrices are decomposed on the host
+    assert set(strict_xp.TRANSFERS) <= {(len(wide), 56, 112), (len(wide),), (channels, channels)}, strict_xp.TRANSFERS
     np.testing.assert_allclose(got.maps, expected.maps, atol=1e-6)
     np.testing.assert_allclose(got.scores, expected.scores, atol=1e-6)
 
 
-@pytest.mark.parametrize("settings", [{}, {"bank_dim": 12, "layers": (0, 2), "full_bank_storage": "int8"},
-                                      {"full_bank_neighbours": 3, "full_bank_storage": "int8"}])
+@pytest.mark.parametrize("settings", [{}, {"bank_dim": 12, "layers": (0, 2), "full_bank_neighbours": 3},
+                                      {"bank_dim_divisor": 1, "full_bank_storage": "float16", "full_bank_neighbours": 0}])
 def test_bank_build_and_scoring_on_the_device(scorers, tiny_clip_112, lot, tmp_path, settings):
     host, device = scorers
     cfg = PAClipConfig(**settings)
     bank, report = build_bank(device, cfg, "washer", tiny_clip_112.fingerprint)
     assert all(isinstance(v, strict_xp.StrictArray) for v in bank.full.values())
-    full_dtype = np.int8 if settings.get("full_bank_storage") == "int8" else np.float16
+    full_dtype = np.int8 if cfg.full_bank_storage == "int8" else np.float16
     assert all(v.dtype == full_dtype for v in bank.full.values())
     assert all(v.dtype == np.float16 for v in bank.normal.values())
-    assert bool(bank.bases) == ("bank_dim" in settings) and bool(bank.full_scale) == (full_dtype == np.int8)
+    projected = cfg.search_dim(host.features.layer_tokens.shape[-1]) > 0
+    assert bool(bank.bases) == projected and bool(bank.full_scale) == (full_dtype == np.int8)
     store = BankStore(tmp_path)
     store.save(bank)  # bank files leave the device here
     expected, _ = build_bank(host, cfg, "washer", tiny_clip_112.fingerprint)

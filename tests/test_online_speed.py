@@ -6,12 +6,14 @@ import json
 from benchmarks import online_speed
 from conftest import make_mvtec_tree
 
+FULL = "bank_dim_divisor:1,full_bank_storage:float16,full_bank_neighbours:0"  # benchmarks.bank_frontier.FULL_BANK
+
 
 def test_settings_side_by_side(repository, tmp_path, capsys):
     data = make_mvtec_tree(tmp_path / "data", n_good=5, n_bad=2, size=112) / "widget"
     assert online_speed.main(["--data", str(data), "--repository", str(repository), "--sizes", "5", "12", "--new",
-                              "8", "--repeats", "2", "--variant", "whole=", "--variant",
-                              "small=full_bank_images:4,full_coreset_ratio:0.25", "--json",
+                              "8", "--repeats", "2", "--variant", f"whole={FULL}", "--variant",
+                              f"small={FULL},full_bank_images:4,full_coreset_ratio:0.25", "--json",
                               str(tmp_path / "o.json")]) == 0
     rows = json.loads((tmp_path / "o.json").read_text())["rows"]
     assert [(r["lot_size"], r["variant"]) for r in rows] == [(5, "whole"), (5, "small"), (12, "whole"), (12, "small")]
