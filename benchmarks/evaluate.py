@@ -54,6 +54,8 @@ CONFIG_FLAGS = {
     "cada_threshold": float, "smooth_sigma": float, "image_score": str, "image_topk_fraction": float,
     "feature_norm": str, "normal_fraction": float, "normal_patch_quantile": float, "seed": int,
     "rescore_k": int, "rescore_weight": float,
+    # the bank (issue 26): --bank-dim-divisor 1 --full-bank-storage float16 --full-bank-neighbours 0 is the full bank
+    "bank_dim": int, "bank_dim_divisor": int, "full_bank_storage": str, "full_bank_neighbours": int,
 }
 
 

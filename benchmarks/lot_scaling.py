@@ -184,14 +184,15 @@ def main(argv=None) -> int:
     for s in (t, a):
         s.add_argument("--data", required=True, help="one category in the MVTec layout")
         s.add_argument("--repository", default="model_repository", help="the exported model repository")
-        s.add_argument("--references", type=int, nargs="+", default=[0, 100],
-                       help="full_bank_images settings to compare (0: the whole lot; the first is the baseline)")
+        s.add_argument("--references", type=int, nargs="*", default=[0, 100],
+                       help="full_bank_images settings to compare (0: the whole lot; the first setting is the baseline)")
         s.add_argument("--neighbours", type=int, nargs="*", default=[],
                        help="full_bank_neighbours settings to compare beside them (each with the whole lot kept)")
         s.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    if any(r < 0 for r in args.references) or any(n < 1 for n in args.neighbours) or (args.command == "time" and min(args.sizes) < 3):
-        p.error("--references at least 0, --neighbours at least 1, --sizes at least 3")
+    if (any(r < 0 for r in args.references) or any(n < 1 for n in args.neighbours)
+            or (args.command == "time" and min(args.sizes) < 3) or not settings(args)):
+        p.error("--references at least 0, --neighbours at least 1 (one setting at least), --sizes at least 3")
     return time_lots(args) if args.command == "time" else accuracy(args)
 
 
