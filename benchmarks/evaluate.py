@@ -32,7 +32,7 @@ from benchmarks.metrics import ALL_KEYS, DECISION_KEYS, decision_metrics, lot_me
 from client.heatmap import save_panel
 from export.clip_encoder import WeightsNotFound
 from postprocess.atomic import write_atomic
-from postprocess.config import IMAGE_SCORES, MODE_HELP, MODES, PAClipConfig
+from postprocess.config import BANK_STORAGE, IMAGE_SCORES, MODE_HELP, MODES, PAClipConfig
 from postprocess.contract import ASPECTS, DEFAULT_ASPECT, Features, size_argument
 from postprocess.decision import DEFAULT_FALSE_ALARM_RATE, DEFAULT_METHOD, METHODS, calibrate
 from postprocess.host import CPU_MATMULS, HostSettings
@@ -92,7 +92,8 @@ def build_parser(prog: str = "python -m benchmarks.evaluate") -> argparse.Argume
     p.add_argument("--overlays", type=F.integer(0, 1000), default=4, help="heat-map pictures per category and mode")
     p.add_argument("--batch-size", type=F.integer(1, 256), default=8, help="encoder batch size")
     for name, kind in CONFIG_FLAGS.items():
-        choices = {"image_score": IMAGE_SCORES, "feature_norm": ("none", "layernorm")}.get(name)
+        choices = {"image_score": IMAGE_SCORES, "feature_norm": ("none", "layernorm"),
+                   "full_bank_storage": BANK_STORAGE}.get(name)
         p.add_argument("--" + name.replace("_", "-"), type=F.setting(name, kind) if kind is not str else kind,
                        choices=choices, default=None,
                        help=f"override the default ({getattr(PAClipConfig(), name)})")
