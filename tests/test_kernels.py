@@ -119,6 +119,16 @@ def test_full_bank_neighbours_read_only_each_querys_most_similar_images(xp):
     np.testing.assert_allclose(K.to_numpy(int8), narrow, atol=2e-2)
 
 
+def test_smallest_per_row_finds_the_k_smallest_with_ties_and_infinities(xp):
+    rng = np.random.default_rng(11)
+    values = rng.integers(0, 6, (40, 30)).astype(np.float32)  # many ties
+    values[::3, ::2] = np.inf
+    for k in (1, 3, 7, 12):  # argmin passes (k * 4 <= 30) and the partition (k * 4 > 30)
+        got = np.sort(K.to_numpy(K.smallest_per_row(xp.asarray(values.copy()), k)), axis=1)
+        np.testing.assert_array_equal(got, np.sort(values, axis=1)[:, :k])
+    assert K.smallest_per_row(xp.asarray(values[:, :2].copy()), 5).shape == (40, 2)
+
+
 def test_lot_mutual_scores_compares_each_pair_once_and_matches_the_general_path(xp):
     rng = np.random.default_rng(5)
     feats = _unit_vectors(rng, (7, 9, 6))
