@@ -292,8 +292,8 @@ NORMAL_ROW_ENTRIES = 4096
 
 def normal_bank_row_bytes(n_entries: int, k: int) -> int:
     """Bounds a row block of ``normal_bank_scores``: per query row, 17 bytes per entry of a chunk of up to
-    NORMAL_ROW_ENTRIES (the distances, the mask, ``where``'s copy, the merge and ``partition``'s copy) and 12 per
-    kept neighbour (the best k, in the merge and in the partition's copy)."""
+    NORMAL_ROW_ENTRIES (the distances, the mask, ``where``'s copy, and room for a ``partition``'s copy where
+    ``smallest_per_row`` takes one) and 12 per kept neighbour (the best k, in the merge and in its partition)."""
     return 17 * min(n_entries, NORMAL_ROW_ENTRIES) + 12 * k
 
 
