@@ -36,11 +36,10 @@ from tqdm.auto import tqdm
 from benchmarks.line import draw_lot, line_set
 from benchmarks.metrics import lot_metrics
 from postprocess.atomic import write_atomic
+from postprocess.config import FULL_BANK
 
-# The full bank the issue started from (every channel, float16, every lot image read): the variants below are
-# measured against it, and each one spells it out with what it changes, so that a variant does not move when the
-# defaults do
-FULL_BANK = {"bank_dim_divisor": 1, "full_bank_storage": "float16", "full_bank_neighbours": 0}
+# The variants below are measured against the full bank the issue started from (``FULL_BANK``), and each one is
+# spelled on top of it with what it changes, so that a variant does not move when the defaults do
 
 # name -> settings; widths as "C/n" are fractions of the encoder's feature width, layers as negative indices count
 # from the last tap
@@ -167,9 +166,9 @@ def knn_work(bank, length: int, channels: int, normal: bool = True, projection: 
     normal-bank entry, and (``projection``) the projection of its features."""
     total = 0.0
     neighbours = bank.config.full_bank_neighbours
+    count = max(neighbours, bank.manifest.interval_k)
     for r, full in bank.full.items():  # (layers, N, m, d)
         layers, n, m, width = (int(v) for v in full.shape)
-        count = max(neighbours, bank.manifest.interval_k)
         read = count if neighbours > 0 and count < n - 1 else n
         total += 2.0 * layers * length * read * m * width + (2.0 * layers * n * width if read < n else 0.0)
         if projection and r in bank.bases:

@@ -20,9 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.bank_frontier import FULL_BANK, parse_variant, resolve, split_host
+from benchmarks.bank_frontier import parse_variant, resolve, split_host
 from benchmarks.lot_scaling import _backbone, _lot, repeated
 from postprocess.atomic import write_atomic
+from postprocess.config import FULL_BANK
 
 # The full bank (every patch, every channel, every lot image read, float16: the default before issue 26) and the
 # default since (the frontier's choice: pca C/8 + int8 + 8 neighbours, README "Bank size and the cost of a new

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import kernels as K, strict_json
-from .config import PAClipConfig
+from .config import FULL_BANK, PAClipConfig
 from .contract import TEXT_EMBEDS, Features, encoder_identity
 from .decision import calibrate
 from .errors import RequestError
@@ -69,8 +69,8 @@ def check_encoder(manifest: "BankManifest", fingerprint: dict | None) -> None:
 
 # A bank's manifest holds every setting there was when it was built. One added later, or whose default changed, is
 # read back, when absent, as what the bank did then, not as today's default (issue 26 made the full bank int8, C/8
-# and 8 neighbours by default; a bank written before then holds float16 entries at every channel).
-ABSENT_SETTINGS = {"full_bank_storage": "float16", "full_bank_neighbours": 0, "bank_dim_divisor": 1}
+# and 8 neighbours by default; a bank written before then is the full bank).
+ABSENT_SETTINGS = dict(FULL_BANK)
 
 
 def config_from_dict(values: dict) -> PAClipConfig:

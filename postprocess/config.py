@@ -26,6 +26,9 @@ MODE_HELP = {
 IMAGE_SCORES = ("max", "topk_mean", "mean")
 BANK_PROJECTIONS = ("pca", "random")
 BANK_STORAGE = ("float16", "int8")
+# The full bank: every channel, float16 entries, every lot image read (the defaults before issue 26); on top of
+# today's defaults these settings give it back
+FULL_BANK = {"bank_dim_divisor": 1, "full_bank_storage": "float16", "full_bank_neighbours": 0}
 MAX_TAPS = 64  # the largest tapped-layer index ``layers`` may name (an encoder has far fewer taps)
 
 # Settings used only after the normal images are chosen (normal bank, subtraction, maps).

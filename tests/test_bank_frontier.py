@@ -8,8 +8,9 @@ import pytest
 
 from benchmarks import bank_frontier as frontier
 from conftest import make_mvtec_tree
+from postprocess.config import FULL_BANK
 
-FULL = "bank_dim_divisor:1,full_bank_storage:float16,full_bank_neighbours:0"  # benchmarks.bank_frontier.FULL_BANK
+FULL = ",".join(f"{k}:{v}" for k, v in FULL_BANK.items())  # the full bank as a variant's text
 VARIANTS = [f"today={FULL}", f"quarter={FULL},full_coreset_ratio:0.25,bank_dim:C/4",
             "int8=bank_dim_divisor:1,full_bank_storage:int8,full_bank_neighbours:0", f"tap={FULL},layers:[-1]",
             f"hnsw={FULL},search:faiss-hnsw,candidates:600,ef_search:600",
@@ -33,9 +34,8 @@ def test_each_variant_is_built_on_the_same_lots_and_measured(collected):
     assert list(data["variants"]) == ["today", "quarter", "int8", "tap", "hnsw", "neighbours"]
     channels, taps = data["channels"], data["taps"]
     quarter = data["variants"]["quarter"]
-    full = {"bank_dim_divisor": 1, "full_bank_storage": "float16", "full_bank_neighbours": 0}
-    assert quarter["settings"] == {**full, "full_coreset_ratio": 0.25, "bank_dim": channels // 4}
-    assert data["variants"]["tap"]["settings"] == {**full, "layers": [taps - 1]}
+    assert quarter["settings"] == {**FULL_BANK, "full_coreset_ratio": 0.25, "bank_dim": channels // 4}
+    assert data["variants"]["tap"]["settings"] == {**FULL_BANK, "layers": [taps - 1]}
     lots = {name: [s["lot"] for s in v["splits"]] for name, v in data["variants"].items()}
     assert all(lot == lots["today"] for lot in lots.values()) and lots["today"][0] != lots["today"][1]
     for v in data["variants"].values():

@@ -8,7 +8,7 @@ import strict_xp
 from postprocess import kernels as K
 from postprocess.bank import build_bank, image_key, score_with_bank
 from postprocess.bank_store import BankStore
-from postprocess.config import MODES, PAClipConfig
+from postprocess.config import FULL_BANK, MODES, PAClipConfig
 from postprocess.host import HostSettings
 from postprocess.pipeline import LotScorer
 from postprocess.serving import ScoreService
@@ -75,8 +75,7 @@ def test_a_non_square_lot_with_rescoring_stays_on_the_device(tiny_clip_112, lot)
     np.testing.assert_allclose(got.scores, expected.scores, atol=1e-6)
 
 
-@pytest.mark.parametrize("settings", [{}, {"bank_dim": 12, "layers": (0, 2), "full_bank_neighbours": 3},
-                                      {"bank_dim_divisor": 1, "full_bank_storage": "float16", "full_bank_neighbours": 0}])
+@pytest.mark.parametrize("settings", [{}, {"bank_dim": 12, "layers": (0, 2), "full_bank_neighbours": 3}, FULL_BANK])
 def test_bank_build_and_scoring_on_the_device(scorers, tiny_clip_112, lot, tmp_path, settings):
     host, device = scorers
     cfg = PAClipConfig(**settings)

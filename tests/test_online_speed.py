@@ -5,8 +5,9 @@ import json
 
 from benchmarks import online_speed
 from conftest import make_mvtec_tree
+from postprocess.config import FULL_BANK
 
-FULL = "bank_dim_divisor:1,full_bank_storage:float16,full_bank_neighbours:0"  # benchmarks.bank_frontier.FULL_BANK
+FULL = ",".join(f"{k}:{v}" for k, v in FULL_BANK.items())  # the full bank as a variant's text
 
 
 def test_settings_side_by_side(repository, tmp_path, capsys):

@@ -21,12 +21,12 @@ import pytest
 
 from conftest import BANK_STORAGE_TOL, FLOAT16_HALF_ULP, LOT_IMAGE_SIZE as SIZE, assert_maps_within_contract
 from serving_helpers import ROOT, ClientError, LocalServer, PAClipClient, free_ports
-from postprocess.config import PAClipConfig
+from postprocess.config import FULL_BANK, PAClipConfig
 from postprocess.pipeline import LotScorer
 
 SLOW_BUILD_LOTS = 10  # copies of the 24-image lot: a build of about 5 s here, the checks during it take under 1 s
-# built as the full bank (every lot image read, every channel): issue 26's default bank builds that lot too fast
-SLOW_BUILD_OPTIONS = {"bank_dim_divisor": 1, "full_bank_storage": "float16", "full_bank_neighbours": 0}
+# built as the full bank (FULL_BANK: every lot image read, every channel): issue 26's default bank builds that lot
+# too fast
 
 pytestmark = pytest.mark.server
 
@@ -396,7 +396,7 @@ def test_one_banks_build_holds_up_no_other_bank(server, built, lot, workdir):
             except ClientError as err:
                 results[bank] = err
 
-    first = threading.Thread(target=build, args=("slow_build",), kwargs={"options": SLOW_BUILD_OPTIONS})
+    first = threading.Thread(target=build, args=("slow_build",), kwargs={"options": FULL_BANK})
     first.start()
     deadline = time.monotonic() + 60
     while not lock.exists() and first.is_alive() and time.monotonic() < deadline:
