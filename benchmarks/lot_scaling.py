@@ -9,9 +9,9 @@ nearest lot images only, costs in accuracy.
 noise, so that no two are identical: the time of the kNN does not depend on the content), built into a bank in this
 process under each ``--references`` (``full_bank_images``; 0: the whole lot, exact) and each ``--neighbours``
 (``full_bank_neighbours``: every image compared with that many of its most similar lot images), and 8 new images
-scored against it. Per row: the build's seconds (lot stage, CADA copies encoded, finish stage, packaging), its peak of traced memory
-(``tracemalloc``: what NumPy allocates; the encoder's own memory is not traced), the bank's bytes, and the seconds
-and peak memory of scoring. The growth exponent is fitted on log time against log size per setting.
+scored against it. Per row: the build's seconds (lot stage, CADA copies encoded, finish stage, packaging), its peak
+of traced memory (``tracemalloc``: what NumPy allocates; the encoder's own memory is not traced), the bank's bytes,
+and the seconds and peak memory of scoring. The growth exponent is fitted on log time against log size per setting.
 
 ``accuracy``: the set's test images as one lot (as ``benchmarks.evaluate`` scores it), once per setting; image
 AUROC, pixel AUROC and PRO beside the exact lot stage's.
@@ -185,7 +185,8 @@ def main(argv=None) -> int:
         s.add_argument("--data", required=True, help="one category in the MVTec layout")
         s.add_argument("--repository", default="model_repository", help="the exported model repository")
         s.add_argument("--references", type=int, nargs="*", default=[0, 100],
-                       help="full_bank_images settings to compare (0: the whole lot; the first setting is the baseline)")
+                       help="full_bank_images settings to compare (0: the whole lot; the first setting is the "
+                       "baseline)")
         s.add_argument("--neighbours", type=int, nargs="*", default=[],
                        help="full_bank_neighbours settings to compare beside them (each with the whole lot kept)")
         s.add_argument("--json", default=None)

@@ -74,8 +74,7 @@ GRID_CELLS = 4
 
 def image_descriptors(features) -> dict:
     """name -> (N, cells, C) unit vectors per cell, one cell for the whole-image embedding."""
-    def unit(v):
-        return v / np.maximum(np.linalg.norm(v, axis=-1, keepdims=True), 1e-12)
+    from postprocess.kernels import l2_normalize
 
     tokens = np.asarray(features.layer_tokens[:, -1], dtype=np.float64)  # (N, L, C), the last tap
     n, _, channels = tokens.shape
@@ -83,8 +82,8 @@ def image_descriptors(features) -> dict:
     cells = [grid[:, rows][:, :, cols].mean(axis=(1, 2))
              for rows in np.array_split(np.arange(features.grid[0]), GRID_CELLS)
              for cols in np.array_split(np.arange(features.grid[1]), GRID_CELLS)]
-    return {"embedding_nn": unit(np.asarray(features.image_embeds, dtype=np.float64))[:, None],
-            "grid_nn": unit(np.stack(cells, axis=1))}
+    return {"embedding_nn": l2_normalize(np.asarray(features.image_embeds, dtype=np.float64))[:, None],
+            "grid_nn": l2_normalize(np.stack(cells, axis=1))}
 
 
 def embedding_statistics(query: dict, lot: dict, own: bool = False) -> dict:

@@ -116,8 +116,8 @@ def scoring_layers(cfg: PAClipConfig, n_layers: int) -> tuple[int, ...]:
 
 def fit_search_space(features: Features, cfg: PAClipConfig) -> SearchSpace:
     """The scoring layers and, with a search width below the feature width (``PAClipConfig.search_dim``), each
-    one's projection: the top that many principal directions (uncentred: what best keeps dot products) of a seeded sample of the lot's
-    pooled patches, or a seeded Gaussian projection."""
+    one's projection: the top that many principal directions (uncentred: what best keeps dot products) of a seeded
+    sample of the lot's pooled patches, or a seeded Gaussian projection."""
     xp = K.get_xp(features.layer_tokens)
     n, n_layers, length, channels = features.layer_tokens.shape
     layers = scoring_layers(cfg, n_layers)
@@ -225,12 +225,13 @@ def mutual_scores(features: Features, r: int, cfg: PAClipConfig, space: SearchSp
     ids = xp.arange(n)
     k = lot_interval_k(n, cfg)
     bank_ids = ids if references is None else xp.asarray(references)
+    # the lot is its own bank (every image read, its entries as they are): each pair of images compared once
+    pairwise = (selection is None and references is None and cfg.full_bank_storage != "int8"
+                and (cfg.full_bank_neighbours == 0 or max(cfg.full_bank_neighbours, k) >= n - 1))
     total = 0
     for position in range(len(space.layers)):  # one layer at a time: the lot's features at every layer may not fit
         feats = space.features(features.layer_tokens, position, features.grid, r, cfg)
-        whole = cfg.full_bank_neighbours == 0 or max(cfg.full_bank_neighbours, k) >= n - 1
-        if selection is None and references is None and whole and cfg.full_bank_storage != "int8":
-            # the lot is its own bank: each pair of images compared once
+        if pairwise:
             total = total + K.lot_mutual_scores(feats, k, host.budget_bytes, matmul=host.cpu_matmul)
         else:
             entries = bank_entries(feats if references is None else feats[bank_ids], selection)
