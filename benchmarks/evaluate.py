@@ -54,8 +54,10 @@ CONFIG_FLAGS = {
     "cada_threshold": float, "smooth_sigma": float, "image_score": str, "image_topk_fraction": float,
     "feature_norm": str, "normal_fraction": float, "normal_patch_quantile": float, "seed": int,
     "rescore_k": int, "rescore_weight": float,
-    # the bank (issue 26): --bank-dim-divisor 1 --full-bank-storage float16 --full-bank-neighbours 0 is the full bank
+    # the bank (issue 26): --bank-dim-divisor 1 --full-bank-storage float16 --full-bank-neighbours 0
+    # --full-bank-images 0 is the full bank (the last matters only for lots of more than 161 images)
     "bank_dim": int, "bank_dim_divisor": int, "full_bank_storage": str, "full_bank_neighbours": int,
+    "full_bank_images": int,
 }
 
 

@@ -4,11 +4,13 @@ nearest lot images only, costs in accuracy.
     python -m benchmarks.lot_scaling time --data ../shared/data/ball_screw --sizes 50 100 200 400 --references 0 100 \
         --neighbours 16
     python -m benchmarks.lot_scaling accuracy --data ../shared/data/magnetic_tile --references 0 25 50 100 --neighbours 8
+    python -m benchmarks.lot_scaling time --data ../shared/data/ball_screw --references --pairs 0:8 160:8
 
 ``time``: lots of each ``--sizes`` made of the set's real images repeated (each repeat's features nudged by a little
 noise, so that no two are identical: the time of the kNN does not depend on the content), built into a bank in this
 process under each ``--references`` (``full_bank_images``; 0: the whole lot, exact) and each ``--neighbours``
-(``full_bank_neighbours``: every image compared with that many of its most similar lot images), and 8 new images
+(``full_bank_neighbours``: every image compared with that many of its most similar lot images) and each ``--pairs``
+(both: a sample, and that many of its images read per image; ``160:8`` is the default), and 8 new images
 scored against it. Per row: the build's seconds (lot stage, CADA copies encoded, finish stage, packaging), its peak
 of traced memory (``tracemalloc``: what NumPy allocates; the encoder's own memory is not traced), the bank's bytes,
 and the seconds and peak memory of scoring. The growth exponent is fitted on log time against log size per setting.
@@ -81,14 +83,26 @@ def traced(fn):
 
 def settings(args) -> list[tuple[int, int]]:
     """(full_bank_images, full_bank_neighbours) of each setting measured: the ``--references`` ones, then each of
-    ``--neighbours`` with the whole lot kept."""
-    return [(r, 0) for r in args.references] + [(0, n) for n in args.neighbours]
+    ``--neighbours`` with the whole lot kept, then each ``--pairs`` (a sample and neighbours in it)."""
+    return [(r, 0) for r in args.references] + [(0, n) for n in args.neighbours] + list(args.pairs)
 
 
 def label(references: int, neighbours: int) -> str:
+    sample = "every image (exact)" if references == 0 else f"a sample of {references}"
     if neighbours:
-        return f"nearest {neighbours}"
-    return "every image (exact)" if references == 0 else f"a sample of {references}"
+        return f"nearest {neighbours}" + ("" if references == 0 else f" of {sample}")
+    return sample
+
+
+def pair(text: str) -> tuple[int, int]:
+    """``S:N`` -> (full_bank_images S >= 0, full_bank_neighbours N >= 1)."""
+    try:
+        sample, neighbours = (int(part) for part in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected SAMPLE:NEIGHBOURS such as 160:8, got {text!r}") from None
+    if sample < 0 or neighbours < 1:
+        raise argparse.ArgumentTypeError(f"SAMPLE at least 0 and NEIGHBOURS at least 1, got {text!r}")
+    return sample, neighbours
 
 
 def growth(rows: list, references: int, above: int, neighbours: int = 0) -> float | None:
@@ -127,7 +141,7 @@ def time_lots(args) -> int:
             print(json.dumps(row), file=sys.stderr)
 
     # a setting's growth is fitted where it differs from the whole lot: above its sample, or its neighbours + 1
-    fits = {label(s, nb): growth(rows, s, min(args.sizes) if s + nb == 0 else s + nb + 1, nb)
+    fits = {label(s, nb): growth(rows, s, min(args.sizes) if s + nb == 0 else (s or nb) + 1, nb)
             for s, nb in settings(args)}
     lines = ["| lot images | full bank keeps | each image reads | build s | build s / image | build peak MB (traced) | "
              "bank MB | scoring s / new image | scoring peak MB |", "|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
@@ -189,6 +203,8 @@ def main(argv=None) -> int:
                        "baseline)")
         s.add_argument("--neighbours", type=int, nargs="*", default=[],
                        help="full_bank_neighbours settings to compare beside them (each with the whole lot kept)")
+        s.add_argument("--pairs", type=pair, nargs="*", default=[], metavar="SAMPLE:NEIGHBOURS",
+                       help="full_bank_images:full_bank_neighbours settings beside them, e.g. 160:8 (the default)")
         s.add_argument("--json", default=None)
     args = p.parse_args(argv)
     if (any(r < 0 for r in args.references) or any(n < 1 for n in args.neighbours)

@@ -26,9 +26,9 @@ MODE_HELP = {
 IMAGE_SCORES = ("max", "topk_mean", "mean")
 BANK_PROJECTIONS = ("pca", "random")
 BANK_STORAGE = ("float16", "int8")
-# The full bank: every channel, float16 entries, every lot image read (the defaults before issue 26); on top of
-# today's defaults these settings give it back
-FULL_BANK = {"bank_dim_divisor": 1, "full_bank_storage": "float16", "full_bank_neighbours": 0}
+# The full bank: every channel, float16 entries, every image of any lot kept and read (the defaults before issue 26);
+# on top of today's defaults these settings give it back
+FULL_BANK = {"bank_dim_divisor": 1, "full_bank_storage": "float16", "full_bank_neighbours": 0, "full_bank_images": 0}
 MAX_TAPS = 64  # the largest tapped-layer index ``layers`` may name (an encoder has far fewer taps)
 
 # Settings used only after the normal images are chosen (normal bank, subtraction, maps).
@@ -109,9 +109,12 @@ class PAClipConfig:
     # The defaults (C/8, int8, 8 neighbours) were chosen on magnetic tile with benchmarks.bank_frontier and reported
     # on ball screw: 12x smaller and 26x less work per new image there, within 0.3 points (README "Bank size")
     layers: tuple[int, ...] = ()
-    # Lots larger than this + 1 images keep a seeded sample of this many in the full bank, and every image, of the lot
-    # or new, is scored against that sample instead of the whole lot (0: always the whole lot)
-    full_bank_images: int = 0
+    # Lots larger than this + 1 images keep a seeded sample of this many in the full bank, every image, of the lot or
+    # new, is scored against that sample instead of the whole lot, and the interval's k and the normal set are sized
+    # by the sample (0: always the whole lot). 160: up to there the interval's k (5% of the lot) stays within the 8
+    # neighbours, so the work per image is flat; above, the sample keeps it flat and the lot stage grows linearly
+    # (README "Lots that scale")
+    full_bank_images: int = 160
     # Each image, of the lot or new, is compared with its full_bank_neighbours most similar full-bank images (the
     # cosine of their mean entries; at least the interval's k of them) instead of every one (0: every one): the
     # interval average reads the nearest few images anyway, and the work per image stops growing with the lot

@@ -176,12 +176,24 @@ def full_bank_references(n_images: int, cfg: PAClipConfig) -> np.ndarray | None:
     return np.sort(np.random.default_rng([cfg.seed, n_images]).choice(n_images, cfg.full_bank_images, replace=False))
 
 
+def represented_lot_size(n_images: int, cfg: PAClipConfig) -> int:
+    """The lot size the banks are sized by: the lot itself, or (a sampled lot) its sample + 1, as a lot image of the
+    sample sees the others: so the interval's share of the lot and the normal set's stop growing with it."""
+    references = full_bank_references(n_images, cfg)
+    return n_images if references is None else len(references) + 1
+
+
 def lot_interval_k(n_images: int, cfg: PAClipConfig) -> int:
     """The interval k of a lot's scoring, lot images and new ones alike: from the images the full bank keeps (a new
     image is compared with all of them, a lot image with the others)."""
-    references = full_bank_references(n_images, cfg)
-    n_bank = n_images if references is None else len(references) + 1
-    return K.interval_k(n_bank, cfg.interval_fraction, cfg.k_min, cfg.k_max)
+    return K.interval_k(represented_lot_size(n_images, cfg), cfg.interval_fraction, cfg.k_min, cfg.k_max)
+
+
+def normal_count(n_images: int, cfg: PAClipConfig) -> int:
+    """How many of a lot's images make its normal set: ``normal_fraction`` of the represented lot, at least
+    ``min_normal``, at most the lot."""
+    share = int(np.ceil(cfg.normal_fraction * represented_lot_size(n_images, cfg)))
+    return min(n_images, max(cfg.min_normal, share))
 
 
 def full_bank_selection(layer_tokens, grid, r: int, cfg: PAClipConfig, space: SearchSpace):
@@ -243,12 +255,9 @@ def mutual_scores(features: Features, r: int, cfg: PAClipConfig, space: SearchSp
 
 
 def select_normal(normal_scores, cfg: PAClipConfig) -> np.ndarray:
-    """Indices of the most normal images (highest score first): the top fraction, at least ``min_normal``."""
+    """Indices of the most normal images (highest score first): ``normal_count`` of them."""
     scores = K.to_numpy(normal_scores)
-    n = len(scores)
-    count = max(cfg.min_normal, int(np.ceil(cfg.normal_fraction * n)))
-    count = min(count, n)
-    return np.argsort(-scores, kind="stable")[:count]
+    return np.argsort(-scores, kind="stable")[:normal_count(len(scores), cfg)]
 
 
 def lot_stage(features: Features, text_embeds, cfg: PAClipConfig, host: HostSettings = DEFAULT_HOST) -> LotState:

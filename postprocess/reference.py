@@ -13,8 +13,6 @@ that both pick the same coreset patches.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 import torch
@@ -24,7 +22,7 @@ from .config import PAClipConfig
 from .contract import Features
 from .kernels import coreset_size, random_projection
 from .pa_clip import (PCA_SAMPLE, LotState, NormalSet, ScoreResult, SearchSpace, full_bank_references, lot_interval_k,
-                      scoring_layers)
+                      normal_count, scoring_layers)
 
 # -- kernels.py twins -------------------------------------------------------------------------------------------
 
@@ -209,9 +207,8 @@ def mutual_scores(features: Features, r: int, cfg: PAClipConfig, space: SearchSp
 
 
 def select_normal(normal_scores: torch.Tensor, cfg: PAClipConfig) -> torch.Tensor:
-    """Indices of the most normal images, highest score first (stable on ties): the top fraction, >= min_normal."""
-    n = normal_scores.shape[0]
-    count = min(n, max(cfg.min_normal, math.ceil(cfg.normal_fraction * n)))
+    """Indices of the most normal images, highest score first (stable on ties): ``normal_count`` of them."""
+    count = normal_count(normal_scores.shape[0], cfg)
     return torch.sort(normal_scores, descending=True, stable=True).indices[:count]
 
 

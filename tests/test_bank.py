@@ -102,6 +102,21 @@ def test_a_lot_larger_than_the_full_bank_keeps_a_sample_and_scores_against_it(sc
         check_tensors(loaded.manifest, tensors, "washer")
 
 
+def test_a_sampled_lot_sizes_its_interval_and_normal_set_by_the_sample(scorer):
+    """Above full_bank_images the banks stop growing with the lot: the interval's k and the normal set are those of
+    a lot of sample + 1 (what a sampled image sees), while the normal images are still chosen from the whole lot."""
+    from postprocess.pa_clip import lot_interval_k, normal_count
+
+    wide = PAClipConfig(normal_fraction=0.5, interval_fraction=0.5)
+    sampled = wide.replace(full_bank_images=4)
+    assert normal_count(10, wide) == 5 and normal_count(10, sampled) == 3  # ceil(0.5 * 5)
+    assert lot_interval_k(10, wide) == 4 and lot_interval_k(10, sampled) == 2  # round(0.5 * 9), round(0.5 * 4)
+    assert normal_count(5, sampled) == 3 and normal_count(1, wide.replace(min_normal=2)) == 1  # never more than the lot
+    state = scorer.state(sampled)
+    assert len(state.normal_indices) == 3 and len(scorer.state(wide).normal_indices) == 5
+    assert set(state.normal_indices.tolist()) - set(K.to_numpy(state.full_references).tolist())  # chosen from all
+
+
 def test_an_int8_full_bank_scores_like_the_float16_one(scorer, tiny, tmp_path):
     """int8 entries with a scale per entry: a quarter of float32's bytes, half of float16's, and the same maps
     within the quantisation's reach (|q - x| <= scale / 2 per value: about 0.4% of the entry's largest value)."""

@@ -40,7 +40,7 @@ def test_a_format_1_manifest_reads_into_typed_fields_and_writes_back_the_same_as
     # then; float16 entries at every channel, every lot image read, before issue 26)
     assert manifest.config == PAClipConfig(scales=(1, 3), full_coreset_ratio=0.25, interval_fraction=0.3,
                                            rescore_k=20, full_bank_storage="float16", full_bank_neighbours=0,
-                                           bank_dim_divisor=1)
+                                           bank_dim_divisor=1, full_bank_images=0)
     assert (manifest.bank, manifest.category, manifest.grid, manifest.image_size) == ("washer", "washer", (8, 8),
                                                                                       (112, 112))
     assert manifest.n_images == len(manifest.image_keys) == 10 and manifest.interval_k == 3
