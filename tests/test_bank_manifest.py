@@ -14,7 +14,7 @@ from postprocess.bank import (ABSENT_SETTINGS, FORMAT_VERSION, BankError, BankMa
                               score_with_bank)
 from postprocess.bank_store import BankStore
 from postprocess.config import PAClipConfig
-from postprocess.decision import DEFAULT_METHOD, Calibration, calibrate
+from postprocess.decision import DEFAULT_METHOD, Calibration
 from postprocess.pipeline import LotScorer
 from postprocess.serving import BankService
 
@@ -73,13 +73,12 @@ def test_a_format_1_bank_scores_like_one_built_now(old_store, tiny_clip_112, lot
     assert {k for k in got if k not in want} == {"version", "built_at"}
     assert {k for k in want if k not in got} == {"ood"}  # a bank of format 1 has no out-of-distribution calibration
     want.pop("ood")
-    # the method it was written with is kept (today's default is another); a calibration now keeps the lot scores it
-    # read, an old one without them still reads and decides the same as its method on those scores
+    # the same method as when that bank was written; a calibration now keeps the lot scores it read, an old one
+    # without them still reads and decides the same
     then, now = Calibration.from_dict(got.pop("decision")), Calibration.from_dict(want.pop("decision"))
-    assert then.method == "quartile_exponential" != now.method == DEFAULT_METHOD
+    assert then.method == now.method == DEFAULT_METHOD == "quartile_exponential"
     assert not then.reference and len(now.reference) == len(lot)
-    again = calibrate(now.reference, None, then.false_alarm_rate, then.method)
-    assert then.threshold == pytest.approx(again.threshold, rel=1e-4)
+    assert then.threshold == pytest.approx(now.threshold, rel=1e-4)
     for key in want:
         if key in ("tau_b", "map_range", "lot_scores", "cada"):
             assert json.dumps(got[key]) == json.dumps(want[key]) or \

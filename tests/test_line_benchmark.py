@@ -112,7 +112,7 @@ def rows(fa, recall, n=100_000, hits=None):
 
 
 def test_the_method_is_the_one_that_spends_the_budget_inside_the_band():
-    a, b, c, d = "trimmed_tail", "mad", "lot_quantile", "upper_quartile"
+    a, b, c, d = "quartile_exponential", "mad", "lower_half", "upper_quartile"
     candidates = {("s", a): rows(1.0, 0.3), ("s", b): rows(3.0, 0.9), ("s", c): rows(1.6, 0.5),
                   ("s", d): rows(0.4, 0.6), ("t", "lower_half"): rows(1.0, 0.99)}
     assert line.choose_method(candidates, "s") == a  # b and d lie outside [0.5, 2] x the budget; a spends it best
@@ -120,7 +120,13 @@ def test_the_method_is_the_one_that_spends_the_budget_inside_the_band():
     assert line.calibration_error(candidates[("s", c)]) == pytest.approx(np.log2(1.6))
     assert line.choose_method({k: v for k, v in candidates.items() if k[1] in (b, d)}, "s") == d  # the nearer miss
     # a tie in how the budget is spent goes to the method that tolerates more defective parts in a lot
-    assert line.choose_method({("s", "exponential_tail"): rows(1.0, 0.3), ("s", a): rows(1.0, 0.3)}, "s") == a
+    assert line.choose_method({("s", "lower_half"): rows(1.0, 0.3), ("s", d): rows(1.0, 0.3)}, "s") == "lower_half"
+    # a method that tolerates less than a demo-like lot by construction is passed over, however well it spends the
+    # budget, while another is there; alone, it is what there is
+    sturdy = {("s", "quartile_exponential"): rows(1.5, 0.2)}
+    for fragile in ("trimmed_tail", "exponential_tail", "lot_quantile"):
+        assert line.choose_method({("s", fragile): rows(1.0, 0.3), **sturdy}, "s") == "quartile_exponential"
+    assert line.choose_method({("s", "trimmed_tail"): rows(1.0, 0.3)}, "s") == "trimmed_tail"
     # 0.4x seen at one defect rate on 300 good parts is one false alarm at a 1% budget: noise, not a miss, when
     # the rate pooled over the defect rates lies in the band
     noisy = {b: {0.02: {"new_false_alarm_rate": 0.4 * b, "new_recall": 0.6, "new_good": 300},
