@@ -68,8 +68,8 @@ BUDGETS = (0.01, 0.05)
 DEFAULT_RATES = (0.02, 0.05, 0.10)
 BAND = (0.5, 2.0)  # the false-alarm rate realised on new good parts must lie within these multiples of the budget
 # A method must tolerate this share of a lot defective by construction (decision.BREAKDOWN): the demo lot of
-# ./run.sh main is 4 of 24, and a method whose trim missed them (trimmed_tail, exponential_tail) set its threshold
-# above all four there
+# ./run.sh main is 4 of 24, close together; trimmed_tail's trim missed them and, like exponential_tail (no trim),
+# it set its threshold above all four
 MIN_BREAKDOWN = 1 / 6
 
 
