@@ -75,7 +75,8 @@ def test_a_non_square_lot_with_rescoring_stays_on_the_device(tiny_clip_112, lot)
     np.testing.assert_allclose(got.scores, expected.scores, atol=1e-6)
 
 
-@pytest.mark.parametrize("settings", [{}, {"bank_dim": 12, "layers": (0, 2), "full_bank_neighbours": 3}, FULL_BANK])
+@pytest.mark.parametrize("settings", [{}, {"bank_dim": 12, "layers": (0, 2), "full_bank_neighbours": 3}, FULL_BANK,
+                                      {"full_bank_images": 5, "normal_fraction": 0.5}])  # a sampled lot
 def test_bank_build_and_scoring_on_the_device(scorers, tiny_clip_112, lot, tmp_path, settings):
     host, device = scorers
     cfg = PAClipConfig(**settings)
@@ -86,6 +87,7 @@ def test_bank_build_and_scoring_on_the_device(scorers, tiny_clip_112, lot, tmp_p
     assert all(v.dtype == np.float16 for v in bank.normal.values())
     projected = cfg.search_dim(host.features.layer_tokens.shape[-1]) > 0
     assert bool(bank.bases) == projected and bool(bank.full_scale) == (full_dtype == np.int8)
+    assert (bank.full_ids is not None) == (0 < cfg.full_bank_images < len(lot) - 1)  # the sampled case samples
     store = BankStore(tmp_path)
     store.save(bank)  # bank files leave the device here
     expected, _ = build_bank(host, cfg, "washer", tiny_clip_112.fingerprint)
