@@ -374,7 +374,7 @@ def expected_tensors(manifest: "BankManifest") -> dict:
             out[f"full_scale.r{r}"] = ((n_layers, n_full, per_image), ("F32",))
         else:
             out[f"full.r{r}"] = ((n_layers, n_full, per_image, width), ("F16",))
-    if (cfg.bank_dim or cfg.bank_dim_divisor > 1) and not cfg.text_only:
+    if cfg.projects and not cfg.text_only:
         for r in cfg.scales:
             out[f"basis.r{r}"] = ((n_layers, None, width), ("F32",))
     for r, entries in manifest.normal_bank_entries.items():

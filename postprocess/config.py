@@ -171,12 +171,17 @@ class PAClipConfig:
         if self.k_max < self.k_min:
             raise ValueError(f"need k_min <= k_max, got {self.k_min} and {self.k_max}")
 
+    @property
+    def projects(self) -> bool:
+        """Whether the banks are searched in a projection of the encoder's channels (``search_dim`` > 0)."""
+        return bool(self.bank_dim) or self.bank_dim_divisor > 1
+
     def search_dim(self, channels: int) -> int:
         """The width the banks are searched at for encoder features of ``channels``: bank_dim, else channels /
         bank_dim_divisor; 0 for every channel (no projection)."""
-        if self.bank_dim:
-            return self.bank_dim
-        return max(1, channels // self.bank_dim_divisor) if self.bank_dim_divisor > 1 else 0
+        if not self.projects:
+            return 0
+        return self.bank_dim or max(1, channels // self.bank_dim_divisor)
 
     def _check_types_and_ranges(self) -> None:
         """Strict types (a boolean is not a number, "no" is not a boolean) and the ``RANGES``."""
