@@ -120,8 +120,8 @@ def text_patch_scores(features: Features, text_embeds: torch.Tensor, cfg: PAClip
 
 def fit_search_space(features: Features, cfg: PAClipConfig) -> SearchSpace:
     """The scoring layers and, with a search width (``search_dim``), each one's projection: the eigenvectors of the
-    sample's Gram matrix with the largest eigenvalues (torch's eigh), or the seeded Gaussian projection. The sample's rows are
-    drawn as the twin draws them."""
+    sample's Gram matrix with the largest eigenvalues (torch's eigh), or the seeded Gaussian projection. The sample's
+    rows are drawn as the twin draws them."""
     n, n_layers, length, channels = features.layer_tokens.shape
     layers = scoring_layers(cfg, n_layers)
     width = cfg.search_dim(channels)

@@ -24,6 +24,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
+from postprocess.config import FULL_BANK
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -39,6 +41,9 @@ LOT_IMAGE_SIZE = 112
 # carries float16 rounding: half a unit in the last place, |x| * 2**-11.
 BANK_STORAGE_TOL = 1e-4
 FLOAT16_HALF_ULP = 2.0 ** -11
+
+# the full bank (as before issue 26) as the text of a benchmark's --variant
+FULL_BANK_VARIANT = ",".join(f"{k}:{v}" for k, v in FULL_BANK.items())
 
 
 def storage_tolerance(channels: int | None = None, cfg=None) -> float:

@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 
 from benchmarks import bank_frontier as frontier
-from conftest import make_mvtec_tree
+from conftest import FULL_BANK_VARIANT, make_mvtec_tree
 from postprocess.config import FULL_BANK
 
-FULL = ",".join(f"{k}:{v}" for k, v in FULL_BANK.items())  # the full bank as a variant's text
-VARIANTS = [f"today={FULL}", f"quarter={FULL},full_coreset_ratio:0.25,bank_dim:C/4",
-            "int8=bank_dim_divisor:1,full_bank_storage:int8,full_bank_neighbours:0", f"tap={FULL},layers:[-1]",
-            f"hnsw={FULL},search:faiss-hnsw,candidates:600,ef_search:600",
+VARIANTS = [f"today={FULL_BANK_VARIANT}", f"quarter={FULL_BANK_VARIANT},full_coreset_ratio:0.25,bank_dim:C/4",
+            "int8=bank_dim_divisor:1,full_bank_storage:int8,full_bank_neighbours:0",
+            f"tap={FULL_BANK_VARIANT},layers:[-1]",
+            f"hnsw={FULL_BANK_VARIANT},search:faiss-hnsw,candidates:600,ef_search:600",
             "neighbours=bank_dim_divisor:1,full_bank_storage:float16,full_bank_neighbours:2"]
 
 

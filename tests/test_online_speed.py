@@ -4,17 +4,14 @@ turns, with and without the encoder."""
 import json
 
 from benchmarks import online_speed
-from conftest import make_mvtec_tree
-from postprocess.config import FULL_BANK
-
-FULL = ",".join(f"{k}:{v}" for k, v in FULL_BANK.items())  # the full bank as a variant's text
+from conftest import FULL_BANK_VARIANT, make_mvtec_tree
 
 
 def test_settings_side_by_side(repository, tmp_path, capsys):
     data = make_mvtec_tree(tmp_path / "data", n_good=5, n_bad=2, size=112) / "widget"
     assert online_speed.main(["--data", str(data), "--repository", str(repository), "--sizes", "5", "12", "--new",
-                              "8", "--repeats", "2", "--variant", f"whole={FULL}", "--variant",
-                              f"small={FULL},full_bank_images:4,full_coreset_ratio:0.25", "--json",
+                              "8", "--repeats", "2", "--variant", f"whole={FULL_BANK_VARIANT}", "--variant",
+                              f"small={FULL_BANK_VARIANT},full_bank_images:4,full_coreset_ratio:0.25", "--json",
                               str(tmp_path / "o.json")]) == 0
     rows = json.loads((tmp_path / "o.json").read_text())["rows"]
     assert [(r["lot_size"], r["variant"]) for r in rows] == [(5, "whole"), (5, "small"), (12, "whole"), (12, "small")]
