@@ -45,6 +45,9 @@ def main(argv=None) -> int:
     p.add_argument("--batch-defects", type=int, default=1, help="defective parts among them")
     p.add_argument("--splits", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--full-bank-images", type=int, default=None,
+                   help="the full bank's sample size (PA-CLIP's full_bank_images; default: the product's, 160): below "
+                        "the lot size, a sampled bank grown by reservoir sampling")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
 
@@ -59,7 +62,7 @@ def main(argv=None) -> int:
     types = np.asarray([s.defect_type for s in data.samples])
     features = encode_images(backbone, data.images, 8, desc="encode the set")
     keys = [image_key(img) for img in data.images]
-    cfg = PAClipConfig()
+    cfg = PAClipConfig() if args.full_bank_images is None else PAClipConfig(full_bank_images=args.full_bank_images)
     n_defective = max(1, round(args.defect_rate * args.lot_size))
     rows = []
     for split in range(args.splits):
@@ -111,7 +114,12 @@ def main(argv=None) -> int:
     mean = {k: float(np.mean([r[k] for r in rows if r[k] is not None])) for k in rows[0] if k != "split"
             and any(r[k] is not None for r in rows)}
     print(f"\n{category.name}: lot of {args.lot_size} ({n_defective} defective), a batch of {args.batch} new parts "
-          f"({args.batch_defects} defective) folded in, {args.splits} splits; mean over splits\n")
+          f"({args.batch_defects} defective) folded in, {args.splits} splits; mean over splits")
+    sample = cfg.full_bank_images
+    if sample and args.lot_size > sample + 1:
+        print(f"the full bank keeps a sample of {sample} lot images; the update carries it by reservoir sampling, the "
+              "rebuild draws its own")
+    print()
     print("| bank | AUROC on held-out parts | recall | false alarms | recall on the batch's defect types |\n"
           "|---|---:|---:|---:|---:|")
     for name in ("before", "grown", "rebuilt"):

@@ -191,6 +191,34 @@ def choose(data: dict, budget: float, max_own: float) -> str:
     return max(fair, key=lambda s: min(v for g, v in rates[s].items() if g not in own_groups(rates[s])))
 
 
+def drift_alarms(data: dict, statistics: tuple, window: int, draws: int, seed: int = 0) -> dict:
+    """Per group, the share of windows of ``window`` of its images (``draws`` per bank, drawn without replacement)
+    whose drift test against the lot's values of ``statistics`` alarms (``postprocess.drift.drift_test``, as the
+    scoring service reads its window), and a line at 5% defective: new good parts with 5% of the window defective."""
+    from postprocess.drift import drift_test
+
+    rng = np.random.default_rng(seed)
+    counts: dict = {}
+    for record in data["splits"]:
+        groups = record["groups"]
+        reference = {name: np.asarray(groups["lot"][name], dtype=np.float64) for name in statistics}
+        n_bad = round(0.05 * window)
+        mixes = {g: [(g, window)] for g in groups if g != "lot"}
+        mixes["line at 5% defective"] = [("new good", window - n_bad), ("new defective", n_bad)]
+        for name, parts in mixes.items():
+            if any(len(groups[group][statistics[0]]) < take for group, take in parts):
+                continue  # fewer images than a window holds: not measured (drawing one twice would fake a window)
+            for _ in range(draws):
+                values = {k: [] for k in statistics}
+                for group, take in parts:
+                    for i in rng.choice(len(groups[group][statistics[0]]), take, replace=False):
+                        for k in statistics:
+                            values[k].append(groups[group][k][i])
+                c = counts.setdefault(name, [0, 0])
+                c[0], c[1] = c[0] + int(drift_test(reference, values).get("alarm", False)), c[1] + 1
+    return {g: hit / n for g, (hit, n) in counts.items()}
+
+
 def report(args) -> int:
     sets = {}
     for spec in (args.tune, args.report):
@@ -210,6 +238,22 @@ def report(args) -> int:
               + "---:|" * len(statistics))
         for g in groups:
             print(f"| {g} | " + " | ".join(f"{100 * table[s][g]:.1f}%" for s in statistics) + " |")
+    from postprocess.drift import ALARM_P
+    from postprocess.ood import DEFAULT_STATISTICS
+
+    for name, data in sets.items():
+        served = tuple(DEFAULT_STATISTICS)
+        columns = {" + ".join(served): served, f"{served[0]} alone": served[:1]}
+        alarms = {c: drift_alarms(data, stats, args.window, args.draws) for c, stats in columns.items()}
+        per_image = flagged(data, "|".join(served), args.budget)
+        print(f"\n{name}: the drift alarm (windows of {args.window} new images, {args.draws} per bank, alarm at p < "
+              f"{ALARM_P:g} over the statistics read) against out of distribution image by image\n")
+        print("| window of | per image: out of distribution | " + " | ".join(f"drift alarm: {c}" for c in columns)
+              + " |\n|---|---:|" + "---:|" * len(columns))
+        for g in [*per_image, "line at 5% defective"]:
+            print(f"| {g} | " + (f"{100 * per_image[g]:.1f}%" if g in per_image else "-") + " | "
+                  + " | ".join(f"{100 * alarms[c][g]:.0f}%" if g in alarms[c] else "-" for c in columns) + " |")
+        print(f"(-: fewer than {args.window} such images per bank)")
     return 0
 
 
@@ -232,6 +276,8 @@ def main(argv=None) -> int:
     r.add_argument("--report", required=True)
     r.add_argument("--budget", type=float, default=0.005, help="the lot's share the thresholds leave outside")
     r.add_argument("--max-own", type=float, default=0.05)
+    r.add_argument("--window", type=int, default=32, help="new images per drift window (the alarm's minimum: 32)")
+    r.add_argument("--draws", type=int, default=50, help="drift windows drawn per bank and group")
     args = p.parse_args(argv)
     if args.command == "collect":
         from client.infer import parse_overrides

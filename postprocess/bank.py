@@ -28,15 +28,16 @@ from .errors import RequestError
 from .ood import DEFAULT_STATISTICS, calibrate_ood, image_statistics
 from .host import DEFAULT_HOST, HostSettings
 from .pa_clip import (ScoreResult, SearchSpace, bank_entries, decide, full_bank_references, full_scores_against,
-                      lot_interval_k, normal_scores_against, rescore_images, text_patch_scores)
+                      grown_sample, lot_interval_k, normal_scores_against, rescore_images, text_patch_scores)
 
 # The manifest format this code writes. A change to what manifest.json holds bumps it and adds the step from the
 # previous format to MIGRATIONS, so that banks already on a (shared) store keep loading.
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 # format 2 added the digests of the version's files and the shapes and dtypes of its tensors (``files``,
 # ``tensors``): a format-1 bank has neither, and is checked against what its other fields imply; format 3 the
-# out-of-distribution calibration (``ood``): a bank built before has none and makes no such decisions
-MIGRATIONS: dict = {1: lambda values: {**values, "format_version": 2}, 2: lambda values: {**values, "format_version": 3}}
+# out-of-distribution calibration (``ood``): a bank built before has none and makes no such decisions; format 4 the
+# lot sizes a sampled bank grew through (``sample_growth``): a bank written before never grew past its sample
+MIGRATIONS: dict = {old: (lambda values, new=old + 1: {**values, "format_version": new}) for old in (1, 2, 3)}
 # Fields that banks built before host settings moved out of PAClipConfig still carry in their manifest's config.
 LEGACY_HOST_FIELDS = ("memory_budget_mb",)
 LOT_EMBEDS, LOT_SCORES = "lot_image_embeds", "lot_map_scores"  # bank tensors for lot-level re-scoring
@@ -129,6 +130,9 @@ class BankManifest:
     ood: dict | None = None
     cada: dict | None = None  # the CADA decision (cada.CadaDecision.to_dict) when the normal set was augmented
     n_augmented: int | None = None  # augmentations encoded into the normal bank
+    # the lot sizes a sampled full bank grew through (postprocess/growth.py): its sample was drawn at the first and
+    # carried to each next by pa_clip.reservoir_step; None: the sample its settings draw at n_images
+    sample_growth: tuple[int, ...] | None = None
     version: str | None = None  # the version folder, set by BankStore.save
     built_at: str | None = None  # when it was saved (local time, ISO 8601)
     # set by BankStore.save: file name -> {"sha256", "bytes"} of the version's data files, and tensor name ->
@@ -195,12 +199,20 @@ class BankManifest:
             decision=dict(v["decision"]), ood=None if v.get("ood") is None else dict(v["ood"]),
             cada=None if v.get("cada") is None else dict(v["cada"]),
             n_augmented=None if optional_int is None else int(optional_int),
+            sample_growth=None if v.get("sample_growth") is None else tuple(int(n) for n in v["sample_growth"]),
             version=v.get("version"), built_at=v.get("built_at"),
             files=None if v.get("files") is None else dict(v["files"]),
             tensors=None if v.get("tensors") is None else dict(v["tensors"]))
 
     def replace(self, **changes) -> "BankManifest":
         return dataclasses.replace(self, **changes)
+
+    @property
+    def full_bank_sample(self) -> np.ndarray | None:
+        """The lot images its full bank keeps (sorted lot indices), None for every one."""
+        if self.sample_growth:
+            return grown_sample(self.sample_growth, self.config)
+        return full_bank_references(self.n_images, self.config)
 
 
 @dataclass
@@ -338,6 +350,11 @@ def check_manifest(manifest: "BankManifest", bank_id: str) -> None:
             fail(f"{name} holds {list(values)}")
     if manifest.map_range[0] > manifest.map_range[1]:
         fail(f"map_range {manifest.map_range}")
+    growth = manifest.sample_growth
+    if growth is not None and not (cfg.full_bank_images > 0 and len(growth) >= 2 and growth[-1] == manifest.n_images
+                                   and growth[0] > cfg.full_bank_images + 1
+                                   and all(a < b for a, b in zip(growth, growth[1:]))):
+        fail(f"sample_growth {list(growth)} for a lot of {manifest.n_images} sampled to {cfg.full_bank_images}")
     from .decision import Calibration, DecisionError
 
     try:
@@ -363,7 +380,7 @@ def expected_tensors(manifest: "BankManifest") -> dict:
     cfg, n = manifest.config, manifest.n_images
     n_layers = len(cfg.layers) or None  # every tap: as many as the encoder has
     width = cfg.bank_dim or None
-    references = full_bank_references(n, cfg)
+    references = manifest.full_bank_sample
     n_full = n if references is None else len(references)
     out = {}
     if references is not None and not cfg.text_only:
@@ -415,7 +432,7 @@ def check_tensors(manifest: "BankManifest", tensors: dict, bank_id: str) -> None
             fail(f"tensor {name} holds NaN or infinite values")
         if name.startswith("normal_ids.") and array.size and (array.min() < 0 or array.max() >= manifest.n_images):
             fail(f"tensor {name} names lot images outside 0..{manifest.n_images - 1}")
-        if name == FULL_IDS and not np.array_equal(array, full_bank_references(manifest.n_images, manifest.config)):
+        if name == FULL_IDS and not np.array_equal(array, manifest.full_bank_sample):
             fail(f"tensor {name} is not the sample of lot images its settings draw")
 
 

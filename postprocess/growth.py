@@ -10,8 +10,11 @@ out-of-distribution calibration from the lot's statistics and those of the image
 now). What the lot stage measured once (tau_b, the heat maps' colour scale) is kept.
 
 A bank whose full bank keeps a sample of its lot (``full_bank_images``) grows until the lot passes that size, then
-keeps the sample its settings draw for the grown lot; once sampled it is not grown again (the images outside the
-sample left no entries): build it anew.
+keeps the sample its settings draw for the grown lot; a sampled bank goes on growing by reservoir sampling
+(``pa_clip.reservoir_step``): each image folded in takes a slot of the sample with the chance every image of the
+grown lot has of being in it, so the sample stays a uniform one of the whole grown lot without the entries of the
+images outside it, and the manifest records the lot sizes it grew through (``sample_growth``) so that the bank's
+check can draw the same sample again.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from .contract import Features
 from .decision import Calibration, calibrate
 from .host import DEFAULT_HOST, HostSettings
 from .ood import OodCalibration, calibrate_ood, image_statistics
-from .pa_clip import _projected, bank_entries, full_bank_references, full_bank_selection, lot_interval_k
+from .pa_clip import _projected, bank_entries, full_bank_references, full_bank_selection, lot_interval_k, reservoir_step
 
 ACCEPT_QUANTILE = 0.75  # of the lot's reference scores: a new image at or below it is an ordinary good part
 
@@ -68,9 +71,6 @@ def grow_bank(bank: Bank, features: Features, images, host: HostSettings = DEFAU
     cfg, manifest = bank.config, bank.manifest
     if cfg.text_only:
         raise BankError(f"bank {manifest.bank!r} is a text-only baseline: it holds no lot to grow")
-    if bank.full_ids is not None:
-        raise BankError(f"bank {manifest.bank!r} keeps a sample of {len(bank.full_ids)} of its {manifest.n_images} "
-                        "lot images in its full bank (full_bank_images): build it anew with the new images")
     xp = K.get_xp(*bank.full.values())
     ids = bank.query_ids(keys)
     fresh = np.flatnonzero(ids < 0)
@@ -89,6 +89,7 @@ def grow_bank(bank: Bank, features: Features, images, host: HostSettings = DEFAU
     n_old = manifest.n_images
     n_new = n_old + accepted.size
     space = bank.space
+    sample_growth = manifest.sample_growth
     if accepted.size:
         take = xp.asarray(accepted)
         tokens = new.layer_tokens[take]
@@ -103,13 +104,22 @@ def grow_bank(bank: Bank, features: Features, images, host: HostSettings = DEFAU
                 full_scale[r] = xp.concatenate([full_scale[r], scale], axis=1)
             else:
                 full[r] = xp.concatenate([full[r], entries.astype(xp.float16)], axis=1)
-        references = full_bank_references(n_new, cfg)
+        # the full arrays now hold the old full bank's images, then the folded-in ones: where each lot image sits
+        held = np.arange(n_old) if bank.full_ids is None else K.to_numpy(bank.full_ids)
+        position = np.full(n_new, -1, dtype=np.int64)
+        position[held] = np.arange(len(held))
+        position[n_old:] = len(held) + np.arange(accepted.size)
         full_ids = None
-        if references is not None:  # the grown lot passes the sample's size: keep the sample its settings draw
-            keep = xp.asarray(references)
+        if bank.full_ids is not None:  # a sampled bank: the sample carried to the grown lot
+            references = reservoir_step(held, n_old, n_new, cfg)
+            sample_growth = (*(sample_growth or (n_old,)), n_new)
+        else:  # the grown lot passes the sample's size: keep the sample its settings draw
+            references = full_bank_references(n_new, cfg)
+        if references is not None:
+            keep = xp.asarray(position[references])
             full = {r: v[:, keep] for r, v in full.items()}
             full_scale = {r: v[:, keep] for r, v in full_scale.items()}
-            full_ids = keep.astype(xp.int64)
+            full_ids = xp.asarray(references).astype(xp.int64)
         # the normal bank: patches of the folded-in images that their own scores do not mark, merged into the coreset
         patch = result.patch_scores[take]
         cut = float(xp.quantile(patch, cfg.normal_patch_quantile))
@@ -133,7 +143,7 @@ def grow_bank(bank: Bank, features: Features, images, host: HostSettings = DEFAU
             lot_scores = xp.concatenate([lot_scores, result.map_scores[take].astype(xp.float32)])
     else:
         full, full_scale, normal, normal_ids = bank.full, bank.full_scale, bank.normal, bank.normal_ids
-        lot_embeds, lot_scores, full_ids = bank.lot_embeds, bank.lot_scores, None
+        lot_embeds, lot_scores, full_ids = bank.lot_embeds, bank.lot_scores, bank.full_ids
     # the calibration read again: the lot's kept scores and every new image's (its method leaves suspected defects
     # out as a build does); a method that kept no scores keeps its calibration
     decision = manifest.decision
@@ -154,7 +164,8 @@ def grow_bank(bank: Bank, features: Features, images, host: HostSettings = DEFAU
         normal_bank_entries={r: int(v.shape[1]) for r, v in normal.items()},
         lot_scores={"min": float(summary_scores.min()), "median": float(np.median(summary_scores)),
                     "max": float(summary_scores.max())},
-        decision=decision, ood=ood, version=None, built_at=None, files=None, tensors=None)
+        decision=decision, ood=ood, sample_growth=sample_growth, version=None, built_at=None, files=None,
+        tensors=None)
     report["folded_in"] = int(accepted.size)
     report["lot_size"] = n_new
     return dataclasses.replace(bank, manifest=grown, full=full, full_scale=full_scale, normal=normal,

@@ -176,6 +176,29 @@ def full_bank_references(n_images: int, cfg: PAClipConfig) -> np.ndarray | None:
     return np.sort(np.random.default_rng([cfg.seed, n_images]).choice(n_images, cfg.full_bank_images, replace=False))
 
 
+def reservoir_step(sample: np.ndarray, n_before: int, n_after: int, cfg: PAClipConfig) -> np.ndarray:
+    """A uniform sample of a lot of ``n_before`` images carried to the lot grown to ``n_after`` (sorted lot indices):
+    each new image i (0-based) takes a slot drawn uniformly from i + 1 when it falls among the sample's (reservoir
+    sampling), so every image of the grown lot is kept with the same chance, sample size / n_after, and the images
+    outside the sample, whose entries a sampled bank no longer has, are never needed. Seeded by the two sizes."""
+    slots = np.array(sample, dtype=np.int64)
+    rng = np.random.default_rng([cfg.seed, n_before, n_after])
+    for i in range(n_before, n_after):
+        j = int(rng.integers(0, i + 1))
+        if j < len(slots):
+            slots[j] = i
+    return np.sort(slots)
+
+
+def grown_sample(lot_sizes, cfg: PAClipConfig) -> np.ndarray:
+    """The sample a sampled full bank keeps after growing through ``lot_sizes`` (the manifest's ``sample_growth``):
+    the seeded draw at the first size, carried by ``reservoir_step`` to each next one."""
+    sample = full_bank_references(int(lot_sizes[0]), cfg)
+    for before, after in zip(lot_sizes, lot_sizes[1:]):
+        sample = reservoir_step(sample, int(before), int(after), cfg)
+    return sample
+
+
 def represented_lot_size(n_images: int, cfg: PAClipConfig) -> int:
     """The lot size the banks are sized by: the lot itself, or (a sampled lot) its sample + 1, as a lot image of the
     sample sees the others: so the interval's share of the lot and the normal set's stop growing with it."""

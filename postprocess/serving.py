@@ -199,10 +199,9 @@ class ScoreService:
             calibration = OodCalibration.from_dict(bank.manifest.ood)
             values = image_statistics(maps[new].astype(np.float32), K.to_numpy(images)[new], calibration.statistics)
             outside, _ = calibration.outside(values)
-            drifting = calibration.statistics[0]  # the map statistic: what moves when the whole image does
             bank_id = bank.manifest.bank
-            window = self.drift.observe(bank_id, bank.manifest.version, calibration.references[drifting],
-                                        scores[new], values[drifting], outside)
+            window = self.drift.observe(bank_id, bank.manifest.version, calibration.references, scores[new], values,
+                                        outside)
             for q, value in window["score_quantiles"].items():
                 self.telemetry.gauge("pa_clip_bank_score_quantile", value, bank=bank_id, q=q)
             self.telemetry.gauge("pa_clip_bank_ood_rate", window["ood_rate"], bank=bank_id)
@@ -212,7 +211,7 @@ class ScoreService:
             last, alarmed = self._persisted.get(bank_id, (-1e9, None))
             if time.monotonic() - last >= self.MONITOR_WRITE_S or alarmed != window["alarm"]:  # an alarm at once
                 self._persisted[bank_id] = (time.monotonic(), window["alarm"])
-                self.store.write_monitor(bank_id, {**window, "statistic": drifting})
+                self.store.write_monitor(bank_id, window)
         except Exception as err:  # a report, not the answer: the scores stand
             self.telemetry.count("pa_clip_monitor_errors_total")
             if not getattr(self, "_monitor_error_logged", False):

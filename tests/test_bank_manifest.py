@@ -33,7 +33,7 @@ def test_a_format_1_manifest_reads_into_typed_fields_and_writes_back_the_same_as
     store, path = old_store
     text = path.read_text()
     manifest = store.manifest("washer")
-    assert json.loads(text)["format_version"] == 1 and manifest.format_version == 3 == FORMAT_VERSION
+    assert json.loads(text)["format_version"] == 1 and manifest.format_version == FORMAT_VERSION
     assert manifest.files is None and manifest.tensors is None  # format 1 recorded no digests
     assert manifest.ood is None  # nor format 2 an out-of-distribution calibration
     # the settings it was built with, not today's defaults (interval fraction 0.3 and re-scoring were the defaults
@@ -56,7 +56,7 @@ def test_a_format_1_manifest_reads_into_typed_fields_and_writes_back_the_same_as
     assert set(added) == {"layers", "full_bank_images", "full_bank_neighbours", "bank_dim", "bank_dim_divisor",
                           "bank_projection", "full_bank_storage"}
     assert {k: added[k] for k in ABSENT_SETTINGS} == ABSENT_SETTINGS  # what the bank did, not today's defaults
-    want = {**stored, "format_version": 3, "config": {**stored["config"], **json.loads(json.dumps(added))}}
+    want = {**stored, "format_version": FORMAT_VERSION, "config": {**stored["config"], **json.loads(json.dumps(added))}}
     assert manifest.to_dict() == want
     assert list(json.loads(manifest.to_json())) == list(stored)  # the fields in the order they were written
     assert store.verify("washer")["verified"] == "tensors (format 1: no digests recorded)"
@@ -105,14 +105,14 @@ def test_legacy_host_fields_in_the_config_are_dropped_on_load(old_store, tiny_cl
     assert "memory_budget_mb" not in store.manifest("washer").to_dict()["config"]
 
 
-@pytest.mark.parametrize("version", [4, 0, None, "1", True])
+@pytest.mark.parametrize("version", [FORMAT_VERSION + 1, 0, None, "1", True])
 def test_formats_this_code_does_not_read_are_refused_with_what_to_do(old_store, tiny_clip_112, version):
     store, path = old_store
     raw = json.loads(path.read_text())
     raw["format_version"] = version
     path.write_text(json.dumps(raw))
     for read in (lambda: store.load("washer", tiny_clip_112.fingerprint), lambda: store.manifest("washer")):
-        with pytest.raises(BankError, match=f"bank 'washer' has format {version!s}, this server reads 3: rebuild it"):
+        with pytest.raises(BankError, match=f"bank 'washer' has format {version!s}, this server reads {FORMAT_VERSION}: rebuild it"):
             read()
     # the bank action 'list' still answers, naming the bank it cannot read and why
     service = BankService(store, tiny_clip_112.fingerprint, encode_images=None)

@@ -98,11 +98,68 @@ def test_a_grown_bank_scores_like_one_built_on_the_larger_lot(tiny_clip_112, was
     assert np.abs(a - b).max() < 0.25 * (b.max() - b.min())
 
 
-def test_a_bank_that_keeps_a_sample_is_not_grown(tiny_clip_112, washers):
+def test_a_sampled_bank_goes_on_growing_and_its_sample_is_checked(tiny_clip_112, washers, tmp_path, monkeypatch):
+    """A bank whose full bank keeps a sample grows by reservoir sampling: the entries of the images it keeps are
+    carried over unchanged, the manifest records the lot sizes it grew through, the version loads (its sample drawn
+    again and compared), scores, grows again, and a manifest whose growth record was changed is refused."""
+    from postprocess.bank import BankDamaged
+    from postprocess.pa_clip import reservoir_step
+
     images, _, features = washers
-    bank = bank_on(tiny_clip_112, images[:12], features.take(slice(0, 12)), PAClipConfig(full_bank_images=5))
-    with pytest.raises(BankError, match="build it anew"):
-        growth.grow_bank(bank, features.take(slice(12, 16)), images[12:16])
+    monkeypatch.setattr(growth, "accept_level", lambda calibration: float("inf"))  # every new image folded in
+    cfg = PAClipConfig(full_bank_images=5)
+    bank = bank_on(tiny_clip_112, images[:12], features.take(slice(0, 12)), cfg)
+    old_ids = bank.full_ids.tolist()
+    assert len(old_ids) == 5 and bank.manifest.sample_growth is None
+    grown, report = growth.grow_bank(bank, features.take(slice(12, 20)), images[12:20])
+    assert report["folded_in"] == 8 and grown.manifest.n_images == 20
+    assert grown.manifest.sample_growth == (12, 20)
+    assert grown.full_ids.tolist() == reservoir_step(np.asarray(old_ids), 12, 20, cfg).tolist()
+    assert grown.full_ids.tolist() != old_ids  # (this seed) some of the new images took a slot
+    for r in bank.full:
+        assert grown.full[r].shape == bank.full[r].shape
+        for slot, lot_index in enumerate(grown.full_ids.tolist()):
+            if lot_index in old_ids:  # an image kept: its entries carried over as they were
+                assert np.array_equal(grown.full[r][:, slot], bank.full[r][:, old_ids.index(lot_index)])
+    store = BankStore(tmp_path)
+    store.save(grown)
+    loaded = store.load("washer", tiny_clip_112.fingerprint)
+    assert loaded.manifest.sample_growth == (12, 20) and loaded.full_ids.tolist() == grown.full_ids.tolist()
+    ids = loaded.query_ids(keys(images[12:24]))
+    assert np.isfinite(score_with_bank(loaded, features.take(slice(12, 24)), ids).maps).all()
+    again, _ = growth.grow_bank(loaded, features.take(slice(20, 26)), images[20:26])
+    assert again.manifest.sample_growth == (12, 20, 26)
+    store.save(again)
+    assert store.load("washer", tiny_clip_112.fingerprint).manifest.n_images == 26
+    # a growth record that does not draw the sample the tensors hold is damage
+    import json
+
+    path = tmp_path / "washer" / store.manifest("washer").version / "manifest.json"
+
+    raw = json.loads(path.read_text())
+    raw["sample_growth"] = [12, 21, 26]
+    path.write_text(json.dumps(raw))
+    with pytest.raises(BankDamaged, match="not the sample of lot images its settings draw"):
+        store.load("washer", tiny_clip_112.fingerprint)
+    raw["sample_growth"] = [12, 30]  # and one that does not end at the lot's size
+    path.write_text(json.dumps(raw))
+    with pytest.raises(BankDamaged, match="sample_growth"):
+        store.load("washer", tiny_clip_112.fingerprint)
+
+
+def test_reservoir_steps_keep_every_image_of_the_grown_lot_equally_likely():
+    """Carried from 12 to 40 images in three steps, a sample of 5 holds each of the 40 with chance 5 / 40 (over
+    seeds), the first 12 as often as the last."""
+    from postprocess.pa_clip import grown_sample
+
+    counts = np.zeros(40)
+    trials = 3000
+    for seed in range(trials):
+        sample = grown_sample((12, 20, 31, 40), PAClipConfig(full_bank_images=5, seed=seed))
+        assert len(set(sample.tolist())) == 5 and list(sample) == sorted(sample)
+        counts[sample] += 1
+    share = counts / trials
+    assert np.abs(share - 5 / 40).max() < 0.025, share.round(3)
 
 
 def test_extending_a_coreset_takes_the_farthest_points_first():

@@ -16,7 +16,12 @@ def test_collect_and_report_on_two_sets(repository, tmp_path, capsys):
     assert ood.main(["report", "--tune", f"A={tmp_path / 'a'}", "--report", f"B={tmp_path / 'b'}"]) == 0
     text = capsys.readouterr().out
     assert "chosen on A:" in text and "reported on B" in text and "chosen on B:" in text
-    tables = [line for line in text.splitlines() if line.startswith("| ")]
+    blocks = [[line for line in block.splitlines() if line.startswith("| ")] for block in text.split("\n\n")]
+    tables = [block for block in blocks if block]
+    drift = [t for t in tables if "drift alarm" in t[0]]
+    assert len(drift) == 2 and all("per image: out of distribution" in t[0] for t in drift)
+    assert any(row.startswith("| line at 5% defective |") for row in drift[0])
+    tables = tables[0]
     header = tables[0].strip("|").split("|")
     # one cell per statistic and per union: a union is written with "+", never with a "|" that splits its cell
     assert all(s in " ".join(header) for s in (*STATISTICS, *ood.EMBEDDING_STATISTICS))
@@ -46,3 +51,21 @@ def test_embedding_statistics_leave_the_lots_own_image_out_and_see_a_moved_frame
     assert min(own["grid_nn"]) > 1e-4 and min(own["embedding_nn"]) > 1e-6
     moved = ood.embedding_statistics(ood.image_descriptors(shifted), lot_d)
     assert min(moved["grid_nn"]) > 10 * max(own["grid_nn"])
+
+
+def test_drift_windows_alarm_on_a_moved_line_and_skip_groups_smaller_than_a_window():
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+
+    def values(n, gain=1.0):
+        return {"map_q75": list(rng.normal(0.1, 0.01, n)), "brightness": list(gain * rng.uniform(52, 216, n)),
+                "contrast": list(rng.uniform(10, 50, n))}
+
+    data = {"splits": [{"groups": {"lot": values(36), "new good": values(46), "new defective": values(10),
+                                   "fault: brightness x0.5": values(46, 0.5)}} for _ in range(2)]}
+    alarms = ood.drift_alarms(data, ("map_q75", "brightness", "contrast"), window=32, draws=10)
+    assert alarms["fault: brightness x0.5"] == 1.0 and alarms["new good"] <= 0.1
+    # 10 defective parts cannot make a window of 32, and a line at 5% needs 2 of them with 30 good ones
+    assert "new defective" not in alarms and alarms["line at 5% defective"] <= 0.1
+    assert ood.drift_alarms(data, ("map_q75",), window=32, draws=10)["fault: brightness x0.5"] <= 0.1
