@@ -152,7 +152,7 @@ def collect(args) -> int:
     return 0
 
 
-UNIONS = ("map_median|brightness|contrast", "map_q75|brightness|contrast", "map_mean|brightness|contrast",
+UNIONS = ("map_q25|brightness|contrast", "map_median|brightness|contrast", "map_q75|brightness|contrast", "map_mean|brightness|contrast",
           "map_median|grid_nn", "map_q75|grid_nn|brightness|contrast")
 
 
