@@ -19,7 +19,7 @@ METRICS = {
     "pa_clip_bank_build_seconds_total": ("counter", "Seconds spent building banks, per bank"),
     "pa_clip_bank_score_quantile": ("gauge", "Quantile q of the scores of the latest new images, per bank"),
     "pa_clip_bank_ood_rate": ("gauge", "Share of the latest new images out of distribution, per bank"),
-    "pa_clip_bank_drift": ("gauge", "KS distance of the latest new images' whole-image statistic to the lot's"),
+    "pa_clip_bank_drift": ("gauge", "Largest KS distance of the latest new images' statistics to the lot's"),
     "pa_clip_bank_drift_alarm": ("gauge", "1 while the latest new images are unlikely under the lot's distribution"),
     "pa_clip_images_out_of_distribution_total": ("counter", "New images out of distribution, per bank"),
     "pa_clip_monitor_errors_total": ("counter", "Failures of the drift windows (scoring went on)"),
