@@ -51,7 +51,7 @@ from benchmarks.datasets import Sample, _images_in, discover, load_category, ori
 from benchmarks.metrics import f1_at_prevalence, f1_max, f1_max_at_prevalence
 from postprocess import contract as C
 from postprocess.atomic import write_atomic
-from postprocess.decision import BREAKDOWN, DEFAULT_METHOD, METHODS, calibrate
+from postprocess.decision import BREAKDOWN, DEFAULT_METHOD, METHODS, calibrate, threshold_for
 
 IMAGE_SCORES = ("score", "max", "top1", "mean", "area", "max_or_mean")
 IMAGE_SCORE_HELP = {
@@ -292,8 +292,9 @@ def candidate_scores(record: dict, kind: str) -> tuple[np.ndarray, np.ndarray]:
     return z["lot"], z["new"]
 
 
-def measure(data: dict, kind: str, method: str, budget: float) -> dict:
-    """Per defect rate: the decision's figures on new parts and on the lot, pooled over the splits."""
+def measure(data: dict, kind: str, method, budget: float) -> dict:
+    """Per defect rate: the decision's figures on new parts and on the lot, pooled over the splits. ``method``: one
+    of ``decision.METHODS``, or a function (lot scores, budget) -> threshold (``TAIL_ESTIMATORS``)."""
     labels = np.asarray(data["labels"])
     by_rate: dict = {}
     for record in data["splits"]:
@@ -308,7 +309,8 @@ def measure(data: dict, kind: str, method: str, budget: float) -> dict:
             lot_scores, new_scores = candidate_scores(record, kind)
             lot_labels = labels[record["lot"]["indices"]]
             new_labels = labels[record["new"]["indices"]]
-            threshold = calibrate(lot_scores, record["normal_indices"], budget, method).threshold
+            threshold = (method(lot_scores, budget) if callable(method)
+                         else calibrate(lot_scores, record["normal_indices"], budget, method).threshold)
             for part, s, y in (("lot", lot_scores, lot_labels), ("new", new_scores, new_labels)):
                 called = s > threshold
                 counts[f"{part}_good"] += int((y == 0).sum())
@@ -339,6 +341,84 @@ def measure(data: dict, kind: str, method: str, budget: float) -> dict:
             "auroc_new": float(np.mean(aurocs)), "hits": hits,
         }
     return rows
+
+
+def quartile_model(scores, budget: float, median_at: float = 0.5, q75_at: float = 0.75) -> float:
+    """The product's quartile model (``decision.threshold_for``, ``quartile_exponential``) reading the good parts'
+    median and upper quartile at the lot's quantiles ``median_at`` and ``q75_at``."""
+    median, q75 = np.quantile(scores, [median_at, q75_at])
+    return threshold_for(float(median), float(q75 - median) / math.log(2.0), budget, "quartile_exponential")
+
+
+def censored_quartile(scores, budget: float, iterations: int = 30, most_left_out: float = 0.25) -> float:
+    """The quartile model read again without the scores above its own threshold, as a sample of the good parts cut at
+    their 1 - budget quantile (the median and upper quartile read at 0.5 / (1 - budget), 0.75 / (1 - budget) of what
+    is left), until the threshold stops moving: defects above the threshold no longer lift the quartiles."""
+    s = np.sort(np.asarray(scores, dtype=np.float64))
+    threshold = quartile_model(s, budget)
+    kept_at_least = int(math.ceil((1.0 - most_left_out) * len(s)))
+    for _ in range(iterations):
+        kept = s[:max(int(np.sum(s <= threshold)), kept_at_least)]
+        moved = quartile_model(kept, budget, min(1.0, 0.5 / (1 - budget)), min(1.0, 0.75 / (1 - budget)))
+        if abs(moved - threshold) < 1e-12:
+            break
+        threshold = moved
+    return threshold
+
+
+def shaped_tail(lowest_shape: float):
+    """A generalised Pareto tail above the median whose shape the lot's quartile ratio (q87.5 - q75) / (q75 -
+    median) = 2^shape gives (1, shape 0: the quartile model's exponential), at least ``lowest_shape`` (a bounded
+    tail) and at most 0.5."""
+    def threshold(scores, budget: float) -> float:
+        median, q75, q875 = np.quantile(scores, [0.5, 0.75, 0.875])
+        ratio = (q875 - q75) / max(q75 - median, 1e-12)
+        shape = float(np.clip(math.log2(max(ratio, 1e-12)), lowest_shape, 0.5))
+
+        def excess(p):  # in units of the scale, at conditional exceedance p above the median
+            return -math.log(p) if abs(shape) < 1e-9 else (p ** -shape - 1.0) / shape
+
+        return float(median + (q75 - median) / excess(0.5) * excess(min(1.0, budget / 0.5)))
+    return threshold
+
+
+def lower_quartile_scale(factor: float):
+    """The quartile model's tail with its scale read below the median: factor x (median - q25) / ln 2 (the lower
+    half holds no defect until half the lot is defective)."""
+    def threshold(scores, budget: float) -> float:
+        q25, median = np.quantile(scores, [0.25, 0.5])
+        return threshold_for(float(median), factor * float(median - q25) / math.log(2.0), budget,
+                             "quartile_exponential")
+    return threshold
+
+
+# threshold estimators measured beside the product's methods (``tails``), not shipped: how a lot of 36 could be read
+TAIL_ESTIMATORS = {
+    "quartile_exponential (the default)": quartile_model,
+    "censored at its own threshold": censored_quartile,
+    "tail shape from q87.5, at least -0.5": shaped_tail(-0.5),
+    "tail shape from q87.5, at least -1": shaped_tail(-1.0),
+    "scale from the lower quartile x 1.5": lower_quartile_scale(1.5),
+}
+
+
+def tails(args) -> int:
+    """Each ``TAIL_ESTIMATORS`` entry on each collected set: false alarms on new good parts and recall, per budget
+    and defect rate (pooled over splits)."""
+    for spec in args.sets:
+        name, _, folder = spec.partition("=")
+        data = json.loads((Path(folder) / "line.json").read_text())
+        print(f"\n{name} ({args.score}): false alarms on new good parts / recall on new defective parts, per budget "
+              "and the lot's defect rate\n")
+        rates = sorted({r["defect_rate"] for r in data["splits"]})
+        print("| estimator | " + " | ".join(f"{b:.0%} budget, {r:.0%} defective" for b in BUDGETS for r in rates)
+              + " |\n|---|" + "---:|" * (len(BUDGETS) * len(rates)))
+        for label, estimator in TAIL_ESTIMATORS.items():
+            rows = {b: measure(data, args.score, estimator, b) for b in BUDGETS}
+            cells = (rows[b][r] for b in BUDGETS for r in rates)
+            print(f"| {label} | " + " | ".join(f"{c['new_false_alarm_rate']:.1%} / {c['new_recall']:.1%}" for c in cells)
+                  + " |")
+    return 0
 
 
 def variant_label(options: dict) -> str:
@@ -624,6 +704,9 @@ def main(argv=None) -> int:
     r.add_argument("--shipped-method", default=DEFAULT_METHOD, choices=METHODS)
     r.add_argument("--all", action="store_true", help="also list every candidate")
     r.add_argument("--json", default=None)
+    t = sub.add_parser("tails", help="threshold estimators measured beside the product's methods (not shipped)")
+    t.add_argument("sets", nargs="+", metavar="NAME=FOLDER", help="collected sets")
+    t.add_argument("--score", default="max", choices=IMAGE_SCORES)
     args = p.parse_args(argv)
     if args.command == "collect":
         if not 2 <= args.lot_size or args.splits < 1 or args.batch < 1:
@@ -639,6 +722,8 @@ def main(argv=None) -> int:
         except ValueError as err:
             p.error(str(err))
         return collect(args)
+    if args.command == "tails":
+        return tails(args)
     return report(args)
 
 

@@ -169,3 +169,30 @@ def test_the_tail_shape_reads_new_good_parts_in_the_quartile_models_units():
     uniform = line.tail_shape(shift(lambda n: rng.random(n)), "max")
     assert uniform["above"][3] < 0.5 * exponential["above"][3]  # a bounded tail past the lot's quartiles
     assert uniform["new_good"] == exponential["new_good"] == 5 * 4000
+
+
+def test_the_tails_subcommand_measures_each_estimator(shifts, capsys):
+    root, _ = shifts
+    assert line.main(["tails", f"A={root / 'server'}", f"B={root / 'in-process'}"]) == 0
+    text = capsys.readouterr().out
+    for label in line.TAIL_ESTIMATORS:
+        assert text.count(f"| {label} |") == 2, label
+
+
+@pytest.mark.parametrize("budget", [0.01, 0.05])
+def test_tail_estimators_beside_the_product(budget):
+    """The first estimator is the product's own threshold; leaving out what lies above its threshold undoes defects
+    that lifted the quartiles; a lot whose upper quarter falls off faster than the exponential gets a lower one."""
+    from postprocess.decision import calibrate
+
+    rng = np.random.default_rng(2)
+    good = np.sort(rng.exponential(1.0, 200))
+    product = calibrate(good, None, budget, "quartile_exponential").threshold
+    assert line.quartile_model(good, budget) == pytest.approx(product)
+    lifted = np.concatenate([good, np.full(40, 30.0)])  # a sixth of the lot far above the rest
+    assert line.censored_quartile(lifted, budget) < 0.8 * line.quartile_model(lifted, budget)
+    assert line.censored_quartile(lifted, budget) == pytest.approx(line.quartile_model(good, budget), rel=0.25)
+    assert line.censored_quartile(good, budget) == pytest.approx(product, rel=0.25)
+    bounded = rng.uniform(0.0, 1.0, 200)  # the quartile ratio (q87.5 - q75) / (q75 - median) is 1/2
+    assert line.shaped_tail(-1.0)(bounded, budget) < 0.9 * line.quartile_model(bounded, budget)
+    assert line.shaped_tail(-1.0)(good, budget) == pytest.approx(product, rel=0.2)
