@@ -28,10 +28,11 @@ from benchmarks.line import draw_lot, line_set
 from postprocess.atomic import write_atomic
 
 
-def decisions(bank, scores) -> np.ndarray:
+def decisions(bank, scores, budget: float | None = None) -> np.ndarray:
+    """Called anomalous at the bank's automatic threshold (at ``budget``, or the budget it was built with)."""
     from postprocess.decision import Calibration
 
-    return np.asarray(scores) > Calibration.from_dict(bank.manifest.decision).threshold
+    return np.asarray(scores) > Calibration.from_dict(bank.manifest.decision).with_rate(budget).threshold
 
 
 def main(argv=None) -> int:
@@ -45,6 +46,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch-defects", type=int, default=1, help="defective parts among them")
     p.add_argument("--splits", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--budget", type=float, default=None,
+                   help="the false-alarm budget of the decisions (default: the bank's, 1%%)")
     p.add_argument("--full-bank-images", type=int, default=None,
                    help="the full bank's sample size (PA-CLIP's full_bank_images; default: the product's, 160): below "
                         "the lot size, a sampled bank grown by reservoir sampling")
@@ -104,7 +107,7 @@ def main(argv=None) -> int:
                "spearman_grown_rebuilt": float(spearmanr(s_grown, s_rebuilt)[0]),
                "max_diff_over_spread": float(np.abs(s_grown - s_rebuilt).max() / (np.ptp(s_rebuilt) or 1.0))}
         for name, bank, s in (("before", before, s_before), ("grown", grown, s_grown), ("rebuilt", rebuilt, s_rebuilt)):
-            called = decisions(bank, s)
+            called = decisions(bank, s, args.budget)
             row[f"auroc_{name}"] = float(roc_auc_score(y, s))
             row[f"recall_{name}"] = float(called[y == 1].mean())
             row[f"false_alarms_{name}"] = float(called[y == 0].mean())
@@ -114,7 +117,8 @@ def main(argv=None) -> int:
     mean = {k: float(np.mean([r[k] for r in rows if r[k] is not None])) for k in rows[0] if k != "split"
             and any(r[k] is not None for r in rows)}
     print(f"\n{category.name}: lot of {args.lot_size} ({n_defective} defective), a batch of {args.batch} new parts "
-          f"({args.batch_defects} defective) folded in, {args.splits} splits; mean over splits")
+          f"({args.batch_defects} defective) folded in, {args.splits} splits; mean over splits; decisions at "
+          + ("each bank's own budget" if args.budget is None else f"a {args.budget:.0%} budget"))
     sample = cfg.full_bank_images
     if sample and args.lot_size > sample + 1:
         print(f"the full bank keeps a sample of {sample} lot images; the update carries it by reservoir sampling, the "

@@ -8,7 +8,7 @@ from benchmarks import growth
 from conftest import make_mvtec_tree
 
 
-@pytest.mark.parametrize("sample", [[], ["--full-bank-images", "5"]], ids=["whole lot", "sampled"])
+@pytest.mark.parametrize("sample", [[], ["--full-bank-images", "5", "--budget", "0.2"]], ids=["whole lot", "sampled"])
 def test_update_and_rebuild_side_by_side(repository, tmp_path, capsys, sample):
     data = make_mvtec_tree(tmp_path / "data", n_good=20, n_bad=5, size=112) / "widget"
     assert growth.main(["--data", str(data), "--repository", str(repository), "--lot-size", "8", "--batch", "6",
@@ -20,4 +20,4 @@ def test_update_and_rebuild_side_by_side(repository, tmp_path, capsys, sample):
         assert 0 <= row["auroc_grown"] <= 1 and -1 <= row["spearman_grown_rebuilt"] <= 1
     out = capsys.readouterr().out
     assert "| grown |" in out and "| rebuilt |" in out and "faster)" in out
-    assert ("reservoir sampling" in out) == bool(sample)
+    assert ("reservoir sampling" in out) == bool(sample) == ("a 20% budget" in out)
