@@ -92,6 +92,15 @@ def _jsonable(value):
     return value
 
 
+def _lot_sizes(value) -> tuple[int, ...] | None:
+    """``sample_growth`` as read from JSON: absent, or a list of whole numbers (nothing else turned into one)."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(type(n) is int for n in value):
+        raise ValueError(f"sample_growth is a list of lot sizes, not {json.dumps(value)[:80]}")
+    return tuple(value)
+
+
 def _by_scale(values: dict, kind) -> dict:
     """A per-scale table keyed by the scale r (JSON keys are strings)."""
     return {int(r): kind(v) for r, v in values.items()}
@@ -199,7 +208,7 @@ class BankManifest:
             decision=dict(v["decision"]), ood=None if v.get("ood") is None else dict(v["ood"]),
             cada=None if v.get("cada") is None else dict(v["cada"]),
             n_augmented=None if optional_int is None else int(optional_int),
-            sample_growth=None if v.get("sample_growth") is None else tuple(int(n) for n in v["sample_growth"]),
+            sample_growth=_lot_sizes(v.get("sample_growth")),
             version=v.get("version"), built_at=v.get("built_at"),
             files=None if v.get("files") is None else dict(v["files"]),
             tensors=None if v.get("tensors") is None else dict(v["tensors"]))

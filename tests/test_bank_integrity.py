@@ -109,6 +109,12 @@ DAMAGE = [
      "tau_b holds"),
     ("decision threshold at 1e30", lambda r: edit_manifest(version_dir(r), decision__centre=1e30), "decision"),
     ("n_images 0", lambda r: edit_manifest(version_dir(r), n_images=0), "n_images 0"),
+    ("sample_growth a string", lambda r: edit_manifest(version_dir(r), sample_growth="123"),
+     "sample_growth is a list of lot sizes"),
+    ("sample_growth of fractions", lambda r: edit_manifest(version_dir(r), sample_growth=[200.5, 300.0]),
+     "sample_growth is a list of lot sizes"),
+    ("sample_growth on a lot that keeps every image", lambda r: edit_manifest(version_dir(r), sample_growth=[10, 12]),
+     "sample_growth [10, 12]"),
     ("manifest of another bank", lambda r: edit_manifest(version_dir(r), bank="other"),
      "its manifest is for bank 'other'"),
     ("a tensor's recorded shape", lambda r: edit_manifest(version_dir(r), tensors__lot_map_scores={
