@@ -102,7 +102,8 @@ def main(argv=None) -> int:
         batch_types = sorted({types[i] for i in batch if labels[i] == 1})
         same_type = np.isin(types[held], batch_types) & (y == 1)
         folded = set(batch.tolist()) - {int(batch[item["index"]]) for item in report["left_out"]}
-        row = {"split": split, "update_s": update_s, "rebuild_s": rebuild_s, "folded_in": report["folded_in"],
+        row = {"split": split, "held_good": int((y == 0).sum()), "held_defective": int((y == 1).sum()),
+               "update_s": update_s, "rebuild_s": rebuild_s, "folded_in": report["folded_in"],
                "defective_folded_in": int(sum(labels[i] for i in folded)),
                "spearman_grown_rebuilt": float(spearmanr(s_grown, s_rebuilt)[0]),
                "max_diff_over_spread": float(np.abs(s_grown - s_rebuilt).max() / (np.ptp(s_rebuilt) or 1.0))}
@@ -123,7 +124,8 @@ def main(argv=None) -> int:
     if sample and args.lot_size > sample + 1:
         print(f"the full bank keeps a sample of {sample} lot images; the update carries it by reservoir sampling, the "
               "rebuild draws its own")
-    print()
+    print(f"held out per split: {mean['held_good']:.0f} good, {mean['held_defective']:.0f} defective (AUROC and false "
+          "alarms are no surer than the good ones' count)\n")
     print("| bank | AUROC on held-out parts | recall | false alarms | recall on the batch's defect types |\n"
           "|---|---:|---:|---:|---:|")
     for name in ("before", "grown", "rebuilt"):
