@@ -147,6 +147,34 @@ def test_a_sampled_bank_goes_on_growing_and_its_sample_is_checked(tiny_clip_112,
         store.load("washer", tiny_clip_112.fingerprint)
 
 
+def test_a_bank_that_grows_past_its_sample_size_samples_then_goes_on_growing(tiny_clip_112, washers, tmp_path,
+                                                                            monkeypatch):
+    """6 images with a sample size of 5 keep every one; grown to 12 the bank keeps the sample its settings draw for
+    12 (as a build on 12 would); grown again it carries that sample on, and each version loads."""
+    from postprocess.pa_clip import full_bank_references, grown_sample
+
+    images, _, features = washers
+    monkeypatch.setattr(growth, "accept_level", lambda calibration: float("inf"))
+    cfg = PAClipConfig(full_bank_images=5)
+    bank = bank_on(tiny_clip_112, images[:6], features.take(slice(0, 6)), cfg)
+    assert bank.full_ids is None
+    store = BankStore(tmp_path)
+    crossed, _ = growth.grow_bank(bank, features.take(slice(6, 12)), images[6:12])
+    assert crossed.full_ids.tolist() == full_bank_references(12, cfg).tolist()
+    assert crossed.manifest.sample_growth is None
+    for r in bank.full:  # the entries kept are those of the images the sample names, old or new
+        for slot, lot_index in enumerate(crossed.full_ids.tolist()):
+            if lot_index < 6:
+                assert np.array_equal(crossed.full[r][:, slot], bank.full[r][:, lot_index])
+    store.save(crossed)
+    again, _ = growth.grow_bank(store.load("washer", tiny_clip_112.fingerprint), features.take(slice(12, 16)),
+                                images[12:16])
+    assert again.manifest.sample_growth == (12, 16)
+    assert again.full_ids.tolist() == grown_sample((12, 16), cfg).tolist()
+    store.save(again)
+    assert store.load("washer", tiny_clip_112.fingerprint).manifest.n_images == 16
+
+
 def test_reservoir_steps_keep_every_image_of_the_grown_lot_equally_likely():
     """Carried from 12 to 40 images in three steps, a sample of 5 holds each of the 40 with chance 5 / 40 (over
     seeds), the first 12 as often as the last."""
