@@ -8,8 +8,10 @@ side, a bank is built anew on the lot and the batch. Every other image of the se
 against the three banks. Per split: seconds of the update and of the rebuild, which batch parts were folded in (and
 whether a defective one was), image AUROC on the held-out parts before and after the update and with the rebuild,
 recall and false alarms at each bank's automatic threshold, the recall on held-out parts of the defect types the batch
-carried (a defect seen again later must still be flagged), and how closely the grown bank's scores follow the
-rebuilt bank's (Spearman correlation; largest difference in units of the rebuilt scores' spread).
+carried (a defect seen again later must still be flagged), how closely the grown bank's scores follow the
+rebuilt bank's (Spearman correlation; largest difference in units of the rebuilt scores' spread), and what the
+batch's defective parts did to the grown bank: its AUROC against that of the bank grown with the batch's good parts
+only (0 when they were left out; the calibration, read with every new score, may still move).
 """
 
 from __future__ import annotations
@@ -99,6 +101,8 @@ def main(argv=None) -> int:
         rebuild_s = time.perf_counter() - t0
         y = labels[held]
         s_before, s_grown, s_rebuilt = scores(before), scores(grown), scores(rebuilt)
+        clean = batch[labels[batch] == 0]  # the same batch without its defective parts: what they did to the bank
+        s_clean = scores(grow_bank(before, features.take(clean), data.images[clean])[0])
         batch_types = sorted({types[i] for i in batch if labels[i] == 1})
         same_type = np.isin(types[held], batch_types) & (y == 1)
         folded = set(batch.tolist()) - {int(batch[item["index"]]) for item in report["left_out"]}
@@ -106,7 +110,8 @@ def main(argv=None) -> int:
                "update_s": update_s, "rebuild_s": rebuild_s, "folded_in": report["folded_in"],
                "defective_folded_in": int(sum(labels[i] for i in folded)),
                "spearman_grown_rebuilt": float(spearmanr(s_grown, s_rebuilt)[0]),
-               "max_diff_over_spread": float(np.abs(s_grown - s_rebuilt).max() / (np.ptp(s_rebuilt) or 1.0))}
+               "max_diff_over_spread": float(np.abs(s_grown - s_rebuilt).max() / (np.ptp(s_rebuilt) or 1.0)),
+               "auroc_grown_without_defects": float(roc_auc_score(y, s_clean))}
         for name, bank, s in (("before", before, s_before), ("grown", grown, s_grown), ("rebuilt", rebuilt, s_rebuilt)):
             called = decisions(bank, s, args.budget)
             row[f"auroc_{name}"] = float(roc_auc_score(y, s))
@@ -134,6 +139,9 @@ def main(argv=None) -> int:
               f"{mean[f'false_alarms_{name}']:.1%} | {'-' if same is None else format(same, '.1%')} |")
     print(f"\nfolded in: {mean['folded_in']:.1f} of {args.batch} per batch; defective parts folded in: "
           f"{sum(r['defective_folded_in'] for r in rows)} of {args.batch_defects * args.splits}")
+    print(f"the batch's defective parts' effect on the grown bank: AUROC "
+          f"{mean['auroc_grown'] - mean['auroc_grown_without_defects']:+.3f} (grown with the whole batch - grown with "
+          f"its good parts only; largest {max(abs(r['auroc_grown'] - r['auroc_grown_without_defects']) for r in rows):.3f})")
     print(f"grown against rebuilt: Spearman {mean['spearman_grown_rebuilt']:.3f}, largest difference "
           f"{mean['max_diff_over_spread']:.1%} of the rebuilt scores' spread")
     print(f"time: update {mean['update_s']:.1f} s, rebuild {mean['rebuild_s']:.1f} s "

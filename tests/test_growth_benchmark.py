@@ -18,6 +18,9 @@ def test_update_and_rebuild_side_by_side(repository, tmp_path, capsys, sample):
     for row in saved["rows"]:
         assert row["update_s"] > 0 and row["rebuild_s"] > 0 and 0 <= row["folded_in"] <= 6
         assert 0 <= row["auroc_grown"] <= 1 and -1 <= row["spearman_grown_rebuilt"] <= 1
+        assert 0 <= row["auroc_grown_without_defects"] <= 1
+        if row["defective_folded_in"] == 0:  # the same parts folded in: the same bank ranks alike
+            assert row["auroc_grown_without_defects"] == row["auroc_grown"]
     out = capsys.readouterr().out
-    assert "| grown |" in out and "| rebuilt |" in out and "faster)" in out
+    assert "| grown |" in out and "| rebuilt |" in out and "faster)" in out and "grown with its good parts only" in out
     assert ("reservoir sampling" in out) == bool(sample) == ("a 20% budget" in out)
