@@ -59,7 +59,8 @@ def main(argv=None) -> int:
     from postprocess import kernels as K
     from postprocess.bank import build_bank, image_key, score_with_bank
     from postprocess.config import PAClipConfig
-    from postprocess.growth import grow_bank
+    from postprocess.decision import Calibration
+    from postprocess.growth import accept_level, grow_bank
     from postprocess.pipeline import LotScorer, encode_images
 
     backbone, category, _, data = line_set(args.data, args.repository)
@@ -84,10 +85,10 @@ def main(argv=None) -> int:
                                features=features.take(indices))
             return build_bank(scorer, cfg, "growth", backbone.fingerprint)[0]
 
-        def scores(bank):
+        def scores(bank, images=held):
             out = []
-            for start in range(0, len(held), 8):
-                part = held[start:start + 8]
+            for start in range(0, len(images), 8):
+                part = images[start:start + 8]
                 ids = bank.query_ids([keys[i] for i in part])
                 out.append(K.to_numpy(score_with_bank(bank, features.take(part), ids).scores))
             return np.concatenate(out).astype(np.float64)
@@ -112,6 +113,14 @@ def main(argv=None) -> int:
                "spearman_grown_rebuilt": float(spearmanr(s_grown, s_rebuilt)[0]),
                "max_diff_over_spread": float(np.abs(s_grown - s_rebuilt).max() / (np.ptp(s_rebuilt) or 1.0)),
                "auroc_grown_without_defects": float(roc_auc_score(y, s_clean))}
+        # each defective batch part against the bank before: its score, how many of the batch's good parts score
+        # higher, whether it was folded in (at most the acceptance level)
+        batch_scores = scores(before, batch)
+        row["accept_level"] = accept_level(Calibration.from_dict(before.manifest.decision))
+        good_scores = batch_scores[labels[batch] == 0]
+        row["defective_batch_parts"] = [
+            {"type": str(types[i]), "score": float(v), "good_parts_above": int((good_scores > v).sum()),
+             "folded_in": bool(int(i) in folded)} for i, v in zip(batch, batch_scores) if labels[i] == 1]
         for name, bank, s in (("before", before, s_before), ("grown", grown, s_grown), ("rebuilt", rebuilt, s_rebuilt)):
             called = decisions(bank, s, args.budget)
             row[f"auroc_{name}"] = float(roc_auc_score(y, s))
@@ -120,8 +129,8 @@ def main(argv=None) -> int:
             row[f"same_type_recall_{name}"] = float(called[same_type].mean()) if same_type.any() else None
         rows.append(row)
         print(json.dumps(row), file=sys.stderr)
-    mean = {k: float(np.mean([r[k] for r in rows if r[k] is not None])) for k in rows[0] if k != "split"
-            and any(r[k] is not None for r in rows)}
+    mean = {k: float(np.mean([r[k] for r in rows if r[k] is not None])) for k in rows[0]
+            if k not in ("split", "defective_batch_parts") and any(r[k] is not None for r in rows)}
     print(f"\n{category.name}: lot of {args.lot_size} ({n_defective} defective), a batch of {args.batch} new parts "
           f"({args.batch_defects} defective) folded in, {args.splits} splits; mean over splits; decisions at "
           + ("each bank's own budget" if args.budget is None else f"a {args.budget:.0%} budget"))
@@ -139,9 +148,16 @@ def main(argv=None) -> int:
               f"{mean[f'false_alarms_{name}']:.1%} | {'-' if same is None else format(same, '.1%')} |")
     print(f"\nfolded in: {mean['folded_in']:.1f} of {args.batch} per batch; defective parts folded in: "
           f"{sum(r['defective_folded_in'] for r in rows)} of {args.batch_defects * args.splits}")
+    largest = max(abs(r["auroc_grown"] - r["auroc_grown_without_defects"]) for r in rows)
     print(f"the batch's defective parts' effect on the grown bank: AUROC "
           f"{mean['auroc_grown'] - mean['auroc_grown_without_defects']:+.3f} (grown with the whole batch - grown with "
-          f"its good parts only; largest {max(abs(r['auroc_grown'] - r['auroc_grown_without_defects']) for r in rows):.3f})")
+          f"its good parts only; largest {largest:.3f})")
+    for r in rows:
+        for part in r["defective_batch_parts"]:
+            if part["folded_in"]:
+                print(f"  split {r['split']}: a defective part ({part['type']}) folded in: score {part['score']:.4g} "
+                      f"(acceptance level {r['accept_level']:.4g}), {part['good_parts_above']} of the batch's good "
+                      "parts above it")
     print(f"grown against rebuilt: Spearman {mean['spearman_grown_rebuilt']:.3f}, largest difference "
           f"{mean['max_diff_over_spread']:.1%} of the rebuilt scores' spread")
     print(f"time: update {mean['update_s']:.1f} s, rebuild {mean['rebuild_s']:.1f} s "

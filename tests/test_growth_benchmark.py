@@ -19,6 +19,9 @@ def test_update_and_rebuild_side_by_side(repository, tmp_path, capsys, sample):
         assert row["update_s"] > 0 and row["rebuild_s"] > 0 and 0 <= row["folded_in"] <= 6
         assert 0 <= row["auroc_grown"] <= 1 and -1 <= row["spearman_grown_rebuilt"] <= 1
         assert 0 <= row["auroc_grown_without_defects"] <= 1
+        (part,) = row["defective_batch_parts"]  # --batch-defects 1
+        assert part["folded_in"] == (part["score"] <= row["accept_level"])
+        assert sum(p["folded_in"] for p in row["defective_batch_parts"]) == row["defective_folded_in"]
         if row["defective_folded_in"] == 0:  # the same parts folded in: the same bank ranks alike
             assert row["auroc_grown_without_defects"] == row["auroc_grown"]
     out = capsys.readouterr().out
