@@ -392,9 +392,15 @@ def lower_quartile_scale(factor: float):
     return threshold
 
 
+def shipped_threshold(scores, budget: float) -> float:
+    """The product's own threshold (``decision.calibrate``, ``quartile_exponential``): the row the others are read
+    against."""
+    return calibrate(scores, None, budget, "quartile_exponential").threshold
+
+
 # threshold estimators measured beside the product's methods (``tails``), not shipped: how a lot of 36 could be read
 TAIL_ESTIMATORS = {
-    "quartile_exponential (the default)": quartile_model,
+    "quartile_exponential (the default)": shipped_threshold,
     "censored at its own threshold": censored_quartile,
     "tail shape from q87.5, at least -0.5": shaped_tail(-0.5),
     "tail shape from q87.5, at least -1": shaped_tail(-1.0),
