@@ -393,14 +393,15 @@ def lower_quartile_scale(factor: float):
 
 
 def shipped_threshold(scores, budget: float) -> float:
-    """The product's own threshold (``decision.calibrate``, ``quartile_exponential``): the row the others are read
+    """The product's own threshold (``decision.calibrate`` with ``DEFAULT_METHOD``): the row the others are read
     against."""
-    return calibrate(scores, None, budget, "quartile_exponential").threshold
+    return calibrate(scores, None, budget, DEFAULT_METHOD).threshold
 
 
 # threshold estimators measured beside the product's methods (``tails``), not shipped: how a lot of 36 could be read
 TAIL_ESTIMATORS = {
-    "quartile_exponential (the default)": shipped_threshold,
+    f"{DEFAULT_METHOD} (the default)": shipped_threshold,
+    "quartile_exponential (its quartile model alone)": quartile_model,
     "censored at its own threshold": censored_quartile,
     "tail shape from q87.5, at least -0.5": shaped_tail(-0.5),
     "tail shape from q87.5, at least -1": shaped_tail(-1.0),

@@ -5,18 +5,25 @@ the bank, that the threshold calls anomalous. The lot's own scores are what tell
 is scored against the other lot images (never against its own patches), so a good lot image's score is drawn like a
 new good part's (``python -m benchmarks.line`` measures both, through a server).
 
-**The default method, ``quartile_exponential``** (chosen on magnetic tile with ``python -m benchmarks.line``,
+**The default method, ``quartile_conformal``** (chosen on magnetic tile with ``python -m benchmarks.line``,
 together with the lot stage's interval fraction of 5% and the map's maximum, not re-scored, as the image score;
-reported on ball screw; README "Decisions on a line"): the good parts' upper tail is taken as exponential above the
-lot's median, its scale from the quartiles: P(score > t) = 0.5 exp(-(t - median) / b), b = (q75 - median) / ln 2;
-threshold = median + b ln(0.5 / budget), ``spread`` = b. Read off the median and the upper quartile, it tolerates a
-quarter of the lot defective before its estimate is theirs. Re-run at issue 26's bank the same rule ranks
-``trimmed_tail`` closer to the budget on magnetic tile, but it now also asks that a method tolerate a demo-like lot
-(a sixth defective, ``benchmarks.line.MIN_BREAKDOWN``) whatever its trim does, and only the quartile model does.
+reported on ball screw; README "Decisions on a line"): the quartile model, never above the lot's own order statistic
+at the budget. The quartile model (``quartile_exponential``, the default before) takes the good parts' upper tail as
+exponential above the lot's median, its scale from the quartiles: P(score > t) = 0.5 exp(-(t - median) / b),
+b = (q75 - median) / ln 2; threshold = median + b ln(0.5 / budget), ``spread`` = b. Read off the median and the
+upper quartile, it tolerates a quarter of the lot defective before its estimate is theirs, but where the good parts'
+tail is lighter than exponential it lands far past them and spends a fraction of the budget. The cap
+(``conformal_cap``) is the lot's score at rank (n + 1)(1 - budget), interpolated, where the lot reaches that rank
+(budget >= 1 / (n + 1): 5% from 19 images, 1% from 99): a new good part exceeds it with probability ``budget`` when
+the lot is clean and exchangeable with the new parts (each lot image is scored against the others), and each defect
+in the lot can only lift it, so the smaller of the two tolerates what the quartile model tolerates. At 1% a lot of
+36 does not reach the rank: the quartile model alone decides there. The rule that chose it asks that a method
+tolerate a demo-like lot (a sixth defective, ``benchmarks.line.MIN_BREAKDOWN``) whatever its trims do, which rules
+out ``trimmed_tail`` (below), closer to the budget on magnetic tile than the quartile model alone.
 
-``trimmed_tail`` (the default before; now beside it): suspected defects are left out first (where the gap between
-two of the top scores exceeds ``TRIM_GAP`` tail scales of the scores below it, everything above the gap, at most
-``MAX_TRIM`` of the lot), then an exponential tail above the remaining scores' 75th percentile q75, its scale the
+``trimmed_tail`` (the default before the quartile model; now beside it): suspected defects are left out first
+(where the gap between two of the top scores exceeds ``TRIM_GAP`` tail scales of the scores below it, everything
+above the gap, at most ``MAX_TRIM`` of the lot), then an exponential tail above the remaining scores' 75th percentile q75, its scale the
 median excess over q75 / ln 2: threshold = q75 + b ln(0.25 / budget). When the trim misses (defects close together,
 as the demo lot's four washers: a gap of 5.9 tail scales), it is ``exponential_tail``, stretched by every defect in
 the top quarter.
@@ -55,7 +62,7 @@ from scipy.stats import beta as beta_distribution, norm
 from .kernels import image_scores  # the scoring's own reduction of a map to a number (Decider.decide)
 
 METHODS = ("lot_quantile", "trimmed_tail", "lower_half", "mad", "upper_quartile", "exponential_tail",
-           "quartile_exponential", "normal_images")
+           "quartile_exponential", "normal_images", "quartile_conformal")
 # where each tail model starts
 EXPONENTIAL_FROM = {"exponential_tail": 0.75, "trimmed_tail": 0.75, "quartile_exponential": 0.5}
 # the largest fraction of defective parts in a lot each method tolerates before its estimate is theirs, not the good
@@ -63,8 +70,9 @@ EXPONENTIAL_FROM = {"exponential_tail": 0.75, "trimmed_tail": 0.75, "quartile_ex
 # defects that sit close together: then trimmed_tail is exponential_tail, and lot_quantile's order statistic moves
 # with each defect)
 BREAKDOWN = {"lower_half": 0.5, "mad": 0.5, "upper_quartile": 0.25, "quartile_exponential": 0.25,
+             "quartile_conformal": 0.25,
              "exponential_tail": 0.125, "normal_images": 0.0, "lot_quantile": 0.0, "trimmed_tail": 0.125}
-DEFAULT_METHOD = "quartile_exponential"  # chosen on magnetic tile by benchmarks.line; README "Decisions on a line"
+DEFAULT_METHOD = "quartile_conformal"  # chosen on magnetic tile by benchmarks.line; README "Decisions on a line"
 DEFAULT_FALSE_ALARM_RATE = 0.01
 MIN_SPREAD_FRACTION = 1e-3  # of |centre|: a lot of identical scores still gets a usable scale
 TAIL_FRACTION = 0.25  # lot_quantile: the top quarter of the reference sets the tail scale (at least TAIL_MIN)
@@ -72,7 +80,7 @@ TAIL_MIN = 3
 TRIM_GAP = 6.0  # lot_quantile: a gap of this many tail scales above the next score marks a suspected defect
 MAX_TRIM = 0.2  # of the lot: never more left out than this (a line's lot is a few percent defective)
 CONFIDENCE = 0.9  # the share of lots the stated range of realised false-alarm rates covers
-READS_REFERENCE = ("lot_quantile", "trimmed_tail")  # methods whose threshold reads the lot's (trimmed) scores
+READS_REFERENCE = ("lot_quantile", "trimmed_tail", "quartile_conformal")  # thresholds that read the lot's scores
 
 
 class DecisionError(ValueError):
@@ -126,6 +134,16 @@ def quantile_threshold(reference, spread: float, false_alarm_rate: float) -> flo
     return float(x[-1] + spread * math.log(1.0 / ((n + 1) * false_alarm_rate)))
 
 
+def conformal_cap(reference, false_alarm_rate: float) -> float:
+    """The lot's own order statistic at rank (n + 1)(1 - rate), interpolated, where the lot reaches it (rate at
+    least 1 / (n + 1)); inf where it does not (a 36-image lot at 1%). A new good part exceeds it with probability
+    ``rate`` if the lot is clean; each defect in the lot can only lift it."""
+    n = len(reference)
+    if (n + 1) * (1.0 - false_alarm_rate) > n:
+        return math.inf
+    return quantile_threshold(reference, 0.0, false_alarm_rate)
+
+
 def images_needed(false_alarm_rate: float) -> int:
     """Reference images for a threshold at most one tail scale beyond the largest of them: (n + 1) rate >= 1/e."""
     return max(2, math.ceil(1.0 / (math.e * false_alarm_rate)) - 1)
@@ -147,6 +165,9 @@ class Calibration:
     def threshold(self) -> float:
         if self.method == "lot_quantile":
             return quantile_threshold(self.reference, self.spread, self.false_alarm_rate)
+        if self.method == "quartile_conformal":
+            return min(threshold_for(self.centre, self.spread, self.false_alarm_rate, "quartile_exponential"),
+                       conformal_cap(self.reference, self.false_alarm_rate))
         return threshold_for(self.centre, self.spread, self.false_alarm_rate, self.method)
 
     def with_rate(self, false_alarm_rate: float | None) -> "Calibration":
@@ -271,7 +292,7 @@ def calibrate(scores, normal_indices=None, false_alarm_rate: float = DEFAULT_FAL
         spread = 1.4826 * float(np.median(np.abs(scores - centre)))
     elif method == "upper_quartile":
         spread = (float(np.quantile(scores, 0.75)) - centre) / norm.ppf(0.75)
-    elif method == "quartile_exponential":
+    elif method in ("quartile_exponential", "quartile_conformal"):
         spread = (float(np.quantile(scores, 0.75)) - centre) / math.log(2.0)
     elif method in ("exponential_tail", "trimmed_tail"):
         kept = scores
@@ -379,6 +400,6 @@ class Decider:
         return out
 
 
-__all__ = ["Calibration", "Decider", "DecisionError", "DECISIONS", "OUT_OF_DISTRIBUTION", "METHODS", "DEFAULT_METHOD", "DEFAULT_FALSE_ALARM_RATE", "calibrate",
-           "check_calibrated_threshold", "check_false_alarm_rate", "decide", "images_needed", "map_level",
+__all__ = ["Calibration", "Decider", "DecisionError", "DECISIONS", "OUT_OF_DISTRIBUTION", "METHODS", "DEFAULT_METHOD",
+           "DEFAULT_FALSE_ALARM_RATE", "calibrate", "check_calibrated_threshold", "conformal_cap", "check_false_alarm_rate", "decide", "images_needed", "map_level",
            "threshold_for"]

@@ -181,14 +181,17 @@ def test_the_tails_subcommand_measures_each_estimator(shifts, capsys):
 
 @pytest.mark.parametrize("budget", [0.01, 0.05])
 def test_tail_estimators_beside_the_product(budget):
-    """The first estimator is the product's own threshold; leaving out what lies above its threshold undoes defects
-    that lifted the quartiles; a lot whose upper quarter falls off faster than the exponential gets a lower one."""
+    """The first estimator is the product's own threshold, the second its quartile model alone; leaving out what lies
+    above the quartile model's threshold undoes defects that lifted the quartiles; a lot whose upper quarter falls off
+    faster than the exponential gets a lower one."""
     from postprocess.decision import calibrate
 
     rng = np.random.default_rng(2)
     good = np.sort(rng.exponential(1.0, 200))
+    estimators = iter(line.TAIL_ESTIMATORS.values())
+    assert next(estimators)(good, budget) == calibrate(good, None, budget).threshold
     product = calibrate(good, None, budget, "quartile_exponential").threshold
-    assert next(iter(line.TAIL_ESTIMATORS.values()))(good, budget) == product
+    assert next(estimators)(good, budget) == product
     assert line.quartile_model(good, budget) == pytest.approx(product)  # what the censored reading starts from
     lifted = np.concatenate([good, np.full(40, 30.0)])  # a sixth of the lot far above the rest
     assert line.censored_quartile(lifted, budget) < 0.8 * line.quartile_model(lifted, budget)
