@@ -51,7 +51,7 @@ from benchmarks.datasets import Sample, _images_in, discover, load_category, ori
 from benchmarks.metrics import f1_at_prevalence, f1_max, f1_max_at_prevalence
 from postprocess import contract as C
 from postprocess.atomic import write_atomic
-from postprocess.decision import BREAKDOWN, DEFAULT_METHOD, METHODS, calibrate, threshold_for
+from postprocess.decision import BREAKDOWN, DEFAULT_METHOD, METHODS, calibrate, tail_scale, threshold_for
 
 IMAGE_SCORES = ("score", "max", "top1", "mean", "area", "max_or_mean")
 IMAGE_SCORE_HELP = {
@@ -392,6 +392,18 @@ def lower_quartile_scale(factor: float):
     return threshold
 
 
+def capped_past_the_lot(scores, budget: float) -> float:
+    """The default with its cap carried past the lot's largest score where the lot does not reach the budget's rank:
+    the largest score + the top quarter's tail scale (``decision.tail_scale``) x ln(1 / ((n + 1) budget)), the
+    exceedance of the largest being 1 / (n + 1); still at most the quartile model's threshold."""
+    s = np.sort(np.asarray(scores, dtype=np.float64))
+    n = len(s)
+    default = calibrate(s, None, budget, DEFAULT_METHOD).threshold
+    if (n + 1) * budget >= 1.0:
+        return default
+    return min(default, float(s[-1] + tail_scale(s) * math.log(1.0 / ((n + 1) * budget))))
+
+
 def shipped_threshold(scores, budget: float) -> float:
     """The product's own threshold (``decision.calibrate`` with ``DEFAULT_METHOD``): the row the others are read
     against."""
@@ -402,6 +414,7 @@ def shipped_threshold(scores, budget: float) -> float:
 TAIL_ESTIMATORS = {
     f"{DEFAULT_METHOD} (the default)": shipped_threshold,
     "quartile_exponential (its quartile model alone)": quartile_model,
+    "the cap carried past the lot's largest score": capped_past_the_lot,
     "censored at its own threshold": censored_quartile,
     "tail shape from q87.5, at least -0.5": shaped_tail(-0.5),
     "tail shape from q87.5, at least -1": shaped_tail(-1.0),

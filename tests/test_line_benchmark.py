@@ -193,6 +193,9 @@ def test_tail_estimators_beside_the_product(budget):
     product = calibrate(good, None, budget, "quartile_exponential").threshold
     assert next(estimators)(good, budget) == product
     assert line.quartile_model(good, budget) == pytest.approx(product)  # what the censored reading starts from
+    small = rng.permutation(good)[:36]  # past the lot at 1% only: the cap carried beyond its largest score
+    carried, default = line.capped_past_the_lot(small, budget), calibrate(small, None, budget).threshold
+    assert carried <= default and (carried > small.max() if budget < 1 / 37 else carried == default)
     lifted = np.concatenate([good, np.full(40, 30.0)])  # a sixth of the lot far above the rest
     assert line.censored_quartile(lifted, budget) < 0.8 * line.quartile_model(lifted, budget)
     assert line.censored_quartile(lifted, budget) == pytest.approx(line.quartile_model(good, budget), rel=0.25)
