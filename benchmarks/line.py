@@ -65,7 +65,8 @@ IMAGE_SCORE_HELP = {
                    "range (a spot or a whole surface unlike the lot)",
 }
 BUDGETS = (0.01, 0.05)
-DEFAULT_RATES = (0.02, 0.05, 0.10)
+# lots of 36 on a line 0.5-5% defective are clean more often than not: clean lots are a rate of their own
+DEFAULT_RATES = (0.0, 0.02, 0.05, 0.10)
 BAND = (0.5, 2.0)  # the false-alarm rate realised on new good parts must lie within these multiples of the budget
 # A method must tolerate this share of a lot defective by construction (decision.BREAKDOWN): the demo lot of
 # ./run.sh main is 4 of 24, close together; trimmed_tail's trim missed them and, like exponential_tail (no trim),
@@ -392,16 +393,21 @@ def lower_quartile_scale(factor: float):
     return threshold
 
 
+def capped_threshold(scores, budget: float) -> float:
+    """``decision``'s ``quartile_conformal``: the quartile model capped at the lot's order statistic at the budget."""
+    return calibrate(scores, None, budget, "quartile_conformal").threshold
+
+
 def capped_past_the_lot(scores, budget: float) -> float:
-    """The default with its cap carried past the lot's largest score where the lot does not reach the budget's rank:
-    the largest score + the top quarter's tail scale (``decision.tail_scale``) x ln(1 / ((n + 1) budget)), the
-    exceedance of the largest being 1 / (n + 1); still at most the quartile model's threshold."""
+    """``quartile_conformal`` with its cap carried past the lot's largest score where the lot does not reach the
+    budget's rank: the largest score + the top quarter's tail scale (``decision.tail_scale``) x ln(1 / ((n + 1)
+    budget)), the exceedance of the largest being 1 / (n + 1); still at most the quartile model's threshold."""
     s = np.sort(np.asarray(scores, dtype=np.float64))
     n = len(s)
-    default = calibrate(s, None, budget, DEFAULT_METHOD).threshold
+    capped = capped_threshold(s, budget)
     if (n + 1) * budget >= 1.0:
-        return default
-    return min(default, float(s[-1] + tail_scale(s) * math.log(1.0 / ((n + 1) * budget))))
+        return capped
+    return min(capped, float(s[-1] + tail_scale(s) * math.log(1.0 / ((n + 1) * budget))))
 
 
 def shipped_threshold(scores, budget: float) -> float:
@@ -413,7 +419,7 @@ def shipped_threshold(scores, budget: float) -> float:
 # threshold estimators measured beside the product's methods (``tails``), not shipped: how a lot of 36 could be read
 TAIL_ESTIMATORS = {
     f"{DEFAULT_METHOD} (the default)": shipped_threshold,
-    "quartile_exponential (its quartile model alone)": quartile_model,
+    "quartile_conformal (capped at the lot's order statistic at the budget)": capped_threshold,
     "the cap carried past the lot's largest score": capped_past_the_lot,
     "censored at its own threshold": censored_quartile,
     "tail shape from q87.5, at least -0.5": shaped_tail(-0.5),
@@ -601,8 +607,9 @@ def table(name: str, results: dict) -> str:
                 f"| | {rate:.0%} | {budget:.0%} | {r['new_good']} / {r['new_bad']} | {r['new_false_alarm_rate']:.1%} | "
                 f"{r['new_recall']:.1%} | {r['lot_false_alarm_rate']:.1%} / "
                 f"{'-' if not r.get('lot_bad') else format(r['lot_recall'], '.1%')} | "
-                f"{r['f1_new']:.3f} / {r['f1max_new']:.3f} | {r['f1_line']:.3f} / {r['f1max_line']:.3f} | "
-                f"{r['auroc_new']:.3f} |")
+                f"{r['f1_new']:.3f} / {r['f1max_new']:.3f} | "
+                + ("- | " if rate == 0 else f"{r['f1_line']:.3f} / {r['f1max_line']:.3f} | ")  # no defects: no F1
+                + f"{r['auroc_new']:.3f} |")
     return "\n".join(lines)
 
 

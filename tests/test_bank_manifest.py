@@ -73,12 +73,11 @@ def test_a_format_1_bank_scores_like_one_built_now(old_store, tiny_clip_112, lot
     assert {k for k in got if k not in want} == {"version", "built_at"}
     assert {k for k in want if k not in got} == {"ood"}  # a bank of format 1 has no out-of-distribution calibration
     want.pop("ood")
-    # that bank keeps the method it was written with (the quartile model; the default now caps it at the lot's order
-    # statistic at the budget, which a lot this small does not reach at 1%); a calibration now keeps the lot scores
-    # it read, an old one without them still reads and decides the same
+    # the same method as when that bank was written; a calibration now keeps the lot scores it read, an old one
+    # without them still reads and decides the same
     then, now = Calibration.from_dict(got.pop("decision")), Calibration.from_dict(want.pop("decision"))
-    assert then.method == "quartile_exponential" and now.method == DEFAULT_METHOD == "quartile_conformal"
-    assert not then.reference and len(now.reference) == len(lot) < 99
+    assert then.method == now.method == DEFAULT_METHOD == "quartile_exponential"
+    assert not then.reference and len(now.reference) == len(lot)
     assert then.threshold == pytest.approx(now.threshold, rel=1e-4)
     for key in want:
         if key in ("tau_b", "map_range", "lot_scores", "cada"):

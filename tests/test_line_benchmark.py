@@ -181,21 +181,21 @@ def test_the_tails_subcommand_measures_each_estimator(shifts, capsys):
 
 @pytest.mark.parametrize("budget", [0.01, 0.05])
 def test_tail_estimators_beside_the_product(budget):
-    """The first estimator is the product's own threshold, the second its quartile model alone; leaving out what lies
-    above the quartile model's threshold undoes defects that lifted the quartiles; a lot whose upper quarter falls off
-    faster than the exponential gets a lower one."""
+    """The first estimator is the product's own threshold, the second the quartile model capped at the lot's order
+    statistic; leaving out what lies above the quartile model's threshold undoes defects that lifted the quartiles; a
+    lot whose upper quarter falls off faster than the exponential gets a lower one."""
     from postprocess.decision import calibrate
 
     rng = np.random.default_rng(2)
     good = np.sort(rng.exponential(1.0, 200))
     estimators = iter(line.TAIL_ESTIMATORS.values())
-    assert next(estimators)(good, budget) == calibrate(good, None, budget).threshold
-    product = calibrate(good, None, budget, "quartile_exponential").threshold
+    product = calibrate(good, None, budget).threshold
     assert next(estimators)(good, budget) == product
+    assert next(estimators)(good, budget) == calibrate(good, None, budget, "quartile_conformal").threshold <= product
     assert line.quartile_model(good, budget) == pytest.approx(product)  # what the censored reading starts from
     small = rng.permutation(good)[:36]  # past the lot at 1% only: the cap carried beyond its largest score
-    carried, default = line.capped_past_the_lot(small, budget), calibrate(small, None, budget).threshold
-    assert carried <= default and (carried > small.max() if budget < 1 / 37 else carried == default)
+    carried, capped = line.capped_past_the_lot(small, budget), line.capped_threshold(small, budget)
+    assert carried <= capped and (carried > small.max() if budget < 1 / 37 else carried == capped)
     lifted = np.concatenate([good, np.full(40, 30.0)])  # a sixth of the lot far above the rest
     assert line.censored_quartile(lifted, budget) < 0.8 * line.quartile_model(lifted, budget)
     assert line.censored_quartile(lifted, budget) == pytest.approx(line.quartile_model(good, budget), rel=0.25)
