@@ -11,7 +11,9 @@ recall and false alarms at each bank's automatic threshold, the recall on held-o
 carried (a defect seen again later must still be flagged), how closely the grown bank's scores follow the
 rebuilt bank's (Spearman correlation; largest difference in units of the rebuilt scores' spread), and what the
 batch's defective parts did to the grown bank: its AUROC against that of the bank grown with the batch's good parts
-only (0 when they were left out; the calibration, read with every new score, may still move).
+only (0 when they were left out; the calibration, read with every new score, may still move; for a bank that keeps
+a sample, the two batches fold in different numbers of parts and so draw different reservoir slots: the difference
+holds that draw too).
 """
 
 from __future__ import annotations
@@ -148,6 +150,10 @@ def main(argv=None) -> int:
               f"{mean[f'false_alarms_{name}']:.1%} | {'-' if same is None else format(same, '.1%')} |")
     print(f"\nfolded in: {mean['folded_in']:.1f} of {args.batch} per batch; defective parts folded in: "
           f"{sum(r['defective_folded_in'] for r in rows)} of {args.batch_defects * args.splits}")
+    moved = np.array([r["auroc_grown"] - r["auroc_before"] for r in rows])
+    print(f"AUROC moved by growing: {moved.mean():+.3f} (grown - before, mean over splits; standard error "
+          f"{moved.std(ddof=1) / np.sqrt(len(moved)) if len(moved) > 1 else float('nan'):.3f}; from {moved.min():+.3f} "
+          f"to {moved.max():+.3f})")
     largest = max(abs(r["auroc_grown"] - r["auroc_grown_without_defects"]) for r in rows)
     print(f"the batch's defective parts' effect on the grown bank: AUROC "
           f"{mean['auroc_grown'] - mean['auroc_grown_without_defects']:+.3f} (grown with the whole batch - grown with "

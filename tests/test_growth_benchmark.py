@@ -25,5 +25,7 @@ def test_update_and_rebuild_side_by_side(repository, tmp_path, capsys, sample):
         if row["defective_folded_in"] == 0:  # the same parts folded in: the same bank ranks alike
             assert row["auroc_grown_without_defects"] == row["auroc_grown"]
     out = capsys.readouterr().out
+    moved = [r["auroc_grown"] - r["auroc_before"] for r in saved["rows"]]
+    assert f"AUROC moved by growing: {sum(moved) / 2:+.3f}" in out
     assert "| grown |" in out and "| rebuilt |" in out and "faster)" in out and "grown with its good parts only" in out
     assert ("reservoir sampling" in out) == bool(sample) == ("a 20% budget" in out)
