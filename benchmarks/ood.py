@@ -12,6 +12,11 @@ each synthetic fault of ``FAULTS``. Per image it keeps each statistic of ``postp
 candidates the server does not compute, the image-embedding statistics of ``EMBEDDING_STATISTICS`` (each image's
 distance to its nearest lot image, the lot's own images left out of their own comparison).
 
+``capture``: how a set's defective images were photographed against its good ones, model-free: brightness and contrast
+(as ``postprocess.ood`` reads them) of each group, how many defective images lie outside the good images' whole
+range, the Kolmogorov-Smirnov p-value, and whether the difference follows the defect's area (from the masks): a
+difference that does not is the camera's or the lamp's, which an out-of-distribution test exists to see.
+
 ``report``: per statistic, the share flagged out of distribution in each group when the threshold is calibrated on
 the lot as the bank would calibrate it; the rule (on the tuning set): the statistic whose worst flagged share over
 the OOD groups is highest among those flagging at most 5% of the product's own parts (good or defective), reported on
@@ -257,6 +262,38 @@ def report(args) -> int:
     return 0
 
 
+def capture(args) -> int:
+    """``capture``: brightness and contrast of a set's good and defective images, model-free (module docstring)."""
+    from scipy.stats import ks_2samp, spearmanr
+
+    from postprocess.ood import image_statistics
+
+    (category,) = discover(args.data, "mvtec")
+    data = load_category(category, args.size)
+    names = ("brightness", "contrast")
+    values = image_statistics(np.zeros((len(data.images), 1, 1), np.float32), data.images, names)
+    good, bad = data.labels == 0, data.labels == 1
+    print(f"\n{category.name}: {good.sum()} good, {bad.sum()} defective images at {args.size} px\n")
+    print("| statistic | good: median (range) | defective: median (range) | defective outside the good range | "
+          "Kolmogorov-Smirnov p |\n|---|---|---|---:|---:|")
+    for name in names:
+        g, b = values[name][good], values[name][bad]
+        outside = int(((b < g.min()) | (b > g.max())).sum())
+        print(f"| {name} | {np.median(g):.1f} ({g.min():.1f}-{g.max():.1f}) | {np.median(b):.1f} ({b.min():.1f}-"
+              f"{b.max():.1f}) | {outside} of {b.size} | {ks_2samp(g, b).pvalue:.2g} |")
+    if data.masks is not None:
+        area = data.masks[bad].reshape(int(bad.sum()), -1).mean(axis=1)
+        brightness = values["brightness"][bad]
+        rho, p_value = spearmanr(area, brightness)
+        small = area <= np.median(area)
+        low, high = values["brightness"][good].min(), values["brightness"][good].max()
+        print(f"\ndefect area (share of the image, from the masks): median {np.median(area):.2%}, largest "
+              f"{area.max():.2%}; Spearman of area against brightness {rho:+.2f} (p = {p_value:.2g}); defective "
+              f"images with at most the median area outside the good brightness range: "
+              f"{int(((brightness[small] < low) | (brightness[small] > high)).sum())} of {int(small.sum())}")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.ood", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -278,7 +315,12 @@ def main(argv=None) -> int:
     r.add_argument("--max-own", type=float, default=0.05)
     r.add_argument("--window", type=int, default=32, help="new images per drift window (the alarm's minimum: 32)")
     r.add_argument("--draws", type=int, default=50, help="drift windows drawn per bank and group")
+    k = sub.add_parser("capture", help="brightness and contrast of a set's good and defective images, model-free")
+    k.add_argument("--data", required=True, help="one category in the MVTec layout")
+    k.add_argument("--size", type=int, default=224, help="the images' size as read (square, pixels)")
     args = p.parse_args(argv)
+    if args.command == "capture":
+        return capture(args)
     if args.command == "collect":
         from client.infer import parse_overrides
 

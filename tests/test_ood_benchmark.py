@@ -69,3 +69,26 @@ def test_drift_windows_alarm_on_a_moved_line_and_skip_groups_smaller_than_a_wind
     # 10 defective parts cannot make a window of 32, and a line at 5% needs 2 of them with 30 good ones
     assert "new defective" not in alarms and alarms["line at 5% defective"] <= 0.1
     assert ood.drift_alarms(data, ("map_q75",), window=32, draws=10)["fault: brightness x0.5"] <= 0.1
+
+
+def test_capture_counts_defective_images_photographed_outside_the_good_ones(tmp_path, capsys):
+    """Two defective images darkened as a whole (a lamp, not a defect) lie outside the good images' brightness range;
+    the others, whose blobs darken them a little, lie inside a range widened by three darker good images."""
+    import numpy as np
+    from PIL import Image
+
+    cat = make_mvtec_tree(tmp_path / "data", n_good=8, n_bad=6, size=96) / "widget"
+
+    def scale(path, factor):
+        pixels = np.asarray(Image.open(path), dtype=np.float32) * factor
+        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(path)
+
+    for path in sorted((cat / "test/good").glob("*.png"))[:3]:
+        scale(path, 0.9)
+    for path in sorted((cat / "test/scratch").glob("*.png"))[:2]:
+        scale(path, 0.6)
+    assert ood.main(["capture", "--data", str(cat), "--size", "96"]) == 0
+    text = capsys.readouterr().out
+    (brightness,) = [line for line in text.splitlines() if line.startswith("| brightness |")]
+    assert "| 2 of 6 |" in brightness, brightness
+    assert "defect area (share of the image, from the masks)" in text and "Spearman" in text
