@@ -14,6 +14,7 @@ Where banks live on disk: ``postprocess.bank_store`` (which imports this module,
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 from dataclasses import dataclass
@@ -216,7 +217,7 @@ class BankManifest:
     def replace(self, **changes) -> "BankManifest":
         return dataclasses.replace(self, **changes)
 
-    @property
+    @functools.cached_property  # drawn once per manifest: a load checks both the tensors' shapes and full_ids by it
     def full_bank_sample(self) -> np.ndarray | None:
         """The lot images its full bank keeps (sorted lot indices), None for every one."""
         if self.sample_growth:
