@@ -51,7 +51,8 @@ from benchmarks.datasets import Sample, _images_in, discover, load_category, ori
 from benchmarks.metrics import f1_at_prevalence, f1_max, f1_max_at_prevalence
 from postprocess import contract as C
 from postprocess.atomic import write_atomic
-from postprocess.decision import BREAKDOWN, DEFAULT_METHOD, METHODS, calibrate, tail_scale, threshold_for
+from postprocess.decision import (BREAKDOWN, DEFAULT_METHOD, METHODS, calibrate, conformal_cap, tail_scale,
+                                  threshold_for)
 
 IMAGE_SCORES = ("score", "max", "top1", "mean", "area", "max_or_mean")
 IMAGE_SCORE_HELP = {
@@ -403,11 +404,10 @@ def capped_past_the_lot(scores, budget: float) -> float:
     budget's rank: the largest score + the top quarter's tail scale (``decision.tail_scale``) x ln(1 / ((n + 1)
     budget)), the exceedance of the largest being 1 / (n + 1); still at most the quartile model's threshold."""
     s = np.sort(np.asarray(scores, dtype=np.float64))
-    n = len(s)
     capped = capped_threshold(s, budget)
-    if (n + 1) * budget >= 1.0:
+    if math.isfinite(conformal_cap(s, budget)):  # the lot reaches the rank: nothing to carry
         return capped
-    return min(capped, float(s[-1] + tail_scale(s) * math.log(1.0 / ((n + 1) * budget))))
+    return min(capped, float(s[-1] + tail_scale(s) * math.log(1.0 / ((len(s) + 1) * budget))))
 
 
 def shipped_threshold(scores, budget: float) -> float:

@@ -157,8 +157,8 @@ def collect(args) -> int:
     return 0
 
 
-UNIONS = ("map_q25|brightness|contrast", "map_median|brightness|contrast", "map_q75|brightness|contrast", "map_mean|brightness|contrast",
-          "map_median|grid_nn", "map_q75|grid_nn|brightness|contrast")
+UNIONS = ("map_q25|brightness|contrast", "map_median|brightness|contrast", "map_q75|brightness|contrast",
+          "map_mean|brightness|contrast", "map_median|grid_nn", "map_q75|grid_nn|brightness|contrast")
 
 
 def flagged(data: dict, spec: str, budget: float) -> dict:

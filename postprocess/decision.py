@@ -402,5 +402,5 @@ class Decider:
 
 
 __all__ = ["Calibration", "Decider", "DecisionError", "DECISIONS", "OUT_OF_DISTRIBUTION", "METHODS", "DEFAULT_METHOD",
-           "DEFAULT_FALSE_ALARM_RATE", "calibrate", "check_calibrated_threshold", "conformal_cap", "check_false_alarm_rate", "decide", "images_needed", "map_level",
-           "threshold_for"]
+           "DEFAULT_FALSE_ALARM_RATE", "calibrate", "check_calibrated_threshold", "conformal_cap",
+           "check_false_alarm_rate", "decide", "images_needed", "map_level", "threshold_for"]
