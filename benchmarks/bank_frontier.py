@@ -136,8 +136,9 @@ class FaissFullBank:
         return index
 
     def __call__(self, queries, bank, query_ids, bank_ids, k, budget_bytes, bank_scale=None, matmul="float32",
-                 neighbours=0):
-        # matmul: faiss multiplies in float32 whatever the host asks of the NumPy kernel
+                 neighbours=0, bank_descriptors=None):
+        # matmul: faiss multiplies in float32 whatever the host asks of the NumPy kernel; bank_descriptors choose
+        # neighbours, which a search of the whole bank does not have
         if neighbours:
             raise SystemExit("error: a faiss search reads the whole bank: leave full_bank_neighbours at 0 with it")
         n_query, length, width = queries.shape

@@ -238,6 +238,19 @@ class Bank:
     full_scale: dict = dataclasses.field(default_factory=dict)  # r -> (n_layers, N, m) float32 with int8 entries
     bases: dict = dataclasses.field(default_factory=dict)  # r -> (n_layers, C, d) float32 with a projection
     full_ids: object | None = None  # (N_bank,) int64 lot index of each full-bank image, when it keeps a sample
+    # r -> (n_layers, N, d) float32, each full-bank image's mean entry, read once (``full_descriptors``)
+    _descriptors: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def full_descriptors(self, r: int):
+        """(n_layers, N, d) the full bank's image descriptors at scale r (``kernels.image_descriptors``), by which
+        each new image's neighbours are chosen: computed on first use and kept, since a bank's entries never
+        change (a grown bank is a new one), where every request read all entries again before."""
+        if r not in self._descriptors:
+            entries, scale = self.full[r], self.full_scale.get(r)
+            xp = K.get_xp(entries)
+            self._descriptors[r] = xp.stack([K.image_descriptors(entries[p], None if scale is None else scale[p])
+                                             for p in range(entries.shape[0])])
+        return self._descriptors[r]
 
     @property
     def full_bank_ids(self):
@@ -521,7 +534,9 @@ def score_with_bank(bank: Bank, features: Features, query_ids, map_size: tuple[i
         k = bank.manifest.interval_k
         space = bank.space
         full_scores = {r: full_scores_against(features, bank.full[r], bank_ids, query_ids, k, r, cfg, space, host,
-                                              bank.full_scale.get(r)) for r in cfg.scales}
+                                              bank.full_scale.get(r),
+                                              bank.full_descriptors(r) if cfg.full_bank_neighbours > 0 else None)
+                       for r in cfg.scales}
         for r in bank.normal:
             normal_scores[r] = normal_scores_against(features, bank.normal[r], bank.normal_ids[r], cfg, r, space,
                                                      query_ids, host)

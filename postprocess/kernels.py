@@ -331,17 +331,22 @@ def image_descriptors(entries, scale=None, budget_bytes: int = 1 << 26):
     return l2_normalize(out)
 
 
-def nearest_images(queries, bank, query_ids, bank_ids, count: int, bank_scale=None, budget_bytes: int = 1 << 26):
+def nearest_images(queries, bank, query_ids, bank_ids, count: int, bank_scale=None, budget_bytes: int = 1 << 26,
+                   bank_descriptors=None):
     """(Nq, count) indices of each query image's ``count`` most similar bank images (cosine of the mean entries,
-    ``image_descriptors``), most similar first, images with the query's own id never among them."""
+    ``image_descriptors``), most similar first, images with the query's own id never among them.
+    ``bank_descriptors``: the bank's ``image_descriptors`` where the caller keeps them (a stored bank's do not
+    change, and reading them from every entry again per request grows with the bank)."""
     xp = get_xp(queries)
-    similarity = image_descriptors(queries, None, budget_bytes) @ image_descriptors(bank, bank_scale, budget_bytes).T
+    if bank_descriptors is None:
+        bank_descriptors = image_descriptors(bank, bank_scale, budget_bytes)
+    similarity = image_descriptors(queries, None, budget_bytes) @ bank_descriptors.T
     similarity = xp.where(query_ids[:, None] == bank_ids[None, :], -xp.inf, similarity)
     return xp.argsort(-similarity, axis=1)[:, :count]
 
 
 def full_bank_scores(queries, bank, query_ids, bank_ids, k: int, budget_bytes: int, bank_scale=None,
-                     matmul: str = "float32", neighbours: int = 0):
+                     matmul: str = "float32", neighbours: int = 0, bank_descriptors=None):
     """Interval-averaged mutual score of each query patch against a full bank.
 
     queries (Nq, L, C) and bank (Nb, m, C) are unit vectors (or their projections); bank image b carries id
@@ -351,8 +356,9 @@ def full_bank_scores(queries, bank, query_ids, bank_ids, k: int, budget_bytes: i
     products' precision on a CPU (``similarities``).
 
     ``neighbours`` > 0: each query image is compared with its ``max(neighbours, k)`` most similar bank images only
-    (``nearest_images``), not with all: the interval reads the nearest few images anyway, and the work per query
-    no longer grows with the bank. A bank with no more images than that (its own left out) is searched whole.
+    (``nearest_images``, by the bank's ``bank_descriptors`` where given), not with all: the interval reads the
+    nearest few images anyway, and the work per query no longer grows with the bank. A bank with no more images
+    than that (its own left out) is searched whole.
 
     Memory: query patches are taken in row blocks (a block may be part of one image) and bank images in chunks, so
     that the per-image minima of a block (with the copies ``where`` and ``partition`` make) fit half the budget and
@@ -361,7 +367,8 @@ def full_bank_scores(queries, bank, query_ids, bank_ids, k: int, budget_bytes: i
     xp = get_xp(queries)
     count = max(neighbours, k)
     if neighbours > 0 and count < bank.shape[0] - 1:
-        chosen = nearest_images(queries, bank, query_ids, bank_ids, count, bank_scale, half_budget(budget_bytes))
+        chosen = nearest_images(queries, bank, query_ids, bank_ids, count, bank_scale, half_budget(budget_bytes),
+                                bank_descriptors)
         out = xp.empty(queries.shape[:2], dtype=xp.float32)
         for i in range(queries.shape[0]):  # one query image against its own neighbours (the same kernels)
             pick = chosen[i]

@@ -236,17 +236,20 @@ def bank_entries(feats, selection):
 
 
 def full_scores_against(features: Features, bank_layers, bank_ids, query_ids, k: int, r: int, cfg: PAClipConfig,
-                        space: SearchSpace, host: HostSettings = DEFAULT_HOST, bank_scales=None):
+                        space: SearchSpace, host: HostSettings = DEFAULT_HOST, bank_scales=None,
+                        bank_descriptors=None):
     """(N, L) interval-averaged scores of query images against a stored full bank ((n_scoring_layers, Nb, m, d);
     int8 entries with ``bank_scales`` (n_scoring_layers, Nb, m)), averaged over layers; a query never matches the
-    bank image that carries its own id."""
+    bank image that carries its own id. ``bank_descriptors``: the bank images' ``kernels.image_descriptors`` per
+    scoring layer ((n_scoring_layers, Nb, d), kept by the bank), for choosing each query's neighbours."""
     total = 0
     for position in range(len(space.layers)):
         feats = space.features(features.layer_tokens, position, features.grid, r, cfg)
         scale = None if bank_scales is None else bank_scales[position]
+        descriptors = None if bank_descriptors is None else bank_descriptors[position]
         total = total + K.full_bank_scores(feats, bank_layers[position], query_ids, bank_ids, k, host.budget_bytes,
                                            bank_scale=scale, matmul=host.cpu_matmul,
-                                           neighbours=cfg.full_bank_neighbours)
+                                           neighbours=cfg.full_bank_neighbours, bank_descriptors=descriptors)
     return total / len(space.layers)
 
 

@@ -137,6 +137,34 @@ def test_an_int8_full_bank_scores_like_the_float16_one(scorer, tiny, tmp_path):
     assert not np.array_equal(got.maps, want.maps)
 
 
+def test_a_bank_reads_its_image_descriptors_once_and_scores_as_when_every_request_read_them(scorer, tiny,
+                                                                                              monkeypatch):
+    """With neighbours (the default: each new image against its 8 nearest bank images), the bank images' mean
+    entries are read once per bank, not from every entry again per request, and choose the same neighbours."""
+    from postprocess.pa_clip import full_scores_against
+
+    bank = build_bank(scorer, PAClipConfig(), "washer", tiny.fingerprint)[0]
+    n_bank = bank.full[1].shape[1]
+    assert n_bank - 1 > bank.config.full_bank_neighbours  # the neighbours, not the whole bank, are searched
+    queries = scorer.features.take(slice(0, 3))
+    ids = np.full(3, -1)
+    read = []
+    real = K.image_descriptors
+    monkeypatch.setattr(K, "image_descriptors", lambda e, *a, **kw: read.append(e.shape[0]) or real(e, *a, **kw))
+    first = score_with_bank(bank, queries, ids)
+    second = score_with_bank(bank, queries, ids)
+    per_request = len(bank.space.layers) * len(bank.config.scales)
+    assert read.count(n_bank) == per_request  # the first request's, kept
+    assert read.count(3) == 2 * per_request  # the queries' own, every request
+    np.testing.assert_array_equal(first.maps, second.maps)
+    space, bank_ids, k = bank.space, K.to_numpy(bank.full_bank_ids), bank.manifest.interval_k
+    for r in bank.config.scales:
+        args = (queries, bank.full[r], bank_ids, ids, k, r, bank.config, space)
+        np.testing.assert_array_equal(full_scores_against(*args, bank_scales=bank.full_scale.get(r)),
+                                      full_scores_against(*args, bank_scales=bank.full_scale.get(r),
+                                                          bank_descriptors=bank.full_descriptors(r)))
+
+
 def test_a_non_square_lot_builds_a_bank_of_its_size_that_refuses_other_sizes(tiny, lot, tmp_path):
     wide = np.ascontiguousarray(lot[:, 28:84])  # 56 x 112: a 4 x 8 patch grid
     scorer = LotScorer(tiny, wide, "washer", progress=False)
