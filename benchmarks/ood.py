@@ -158,6 +158,7 @@ def collect(args) -> int:
 
 
 UNIONS = ("map_q25|brightness|contrast", "map_median|brightness|contrast", "map_q75|brightness|contrast",
+          "map_q90|brightness|contrast",
           "map_mean|brightness|contrast", "map_median|grid_nn", "map_q75|grid_nn|brightness|contrast")
 
 
@@ -190,10 +191,15 @@ def own_groups(rates: dict) -> list:
 
 def choose(data: dict, budget: float, max_own: float) -> str:
     """The statistic whose worst OOD group is flagged most often, among those flagging at most ``max_own`` of the
-    product's own parts (all of them when none does)."""
-    rates = {s: flagged(data, s, budget) for s in candidates(data)}
+    product's own parts (all of them when none does). A tie on the worst group goes to the next worst, and so on
+    (each group is a target of its own)."""
+    return choose_from({s: flagged(data, s, budget) for s in candidates(data)}, max_own)
+
+
+def choose_from(rates: dict, max_own: float) -> str:
+    """``choose`` on rates already read: statistic -> group -> share flagged."""
     fair = [s for s, r in rates.items() if max(r[g] for g in own_groups(r)) <= max_own] or list(rates)
-    return max(fair, key=lambda s: min(v for g, v in rates[s].items() if g not in own_groups(rates[s])))
+    return max(fair, key=lambda s: sorted(v for g, v in rates[s].items() if g not in own_groups(rates[s])))
 
 
 def drift_alarms(data: dict, statistics: tuple, window: int, draws: int, seed: int = 0) -> dict:

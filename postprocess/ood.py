@@ -5,8 +5,9 @@ whole image: most of its map high, or its pixels darker, brighter, flatter than 
 are read from what both sides of the server hold, the anomaly map and the pixels sent, so the client's decision and
 the server's drift windows (``postprocess.drift``) compute the same numbers:
 
-- ``map_q25``, ``map_median``, ``map_q75``, ``map_mean``: the lower quartile, median, upper quartile and mean of the
-  map (a defect covering less than three quarters, half, or a quarter of the image does not move the first three);
+- ``map_q25``, ``map_median``, ``map_q75``, ``map_q90``, ``map_mean``: the lower quartile, median, upper quartile,
+  90th percentile and mean of the map (a defect covering less than three quarters, half, a quarter or a tenth of the
+  image does not move the first four);
 - ``brightness``, ``contrast``: the mean and the deviation of the pixel values (two-sided: too dark is as foreign as
   too bright).
 
@@ -26,8 +27,9 @@ import numpy as np
 
 from . import kernels as K
 
-STATISTICS = ("map_q25", "map_median", "map_q75", "map_mean", "brightness", "contrast")
+STATISTICS = ("map_q25", "map_median", "map_q75", "map_q90", "map_mean", "brightness", "contrast")
 TWO_SIDED = ("brightness", "contrast")
+MAP_QUANTILES = {"map_q25": 0.25, "map_q75": 0.75, "map_q90": 0.90}
 DEFAULT_STATISTICS = ("map_q75", "brightness", "contrast")  # chosen on magnetic tile by benchmarks.ood (README)
 OOD_BUDGET = 0.005  # the share of the lot's own parts the thresholds leave outside (all statistics together)
 OOD_METHOD = "exponential_tail"  # no trimming: a lot value is never called foreign to its own lot
@@ -38,6 +40,7 @@ REASONS = {
     "map_q25": "nearly all of the image is unlike the lot",
     "map_median": "most of the image is unlike the lot",
     "map_q75": "much of the image is unlike the lot",
+    "map_q90": "a wide part of the image is unlike the lot",
     "map_mean": "the image as a whole is unlike the lot",
     "brightness": "its brightness lies outside the lot's",
     "contrast": "its contrast lies outside the lot's",
@@ -54,8 +57,8 @@ def image_statistics(maps, images, names=STATISTICS) -> dict:
     for name in names:
         if name == "map_median":
             out[name] = K.to_numpy(xp.median(flat, axis=1))
-        elif name in ("map_q25", "map_q75"):
-            out[name] = K.to_numpy(xp.quantile(flat, 0.25 if name == "map_q25" else 0.75, axis=1))
+        elif name in MAP_QUANTILES:
+            out[name] = K.to_numpy(xp.quantile(flat, MAP_QUANTILES[name], axis=1))
         elif name == "map_mean":
             out[name] = K.to_numpy(flat.mean(axis=1))
         elif name in ("brightness", "contrast"):

@@ -92,3 +92,14 @@ def test_capture_counts_defective_images_photographed_outside_the_good_ones(tmp_
     (brightness,) = [line for line in text.splitlines() if line.startswith("| brightness |")]
     assert "| 2 of 6 |" in brightness, brightness
     assert "defect area (share of the image, from the masks)" in text and "Spearman" in text
+
+
+def test_the_rule_breaks_a_tie_on_the_worst_group_by_the_next_worst_and_keeps_its_own_parts_limit():
+    own = {"new good": 0.01, "new defective": 0.02}
+    rates = {"listed first": {**own, "shift": 0.68, "darker": 0.015, "brighter": 0.05},
+             "higher next-worst": {**own, "shift": 0.46, "darker": 0.015, "brighter": 0.09},
+             "loud": {**own, "new defective": 0.12, "shift": 0.99, "darker": 0.9, "brighter": 0.9}}
+    assert ood.choose_from(rates, 0.05) == "higher next-worst"  # tied at 1.5%; then 9% against 5%
+    rates["listed first"]["darker"] = 0.016
+    assert ood.choose_from(rates, 0.05) == "listed first"
+    assert ood.choose_from(rates, 0.2) == "loud"
