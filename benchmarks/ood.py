@@ -290,11 +290,15 @@ def capture(args) -> int:
     if data.masks is not None:
         area = data.masks[bad].reshape(int(bad.sum()), -1).mean(axis=1)
         brightness = values["brightness"][bad]
-        rho, p_value = spearmanr(area, brightness)
+        if np.ptp(area) > 0 and np.ptp(brightness) > 0:
+            rho, p_value = spearmanr(area, brightness)
+            follows = f"{rho:+.2f} (p = {p_value:.2g})"
+        else:  # one side constant: no rank correlation to state
+            follows = "not defined (every defect " + ("covers as much" if np.ptp(area) == 0 else "as bright") + ")"
         small = area <= np.median(area)
         low, high = values["brightness"][good].min(), values["brightness"][good].max()
         print(f"\ndefect area (share of the image, from the masks): median {np.median(area):.2%}, largest "
-              f"{area.max():.2%}; Spearman of area against brightness {rho:+.2f} (p = {p_value:.2g}); defective "
+              f"{area.max():.2%}; Spearman of area against brightness {follows}; defective "
               f"images with at most the median area outside the good brightness range: "
               f"{int(((brightness[small] < low) | (brightness[small] > high)).sum())} of {int(small.sum())}")
     return 0
