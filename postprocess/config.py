@@ -34,8 +34,8 @@ MAX_TAPS = 64  # the largest tapped-layer index ``layers`` may name (an encoder 
 # Settings used only after the normal images are chosen (normal bank, subtraction, maps).
 FINISH_STAGE_FIELDS = frozenset({
     "use_normal_bank", "multiscale_normal_bank", "augment", "n_augment", "cada_threshold", "normal_coreset_ratio",
-    "normal_k", "alpha", "tau_quantile", "smooth_sigma", "rescore_k", "rescore_weight", "full_bank_storage",
-})
+    "normal_k", "alpha", "tau_quantile", "smooth_sigma", "rescore_k", "rescore_weight",
+})  # not full_bank_storage: the lot is scored against its full-bank entries as the bank stores them (int8 or not)
 
 
 # What each numeric setting may take: (lowest, highest, whether the lowest itself is allowed). Checked when a

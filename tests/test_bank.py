@@ -165,6 +165,20 @@ def test_a_bank_reads_its_image_descriptors_once_and_scores_as_when_every_reques
                                                           bank_descriptors=bank.full_descriptors(r)))
 
 
+def test_a_lot_scored_for_a_float16_bank_is_scored_again_for_an_int8_one(scorer, tiny, lot):
+    """The lot stage scores the lot against its entries as the bank stores them, so a scorer that served one
+    storage does not hand its lot scores to the other (a stage-1 result shared across storages was stale)."""
+    cfg = PAClipConfig(bank_dim=16, full_bank_storage="float16")
+    int8 = cfg.replace(full_bank_storage="int8")
+    shared = LotScorer(tiny, lot, "washer", progress=False, features=scorer.features)
+    half = shared.state(cfg).full_scores
+    reused = shared.state(int8).full_scores
+    fresh = LotScorer(tiny, lot, "washer", progress=False, features=scorer.features).state(int8).full_scores
+    for r in cfg.scales:
+        np.testing.assert_array_equal(reused[r], fresh[r])
+        assert not np.array_equal(half[r], fresh[r])
+
+
 def test_a_non_square_lot_builds_a_bank_of_its_size_that_refuses_other_sizes(tiny, lot, tmp_path):
     wide = np.ascontiguousarray(lot[:, 28:84])  # 56 x 112: a 4 x 8 patch grid
     scorer = LotScorer(tiny, wide, "washer", progress=False)
