@@ -481,6 +481,11 @@ def build_bank(scorer, cfg: PAClipConfig, bank_id: str, encoder: dict, map_size=
     references = state.full_references
     kept = features.layer_tokens if references is None else features.layer_tokens[xp.asarray(references)]
     for r, selection in state.full_selections.items():
+        if r in state.full_entries:  # the entries the lot was scored against, made once
+            full[r], scale = state.full_entries[r]
+            if scale is not None:
+                full_scale[r] = scale
+            continue
         entries = xp.stack([bank_entries(space.features(kept, position, features.grid, r, cfg), selection)
                             for position in range(len(space.layers))])
         if cfg.full_bank_storage == "int8":

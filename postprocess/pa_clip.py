@@ -39,6 +39,10 @@ class LotState:
     space: "SearchSpace | None" = None  # where the banks are searched (fit_search_space)
     # the lot indices the full bank keeps (sorted, host), None for every lot image (full_bank_references)
     full_references: np.ndarray | None = None
+    # r -> (entries (n_layers, N_bank, m, d) as the bank stores them, int8 or float16; their (n_layers, N_bank, m)
+    # scales or None): what the lot was scored against, for the bank to store as it is ({} where the lot was its
+    # own bank, every patch compared pairwise: the bank reads them itself)
+    full_entries: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -254,10 +258,12 @@ def full_scores_against(features: Features, bank_layers, bank_ids, query_ids, k:
 
 
 def mutual_scores(features: Features, r: int, cfg: PAClipConfig, space: SearchSpace, selection=None, references=None,
-                  host: HostSettings = DEFAULT_HOST):
+                  host: HostSettings = DEFAULT_HOST, stored: list | None = None):
     """(N, L) interval-averaged scores of every lot image against the rest of the lot, or (``references``: sorted
     lot indices) against those of them that are not itself; ``selection``: the full bank's per-image coreset of
-    those images from ``full_bank_selection``, None for every patch. Averaged over layers."""
+    those images from ``full_bank_selection``, None for every patch. Averaged over layers. ``stored``: a list that
+    receives, per layer, the entries the lot was scored against as a bank stores them ((int8 entries, scales) or
+    (float16 entries, None)), where they were made (not when each pair of images is compared once)."""
     xp = K.get_xp(features.layer_tokens)
     n = features.layer_tokens.shape[0]
     ids = xp.arange(n)
@@ -274,7 +280,12 @@ def mutual_scores(features: Features, r: int, cfg: PAClipConfig, space: SearchSp
         else:
             entries = bank_entries(feats if references is None else feats[bank_ids], selection)
             if cfg.full_bank_storage == "int8":  # the lot is scored against its entries as the bank stores them
-                entries = K.dequantize_rows(*K.quantize_rows(entries))
+                quantized = K.quantize_rows(entries)
+                entries = K.dequantize_rows(*quantized)
+                if stored is not None:
+                    stored.append(quantized)
+            elif stored is not None:
+                stored.append((entries.astype(xp.float16), None))
             total = total + K.full_bank_scores(feats, entries, ids, bank_ids, k, host.budget_bytes,
                                                matmul=host.cpu_matmul, neighbours=cfg.full_bank_neighbours)
     return total / len(space.layers)
@@ -300,8 +311,14 @@ def lot_stage(features: Features, text_embeds, cfg: PAClipConfig, host: HostSett
         features.layer_tokens).asarray(references)]
     selections = {} if cfg.text_only else {
         r: full_bank_selection(kept, features.grid, r, cfg, space) for r in cfg.scales}
-    full_scores = {r: mutual_scores(features, r, cfg, space, selection, references, host)
-                   for r, selection in selections.items()}
+    full_scores, full_entries = {}, {}
+    xp = K.get_xp(features.layer_tokens)
+    for r, selection in selections.items():
+        stored: list = []
+        full_scores[r] = mutual_scores(features, r, cfg, space, selection, references, host, stored)
+        if stored:
+            full_entries[r] = (xp.stack([q for q, _ in stored]),
+                               None if stored[0][1] is None else xp.stack([scale for _, scale in stored]))
 
     if has_text:
         # Eq. 3: P(normal) of the CLS embedding
@@ -327,6 +344,7 @@ def lot_stage(features: Features, text_embeds, cfg: PAClipConfig, host: HostSett
         full_selections=selections,
         space=space,
         full_references=references,
+        full_entries=full_entries,
     )
 
 

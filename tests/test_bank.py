@@ -179,6 +179,25 @@ def test_a_lot_scored_for_a_float16_bank_is_scored_again_for_an_int8_one(scorer,
         assert not np.array_equal(half[r], fresh[r])
 
 
+def test_the_bank_stores_the_entries_the_lot_was_scored_against_made_once(scorer, tiny, monkeypatch):
+    """The lot stage makes the full bank's entries (projected, coreset, int8) to score the lot against; the bank
+    stores those, not a second making of them."""
+    for cfg in (PAClipConfig(), PAClipConfig(full_bank_storage="float16", bank_dim=16)):
+        state = scorer.state(cfg)
+        made = []
+        real = K.quantize_rows
+        monkeypatch.setattr(K, "quantize_rows", lambda values: made.append(values.shape) or real(values))
+        bank = build_bank(scorer, cfg, "washer", tiny.fingerprint)[0]
+        monkeypatch.setattr(K, "quantize_rows", real)
+        assert made == []
+        for r in cfg.scales:
+            entries, scale = state.full_entries[r]
+            np.testing.assert_array_equal(bank.full[r], entries)
+            assert bank.full[r].dtype == (np.int8 if cfg.full_bank_storage == "int8" else np.float16)
+            if scale is not None:
+                np.testing.assert_array_equal(bank.full_scale[r], scale)
+
+
 def test_a_non_square_lot_builds_a_bank_of_its_size_that_refuses_other_sizes(tiny, lot, tmp_path):
     wide = np.ascontiguousarray(lot[:, 28:84])  # 56 x 112: a 4 x 8 patch grid
     scorer = LotScorer(tiny, wide, "washer", progress=False)
