@@ -117,7 +117,7 @@ def main(argv=None) -> int:
                "auroc_grown_without_defects": float(roc_auc_score(y, s_clean))}
         # each defective batch part against the bank before: its score, how many of the batch's good parts score
         # higher, whether it was folded in (at most the acceptance level)
-        batch_scores = scores(before, batch)
+        batch_scores = np.asarray(report["scores"], dtype=np.float64)  # grow_bank scored them against the bank before
         row["accept_level"] = accept_level(Calibration.from_dict(before.manifest.decision))
         good_scores = batch_scores[labels[batch] == 0]
         row["defective_batch_parts"] = [

@@ -74,12 +74,16 @@ def grow_bank(bank: Bank, features: Features, images, host: HostSettings = DEFAU
     xp = K.get_xp(*bank.full.values())
     ids = bank.query_ids(keys)
     fresh = np.flatnonzero(ids < 0)
-    report = {"scored": len(keys), "already_in_lot": int((ids >= 0).sum()), "folded_in": 0, "left_out": []}
+    # scores: each image's score against the bank before it grew, in the order given (None: already in its lot)
+    report = {"scored": len(keys), "already_in_lot": int((ids >= 0).sum()), "folded_in": 0, "left_out": [],
+              "scores": [None] * len(keys)}
     if fresh.size == 0:
         return bank, report
     new = features.take(xp.asarray(fresh))
     result = score_with_bank(bank, new, np.full(fresh.size, -1), host=host)
     scores = K.to_numpy(result.scores).astype(np.float64)
+    for j, i in enumerate(fresh):
+        report["scores"][i] = float(scores[j])
     calibration = Calibration.from_dict(manifest.decision)
     level = accept_level(calibration)
     accepted = np.flatnonzero(scores <= level)

@@ -62,6 +62,9 @@ def test_new_good_parts_are_folded_in_and_the_version_loads(tiny_clip_112, washe
     held = OodCalibration.from_dict(bank.manifest.ood)
     accepted = [i for i in range(len(new)) if i not in {item["index"] for item in report["left_out"]}]
     served = score_with_bank(bank, features.take(new[accepted]), np.full(len(accepted), -1))
+    # the report gives every new part's score against the bank before it grew, in the order sent
+    before = score_with_bank(bank, features.take(new), np.full(len(new), -1)).scores
+    np.testing.assert_allclose(report["scores"], before, rtol=1e-6)
     values = image_statistics(served.maps, images[new[accepted]], held.statistics)
     expected = calibrate_ood({n: np.concatenate([held.references[n], values[n]]) for n in held.statistics},
                              held.statistics, held.budget).to_dict()
@@ -77,6 +80,7 @@ def test_new_good_parts_are_folded_in_and_the_version_loads(tiny_clip_112, washe
     # sending the same images again folds nothing in twice
     again, second = growth.grow_bank(loaded, features.take(new), images[new])
     assert second["already_in_lot"] == folded and again.manifest.n_images >= loaded.manifest.n_images
+    assert [v is None for v in second["scores"]] == list(ids >= 0)  # a lot member is not scored as new
 
 
 def test_a_grown_bank_scores_like_one_built_on_the_larger_lot(tiny_clip_112, washers, monkeypatch):
