@@ -274,9 +274,9 @@ def bank_rows(dev, args) -> list[dict]:
     """Online scoring of new images against banks built on the device from the same lot of random ViT-L-sized
     features (N images), one bank per setting of ``benchmarks.online_speed.VARIANTS`` (the full bank beside the
     default one; widths relative to the features'; the bfloat16 rows are left out: a setting of a CPU
-    host, the GPU multiplies in its own FP16 tiles): bank GB, ms per new image (16 at a time), and the ratio."""
+    host, the GPU multiplies in its own FP16 tiles; so is the row that reads the descriptors per request): bank GB, ms per new image (16 at a time), and the ratio."""
     from benchmarks.bank_frontier import HOST_KEYS, resolve
-    from benchmarks.online_speed import VARIANTS
+    from benchmarks.online_speed import AS_BEFORE, VARIANTS
     from benchmarks.scoring_speed import make_inputs
     from postprocess.bank import build_bank, score_with_bank
     from postprocess.contract import Features
@@ -310,7 +310,7 @@ def bank_rows(dev, args) -> list[dict]:
     ids = xp.full(queries.layer_tokens.shape[0], -1)
     rows, base_ms = [], None
     variants = {name: resolve(settings, args.channels, 4) for name, settings in VARIANTS.items()
-                if not set(settings) & set(HOST_KEYS)}
+                if not set(settings) & set(HOST_KEYS) and name != AS_BEFORE}  # that row is the CPU loop's
     for name, settings in variants.items():
         def one(name=name, settings=settings):
             scorer = LotScorer(RandomBackbone(), images, "bank", progress=False, features=features, xp=xp)
