@@ -43,20 +43,24 @@ def test_relative_widths_and_host_settings_reach_the_bank_and_the_scoring(reposi
     assert seen  # the build's and the scoring's kNN took the host's products
 
 
-def test_the_before_row_reads_the_bank_descriptors_every_request_and_the_default_once(repository, tmp_path,
-                                                                                      monkeypatch):
+def test_the_before_row_makes_entries_twice_and_reads_descriptors_per_request(repository, tmp_path, monkeypatch):
     from postprocess import kernels as K
 
-    read = []
-    real = K.image_descriptors
+    read, made = [], []
+    real, quantize = K.image_descriptors, K.quantize_rows
     monkeypatch.setattr(K, "image_descriptors", lambda e, *a, **kw: read.append(e.shape[0]) or real(e, *a, **kw))
+    monkeypatch.setattr(K, "quantize_rows", lambda v: made.append(v.shape) or quantize(v))
     data = make_mvtec_tree(tmp_path / "data", n_good=5, n_bad=2, size=112) / "widget"
     counts = {}
     for name in ("default", online_speed.AS_BEFORE):
         for new in (8, 16):
             read.clear()
+            made.clear()
             assert online_speed.main(["--data", str(data), "--repository", str(repository), "--sizes", "12",
                                       "--new", str(new), "--repeats", "1", "--variant", f"{name}="]) == 0
             counts[name, new] = read.count(12)  # the bank's 12 images (the build's lot stage reads them too)
+            counts[name, "made"] = len(made)
     assert counts["default", 8] == counts["default", 16]  # once per bank, however many requests
     assert counts[online_speed.AS_BEFORE, 16] > counts[online_speed.AS_BEFORE, 8] > counts["default", 8]
+    # the lot stage quantises each layer's entries per scale; the build did it again, per scale
+    assert counts[online_speed.AS_BEFORE, "made"] == counts["default", "made"] + 3
