@@ -78,10 +78,13 @@ def update(client: PAClipClient, args) -> dict:
 def print_update(answer: dict) -> None:
     report = answer["update"]
     paths = report.pop("paths", [])
+    written = report.get("written", report["folded_in"])
     print(f"{report['scored']} image(s) scored against bank {answer['bank']!r}: {report['folded_in']} folded in, "
-          f"{len(report['left_out'])} left out, {report['already_in_lot']} already in its lot; lot now "
-          f"{answer['n_images']} images" + (f", version {answer['version']}" if report["folded_in"] else
-                                            " (nothing written)"))
+          f"{len(report['left_out'])} left out, {report['already_in_lot']} already in its lot"
+          + (f", {report['already_counted']} counted before (left out earlier, or sent twice)"
+             if report.get("already_counted") else "")
+          + f"; lot now {answer['n_images']} images" + (f", version {answer['version']}" if written else
+                                                        " (nothing written)"))
     for item in report["left_out"]:
         name = paths[item["index"]] if item["index"] < len(paths) else f"#{item['index']}"
         print(f"  left out: {name}: {item['why']} (score {item['score']:.4g})")

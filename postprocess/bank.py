@@ -102,6 +102,15 @@ def _lot_sizes(value) -> tuple[int, ...] | None:
     return tuple(value)
 
 
+def _image_keys(value) -> tuple[str, ...] | None:
+    """``left_out_keys`` as read from JSON: absent, or a list of strings (``check_manifest`` checks each key)."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(k, str) for k in value):
+        raise ValueError(f"left_out_keys is a list of image keys, not {json.dumps(value)[:80]}")
+    return tuple(value)
+
+
 def _by_scale(values: dict, kind) -> dict:
     """A per-scale table keyed by the scale r (JSON keys are strings)."""
     return {int(r): kind(v) for r, v in values.items()}
@@ -143,6 +152,9 @@ class BankManifest:
     # the lot sizes a sampled full bank grew through (postprocess/growth.py): its sample was drawn at the first and
     # carried to each next by pa_clip.reservoir_step; None: the sample its settings draw at n_images
     sample_growth: tuple[int, ...] | None = None
+    # image keys of the parts an update scored and left out (postprocess/growth.py): their scores joined the
+    # calibration once, so a part sent again is neither scored again nor counted twice; None: none yet
+    left_out_keys: tuple[str, ...] | None = None
     version: str | None = None  # the version folder, set by BankStore.save
     built_at: str | None = None  # when it was saved (local time, ISO 8601)
     # set by BankStore.save: file name -> {"sha256", "bytes"} of the version's data files, and tensor name ->
@@ -210,6 +222,7 @@ class BankManifest:
             cada=None if v.get("cada") is None else dict(v["cada"]),
             n_augmented=None if optional_int is None else int(optional_int),
             sample_growth=_lot_sizes(v.get("sample_growth")),
+            left_out_keys=_image_keys(v.get("left_out_keys")),
             version=v.get("version"), built_at=v.get("built_at"),
             files=None if v.get("files") is None else dict(v["files"]),
             tensors=None if v.get("tensors") is None else dict(v["tensors"]))
@@ -355,6 +368,11 @@ def check_manifest(manifest: "BankManifest", bank_id: str) -> None:
         fail(f"n_images {manifest.n_images} with {len(manifest.image_keys)} image keys")
     if not all(isinstance(k, str) and len(k) == 64 for k in manifest.image_keys):
         fail("an image key is not a SHA-256")
+    left_out = manifest.left_out_keys or ()
+    if not all(isinstance(k, str) and len(k) == 64 for k in left_out):
+        fail("a left-out part's key is not a SHA-256")
+    if len(set(left_out)) != len(left_out) or set(left_out) & set(manifest.image_keys):
+        fail("a left-out part is listed twice, or is also in the lot")
     if len(manifest.grid) != 2 or min(manifest.grid) < 1 or len(manifest.image_size) != 2 or \
             min(manifest.image_size) < 1:
         fail(f"grid {manifest.grid}, image size {manifest.image_size}")

@@ -5,7 +5,10 @@ The new images are scored against the bank as any new part is. Those that look l
 decision misses rarely lies) join the bank: their per-image coresets are appended to the full bank, their patches
 are merged into the normal bank's coreset (the greedy k-center continues from the entries it has), and their image
 embeddings and map scores join the re-scoring reference. The calibration is read again from the lot's reference
-scores and every new image's score (suspected defects left out by the method, as in a build); the
+scores and every new image's score (suspected defects left out by the method, as in a build), each part once: the
+manifest keeps the keys of the parts left out (``left_out_keys``), and a part sent again, or twice in one update,
+is neither scored again nor counted again (a defect sent over and over would otherwise lift the acceptance level
+with its own scores until it was folded in); the
 out-of-distribution calibration from the lot's statistics and those of the images folded in (they are the lot
 now). What the lot stage measured once (tau_b, the heat maps' colour scale) is kept.
 
@@ -73,9 +76,18 @@ def grow_bank(bank: Bank, features: Features, images, host: HostSettings = DEFAU
         raise BankError(f"bank {manifest.bank!r} is a text-only baseline: it holds no lot to grow")
     xp = K.get_xp(*bank.full.values())
     ids = bank.query_ids(keys)
-    fresh = np.flatnonzero(ids < 0)
-    # scores: each image's score against the bank before it grew, in the order given (None: already in its lot)
-    report = {"scored": len(keys), "already_in_lot": int((ids >= 0).sum()), "folded_in": 0, "left_out": [],
+    # each part counts once: not a lot member, not left out by an earlier update, not sent twice in this one
+    counted = set(manifest.left_out_keys or ())
+    fresh = []
+    for i in np.flatnonzero(ids < 0):
+        if keys[i] not in counted:
+            counted.add(keys[i])
+            fresh.append(int(i))
+    fresh = np.asarray(fresh, dtype=np.int64)
+    # scores: each image's score against the bank before it grew, in the order given (None: in its lot already, or
+    # counted before: left out by an earlier update or sent twice)
+    report = {"scored": len(keys), "already_in_lot": int((ids >= 0).sum()),
+              "already_counted": int((ids < 0).sum()) - int(fresh.size), "folded_in": 0, "left_out": [],
               "scores": [None] * len(keys)}
     if fresh.size == 0:
         return bank, report
@@ -154,7 +166,10 @@ def grow_bank(bank: Bank, features: Features, images, host: HostSettings = DEFAU
     if calibration.reference:
         pooled = np.concatenate([np.asarray(calibration.reference), scores])
         decision = calibrate(pooled, None, calibration.false_alarm_rate, calibration.method).to_dict()
-    summary_scores = np.concatenate([np.asarray(calibration.reference or [manifest.lot_scores["median"]]), scores])
+    # the lot's scores as they now are: a part left out never joined the lot
+    summary_scores = np.concatenate([np.asarray(calibration.reference or [manifest.lot_scores["median"]]),
+                                     scores[accepted]])
+    left_out_keys = tuple(keys[int(fresh[j])] for j in range(fresh.size) if j not in set(accepted.tolist()))
     ood = manifest.ood
     if ood is not None and accepted.size:  # the folded-in images' statistics join the lot's
         held = OodCalibration.from_dict(ood)
@@ -168,8 +183,9 @@ def grow_bank(bank: Bank, features: Features, images, host: HostSettings = DEFAU
         normal_bank_entries={r: int(v.shape[1]) for r, v in normal.items()},
         lot_scores={"min": float(summary_scores.min()), "median": float(np.median(summary_scores)),
                     "max": float(summary_scores.max())},
-        decision=decision, ood=ood, sample_growth=sample_growth, version=None, built_at=None, files=None,
-        tensors=None)
+        decision=decision, ood=ood, sample_growth=sample_growth,
+        left_out_keys=((manifest.left_out_keys or ()) + left_out_keys) or None, version=None, built_at=None,
+        files=None, tensors=None)
     report["folded_in"] = int(accepted.size)
     report["lot_size"] = n_new
     return dataclasses.replace(bank, manifest=grown, full=full, full_scale=full_scale, normal=normal,

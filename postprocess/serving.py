@@ -503,13 +503,16 @@ class BankService:
                             f"the bank scores {bank.grid}: resize the images to the bank's size "
                             f"{bank.manifest.image_size[0]}x{bank.manifest.image_size[1]}")
         self.log(f"updating bank {bank_id!r} (version {bank.manifest.version}) with {len(images)} images")
-        grown, report = grow_bank(bank.to(self.host.xp()), features.to(self.host.xp()), images, self.host)
-        if report["folded_in"]:
+        moved = bank.to(self.host.xp())
+        grown, report = grow_bank(moved, features.to(self.host.xp()), images, self.host)
+        # a new version whenever a part was counted: folded in, or left out with its score joining the calibration
+        report["written"] = grown is not moved
+        if report["written"]:
             self.store.save(grown)
         self.store.clear_lot(bank_id, parts)
         self.log(f"bank {bank_id!r}: {report['folded_in']} of {report['scored']} images folded in"
-                 + (f": version {grown.manifest.version}" if report["folded_in"] else ""))
-        return {**summary(grown.manifest), "update": report}
+                 + (f": version {grown.manifest.version}" if report["written"] else ": nothing written"))
+        return {**summary(grown.manifest if report["written"] else bank.manifest), "update": report}
 
 
 __all__ = ["ScoreService", "BankService", "RemoteEncoder", "bank_root", "build_config", "describe_failure",

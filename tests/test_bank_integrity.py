@@ -115,6 +115,12 @@ DAMAGE = [
      "sample_growth is a list of lot sizes"),
     ("sample_growth on a lot that keeps every image", lambda r: edit_manifest(version_dir(r), sample_growth=[10, 12]),
      "sample_growth [10, 12]"),
+    ("left_out_keys a string", lambda r: edit_manifest(version_dir(r), left_out_keys="ab"),
+     "left_out_keys is a list of image keys"),
+    ("a left-out key that is no SHA-256", lambda r: edit_manifest(version_dir(r), left_out_keys=["ab"]),
+     "a left-out part's key is not a SHA-256"),
+    ("a left-out part also in the lot", lambda r: edit_manifest(version_dir(r), left_out_keys=json.loads(
+        (version_dir(r) / "manifest.json").read_text())["image_keys"][:1]), "also in the lot"),
     ("manifest of another bank", lambda r: edit_manifest(version_dir(r), bank="other"),
      "its manifest is for bank 'other'"),
     ("a tensor's recorded shape", lambda r: edit_manifest(version_dir(r), tensors__lot_map_scores={

@@ -77,10 +77,37 @@ def test_new_good_parts_are_folded_in_and_the_version_loads(tiny_clip_112, washe
     assert (ids >= 0).sum() == folded  # a folded-in part is now a lot member: never matched against itself
     result = score_with_bank(loaded, features.take(new), ids)
     assert np.isfinite(result.maps).all()
-    # sending the same images again folds nothing in twice
+    assert set(loaded.manifest.left_out_keys) == set(keys(images[new])) - set(loaded.manifest.image_keys)
+    # sending the same images again counts none of them again: the folded-in ones are lot members, the left-out ones
+    # were counted (their scores joined the calibration once), so nothing changes and nothing is written
     again, second = growth.grow_bank(loaded, features.take(new), images[new])
-    assert second["already_in_lot"] == folded and again.manifest.n_images >= loaded.manifest.n_images
-    assert [v is None for v in second["scores"]] == list(ids >= 0)  # a lot member is not scored as new
+    assert again is loaded and second["folded_in"] == 0
+    assert second["already_in_lot"] == folded and second["already_counted"] == len(new) - folded
+    assert all(v is None for v in second["scores"])
+
+
+def test_parts_sent_again_or_twice_are_counted_once(tiny_clip_112, washers):
+    """A defect left out and sent again by every update is not scored again: its scores would lift the acceptance
+    level (the lot's reference scores' upper quartile) until it was folded in; a part sent twice in one update is
+    folded in once."""
+    images, labels, features = washers
+    good, bad = np.flatnonzero(~labels), np.flatnonzero(labels)
+    bank = bank_on(tiny_clip_112, images[good[:14]], features.take(good[:14]))
+    grown, first = growth.grow_bank(bank, features.take(bad), images[bad])
+    left = {int(bad[item["index"]]) for item in first["left_out"]}
+    assert left and first["already_counted"] == 0
+    assert set(grown.manifest.left_out_keys) == set(keys(images[sorted(left)]))
+    level = growth.accept_level(growth.Calibration.from_dict(grown.manifest.decision))
+    for _ in range(3):
+        again, report = growth.grow_bank(grown, features.take(bad), images[bad])
+        assert again is grown and report["folded_in"] == 0 and report["already_counted"] == len(left)
+    assert growth.accept_level(growth.Calibration.from_dict(again.manifest.decision)) == level
+    # twice in one update: one lot entry, one score in the calibration
+    twice = np.asarray([good[14], good[14], good[15]])
+    doubled, report = growth.grow_bank(bank, features.take(twice), images[twice])
+    assert report["already_counted"] == 1 and report["scores"][1] is None
+    assert len(set(doubled.manifest.image_keys)) == doubled.manifest.n_images == 14 + report["folded_in"]
+    assert doubled.manifest.decision["n_images"] == bank.manifest.decision["n_images"] + 2
 
 
 def test_a_grown_bank_scores_like_one_built_on_the_larger_lot(tiny_clip_112, washers, monkeypatch):

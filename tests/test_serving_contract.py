@@ -305,15 +305,17 @@ def test_a_bank_grows_with_new_parts_through_the_server(server, lot, lot_dir, wo
     assert report["scored"] == 4 and report["folded_in"] + len(report["left_out"]) == 4
     after = client.bank_info("grow")
     assert after["n_images"] == 6 + report["folded_in"]
-    assert (after["version"] != before["version"]) == (report["folded_in"] > 0)
+    assert report["written"] and after["version"] != before["version"]  # 4 new parts counted: a new version
+    assert after["decision"]["n_images"] == before["decision"]["n_images"] + 4
     assert not any(p["bank"] == "grow" for p in client.store()["pending"])  # the lot it read is cleared
     maps, scores = client.score(lot[6:], "grow")
     assert np.isfinite(scores).all() and maps.shape == (4, SIZE, SIZE)
-    # the same parts again: all of those folded in are lot members now
+    # the same parts again: those folded in are lot members now, the others were counted: nothing is written
     again = json.loads(banks("--json", "update", "grow", "--images", str(new), "--quiet").stdout)["update"]
-    assert again["already_in_lot"] == report["folded_in"]
+    assert again["already_in_lot"] == report["folded_in"] and again["already_counted"] == len(report["left_out"])
+    assert not again["written"] and client.bank_info("grow")["version"] == after["version"]
     printed = banks("update", "grow", "--images", str(new), "--quiet")
-    assert "already in its lot" in printed.stdout
+    assert "already in its lot" in printed.stdout and "(nothing written)" in printed.stdout
     with pytest.raises(ClientError, match="update takes no options"):
         client.bank_action("update", "grow", options={"alpha": 0.5})
     missing = banks("update", "nope", "--images", str(new))
