@@ -37,6 +37,7 @@ class BankWindow:
     scores: deque = field(default_factory=lambda: deque(maxlen=WINDOW))
     values: dict = field(default_factory=dict)  # statistic -> the window's values of it
     flagged: deque = field(default_factory=lambda: deque(maxlen=WINDOW))
+    keys: deque = field(default_factory=lambda: deque(maxlen=WINDOW))  # each image's key (None: not known)
     seen: int = 0
     updated: float = 0.0
 
@@ -73,20 +74,31 @@ class DriftMonitor:
         self._windows: dict = {}
         self._lock = threading.Lock()
 
-    def observe(self, bank_id: str, version: str, references: dict, scores, values: dict, flagged) -> dict:
+    def observe(self, bank_id: str, version: str, references: dict, scores, values: dict, flagged,
+                keys=None) -> dict:
         """Add the new images of one request (``values``: statistic -> their values, as ``references`` holds the
-        lot's); a new version of the bank starts a new window. Returns the summary."""
+        lot's; ``keys``: each image's ``bank.image_key``); a new version of the bank starts a new window. An image
+        already in the window (a part inspected again, a request sent again) is not added twice: the window
+        describes distinct parts, and one part repeated would fill it with one value and raise the alarm. Returns
+        the summary."""
+        keys = [None] * len(scores) if keys is None else list(keys)
         with self._lock:
             window = self._windows.get(bank_id)
             if window is None or window.version != version:
                 window = self._windows[bank_id] = BankWindow(
                     version, {k: np.asarray(v, dtype=np.float64) for k, v in references.items()},
                     values={k: deque(maxlen=WINDOW) for k in references})
-            window.scores.extend(float(s) for s in scores)
-            for name, column in window.values.items():
-                column.extend(float(v) for v in values[name])
-            window.flagged.extend(bool(f) for f in flagged)
-            window.seen += len(scores)
+            held = set(window.keys) - {None}
+            for i, key in enumerate(keys):
+                if key is not None and key in held:
+                    continue
+                held.add(key)
+                window.keys.append(key)
+                window.scores.append(float(scores[i]))
+                for name, column in window.values.items():
+                    column.append(float(values[name][i]))
+                window.flagged.append(bool(flagged[i]))
+                window.seen += 1
             window.updated = time.time()
             return window.summary()
 

@@ -34,8 +34,10 @@ DEFAULT_STATISTICS = ("map_q75", "brightness", "contrast")  # chosen on magnetic
 OOD_BUDGET = 0.005  # the share of the lot's own parts the thresholds leave outside (all statistics together)
 OOD_METHOD = "exponential_tail"  # no trimming: a lot value is never called foreign to its own lot
 # maps come back from the server as float16: a lot image's statistic read off its served map can lie this much
-# (relative) beyond the float32 value the bank was calibrated on, so the lot's own range is widened by it
+# (relative) beyond the float32 value the bank was calibrated on, so the lot's own range is widened by it; below
+# float16's smallest normal value (6.1e-5) its rounding is absolute, up to half the subnormal step
 SERVED_ROUNDING = 2.0 ** -10
+SERVED_ROUNDING_ABSOLUTE = 2.0 ** -24
 REASONS = {
     "map_q25": "nearly all of the image is unlike the lot",
     "map_median": "most of the image is unlike the lot",
@@ -125,7 +127,7 @@ def calibrate_ood(values: dict, names=DEFAULT_STATISTICS, budget: float = OOD_BU
         refs[name] = tuple(float(x) for x in np.sort(v))
         # never inside the lot's own range (as the client reads it off served maps): what the lot holds is not
         # foreign to it
-        top, bottom = (float(x) + sign * (abs(float(x)) * SERVED_ROUNDING + 1e-12)
+        top, bottom = (float(x) + sign * (abs(float(x)) * SERVED_ROUNDING + SERVED_ROUNDING_ABSOLUTE)
                        for x, sign in ((v.max(), 1), (v.min(), -1)))
         if name in TWO_SIDED:
             high[name] = max(top, calibrate(v, None, share / 2, OOD_METHOD).threshold)

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 import traceback
 import uuid
@@ -145,7 +146,10 @@ class ScoreService:
         self.telemetry = telemetry
         self._cache: OrderedDict = OrderedDict()  # bank id -> (version, Bank)
         self.drift = DriftMonitor()
-        self._persisted: dict = {}  # bank id -> (when its window was last written to the store, its alarm then)
+        # bank id -> (when its window was last written to the store, its alarm and version then)
+        self._persisted: dict = {}
+        self._deferred: dict = {}  # bank id -> the timer that writes its latest window once the interval is over
+        self._persist_lock = threading.Lock()
 
     def bank(self, bank_id: str):
         check_bank_id(bank_id)
@@ -178,16 +182,18 @@ class ScoreService:
         grid = bank.grid
         xp = self.xp
         features = Features(xp.asarray(layer_tokens), xp.asarray(patch_embeds), xp.asarray(image_embeds), grid)
-        ids = bank.query_ids([image_key(img) for img in images])
+        keys = [image_key(img) for img in images]
+        ids = bank.query_ids(keys)
         result = score_with_bank(bank, features, ids, tuple(images.shape[1:3]), self.host)
         maps, scores = K.to_numpy(result.maps).astype(np.float16), K.to_numpy(result.scores).astype(np.float32)
-        self.observe(bank, ids, maps, scores, images)
+        self.observe(bank, ids, maps, scores, images, keys)
         return maps, scores
 
     MONITOR_WRITE_S = 5.0  # a bank's window is written to the store this often per process, and when its alarm turns
 
-    def observe(self, bank, ids, maps, scores, images) -> None:
-        """The new images (not the lot's own, sent again) join the bank's drift window (``postprocess.drift``):
+    def observe(self, bank, ids, maps, scores, images, keys=None) -> None:
+        """The new images (not the lot's own, sent again, nor one already in the window) join the bank's drift
+        window (``postprocess.drift``; ``keys``: each image's ``image_key``):
         its figures go to the metrics port and, every few seconds, to the store for ``info``. Never fails a
         request: a fault here is counted and logged once."""
         if bank.manifest.ood is None:  # built before banks kept an out-of-distribution calibration
@@ -201,23 +207,49 @@ class ScoreService:
             outside, _ = calibration.outside(values)
             bank_id = bank.manifest.bank
             window = self.drift.observe(bank_id, bank.manifest.version, calibration.references, scores[new], values,
-                                        outside)
+                                        outside, None if keys is None else [k for k, n in zip(keys, new) if n])
             for q, value in window["score_quantiles"].items():
                 self.telemetry.gauge("pa_clip_bank_score_quantile", value, bank=bank_id, q=q)
             self.telemetry.gauge("pa_clip_bank_ood_rate", window["ood_rate"], bank=bank_id)
             self.telemetry.gauge("pa_clip_bank_drift", window["drift"], bank=bank_id)
             self.telemetry.gauge("pa_clip_bank_drift_alarm", float(window["alarm"]), bank=bank_id)
             self.telemetry.count("pa_clip_images_out_of_distribution_total", float(outside.sum()), bank=bank_id)
-            last, alarmed = self._persisted.get(bank_id, (-1e9, None))
-            if time.monotonic() - last >= self.MONITOR_WRITE_S or alarmed != window["alarm"]:  # an alarm at once
-                self._persisted[bank_id] = (time.monotonic(), window["alarm"])
-                self.store.write_monitor(bank_id, window)
+            self._persist_window(bank_id, window)
         except Exception as err:  # a report, not the answer: the scores stand
             self.telemetry.count("pa_clip_monitor_errors_total")
             if not getattr(self, "_monitor_error_logged", False):
                 self._monitor_error_logged = True
                 get_logger("score").warning(f"the drift window failed ({type(err).__name__}: {err}); scoring goes "
                                             "on", exc_info=True)
+
+    def _persist_window(self, bank_id: str, window: dict) -> None:
+        """Write the bank's window for ``info`` at most every ``MONITOR_WRITE_S`` (at once when its alarm turns or
+        its bank has a new version); a window held back is written by a timer when the interval is over, so that
+        the last images of a burst reach ``info`` without waiting for the next request."""
+        with self._persist_lock:
+            last, alarmed, version = self._persisted.get(bank_id, (-1e9, None, None))
+            wait = last + self.MONITOR_WRITE_S - time.monotonic()
+            if wait > 0 and alarmed == window["alarm"] and version == window["version"]:
+                if bank_id not in self._deferred:
+                    timer = threading.Timer(wait, self._write_deferred, (bank_id,))
+                    timer.daemon = True  # a report: never keeps the process alive
+                    self._deferred[bank_id] = timer
+                    timer.start()
+                return
+            self._persisted[bank_id] = (time.monotonic(), window["alarm"], window["version"])
+        self.store.write_monitor(bank_id, window)
+
+    def _write_deferred(self, bank_id: str) -> None:
+        with self._persist_lock:
+            self._deferred.pop(bank_id, None)
+            window = self.drift.summary(bank_id)
+            if window is None:
+                return
+            self._persisted[bank_id] = (time.monotonic(), window["alarm"], window["version"])
+        try:
+            self.store.write_monitor(bank_id, window)
+        except Exception:  # a report: a store that cannot take it now gets the next one
+            self.telemetry.count("pa_clip_monitor_errors_total")
 
     def check_request(self, req: dict) -> None:
         """Types, shapes and values of one request against the encoder contract, checked alone so that a bad request

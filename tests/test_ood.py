@@ -55,6 +55,15 @@ def test_a_lot_image_read_off_its_served_float16_map_is_still_inside():
     assert served[-1] > lot["map_median"][-1]  # float16 rounds it up
     assert not calibration.outside({"map_median": served})[0].any()
     assert calibration.outside({"map_median": np.array([0.09])})[0].all()
+    # a product whose maps stay below float16's smallest normal value: there its rounding is absolute
+    rng = np.random.default_rng(0)
+    maps = rng.uniform(0.5e-6, 1.5e-6, (20, 16, 16)).astype(np.float32)
+    maps[-1] *= 2.9
+    pixels = rng.integers(0, 255, (20, 16, 16, 3), dtype=np.uint8)
+    tiny = ood.calibrate_ood(ood.image_statistics(maps, pixels, ("map_q75",)), ("map_q75",))
+    served = ood.image_statistics(maps.astype(np.float16).astype(np.float32), pixels, ("map_q75",))
+    assert served["map_q75"].max() > ood.image_statistics(maps, pixels, ("map_q75",))["map_q75"].max()
+    assert not tiny.outside(served)[0].any()
 
 
 def test_a_bank_decides_a_black_frame_out_of_distribution_and_its_own_parts_not(tiny_clip_112, lot):
@@ -109,8 +118,11 @@ def test_the_scoring_service_keeps_a_drift_window_that_alarms_on_a_brightening_l
     gauge = lambda name, bank: telemetry.values[(name, (("bank", bank),))]  # noqa: E731
     assert gauge("pa_clip_bank_drift_alarm", "brighter") == 1.0 and gauge("pa_clip_bank_drift_alarm", "steady") == 0.0
     assert ("pa_clip_bank_score_quantile", (("bank", "steady"), ("q", "0.9"))) in telemetry.values
-    # the lot's own images sent again are not new: the window does not move
+    # the lot's own images sent again are not new, nor are parts the window holds: the window does not move
     service.score("steady", *tiny_clip_112.encode(lot[:4]).outputs().values(), lot[:4])
+    assert service.drift.summary("steady")["seen"] == len(fresh)
+    repeat = np.repeat(fresh[:1], 8, axis=0)
+    service.score("steady", *tiny_clip_112.encode(repeat).outputs().values(), repeat)
     assert service.drift.summary("steady")["seen"] == len(fresh)
     info = BankService(store, tiny_clip_112.fingerprint, encode_images=None).handle("info", "brighter")
     (monitor,) = info["monitors"]
@@ -139,3 +151,54 @@ def test_the_drift_alarm_reads_every_statistic_and_pays_for_reading_several():
 
     alone = ks_2samp(darker["brightness"], lot["brightness"]).pvalue
     assert dark["drift_p"] == pytest.approx(min(1.0, 3 * alone)) and dark["drift_p"] < ALARM_P
+
+
+def test_one_part_sent_over_and_over_is_one_image_of_the_window():
+    """A station that inspects one part again and again (or a client that retries) does not fill the window with one
+    value: 40 copies of one part are one image of it, and raise no alarm, where 40 distinct parts are 40."""
+    from postprocess.drift import DriftMonitor
+
+    rng = np.random.default_rng(3)
+    lot = {"map_q75": rng.normal(0.1, 0.01, 36), "brightness": rng.normal(120, 10, 36),
+           "contrast": rng.normal(30, 3, 36)}
+    one = {k: np.full(40, v[0]) for k, v in lot.items()}
+    monitor = DriftMonitor()
+    repeated = monitor.observe("b", "v1", lot, np.zeros(40), one, np.zeros(40, bool), keys=["k"] * 40)
+    assert repeated["window"] == repeated["seen"] == 1 and not repeated["alarm"]
+    again = monitor.observe("b", "v1", lot, np.zeros(2), {k: v[:2] for k, v in one.items()}, np.zeros(2, bool),
+                            keys=["k", "other"])
+    assert again["window"] == 2
+    distinct = monitor.observe("c", "v1", lot, np.zeros(40), one, np.zeros(40, bool), keys=[str(i) for i in range(40)])
+    assert distinct["window"] == 40 and distinct["alarm"]  # 40 parts that all look the same: a changed line
+
+
+def test_info_gets_the_end_of_a_burst_and_a_new_versions_window_without_another_request(tiny_clip_112, lot,
+                                                                                          tmp_path):
+    """The window goes to the store at most every MONITOR_WRITE_S; what a burst added after the first write is
+    written when the interval is over, and a new version of the bank has its window written at once."""
+    import time
+
+    from client.demo_lot import write_demo_lot
+    from client.infer import load_image
+    from postprocess.bank_store import BankStore
+    from postprocess.serving import ScoreService
+
+    folder = write_demo_lot(tmp_path / "new", n_images=24, n_defective=0, size=128, seed=12)
+    fresh = np.stack([load_image(p, 112)[1] for p in sorted(folder.glob("*.png"))])
+    store = BankStore(tmp_path / "banks")
+    scorer = LotScorer(tiny_clip_112, lot, "washer", progress=False)
+    store.save(build_bank(scorer, PAClipConfig(), "burst", tiny_clip_112.fingerprint)[0])
+    service = ScoreService(store, tiny_clip_112.fingerprint)
+    service.MONITOR_WRITE_S = 1.0
+    for start in range(0, 24, 8):
+        batch = fresh[start:start + 8]
+        service.score("burst", *tiny_clip_112.encode(batch).outputs().values(), batch)
+    assert [m["window"] for m in store.monitors("burst")] == [8]  # the first request's, at once
+    deadline = time.monotonic() + 10
+    while store.monitors("burst")[0]["window"] != 24 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert store.monitors("burst")[0]["window"] == 24  # the rest, once the interval was over
+    store.save(build_bank(scorer, PAClipConfig(alpha=0.5), "burst", tiny_clip_112.fingerprint)[0])
+    service.score("burst", *tiny_clip_112.encode(fresh[:8]).outputs().values(), fresh[:8])
+    (window,) = store.monitors("burst")  # the new version's, without waiting for the interval
+    assert window["window"] == 8 and window["version"] == store.current_version("burst")
