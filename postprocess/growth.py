@@ -88,7 +88,7 @@ def grow_bank(bank: Bank, features: Features, images, host: HostSettings = DEFAU
     # counted before: left out by an earlier update or sent twice)
     report = {"scored": len(keys), "already_in_lot": int((ids >= 0).sum()),
               "already_counted": int((ids < 0).sum()) - int(fresh.size), "folded_in": 0, "left_out": [],
-              "scores": [None] * len(keys)}
+              "scores": [None] * len(keys), "lot_size": manifest.n_images}
     if fresh.size == 0:
         return bank, report
     new = features.take(xp.asarray(fresh))

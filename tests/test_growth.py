@@ -81,7 +81,7 @@ def test_new_good_parts_are_folded_in_and_the_version_loads(tiny_clip_112, washe
     # sending the same images again counts none of them again: the folded-in ones are lot members, the left-out ones
     # were counted (their scores joined the calibration once), so nothing changes and nothing is written
     again, second = growth.grow_bank(loaded, features.take(new), images[new])
-    assert again is loaded and second["folded_in"] == 0
+    assert again is loaded and second["folded_in"] == 0 and second["lot_size"] == loaded.manifest.n_images
     assert second["already_in_lot"] == folded and second["already_counted"] == len(new) - folded
     assert all(v is None for v in second["scores"])
 
