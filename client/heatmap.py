@@ -37,6 +37,8 @@ def colorize(values: np.ndarray, low: float, high: float) -> np.ndarray:
     """(H, W) floats -> (H, W, 3) uint8, ``low`` at the cold end of the colour map, ``high`` at the hot end."""
     span = max(high - low, 1e-12)
     t = np.clip((np.asarray(values, dtype=np.float32) - low) / span, 0.0, 1.0)
+    # a pixel with no value (NaN) at the cold end: a picture of the rest rather than no picture at all
+    t = np.nan_to_num(t, nan=0.0)
     return colour_table()[np.round(t * 255).astype(np.int64)]
 
 

@@ -27,6 +27,7 @@ import argparse
 import csv
 import glob
 import json
+import math
 import re
 import sys
 import threading
@@ -50,7 +51,7 @@ from client.images import IMAGE_SUFFIXES, decode, display_copy, image_size_of, m
 from client import exits
 from client.triton_client import ClientError, PAClipClient
 from postprocess import contract as C
-from postprocess import decision as D
+from postprocess import decision as D, strict_json
 from postprocess.atomic import write_atomic
 from postprocess.bank_store import BANK_ID_PATTERN
 from postprocess.errors import RequestError
@@ -325,10 +326,33 @@ def score_all(args, loaded: list, bank: str, value_range: tuple[float, float], o
         bar.close()
         for c in clients:
             c.close()
-    results.sort(key=lambda row: (-row["score"], row["path"]))  # worst first
-    for rank, row in enumerate(results, 1):
+    return rank_rows(results), failed
+
+
+def rank_rows(rows: list[dict]) -> list[dict]:
+    """Worst first (``rank`` 1); an image whose score could not be computed (NaN) last: a NaN in the sort key would
+    leave the others out of order."""
+    rows.sort(key=lambda row: (math.isnan(row["score"]), 0.0 if math.isnan(row["score"]) else -row["score"],
+                               row["path"]))
+    for rank, row in enumerate(rows, 1):
         row["rank"] = rank
-    return results, failed
+    return rows
+
+
+def decisions_line(rows: list[dict], calibration, threshold: float | None) -> str:
+    """The summary line's decisions: counted from each row's decision (an image with no score is neither normal
+    nor anomalous), the threshold they were made at and how sure it is (provisional with a user's threshold too:
+    that level sits on the lot's calibration all the same)."""
+    counts = Counter(r.get("decision") for r in rows)
+    how = (f"automatic threshold {calibration.threshold:.4g} (false-alarm budget "
+           f"{D.percent(calibration.false_alarm_rate)})" if threshold is None else f"calibrated threshold {threshold}")
+    line = (f"; {counts['anomalous']} anomalous, {counts['normal']} normal at the {how}"
+            + (f", {counts[D.OUT_OF_DISTRIBUTION]} out of distribution" if counts[D.OUT_OF_DISTRIBUTION] else "")
+            + (f", {counts['invalid']} invalid (no score)" if counts["invalid"] else ""))
+    confidence = calibration.confidence()
+    if threshold is None:
+        return line + f"; {confidence['text']}"
+    return line + (f"; the calibration is provisional: {confidence['text']}" if confidence["provisional"] else "")
 
 
 def caption_for(name: str, row: dict, level: float | None) -> Caption:
@@ -541,18 +565,10 @@ def main(argv=None, prog: str = "client/infer.py") -> int:
         "seconds": round(elapsed, 3), "images_per_second": round(len(rows) / elapsed, 3) if elapsed > 0 else None,
         "images": rows,
     }
-    write_atomic(out / "results.json", json.dumps(report, indent=1))
+    write_atomic(out / "results.json", strict_json.dumps(report, indent=1))  # a NaN score is written null
     line = f"scored {len(rows)} images in {elapsed:.1f} s ({report['images_per_second']} img/s)"
     if decider is not None:
-        calibration = decider.calibration
-        called = sum(r["decision"] == "anomalous" for r in rows)
-        foreign = sum(r["decision"] == D.OUT_OF_DISTRIBUTION for r in rows)
-        how = (f"automatic threshold {calibration.threshold:.4g} (false-alarm budget {calibration.false_alarm_rate:.1%})"
-               if threshold is None else f"calibrated threshold {threshold}")
-        line += (f"; {called} anomalous, {len(rows) - called - foreign} normal at the {how}"
-                 + (f", {foreign} out of distribution" if foreign else ""))
-        if threshold is None:
-            line += f"; {calibration.confidence()['text']}"
+        line += decisions_line(rows, decider.calibration, threshold)
     print(f"{line}. Wrote {csv_path}" + ("" if args.no_overlays else f" and {out / 'overlays'}/"), file=sys.stderr)
     page = write_report(out, f"PA-CLIP: {len(rows)} images against bank {bank!r}", rows, skipped, failed,
                         None if decider is None else decider.raw_threshold, line)

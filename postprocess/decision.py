@@ -145,6 +145,12 @@ def conformal_cap(reference, false_alarm_rate: float) -> float:
     return quantile_threshold(reference, 0.0, false_alarm_rate)
 
 
+def percent(fraction: float) -> str:
+    """A rate as a person reads it: one decimal, more where that would show a small budget as 0.0%."""
+    text = f"{fraction:.1%}"
+    return f"{100 * fraction:.2g}%" if fraction > 0 and text == "0.0%" else text
+
+
 def images_needed(false_alarm_rate: float) -> int:
     """Reference images for a threshold at most one tail scale beyond the largest of them: (n + 1) rate >= 1/e."""
     return max(2, math.ceil(1.0 / (math.e * false_alarm_rate)) - 1)
@@ -161,6 +167,15 @@ class Calibration:
     # were left out
     reference: tuple[float, ...] = ()
     n_excluded: int = 0
+
+    def __post_init__(self):
+        if self.method in EXPONENTIAL_FROM and self.false_alarm_rate > 1.0 - EXPONENTIAL_FROM[self.method]:
+            raise DecisionError(f"the {self.method} method models the good parts' tail above the lot's "
+                                f"{EXPONENTIAL_FROM[self.method]:.0%} quantile: a budget of at most "
+                                f"{1.0 - EXPONENTIAL_FROM[self.method]:.0%}, got {self.false_alarm_rate:.1%}")
+        if not (self.n_images >= 1 and 0 <= self.n_excluded < self.n_images):
+            raise DecisionError(f"a calibration reads at least one lot image, got {self.n_images} with "
+                                f"{self.n_excluded} left out")
 
     @property
     def threshold(self) -> float:
@@ -207,8 +222,8 @@ class Calibration:
         low, high = self.realised_range()
         needed = images_needed(rate)
         provisional = n < needed
-        sentence = (f"threshold from {n} lot images at a {rate:.1%} budget: {CONFIDENCE:.0%} of such lots realise "
-                    f"{low:.1%} to {high:.1%} false alarms on new good parts")
+        sentence = (f"threshold from {n} lot images at a {percent(rate)} budget: {CONFIDENCE:.0%} of such lots "
+                    f"realise {percent(low)} to {percent(high)} false alarms on new good parts")
         if self.n_excluded:
             sentence += f" ({self.n_excluded} lot image{'s' if self.n_excluded > 1 else ''} left out as suspected " \
                         "defects)"

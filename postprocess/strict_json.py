@@ -5,6 +5,7 @@ files): a key given twice and the non-JSON constants NaN / Infinity are refused,
 from __future__ import annotations
 
 import json
+import math
 
 
 class JsonRefused(ValueError):
@@ -27,3 +28,20 @@ def _refuse_constant(name: str):
 def loads(text: str | bytes):
     """``json.loads`` that raises ``JsonRefused`` for a repeated key or NaN/Infinity (and ValueError for bad JSON)."""
     return json.loads(text, object_pairs_hook=_refuse_duplicates, parse_constant=_refuse_constant)
+
+
+def finite(value):
+    """``value`` with every non-finite float (a score that could not be computed) as None: what ``dumps`` writes."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
+
+
+def dumps(value, **kwargs) -> str:
+    """``json.dumps`` that writes JSON ``loads`` reads back: NaN and infinities as null, never the non-JSON
+    constants."""
+    return json.dumps(finite(value), allow_nan=False, **kwargs)

@@ -5,7 +5,7 @@ import csv
 import numpy as np
 import pytest
 
-from client.infer import add_decisions, parse_threshold, print_summary, write_results
+from client.infer import add_decisions, decisions_line, parse_threshold, print_summary, rank_rows, write_results
 from postprocess.decision import Decider, DecisionError, calibrate
 
 
@@ -102,3 +102,39 @@ def test_an_overlay_says_what_it_shows(tmp_path):
     path = save_panel(tmp_path / "o" / "p.png", image, amap, 0.0, 1.0, caption=caption, max_side=0)
     with Image.open(path) as saved:
         assert saved.size[0] > 2 * 1800  # 0: the original size
+
+
+def test_an_image_without_a_score_is_ranked_last_counted_apart_written_null_and_drawn(tmp_path):
+    """A score that could not be computed (NaN: decided invalid) leaves the ranking of the others intact, is neither
+    normal nor anomalous in the summary line, is null in results.json (JSON has no NaN) and its map still draws."""
+    import json
+
+    from client.heatmap import colorize
+    from postprocess import strict_json
+
+    lot = np.r_[np.linspace(0.04, 0.06, 40), 0.2]
+    decider = Decider.for_bank({"decision": calibrate(lot).to_dict()})
+    scores = [0.05, 0.041, float("nan"), 0.045, 0.3, 0.2, 0.02, 0.06]
+    rows = rank_rows([{"path": f"{i}.png", "score": s} for i, s in enumerate(scores)])
+    assert [r["score"] for r in rows[:-1]] == sorted((s for s in scores if s == s), reverse=True)
+    assert np.isnan(rows[-1]["score"]) and rows[-1]["rank"] == len(scores)
+    add_decisions(rows, decider)
+    line = decisions_line(rows, decider.calibration, None)
+    assert line.startswith("; 2 anomalous, 5 normal at the automatic threshold") and "1 invalid (no score)" in line
+    text = strict_json.dumps({"images": rows})
+    assert strict_json.loads(text)["images"][-1]["score"] is None and "NaN" not in text
+    amap = np.full((4, 4), 0.5, np.float32)
+    amap[1, 1] = np.nan
+    assert colorize(amap, 0.0, 1.0).shape == (4, 4, 3)
+
+
+def test_the_summary_line_says_provisional_with_a_users_threshold_too_and_shows_small_budgets():
+    lot = np.r_[np.linspace(0.04, 0.06, 7), 0.2]
+    small = {"decision": calibrate(lot).to_dict()}
+    rows = [{"path": "a.png", "score": 0.05}]
+    add_decisions(rows, Decider.for_bank(small, threshold_calibrated=0.7))
+    assert rows[0]["provisional"]
+    assert "provisional" in decisions_line(rows, Decider.for_bank(small, threshold_calibrated=0.7).calibration, 0.7)
+    big = {"decision": calibrate(np.linspace(0.04, 0.06, 400)).to_dict()}
+    assert "provisional" not in decisions_line(rows, Decider.for_bank(big, threshold_calibrated=0.7).calibration, 0.7)
+    assert "0.02% budget" in Decider.for_bank(big, 0.0002).calibration.confidence()["text"]

@@ -254,3 +254,22 @@ def test_a_decider_reads_the_bank_summary():
     assert strict.decide(decider.raw_threshold + 1e-4)["decision"] == "normal"
     assert Decider.for_bank({}) is None
     assert Decider.for_bank({"decision": info["decision"]}).rescore_weight == 0.0
+
+
+def test_a_calibration_refuses_a_budget_its_tail_model_cannot_reach_and_counts_that_read_nothing():
+    """trimmed_tail and exponential_tail model the tail above the lot's 75th percentile: a budget past 25% was
+    silently read as 25%; and a calibration's image counts must leave it at least one image to read."""
+    from postprocess.decision import Calibration
+
+    lot = np.linspace(0.04, 0.06, 40)
+    for method in ("trimmed_tail", "exponential_tail"):
+        assert calibrate(lot, None, 0.25, method).threshold > 0
+        with pytest.raises(DecisionError, match="a budget of at most 25%"):
+            calibrate(lot, None, 0.3, method)
+        with pytest.raises(DecisionError, match="a budget of at most 25%"):
+            Calibration.from_dict(calibrate(lot, None, 0.05, method).to_dict()).with_rate(0.45)
+    assert calibrate(lot, None, 0.45).threshold < calibrate(lot, None, 0.3).threshold  # the quartile model reaches it
+    good = calibrate(lot).to_dict()
+    for broken in ({"n_images": 0}, {"n_images": -5}, {"n_excluded": -3}, {"n_excluded": 100}):
+        with pytest.raises(DecisionError, match="at least one lot image"):
+            Calibration.from_dict({**good, **broken})
