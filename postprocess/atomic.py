@@ -30,6 +30,8 @@ def temp_name(name: str) -> str:
 
 
 def pid_alive(pid: int) -> bool:
+    if pid <= 0:  # no process's pid (0 and -1 would ask about a whole group, or every process)
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import json
+import math
 import os
 import re
 import shutil
@@ -31,8 +32,8 @@ import numpy as np
 from . import kernels as K
 from . import strict_json
 from .atomic import HOST, fsync_dir, is_dead_leftover, owner_gone, temp_name, write_atomic
-from .bank import (Bank, BankError, BankFormatError, BankManifest, check_encoder, check_manifest, check_tensors,
-                   damaged, tensor_record)
+from .bank import (Bank, BankDamaged, BankError, BankFormatError, BankManifest, check_encoder, check_manifest,
+                   check_tensors, damaged, tensor_record)
 from .contract import IMAGES, VISION_OUTPUTS, Features
 from .errors import ServerBusy
 
@@ -340,8 +341,18 @@ class BankStore:
 
     def load(self, bank_id: str, encoder: dict | None = None) -> Bank:
         """The live version, verified: manifest fields, file digests, every tensor against the manifest. Damage is a
-        ``BankDamaged`` naming the bank, the version and what is wrong; nothing damaged is ever scored with."""
-        version, folder = self._live(bank_id)
+        ``BankDamaged`` naming the bank, the version and what is wrong; nothing damaged is ever scored with. A
+        version that a new one replaced, and a prune or the next save removed, while it was being read is not
+        damage: the version CURRENT names now is read instead."""
+        for attempt in range(3):
+            version, folder = self._live(bank_id)
+            try:
+                return self._load_version(bank_id, version, folder, encoder)
+            except BankDamaged:
+                if attempt == 2 or self.current_version(bank_id) == version:
+                    raise
+
+    def _load_version(self, bank_id: str, version: str, folder: Path, encoder: dict | None) -> Bank:
         manifest = self._read_manifest(bank_id, version, folder)  # refuses formats it cannot read
         check_encoder(manifest, encoder)
         self._check_files(manifest, bank_id, version, folder)
@@ -405,6 +416,9 @@ class BankStore:
             return
         if not folder.exists():
             raise self._missing(bank_id)
+        if (holder := self.build_holder(bank_id)) is not None:  # the build would write the bank back when done
+            raise BankError(f"bank {bank_id!r} is being built right now ({_described_holder(holder)}): delete it "
+                            "after the build finishes")
         trash = self.root / f".trash-{bank_id}-{uuid.uuid4().hex[:8]}"
         os.replace(folder, trash)  # gone for readers at once
         shutil.rmtree(trash, ignore_errors=True)
@@ -413,7 +427,7 @@ class BankStore:
         """Remove what interrupted writes left behind and lots that were never built: only what provably has no
         live writer (another replica's build in progress stays). Returns what it removed."""
         # renamed away already (deleted banks, taken-over build locks): nobody reads or writes them
-        leftovers = [*self.root.glob(".trash-*"), *self.root.glob("*/.trash-lock-*")]
+        leftovers = [*self.root.glob(".trash-*"), *self.root.glob("*/.trash-lock-*"), *self.root.glob("*/.trash-lot-*")]
         leftovers += [p for p in [*self.root.glob("*/.tmp-*"), *self.root.glob("*/lot/.tmp-*")]
                       if is_dead_leftover(p, self.STALE_AFTER_S)]
         for path in leftovers:
@@ -430,9 +444,15 @@ class BankStore:
         folder = self._own_dir(bank_id)
         folder.mkdir(exist_ok=True)
         lock = folder / ".build-lock"
+        # the lock appears with its holder written in it (a complete file linked into place, which fails if a lock
+        # exists): a crash can never leave an empty lock that reads as a live build forever
+        holder_file = folder / temp_name(f"build-lock-{uuid.uuid4().hex[:8]}")
+        holder_file.write_text(json.dumps({"host": HOST, "pid": os.getpid(), "started": time.time(),
+                                           "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}))
         for attempt in range(2):
             try:
-                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                os.link(holder_file, lock)
+                holder_file.unlink()
                 break
             except FileExistsError:
                 holder = self._lock_holder(lock)
@@ -444,11 +464,9 @@ class BankStore:
                     except FileNotFoundError:
                         pass
                     continue
+                holder_file.unlink(missing_ok=True)
                 raise BankError(f"a build of bank {bank_id!r} is in progress ({_described_holder(holder)}): wait "
                                 "for it to finish, or build under another bank id") from None
-        with os.fdopen(fd, "w") as f:
-            json.dump({"host": HOST, "pid": os.getpid(), "started": time.time(),
-                       "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, f)
         try:
             yield
         finally:
@@ -469,12 +487,25 @@ class BankStore:
         return owner_gone(holder.get("host", ""), int(holder.get("pid", 0)), float(holder.get("started", 0)),
                           self.STALE_AFTER_S)
 
+    LOCK_UNREADABLE_GRACE_S = 60.0  # an unreadable lock this old is damage, not a holder still writing it
+
     @staticmethod
     def _lock_holder(lock: Path) -> dict:
         try:
-            return json.loads(lock.read_text())
-        except (OSError, ValueError):  # being written right now, or gone: treat as a live holder
-            return {"host": HOST, "pid": os.getpid(), "started": time.time()}
+            holder = json.loads(lock.read_text())
+            if isinstance(holder, dict):
+                return holder
+        except (OSError, ValueError):
+            pass
+        # a lock is written whole before it appears; an empty or garbled one was left by a crash (or a server
+        # that wrote locks in two steps, for the moment it took): live only while it is that new
+        try:
+            age = time.time() - lock.stat().st_mtime
+        except OSError:  # gone meanwhile
+            age = math.inf
+        if age > BankStore.LOCK_UNREADABLE_GRACE_S:
+            return {"host": HOST, "pid": -1, "started": 0.0, "unreadable": True}
+        return {"host": HOST, "pid": os.getpid(), "started": time.time()}
 
     # -- the pending lot --------------------------------------------------------------------------------------
     def _lot(self, bank_id: str) -> Path:
@@ -488,9 +519,11 @@ class BankStore:
         if (holder := self.build_holder(bank_id)) is not None:
             raise BankError(f"bank {bank_id!r} is being built right now ({_described_holder(holder)}): add these "
                             "images after the build finishes, or to another bank id")
-        self.check_room(images.nbytes + sum(int(a.nbytes) for a in features.outputs().values()))
+        adding = images.nbytes + sum(int(a.nbytes) for a in features.outputs().values())
+        # a lot started over frees what it replaces
+        self.check_room(adding - (_bytes_under(lot) if reset and lot.is_dir() and not lot.is_symlink() else 0))
         if reset and lot.exists():
-            shutil.rmtree(lot)
+            self._remove_lot(lot)
         lot.mkdir(parents=True, exist_ok=True)
         parts = sorted(lot.glob("part-*.safetensors"))
         if parts:
@@ -502,11 +535,36 @@ class BankStore:
                 raise BankError(f"the pending lot of bank {bank_id!r} holds images of another size (patch grid "
                                 f"{tuple(json.loads(meta['grid']))}, these give {tuple(features.grid)}): a lot is "
                                 "encoded at one size; resize them like the first part, or start over with reset")
-        index = 1 + max([int(p.stem.split("-")[1]) for p in parts], default=-1)
-        _save_tensors(lot / f"part-{index:06d}.safetensors", {
+        # written whole under a temporary name, then linked in under a name no other part has had (its index,
+        # then random bits): two adds at once never overwrite each other's part, and a build that clears the
+        # parts it read never removes one added after it by a name reused
+        staged = lot / temp_name(f"part-{uuid.uuid4().hex[:8]}.safetensors")
+        _save_tensors(staged, {
             IMAGES: images, **{name: K.to_numpy(array) for name, array in features.outputs().items()},
         }, metadata={"category": category, "grid": json.dumps(list(features.grid))})
+        try:
+            index = 1 + max([int(p.stem.split("-")[1]) for p in parts], default=-1)
+            while True:
+                try:
+                    os.link(staged, lot / f"part-{index:06d}-{uuid.uuid4().hex[:8]}.safetensors")
+                    break
+                except FileExistsError:
+                    index += 1
+        finally:
+            staged.unlink(missing_ok=True)
+        fsync_dir(lot)
         return self.lot_size(bank_id)
+
+    @staticmethod
+    def _remove_lot(lot: Path) -> None:
+        """Gone at once for readers (renamed away, then removed): a crash midway never leaves part of it to be
+        built as if it were the whole."""
+        trash = lot.parent / f".trash-lot-{uuid.uuid4().hex[:8]}"
+        try:
+            os.replace(lot, trash)
+        except FileNotFoundError:
+            return
+        shutil.rmtree(trash, ignore_errors=True)
 
     def lot_size(self, bank_id: str) -> int:
         return sum(_load_tensors_meta(p)[0][IMAGES]["shape"][0]
@@ -529,12 +587,14 @@ class BankStore:
         """Remove the pending lot, or only ``parts`` of it (what a build read: a part added since stays)."""
         lot = self._lot(bank_id)
         if parts is None:
-            shutil.rmtree(lot, ignore_errors=True)
+            self._remove_lot(lot)
             return
         for part in parts:
             part.unlink(missing_ok=True)
-        if not any(lot.glob("part-*.safetensors")):
-            shutil.rmtree(lot, ignore_errors=True)
+        try:
+            lot.rmdir()  # only when nothing is left: a part written meanwhile keeps it
+        except OSError:
+            pass
 
     def pending_lots(self) -> list[dict]:
         """Lots added but not (successfully) built: visible, with when they expire."""

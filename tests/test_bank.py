@@ -651,6 +651,107 @@ def test_one_build_at_a_time_per_host_and_no_add_into_a_lot_being_built(tiny, lo
     assert service.handle("build", "washer")["n_images"] == 3 and not (tmp_path / "washer" / "lot").exists()
 
 
+def test_a_build_lock_is_never_left_empty_and_an_empty_one_from_a_crash_expires(tiny, lot, tmp_path):
+    """The lock appears with its holder written in it; an empty lock (left by a server that wrote it in two steps
+    and died between them) blocked the bank for good: it is a live holder only while it is that new."""
+    from postprocess.atomic import pid_alive
+
+    store = BankStore(tmp_path)
+    folder = tmp_path / "washer"
+    folder.mkdir()
+    lock = folder / ".build-lock"
+    with store.building("washer"):
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+        assert not [p for p in folder.iterdir() if p.name.startswith(".tmp-")]  # the holder was linked, not copied
+    folder.mkdir(exist_ok=True)  # a build that wrote nothing leaves no folder
+    lock.write_text("")
+    with pytest.raises(BankError, match="in progress"):  # just written: maybe its writer is still at it
+        with store.building("washer"):
+            pass
+    old = time.time() - 2 * BankStore.LOCK_UNREADABLE_GRACE_S
+    os.utime(lock, (old, old))
+    assert store.build_holder("washer") is None
+    with store.building("washer"):
+        pass
+    assert not pid_alive(0) and not pid_alive(-1)  # never a group, or every process, taken for a holder
+
+
+def test_a_bank_being_built_is_not_deleted_and_a_lot_started_over_frees_what_it_replaces(tiny, lot, tmp_path):
+    """A delete during a build was undone by the build writing the bank back; a store with room for one lot refused
+    to take it again from the start (the old lot, about to go, was counted)."""
+    store = BankStore(tmp_path)
+    store.add_to_lot("washer", "washer", lot[:2], tiny.encode(lot[:2]))
+    with store.building("washer"):
+        with pytest.raises(BankError, match="being built right now"):
+            store.delete("washer")
+    store.delete("washer")
+    tight = BankStore(tmp_path / "tight")
+    tight.add_to_lot("washer", "washer", lot[:4], tiny.encode(lot[:4]))
+    tight.max_bytes = tight.total_bytes() + 1000
+    tight.add_to_lot("washer", "washer", lot[:4], tiny.encode(lot[:4]), reset=True)
+    assert tight.lot_size("washer") == 4
+
+
+def test_parts_added_at_once_are_both_kept_and_a_build_clears_only_the_parts_it_read(tiny, lot, tmp_path,
+                                                                                    monkeypatch):
+    """Two adds at once (the bank model runs two instances) once chose the same part name and the second replaced
+    the first; a build's clear of the parts it read removed a part added after it under a name reused."""
+    import threading
+
+    store = BankStore(tmp_path)
+    features = tiny.encode(lot[:4])
+    both_written = threading.Barrier(2, timeout=30)
+    real = store_module._save_tensors
+
+    def written_then_wait(path, tensors, metadata=None):  # both parts written before either is named
+        real(path, tensors, metadata)
+        both_written.wait()
+
+    monkeypatch.setattr(store_module, "_save_tensors", written_then_wait)
+    threads = [threading.Thread(target=store.add_to_lot, args=("washer", "washer", lot[i:i + 2],
+                                                                features.take(slice(i, i + 2))))
+               for i in (0, 2)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    monkeypatch.setattr(store_module, "_save_tensors", real)
+    assert store.lot_size("washer") == 4
+    # a build read the lot; meanwhile the lot was started over: the new part stays when the build clears its own
+    _, _, _, parts = store.load_lot("washer")
+    store.add_to_lot("washer", "washer", lot[:3], tiny.encode(lot[:3]), reset=True)
+    store.clear_lot("washer", parts)
+    assert store.lot_size("washer") == 3
+
+
+def test_starting_a_lot_over_is_all_or_nothing_and_a_reader_follows_current_past_a_removed_version(
+        scorer, tiny, lot, tmp_path, monkeypatch):
+    """A crash while an add with reset removed the old lot left part of it, later built as if whole; a version
+    removed (by a prune or the next save) while a reader had just read CURRENT was reported as damage."""
+    store = BankStore(tmp_path)
+    for i in range(0, 8, 2):
+        store.add_to_lot("washer", "washer", lot[i:i + 2], tiny.encode(lot[i:i + 2]))
+
+    def killed(path, *args, **kwargs):
+        raise KeyboardInterrupt("killed while removing the old lot")
+
+    monkeypatch.setattr(store_module.shutil, "rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        store.add_to_lot("washer", "washer", lot[:2], tiny.encode(lot[:2]), reset=True)
+    monkeypatch.undo()
+    assert store.pending_lots() == []  # none of the old lot is left to build
+    assert any(".trash-lot-" in p for p in store.clean())
+    bank = build_bank(scorer, PAClipConfig(), "washer", tiny.fingerprint)[0]
+    first = store.save(bank)
+    stale = (first, tmp_path / "washer" / first)
+    second = store.save(build_bank(scorer, PAClipConfig(alpha=0.5), "washer", tiny.fingerprint)[0])
+    import shutil
+
+    shutil.rmtree(stale[1])  # what a prune does to the version that was live a moment ago
+    live = store._live
+    calls = iter([stale])
+    monkeypatch.setattr(store, "_live", lambda bank_id: next(calls, None) or live(bank_id))
+    assert store.load("washer", tiny.fingerprint).manifest.version == second
+
+
 def test_clean_removes_only_leftovers_whose_owner_is_gone(tmp_path):
     from postprocess.atomic import HOST
 
@@ -749,5 +850,5 @@ def test_a_store_limit_refuses_adds_and_builds_past_it(tiny, lot, tmp_path):
     assert store.current_version("washer") is None and store.lot_size("washer") == len(lot)  # lot kept
     store.max_bytes = held  # nothing more fits: a further add is refused before it touches the lot
     with pytest.raises(store_module.StoreFull, match="delete banks you no longer need"):
-        service.handle("add", "washer", "washer", lot, {"reset": True})
+        service.handle("add", "washer", "washer", lot)
     assert store.lot_size("washer") == len(lot) and store.total_bytes() == held
