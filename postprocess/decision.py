@@ -146,9 +146,10 @@ def conformal_cap(reference, false_alarm_rate: float) -> float:
 
 
 def percent(fraction: float) -> str:
-    """A rate as a person reads it: one decimal, more where that would show a small budget as 0.0%."""
+    """A rate as a person reads it: one decimal, two significant digits where that would show a budget of 0.001%
+    or more as 0.0% (below that, 0.0% is what it is: a realised rate of 2e-7 reads 0.0%)."""
     text = f"{fraction:.1%}"
-    return f"{100 * fraction:.2g}%" if fraction > 0 and text == "0.0%" else text
+    return f"{100 * fraction:.2g}%" if text == "0.0%" and fraction >= 1e-5 else text
 
 
 def images_needed(false_alarm_rate: float) -> int:
