@@ -87,6 +87,23 @@ def _save_tensors(path: Path, tensors: dict, metadata: dict | None = None) -> No
                                                  metadata=metadata))
 
 
+def _place_exclusive(source: Path, target: Path) -> None:
+    """Move the complete file ``source`` to ``target``, unless ``target`` exists (``FileExistsError``): a hard link
+    (the name appears with the whole file behind it), or, on a file system without hard links, the name taken
+    empty first and the file renamed over it (a reader may meet it empty for that moment)."""
+    try:
+        os.link(source, target)
+    except FileExistsError:
+        raise
+    except OSError as err:
+        if err.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+            raise
+        os.close(os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        os.replace(source, target)
+        return
+    source.unlink()
+
+
 def file_digest(path: Path) -> str:
     """SHA-256 of a file, read in chunks (a bank may not fit in memory twice)."""
     import hashlib
@@ -451,8 +468,7 @@ class BankStore:
                                            "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}))
         for attempt in range(2):
             try:
-                os.link(holder_file, lock)
-                holder_file.unlink()
+                _place_exclusive(holder_file, lock)
                 break
             except FileExistsError:
                 holder = self._lock_holder(lock)
@@ -546,7 +562,7 @@ class BankStore:
             index = 1 + max([int(p.stem.split("-")[1]) for p in parts], default=-1)
             while True:
                 try:
-                    os.link(staged, lot / f"part-{index:06d}-{uuid.uuid4().hex[:8]}.safetensors")
+                    _place_exclusive(staged, lot / f"part-{index:06d}-{uuid.uuid4().hex[:8]}.safetensors")
                     break
                 except FileExistsError:
                     index += 1

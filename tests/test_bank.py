@@ -676,6 +676,25 @@ def test_a_build_lock_is_never_left_empty_and_an_empty_one_from_a_crash_expires(
     assert not pid_alive(0) and not pid_alive(-1)  # never a group, or every process, taken for a holder
 
 
+def test_a_store_on_a_file_system_without_hard_links_still_locks_and_adds(tiny, lot, tmp_path, monkeypatch):
+    import errno
+
+    def no_links(source, target):
+        raise OSError(errno.EPERM, "Operation not permitted", str(target))
+
+    monkeypatch.setattr(store_module.os, "link", no_links)
+    store = BankStore(tmp_path)
+    store.add_to_lot("washer", "washer", lot[:2], tiny.encode(lot[:2]))
+    store.add_to_lot("washer", "washer", lot[2:4], tiny.encode(lot[2:4]))
+    assert store.lot_size("washer") == 4
+    with store.building("washer"):
+        assert json.loads((tmp_path / "washer" / ".build-lock").read_text())["pid"] == os.getpid()
+        with pytest.raises(BankError, match="in progress"):
+            with store.building("washer"):
+                pass
+    assert not [p for p in (tmp_path / "washer").rglob(".tmp-*")]
+
+
 def test_a_bank_being_built_is_not_deleted_and_a_lot_started_over_frees_what_it_replaces(tiny, lot, tmp_path):
     """A delete during a build was undone by the build writing the bank back; a store with room for one lot refused
     to take it again from the start (the old lot, about to go, was counted)."""
