@@ -228,6 +228,8 @@ class BankStore:
         if not folder.is_dir():
             return
         monitor = folder / "monitor"
+        if monitor.is_symlink():  # a report is never written through a link out of the store
+            return
         monitor.mkdir(exist_ok=True)
         write_atomic(monitor / f"{HOST}-{os.getpid()}.json", json.dumps(summary))
 
@@ -398,6 +400,7 @@ class BankStore:
         self.check_room(bank.nbytes)  # the arrays are stored as they are held: their bytes are the file's
         folder = self._own_dir(bank_id)
         folder.mkdir(exist_ok=True)
+        fsync_dir(self.root)  # a new bank's folder survives a power loss with what is written in it
         # unique across replicas on a shared volume: the host's name, then 48 random bits
         version = f"v-{time.strftime('%Y%m%dT%H%M%S')}-{HOST}-{uuid.uuid4().hex[:12]}"
         staging = folder / temp_name(version)
@@ -525,7 +528,11 @@ class BankStore:
 
     # -- the pending lot --------------------------------------------------------------------------------------
     def _lot(self, bank_id: str) -> Path:
-        return self._own_dir(bank_id) / "lot"
+        lot = self._own_dir(bank_id) / "lot"
+        if lot.is_symlink():  # written, read and removed through: never out of the store
+            raise BankError(f"the pending lot of bank {bank_id!r} is a symbolic link in the store, not a folder of "
+                            f"its own: remove {lot} and add the lot again")
+        return lot
 
     def add_to_lot(self, bank_id: str, category: str, images: np.ndarray, features: Features,
                    reset: bool = False) -> int:
@@ -541,6 +548,8 @@ class BankStore:
         if reset and lot.exists():
             self._remove_lot(lot)
         lot.mkdir(parents=True, exist_ok=True)
+        fsync_dir(lot.parent)
+        fsync_dir(self.root)
         parts = sorted(lot.glob("part-*.safetensors"))
         if parts:
             _, meta = _load_tensors_meta(parts[0])
@@ -616,7 +625,7 @@ class BankStore:
         """Lots added but not (successfully) built: visible, with when they expire."""
         out = []
         for lot in sorted(self.root.glob("*/lot")):
-            if lot.parent.is_symlink() or not BANK_ID_PATTERN.fullmatch(lot.parent.name):
+            if lot.is_symlink() or lot.parent.is_symlink() or not BANK_ID_PATTERN.fullmatch(lot.parent.name):
                 continue
             parts = sorted(lot.glob("part-*.safetensors"))
             if not parts:

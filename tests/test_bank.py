@@ -695,6 +695,24 @@ def test_a_store_on_a_file_system_without_hard_links_still_locks_and_adds(tiny, 
     assert not [p for p in (tmp_path / "washer").rglob(".tmp-*")]
 
 
+def test_a_lot_or_monitor_folder_that_is_a_link_is_never_written_through(tiny, lot, tmp_path):
+    store = BankStore(tmp_path / "store")
+    store.add_to_lot("washer", "washer", lot[:2], tiny.encode(lot[:2]))
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    lot_dir = tmp_path / "store" / "washer" / "lot"
+    import shutil
+
+    shutil.rmtree(lot_dir)
+    lot_dir.symlink_to(outside)
+    with pytest.raises(BankError, match="is a symbolic link in the store"):
+        store.add_to_lot("washer", "washer", lot[:2], tiny.encode(lot[:2]))
+    assert store.pending_lots() == [] and store.clean() == []  # not listed as a lot, nothing removed through it
+    (tmp_path / "store" / "washer" / "monitor").symlink_to(outside)
+    store.write_monitor("washer", {"window": 1})
+    assert list(outside.iterdir()) == []
+
+
 def test_a_bank_being_built_is_not_deleted_and_a_lot_started_over_frees_what_it_replaces(tiny, lot, tmp_path):
     """A delete during a build was undone by the build writing the bank back; a store with room for one lot refused
     to take it again from the start (the old lot, about to go, was counted)."""
