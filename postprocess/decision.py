@@ -170,10 +170,7 @@ class Calibration:
     n_excluded: int = 0
 
     def __post_init__(self):
-        if self.method in EXPONENTIAL_FROM and self.false_alarm_rate > 1.0 - EXPONENTIAL_FROM[self.method]:
-            raise DecisionError(f"the {self.method} method models the good parts' tail above the lot's "
-                                f"{EXPONENTIAL_FROM[self.method]:.0%} quantile: a budget of at most "
-                                f"{1.0 - EXPONENTIAL_FROM[self.method]:.0%}, got {self.false_alarm_rate:.1%}")
+        check_tail_reach(self.method, self.false_alarm_rate)  # refused when made, not when first decided with
         if not (self.n_images >= 1 and 0 <= self.n_excluded < self.n_images):
             raise DecisionError(f"a calibration reads at least one lot image, got {self.n_images} with "
                                 f"{self.n_excluded} left out")
@@ -274,12 +271,21 @@ def check_calibrated_threshold(value) -> float:
     return value
 
 
+def check_tail_reach(method: str, false_alarm_rate: float) -> None:
+    """An exponential tail model describes the scores above the lot's quantile where it starts: a budget past that
+    fraction is not one it can spend (it was read as that fraction)."""
+    if method in EXPONENTIAL_FROM and false_alarm_rate > 1.0 - EXPONENTIAL_FROM[method]:
+        raise DecisionError(f"the {method} method models the good parts' tail above the lot's "
+                            f"{EXPONENTIAL_FROM[method]:.0%} quantile: a budget of at most "
+                            f"{1.0 - EXPONENTIAL_FROM[method]:.0%}, got {false_alarm_rate:.1%}")
+
+
 def threshold_for(centre: float, spread: float, false_alarm_rate: float, method: str) -> float:
     """The parametric methods: Gaussian ones centre + z * spread; exponential ones centre (where the tail starts)
     + spread * ln(tail fraction / rate)."""
     if method in EXPONENTIAL_FROM:
-        tail = 1.0 - EXPONENTIAL_FROM[method]
-        return float(centre + spread * math.log(tail / min(false_alarm_rate, tail)))
+        check_tail_reach(method, false_alarm_rate)
+        return float(centre + spread * math.log((1.0 - EXPONENTIAL_FROM[method]) / false_alarm_rate))
     return float(centre + norm.ppf(1.0 - false_alarm_rate) * spread)
 
 

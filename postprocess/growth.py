@@ -169,7 +169,7 @@ def grow_bank(bank: Bank, features: Features, images, host: HostSettings = DEFAU
     # the lot's scores as they now are: a part left out never joined the lot
     summary_scores = np.concatenate([np.asarray(calibration.reference or [manifest.lot_scores["median"]]),
                                      scores[accepted]])
-    left_out_keys = tuple(keys[int(fresh[j])] for j in range(fresh.size) if j not in set(accepted.tolist()))
+    left_out_keys = tuple(keys[int(i)] for i in np.delete(fresh, accepted))
     ood = manifest.ood
     if ood is not None and accepted.size:  # the folded-in images' statistics join the lot's
         held = OodCalibration.from_dict(ood)
