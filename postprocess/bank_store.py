@@ -17,7 +17,6 @@ from __future__ import annotations
 import errno
 import fcntl
 import json
-import math
 import os
 import re
 import shutil
@@ -474,15 +473,11 @@ class BankStore:
                 _place_exclusive(holder_file, lock)
                 break
             except FileExistsError:
-                holder = self._lock_holder(lock)
+                holder, identity = self._read_lock(lock)
                 if attempt == 0 and self._holder_gone(holder):
-                    trash = folder / f".trash-lock-{uuid.uuid4().hex[:8]}"
-                    try:  # a dead build's lock: move it away (atomically: only one replica wins) and try again
-                        os.replace(lock, trash)
-                        trash.unlink()
-                    except FileNotFoundError:
-                        pass
-                    continue
+                    if self._take_over(lock, identity):
+                        continue
+                    holder = self._lock_holder(lock)
                 holder_file.unlink(missing_ok=True)
                 raise BankError(f"a build of bank {bank_id!r} is in progress ({_described_holder(holder)}): wait "
                                 "for it to finish, or build under another bank id") from None
@@ -509,22 +504,50 @@ class BankStore:
     LOCK_UNREADABLE_GRACE_S = 60.0  # an unreadable lock this old is damage, not a holder still writing it
 
     @staticmethod
-    def _lock_holder(lock: Path) -> dict:
+    def _take_over(lock: Path, identity: tuple | None) -> bool:
+        """Move away the dead build's lock that was read as ``identity`` (device, inode); False when the lock moved
+        was another one: a replica that judged the same dead lock took it over first and placed its own, which is
+        then put back (without this check both replicas built, each having removed the other's lock)."""
+        trash = lock.with_name(f".trash-lock-{uuid.uuid4().hex[:8]}")
         try:
-            holder = json.loads(lock.read_text())
+            os.replace(lock, trash)
+        except FileNotFoundError:  # removed meanwhile: the name is free to try
+            return True
+        moved = trash.stat()
+        if identity is not None and (moved.st_dev, moved.st_ino) == identity:
+            trash.unlink()
+            return True
+        try:
+            _place_exclusive(trash, lock)
+        except FileExistsError:  # a third replica took the name meanwhile: its lock stands, this one is spent
+            trash.unlink(missing_ok=True)
+        return False
+
+    @staticmethod
+    def _lock_holder(lock: Path) -> dict:
+        return BankStore._read_lock(lock)[0]
+
+    @staticmethod
+    def _read_lock(lock: Path) -> tuple[dict, tuple | None]:
+        """(holder, (device, inode) of the lock file read, None when it was gone)."""
+        try:
+            with open(lock, "rb") as f:
+                stat = os.fstat(f.fileno())
+                text = f.read()
+        except OSError:  # gone meanwhile
+            return {"host": HOST, "pid": -1, "started": 0.0, "unreadable": True}, None
+        identity = (stat.st_dev, stat.st_ino)
+        try:
+            holder = json.loads(text)
             if isinstance(holder, dict):
-                return holder
-        except (OSError, ValueError):
+                return holder, identity
+        except ValueError:
             pass
         # a lock is written whole before it appears; an empty or garbled one was left by a crash (or a server
         # that wrote locks in two steps, for the moment it took): live only while it is that new
-        try:
-            age = time.time() - lock.stat().st_mtime
-        except OSError:  # gone meanwhile
-            age = math.inf
-        if age > BankStore.LOCK_UNREADABLE_GRACE_S:
-            return {"host": HOST, "pid": -1, "started": 0.0, "unreadable": True}
-        return {"host": HOST, "pid": os.getpid(), "started": time.time()}
+        if time.time() - stat.st_mtime > BankStore.LOCK_UNREADABLE_GRACE_S:
+            return {"host": HOST, "pid": -1, "started": 0.0, "unreadable": True}, identity
+        return {"host": HOST, "pid": os.getpid(), "started": time.time()}, identity
 
     # -- the pending lot --------------------------------------------------------------------------------------
     def _lot(self, bank_id: str) -> Path:

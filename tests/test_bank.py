@@ -614,6 +614,39 @@ def test_replicas_on_one_store_build_one_bank_id_at_a_time(scorer, tiny, lot, tm
     assert not list((tmp_path / "washer").glob(".trash-lock-*"))  # taken-over locks leave nothing behind
 
 
+def test_two_replicas_taking_over_one_dead_lock_do_not_both_build(tmp_path, monkeypatch):
+    """Two replicas judge the same dead build's lock; the first moves it away and places its own. The second must
+    not then move the first's lock away as if it were the dead one (both built, each without a lock)."""
+    from postprocess.bank_store import HOST
+
+    store = BankStore(tmp_path)
+    folder = tmp_path / "washer"
+    folder.mkdir()
+    lock = folder / ".build-lock"
+    lock.write_text(json.dumps({"host": HOST, "pid": _dead_pid(), "started": time.time()}))
+    first = {"host": HOST, "pid": os.getpid(), "started": time.time(), "replica": "first"}
+    read_lock = BankStore._read_lock
+    raced = []
+
+    def judged_dead_then_the_first_replica_took_over(path):
+        result = read_lock(path)
+        if not raced:  # between this replica's reading and its moving: the first takes the lock over
+            raced.append(True)
+            placed = folder / ".first-holder"
+            placed.write_text(json.dumps(first))
+            lock.unlink()
+            os.link(placed, lock)
+            placed.unlink()
+        return result
+
+    monkeypatch.setattr(BankStore, "_read_lock", staticmethod(judged_dead_then_the_first_replica_took_over))
+    with pytest.raises(BankError, match="in progress"):
+        with store.building("washer"):
+            pass
+    assert raced and json.loads(lock.read_text()) == first  # the first replica's lock stands, where it was
+    assert sorted(p.name for p in folder.iterdir()) == [".build-lock"]  # nothing moved aside is left behind
+
+
 def test_one_build_at_a_time_per_host_and_no_add_into_a_lot_being_built(tiny, lot, tmp_path):
     import subprocess
     import sys
