@@ -106,3 +106,11 @@ class DriftMonitor:
         with self._lock:
             window = self._windows.get(bank_id)
             return None if window is None else window.summary()
+
+    def bank_ids(self) -> list[str]:
+        with self._lock:
+            return list(self._windows)
+
+    def forget(self, bank_id: str) -> None:
+        with self._lock:
+            self._windows.pop(bank_id, None)

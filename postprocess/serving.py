@@ -150,10 +150,14 @@ class ScoreService:
         self._persisted: dict = {}
         self._deferred: dict = {}  # bank id -> the timer that writes its latest window once the interval is over
         self._persist_lock = threading.Lock()
+        self._swept = time.monotonic()  # when the windows were last checked for deleted banks
 
     def bank(self, bank_id: str):
         check_bank_id(bank_id)
+        self.forget_deleted()
         version = self.store.current_version(bank_id)
+        if version is None:
+            self.forget(bank_id)  # deleted (the load below says so to the request)
         cached = self._cache.get(bank_id)
         if cached is not None and cached[0] == version:
             self._cache.move_to_end(bank_id)
@@ -167,6 +171,34 @@ class ScoreService:
             self._cache.popitem(last=False)
         self.telemetry.gauge("pa_clip_bank_cache_bytes", self.cached_bytes())
         return bank
+
+    DELETED_SWEEP_S = 5.0  # how often a request checks that the banks with drift windows are still in the store
+
+    def forget(self, bank_id: str) -> None:
+        """Drop what this process holds of a bank that is gone: the loaded bank, its drift window (no timer writes
+        it back) and its drift gauges, which would otherwise stay on /metrics at their last values."""
+        self._cache.pop(bank_id, None)
+        self.drift.forget(bank_id)
+        with self._persist_lock:
+            self._persisted.pop(bank_id, None)
+            timer = self._deferred.pop(bank_id, None)
+        if timer is not None:
+            timer.cancel()
+        self.telemetry.drop_gauges(bank=bank_id)
+
+    def forget_deleted(self) -> None:
+        """Forget the banks with drift windows that were deleted (by another instance or process: the store is the
+        only witness), checked at most every ``DELETED_SWEEP_S``."""
+        if time.monotonic() - self._swept < self.DELETED_SWEEP_S:
+            return
+        self._swept = time.monotonic()
+        for bank_id in self.drift.bank_ids():
+            try:
+                gone = self.store.current_version(bank_id) is None
+            except BankError:  # damaged, not deleted: its requests say so
+                continue
+            if gone:
+                self.forget(bank_id)
 
     def cached_bytes(self) -> int:
         return sum(bank.nbytes for _, bank in self._cache.values())

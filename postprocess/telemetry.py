@@ -33,6 +33,15 @@ class Telemetry:
     def gauge(self, name: str, value: float, **labels: str) -> None:
         pass
 
+    def drop_gauges(self, **labels: str) -> None:
+        """Remove every gauge series carrying these labels: the state of a thing that is gone (a deleted bank's
+        drift figures), which would otherwise be exported at its last value for as long as the server runs."""
+
+
+def _carries(key: tuple, labels: dict) -> bool:
+    name, pairs = key
+    return METRICS[name][0] == "gauge" and set(labels.items()) <= set(pairs)
+
 
 NO_TELEMETRY = Telemetry()
 
@@ -49,6 +58,10 @@ class RecordingTelemetry(Telemetry):
 
     def gauge(self, name, value, **labels):
         self.values[(name, tuple(sorted(labels.items())))] = value
+
+    def drop_gauges(self, **labels):
+        for key in [k for k in self.values if _carries(k, labels)]:
+            del self.values[key]
 
 
 class TritonTelemetry(Telemetry):
@@ -74,3 +87,16 @@ class TritonTelemetry(Telemetry):
 
     def gauge(self, name, value, **labels):
         self._metric(name, labels).set(float(value))
+
+    def drop_gauges(self, **labels):
+        # a series stays on /metrics after its Metric object is destroyed, until its whole family is (Triton 2.51's
+        # Python backend): the family is made again with the series that stay, at their values
+        gone = [key for key in self._metrics if _carries(key, labels)]
+        for name in {key[0] for key in gone}:
+            family = [key for key in self._metrics if key[0] == name]
+            kept = {key: self._metrics[key].value() for key in family if key not in gone}
+            for key in family:  # the metrics before their family, as the backend asks
+                del self._metrics[key]
+            del self._families[name]
+            for (_, pairs), value in kept.items():
+                self.gauge(name, value, **dict(pairs))

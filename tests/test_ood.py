@@ -128,6 +128,15 @@ def test_the_scoring_service_keeps_a_drift_window_that_alarms_on_a_brightening_l
     (monitor,) = info["monitors"]
     # named: the statistic the window is least likely in under the lot (brightening: the brightness)
     assert monitor["alarm"] and monitor["window"] >= 8 and monitor["statistic"] == "brightness"
+    # a bank deleted (by the bank model: the store is the witness) loses its gauges and window at the next request
+    # for any bank, once the sweep interval is over; the other banks' stay
+    store.delete("brighter")
+    service._swept -= ScoreService.DELETED_SWEEP_S
+    service.score("steady", *tiny_clip_112.encode(fresh[:2]).outputs().values(), fresh[:2])
+    assert not [key for key in telemetry.values if ("bank", "brighter") in key[1] and key[0] != "pa_clip_images_"
+                "scored_total" and key[0] != "pa_clip_images_out_of_distribution_total"]
+    assert service.drift.summary("brighter") is None and gauge("pa_clip_bank_drift_alarm", "steady") == 0.0
+    assert not (tmp_path / "banks" / "brighter").exists()  # no window written back into the store
 
 
 def test_the_drift_alarm_reads_every_statistic_and_pays_for_reading_several():

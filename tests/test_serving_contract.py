@@ -563,8 +563,16 @@ def test_a_brightening_line_raises_the_drift_alarm_on_the_metrics_port_and_in_in
     assert rows["black.png"]["decision"] == "out_of_distribution" and "camera moved" in rows["black.png"]["note"]
     assert rows["good.png"]["decision"] != "out_of_distribution"
     assert "1 out of distribution" in run.stderr
-    for bank in ("steady", "brighter"):
-        client.delete_bank(bank)
+    # a deleted bank's drift gauges leave /metrics (they stayed at their last values while the server ran)
+    steady = {k: v for k, v in _metric_values(server).items() if 'bank="steady"' in k}
+    client.delete_bank("brighter")
+    with pytest.raises(Exception, match="brighter"):
+        client.score(fresh[:1], "brighter")
+    values = _metric_values(server)
+    gauges = ("pa_clip_bank_score_quantile", "pa_clip_bank_ood_rate", "pa_clip_bank_drift", "pa_clip_bank_drift_alarm")
+    assert not [name for name in values if name.split("{")[0] in gauges and 'bank="brighter"' in name]
+    assert {k: values[k] for k in steady} == steady  # the series that stay keep their values
+    client.delete_bank("steady")
     client.close()
 
 
