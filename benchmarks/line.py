@@ -83,6 +83,27 @@ def map_statistics(maps: np.ndarray, pixel_scale: float) -> dict:
             "mean": flat.mean(1), "area": (flat > pixel_scale).mean(1)}
 
 
+PEAKS_KEPT = 16
+
+
+def map_peaks(maps: np.ndarray, patch: int, kept: int = PEAKS_KEPT) -> np.ndarray:
+    """(N, kept) each map's highest peaks, descending (NaN where it has fewer): the map's maximum per patch cell,
+    then the cells that are the largest of their 3 x 3 neighbourhood, one per plateau (a blob's flat top is one
+    peak). What ``pooled_peaks`` reads: many more witnesses of the good parts' map tail than one maximum per image."""
+    from scipy import ndimage
+
+    n, h, w = maps.shape
+    gh, gw = max(1, h // patch), max(1, w // patch)
+    cells = maps[:, :gh * patch, :gw * patch].astype(np.float32).reshape(n, gh, patch, gw, patch).max((2, 4))
+    out = np.full((n, kept), np.nan, dtype=np.float32)
+    for i, grid in enumerate(cells):
+        tops = grid == ndimage.maximum_filter(grid, size=3, mode="constant", cval=-np.inf)
+        plateaus, count = ndimage.label(tops, structure=np.ones((3, 3)))
+        values = np.sort(np.asarray(ndimage.maximum(grid, plateaus, np.arange(1, count + 1))))[::-1][:kept]
+        out[i, :len(values)] = values
+    return out
+
+
 def line_samples(root: str) -> tuple[object, list]:
     """The set's one category with its train/good images added as good parts."""
     categories = discover(root, "mvtec")
@@ -239,8 +260,10 @@ def collect(args) -> int:
                     scores.append(s)
                 maps, scores = np.concatenate(maps), np.concatenate(scores)
                 stats = map_statistics(maps, info["map_range"][1])
+                peaks = map_peaks(maps, int(fingerprint["patch_size"]))
+                peaks = np.where(np.isnan(peaks), None, peaks.round(7).astype(object))  # JSON has no NaN
                 record[part] = {"indices": indices.tolist(), "score": scores.round(7).tolist(),
-                                **{k: v.round(7).tolist() for k, v in stats.items()},
+                                **{k: v.round(7).tolist() for k, v in stats.items()}, "peaks": peaks.tolist(),
                                 "seconds_per_image": (time.perf_counter() - t0) / len(indices)}
             line.drop(bank)
             splits.append(record)
@@ -311,8 +334,12 @@ def measure(data: dict, kind: str, method, budget: float) -> dict:
             lot_scores, new_scores = candidate_scores(record, kind)
             lot_labels = labels[record["lot"]["indices"]]
             new_labels = labels[record["new"]["indices"]]
-            threshold = (method(lot_scores, budget) if callable(method)
-                         else calibrate(lot_scores, record["normal_indices"], budget, method).threshold)
+            if getattr(method, "reads_peaks", False):
+                threshold = method(np.asarray(record["lot"]["peaks"], dtype=np.float64), budget)
+            elif callable(method):
+                threshold = method(lot_scores, budget)
+            else:
+                threshold = calibrate(lot_scores, record["normal_indices"], budget, method).threshold
             for part, s, y in (("lot", lot_scores, lot_labels), ("new", new_scores, new_labels)):
                 called = s > threshold
                 counts[f"{part}_good"] += int((y == 0).sum())
@@ -410,6 +437,24 @@ def capped_past_the_lot(scores, budget: float) -> float:
     return min(capped, float(s[-1] + tail_scale(s) * math.log(1.0 / ((len(s) + 1) * budget))))
 
 
+def pooled_peaks(per_image: float, leave_out_largest: bool = False):
+    """The lot's map peaks (``map_peaks``) as exceedances of a Poisson process: above the level u that
+    ``per_image`` peaks per lot image exceed on average, their excesses exponential with scale (median excess) / ln
+    2, so a new good image's largest peak passes t with probability 1 - exp(-per_image e^(-(t - u) / scale)); the
+    threshold sets that to the budget. A defective image adds its few peaks to the exceedances, whose median holds
+    until half of them are a defect's; ``leave_out_largest`` reads every image's peaks but its largest (a
+    defect's), a heuristic: the rest are not what a maximum is drawn from."""
+    def threshold(peaks: np.ndarray, budget: float) -> float:
+        kept = peaks[:, 1:] if leave_out_largest else peaks
+        values = np.sort(kept[np.isfinite(kept)])[::-1]
+        exceeding = min(len(values) - 1, int(round(per_image * len(peaks))))
+        level = values[exceeding]
+        scale = max(float(np.median(values[:exceeding] - level)), 1e-12) / math.log(2.0)
+        return float(level + scale * math.log(exceeding / len(peaks) / -math.log1p(-budget)))
+    threshold.reads_peaks = True
+    return threshold
+
+
 def shipped_threshold(scores, budget: float) -> float:
     """The product's own threshold (``decision.calibrate`` with ``DEFAULT_METHOD``): the row the others are read
     against."""
@@ -425,6 +470,10 @@ TAIL_ESTIMATORS = {
     "tail shape from q87.5, at least -0.5": shaped_tail(-0.5),
     "tail shape from q87.5, at least -1": shaped_tail(-1.0),
     "scale from the lower quartile x 1.5": lower_quartile_scale(1.5),
+    # peaks of the map: rows of "-" for another image score, or a collect made before the peaks were kept
+    "the lot's map peaks pooled, 1 per image above the level": pooled_peaks(1.0),
+    "the lot's map peaks pooled, 2 per image above the level": pooled_peaks(2.0),
+    "the lot's map peaks but each image's largest, 4 per image": pooled_peaks(4.0, leave_out_largest=True),
 }
 
 
@@ -440,6 +489,10 @@ def tails(args) -> int:
         print("| estimator | " + " | ".join(f"{b:.0%} budget, {r:.0%} defective" for b in BUDGETS for r in rates)
               + " |\n|---|" + "---:|" * (len(BUDGETS) * len(rates)))
         for label, estimator in TAIL_ESTIMATORS.items():
+            if getattr(estimator, "reads_peaks", False) and (args.score != "max" or
+                                                             "peaks" not in data["splits"][0]["lot"]):
+                print(f"| {label} | " + " | ".join("-" for _ in range(len(BUDGETS) * len(rates))) + " |")
+                continue
             rows = {b: measure(data, args.score, estimator, b) for b in BUDGETS}
             cells = (rows[b][r] for b in BUDGETS for r in rates)
             print(f"| {label} | " + " | ".join(f"{c['new_false_alarm_rate']:.1%} / {c['new_recall']:.1%}" for c in cells)

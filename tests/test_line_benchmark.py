@@ -44,6 +44,9 @@ def test_a_shift_scores_the_lot_and_the_new_parts_through_the_server(shifts):
             assert len(stats["score"]) == len(stats["max"]) == len(stats["indices"])
             # the server's image score is the map's maximum moved toward its look-alikes: never far from it
             assert np.all(np.asarray(stats["max"]) >= np.asarray(stats["mean"]))
+            peaks = np.asarray(stats["peaks"], dtype=np.float64)  # the map's highest peak is its maximum
+            assert peaks.shape == (len(stats["indices"]), line.PEAKS_KEPT)
+            assert np.allclose(peaks[:, 0], stats["max"], atol=1e-6)
 
 
 @pytest.mark.parametrize("settings", ["", "-k2"])
@@ -203,3 +206,39 @@ def test_tail_estimators_beside_the_product(budget):
     bounded = rng.uniform(0.0, 1.0, 200)  # the quartile ratio (q87.5 - q75) / (q75 - median) is 1/2
     assert line.shaped_tail(-1.0)(bounded, budget) < 0.9 * line.quartile_model(bounded, budget)
     assert line.shaped_tail(-1.0)(good, budget) == pytest.approx(product, rel=0.2)
+
+
+def test_map_peaks_are_one_per_blob_and_plateau_on_the_patch_grid():
+    maps = np.zeros((2, 28, 42), dtype=np.float32)  # 2 x 3 patch cells of 14 pixels
+    maps[0, 0:14, 0:28] = 0.5  # one flat blob over two cells: one peak
+    maps[0, 20, 40] = 0.9  # a second, in the far cell
+    maps[1, 3, 3] = 0.2
+    peaks = line.map_peaks(maps, 14, kept=4)
+    assert np.allclose(peaks[0, :2], [0.9, 0.5]) and np.isnan(peaks[0, 2:]).all()
+    # the far column's two zero cells do not touch the 0.2 cell: one flat top, one peak
+    assert np.allclose(peaks[1, :2], [0.2, 0.0]) and np.isnan(peaks[1, 2:]).all()
+
+
+@pytest.mark.parametrize("budget", [0.01, 0.05])
+def test_pooled_peaks_keep_the_budget_when_peaks_are_a_poisson_process(budget):
+    """Images whose peaks are a Poisson number of exponential heights: the pooled reading of a lot of 36 puts the
+    threshold where the largest peak of a new image passes it with about the budget's probability (over many lots;
+    a little more, as for any tail read off 36 images), and four defective images, each with three high peaks, move
+    it by less than a quarter."""
+    rng = np.random.default_rng(3)
+
+    def images(n):
+        peaks = np.full((n, line.PEAKS_KEPT), np.nan)
+        for i in range(n):
+            heights = np.sort(rng.exponential(1.0, min(rng.poisson(8) + 1, line.PEAKS_KEPT)))[::-1]
+            peaks[i, :len(heights)] = heights
+        return peaks
+
+    estimator = line.pooled_peaks(1.0)
+    new_maxima = images(20000)[:, 0]
+    realised = [np.mean(new_maxima > estimator(images(36), budget)) for _ in range(200)]
+    assert budget < np.mean(realised) < 1.5 * budget
+    lot = images(36)
+    defective = lot.copy()
+    defective[:4, :3] = 20.0  # four defective images of 36, three high peaks each
+    assert estimator(defective, budget) == pytest.approx(estimator(lot, budget), rel=0.25)
