@@ -107,10 +107,23 @@ def _wide_colour_samples(img: Image.Image, path: Path) -> np.ndarray | None:
     if img.format == "TIFF" and img.mode in ("RGB", "RGBA", "RGBX"):
         per_sample = img.tag_v2.get(258)  # BitsPerSample
         if per_sample and max(per_sample if isinstance(per_sample, tuple) else (per_sample,)) > 8:
-            import tifffile
-
-            return np.asarray(tifffile.imread(str(path), key=0))
+            return _tiff_samples(path)
     return None
+
+
+def _tiff_samples(path: Path) -> np.ndarray:
+    import tifffile
+
+    return np.asarray(tifffile.imread(str(path), key=0))
+
+
+def _turned_tiff_samples(img: Image.Image, path: Path, orientation: int) -> np.ndarray | None:
+    """The stored samples of a grey or RGB TIFF that carries an orientation, unturned; None for every other image.
+    Pillow 13 turns a TIFF itself while loading it, and a grey one wrongly (its size turned, its samples not: the
+    picture comes out scrambled): such a TIFF is read with tifffile and turned once, here."""
+    if img.format != "TIFF" or orientation not in UPRIGHT or img.tag_v2.get(262) not in (1, 2):  # Photometric:
+        return None  # black is zero, or RGB; white-is-zero, palette, CMYK and YCbCr are Pillow's to convert
+    return _tiff_samples(path)
 
 
 def decode(path: str | Path, bit_depth: int | None = None, min_size=None) -> Decoded:
@@ -123,6 +136,8 @@ def decode(path: str | Path, bit_depth: int | None = None, min_size=None) -> Dec
             source_mode = img.mode
             wide = _wide_colour_samples(img, path)  # before getexif: a PNG's getexif decodes it
             orientation = int(img.getexif().get(ExifTags.Base.Orientation, 1) or 1)
+            if wide is None:
+                wide = _turned_tiff_samples(img, path, orientation)
             if min_size is not None and img.format == "JPEG":
                 height, width = size_pair(min_size)
                 if orientation in QUARTER_TURNS:
@@ -136,9 +151,12 @@ def decode(path: str | Path, bit_depth: int | None = None, min_size=None) -> Dec
             else:
                 img.load()
                 rgb, bits = img.convert("RGB"), 8
+            # a reader that turned the image itself (Pillow's TIFF, for the modes left to it) took the tag away
+            turned_already = (wide is None and img.format == "TIFF"
+                              and ExifTags.Base.Orientation not in img.getexif())
     except READ_ERRORS as err:
         raise ValueError(f"cannot read image {path}: {err}") from err
-    if orientation in UPRIGHT:
+    if orientation in UPRIGHT and not turned_already:
         rgb = rgb.transpose(UPRIGHT[orientation])
     return Decoded(rgb, bits, orientation if orientation in UPRIGHT else 1, source_mode)
 
@@ -154,7 +172,9 @@ def image_size_of(path: str | Path) -> tuple[int, int] | None:
     try:
         with Image.open(path) as img:
             width, height = img.size
-            if img.getexif().get(ExifTags.Base.Orientation, 1) in QUARTER_TURNS:
+            stored = (img.tag_v2.get(256), img.tag_v2.get(257)) if img.format == "TIFF" else (width, height)
+            # Pillow 13 gives a TIFF's size already turned: the stored width and length say whether it did
+            if img.getexif().get(ExifTags.Base.Orientation, 1) in QUARTER_TURNS and (width, height) == stored:
                 width, height = height, width
             return width, height
     except READ_ERRORS:

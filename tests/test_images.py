@@ -102,6 +102,31 @@ def test_the_exif_orientation_is_applied(tmp_path):
     assert got[15, 55, 2] > 200 and got[15, 55, 0] < 60
 
 
+@pytest.mark.parametrize("samples", ["grey8", "grey12", "rgb8", "rgb12"])
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_a_tiffs_orientation_is_applied_once(tmp_path, samples, orientation):
+    """Pillow 13 turns a TIFF itself while loading it (and a grey one wrongly: its size turned, its samples not):
+    each orientation reads upright once, its size is the upright one, and no picture comes out scrambled."""
+    upright = {"grey8": (GREY12 >> 4).astype(np.uint8), "grey12": GREY12, "rgb8": (COLOUR12 >> 4).astype(np.uint8),
+               "rgb12": COLOUR12}[samples]
+    undo = {3: 2, 6: 1, 8: -1}[orientation]  # quarter turns (counter-clockwise) that store it as a camera would
+    tifffile.imwrite(tmp_path / "turned.tif", np.ascontiguousarray(np.rot90(upright, undo)),
+                     photometric="rgb" if upright.ndim == 3 else "minisblack",
+                     extratags=[(ExifTags.Base.Orientation, "H", 1, orientation, True)])
+    expected = np.asarray(read_rgb_of(upright))
+    decoded = decode(tmp_path / "turned.tif")
+    assert decoded.orientation == orientation
+    np.testing.assert_array_equal(np.asarray(decoded.rgb), expected)
+    assert image_size_of(tmp_path / "turned.tif") == (upright.shape[1], upright.shape[0])
+
+
+def read_rgb_of(values):
+    """What an unturned file of these samples reads as (the bit-depth rule on the same values)."""
+    from client.images import _rgb_from_array
+
+    return _rgb_from_array(values, None)[0]
+
+
 def test_a_large_jpeg_is_decoded_small_but_never_below_twice_the_size_sent(tmp_path):
     Image.fromarray((RNG.random((2000, 3000, 3)) * 255).astype(np.uint8)).save(tmp_path / "big.jpg")
     small = read_rgb(tmp_path / "big.jpg", min_size=(224, 336))
