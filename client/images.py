@@ -38,7 +38,9 @@ QUARTER_TURNS = {5, 6, 7, 8}
 UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
            5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
            8: Image.Transpose.ROTATE_90}
-READ_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError)
+# what Pillow and the decoders raise for a file that is not a readable image (a picture past Pillow's pixel limit,
+# twice MAX_IMAGE_PIXELS, included: one such file is skipped with its reason, not the end of the run)
+READ_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
 
 
 @dataclass(frozen=True)

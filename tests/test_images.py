@@ -145,6 +145,15 @@ def test_unreadable_files_name_themselves(tmp_path):
         assert image_size_of(tmp_path / name) is None
 
 
+def test_an_image_past_pillows_pixel_limit_is_an_unreadable_image_not_a_crash(tmp_path, monkeypatch):
+    """Pillow refuses an image of more than twice ``MAX_IMAGE_PIXELS`` (179 million by default) with an error
+    that is not an OSError: it crashed the whole run, with nothing written, instead of skipping the one image."""
+    Image.new("RGB", (100, 80)).save(tmp_path / "huge.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 8,000 pixels: past twice the limit
+    with pytest.raises(ValueError, match="huge.png"):
+        read_rgb(tmp_path / "huge.png")
+
+
 def test_the_bit_depth_rule():
     assert significant_bits(np.array([0, 255])) == 8
     assert significant_bits(np.array([256])) == 10
