@@ -98,13 +98,15 @@ class Caption:
     decision: str = "unknown"
     threshold: float | None = None
     provisional: bool = False
+    cut: float | None = None  # the calibrated score the decision turns at: the user's --threshold; None: 0.5, the bank's
 
     @property
     def outlined(self) -> bool:
         return self.threshold is not None and self.decision == "anomalous"
 
     def text(self) -> str:
-        calibrated = "" if self.calibrated is None else f" (calibrated {self.calibrated:.2f}; 0.5 = threshold)"
+        where = "0.5 = threshold" if self.cut is None else f"{self.cut:g} = threshold (--threshold)"
+        calibrated = "" if self.calibrated is None else f" (calibrated {self.calibrated:.2f}; {where})"
         provisional = " (provisional)" if self.provisional else ""
         if self.decision == "out_of_distribution":  # the score is not a verdict on this image: said first
             return f"OUT OF DISTRIBUTION: unlike the bank's lot{provisional}  score {self.score:.4f}"

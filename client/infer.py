@@ -298,7 +298,8 @@ def score_all(args, loaded: list, bank: str, value_range: tuple[float, float], o
                 row["turned"] = True
             if not args.no_overlays:
                 target = out / "overlays" / Path(name).with_suffix(".png")
-                save_panel(target, original, amap, *value_range, caption=caption_for(name, row, level),
+                cut = None if decider is None else decider.threshold_calibrated
+                save_panel(target, original, amap, *value_range, caption=caption_for(name, row, level, cut),
                            max_side=args.overlay_size or None)
                 row["overlay"] = str(target)
             if args.save_maps:
@@ -355,11 +356,12 @@ def decisions_line(rows: list[dict], calibration, threshold: float | None) -> st
     return line + (f"; the calibration is provisional: {confidence['text']}" if confidence["provisional"] else "")
 
 
-def caption_for(name: str, row: dict, level: float | None) -> Caption:
+def caption_for(name: str, row: dict, level: float | None, cut: float | None = None) -> Caption:
     """What an overlay says: the row's decision and scores; ``level`` (the map value that belongs to the decision,
-    ``Decider.decide``) is marked on the colour bar and outlined only on an image decided anomalous."""
+    ``Decider.decide``) is marked on the colour bar and outlined only on an image decided anomalous; ``cut``: the
+    user's --threshold on the calibrated scale (None: the automatic 0.5)."""
     return Caption(name, row["score"], row.get("calibrated"), row.get("decision", "unknown"), level,
-                   bool(row.get("provisional")))
+                   bool(row.get("provisional")), cut)
 
 
 def parse_threshold(text: str) -> float | None:

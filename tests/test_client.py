@@ -139,3 +139,13 @@ def test_the_summary_line_says_provisional_with_a_users_threshold_too_and_shows_
     assert "provisional" not in decisions_line(rows, Decider.for_bank(big, threshold_calibrated=0.7).calibration, 0.7)
     assert "0.02% budget" in Decider.for_bank(big, 0.0002).calibration.confidence()["text"]
     assert "realise 0.0% to" in Decider.for_bank(small).calibration.confidence()["text"]  # not 1.7e-05%
+
+
+def test_a_caption_states_the_threshold_the_decision_was_made_at():
+    """With --threshold the decision turns at the user's calibrated score, and the caption says so (it said "0.5 =
+    threshold" whatever the threshold was)."""
+    from client.infer import caption_for
+
+    row = {"score": 0.0433, "calibrated": 0.03, "decision": "anomalous", "provisional": False}
+    assert caption_for("a.png", row, 0.04, 0.02).text().endswith("(calibrated 0.03; 0.02 = threshold (--threshold))")
+    assert caption_for("a.png", row, 0.04).text().endswith("(calibrated 0.03; 0.5 = threshold)")
