@@ -28,6 +28,7 @@ import csv
 import glob
 import json
 import math
+import os
 import re
 import sys
 import threading
@@ -136,6 +137,23 @@ def relative_name(path: Path, root: Path | None) -> str:
         return path.name
 
 
+def images_root(spec: str, paths: list[Path]) -> Path | None:
+    """What names are relative to: the --images folder, or the deepest folder holding every file a glob found (two
+    files of one name in two folders keep their folders)."""
+    if Path(spec).is_dir():
+        return Path(spec).resolve()
+    return Path(os.path.commonpath([str(p.resolve().parent) for p in paths])) if paths else None
+
+
+def output_stems(paths: list[Path], root: Path | None) -> dict:
+    """path -> the name its overlay and map are written under (without a suffix): its name relative to ``root``
+    without its suffix, or with it where two images would share one (x.png and x.jpg: x.png.png, x.jpg.png)."""
+    names = {p: relative_name(p, root) for p in paths}
+    stems = {p: str(Path(n).with_suffix("")) for p, n in names.items()}
+    taken = Counter(stems.values())
+    return {p: stems[p] if taken[stems[p]] == 1 else names[p] for p in paths}
+
+
 def build_parser(prog: str = "client/infer.py") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__, epilog=exits.HELP,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -167,7 +185,8 @@ def build_parser(prog: str = "client/infer.py") -> argparse.ArgumentParser:
                    "other files stay)")
     p.add_argument("--fail-on", choices=FAIL_ON, default=None,
                    help="exit with status 1 when any image is decided so (for scripts on a line): anomalous, "
-                   "out_of_distribution, or either")
+                   "out_of_distribution, or either; an image that could not be read or scored fails it too, and a "
+                   "bank without a calibration is refused (nothing could be decided)")
     p.add_argument("--threshold", default="auto",
                    help="'auto' (default): the bank's automatic threshold for the false-alarm budget; or a "
                    "calibrated score strictly between 0 and 1 above which an image is anomalous (0.5 = auto; "
@@ -284,6 +303,8 @@ def score_all(args, loaded: list, bank: str, value_range: tuple[float, float], o
                 clients.append(local.client)
         return local.client
 
+    stems = output_stems([item[0] for item in loaded], root)
+
     def work(batch):
         images = np.stack([item[2] for item in batch])
         maps, scores = client().score(images, bank)
@@ -297,13 +318,13 @@ def score_all(args, loaded: list, bank: str, value_range: tuple[float, float], o
                 amap = np.rot90(amap, -1)
                 row["turned"] = True
             if not args.no_overlays:
-                target = out / "overlays" / Path(name).with_suffix(".png")
+                target = out / "overlays" / f"{stems[path]}.png"
                 cut = None if decider is None else decider.threshold_calibrated
                 save_panel(target, original, amap, *value_range, caption=caption_for(name, row, level, cut),
                            max_side=args.overlay_size or None)
                 row["overlay"] = str(target)
             if args.save_maps:
-                target = out / "maps" / Path(name).with_suffix(".npy")
+                target = out / "maps" / f"{stems[path]}.npy"
                 target.parent.mkdir(parents=True, exist_ok=True)
                 np.save(target, amap.astype(np.float16))
             rows.append(row)
@@ -470,7 +491,9 @@ def main(argv=None, prog: str = "client/infer.py") -> int:
     except ValueError as err:  # DecisionError included
         print(f"error: {err}", file=sys.stderr)
         return 2
-    paths = find_images(args.images)
+    # a run's own pictures (an --out inside --images, run again) are its results, never parts to score
+    written = [(out / name).resolve() for name in RUN_OUTPUTS if name in ("overlays", "maps")]
+    paths = [p for p in find_images(args.images) if not any(p.resolve().is_relative_to(w) for w in written)]
     if not paths:
         print(f"error: {no_images_message(args.images)} (--images is a folder or a glob like 'photos/*.png')",
               file=sys.stderr)
@@ -480,7 +503,7 @@ def main(argv=None, prog: str = "client/infer.py") -> int:
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    root = Path(args.images).resolve() if Path(args.images).is_dir() else None
+    root = images_root(args.images, paths)
     found_warnings: list[str] = []
 
     def warn(message: str) -> None:
@@ -550,6 +573,10 @@ def main(argv=None, prog: str = "client/infer.py") -> int:
               file=sys.stderr)
         return 2
     if decider is None:
+        if args.fail_on:  # nothing would be decided, so nothing could fail: a line script would read that as good
+            print(f"error: --fail-on {args.fail_on}: bank {bank!r} was built before banks kept a calibration, so no "
+                  "image can be decided; build it again (--build)", file=sys.stderr)
+            return exits.USAGE
         warn(f"bank {bank!r} was built before banks kept a calibration: no decisions; build it again (--build)")
     clear_out(out, previous)
     t1 = time.perf_counter()
@@ -583,9 +610,12 @@ def main(argv=None, prog: str = "client/infer.py") -> int:
     if args.fail_on:
         wanted = ("anomalous", D.OUT_OF_DISTRIBUTION) if args.fail_on == "any" else (args.fail_on,)
         hits = sum(r.get("decision") in wanted for r in rows)
-        if hits:
-            print(f"--fail-on {args.fail_on}: {hits} image(s) decided so (exit status {exits.FLAGGED})",
-                  file=sys.stderr)
+        # a part whose image could not be read, or got no score, was not shown to be good: it fails the run too
+        undecided = len(skipped) + sum(r.get("decision") == "invalid" for r in rows)
+        if hits or undecided:
+            said = ([f"{hits} image(s) decided so"] if hits else []) + (
+                [f"{undecided} image(s) not decided (unreadable, or no score)"] if undecided else [])
+            print(f"--fail-on {args.fail_on}: {', '.join(said)} (exit status {exits.FLAGGED})", file=sys.stderr)
             return exits.FLAGGED
     return exits.OK
 

@@ -149,3 +149,22 @@ def test_a_caption_states_the_threshold_the_decision_was_made_at():
     row = {"score": 0.0433, "calibrated": 0.03, "decision": "anomalous", "provisional": False}
     assert caption_for("a.png", row, 0.04, 0.02).text().endswith("(calibrated 0.03; 0.02 = threshold (--threshold))")
     assert caption_for("a.png", row, 0.04).text().endswith("(calibrated 0.03; 0.5 = threshold)")
+
+
+def test_images_of_one_name_in_two_folders_or_two_formats_get_overlays_of_their_own(tmp_path):
+    """A glob across folders named every image by its file name alone, and x.png / x.jpg shared one stem: two
+    images wrote one overlay and one map, the last one winning."""
+    from PIL import Image
+
+    from client.infer import find_images, images_root, output_stems
+
+    for relative in ("line1/part.png", "line2/part.png", "line1/x.png", "line1/x.jpg", "line1/y.png"):
+        (tmp_path / relative).parent.mkdir(exist_ok=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / relative)
+    pattern = str(tmp_path / "**" / "*.*")
+    paths = find_images(pattern)
+    stems = output_stems(paths, images_root(pattern, paths))
+    assert sorted(stems.values()) == ["line1/part", "line1/x.jpg", "line1/x.png", "line1/y", "line2/part"]
+    one_folder = find_images(str(tmp_path / "line1" / "*.png"))  # one folder: names as before
+    assert sorted(output_stems(one_folder, images_root(str(tmp_path / "line1" / "*.png"), one_folder)).values()) \
+        == ["part", "x", "y"]

@@ -240,6 +240,18 @@ def test_exit_statuses_and_outputs_a_script_can_trust(server, built, lot_dir, wo
     replaced = score("--bank", "washer", "--overwrite", "--fail-on", "out_of_distribution")
     assert replaced.returncode == 0, replaced.stderr
     assert not stale.exists() and len(list((out / "overlays").glob("*.png"))) == 3
+    # a part whose image cannot be read was not shown to be good: --fail-on fails the run (it passed)
+    (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    unread = score("--bank", "washer", "--overwrite", "--threshold", "0.999", "--fail-on", "anomalous")
+    assert unread.returncode == 1 and "1 image(s) not decided" in unread.stderr, unread.stderr
+    assert score("--bank", "washer", "--overwrite", "--threshold", "0.999").returncode == 0  # without: a warning
+    (images / "broken.png").unlink()
+    # an --out inside --images, run again: its own overlays are not scored as parts
+    for _ in range(2):
+        inside = subprocess.run([sys.executable, "-m", "cli", "score", "--url", server.http_url, "--images",
+                                 str(images), "--out", str(images / "results"), "--quiet", "--overwrite", "--bank",
+                                 "washer"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert inside.returncode == 0 and "scored 3 images" in inside.stderr, inside.stderr
 
 
 def test_banks_command_lists_shows_deletes_and_prunes(server, built, lot, repository, workdir):
