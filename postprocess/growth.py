@@ -2,9 +2,11 @@
 
 The new images are scored against the bank as any new part is. Those that look like the lot's ordinary good parts
 (a score at most the lot's ``ACCEPT_QUANTILE`` reference score: well inside the good parts, where a defect the
-decision misses rarely lies) join the bank: their per-image coresets are appended to the full bank, their patches
-are merged into the normal bank's coreset (the greedy k-center continues from the entries it has), and their image
-embeddings and map scores join the re-scoring reference. The calibration is read again from the lot's reference
+decision misses rarely lies) join the bank: their per-image coresets are appended to the full bank, and their image embeddings and map scores
+join the re-scoring reference. The normal bank stays as built: a larger one lowers every image's normal-bank
+distance, so less is subtracted and every part scores higher than the scores the threshold is read from (those were
+made against the bank before it grew): with the map's mean as the image score, a grown normal bank called a third of
+new good parts anomalous at a 1% budget. The calibration is read again from the lot's reference
 scores and every new image's score (suspected defects left out by the method, as in a build), each part once: the
 manifest keeps the keys of the parts left out (``left_out_keys``), and a part sent again, or twice in one update,
 is neither scored again nor counted again (a defect sent over and over would otherwise lift the acceptance level
@@ -32,7 +34,7 @@ from .contract import Features
 from .decision import Calibration, calibrate
 from .host import DEFAULT_HOST, HostSettings
 from .ood import OodCalibration, calibrate_ood, image_statistics
-from .pa_clip import _projected, bank_entries, full_bank_references, full_bank_selection, lot_interval_k, reservoir_step
+from .pa_clip import bank_entries, full_bank_references, full_bank_selection, lot_interval_k, reservoir_step
 
 ACCEPT_QUANTILE = 0.75  # of the lot's reference scores: a new image at or below it is an ordinary good part
 
@@ -42,29 +44,6 @@ def accept_level(calibration: Calibration) -> float:
     if calibration.reference:
         return float(np.quantile(np.asarray(calibration.reference), ACCEPT_QUANTILE))
     return calibration.raw(0.25)  # a bank built before calibrations kept their scores: well below its threshold
-
-
-def _coreset_features(bank: Bank, r: int, entries, cfg):
-    """The coreset projection of stored normal-bank entries ((layers, M, d) search features): what ``_projected``
-    gives for the patches they came from."""
-    xp = K.get_xp(entries)
-    layers, count, width = entries.shape
-    proj = xp.asarray(K.random_projection(layers * width, cfg.coreset_dim, cfg.seed + r))
-    total = 0
-    for position in range(layers):
-        total = total + entries[position].astype(xp.float32) @ proj[position * width:(position + 1) * width]
-    return total
-
-
-def extend_coreset(existing, candidates, n_add: int, budget_bytes: int = DEFAULT_HOST.budget_bytes):
-    """Indices of ``n_add`` of ``candidates`` (P, d) chosen greedily farthest from ``existing`` (M, d) and from each
-    other: ``kernels.greedy_coreset`` continued from a set it already holds."""
-    xp = K.get_xp(candidates)
-    n_add = min(n_add, int(candidates.shape[0]))
-    if n_add <= 0:
-        return xp.zeros(0, dtype=xp.int64)
-    held = None if not existing.shape[0] else K.nearest_sq_dist(candidates, existing, budget_bytes)[None]
-    return K.greedy_coreset(candidates[None], n_add, held)[0]
 
 
 def grow_bank(bank: Bank, features: Features, images, host: HostSettings = DEFAULT_HOST) -> tuple:
@@ -136,29 +115,12 @@ def grow_bank(bank: Bank, features: Features, images, host: HostSettings = DEFAU
             full = {r: v[:, keep] for r, v in full.items()}
             full_scale = {r: v[:, keep] for r, v in full_scale.items()}
             full_ids = xp.asarray(references).astype(xp.int64)
-        # the normal bank: patches of the folded-in images that their own scores do not mark, merged into the coreset
-        patch = result.patch_scores[take]
-        cut = float(xp.quantile(patch, cfg.normal_patch_quantile))
-        candidates_mask = (patch <= cut).reshape(-1)
-        flat = xp.nonzero(candidates_mask)[0]
-        normal, normal_ids = dict(bank.normal), dict(bank.normal_ids)
-        length = int(tokens.shape[2])
-        for r in normal:
-            proj = _projected(tokens, new.grid, r, cfg, space).reshape(-1, cfg.coreset_dim)[flat]
-            existing = _coreset_features(bank, r, bank.normal[r], cfg)
-            n_add = K.coreset_size(int(flat.shape[0]), cfg.normal_coreset_ratio)
-            pick = flat[extend_coreset(existing, proj.astype(xp.float32), n_add, host.budget_bytes)]
-            added = xp.stack([space.features(tokens, p, new.grid, r, cfg).reshape(-1, normal[r].shape[-1])[pick]
-                              for p in range(len(space.layers))])
-            normal[r] = xp.concatenate([normal[r], added.astype(normal[r].dtype)], axis=1)
-            source = xp.asarray(n_old + np.repeat(np.arange(accepted.size), length))[pick]
-            normal_ids[r] = xp.concatenate([normal_ids[r], source.astype(normal_ids[r].dtype)])
         lot_embeds, lot_scores = bank.lot_embeds, bank.lot_scores
         if lot_embeds is not None:
             lot_embeds = xp.concatenate([lot_embeds, new.image_embeds[take].astype(xp.float32)])
             lot_scores = xp.concatenate([lot_scores, result.map_scores[take].astype(xp.float32)])
     else:
-        full, full_scale, normal, normal_ids = bank.full, bank.full_scale, bank.normal, bank.normal_ids
+        full, full_scale = bank.full, bank.full_scale
         lot_embeds, lot_scores, full_ids = bank.lot_embeds, bank.lot_scores, bank.full_ids
     # the calibration read again: the lot's kept scores and every new image's (its method leaves suspected defects
     # out as a build does); a method that kept no scores keeps its calibration
@@ -166,9 +128,13 @@ def grow_bank(bank: Bank, features: Features, images, host: HostSettings = DEFAU
     if calibration.reference:
         pooled = np.concatenate([np.asarray(calibration.reference), scores])
         decision = calibrate(pooled, None, calibration.false_alarm_rate, calibration.method).to_dict()
-    # the lot's scores as they now are: a part left out never joined the lot
+    # the lot's scores as they now are: a part left out never joined the lot, so the smallest and largest are the
+    # lot's and the folded-in parts' (the calibration's reference also holds parts left out); the median is read
+    # off that reference with the folded-in parts, near enough for what it is: a figure info shows
     summary_scores = np.concatenate([np.asarray(calibration.reference or [manifest.lot_scores["median"]]),
                                      scores[accepted]])
+    lowest = min([manifest.lot_scores["min"], *scores[accepted].tolist()])
+    highest = max([manifest.lot_scores["max"], *scores[accepted].tolist()])
     left_out_keys = tuple(keys[int(i)] for i in np.delete(fresh, accepted))
     ood = manifest.ood
     if ood is not None and accepted.size:  # the folded-in images' statistics join the lot's
@@ -180,14 +146,11 @@ def grow_bank(bank: Bank, features: Features, images, host: HostSettings = DEFAU
     grown = manifest.replace(
         n_images=n_new, image_keys=manifest.image_keys + tuple(keys[int(fresh[j])] for j in accepted),
         interval_k=lot_interval_k(n_new, cfg),
-        normal_bank_entries={r: int(v.shape[1]) for r, v in normal.items()},
-        lot_scores={"min": float(summary_scores.min()), "median": float(np.median(summary_scores)),
-                    "max": float(summary_scores.max())},
+        lot_scores={"min": float(lowest), "median": float(np.median(summary_scores)), "max": float(highest)},
         decision=decision, ood=ood, sample_growth=sample_growth,
         left_out_keys=((manifest.left_out_keys or ()) + left_out_keys) or None, version=None, built_at=None,
         files=None, tensors=None)
     report["folded_in"] = int(accepted.size)
     report["lot_size"] = n_new
-    return dataclasses.replace(bank, manifest=grown, full=full, full_scale=full_scale, normal=normal,
-                               normal_ids=normal_ids, lot_embeds=lot_embeds, lot_scores=lot_scores,
-                               full_ids=full_ids), report
+    return dataclasses.replace(bank, manifest=grown, full=full, full_scale=full_scale, lot_embeds=lot_embeds,
+                               lot_scores=lot_scores, full_ids=full_ids), report
