@@ -33,12 +33,14 @@ from .pa_clip import (ScoreResult, SearchSpace, bank_entries, decide, full_bank_
 
 # The manifest format this code writes. A change to what manifest.json holds bumps it and adds the step from the
 # previous format to MIGRATIONS, so that banks already on a (shared) store keep loading.
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 # format 2 added the digests of the version's files and the shapes and dtypes of its tensors (``files``,
 # ``tensors``): a format-1 bank has neither, and is checked against what its other fields imply; format 3 the
 # out-of-distribution calibration (``ood``): a bank built before has none and makes no such decisions; format 4 the
-# lot sizes a sampled bank grew through (``sample_growth``): a bank written before never grew past its sample
-MIGRATIONS: dict = {old: (lambda values, new=old + 1: {**values, "format_version": new}) for old in (1, 2, 3)}
+# lot sizes a sampled bank grew through (``sample_growth``): a bank written before never grew past its sample;
+# format 5 the keys of the parts an update left out (``left_out_keys``): a bank written before counted none (a
+# server of format 4 read a grown bank's new field as damage; it now says the format is newer)
+MIGRATIONS: dict = {old: (lambda values, new=old + 1: {**values, "format_version": new}) for old in (1, 2, 3, 4)}
 # Fields that banks built before host settings moved out of PAClipConfig still carry in their manifest's config.
 LEGACY_HOST_FIELDS = ("memory_budget_mb",)
 LOT_EMBEDS, LOT_SCORES = "lot_image_embeds", "lot_map_scores"  # bank tensors for lot-level re-scoring
