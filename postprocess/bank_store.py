@@ -209,10 +209,19 @@ class BankStore:
         if not VERSION_PATTERN.fullmatch(name):
             raise damaged(bank_id, None, f"CURRENT names {name[:80]!r}, not a version folder of this bank")
         version = folder / name
+        if not version.exists() and not version.is_symlink() and self._current_now(current) != name:
+            return self.current_version(bank_id)  # replaced and removed while it was read: the live one now
         if version.is_symlink() or not version.is_dir():
             raise damaged(bank_id, name, "CURRENT names a version that is not on disk" if not version.exists()
                           else "its version folder is a symbolic link or not a folder")
         return name
+
+    @staticmethod
+    def _current_now(current: Path) -> str | None:
+        try:
+            return current.read_text().strip()
+        except (OSError, UnicodeDecodeError):
+            return None
 
     def exists(self, bank_id: str) -> bool:
         return self.current_version(bank_id) is not None
@@ -237,6 +246,8 @@ class BankStore:
         window that cannot be read is left out: it is a report, not the bank)."""
         current = self.current_version(bank_id)
         out = []
+        if (self._dir(bank_id) / "monitor").is_symlink():  # never read through a link out of the store
+            return out
         for path in sorted((self._dir(bank_id) / "monitor").glob("*.json")):
             try:
                 if path.is_symlink() or time.time() - path.stat().st_mtime > self.MONITOR_FRESH_S:
@@ -320,8 +331,18 @@ class BankStore:
     def versions(self, bank_id: str) -> list[dict]:
         """The versions on disk, newest first, each with its bytes and whether it is the live one."""
         current = self.current_version(bank_id)
-        folders = sorted(self._dir(bank_id).glob("v-*"), key=lambda p: p.stat().st_mtime, reverse=True)
-        return [{"version": p.name, "live": p.name == current, "bytes": _bytes_under(p)} for p in folders]
+        found = []
+        for path in self._dir(bank_id).glob("v-*"):  # a version removed meanwhile (a commit, a prune) is left out
+            try:
+                found.append((path.stat().st_mtime, path))
+            except FileNotFoundError:
+                continue
+        out = []
+        for _, path in sorted(found, reverse=True):
+            size = _bytes_under(path)
+            if path.is_dir():
+                out.append({"version": path.name, "live": path.name == current, "bytes": size})
+        return out
 
     def total_bytes(self) -> int:
         return _bytes_under(self.root)
@@ -439,7 +460,8 @@ class BankStore:
             raise BankError(f"bank {bank_id!r} is being built right now ({_described_holder(holder)}): delete it "
                             "after the build finishes")
         trash = self.root / f".trash-{bank_id}-{uuid.uuid4().hex[:8]}"
-        os.replace(folder, trash)  # gone for readers at once
+        with self.building(bank_id):  # held while it goes: a build starting meanwhile is refused, not written back
+            os.replace(folder, trash)  # gone for readers at once
         shutil.rmtree(trash, ignore_errors=True)
 
     def clean(self) -> list[str]:
@@ -675,12 +697,15 @@ def _human(n: int) -> str:
 
 def _bytes_under(path: Path) -> int:
     total = 0
-    for item in path.rglob("*"):
-        try:
-            if item.is_file() and not item.is_symlink():
-                total += item.stat().st_size
-        except OSError:  # removed meanwhile
-            continue
+    try:
+        for item in path.rglob("*"):
+            try:
+                if item.is_file() and not item.is_symlink():
+                    total += item.stat().st_size
+            except OSError:  # removed meanwhile
+                continue
+    except OSError:  # a folder removed while it was walked: what was counted
+        pass
     return total
 
 

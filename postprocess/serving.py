@@ -177,7 +177,8 @@ class ScoreService:
     def forget(self, bank_id: str) -> None:
         """Drop what this process holds of a bank that is gone: the loaded bank, its drift window (no timer writes
         it back) and its drift gauges, which would otherwise stay on /metrics at their last values."""
-        self._cache.pop(bank_id, None)
+        if self._cache.pop(bank_id, None) is not None:
+            self.telemetry.gauge("pa_clip_bank_cache_bytes", self.cached_bytes())
         self.drift.forget(bank_id)
         with self._persist_lock:
             self._persisted.pop(bank_id, None)
@@ -187,12 +188,12 @@ class ScoreService:
         self.telemetry.drop_gauges(bank=bank_id)
 
     def forget_deleted(self) -> None:
-        """Forget the banks with drift windows that were deleted (by another instance or process: the store is the
-        only witness), checked at most every ``DELETED_SWEEP_S``."""
+        """Forget the banks loaded or with drift windows that were deleted (by another instance or process: the
+        store is the only witness), checked at most every ``DELETED_SWEEP_S``."""
         if time.monotonic() - self._swept < self.DELETED_SWEEP_S:
             return
         self._swept = time.monotonic()
-        for bank_id in self.drift.bank_ids():
+        for bank_id in {*self.drift.bank_ids(), *self._cache}:
             try:
                 gone = self.store.current_version(bank_id) is None
             except BankError:  # damaged, not deleted: its requests say so
@@ -468,8 +469,16 @@ class BankService:
         self.log = log or get_logger("bank").info
 
     def _described(self, bank_id: str) -> dict:
-        """A bank's manifest summary with its sizes (``info`` adds its versions)."""
-        return {**summary(self.store.manifest(bank_id)), **self.store.sizes(bank_id)}
+        """A bank's manifest summary with its sizes (``info`` adds its versions). A version replaced and removed
+        while it was read (commits of another instance, back to back) is read again from the new one."""
+        for attempt in range(3):
+            live = self.store.current_version(bank_id)
+            try:
+                return {**summary(self.store.manifest(bank_id)), **self.store.sizes(bank_id)}
+            except BankError:
+                if attempt == 2 or self.store.current_version(bank_id) == live:
+                    raise
+        raise AssertionError("unreachable")
 
     def _listed(self, bank_id: str) -> dict:
         """One bank of ``list``; one this server cannot read (a newer format, a damaged manifest) is listed with why,
@@ -531,11 +540,12 @@ class BankService:
         bank with it (``postprocess.growth``)."""
         cfg = None if options is None else build_config(options)
         started = time.perf_counter()
-        outcome = "failed"
+        outcome = "busy"  # refused before it held the host's slot and the bank's lock: a client sends it again
         try:
             # one build at a time on this host (the other instance stays free for info and adds, scoring keeps
             # the cores it needs), and one build per bank id, also across replicas on one store
             with build_slot(bank_id), self.store.building(bank_id):
+                outcome = "failed"
                 result = self._build(bank_id, cfg) if cfg is not None else self._update(bank_id)
             outcome = "built" if cfg is not None else "updated"
             return result

@@ -5,6 +5,7 @@ import json
 import os
 import re
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -657,9 +658,15 @@ def test_one_build_at_a_time_per_host_and_no_add_into_a_lot_being_built(tiny, lo
     holder, other = BankStore(tmp_path), BankStore(tmp_path)  # the two instances of the bank model on one host
     service = BankService(other, tiny.fingerprint, tiny.encode, tiny.encode_text, log=lambda _: None)
     service.handle("add", "washer", "washer", lot, {"reset": True})
+    from postprocess.telemetry import RecordingTelemetry
+
+    service.telemetry = RecordingTelemetry()
     with build_slot("bottle"):  # another instance's, or another server's on this host
         with pytest.raises(ServerBusy, match="server busy: this host is building bank 'bottle' "):
             service.handle("build", "washer")
+    # refused before it started: not a failed build (the client sends it again every 2 s)
+    assert service.telemetry.values[("pa_clip_bank_builds_total", (("bank", "washer"), ("outcome", "busy")))] == 1
+    assert not [k for k in service.telemetry.values if ("outcome", "failed") in k[1]]
     assert other.lot_size("washer") == len(lot)  # the refused build kept its lot
     with holder.building("washer"):  # its build has started: what it reads is the lot it started with
         with pytest.raises(BankError, match="bank 'washer' is being built right now"):
@@ -744,6 +751,54 @@ def test_a_lot_or_monitor_folder_that_is_a_link_is_never_written_through(tiny, l
     (tmp_path / "store" / "washer" / "monitor").symlink_to(outside)
     store.write_monitor("washer", {"window": 1})
     assert list(outside.iterdir()) == []
+    (outside / "planted.json").write_text(json.dumps({"window": 999, "alarm": True}))
+    assert store.monitors("washer") == []  # nor read through it for info
+
+
+def test_a_version_replaced_and_removed_while_current_is_read_is_followed_not_called_damaged(scorer, tmp_path,
+                                                                                                monkeypatch):
+    """Two commits back to back remove the version a reader had just read from CURRENT: the reader follows CURRENT
+    to the live version (it said "CURRENT names a version that is not on disk": a healthy bank called damaged)."""
+    store = BankStore(tmp_path)
+    bank, _ = build_bank(scorer, PAClipConfig(), "washer", scorer.backbone.fingerprint)
+    store.save(bank)
+    live = store.current_version("washer")
+    current = tmp_path / "washer" / "CURRENT"
+    removed = live[:-4] + "0000" if not live.endswith("0000") else live[:-4] + "1111"
+    current.write_text(removed)  # what the reader read: a version the commits have removed since
+    now = BankStore._current_now
+
+    def the_commit_lands(path):
+        path.write_text(live)
+        return now(path)
+
+    monkeypatch.setattr(BankStore, "_current_now", staticmethod(the_commit_lands))
+    assert store.current_version("washer") == live
+    monkeypatch.setattr(BankStore, "_current_now", staticmethod(now))
+    current.write_text(removed)  # CURRENT itself names a missing version: that is damage
+    with pytest.raises(BankError, match="not on disk"):
+        store.current_version("washer")
+
+
+def test_a_delete_holds_the_build_lock_while_the_bank_goes(scorer, tmp_path, monkeypatch):
+    """A build that starts between delete's check and its move would write the bank back after the delete said it
+    was gone: the delete holds the bank's build lock while it moves the folder away."""
+    store, other = BankStore(tmp_path), BankStore(tmp_path)
+    store.save(build_bank(scorer, PAClipConfig(), "washer", scorer.backbone.fingerprint)[0])
+    replace = store_module.os.replace
+    refused = []
+
+    def moving(source, target):
+        if Path(source) == tmp_path / "washer":  # the moment a build could start
+            with pytest.raises(BankError, match="in progress"):
+                with other.building("washer"):
+                    pass
+            refused.append(True)
+        return replace(source, target)
+
+    monkeypatch.setattr(store_module.os, "replace", moving)
+    store.delete("washer")
+    assert refused and not (tmp_path / "washer").exists() and store.bank_ids() == []
 
 
 def test_a_bank_being_built_is_not_deleted_and_a_lot_started_over_frees_what_it_replaces(tiny, lot, tmp_path):

@@ -136,6 +136,17 @@ def test_the_scoring_service_keeps_a_drift_window_that_alarms_on_a_brightening_l
     assert not [key for key in telemetry.values if ("bank", "brighter") in key[1] and key[0] != "pa_clip_images_"
                 "scored_total" and key[0] != "pa_clip_images_out_of_distribution_total"]
     assert service.drift.summary("brighter") is None and gauge("pa_clip_bank_drift_alarm", "steady") == 0.0
+    assert list(service._cache) == ["steady"]  # no longer held in memory, and the cache's gauge says so
+    assert telemetry.values[("pa_clip_bank_cache_bytes", ())] == service.cached_bytes()
+    # a bank loaded but never given a window (only its lot's own images sent) is let go too
+    store.save(build_bank(LotScorer(tiny_clip_112, lot, "washer", progress=False), PAClipConfig(), "quiet",
+                          tiny_clip_112.fingerprint)[0])
+    service.score("quiet", *tiny_clip_112.encode(lot[:2]).outputs().values(), lot[:2])
+    assert service.drift.summary("quiet") is None and "quiet" in service._cache
+    store.delete("quiet")
+    service._swept -= ScoreService.DELETED_SWEEP_S
+    service.score("steady", *tiny_clip_112.encode(fresh[:2]).outputs().values(), fresh[:2])
+    assert "quiet" not in service._cache
     assert not (tmp_path / "banks" / "brighter").exists()  # no window written back into the store
 
 
