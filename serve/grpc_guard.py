@@ -26,7 +26,7 @@ from postprocess.contract import ACCESS_KEY_HEADER
 from postprocess.errors import BUSY
 
 from .http_guard import INTERNAL_HEADER
-from .request_checks import Limits, Refused, check_carried, check_region_key, check_shape
+from .request_checks import Limits, Refused, check_carried, check_region_key, check_shape, check_tensor_names
 
 SERVICE = "/inference.GRPCInferenceService/"
 STREAMING = {"ModelStreamInfer"}
@@ -56,6 +56,7 @@ def check_names(message) -> None:
 
 
 def check_inference_request(request: service_pb2.ModelInferRequest, limits: Limits) -> None:
+    check_tensor_names(request.inputs, request.outputs)
     raw = list(request.raw_input_contents)
     if raw and len(raw) != len(request.inputs):
         raise Refused(400, f"{len(raw)} raw_input_contents for {len(request.inputs)} inputs: send one per input")
@@ -114,15 +115,22 @@ class GrpcGuard:
             self.channel.close()
             self.channel = None
 
+    def key_refusal(self, name: str, metadata) -> str | None:
+        """Why a call without this server's key is refused (None: it has the key, needs none, or none is set)."""
+        if not self.key or name in HEALTH:
+            return None
+        sent = next((v for k, v in metadata if k == KEY_METADATA), "")
+        if hmac.compare_digest(str(sent).encode(), self.key.encode()):
+            return None
+        return (f"this server needs its access key in the '{KEY_METADATA}' metadata (pa-clip score sends "
+                "$PA_CLIP_KEY)")
+
     def forward(self, method: str, request: bytes, context) -> bytes:
         name = method[len(SERVICE):]
         metadata = [(k, v) for k, v in context.invocation_metadata()]
         try:
-            if self.key and name not in HEALTH:
-                sent = next((v for k, v in metadata if k == KEY_METADATA), "")
-                if not hmac.compare_digest(str(sent).encode(), self.key.encode()):
-                    raise Refused(401, f"this server needs its access key in the '{KEY_METADATA}' metadata "
-                                       "(pa-clip score sends $PA_CLIP_KEY)")
+            if (refusal := self.key_refusal(name, metadata)) is not None:
+                raise Refused(401, refusal)
             if name == "ServerReady" and self.health is not None and not self.health()[0]:
                 return service_pb2.ServerReadyResponse(ready=False).SerializeToString()
             message = _parse(REQUEST_TYPES[name], request)
@@ -171,5 +179,11 @@ class _Handlers(grpc.GenericRpcHandler):
             def refuse(_requests, context):
                 context.abort(grpc.StatusCode.UNIMPLEMENTED, "streaming inference is not served: use ModelInfer")
             return grpc.stream_stream_rpc_method_handler(refuse)
+        if (refusal := self.guard.key_refusal(name, details.invocation_metadata or ())) is not None:
+            # refused from the call's metadata, before its message is read: a unary handler runs only once the
+            # whole message (up to max_request_bytes) has arrived, and calls without a key could hold that much each
+            def unauthenticated(_requests, context):
+                context.abort(grpc.StatusCode.UNAUTHENTICATED, refusal)
+            return grpc.stream_unary_rpc_method_handler(unauthenticated)
         return grpc.unary_unary_rpc_method_handler(lambda request, context: self.guard.forward(method, request,
                                                                                                 context))

@@ -41,6 +41,7 @@ INTERNAL_HEADER = "pa-clip-internal"  # the per-start secret tritonserver's own 
 MAX_HEAD_BYTES = 7 * 1024
 # one path segment: no dot segments, no percent escapes, nothing Triton's router could read another way
 TARGET = re.compile(rb"/v2(/[A-Za-z0-9_-][A-Za-z0-9_.-]*)*")
+DECIMAL = re.compile(r"[0-9]+")  # ASCII digits only: str.isdigit() takes "²", which int() refuses
 HEALTH = re.compile(rb"/v2/health/(live|ready)|/v2/models/[^/]+(/versions/[^/]+)?/ready")
 REGISTER = re.compile(rb"/v2/systemsharedmemory/region/[^/]+/register")
 SINGLE_HEADERS = {b"content-length", b"transfer-encoding", b"inference-header-content-length", b"host",
@@ -164,7 +165,7 @@ class HttpGuard:
             if not hmac.compare_digest(sent, self.key.encode()):
                 raise Refused(401, f"this server needs its access key in the '{ACCESS_KEY_HEADER}' header "
                                    "(pa-clip score sends $PA_CLIP_KEY)")
-        size = await self._check_length(conn, writer, request, headers)
+        size = await self._check_length(conn, writer, request, headers, keyless=health)
         held = [0]  # what this body holds of the budget so far
 
         def reserve(n: int) -> None:
@@ -192,8 +193,10 @@ class HttpGuard:
         finally:
             self.inflight_bytes -= held[0]
 
-    async def _check_length(self, conn, writer, request, headers) -> int:
-        """The body's announced size, checked against the request limit (its bytes are budgeted as they arrive)."""
+    async def _check_length(self, conn, writer, request, headers, keyless: bool = False) -> int:
+        """The body's announced size, checked against the request limit (its bytes are budgeted as they arrive).
+        ``keyless``: a path answered without the key (health) takes no body: a client without the key could
+        otherwise fill the in-flight budget that keyed requests share."""
         if b"chunked" in b"".join(headers.get(b"transfer-encoding", [])).lower():
             raise Refused(411, "chunked request bodies are not accepted: send a Content-Length")
         lengths = headers.get(b"content-length")
@@ -203,6 +206,8 @@ class HttpGuard:
             size = 0
         else:
             size = int(lengths[0])  # h11 has checked it is a number
+        if keyless and size:
+            raise Refused(413, "health requests carry no body")
         if size > self.limits.max_request_bytes:
             raise Refused(413, f"the request body is {size} bytes; this server takes at most "
                                f"{self.limits.max_request_bytes}")
@@ -221,7 +226,7 @@ class HttpGuard:
             header_length = None
             if announced:
                 text = announced[0].decode("latin-1")
-                if not text.isdigit() or int(text) > len(body):
+                if not DECIMAL.fullmatch(text) or int(text) > len(body):  # not isdigit(): "²" is a digit to it
                     raise Refused(400, f"bad Inference-Header-Content-Length {text!r}")
                 header_length = int(text)
             check = lambda: check_inference_json(body, header_length, self.limits)  # noqa: E731

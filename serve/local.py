@@ -260,14 +260,24 @@ class LocalServer:
         self.secret = secrets.token_urlsafe(24)
         self.internal_http, self.internal_grpc = free_ports(2)
         self.health_state = (True, "")
-        self._start_guards()
-        log = open(self.log_file, "ab")
-        self.log_offset = log.tell()
+        # what can fail before the server runs is done before the public ports are taken (a failed start left
+        # them listening, and the next start on them failed with "address already in use")
         # the guardian leads the new process group and takes it down if this process dies, even by SIGKILL
         guarded = [sys.executable, "-m", "serve.guardian", str(os.getpid()), "--", *self.command()]
-        self.process = subprocess.Popen(guarded, stdout=log, stderr=subprocess.STDOUT, cwd=HERE.parent,
-                                        env=server_environment(self.banks, self.max_store_gb),
-                                        start_new_session=True)
+        try:
+            log = open(self.log_file, "ab")
+        except OSError as err:
+            raise ServerError(f"cannot write the server log {self.log_file}: {err.strerror or err}") from None
+        try:
+            self.log_offset = log.tell()
+            self._start_guards()
+            self.process = subprocess.Popen(guarded, stdout=log, stderr=subprocess.STDOUT, cwd=HERE.parent,
+                                            env=server_environment(self.banks, self.max_store_gb),
+                                            start_new_session=True)
+        except BaseException:
+            log.close()
+            self.stop()
+            raise
         log.close()
         try:
             self.wait_ready(timeout)

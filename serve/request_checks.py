@@ -106,6 +106,20 @@ def check_shape(name: str, datatype: str, shape, limits: Limits) -> int:
     return elements
 
 
+def check_tensor_name(kind: str, name) -> None:
+    """An input's or output's name: Triton reads it as a C string, so "images\\0x" would reach the model as
+    'images' past every check made on the name 'images' (the image-size limit)."""
+    if not isinstance(name, str) or any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise Refused(400, f"{kind} name {str(name)[:80]!r} must be a string without a NUL or another control "
+                           "character")
+
+
+def check_tensor_names(inputs, outputs) -> None:
+    for kind, items in (("input", inputs), ("output", outputs)):
+        for item in items:
+            check_tensor_name(kind, item.get("name") if isinstance(item, dict) else getattr(item, "name", None))
+
+
 def check_carried(name: str, datatype: str, elements: int, shape, *, values: int | None = None,
                   binary_bytes: int | None = None) -> None:
     """The data an input carries against its claimed shape: a JSON value count, or the size of its binary part."""
@@ -162,9 +176,14 @@ def check_inference_json(body: bytes, header_length: int | None, limits: Limits)
     if not isinstance(request, dict) or not isinstance(request.get("inputs"), list):
         raise Refused(400, "the inference request must be a JSON object with an 'inputs' list")
     binary_left = 0 if header_length is None else len(body) - header_length
+    outputs = request.get("outputs", [])
+    if not isinstance(outputs, list) or not all(isinstance(o, dict) for o in outputs):
+        raise Refused(400, "'outputs' must be a list of JSON objects")
     for item in request["inputs"]:
         if not isinstance(item, dict):
             raise Refused(400, "each entry of 'inputs' must be a JSON object")
+    check_tensor_names(request["inputs"], outputs)
+    for item in request["inputs"]:
         name, datatype = str(item.get("name", "?")), str(item.get("datatype", ""))
         shape = item.get("shape")
         elements = check_shape(name, datatype, shape, limits)
@@ -192,6 +211,8 @@ def check_region_key(key) -> None:
     name = key[1:] if key.startswith("/") else key
     if not name or "/" in name or name in (".", ".."):
         raise Refused(400, f"shared-memory key {key!r} must be one name, e.g. '/my_region'")
+    if any(ord(c) < 32 or ord(c) == 127 or 0xD800 <= ord(c) <= 0xDFFF for c in name):
+        raise Refused(400, f"shared-memory key {key[:80]!r} holds a control character or a lone surrogate")
     if SERVER_REGION.match(name) or _same_file_as_a_server_region(name):
         raise Refused(403, f"shared-memory region {key!r} belongs to the server itself: register a region of your "
                            "own (tritonclient.utils.shared_memory.create_shared_memory_region)")
@@ -201,7 +222,7 @@ def _same_file_as_a_server_region(name: str) -> bool:
     """A hard link to a server region under another name is the same region."""
     try:
         target = (SHM_DIR / name).stat()
-    except OSError:
+    except (OSError, ValueError):
         return False  # Triton will say it does not exist
     for path in SHM_DIR.glob("pa_clip_*"):
         try:

@@ -117,6 +117,25 @@ def test_grpc_requests_are_checked_like_http_ones():
     two = request([1, 2, 2, 3], raw=bytes(12))
     two.raw_input_contents.append(b"x")
     assert "one per input" in refused(check_inference_request, two, LIMITS)[1]
+    # Triton reads names as C strings: "images\0x" reached the model as 'images', past the image-size limit
+    cut = request([1, 300, 2, 3], raw=bytes(1800))
+    cut.inputs[0].name = "images\x00x"
+    assert refused(check_inference_request, cut, LIMITS) == (400, "input name 'images\\x00x' must be a string "
+                                                                   "without a NUL or another control character")
+    out = request([1, 2, 2, 3], raw=bytes(12))
+    out.outputs.add(name="score\x00")
+    assert refused(check_inference_request, out, LIMITS)[0] == 400
+
+
+def test_input_and_output_names_with_a_nul_are_refused_over_http_too():
+    head = {"inputs": [{"name": "images\u0000x", "datatype": "UINT8", "shape": [1, 300, 2, 3],
+                        "parameters": {"binary_data_size": 1800}}]}
+    body = json.dumps(head).encode()
+    status, text = refused(check_inference_json, body + bytes(1800), len(body), LIMITS)
+    assert status == 400 and "input name" in text  # not the size check, which the name slipped past
+    body = json.dumps({"inputs": [{"name": "images", "datatype": "UINT8", "shape": [1, 2, 2, 3], "data": [0] * 12}],
+                       "outputs": [{"name": "anomaly_map\u0007"}]}).encode()
+    assert refused(check_inference_json, body, None, LIMITS)[0] == 400
 
 
 def test_the_servers_own_shared_memory_regions_cannot_be_registered():
@@ -131,7 +150,7 @@ def test_the_servers_own_shared_memory_regions_cannot_be_registered():
         os.link(region, alias)  # the same region under a name of the client's choosing
         for key in (f"/{region.name}", region.name, f"/{alias.name}"):
             assert refused(check_region_key, key)[0] == 403
-        for key in ("", "/", "/a/b", "/..", None, 5):
+        for key in ("", "/", "/a/b", "/..", None, 5, "/x\x00y", "/x\udcff"):  # a NUL or a lone surrogate: a 400
             assert refused(check_region_key, key)[0] == 400
         check_region_key(f"/{mine.name}")
         check_region_key("/not_there_at_all")  # Triton says it does not exist

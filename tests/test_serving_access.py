@@ -31,6 +31,38 @@ def test_with_an_access_key_nothing_but_health_answers_without_it(repository, wo
             assert keyed.list_banks() == []
             keyed.close()
         assert srv.ready()  # health stays open for probes
+        # a call without the key is refused from its metadata, before its message is read: one whose message never
+        # comes is answered at once (the guard held every such message, up to 256 MB each, before it checked)
+        import grpc
+        import time
+
+        channel = grpc.insecure_channel(srv.grpc_url)
+
+        def never_sends():
+            time.sleep(30)
+            yield b""
+
+        call = channel.stream_unary("/inference.GRPCInferenceService/ModelInfer")
+        with pytest.raises(grpc.RpcError) as refused:
+            call(never_sends(), timeout=10)
+        assert refused.value.code() is grpc.StatusCode.UNAUTHENTICATED, refused.value
+        channel.close()
+        # health answers without the key, so it takes no body (one without the key filled the in-flight budget);
+        # a length header of non-ASCII digits is answered, not a dropped connection
+        import http.client
+
+        host, port = srv.http_url.split(":")
+        for method, path, headers, body, status in [
+                ("GET", "/v2/health/live", {}, b"x" * 64, 413),
+                ("POST", "/v2/models/pa_clip/infer", {"pa-clip-key": key, "Inference-Header-Content-Length": "\u00b2"},
+                 b"{}", 400)]:
+            connection = http.client.HTTPConnection(host, int(port), timeout=30)
+            connection.putrequest(method, path)
+            for name, value in {**headers, "Content-Length": str(len(body))}.items():
+                connection.putheader(name, value.encode("utf-8"))
+            connection.endheaders(body)
+            assert connection.getresponse().status == status, (method, path)
+            connection.close()
         # the CLI takes the key from the environment
         proc = subprocess.run([sys.executable, "client/infer.py", "--url", srv.http_url, "--images", str(workdir),
                                "--bank", "washer", "--out", str(workdir / "keyed_out"), "--quiet"], cwd=ROOT,
@@ -46,3 +78,21 @@ def test_serve_refuses_to_open_up_without_a_key(repository):
                                                                        if k != "PA_CLIP_KEY"})
     assert proc.returncode == 2 and "give an access key" in proc.stderr
 
+
+
+def test_a_start_that_fails_before_the_server_runs_leaves_its_ports_free(repository, tmp_path):
+    """The public ports were taken before the log was opened and the command built: a start that failed there left
+    them listening, and the next start on them failed with "address already in use"."""
+    import socket
+
+    from serve.local import ServerError
+
+    http, grpc, metrics = free_ports(3)
+    (tmp_path / "a_folder").mkdir()
+    srv = LocalServer(repository, tmp_path / "banks", http_port=http, grpc_port=grpc, metrics_port=metrics,
+                      log_file=tmp_path / "a_folder")
+    with pytest.raises(ServerError, match="cannot write the server log"):
+        srv.start(timeout=30)
+    for port in (http, grpc):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", port))  # free again
