@@ -209,14 +209,22 @@ def test_tail_estimators_beside_the_product(budget):
 
 
 def test_map_peaks_are_one_per_blob_and_plateau_on_the_patch_grid():
-    maps = np.zeros((2, 28, 42), dtype=np.float32)  # 2 x 3 patch cells of 14 pixels
+    maps = np.zeros((2, 28, 56), dtype=np.float32)  # 2 x 4 patch cells of 14 pixels
     maps[0, 0:14, 0:28] = 0.5  # one flat blob over two cells: one peak
-    maps[0, 20, 40] = 0.9  # a second, in the far cell
+    maps[0, 20, 50] = 0.9  # a second, in the far cell (not touching the first)
     maps[1, 3, 3] = 0.2
     peaks = line.map_peaks(maps, 14, kept=4)
     assert np.allclose(peaks[0, :2], [0.9, 0.5]) and np.isnan(peaks[0, 2:]).all()
-    # the far column's two zero cells do not touch the 0.2 cell: one flat top, one peak
-    assert np.allclose(peaks[1, :2], [0.2, 0.0]) and np.isnan(peaks[1, 2:]).all()
+    # the zero cells are one flat top that touches the 0.2 cell: a shelf, no peak
+    assert peaks[1, 0] == pytest.approx(0.2) and np.isnan(peaks[1, 1:]).all()
+    shelf = np.ones((5, 5), np.float32)  # a 9 on a shelf of 5s over a floor of 1s: one peak, not three
+    shelf[1:4, 1:4] = 5.0
+    shelf[2, 2] = 9.0
+    assert np.allclose(line.map_peaks(np.kron(shelf, np.ones((2, 2), np.float32))[None], 2, kept=3)[0],
+                       [9.0, np.nan, np.nan], equal_nan=True)
+    with pytest.raises(ValueError, match="raise PEAKS_KEPT"):  # never cut short silently
+        line.map_peaks(np.kron(np.diag([1.0, 0.0, 2.0]).astype(np.float32), np.ones((2, 2), np.float32))[None], 2,
+                       kept=1)
 
 
 @pytest.mark.parametrize("budget", [0.01, 0.05])
