@@ -172,7 +172,7 @@ class ScoreService:
         self.telemetry.gauge("pa_clip_bank_cache_bytes", self.cached_bytes())
         return bank
 
-    DELETED_SWEEP_S = 5.0  # how often a request checks that the banks with drift windows are still in the store
+    DELETED_SWEEP_S = 5.0  # how often a request checks that the banks loaded or watched are still in the store
 
     def forget(self, bank_id: str) -> None:
         """Drop what this process holds of a bank that is gone: the loaded bank, its drift window (no timer writes
