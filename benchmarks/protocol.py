@@ -73,15 +73,20 @@ def choose(candidates: dict, keys: list[str]) -> str:
     return max(sorted(candidates), key=lambda c: selection_score(candidates[c]["mean"], keys))
 
 
+def _at_most(value, limit) -> bool:
+    return value is not None and value <= limit
+
+
 def direction(tune: tuple[str, dict], report: tuple[str, dict], keys: list[str], baseline: str | None,
               max_seconds: float | None = None, max_patches: int | None = None) -> dict:
     (tune_name, tune_c), (report_name, report_c) = tune, report
     shared = sorted(set(tune_c) & set(report_c))
     if not shared:
         raise ValueError(f"no candidate was run on both {tune_name} and {report_name}")
+    # a candidate whose cost was not recorded cannot be shown to fit a budget: out (it passed as if free)
     affordable = [c for c in shared
-                  if (max_seconds is None or (tune_c[c]["seconds_per_image"] or 0) <= max_seconds)
-                  and (max_patches is None or (tune_c[c]["patches"] or 0) <= max_patches)]
+                  if (max_seconds is None or _at_most(tune_c[c]["seconds_per_image"], max_seconds))
+                  and (max_patches is None or _at_most(tune_c[c]["patches"], max_patches))]
     if not affordable:
         raise ValueError(f"no candidate scores {tune_name} within the budget ({max_seconds} s per image, "
                          f"{max_patches} patches per image)")

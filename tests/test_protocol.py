@@ -54,6 +54,10 @@ def test_a_time_budget_keeps_slow_candidates_out_of_the_choice(tmp_path):
     # the same by patches per image (448 x 448 is 1024 patches), whatever the machine's speed
     assert protocol.main(sets + ["--json", str(out), "--max-patches", "500"]) == 0
     assert [d["chosen"] for d in json.loads(out.read_text())] == ["square@224/rs", "square@224/rs"]
+    # a run that recorded no time cannot be shown to fit a time budget: it is out, not free
+    write_run(tmp_path / "a/n/results.json", "native", 448, {"pad_mpam": (0.90, 0.90)}, seconds=None)
+    assert protocol.main(sets + ["--json", str(out), "--max-seconds-per-image", "2"]) == 0
+    assert json.loads(out.read_text())[0]["chosen"] == "square@224/rs"
 
 
 def test_missing_runs_are_a_clear_error(tmp_path, capsys):
