@@ -170,6 +170,8 @@ class PAClipConfig:
                              f"{self.full_bank_storage!r}")
         if self.k_max < self.k_min:
             raise ValueError(f"need k_min <= k_max, got {self.k_min} and {self.k_max}")
+        if self.full_bank_images == 1:  # an image of a sample of one has no other to be compared with
+            raise ValueError("full_bank_images must be 0 (keep every lot image) or at least 2, got 1")
 
     @property
     def projects(self) -> bool:

@@ -618,10 +618,14 @@ def neighbour_rescore(scores, embeds, ref_embeds, ref_scores, k: int, weight: fl
     m = int(sim.shape[1])
     if query_ids is not None:
         sim = xp.where(xp.asarray(query_ids)[:, None] == xp.arange(m)[None, :], -xp.inf, sim)
-        m -= 1  # a lot member has one reference fewer
     k = min(int(k), m)
     if k < 1:
         return scores
     nearest = xp.argpartition(-sim, k - 1, axis=1)[:, :k]
-    neighbour_mean = ref_scores.astype(xp.float32)[nearest].mean(axis=1)
-    return (scores + weight * (neighbour_mean - scores)).astype(scores.dtype)
+    # a lot member's own reference (-inf) is taken only when k reaches the whole lot: it is left out of the mean
+    # there, where a new image averages every reference (one k for both dropped a new image's farthest one)
+    counted = xp.isfinite(sim[xp.arange(sim.shape[0])[:, None], nearest]).astype(xp.float32)
+    taken = counted.sum(axis=1)
+    neighbour_mean = (ref_scores.astype(xp.float32)[nearest] * counted).sum(axis=1) / xp.maximum(taken, 1.0)
+    moved = scores + weight * (neighbour_mean - scores)
+    return xp.where(taken > 0, moved, scores).astype(scores.dtype)

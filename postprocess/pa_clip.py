@@ -212,8 +212,12 @@ def represented_lot_size(n_images: int, cfg: PAClipConfig) -> int:
 
 def lot_interval_k(n_images: int, cfg: PAClipConfig) -> int:
     """The interval k of a lot's scoring, lot images and new ones alike: from the images the full bank keeps (a new
-    image is compared with all of them, a lot image with the others)."""
-    return K.interval_k(represented_lot_size(n_images, cfg), cfg.interval_fraction, cfg.k_min, cfg.k_max)
+    image is compared with all of them, a lot image with the others). A sampled lot's k is at most its sample - 1:
+    an image of the sample sees only the other images of it, and a k past them averaged its own excluded (infinite)
+    distance into its score (NaN maps)."""
+    k = K.interval_k(represented_lot_size(n_images, cfg), cfg.interval_fraction, cfg.k_min, cfg.k_max)
+    references = full_bank_references(n_images, cfg)
+    return k if references is None else max(1, min(k, len(references) - 1))
 
 
 def normal_count(n_images: int, cfg: PAClipConfig) -> int:

@@ -103,6 +103,21 @@ def test_a_lot_larger_than_the_full_bank_keeps_a_sample_and_scores_against_it(sc
         check_tensors(loaded.manifest, tensors, "washer")
 
 
+def test_a_sampled_lots_k_never_reaches_an_images_own_excluded_distance(scorer, tiny):
+    """k sized by a lot of sample + 1 could be the whole sample, where an image of the sample sees one image fewer:
+    its own, excluded as infinitely far, was averaged in and its score and map came out NaN."""
+    from postprocess.pa_clip import lot_interval_k
+
+    for cfg in (PAClipConfig(full_bank_images=2, k_min=2), PAClipConfig(full_bank_images=4, interval_fraction=1.0)):
+        assert lot_interval_k(len(scorer.images), cfg) == cfg.full_bank_images - 1
+        bank, report = build_bank(scorer, cfg, "washer", tiny.fingerprint)
+        assert np.isfinite(np.asarray(report.scores)).all()
+        result = score_with_bank(bank, scorer.features, bank.query_ids([image_key(i) for i in scorer.images]))
+        assert np.isfinite(K.to_numpy(result.scores)).all() and np.isfinite(K.to_numpy(result.maps)).all()
+    with pytest.raises(ValueError, match="full_bank_images must be 0 .* or at least 2"):
+        PAClipConfig(full_bank_images=1)
+
+
 def test_a_sampled_lot_sizes_its_interval_and_normal_set_by_the_sample(scorer):
     """Above full_bank_images the banks stop growing with the lot: the interval's k and the normal set are those of
     a lot of sample + 1 (what a sampled image sees), while the normal images are still chosen from the whole lot."""

@@ -285,3 +285,7 @@ def test_neighbour_rescore_moves_each_score_toward_its_look_alikes():
     # k larger than the lot: the mean of all the others
     np.testing.assert_allclose(K.neighbour_rescore(scores, embeds, embeds, scores, 50, 1.0, ids)[0],
                                (scores.sum() - 1.0) / 5, rtol=1e-6)
+    # ... and for a new image beside them, the mean of every reference (one k for both left its farthest out)
+    mixed = K.neighbour_rescore(np.array([0.0, 0.0], np.float32), embeds[:2], embeds, scores, 50, 1.0,
+                                np.array([-1, 0]))
+    np.testing.assert_allclose(mixed, [scores.mean(), (scores.sum() - 1.0) / 5], rtol=1e-6)
