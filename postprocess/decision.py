@@ -210,6 +210,10 @@ class Calibration:
         n = self.n_images - self.n_excluded
         a, b = (n + 1) * rate, (n + 1) * (1.0 - rate)
         low, high = (float(beta_distribution.ppf(q, a, b)) for q in (tail, 1.0 - tail))
+        if a < 1.0:  # the rank lies past the lot's largest score: a threshold read there is no surer than that
+            # score, whose rate is Beta(1, n) over lots (the rank's own Beta squeezed toward 0: 2 images at 0.1%
+            # read "0.0% to 0.0%" where such lots realise up to 64%)
+            high = max(high, float(beta_distribution.ppf(1.0 - tail, 1.0, n)))
         return low, high
 
     def confidence(self) -> dict:
@@ -407,8 +411,11 @@ class Decider:
         its map and the image sent (uint8 [H, W, 3]) as well, an image outside the bank's out-of-distribution
         thresholds is decided ``out_of_distribution`` whatever its score, with ``ood_reason``."""
         calibrated = float(self.calibration.calibrated(score))
-        cut = 0.5 if self.threshold_calibrated is None else self.threshold_calibrated
-        out = {"calibrated": calibrated, "decision": decide([calibrated], cut)[0]}
+        # decided in raw units, where the outline's level is read: the calibrated scale saturates (1e-30 or 1 - 1e-17
+        # as --threshold: every image "anomalous", or none, whatever its map)
+        raw = float(score)
+        out = {"calibrated": calibrated, "decision": "invalid" if not np.isfinite(raw) else
+               "anomalous" if raw > self.raw_threshold else "normal"}
         if anomaly_map is None or not np.isfinite(score):
             return out
         amap = np.asarray(anomaly_map, dtype=np.float32)

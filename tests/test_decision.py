@@ -177,6 +177,21 @@ def test_the_stated_range_covers_the_realised_rates(method, shape, least):
     assert least <= np.mean(inside) <= 0.97
 
 
+@pytest.mark.parametrize("n, budget", [(2, 0.001), (5, 0.001), (10, 0.01)])
+def test_a_threshold_read_past_the_lot_states_a_range_as_wide_as_its_lots_realise(n, budget):
+    """Past the lot's largest score the rank's own Beta squeezes toward 0: 2 images at 0.1% read "0.0% to 0.0%"
+    while such lots realise up to 64%. The stated range now holds for most of these lots (it held for none)."""
+    good = SHAPES["exponential tail"]
+    rng = np.random.default_rng(7)
+    inside = []
+    for _ in range(400):
+        cal = calibrate(good.rvs(n, random_state=rng), false_alarm_rate=budget)
+        c = cal.confidence()
+        assert c["provisional"] and c["realised_high"] > budget
+        inside.append(c["realised_low"] <= good.sf(cal.threshold) <= c["realised_high"])
+    assert np.mean(inside) >= 0.75
+
+
 def test_calibrated_scores_put_the_threshold_at_one_half_and_survive_the_manifest():
     lot = np.r_[SHAPES["right-skewed"].rvs(80, random_state=np.random.default_rng(6)), 0.5]
     cal = calibrate(lot)
@@ -273,3 +288,14 @@ def test_a_calibration_refuses_a_budget_its_tail_model_cannot_reach_and_counts_t
     for broken in ({"n_images": 0}, {"n_images": -5}, {"n_excluded": -3}, {"n_excluded": 100}):
         with pytest.raises(DecisionError, match="at least one lot image"):
             Calibration.from_dict({**good, **broken})
+
+
+def test_an_extreme_users_threshold_decides_as_the_outline_reads():
+    """The calibrated scale saturates: with --threshold 1e-30 an image far below the raw threshold was decided
+    anomalous while its outline level said no pixel crossed. Decisions are made in raw units."""
+    cal = calibrate(np.linspace(0.0, 1.0, 36))
+    decider = Decider(cal, threshold_calibrated=1e-30)
+    low = decider.raw_threshold - 4.0 * cal.spread
+    assert decider.decide(low)["decision"] == "normal" and decider.decide(low)["calibrated"] > 1e-30
+    assert decider.decide(decider.raw_threshold + cal.spread)["decision"] == "anomalous"
+    assert Decider(cal).decide(float("nan"))["decision"] == "invalid"
