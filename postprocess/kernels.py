@@ -188,12 +188,10 @@ def coreset_size(n: int, ratio: float) -> int:
     return max(1, min(n, int(math.ceil(ratio * n))))
 
 
-def greedy_coreset(points, n_select: int, held_sq_dist=None):
+def greedy_coreset(points, n_select: int):
     """Greedy k-center selection in each group of (G, P, d) points -> (G, n_select) indices.
 
     Starts from the point nearest the group mean, then repeatedly takes the point farthest from the chosen set.
-    ``held_sq_dist`` (G, P): each point's squared distance to a set already chosen (a coreset being extended, see
-    ``nearest_sq_dist``): the selection continues from that set, its first pick the point farthest from it.
     """
     xp = get_xp(points)
     points = _float32(points)
@@ -208,13 +206,9 @@ def greedy_coreset(points, n_select: int, held_sq_dist=None):
         dots = (points @ centre[:, :, None])[..., 0]  # batched matrix-vector product (BLAS)
         return xp.maximum(sq_norm - 2.0 * dots + (centre * centre).sum(axis=-1)[:, None], 0.0)
 
-    if held_sq_dist is None:
-        mean = points.mean(axis=1)
-        start = xp.argmin(((points - mean[:, None, :]) ** 2).sum(axis=-1), axis=1)
-        min_dist = sq_dist_to(start)
-    else:
-        start = xp.argmax(held_sq_dist, axis=1)
-        min_dist = xp.minimum(_float32(held_sq_dist), sq_dist_to(start))
+    mean = points.mean(axis=1)
+    start = xp.argmin(((points - mean[:, None, :]) ** 2).sum(axis=-1), axis=1)
+    min_dist = sq_dist_to(start)
     selected = xp.empty((groups, n_select), dtype=xp.int64)
     selected[:, 0] = start
     fused = _fused(xp)
@@ -229,22 +223,6 @@ def greedy_coreset(points, n_select: int, held_sq_dist=None):
         selected[:, t] = nxt
         min_dist = xp.minimum(min_dist, sq_dist_to(nxt))
     return selected
-
-
-def nearest_sq_dist(points, held, budget_bytes: int):
-    """(P,) squared distance of each of ``points`` (P, d) to its nearest row of ``held`` (M, d), M >= 1: where a
-    coreset being extended stands (``greedy_coreset``'s ``held_sq_dist``). Points in row blocks whose (rows, M)
-    float32 distances fit the budget."""
-    xp = get_xp(points)
-    points, held = _float32(points), _float32(held)
-    held_sq = (held * held).sum(axis=1)
-    out = xp.empty(points.shape[0], dtype=xp.float32)
-    rows = _chunk(points.shape[0], 8 * held.shape[0], budget_bytes)
-    for r0 in range(0, points.shape[0], rows):
-        block = points[r0:r0 + rows]
-        d = (block * block).sum(axis=1)[:, None] - 2.0 * (block @ held.T) + held_sq[None, :]
-        out[r0:r0 + rows] = xp.maximum(d.min(axis=1), 0.0)
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
