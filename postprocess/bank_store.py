@@ -294,9 +294,19 @@ class BankStore:
         check_manifest(manifest.replace(version=version), bank_id)
         return manifest
 
+    def _read_live(self, bank_id: str, read):
+        """``read(version, folder)`` of the live version. A version that a new one replaced, and a prune or the next
+        save removed, while it was being read is not damage: the version CURRENT names now is read instead."""
+        for attempt in range(3):
+            version, folder = self._live(bank_id)
+            try:
+                return read(version, folder)
+            except (BankDamaged, FileNotFoundError):
+                if attempt == 2 or self.current_version(bank_id) == version:
+                    raise
+
     def manifest(self, bank_id: str) -> BankManifest:
-        version, folder = self._live(bank_id)
-        return self._read_manifest(bank_id, version, folder)
+        return self._read_live(bank_id, lambda version, folder: self._read_manifest(bank_id, version, folder))
 
     def _check_files(self, manifest: BankManifest, bank_id: str, version: str, folder: Path) -> None:
         """Each data file a plain file whose size and SHA-256 are those the manifest recorded when it was written."""
@@ -317,7 +327,10 @@ class BankStore:
     def sizes(self, bank_id: str) -> dict:
         """Bytes of the live version on disk, and of its arrays once loaded (on the GPU or in host memory), read
         from the safetensors header without loading the tensors."""
-        version, folder = self._live(bank_id)
+        return self._read_live(bank_id, lambda version, folder: self._sizes(bank_id, version, folder))
+
+    @staticmethod
+    def _sizes(bank_id: str, version: str, folder: Path) -> dict:
         if not _regular_file(folder / "bank.safetensors"):
             raise damaged(bank_id, version, "bank.safetensors is missing, a link or not a file")
         try:
@@ -380,16 +393,9 @@ class BankStore:
 
     def load(self, bank_id: str, encoder: dict | None = None) -> Bank:
         """The live version, verified: manifest fields, file digests, every tensor against the manifest. Damage is a
-        ``BankDamaged`` naming the bank, the version and what is wrong; nothing damaged is ever scored with. A
-        version that a new one replaced, and a prune or the next save removed, while it was being read is not
-        damage: the version CURRENT names now is read instead."""
-        for attempt in range(3):
-            version, folder = self._live(bank_id)
-            try:
-                return self._load_version(bank_id, version, folder, encoder)
-            except BankDamaged:
-                if attempt == 2 or self.current_version(bank_id) == version:
-                    raise
+        ``BankDamaged`` naming the bank, the version and what is wrong; nothing damaged is ever scored with (a
+        version replaced and removed while it was read is read again from the new one: ``_read_live``)."""
+        return self._read_live(bank_id, lambda version, folder: self._load_version(bank_id, version, folder, encoder))
 
     def _load_version(self, bank_id: str, version: str, folder: Path, encoder: dict | None) -> Bank:
         manifest = self._read_manifest(bank_id, version, folder)  # refuses formats it cannot read

@@ -469,16 +469,8 @@ class BankService:
         self.log = log or get_logger("bank").info
 
     def _described(self, bank_id: str) -> dict:
-        """A bank's manifest summary with its sizes (``info`` adds its versions). A version replaced and removed
-        while it was read (commits of another instance, back to back) is read again from the new one."""
-        for attempt in range(3):
-            live = self.store.current_version(bank_id)
-            try:
-                return {**summary(self.store.manifest(bank_id)), **self.store.sizes(bank_id)}
-            except BankError:
-                if attempt == 2 or self.store.current_version(bank_id) == live:
-                    raise
-        raise AssertionError("unreachable")
+        """A bank's manifest summary with its sizes (``info`` adds its versions)."""
+        return {**summary(self.store.manifest(bank_id)), **self.store.sizes(bank_id)}
 
     def _listed(self, bank_id: str) -> dict:
         """One bank of ``list``; one this server cannot read (a newer format, a damaged manifest) is listed with why,
