@@ -49,7 +49,7 @@ from tqdm.auto import tqdm
 
 from benchmarks.datasets import Sample, _images_in, discover, load_category, original_sizes
 from benchmarks.metrics import f1_at_prevalence, f1_max, f1_max_at_prevalence
-from postprocess import contract as C
+from postprocess import contract as C, strict_json
 from postprocess.atomic import write_atomic
 from postprocess.decision import (BREAKDOWN, DEFAULT_METHOD, METHODS, calibrate, conformal_cap, tail_scale,
                                   threshold_for)
@@ -272,10 +272,10 @@ def collect(args) -> int:
                     scores.append(s)
                 maps, scores = np.concatenate(maps), np.concatenate(scores)
                 stats = map_statistics(maps, info["map_range"][1])
-                peaks = map_peaks(maps, int(fingerprint["patch_size"]))
-                peaks = np.where(np.isnan(peaks), None, peaks.round(7).astype(object))  # JSON has no NaN
+                peaks = map_peaks(maps, int(fingerprint["patch_size"])).round(7).tolist()
                 record[part] = {"indices": indices.tolist(), "score": scores.round(7).tolist(),
-                                **{k: v.round(7).tolist() for k, v in stats.items()}, "peaks": peaks.tolist(),
+                                **{k: v.round(7).tolist() for k, v in stats.items()},
+                                "peaks": strict_json.finite(peaks),  # JSON has no NaN: where a map has fewer, null
                                 "seconds_per_image": (time.perf_counter() - t0) / len(indices)}
             line.drop(bank)
             splits.append(record)

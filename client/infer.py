@@ -492,7 +492,7 @@ def main(argv=None, prog: str = "client/infer.py") -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     # a run's own pictures (an --out inside --images, run again) are its results, never parts to score
-    written = [(out / name).resolve() for name in RUN_OUTPUTS if name in ("overlays", "maps")]
+    written = [(out / name).resolve() for name in ("overlays", "maps")]
     paths = [p for p in find_images(args.images) if not any(p.resolve().is_relative_to(w) for w in written)]
     if not paths:
         print(f"error: {no_images_message(args.images)} (--images is a folder or a glob like 'photos/*.png')",

@@ -348,7 +348,8 @@ DECISIONS = ("normal", "anomalous", OUT_OF_DISTRIBUTION, "invalid")
 
 
 def decide(calibrated_scores, threshold: float = 0.5) -> list[str]:
-    """'anomalous' above the threshold (calibrated scale), 'normal' at or below it, 'invalid' for NaN."""
+    """'anomalous' above the threshold, 'normal' at or below it, 'invalid' for NaN (calibrated scores and a
+    threshold on that scale, or raw scores and a raw threshold: ``Decider.decide``)."""
     out = []
     for c in np.asarray(calibrated_scores, dtype=np.float64).reshape(-1):
         out.append("invalid" if not np.isfinite(c) else "anomalous" if c > threshold else "normal")
@@ -413,9 +414,7 @@ class Decider:
         calibrated = float(self.calibration.calibrated(score))
         # decided in raw units, where the outline's level is read: the calibrated scale saturates (1e-30 or 1 - 1e-17
         # as --threshold: every image "anomalous", or none, whatever its map)
-        raw = float(score)
-        out = {"calibrated": calibrated, "decision": "invalid" if not np.isfinite(raw) else
-               "anomalous" if raw > self.raw_threshold else "normal"}
+        out = {"calibrated": calibrated, "decision": decide([score], self.raw_threshold)[0]}
         if anomaly_map is None or not np.isfinite(score):
             return out
         amap = np.asarray(anomaly_map, dtype=np.float32)

@@ -131,10 +131,9 @@ def grow_bank(bank: Bank, features: Features, images, host: HostSettings = DEFAU
     # the lot's scores as they now are: a part left out never joined the lot, so the smallest and largest are the
     # lot's and the folded-in parts' (the calibration's reference also holds parts left out); the median is read
     # off that reference with the folded-in parts, near enough for what it is: a figure info shows
-    summary_scores = np.concatenate([np.asarray(calibration.reference or [manifest.lot_scores["median"]]),
-                                     scores[accepted]])
-    lowest = min([manifest.lot_scores["min"], *scores[accepted].tolist()])
-    highest = max([manifest.lot_scores["max"], *scores[accepted].tolist()])
+    joined = scores[accepted]
+    summary_scores = np.concatenate([np.asarray(calibration.reference or [manifest.lot_scores["median"]]), joined])
+    lowest, highest = min([manifest.lot_scores["min"], *joined]), max([manifest.lot_scores["max"], *joined])
     left_out_keys = tuple(keys[int(i)] for i in np.delete(fresh, accepted))
     ood = manifest.ood
     if ood is not None and accepted.size:  # the folded-in images' statistics join the lot's

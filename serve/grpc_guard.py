@@ -26,7 +26,8 @@ from postprocess.contract import ACCESS_KEY_HEADER
 from postprocess.errors import BUSY
 
 from .http_guard import INTERNAL_HEADER
-from .request_checks import Limits, Refused, check_carried, check_region_key, check_shape, check_tensor_names
+from .request_checks import (Limits, Refused, check_carried, check_region_key, check_shape, check_tensor_names,
+                             has_control_character)
 
 SERVICE = "/inference.GRPCInferenceService/"
 STREAMING = {"ModelStreamInfer"}
@@ -51,7 +52,7 @@ def check_names(message) -> None:
     for field in NAME_FIELDS:
         if field in message.DESCRIPTOR.fields_by_name:
             value = getattr(message, field)
-            if isinstance(value, str) and any(ord(c) < 32 or ord(c) == 127 for c in value):
+            if isinstance(value, str) and has_control_character(value):
                 raise Refused(400, f"{field} {value[:80]!r} holds a NUL or another control character")
 
 

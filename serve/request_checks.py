@@ -106,10 +106,16 @@ def check_shape(name: str, datatype: str, shape, limits: Limits) -> int:
     return elements
 
 
+def has_control_character(text: str) -> bool:
+    """A NUL or another control character: Triton reads names as C strings, so "pa_clip\\0x" is served as
+    pa_clip, past every check made on the whole name."""
+    return any(ord(c) < 32 or ord(c) == 127 for c in text)
+
+
 def check_tensor_name(kind: str, name) -> None:
-    """An input's or output's name: Triton reads it as a C string, so "images\\0x" would reach the model as
-    'images' past every check made on the name 'images' (the image-size limit)."""
-    if not isinstance(name, str) or any(ord(c) < 32 or ord(c) == 127 for c in name):
+    """An input's or output's name: "images\\0x" would reach the model as 'images' past every check made on the
+    name 'images' (the image-size limit)."""
+    if not isinstance(name, str) or has_control_character(name):
         raise Refused(400, f"{kind} name {str(name)[:80]!r} must be a string without a NUL or another control "
                            "character")
 
@@ -211,7 +217,7 @@ def check_region_key(key) -> None:
     name = key[1:] if key.startswith("/") else key
     if not name or "/" in name or name in (".", ".."):
         raise Refused(400, f"shared-memory key {key!r} must be one name, e.g. '/my_region'")
-    if any(ord(c) < 32 or ord(c) == 127 or 0xD800 <= ord(c) <= 0xDFFF for c in name):
+    if has_control_character(name) or any(0xD800 <= ord(c) <= 0xDFFF for c in name):
         raise Refused(400, f"shared-memory key {key[:80]!r} holds a control character or a lone surrogate")
     if SERVER_REGION.match(name) or _same_file_as_a_server_region(name):
         raise Refused(403, f"shared-memory region {key!r} belongs to the server itself: register a region of your "
