@@ -17,6 +17,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,14 +34,18 @@ from .pa_clip import (ScoreResult, SearchSpace, bank_entries, decide, full_bank_
 
 # The manifest format this code writes. A change to what manifest.json holds bumps it and adds the step from the
 # previous format to MIGRATIONS, so that banks already on a (shared) store keep loading.
-FORMAT_VERSION = 5
+FORMAT_VERSION = 6
 # format 2 added the digests of the version's files and the shapes and dtypes of its tensors (``files``,
 # ``tensors``): a format-1 bank has neither, and is checked against what its other fields imply; format 3 the
 # out-of-distribution calibration (``ood``): a bank built before has none and makes no such decisions; format 4 the
 # lot sizes a sampled bank grew through (``sample_growth``): a bank written before never grew past its sample;
 # format 5 the keys of the parts an update left out (``left_out_keys``): a bank written before counted none (a
-# server of format 4 read a grown bank's new field as damage; it now says the format is newer)
-MIGRATIONS: dict = {old: (lambda values, new=old + 1: {**values, "format_version": new}) for old in (1, 2, 3, 4)}
+# server of format 4 read a grown bank's new field as damage; it now says the format is newer); format 6 the digest
+# of the manifest itself, beside it (``manifest.sha256``, the store's): a bank written before has none, and a flipped
+# bit in its thresholds or image keys went unseen
+MIGRATIONS: dict = {old: (lambda values, new=old + 1: {**values, "format_version": new}) for old in (1, 2, 3, 4, 5)}
+DIGESTED_FROM = 2  # the first format whose manifest records its files' digests and its tensors (``files``, ``tensors``)
+IMAGE_KEY = re.compile(r"[0-9a-f]{64}")  # ``image_key``: a SHA-256 in hex
 # Fields that banks built before host settings moved out of PAClipConfig still carry in their manifest's config.
 LEGACY_HOST_FIELDS = ("memory_budget_mb",)
 LOT_EMBEDS, LOT_SCORES = "lot_image_embeds", "lot_map_scores"  # bank tensors for lot-level re-scoring
@@ -368,10 +373,10 @@ def check_manifest(manifest: "BankManifest", bank_id: str) -> None:
     cfg = manifest.config
     if manifest.n_images < 2 or len(manifest.image_keys) != manifest.n_images:
         fail(f"n_images {manifest.n_images} with {len(manifest.image_keys)} image keys")
-    if not all(isinstance(k, str) and len(k) == 64 for k in manifest.image_keys):
+    if not all(isinstance(k, str) and IMAGE_KEY.fullmatch(k) for k in manifest.image_keys):
         fail("an image key is not a SHA-256")
     left_out = manifest.left_out_keys or ()
-    if not all(isinstance(k, str) and len(k) == 64 for k in left_out):
+    if not all(isinstance(k, str) and IMAGE_KEY.fullmatch(k) for k in left_out):
         fail("a left-out part's key is not a SHA-256")
     if len(set(left_out)) != len(left_out) or set(left_out) & set(manifest.image_keys):
         fail("a left-out part is listed twice, or is also in the lot")

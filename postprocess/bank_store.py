@@ -3,8 +3,10 @@
     <root>/<bank>/CURRENT                      name of the live version folder (replaced atomically)
     <root>/<bank>/v-<build id>/manifest.json   ``BankManifest`` (postprocess/bank.py): encoder fingerprint, config,
                                                counts, thresholds, image hashes
+    <root>/<bank>/v-<build id>/manifest.sha256 SHA-256 of manifest.json as written (format 6: a flipped bit in a
+                                               threshold is damage like one in the tensors)
     <root>/<bank>/v-<build id>/bank.safetensors
-    <root>/<bank>/lot/part-<n>.safetensors     images added but not yet built (the pending lot)
+    <root>/<bank>/lot/part-<n>-<r>.safetensors images added but not yet built (the pending lot)
     <root>/<bank>/.build-lock                  held by the one build of this bank id in progress
 
 A version folder is complete before ``CURRENT`` names it, so a crash mid-build leaves the previous bank live. No
@@ -31,8 +33,8 @@ import numpy as np
 from . import kernels as K
 from . import strict_json
 from .atomic import HOST, fsync_dir, is_dead_leftover, owner_gone, temp_name, write_atomic
-from .bank import (Bank, BankDamaged, BankError, BankFormatError, BankManifest, check_encoder, check_manifest,
-                   check_tensors, damaged, tensor_record)
+from .bank import (DIGESTED_FROM, FORMAT_VERSION, Bank, BankDamaged, BankError, BankFormatError, BankManifest, check_encoder,
+                   check_manifest, check_tensors, damaged, tensor_record)
 from .contract import IMAGES, VISION_OUTPUTS, Features
 from .errors import ServerBusy
 
@@ -41,6 +43,9 @@ BANK_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 # what CURRENT may name: a version folder of its own bank (no separator, so nothing outside it)
 VERSION_PATTERN = re.compile(r"v-[A-Za-z0-9][A-Za-z0-9._-]{0,200}")
 DATA_FILES = ("bank.safetensors",)  # a version's files whose digests its manifest records
+MANIFEST_DIGEST = "manifest.sha256"  # beside manifest.json: the manifest's own digest (from format 6)
+MANIFEST_DIGESTED_FROM = 6
+MANIFEST_LIMIT = 64 << 20  # bytes: a lot of 100,000 images keeps its keys and scores in a few MB
 HASH_CHUNK = 1 << 20
 # flocked by the one build running on this host (any store, any bank; per user, so that no one else can hold it)
 BUILD_SLOT = Path(tempfile.gettempdir()) / f"pa-clip-build-slot-{os.getuid()}"
@@ -201,11 +206,18 @@ class BankStore:
         try:
             name = current.read_text().strip()
         except FileNotFoundError:
+            if _has_versions(folder) and self.build_holder(bank_id) is None:
+                # a commit writes CURRENT under the build lock, so versions with no CURRENT and no build are a
+                # CURRENT that went missing (or a first build that died before committing): never "no bank", which
+                # would let prune remove the versions
+                raise damaged(bank_id, None, "CURRENT is missing while version folders are on disk (a first build "
+                              "that stopped before its commit, or CURRENT removed): write the name of the version "
+                              "to restore into CURRENT") from None
             return None
         except (OSError, UnicodeDecodeError) as err:
             raise damaged(bank_id, None, f"CURRENT cannot be read: {err}") from None
-        if not name:
-            return None
+        if not name:  # CURRENT is replaced whole (atomic.write_atomic): empty, it was damaged
+            raise damaged(bank_id, None, "CURRENT is empty")
         if not VERSION_PATTERN.fullmatch(name):
             raise damaged(bank_id, None, f"CURRENT names {name[:80]!r}, not a version folder of this bank")
         version = folder / name
@@ -262,7 +274,9 @@ class BankStore:
     def bank_ids(self) -> list[str]:
         """The banks of the store, by folder name (a folder that is a link is listed, to be refused by name)."""
         return sorted(p.name for p in self.root.iterdir()
-                      if BANK_ID_PATTERN.fullmatch(p.name) and (p.is_symlink() or (p / "CURRENT").exists()))
+                      if BANK_ID_PATTERN.fullmatch(p.name) and (p.is_symlink() or (p / "CURRENT").exists() or
+                                                                 (_has_versions(p) and
+                                                                  not (p / ".build-lock").exists())))
 
     def _missing(self, bank_id: str) -> BankError:
         known = self.bank_ids()
@@ -276,23 +290,60 @@ class BankStore:
         return version, self._dir(bank_id) / version
 
     def _read_manifest(self, bank_id: str, version: str, folder: Path) -> BankManifest:
-        """The version's manifest, checked (``bank.check_manifest``): damage of any kind is a ``BankDamaged``."""
+        """The version's manifest, checked against its digest (format 6) and by its fields (``bank.check_manifest``):
+        damage of any kind is a ``BankDamaged``, never an internal error."""
         path = folder / "manifest.json"
         if not _regular_file(path):
             raise damaged(bank_id, version, "manifest.json is missing" if not path.exists() and not path.is_symlink()
                           else "manifest.json is a link or not a file")
         try:
-            manifest = BankManifest.from_json(path.read_bytes())
+            if (size := path.stat().st_size) > MANIFEST_LIMIT:
+                raise damaged(bank_id, version, f"manifest.json is {size} bytes, more than any bank's "
+                              f"({MANIFEST_LIMIT >> 20} MB)")
+            text = path.read_bytes()
+            written = _written_format(text)
+            self._check_manifest_digest(bank_id, version, folder, text, written)
+            manifest = BankManifest.from_json(text)
+            if type(written) is int and written >= DIGESTED_FROM and (manifest.files is None or
+                                                                      manifest.tensors is None):
+                # without them nothing is checked against a digest: a manifest of a digested format that lacks
+                # them was cut, not written so (read as format 1, only its tensors would be checked)
+                raise damaged(bank_id, version, f"its manifest is of format {written} but lacks the files' "
+                              "digests or the tensors' record")
         except BankFormatError:  # written by a server of another format: not damage
+            raise
+        except BankDamaged:
             raise
         except BankError as err:
             raise damaged(bank_id, version, f"manifest.json: {err}") from None
-        except (ValueError, TypeError, KeyError, AttributeError, OSError) as err:
+        except Exception as err:  # whatever its values make of the reading (a number past float, nesting too deep)
             raise damaged(bank_id, version, f"manifest.json: {type(err).__name__}: {err}") from None
         if manifest.version not in (None, version):
             raise damaged(bank_id, version, f"its manifest is of version {manifest.version}")
-        check_manifest(manifest.replace(version=version), bank_id)
+        try:
+            check_manifest(manifest.replace(version=version), bank_id)
+        except BankDamaged:
+            raise
+        except Exception as err:
+            raise damaged(bank_id, version, f"manifest.json: {type(err).__name__}: {err}") from None
         return manifest
+
+    @staticmethod
+    def _check_manifest_digest(bank_id: str, version: str, folder: Path, text: bytes, written) -> None:
+        """``manifest.sha256`` must be the digest of ``text``; a manifest written as format 6 or later (``written``)
+        must have one (an earlier one was written without)."""
+        import hashlib
+
+        path = folder / MANIFEST_DIGEST
+        if not path.exists() and not path.is_symlink():
+            # a newer format is refused as such when it is read (it may keep its digest elsewhere)
+            if type(written) is int and MANIFEST_DIGESTED_FROM <= written <= FORMAT_VERSION:
+                raise damaged(bank_id, version, f"{MANIFEST_DIGEST} is missing")
+            return
+        if not _regular_file(path) or path.stat().st_size > 1024:
+            raise damaged(bank_id, version, f"{MANIFEST_DIGEST} is a link, not a file, or not a digest")
+        if path.read_text(errors="replace").strip() != hashlib.sha256(text).hexdigest():
+            raise damaged(bank_id, version, "manifest.json digest differs")
 
     def _read_live(self, bank_id: str, read):
         """``read(version, folder)`` of the live version. A version that a new one replaced, and a prune or the next
@@ -317,7 +368,9 @@ class BankStore:
                               else f"{name} is a link or not a file")
             if manifest.files is None:  # format 1: no digests; the tensors are checked against the manifest
                 continue
-            want = manifest.files.get(name) or {}
+            want = manifest.files.get(name)
+            if not isinstance(want, dict):
+                raise damaged(bank_id, version, f"its manifest records no digest of {name}")
             if path.stat().st_size != want.get("bytes"):
                 raise damaged(bank_id, version, f"{name} is {path.stat().st_size} bytes, its manifest records "
                               f"{want.get('bytes')}")
@@ -338,6 +391,8 @@ class BankStore:
         except Exception as err:  # safetensors' own error types: a header that does not parse
             raise damaged(bank_id, version, f"bank.safetensors: {err}") from None
         itemsize = {"F16": 2, "F32": 4, "I64": 8, "BF16": 2, "F64": 8, "I32": 4, "I8": 1, "U8": 1}
+        if unknown := sorted({t["dtype"] for t in tensors.values()} - set(itemsize)):
+            raise damaged(bank_id, version, f"bank.safetensors holds tensors of type {unknown}, no bank's")
         resident = sum(int(np.prod(t["shape"])) * itemsize[t["dtype"]] for t in tensors.values())
         return {"bytes_on_disk": sum(p.stat().st_size for p in folder.iterdir()), "bytes_in_memory": resident}
 
@@ -405,7 +460,12 @@ class BankStore:
             tensors, _ = _load_tensors(folder / "bank.safetensors")
         except Exception as err:  # a header or data that safetensors cannot read
             raise damaged(bank_id, version, f"bank.safetensors: {err}") from None
-        check_tensors(manifest.replace(version=version), tensors, bank_id)
+        try:
+            check_tensors(manifest.replace(version=version), tensors, bank_id)
+        except BankDamaged:
+            raise
+        except Exception as err:  # a tensor record of the wrong type (an old format's manifest has no digest)
+            raise damaged(bank_id, version, f"its tensors against its manifest: {type(err).__name__}: {err}") from None
         return Bank.from_tensors(manifest, tensors)
 
     def verify(self, bank_id: str) -> dict:
@@ -413,11 +473,15 @@ class BankStore:
         started = time.perf_counter()
         try:
             bank = self.load(bank_id)
+            digested = (self._dir(bank_id) / bank.manifest.version / MANIFEST_DIGEST).exists()
             out = {"bank": bank_id, "version": bank.manifest.version, "ok": True,
-                   "verified": "digests and tensors" if bank.manifest.files is not None else
-                   "tensors (format 1: no digests recorded)"}
+                   "verified": ("manifest, digests and tensors" if digested else
+                                "digests and tensors (written before format 6: the manifest has no digest)")
+                   if bank.manifest.files is not None else "tensors (format 1: no digests recorded)"}
         except BankError as err:
             out = {"bank": bank_id, "ok": False, "error": str(err)}
+        except Exception as err:  # one bank's reading never ends the verification of the others
+            out = {"bank": bank_id, "ok": False, "error": f"{type(err).__name__}: {err}"}
         return {**out, "seconds": round(time.perf_counter() - started, 3)}
 
     def save(self, bank: Bank) -> str:
@@ -441,16 +505,25 @@ class BankStore:
                                              files=files, tensors=tensor_record(tensors))
             with disk_full_is_clear(folder):
                 write_atomic(staging / "manifest.json", manifest.to_json())
+                # the digest of the manifest as read back, like the data files'
+                write_atomic(staging / MANIFEST_DIGEST, file_digest(staging / "manifest.json") + "\n")
             os.replace(staging, folder / version)
             fsync_dir(folder)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        previous = self.current_version(bank_id)
+        try:
+            previous = self.current_version(bank_id)
+        except BankError:  # a damaged CURRENT: rebuilding is what its error says to do; its versions are kept
+            previous = None
+            keep_all = True
+        else:
+            keep_all = False
         write_atomic(folder / "CURRENT", version)  # the commit: readers see the old version or the new one
-        # keep the version a reader may still be loading; older ones go
+        # keep the version a reader may still be loading; older ones go (all stay when which one was live is not
+        # known: one of them may be the one to restore, and prune removes them once they are old)
         for old in folder.glob("v-*"):
-            if old.name not in (version, previous):
+            if not keep_all and old.name not in (version, previous):
                 shutil.rmtree(old, ignore_errors=True)
         bank.manifest = manifest
         return version
@@ -474,9 +547,17 @@ class BankStore:
         """Remove what interrupted writes left behind and lots that were never built: only what provably has no
         live writer (another replica's build in progress stays). Returns what it removed."""
         # renamed away already (deleted banks, taken-over build locks): nobody reads or writes them
-        leftovers = [*self.root.glob(".trash-*"), *self.root.glob("*/.trash-lock-*"), *self.root.glob("*/.trash-lot-*")]
-        leftovers += [p for p in [*self.root.glob("*/.tmp-*"), *self.root.glob("*/lot/.tmp-*")]
-                      if is_dead_leftover(p, self.STALE_AFTER_S)]
+        # only in the store's own folders: a bank folder or a lot that is a link leads out of the store
+        leftovers = [*self.root.glob(".trash-*")]
+        temporary = []
+        for folder in self.root.iterdir():
+            if folder.name.startswith(".") or folder.is_symlink() or not folder.is_dir():
+                continue
+            leftovers += [*folder.glob(".trash-lock-*"), *folder.glob(".trash-lot-*")]
+            temporary += folder.glob(".tmp-*")
+            if (lot := folder / "lot").is_dir() and not lot.is_symlink():
+                temporary += lot.glob(".tmp-*")
+        leftovers += [p for p in temporary if is_dead_leftover(p, self.STALE_AFTER_S)]
         for path in leftovers:
             if path.is_dir():
                 shutil.rmtree(path, ignore_errors=True)
@@ -654,6 +735,12 @@ class BankStore:
                             "(pa-clip score --build --images DIR)")
         loaded = [_load_tensors(p) for p in parts]
         meta = loaded[0][1]
+        # two adds to an empty lot at once each find no part to match: the lot is read as one only if it is one
+        kinds = {(m.get("category"), m.get("grid")) for _, m in loaded}
+        if len(kinds) > 1:
+            raise BankError(f"the pending lot of bank {bank_id!r} mixes categories or image sizes "
+                            f"({', '.join(sorted(f'{c} at grid {g}' for c, g in kinds))}): start it again with "
+                            "reset, one category and one size")
         cat = lambda key: np.concatenate([t[key] for t, _ in loaded])  # noqa: E731
         grid = tuple(json.loads(meta["grid"]))
         return (meta["category"], cat(IMAGES), Features.from_outputs({k: cat(k) for k in VISION_OUTPUTS}, grid),
@@ -681,12 +768,20 @@ class BankStore:
             parts = sorted(lot.glob("part-*.safetensors"))
             if not parts:
                 continue
-            updated = max(p.stat().st_mtime for p in parts)
-            _, meta = _load_tensors_meta(parts[0])
-            out.append({"bank": lot.parent.name, "category": meta.get("category"),
-                        "images": self.lot_size(lot.parent.name),
-                        "updated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(updated)),
-                        "expires_in_s": max(0, int(updated + self.pending_ttl_s - time.time()))})
+            try:
+                updated = max(p.stat().st_mtime for p in parts)
+            except FileNotFoundError:  # built or cleared meanwhile
+                continue
+            entry = {"bank": lot.parent.name,
+                     "updated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(updated)),
+                     "expires_in_s": max(0, int(updated + self.pending_ttl_s - time.time()))}
+            try:
+                _, meta = _load_tensors_meta(parts[0])
+                entry.update(category=meta.get("category"), images=self.lot_size(lot.parent.name))
+            except Exception as err:  # one damaged part: that lot says so, the others are listed
+                entry["error"] = (f"a part of this lot cannot be read ({type(err).__name__}: {err}): add the lot "
+                                  "again with reset")
+            out.append(entry)
         return out
 
     def expire_pending(self) -> list[str]:
@@ -713,6 +808,24 @@ def _bytes_under(path: Path) -> int:
     except OSError:  # a folder removed while it was walked: what was counted
         pass
     return total
+
+
+def _written_format(text: bytes):
+    """The format number a manifest was written with (before any migration), None where it cannot be read (its
+    reading then says what is wrong)."""
+    try:
+        values = strict_json.loads(text)
+    except ValueError:
+        return None
+    return values.get("format_version") if isinstance(values, dict) else None
+
+
+def _has_versions(folder: Path) -> bool:
+    """Whether a bank folder holds a version folder."""
+    try:
+        return folder.is_dir() and not folder.is_symlink() and any(p.name.startswith("v-") for p in folder.iterdir())
+    except OSError:
+        return False
 
 
 def _holds_nothing(folder: Path) -> bool:

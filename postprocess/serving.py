@@ -479,6 +479,8 @@ class BankService:
             return self._described(bank_id)
         except (BankError, OSError, ValueError) as err:
             return {"bank": bank_id, "error": str(err)}
+        except Exception as err:  # whatever one bank's files make of the reading, the others are still listed
+            return {"bank": bank_id, "error": f"{type(err).__name__}: {err}"}
 
     def handle(self, action: str, bank_id: str = "", category: str = "", images=None, options=None) -> dict:
         options = options or {}

@@ -239,3 +239,12 @@ def built(server, lot):
     info = client.build_bank("washer", {"mode": "pad_mpam"})
     client.close()
     return info
+
+
+def write_manifest(path: Path, text: str) -> None:
+    """Write a version's ``manifest.json`` with its digest beside it (``manifest.sha256``), as a writer would: what a
+    test changes in a manifest this way reaches the checks of its fields, which stand behind the digest."""
+    import hashlib
+
+    path.write_text(text)
+    (path.parent / "manifest.sha256").write_text(hashlib.sha256(path.read_bytes()).hexdigest() + "\n")

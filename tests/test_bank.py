@@ -14,7 +14,7 @@ from postprocess import bank_store as store_module
 from postprocess.bank import BankError, build_bank, check_tensors, image_key, score_with_bank
 from postprocess.bank_store import BankStore
 from postprocess.config import PAClipConfig
-from conftest import BANK_STORAGE_TOL, assert_maps_within_contract, storage_tolerance
+from conftest import BANK_STORAGE_TOL, assert_maps_within_contract, storage_tolerance, write_manifest
 from postprocess import kernels as K
 from postprocess.errors import RequestError
 from postprocess.host import HostSettings
@@ -295,7 +295,7 @@ def test_host_settings_are_not_part_of_a_bank(scorer, tiny, lot, tmp_path):
     manifest_path = tmp_path / "washer" / version / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
     manifest["config"]["memory_budget_mb"] = 256
-    manifest_path.write_text(json.dumps(manifest))
+    write_manifest(manifest_path, json.dumps(manifest))
     assert store.load("washer", tiny.fingerprint).config == PAClipConfig()
 
 
@@ -548,7 +548,7 @@ def test_manifest_is_json_and_tensors_safetensors(scorer, tiny, tmp_path):
     folder = tmp_path / "washer" / version
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["encoder"] == tiny.fingerprint and manifest["n_images"] == len(scorer.images)
-    assert sorted(p.name for p in folder.iterdir()) == ["bank.safetensors", "manifest.json"]
+    assert sorted(p.name for p in folder.iterdir()) == ["bank.safetensors", "manifest.json", "manifest.sha256"]
     with open(folder / "bank.safetensors", "rb") as f:
         header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
     # int8 entries with a float32 scale each, at an eighth of the channels (the defaults since issue 26)

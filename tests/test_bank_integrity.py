@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import write_manifest
 from postprocess.bank import BankDamaged, BankError, build_bank
 from postprocess.bank_store import BankStore
 from postprocess.config import PAClipConfig
@@ -53,6 +54,8 @@ def fill_data(path: Path, value: np.float16, nbytes: int = 65536) -> None:
 
 
 def edit_manifest(path: Path, **changes) -> None:
+    """Change fields of a version's manifest and write its digest again: what the field checks, behind the
+    digest, must refuse (a writer's fault, or a bank of a format before the manifest had a digest)."""
     manifest = json.loads((path / "manifest.json").read_text())
     for key, value in changes.items():
         target, *rest = key.split("__")
@@ -60,14 +63,49 @@ def edit_manifest(path: Path, **changes) -> None:
             manifest[target][rest[0]] = value
         else:
             manifest[target] = value
-    (path / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    write_manifest(path / "manifest.json", json.dumps(manifest, indent=1))
+
+
+def replace_in_manifest(path: Path, old: str, new: str, digest_again: bool = True) -> None:
+    """The manifest's text changed where JSON cannot write it (a number past float, nesting), or a bit flipped."""
+    text = (path / "manifest.json").read_text()
+    assert old in text
+    if digest_again:
+        write_manifest(path / "manifest.json", text.replace(old, new, 1))
+    else:
+        (path / "manifest.json").write_text(text.replace(old, new, 1))
+
+
+def flip_bit_in_threshold(path: Path) -> None:
+    """One bit of a tau_b value flipped on disk, the digest left as written."""
+    manifest = json.loads((path / "manifest.json").read_text())
+    value = json.dumps(manifest["tau_b"]["1"])
+    digit = next(i for i, c in enumerate(value) if c in "123456789")
+    replace_in_manifest(path, f'"1": {value}', f'"1": {value[:digit]}{chr(ord(value[digit]) ^ 1)}{value[digit + 1:]}',
+                        digest_again=False)
 
 
 def without_digests(path: Path) -> None:
-    """What a format-1 bank looks like: no digests, no tensor record (damage must then show in the tensors)."""
+    """What a format-1 bank looks like: no digests, no tensor record, no manifest digest (damage must then show
+    in the tensors)."""
     manifest = json.loads((path / "manifest.json").read_text())
     manifest.pop("files"), manifest.pop("tensors")
+    manifest["format_version"] = 1
     (path / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    (path / "manifest.sha256").unlink()
+
+
+def digests_cut(path: Path, older: bool) -> None:
+    """A manifest of a digested format whose ``files`` and ``tensors`` were cut out (with its own digest written
+    again, or of format 5, which had none): it must not read as a format-1 bank, whose tensors are all it checks."""
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest.pop("files"), manifest.pop("tensors")
+    if older:
+        manifest["format_version"] = 5
+        (path / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        (path / "manifest.sha256").unlink()
+    else:
+        write_manifest(path / "manifest.json", json.dumps(manifest, indent=1))
 
 
 def rewrite_tensor(path: Path, name: str, change) -> None:
@@ -104,6 +142,27 @@ DAMAGE = [
         (version_dir(r) / "manifest.json").read_text()[:300]), "manifest.json"),
     ("empty manifest", lambda r: (version_dir(r) / "manifest.json").write_text(""), "manifest.json"),
     ("missing manifest", lambda r: (version_dir(r) / "manifest.json").unlink(), "manifest.json is missing"),
+    ("a flipped bit in a threshold", lambda r: flip_bit_in_threshold(version_dir(r)), "manifest.json digest differs"),
+    ("a flipped bit in an image key", lambda r: replace_in_manifest(version_dir(r), '"image_keys": [\n  "',
+                                                                   '"image_keys": [\n  "\x01', digest_again=False),
+     "manifest.json digest differs"),
+    ("manifest digest missing", lambda r: (version_dir(r) / "manifest.sha256").unlink(), "manifest.sha256 is missing"),
+    ("manifest digest garbled", lambda r: (version_dir(r) / "manifest.sha256").write_text("0" * 64),
+     "manifest.json digest differs"),
+    ("digests cut out of the manifest", lambda r: digests_cut(version_dir(r), older=False), "lacks the files' digests"),
+    ("digests cut out of a format-5 manifest", lambda r: digests_cut(version_dir(r), older=True),
+     "lacks the files' digests"),
+    ("an image key that is not hex", lambda r: edit_manifest(version_dir(r), image_keys=["z" * 64] * 10),
+     "an image key is not a SHA-256"),
+    ("a lot size past float", lambda r: replace_in_manifest(version_dir(r), '"n_images": 10', '"n_images": 1e999'),
+     "OverflowError"),
+    ("a manifest nested past reading", lambda r: replace_in_manifest(version_dir(r), '"category": "washer"',
+                                                                     '"category": ' + "[" * 100000 + "]" * 100000),
+     "RecursionError"),
+    ("a file digest that is a number", lambda r: edit_manifest(version_dir(r), files={"bank.safetensors": 5}),
+     "records no digest of bank.safetensors"),
+    ("a tensor record that is a number", lambda r: edit_manifest(version_dir(r), tensors__lot_map_scores=5),
+     "its tensors against its manifest"),
     ("manifest scales [7]", lambda r: edit_manifest(version_dir(r), config__scales=[7]), "scales"),
     ("thresholds at 1e30", lambda r: edit_manifest(version_dir(r), tau_b={"1": 1e30, "3": 1e30, "5": 1e30}),
      "tau_b holds"),
@@ -127,6 +186,8 @@ DAMAGE = [
         "shape": [3], "dtype": "F32"}), "its manifest records F32 [3]"),
     ("normal entries miscounted", lambda r: edit_manifest(version_dir(r), normal_bank_entries={"1": 5, "3": 5, "5": 5}),
      "normal"),
+    ("CURRENT emptied", lambda r: point_current(r, ""), "CURRENT is empty"),
+    ("CURRENT removed", lambda r: (r / "washer" / "CURRENT").unlink(), "CURRENT is missing"),
     ("CURRENT names a missing version", lambda r: point_current(r, "v-20260101T000000-x-000000000000"),
      "not on disk"),
     ("CURRENT names ../", lambda r: point_current(r, "../other/v-1"), "not a version folder of this bank"),
@@ -182,7 +243,7 @@ def test_an_intact_bank_verifies_and_its_manifest_records_what_was_written(templ
     root, _ = template
     store = BankStore(root)
     checked = store.verify("washer")
-    assert checked["ok"] and checked["verified"] == "digests and tensors", checked
+    assert checked["ok"] and checked["verified"] == "manifest, digests and tensors", checked
     manifest = store.manifest("washer")
     data = version_dir(root) / "bank.safetensors"
     import hashlib
@@ -219,3 +280,82 @@ def test_the_verification_benchmark_prints_a_row_per_bank(template, capsys):
     assert bank_verify.main(["--banks", str(root), "--repeats", "1"]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| washer |")]
     assert len(rows) == 1 and rows[0].endswith("|") and " x" in rows[0]
+
+
+def copied_store(template, tmp_path) -> BankStore:
+    root, _ = template
+    shutil.copytree(root, tmp_path / "banks", symlinks=True)
+    return BankStore(tmp_path / "banks")
+
+
+def test_a_bank_whose_current_is_damaged_is_rebuilt_as_its_refusal_says_and_keeps_its_versions(template, tiny_clip_112,
+                                                                                                tmp_path):
+    store = copied_store(template, tmp_path)
+    bank = store.load("washer", tiny_clip_112.fingerprint)
+    before = version_dir(store.root).name
+    point_current(store.root, "v-20260101T000000-x-000000000000")
+    with pytest.raises(BankDamaged, match="rebuild it"):
+        store.load("washer", tiny_clip_112.fingerprint)
+    version = store.save(bank)  # the commit does not stop at the damaged CURRENT it replaces
+    assert store.load("washer", tiny_clip_112.fingerprint).manifest.version == version != before
+    assert (store.root / "washer" / before).is_dir()  # which version was live is not known: none is removed
+
+
+def test_prune_keeps_the_versions_of_a_bank_whose_current_went_missing(template, tmp_path):
+    store = copied_store(template, tmp_path)
+    version = version_dir(store.root)
+    (store.root / "washer" / "CURRENT").unlink()
+    long_ago = version.stat().st_mtime - 2 * BankStore.PRUNE_AFTER_S
+    os.utime(version, (long_ago, long_ago))
+    store.prune()
+    assert version.is_dir() and store.verify("washer")["ok"] is False
+    (store.root / "washer" / "CURRENT").write_text(version.name)  # what the refusal says to restore
+    assert store.verify("washer")["ok"]
+
+
+def test_list_answers_for_the_store_when_a_header_or_a_lot_part_is_damaged(template, tiny_clip_112, tmp_path):
+    root, scorer = template
+    store = copied_store(template, tmp_path)
+    data = version_dir(store.root) / "bank.safetensors"
+    raw = bytearray(data.read_bytes())
+    at = raw.index(b'"F16"', 8, data_offset(data))
+    raw[at + 1] = ord("I")  # a header that still parses, of a type no bank holds
+    data.write_bytes(bytes(raw))
+    store.add_to_lot("bolt", "bolt", scorer.images[:2], scorer.features.take(slice(0, 2)))
+    (part,) = (store.root / "bolt" / "lot").glob("part-*.safetensors")
+    part.write_bytes(part.read_bytes()[:40])
+    service = BankService(store, tiny_clip_112.fingerprint, encode_images=None)
+    listed = service.handle("list")
+    (washer,) = [b for b in listed["banks"] if b["bank"] == "washer"]
+    assert "is damaged" in washer["error"] and "no bank's" in washer["error"]
+    (pending,) = listed["pending"]
+    assert pending["bank"] == "bolt" and "cannot be read" in pending["error"]
+
+
+def test_prune_never_removes_what_a_linked_bank_or_lot_leads_to(template, tmp_path):
+    store = copied_store(template, tmp_path)
+    outside = tmp_path / "outside"
+    (outside / ".trash-lot-keep").mkdir(parents=True)
+    (outside / ".trash-lot-keep" / "precious.txt").write_text("x")
+    (outside / ".trash-lock-keep").write_text("y")
+    (outside / "lot").mkdir()
+    old = outside / "lot" / ".tmp-data.bin"
+    old.write_text("z")
+    os.utime(old, (old.stat().st_mtime - 2 * BankStore.STALE_AFTER_S,) * 2)  # someone else's file, long untouched
+    (store.root / "linked").symlink_to(outside)
+    (store.root / "washer" / "lot").symlink_to(outside / "lot")
+    store.prune()
+    assert (outside / ".trash-lot-keep" / "precious.txt").exists() and (outside / ".trash-lock-keep").exists()
+    assert old.exists()
+
+
+def test_a_lot_that_two_adds_at_once_made_of_two_products_is_refused(template, tmp_path):
+    """Two adds to an empty lot each find no part to match theirs: the lot they leave is refused when read."""
+    _, scorer = template
+    store = copied_store(template, tmp_path)
+    store.add_to_lot("mixed", "washer", scorer.images[:2], scorer.features.take(slice(0, 2)))
+    store.add_to_lot("elsewhere", "bolt", scorer.images[2:4], scorer.features.take(slice(2, 4)))
+    (other,) = (store.root / "elsewhere" / "lot").glob("part-*.safetensors")
+    other.rename(store.root / "mixed" / "lot" / other.name.replace("part-000000", "part-000001"))
+    with pytest.raises(BankError, match="mixes categories or image sizes .*bolt.*washer"):
+        store.load_lot("mixed")

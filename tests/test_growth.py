@@ -193,15 +193,17 @@ def test_a_sampled_bank_goes_on_growing_and_its_sample_is_checked(tiny_clip_112,
     # a growth record that does not draw the sample the tensors hold is damage
     import json
 
+    from conftest import write_manifest
+
     path = tmp_path / "washer" / store.manifest("washer").version / "manifest.json"
 
     raw = json.loads(path.read_text())
     raw["sample_growth"] = [12, 21, 26]
-    path.write_text(json.dumps(raw))
+    write_manifest(path, json.dumps(raw))
     with pytest.raises(BankDamaged, match="not the sample of lot images its settings draw"):
         store.load("washer", tiny_clip_112.fingerprint)
     raw["sample_growth"] = [12, 30]  # and one that does not end at the lot's size
-    path.write_text(json.dumps(raw))
+    write_manifest(path, json.dumps(raw))
     with pytest.raises(BankDamaged, match="sample_growth"):
         store.load("washer", tiny_clip_112.fingerprint)
 

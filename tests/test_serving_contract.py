@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import BANK_STORAGE_TOL, FLOAT16_HALF_ULP, LOT_IMAGE_SIZE as SIZE, assert_maps_within_contract
+from conftest import (BANK_STORAGE_TOL, FLOAT16_HALF_ULP, LOT_IMAGE_SIZE as SIZE, assert_maps_within_contract,
+                      write_manifest)
 from serving_helpers import ROOT, ClientError, LocalServer, PAClipClient, free_ports
 from postprocess.config import FULL_BANK, PAClipConfig
 from postprocess.pipeline import LotScorer
@@ -348,10 +349,10 @@ def test_a_damaged_bank_is_refused_through_the_server_naming_it_and_verify_finds
     shutil.copytree(store / "washer", store / "washer_copy")
     live = store / "washer_copy" / (store / "washer_copy" / "CURRENT").read_text().strip()
     manifest = json.loads((live / "manifest.json").read_text())
-    (live / "manifest.json").write_text(json.dumps({**manifest, "bank": "washer_copy"}, indent=1))
+    write_manifest(live / "manifest.json", json.dumps({**manifest, "bank": "washer_copy"}, indent=1))
     try:
         intact = verify("washer_copy")
-        assert intact.returncode == 0 and "ok: digests and tensors" in intact.stdout, intact.stdout + intact.stderr
+        assert intact.returncode == 0 and "ok: manifest, digests and tensors" in intact.stdout, intact.stdout + intact.stderr
         data = bytearray((live / "bank.safetensors").read_bytes())
         middle = len(data) // 2
         data[middle:middle + 64] = bytes(b ^ 0xFF for b in data[middle:middle + 64])
