@@ -209,7 +209,9 @@ def evaluate(args) -> dict:
     try:  # CuPy when a GPU is there
         host = HostSettings(memory_budget_mb=args.memory_budget_mb, cpu_matmul=args.cpu_matmul)
     except ValueError as err:
-        raise SystemExit(f"error: {err}") from err
+        from client import exits
+
+        raise exits.usage_error(f"error: {err}") from err
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     categories = discover(args.data, args.dataset, args.categories)

@@ -19,6 +19,15 @@ HELP = ("exit status: 0 done; 1 some images failed (or, with --fail-on, were dec
         "3 the server could not be reached; 4 the server refused the request")
 
 
+def usage_error(message: str) -> SystemExit:
+    """The ``SystemExit`` of bad usage or inputs: ``message`` on stderr, status 2 (``raise SystemExit("...")`` would
+    exit 1, which scripts read as images that failed)."""
+    import sys
+
+    print(message, file=sys.stderr)
+    return SystemExit(USAGE)
+
+
 def for_error(err: BaseException) -> int:
     """The status of a command that stopped on ``err``."""
     if isinstance(err, ServerUnreachable):

