@@ -99,6 +99,8 @@ class Caption:
     threshold: float | None = None
     provisional: bool = False
     cut: float | None = None  # the calibrated score the decision turns at: the user's --threshold; None: 0.5, the bank's
+    reason: str | None = None  # out of distribution: what put it there (``ood.reason``)
+    over_threshold: bool = False  # out of distribution with a score above the threshold
 
     @property
     def outlined(self) -> bool:
@@ -109,7 +111,9 @@ class Caption:
         calibrated = "" if self.calibrated is None else f" (calibrated {self.calibrated:.2f}; {where})"
         provisional = " (provisional)" if self.provisional else ""
         if self.decision == "out_of_distribution":  # the score is not a verdict on this image: said first
-            return f"OUT OF DISTRIBUTION: unlike the bank's lot{provisional}  score {self.score:.4f}"
+            why = self.reason.split(": ")[0] if self.reason else "unlike the bank's lot"  # the statistics' words
+            over = ", above the threshold" if self.over_threshold else ""
+            return f"OUT OF DISTRIBUTION: {why}{provisional}  score {self.score:.4f}{over}"
         return f"{self.decision.upper()}{provisional}  score {self.score:.4f}{calibrated}"
 
 

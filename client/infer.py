@@ -370,6 +370,8 @@ def decisions_line(rows: list[dict], calibration, threshold: float | None) -> st
            f"{D.percent(calibration.false_alarm_rate)})" if threshold is None else f"calibrated threshold {threshold}")
     line = (f"; {counts['anomalous']} anomalous, {counts['normal']} normal at the {how}"
             + (f", {counts[D.OUT_OF_DISTRIBUTION]} out of distribution" if counts[D.OUT_OF_DISTRIBUTION] else "")
+            + (f" ({over} of them above the threshold too)" if (over := sum(bool(r.get("over_threshold"))
+                                                                          for r in rows)) else "")
             + (f", {counts['invalid']} invalid (no score)" if counts["invalid"] else ""))
     confidence = calibration.confidence()
     if threshold is None:
@@ -382,7 +384,7 @@ def caption_for(name: str, row: dict, level: float | None, cut: float | None = N
     ``Decider.decide``) is marked on the colour bar and outlined only on an image decided anomalous; ``cut``: the
     user's --threshold on the calibrated scale (None: the automatic 0.5)."""
     return Caption(name, row["score"], row.get("calibrated"), row.get("decision", "unknown"), level,
-                   bool(row.get("provisional")), cut)
+                   bool(row.get("provisional")), cut, row.get("ood_reason"), bool(row.get("over_threshold")))
 
 
 def parse_threshold(text: str) -> float | None:
@@ -411,6 +413,7 @@ def add_decisions(rows: list, decider: D.Decider | None, maps=None, images=None)
         row["calibrated"], row["decision"] = decided["calibrated"], decided["decision"]
         if "ood_reason" in decided:
             row["ood_reason"] = decided["ood_reason"]
+            row["over_threshold"] = decided["over_threshold"]
         if provisional and row["decision"] != "invalid":
             row["provisional"] = True
         levels.append(decided.get("level"))
@@ -419,6 +422,12 @@ def add_decisions(rows: list, decider: D.Decider | None, maps=None, images=None)
 
 CSV_COLUMNS = ["rank", "path", "score", "calibrated", "decision", "provisional", "width", "height", "overlay",
                "note"]
+
+
+def flagged_anomalous(row: dict) -> bool:
+    """Whether the score calls the image anomalous: decided so, or out of distribution with a score above the
+    threshold (unlike the lot as a whole, it is not passed as normal: ``--fail-on anomalous`` counts it)."""
+    return row.get("decision") == "anomalous" or bool(row.get("over_threshold"))
 
 
 def write_results(out: Path, rows: list, skipped: list = (), failed: list = ()) -> Path:
@@ -436,8 +445,10 @@ def write_results(out: Path, rows: list, skipped: list = (), failed: list = ()) 
                                  "" if calibrated is None or not np.isfinite(calibrated) else f"{calibrated:.4f}",
                                  row.get("decision", "unknown"), "yes" if row.get("provisional") else "",
                                  row.get("width", ""), row.get("height", ""), row.get("overlay", ""),
-                                 "; ".join(n for n in (row.get("ood_reason"), "turned a quarter to score" if
-                                                       row.get("turned") else None) if n)])
+                                 "; ".join(n for n in (row.get("ood_reason"), D.OVER_THRESHOLD_NOTE if
+                                                       row.get("over_threshold") else None,
+                                                       "turned a quarter to score" if row.get("turned") else None)
+                                           if n)])
             for kind, items in (("skipped", skipped), ("failed", failed)):
                 for item in items:
                     writer.writerow(["", item["path"], "", "", kind, "", "", "", "", item.get("error", "")])
@@ -449,16 +460,19 @@ def print_summary(rows: list, skipped: list, failed: list, worst: int = 10) -> N
     """Counts, then the worst images with their scores and decisions."""
     flagged = sum(r.get("decision") == "anomalous" for r in rows)
     foreign = sum(r.get("decision") == D.OUT_OF_DISTRIBUTION for r in rows)
+    foreign_over = sum(bool(r.get("over_threshold")) for r in rows)
     provisional = " (provisional decisions)" if any(r.get("provisional") for r in rows) else ""
     print(f"{len(rows)} scored, {len(skipped)} skipped, {len(failed)} failed; {flagged} flagged anomalous"
           + (f", {foreign} out of distribution (unlike the bank's lot: wrong product, camera moved, or lighting "
-             "changed)" if foreign else "") + provisional, file=sys.stderr)
+             "changed" + (f"; {foreign_over} of them score above the threshold too" if foreign_over else "") + ")"
+             if foreign else "") + provisional, file=sys.stderr)
     if rows:
         print(f"worst {min(worst, len(rows))} (rank, score, calibrated, decision, image):", file=sys.stderr)
     for row in rows[:worst]:
         calibrated = "-" if row.get("calibrated") is None else f"{row['calibrated']:.3f}"
+        why = f"  ({row['ood_reason'].split(': ')[0]})" if row.get("ood_reason") else ""
         print(f"  {row['rank']:>4}  {row['score']:.4f}  {calibrated:>5}  {row.get('decision', 'unknown'):<19}  "
-              f"{row['path']}", file=sys.stderr)
+              f"{row['path']}{why}", file=sys.stderr)
 
 
 def main(argv=None, prog: str = "client/infer.py") -> int:
@@ -609,7 +623,7 @@ def main(argv=None, prog: str = "client/infer.py") -> int:
         return exits.FLAGGED
     if args.fail_on:
         wanted = ("anomalous", D.OUT_OF_DISTRIBUTION) if args.fail_on == "any" else (args.fail_on,)
-        hits = sum(r.get("decision") in wanted for r in rows)
+        hits = sum(r.get("decision") in wanted or ("anomalous" in wanted and flagged_anomalous(r)) for r in rows)
         # a part whose image could not be read, or got no score, was not shown to be good: it fails the run too
         undecided = len(skipped) + sum(r.get("decision") == "invalid" for r in rows)
         if hits or undecided:

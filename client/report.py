@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image
 
 from postprocess.atomic import write_atomic
+from postprocess.decision import OVER_THRESHOLD_NOTE
 
 THUMBNAIL_SIDE = 220
 DECISION_CLASSES = {"anomalous": "bad", "normal": "good", "out_of_distribution": "foreign"}
@@ -104,7 +105,9 @@ def render(title: str, rows: list, skipped: list, failed: list, threshold: float
                      f'<span class="{DECISION_CLASSES.get(decision, "unknown")}">{e(decision)}</span>'
                      + (' <span class="provisional">(provisional)</span>' if row.get("provisional") else "")
                      + f' score {row["score"]:.4f}{calibrated}</div>'
-                     + (f'<div class="foreign">{e(row["ood_reason"])}</div>' if row.get("ood_reason") else "")
+                     + (f'<div class="foreign">{e(row["ood_reason"])}'
+                        + (f"; {OVER_THRESHOLD_NOTE}" if row.get("over_threshold") else "") + "</div>"
+                        if row.get("ood_reason") else "")
                      + f'<div class="name">{e(row["path"])}</div></div>')
     left_out = "".join(f"<tr><td>{kind}</td><td>{e(item['path'])}</td><td>{e(item.get('error', ''))}</td></tr>"
                        for kind, items in (("skipped", skipped), ("failed", failed)) for item in items)

@@ -344,6 +344,7 @@ def calibrate(scores, normal_indices=None, false_alarm_rate: float = DEFAULT_FAL
 
 
 OUT_OF_DISTRIBUTION = "out_of_distribution"  # the decision of an image unlike the bank's lot as a whole (ood.py)
+OVER_THRESHOLD_NOTE = "its score is above the threshold too"  # said of one out of distribution that scores anomalous
 DECISIONS = ("normal", "anomalous", OUT_OF_DISTRIBUTION, "invalid")
 
 
@@ -423,6 +424,9 @@ class Decider:
 
             outside, why = self.ood.outside(image_statistics(amap[None], np.asarray(image)[None], self.ood.statistics))
             if outside[0]:
+                # the score's own verdict is kept beside it: a part above the threshold is not passed because it
+                # is also unlike the lot (--fail-on anomalous counts it)
+                out["over_threshold"] = out["decision"] == "anomalous"
                 out["decision"], out["ood_reason"] = OUT_OF_DISTRIBUTION, reason(why[0])
         statistic = float(image_scores(amap[None], self.image_score, self.image_topk_fraction)[0])
         out["level"] = map_level(statistic, float(score), self.raw_threshold, self.rescore_weight)

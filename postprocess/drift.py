@@ -16,6 +16,7 @@ report``, drift table); the map's statistic does not move with it.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import deque
@@ -92,6 +93,9 @@ class DriftMonitor:
             for i, key in enumerate(keys):
                 if key is not None and key in held:
                     continue
+                if not (math.isfinite(float(scores[i])) and all(math.isfinite(float(values[name][i]))
+                                                                for name in window.values)):
+                    continue  # no score to compare (an invalid image): NaN would also make the window unreadable JSON
                 held.add(key)
                 window.keys.append(key)
                 window.scores.append(float(scores[i]))
@@ -110,6 +114,12 @@ class DriftMonitor:
     def bank_ids(self) -> list[str]:
         with self._lock:
             return list(self._windows)
+
+    def version(self, bank_id: str) -> str | None:
+        """The bank version whose window is held, None when none is."""
+        with self._lock:
+            window = self._windows.get(bank_id)
+            return None if window is None else window.version
 
     def forget(self, bank_id: str) -> None:
         with self._lock:

@@ -165,6 +165,10 @@ class ScoreService:
             return cached[1]
         self._cache.pop(bank_id, None)
         bank = self.store.load(bank_id, self.encoder).to(self.xp)  # raises BankError for a missing bank
+        if self.drift.version(bank_id) not in (None, bank.manifest.version):
+            # the window and gauges of the version replaced: on /metrics until the next new image, they described a
+            # bank no longer scored with (an alarm of the old version stood over the new one)
+            self.forget(bank_id)
         self.telemetry.count("pa_clip_bank_cache_misses_total")
         self._cache[bank_id] = (bank.manifest.version, bank)
         while len(self._cache) > 1 and self.cached_bytes() > self.host.bank_cache_bytes:

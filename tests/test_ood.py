@@ -192,6 +192,30 @@ def test_one_part_sent_over_and_over_is_one_image_of_the_window():
     assert distinct["window"] == 40 and distinct["alarm"]  # 40 parts that all look the same: a changed line
 
 
+def test_an_image_without_a_score_stays_out_of_the_window_which_stays_readable_json():
+    """An invalid image (NaN score or statistic) is no evidence of drift, and a NaN in the window made the file that
+    ``info`` reads invalid JSON: the window went missing from ``info`` without a word."""
+    import json
+
+    from postprocess.drift import DriftMonitor
+
+    lot = {"map_q75": np.linspace(0.05, 0.15, 36), "brightness": np.linspace(100, 140, 36)}
+    values = {"map_q75": np.array([0.1, np.nan, 0.1]), "brightness": np.array([120.0, 120.0, 120.0])}
+    window = DriftMonitor().observe("b", "v1", lot, np.array([0.1, 0.2, np.nan]), values, np.zeros(3, bool),
+                                    keys=["a", "b", "c"])
+    assert window["window"] == window["seen"] == 1
+    json.dumps(window, allow_nan=False)  # no NaN to write
+
+
+def test_an_overlay_of_an_image_out_of_distribution_says_why_and_whether_it_scores_above_the_threshold():
+    from client.heatmap import Caption
+
+    why = ood.reason(["brightness"])
+    text = Caption("x.png", 0.74, 1.0, OUT_OF_DISTRIBUTION, 0.1, reason=why, over_threshold=True).text()
+    assert text.startswith("OUT OF DISTRIBUTION: its brightness lies outside the lot's") and "above the threshold" in text
+    assert "above the threshold" not in Caption("x.png", 0.01, 0.0, OUT_OF_DISTRIBUTION, 0.1, reason=why).text()
+
+
 def test_info_gets_the_end_of_a_burst_and_a_new_versions_window_without_another_request(tiny_clip_112, lot,
                                                                                           tmp_path):
     """The window goes to the store at most every MONITOR_WRITE_S; what a burst added after the first write is

@@ -21,6 +21,7 @@ import pytest
 
 from conftest import (BANK_STORAGE_TOL, FLOAT16_HALF_ULP, LOT_IMAGE_SIZE as SIZE, assert_maps_within_contract,
                       write_manifest)
+from postprocess.decision import OVER_THRESHOLD_NOTE
 from serving_helpers import ROOT, ClientError, LocalServer, PAClipClient, free_ports
 from postprocess.config import FULL_BANK, PAClipConfig
 from postprocess.pipeline import LotScorer
@@ -567,15 +568,21 @@ def test_a_brightening_line_raises_the_drift_alarm_on_the_metrics_port_and_in_in
     from PIL import Image
 
     Image.new("RGB", (128, 128)).save(parts / "black.png")
+    # noise: unlike the lot, and scoring far above the threshold: not passed by --fail-on anomalous (it was)
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (128, 128, 3), dtype=np.uint8)).save(parts / "noise.png")
     out = workdir / "black_out"
     run = subprocess.run([sys.executable, "client/infer.py", "--url", server.http_url, "--bank", "steady", "--images",
-                          str(parts), "--out", str(out), "--quiet"], cwd=ROOT, capture_output=True, text=True,
-                         timeout=300)
-    assert run.returncode == 0, run.stderr
+                          str(parts), "--out", str(out), "--quiet", "--fail-on", "anomalous"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
     rows = {Path(r["path"]).name: r for r in csv.DictReader(open(out / "results.csv"))}
     assert rows["black.png"]["decision"] == "out_of_distribution" and "camera moved" in rows["black.png"]["note"]
-    assert rows["good.png"]["decision"] != "out_of_distribution"
-    assert "1 out of distribution" in run.stderr
+    assert rows["good.png"]["decision"] == "normal"
+    assert rows["noise.png"]["decision"] == "out_of_distribution" and OVER_THRESHOLD_NOTE in rows["noise.png"]["note"]
+    over = sum(OVER_THRESHOLD_NOTE in r["note"] for r in rows.values())
+    assert "2 out of distribution" in run.stderr and f"({over} of them above the threshold too)" in run.stderr
+    assert run.returncode == 1 and f"--fail-on anomalous: {over} image(s) decided so" in run.stderr, run.stderr
+    shown = json.loads((out / "results.json").read_text())["images"]
+    assert [r["over_threshold"] for r in shown if Path(r["path"]).name == "noise.png"] == [True]
     # a deleted bank's drift gauges leave /metrics (they stayed at their last values while the server ran)
     steady = {k: v for k, v in _metric_values(server).items() if 'bank="steady"' in k}
     client.delete_bank("brighter")
@@ -585,6 +592,12 @@ def test_a_brightening_line_raises_the_drift_alarm_on_the_metrics_port_and_in_in
     gauges = ("pa_clip_bank_score_quantile", "pa_clip_bank_ood_rate", "pa_clip_bank_drift", "pa_clip_bank_drift_alarm")
     assert not [name for name in values if name.split("{")[0] in gauges and 'bank="brighter"' in name]
     assert {k: values[k] for k in steady} == steady  # the series that stay keep their values
+    # a new version of a bank starts without the old one's window: its gauges leave at its first request (they
+    # stood, an alarm included, until a new part came)
+    client.add_images("steady", "washer", lot, reset=True)
+    client.build_bank("steady")
+    client.score(lot[:1], "steady")  # a lot image: not a new part, nothing joins the window
+    assert not [name for name in _metric_values(server) if name.split("{")[0] in gauges and 'bank="steady"' in name]
     client.delete_bank("steady")
     client.close()
 
