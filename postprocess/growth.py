@@ -2,12 +2,13 @@
 
 The new images are scored against the bank as any new part is. Those that look like the lot's ordinary good parts
 (a score at most the lot's ``ACCEPT_QUANTILE`` reference score: well inside the good parts, where a defect the
-decision misses rarely lies) join the bank: their per-image coresets are appended to the full bank, and their image embeddings and map scores
+decision misses rarely lies, and inside the bank's out-of-distribution thresholds) join the bank: their per-image coresets are appended to the full bank, and their image embeddings and map scores
 join the re-scoring reference. The normal bank stays as built: a larger one lowers every image's normal-bank
 distance, so less is subtracted and every part scores higher than the scores the threshold is read from (those were
 made against the bank before it grew): with the map's mean as the image score, a grown normal bank called a third of
 new good parts anomalous at a 1% budget. The calibration is read again from the lot's reference
-scores and every new image's score (suspected defects left out by the method, as in a build), each part once: the
+scores and every new image's score but those out of distribution (suspected defects left out by the method, as in a
+build), each part once: the
 manifest keeps the keys of the parts left out (``left_out_keys``), and a part sent again, or twice in one update,
 is neither scored again nor counted again (a defect sent over and over would otherwise lift the acceptance level
 with its own scores until it was folded in); the
@@ -33,7 +34,7 @@ from .bank import Bank, BankError, image_key, score_with_bank
 from .contract import Features
 from .decision import Calibration, calibrate
 from .host import DEFAULT_HOST, HostSettings
-from .ood import OodCalibration, calibrate_ood, image_statistics
+from .ood import OodCalibration, calibrate_ood, image_statistics, reason
 from .pa_clip import bank_entries, full_bank_references, full_bank_selection, lot_interval_k, reservoir_step
 
 ACCEPT_QUANTILE = 0.75  # of the lot's reference scores: a new image at or below it is an ordinary good part
@@ -77,10 +78,18 @@ def grow_bank(bank: Bank, features: Features, images, host: HostSettings = DEFAU
         report["scores"][i] = float(scores[j])
     calibration = Calibration.from_dict(manifest.decision)
     level = accept_level(calibration)
-    accepted = np.flatnonzero(scores <= level)
-    for j in np.flatnonzero(scores > level):
+    # an image unlike the lot as a whole is no part of this product, whatever its score (a black frame can score
+    # low): folded in, its statistics widened the out-of-distribution thresholds to let the next one through
+    held_ood = None if manifest.ood is None else OodCalibration.from_dict(manifest.ood)
+    foreign, why = np.zeros(fresh.size, dtype=bool), [[] for _ in fresh]
+    if held_ood is not None:
+        ood_values = image_statistics(result.maps, np.asarray(images)[fresh], held_ood.statistics)
+        foreign, why = held_ood.outside(ood_values)
+    accepted = np.flatnonzero((scores <= level) & ~foreign)
+    for j in np.flatnonzero((scores > level) | foreign):
         report["left_out"].append({"index": int(fresh[j]), "score": float(scores[j]),
-                                   "why": f"score above the lot's {ACCEPT_QUANTILE:.0%} reference ({level:.4g})"})
+                                   "why": f"out of distribution: {reason(why[j])}" if foreign[j] else
+                                   f"score above the lot's {ACCEPT_QUANTILE:.0%} reference ({level:.4g})"})
     n_old = manifest.n_images
     n_new = n_old + accepted.size
     space = bank.space
@@ -125,8 +134,8 @@ def grow_bank(bank: Bank, features: Features, images, host: HostSettings = DEFAU
     # the calibration read again: the lot's kept scores and every new image's (its method leaves suspected defects
     # out as a build does); a method that kept no scores keeps its calibration
     decision = manifest.decision
-    if calibration.reference:
-        pooled = np.concatenate([np.asarray(calibration.reference), scores])
+    if calibration.reference:  # the product's parts: one out of distribution is not (its score is no verdict)
+        pooled = np.concatenate([np.asarray(calibration.reference), scores[~foreign]])
         decision = calibrate(pooled, None, calibration.false_alarm_rate, calibration.method).to_dict()
     # the lot's scores as they now are: a part left out never joined the lot, so the smallest and largest are the
     # lot's and the folded-in parts' (the calibration's reference also holds parts left out); the median is read
@@ -136,12 +145,10 @@ def grow_bank(bank: Bank, features: Features, images, host: HostSettings = DEFAU
     lowest, highest = min([manifest.lot_scores["min"], *joined]), max([manifest.lot_scores["max"], *joined])
     left_out_keys = tuple(keys[int(i)] for i in np.delete(fresh, accepted))
     ood = manifest.ood
-    if ood is not None and accepted.size:  # the folded-in images' statistics join the lot's
-        held = OodCalibration.from_dict(ood)
-        values = image_statistics(result.maps[xp.asarray(accepted)], np.asarray(images)[fresh[accepted]],
-                                  held.statistics)
-        pooled = {n: np.concatenate([np.asarray(held.references[n]), values[n]]) for n in held.statistics}
-        ood = calibrate_ood(pooled, held.statistics, held.budget).to_dict()
+    if held_ood is not None and accepted.size:  # the folded-in images' statistics join the lot's
+        pooled = {n: np.concatenate([np.asarray(held_ood.references[n]), ood_values[n][accepted]])
+                  for n in held_ood.statistics}
+        ood = calibrate_ood(pooled, held_ood.statistics, held_ood.budget).to_dict()
     grown = manifest.replace(
         n_images=n_new, image_keys=manifest.image_keys + tuple(keys[int(fresh[j])] for j in accepted),
         interval_k=lot_interval_k(n_new, cfg),

@@ -1,6 +1,8 @@
 """Growing a bank (postprocess/growth.py): new parts that look like the lot's good ones folded in without the lot
 stage, the rest left out, a version that loads, verifies and scores like a bank built on the larger lot."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 from scipy.stats import spearmanr
@@ -45,16 +47,17 @@ def test_new_good_parts_are_folded_in_and_the_version_loads(tiny_clip_112, washe
     folded = report["folded_in"]
     assert 0 < folded < len(new) and folded + len(report["left_out"]) == len(new)
     level = growth.accept_level(growth.Calibration.from_dict(bank.manifest.decision))
-    assert all(item["score"] > level for item in report["left_out"])
+    foreign = [item for item in report["left_out"] if item["why"].startswith("out of distribution")]
+    assert all(item["score"] > level for item in report["left_out"] if item not in foreign)
     assert grown.manifest.n_images == 14 + folded == len(grown.manifest.image_keys)
     for r in bank.full:
         assert grown.full[r].shape[1] == 14 + folded
     for r in bank.normal:  # the normal bank stays as built (see the next test)
         assert np.array_equal(grown.normal[r], bank.normal[r]) and np.array_equal(grown.normal_ids[r], bank.normal_ids[r])
     assert grown.lot_embeds.shape[0] == grown.lot_scores.shape[0] == 14 + folded
-    # the calibration is read again from the lot's kept scores and every new part's
+    # the calibration is read again from the lot's kept scores and every new part's (but those unlike the lot)
     old = bank.manifest.decision
-    assert grown.manifest.decision["n_images"] == len(old["reference"]) + len(new)
+    assert grown.manifest.decision["n_images"] == len(old["reference"]) + len(new) - len(foreign)
     assert grown.manifest.decision["threshold"] != old["threshold"]
     # and the out-of-distribution calibration from the lot's statistics and the folded-in images' (the lot now)
     from postprocess.ood import OodCalibration, calibrate_ood, image_statistics
@@ -218,6 +221,8 @@ def test_a_bank_that_grows_past_its_sample_size_samples_then_goes_on_growing(tin
     monkeypatch.setattr(growth, "accept_level", lambda calibration: float("inf"))
     cfg = PAClipConfig(full_bank_images=5)
     bank = bank_on(tiny_clip_112, images[:6], features.take(slice(0, 6)), cfg)
+    # every part folded in (what this test is about): no score and no out-of-distribution threshold leaves one out
+    bank = dataclasses.replace(bank, manifest=bank.manifest.replace(ood=None))
     assert bank.full_ids is None
     store = BankStore(tmp_path)
     crossed, _ = growth.grow_bank(bank, features.take(slice(6, 12)), images[6:12])
@@ -251,3 +256,27 @@ def test_reservoir_steps_keep_every_image_of_the_grown_lot_equally_likely():
     assert np.abs(share - 5 / 40).max() < 0.025, share.round(3)
 
 
+
+
+def test_an_image_out_of_distribution_is_not_folded_in_whatever_its_score(tiny_clip_112, washers):
+    """A black frame can score below the acceptance level (the tiny encoder's does): folded in, its statistics
+    widened the out-of-distribution thresholds, and the next dark frame was decided normal."""
+    from postprocess.decision import Calibration
+    from postprocess.ood import OodCalibration
+
+    images, labels, features = washers
+    good = np.flatnonzero(~labels)
+    bank = bank_on(tiny_clip_112, images[good[:12]], features.take(good[:12]))
+    black = np.zeros((1, *images.shape[1:]), np.uint8)
+    pending = np.concatenate([images[good[12:20]], black])
+    encoded = tiny_clip_112.encode(pending)
+    before = OodCalibration.from_dict(bank.manifest.ood)
+    alone = score_with_bank(bank, encoded.take(slice(8, 9)), np.full(1, -1))
+    assert float(alone.scores[0]) <= growth.accept_level(Calibration.from_dict(bank.manifest.decision))
+    grown, report = growth.grow_bank(bank, encoded, pending)
+    assert [(d["index"], d["why"].split(":")[0]) for d in report["left_out"]] == [(8, "out of distribution")]
+    assert report["folded_in"] >= 1
+    after = OodCalibration.from_dict(grown.manifest.ood)
+    assert after.low["brightness"] > 0 and after.low["brightness"] >= before.low["brightness"] - 10
+    assert len(Calibration.from_dict(grown.manifest.decision).reference) == \
+        len(Calibration.from_dict(bank.manifest.decision).reference) + 8  # its score is not a part's
