@@ -467,6 +467,23 @@ def pooled_peaks(per_image: float, leave_out_largest: bool = False):
     return threshold
 
 
+def anchored_peaks(cluster_corrected: bool):
+    """The quartile model's anchor, the median m of the lot's maxima (P(max > m) = 1/2, read off the images
+    themselves), with the tail's scale read from every map peak above m (``map_peaks``: many more witnesses than the
+    lot's upper half of maxima, of which a defect adds only its few): b = (median excess over m) / ln 2, threshold =
+    m + b ln(0.5 / budget). ``cluster_corrected``: the far tail of a maximum is the rate of peaks above m (r per
+    image, at least 1/2: an image past m may hold several) times e^(-x / b), so threshold = m + b ln(r / budget)."""
+    def threshold(peaks: np.ndarray, budget: float) -> float:
+        level = float(np.median(peaks[:, 0]))
+        values = peaks[np.isfinite(peaks)]
+        above = values[values > level]
+        scale = max(float(np.median(above - level)), 1e-12) / math.log(2.0)
+        rate = len(above) / len(peaks) if cluster_corrected else 0.5
+        return float(level + scale * math.log(max(rate, 0.5) / budget))
+    threshold.reads_peaks = True
+    return threshold
+
+
 def shipped_threshold(scores, budget: float) -> float:
     """The product's own threshold (``decision.calibrate`` with ``DEFAULT_METHOD``): the row the others are read
     against."""
@@ -486,6 +503,8 @@ TAIL_ESTIMATORS = {
     "the lot's map peaks pooled, 1 per image above the level": pooled_peaks(1.0),
     "the lot's map peaks pooled, 2 per image above the level": pooled_peaks(2.0),
     "the lot's map peaks but each image's largest, 4 per image": pooled_peaks(4.0, leave_out_largest=True),
+    "the maxima's median, the tail's scale from every peak above it": anchored_peaks(False),
+    "the same, the peaks' rate above the median for the level": anchored_peaks(True),
 }
 
 

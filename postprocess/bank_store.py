@@ -33,8 +33,8 @@ import numpy as np
 from . import kernels as K
 from . import strict_json
 from .atomic import HOST, fsync_dir, is_dead_leftover, owner_gone, temp_name, write_atomic
-from .bank import (DIGESTED_FROM, FORMAT_VERSION, Bank, BankDamaged, BankError, BankFormatError, BankManifest, check_encoder,
-                   check_manifest, check_tensors, damaged, tensor_record)
+from .bank import (DIGESTED_FROM, FORMAT_VERSION, Bank, BankDamaged, BankError, BankFormatError, BankManifest,
+                   check_encoder, check_manifest, check_tensors, damaged, tensor_record)
 from .contract import IMAGES, VISION_OUTPUTS, Features
 from .errors import ServerBusy
 
