@@ -117,8 +117,10 @@ def apply_augmentation(image: np.ndarray, aug: Augmentation) -> np.ndarray:
     if aug.matrix is not None:
         h, w = image.shape[:2]
         out = np.asarray(
+            # the fill is the adjusted image's border: the original's left a seam where the corners rotated in
+            # met the brightened or darkened background, and the copies carried it into the normal bank
             Image.fromarray(out).transform((w, h), Image.AFFINE, aug.matrix, resample=Image.BILINEAR,
-                                           fillcolor=_border_colour(image))
+                                           fillcolor=_border_colour(out))
         )
     return out
 

@@ -34,6 +34,18 @@ def test_photometric_only_keeps_geometry():
     assert object_centroid(out) == object_centroid(_object_at(20, 20))
 
 
+def test_corners_a_turn_brings_in_take_the_adjusted_background():
+    """The photometric step comes first: the corners filled by the turn must match the brightened background, or
+    every geometric copy carries a seam into the normal bank (the original's border was used: 180 against 205)."""
+    background = np.full((112, 112, 3), 180, np.uint8)
+    background[40:72, 40:72] = 60
+    (drawn,) = draw_augmentations(1, "photometric+geometric", 112, seed=0)
+    out = apply_augmentation(background, Augmentation(1.15, 1.0, drawn.matrix))
+    adjusted = apply_augmentation(background, Augmentation(1.15, 1.0, None))
+    corners = np.stack([out[0, 0], out[0, -1], out[-1, 0], out[-1, -1]])
+    assert np.abs(corners.astype(int) - adjusted[0, 0].astype(int)).max() <= 1, (corners, adjusted[0, 0])
+
+
 def test_mask_follows_the_image():
     rng_augs = draw_augmentations(5, "photometric+geometric", 64, seed=3)
     image = _object_at(20, 40)
