@@ -361,7 +361,7 @@ def test_a_damaged_bank_is_refused_through_the_server_naming_it_and_verify_finds
         checked = verify()
         assert checked.returncode == 1, checked.stdout + checked.stderr
         assert "washer_copy" in checked.stdout and "DAMAGED" in checked.stdout and "digest differs" in checked.stdout
-        assert any(line.startswith("washer ") and " ok: digests and tensors" in line
+        assert any(line.startswith("washer ") and " ok: manifest, digests and tensors" in line
                    for line in checked.stdout.splitlines()), checked.stdout
         client = PAClipClient(server.http_url)
         with pytest.raises(ClientError, match="bank 'washer_copy' version v-.* is damaged \\(bank.safetensors "
