@@ -39,6 +39,8 @@ def build_parser(prog: str = "python -m client.banks") -> argparse.ArgumentParse
     p.add_argument("--protocol", choices=["http", "grpc"], default="http")
     p.add_argument("--key", default=None, help="the server's access key (default: $PA_CLIP_KEY)")
     p.add_argument("--json", action="store_true", help="print what the server answered, as JSON")
+    p.add_argument("--timeout", type=float, default=None,
+                   help="seconds to wait for the server's answer (default: 60; update, which builds: 3600)")
     commands = p.add_subparsers(dest="command", required=True)
     commands.add_parser("list", help="every bank and the store's size")
     commands.add_parser("info", help="one bank in full").add_argument("bank")
@@ -55,14 +57,22 @@ def build_parser(prog: str = "python -m client.banks") -> argparse.ArgumentParse
     return p
 
 
-def update(client: PAClipClient, args) -> dict:
+def update_paths(spec: str) -> list:
+    """The new parts ``update`` sends: the images at ``spec`` but a scoring run's own heat maps (checked before the
+    server is asked anything: a mistyped folder is a usage error, not a reason to retry)."""
+    from client.infer import UsageError, find_images, is_run_output, no_images_message
+
+    paths = [p for p in find_images(spec) if not is_run_output(p)]
+    if not paths:
+        raise UsageError(no_images_message(spec))
+    return paths
+
+
+def update(client: PAClipClient, args, paths: list) -> dict:
     """Send the new parts at the bank's size as its pending lot (started afresh), then grow the bank with them."""
-    from client.infer import UsageError, find_images, load_images, no_images_message
+    from client.infer import UsageError, load_images
 
     info = client.bank_info(args.bank)
-    paths = find_images(args.images)
-    if not paths:
-        raise UsageError(no_images_message(args.images))
     loaded, skipped = load_images(paths, tuple(info["image_size"]), not args.quiet)
     if not loaded:
         raise UsageError(f"none of the {len(paths)} images at {args.images!r} could be read")
@@ -117,6 +127,9 @@ def print_list(store: dict) -> None:
               f"{megabytes(bank.get('bytes_on_disk')):>10}  {bank.get('built_at', ''):<25} "
               f"{bank.get('encoder', {}).get('backbone', '?')}")
     for lot in store.get("pending", []):
+        if "error" in lot:
+            print(f"pending lot of {lot['bank']!r} cannot be read: {lot['error']}")
+            continue
         print(f"pending lot of {lot['bank']!r}: {lot['images']} image(s) added, not built; expires in "
               f"{lot['expires_in_s'] // 3600} h")
 
@@ -149,9 +162,16 @@ def print_info(info: dict) -> None:
 
 
 def main(argv=None, prog: str = "python -m client.banks") -> int:
+    from client.infer import UsageError
+
     args = build_parser(prog).parse_args(argv)
     try:
-        client = PAClipClient(args.url, args.protocol, key=args.key)
+        if args.command == "delete" and not args.yes and (sys.stdin is None or not sys.stdin.isatty()):
+            raise UsageError("delete asks before it deletes, and there is no terminal to ask at: pass --yes")
+        paths = update_paths(args.images) if args.command == "update" else None
+        timeout = args.timeout if args.timeout is not None else (3600.0 if args.command == "update" else 60.0)
+        client = PAClipClient(args.url, args.protocol, timeout, key=args.key)
+        client.check_ready()
         if args.command == "list":
             answer = client.store()
             show = print_list
@@ -160,17 +180,18 @@ def main(argv=None, prog: str = "python -m client.banks") -> int:
             show = print_info
         elif args.command == "delete":
             if not args.yes:
-                reply = input(f"delete bank {args.bank!r} from {client.url}? [y/N] ").strip().lower()
+                print(f"delete bank {args.bank!r} from {client.url}? [y/N] ", end="", file=sys.stderr, flush=True)
+                reply = sys.stdin.readline().strip().lower()  # "" at the end of input: no
                 if reply not in ("y", "yes"):
-                    print("nothing deleted")
-                    return 1
+                    print("nothing deleted", file=sys.stderr)
+                    return exits.USAGE  # nothing was sent
             answer = client.delete_bank(args.bank)
             show = lambda a: print(f"deleted bank {a['deleted']!r}")  # noqa: E731
         elif args.command == "verify":
             answer = client.bank_action("verify", args.bank)
             show = print_verified
         elif args.command == "update":
-            answer = update(client, args)
+            answer = update(client, args, paths)
             show = print_update
         else:
             answer = client.prune_banks()

@@ -68,6 +68,15 @@ def find_images(spec: str) -> list[Path]:
     return sorted(found)
 
 
+def is_run_output(path: Path) -> bool:
+    """Whether ``path`` is a picture a scoring run wrote (under the ``overlays`` or ``maps`` folder of a run's
+    output, beside its results.json): a heat map, never a part."""
+    for folder in Path(path).resolve().parents:
+        if folder.name in ("overlays", "maps") and (folder.parent / "results.json").is_file():
+            return True
+    return False
+
+
 def no_images_message(spec: str) -> str:
     """Why ``find_images`` found nothing: no such path, a folder without images, a file or pattern of none."""
     path = Path(spec)
@@ -239,13 +248,14 @@ def clear_out(out: Path, found: list[str]) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def safe_bank_id(category: str) -> str:
-    """A valid bank id made from a category name: spaces and other characters as underscores, accents dropped."""
+def safe_bank_id(category: str, fallback: str | None = "lot") -> str | None:
+    """A valid bank id made from a category name: spaces and other characters as underscores, accents dropped;
+    ``fallback`` when nothing of the name is left (a name in another script)."""
     import unicodedata
 
     ascii_name = unicodedata.normalize("NFKD", category).encode("ascii", "ignore").decode()
     cleaned = re.sub(r"[^A-Za-z0-9._-]+", "_", ascii_name).strip("._-")[:128]
-    return cleaned or "lot"
+    return cleaned or fallback
 
 
 class UsageError(ValueError):
@@ -507,7 +517,8 @@ def main(argv=None, prog: str = "client/infer.py") -> int:
         return 2
     # a run's own pictures (an --out inside --images, run again) are its results, never parts to score
     written = [(out / name).resolve() for name in ("overlays", "maps")]
-    paths = [p for p in find_images(args.images) if not any(p.resolve().is_relative_to(w) for w in written)]
+    paths = [p for p in find_images(args.images) if not any(p.resolve().is_relative_to(w) for w in written)
+             and not is_run_output(p)]
     if not paths:
         print(f"error: {no_images_message(args.images)} (--images is a folder or a glob like 'photos/*.png')",
               file=sys.stderr)

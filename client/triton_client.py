@@ -31,6 +31,10 @@ class ServerRefused(ClientError):
     """The server answered, with an error: the request, the bank or the server's state is the reason."""
 
 
+class BadAddress(ClientError):
+    """An address no client can be made for (a usage error: nothing was sent)."""
+
+
 # gRPC's codes for "no answer" (tritonclient raises them as InferenceServerException); HTTP's are OSErrors
 UNREACHABLE_STATUSES = ("StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED")
 
@@ -73,6 +77,9 @@ class PAClipClient:
         self.headers = {header: key} if key else None
         self.protocol = protocol
         self.url = url or DEFAULT_URLS[protocol]
+        if "://" in self.url:  # tritonclient's own words ("should not include the scheme") came as unreachable
+            raise BadAddress(f"--url {self.url!r}: give host:port without a scheme, e.g. "
+                             f"{self.url.split('://', 1)[1].rstrip('/') or DEFAULT_URLS[protocol]}")
         self._tc, self._error = _modules(protocol)
         try:
             if protocol == "http":

@@ -278,7 +278,7 @@ class BankStore:
                                                                  (_has_versions(p) and
                                                                   not (p / ".build-lock").exists())))
 
-    def _missing(self, bank_id: str) -> BankError:
+    def missing(self, bank_id: str) -> BankError:
         known = self.bank_ids()
         return BankError(f"unknown bank {bank_id!r}; " + (f"banks on this server: {', '.join(known)}" if known else
                          "this server has no banks yet") + ". Build one with pa-clip score --build")
@@ -286,7 +286,7 @@ class BankStore:
     def _live(self, bank_id: str) -> tuple[str, Path]:
         version = self.current_version(bank_id)
         if version is None:
-            raise self._missing(bank_id)
+            raise self.missing(bank_id)
         return version, self._dir(bank_id) / version
 
     def _read_manifest(self, bank_id: str, version: str, folder: Path) -> BankManifest:
@@ -534,7 +534,7 @@ class BankStore:
             folder.unlink()
             return
         if not folder.exists():
-            raise self._missing(bank_id)
+            raise self.missing(bank_id)
         if (holder := self.build_holder(bank_id)) is not None:  # the build would write the bank back when done
             raise BankError(f"bank {bank_id!r} is being built right now ({_described_holder(holder)}): delete it "
                             "after the build finishes")

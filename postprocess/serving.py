@@ -500,8 +500,9 @@ class BankService:
         if action == "prune":
             return self.store.prune()
         if action == "verify":  # every bank, or the one named: digests, tensors, manifest fields
-            return {"banks": [self.store.verify(b) for b in ([check_bank_id(bank_id)] if bank_id
-                                                             else self.store.bank_ids())]}
+            if bank_id and check_bank_id(bank_id) not in self.store.bank_ids():
+                raise self.store.missing(bank_id)  # not there is a refusal, not damage
+            return {"banks": [self.store.verify(b) for b in ([bank_id] if bank_id else self.store.bank_ids())]}
         check_bank_id(bank_id)
         if action == "info":  # with its size on disk and once loaded, and what scoring saw of it lately
             return {**self._described(bank_id), "versions": self.store.versions(bank_id),

@@ -49,7 +49,8 @@ def pick_ports(asked: tuple, preferred: tuple[int, int, int] = DEFAULT_PORTS) ->
     for port in asked:
         if port is not None and not port_free(port):
             raise ServerError(f"port {port} is taken on 127.0.0.1 (another server?): choose another")
-    usual_free = all(port_free(p) for a, p in zip(asked, preferred) if a is None)
+    # a usual port that was asked for another role is not free for its own (--http-port 8001 took gRPC's)
+    usual_free = all(port_free(p) and p not in asked for a, p in zip(asked, preferred) if a is None)
     spare = iter(p for p in free_ports(6) if p not in asked)
     picked = tuple(a if a is not None else (p if usual_free else next(spare)) for a, p in zip(asked, preferred))
     if not usual_free:
@@ -186,8 +187,27 @@ def build_parser(prog: str = "./run.sh main") -> argparse.ArgumentParser:
     return p
 
 
+def inputs_refused(images: Path, category: str, threshold: str) -> str | None:
+    """What the scoring run would refuse, said before minutes of export and start-up (None: nothing)."""
+    if not [p for p in infer.find_images(str(images)) if not infer.is_run_output(p)]:
+        return infer.no_images_message(str(images))
+    if infer.safe_bank_id(category, fallback=None) is None:
+        # every such name would share one bank id, and main builds: one product's bank would replace another's
+        return (f"the category {category!r} makes no bank id (letters, digits, '.', '_' or '-'): name it with "
+                "--category")
+    try:
+        infer.parse_threshold(threshold)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
 def main(argv=None, prog: str = "./run.sh main") -> int:
     args = build_parser(prog).parse_args(argv)
+    asked = [p for p in (args.http_port, args.grpc_port, args.metrics_port) if p is not None]
+    if len(set(asked)) < len(asked):
+        print(f"error: the HTTP, gRPC and metrics ports must differ, got {asked}", file=sys.stderr)
+        return 2
     out = Path(args.out)
     truth = None
     if args.images is None:
@@ -198,7 +218,10 @@ def main(argv=None, prog: str = "./run.sh main") -> int:
               f"{sum(v != 'good' for v in truth.values())} defective) in {images}", file=sys.stderr)
     else:
         images = Path(args.images)
-        category = args.category or (images.name if images.is_dir() else "object")
+        category = args.category or (images.resolve().name if images.is_dir() else "object")
+    if problem := inputs_refused(images, category, args.threshold):
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     fingerprint = export(args)
     t0 = time.monotonic()
     try:

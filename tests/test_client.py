@@ -168,3 +168,39 @@ def test_images_of_one_name_in_two_folders_or_two_formats_get_overlays_of_their_
     one_folder = find_images(str(tmp_path / "line1" / "*.png"))  # one folder: names as before
     assert sorted(output_stems(one_folder, images_root(str(tmp_path / "line1" / "*.png"), one_folder)).values()) \
         == ["part", "x", "y"]
+
+
+def test_banks_update_checks_its_images_before_asking_the_server_and_leaves_a_runs_heat_maps_out(tmp_path, capsys):
+    """A mistyped folder was found out only after the server was asked (exit 3 with no server: a script would retry
+    it); a scoring run's overlays under --images were sent as new parts."""
+    from PIL import Image
+
+    from client import banks
+
+    assert banks.main(["--url", "127.0.0.1:1", "update", "washer", "--images", str(tmp_path / "nowhere")]) == 2
+    assert "no such folder" in capsys.readouterr().err
+    parts = tmp_path / "parts"
+    (parts / "overlays").mkdir(parents=True)
+    for path in (parts / "a.png", parts / "overlays" / "a.png"):
+        Image.new("RGB", (16, 16)).save(path)
+    assert sorted(banks.update_paths(str(parts))) == [parts / "a.png", parts / "overlays" / "a.png"]  # no run there
+    (parts / "results.json").write_text("{}")  # a scoring run's output: its overlays are heat maps
+    assert banks.update_paths(str(parts)) == [parts / "a.png"]
+
+
+def test_banks_exit_statuses_for_an_address_with_a_scheme_and_for_no_server(capsys):
+    from client import banks
+
+    assert banks.main(["--url", "http://127.0.0.1:8000", "list"]) == 2  # usage: it was exit 3, retry later
+    assert "without a scheme" in capsys.readouterr().err
+    assert banks.main(["--url", "127.0.0.1:1", "--timeout", "5", "list"]) == 3
+    assert "no Triton server answers at 127.0.0.1:1" in capsys.readouterr().err
+
+
+def test_a_pending_lot_that_cannot_be_read_is_listed_with_why(capsys):
+    from client import banks
+
+    banks.print_list({"banks": [], "store_bytes": 0, "pending": [
+        {"bank": "bolt", "updated_at": "2026-12-07T05:00:00+0000", "expires_in_s": 60,
+         "error": "a part of this lot cannot be read (SafetensorError): add the lot again with reset"}]})
+    assert "pending lot of 'bolt' cannot be read: a part of this lot" in capsys.readouterr().out

@@ -40,3 +40,35 @@ def test_clip_asked_for_without_weights_stops_with_what_to_pass(tmp_path, monkey
     assert stopped.value.code == 2  # bad usage or inputs, as every command's exit status says (a message exits 1)
     assert "--pretrained" in capsys.readouterr().err
     assert not (tmp_path / "repo").exists()
+
+
+def test_what_the_scoring_run_would_refuse_is_refused_before_the_export(tmp_path, monkeypatch, capsys):
+    """A mistyped folder, a threshold out of range or a category that makes no bank id were refused only after minutes
+    of export and server start; and every category in another script shared the bank id 'lot', which main rebuilds."""
+    from PIL import Image
+
+    def exported(args):
+        raise AssertionError("exported before the inputs were checked")
+
+    monkeypatch.setattr(main_job, "export", exported)
+    parts = tmp_path / "螺丝"
+    parts.mkdir()
+    Image.new("RGB", (32, 32)).save(parts / "a.png")
+    cases = [(["--images", str(tmp_path / "nowhere")], "no such folder"),
+             (["--images", str(parts), "--category", "washer", "--threshold", "7"], "strictly between 0 and 1"),
+             (["--images", str(parts)], "makes no bank id"),
+             (["--http-port", "18000", "--grpc-port", "18000"], "must differ")]
+    for argv, words in cases:
+        assert main_job.main(argv + ["--out", str(tmp_path / "out")]) == 2, argv
+        assert words in capsys.readouterr().err, argv
+
+
+def test_ports_asked_for_one_role_are_not_taken_for_another():
+    """--http-port 8001 was given the usual 8001 as its gRPC port too: the start could never succeed."""
+    from serve.local import free_ports
+
+    usual = tuple(free_ports(3))
+    for role in range(3):
+        asked = tuple(usual[1] if i == role else None for i in range(3))
+        picked = main_job.pick_ports(asked, usual)
+        assert len(set(picked)) == 3 and picked[role] == usual[1], (asked, picked)

@@ -273,7 +273,13 @@ def test_banks_command_lists_shows_deletes_and_prunes(server, built, lot, reposi
     info = banks("info", "scratch")
     assert info.returncode == 0 and "(live)" in info.stdout and "threshold" in info.stdout, info.stdout
     assert json.loads(banks("--json", "info", "scratch").stdout)["n_images"] == 4
-    assert banks("delete", "scratch", stdin="n\n").returncode == 1  # asked, and told no
+    # no terminal to ask at (a script's pipe): refused with what to pass, nothing deleted (input() raised a traceback
+    # on a closed stdin, and its prompt went to stdout, into --json's output)
+    unasked = banks("delete", "scratch", stdin="y\n")
+    assert unasked.returncode == 2 and "pass --yes" in unasked.stderr and not unasked.stdout, unasked
+    assert "scratch" in banks("list").stdout
+    unknown = banks("verify", "no_such_bank")  # not there is a refusal (4), not damage (1)
+    assert unknown.returncode == 4 and "unknown bank 'no_such_bank'" in unknown.stderr, unknown
     deleted = banks("delete", "scratch", "--yes")
     assert deleted.returncode == 0 and "deleted bank 'scratch'" in deleted.stdout
     assert "scratch" not in banks("list").stdout
