@@ -3,7 +3,8 @@
   python -m client.banks list              every bank: lot size, image size, encoder, versions, bytes, build date
   python -m client.banks info BANK         one bank in full (its versions on disk, its decision calibration, what
                                            scoring saw lately: score quantiles, out-of-distribution rate, drift)
-  python -m client.banks delete BANK       delete one (asks first; --yes does not)
+  python -m client.banks delete BANK       delete one (asks first at a terminal; --yes does not, and is needed
+                                           without one)
   python -m client.banks prune             remove old versions and what failed builds left behind
   python -m client.banks verify [BANK]     check every bank (or one) against its manifest: file digests, tensor
                                            shapes, dtypes and values; exit code 1 when one is damaged
@@ -46,7 +47,7 @@ def build_parser(prog: str = "python -m client.banks") -> argparse.ArgumentParse
     commands.add_parser("info", help="one bank in full").add_argument("bank")
     delete = commands.add_parser("delete", help="delete one bank")
     delete.add_argument("bank")
-    delete.add_argument("--yes", action="store_true", help="do not ask")
+    delete.add_argument("--yes", action="store_true", help="do not ask (needed where there is no terminal to ask at)")
     commands.add_parser("prune", help="remove old versions and what failed builds left")
     commands.add_parser("verify", help="check banks against their manifests (all, or one)").add_argument(
         "bank", nargs="?", default="")
