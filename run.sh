@@ -52,6 +52,7 @@ for arg in "$@"; do
                 echo "(the options of '$cmd' are listed once it is installed: ./run.sh setup, then ./run.sh $cmd --help)"
                 exit 0 ;;
             test) echo "./run.sh test [pytest options]: the test suite (see README.md)"; exit 0 ;;
+            setup) echo "./run.sh setup: create .venv and install everything the project needs (see README.md)"; exit 0 ;;
         esac
     fi
 done

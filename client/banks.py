@@ -98,13 +98,16 @@ def print_update(answer: dict) -> None:
                                                         " (nothing written)"))
     for item in report["left_out"]:
         name = paths[item["index"]] if item["index"] < len(paths) else f"#{item['index']}"
-        print(f"  left out: {name}: {item['why']} (score {item['score']:.4g})")
+        score = "-" if item.get("score") is None else f"{item['score']:.4g}"  # no score: written null
+        print(f"  left out: {name}: {item['why']} (score {score})")
     if answer.get("decision"):
         d = answer["decision"]
         print(f"threshold now {d['threshold']:.4g} ({d['method']}, {d['false_alarm_rate']:.1%} budget)")
 
 
 def print_verified(answer: dict) -> None:
+    if not answer["banks"]:
+        print("no banks in the store: nothing to verify")
     for bank in answer["banks"]:
         if bank["ok"]:
             print(f"{bank['bank']:<24} ok: {bank['verified']} ({bank['version']}, {bank['seconds']:.2f} s)")

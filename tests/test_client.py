@@ -204,3 +204,14 @@ def test_a_pending_lot_that_cannot_be_read_is_listed_with_why(capsys):
         {"bank": "bolt", "updated_at": "2026-12-07T05:00:00+0000", "expires_in_s": 60,
          "error": "a part of this lot cannot be read (SafetensorError): add the lot again with reset"}]})
     assert "pending lot of 'bolt' cannot be read: a part of this lot" in capsys.readouterr().out
+
+
+def test_banks_printouts_of_an_empty_store_and_of_a_part_left_out_without_a_score(capsys):
+    from client import banks
+
+    banks.print_verified({"banks": []})
+    assert "no banks in the store" in capsys.readouterr().out  # it printed nothing
+    banks.print_update({"bank": "b", "n_images": 3, "version": "v", "update": {
+        "scored": 1, "folded_in": 0, "already_in_lot": 0, "paths": ["a.png"],
+        "left_out": [{"index": 0, "why": "no score", "score": None}]}})  # a NaN score arrives as null
+    assert "left out: a.png: no score (score -)" in capsys.readouterr().out
