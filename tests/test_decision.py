@@ -245,12 +245,17 @@ def test_the_map_level_belongs_to_the_decision(image_score, weight):
     own = K.image_scores(maps, image_score, 0.01)
     scores = K.neighbour_rescore(own, embeds, embeds, own, 5, weight, np.arange(60)) if weight else own
     threshold = float(np.quantile(scores, 0.8))
-    for amap, stat, score in zip(maps, own, scores):
+    for i, (amap, stat, score) in enumerate(zip(maps, own, scores)):
         level = map_level(float(stat), float(score), threshold, weight)
         if score > threshold:
             assert (amap >= level).any()
         elif image_score == "max" and weight != 1.0:
             assert not (amap > level + 1e-6).any()
+        if weight != 1.0:  # the level is where the re-scored score crosses the threshold: moved there, it meets it
+            moved = own.copy()
+            moved[i] = level
+            again = K.neighbour_rescore(moved, embeds, embeds, moved, 5, weight, np.arange(60))[i] if weight else level
+            assert float(again) == pytest.approx(threshold, abs=1e-6)
 
 
 def test_a_decider_reads_the_bank_summary():
@@ -262,7 +267,8 @@ def test_a_decider_reads_the_bank_summary():
     amap[1, 1] = 0.3
     # re-scored down to just below the threshold: normal, and its level lies above the spot
     decided = decider.decide(decider.raw_threshold - 1e-4, amap)
-    assert decided["decision"] == "normal" and decided["level"] > 0.3
+    # the spot would have to rise by 1e-4 / (1 - 0.5) for the re-scored score to reach the threshold
+    assert decided["decision"] == "normal" and decided["level"] == pytest.approx(0.3 + 1e-4 / 0.5, abs=1e-6)
     decided = decider.decide(decider.raw_threshold + 1e-4, amap)
     assert decided["decision"] == "anomalous" and decided["level"] < 0.3
     strict = Decider.for_bank(info, threshold_calibrated=0.999)  # the user's threshold on the calibrated scale

@@ -39,8 +39,9 @@ def test_thresholds_from_the_lot_flag_what_lies_outside_either_side():
     restored = ood.OodCalibration.from_dict(calibration.to_dict())
     assert restored.outside(probe)[0].tolist() == hit.tolist()
     assert calibration.to_dict()["low"]["map_median"] is None  # JSON has no infinity
-    for broken in ({"statistics": ["nope"]}, {"budget": 0.9}, {"statistics": []}):
-        with pytest.raises((ValueError, KeyError)):
+    for broken, words in (({"statistics": ["nope"]}, "out-of-distribution statistics"), ({"budget": 0.9}, "budget"),
+                          ({"statistics": []}, "out-of-distribution statistics")):
+        with pytest.raises(ValueError, match=words):  # what the check says, not a KeyError further on
             ood.OodCalibration.from_dict({**calibration.to_dict(), **broken})
     assert "brightness lies outside" in ood.reason(["brightness"]) and "camera moved" in ood.reason(["map_median"])
 
@@ -78,6 +79,9 @@ def test_a_bank_decides_a_black_frame_out_of_distribution_and_its_own_parts_not(
     for i in range(2):
         got = decider.decide(float(result.scores[i]), result.maps[i], frames[i])
         assert got["decision"] == OUT_OF_DISTRIBUTION and "camera moved" in got["ood_reason"]
+        # a blank frame is darker or brighter than every washer, and flat: the statistics that say so are named
+        named = got["ood_reason"].split(": ")[0]
+        assert ood.REASONS["brightness"] in named and ood.REASONS["contrast"] in named, named
     # without the image sent there is no such decision (a caller that has only the score)
     assert decider.decide(float(result.scores[0]), result.maps[0])["decision"] != OUT_OF_DISTRIBUTION
     # a bank built before format 3 has no calibration: no such decisions
