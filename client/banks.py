@@ -26,6 +26,7 @@ import sys
 import numpy as np
 
 from client import exits
+from postprocess import flags as F
 from client.triton_client import ClientError, PAClipClient
 
 
@@ -40,7 +41,7 @@ def build_parser(prog: str = "python -m client.banks") -> argparse.ArgumentParse
     p.add_argument("--protocol", choices=["http", "grpc"], default="http")
     p.add_argument("--key", default=None, help="the server's access key (default: $PA_CLIP_KEY)")
     p.add_argument("--json", action="store_true", help="print what the server answered, as JSON")
-    p.add_argument("--timeout", type=float, default=None,
+    p.add_argument("--timeout", type=F.SECONDS, default=None,
                    help="seconds to wait for the server's answer (default: 60; update, which builds: 3600)")
     commands = p.add_subparsers(dest="command", required=True)
     commands.add_parser("list", help="every bank and the store's size")

@@ -79,7 +79,9 @@ CASES = [(command, action.option_strings[0], text, ok, needed, parser)
                          ids=[f"{c[0]} {c[1]}={c[2]}" for c in CASES])
 def test_each_bounded_flag_at_its_edges(command, flag, text, ok, needed, parser, capsys):
     action = next(a for a in parser._actions if flag in a.option_strings)
-    argv = needed + [f"{flag}={text}"]  # the = form: a negative value is not read as an option
+    # the = form: a negative value is not read as an option; before what the command needs, which may be a
+    # subcommand (banks' own options come before it)
+    argv = [f"{flag}={text}"] + needed
     if ok:
         parser.parse_args(argv)
         return
