@@ -190,11 +190,16 @@ class BankManifest:
     def from_json(cls, text: str | bytes) -> "BankManifest":
         """Read ``manifest.json``: damaged JSON (or a key written twice) raises ValueError, a format this code does
         not read a BankError that says to rebuild."""
+        return cls.from_dict(cls.json_values(text))
+
+    @staticmethod
+    def json_values(text: str | bytes):
+        """The JSON of ``manifest.json`` as written (before any migration): damaged JSON (or a key written twice)
+        raises ValueError."""
         try:
-            values = strict_json.loads(text)
+            return strict_json.loads(text)
         except strict_json.JsonRefused as err:
             raise ValueError(f"{err} (a bank manifest): the file is damaged; rebuild the bank") from None
-        return cls.from_dict(values)
 
     @classmethod
     def from_dict(cls, values: dict) -> "BankManifest":

@@ -33,8 +33,8 @@ import numpy as np
 from . import kernels as K
 from . import strict_json
 from .atomic import HOST, fsync_dir, is_dead_leftover, owner_gone, temp_name, write_atomic
-from .bank import (DIGESTED_FROM, FORMAT_VERSION, Bank, BankDamaged, BankError, BankFormatError, BankManifest,
-                   check_encoder, check_manifest, check_tensors, damaged, tensor_record)
+from .bank import (DIGESTED_FROM, DTYPES, FORMAT_VERSION, Bank, BankDamaged, BankError, BankFormatError,
+                   BankManifest, check_encoder, check_manifest, check_tensors, damaged, tensor_record)
 from .contract import IMAGES, VISION_OUTPUTS, Features
 from .errors import ServerBusy
 
@@ -206,7 +206,7 @@ class BankStore:
         try:
             name = current.read_text().strip()
         except FileNotFoundError:
-            if _has_versions(folder) and self.build_holder(bank_id) is None:
+            if self._lost_current(folder):
                 # a commit writes CURRENT under the build lock, so versions with no CURRENT and no build are a
                 # CURRENT that went missing (or a first build that died before committing): never "no bank", which
                 # would let prune remove the versions
@@ -227,6 +227,11 @@ class BankStore:
             raise damaged(bank_id, name, "CURRENT names a version that is not on disk" if not version.exists()
                           else "its version folder is a symbolic link or not a folder")
         return name
+
+    def _lost_current(self, folder: Path) -> bool:
+        """Version folders but no CURRENT, and no build in progress to write it: damage (``current_version``), a
+        bank to list."""
+        return _has_versions(folder) and self.build_holder(folder.name) is None
 
     @staticmethod
     def _current_now(current: Path) -> str | None:
@@ -275,8 +280,7 @@ class BankStore:
         """The banks of the store, by folder name (a folder that is a link is listed, to be refused by name)."""
         return sorted(p.name for p in self.root.iterdir()
                       if BANK_ID_PATTERN.fullmatch(p.name) and (p.is_symlink() or (p / "CURRENT").exists() or
-                                                                 (_has_versions(p) and
-                                                                  not (p / ".build-lock").exists())))
+                                                                 self._lost_current(p)))
 
     def missing(self, bank_id: str) -> BankError:
         known = self.bank_ids()
@@ -301,9 +305,13 @@ class BankStore:
                 raise damaged(bank_id, version, f"manifest.json is {size} bytes, more than any bank's "
                               f"({MANIFEST_LIMIT >> 20} MB)")
             text = path.read_bytes()
-            written = _written_format(text)
-            self._check_manifest_digest(bank_id, version, folder, text, written)
-            manifest = BankManifest.from_json(text)
+            digested = self._check_manifest_digest(bank_id, version, folder, text)
+            values = BankManifest.json_values(text)  # read once: the format it was written as, then the fields
+            written = values.get("format_version") if isinstance(values, dict) else None
+            # a newer format is refused as such when it is read (it may keep its digest elsewhere)
+            if not digested and type(written) is int and MANIFEST_DIGESTED_FROM <= written <= FORMAT_VERSION:
+                raise damaged(bank_id, version, f"{MANIFEST_DIGEST} is missing")
+            manifest = BankManifest.from_dict(values)  # migrations make new dicts: ``values`` stays as written
             if type(written) is int and written >= DIGESTED_FROM and (manifest.files is None or
                                                                       manifest.tensors is None):
                 # without them nothing is checked against a digest: a manifest of a digested format that lacks
@@ -329,21 +337,19 @@ class BankStore:
         return manifest
 
     @staticmethod
-    def _check_manifest_digest(bank_id: str, version: str, folder: Path, text: bytes, written) -> None:
-        """``manifest.sha256`` must be the digest of ``text``; a manifest written as format 6 or later (``written``)
-        must have one (an earlier one was written without)."""
+    def _check_manifest_digest(bank_id: str, version: str, folder: Path, text: bytes) -> bool:
+        """``manifest.sha256``, where there is one, must be the digest of ``text``; whether there is one (a manifest
+        written as format 6 or later must have one, an earlier one was written without)."""
         import hashlib
 
         path = folder / MANIFEST_DIGEST
         if not path.exists() and not path.is_symlink():
-            # a newer format is refused as such when it is read (it may keep its digest elsewhere)
-            if type(written) is int and MANIFEST_DIGESTED_FROM <= written <= FORMAT_VERSION:
-                raise damaged(bank_id, version, f"{MANIFEST_DIGEST} is missing")
-            return
+            return False
         if not _regular_file(path) or path.stat().st_size > 1024:
             raise damaged(bank_id, version, f"{MANIFEST_DIGEST} is a link, not a file, or not a digest")
         if path.read_text(errors="replace").strip() != hashlib.sha256(text).hexdigest():
             raise damaged(bank_id, version, "manifest.json digest differs")
+        return True
 
     def _read_live(self, bank_id: str, read):
         """``read(version, folder)`` of the live version. A version that a new one replaced, and a prune or the next
@@ -390,10 +396,9 @@ class BankStore:
             tensors, _ = _load_tensors_meta(folder / "bank.safetensors")
         except Exception as err:  # safetensors' own error types: a header that does not parse
             raise damaged(bank_id, version, f"bank.safetensors: {err}") from None
-        itemsize = {"F16": 2, "F32": 4, "I64": 8, "BF16": 2, "F64": 8, "I32": 4, "I8": 1, "U8": 1}
-        if unknown := sorted({t["dtype"] for t in tensors.values()} - set(itemsize)):
+        if unknown := sorted({t["dtype"] for t in tensors.values()} - set(DTYPES)):
             raise damaged(bank_id, version, f"bank.safetensors holds tensors of type {unknown}, no bank's")
-        resident = sum(int(np.prod(t["shape"])) * itemsize[t["dtype"]] for t in tensors.values())
+        resident = sum(int(np.prod(t["shape"])) * np.dtype(DTYPES[t["dtype"]]).itemsize for t in tensors.values())
         return {"bytes_on_disk": sum(p.stat().st_size for p in folder.iterdir()), "bytes_in_memory": resident}
 
     def versions(self, bank_id: str) -> list[dict]:
@@ -808,16 +813,6 @@ def _bytes_under(path: Path) -> int:
     except OSError:  # a folder removed while it was walked: what was counted
         pass
     return total
-
-
-def _written_format(text: bytes):
-    """The format number a manifest was written with (before any migration), None where it cannot be read (its
-    reading then says what is wrong)."""
-    try:
-        values = strict_json.loads(text)
-    except ValueError:
-        return None
-    return values.get("format_version") if isinstance(values, dict) else None
 
 
 def _has_versions(folder: Path) -> bool:
