@@ -26,8 +26,8 @@ import sys
 import numpy as np
 
 from client import exits
-from postprocess import flags as F
 from client.triton_client import ClientError, PAClipClient
+from postprocess import flags as F
 
 
 def megabytes(n) -> str:
@@ -62,9 +62,9 @@ def build_parser(prog: str = "python -m client.banks") -> argparse.ArgumentParse
 def update_paths(spec: str) -> list:
     """The new parts ``update`` sends: the images at ``spec`` but a scoring run's own heat maps (checked before the
     server is asked anything: a mistyped folder is a usage error, not a reason to retry)."""
-    from client.infer import UsageError, find_images, is_run_output, no_images_message
+    from client.infer import UsageError, no_images_message, part_images
 
-    paths = [p for p in find_images(spec) if not is_run_output(p)]
+    paths = part_images(spec)
     if not paths:
         raise UsageError(no_images_message(spec))
     return paths

@@ -77,6 +77,11 @@ def is_run_output(path: Path) -> bool:
     return False
 
 
+def part_images(spec: str) -> list[Path]:
+    """The parts at ``spec`` (``find_images``) but the heat maps a scoring run left there (``is_run_output``)."""
+    return [p for p in find_images(spec) if not is_run_output(p)]
+
+
 def no_images_message(spec: str) -> str:
     """Why ``find_images`` found nothing: no such path, a folder without images, a file or pattern of none."""
     path = Path(spec)
@@ -517,8 +522,7 @@ def main(argv=None, prog: str = "client/infer.py") -> int:
         return 2
     # a run's own pictures (an --out inside --images, run again) are its results, never parts to score
     written = [(out / name).resolve() for name in ("overlays", "maps")]
-    paths = [p for p in find_images(args.images) if not any(p.resolve().is_relative_to(w) for w in written)
-             and not is_run_output(p)]
+    paths = [p for p in part_images(args.images) if not any(p.resolve().is_relative_to(w) for w in written)]
     if not paths:
         print(f"error: {no_images_message(args.images)} (--images is a folder or a glob like 'photos/*.png')",
               file=sys.stderr)

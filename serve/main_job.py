@@ -189,7 +189,7 @@ def build_parser(prog: str = "./run.sh main") -> argparse.ArgumentParser:
 
 def inputs_refused(images: Path, category: str, threshold: str) -> str | None:
     """What the scoring run would refuse, said before minutes of export and start-up (None: nothing)."""
-    if not [p for p in infer.find_images(str(images)) if not infer.is_run_output(p)]:
+    if not infer.part_images(str(images)):
         return infer.no_images_message(str(images))
     if infer.safe_bank_id(category, fallback=None) is None:
         # every such name would share one bank id, and main builds: one product's bank would replace another's
