@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
+from postprocess.ood import named_in
+
 COLOUR_MAP = "turbo"  # perceptually ordered, blue (like the lot) to red (anomalous)
 DEFAULT_OVERLAY_SIZE = 768  # the longest side of each panel in pixels (client/infer.py --overlay-size)
 DECISION_COLOURS = {"anomalous": (200, 30, 30), "normal": (30, 140, 60), "out_of_distribution": (190, 110, 0)}
@@ -111,7 +113,7 @@ class Caption:
         calibrated = "" if self.calibrated is None else f" (calibrated {self.calibrated:.2f}; {where})"
         provisional = " (provisional)" if self.provisional else ""
         if self.decision == "out_of_distribution":  # the score is not a verdict on this image: said first
-            why = self.reason.split(": ")[0] if self.reason else "unlike the bank's lot"  # the statistics' words
+            why = named_in(self.reason) if self.reason else "unlike the bank's lot"
             over = ", above the threshold" if self.over_threshold else ""
             return f"OUT OF DISTRIBUTION: {why}{provisional}  score {self.score:.4f}{over}"
         return f"{self.decision.upper()}{provisional}  score {self.score:.4f}{calibrated}"

@@ -56,6 +56,7 @@ from postprocess import decision as D, strict_json
 from postprocess.atomic import write_atomic
 from postprocess.bank_store import BANK_ID_PATTERN
 from postprocess.errors import RequestError
+from postprocess.ood import named_in
 from postprocess import flags as F
 
 def find_images(spec: str) -> list[Path]:
@@ -485,7 +486,7 @@ def print_summary(rows: list, skipped: list, failed: list, worst: int = 10) -> N
         print(f"worst {min(worst, len(rows))} (rank, score, calibrated, decision, image):", file=sys.stderr)
     for row in rows[:worst]:
         calibrated = "-" if row.get("calibrated") is None else f"{row['calibrated']:.3f}"
-        why = f"  ({row['ood_reason'].split(': ')[0]})" if row.get("ood_reason") else ""
+        why = f"  ({named_in(row['ood_reason'])})" if row.get("ood_reason") else ""
         print(f"  {row['rank']:>4}  {row['score']:.4f}  {calibrated:>5}  {row.get('decision', 'unknown'):<19}  "
               f"{row['path']}{why}", file=sys.stderr)
 

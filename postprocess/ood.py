@@ -141,3 +141,8 @@ def calibrate_ood(values: dict, names=DEFAULT_STATISTICS, budget: float = OOD_BU
 def reason(names: list) -> str:
     """What a caption or a results row says of an image outside: the statistics' reasons, then what it means."""
     return "; ".join(REASONS[n] for n in names) + f": {EXPLANATION}"
+
+
+def named_in(text: str) -> str:
+    """The statistics' reasons of a ``reason`` text, without what it means (where space is short)."""
+    return text.removesuffix(f": {EXPLANATION}")

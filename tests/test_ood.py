@@ -80,7 +80,7 @@ def test_a_bank_decides_a_black_frame_out_of_distribution_and_its_own_parts_not(
         got = decider.decide(float(result.scores[i]), result.maps[i], frames[i])
         assert got["decision"] == OUT_OF_DISTRIBUTION and "camera moved" in got["ood_reason"]
         # a blank frame is darker or brighter than every washer, and flat: the statistics that say so are named
-        named = got["ood_reason"].split(": ")[0]
+        named = ood.named_in(got["ood_reason"])
         assert ood.REASONS["brightness"] in named and ood.REASONS["contrast"] in named, named
     # without the image sent there is no such decision (a caller that has only the score)
     assert decider.decide(float(result.scores[0]), result.maps[0])["decision"] != OUT_OF_DISTRIBUTION
