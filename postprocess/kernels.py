@@ -184,6 +184,9 @@ def random_projection(d_in: int, d_out: int, seed: int) -> np.ndarray:
     return (rng.standard_normal((d_in, d_out)) / math.sqrt(d_out)).astype(np.float32)
 
 
+CHOSEN = -1.0  # greedy_coreset: a chosen point's distance to the chosen set, below any real (squared) distance
+
+
 def coreset_size(n: int, ratio: float) -> int:
     return max(1, min(n, int(math.ceil(ratio * n))))
 
@@ -191,7 +194,9 @@ def coreset_size(n: int, ratio: float) -> int:
 def greedy_coreset(points, n_select: int):
     """Greedy k-center selection in each group of (G, P, d) points -> (G, n_select) indices.
 
-    Starts from the point nearest the group mean, then repeatedly takes the point farthest from the chosen set.
+    Starts from the point nearest the group mean, then repeatedly takes the point farthest from the chosen set. A
+    chosen point's distance is set below every other (CHOSEN), so that a group with fewer distinct points than
+    ``n_select`` (identical frames) still gets ``n_select`` different indices, never one point twice.
     """
     xp = get_xp(points)
     points = _float32(points)
@@ -209,6 +214,7 @@ def greedy_coreset(points, n_select: int):
     mean = points.mean(axis=1)
     start = xp.argmin(((points - mean[:, None, :]) ** 2).sum(axis=-1), axis=1)
     min_dist = sq_dist_to(start)
+    min_dist[rows, start] = CHOSEN
     selected = xp.empty((groups, n_select), dtype=xp.int64)
     selected[:, 0] = start
     fused = _fused(xp)
@@ -222,6 +228,7 @@ def greedy_coreset(points, n_select: int):
         nxt = xp.argmax(min_dist, axis=1)
         selected[:, t] = nxt
         min_dist = xp.minimum(min_dist, sq_dist_to(nxt))
+        min_dist[rows, nxt] = CHOSEN
     return selected
 
 

@@ -59,9 +59,11 @@ def greedy_coreset(points: torch.Tensor, n_select: int) -> torch.Tensor:
         p = points[g].float()
         chosen = [int(torch.cdist(p, p.mean(0, keepdim=True)).squeeze(1).argmin())]
         min_dist = torch.cdist(p, p[chosen[0]][None]).squeeze(1)
+        min_dist[chosen[0]] = -1.0  # chosen: never picked again, even when the rest lie at distance 0
         for _ in range(1, n_select):
             chosen.append(int(min_dist.argmax()))
             min_dist = torch.minimum(min_dist, torch.cdist(p, p[chosen[-1]][None]).squeeze(1))
+            min_dist[chosen[-1]] = -1.0
         out[g] = torch.tensor(chosen)
     return out
 

@@ -154,6 +154,7 @@ def test_fused_coreset_steps_match_numpy(runner, case):
         nxt = cuda_kernels.coreset_step(runner.put(points), runner.put(sq_norm), device_min_dist,
                                         runner.put(centre), compiled=runner.compiled)
         min_dist = np.minimum(min_dist, sq_dist_to(centre))
+        min_dist[rows, centre] = K.CHOSEN
         np.testing.assert_allclose(runner.get(device_min_dist), min_dist, rtol=1e-5, atol=1e-4)
         np.testing.assert_array_equal(runner.get(nxt), min_dist.argmax(axis=1))
         centre = min_dist.argmax(axis=1)
@@ -169,9 +170,29 @@ def test_fused_coreset_picks_the_numpy_points(runner):
     start = expected[:, 0]
     min_dist = np.maximum(sq_norm - 2.0 * np.einsum("gpd,gd->gp", points, points[rows, start])
                           + sq_norm[rows, start][:, None], 0).astype(np.float32)
+    min_dist[rows, start] = K.CHOSEN
     device_min_dist, device_points, device_sq = runner.put(min_dist), runner.put(points), runner.put(sq_norm)
     selected = [start, min_dist.argmax(axis=1)]
     for _ in range(18):
+        selected.append(runner.get(cuda_kernels.coreset_step(device_points, device_sq, device_min_dist,
+                                                             runner.put(selected[-1]), compiled=runner.compiled)))
+    np.testing.assert_array_equal(np.stack(selected, axis=1), expected)
+
+
+def test_fused_coreset_never_picks_a_point_twice(runner):
+    """Fewer distinct points than picks (identical frames): every pick a different index, as kernels.greedy_coreset
+    makes them."""
+    points = np.repeat(np.eye(3, 4, dtype=np.float32)[None], 4, axis=1)  # 12 points, 3 distinct
+    expected = K.greedy_coreset(points, 8)
+    assert len(set(expected[0].tolist())) == 8
+    sq_norm = (points * points).sum(axis=-1)
+    start = expected[:, 0]
+    min_dist = np.maximum(sq_norm - 2.0 * np.einsum("gpd,gd->gp", points, points[[0], start])
+                          + sq_norm[[0], start][:, None], 0).astype(np.float32)
+    min_dist[[0], start] = K.CHOSEN
+    device_min_dist, device_points, device_sq = runner.put(min_dist), runner.put(points), runner.put(sq_norm)
+    selected = [start, min_dist.argmax(axis=1)]
+    for _ in range(6):
         selected.append(runner.get(cuda_kernels.coreset_step(device_points, device_sq, device_min_dist,
                                                              runner.put(selected[-1]), compiled=runner.compiled)))
     np.testing.assert_array_equal(np.stack(selected, axis=1), expected)

@@ -2,8 +2,10 @@
 
 import numpy as np
 import pytest
+import torch
 
 from postprocess import kernels as K
+from postprocess.reference import greedy_coreset
 
 try:
     import cupy
@@ -48,6 +50,16 @@ def test_greedy_coreset_spreads_out(xp):
     pts = np.concatenate([c + 0.01 * rng.standard_normal((20, 2)) for c in centres]).astype(np.float32)
     picks = K.to_numpy(K.greedy_coreset(xp.asarray(pts)[None], 3))[0]
     assert sorted({int(p) // 20 for p in picks}) == [0, 1, 2]
+
+
+def test_greedy_coreset_never_picks_a_point_twice(xp):
+    # identical frames: 3 distinct patches, 5 copies each; 10 picks are 10 different patches, the 3 kinds first
+    pts = np.tile(np.eye(3, 4, dtype=np.float32), (5, 1))
+    picks = K.to_numpy(K.greedy_coreset(xp.asarray(pts)[None], 10))[0]
+    assert len(set(picks.tolist())) == 10
+    assert {int(p) % 3 for p in picks[:3]} == {0, 1, 2}
+    reference = greedy_coreset(torch.from_numpy(pts)[None], 10)[0].numpy()
+    np.testing.assert_array_equal(picks, reference)
 
 
 def test_interval_k_is_clamped():

@@ -1,7 +1,8 @@
 // One step of greedy k-center (farthest point) selection in each group, fused with its argmax: fold the newest
 // centre into every point's squared distance to the chosen set, and pick the farthest point as the next centre.
 // One block per group of CORESET_THREADS threads (set by postprocess/cuda_kernels.py, which launches it with that
-// many). Ties go to the lowest index, as numpy.argmax does.
+// many). Ties go to the lowest index, as numpy.argmax does. The centre's own distance becomes -1 (as
+// kernels.greedy_coreset marks a chosen point), so that points identical to it are picked before it is picked again.
 //   points (groups, n_points, dim) float, sq_norm (groups, n_points), min_dist (groups, n_points) in/out,
 //   centre (groups) the newest centre, next (groups) out.
 #ifndef CORESET_THREADS
@@ -32,7 +33,7 @@ extern "C" __global__ void coreset_step(const float* __restrict__ points, const 
         }
         const size_t at = (size_t)group * n_points + p;
         const float dist = fmaxf(sq_norm[at] - 2.0f * dot + centre_norm, 0.0f);
-        const float current = fminf(min_dist[at], dist);
+        const float current = p == c ? -1.0f : fminf(min_dist[at], dist);
         min_dist[at] = current;
         if (current > best) {
             best = current;
