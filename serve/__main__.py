@@ -59,7 +59,8 @@ def build_parser(prog: str = "python -m serve") -> argparse.ArgumentParser:
                    help="seconds between canary requests through each Python-run model (0: none)")
     p.add_argument("--max-request-mb", type=F.integer(1, 4096), default=256, help="largest request body / gRPC message taken")
     p.add_argument("--max-inflight-mb", type=F.integer(1, 65536), default=512,
-                   help="request bodies held at once over HTTP, all connections together (more: 503, retry)")
+                   help="request bodies held at once, all connections together, over HTTP and (its own budget) over "
+                        "gRPC (more: 503 / UNAVAILABLE, retry)")
     p.add_argument("--log-level", choices=LEVELS, default=None,
                    help=f"the least important lines shown, here and in the models' lines of the server log "
                    f"(default ${LEVEL_ENV} or info)")

@@ -2,7 +2,9 @@
 
 Triton 2.51 takes gRPC messages up to 2 GB and has no option to lower that; its gRPC port is therefore on loopback,
 asking for the guard's per-start secret (health aside), and clients reach it through this proxy, which:
-- receives messages up to ``max_request_bytes`` (gRPC's own maximum receive size; larger: RESOURCE_EXHAUSTED);
+- receives messages up to ``max_request_bytes`` (gRPC's own maximum receive size; larger: RESOURCE_EXHAUSTED), and
+  forwards at most ``max_inflight_bytes`` of them at once, all calls together (more: UNAVAILABLE, retry), as the HTTP
+  guard holds its bodies (a unary message is booked whole once it has arrived: gRPC hands it over no sooner);
 - asks for the access key (metadata ``triton-grpc-protocol-pa-clip-key``, what Triton's own restriction reads) on
   everything but health, when the server has one;
 - parses every message with its method's type (malformed: INVALID_ARGUMENT), refuses names holding a NUL or another
@@ -17,6 +19,7 @@ asking for the guard's per-start secret (health aside), and clients reach it thr
 from __future__ import annotations
 
 import hmac
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -79,6 +82,8 @@ class GrpcGuard:
         self.host, self.port = host, port
         self.limits, self.key, self.secret, self.health = limits, key, secret, health
         self.workers = workers
+        self.inflight_bytes = 0  # messages being checked and forwarded right now, all calls together
+        self._inflight_lock = threading.Lock()
         self.server = None
         self.channel = None
         self.set_upstream(upstream_port)
@@ -126,12 +131,35 @@ class GrpcGuard:
         return (f"this server needs its access key in the '{KEY_METADATA}' metadata (pa-clip score sends "
                 "$PA_CLIP_KEY)")
 
+    def reserve(self, n: int) -> None:
+        """Book a message of ``n`` bytes against ``max_inflight_bytes`` (503 when it does not fit); ``release``
+        gives it back."""
+        with self._inflight_lock:
+            if self.inflight_bytes + n > self.limits.max_inflight_bytes:
+                raise Refused(503, f"the server holds {self.inflight_bytes} bytes of requests already (at most "
+                                   f"{self.limits.max_inflight_bytes}): retry in a moment")
+            self.inflight_bytes += n
+
+    def release(self, n: int) -> None:
+        with self._inflight_lock:
+            self.inflight_bytes -= n
+
     def forward(self, method: str, request: bytes, context) -> bytes:
         name = method[len(SERVICE):]
         metadata = [(k, v) for k, v in context.invocation_metadata()]
         try:
             if (refusal := self.key_refusal(name, metadata)) is not None:
                 raise Refused(401, refusal)
+            self.reserve(len(request))
+        except Refused as refused:
+            context.abort(STATUS_CODES.get(refused.status, grpc.StatusCode.INVALID_ARGUMENT), str(refused))
+        try:
+            return self._checked_forward(method, name, request, metadata, context)
+        finally:
+            self.release(len(request))
+
+    def _checked_forward(self, method: str, name: str, request: bytes, metadata: list, context) -> bytes:
+        try:
             if name == "ServerReady" and self.health is not None and not self.health()[0]:
                 return service_pb2.ServerReadyResponse(ready=False).SerializeToString()
             message = _parse(REQUEST_TYPES[name], request)

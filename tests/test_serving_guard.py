@@ -315,6 +315,40 @@ def test_slow_clients_time_out_and_held_bodies_are_capped(server, bank):
         guard.stop()
 
 
+def test_grpc_messages_in_flight_are_capped_like_http_bodies(server, bank, lot):
+    """The gRPC guard forwards at most max_inflight_bytes of messages at once (keyed calls could each hold
+    --max-request-mb while Triton works): while the budget is taken, a message that does not fit is UNAVAILABLE with
+    "retry"; it is given back on every path (served, refused)."""
+    import grpc
+
+    from serve.grpc_guard import GrpcGuard
+
+    images = lot[:1]  # 112 x 112 x 3 bytes and a few hundred of framing
+    limits = Limits(max_request_bytes=MAX_REQUEST, max_inflight_bytes=1 << 20)
+    port = free_ports(1)[0]
+    guard = GrpcGuard("127.0.0.1", port, server.internal_grpc, limits, secret=server.secret).start()
+    client = PAClipClient(f"127.0.0.1:{port}", "grpc")
+    try:
+        held = (1 << 20) - images.nbytes  # another call's message, being forwarded
+        guard.reserve(held)
+        with pytest.raises(ClientError, match="retry in a moment"):
+            client.score(images, bank)
+        assert guard.inflight_bytes == held
+        guard.release(held)
+        scores, _ = client.score(images, bank)  # fits now
+        assert np.isfinite(scores).all()
+        with pytest.raises(ClientError, match="invalid bank id"):  # the model's refusal, forwarded: given back too
+            client.score(images, "washer\0x")
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        with pytest.raises(grpc.RpcError, match="malformed"):  # the guard's own refusal after booking
+            channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")(b"\xff\xff\xff\x01", timeout=30)
+        channel.close()
+        assert guard.inflight_bytes == 0
+    finally:
+        client.close()
+        guard.stop()
+
+
 def test_limits_agree_with_triton_and_every_refusal_is_a_4xx(server, bank, lot):
     """Issue 25's smaller finds, each refused now: heads Triton drops (a 9 KB head got 502, larger ones no answer),
     identical framing headers twice, other transfer codings (501), UINT8 JSON data that is not unsigned integers
