@@ -55,10 +55,17 @@ def compile_options() -> tuple[str, ...]:
 
 
 def _include_options() -> tuple[str, ...]:
+    """The CUDA toolkit's headers for NVRTC (mma.h and the crt/mma.h it includes: the runtime wheels' include
+    folders have the first without the second)."""
     for root in (os.environ.get("CUDA_PATH"), os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
-        if root and (Path(root) / "include" / "mma.h").is_file():
+        if root and all((Path(root) / "include" / name).is_file() for name in ("mma.h", "crt/mma.h")):
             return (f"-I{Path(root) / 'include'}",)
     return ()
+
+
+def nvrtc_options() -> tuple[str, ...]:
+    """What ``cupy_kernel`` compiles every source with first (NVRTC; tests compile the sources with these too)."""
+    return ("-std=c++17", *compile_options(), *_include_options())
 
 
 @functools.lru_cache(maxsize=None)
@@ -69,7 +76,7 @@ def cupy_kernel(source: str, name: str):
     if name not in KERNELS[source]:
         raise KeyError(f"{source} has no kernel {name!r} (cuda_kernels.KERNELS)")
     code = (SOURCE_DIR / source).read_text()
-    options = ("-std=c++17", *compile_options(), *_include_options())
+    options = nvrtc_options()
     try:
         return cupy.RawModule(code=code, options=options).get_function(name)
     except cupy.cuda.compiler.CompileException:

@@ -115,11 +115,14 @@ def from_triton(tensor, xp=np):
     if tensor.is_cpu():
         array = tensor.as_numpy()
         return array if xp is np else xp.asarray(array)
+    # the tensor itself where it speaks the DLPack protocol (__dlpack__ with the consumer's stream: the consumer waits
+    # for the producer's writes); a bare capsule carries no stream, and its reader must trust the writes are done
+    shared = tensor if hasattr(tensor, "__dlpack__") else tensor.to_dlpack()
     if xp is np:  # a host-side consumer (image hashes): the one explicit copy back
         import cupy
 
-        return cupy.asnumpy(cupy.from_dlpack(tensor.to_dlpack()))
-    return xp.from_dlpack(tensor.to_dlpack())
+        return cupy.asnumpy(cupy.from_dlpack(shared))
+    return xp.from_dlpack(shared)
 
 
 def text_value(raw, name: str) -> str:

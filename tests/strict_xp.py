@@ -2,9 +2,10 @@
 to NumPy, so a stray ``np.`` call, a NumPy array mixed into device arithmetic or a NumPy index on a device array
 fails a test here instead of on a customer's GPU.
 
-- ``strict.asarray(host)`` moves data to the "device" (explicit, allowed); ``array.get()`` brings it back
-  (explicit, recorded in ``TRANSFERS``); ``float()``/``int()``/``bool()`` of a one-element array are allowed (CuPy
-  syncs and allows them too).
+- ``strict.asarray(host)`` moves data to the "device" (explicit, allowed); ``array.get()``, ``.item()``,
+  ``.tolist()`` and ``.tobytes()`` bring it back (explicit, recorded in ``TRANSFERS``); ``float()``/``int()``/
+  ``bool()`` of a 0-d array are allowed (CuPy syncs and allows them too; since CuPy 13 not of a 1-d array of one
+  element), and a device array is no index (``range(n)``, ``a[:n]``: CuPy has no ``__index__``, a transfer).
 - ``np.asarray(device)``, ``np.concatenate([device, ...])``, ``device + host_array``, ``device[host_index]`` raise
   ``TypeError``.
 - Reductions return 0-d device arrays, as CuPy's do.
@@ -68,6 +69,18 @@ class StrictArray:
         TRANSFERS.append(tuple(self._a.shape))
         return self._a.copy()
 
+    def item(self, *args):
+        TRANSFERS.append(tuple(self._a.shape))
+        return self._a.item(*args)
+
+    def tolist(self):
+        TRANSFERS.append(tuple(self._a.shape))
+        return self._a.tolist()
+
+    def tobytes(self, *args, **kwargs):
+        TRANSFERS.append(tuple(self._a.shape))
+        return self._a.tobytes(*args, **kwargs)
+
     shape = property(lambda self: self._a.shape)
     dtype = property(lambda self: self._a.dtype)
     ndim = property(lambda self: self._a.ndim)
@@ -96,9 +109,10 @@ class StrictArray:
         return (StrictArray(np.asarray(v)) for v in self._a)
 
     def _scalar(self, kind):
-        if self._a.size != 1:
-            raise TypeError(f"only one-element device arrays convert to {kind.__name__}")
-        return kind(self._a.reshape(-1)[0])
+        if self._a.ndim != 0:
+            raise TypeError(f"only 0-d device arrays convert to {kind.__name__} (CuPy 13 refuses shape "
+                            f"{list(self._a.shape)})")
+        return kind(self._a[()])
 
     def __float__(self):
         return self._scalar(float)
@@ -107,7 +121,8 @@ class StrictArray:
         return self._scalar(int)
 
     def __index__(self):
-        return self._scalar(int)
+        raise ImplicitTransfer("a device array used as an index or a count (range, slice bounds): CuPy refuses it "
+                               "(a transfer back); take int(...) of a 0-d array, or keep the count on the host")
 
     def __bool__(self):
         return self._scalar(bool)

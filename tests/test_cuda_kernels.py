@@ -240,6 +240,43 @@ def test_every_kernel_ran_on_the_cpu():
         assert ran == wanted, f"{order}: never launched {sorted(wanted - ran)}"
 
 
+# --- NVRTC, CuPy's compiler: no GPU needed to compile, only its library and the toolkit's headers ----------------
+def _nvrtc():
+    try:
+        from cuda.bindings import nvrtc
+        nvrtc.nvrtcVersion()
+    except Exception as err:  # not installed, or its library not found
+        pytest.skip(f"NVRTC (cuda-bindings' nvrtc, the library CuPy compiles with) is not usable here: {err}")
+    if not any(o.startswith("-I") for o in cuda_kernels.nvrtc_options()):
+        pytest.skip("the CUDA toolkit's headers (include/mma.h, include/crt/mma.h) are not installed here")
+    return nvrtc
+
+
+@pytest.mark.parametrize("arch", ["compute_90", "compute_87"])
+@pytest.mark.parametrize("source", cuda_kernels.SOURCES)
+def test_every_cuda_source_compiles_with_nvrtc(source, arch):
+    """What cupy_kernel tries first on a GPU (an image without nvcc has only this): knn.cu used INFINITY, which NVRTC
+    does not define (no math headers), and failed here while the CPU harness and nvcc, which have them, compiled it."""
+    nvrtc = _nvrtc()
+    code = (cuda_kernels.SOURCE_DIR / source).read_bytes()
+    err, program = nvrtc.nvrtcCreateProgram(code, source.encode(), 0, [], [])
+    assert err == nvrtc.nvrtcResult.NVRTC_SUCCESS, err
+    try:
+        options = [o.encode() for o in (*cuda_kernels.nvrtc_options(), f"-arch={arch}")]
+        (err,) = nvrtc.nvrtcCompileProgram(program, len(options), options)
+        _, size = nvrtc.nvrtcGetProgramLogSize(program)
+        log = b" " * size
+        nvrtc.nvrtcGetProgramLog(program, log)
+        assert err == nvrtc.nvrtcResult.NVRTC_SUCCESS, log.decode(errors="replace")
+        _, ptx_size = nvrtc.nvrtcGetPTXSize(program)
+        ptx = b" " * ptx_size
+        nvrtc.nvrtcGetPTX(program, ptx)
+        for name in cuda_kernels.KERNELS[source]:  # extern "C": each kernel under its own name
+            assert f".entry {name}(".encode() in ptx, name
+    finally:
+        nvrtc.nvrtcDestroyProgram(program)
+
+
 # --- nvcc and the GPU only -----------------------------------------------------------------------------------------
 @pytest.mark.skipif(NVCC is None, reason="nvcc (the CUDA compiler) is not installed here")
 @pytest.mark.parametrize("arch", ["sm_90", "sm_87"])

@@ -127,6 +127,38 @@ class HostTensor:
         return self.array
 
 
+class DeviceTensor:
+    """A Triton Python-backend tensor in device memory that speaks the DLPack protocol (a NumPy array stands in for
+    the memory); its bare capsule (to_dlpack) carries no stream to synchronise on."""
+
+    def __init__(self, array):
+        self.array, self.streams = array, []
+
+    def is_cpu(self):
+        return False
+
+    def __dlpack__(self, stream=None, **kwargs):
+        self.streams.append(stream)
+        return self.array.__dlpack__(**kwargs)
+
+    def __dlpack_device__(self):
+        return self.array.__dlpack_device__()
+
+    def to_dlpack(self):
+        raise AssertionError("took the capsule, which carries no stream, where the protocol was offered")
+
+
+def test_device_tensors_are_taken_through_the_dlpack_protocol():
+    from types import SimpleNamespace
+
+    from postprocess.serving import from_triton
+
+    tensor = DeviceTensor(np.arange(6, dtype=np.float16).reshape(2, 3))
+    device_module = SimpleNamespace(from_dlpack=np.from_dlpack)  # a consumer that is not NumPy (CuPy's role)
+    taken = from_triton(tensor, device_module)
+    assert tensor.streams == [None] and np.shares_memory(taken, tensor.array)  # no copy, asked through __dlpack__
+
+
 def test_triton_tensors_arrive_in_the_scoring_array_module():
     from postprocess.serving import from_triton
 

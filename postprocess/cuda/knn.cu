@@ -19,6 +19,9 @@ using namespace nvcuda;
 static_assert(TILE == 16, "WMMA 16x16x16 tiles: stage_tile moves 8 values per lane of a 16 x 16 tile");
 static_assert(MAX_K >= 1 && KNN_WARPS >= 1, "interval k and warps per block are positive");
 
+// +infinity as a bit pattern: NVRTC, CuPy's default compiler, has no math headers and so no INFINITY
+#define POSITIVE_INFINITY __int_as_float(0x7f800000)
+
 __device__ __forceinline__ __half to_half(float v) { return __float2half(v); }
 __device__ __forceinline__ __half to_half(__half v) { return v; }
 
@@ -55,7 +58,7 @@ __device__ void knn_image_min_impl(const TQ* __restrict__ queries, const TB* __r
     }
     const long long image_first = (long long)image * per_image;
     const long long image_end = image_first + per_image;
-    float best = -INFINITY;  // lanes 0..15: the running best product of row row0 + lane
+    float best = -POSITIVE_INFINITY;  // lanes 0..15: the running best product of row row0 + lane
     for (int e0 = 0; e0 < per_image; e0 += TILE * ENTRY_TILES) {
         wmma::fragment<wmma::accumulator, TILE, TILE, TILE, float> acc[ENTRY_TILES];
         for (int t = 0; t < ENTRY_TILES; ++t) {
@@ -125,7 +128,7 @@ extern "C" __global__ void interval_topk_mean(const float* __restrict__ minima, 
     }
     float nearest[MAX_K];  // sorted ascending
     for (int i = 0; i < k; ++i) {
-        nearest[i] = INFINITY;
+        nearest[i] = POSITIVE_INFINITY;
     }
     const long long own = row_ids[row];
     const float* values = minima + (size_t)row * n_images;

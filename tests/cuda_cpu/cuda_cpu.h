@@ -65,6 +65,11 @@ inline float __half2float(__half value) {
     std::memcpy(&h, &value.bits, sizeof h);
     return static_cast<float>(h);
 }
+inline float __int_as_float(int bits) {
+    float out;
+    std::memcpy(&out, &bits, sizeof out);
+    return out;
+}
 
 namespace cuda_cpu {
 
