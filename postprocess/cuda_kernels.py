@@ -41,6 +41,7 @@ KNN_WARPS = COMPILE_DEFINES["KNN_WARPS"]
 MAX_K = COMPILE_DEFINES["MAX_K"]
 CORESET_THREADS = COMPILE_DEFINES["CORESET_THREADS"]
 ELEMENTWISE_THREADS = 256  # one thread per output element: top-k rows, pooling, fusion, upsampling
+MAX_GRID_Y = 65535  # CUDA's limit on a grid's y (and z) dimension
 
 # compiled(source, name) -> a launchable kernel: kernel(grid, block, args, shared_mem=0), CuPy's RawKernel call.
 Compiled = Callable[[str, str], Callable]
@@ -122,9 +123,10 @@ def full_bank_scores(queries, bank, query_ids, bank_ids, k: int, budget_bytes: i
     for r0 in range(0, total, rows):
         count = min(total, r0 + rows) - r0
         minima = xp.empty((count, n_bank), dtype=xp.float32)
-        knn((_blocks(count, rows_per_block), n_bank), (32 * KNN_WARPS,),
-            (flat_queries[r0:r0 + count], flat_bank, minima, np.int32(count), np.int32(channels), np.int32(n_bank),
-             np.int32(per_image)))
+        for image0 in range(0, n_bank, MAX_GRID_Y):  # bank images on the grid's y, which holds at most 65535
+            knn((_blocks(count, rows_per_block), min(MAX_GRID_Y, n_bank - image0)), (32 * KNN_WARPS,),
+                (flat_queries[r0:r0 + count], flat_bank, minima, np.int32(count), np.int32(channels),
+                 np.int32(n_bank), np.int32(per_image), np.int32(image0)))
         topk((_blocks(count, ELEMENTWISE_THREADS),), (ELEMENTWISE_THREADS,),
              (minima, row_ids[r0:r0 + count], image_ids, out[r0:r0 + count], np.int32(count), np.int32(n_bank),
               np.int32(k)))

@@ -122,6 +122,17 @@ def test_fused_knn_in_many_row_blocks_matches_numpy(runner):
     np.testing.assert_allclose(runner.get(got), expected, atol=KNN_ATOL)
 
 
+def test_fused_knn_over_more_bank_images_than_a_grid_holds_matches_numpy(runner, monkeypatch):
+    """A grid's y holds at most 65535 bank images: more are launched in slices (here of 4, so that 9 images take
+    three launches, the last one short)."""
+    monkeypatch.setattr(cuda_kernels, "MAX_GRID_Y", 4)
+    queries, bank, query_ids, bank_ids, k = knn_inputs("tails-f32-f16", seed=2)
+    expected = K.full_bank_scores(queries, bank.astype(np.float32), query_ids, bank_ids, k, 1 << 30)
+    got = cuda_kernels.full_bank_scores(runner.put(queries), runner.put(bank), runner.put(query_ids),
+                                        runner.put(bank_ids), k, 1 << 30, compiled=runner.compiled)
+    np.testing.assert_allclose(runner.get(got), expected, atol=KNN_ATOL)
+
+
 def test_fused_knn_refuses_a_k_its_kernel_cannot_hold():
     queries, bank, query_ids, bank_ids, _ = knn_inputs("k-at-its-limit")
     for k in (0, cuda_kernels.MAX_K + 1):

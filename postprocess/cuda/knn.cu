@@ -44,7 +44,8 @@ __device__ __forceinline__ void stage_tile(__half* tile, const T* __restrict__ s
 
 template <typename TQ, typename TB>
 __device__ void knn_image_min_impl(const TQ* __restrict__ queries, const TB* __restrict__ bank,
-                                   float* __restrict__ minima, int rows, int channels, int n_images, int per_image)
+                                   float* __restrict__ minima, int rows, int channels, int n_images, int per_image,
+                                   int image0)
 {
     __shared__ __align__(32) __half a_tile[KNN_WARPS][TILE * TILE];
     __shared__ __align__(32) __half b_tile[KNN_WARPS][ENTRY_TILES][TILE * TILE];
@@ -52,7 +53,7 @@ __device__ void knn_image_min_impl(const TQ* __restrict__ queries, const TB* __r
     const int warp = threadIdx.x / 32;
     const int lane = threadIdx.x % 32;
     const int row0 = (blockIdx.x * KNN_WARPS + warp) * TILE;
-    const int image = blockIdx.y;
+    const int image = image0 + blockIdx.y;  // the grid's y holds at most 65535 images: launched in slices of them
     if (row0 >= rows) {
         return;  // no block-wide synchronisation below: a warp may leave alone
     }
@@ -100,21 +101,21 @@ __device__ void knn_image_min_impl(const TQ* __restrict__ queries, const TB* __r
 }
 
 extern "C" __global__ void knn_image_min_f32_f32(const float* queries, const float* bank, float* minima, int rows,
-                                                 int channels, int n_images, int per_image)
+                                                 int channels, int n_images, int per_image, int image0)
 {
-    knn_image_min_impl(queries, bank, minima, rows, channels, n_images, per_image);
+    knn_image_min_impl(queries, bank, minima, rows, channels, n_images, per_image, image0);
 }
 
 extern "C" __global__ void knn_image_min_f32_f16(const float* queries, const __half* bank, float* minima, int rows,
-                                                 int channels, int n_images, int per_image)
+                                                 int channels, int n_images, int per_image, int image0)
 {
-    knn_image_min_impl(queries, bank, minima, rows, channels, n_images, per_image);
+    knn_image_min_impl(queries, bank, minima, rows, channels, n_images, per_image, image0);
 }
 
 extern "C" __global__ void knn_image_min_f16_f16(const __half* queries, const __half* bank, float* minima, int rows,
-                                                 int channels, int n_images, int per_image)
+                                                 int channels, int n_images, int per_image, int image0)
 {
-    knn_image_min_impl(queries, bank, minima, rows, channels, n_images, per_image);
+    knn_image_min_impl(queries, bank, minima, rows, channels, n_images, per_image, image0);
 }
 
 // Mean of the k smallest per-image minima of each row, the row's own image left out (k <= MAX_K).
