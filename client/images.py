@@ -21,10 +21,12 @@ What cameras write, and how it is read:
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import png  # pypng
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from postprocess.contract import size_pair
@@ -40,7 +42,10 @@ UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4:
            8: Image.Transpose.ROTATE_90}
 # what Pillow and the decoders raise for a file that is not a readable image (a picture past Pillow's pixel limit,
 # twice MAX_IMAGE_PIXELS, included: one such file is skipped with its reason, not the end of the run)
-READ_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
+# pypng's and zlib's errors: a truncated 16-bit colour PNG or deflated TIFF, which those decoders read (tifffile's
+# TiffFileError is a ValueError)
+READ_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError,
+               png.Error, zlib.error)
 
 
 @dataclass(frozen=True)
@@ -68,7 +73,10 @@ def significant_bits(values: np.ndarray, bit_depth: int | None = None) -> int:
 
 
 def to_8bit(values: np.ndarray, bit_depth: int | None = None) -> tuple[np.ndarray, int]:
-    """Integer or float samples -> uint8 by the bit-depth rule; (array, significant bits)."""
+    """Integer or float samples -> uint8 by the bit-depth rule; (array, significant bits). Bilevel samples (bool,
+    as tifffile gives a 1-bit TIFF) are black and white: 0 and 255."""
+    if values.dtype == np.bool_:
+        return np.where(values, 255, 0).astype(np.uint8), 1
     if values.dtype.kind == "f":
         finite = np.nan_to_num(values.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
         if bit_depth is None and finite.size and finite.min() >= 0.0 and finite.max() <= 1.0:
@@ -101,8 +109,6 @@ def _wide_colour_samples(img: Image.Image, path: Path) -> np.ndarray | None:
     their top byte; None for every other image."""
     if img.format == "PNG" and img.mode in ("RGB", "RGBA") and any(
             str(tile.args[0] if isinstance(tile.args, tuple) else tile.args).endswith(";16B") for tile in img.tile):
-        import png  # pypng
-
         width, height, rows, info = png.Reader(filename=str(path)).asDirect()
         planes = info["planes"]
         return np.vstack([np.asarray(row, dtype=np.uint16) for row in rows]).reshape(height, width, planes)

@@ -145,6 +145,30 @@ def test_unreadable_files_name_themselves(tmp_path):
         assert image_size_of(tmp_path / name) is None
 
 
+def test_a_truncated_16_bit_colour_png_or_deflated_tiff_is_an_unreadable_image_not_a_crash(tmp_path):
+    """Those are read by pypng and tifffile, whose errors (png.ChunkError, zlib.error) ended the whole run."""
+    big = (RNG.random((240, 320, 3)) * 4095).astype(np.uint16)
+    png.from_array(big.reshape(240, -1), "RGB;16").save(tmp_path / "cut.png")
+    tifffile.imwrite(tmp_path / "cut.tif", big, compression="zlib")
+    for name in ("cut.png", "cut.tif"):
+        data = (tmp_path / name).read_bytes()
+        (tmp_path / name).write_bytes(data[:len(data) // 2])
+        with pytest.raises(ValueError, match=name):
+            read_rgb(tmp_path / name)
+
+
+def test_a_turned_bilevel_tiff_reads_black_and_white(tmp_path):
+    """A 1-bit TIFF with an orientation is read by tifffile (as bool): white is 255, as Pillow reads it unturned."""
+    mask = np.zeros((30, 40), dtype=bool)
+    mask[:, 20:] = True
+    tifffile.imwrite(tmp_path / "plain.tif", mask, photometric="minisblack")
+    tifffile.imwrite(tmp_path / "turned.tif", np.ascontiguousarray(np.rot90(mask)), photometric="minisblack",
+                     extratags=[(ExifTags.Base.Orientation, "H", 1, 6, True)])
+    plain = np.asarray(read_rgb(tmp_path / "plain.tif"))
+    assert plain.max() == 255
+    np.testing.assert_array_equal(np.asarray(read_rgb(tmp_path / "turned.tif")), plain)
+
+
 def test_an_image_past_pillows_pixel_limit_is_an_unreadable_image_not_a_crash(tmp_path, monkeypatch):
     """Pillow refuses an image of more than twice ``MAX_IMAGE_PIXELS`` (179 million by default) with an error
     that is not an OSError: it crashed the whole run, with nothing written, instead of skipping the one image."""
