@@ -13,7 +13,8 @@ are needed. A lot too small to measure the threshold for the budget makes its de
 summary, results.csv and the report, with how many images would measure it).
 
 Writes OUT/results.csv (rank,path,score,calibrated,decision,provisional,width,height,overlay,note: worst first, then the
-images skipped or failed with the reason), OUT/results.json (everything, plus the bank's summary) and
+images skipped or failed with the reason; a name or note that starts like a spreadsheet formula, = + - @, gets a
+leading apostrophe), OUT/results.json (everything, names as they are, plus the bank's summary) and
 OUT/overlays/*.png (file name, score and decision above [image | heat map]: blue = like the lot, red = anomalous, on
 the bank's colour scale, with a colour bar marking the threshold and, on images decided anomalous only, a white
 outline where the map reaches the level that made the decision); prints the
@@ -25,12 +26,14 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import glob
 import json
 import math
 import os
 import re
 import sys
+import tempfile
 import threading
 import time
 import warnings
@@ -69,17 +72,36 @@ def find_images(spec: str) -> list[Path]:
     return sorted(found)
 
 
+RUN_FOLDERS = ("overlays", "maps")  # what a scoring run writes pictures into, in --out
+
+
+@functools.lru_cache(maxsize=64)
+def run_folders(out: Path) -> tuple[str, ...]:
+    """The folders of ``RUN_FOLDERS`` a scoring run wrote into ``out``, as the results.json it left there records
+    them (``outputs``; one written before it recorded them: both); none without a results.json of ours (a folder
+    named 'maps' in a user's image folder is the user's)."""
+    try:
+        report = strict_json.loads((out / "results.json").read_bytes())
+    except (OSError, ValueError):
+        return ()
+    if not isinstance(report, dict) or "images" not in report:
+        return ()
+    outputs = report.get("outputs", list(RUN_FOLDERS))
+    return tuple(name for name in RUN_FOLDERS if isinstance(outputs, list) and name in outputs)
+
+
 def is_run_output(path: Path) -> bool:
     """Whether ``path`` is a picture a scoring run wrote (under the ``overlays`` or ``maps`` folder of a run's
-    output, beside its results.json): a heat map, never a part."""
+    output that its results.json names, ``run_folders``): a heat map, never a part."""
     for folder in Path(path).resolve().parents:
-        if folder.name in ("overlays", "maps") and (folder.parent / "results.json").is_file():
+        if folder.name in RUN_FOLDERS and folder.name in run_folders(folder.parent):
             return True
     return False
 
 
 def part_images(spec: str) -> list[Path]:
     """The parts at ``spec`` (``find_images``) but the heat maps a scoring run left there (``is_run_output``)."""
+    run_folders.cache_clear()  # read the runs' results.json now: one may have been written since
     return [p for p in find_images(spec) if not is_run_output(p)]
 
 
@@ -109,7 +131,9 @@ def load_image(path: Path, size, bit_depth: int | None = None, turn: bool = Fals
 def load_lot_image(path: Path, size, bit_depth: int | None = None, turn: bool = False):
     decoded = decode(path, bit_depth, min_size=size)
     rgb = decoded.rgb.transpose(Image.Transpose.ROTATE_90) if turn else decoded.rgb
-    info = {"bits": decoded.bits, "turned": turn, "orientation": decoded.orientation}
+    # the original's upright (width, height) from its header: the pixels kept may be fewer (a JPEG decoded at a
+    # reduced scale, the display copy's cap)
+    info = {"bits": decoded.bits, "turned": turn, "orientation": decoded.orientation, "size": image_size_of(path)}
     return display_copy(decoded.rgb), model_input(rgb, size), info
 
 
@@ -146,8 +170,10 @@ def bit_depth_warning(loaded: list) -> str | None:
 
 
 def relative_name(path: Path, root: Path | None) -> str:
+    """``path`` relative to ``root``, as it was found: links are not followed (two links to files of one name in
+    two folders keep their folders)."""
     try:
-        return str(path.resolve().relative_to(root)) if root else path.name
+        return str(Path(os.path.abspath(path)).relative_to(root)) if root else path.name
     except ValueError:
         return path.name
 
@@ -156,17 +182,28 @@ def images_root(spec: str, paths: list[Path]) -> Path | None:
     """What names are relative to: the --images folder, or the deepest folder holding every file a glob found (two
     files of one name in two folders keep their folders)."""
     if Path(spec).is_dir():
-        return Path(spec).resolve()
-    return Path(os.path.commonpath([str(p.resolve().parent) for p in paths])) if paths else None
+        return Path(os.path.abspath(spec))
+    return Path(os.path.commonpath([os.path.abspath(p.parent) for p in paths])) if paths else None
 
 
 def output_stems(paths: list[Path], root: Path | None) -> dict:
-    """path -> the name its overlay and map are written under (without a suffix): its name relative to ``root``
-    without its suffix, or with it where two images would share one (x.png and x.jpg: x.png.png, x.jpg.png)."""
+    """path -> the name its overlay and map are written under (without a suffix), one per image: its name relative
+    to ``root`` without its suffix, or with it where two images would share one (x.png and x.jpg: x.png.png,
+    x.jpg.png), and a number added where even that is taken (x.png.png beside x.png: x.png~2.png). Compared without
+    case, as a case-blind file system would."""
     names = {p: relative_name(p, root) for p in paths}
     stems = {p: str(Path(n).with_suffix("")) for p, n in names.items()}
-    taken = Counter(stems.values())
-    return {p: stems[p] if taken[stems[p]] == 1 else names[p] for p in paths}
+    taken = Counter(stem.casefold() for stem in stems.values())
+    wanted = {p: stems[p] if taken[stems[p].casefold()] == 1 else names[p] for p in paths}
+    out, used = {}, set()
+    for p in sorted(paths, key=lambda q: (wanted[q] != stems[q], str(q))):  # plain stems keep their names first
+        name, n = wanted[p], 1
+        while name.casefold() in used:
+            n += 1
+            name = f"{wanted[p]}~{n}"
+        used.add(name.casefold())
+        out[p] = name
+    return out
 
 
 def build_parser(prog: str = "client/infer.py") -> argparse.ArgumentParser:
@@ -219,8 +256,8 @@ def build_parser(prog: str = "client/infer.py") -> argparse.ArgumentParser:
                    help="send pixels and receive maps through system shared memory (client on the server's host)")
     p.add_argument("--no-overlays", action="store_true", help="write scores only")
     p.add_argument("--overlay-size", type=F.integer(0, 8192), default=DEFAULT_OVERLAY_SIZE, metavar="PIXELS",
-                   help=f"longest side of each panel of an overlay (default {DEFAULT_OVERLAY_SIZE}; 0: the original's "
-                   "size); results.csv keeps the original's width and height")
+                   help=f"longest side of each panel of an overlay (default {DEFAULT_OVERLAY_SIZE}; 0: the image as read "
+                   "for pictures, at most 1600 pixels long); results.csv keeps the original's width and height")
     p.add_argument("--save-maps", action="store_true", help="also write each map as float16 .npy")
     p.add_argument("--timeout", type=F.SECONDS, default=3600.0, help="seconds to wait for one request (builds are long)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -232,15 +269,32 @@ FAIL_ON = ("anomalous", D.OUT_OF_DISTRIBUTION, "any")
 RUN_OUTPUTS = ("results.csv", "results.json", "report.html", "overlays", "maps")
 
 
-def check_out(out: Path, overwrite: bool) -> list[str]:
+def check_out(out: Path, overwrite: bool, writes: tuple = RUN_FOLDERS) -> list[str]:
     """--out for a new run: refused while it holds another run's results unless ``overwrite``; returns what a run
-    wrote there (``RUN_OUTPUTS``), for ``clear_out`` once the server has answered (a refused run loses nothing)."""
+    wrote there (``RUN_OUTPUTS``), for ``clear_out`` once the server has answered (a refused run loses nothing).
+    A folder ``overlays`` or ``maps`` that no run's results.json there names (``run_folders``) is the user's: never
+    counted or removed, and refused where this run would write into it (``writes``). The folder is made here, and refused when it
+    cannot be written, before any work is sent."""
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {str(out)!r} is a file, not a folder")
-    found = [name for name in RUN_OUTPUTS if (out / name).exists() or (out / name).is_symlink()]
+    run_folders.cache_clear()  # what a run wrote there is read now, not remembered from before
+    wrote = run_folders(out.resolve())
+    found = [name for name in RUN_OUTPUTS if ((out / name).exists() or (out / name).is_symlink())
+             and (name in wrote or name not in RUN_FOLDERS)]
     if found and not overwrite:
         raise UsageError(f"--out {str(out)!r} holds another run's results ({', '.join(found)}): pass --overwrite to "
                          "replace them, or another --out")
+    foreign = [name for name in RUN_FOLDERS if name in writes and name not in wrote
+               and ((out / name).exists() or (out / name).is_symlink())]
+    if foreign:
+        raise UsageError(f"--out {str(out)!r} holds a folder {foreign[0]!r} that no scoring run wrote (no results.json "
+                         f"beside it): this run writes its {foreign[0]} there; pass another --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as err:
+        raise UsageError(f"--out {str(out)!r} cannot be written ({err.strerror or err}): pass another --out") from None
     return found
 
 
@@ -327,22 +381,25 @@ def score_all(args, loaded: list, bank: str, value_range: tuple[float, float], o
         rows = []
         for (path, original, sent, info), amap, score in zip(batch, maps, scores):
             name = relative_name(path, root)
-            row = {"path": str(path), "score": float(score), "width": original.shape[1],
-                   "height": original.shape[0]}
+            width, height = info.get("size") or (original.shape[1], original.shape[0])
+            row = {"path": str(path), "score": float(score), "width": width, "height": height}
             level = add_decisions([row], decider, [amap], [sent])[0]
             if info["turned"]:  # sent turned a quarter counter-clockwise: the map is turned back onto the image
                 amap = np.rot90(amap, -1)
                 row["turned"] = True
-            if not args.no_overlays:
-                target = out / "overlays" / f"{stems[path]}.png"
-                cut = None if decider is None else decider.threshold_calibrated
-                save_panel(target, original, amap, *value_range, caption=caption_for(name, row, level, cut),
-                           max_side=args.overlay_size or None)
-                row["overlay"] = str(target)
-            if args.save_maps:
-                target = out / "maps" / f"{stems[path]}.npy"
-                target.parent.mkdir(parents=True, exist_ok=True)
-                np.save(target, amap.astype(np.float16))
+            try:  # a picture that cannot be written (a full disk, a name too long) is this image's note only
+                if not args.no_overlays:
+                    target = out / "overlays" / f"{stems[path]}.png"
+                    cut = None if decider is None else decider.threshold_calibrated
+                    save_panel(target, original, amap, *value_range, caption=caption_for(name, row, level, cut),
+                               max_side=args.overlay_size or None)
+                    row["overlay"] = str(target)
+                if args.save_maps:
+                    target = out / "maps" / f"{stems[path]}.npy"
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    np.save(target, amap.astype(np.float16))
+            except OSError as err:
+                row["write_error"] = f"{target.name} not written: {err.strerror or err}"
             rows.append(row)
         return rows
 
@@ -446,6 +503,16 @@ def flagged_anomalous(row: dict) -> bool:
     return row.get("decision") == "anomalous" or bool(row.get("over_threshold"))
 
 
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # what a spreadsheet reads as the start of a formula
+
+
+def csv_text(value) -> str:
+    """A text cell of results.csv (a file name, a note) that no spreadsheet runs: one starting like a formula gets a
+    leading apostrophe (results.json keeps the text as it is)."""
+    text = "" if value is None else str(value)
+    return "'" + text if text.startswith(FORMULA_STARTS) else text
+
+
 def write_results(out: Path, rows: list, skipped: list = (), failed: list = ()) -> Path:
     """results.csv: the scored images worst first (rank 1 = highest score), then those skipped or failed, each with
     its reason in 'note'. provisional: "yes" when the bank's threshold is extrapolated from too few lot images for
@@ -457,17 +524,19 @@ def write_results(out: Path, rows: list, skipped: list = (), failed: list = ()) 
             writer.writerow(CSV_COLUMNS)
             for row in rows:
                 calibrated = row.get("calibrated")
-                writer.writerow([row.get("rank", ""), row["path"], f"{row['score']:.6f}",
+                writer.writerow([row.get("rank", ""), csv_text(row["path"]), f"{row['score']:.6f}",
                                  "" if calibrated is None or not np.isfinite(calibrated) else f"{calibrated:.4f}",
                                  row.get("decision", "unknown"), "yes" if row.get("provisional") else "",
-                                 row.get("width", ""), row.get("height", ""), row.get("overlay", ""),
-                                 "; ".join(n for n in (row.get("ood_reason"), D.OVER_THRESHOLD_NOTE if
+                                 row.get("width", ""), row.get("height", ""), csv_text(row.get("overlay")),
+                                 csv_text("; ".join(n for n in (row.get("ood_reason"), D.OVER_THRESHOLD_NOTE if
                                                        row.get("over_threshold") else None,
-                                                       "turned a quarter to score" if row.get("turned") else None)
-                                           if n)])
+                                                       "turned a quarter to score" if row.get("turned") else None,
+                                                       row.get("write_error"))
+                                           if n))])
             for kind, items in (("skipped", skipped), ("failed", failed)):
                 for item in items:
-                    writer.writerow(["", item["path"], "", "", kind, "", "", "", "", item.get("error", "")])
+                    writer.writerow(["", csv_text(item["path"]), "", "", kind, "", "", "", "",
+                                     csv_text(item.get("error"))])
 
     return write_atomic(out / "results.csv", write)
 
@@ -522,14 +591,14 @@ def main(argv=None, prog: str = "client/infer.py") -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     # a run's own pictures (an --out inside --images, run again) are its results, never parts to score
-    written = [(out / name).resolve() for name in ("overlays", "maps")]
-    paths = [p for p in part_images(args.images) if not any(p.resolve().is_relative_to(w) for w in written)]
+    paths = part_images(args.images)
     if not paths:
         print(f"error: {no_images_message(args.images)} (--images is a folder or a glob like 'photos/*.png')",
               file=sys.stderr)
         return 2
     try:
-        previous = check_out(out, args.overwrite)
+        previous = check_out(out, args.overwrite, writes=(() if args.no_overlays else ("overlays",))
+                             + (("maps",) if args.save_maps else ()))
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -620,6 +689,7 @@ def main(argv=None, prog: str = "client/infer.py") -> int:
         "decision": None if decider is None else {
             **decider.calibration.to_dict(), "threshold_calibrated": 0.5 if threshold is None else threshold,
             "threshold_source": "auto" if threshold is None else "--threshold"},
+        "outputs": [name for name, wrote in (("overlays", not args.no_overlays), ("maps", args.save_maps)) if wrote],
         "scored": len(rows), "skipped": skipped, "failed": failed, "warnings": found_warnings,
         "seconds": round(elapsed, 3), "images_per_second": round(len(rows) / elapsed, 3) if elapsed > 0 else None,
         "images": rows,

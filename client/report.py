@@ -14,6 +14,7 @@ import base64
 import html
 import io
 import os
+import urllib.parse
 from pathlib import Path
 
 import numpy as np
@@ -100,7 +101,8 @@ def render(title: str, rows: list, skipped: list, failed: list, threshold: float
         link = os.path.relpath(row["overlay"], out) if row.get("overlay") else None
         picture = f'<img class="thumb" src="{thumb}" alt="{e(Path(row["path"]).name)}">' if thumb else ""
         if link and picture:
-            picture = f'<a href="{e(link)}">{picture}</a>'
+            # a relative URL: '#', '?' and '%' in a file name are characters of the name, not of the URL
+            picture = f'<a href="{e(urllib.parse.quote(Path(link).as_posix()))}">{picture}</a>'
         cards.append(f'<div class="card">{picture}<div>#{row.get("rank", "")} '
                      f'<span class="{DECISION_CLASSES.get(decision, "unknown")}">{e(decision)}</span>'
                      + (' <span class="provisional">(provisional)</span>' if row.get("provisional") else "")

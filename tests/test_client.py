@@ -170,6 +170,30 @@ def test_images_of_one_name_in_two_folders_or_two_formats_get_overlays_of_their_
         == ["part", "x", "y"]
 
 
+def test_results_csv_cells_never_run_as_formulas_and_report_links_are_urls(tmp_path):
+    """A relative name '=HYPERLINK(...).png' (--images '*.png' in the image folder) was a live formula in
+    results.csv; 'part#3.png' linked to 'part' on the report page."""
+    import html
+
+    from client.infer import csv_text
+    from client.report import render
+
+    rows = [{"path": '=HYPERLINK("http://x","y").png', "score": 0.5, "rank": 1, "overlay": "-o.png",
+             "ood_reason": "@note"},
+            {"path": "part#3.png", "score": 0.1, "rank": 2, "overlay": str(tmp_path / "overlays" / "part#3.png.png")}]
+    table = list(csv.reader(open(write_results(tmp_path, rows, [{"path": "+x.png", "error": "-e"}]))))
+    cells = [cell for line in table[1:] for cell in (line[1], line[8], line[9]) if cell]
+    assert cells and all(not cell.startswith(("=", "+", "-", "@")) for cell in cells), cells
+    assert table[1][1] == "'" + rows[0]["path"] and table[2][1] == "part#3.png"
+    assert csv_text("a=b") == "a=b" and csv_text(None) == ""
+    from PIL import Image
+
+    (tmp_path / "overlays").mkdir()
+    Image.new("RGB", (8, 8)).save(rows[1]["overlay"], format="PNG")
+    page = render("t", rows[1:], [], [], None, "", tmp_path)
+    assert 'href="overlays/part%233.png.png"' in page and html.escape("part#3.png") in page
+
+
 def test_banks_update_checks_its_images_before_asking_the_server_and_leaves_a_runs_heat_maps_out(tmp_path, capsys):
     """A mistyped folder was found out only after the server was asked (exit 3 with no server: a script would retry
     it); a scoring run's overlays under --images were sent as new parts."""
@@ -184,7 +208,11 @@ def test_banks_update_checks_its_images_before_asking_the_server_and_leaves_a_ru
     for path in (parts / "a.png", parts / "overlays" / "a.png"):
         Image.new("RGB", (16, 16)).save(path)
     assert sorted(banks.update_paths(str(parts))) == [parts / "a.png", parts / "overlays" / "a.png"]  # no run there
-    (parts / "results.json").write_text("{}")  # a scoring run's output: its overlays are heat maps
+    (parts / "results.json").write_text('{"images": [], "outputs": ["maps"]}')  # a run that wrote no overlays
+    assert len(banks.update_paths(str(parts))) == 2
+    (parts / "results.json").write_text('{"images": [], "outputs": ["overlays"]}')  # its overlays are heat maps
+    assert banks.update_paths(str(parts)) == [parts / "a.png"]
+    (parts / "results.json").write_text('{"images": []}')  # written before runs recorded their folders: both
     assert banks.update_paths(str(parts)) == [parts / "a.png"]
 
 

@@ -256,6 +256,52 @@ def test_exit_statuses_and_outputs_a_script_can_trust(server, built, lot_dir, wo
         assert inside.returncode == 0 and "scored 3 images" in inside.stderr, inside.stderr
 
 
+def test_every_image_gets_its_own_overlay_and_a_users_folders_stay(server, built, lot_dir, workdir):
+    """Outputs a reviewer found wrong, each through a real server: x.png.png beside x.png (and two links to files of
+    one name) wrote one overlay for two images, the normal one showing the anomalous one's outline; --out that is the
+    image folder left its 'maps' parts unscored and --overwrite removed them; a name too long for an overlay ended
+    the run with nothing written; an --out that cannot be written failed after the work was done."""
+    sources = sorted(lot_dir.glob("*.png"))
+    images, store = workdir / "names_images", workdir / "names_store"
+    for folder in (images / "maps", images / "line1", images / "line2", store / "cam1", store / "cam2"):
+        folder.mkdir(parents=True)
+    copy = lambda source, target: target.write_bytes(source.read_bytes())  # noqa: E731
+    copy(sources[0], images / "x.png")
+    copy(sources[1], images / "x.png.png")
+    copy(sources[8], images / "x.jpg")  # x.png and x.jpg keep their suffixes: x.png.png, taken twice
+    copy(sources[2], images / "maps" / "part.png")  # the user's parts, in a folder named like a run's maps
+    copy(sources[3], images / "=HYPERLINK(1).png")
+    long_name = "p" * 250
+    copy(sources[4], images / f"{long_name}.png")
+    copy(sources[5], images / f"{long_name}.jpg")  # stems taken: overlays "<name>.png.png", over 255 bytes
+    for camera, source in (("cam1", sources[6]), ("cam2", sources[7])):
+        copy(source, store / camera / "same.png")
+    (images / "line1" / "same.png").symlink_to(store / "cam1" / "same.png")
+    (images / "line2" / "same.png").symlink_to(store / "cam2" / "same.png")
+
+    def score(*extra, url=server.http_url):
+        return subprocess.run([sys.executable, "-m", "cli", "score", "--url", url, "--images", str(images),
+                               "--bank", "washer", "--quiet", *extra], cwd=ROOT, capture_output=True, text=True,
+                              timeout=300)
+
+    refused = score("--out", str(images), "--save-maps", "--overwrite")  # it would write into the user's maps
+    assert refused.returncode == 2 and "no scoring run wrote" in refused.stderr, refused.stderr
+    unwritable = score("--out", str(images / "x.png" / "out"), url="127.0.0.1:9")  # refused before the server
+    assert unwritable.returncode == 2 and "cannot be written" in unwritable.stderr, unwritable.stderr
+    run = score("--out", str(images))
+    assert run.returncode == 0, run.stderr
+    assert (images / "maps" / "part.png").exists()
+    rows = list(csv.DictReader(open(images / "results.csv")))
+    assert len(rows) == 9, [r["path"] for r in rows]  # the maps folder's part scored too
+    overlays = [r["overlay"] for r in rows if r["overlay"]]
+    assert len(overlays) == len(set(overlays)) == 7 and all(Path(o).is_file() for o in overlays), overlays
+    too_long = [r for r in rows if long_name in r["path"]]
+    assert all(r["overlay"] == "" and "not written" in r["note"] for r in too_long), too_long
+    again = score("--out", str(images), "--overwrite")  # now a run's: its overlays replaced, the user's maps kept
+    assert again.returncode == 0 and (images / "maps" / "part.png").exists(), again.stderr
+    assert len(list(csv.DictReader(open(images / "results.csv")))) == 9
+
+
 def test_banks_command_lists_shows_deletes_and_prunes(server, built, lot, repository, workdir):
     def banks(*args, stdin=None):
         return subprocess.run([sys.executable, "-m", "client.banks", "--url", server.http_url, *args], cwd=ROOT,
