@@ -43,9 +43,9 @@ normal). Every calibration keeps the lot's scores it read (``reference``), so th
 **How sure it is.** A threshold read off n lot scores at a budget is about as sure as the order statistic at rank
 (n + 1)(1 - budget), whose realised rate on new good parts is Beta((n + 1) budget, (n + 1)(1 - budget))
 distributed over lots: ``Calibration.confidence`` states its 5-95% range (a 36-image lot at a 5% budget: 0.8% to
-11.9% for 9 lots in 10) and marks a threshold *provisional* when the budget's quantile lies more than one tail scale
-past the lot's largest score (fewer than ``images_needed`` images: 36 at 1%); the results say so and how many
-images would measure it.
+11.9% for 9 lots in 10) and marks a threshold *provisional* when it is read off fewer than ``images_needed`` images
+(36 at 1%: where the budget's rank lies more than one tail scale past the lot's largest score under an exponential
+tail; a rule on the lot's size, whatever the method); the results say so and how many images would measure it.
 
 The calibrated score is ``1 / (1 + exp(-(score - threshold) / spread))``: 0-1, **0.5 at the threshold**. A bank keeps
 the calibration (its ``decision`` in the manifest), so an image scored alone later gets the same threshold,
@@ -212,7 +212,7 @@ class Calibration:
         low, high = (float(beta_distribution.ppf(q, a, b)) for q in (tail, 1.0 - tail))
         if a < 1.0:  # the rank lies past the lot's largest score: a threshold read there is no surer than that
             # score, whose rate is Beta(1, n) over lots (the rank's own Beta squeezed toward 0: 2 images at 0.1%
-            # read "0.0% to 0.0%" where such lots realise up to 64%)
+            # read "0.0% to 0.0%" where such lots realise up to 77.6%)
             high = max(high, float(beta_distribution.ppf(1.0 - tail, 1.0, n)))
         return low, high
 
