@@ -34,7 +34,7 @@ from .pa_clip import (ScoreResult, SearchSpace, bank_entries, decide, full_bank_
 
 # The manifest format this code writes. A change to what manifest.json holds bumps it and adds the step from the
 # previous format to MIGRATIONS, so that banks already on a (shared) store keep loading.
-FORMAT_VERSION = 6
+FORMAT_VERSION = 7
 # format 2 added the digests of the version's files and the shapes and dtypes of its tensors (``files``,
 # ``tensors``): a format-1 bank has neither, and is checked against what its other fields imply; format 3 the
 # out-of-distribution calibration (``ood``): a bank built before has none and makes no such decisions; format 4 the
@@ -42,8 +42,11 @@ FORMAT_VERSION = 6
 # format 5 the keys of the parts an update left out (``left_out_keys``): a bank written before counted none (a
 # server of format 4 read a grown bank's new field as damage; it now says the format is newer); format 6 the digest
 # of the manifest itself, beside it (``manifest.sha256``, the store's): a bank written before has none, and a flipped
-# bit in its thresholds or image keys went unseen
-MIGRATIONS: dict = {old: (lambda values, new=old + 1: {**values, "format_version": new}) for old in (1, 2, 3, 4, 5)}
+# bit in its thresholds or image keys went unseen; format 7 the score up to which an update folds a new part in
+# (``accept_level``, fixed at a bank's first update): a bank written before read it again from a calibration that
+# parts left out had lifted, and folds in by the level read from its calibration at its next update
+MIGRATIONS: dict = {old: (lambda values, new=old + 1: {**values, "format_version": new})
+                    for old in (1, 2, 3, 4, 5, 6)}
 DIGESTED_FROM = 2  # the first format whose manifest records its files' digests and its tensors (``files``, ``tensors``)
 IMAGE_KEY = re.compile(r"[0-9a-f]{64}")  # ``image_key``: a SHA-256 in hex
 # Fields that banks built before host settings moved out of PAClipConfig still carry in their manifest's config.
@@ -109,6 +112,13 @@ def _lot_sizes(value) -> tuple[int, ...] | None:
     return tuple(value)
 
 
+def _number(value, name: str) -> float:
+    """A number as read from JSON (a bool, a string or a list is none: ``float`` would take some of them)."""
+    if type(value) not in (int, float):
+        raise ValueError(f"{name} is a number, not {json.dumps(value)[:80]}")
+    return float(value)
+
+
 def _image_keys(value) -> tuple[str, ...] | None:
     """``left_out_keys`` as read from JSON: absent, or a list of strings (``check_manifest`` checks each key)."""
     if value is None:
@@ -162,6 +172,10 @@ class BankManifest:
     # image keys of the parts an update scored and left out (postprocess/growth.py): their scores joined the
     # calibration once, so a part sent again is neither scored again nor counted twice; None: none yet
     left_out_keys: tuple[str, ...] | None = None
+    # the highest score a new part may have to be folded in (postprocess/growth.py): the lot's upper-quartile score
+    # as the bank was built, fixed at its first update (the calibration's reference then also holds the scores of
+    # parts left out, which would lift it); None: never grown
+    accept_level: float | None = None
     version: str | None = None  # the version folder, set by BankStore.save
     built_at: str | None = None  # when it was saved (local time, ISO 8601)
     # set by BankStore.save: file name -> {"sha256", "bytes"} of the version's data files, and tensor name ->
@@ -235,6 +249,7 @@ class BankManifest:
             n_augmented=None if optional_int is None else int(optional_int),
             sample_growth=_lot_sizes(v.get("sample_growth")),
             left_out_keys=_image_keys(v.get("left_out_keys")),
+            accept_level=None if v.get("accept_level") is None else _number(v["accept_level"], "accept_level"),
             version=v.get("version"), built_at=v.get("built_at"),
             files=None if v.get("files") is None else dict(v["files"]),
             tensors=None if v.get("tensors") is None else dict(v["tensors"]))
@@ -403,6 +418,9 @@ def check_manifest(manifest: "BankManifest", bank_id: str) -> None:
             fail(f"{name} holds {list(values)}")
     if manifest.map_range[0] > manifest.map_range[1]:
         fail(f"map_range {manifest.map_range}")
+    level = manifest.accept_level
+    if level is not None and not (np.isfinite(level) and abs(level) < SCORE_LIMIT):
+        fail(f"its acceptance level is {level}")
     growth = manifest.sample_growth
     if growth is not None and not (cfg.full_bank_images > 0 and len(growth) >= 2 and growth[-1] == manifest.n_images
                                    and growth[0] > cfg.full_bank_images + 1

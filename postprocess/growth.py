@@ -26,13 +26,15 @@ check can draw the same sample again.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
+from scipy.stats import norm
 
 from . import kernels as K
 from .bank import Bank, BankError, image_key, score_with_bank
 from .contract import Features
-from .decision import Calibration, calibrate
+from .decision import EXPONENTIAL_FROM, Calibration, calibrate
 from .host import DEFAULT_HOST, HostSettings
 from .ood import OodCalibration, calibrate_ood, image_statistics, reason
 from .pa_clip import bank_entries, full_bank_references, full_bank_selection, lot_interval_k, reservoir_step
@@ -41,10 +43,17 @@ ACCEPT_QUANTILE = 0.75  # of the lot's reference scores: a new image at or below
 
 
 def accept_level(calibration: Calibration) -> float:
-    """The highest score a new image may have to be folded in."""
+    """The highest score a new image may have to be folded in, read from a bank's calibration before its first
+    update (when its reference is the lot's scores alone; ``grow_bank`` keeps it from then on): the reference's
+    ``ACCEPT_QUANTILE``; for a bank built before calibrations kept their scores, that quantile under the
+    calibration's own model (the quartile model's median + b ln 2)."""
     if calibration.reference:
         return float(np.quantile(np.asarray(calibration.reference), ACCEPT_QUANTILE))
-    return calibration.raw(0.25)  # a bank built before calibrations kept their scores: well below its threshold
+    above = 1.0 - ACCEPT_QUANTILE
+    if calibration.method in EXPONENTIAL_FROM:  # P(score > t) = (1 - start) exp(-(t - centre) / spread)
+        return float(calibration.centre + calibration.spread * math.log((1.0 - EXPONENTIAL_FROM[calibration.method])
+                                                                        / above))
+    return float(calibration.centre + norm.ppf(1.0 - above) * calibration.spread)
 
 
 def grow_bank(bank: Bank, features: Features, images, host: HostSettings = DEFAULT_HOST) -> tuple:
@@ -75,9 +84,9 @@ def grow_bank(bank: Bank, features: Features, images, host: HostSettings = DEFAU
     result = score_with_bank(bank, new, np.full(fresh.size, -1), host=host)
     scores = K.to_numpy(result.scores).astype(np.float64)
     for j, i in enumerate(fresh):
-        report["scores"][i] = float(scores[j])
+        report["scores"][i] = float(scores[j]) if np.isfinite(scores[j]) else None  # JSON has no NaN
     calibration = Calibration.from_dict(manifest.decision)
-    level = accept_level(calibration)
+    level = accept_level(calibration) if manifest.accept_level is None else manifest.accept_level
     # an image unlike the lot as a whole is no part of this product, whatever its score (a black frame can score
     # low): folded in, its statistics widened the out-of-distribution thresholds to let the next one through
     held_ood = None if manifest.ood is None else OodCalibration.from_dict(manifest.ood)
@@ -85,10 +94,12 @@ def grow_bank(bank: Bank, features: Features, images, host: HostSettings = DEFAU
     if held_ood is not None:
         ood_values = image_statistics(result.maps, np.asarray(images)[fresh], held_ood.statistics)
         foreign, why = held_ood.outside(ood_values)
-    accepted = np.flatnonzero((scores <= level) & ~foreign)
-    for j in np.flatnonzero((scores > level) | foreign):
-        report["left_out"].append({"index": int(fresh[j]), "score": float(scores[j]),
-                                   "why": f"out of distribution: {reason(why[j])}" if foreign[j] else
+    scored = np.isfinite(scores)  # a NaN score (an encoder's overflow) is no verdict: left out, not counted
+    accepted = np.flatnonzero((scores <= level) & ~foreign & scored)
+    for j in np.flatnonzero(~((scores <= level) & ~foreign & scored)):
+        report["left_out"].append({"index": int(fresh[j]), "score": float(scores[j]) if scored[j] else None,
+                                   "why": "its score is not a number: not counted, send it again" if not scored[j]
+                                   else f"out of distribution: {reason(why[j])}" if foreign[j] else
                                    f"score above the lot's {ACCEPT_QUANTILE:.0%} reference ({level:.4g})"})
     n_old = manifest.n_images
     n_new = n_old + accepted.size
@@ -135,7 +146,7 @@ def grow_bank(bank: Bank, features: Features, images, host: HostSettings = DEFAU
     # out as a build does); a method that kept no scores keeps its calibration
     decision = manifest.decision
     if calibration.reference:  # the product's parts: one out of distribution is not (its score is no verdict)
-        pooled = np.concatenate([np.asarray(calibration.reference), scores[~foreign]])
+        pooled = np.concatenate([np.asarray(calibration.reference), scores[~foreign & scored]])
         decision = calibrate(pooled, None, calibration.false_alarm_rate, calibration.method).to_dict()
     # the lot's scores as they now are: a part left out never joined the lot, so the smallest and largest are the
     # lot's and the folded-in parts' (the calibration's reference also holds parts left out); the median is read
@@ -143,7 +154,7 @@ def grow_bank(bank: Bank, features: Features, images, host: HostSettings = DEFAU
     joined = scores[accepted]
     summary_scores = np.concatenate([np.asarray(calibration.reference or [manifest.lot_scores["median"]]), joined])
     lowest, highest = min([manifest.lot_scores["min"], *joined]), max([manifest.lot_scores["max"], *joined])
-    left_out_keys = tuple(keys[int(i)] for i in np.delete(fresh, accepted))
+    left_out_keys = tuple(keys[int(fresh[j])] for j in np.delete(np.arange(fresh.size), accepted) if scored[j])
     ood = manifest.ood
     if held_ood is not None and accepted.size:  # the folded-in images' statistics join the lot's
         pooled = {n: np.concatenate([np.asarray(held_ood.references[n]), ood_values[n][accepted]])
@@ -154,7 +165,9 @@ def grow_bank(bank: Bank, features: Features, images, host: HostSettings = DEFAU
         interval_k=lot_interval_k(n_new, cfg),
         lot_scores={"min": float(lowest), "median": float(np.median(summary_scores)), "max": float(highest)},
         decision=decision, ood=ood, sample_growth=sample_growth,
-        left_out_keys=((manifest.left_out_keys or ()) + left_out_keys) or None, version=None, built_at=None,
+        left_out_keys=((manifest.left_out_keys or ()) + left_out_keys) or None,
+        accept_level=level if math.isfinite(level) else None,
+        version=None, built_at=None,
         files=None, tensors=None)
     report["folded_in"] = int(accepted.size)
     report["lot_size"] = n_new

@@ -180,6 +180,10 @@ DAMAGE = [
      "a left-out part's key is not a SHA-256"),
     ("a left-out part also in the lot", lambda r: edit_manifest(version_dir(r), left_out_keys=json.loads(
         (version_dir(r) / "manifest.json").read_text())["image_keys"][:1]), "also in the lot"),
+    ("accept_level a string", lambda r: edit_manifest(version_dir(r), accept_level="0.1"),
+     "accept_level is a number"),
+    ("accept_level past float", lambda r: edit_manifest(version_dir(r), accept_level=1e300),
+     "its acceptance level is 1e+300"),
     ("manifest of another bank", lambda r: edit_manifest(version_dir(r), bank="other"),
      "its manifest is for bank 'other'"),
     ("a tensor's recorded shape", lambda r: edit_manifest(version_dir(r), tensors__lot_map_scores={
