@@ -171,23 +171,27 @@ def test_fused_coreset_steps_match_numpy(runner, case):
         centre = min_dist.argmax(axis=1)
 
 
-def test_fused_coreset_picks_the_numpy_points(runner):
-    """The whole greedy selection of kernels.greedy_coreset, its loop driven by the fused step."""
-    rng = np.random.default_rng(1)
-    points = rng.standard_normal((3, 200, 16)).astype(np.float32)
-    expected = K.greedy_coreset(points, 20)
+def fused_coreset(runner, points, n_select):
+    """kernels.greedy_coreset's selection with its loop driven by the fused step (the start as NumPy picks it)."""
+    groups = points.shape[0]
     sq_norm = (points * points).sum(axis=-1)
-    rows = np.arange(3)
-    start = expected[:, 0]
+    rows = np.arange(groups)
+    start = K.greedy_coreset(points, 1)[:, 0]
     min_dist = np.maximum(sq_norm - 2.0 * np.einsum("gpd,gd->gp", points, points[rows, start])
                           + sq_norm[rows, start][:, None], 0).astype(np.float32)
     min_dist[rows, start] = K.CHOSEN
     device_min_dist, device_points, device_sq = runner.put(min_dist), runner.put(points), runner.put(sq_norm)
     selected = [start, min_dist.argmax(axis=1)]
-    for _ in range(18):
+    for _ in range(n_select - 2):
         selected.append(runner.get(cuda_kernels.coreset_step(device_points, device_sq, device_min_dist,
                                                              runner.put(selected[-1]), compiled=runner.compiled)))
-    np.testing.assert_array_equal(np.stack(selected, axis=1), expected)
+    return np.stack(selected, axis=1)
+
+
+def test_fused_coreset_picks_the_numpy_points(runner):
+    """The whole greedy selection of kernels.greedy_coreset, its loop driven by the fused step."""
+    points = np.random.default_rng(1).standard_normal((3, 200, 16)).astype(np.float32)
+    np.testing.assert_array_equal(fused_coreset(runner, points, 20), K.greedy_coreset(points, 20))
 
 
 def test_fused_coreset_never_picks_a_point_twice(runner):
@@ -196,17 +200,7 @@ def test_fused_coreset_never_picks_a_point_twice(runner):
     points = np.repeat(np.eye(3, 4, dtype=np.float32)[None], 4, axis=1)  # 12 points, 3 distinct
     expected = K.greedy_coreset(points, 8)
     assert len(set(expected[0].tolist())) == 8
-    sq_norm = (points * points).sum(axis=-1)
-    start = expected[:, 0]
-    min_dist = np.maximum(sq_norm - 2.0 * np.einsum("gpd,gd->gp", points, points[[0], start])
-                          + sq_norm[[0], start][:, None], 0).astype(np.float32)
-    min_dist[[0], start] = K.CHOSEN
-    device_min_dist, device_points, device_sq = runner.put(min_dist), runner.put(points), runner.put(sq_norm)
-    selected = [start, min_dist.argmax(axis=1)]
-    for _ in range(6):
-        selected.append(runner.get(cuda_kernels.coreset_step(device_points, device_sq, device_min_dist,
-                                                             runner.put(selected[-1]), compiled=runner.compiled)))
-    np.testing.assert_array_equal(np.stack(selected, axis=1), expected)
+    np.testing.assert_array_equal(fused_coreset(runner, points, 8), expected)
 
 
 # --- maps: pooling, subtraction + fusion, upsampling --------------------------------------------------------------
