@@ -160,6 +160,15 @@ def aggregate(tokens, grid: tuple[int, int], r: int, feature_norm: str = "none")
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def normal_prompt_similarity(features, text_embeds, tau: float):
+    """Eq. 3: S_cls = sim(feature, f_pos) / tau, the cosine to the normal prompt (row 0 of ``text_embeds``) alone.
+    The most normal images rank highest. (A softmax against the defective prompt, as P(normal) was read before,
+    is another ranking, and saturates in float32: 7 of 20 random images tied at exactly 1.0, lot order deciding.)"""
+    f = l2_normalize(_float32(features))
+    t = l2_normalize(_float32(text_embeds[:1]))
+    return (f @ t.T)[..., 0] / tau
+
+
 def text_defect_probability(features, text_embeds, tau: float):
     """P(defective) of each feature vector: softmax over (cos to f_pos, cos to f_neg) / tau, second entry.
 

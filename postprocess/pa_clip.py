@@ -325,8 +325,8 @@ def lot_stage(features: Features, text_embeds, cfg: PAClipConfig, host: HostSett
                                None if stored[0][1] is None else xp.stack([scale for _, scale in stored]))
 
     if has_text:
-        # Eq. 3: P(normal) of the CLS embedding
-        normal_scores = 1.0 - K.text_defect_probability(features.image_embeds, text_embeds, cfg.tau_text)
+        # Eq. 3: the CLS embedding's similarity to the normal prompt
+        normal_scores = K.normal_prompt_similarity(features.image_embeds, text_embeds, cfg.tau_text)
         prior = fuse(text_scores, cfg)
         selection = "text"
     else:

@@ -7,11 +7,15 @@ module has none to respect.
 
 The maths is done independently: whole distance blocks per query image, ``cdist``, ``topk``/``sort``, and torch's
 own pooling, interpolation and convolution where the kernels use operator matrices and chunked partitions. So it
-checks the kernels from another direction. Only the seeded random projection and the coreset size are shared, so
-that both pick the same coreset patches.
+checks the kernels from another direction, the interval k and the normal set's size included (a wrong k in the
+kernels once passed parity because the reference took it from them). Only the seeded random projection, the coreset
+size, the seeded sample of a large lot (``full_bank_references``) and the PCA's sample are shared, so that both pick
+the same patches and images.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -21,8 +25,7 @@ import torch.nn.functional as F
 from .config import PAClipConfig
 from .contract import Features
 from .kernels import coreset_size, random_projection
-from .pa_clip import (PCA_SAMPLE, LotState, NormalSet, ScoreResult, SearchSpace, full_bank_references, lot_interval_k,
-                      normal_count, scoring_layers)
+from .pa_clip import PCA_SAMPLE, LotState, NormalSet, ScoreResult, SearchSpace, full_bank_references, scoring_layers
 
 # -- kernels.py twins -------------------------------------------------------------------------------------------
 
@@ -72,6 +75,24 @@ def interval_k(n_bank_images: int, fraction: float, k_min: int, k_max: int) -> i
     """round(fraction * (N - 1)) within [k_min, k_max], and never more than the N - 1 other images (at least 1)."""
     k = min(k_max, max(k_min, int(round(fraction * (n_bank_images - 1)))))
     return max(1, min(k, n_bank_images - 1))
+
+
+def lot_interval_k(n_images: int, cfg: PAClipConfig) -> int:
+    """``interval_k`` of the images a lot image is compared with, plus itself: the lot, or a sampled lot's sample +
+    1; and never past the sample's other images."""
+    references = full_bank_references(n_images, cfg)
+    if references is None:
+        return interval_k(n_images, cfg.interval_fraction, cfg.k_min, cfg.k_max)
+    return max(1, min(interval_k(len(references) + 1, cfg.interval_fraction, cfg.k_min, cfg.k_max),
+                      len(references) - 1))
+
+
+def normal_count(n_images: int, cfg: PAClipConfig) -> int:
+    """The normal set's size: ``normal_fraction`` (rounded up) of the lot, or of a sampled lot's sample + 1; at
+    least ``min_normal``, at most the lot."""
+    references = full_bank_references(n_images, cfg)
+    represented = n_images if references is None else len(references) + 1
+    return min(n_images, max(cfg.min_normal, math.ceil(cfg.normal_fraction * represented)))
 
 
 def adaptive_subtraction(full_scores: torch.Tensor, normal_scores: torch.Tensor, alpha: float, tau: float):
@@ -227,7 +248,9 @@ def lot_stage(features: Features, text_embeds, cfg: PAClipConfig) -> LotState:
     full_scores = {r: mutual_scores(features, r, cfg, space, selection, references)
                    for r, selection in selections.items()}
     if has_text:
-        normal_scores = 1.0 - text_defect_probability(features.image_embeds, text_embeds, cfg.tau_text)  # Eq. 3
+        # Eq. 3: S_cls = sim(cls, f_pos) / tau
+        normal_scores = F.cosine_similarity(features.image_embeds.float(), text_embeds[0].float()[None], dim=-1) \
+            / cfg.tau_text
         prior = fuse(text_scores, cfg)
         selection = "text"
     else:

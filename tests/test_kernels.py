@@ -62,6 +62,19 @@ def test_greedy_coreset_never_picks_a_point_twice(xp):
     np.testing.assert_array_equal(picks, reference)
 
 
+def test_normal_images_rank_by_their_likeness_to_the_normal_prompt_alone(xp):
+    """Eq. 3: S_cls = sim(cls, f_pos) / tau. A softmax against the defective prompt ranks otherwise (here image 1,
+    far from both prompts but farther from the defective one) and saturates in float32 into ties."""
+    text = np.array([[1.0, 0.0, 0.0], [0.8, 0.6, 0.0]], dtype=np.float32)  # f_pos, f_neg
+    cls = np.array([[0.95, 0.3, 0.0], [0.5, -0.6, 0.6], [0.2, 0.9, 0.4]], dtype=np.float32)
+    got = K.to_numpy(K.normal_prompt_similarity(xp.asarray(cls), xp.asarray(text), 0.01))
+    cosine = cls[:, 0] / np.linalg.norm(cls, axis=1)
+    np.testing.assert_allclose(got, cosine / 0.01, rtol=1e-5)
+    assert list(np.argsort(-got)) == [0, 1, 2]
+    softmax = 1.0 - K.to_numpy(K.text_defect_probability(xp.asarray(cls), xp.asarray(text), 0.01))
+    assert list(np.argsort(-softmax, kind="stable"))[0] != 0  # the old ranking put another image first
+
+
 def test_interval_k_is_clamped():
     assert K.interval_k(101, 0.3, 1, 64) == 30
     assert K.interval_k(1001, 0.3, 1, 64) == 64
