@@ -79,10 +79,20 @@ def augmented_as_then(image, aug):
                                                      fillcolor=cada._border_colour(image)))
 
 
+def ranked_as_then(features, text_embeds, tau):
+    """How normal images were ranked when the format-1 fixture was written: P(normal), a softmax against the
+    defective prompt (since: Eq. 3, the cosine to the normal prompt alone)."""
+    from postprocess import kernels
+
+    return 1.0 - kernels.text_defect_probability(features, text_embeds, tau)
+
+
 def test_a_format_1_bank_scores_like_one_built_now(old_store, tiny_clip_112, lot, monkeypatch):
     import postprocess.pipeline
+    from postprocess import kernels
 
     monkeypatch.setattr(postprocess.pipeline, "apply_augmentation", augmented_as_then)
+    monkeypatch.setattr(kernels, "normal_prompt_similarity", ranked_as_then)
     store, _ = old_store
     old = store.load("washer", tiny_clip_112.fingerprint)
     scorer = LotScorer(tiny_clip_112, lot, "washer", progress=False)
