@@ -136,6 +136,24 @@ def test_the_method_is_the_one_that_spends_the_budget_inside_the_band():
                  0.1: {"new_false_alarm_rate": 1.2 * b, "new_recall": 0.6, "new_good": 3000}} for b in line.BUDGETS}
     assert line.band_miss(noisy) == 0.0 and line.band_miss(rows(0.4, 0.6, n=300)) > 0
     assert line.rate_interval(0, 300)[0] == 0.0 and line.rate_interval(300, 300)[1] == 1.0
+    # no false alarm among 20 good parts is no rate above the band (half a false alarm, 2.5%, lay past 2 x 1%)
+    few = {b: {0.05: {"new_false_alarm_rate": 0.0, "new_recall": 0.5, "new_good": 20},
+               0.1: {"new_false_alarm_rate": b, "new_recall": 0.5, "new_good": 100_000}} for b in line.BUDGETS}
+    assert line.band_miss(few) == 0.0
+
+
+def test_the_oracle_threshold_calls_no_more_good_parts_than_the_budget():
+    """The interpolated 1 - budget quantile lies below the largest good score: on 19 good parts it called one of
+    them (5.3%) at a 1% budget, and the oracle's recall was read at that."""
+    good = np.random.default_rng(0).normal(0, 1, 19)
+    for budget, allowed in ((0.01, 0), (0.05, 0), (0.1, 1)):
+        threshold = line.oracle_threshold(good, budget)
+        assert (good > threshold).sum() == allowed
+        assert (good >= threshold).sum() == allowed + 1  # the lowest such threshold: one good part more at it
+    data = {"labels": [0] * 19 + [1], "splits": [
+        {"defect_rate": 0.0, "new": {"indices": list(range(20)), "max": [*good, good.max() - 1e-9]},
+         "lot": {"max": []}}]}
+    assert line.oracle(data, "max")[0.01][0.0]["new_recall"] == 0.0  # below the best good part: not found
 
 
 def test_the_shipped_image_score_stays_unless_another_wins_beyond_the_noise():
