@@ -267,7 +267,8 @@ class BankStore:
             return out
         for path in sorted((self._dir(bank_id) / "monitor").glob("*.json")):
             try:
-                if path.is_symlink() or time.time() - path.stat().st_mtime > self.MONITOR_FRESH_S:
+                if path.is_symlink() or time.time() - path.stat().st_mtime > self.MONITOR_FRESH_S or \
+                        _monitor_owner_gone(path, self.MONITOR_FRESH_S):
                     continue
                 summary = strict_json.loads(path.read_text())
             except (OSError, ValueError):
@@ -562,6 +563,8 @@ class BankStore:
             temporary += folder.glob(".tmp-*")
             if (lot := folder / "lot").is_dir() and not lot.is_symlink():
                 temporary += lot.glob(".tmp-*")
+            if (monitor := folder / "monitor").is_dir() and not monitor.is_symlink():  # windows of processes gone
+                leftovers += [p for p in monitor.glob("*.json") if _monitor_owner_gone(p, self.MONITOR_FRESH_S)]
         leftovers += [p for p in temporary if is_dead_leftover(p, self.STALE_AFTER_S)]
         for path in leftovers:
             if path.is_dir():
@@ -795,6 +798,16 @@ class BankStore:
         for bank_id in expired:
             self.clear_lot(bank_id)
         return expired
+
+
+def _monitor_owner_gone(path: Path, stale_after_s: float) -> bool:
+    """Whether the scoring process that wrote a drift window (``<host>-<pid>.json``) is provably gone: every
+    restart left one behind, which ``info`` listed as a scoring process for a day and nothing removed."""
+    host, _, pid = path.stem.rpartition("-")
+    try:
+        return owner_gone(host, int(pid), path.stat().st_mtime, stale_after_s)
+    except (ValueError, OSError):  # not a window this store wrote, or gone meanwhile
+        return False
 
 
 def _human(n: int) -> str:

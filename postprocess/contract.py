@@ -206,9 +206,10 @@ def choose_input_size(fingerprint: dict, image_sizes, aspect: str = DEFAULT_ASPE
     return size
 
 
-def check_images(images, patch_size: int, size=None) -> np.ndarray:
+def check_images(images, patch_size: int, size=None, max_side: int = 0) -> np.ndarray:
     """UINT8 [B,H,W,3] with H and W multiples of the patch size (and equal to ``size`` when the encoder or the bank
-    takes one size), or a RequestError that says what to send."""
+    takes one size, and no side over ``max_side`` when given: ``max_image_side``), or a RequestError that says what
+    to send."""
     images = np.asarray(images)
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
         raise RequestError(f"images must be uint8 [B,H,W,3] (RGB), got {images.dtype} {list(images.shape)}")
@@ -219,6 +220,9 @@ def check_images(images, patch_size: int, size=None) -> np.ndarray:
                            f"got {list(images.shape)}")
     if h % patch_size or w % patch_size or not h or not w:
         raise RequestError(f"image height and width must be multiples of the patch size {patch_size}, got {h}x{w}")
+    if max_side and max(h, w) > max_side:
+        raise RequestError(f"images are at most {max_side} pixels a side for this encoder, got {h}x{w}: resize them "
+                           "first")
     return images
 
 

@@ -459,6 +459,7 @@ def parse_options(text: str) -> dict:
 
 
 MAX_CATEGORY_CHARS = 200  # a product name, in a prompt of CLIP's 77 tokens: far more would be cut anyway
+UNKNOWN_BANK_LABEL = "(unknown)"  # the bank label of a build metric for an id the store holds neither bank nor lot of
 
 
 class BankService:
@@ -532,7 +533,8 @@ class BankService:
                             f"(it goes into the text prompts), got {len(category)} characters: {category[:40]!r}")
         if images is None or len(images) == 0:
             raise BankError("add needs at least one image")
-        images = C.check_images(images, self.patch_size, self.fixed_size)
+        # the encoder's own limit checked here: past it clip_vision refuses, which a BLS call reported as a 500
+        images = C.check_images(images, self.patch_size, self.fixed_size, C.max_image_side(self.encoder))
         features = self.backbone.encode(images)
         size = self.store.add_to_lot(bank_id, category, images, features, reset=reset)
         return {"bank": bank_id, "category": category, "lot_size": size}
@@ -552,8 +554,17 @@ class BankService:
             outcome = "built" if cfg is not None else "updated"
             return result
         finally:
-            self.telemetry.count("pa_clip_bank_builds_total", bank=bank_id, outcome=outcome)
-            self.telemetry.count("pa_clip_bank_build_seconds_total", time.perf_counter() - started, bank=bank_id)
+            label = bank_id if outcome in ("built", "updated") or self._known(bank_id) else UNKNOWN_BANK_LABEL
+            self.telemetry.count("pa_clip_bank_builds_total", bank=label, outcome=outcome)
+            self.telemetry.count("pa_clip_bank_build_seconds_total", time.perf_counter() - started, bank=label)
+
+    def _known(self, bank_id: str) -> bool:
+        """Whether the store holds the bank or a pending lot of it: a metric is labelled with such ids only (builds of
+        ids made up by a client, each refused, added a series to /metrics that stayed)."""
+        try:
+            return self.store.exists(bank_id) or self.store.lot_size(bank_id) > 0
+        except Exception:  # a damaged bank is there
+            return True
 
     def _build(self, bank_id: str, cfg: PAClipConfig) -> dict:
         category, images, features, parts = self.store.load_lot(bank_id)

@@ -663,6 +663,38 @@ def test_two_replicas_taking_over_one_dead_lock_do_not_both_build(tmp_path, monk
     assert sorted(p.name for p in folder.iterdir()) == [".build-lock"]  # nothing moved aside is left behind
 
 
+def test_an_image_past_the_encoders_longest_side_is_the_callers_to_fix(tiny, tmp_path):
+    """Past it clip_vision refuses the image, which the bank model's BLS call turned into an internal error (500):
+    refused before encoding now, a 400 that says what to send."""
+    from postprocess import contract as C
+    from postprocess.serving import BankService, describe_failure
+
+    service = BankService(BankStore(tmp_path), tiny.fingerprint, tiny.encode, tiny.encode_text, log=lambda _: None)
+    patch = int(tiny.fingerprint["patch_size"])
+    side = (C.max_image_side(tiny.fingerprint) // patch + 1) * patch
+    with pytest.raises(RequestError, match="at most .* pixels a side") as refused:
+        service.handle("add", "washer", "washer", np.zeros((1, side, patch, 3), np.uint8), {"reset": True})
+    assert describe_failure("pa_clip_bank", refused.value, lambda *_: None)[1] is False  # not internal
+
+
+def test_builds_of_made_up_bank_ids_add_no_metric_series(tiny, lot, tmp_path):
+    """Each refused build or update of an id the store has neither a bank nor a lot of added two series to /metrics
+    that stayed (a client could add them without end); a bank's own builds keep its label."""
+    from postprocess.serving import UNKNOWN_BANK_LABEL, BankService
+    from postprocess.telemetry import RecordingTelemetry
+
+    service = BankService(BankStore(tmp_path), tiny.fingerprint, tiny.encode, tiny.encode_text, log=lambda _: None)
+    service.telemetry = RecordingTelemetry()
+    for i in range(50):
+        for action in ("build", "update"):
+            with pytest.raises(BankError):
+                service.handle(action, f"junk{i}")
+    assert {dict(labels)["bank"] for _, labels in service.telemetry.values} == {UNKNOWN_BANK_LABEL}
+    service.handle("add", "washer", "washer", lot[:4], {"reset": True})
+    service.handle("build", "washer", "", None, {"mode": "mutual"})
+    assert service.telemetry.values[("pa_clip_bank_builds_total", (("bank", "washer"), ("outcome", "built")))] == 1
+
+
 def test_one_build_at_a_time_per_host_and_no_add_into_a_lot_being_built(tiny, lot, tmp_path):
     import subprocess
     import sys

@@ -250,3 +250,15 @@ def test_info_gets_the_end_of_a_burst_and_a_new_versions_window_without_another_
     service.score("burst", *tiny_clip_112.encode(fresh[:8]).outputs().values(), fresh[:8])
     (window,) = store.monitors("burst")  # the new version's, without waiting for the interval
     assert window["window"] == 8 and window["version"] == store.current_version("burst")
+    # a scoring process that is gone (a restart): its window was listed by info for a day and never removed
+    import subprocess
+    import sys
+
+    from postprocess.atomic import HOST
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    monitor = tmp_path / "banks" / "burst" / "monitor"
+    (monitor / f"{HOST}-{int(gone.stdout)}.json").write_text((monitor / f"{window['process']}.json").read_text())
+    assert [m["process"] for m in store.monitors("burst")] == [window["process"]]
+    assert store.clean() == [str(monitor / f"{HOST}-{int(gone.stdout)}.json")]
+    assert sorted(p.stem for p in monitor.glob("*.json")) == [window["process"]]

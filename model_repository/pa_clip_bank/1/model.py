@@ -13,6 +13,7 @@ import triton_python_backend_utils as pb_utils
 try:
     from postprocess import contract as C
     from postprocess.bank_store import BankStore
+    from postprocess.errors import RequestError
     from postprocess.host import HostSettings, lower_priority
     from postprocess.serving import (BankService, bank_root, canary_response, error_response, from_triton,
                                      is_canary, parse_options, store_limit_bytes, text_value)
@@ -39,7 +40,11 @@ def _infer(model_name, inputs, outputs, xp=np):
     response = pb_utils.InferenceRequest(model_name=model_name, requested_output_names=outputs, inputs=inputs,
                                          **options).exec()
     if response.has_error():
-        raise RuntimeError(f"{model_name}: {response.error().message()}")
+        error = response.error()
+        code = error.code() if hasattr(error, "code") else None
+        if code is not None and code == getattr(pb_utils.TritonError, "INVALID_ARG", None):
+            raise RequestError(f"{model_name}: {error.message()}")  # what was sent, the caller's to fix: a 400
+        raise RuntimeError(f"{model_name}: {error.message()}")
     return [from_triton(pb_utils.get_output_tensor_by_name(response, name), xp) for name in outputs]
 
 
