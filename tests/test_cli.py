@@ -147,8 +147,10 @@ def test_exit_statuses_without_a_server(tmp_path, capsys):
     out = tmp_path / "previous"
     (out / "overlays").mkdir(parents=True)
     (out / "results.csv").write_text("rank\n")
+    (out / "results.json").write_text('{"images": [], "outputs": ["overlays"]}')
     assert cli.main(["score", "--images", str(images), "--bank", "b", "--url", url, "--out", str(out)]) == exits.USAGE
-    assert "holds another run's results (results.csv, overlays): pass --overwrite" in capsys.readouterr().err
+    assert "holds another run's results (results.csv, results.json, overlays): pass --overwrite" in \
+        capsys.readouterr().err
     assert cli.main(["score", "--images", str(images), "--bank", "b", "--url", url, "--out", str(out),
                      "--overwrite"]) == exits.UNREACHABLE
     assert (out / "results.csv").exists() and (out / "overlays").is_dir()
