@@ -406,18 +406,22 @@ def score_all(args, loaded: list, bank: str, value_range: tuple[float, float], o
     batches = [loaded[i:i + args.batch_size] for i in range(0, len(loaded), args.batch_size)]
     results, failed = [], []
     bar = tqdm(total=len(loaded), desc=f"score against {bank}", unit="img", disable=not progress)
+    pool = ThreadPoolExecutor(max_workers=max(1, args.concurrency))
     try:
-        with ThreadPoolExecutor(max_workers=max(1, args.concurrency)) as pool:
-            futures = {pool.submit(work, batch): batch for batch in batches}
-            for future in as_completed(futures):
-                try:
-                    results.extend(future.result())
-                except ClientError as err:
-                    for path, *_ in futures[future]:
-                        failed.append({"path": str(path), "error": str(err)})
-                    warnings.warn(f"request failed: {err}", stacklevel=2)
-                bar.update(len(futures[future]))
+        futures = {pool.submit(work, batch): batch for batch in batches}
+        for future in as_completed(futures):
+            try:
+                results.extend(future.result())
+            except ClientError as err:
+                for path, *_ in futures[future]:
+                    failed.append({"path": str(path), "error": str(err)})
+                warnings.warn(f"request failed: {err}", stacklevel=2)
+            bar.update(len(futures[future]))
+    except BaseException:  # Ctrl-C: the batches not sent yet are dropped (a pool's own exit sent every one first)
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
     finally:
+        pool.shutdown(wait=True)
         bar.close()
         for c in clients:
             c.close()

@@ -5,6 +5,7 @@ One ``PAClipClient`` per thread: ``client/infer.py`` runs several of them to kee
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import time
@@ -35,18 +36,23 @@ class BadAddress(ClientError):
     """An address no client can be made for (a usage error: nothing was sent)."""
 
 
-# gRPC's codes for "no answer" (tritonclient raises them as InferenceServerException); HTTP's are OSErrors
+# gRPC's codes for "no answer" (tritonclient raises them as InferenceServerException); HTTP's are OSErrors, and a
+# connection closed mid-answer an http.client.HTTPException (geventhttpclient's HTTPConnectionClosed)
 UNREACHABLE_STATUSES = ("StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED")
+TRANSPORT_ERRORS = (OSError, http.client.HTTPException)
+# what the guard and the models answer with UNAVAILABLE: an answer (the server is there), not "unreachable"
+ANSWERED_UNAVAILABLE = (BUSY, "restarting?", "retry in a moment")
+MISSING_REGION = "Unable to find shared memory region"  # a restarted server knows no region registered before
 
 
 def client_error(err: BaseException) -> ClientError:
-    """The ClientError a failed call stands for: unreachable when no answer came, refused when one did."""
+    """The ClientError a failed call stands for: unreachable when no answer came (nothing listens, the connection
+    broke or timed out, the name does not resolve), refused when one did."""
     status = str(err.status()) if hasattr(err, "status") and callable(err.status) else ""
     text = _message(err)
-    # the guard's own 503 ("server busy", "restarting?") is an answer; gRPC UNAVAILABLE without a reason is not
-    if isinstance(err, OSError) or (status in UNREACHABLE_STATUSES and "failed to connect" in text.lower()) or \
-            status == "StatusCode.DEADLINE_EXCEEDED":
-        return ServerUnreachable(text)
+    if isinstance(err, TRANSPORT_ERRORS) or status == "StatusCode.DEADLINE_EXCEEDED" or (
+            status in UNREACHABLE_STATUSES and not any(words in text for words in ANSWERED_UNAVAILABLE)):
+        return ServerUnreachable(text or type(err).__name__)
     return ServerRefused(text)
 
 
@@ -132,7 +138,7 @@ class PAClipClient:
         try:
             kwargs = {} if self.protocol == "http" else {"client_timeout": self.timeout_s}
             result = self.client.infer(BANK_MODEL, inputs, headers=self.headers, **kwargs)
-        except (self._error, OSError) as err:
+        except (self._error, *TRANSPORT_ERRORS) as err:
             raise client_error(err) from err
         raw = result.as_numpy("result").reshape(-1)[0]
         return json.loads(raw.decode() if isinstance(raw, bytes) else raw)
@@ -206,12 +212,13 @@ class PAClipClient:
         image_input.set_data_from_numpy(images)
         try:
             result = self.client.infer(ENSEMBLE, [image_input, bank_input], outputs=outputs, headers=self.headers)
-        except (self._error, OSError) as err:
+        except (self._error, *TRANSPORT_ERRORS) as err:
             raise client_error(err) from err
         return result.as_numpy(ANOMALY_MAP).astype(np.float32), result.as_numpy(SCORE).reshape(-1)
 
-    def _score_shm(self, images, image_input, bank_input, outputs):
-        """Pixels in and maps out through system shared memory regions registered with the server."""
+    def _score_shm(self, images, image_input, bank_input, outputs, registered_again: bool = False):
+        """Pixels in and maps out through system shared memory regions registered with the server (once; again
+        when a restarted server no longer knows them)."""
         import tritonclient.utils.shared_memory as shm
 
         n, h, w, _ = images.shape
@@ -219,13 +226,16 @@ class PAClipClient:
             self.close_shared_memory()
             tag = uuid.uuid4().hex[:12]
             sizes = {"in": images[0].nbytes * n, "map": h * w * 2 * n, "score": 4 * n}
-            regions = {}
-            for key, size in sizes.items():
-                name = f"pa_clip_{key}_{tag}"
-                handle = shm.create_shared_memory_region(name, f"/{name}", size)
-                regions[key] = (name, handle, size)
-                self.client.register_system_shared_memory(name, f"/{name}", size, headers=self.headers)
-            self._shm = (regions, n, images.shape[1:])
+            # every region made is kept at once, so that a refused registration leaves none behind (close)
+            self._shm = ({}, n, images.shape[1:])
+            try:
+                for key, size in sizes.items():
+                    name = f"pa_clip_{key}_{tag}"
+                    self._shm[0][key] = (name, shm.create_shared_memory_region(name, f"/{name}", size), size)
+                    self.client.register_system_shared_memory(name, f"/{name}", size, headers=self.headers)
+            except (self._error, *TRANSPORT_ERRORS) as err:
+                self.close_shared_memory()
+                raise client_error(err) from err
         regions = self._shm[0]
         shm.set_shared_memory_region(regions["in"][1], [images])
         image_input.set_shared_memory(regions["in"][0], images.nbytes)
@@ -233,7 +243,10 @@ class PAClipClient:
         outputs[1].set_shared_memory(regions["score"][0], 4 * n)
         try:
             self.client.infer(ENSEMBLE, [image_input, bank_input], outputs=outputs, headers=self.headers)
-        except (self._error, OSError) as err:
+        except (self._error, *TRANSPORT_ERRORS) as err:
+            if MISSING_REGION in _message(err) and not registered_again:  # the server restarted: register again
+                self.close_shared_memory()
+                return self._score_shm(images, image_input, bank_input, outputs, registered_again=True)
             raise client_error(err) from err
         maps = shm.get_contents_as_numpy(regions["map"][1], np.float16, [n, h, w]).astype(np.float32)
         scores = shm.get_contents_as_numpy(regions["score"][1], np.float32, [n, 1]).reshape(-1).copy()

@@ -62,13 +62,18 @@ def check_names(message) -> None:
 def check_inference_request(request: service_pb2.ModelInferRequest, limits: Limits) -> None:
     check_tensor_names(request.inputs, request.outputs)
     raw = list(request.raw_input_contents)
-    if raw and len(raw) != len(request.inputs):
-        raise Refused(400, f"{len(raw)} raw_input_contents for {len(request.inputs)} inputs: send one per input")
+    # raw contents go, in order, with the inputs that do not read a shared-memory region (as Triton pairs them: an
+    # image in shared memory beside a raw bank name was refused here, though Triton takes it)
+    carried = [i for i, item in enumerate(request.inputs) if "shared_memory_region" not in item.parameters]
+    if raw and len(raw) != len(carried):
+        raise Refused(400, f"{len(raw)} raw_input_contents for {len(carried)} inputs not in shared memory: send one "
+                           "per such input")
+    raw_of = dict(zip(carried, raw))
     for i, item in enumerate(request.inputs):
         shape = list(item.shape)
         elements = check_shape(item.name, item.datatype, shape, limits)
-        if raw:
-            check_carried(item.name, item.datatype, elements, shape, binary_bytes=len(raw[i]))
+        if i in raw_of:
+            check_carried(item.name, item.datatype, elements, shape, binary_bytes=len(raw_of[i]))
         elif "shared_memory_region" not in item.parameters:
             values = sum(len(getattr(item.contents, field)) for field in CONTENT_FIELDS)
             check_carried(item.name, item.datatype, elements, shape, values=values)

@@ -154,6 +154,19 @@ def reclaim_shared_memory() -> list[str]:
     return removed
 
 
+def listen_free(host: str, port: int) -> bool:
+    """Whether a server could listen on (host, port) now (address reuse on, as servers have it: a port left in
+    TIME_WAIT by a scrape is free)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
 class LocalServer:
     """``with LocalServer(repo) as server: ...`` or ``start()`` / ``stop()``."""
 
@@ -183,14 +196,14 @@ class LocalServer:
         self.http_port, self.grpc_port, self.metrics_port = http_port, grpc_port, metrics_port
         self.extra_args = list(extra_args or [])
         self.log_verbose = log_verbose
+        if key is not None and not KEY_PATTERN.match(key):  # before anything is made: a refused start leaves nothing
+            raise ServerError("the access key must be 16-128 letters, digits, '-' or '_' (e.g. from "
+                              "`python -c 'import secrets; print(secrets.token_urlsafe(32))'`)")
+        self.key = key
         self.runtime = Path(tempfile.mkdtemp(prefix="pa-clip-triton-"))
         self.log_file = Path(log_file) if log_file else self.runtime / "tritonserver.log"
         # the owner's pid in the prefix: regions of servers whose owner is gone are reclaimed at the next start
         self.shm_prefix = f"pa_clip_{os.getpid()}_{uuid.uuid4().hex[:12]}_"
-        if key is not None and not KEY_PATTERN.match(key):
-            raise ServerError("the access key must be 16-128 letters, digits, '-' or '_' (e.g. from "
-                              "`python -c 'import secrets; print(secrets.token_urlsafe(32))'`)")
-        self.key = key
         self.metrics_host = metrics_host
         self.log_offset = 0  # where the current start's lines begin in the log
         if limits is None:
@@ -270,6 +283,11 @@ class LocalServer:
             raise ServerError(f"cannot write the server log {self.log_file}: {err.strerror or err}") from None
         try:
             self.log_offset = log.tell()
+            if not listen_free(self.metrics_host, self.metrics_port):
+                # tritonserver says ready before it binds its metrics port, then exits: a start that looked
+                # fine went into a loop of restarts
+                raise ServerError(f"the metrics port {self.metrics_host}:{self.metrics_port} is in use: pass another "
+                                  "--metrics-port")
             self._start_guards()
             self.process = subprocess.Popen(guarded, stdout=log, stderr=subprocess.STDOUT, cwd=HERE.parent,
                                             env=server_environment(self.banks, self.max_store_gb),

@@ -243,3 +243,58 @@ def test_banks_printouts_of_an_empty_store_and_of_a_part_left_out_without_a_scor
         "scored": 1, "folded_in": 0, "already_in_lot": 0, "paths": ["a.png"],
         "left_out": [{"index": 0, "why": "no score", "score": None}]}})  # a NaN score arrives as null
     assert "left out: a.png: no score (score -)" in capsys.readouterr().out
+
+
+def test_ctrl_c_while_scoring_drops_the_batches_not_sent(monkeypatch, tmp_path):
+    """A KeyboardInterrupt left the pool's block, whose exit sent every queued batch first (20 of 20, 10 s)."""
+    import _thread
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    from client import infer
+
+    sent = []
+
+    class SlowClient:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def score(self, images, bank):
+            sent.append(len(images))
+            time.sleep(0.3)
+            return np.zeros((len(images), 8, 8), np.float32), np.zeros(len(images), np.float32)
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(infer, "PAClipClient", SlowClient)
+    info = {"bits": 8, "turned": False, "orientation": 1, "size": (8, 8)}
+    loaded = [(tmp_path / f"{i}.png", np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8, 3), np.uint8), info)
+              for i in range(20)]
+    args = SimpleNamespace(url=None, protocol="http", timeout=10.0, shared_memory=False, key=None, concurrency=2,
+                           batch_size=1, no_overlays=True, save_maps=False, overlay_size=0)
+    threading.Timer(0.45, _thread.interrupt_main).start()
+    with pytest.raises(KeyboardInterrupt):
+        infer.score_all(args, loaded, "b", (0.0, 1.0), tmp_path, None, False)
+    assert len(sent) <= 6, len(sent)
+
+
+def test_a_connection_lost_mid_request_is_unreachable_and_an_answer_is_refused():
+    """A gRPC stream removed mid-request (UNAVAILABLE without the guard's words) and an HTTP connection closed
+    mid-answer came out as 'refused' (exit 4) and as a traceback; the guard's own 503s are answers."""
+    import http.client
+
+    from tritonclient.utils import InferenceServerException
+
+    from client.triton_client import ServerRefused, ServerUnreachable, client_error
+
+    lost = InferenceServerException("Stream removed (Socket closed)", status="StatusCode.UNAVAILABLE")
+    unresolved = InferenceServerException("DNS resolution failed: errors resolving x.invalid:8001",
+                                          status="StatusCode.UNAVAILABLE")
+    busy = InferenceServerException("server busy: this host is building bank 'a'", status="StatusCode.UNAVAILABLE")
+    restarting = InferenceServerException("the inference server is not answering (restarting?): retry in a moment",
+                                          status="StatusCode.UNAVAILABLE")
+    assert isinstance(client_error(lost), ServerUnreachable) and isinstance(client_error(unresolved), ServerUnreachable)
+    assert isinstance(client_error(http.client.HTTPException("connection closed.")), ServerUnreachable)
+    assert isinstance(client_error(busy), ServerRefused) and isinstance(client_error(restarting), ServerRefused)

@@ -33,7 +33,7 @@ SLOW_BUILD_LOTS = 10  # copies of the 24-image lot: a build of about 5 s here, t
 pytestmark = pytest.mark.server
 
 
-@pytest.mark.parametrize("protocol,shm", [("http", False), ("grpc", False), ("http", True)])
+@pytest.mark.parametrize("protocol,shm", [("http", False), ("grpc", False), ("http", True), ("grpc", True)])
 def test_ensemble_matches_in_process_pipeline(server, repository, built, lot, protocol, shm):
     from export.backbones import OnnxBackbone
 

@@ -284,3 +284,45 @@ def test_sigterm_during_the_start_and_a_stop_held_by_an_idle_connection(reposito
     finally:
         proc.kill()
 
+
+
+def test_a_shared_memory_client_lives_through_a_restart_and_a_refusal_leaves_no_region(repository, workdir, lot):
+    """A restarted tritonserver knows no region registered before: every later batch of a --shared-memory run
+    failed ("Unable to find shared memory region"); it registers again now. A registration the server refuses (no
+    key) raised tritonclient's own exception and left its region in /dev/shm."""
+    from client.triton_client import ServerRefused
+
+    key = "k" * 24
+    srv = start_server(repository, workdir / "banks_shm_restart", workdir / "shm_restart.log", key=key)
+    try:
+        client = PAClipClient(srv.http_url, shared_memory=True, key=key)
+        client.add_images("w", "washer", lot[:4], reset=True)
+        client.build_bank("w", {"mode": "mutual"})
+        before = client.score(lot[:2], "w")
+        srv.stop(keep_guards=True)  # what the supervisor does with a dead server
+        srv.start(timeout=180)
+        after = client.score(lot[:2], "w")
+        assert np.abs(after[0] - before[0]).max() < 1e-6 and np.abs(after[1] - before[1]).max() < 1e-6
+        client.close()
+        keyless = PAClipClient(srv.http_url, shared_memory=True, key="")
+        with pytest.raises(ServerRefused, match="access key"):
+            keyless.score(lot[:2], "w")
+        assert keyless._shm is None and not list(Path("/dev/shm").glob(f"pa_clip_in_*"))
+        keyless.close()
+    finally:
+        srv.stop()
+
+
+def test_a_taken_metrics_port_stops_the_start_with_what_to_pass(repository, workdir):
+    """tritonserver says ready before it binds its metrics port, then exits: the start looked fine and the
+    supervisor restarted it until it gave up."""
+    http, grpc, metrics = free_ports(3)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", metrics))
+        taken.listen()
+        server = LocalServer(repository, workdir / "banks_metrics", http_port=http, grpc_port=grpc,
+                             metrics_port=metrics)
+        started = time.monotonic()
+        with pytest.raises(ServerError, match=f"metrics port 127.0.0.1:{metrics} is in use"):
+            server.start(timeout=60)
+        assert time.monotonic() - started < 10
