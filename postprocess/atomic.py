@@ -4,11 +4,14 @@ folder. Readers see the old file or the whole new one, never a part; a crash lea
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import socket
+import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Union
 
@@ -95,3 +98,25 @@ def write_atomic(path: str | Path, content: Content) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+@contextmanager
+def exclusive(lock: Path, waiting: str):
+    """An exclusive lock on the file ``lock`` (created), released when the block ends or the process dies; says
+    ``waiting`` on stderr when another holds it."""
+    with open(lock, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(waiting, file=sys.stderr, flush=True)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+def exporting(repository: Path):
+    """Held while a model repository is written (``python -m export``, ``pa-clip main``): a second export waits."""
+    repository = Path(repository)
+    repository.parent.mkdir(parents=True, exist_ok=True)
+    return exclusive(repository.parent / f".{repository.name}.export-lock",
+                     f"another job is exporting into {repository}: waiting ...")
+

@@ -191,6 +191,11 @@ class LocalServer:
         if not (self.repository.is_dir() and any(self.repository.glob("*/config.pbtxt"))):
             raise ServerError(f"{self.repository} is not a model repository (no */config.pbtxt): "
                               "run `python -m export onnx --out model_repository` first")
+        hidden = sorted(p.name for p in self.repository.iterdir() if p.is_dir() and p.name.startswith("."))
+        if hidden:  # tritonserver reads every folder as a model and stops on these ("unexpected directory name")
+            raise ServerError(f"{self.repository} holds the folder(s) {', '.join(hidden)}, which tritonserver refuses "
+                              "as models (an interrupted export leaves such): export again (it removes them) or remove "
+                              "them")
         self.banks = Path(banks).resolve() if banks is not None else None
         self.host = host
         self.http_port, self.grpc_port, self.metrics_port = http_port, grpc_port, metrics_port

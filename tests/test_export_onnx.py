@@ -122,6 +122,33 @@ def test_bad_requests_write_nothing(tmp_path, capsys, argv, message):
     assert not repo.exists() or not any(repo.iterdir())
 
 
+def test_a_killed_export_leaves_nothing_a_server_refuses_and_the_next_one_clears_what_it_left(tmp_path):
+    """A model folder was staged inside the repository: killed there, an export left '.clip_vision.partial-*',
+    which tritonserver takes for a model and refuses to start on ("unexpected directory name")."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from export.onnx_export import remove_leftovers
+    from serve.local import LocalServer, ServerError
+
+    repo = tmp_path / "repo"
+    write_model_dir(repo, "clip_vision", {"config.pbtxt": "old"})
+    script = ("import os\nfrom pathlib import Path\nfrom export.onnx_export import write_model_dir\n"
+              "def die(target):\n    target.write_bytes(b'half')\n    os._exit(9)\n"
+              f"write_model_dir(Path({str(repo)!r}), 'clip_vision', {{'1/model.onnx': die, 'config.pbtxt': 'new'}})\n")
+    killed = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[1], timeout=120)
+    assert killed.returncode == 9
+    assert sorted(p.name for p in repo.iterdir()) == ["clip_vision"]  # nothing hidden for tritonserver
+    assert (repo / "clip_vision/config.pbtxt").read_text() == "old"
+    (repo / ".clip_vision.partial-abc123").mkdir()  # what an export of before left inside the repository
+    with pytest.raises(ServerError, match=r"\.clip_vision\.partial-abc123, which tritonserver refuses"):
+        LocalServer(repo)
+    assert len(remove_leftovers(repo)) == 2  # that folder and the killed export's staging
+    assert sorted(p.name for p in repo.iterdir()) == ["clip_vision"]
+    assert not list((tmp_path / ".repo.staging").iterdir())
+
+
 def test_interrupted_write_keeps_the_previous_model(tmp_path):
     write_model_dir(tmp_path, "clip_vision", {"config.pbtxt": "old"})
 
