@@ -59,6 +59,13 @@ def main(argv=None, prog: str = "python -m export") -> int:
     if args.command == "tensorrt" and not args.min_batch <= args.opt_batch <= args.max_batch:
         parser.error(f"need --min-batch <= --opt-batch <= --max-batch, got {args.min_batch}, {args.opt_batch}, "
                      f"{args.max_batch}")
+    from .repository import serving_max_batch
+
+    asked = args.max_batch if args.command == "tensorrt" else args.max_batch_size
+    if asked < serving_max_batch():  # tritonserver refuses an ensemble whose encoder takes fewer than it sends
+        option = "--max-batch" if args.command == "tensorrt" else "--max-batch-size"
+        parser.error(f"{option} {asked} is below the pa_clip ensemble's max_batch_size ({serving_max_batch()}): "
+                     "tritonserver would refuse the repository; give at least that")
     from .tensorrt_build import TensorRTUnavailable
 
     target = Path(args.repository if args.command == "tensorrt" else args.out)

@@ -163,6 +163,14 @@ def build_tensorrt(repository: Path, onnx_path: Path | None, min_batch: int, opt
     return written
 
 
+def serving_max_batch() -> int:
+    """The largest batch the serving models send the encoder (the ``pa_clip`` ensemble's ``max_batch_size``): an
+    encoder exported for fewer makes a repository tritonserver refuses."""
+    from .triton_config import read_config
+
+    return int(read_config(PROJECT_REPOSITORY / C.ENSEMBLE / "config.pbtxt").max_batch_size)
+
+
 def install_serving_models(repository: Path) -> list[Path]:
     """Copy the PA-CLIP serving models (ensemble, scorer, bank manager) next to the exported encoders, so that
     ``--out`` anywhere gives a complete repository. They are the project's own files, replaced on every export."""

