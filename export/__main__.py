@@ -105,7 +105,8 @@ def _export(args, target: Path) -> list:
         if pair is not None:
             backbone.set_input_size(pair)  # refuses sizes that are not multiples of the patch size
         written = repository.export_clip(backbone, target, args.precision, args.max_batch_size, pair)
-    return written + repository.install_serving_models(target)
+    written += repository.install_serving_models(target)
+    return written + repository.serve_the_onnx_encoder(target)
 
 
 if __name__ == "__main__":

