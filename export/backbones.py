@@ -37,6 +37,9 @@ class ClipBackbone:
 
         self._torch = torch
         model, weights_id, size = clip_encoder.load_clip(model_name, pretrained, image_size)
+        if not all(hasattr(model.visual, part) for part in ("conv1", "transformer", "positional_embedding")):
+            raise ValueError(f"{model_name} has no ViT image tower (patch tokens are read from a ViT's layers): pick "
+                             "a ViT model, e.g. ViT-L-14-336")
         patch = model.visual.conv1.kernel_size[0]
         if size % patch:
             raise ValueError(f"image size {size} is not a multiple of the patch size {patch} of {model_name}")

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
+import zipfile
 from pathlib import Path
 
 import torch
@@ -186,6 +188,9 @@ def load_clip(model_name: str, pretrained: str | None, image_size: int | None):
     import open_clip
 
     if model_name == TINY_MODEL:
+        if pretrained not in (None, "", "none"):  # it was ignored: random weights exported as if they were these
+            raise ValueError(f"the {TINY_MODEL} test model has random weights only: pass --pretrained none, not "
+                             f"{pretrained!r}")
         size = image_size or 56
         return _tiny_clip(size).eval(), "random-init:seed0", size
     if model_name not in open_clip.list_models():
@@ -201,6 +206,9 @@ def load_clip(model_name: str, pretrained: str | None, image_size: int | None):
             model = open_clip.create_model(model_name, pretrained=pretrained, force_image_size=size)
         except RuntimeError as err:
             raise ValueError(f"checkpoint {pretrained} does not match {model_name}: {err}") from err
+        except (pickle.UnpicklingError, EOFError, OSError, zipfile.BadZipFile) as err:  # not a checkpoint at all
+            raise ValueError(f"{pretrained} is not a checkpoint torch can read weights from ({type(err).__name__}: "
+                             f"{str(err).splitlines()[0][:200]})") from err
         return model.eval(), "sha256:" + _file_sha256(pretrained), size
     known = open_clip.list_pretrained_tags_by_model(model_name)
     if pretrained not in known:

@@ -153,7 +153,11 @@ def build_tensorrt(repository: Path, onnx_path: Path | None, min_batch: int, opt
     onnx_path = Path(onnx_path) if onnx_path else repository / targets.ONNX.model / "1" / targets.ONNX.model_file
     if not onnx_path.is_file():
         raise FileNotFoundError(f"no ONNX model at {onnx_path}: run `python -m export onnx` first")
-    fingerprint = C.onnx_fingerprint(onnx_path)
+    try:
+        fingerprint = C.onnx_fingerprint(onnx_path)
+    except Exception as err:  # protobuf's DecodeError, a model without our metadata: not an exported encoder
+        raise ValueError(f"{onnx_path} is not an ONNX encoder this project exported ({type(err).__name__}: "
+                         f"{str(err)[:200]}): run `python -m export onnx` again") from err
     # A plan is built for one input size: the encoder's own, or the square at its long side for one that takes any
     size = C.square_size(fingerprint)
     profile = BatchProfile(size, min_batch, opt_batch, max_batch)

