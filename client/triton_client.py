@@ -18,6 +18,7 @@ from postprocess.errors import BUSY
 
 DEFAULT_URLS = {"http": "127.0.0.1:8000", "grpc": "127.0.0.1:8001"}
 BUSY_RETRY_S = 2.0  # how often a build is sent again while the server builds another bank
+HEALTH_TIMEOUT_S = 15.0  # how long check_ready waits for an answer
 
 
 class ClientError(RuntimeError):
@@ -102,10 +103,23 @@ class PAClipClient:
 
     # -- server --------------------------------------------------------------------------------------------
     def check_ready(self) -> None:
+        """Whether a PA-CLIP server answers at the address, asked with a short timeout (``HEALTH_TIMEOUT_S``: a port
+        that takes connections and never answers held a run for the request timeout, an hour, or forever over
+        gRPC)."""
         try:
-            ready = self.client.is_server_ready(headers=self.headers) and \
-                self.client.is_model_ready(ENSEMBLE, headers=self.headers) and \
-                self.client.is_model_ready(BANK_MODEL, headers=self.headers)
+            if self.protocol == "http":
+                health = self._tc.InferenceServerClient(self.url, connection_timeout=HEALTH_TIMEOUT_S,
+                                                        network_timeout=HEALTH_TIMEOUT_S)
+                try:
+                    ready = health.is_server_ready(headers=self.headers) and \
+                        health.is_model_ready(ENSEMBLE, headers=self.headers) and \
+                        health.is_model_ready(BANK_MODEL, headers=self.headers)
+                finally:
+                    health.close()
+            else:
+                ready = self.client.is_server_ready(headers=self.headers, client_timeout=HEALTH_TIMEOUT_S) and \
+                    self.client.is_model_ready(ENSEMBLE, headers=self.headers, client_timeout=HEALTH_TIMEOUT_S) and \
+                    self.client.is_model_ready(BANK_MODEL, headers=self.headers, client_timeout=HEALTH_TIMEOUT_S)
         except Exception as err:
             raise ServerUnreachable(f"no Triton server answers at {self.url} ({self.protocol}): {_message(err)}. "
                                     "Start one with `python -m serve` (see README)") from err

@@ -14,6 +14,7 @@ The wheel ships the server binary, the Python backend library and per-Python-ver
 from __future__ import annotations
 
 import importlib.util
+import ipaddress
 import os
 import re
 import secrets
@@ -53,7 +54,14 @@ RESTRICTED_APIS = ("metadata", "inference", "shared-memory", "model-config", "mo
 
 
 def is_loopback(host: str) -> bool:
-    return host in ("localhost", "::1") or host.startswith("127.")
+    """A loopback address (127.0.0.0/8, ::1) or 'localhost': nothing off this machine reaches it. A name is never
+    taken for one by its spelling ('127.example.com' was, and needed no key)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class ServerError(RuntimeError):

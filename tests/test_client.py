@@ -298,3 +298,33 @@ def test_a_connection_lost_mid_request_is_unreachable_and_an_answer_is_refused()
     assert isinstance(client_error(lost), ServerUnreachable) and isinstance(client_error(unresolved), ServerUnreachable)
     assert isinstance(client_error(http.client.HTTPException("connection closed.")), ServerUnreachable)
     assert isinstance(client_error(busy), ServerRefused) and isinstance(client_error(restarting), ServerRefused)
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_a_port_that_never_answers_is_unreachable_within_the_health_timeout(protocol, monkeypatch):
+    """A port that takes connections and never answers held check_ready for the request timeout (an hour over
+    HTTP, forever over gRPC)."""
+    import socket
+    import time
+
+    from client import triton_client
+    from client.triton_client import PAClipClient, ServerUnreachable
+
+    monkeypatch.setattr(triton_client, "HEALTH_TIMEOUT_S", 1.0)
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        client = PAClipClient(f"127.0.0.1:{silent.getsockname()[1]}", protocol)
+        started = time.monotonic()
+        with pytest.raises(ServerUnreachable):
+            client.check_ready()
+        assert time.monotonic() - started < 10
+        client.close()
+
+
+def test_only_loopback_addresses_count_as_loopback():
+    """'127.example.com' was taken for loopback by its spelling, and a server bound there needed no key."""
+    from serve.local import is_loopback
+
+    assert all(map(is_loopback, ["127.0.0.1", "127.1.2.3", "::1", "localhost"]))
+    assert not any(map(is_loopback, ["127.example.com", "0.0.0.0", "10.0.0.1", "::", "example.com"]))
