@@ -234,6 +234,9 @@ def main(argv=None, prog: str = "./run.sh main") -> int:
                   file=sys.stderr)
             while server.process.poll() is None:
                 time.sleep(1)
+            print(f"error: the server stopped (exit {server.process.returncode}); its log: {server.log_file}",
+                  file=sys.stderr)
+            code = exits.UNREACHABLE  # it ended quietly with 0, as if it had been stopped on purpose
     except KeyboardInterrupt:
         code = 130
     finally:
