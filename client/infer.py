@@ -256,8 +256,8 @@ def build_parser(prog: str = "client/infer.py") -> argparse.ArgumentParser:
                    help="send pixels and receive maps through system shared memory (client on the server's host)")
     p.add_argument("--no-overlays", action="store_true", help="write scores only")
     p.add_argument("--overlay-size", type=F.integer(0, 8192), default=DEFAULT_OVERLAY_SIZE, metavar="PIXELS",
-                   help=f"longest side of each panel of an overlay (default {DEFAULT_OVERLAY_SIZE}; 0: the image as read "
-                   "for pictures, at most 1600 pixels long); results.csv keeps the original's width and height")
+                   help=f"longest side of each panel of an overlay (default {DEFAULT_OVERLAY_SIZE}; 0: the image as "
+                   "read for pictures, at most 1600 pixels long); results.csv keeps the original's width and height")
     p.add_argument("--save-maps", action="store_true", help="also write each map as float16 .npy")
     p.add_argument("--timeout", type=F.SECONDS, default=3600.0, help="seconds to wait for one request (builds are long)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -273,8 +273,8 @@ def check_out(out: Path, overwrite: bool, writes: tuple = RUN_FOLDERS) -> list[s
     """--out for a new run: refused while it holds another run's results unless ``overwrite``; returns what a run
     wrote there (``RUN_OUTPUTS``), for ``clear_out`` once the server has answered (a refused run loses nothing).
     A folder ``overlays`` or ``maps`` that no run's results.json there names (``run_folders``) is the user's: never
-    counted or removed, and refused where this run would write into it (``writes``). The folder is made here, and refused when it
-    cannot be written, before any work is sent."""
+    counted or removed, and refused where this run would write into it (``writes``). The folder is made here, and
+    refused when it cannot be written, before any work is sent."""
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {str(out)!r} is a file, not a folder")
     run_folders.cache_clear()  # what a run wrote there is read now, not remembered from before
