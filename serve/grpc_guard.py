@@ -66,8 +66,8 @@ def check_inference_request(request: service_pb2.ModelInferRequest, limits: Limi
     # image in shared memory beside a raw bank name was refused here, though Triton takes it)
     carried = [i for i, item in enumerate(request.inputs) if "shared_memory_region" not in item.parameters]
     if raw and len(raw) != len(carried):
-        raise Refused(400, f"{len(raw)} raw_input_contents for {len(carried)} inputs not in shared memory: send one "
-                           "per such input")
+        raise Refused(400, f"{len(raw)} raw_input_contents for {len(carried)} inputs not in shared memory: send "
+                           "one per input that is not")
     raw_of = dict(zip(carried, raw))
     for i, item in enumerate(request.inputs):
         shape = list(item.shape)

@@ -269,13 +269,16 @@ def test_every_cuda_source_compiles_with_nvrtc(source, arch):
     try:
         options = [o.encode() for o in (*cuda_kernels.nvrtc_options(), f"-arch={arch}")]
         (err,) = nvrtc.nvrtcCompileProgram(program, len(options), options)
+        # writable buffers: NVRTC writes into them (into b" " * 1, Python's one cached b" ", it wrote a NUL, and
+        # every later b" " in this process, pickle's and the tests' own, was b"\0")
         _, size = nvrtc.nvrtcGetProgramLogSize(program)
-        log = b" " * size
+        log = bytearray(size)
         nvrtc.nvrtcGetProgramLog(program, log)
         assert err == nvrtc.nvrtcResult.NVRTC_SUCCESS, log.decode(errors="replace")
         _, ptx_size = nvrtc.nvrtcGetPTXSize(program)
-        ptx = b" " * ptx_size
+        ptx = bytearray(ptx_size)
         nvrtc.nvrtcGetPTX(program, ptx)
+        assert b" " == bytes([32])
         for name in cuda_kernels.KERNELS[source]:  # extern "C": each kernel under its own name
             assert f".entry {name}(".encode() in ptx, name
     finally:
