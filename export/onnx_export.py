@@ -1,8 +1,9 @@
 """ONNX building blocks: torch -> ONNX with the encoder fingerprint recorded, the ONNX Runtime session factory,
 and writing a model folder into a Triton repository atomically.
 
-Each model is written beside its final place and renamed into it, so an interrupted export never leaves a
-half-written model in the repository. The ONNX file records what produced it (``metadata_props``: backbone,
+Each model is written in a staging folder beside the repository (never in it: tritonserver reads every folder of a
+repository as a model) and renamed into place, so an interrupted export never leaves a half-written model, or a
+hidden folder the server refuses, in the repository. The ONNX file records what produced it (``metadata_props``: backbone,
 weights hash, image size, taps), so that a bank built with one encoder is never scored with another.
 """
 
