@@ -266,24 +266,30 @@ def summarise(data: dict) -> dict:
     return out
 
 
+def within_loss(row: dict, max_loss: float) -> bool:
+    return row["delta_image_auroc"] >= -max_loss and row["delta_pro"] >= -max_loss
+
+
 def choose(summary: dict, smaller: float, cheaper: float, max_loss: float) -> str | None:
     """Among the variants small and cheap enough, those within ``max_loss`` of the first on image AUROC and PRO;
-    the best mean of the two. None when no variant is small and cheap enough."""
+    the best mean of the two. When none is within the loss, the least bad of the small and cheap ones, which the
+    report says loses more than the limit (``within_loss``). None when no variant is small and cheap enough."""
     fast = [n for n, s in summary.items() if s["smaller"] >= smaller and s["cheaper"] >= cheaper]
     if not fast:
         return None
-    kept = [n for n in fast if summary[n]["delta_image_auroc"] >= -max_loss and summary[n]["delta_pro"] >= -max_loss]
+    kept = [n for n in fast if within_loss(summary[n], max_loss)]
     pool = kept or fast
     return max(pool, key=lambda n: summary[n]["image_auroc"] + summary[n]["pro"])
 
 
-def table(name: str, data: dict, summary: dict, mark: str | None) -> str:
+def table(name: str, data: dict, summary: dict, mark: str | None, max_loss: float | None = None) -> str:
     lines = [f"{name}: lots of {data['lot_size']} ({data['defect_rate']:.0%} defective), {data['patches']} patches x "
              f"{data['channels']} channels x {data['taps']} taps, image {data['image_size'][0]}x{data['image_size'][1]}",
              "", "| variant | bank MB | x smaller | GFLOP / new image | x less work | ms / new image (this CPU) | "
              "x faster | I-AUROC | P-AUROC | PRO |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for variant, s in summary.items():
-        star = " **(chosen)**" if variant == mark else ""
+        star = "" if variant != mark else " **(chosen)**" if max_loss is None or within_loss(s, max_loss) else \
+            f" **(chosen: loses more than {100 * max_loss:.0f} point(s) here, as every small and cheap one does)**"
         deltas = {k: "" if variant == next(iter(summary)) else f" ({100 * s[f'delta_{k}']:+.1f})" for k in METRICS}
         lines.append(
             f"| {variant}{star} | {s['bank_bytes'] / 1e6:.1f} | {s['smaller']:.1f} | {s['flop_per_new_image'] / 1e9:.2f} | "
@@ -309,10 +315,12 @@ def report(args) -> int:
         pick = choose(sets[a][1], args.smaller, args.cheaper, args.max_loss)
         chosen[f"{a} -> {b}"] = pick
         print(f"\nchosen on {a}: {pick or 'nothing is small and cheap enough'}"
-              + (f" {json.dumps(sets[a][1][pick]['settings'])}; reported on {b}" if pick else ""))
+              + (f" {json.dumps(sets[a][1][pick]['settings'])}; reported on {b}" if pick else "")
+              + (f" (none small and cheap enough is within {100 * args.max_loss:.0f} point(s): the least bad)"
+                 if pick and not within_loss(sets[a][1][pick], args.max_loss) else ""))
     for name, (data, summary) in sets.items():
         print()
-        print(table(name, data, summary, chosen[f"{names[0]} -> {names[1]}"]))
+        print(table(name, data, summary, chosen[f"{names[0]} -> {names[1]}"], args.max_loss))
     if args.json:
         write_atomic(Path(args.json), json.dumps({"chosen": chosen, "sets": {n: s for n, (_, s) in sets.items()}},
                                                  indent=1))

@@ -128,7 +128,9 @@ def read_mask(path: Path | None, image_size: tuple[int, int], size: tuple[int, i
         if mask.size != image_size:
             warnings.warn(f"mask {path} is {mask.size[0]}x{mask.size[1]} but its image is "
                           f"{image_size[0]}x{image_size[1]}; resizing the mask", stacklevel=2)
-        return np.asarray(mask.resize((width, height), Image.NEAREST)) > 127
+        # MVTec's masks are 0/255, some sets' (VisA as distributed) 0/1, which read as > 127 were empty
+        values = np.asarray(mask.resize((width, height), Image.NEAREST))
+        return values > (0 if values.max(initial=0) <= 1 else 127)
 
 
 def original_sizes(category: Category) -> list[tuple[int, int]]:

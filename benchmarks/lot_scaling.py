@@ -107,12 +107,17 @@ def pair(text: str) -> tuple[int, int]:
 
 def growth(rows: list, references: int, above: int, neighbours: int = 0) -> float | None:
     """Slope of log(build seconds) on log(lot size), over the sizes above ``above`` (None: fewer than two)."""
-    points = [(r["lot_size"], r["build_s"]) for r in rows if r["references"] == references
-              and r.get("neighbours", 0) == neighbours and r["lot_size"] > above]
+    points = fitted_sizes(rows, references, above, neighbours)
     if len(points) < 2:
         return None
     x, y = np.log([p[0] for p in points]), np.log([p[1] for p in points])
     return float(np.polyfit(x, y, 1)[0])
+
+
+def fitted_sizes(rows: list, references: int, above: int, neighbours: int = 0) -> list:
+    """The (lot size, build seconds) a growth fit reads."""
+    return [(r["lot_size"], r["build_s"]) for r in rows if r["references"] == references
+            and r.get("neighbours", 0) == neighbours and r["lot_size"] > above]
 
 
 def time_lots(args) -> int:
@@ -140,9 +145,10 @@ def time_lots(args) -> int:
             rows.append(row)
             print(json.dumps(row), file=sys.stderr)
 
-    # a setting's growth is fitted where it differs from the whole lot: above its sample, or its neighbours + 1
-    fits = {label(s, nb): growth(rows, s, min(args.sizes) if s + nb == 0 else (s or nb) + 1, nb)
-            for s, nb in settings(args)}
+    # a setting's growth is fitted where it differs from the whole lot: above its sample, or its neighbours + 1; the
+    # whole lot over every size (it left out the smallest, while the README said it fitted from there)
+    above = {label(s, nb): (min(args.sizes) - 1 if s + nb == 0 else (s or nb) + 1, s, nb) for s, nb in settings(args)}
+    fits = {name: growth(rows, s, cut, nb) for name, (cut, s, nb) in above.items()}
     lines = ["| lot images | full bank keeps | each image reads | build s | build s / image | build peak MB (traced) | "
              "bank MB | scoring s / new image | scoring peak MB |", "|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
@@ -153,7 +159,9 @@ def time_lots(args) -> int:
     print(f"\n{category.name}: lots of repeated real images, {data.images.shape[1]}x{data.images.shape[2]}\n")
     print("\n".join(lines))
     for name, slope in fits.items():
-        print(f"build time grows as N^{slope:.2f} ({name})" if slope is not None else f"({name}: too few sizes)")
+        sizes = [n for n, _ in fitted_sizes(rows, above[name][1], above[name][0], above[name][2])]
+        print(f"build time grows as N^{slope:.2f} over {min(sizes)}-{max(sizes)} images ({name})" if slope is not None
+              else f"({name}: too few sizes)")
     if args.json:
         write_atomic(Path(args.json), json.dumps({"set": category.name, "rows": rows, "growth": fits}, indent=1))
     return 0

@@ -1,6 +1,6 @@
 """The honest protocol: choose settings on one data set, report them on another, in both directions.
 
-    python -m benchmarks.protocol --tune magnetic_tile=RUNS_A/*/results.json --report ball_screw=RUNS_B/*/results.json
+    python -m benchmarks.protocol --sets magnetic_tile='RUNS_A/*/results.json' ball_screw='RUNS_B/*/results.json'
 
 Each ``results.json`` is one ``python -m benchmarks.evaluate`` run (one input size and aspect, several rows from
 --modes/--variant); a candidate is one row of one run, named ``<aspect>@<size>/<row>``, and must be present for both

@@ -13,8 +13,8 @@
                                            like its lot's good parts are folded in (a new version), the rest left
                                            out and listed; the decision's calibration is read again
 
-The server keeps the live version of a bank and the one before it (a replica may still be loading it); `prune`
-removes older ones. `python -m serve --max-store-gb N` refuses adds and builds that would take the store past N GB.
+A commit keeps the live version of a bank and the one before it (a replica may still be loading it); `prune` removes
+every version but the live one once it is over 10 minutes old. `python -m serve --max-store-gb N` refuses adds and builds that would take the store past N GB.
 """
 
 from __future__ import annotations

@@ -14,7 +14,8 @@ USAGE = 2  # the command line or its inputs: nothing was sent, or nothing could 
 UNREACHABLE = 3  # no server answered at the address
 REFUSED = 4  # the server answered with an error
 
-HELP = ("exit status: 0 done; 1 some images failed (or, with --fail-on, were decided so or could not be decided); "
+HELP = ("exit status: 0 done; 1 some images failed (or, with --fail-on, were decided so or could not be decided; "
+        "banks verify: a bank is damaged; serve: it gave up after --max-restarts); "
         "2 bad usage or inputs; "
         "3 the server could not be reached; 4 the server refused the request")
 

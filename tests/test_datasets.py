@@ -40,6 +40,16 @@ def test_mask_of_other_size_is_resized_with_warning(mvtec_tree):
     assert lot.masks.shape == (10, 56, 56)
 
 
+def test_a_mask_stored_as_0_and_1_is_not_read_empty(mvtec_tree):
+    """Masks of some sets (VisA's as distributed) hold 0 and 1: read as > 127 every defect's mask was empty."""
+    for mask_path in (mvtec_tree / "widget/ground_truth/scratch").iterdir():
+        values = np.asarray(Image.open(mask_path).convert("L"))
+        Image.fromarray((values > 127).astype(np.uint8)).save(mask_path)
+    (cat,) = discover(mvtec_tree, "mvtec")
+    lot = load_category(cat, 56)
+    assert not lot.masks[:6].any() and all(m.any() for m in lot.masks[6:])
+
+
 def test_empty_category_and_unknown_layouts(tmp_path, mvtec_tree):
     empty = tmp_path / "empty_root" / "thing" / "test" / "good"
     empty.mkdir(parents=True)

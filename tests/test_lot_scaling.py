@@ -28,6 +28,8 @@ def test_time_and_accuracy_tables(repository, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| 14 | 4 | a sample of 4 |" in out and "| 14 | 14 | nearest 3 |" in out
     assert "| 14 | 5 | nearest 2 of a sample of 5 |" in out and "(nearest 2 of a sample of 5: too few sizes)" in out
+    # the whole lot fitted over every size (the smallest was left out: "50-400" in the README read 100-400)
+    assert "over 6-14 images (every image (exact))" in out
     assert lot_scaling.main(["accuracy", "--data", str(data), "--repository", str(repository), "--references", "0",
                              "3", "--neighbours", "2"]) == 0
     out = capsys.readouterr().out
