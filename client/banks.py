@@ -14,7 +14,8 @@
                                            out and listed; the decision's calibration is read again
 
 A commit keeps the live version of a bank and the one before it (a replica may still be loading it); `prune` removes
-every version but the live one once it is over 10 minutes old. `python -m serve --max-store-gb N` refuses adds and builds that would take the store past N GB.
+every version but the live one once it is over 10 minutes old. `python -m serve --max-store-gb N` refuses adds and
+builds that would take the store past N GB.
 """
 
 from __future__ import annotations

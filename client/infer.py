@@ -269,6 +269,11 @@ FAIL_ON = ("anomalous", D.OUT_OF_DISTRIBUTION, "any")
 RUN_OUTPUTS = ("results.csv", "results.json", "report.html", "overlays", "maps")
 
 
+def folders_written(args) -> tuple[str, ...]:
+    """The folders of ``RUN_FOLDERS`` this run writes into --out (what its results.json names as ``outputs``)."""
+    return tuple(name for name, wanted in (("overlays", not args.no_overlays), ("maps", args.save_maps)) if wanted)
+
+
 def check_out(out: Path, overwrite: bool, writes: tuple = RUN_FOLDERS) -> list[str]:
     """--out for a new run: refused while it holds another run's results unless ``overwrite``; returns what a run
     wrote there (``RUN_OUTPUTS``), for ``clear_out`` once the server has answered (a refused run loses nothing).
@@ -279,13 +284,12 @@ def check_out(out: Path, overwrite: bool, writes: tuple = RUN_FOLDERS) -> list[s
         raise UsageError(f"--out {str(out)!r} is a file, not a folder")
     run_folders.cache_clear()  # what a run wrote there is read now, not remembered from before
     wrote = run_folders(out.resolve())
-    found = [name for name in RUN_OUTPUTS if ((out / name).exists() or (out / name).is_symlink())
-             and (name in wrote or name not in RUN_FOLDERS)]
+    present = [name for name in RUN_OUTPUTS if (out / name).exists() or (out / name).is_symlink()]
+    found = [name for name in present if name in wrote or name not in RUN_FOLDERS]
     if found and not overwrite:
         raise UsageError(f"--out {str(out)!r} holds another run's results ({', '.join(found)}): pass --overwrite to "
                          "replace them, or another --out")
-    foreign = [name for name in RUN_FOLDERS if name in writes and name not in wrote
-               and ((out / name).exists() or (out / name).is_symlink())]
+    foreign = [name for name in RUN_FOLDERS if name in present and name in writes and name not in wrote]
     if foreign:
         raise UsageError(f"--out {str(out)!r} holds a folder {foreign[0]!r} that no scoring run wrote (no results.json "
                          f"beside it): this run writes its {foreign[0]} there; pass another --out")
@@ -601,8 +605,7 @@ def main(argv=None, prog: str = "client/infer.py") -> int:
               file=sys.stderr)
         return 2
     try:
-        previous = check_out(out, args.overwrite, writes=(() if args.no_overlays else ("overlays",))
-                             + (("maps",) if args.save_maps else ()))
+        previous = check_out(out, args.overwrite, writes=folders_written(args))
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -693,7 +696,7 @@ def main(argv=None, prog: str = "client/infer.py") -> int:
         "decision": None if decider is None else {
             **decider.calibration.to_dict(), "threshold_calibrated": 0.5 if threshold is None else threshold,
             "threshold_source": "auto" if threshold is None else "--threshold"},
-        "outputs": [name for name, wrote in (("overlays", not args.no_overlays), ("maps", args.save_maps)) if wrote],
+        "outputs": list(folders_written(args)),
         "scored": len(rows), "skipped": skipped, "failed": failed, "warnings": found_warnings,
         "seconds": round(elapsed, 3), "images_per_second": round(len(rows) / elapsed, 3) if elapsed > 0 else None,
         "images": rows,

@@ -107,19 +107,17 @@ class PAClipClient:
         that takes connections and never answers held a run for the request timeout, an hour, or forever over
         gRPC)."""
         try:
-            if self.protocol == "http":
-                health = self._tc.InferenceServerClient(self.url, connection_timeout=HEALTH_TIMEOUT_S,
-                                                        network_timeout=HEALTH_TIMEOUT_S)
-                try:
-                    ready = health.is_server_ready(headers=self.headers) and \
-                        health.is_model_ready(ENSEMBLE, headers=self.headers) and \
-                        health.is_model_ready(BANK_MODEL, headers=self.headers)
-                finally:
-                    health.close()
+            if self.protocol == "http":  # its timeouts are the client's: a client of its own for these calls
+                health, timeout = self._tc.InferenceServerClient(self.url, connection_timeout=HEALTH_TIMEOUT_S,
+                                                                 network_timeout=HEALTH_TIMEOUT_S), {}
             else:
-                ready = self.client.is_server_ready(headers=self.headers, client_timeout=HEALTH_TIMEOUT_S) and \
-                    self.client.is_model_ready(ENSEMBLE, headers=self.headers, client_timeout=HEALTH_TIMEOUT_S) and \
-                    self.client.is_model_ready(BANK_MODEL, headers=self.headers, client_timeout=HEALTH_TIMEOUT_S)
+                health, timeout = self.client, {"client_timeout": HEALTH_TIMEOUT_S}
+            try:
+                ready = health.is_server_ready(headers=self.headers, **timeout) and all(
+                    health.is_model_ready(model, headers=self.headers, **timeout) for model in (ENSEMBLE, BANK_MODEL))
+            finally:
+                if health is not self.client:
+                    health.close()
         except Exception as err:
             raise ServerUnreachable(f"no Triton server answers at {self.url} ({self.protocol}): {_message(err)}. "
                                     "Start one with `python -m serve` (see README)") from err

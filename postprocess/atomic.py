@@ -119,4 +119,3 @@ def exporting(repository: Path):
     repository.parent.mkdir(parents=True, exist_ok=True)
     return exclusive(repository.parent / f".{repository.name}.export-lock",
                      f"another job is exporting into {repository}: waiting ...")
-

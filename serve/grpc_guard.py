@@ -19,7 +19,6 @@ asking for the guard's per-start secret (health aside), and clients reach it thr
 from __future__ import annotations
 
 import hmac
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -29,8 +28,8 @@ from postprocess.contract import ACCESS_KEY_HEADER
 from postprocess.errors import BUSY
 
 from .http_guard import INTERNAL_HEADER
-from .request_checks import (Limits, Refused, check_carried, check_region_key, check_shape, check_tensor_names,
-                             has_control_character)
+from .request_checks import (InflightBudget, Limits, Refused, check_carried, check_region_key, check_shape,
+                             check_tensor_names, has_control_character)
 
 SERVICE = "/inference.GRPCInferenceService/"
 STREAMING = {"ModelStreamInfer"}
@@ -87,8 +86,7 @@ class GrpcGuard:
         self.host, self.port = host, port
         self.limits, self.key, self.secret, self.health = limits, key, secret, health
         self.workers = workers
-        self.inflight_bytes = 0  # messages being checked and forwarded right now, all calls together
-        self._inflight_lock = threading.Lock()
+        self.budget = InflightBudget(limits.max_inflight_bytes)  # messages checked and forwarded right now
         self.server = None
         self.channel = None
         self.set_upstream(upstream_port)
@@ -136,32 +134,19 @@ class GrpcGuard:
         return (f"this server needs its access key in the '{KEY_METADATA}' metadata (pa-clip score sends "
                 "$PA_CLIP_KEY)")
 
-    def reserve(self, n: int) -> None:
-        """Book a message of ``n`` bytes against ``max_inflight_bytes`` (503 when it does not fit); ``release``
-        gives it back."""
-        with self._inflight_lock:
-            if self.inflight_bytes + n > self.limits.max_inflight_bytes:
-                raise Refused(503, f"the server holds {self.inflight_bytes} bytes of requests already (at most "
-                                   f"{self.limits.max_inflight_bytes}): retry in a moment")
-            self.inflight_bytes += n
-
-    def release(self, n: int) -> None:
-        with self._inflight_lock:
-            self.inflight_bytes -= n
-
     def forward(self, method: str, request: bytes, context) -> bytes:
         name = method[len(SERVICE):]
         metadata = [(k, v) for k, v in context.invocation_metadata()]
         try:
             if (refusal := self.key_refusal(name, metadata)) is not None:
                 raise Refused(401, refusal)
-            self.reserve(len(request))
+            self.budget.reserve(len(request))
         except Refused as refused:
             context.abort(STATUS_CODES.get(refused.status, grpc.StatusCode.INVALID_ARGUMENT), str(refused))
         try:
             return self._checked_forward(method, name, request, metadata, context)
         finally:
-            self.release(len(request))
+            self.budget.release(len(request))
 
     def _checked_forward(self, method: str, name: str, request: bytes, metadata: list, context) -> bytes:
         try:

@@ -33,7 +33,8 @@ import h11
 
 from postprocess.contract import ACCESS_KEY_HEADER
 
-from .request_checks import Limits, Refused, check_inference_json, check_region_key, load_json
+from .request_checks import (InflightBudget, Limits, Refused, check_inference_json, check_region_key,
+                             load_json)
 
 INTERNAL_HEADER = "pa-clip-internal"  # the per-start secret tritonserver's own ports ask for
 # tritonserver 2.51 drops a request head of 8 KB or more (9 KB: it closed the connection unanswered, 502): a client's
@@ -66,7 +67,7 @@ class HttpGuard:
         self._thread = threading.Thread(target=self._loop.run_forever, name="http-guard", daemon=True)
         self._server = None
         self._idle: set = set()  # connection tasks waiting for a client's next request (keep-alive)
-        self.inflight_bytes = 0  # request bodies held right now (touched on the loop's thread only)
+        self.budget = InflightBudget(limits.max_inflight_bytes)  # request bodies held right now
 
     def start(self) -> "HttpGuard":
         self._thread.start()
@@ -169,10 +170,7 @@ class HttpGuard:
         held = [0]  # what this body holds of the budget so far
 
         def reserve(n: int) -> None:
-            if self.inflight_bytes + n > self.limits.max_inflight_bytes:
-                raise Refused(503, f"the server holds {self.inflight_bytes} bytes of requests already (at most "
-                                   f"{self.limits.max_inflight_bytes}): retry in a moment")
-            self.inflight_bytes += n
+            self.budget.reserve(n)
             held[0] += n
 
         try:
@@ -191,7 +189,7 @@ class HttpGuard:
             await upstream.relay(h11.Request(method=request.method, target=path, headers=forwarded), body, conn,
                                  writer)
         finally:
-            self.inflight_bytes -= held[0]
+            self.budget.release(held[0])
 
     async def _check_length(self, conn, writer, request, headers, keyless: bool = False) -> int:
         """The body's announced size, checked against the request limit (its bytes are budgeted as they arrive).
@@ -211,9 +209,8 @@ class HttpGuard:
         if size > self.limits.max_request_bytes:
             raise Refused(413, f"the request body is {size} bytes; this server takes at most "
                                f"{self.limits.max_request_bytes}")
-        if size and self.inflight_bytes + min(size, READ_SIZE) > self.limits.max_inflight_bytes:
-            raise Refused(503, f"the server holds {self.inflight_bytes} bytes of requests already (at most "
-                               f"{self.limits.max_inflight_bytes}): retry in a moment")
+        if size:
+            self.budget.check(min(size, READ_SIZE))
         if conn.they_are_waiting_for_100_continue:
             writer.write(conn.send(h11.InformationalResponse(status_code=100, headers=[])))
         return size

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +30,31 @@ class Refused(Exception):
     def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status = status
+
+
+class InflightBudget:
+    """The bytes of requests a guard holds at once, all connections together (``Limits.max_inflight_bytes``):
+    ``reserve`` refuses what would take it past the limit (503, retry), ``release`` gives back. Thread-safe: the gRPC
+    guard's handlers run on threads, the HTTP guard's on one event loop."""
+
+    def __init__(self, limit: int):
+        self.limit, self.held = limit, 0
+        self._lock = threading.Lock()
+
+    def check(self, n: int) -> None:
+        """Refused (503) when ``n`` more bytes would not fit now."""
+        if self.held + n > self.limit:
+            raise Refused(503, f"the server holds {self.held} bytes of requests already (at most {self.limit}): "
+                               "retry in a moment")
+
+    def reserve(self, n: int) -> None:
+        with self._lock:
+            self.check(n)
+            self.held += n
+
+    def release(self, n: int) -> None:
+        with self._lock:
+            self.held -= n
 
 
 @dataclass(frozen=True)

@@ -299,7 +299,7 @@ def test_slow_clients_time_out_and_held_bodies_are_capped(server, bank):
             except ConnectionResetError:
                 pass
             sock.close()
-        assert guard.inflight_bytes == 0
+        assert guard.budget.held == 0
         # the bytes are free again: the same request is read and checked now
         status, answer = exchange(f"127.0.0.1:{port}", request(b"x" * 200_000))
         assert status == 400 and "not valid JSON" in answer
@@ -330,11 +330,11 @@ def test_grpc_messages_in_flight_are_capped_like_http_bodies(server, bank, lot):
     client = PAClipClient(f"127.0.0.1:{port}", "grpc")
     try:
         held = (1 << 20) - images.nbytes  # another call's message, being forwarded
-        guard.reserve(held)
+        guard.budget.reserve(held)
         with pytest.raises(ClientError, match="retry in a moment"):
             client.score(images, bank)
-        assert guard.inflight_bytes == held
-        guard.release(held)
+        assert guard.budget.held == held
+        guard.budget.release(held)
         scores, _ = client.score(images, bank)  # fits now
         assert np.isfinite(scores).all()
         with pytest.raises(ClientError, match="invalid bank id"):  # the model's refusal, forwarded: given back too
@@ -343,7 +343,7 @@ def test_grpc_messages_in_flight_are_capped_like_http_bodies(server, bank, lot):
         with pytest.raises(grpc.RpcError, match="malformed"):  # the guard's own refusal after booking
             channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")(b"\xff\xff\xff\x01", timeout=30)
         channel.close()
-        assert guard.inflight_bytes == 0
+        assert guard.budget.held == 0
     finally:
         client.close()
         guard.stop()
@@ -450,7 +450,7 @@ def test_clients_that_claim_much_and_trickle_do_not_stop_valid_requests(server, 
         for t in threads:
             t.join(15)
         assert len(dropped) == 2 and all(2.5 <= d <= 10 for d in dropped), dropped  # dropped after the grace
-        assert guard.inflight_bytes == 0
+        assert guard.budget.held == 0
     finally:
         stop.set()
         for t in threads:
