@@ -9,14 +9,27 @@ fails a test here instead of on a customer's GPU.
 - ``np.asarray(device)``, ``np.concatenate([device, ...])``, ``device + host_array``, ``device[host_index]`` raise
   ``TypeError``.
 - Reductions return 0-d device arrays, as CuPy's do.
+- Only what CuPy has: ``strict.<name>`` and ``array.<name>`` refuse the NumPy functions and array methods that CuPy
+  13 lacks (``np.errstate``, ``np.nanpercentile``, ``ndarray.resize``, ...), by the names in
+  ``fixtures/cupy_names.json`` (read off cupy-cuda12x 13.6.0's ``dir(cupy)`` and ``dir(cupy.ndarray)``).
 """
 
 from __future__ import annotations
 
+import json
 import operator
 import types
+from pathlib import Path
 
 import numpy as np
+
+_CUPY = json.loads((Path(__file__).parent / "fixtures" / "cupy_names.json").read_text())
+CUPY_MODULE_NAMES = frozenset(_CUPY["module"])
+CUPY_ARRAY_NAMES = frozenset(_CUPY["ndarray"])
+
+
+class NotInCuPy(AttributeError):
+    pass
 
 TRANSFERS: list[tuple[int, ...]] = []  # shapes of the arrays brought back to the host with .get()
 
@@ -91,6 +104,8 @@ class StrictArray:
     def __getattr__(self, name):
         if name.startswith("__"):  # __array_interface__, __array_struct__, ...: NumPy would read the data directly
             raise AttributeError(name)
+        if name not in CUPY_ARRAY_NAMES:
+            raise NotInCuPy(f"cupy.ndarray has no .{name} (CuPy {_CUPY['cupy_version']}): a NumPy-only method")
         attr = getattr(self._a, name)
         if callable(attr):
             return lambda *args, **kwargs: _wrap(attr(*_unwrap(args), **_unwrap(kwargs)))
@@ -157,6 +172,8 @@ class _StrictModule(types.ModuleType):
     """NumPy's functions over StrictArrays; ``asarray``/``array`` also take host data (the explicit move)."""
 
     def __getattr__(self, name):
+        if not name.startswith("__") and name not in CUPY_MODULE_NAMES:
+            raise NotInCuPy(f"cupy has no {name} (CuPy {_CUPY['cupy_version']}): a NumPy-only function")
         attr = getattr(np, name)
         if isinstance(attr, type) or not callable(attr):
             return attr  # dtypes, constants

@@ -47,6 +47,21 @@ def test_the_strict_device_refuses_implicit_transfers():
     np.testing.assert_array_equal(K.to_numpy(x), np.arange(6.0))
 
 
+def test_the_strict_device_has_only_what_cupy_has():
+    x = strict.asarray(np.arange(6.0))
+    for numpy_only in (lambda: strict.nanpercentile(x, 50), lambda: strict.errstate(), lambda: x.resize(6),
+                       lambda: x.itemset(0, 1.0)):
+        with pytest.raises(strict_xp.NotInCuPy):
+            numpy_only()
+    assert float(strict.quantile(x, 0.5)) == 2.5 and float(x.max()) == 5.0
+
+
+def test_the_cupy_names_are_those_of_the_cupy_installed():
+    cupy = pytest.importorskip("cupy", reason="cupy is not installed here (a GPU machine's `pip install .[gpu]`)")
+    assert strict_xp.CUPY_MODULE_NAMES <= set(dir(cupy)), "a name listed that this CuPy lacks: write the list again"
+    assert strict_xp.CUPY_ARRAY_NAMES <= set(dir(cupy.ndarray))
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_lot_scoring_on_the_device_matches_numpy_and_returns_only_maps_and_scores(scorers, lot, mode):
     host, device = scorers
@@ -166,3 +181,25 @@ def test_triton_tensors_arrive_in_the_scoring_array_module():
     assert from_triton(tensor) is tensor.array  # a NumPy service reads it in place
     moved = from_triton(tensor, strict)
     assert isinstance(moved, strict_xp.StrictArray) and moved.dtype == np.float16
+
+
+@pytest.mark.parametrize("settings", [{}, {"full_bank_images": 5, "normal_fraction": 0.5}])  # a sampled lot too
+def test_growing_a_bank_on_the_device_matches_numpy(scorers, tiny_clip_112, lot, settings):
+    """``pa-clip banks update`` on a GPU server grows the bank where it is held: in the device's array module."""
+    from postprocess import growth
+
+    host, device = scorers
+    cfg = PAClipConfig(rescore_k=3, **settings)
+    keep = np.arange(len(lot) - 3)  # the lot's last images come later, as new parts
+    lot_host = LotScorer(tiny_clip_112, lot[keep], "washer", progress=False, xp=np, features=host.features.take(keep))
+    bank, _ = build_bank(lot_host, cfg, "washer", tiny_clip_112.fingerprint)
+    new = np.arange(len(lot) - 3, len(lot))
+    want, want_report = growth.grow_bank(bank, host.features.take(new), lot[new])
+    strict_xp.TRANSFERS.clear()
+    got, report = growth.grow_bank(bank.to(strict), device.features.take(strict.asarray(new)), lot[new])
+    assert report == want_report and want_report["folded_in"] > 0
+    assert all(isinstance(v, strict_xp.StrictArray) for v in got.full.values())
+    for r in want.full:
+        np.testing.assert_array_equal(K.to_numpy(got.full[r]), want.full[r])
+    np.testing.assert_allclose(K.to_numpy(got.lot_scores), want.lot_scores, atol=1e-6)
+    assert got.manifest == want.manifest
