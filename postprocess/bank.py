@@ -327,8 +327,21 @@ class Bank:
 
     @property
     def nbytes(self) -> int:
-        """Bytes its arrays take in memory."""
+        """Bytes its stored arrays take (in memory as in its file)."""
         return int(sum(a.nbytes for a in self._arrays()))
+
+    def prepare(self) -> "Bank":
+        """Compute now what scoring reads from the bank's arrays and keeps (the full bank's image descriptors), so
+        that a server counts it when the bank is loaded (``held_nbytes``), not after its first request."""
+        if self.config.full_bank_neighbours > 0:
+            for r in self.full:
+                self.full_descriptors(r)
+        return self
+
+    @property
+    def held_nbytes(self) -> int:
+        """Bytes the bank holds in memory: its arrays and what scoring computed from them and kept."""
+        return self.nbytes + int(sum(a.nbytes for a in self._descriptors.values()))
 
     def to(self, xp) -> "Bank":
         """The same bank with its arrays in ``xp`` (numpy or cupy)."""

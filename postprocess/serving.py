@@ -167,7 +167,7 @@ class ScoreService:
             self.telemetry.count("pa_clip_bank_cache_hits_total")
             return cached[1]
         self._cache.pop(bank_id, None)
-        bank = self.store.load(bank_id, self.encoder).to(self.xp)  # raises BankError for a missing bank
+        bank = self.store.load(bank_id, self.encoder).to(self.xp).prepare()  # BankError for a missing bank
         if self.drift.version(bank_id) not in (None, bank.manifest.version):
             # the window and gauges of the version replaced: on /metrics until the next new image, they described a
             # bank no longer scored with (an alarm of the old version stood over the new one)
@@ -209,7 +209,7 @@ class ScoreService:
                 self.forget(bank_id)
 
     def cached_bytes(self) -> int:
-        return sum(bank.nbytes for _, bank in self._cache.values())
+        return sum(bank.held_nbytes for _, bank in self._cache.values())
 
     def score(self, bank_id: str, layer_tokens, patch_embeds, image_embeds, images) -> tuple[np.ndarray, np.ndarray]:
         """(B, H, W) float16 maps and (B,) float32 scores for one bank (inputs as ``check_request`` accepts)."""

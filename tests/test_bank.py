@@ -468,6 +468,16 @@ def test_score_service_sees_rebuilds_and_deletes_and_keeps_banks_within_its_byte
     tight.score("a", *outputs), tight.score("b", *outputs)
     assert list(tight._cache) == ["b"]
 
+    # what the budget counts is what a bank holds: its arrays and the descriptors scoring keeps (computed on load)
+    store.save(full)
+    counting = ScoreService(store, tiny.fingerprint, HostSettings(array_module="numpy", bank_cache_mb=1024))
+    held = counting.bank("washer")
+    assert held.config.full_bank_neighbours > 0
+    loaded = counting.cached_bytes()
+    assert loaded > held.nbytes
+    counting.score("washer", *outputs)
+    assert counting.cached_bytes() == loaded  # scoring added nothing the budget did not count
+
 
 def test_bank_service_lifecycle_and_score_service(scorer, tiny, lot, tmp_path):
     store = BankStore(tmp_path)
