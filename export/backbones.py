@@ -54,8 +54,10 @@ class ClipBackbone:
         self.vision = clip_encoder.ClipVisionTaps(model.visual, self.taps).to(device).eval()
         self._square_positions = model.visual.positional_embedding.detach().clone()
         self.tokenizer = clip_encoder.tokenizer_for(model_name)
+        # every input's positions are resized from this size's grid (load_clip resized the weights' own to it): two
+        # sizes give different features for one input, so it is part of what makes them interchangeable
         self.fingerprint = {"backbone": model_name, "weights": weights_id, "image_size": size, "patch_size": patch,
-                            "taps": list(self.taps), "dynamic_size": True}
+                            "taps": list(self.taps), "dynamic_size": True, "positions_from": size}
 
     def set_input_size(self, size) -> None:
         """Encode (height, width) inputs from now on (the positional embedding resized to that patch grid)."""

@@ -73,7 +73,11 @@ def image_key(image: np.ndarray) -> str:
 def check_encoder(manifest: "BankManifest", fingerprint: dict | None) -> None:
     if fingerprint is None:
         return
-    built, serving = encoder_identity(manifest.encoder), encoder_identity(fingerprint)
+    recorded = dict(manifest.encoder)
+    if "positions_from" in fingerprint and recorded.get("dynamic_size") and "positions_from" not in recorded:
+        # built in torch before the field was recorded: that encoder's positions came from its configured size
+        recorded["positions_from"] = recorded.get("image_size")
+    built, serving = encoder_identity(recorded), encoder_identity(fingerprint)
     if built != serving:
         raise BankError(f"bank {manifest.bank!r} was built with encoder {built}, but this server runs {serving}: "
                         "rebuild the bank (pa-clip score --build) or serve the encoder it was built with")

@@ -228,9 +228,15 @@ def check_images(images, patch_size: int, size=None, max_side: int = 0) -> np.nd
 
 def encoder_identity(fingerprint: dict) -> dict:
     """What makes features interchangeable. An encoder that takes any size gives the same features whatever its
-    configured size, so that is not part of it (a bank records the size it was built at on its own)."""
-    fields = [k for k in IDENTITY_FIELDS if not (k == "image_size" and fingerprint.get("dynamic_size"))]
-    return {k: fingerprint.get(k) for k in fields}
+    configured size, so that is not part of it (a bank records the size it was built at on its own), unless its
+    positions are resized from that size's grid (``positions_from``: open_clip in torch, where the DINOv2 proxy
+    resizes its weights' own); a fixed-size export's image size says that already."""
+    dynamic = fingerprint.get("dynamic_size")
+    fields = [k for k in IDENTITY_FIELDS if not (k == "image_size" and dynamic)]
+    identity = {k: fingerprint.get(k) for k in fields}
+    if dynamic and "positions_from" in fingerprint:
+        identity["positions_from"] = fingerprint["positions_from"]
+    return identity
 
 
 def same_encoder(a: dict, b: dict) -> bool:

@@ -52,7 +52,8 @@ def test_tiny_export_matches_torch(tiny_repo, tiny_clip):
 def test_export_records_encoder_and_config(tiny_repo):
     fp = onnx_fingerprint(tiny_repo / "clip_vision/1/model.onnx")
     assert fp == {"backbone": "tiny", "weights": "random-init:seed0", "image_size": 56, "patch_size": 14,
-                  "taps": [1, 2, 3, 4], "precision": "fp32", "dynamic_size": False}
+                  "taps": [1, 2, 3, 4], "precision": "fp32", "dynamic_size": False,
+                  "positions_from": 56}  # metadata: a fixed size says it in its identity already
     config = read_config(tiny_repo / "clip_vision")
     assert config.platform == "onnxruntime_onnx" and config.input[0].data_type == mc.TYPE_UINT8
     assert config.output[0].name == "layer_tokens" and list(config.output[0].dims) == [4, 16, 64]

@@ -1,5 +1,8 @@
 """How a lot's input size is chosen from its images and the encoder (postprocess.contract)."""
 
+from types import SimpleNamespace
+
+import numpy as np
 import pytest
 
 from postprocess.contract import choose_input_size, encoder_identity, lot_input_size
@@ -33,3 +36,26 @@ def test_an_encoder_with_one_size_decides_and_refuses_others():
 def test_the_configured_size_of_an_any_size_encoder_is_not_part_of_its_identity():
     assert encoder_identity(PROXY) == encoder_identity({**PROXY, "image_size": 224})
     assert encoder_identity(CLIP_WIDE) != encoder_identity({**CLIP_WIDE, "image_size": [224, 224]})
+
+
+def test_open_clip_in_torch_at_two_sizes_is_two_encoders(tiny_clip_112):
+    """ClipBackbone resizes every input's positions from its configured size's grid: at one input size, a model
+    configured at 56 and one at 112 give different features, so a bank built with one is refused by the other."""
+    from export.backbones import ClipBackbone
+    from postprocess.bank import BankError, check_encoder
+
+    small = ClipBackbone("tiny", pretrained="none", image_size=56)
+    images = np.random.default_rng(0).integers(0, 255, (2, 112, 112, 3), dtype=np.uint8)
+    assert np.abs(small.encode(images).layer_tokens.astype(np.float32)
+                  - tiny_clip_112.encode(images).layer_tokens.astype(np.float32)).max() > 1e-2
+    assert encoder_identity(small.fingerprint) != encoder_identity(tiny_clip_112.fingerprint)
+    built = SimpleNamespace(bank="washer", encoder=dict(tiny_clip_112.fingerprint))
+    check_encoder(built, tiny_clip_112.fingerprint)
+    with pytest.raises(BankError, match="rebuild the bank"):
+        check_encoder(built, small.fingerprint)
+    # a bank built in torch before the field was recorded: its configured size is where its positions came from
+    older = SimpleNamespace(bank="washer", encoder={k: v for k, v in tiny_clip_112.fingerprint.items()
+                                                    if k != "positions_from"})
+    check_encoder(older, tiny_clip_112.fingerprint)
+    with pytest.raises(BankError, match="rebuild the bank"):
+        check_encoder(older, small.fingerprint)
