@@ -40,6 +40,13 @@ class ClipBackbone:
         if not all(hasattr(model.visual, part) for part in ("conv1", "transformer", "positional_embedding")):
             raise ValueError(f"{model_name} has no ViT image tower (patch tokens are read from a ViT's layers): pick "
                              "a ViT model, e.g. ViT-L-14-336")
+        visual = model.visual
+        if (getattr(visual, "attn_pool", None) is not None or getattr(visual, "final_ln_after_pool", False)
+                or getattr(visual, "pool_type", "tok") != "tok"):
+            # the taps read the CLS token as the image embedding (Eq. 3 and re-scoring) and patch tokens through
+            # ln_post: a tower pooled otherwise (CLIPA's average, CoCa's attention) would give other embeddings
+            raise ValueError(f"{model_name} pools its image embedding otherwise than by the CLS token (pool_type "
+                             f"{getattr(visual, 'pool_type', None)!r}): pick a model pooled by it, e.g. ViT-L-14-336")
         patch = model.visual.conv1.kernel_size[0]
         if size % patch:
             raise ValueError(f"image size {size} is not a multiple of the patch size {patch} of {model_name}")
@@ -51,13 +58,15 @@ class ClipBackbone:
         self.grid = (size // patch, size // patch)
         self.device = device
         self.clip = model.to(device)
-        self.vision = clip_encoder.ClipVisionTaps(model.visual, self.taps).to(device).eval()
+        mean, std = clip_encoder.normalisation(model)
+        self.vision = clip_encoder.ClipVisionTaps(model.visual, self.taps, mean, std).to(device).eval()
         self._square_positions = model.visual.positional_embedding.detach().clone()
         self.tokenizer = clip_encoder.tokenizer_for(model_name)
         # every input's positions are resized from this size's grid (load_clip resized the weights' own to it): two
         # sizes give different features for one input, so it is part of what makes them interchangeable
         self.fingerprint = {"backbone": model_name, "weights": weights_id, "image_size": size, "patch_size": patch,
-                            "taps": list(self.taps), "dynamic_size": True, "positions_from": size}
+                            "taps": list(self.taps), "dynamic_size": True, "positions_from": size,
+                            **clip_encoder.normalisation_fields(mean, std)}
 
     def set_input_size(self, size) -> None:
         """Encode (height, width) inputs from now on (the positional embedding resized to that patch grid)."""

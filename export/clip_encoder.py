@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from postprocess.contract import NORMALISATION
+
 DEFAULT_MODEL = "ViT-L-14-336"
 DEFAULT_PRETRAINED = "openai"
 DEFAULT_IMAGE_SIZE = 518
@@ -65,6 +67,24 @@ class ClipVisionTaps(nn.Module):
         normed = v.ln_post(x)
         projected = normed @ v.proj
         return layer_tokens, projected[:, 1:], projected[:, 0]
+
+
+def normalisation(model) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) of the pixels the weights were trained on: what open_clip's create_model attached for the
+    pretrained tag (ViT-L-14 laion2b_s32b_b82k: 0.5, the CLIPA tags: ImageNet's). A checkpoint file or random weights
+    get open_clip's default, OpenAI's (its model configs carry none), as does the tiny model (nothing attached)."""
+    import open_clip
+
+    cfg = open_clip.get_model_preprocess_cfg(model)
+    return (tuple(float(v) for v in cfg.get("mean", OPENAI_MEAN)), tuple(float(v) for v in cfg.get("std", OPENAI_STD)))
+
+
+def normalisation_fields(mean, std) -> dict:
+    """The fingerprint's record of (mean, std): nothing for OpenAI's, so encoders exported and banks built before it
+    was recorded keep their identity (they were all normalised with OpenAI's)."""
+    if (tuple(mean), tuple(std)) == (OPENAI_MEAN, OPENAI_STD):
+        return {}
+    return {NORMALISATION: {"mean": list(mean), "std": list(std)}}
 
 
 def resize_positions(positional_embedding: torch.Tensor, source_grid: tuple[int, int],

@@ -48,7 +48,11 @@ ACCESS_KEY_ENV = "PA_CLIP_KEY"  # where python -m serve, client/infer.py and the
 ENCODER_FILE = "encoder.json"  # beside each encoder model in the repository
 FINGERPRINT_KEY = "pa_clip.encoder"  # ONNX metadata_props key holding the same JSON
 # The fields that make two encoders' features interchangeable; precision only moves the last digits.
-IDENTITY_FIELDS = ("backbone", "weights", "image_size", "patch_size", "taps")
+# NORMALISATION ({"mean", "std"} of the pixels) is recorded only where it is not OpenAI CLIP's, and left out of the
+# identity when absent: fingerprints written before it was recorded keep the identity they had.
+NORMALISATION = "normalisation"
+IDENTITY_FIELDS = ("backbone", "weights", "image_size", "patch_size", "taps", NORMALISATION)
+OPTIONAL_IDENTITY_FIELDS = (NORMALISATION,)
 
 
 @dataclass
@@ -232,7 +236,8 @@ def encoder_identity(fingerprint: dict) -> dict:
     positions are resized from that size's grid (``positions_from``: open_clip in torch, where the DINOv2 proxy
     resizes its weights' own); a fixed-size export's image size says that already."""
     dynamic = fingerprint.get("dynamic_size")
-    fields = [k for k in IDENTITY_FIELDS if not (k == "image_size" and dynamic)]
+    fields = [k for k in IDENTITY_FIELDS if not (k == "image_size" and dynamic)
+              and not (k in OPTIONAL_IDENTITY_FIELDS and k not in fingerprint)]
     identity = {k: fingerprint.get(k) for k in fields}
     if dynamic and "positions_from" in fingerprint:
         identity["positions_from"] = fingerprint["positions_from"]

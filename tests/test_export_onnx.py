@@ -49,6 +49,31 @@ def test_tiny_export_matches_torch(tiny_repo, tiny_clip):
     np.testing.assert_array_equal(onnx_backbone.encode(images).layer_tokens, layer_tokens)
 
 
+def test_export_bakes_in_the_weights_normalisation(tmp_path, monkeypatch):
+    """Weights trained on other pixel statistics (ViT-L-14 laion2b_s32b_b82k: 0.5) are normalised with them in the
+    graph too, and the exported fingerprint says so."""
+    import open_clip
+
+    from export import clip_encoder, repository
+
+    load = clip_encoder.load_clip
+
+    def load_tagged(model_name, pretrained, image_size):  # the mean/std open_clip's create_model attaches for a tag
+        model, _, size = load(model_name, "none", image_size)
+        open_clip.set_model_preprocess_cfg(model, {**open_clip.get_model_preprocess_cfg(model), "mean": (0.5,) * 3,
+                                                   "std": (0.5,) * 3})
+        return model, "tag:laion2b_s32b_b82k", size
+
+    monkeypatch.setattr(clip_encoder, "load_clip", load_tagged)
+    backbone = ClipBackbone("tiny", pretrained="laion2b_s32b_b82k")
+    repository.export_clip(backbone, tmp_path)
+    images = np.random.default_rng(0).integers(0, 256, (2, 56, 56, 3), dtype=np.uint8)
+    _, _, image_embeds = run(tmp_path / "clip_vision/1/model.onnx", {"images": images})
+    np.testing.assert_allclose(image_embeds, backbone.encode(images).image_embeds, atol=1e-4)
+    fp = onnx_fingerprint(tmp_path / "clip_vision/1/model.onnx")
+    assert fp["normalisation"] == {"mean": [0.5] * 3, "std": [0.5] * 3}
+
+
 def test_export_records_encoder_and_config(tiny_repo):
     fp = onnx_fingerprint(tiny_repo / "clip_vision/1/model.onnx")
     assert fp == {"backbone": "tiny", "weights": "random-init:seed0", "image_size": 56, "patch_size": 14,
