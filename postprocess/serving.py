@@ -153,6 +153,9 @@ class ScoreService:
         self._persisted: dict = {}
         self._deferred: dict = {}  # bank id -> the timer that writes its latest window once the interval is over
         self._persist_lock = threading.Lock()
+        # one store write of a window at a time, each of the newest window: a timer's older window written after a
+        # request's alarmed one left info reading "steady" under an alarm
+        self._write_lock = threading.Lock()
         self._swept = time.monotonic()  # when the windows were last checked for deleted banks
 
     def bank(self, bank_id: str):
@@ -277,7 +280,7 @@ class ScoreService:
                     timer.start()
                 return
             self._persisted[bank_id] = (time.monotonic(), window["alarm"], window["version"])
-        self.store.write_monitor(bank_id, window)
+        self._write_window(bank_id)
 
     def _write_deferred(self, bank_id: str) -> None:
         with self._persist_lock:
@@ -287,9 +290,16 @@ class ScoreService:
                 return
             self._persisted[bank_id] = (time.monotonic(), window["alarm"], window["version"])
         try:
-            self.store.write_monitor(bank_id, window)
+            self._write_window(bank_id)
         except Exception:  # a report: a store that cannot take it now gets the next one
             self.telemetry.count("pa_clip_monitor_errors_total")
+
+    def _write_window(self, bank_id: str) -> None:
+        """Write the bank's window as it is now (read under the write lock: whichever write comes last is newest)."""
+        with self._write_lock:
+            window = self.drift.summary(bank_id)
+            if window is not None:
+                self.store.write_monitor(bank_id, window)
 
     def check_request(self, req: dict) -> None:
         """Types, shapes and values of one request against the encoder contract, checked alone so that a bad request

@@ -262,3 +262,52 @@ def test_info_gets_the_end_of_a_burst_and_a_new_versions_window_without_another_
     assert [m["process"] for m in store.monitors("burst")] == [window["process"]]
     assert store.clean() == [str(monitor / f"{HOST}-{int(gone.stdout)}.json")]
     assert sorted(p.stem for p in monitor.glob("*.json")) == [window["process"]]
+
+
+def test_a_timers_older_window_never_lands_over_a_newer_alarm(tiny_clip_112, lot, tmp_path):
+    """A held-back window's timer and a request whose alarm turned wrote at once, each what it had read: on a slow
+    store the timer's older, steady window landed last, and info read "steady" while the window alarmed."""
+    import threading
+    import time
+
+    from client.demo_lot import write_demo_lot
+    from client.infer import load_image
+    from postprocess.bank_store import BankStore
+    from postprocess.serving import ScoreService
+
+    store = BankStore(tmp_path / "banks")
+    scorer = LotScorer(tiny_clip_112, lot, "washer", progress=False)
+    store.save(build_bank(scorer, PAClipConfig(), "race", tiny_clip_112.fingerprint)[0])
+    service = ScoreService(store, tiny_clip_112.fingerprint)
+    service.MONITOR_WRITE_S = 0.2
+    written = store.write_monitor
+    timer_writing = threading.Event()
+
+    def slow_write(bank_id, window):  # a shared volume's write and fsync
+        if threading.current_thread() is not threading.main_thread():
+            timer_writing.set()
+            time.sleep(0.5)
+        written(bank_id, window)
+
+    store.write_monitor = slow_write
+    folder = write_demo_lot(tmp_path / "new", n_images=42, n_defective=0, size=128, seed=12)
+    fresh = np.stack([load_image(p, 112)[1] for p in sorted(folder.glob("*.png"))])
+    sent = iter(range(len(fresh)))
+
+    def request(n, gain=1.0):  # n new good parts, or (gain) the lamp's change
+        picks = fresh[[next(sent) for _ in range(n)]]
+        images = np.clip(picks.astype(np.float32) * gain, 0, 255).astype(np.uint8)
+        service.score("race", *tiny_clip_112.encode(images).outputs().values(), images)
+
+    request(1)  # written at once
+    request(1)  # held back: a timer writes it when the interval is over
+    assert timer_writing.wait(5)
+    request(40, gain=0.4)  # the lamp failed: the alarm turns, written at once
+    live = service.drift.summary("race")
+    assert live["alarm"]
+    deadline = time.monotonic() + 5
+    while service._deferred and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.6)  # the timer's slow write (if one was still due) is over
+    (stored,) = store.monitors("race")
+    assert (stored["alarm"], stored["window"], live["window"]) == (True, 42, 42)
