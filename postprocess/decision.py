@@ -76,6 +76,9 @@ BREAKDOWN = {"lower_half": 0.5, "mad": 0.5, "upper_quartile": 0.25, "quartile_ex
 DEFAULT_METHOD = "quartile_exponential"  # chosen on magnetic tile by benchmarks.line; README "Decisions on a line"
 DEFAULT_FALSE_ALARM_RATE = 0.01
 MIN_SPREAD_FRACTION = 1e-3  # of |centre|: a lot of identical scores still gets a usable scale
+# one good part in a million: far below what any lot measures, and above where the tail's log overflowed (1e-309 made
+# every threshold infinite, and the confidence statement crashed)
+MIN_FALSE_ALARM_RATE = 1e-6
 TAIL_FRACTION = 0.25  # lot_quantile: the top quarter of the reference sets the tail scale (at least TAIL_MIN)
 TAIL_MIN = 3
 TRIM_GAP = 6.0  # lot_quantile: a gap of this many tail scales above the next score marks a suspected defect
@@ -115,8 +118,10 @@ def trim_suspected_defects(sorted_scores: np.ndarray) -> int:
         below = sorted_scores[:top]
         if len(below) < TAIL_MIN + 2:
             break
-        scale = tail_scale(below)
-        if scale > 0 and sorted_scores[top] - sorted_scores[top - 1] > TRIM_GAP * scale:
+        # floored as a calibration's spread is: a defect above tied good scores is infinitely many scales away,
+        # where a zero scale trimmed nothing (and one 1e-9 apart trimmed it)
+        scale = max(tail_scale(below), MIN_SPREAD_FRACTION * max(abs(float(np.median(below))), 1e-6))
+        if sorted_scores[top] - sorted_scores[top - 1] > TRIM_GAP * scale:
             cut = depth
     return cut
 
@@ -260,9 +265,9 @@ class Calibration:
 
 def check_false_alarm_rate(rate) -> float:
     rate = float(rate)
-    if not (math.isfinite(rate) and 0.0 < rate < 0.5):
-        raise DecisionError(f"the false-alarm rate must be a fraction between 0 and 0.5 (e.g. 0.01 for 1% of good "
-                            f"parts called defective), got {rate}")
+    if not (math.isfinite(rate) and MIN_FALSE_ALARM_RATE <= rate < 0.5):
+        raise DecisionError(f"the false-alarm rate must be a fraction between {MIN_FALSE_ALARM_RATE:g} and 0.5 (e.g. "
+                            f"0.01 for 1% of good parts called defective), got {rate}")
     return rate
 
 

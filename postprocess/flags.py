@@ -56,7 +56,7 @@ def setting(name: str, kind: type) -> Bounded:
 
 PORT = integer(1, 65535)
 FRACTION = number(0.0, 1.0, open_low=True, open_high=True)  # strictly between 0 and 1
-FALSE_ALARM_RATE = number(0.0, 0.5, open_low=True, open_high=True)  # decision.check_false_alarm_rate's range
+FALSE_ALARM_RATE = number(1e-6, 0.5, open_high=True)  # decision.check_false_alarm_rate's range
 IMAGE_SIDE = integer(14, 4096)  # one patch at the smallest; the encoders refuse more than twice their size anyway
 SECONDS = number(0.0, 86400.0, open_low=True)
 

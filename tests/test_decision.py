@@ -5,6 +5,7 @@ The tests draw lots and new parts from the same distribution (as the lot's leave
 and compute that fraction exactly from the distribution, averaged over many lots.
 """
 
+import argparse
 import math
 
 import numpy as np
@@ -228,9 +229,16 @@ def test_degenerate_lots_still_calibrate_and_bad_input_is_refused():
         calibrate([0.1, float("nan")])
     with pytest.raises(DecisionError, match="unknown decision method"):
         calibrate([0.1, 0.2], method="oracle")
-    for rate in (0, 0.5, -0.1, float("nan"), float("inf")):
-        with pytest.raises(DecisionError, match="between 0 and 0.5"):
+    for rate in (0, 0.5, -0.1, float("nan"), float("inf"), 1e-310, 9e-7):
+        with pytest.raises(DecisionError, match="between 1e-06 and 0.5"):
             check_false_alarm_rate(rate)
+    from postprocess.flags import FALSE_ALARM_RATE
+
+    assert FALSE_ALARM_RATE("1e-6") == check_false_alarm_rate(1e-6) == 1e-6  # the command line's range is the same
+    with pytest.raises(argparse.ArgumentTypeError):
+        FALSE_ALARM_RATE("1e-310")
+    smallest = calibrate(np.linspace(0.1, 0.2, 36), None, 0.01).with_rate(1e-6)
+    assert math.isfinite(smallest.threshold) and smallest.confidence()  # the tail and its statement stay finite
 
 
 @pytest.mark.parametrize("image_score", ["max", "topk_mean", "mean"])
@@ -305,3 +313,12 @@ def test_an_extreme_users_threshold_decides_as_the_outline_reads():
     assert decider.decide(low)["decision"] == "normal" and decider.decide(low)["calibrated"] > 1e-30
     assert decider.decide(decider.raw_threshold + cal.spread)["decision"] == "anomalous"
     assert Decider(cal).decide(float("nan"))["decision"] == "invalid"
+
+
+@pytest.mark.parametrize("method", ["trimmed_tail", "lot_quantile"])
+def test_a_defect_above_tied_good_scores_is_trimmed(method):
+    """Good parts scoring exactly alike leave a tail scale of 0: the defect above them was never left out (its
+    excess alone set trimmed_tail's scale, the threshold 4x its score), where scores 1e-9 apart trimmed it."""
+    for good in (np.full(20, 0.05), 0.05 + np.arange(20) * 1e-9):
+        calibration = calibrate([*good, 0.5], None, 0.01, method)
+        assert calibration.threshold < 0.5 and decide(calibration.calibrated([0.5])) == ["anomalous"]
