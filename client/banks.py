@@ -80,9 +80,10 @@ def update(client: PAClipClient, args, paths: list) -> dict:
     if not loaded:
         raise UsageError(f"none of the {len(paths)} images at {args.images!r} could be read")
     images = [item[2] for item in loaded]
+    lot = client.new_lot()  # this update's own lot: the report's indices are these images, no other client's
     for start in range(0, len(images), 8):
-        client.add_images(args.bank, info["category"], np.stack(images[start:start + 8]), reset=start == 0)
-    answer = client.update_bank(args.bank, on_wait=lambda m: print(f"waiting: {m}", file=sys.stderr))
+        client.add_images(args.bank, info["category"], np.stack(images[start:start + 8]), reset=start == 0, lot=lot)
+    answer = client.update_bank(args.bank, on_wait=lambda m: print(f"waiting: {m}", file=sys.stderr), lot=lot)
     answer["update"]["paths"] = [str(item[0]) for item in loaded]
     answer["update"]["skipped"] = [str(s) for s in skipped]
     return answer
@@ -133,10 +134,11 @@ def print_list(store: dict) -> None:
               f"{megabytes(bank.get('bytes_on_disk')):>10}  {bank.get('built_at', ''):<25} "
               f"{bank.get('encoder', {}).get('backbone', '?')}")
     for lot in store.get("pending", []):
+        whose = f" (a client run's, session {lot['lot']})" if lot.get("lot") else ""
         if "error" in lot:
-            print(f"pending lot of {lot['bank']!r} cannot be read: {lot['error']}")
+            print(f"pending lot of {lot['bank']!r}{whose} cannot be read: {lot['error']}")
             continue
-        print(f"pending lot of {lot['bank']!r}: {lot['images']} image(s) added, not built; expires in "
+        print(f"pending lot of {lot['bank']!r}{whose}: {lot['images']} image(s) added, not built; expires in "
               f"{lot['expires_in_s'] // 3600} h")
 
 

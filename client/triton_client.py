@@ -174,20 +174,36 @@ class PAClipClient:
     def prune_banks(self) -> dict:
         return self.bank_action("prune")
 
-    def add_images(self, bank: str, category: str, images: np.ndarray, reset: bool = False) -> dict:
-        return self.bank_action("add", bank, category, images, {"reset": True} if reset else None)
+    @staticmethod
+    def new_lot() -> str:
+        """A lot session of this client's own: the images added with it are built or updated with it alone (another
+        client adding to, starting over or building the same bank id meanwhile neither takes nor removes them)."""
+        return uuid.uuid4().hex
+
+    def add_images(self, bank: str, category: str, images: np.ndarray, reset: bool = False,
+                   lot: str | None = None) -> dict:
+        options = {**({"reset": True} if reset else {}), **({"lot": lot} if lot else {})}
+        answer = self.bank_action("add", bank, category, images, options or None)
+        if lot and answer.get("lot") != lot:  # a server from before lot sessions added them to the shared lot
+            raise ClientError(f"the server at {self.url} does not know lot sessions (it is older than this client): "
+                              "its adds share one pending lot per bank with every other client's; upgrade the "
+                              "server, or use the client of its version")
+        return answer
 
     def build_bank(self, bank: str, options: dict | None = None, wait_s: float | None = None,
-                   on_wait=None) -> dict:
-        """Build ``bank`` from its pending lot. A server builds one bank at a time: while it builds another it
-        answers "server busy" (503), and the build is sent again every ``BUSY_RETRY_S`` seconds, for at most
-        ``wait_s`` (default: this client's timeout); ``on_wait(message)`` hears the first such answer."""
-        return self._one_build_at_a_time("build", bank, options, wait_s, on_wait)
+                   on_wait=None, lot: str | None = None) -> dict:
+        """Build ``bank`` from its pending lot (``lot``: the lot session the images were added with; None: the
+        bank's shared lot). A server builds one bank at a time: while it builds another it answers "server busy"
+        (503), and the build is sent again every ``BUSY_RETRY_S`` seconds, for at most ``wait_s`` (default: this
+        client's timeout); ``on_wait(message)`` hears the first such answer."""
+        return self._one_build_at_a_time("build", bank, {**(options or {}), **({"lot": lot} if lot else {})},
+                                         wait_s, on_wait)
 
-    def update_bank(self, bank: str, wait_s: float | None = None, on_wait=None) -> dict:
-        """Grow the live ``bank`` with its pending lot (``postprocess.growth``): the parts that look like its good
-        ones are folded in, a new version written. Busy servers are waited for as ``build_bank`` waits."""
-        return self._one_build_at_a_time("update", bank, None, wait_s, on_wait)
+    def update_bank(self, bank: str, wait_s: float | None = None, on_wait=None, lot: str | None = None) -> dict:
+        """Grow the live ``bank`` with its pending lot (``lot`` as for ``build_bank``; ``postprocess.growth``): the
+        parts that look like its good ones are folded in, a new version written. Busy servers are waited for as
+        ``build_bank`` waits."""
+        return self._one_build_at_a_time("update", bank, {"lot": lot} if lot else None, wait_s, on_wait)
 
     def _one_build_at_a_time(self, action: str, bank: str, options, wait_s, on_wait) -> dict:
         deadline = time.monotonic() + (self.timeout_s if wait_s is None else wait_s)

@@ -6,7 +6,9 @@
     <root>/<bank>/v-<build id>/manifest.sha256 SHA-256 of manifest.json as written (format 6: a flipped bit in a
                                                threshold is damage like one in the tensors)
     <root>/<bank>/v-<build id>/bank.safetensors
-    <root>/<bank>/lot/part-<n>-<r>.safetensors images added but not yet built (the pending lot)
+    <root>/<bank>/lot/part-<n>-<r>.safetensors images added but not yet built (the shared pending lot)
+    <root>/<bank>/lot-<session>/part-...       a client's own pending lot (``add``/``build``/``update`` with option
+                                               ``lot``): what one client adds, resets and consumes, no other's
     <root>/<bank>/.build-lock                  held by the one build of this bank id in progress
 
 A version folder is complete before ``CURRENT`` names it, so a crash mid-build leaves the previous bank live. No
@@ -42,6 +44,9 @@ from .errors import ServerBusy
 BANK_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 # what CURRENT may name: a version folder of its own bank (no separator, so nothing outside it)
 VERSION_PATTERN = re.compile(r"v-[A-Za-z0-9][A-Za-z0-9._-]{0,200}")
+# a client's lot session (option "lot"): the folder lot-<session> of its bank; no dot, so never a part's name
+LOT_SESSION_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
+ALL_LOTS = "*"  # what a delete's build lock names as its lot: every add to the bank waits for it
 DATA_FILES = ("bank.safetensors",)  # a version's files whose digests its manifest records
 MANIFEST_DIGEST = "manifest.sha256"  # beside manifest.json: the manifest's own digest (from format 6)
 MANIFEST_DIGESTED_FROM = 6
@@ -49,6 +54,18 @@ MANIFEST_LIMIT = 64 << 20  # bytes: a lot of 100,000 images keeps its keys and s
 HASH_CHUNK = 1 << 20
 # flocked by the one build running on this host (any store, any bank; per user, so that no one else can hold it)
 BUILD_SLOT = Path(tempfile.gettempdir()) / f"pa-clip-build-slot-{os.getuid()}"
+
+
+def check_lot_session(session: str | None) -> str | None:
+    """``session`` if it is None (the shared lot) or a valid lot session id, else a ``BankError`` that says why."""
+    if session is not None and (not isinstance(session, str) or not LOT_SESSION_PATTERN.fullmatch(session)):
+        raise BankError(f"invalid lot session {session!r}: use 1-64 letters, digits, '_' or '-'")
+    return session
+
+
+def _is_lot_folder(name: str) -> bool:
+    """The shared pending lot's folder or a session's (lot-<session>)."""
+    return name == "lot" or (name.startswith("lot-") and bool(LOT_SESSION_PATTERN.fullmatch(name[4:])))
 
 
 def check_bank_id(bank_id: str) -> str:
@@ -545,7 +562,8 @@ class BankStore:
             raise BankError(f"bank {bank_id!r} is being built right now ({_described_holder(holder)}): delete it "
                             "after the build finishes")
         trash = self.root / f".trash-{bank_id}-{uuid.uuid4().hex[:8]}"
-        with self.building(bank_id):  # held while it goes: a build starting meanwhile is refused, not written back
+        # held while it goes: a build starting meanwhile is refused, not written back, and no add goes on
+        with self.building(bank_id, lot=ALL_LOTS):
             os.replace(folder, trash)  # gone for readers at once
         shutil.rmtree(trash, ignore_errors=True)
 
@@ -561,8 +579,9 @@ class BankStore:
                 continue
             leftovers += [*folder.glob(".trash-lock-*"), *folder.glob(".trash-lot-*")]
             temporary += folder.glob(".tmp-*")
-            if (lot := folder / "lot").is_dir() and not lot.is_symlink():
-                temporary += lot.glob(".tmp-*")
+            for lot in folder.glob("lot*"):
+                if _is_lot_folder(lot.name) and lot.is_dir() and not lot.is_symlink():
+                    temporary += lot.glob(".tmp-*")
             if (monitor := folder / "monitor").is_dir() and not monitor.is_symlink():  # windows of processes gone
                 leftovers += [p for p in monitor.glob("*.json") if _monitor_owner_gone(p, self.MONITOR_FRESH_S)]
         leftovers += [p for p in temporary if is_dead_leftover(p, self.STALE_AFTER_S)]
@@ -575,8 +594,9 @@ class BankStore:
 
     # -- one build per bank id, across replicas ---------------------------------------------------------------
     @contextmanager
-    def building(self, bank_id: str):
-        """Hold the build lock of ``bank_id``; a second build gets a clear "in progress" error."""
+    def building(self, bank_id: str, lot: str | None = None):
+        """Hold the build lock of ``bank_id``; a second build gets a clear "in progress" error. ``lot``: the lot
+        session the build consumes (None: the shared lot), written in the lock: an add to another lot goes on."""
         folder = self._own_dir(bank_id)
         folder.mkdir(exist_ok=True)
         lock = folder / ".build-lock"
@@ -584,7 +604,7 @@ class BankStore:
         # exists): a crash can never leave an empty lock that reads as a live build forever
         holder_file = folder / temp_name(f"build-lock-{uuid.uuid4().hex[:8]}")
         holder_file.write_text(json.dumps({"host": HOST, "pid": os.getpid(), "started": time.time(),
-                                           "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}))
+                                           "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "lot": lot}))
         for attempt in range(2):
             try:
                 _place_exclusive(holder_file, lock)
@@ -667,19 +687,21 @@ class BankStore:
         return {"host": HOST, "pid": os.getpid(), "started": time.time()}, identity
 
     # -- the pending lot --------------------------------------------------------------------------------------
-    def _lot(self, bank_id: str) -> Path:
-        lot = self._own_dir(bank_id) / "lot"
+    def _lot(self, bank_id: str, session: str | None = None) -> Path:
+        """The shared pending lot's folder, or (``session``) one client's own."""
+        lot = self._own_dir(bank_id) / ("lot" if check_lot_session(session) is None else f"lot-{session}")
         if lot.is_symlink():  # written, read and removed through: never out of the store
             raise BankError(f"the pending lot of bank {bank_id!r} is a symbolic link in the store, not a folder of "
                             f"its own: remove {lot} and add the lot again")
         return lot
 
     def add_to_lot(self, bank_id: str, category: str, images: np.ndarray, features: Features,
-                   reset: bool = False) -> int:
-        """Append encoded images to the bank's pending lot; returns the lot's size. Refused while a build of this bank
-        runs: the build reads the lot it started with, and images added meanwhile would belong to neither."""
-        lot = self._lot(bank_id)
-        if (holder := self.build_holder(bank_id)) is not None:
+                   reset: bool = False, session: str | None = None) -> int:
+        """Append encoded images to the bank's pending lot (``session``: a client's own lot, None: the shared one);
+        returns that lot's size. Refused while a build of this bank reads that lot: the build reads the lot it
+        started with, and images added meanwhile would belong to neither. A reset starts only that lot over."""
+        lot = self._lot(bank_id, session)
+        if (holder := self.build_holder(bank_id)) is not None and holder.get("lot") in (session, ALL_LOTS):
             raise BankError(f"bank {bank_id!r} is being built right now ({_described_holder(holder)}): add these "
                             "images after the build finishes, or to another bank id")
         adding = images.nbytes + sum(int(a.nbytes) for a in features.outputs().values())
@@ -718,7 +740,7 @@ class BankStore:
         finally:
             staged.unlink(missing_ok=True)
         fsync_dir(lot)
-        return self.lot_size(bank_id)
+        return self.lot_size(bank_id, session)
 
     @staticmethod
     def _remove_lot(lot: Path) -> None:
@@ -731,17 +753,23 @@ class BankStore:
             return
         shutil.rmtree(trash, ignore_errors=True)
 
-    def lot_size(self, bank_id: str) -> int:
+    def lot_size(self, bank_id: str, session: str | None = None) -> int:
         return sum(_load_tensors_meta(p)[0][IMAGES]["shape"][0]
-                   for p in sorted(self._lot(bank_id).glob("part-*.safetensors")))
+                   for p in sorted(self._lot(bank_id, session).glob("part-*.safetensors")))
 
-    def load_lot(self, bank_id: str) -> tuple[str, np.ndarray, Features, list[Path]]:
-        """The pending lot: (category, images, features, the part files it was read from)."""
-        parts = sorted(self._lot(bank_id).glob("part-*.safetensors"))
+    def load_lot(self, bank_id: str, session: str | None = None) -> tuple[str, np.ndarray, Features, list[Path]]:
+        """The pending lot (``session``: a client's own): (category, images, features, the part files it was read
+        from)."""
+        parts = sorted(self._lot(bank_id, session).glob("part-*.safetensors"))
         if not parts:
-            raise BankError(f"bank {bank_id!r} has no images to build from: add a lot first "
-                            "(pa-clip score --build --images DIR)")
-        loaded = [_load_tensors(p) for p in parts]
+            raise BankError(f"bank {bank_id!r} has no images to build from"
+                            + (f" in lot {session!r}" if session is not None else "")
+                            + ": add a lot first (pa-clip score --build --images DIR)")
+        try:
+            loaded = [_load_tensors(p) for p in parts]
+        except FileNotFoundError:  # an add with reset started this lot over while it was read
+            raise BankError(f"the pending lot of bank {bank_id!r} was started over while this build read it: add "
+                            "the lot again and send the build again") from None
         meta = loaded[0][1]
         # two adds to an empty lot at once each find no part to match: the lot is read as one only if it is one
         kinds = {(m.get("category"), m.get("grid")) for _, m in loaded}
@@ -754,9 +782,10 @@ class BankStore:
         return (meta["category"], cat(IMAGES), Features.from_outputs({k: cat(k) for k in VISION_OUTPUTS}, grid),
                 parts)
 
-    def clear_lot(self, bank_id: str, parts: list[Path] | None = None) -> None:
-        """Remove the pending lot, or only ``parts`` of it (what a build read: a part added since stays)."""
-        lot = self._lot(bank_id)
+    def clear_lot(self, bank_id: str, parts: list[Path] | None = None, session: str | None = None) -> None:
+        """Remove the pending lot (``session``: a client's own), or only ``parts`` of it (what a build read: a part
+        added since stays)."""
+        lot = self._lot(bank_id, session)
         if parts is None:
             self._remove_lot(lot)
             return
@@ -770,9 +799,11 @@ class BankStore:
     def pending_lots(self) -> list[dict]:
         """Lots added but not (successfully) built: visible, with when they expire."""
         out = []
-        for lot in sorted(self.root.glob("*/lot")):
-            if lot.is_symlink() or lot.parent.is_symlink() or not BANK_ID_PATTERN.fullmatch(lot.parent.name):
+        for lot in sorted(self.root.glob("*/lot*")):
+            if lot.is_symlink() or lot.parent.is_symlink() or not BANK_ID_PATTERN.fullmatch(lot.parent.name) or \
+                    not _is_lot_folder(lot.name):
                 continue
+            session = None if lot.name == "lot" else lot.name[4:]
             parts = sorted(lot.glob("part-*.safetensors"))
             if not parts:
                 continue
@@ -780,12 +811,12 @@ class BankStore:
                 updated = max(p.stat().st_mtime for p in parts)
             except FileNotFoundError:  # built or cleared meanwhile
                 continue
-            entry = {"bank": lot.parent.name,
+            entry = {"bank": lot.parent.name, "lot": session,
                      "updated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(updated)),
                      "expires_in_s": max(0, int(updated + self.pending_ttl_s - time.time()))}
             try:
                 _, meta = _load_tensors_meta(parts[0])
-                entry.update(category=meta.get("category"), images=self.lot_size(lot.parent.name))
+                entry.update(category=meta.get("category"), images=self.lot_size(lot.parent.name, session))
             except Exception as err:  # one damaged part: that lot says so, the others are listed
                 entry["error"] = (f"a part of this lot cannot be read ({type(err).__name__}: {err}): add the lot "
                                   "again with reset")
@@ -794,10 +825,10 @@ class BankStore:
 
     def expire_pending(self) -> list[str]:
         """Remove pending lots untouched for ``pending_ttl_s``; returns their bank ids."""
-        expired = [p["bank"] for p in self.pending_lots() if p["expires_in_s"] == 0]
-        for bank_id in expired:
-            self.clear_lot(bank_id)
-        return expired
+        expired = [(p["bank"], p["lot"]) for p in self.pending_lots() if p["expires_in_s"] == 0]
+        for bank_id, session in expired:
+            self.clear_lot(bank_id, session=session)
+        return [bank_id for bank_id, _ in expired]
 
 
 def _monitor_owner_gone(path: Path, stale_after_s: float) -> bool:
@@ -839,7 +870,8 @@ def _has_versions(folder: Path) -> bool:
 def _holds_nothing(folder: Path) -> bool:
     """A bank folder without a live version, a pending lot, a version or a build in progress."""
     try:
-        return folder.is_dir() and not any(p.name in ("CURRENT", "lot", ".build-lock") or p.name.startswith("v-")
+        return folder.is_dir() and not any(p.name in ("CURRENT", ".build-lock") or _is_lot_folder(p.name) or
+                                           p.name.startswith("v-")
                                            for p in folder.iterdir())
     except OSError:
         return False

@@ -21,7 +21,7 @@ import numpy as np
 from . import contract as C
 from . import kernels as K, strict_json
 from .bank import BankError, BankManifest, build_bank, config_from_dict, image_key, score_with_bank
-from .bank_store import BankStore, build_slot, check_bank_id
+from .bank_store import BankStore, build_slot, check_bank_id, check_lot_session
 from .config import MODES, PAClipConfig
 from .contract import Features
 from .errors import RequestError, ServerBusy
@@ -524,18 +524,23 @@ class BankService:
         if action == "delete":
             self.store.delete(bank_id)
             return {"deleted": bank_id}
+        # "lot": a client's own lot session (what it adds, resets and builds, no other client's); absent: the
+        # shared pending lot of the bank, as before sessions
+        options = dict(options) if isinstance(options, dict) else options
+        lot = check_lot_session(options.pop("lot", None)) if isinstance(options, dict) else None
         if action == "add":
             reset = options.get("reset", False)
             if not isinstance(reset, bool):  # "no" is a non-empty string: read as true it would wipe the lot
                 raise BankError(f"option 'reset' must be true or false, got {reset!r}")
-            return self.add(bank_id, category, images, reset)
+            return self.add(bank_id, category, images, reset, lot)
         if action == "update":
             if options:
-                raise BankError(f"update takes no options (it keeps the bank's settings), got {sorted(options)}")
-            return self.build(bank_id, None)
-        return self.build(bank_id, options)
+                raise BankError(f"update takes no options but 'lot' (it keeps the bank's settings), got "
+                                f"{sorted(options)}")
+            return self.build(bank_id, None, lot)
+        return self.build(bank_id, options, lot)
 
-    def add(self, bank_id: str, category: str, images, reset: bool) -> dict:
+    def add(self, bank_id: str, category: str, images, reset: bool, lot: str | None = None) -> dict:
         if not category:
             raise BankError("add needs a category name (the product, e.g. 'bottle')")
         if len(category) > MAX_CATEGORY_CHARS or any(ord(c) < 32 or ord(c) == 127 for c in category):
@@ -546,52 +551,53 @@ class BankService:
         # the encoder's own limit checked here: past it clip_vision refuses, which a BLS call reported as a 500
         images = C.check_images(images, self.patch_size, self.fixed_size, C.max_image_side(self.encoder))
         features = self.backbone.encode(images)
-        size = self.store.add_to_lot(bank_id, category, images, features, reset=reset)
-        return {"bank": bank_id, "category": category, "lot_size": size}
+        size = self.store.add_to_lot(bank_id, category, images, features, reset=reset, session=lot)
+        return {"bank": bank_id, "category": category, "lot_size": size, **({"lot": lot} if lot else {})}
 
-    def build(self, bank_id: str, options: dict | None) -> dict:
+    def build(self, bank_id: str, options: dict | None, lot: str | None = None) -> dict:
         """Build the bank from its pending lot with ``options`` (a PA-CLIP configuration), or (None) grow the live
-        bank with it (``postprocess.growth``)."""
+        bank with it (``postprocess.growth``). ``lot``: the client's lot session to read (None: the shared lot);
+        only the parts read are cleared, so another client's lot, or a part added since, stays pending."""
         cfg = None if options is None else build_config(options)
         started = time.perf_counter()
         outcome = "busy"  # refused before it held the host's slot and the bank's lock: a client sends it again
         try:
             # one build at a time on this host (the other instance stays free for info and adds, scoring keeps
             # the cores it needs), and one build per bank id, also across replicas on one store
-            with build_slot(bank_id), self.store.building(bank_id):
+            with build_slot(bank_id), self.store.building(bank_id, lot=lot):
                 outcome = "failed"
-                result = self._build(bank_id, cfg) if cfg is not None else self._update(bank_id)
+                result = self._build(bank_id, cfg, lot) if cfg is not None else self._update(bank_id, lot)
             outcome = "built" if cfg is not None else "updated"
             return result
         finally:
-            label = bank_id if outcome in ("built", "updated") or self._known(bank_id) else UNKNOWN_BANK_LABEL
+            label = bank_id if outcome in ("built", "updated") or self._known(bank_id, lot) else UNKNOWN_BANK_LABEL
             self.telemetry.count("pa_clip_bank_builds_total", bank=label, outcome=outcome)
             self.telemetry.count("pa_clip_bank_build_seconds_total", time.perf_counter() - started, bank=label)
 
-    def _known(self, bank_id: str) -> bool:
+    def _known(self, bank_id: str, lot: str | None = None) -> bool:
         """Whether the store holds the bank or a pending lot of it: a metric is labelled with such ids only (builds of
         ids made up by a client, each refused, added a series to /metrics that stayed)."""
         try:
-            return self.store.exists(bank_id) or self.store.lot_size(bank_id) > 0
+            return self.store.exists(bank_id) or self.store.lot_size(bank_id, lot) > 0
         except Exception:  # a damaged bank is there
             return True
 
-    def _build(self, bank_id: str, cfg: PAClipConfig) -> dict:
-        category, images, features, parts = self.store.load_lot(bank_id)
+    def _build(self, bank_id: str, cfg: PAClipConfig, lot: str | None = None) -> dict:
+        category, images, features, parts = self.store.load_lot(bank_id, lot)
         self.log(f"building bank {bank_id!r}: {len(images)} images of {category!r}")
         # LotScorer refuses a lot of fewer than 2 images
         scorer = LotScorer(self.backbone, images, category, features=features, progress=False, host=self.host)
         bank, report = build_bank(scorer, cfg, bank_id, self.encoder)
         self.store.save(bank)
-        self.store.clear_lot(bank_id, parts)  # only what it was built from: a later add stays for the next build
+        self.store.clear_lot(bank_id, parts, lot)  # only what it was built from: a later add stays for the next one
         self.log(f"bank {bank_id!r} built: version {bank.manifest.version}")
         return {**summary(bank.manifest), "lot_image_scores": [float(s) for s in report.scores]}
 
-    def _update(self, bank_id: str) -> dict:
+    def _update(self, bank_id: str, lot: str | None = None) -> dict:
         from .growth import grow_bank
 
         bank = self.store.load(bank_id, self.encoder)
-        category, images, features, parts = self.store.load_lot(bank_id)
+        category, images, features, parts = self.store.load_lot(bank_id, lot)
         if category != bank.manifest.category:
             raise BankError(f"the pending lot of bank {bank_id!r} is for category {category!r}, the bank for "
                             f"{bank.manifest.category!r}: add images of its product (or reset the lot)")
@@ -606,7 +612,7 @@ class BankService:
         report["written"] = grown is not moved
         if report["written"]:
             self.store.save(grown)
-        self.store.clear_lot(bank_id, parts)
+        self.store.clear_lot(bank_id, parts, lot)
         self.log(f"bank {bank_id!r}: {report['folded_in']} of {report['scored']} images folded in"
                  + (f": version {grown.manifest.version}" if report["written"] else ": nothing written"))
         return {**summary(grown.manifest if report["written"] else bank.manifest), "update": report}

@@ -874,6 +874,38 @@ def test_a_bank_being_built_is_not_deleted_and_a_lot_started_over_frees_what_it_
     assert tight.lot_size("washer") == 4
 
 
+def test_two_clients_on_one_bank_each_build_and_update_the_images_they_added(tiny, lot, tmp_path):
+    """Concurrent updates shared the pending lot: client B's first add (reset) removed the images A had added, A's
+    update or build then took B's images (a rebuilt bank of B's few parts), and B's found nothing to build. A lot
+    session (option "lot", one per client run) is that client's own: added to, started over, built and cleared apart
+    from any other's."""
+    store = BankStore(tmp_path)
+    service = BankService(store, tiny.fingerprint, tiny.encode, tiny.encode_text, log=lambda _: None)
+    keys = lambda images: {image_key(i) for i in images}  # noqa: E731
+    # A rebuilds the bank from lot[:6] (two chunks) while B adds lot[6:10] to grow it: their adds interleave
+    service.handle("add", "washer", "washer", lot[:3], {"reset": True, "lot": "a"})
+    service.handle("add", "washer", "washer", lot[6:8], {"reset": True, "lot": "b"})
+    assert service.handle("add", "washer", "washer", lot[3:6], {"lot": "a"})["lot_size"] == 6
+    with store.building("washer", lot="a"):  # A's build runs: B's add goes on, an add to the lot being read waits
+        assert service.handle("add", "washer", "washer", lot[8:10], {"lot": "b"})["lot_size"] == 4
+        with pytest.raises(BankError, match="being built right now"):
+            service.handle("add", "washer", "washer", lot[:1], {"lot": "a"})
+    built = service.handle("build", "washer", "", None, {"mode": "mutual", "lot": "a"})
+    assert built["n_images"] == 6 and set(store.manifest("washer").image_keys) == keys(lot[:6])
+    assert store.lot_size("washer", "b") == 4 and not (tmp_path / "washer" / "lot-a").exists()
+    service.handle("add", "washer", "washer", lot[:2], {"reset": True})  # a client without a session: the shared lot
+    assert sorted((p["lot"] or "", p["images"]) for p in store.pending_lots()) == [("", 2), ("b", 4)]
+    grown = service.handle("update", "washer", "", None, {"lot": "b"})
+    assert grown["update"]["scored"] == 4 and grown["update"]["already_in_lot"] == 0
+    assert keys(lot[:6]) < set(store.manifest("washer").image_keys) <= keys(lot)
+    assert store.lot_size("washer") == 2 and not (tmp_path / "washer" / "lot-b").exists()
+    with pytest.raises(BankError, match="no images to build from in lot 'b'"):
+        service.handle("update", "washer", "", None, {"lot": "b"})
+    for bad in ("../x", "a.b", "", 7):
+        with pytest.raises(BankError, match="invalid lot session"):
+            service.handle("add", "washer", "washer", lot[:1], {"lot": bad})
+
+
 def test_parts_added_at_once_are_both_kept_and_a_build_clears_only_the_parts_it_read(tiny, lot, tmp_path,
                                                                                     monkeypatch):
     """Two adds at once (the bank model runs two instances) once chose the same part name and the second replaced

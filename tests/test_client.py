@@ -328,3 +328,62 @@ def test_only_loopback_addresses_count_as_loopback():
 
     assert all(map(is_loopback, ["127.0.0.1", "127.1.2.3", "::1", "localhost"]))
     assert not any(map(is_loopback, ["127.example.com", "0.0.0.0", "10.0.0.1", "::", "example.com"]))
+
+
+def test_a_client_run_adds_and_builds_or_updates_its_own_lot_session(tmp_path):
+    """Two runs on one bank id shared its pending lot: one's first add (reset) removed the other's images, and one's
+    update or build took the other's. Every run sends its adds, and then its build or update, with a lot of its own."""
+    import argparse
+
+    from PIL import Image
+
+    from client import banks, infer
+    from client.triton_client import PAClipClient
+
+    calls = []
+
+    class Recording:
+        new_lot = staticmethod(PAClipClient.new_lot)
+
+        def bank_info(self, bank):
+            return {"image_size": [16, 16], "category": "washer"}
+
+        def add_images(self, bank, category, images, reset=False, lot=None):
+            calls.append(("add", reset, lot))
+
+        def update_bank(self, bank, on_wait=None, lot=None):
+            calls.append(("update", lot))
+            return {"update": {}}
+
+        def build_bank(self, bank, options=None, on_wait=None, lot=None):
+            calls.append(("build", lot))
+            return {}
+
+    for i in range(10):
+        Image.fromarray(np.full((16, 16, 3), i, np.uint8)).save(tmp_path / f"{i}.png")
+    args = argparse.Namespace(bank="washer", images=str(tmp_path), quiet=True)
+    for run in range(2):
+        banks.update(Recording(), args, sorted(tmp_path.glob("*.png")))
+        infer.build(Recording(), "washer", "washer", np.zeros((10, 16, 16, 3), np.uint8), {}, 8, False)
+    lots = [call[-1] for call in calls]
+    assert all(lots) and len(set(lots)) == 4  # a session per run: two updates, two builds
+    for first, last in zip(range(0, 12, 3), range(2, 12, 3)):  # each run: add (reset), add, then its build/update
+        assert calls[first][1] is True and calls[first + 1][1] is False and len(set(lots[first:last + 1])) == 1
+
+
+def test_a_server_from_before_lot_sessions_is_named_at_the_first_add(monkeypatch):
+    """Such a server takes option "lot" on an add without a word and adds to the bank's shared lot: the client
+    stops at the first add, saying so, instead of a build refused later with "unknown PA-CLIP settings ['lot']"."""
+    from client.triton_client import ClientError, PAClipClient
+
+    client = PAClipClient("127.0.0.1:9", "http")  # nothing is sent: bank_action answers as each server would
+    answers = {"old": {"bank": "washer", "category": "washer", "lot_size": 8}}
+    answers["new"] = {**answers["old"], "lot": "s1"}
+    for server in ("new", "old"):
+        monkeypatch.setattr(PAClipClient, "bank_action", lambda self, *args, **kwargs: dict(answers[server]))
+        if server == "new":
+            assert client.add_images("washer", "washer", np.zeros((1, 14, 14, 3), np.uint8), lot="s1")["lot"] == "s1"
+        else:
+            with pytest.raises(ClientError, match="does not know lot sessions"):
+                client.add_images("washer", "washer", np.zeros((1, 14, 14, 3), np.uint8), lot="s1")
+        assert client.add_images("washer", "washer", np.zeros((1, 14, 14, 3), np.uint8))["lot_size"] == 8

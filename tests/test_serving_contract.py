@@ -364,6 +364,10 @@ def test_a_bank_grows_with_new_parts_through_the_server(server, lot, lot_dir, wo
         return subprocess.run([sys.executable, "-m", "client.banks", "--url", server.http_url, *args], cwd=ROOT,
                               capture_output=True, text=True, timeout=300)
 
+    # another client meanwhile starts a lot of this bank id over: the update's own lot session is apart from it
+    other = client.new_lot()
+    client.add_images("grow", "washer", lot[:2], reset=True, lot=other)
+    client.add_images("grow", "washer", lot[2:3], reset=True)
     grown = banks("--json", "update", "grow", "--images", str(new), "--quiet")
     assert grown.returncode == 0, grown.stderr
     answer = json.loads(grown.stdout)
@@ -373,7 +377,9 @@ def test_a_bank_grows_with_new_parts_through_the_server(server, lot, lot_dir, wo
     assert after["n_images"] == 6 + report["folded_in"]
     assert report["written"] and after["version"] != before["version"]  # 4 new parts counted: a new version
     assert after["decision"]["n_images"] == before["decision"]["n_images"] + 4
-    assert not any(p["bank"] == "grow" for p in client.store()["pending"])  # the lot it read is cleared
+    # the lot it read is cleared, the other client's lots are as they were
+    assert sorted((p["lot"] or "", p["images"]) for p in client.store()["pending"] if p["bank"] == "grow") == \
+        sorted([("", 1), (other, 2)])
     maps, scores = client.score(lot[6:], "grow")
     assert np.isfinite(scores).all() and maps.shape == (4, SIZE, SIZE)
     # the same parts again: those folded in are lot members now, the others were counted: nothing is written
