@@ -60,7 +60,7 @@ def main(argv=None, prog: str = "python -m export") -> int:
         parser.error(f"need --min-batch <= --opt-batch <= --max-batch, got {args.min_batch}, {args.opt_batch}, "
                      f"{args.max_batch}")
     from . import repository
-    from .tensorrt_build import TensorRTUnavailable
+    from .tensorrt_build import TensorRTBuildFailed, TensorRTUnavailable
 
     asked = args.max_batch if args.command == "tensorrt" else args.max_batch_size
     if asked < repository.serving_max_batch():  # tritonserver refuses an ensemble whose encoder takes fewer
@@ -76,7 +76,8 @@ def main(argv=None, prog: str = "python -m export") -> int:
         with exporting(target):  # one export at a time into a repository; what an interrupted one left goes first
             remove_leftovers(target)
             written = repository.export_from_arguments(args, target)
-    except (ValueError, FileNotFoundError, clip_encoder.WeightsNotFound, TensorRTUnavailable) as err:
+    except (ValueError, FileNotFoundError, clip_encoder.WeightsNotFound, TensorRTUnavailable,
+            TensorRTBuildFailed) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     for path in written:

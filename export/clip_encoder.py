@@ -49,7 +49,8 @@ class ClipVisionTaps(nn.Module):
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0)
 
     def forward(self, images: torch.Tensor):
-        x = images.permute(0, 3, 1, 2).to(self.mean.dtype)  # float32, or float16 in a half export
+        # cast first: TensorRT takes a UINT8 network input only straight into a Cast (a Transpose on it fails)
+        x = images.to(self.mean.dtype).permute(0, 3, 1, 2)  # float32, or float16 in a half export
         x = (x - self.mean) / self.std
         v = self.visual
         x = v._embeds(x)  # conv1, CLS, positional embedding, ln_pre

@@ -24,6 +24,10 @@ class TensorRTUnavailable(RuntimeError):
     """TensorRT or a CUDA GPU is missing; the message says what to install or where to run."""
 
 
+class TensorRTBuildFailed(RuntimeError):
+    """TensorRT parsed the model but could not build a plan from it (its log above says why)."""
+
+
 @dataclass(frozen=True)
 class BatchProfile:
     """Shapes of the ``images`` input for the optimisation profile: (min, opt, max) batch at one (height, width)."""
@@ -37,6 +41,11 @@ class BatchProfile:
         if not 1 <= self.min_batch <= self.opt_batch <= self.max_batch:
             raise ValueError(f"need 1 <= min <= opt <= max batch, got {self.min_batch}/{self.opt_batch}/"
                              f"{self.max_batch}")
+        if self.min_batch != 1:
+            # Triton's dynamic batcher sends whatever is queued, often one image: a plan whose profile starts
+            # above 1 refuses those batches at run time ("expected the shape of dimension 0 to be between ...")
+            raise ValueError(f"min batch must be 1 (Triton sends batches of 1 up to max_batch_size), got "
+                             f"{self.min_batch}")
 
     def shapes(self) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
         h, w = C.size_pair(self.image_size)
@@ -62,6 +71,12 @@ def _import_tensorrt():
         raise TensorRTUnavailable(
             "TensorRT is not installed: pip install '.[gpu]' on a machine with an NVIDIA GPU (or build the plan in "
             "the NGC TensorRT container); the ONNX model in the repository serves without it") from err
+    if not hasattr(trt.BuilderFlag, "FP16"):
+        # TensorRT 11 builds strongly typed networks only: BuilderFlag.FP16 is gone, an FP32 ONNX model stays FP32
+        raise TensorRTUnavailable(
+            f"TensorRT {trt.__version__} has no FP16 builder flag (TensorRT 11 builds strongly typed networks "
+            "only); install the TensorRT 10 of the tritonserver image that serves the plan (pip install "
+            "'.[gpu]' pins it)")
     return trt
 
 
@@ -91,23 +106,49 @@ def build_engine(onnx_path: Path, repository: Path, profile: BatchProfile, timin
     opt_profile = builder.create_optimization_profile()
     opt_profile.set_shape(C.IMAGES, *profile.shapes())
     config.add_optimization_profile(opt_profile)
-    cache_bytes = timing_cache.read_bytes() if timing_cache.is_file() else b""
-    cache = config.create_timing_cache(cache_bytes)
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    _attach_timing_cache(trt, config, timing_cache, logger)
     plan = builder.build_serialized_network(network, config)
     if plan is None:
-        raise RuntimeError("TensorRT failed to build the engine; run with a larger --workspace-gib or read the "
-                           "TensorRT log above")
-    write_atomic(timing_cache, bytes(memoryview(config.get_timing_cache().serialize())))
+        raise TensorRTBuildFailed("TensorRT failed to build the engine; run with a larger --workspace-gib or read "
+                                  "the TensorRT log above")
 
     # the plan takes this one size, whatever the ONNX model took
     fingerprint = {**C.onnx_fingerprint(onnx_path), **C.fixed_size_fields(profile.image_size)}
     n_taps, tokens, channels, dim = output_dims(network)
-    return write_model_dir(repository, ENGINE_NAME, {
+    # a plan loads only in the TensorRT that built it: say which, so a tritonserver refusing it can be understood
+    written = write_model_dir(repository, ENGINE_NAME, {
         f"1/{TENSORRT.model_file}": bytes(plan),
         "config.pbtxt": config_text(engine_config(fingerprint, profile, n_taps, tokens, channels, dim)),
-        C.ENCODER_FILE: C.encoder_json({**fingerprint, "precision": "fp16-tensorrt"}),
+        C.ENCODER_FILE: C.encoder_json({**fingerprint, "precision": "fp16-tensorrt",
+                                        "tensorrt": str(trt.__version__)}),
     })
+    _save_timing_cache(config, timing_cache, logger, trt)  # after the plan: a cache problem never costs the build
+    return written
+
+
+def _attach_timing_cache(trt, config, timing_cache: Path, logger) -> None:
+    """The saved timing cache, or a fresh one where the saved one is unreadable or from another GPU / TensorRT
+    (``set_timing_cache`` returns False then and attaches nothing; it does not raise)."""
+    cache_bytes = timing_cache.read_bytes() if timing_cache.is_file() else b""
+    try:
+        cache = config.create_timing_cache(cache_bytes) if cache_bytes else None
+    except Exception:  # a blob this TensorRT cannot read
+        cache = None
+    if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
+        if cache_bytes:
+            logger.log(trt.Logger.WARNING, f"ignoring the timing cache {timing_cache}: it is from another GPU or "
+                       "TensorRT version; starting a new one")
+        config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
+
+
+def _save_timing_cache(config, timing_cache: Path, logger, trt) -> None:
+    cache = config.get_timing_cache()
+    if cache is None:
+        return
+    try:
+        write_atomic(timing_cache, bytes(memoryview(cache.serialize())))
+    except OSError as err:
+        logger.log(trt.Logger.WARNING, f"could not save the timing cache {timing_cache}: {err}")
 
 
 def output_dims(network) -> tuple[int, int, int, int]:
