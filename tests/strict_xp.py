@@ -10,8 +10,8 @@ fails a test here instead of on a customer's GPU.
   ``TypeError``.
 - Reductions return 0-d device arrays, as CuPy's do.
 - Only what CuPy has: ``strict.<name>`` and ``array.<name>`` refuse the NumPy functions and array methods that CuPy
-  13 lacks (``np.errstate``, ``np.nanpercentile``, ``ndarray.resize``, ...), by the names in
-  ``fixtures/cupy_names.json`` (read off cupy-cuda12x 13.6.0's ``dir(cupy)`` and ``dir(cupy.ndarray)``).
+  lacks (``np.errstate``, ``np.nanpercentile``, ``ndarray.resize``, ...), by the names in ``fixtures/cupy_names.json``
+  (the public names of ``dir(cupy)`` and ``dir(cupy.ndarray)`` that CuPy 13.6 and 14.2, the GPU image's, both have).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import numpy as np
 _CUPY = json.loads((Path(__file__).parent / "fixtures" / "cupy_names.json").read_text())
 CUPY_MODULE_NAMES = frozenset(_CUPY["module"])
 CUPY_ARRAY_NAMES = frozenset(_CUPY["ndarray"])
+CUPY_VERSIONS = " and ".join(_CUPY["cupy_versions"])
 
 
 class NotInCuPy(AttributeError):
@@ -105,7 +106,7 @@ class StrictArray:
         if name.startswith("__"):  # __array_interface__, __array_struct__, ...: NumPy would read the data directly
             raise AttributeError(name)
         if name not in CUPY_ARRAY_NAMES:
-            raise NotInCuPy(f"cupy.ndarray has no .{name} (CuPy {_CUPY['cupy_version']}): a NumPy-only method")
+            raise NotInCuPy(f"cupy.ndarray has no .{name} (CuPy {CUPY_VERSIONS}): a NumPy-only method")
         attr = getattr(self._a, name)
         if callable(attr):
             return lambda *args, **kwargs: _wrap(attr(*_unwrap(args), **_unwrap(kwargs)))
@@ -173,7 +174,7 @@ class _StrictModule(types.ModuleType):
 
     def __getattr__(self, name):
         if not name.startswith("__") and name not in CUPY_MODULE_NAMES:
-            raise NotInCuPy(f"cupy has no {name} (CuPy {_CUPY['cupy_version']}): a NumPy-only function")
+            raise NotInCuPy(f"cupy has no {name} (CuPy {CUPY_VERSIONS}): a NumPy-only function")
         attr = getattr(np, name)
         if isinstance(attr, type) or not callable(attr):
             return attr  # dtypes, constants
