@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ import numpy as np
 
 from . import kernels as K, strict_json
 from .config import FULL_BANK, PAClipConfig
-from .contract import TEXT_EMBEDS, Features, encoder_identity
+from .contract import TEXT_EMBEDS, Features, encoder_identity, image_key  # noqa: F401 (image_key: here too)
 from .decision import calibrate
 from .errors import RequestError
 from .ood import DEFAULT_STATISTICS, calibrate_ood, image_statistics
@@ -61,13 +60,6 @@ class BankError(RequestError):
 
 class BankFormatError(BankError):
     """A manifest of a format this code does not read (a newer server wrote it): rebuild, or serve with that one."""
-
-
-def image_key(image: np.ndarray) -> str:
-    """Identity of an image as the encoder sees it (uint8 pixels after resizing)."""
-    digest = hashlib.sha256(str(image.shape).encode())
-    digest.update(np.ascontiguousarray(image).tobytes())
-    return digest.hexdigest()
 
 
 def check_encoder(manifest: "BankManifest", fingerprint: dict | None) -> None:
@@ -285,14 +277,16 @@ class Bank:
     # r -> (n_layers, N, d) float32, each full-bank image's mean entry, read once (``full_descriptors``)
     _descriptors: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
 
-    def full_descriptors(self, r: int):
-        """(n_layers, N, d) the full bank's image descriptors at scale r (``kernels.image_descriptors``), by which
-        each new image's neighbours are chosen: computed on first use and kept, since a bank's entries never
-        change (a grown bank is a new one), where every request read all entries again before."""
+    def full_descriptors(self, r: int, host: HostSettings = DEFAULT_HOST):
+        """(n_layers, N, d) the full bank's image descriptors at scale r (``kernels.image_descriptors``, within the
+        host's memory budget), by which each new image's neighbours are chosen: computed on first use and kept,
+        since a bank's entries never change (a grown bank is a new one), where every request read all entries again
+        before."""
         if r not in self._descriptors:
             entries, scale = self.full[r], self.full_scale.get(r)
             xp = K.get_xp(entries)
-            self._descriptors[r] = xp.stack([K.image_descriptors(entries[p], None if scale is None else scale[p])
+            self._descriptors[r] = xp.stack([K.image_descriptors(entries[p], None if scale is None else scale[p],
+                                                                 host.budget_bytes)
                                              for p in range(entries.shape[0])])
         return self._descriptors[r]
 
@@ -325,8 +319,11 @@ class Bank:
         return self.manifest.grid
 
     def query_ids(self, keys: list[str]) -> np.ndarray:
-        """Lot index of each image (-1 for an image that is not in the lot)."""
-        index = {key: i for i, key in enumerate(self.manifest.image_keys)}
+        """Lot index of each image (-1 for an image that is not in the lot; a lot's copies of one image are its
+        first, as the lot stage read them: ``contract.lot_image_ids``)."""
+        index = {}
+        for i, key in enumerate(self.manifest.image_keys):
+            index.setdefault(key, i)
         return np.asarray([index.get(key, -1) for key in keys], dtype=np.int64)
 
     @property
@@ -334,12 +331,12 @@ class Bank:
         """Bytes its stored arrays take (in memory as in its file)."""
         return int(sum(a.nbytes for a in self._arrays()))
 
-    def prepare(self) -> "Bank":
+    def prepare(self, host: HostSettings = DEFAULT_HOST) -> "Bank":
         """Compute now what scoring reads from the bank's arrays and keeps (the full bank's image descriptors), so
         that a server counts it when the bank is loaded (``held_nbytes``), not after its first request."""
         if self.config.full_bank_neighbours > 0:
             for r in self.full:
-                self.full_descriptors(r)
+                self.full_descriptors(r, host)
         return self
 
     @property
@@ -605,7 +602,8 @@ def score_with_bank(bank: Bank, features: Features, query_ids, map_size: tuple[i
         space = bank.space
         full_scores = {r: full_scores_against(features, bank.full[r], bank_ids, query_ids, k, r, cfg, space, host,
                                               bank.full_scale.get(r),
-                                              bank.full_descriptors(r) if cfg.full_bank_neighbours > 0 else None)
+                                              bank.full_descriptors(r, host) if cfg.full_bank_neighbours > 0
+                                              else None)
                        for r in cfg.scales}
         for r in bank.normal:
             normal_scores[r] = normal_scores_against(features, bank.normal[r], bank.normal_ids[r], cfg, r, space,

@@ -8,6 +8,7 @@ that read or write ONNX metadata), so every package may import this module.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -284,3 +285,18 @@ def read_fingerprint(model_dir: str | Path) -> dict:
     if onnx_file.is_file():
         return onnx_fingerprint(onnx_file)
     raise FileNotFoundError(f"no encoder fingerprint at {path}: export the encoder with `python -m export onnx`")
+
+
+def image_key(image: np.ndarray) -> str:
+    """Identity of an image as the encoder sees it (uint8 pixels after resizing)."""
+    digest = hashlib.sha256(str(image.shape).encode())
+    digest.update(np.ascontiguousarray(image).tobytes())
+    return digest.hexdigest()
+
+
+def lot_image_ids(images) -> np.ndarray:
+    """(N,) int64 the id each lot image goes by: its own index, but the first index of its pixels for a copy of an
+    image before it, so that no copy is scored against the normal-bank entries of another (a copy chosen as normal
+    gave its twin an exact match in the lot, and a query that a bank took for the other copy a different one)."""
+    first = {}
+    return np.asarray([first.setdefault(image_key(image), i) for i, image in enumerate(images)], dtype=np.int64)

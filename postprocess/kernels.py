@@ -416,13 +416,15 @@ def lot_mutual_scores(feats, k: int, budget_bytes: int, matmul: str = "float32")
 
     Image i's minima against image j and j's against i are the row and column maxima of one similarity block, so
     each pair of images is multiplied once: half the products of the general path. The lot's minima are held whole
-    (``lot_minima_bytes``); when they do not fit half the budget, or the fused CUDA kernels serve the arrays, this
-    is ``full_bank_scores``. The products' rounding may differ from the general path's in the last bit.
+    (``lot_minima_bytes``); when they do not fit half the budget, nor one pair of images' block does, or the fused
+    CUDA kernels serve the arrays, this is ``full_bank_scores``. The products' rounding may differ from the general
+    path's in the last bit.
     """
     xp = get_xp(feats)
     n, length, channels = feats.shape
     half = half_budget(budget_bytes)
-    if _fused(xp) is not None or lot_minima_bytes(n, length) > half:
+    one_pair = 4 * length * (length + 4)  # lot_pair_block_images of one image each way
+    if _fused(xp) is not None or lot_minima_bytes(n, length) > half or one_pair > half:
         ids = xp.arange(n)
         return full_bank_scores(feats, feats, ids, ids, k, budget_bytes, matmul=matmul)
     flat = feats.reshape(n * length, channels)
@@ -548,6 +550,12 @@ def gaussian_kernel_1d(sigma: float) -> np.ndarray:
     x = np.arange(-radius, radius + 1, dtype=np.float64)
     taps = np.exp(-0.5 * (x / sigma) ** 2)
     return taps / taps.sum()
+
+
+def smoothing_limit(size) -> float:
+    """A map of (height, width) ``size`` takes a smoothing sigma below this: the kernel's radius, 4 sigma rounded,
+    below its short side, as a mirror border needs."""
+    return (min(size) - 0.5) / 4.0
 
 
 def _gaussian_matrix(n: int, sigma: float) -> np.ndarray:

@@ -440,8 +440,11 @@ def rescore_within_lot(result: ScoreResult, features: Features, cfg: PAClipConfi
 
 
 def finish_stage(features: Features, state: LotState, normal: NormalSet | None, cfg: PAClipConfig,
-                 map_size: tuple[int, int], banks: dict | None = None, host: HostSettings = DEFAULT_HOST) -> ScoreResult:
-    """Stage 2 on the lot itself. ``banks`` (from ``normal_banks``) may be passed in when the caller keeps them."""
+                 map_size: tuple[int, int], banks: dict | None = None, host: HostSettings = DEFAULT_HOST,
+                 query_ids=None) -> ScoreResult:
+    """Stage 2 on the lot itself. ``banks`` (from ``normal_banks``) may be passed in when the caller keeps them;
+    ``query_ids``: the id each lot image goes by against the normal banks (``contract.lot_image_ids``; default its
+    index)."""
     result = ScoreResult(maps=None, scores=None, patch_scores=None)
     if cfg.use_normal_bank and not cfg.text_only:
         if banks is None:
@@ -449,7 +452,7 @@ def finish_stage(features: Features, state: LotState, normal: NormalSet | None, 
                 normal = original_normal_set(features, state)
             banks = normal_banks(normal, features.grid, state.prior_threshold, cfg, state.space)
         for r, (bank, bank_ids) in banks.items():
-            s_b = normal_scores_against(features, bank, bank_ids, cfg, r, state.space, host=host)
+            s_b = normal_scores_against(features, bank, bank_ids, cfg, r, state.space, query_ids, host)
             xp = K.get_xp(s_b)
             result.normal_bank_scores[r] = s_b
             result.tau_b[r] = float(xp.quantile(s_b, cfg.tau_quantile))

@@ -17,7 +17,7 @@ from . import kernels as K
 from .backbone import Backbone
 from .cada import apply_augmentation, cada_decision, draw_augmentations, warp_patch_map
 from .config import PAClipConfig
-from .contract import Features
+from .contract import Features, lot_image_ids
 from .errors import RequestError
 from .host import DEFAULT_HOST, HostSettings
 from .pa_clip import LotState, NormalSet, ScoreResult, finish_stage, lot_stage, normal_banks, rescore_within_lot
@@ -109,6 +109,7 @@ class LotScorer:
         self.host = host
         self.xp = xp if xp is not None else host.xp()
         self.images = images
+        self.lot_ids = lot_image_ids(images)  # host: a copy of an earlier image goes by that one's index
         self.category = category
         self.batch_size = batch_size
         self.progress = progress
@@ -133,7 +134,8 @@ class LotScorer:
         xp = self.xp
         idx = state.normal_indices  # host: which lot images to augment
         on_device = xp.asarray(idx)
-        originals = NormalSet(self.features.layer_tokens[on_device], on_device, state.prior[on_device])
+        ids = self.lot_ids[idx]  # each entry's source: a copy of an earlier image goes by that one's index
+        originals = NormalSet(self.features.layer_tokens[on_device], xp.asarray(ids), state.prior[on_device])
         if not cfg.augment or cfg.n_augment <= 0:
             return originals, {}
         key = (cfg.lot_stage_key(), cfg.n_augment, cfg.cada_threshold)
@@ -145,13 +147,13 @@ class LotScorer:
             for j, i in enumerate(idx):
                 for aug in draw_augmentations(cfg.n_augment, decision.strategy, size, cfg.seed + 1000 + j):
                     aug_images.append(apply_augmentation(self.images[i], aug))  # pixels: host, for the encoder
-                    aug_ids.append(i)
+                    aug_ids.append(ids[j])
                     aug_prior.append(warp_patch_map(originals.prior[j].reshape(h, w), aug, size).reshape(-1))
             encoded = encode_images(self.backbone, np.stack(aug_images), self.batch_size,
                                     desc="encode augmentations" if self.progress else None, xp=xp)
             normal = NormalSet(
                 xp.concatenate([originals.layer_tokens, encoded.layer_tokens]),
-                xp.concatenate([on_device, xp.asarray(np.asarray(aug_ids, dtype=np.int64))]),
+                xp.concatenate([originals.source_ids, xp.asarray(np.asarray(aug_ids, dtype=np.int64))]),
                 xp.concatenate([originals.prior, xp.stack(aug_prior).astype(originals.prior.dtype)]),
             )
             self._normal_sets[key] = (normal, {"cada": decision.to_dict(), "n_augmented": len(aug_images)})
@@ -166,6 +168,9 @@ class LotScorer:
         float16, so that the lot's tau_b are those of the stored bank); None keeps them as computed (``score``).
         """
         size = tuple(map_size or self.images.shape[1:3])
+        if cfg.smooth_sigma >= K.smoothing_limit(size):  # refused before the lot stage, not after it (a 500)
+            raise RequestError(f"smooth_sigma {cfg.smooth_sigma:g} is too large for maps of {size[0]}x{size[1]}: it "
+                               f"must be below {K.smoothing_limit(size):g} (its kernel must fit the short side)")
         state = self.state(cfg)
         normal, extra = self.normal_set(cfg, state)
         # Lot-level re-scoring only reads the map scores: settings that differ in it alone share one finish stage
@@ -179,7 +184,7 @@ class LotScorer:
                 if bank_dtype is not None:
                     banks = {r: (b.astype(bank_dtype), ids) for r, (b, ids) in banks.items()}
             self._finished[key] = banks, finish_stage(self.features, state, normal, plain, size, banks=banks or None,
-                                                      host=self.host)
+                                                      host=self.host, query_ids=self.xp.asarray(self.lot_ids))
         banks, finished = self._finished[key]
         result = rescore_within_lot(copy.copy(finished), self.features, cfg)
         return LotRun(cfg, size, state, normal, banks, result, extra)

@@ -170,7 +170,7 @@ class ScoreService:
             self.telemetry.count("pa_clip_bank_cache_hits_total")
             return cached[1]
         self._cache.pop(bank_id, None)
-        bank = self.store.load(bank_id, self.encoder).to(self.xp).prepare()  # BankError for a missing bank
+        bank = self.store.load(bank_id, self.encoder).to(self.xp).prepare(self.host)  # BankError: missing
         if self.drift.version(bank_id) not in (None, bank.manifest.version):
             # the window and gauges of the version replaced: on /metrics until the next new image, they described a
             # bank no longer scored with (an alarm of the old version stood over the new one)

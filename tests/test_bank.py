@@ -13,7 +13,7 @@ import pytest
 from postprocess import bank_store as store_module
 from postprocess.bank import BankError, build_bank, check_tensors, image_key, score_with_bank
 from postprocess.bank_store import BankStore
-from postprocess.config import PAClipConfig
+from postprocess.config import FULL_BANK, PAClipConfig
 from conftest import BANK_STORAGE_TOL, assert_maps_within_contract, storage_tolerance, write_manifest
 from postprocess import kernels as K
 from postprocess.errors import RequestError
@@ -1066,3 +1066,53 @@ def test_a_store_limit_refuses_adds_and_builds_past_it(tiny, lot, tmp_path):
     with pytest.raises(store_module.StoreFull, match="delete banks you no longer need"):
         service.handle("add", "washer", "washer", lot)
     assert store.lot_size("washer") == len(lot) and store.total_bytes() == held
+
+
+def test_a_smoothing_wider_than_the_map_is_refused_before_the_lot_stage(tiny, lot, tmp_path, monkeypatch):
+    """RANGES takes smooth_sigma up to 64, but its kernel must fit the map's short side: past it the build ran the
+    lot stage and then failed in the maps as an internal error (a 500), where it is the caller's setting (a 400)."""
+    from postprocess import pipeline
+
+    stages = []
+    monkeypatch.setattr(pipeline, "lot_stage", lambda *args, **kwargs: stages.append(1))
+    wide = np.ascontiguousarray(lot[:4, 28:84])  # maps of 56 x 112: the short side decides
+    scorer = LotScorer(tiny, wide, "washer", progress=False)
+    with pytest.raises(RequestError, match=r"smooth_sigma 14 is too large for maps of 56x112: it must be below 13.875"):
+        build_bank(scorer, PAClipConfig(smooth_sigma=14.0), "washer", tiny.fingerprint)
+    assert not stages
+    monkeypatch.undo()
+    bank, report = build_bank(scorer, PAClipConfig(smooth_sigma=13.8), "washer", tiny.fingerprint)  # just fits
+    assert np.isfinite(report.maps).all()
+
+
+def test_the_full_banks_descriptors_are_read_within_the_hosts_memory_budget(scorer, tiny, monkeypatch):
+    """They were dequantised in chunks of the kernel's default 64 MiB whatever the host's budget (a 1 MB budget
+    peaked at 27 MB on a 13 MB int8 bank's first request)."""
+    bank, _ = build_bank(scorer, PAClipConfig(), "washer", tiny.fingerprint)
+    assert bank.config.full_bank_neighbours > 0
+    budgets, real = [], K.image_descriptors
+    monkeypatch.setattr(K, "image_descriptors", lambda *args: budgets.append(args[2]) or real(*args))
+    host = HostSettings(array_module="numpy", memory_budget_mb=1)
+    bank.prepare(host)
+    assert budgets and set(budgets) == {host.budget_bytes}
+    budgets.clear()
+    fresh, _ = build_bank(scorer, PAClipConfig(), "washer", tiny.fingerprint)
+    score_with_bank(fresh, scorer.features.take(slice(0, 2)), [-1, -1], host=host)  # read on first use
+    assert budgets and max(budgets) <= host.budget_bytes  # the bank's and the queries' (half of it)
+
+
+@pytest.mark.parametrize("settings", [{}, FULL_BANK])
+def test_copies_of_one_image_in_a_lot_score_as_the_lot_scored_them(tiny, lot, settings):
+    """A lot holding one image twice (the client only warns) gave a copy chosen as normal an exact match for its
+    twin in the lot, and the bank, taking both for the last copy, another: maps 0.02-0.17 apart. Copies go by the
+    first one's index against the normal banks, in the lot and in the bank alike."""
+    copies = lot[np.asarray([0, 1, 2, 0, 1, 2, 0, 3])]
+    scorer = LotScorer(tiny, copies, "washer", progress=False)
+    assert scorer.lot_ids.tolist() == [0, 1, 2, 0, 1, 2, 0, 7]
+    bank, report = build_bank(scorer, PAClipConfig(**settings), "washer", tiny.fingerprint)
+    ids = bank.query_ids([image_key(img) for img in copies])
+    assert ids.tolist() == scorer.lot_ids.tolist()
+    assert set(np.unique(np.concatenate([v for v in bank.normal_ids.values()]))) <= {0, 1, 2, 7}
+    again = score_with_bank(bank, scorer.features, ids)
+    np.testing.assert_allclose(again.maps, report.maps, atol=BANK_STORAGE_TOL)
+    np.testing.assert_allclose(again.maps[[0, 3, 6]], again.maps[[3, 6, 0]], atol=1e-6)  # copies alike

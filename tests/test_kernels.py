@@ -314,3 +314,25 @@ def test_neighbour_rescore_moves_each_score_toward_its_look_alikes():
     mixed = K.neighbour_rescore(np.array([0.0, 0.0], np.float32), embeds[:2], embeds, scores, 50, 1.0,
                                 np.array([-1, 0]))
     np.testing.assert_allclose(mixed, [scores.mean(), (scores.sum() - 1.0) / 5], rtol=1e-6)
+
+
+def test_the_lots_pairs_fall_back_to_the_general_path_when_one_pair_passes_the_budget():
+    """The lot's minima fit half the budget, one pair of images' block does not: the pairs' path held it anyway
+    (its group floored at one image), 7 MB against a 1 MB budget at 37 x 37 patches."""
+    import tracemalloc
+
+    rng = np.random.default_rng(3)
+    n, length = 3, 400
+    feats = _unit_vectors(rng, (n, length, 8))
+    budget = 200_000
+    assert K.lot_minima_bytes(n, length) <= K.half_budget(budget) < 4 * length * (length + 4)
+    K.lot_mutual_scores(feats, 2, budget)  # once before tracing
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        out = K.lot_mutual_scores(feats, 2, budget)
+        peak = tracemalloc.get_traced_memory()[1] - before - out.nbytes
+    finally:
+        tracemalloc.stop()
+    assert peak <= budget, f"peak {peak} bytes against a budget of {budget}"
+    np.testing.assert_allclose(out, _brute_full(feats, feats, np.arange(n), np.arange(n), 2), atol=1e-5)
