@@ -520,7 +520,8 @@ def finite_mean(values, axis: int):
 def adaptive_subtraction(full_scores, normal_scores, alpha: float, tau: float):
     """S = S_c - alpha * S_b * 1[S_b <= tau]."""
     xp = get_xp(full_scores)
-    return full_scores - alpha * normal_scores * (normal_scores <= tau).astype(xp.float32)
+    # Python floats: a NumPy float64 weight or alpha keeps float32 maps under NumPy 2's promotion (NEP 50) too
+    return full_scores - float(alpha) * normal_scores * (normal_scores <= tau).astype(xp.float32)
 
 
 def subtract_and_fuse(full: list, normal: list, taus: list, weights, alpha: float):
@@ -528,7 +529,7 @@ def subtract_and_fuse(full: list, normal: list, taus: list, weights, alpha: floa
     fused = _fused(get_xp(full[0]))
     if fused is not None:
         return fused.subtract_and_fuse(full, normal, taus, weights, alpha)
-    return sum(w * adaptive_subtraction(c, b, alpha, t) for c, b, t, w in zip(full, normal, taus, weights))
+    return sum(float(w) * adaptive_subtraction(c, b, alpha, t) for c, b, t, w in zip(full, normal, taus, weights))
 
 
 def _bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:

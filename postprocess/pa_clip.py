@@ -66,7 +66,7 @@ class ScoreResult:
 
 
 def fuse(per_scale: dict, cfg: PAClipConfig):
-    return sum(w * per_scale[r] for r, w in zip(cfg.scales, cfg.weights))
+    return sum(float(w) * per_scale[r] for r, w in zip(cfg.scales, cfg.weights))  # float32 under NEP 50 too
 
 
 def text_patch_scores(features: Features, text_embeds, cfg: PAClipConfig) -> dict:

@@ -336,3 +336,26 @@ def test_the_lots_pairs_fall_back_to_the_general_path_when_one_pair_passes_the_b
         tracemalloc.stop()
     assert peak <= budget, f"peak {peak} bytes against a budget of {budget}"
     np.testing.assert_allclose(out, _brute_full(feats, feats, np.arange(n), np.arange(n), 2), atol=1e-5)
+
+
+def test_fusion_keeps_float32_maps_under_numpy_2s_promotion():
+    """Under NEP 50 (NumPy 2, the GPU image's) a NumPy float64 weight or alpha made the fused maps float64 (a
+    scale weight may be any real number, np.float64 included); NumPy 1.26 emulates NEP 50 on request."""
+    from postprocess.config import PAClipConfig
+    from postprocess.pa_clip import fuse
+
+    rng = np.random.default_rng(0)
+    full = [rng.random((2, 5), dtype=np.float32) for _ in range(2)]
+    normal = [rng.random((2, 5), dtype=np.float32) for _ in range(2)]
+    weights, alpha = [np.float64(0.25), np.float64(0.75)], np.float64(0.5)
+    state = getattr(np, "_get_promotion_state", lambda: None)()
+    if state is not None:
+        np._set_promotion_state("weak")
+    try:
+        fused = K.subtract_and_fuse(full, normal, [0.5, 0.5], weights, alpha)
+        cfg = PAClipConfig(scales=(1, 3), scale_weights=(np.float64(0.5), np.float64(0.5)))
+        fused_scales = fuse({1: full[0], 3: full[1]}, cfg)
+    finally:
+        if state is not None:
+            np._set_promotion_state(state)
+    assert fused.dtype == np.float32 and fused_scales.dtype == np.float32

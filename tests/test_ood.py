@@ -279,7 +279,7 @@ def test_a_timers_older_window_never_lands_over_a_newer_alarm(tiny_clip_112, lot
     scorer = LotScorer(tiny_clip_112, lot, "washer", progress=False)
     store.save(build_bank(scorer, PAClipConfig(), "race", tiny_clip_112.fingerprint)[0])
     service = ScoreService(store, tiny_clip_112.fingerprint)
-    service.MONITOR_WRITE_S = 0.2
+    service.MONITOR_WRITE_S = 2.0  # long enough for the second request to be held back on a loaded CPU
     written = store.write_monitor
     timer_writing = threading.Event()
 
@@ -292,17 +292,18 @@ def test_a_timers_older_window_never_lands_over_a_newer_alarm(tiny_clip_112, lot
     store.write_monitor = slow_write
     folder = write_demo_lot(tmp_path / "new", n_images=42, n_defective=0, size=128, seed=12)
     fresh = np.stack([load_image(p, 112)[1] for p in sorted(folder.glob("*.png"))])
-    sent = iter(range(len(fresh)))
+    dark = np.clip(fresh[2:].astype(np.float32) * 0.4, 0, 255).astype(np.uint8)  # the lamp failed
+    # encoded before any request: each request is then only scored, well inside the interval
+    batches = [(images, tiny_clip_112.encode(images).outputs().values()) for images in (fresh[:1], fresh[1:2], dark)]
 
-    def request(n, gain=1.0):  # n new good parts, or (gain) the lamp's change
-        picks = fresh[[next(sent) for _ in range(n)]]
-        images = np.clip(picks.astype(np.float32) * gain, 0, 255).astype(np.uint8)
-        service.score("race", *tiny_clip_112.encode(images).outputs().values(), images)
+    def request(which):
+        images, outputs = batches[which]
+        service.score("race", *outputs, images)
 
-    request(1)  # written at once
+    request(0)  # written at once
     request(1)  # held back: a timer writes it when the interval is over
-    assert timer_writing.wait(5)
-    request(40, gain=0.4)  # the lamp failed: the alarm turns, written at once
+    assert timer_writing.wait(10)
+    request(2)  # 40 darkened parts: the alarm turns, written at once
     live = service.drift.summary("race")
     assert live["alarm"]
     deadline = time.monotonic() + 5
