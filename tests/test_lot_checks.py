@@ -82,7 +82,7 @@ def test_mixed_bit_depths_are_warned(tmp_path):
 
 def test_infer_refuses_bad_thresholds_budgets_and_bit_depths_before_it_reads_anything(tmp_path, capsys):
     for flags, words in ((["--threshold", "5"], "between 0 and 1"), (["--threshold", "nan"], "between 0 and 1"),
-                         (["--false-alarm-rate", "2"], "a number in (0.0, 0.5)"), (["--bit-depth", "40"], "[1, 16]")):
+                         (["--false-alarm-rate", "2"], "a number in [1e-06, 0.5)"), (["--bit-depth", "40"], "[1, 16]")):
         try:  # the ranges of numbers are argparse's to refuse (exit status 2), the threshold's text the command's
             code = infer.main(["--images", str(tmp_path / "none"), "--bank", "b", "--url", "127.0.0.1:9", *flags])
         except SystemExit as stopped:
