@@ -232,6 +232,12 @@ def test_a_pending_lot_that_cannot_be_read_is_listed_with_why(capsys):
         {"bank": "bolt", "updated_at": "2026-12-07T05:00:00+0000", "expires_in_s": 60,
          "error": "a part of this lot cannot be read (SafetensorError): add the lot again with reset"}]})
     assert "pending lot of 'bolt' cannot be read: a part of this lot" in capsys.readouterr().out
+    banks.print_list({"banks": [], "store_bytes": 0, "pending": [  # a client run's own lot, and the shared one
+        {"bank": "bolt", "lot": "9f2c", "images": 3, "expires_in_s": 7200},
+        {"bank": "bolt", "lot": None, "images": 2, "expires_in_s": 7200}]})
+    listed = capsys.readouterr().out
+    assert "pending lot of 'bolt' (a client run's, session 9f2c): 3 image(s)" in listed
+    assert "pending lot of 'bolt': 2 image(s)" in listed
 
 
 def test_banks_printouts_of_an_empty_store_and_of_a_part_left_out_without_a_score(capsys):
