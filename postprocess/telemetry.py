@@ -64,13 +64,33 @@ class RecordingTelemetry(Telemetry):
             del self.values[key]
 
 
-class TritonTelemetry(Telemetry):
-    """Triton's custom metrics (``pb_utils.MetricFamily``), created on first use."""
+def sole_instance(model_config: dict) -> bool:
+    """Whether a model's config (Triton's JSON form) runs it in one instance on the whole server: one group of
+    count 1, on the CPU or on one named GPU (KIND_GPU without ``gpus`` is one per GPU, however many there are)."""
+    groups = model_config.get("instance_group") or [{}]
+    if len(groups) != 1 or int(groups[0].get("count", 1)) != 1:
+        return False
+    kind = groups[0].get("kind", "KIND_GPU")
+    return kind in ("KIND_CPU", "KIND_MODEL") or len(groups[0].get("gpus", [])) == 1
 
-    def __init__(self, pb_utils):
+
+class TritonTelemetry(Telemetry):
+    """Triton's custom metrics (``pb_utils.MetricFamily``), created on first use.
+
+    ``instance``: this process's model instance, a label on its gauges (they hold its own state, a drift window or
+    a cache: two instances writing one series showed whichever answered last; counters stay one sum). ``sole``:
+    whether it is the model's only instance. Every instance's family of one name is one family of Triton's; the
+    only way to take a series off /metrics is to make its family again, which frees it under every other instance
+    still writing to it (tritonserver 2.51 crashed, signal 11, when a bank was deleted with two scoring instances):
+    with several, a deleted bank's gauges read NaN instead, until the server restarts.
+    """
+
+    def __init__(self, pb_utils, instance: str | None = None, sole: bool = True):
         self._pb = pb_utils
         self._families: dict = {}
         self._metrics: dict = {}
+        self._own = {"instance": instance} if instance else {}
+        self._sole = sole
 
     def _metric(self, name: str, labels: dict):
         key = (name, tuple(sorted(labels.items())))
@@ -86,12 +106,16 @@ class TritonTelemetry(Telemetry):
         self._metric(name, labels).increment(float(value))
 
     def gauge(self, name, value, **labels):
-        self._metric(name, labels).set(float(value))
+        self._metric(name, {**labels, **self._own}).set(float(value))
 
     def drop_gauges(self, **labels):
+        gone = [key for key in self._metrics if _carries(key, labels)]
+        if not self._sole:  # other instances hold this family too: a family made again would be freed under them
+            for key in gone:
+                self._metrics[key].set(float("nan"))
+            return
         # a series stays on /metrics after its Metric object is destroyed, until its whole family is (Triton 2.51's
         # Python backend): the family is made again with the series that stay, at their values
-        gone = [key for key in self._metrics if _carries(key, labels)]
         for name in {key[0] for key in gone}:
             family = [key for key in self._metrics if key[0] == name]
             kept = {key: self._metrics[key].value() for key in family if key not in gone}
@@ -99,4 +123,4 @@ class TritonTelemetry(Telemetry):
                 del self._metrics[key]
             del self._families[name]
             for (_, pairs), value in kept.items():
-                self.gauge(name, value, **dict(pairs))
+                self._metric(name, dict(pairs)).set(value)

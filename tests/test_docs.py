@@ -174,3 +174,12 @@ def test_markdown_links_in_the_project_resolve():
     broken = [hit for name in files if name.endswith(".md")
               for hit in broken_links(name, (ROOT / name).read_text(), files)]
     assert not broken, "\n".join(broken)
+
+
+def test_every_exported_metric_is_named_in_the_readme():
+    """Each series postprocess/telemetry.py exports is named in full in the README (its Metrics or Drift part)."""
+    from postprocess.telemetry import METRICS
+
+    readme = (ROOT / "README.md").read_text()
+    missing = [name for name in METRICS if not re.search(rf"`{re.escape(name)}[`{{]", readme)]
+    assert not missing, f"exported on /metrics but not named in README.md: {missing}"

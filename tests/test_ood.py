@@ -312,3 +312,13 @@ def test_a_timers_older_window_never_lands_over_a_newer_alarm(tiny_clip_112, lot
     time.sleep(0.6)  # the timer's slow write (if one was still due) is over
     (stored,) = store.monitors("race")
     assert (stored["alarm"], stored["window"], live["window"]) == (True, 42, 42)
+
+
+def test_a_model_runs_in_one_instance_only_with_one_group_of_one_on_the_cpu_or_one_named_gpu():
+    from postprocess.telemetry import sole_instance
+
+    assert sole_instance({"instance_group": [{"kind": "KIND_CPU", "count": 1}]})
+    assert sole_instance({"instance_group": [{"kind": "KIND_GPU", "count": 1, "gpus": [0]}]})
+    assert not sole_instance({"instance_group": [{"kind": "KIND_CPU", "count": 2}]})
+    assert not sole_instance({"instance_group": [{"kind": "KIND_GPU", "count": 1}]})  # one per GPU, however many
+    assert not sole_instance({"instance_group": [{"kind": "KIND_CPU", "count": 1}, {"kind": "KIND_CPU", "count": 1}]})

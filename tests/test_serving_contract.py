@@ -109,6 +109,15 @@ def test_bad_requests_get_clear_errors_and_the_server_keeps_serving(server, repo
     with pytest.raises(ClientError, match="at least 2 images"):
         client.add_images("one-image", "washer", lot[:1], reset=True)
         client.build_bank("one-image")
+    # a client run whose build is refused gives its lot session back (it stayed a day, and no later run freed it)
+    with pytest.raises(ClientError, match="unknown PA-CLIP settings"):
+        with client.lot_session("refused") as session:
+            client.add_images("refused", "washer", lot[:3], reset=True, lot=session)
+            assert [p["lot"] for p in client.store()["pending"] if p["bank"] == "refused"] == [session]
+            client.build_bank("refused", {"alphaa": 1}, lot=session)
+    assert not [p for p in client.store()["pending"] if p["bank"] == "refused"]
+    with pytest.raises(ClientError, match="discard takes one option, 'lot'"):
+        client.bank_action("discard", "refused")
     with pytest.raises(ClientError, match="resized to 112x112"):
         client.add_images("washer2", "washer", np.zeros((1, 64, 64, 3), np.uint8))
     with pytest.raises(ClientError, match="unknown action"):
@@ -556,7 +565,8 @@ def test_our_faults_are_internal_errors_with_a_logged_traceback_and_bad_input_st
 def test_prometheus_metrics_include_the_pipelines_own(server, built, lot):
     client = PAClipClient(server.http_url)
     before = _metric_values(server)
-    client.score(lot[:3], "washer")
+    client.score(lot[:2], "washer")
+    client.score(lot[2:3], "washer")  # the bank is loaded by now (alone, this test's first request loads it)
     client.close()
     after = _metric_values(server)
     scored = 'pa_clip_images_scored_total{bank="washer"}'
@@ -568,15 +578,21 @@ def test_prometheus_metrics_include_the_pipelines_own(server, built, lot):
 
 
 def _metric_values(server) -> dict:
+    """name{labels} -> value off the metrics port, read with Prometheus's own parser; the scoring instance's label
+    left out (one scoring instance here: two series that differ only in it would be an error)."""
     import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
 
     with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10) as response:
         text = response.read().decode()
     values = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            values[name] = float(value)
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = sorted((k, v) for k, v in sample.labels.items() if k != "instance")
+            key = sample.name + ("{" + ",".join(f'{k}="{v}"' for k, v in labels) + "}" if labels else "")
+            assert key not in values, f"two series {key}"
+            values[key] = sample.value
     return values
 
 

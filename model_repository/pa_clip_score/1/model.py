@@ -12,7 +12,7 @@ try:
     from postprocess.host import HostSettings
     from postprocess.serving import ScoreService, bank_root, canary_response, error_response, from_triton, is_canary
     from postprocess.logs import to_triton
-    from postprocess.telemetry import TritonTelemetry
+    from postprocess.telemetry import TritonTelemetry, sole_instance
 except ImportError as err:  # the server's Python must have the project installed
     raise ImportError(f"pa_clip_score needs the pa-clip-triton package in the server's Python "
                       f"(pip install -e . in the environment tritonserver runs models with): {err}") from err
@@ -28,8 +28,8 @@ class TritonPythonModel:
         repository = Path(args["model_repository"]).parent
         encoder = C.read_fingerprint(repository / params.get("encoder_model", C.VISION_MODEL))
         store = BankStore(bank_root(repository, params.get("bank_dir", "")))
-        self.service = ScoreService(store, encoder, HostSettings.from_parameters(params),
-                                    telemetry=TritonTelemetry(pb_utils))
+        telemetry = TritonTelemetry(pb_utils, args.get("model_instance_name"), sole_instance(config))
+        self.service = ScoreService(store, encoder, HostSettings.from_parameters(params), telemetry=telemetry)
 
     def execute(self, requests):
         # encoder outputs stay on the device they arrive on (DLPack); pixels (hashed) and bank ids are host data
