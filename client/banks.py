@@ -80,10 +80,12 @@ def update(client: PAClipClient, args, paths: list) -> dict:
     if not loaded:
         raise UsageError(f"none of the {len(paths)} images at {args.images!r} could be read")
     images = [item[2] for item in loaded]
-    lot = client.new_lot()  # this update's own lot: the report's indices are these images, no other client's
-    for start in range(0, len(images), 8):
-        client.add_images(args.bank, info["category"], np.stack(images[start:start + 8]), reset=start == 0, lot=lot)
-    answer = client.update_bank(args.bank, on_wait=lambda m: print(f"waiting: {m}", file=sys.stderr), lot=lot)
+    # this update's own lot: the report's indices are these images, no other client's; given back if it fails
+    with client.lot_session(args.bank) as lot:
+        for start in range(0, len(images), 8):
+            client.add_images(args.bank, info["category"], np.stack(images[start:start + 8]), reset=start == 0,
+                              lot=lot)
+        answer = client.update_bank(args.bank, on_wait=lambda m: print(f"waiting: {m}", file=sys.stderr), lot=lot)
     answer["update"]["paths"] = [str(item[0]) for item in loaded]
     answer["update"]["skipped"] = [str(s) for s in skipped]
     return answer

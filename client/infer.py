@@ -352,15 +352,16 @@ def parse_overrides(items, separator: str = "=", flag: str = "--set") -> dict:
 def build(client: PAClipClient, bank: str, category: str, images: np.ndarray, options: dict, chunk: int,
           progress: bool) -> dict:
     bar = tqdm(total=len(images), desc=f"add lot to bank {bank}", unit="img", disable=not progress, leave=False)
-    lot = client.new_lot()  # this run's own lot: another client's adds to the bank neither join nor remove it
-    for start in range(0, len(images), chunk):
-        client.add_images(bank, category, images[start:start + chunk], reset=start == 0, lot=lot)
-        bar.update(min(chunk, len(images) - start))
-    bar.close()
-    print(f"building bank {bank!r} from {len(images)} images (the server encodes augmentations and builds "
-          "the memory banks; this is the slow part) ...", file=sys.stderr, flush=True)
-    return client.build_bank(bank, options, on_wait=lambda message: print(
-        f"waiting: {message.split(': ', 1)[-1]}", file=sys.stderr, flush=True), lot=lot)
+    # this run's own lot: another client's adds to the bank neither join nor remove it; given back if the build fails
+    with client.lot_session(bank) as lot:
+        for start in range(0, len(images), chunk):
+            client.add_images(bank, category, images[start:start + chunk], reset=start == 0, lot=lot)
+            bar.update(min(chunk, len(images) - start))
+        bar.close()
+        print(f"building bank {bank!r} from {len(images)} images (the server encodes augmentations and builds "
+              "the memory banks; this is the slow part) ...", file=sys.stderr, flush=True)
+        return client.build_bank(bank, options, on_wait=lambda message: print(
+            f"waiting: {message.split(': ', 1)[-1]}", file=sys.stderr, flush=True), lot=lot)
 
 
 def score_all(args, loaded: list, bank: str, value_range: tuple[float, float], out: Path, root: Path | None,

@@ -5,6 +5,7 @@ One ``PAClipClient`` per thread: ``client/infer.py`` runs several of them to kee
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -189,6 +190,25 @@ class PAClipClient:
                               "its adds share one pending lot per bank with every other client's; upgrade the "
                               "server, or use the client of its version")
         return answer
+
+    def discard_lot(self, bank: str, lot: str) -> dict:
+        """Remove the images this client added with lot session ``lot`` (a build or update of them failed)."""
+        return self.bank_action("discard", bank, options={"lot": lot})
+
+    @contextlib.contextmanager
+    def lot_session(self, bank: str):
+        """A new lot session (``new_lot``) for the adds and the build or update in the ``with`` block; when the block
+        fails (a refused build, Ctrl-C), its images are given back, where they stayed on the server for a day,
+        counted against its store limit, and no later run freed them."""
+        lot = self.new_lot()
+        try:
+            yield lot
+        except BaseException:
+            try:
+                self.discard_lot(bank, lot)
+            except Exception:  # nothing added, a server gone, or one from before "discard": the lot expires
+                pass
+            raise
 
     def build_bank(self, bank: str, options: dict | None = None, wait_s: float | None = None,
                    on_wait=None, lot: str | None = None) -> dict:

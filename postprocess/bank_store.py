@@ -464,8 +464,7 @@ class BankStore:
                 if version.name != current and time.time() - version.stat().st_mtime > self.PRUNE_AFTER_S:
                     shutil.rmtree(version, ignore_errors=True)
                     removed.append(str(version))
-            if _holds_nothing(folder):
-                shutil.rmtree(folder, ignore_errors=True)
+            if _holds_nothing(folder) and _remove_emptied(folder):
                 removed.append(str(folder))
         return {"removed": removed, "freed_bytes": max(0, before - self.total_bytes())}
 
@@ -562,7 +561,8 @@ class BankStore:
             raise BankError(f"bank {bank_id!r} is being built right now ({_described_holder(holder)}): delete it "
                             "after the build finishes")
         trash = self.root / f".trash-{bank_id}-{uuid.uuid4().hex[:8]}"
-        # held while it goes: a build starting meanwhile is refused, not written back, and no add goes on
+        # held while it goes: a build starting meanwhile is refused, not written back, and an add that looks is
+        # refused (one that looked just before may still write its part: a pending lot of the id, which expires)
         with self.building(bank_id, lot=ALL_LOTS):
             os.replace(folder, trash)  # gone for readers at once
         shutil.rmtree(trash, ignore_errors=True)
@@ -623,7 +623,7 @@ class BankStore:
         finally:
             lock.unlink(missing_ok=True)
             if _holds_nothing(folder):  # a build that failed before anything was written leaves no folder behind
-                shutil.rmtree(folder, ignore_errors=True)
+                _remove_emptied(folder)
 
     def build_holder(self, bank_id: str) -> dict | None:
         """Who holds the build lock of ``bank_id`` (host, pid, started), or None when no live build does."""
@@ -796,6 +796,12 @@ class BankStore:
         except OSError:
             pass
 
+    def discard_lot(self, bank_id: str, session: str) -> None:
+        """Remove a client's own pending lot (``session``), unless a build is reading it."""
+        if (holder := self.build_holder(bank_id)) is not None and holder.get("lot") in (session, ALL_LOTS):
+            raise BankError(f"bank {bank_id!r} is being built from that lot right now ({_described_holder(holder)})")
+        self.clear_lot(bank_id, session=session)
+
     def pending_lots(self) -> list[dict]:
         """Lots added but not (successfully) built: visible, with when they expire."""
         out = []
@@ -865,6 +871,19 @@ def _has_versions(folder: Path) -> bool:
         return folder.is_dir() and not folder.is_symlink() and any(p.name.startswith("v-") for p in folder.iterdir())
     except OSError:
         return False
+
+
+def _remove_emptied(folder: Path) -> bool:
+    """Remove a bank folder ``_holds_nothing`` found empty of work: its drift windows, then the folder only if
+    nothing else is there (never a tree: an add's lot that arrived since the check stays, where it was removed)."""
+    monitor = folder / "monitor"
+    if monitor.is_dir() and not monitor.is_symlink():
+        shutil.rmtree(monitor, ignore_errors=True)
+    try:
+        folder.rmdir()
+    except OSError:
+        return False
+    return True
 
 
 def _holds_nothing(folder: Path) -> bool:

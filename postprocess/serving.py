@@ -473,7 +473,7 @@ UNKNOWN_BANK_LABEL = "(unknown)"  # the bank label of a build metric for an id t
 
 
 class BankService:
-    ACTIONS = ("add", "build", "update", "list", "info", "delete", "encoder", "prune", "verify")
+    ACTIONS = ("add", "build", "update", "discard", "list", "info", "delete", "encoder", "prune", "verify")
 
     def __init__(self, store: BankStore, encoder: dict, encode_images, encode_text=None, log=None,
                  host: HostSettings = DEFAULT_HOST, telemetry: Telemetry = NO_TELEMETRY):
@@ -533,6 +533,11 @@ class BankService:
             if not isinstance(reset, bool):  # "no" is a non-empty string: read as true it would wipe the lot
                 raise BankError(f"option 'reset' must be true or false, got {reset!r}")
             return self.add(bank_id, category, images, reset, lot)
+        if action == "discard":  # a client run whose build or update failed gives its lot back (it stayed 24 h)
+            if lot is None or options:
+                raise BankError("discard takes one option, 'lot': the lot session whose images to remove")
+            self.store.discard_lot(bank_id, lot)
+            return {"bank": bank_id, "discarded": lot}
         if action == "update":
             if options:
                 raise BankError(f"update takes no options but 'lot' (it keeps the bank's settings), got "

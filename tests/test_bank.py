@@ -904,6 +904,13 @@ def test_two_clients_on_one_bank_each_build_and_update_the_images_they_added(tin
     for bad in ("../x", "a.b", "", 7):
         with pytest.raises(BankError, match="invalid lot session"):
             service.handle("add", "washer", "washer", lot[:1], {"lot": bad})
+    # a run whose build failed gives its lot back, never one a build is reading
+    service.handle("add", "washer", "washer", lot[:2], {"reset": True, "lot": "c"})
+    with store.building("washer", lot="c"):
+        with pytest.raises(BankError, match="being built from that lot right now"):
+            service.handle("discard", "washer", "", None, {"lot": "c"})
+    assert service.handle("discard", "washer", "", None, {"lot": "c"}) == {"bank": "washer", "discarded": "c"}
+    assert not (tmp_path / "washer" / "lot-c").exists() and store.lot_size("washer") == 2  # the shared lot stays
 
 
 def test_parts_added_at_once_are_both_kept_and_a_build_clears_only_the_parts_it_read(tiny, lot, tmp_path,
@@ -1116,3 +1123,26 @@ def test_copies_of_one_image_in_a_lot_score_as_the_lot_scored_them(tiny, lot, se
     again = score_with_bank(bank, scorer.features, ids)
     np.testing.assert_allclose(again.maps, report.maps, atol=BANK_STORAGE_TOL)
     np.testing.assert_allclose(again.maps[[0, 3, 6]], again.maps[[3, 6, 0]], atol=1e-6)  # copies alike
+
+
+def test_an_add_landing_after_an_empty_folders_check_keeps_its_lot(tiny, lot, tmp_path, monkeypatch):
+    """A failed first build (and prune) removed a bank folder it had found empty with its whole tree: an add to
+    another lot session landing between the check and the removal was answered, then its lot was gone."""
+    store = BankStore(tmp_path)
+    service = BankService(store, tiny.fingerprint, tiny.encode, tiny.encode_text, log=lambda _: None)
+    real, added = store_module._holds_nothing, []
+
+    def then_an_add(folder):
+        empty = real(folder)
+        if empty and not added:
+            added.append(service.handle("add", folder.name, "washer", lot[:3], {"reset": True, "lot": "a"}))
+        return empty
+
+    monkeypatch.setattr(store_module, "_holds_nothing", then_an_add)
+    with pytest.raises(BankError, match="no images to build from in lot 'b'"):
+        service.handle("build", "washer", "", None, {"lot": "b"})
+    assert added and store.lot_size("washer", "a") == 3
+    added.clear()
+    (tmp_path / "empty").mkdir()
+    store.prune()
+    assert added and store.lot_size("empty", "a") == 3

@@ -350,6 +350,10 @@ def test_a_client_run_adds_and_builds_or_updates_its_own_lot_session(tmp_path):
 
     class Recording:
         new_lot = staticmethod(PAClipClient.new_lot)
+        lot_session = PAClipClient.lot_session
+
+        def discard_lot(self, bank, lot):
+            calls.append(("discard", lot))
 
         def bank_info(self, bank):
             return {"image_size": [16, 16], "category": "washer"}
