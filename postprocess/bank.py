@@ -23,7 +23,7 @@ import numpy as np
 
 from . import kernels as K, strict_json
 from .config import FULL_BANK, PAClipConfig
-from .contract import TEXT_EMBEDS, Features, encoder_identity, image_key  # noqa: F401 (image_key: here too)
+from .contract import TEXT_EMBEDS, Features, encoder_identity, first_ids, image_key  # noqa: F401 (image_key)
 from .decision import calibrate
 from .errors import RequestError
 from .ood import DEFAULT_STATISTICS, calibrate_ood, image_statistics
@@ -253,6 +253,13 @@ class BankManifest:
     def replace(self, **changes) -> "BankManifest":
         return dataclasses.replace(self, **changes)
 
+    @functools.cached_property
+    def lot_ids(self) -> np.ndarray:
+        """(N,) the id each lot image goes by (``contract.first_ids`` of its keys; its index where keys are missing)."""
+        if len(self.image_keys) != self.n_images:
+            return np.arange(self.n_images, dtype=np.int64)
+        return first_ids(self.image_keys)
+
     @functools.cached_property  # drawn once per manifest: a load checks both the tensors' shapes and full_ids by it
     def full_bank_sample(self) -> np.ndarray | None:
         """The lot images its full bank keeps (sorted lot indices), None for every one."""
@@ -292,11 +299,11 @@ class Bank:
 
     @property
     def full_bank_ids(self):
-        """The lot index of each image the full bank keeps (every lot image, or its sample)."""
-        if self.full_ids is not None:
-            return self.full_ids
+        """The id each image the full bank keeps (every lot image, or its sample) goes by: its lot index, a copy's
+        the first copy's (``contract.first_ids``, as the lot stage read them)."""
         xp = K.get_xp(*self.full.values()) if self.full else np
-        return xp.arange(self.manifest.n_images)
+        ids = xp.asarray(self.manifest.lot_ids)
+        return ids if self.full_ids is None else ids[self.full_ids]
 
     def _arrays(self) -> list:
         arrays = [*self.full.values(), *self.normal.values(), *self.normal_ids.values(), *self.full_scale.values(),
@@ -319,8 +326,8 @@ class Bank:
         return self.manifest.grid
 
     def query_ids(self, keys: list[str]) -> np.ndarray:
-        """Lot index of each image (-1 for an image that is not in the lot; a lot's copies of one image are its
-        first, as the lot stage read them: ``contract.lot_image_ids``)."""
+        """The id each image goes by (-1 for an image that is not in the lot; a lot's copies of one image go by its
+        first, as the lot stage read them: ``contract.first_ids``)."""
         index = {}
         for i, key in enumerate(self.manifest.image_keys):
             index.setdefault(key, i)

@@ -262,19 +262,23 @@ def full_scores_against(features: Features, bank_layers, bank_ids, query_ids, k:
 
 
 def mutual_scores(features: Features, r: int, cfg: PAClipConfig, space: SearchSpace, selection=None, references=None,
-                  host: HostSettings = DEFAULT_HOST, stored: list | None = None):
+                  lot_ids=None, host: HostSettings = DEFAULT_HOST, stored: list | None = None):
     """(N, L) interval-averaged scores of every lot image against the rest of the lot, or (``references``: sorted
     lot indices) against those of them that are not itself; ``selection``: the full bank's per-image coreset of
     those images from ``full_bank_selection``, None for every patch. Averaged over layers. ``stored``: a list that
     receives, per layer, the entries the lot was scored against as a bank stores them ((int8 entries, scales) or
-    (float16 entries, None)), where they were made (not when each pair of images is compared once)."""
+    (float16 entries, None)), where they were made (not when each pair of images is compared once). ``lot_ids``:
+    the (N,) host ids the images go by (``contract.first_ids``: copies of one image share one), default the index.
+    """
     xp = K.get_xp(features.layer_tokens)
     n = features.layer_tokens.shape[0]
-    ids = xp.arange(n)
+    own = lot_ids is None or bool((np.asarray(lot_ids) == np.arange(n)).all())  # no copies: id i is image i
+    host_ids = np.arange(n) if own else np.asarray(lot_ids, dtype=np.int64)
+    ids = xp.asarray(host_ids)
     k = lot_interval_k(n, cfg)
-    bank_ids = ids if references is None else xp.asarray(references)
+    bank_ids = ids if references is None else xp.asarray(host_ids[np.asarray(references)])
     # the lot is its own bank (every image read, its entries as they are): each pair of images compared once
-    pairwise = (selection is None and references is None and cfg.full_bank_storage != "int8"
+    pairwise = (own and selection is None and references is None and cfg.full_bank_storage != "int8"
                 and (cfg.full_bank_neighbours == 0 or max(cfg.full_bank_neighbours, k) >= n - 1))
     total = 0
     for position in range(len(space.layers)):  # one layer at a time: the lot's features at every layer may not fit
@@ -282,7 +286,7 @@ def mutual_scores(features: Features, r: int, cfg: PAClipConfig, space: SearchSp
         if pairwise:
             total = total + K.lot_mutual_scores(feats, k, host.budget_bytes, matmul=host.cpu_matmul)
         else:
-            entries = bank_entries(feats if references is None else feats[bank_ids], selection)
+            entries = bank_entries(feats if references is None else feats[xp.asarray(references)], selection)
             if cfg.full_bank_storage == "int8":  # the lot is scored against its entries as the bank stores them
                 quantized = K.quantize_rows(entries)
                 entries = K.dequantize_rows(*quantized)
@@ -301,7 +305,9 @@ def select_normal(normal_scores, cfg: PAClipConfig) -> np.ndarray:
     return np.argsort(-scores, kind="stable")[:normal_count(len(scores), cfg)]
 
 
-def lot_stage(features: Features, text_embeds, cfg: PAClipConfig, host: HostSettings = DEFAULT_HOST) -> LotState:
+def lot_stage(features: Features, text_embeds, cfg: PAClipConfig, lot_ids=None,
+              host: HostSettings = DEFAULT_HOST) -> LotState:
+    """Stage 1 (``lot_ids``: the ids the images go by, ``mutual_scores``)."""
     n = len(features)
     if n < 2:
         raise RequestError(f"a lot needs at least 2 images to score them against each other, got {n}")
@@ -319,7 +325,7 @@ def lot_stage(features: Features, text_embeds, cfg: PAClipConfig, host: HostSett
     xp = K.get_xp(features.layer_tokens)
     for r, selection in selections.items():
         stored: list = []
-        full_scores[r] = mutual_scores(features, r, cfg, space, selection, references, host, stored)
+        full_scores[r] = mutual_scores(features, r, cfg, space, selection, references, lot_ids, host, stored)
         if stored:
             full_entries[r] = (xp.stack([q for q, _ in stored]),
                                None if stored[0][1] is None else xp.stack([scale for _, scale in stored]))
@@ -352,11 +358,12 @@ def lot_stage(features: Features, text_embeds, cfg: PAClipConfig, host: HostSett
     )
 
 
-def original_normal_set(features: Features, state: LotState) -> NormalSet:
-    """The chosen lot images themselves, without augmentation."""
+def original_normal_set(features: Features, state: LotState, lot_ids=None) -> NormalSet:
+    """The chosen lot images themselves, without augmentation (each entry's source the id its image goes by)."""
     xp = K.get_xp(features.layer_tokens)
     idx = xp.asarray(state.normal_indices)
-    return NormalSet(features.layer_tokens[idx], idx, state.prior[idx])
+    return NormalSet(features.layer_tokens[idx], idx if lot_ids is None else xp.asarray(lot_ids)[idx],
+                     state.prior[idx])
 
 
 def build_normal_bank(normal: NormalSet, grid, r: int, prior_threshold: float, cfg: PAClipConfig,
@@ -440,8 +447,8 @@ def rescore_within_lot(result: ScoreResult, features: Features, cfg: PAClipConfi
 
 
 def finish_stage(features: Features, state: LotState, normal: NormalSet | None, cfg: PAClipConfig,
-                 map_size: tuple[int, int], banks: dict | None = None, host: HostSettings = DEFAULT_HOST,
-                 query_ids=None) -> ScoreResult:
+                 map_size: tuple[int, int], query_ids=None, banks: dict | None = None,
+                 host: HostSettings = DEFAULT_HOST) -> ScoreResult:
     """Stage 2 on the lot itself. ``banks`` (from ``normal_banks``) may be passed in when the caller keeps them;
     ``query_ids``: the id each lot image goes by against the normal banks (``contract.lot_image_ids``; default its
     index)."""
@@ -449,7 +456,7 @@ def finish_stage(features: Features, state: LotState, normal: NormalSet | None, 
     if cfg.use_normal_bank and not cfg.text_only:
         if banks is None:
             if normal is None:
-                normal = original_normal_set(features, state)
+                normal = original_normal_set(features, state, query_ids)
             banks = normal_banks(normal, features.grid, state.prior_threshold, cfg, state.space)
         for r, (bank, bank_ids) in banks.items():
             s_b = normal_scores_against(features, bank, bank_ids, cfg, r, state.space, query_ids, host)

@@ -124,7 +124,7 @@ class LotScorer:
     def state(self, cfg: PAClipConfig) -> LotState:
         key = cfg.lot_stage_key()
         if key not in self._states:
-            self._states[key] = lot_stage(self.features, self.text_embeds, cfg, self.host)
+            self._states[key] = lot_stage(self.features, self.text_embeds, cfg, self.lot_ids, self.host)
         return self._states[key]
 
     def normal_set(self, cfg: PAClipConfig, state: LotState) -> tuple[NormalSet | None, dict]:

@@ -196,16 +196,20 @@ def full_bank_selection(layer_tokens: torch.Tensor, grid, r: int, cfg: PAClipCon
 
 
 def mutual_scores(features: Features, r: int, cfg: PAClipConfig, space: SearchSpace, selection=None,
-                  references=None) -> torch.Tensor:
+                  references=None, lot_ids=None) -> torch.Tensor:
     """(N, L): per patch, nearest distance to each other lot image (or each of ``references`` but itself; its
-    coreset ``selection``, or every patch), mean of the k smallest of those, mean over the scoring layers."""
+    coreset ``selection``, or every patch), mean of the k smallest of those, mean over the scoring layers.
+    ``lot_ids``: the id each image goes by (copies of one image share one, none matching another), default its
+    index."""
     n, _, length, _ = features.layer_tokens.shape
     k = lot_interval_k(n, cfg)
-    bank_ids = torch.arange(n) if references is None else torch.as_tensor(references)
+    ids = torch.arange(n) if lot_ids is None else torch.as_tensor(lot_ids)
+    kept_images = torch.arange(n) if references is None else torch.as_tensor(references)
+    bank_ids = ids[kept_images]
     total = torch.zeros(n, length)
     for position in range(len(space.layers)):
         feats = _search_features(features.layer_tokens, space, position, features.grid, r, cfg)
-        kept = feats[bank_ids]
+        kept = feats[kept_images]
         bank = kept if selection is None else torch.stack([kept[j, selection[j]] for j in range(len(bank_ids))])
         if cfg.full_bank_storage == "int8":  # the entries as an int8 bank holds them: a scale per entry
             scale = bank.abs().amax(dim=-1, keepdim=True) / 127.0
@@ -218,10 +222,10 @@ def mutual_scores(features: Features, r: int, cfg: PAClipConfig, space: SearchSp
         for i in range(n):  # one query image at a time keeps the distance block at L x N x m
             dist = 1.0 - torch.einsum("lc,bmc->lbm", feats[i], bank)
             per_image = dist.min(dim=-1).values  # (L, N_bank): nearest patch of every kept image
-            per_image[:, bank_ids == i] = float("inf")  # never match yourself
+            per_image[:, bank_ids == ids[i]] = float("inf")  # never match yourself
             if narrow:
                 likeness = bank_mean @ torch.nn.functional.normalize(feats[i].mean(dim=0), dim=-1)
-                likeness[bank_ids == i] = -float("inf")
+                likeness[bank_ids == ids[i]] = -float("inf")
                 unread = torch.ones(len(bank_ids), dtype=torch.bool)
                 unread[likeness.argsort(descending=True)[:count]] = False
                 per_image[:, unread] = float("inf")
@@ -235,8 +239,9 @@ def select_normal(normal_scores: torch.Tensor, cfg: PAClipConfig) -> torch.Tenso
     return torch.sort(normal_scores, descending=True, stable=True).indices[:count]
 
 
-def lot_stage(features: Features, text_embeds, cfg: PAClipConfig) -> LotState:
-    """Stage 1 on a lot that ``pa_clip.lot_stage`` accepts (the checks of the request live there only)."""
+def lot_stage(features: Features, text_embeds, cfg: PAClipConfig, lot_ids=None) -> LotState:
+    """Stage 1 on a lot that ``pa_clip.lot_stage`` accepts (the checks of the request live there only); ``lot_ids``
+    as ``mutual_scores`` takes them."""
     n = len(features)
     has_text = text_embeds is not None
     text_scores = text_patch_scores(features, text_embeds, cfg) if has_text else {}
@@ -245,7 +250,7 @@ def lot_stage(features: Features, text_embeds, cfg: PAClipConfig) -> LotState:
     kept = features.layer_tokens if references is None else features.layer_tokens[torch.as_tensor(references)]
     selections = {} if cfg.text_only else {
         r: full_bank_selection(kept, features.grid, r, cfg, space) for r in cfg.scales}
-    full_scores = {r: mutual_scores(features, r, cfg, space, selection, references)
+    full_scores = {r: mutual_scores(features, r, cfg, space, selection, references, lot_ids)
                    for r, selection in selections.items()}
     if has_text:
         # Eq. 3: S_cls = sim(cls, f_pos) / tau
@@ -274,10 +279,11 @@ def lot_stage(features: Features, text_embeds, cfg: PAClipConfig) -> LotState:
     )
 
 
-def original_normal_set(features: Features, state: LotState) -> NormalSet:
-    """The chosen lot images themselves, without augmentation."""
+def original_normal_set(features: Features, state: LotState, lot_ids=None) -> NormalSet:
+    """The chosen lot images themselves, without augmentation (each entry's source the id its image goes by)."""
     idx = torch.as_tensor(state.normal_indices)
-    return NormalSet(features.layer_tokens[idx], idx, state.prior[idx])
+    ids = idx if lot_ids is None else torch.as_tensor(lot_ids)[idx]
+    return NormalSet(features.layer_tokens[idx], ids, state.prior[idx])
 
 
 def build_normal_bank(normal: NormalSet, grid, r: int, prior_threshold: float, cfg: PAClipConfig,
@@ -358,15 +364,16 @@ def rescore_images(result: ScoreResult, image_embeds, ref_embeds, ref_scores, cf
 
 
 def finish_stage(features: Features, state: LotState, normal: NormalSet | None, cfg: PAClipConfig,
-                 map_size) -> ScoreResult:
-    """Stage 2: normal banks from ``normal`` (None: the chosen lot images alone), scores against them, decision."""
+                 map_size, query_ids=None) -> ScoreResult:
+    """Stage 2: normal banks from ``normal`` (None: the chosen lot images alone), scores against them, decision;
+    ``query_ids``: the ids the lot images go by, as ``mutual_scores`` takes them."""
     result = ScoreResult(maps=None, scores=None, patch_scores=None)
     if cfg.use_normal_bank and not cfg.text_only:
         if normal is None:
-            normal = original_normal_set(features, state)
+            normal = original_normal_set(features, state, query_ids)
         for r in cfg.normal_bank_scales:
             bank, bank_ids = build_normal_bank(normal, features.grid, r, state.prior_threshold, cfg, state.space)
-            s_b = normal_scores_against(features, bank, bank_ids, cfg, r, state.space)
+            s_b = normal_scores_against(features, bank, bank_ids, cfg, r, state.space, query_ids)
             result.normal_bank_scores[r] = s_b
             result.tau_b[r] = float(torch.quantile(s_b.flatten().double(), cfg.tau_quantile))
             result.normal_bank_sizes[r] = int(bank.shape[1])

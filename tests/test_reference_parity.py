@@ -111,3 +111,29 @@ def test_reference_names_match_numpy_twins():
         ref_params = list(inspect.signature(fn).parameters)
         twin_params = list(inspect.signature(twin).parameters)
         assert twin_params[: len(ref_params)] == ref_params, f"{name}: {ref_params} vs {twin_params}"
+
+
+@pytest.mark.parametrize("case", ["full-method-text", "sampled-full-bank", "image-neighbours", "mutual"])
+def test_numpy_matches_torch_reference_on_a_lot_with_copies(case):
+    """Copies of one image (images 9 and 11 of image 0, 10 of 4) go by the first copy's id against every bank,
+    full and normal (contract.first_ids): both implementations, from the same ids."""
+    spec = CASES[case]
+    cfg = PAClipConfig.for_mode(spec["mode"], **spec["cfg"])
+    feats = random_features(12, seed=4)
+    for copy, first in ((9, 0), (10, 4), (11, 0)):
+        for array in (feats.layer_tokens, feats.patch_embeds, feats.image_embeds):
+            array[copy] = array[first]
+    lot_ids = np.asarray([0, 1, 2, 3, 4, 5, 6, 7, 8, 0, 4, 0])
+    text = np.random.default_rng(2).standard_normal((2, 16)).astype(np.float32) if spec["text"] else None
+    tfeats = torch_features(feats)
+    state = lot_stage(feats, text, cfg, host=HOST, lot_ids=lot_ids)
+    ref_state = reference.lot_stage(tfeats, None if text is None else torch.from_numpy(text), cfg, lot_ids)
+    for r in state.full_scores:
+        np.testing.assert_allclose(state.full_scores[r], ref_state.full_scores[r].numpy(), atol=1e-5)
+        # a copy is never matched with another: the copies of image 0 score alike, none of them near 0
+        np.testing.assert_allclose(state.full_scores[r][[0, 9, 11]], state.full_scores[r][[9, 11, 0]], atol=1e-5)
+    size = (23, 19)
+    result = finish_stage(feats, state, None, cfg, size, host=HOST, query_ids=lot_ids)
+    ref = reference.finish_stage(tfeats, ref_state, None, cfg, size, lot_ids)
+    np.testing.assert_allclose(result.maps, ref.maps.numpy(), atol=1e-4)
+    np.testing.assert_allclose(result.scores, ref.scores.numpy(), atol=1e-4)
