@@ -42,7 +42,8 @@ def build_parser(prog: str = "python -m export") -> argparse.ArgumentParser:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     t.add_argument("--repository", default="model_repository", help="Triton model repository")
     t.add_argument("--onnx", default=None, help="ONNX file (default: REPOSITORY/clip_vision/1/model.onnx)")
-    t.add_argument("--min-batch", type=F.integer(1, 1024), default=1)
+    t.add_argument("--min-batch", type=F.integer(1, 1), default=1,
+                   help="the profile's smallest batch: 1, as Triton sends single images (kept for scripts that pass it)")
     t.add_argument("--opt-batch", type=F.integer(1, 1024), default=4)
     t.add_argument("--max-batch", type=F.integer(1, 1024), default=8)
     t.add_argument("--workspace-gib", type=F.number(0.0, 1024.0, open_low=True), default=8.0)

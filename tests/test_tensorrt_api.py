@@ -200,3 +200,11 @@ def test_tensorrt_11_without_the_fp16_flag_is_refused_clearly(tiny_repository, t
     with pytest.raises(tb.TensorRTUnavailable, match="FP16"):
         tb.build_engine(tiny_repository / C.VISION_MODEL / "1" / "model.onnx", tmp_path / "repo",
                         tb.BatchProfile(56), tmp_path / "cache")
+
+
+def test_the_command_line_takes_a_min_batch_of_one_only(capsys):
+    from export.__main__ import main
+
+    with pytest.raises(SystemExit) as refused:
+        main(["tensorrt", "--min-batch", "2"])
+    assert refused.value.code == 2 and "--min-batch: must be an integer in [1, 1]" in capsys.readouterr().err
