@@ -276,6 +276,7 @@ def bank_rows(dev, args) -> list[dict]:
     default one; widths relative to the features'; the bfloat16 rows are left out: a setting of a CPU
     host, the GPU multiplies in its own FP16 tiles; so is the row that reads the descriptors per request): bank GB, ms per new image (16 at a time), and the ratio."""
     from benchmarks.bank_frontier import HOST_KEYS, resolve
+    from benchmarks.lot_scaling import stamps
     from benchmarks.online_speed import AS_BEFORE, VARIANTS
     from benchmarks.scoring_speed import make_inputs
     from postprocess.bank import build_bank, score_with_bank
@@ -306,6 +307,7 @@ def bank_rows(dev, args) -> list[dict]:
             return None
 
     images = np.zeros((args.images, side * 14, side * 14, 3), np.uint8)
+    images[:, 0, 0, :] = stamps(np.arange(args.images))  # distinct images: copies of one would be one image
     queries = features.take(slice(0, min(16, args.images)))
     ids = xp.full(queries.layer_tokens.shape[0], -1)
     rows, base_ms = [], None

@@ -57,7 +57,8 @@ def _lot(data: str, backbone):
 
 def repeated(features, images: np.ndarray, n: int, seed: int = 0):
     """A lot of ``n`` from the set's images in turn; every repeat after the first gets noise of 1% of the features'
-    spread, so that no two lot images are the same."""
+    spread, so that no two lot images are the same, and its own first pixel (a lot's copies of one image are one
+    image: ``contract.first_ids``)."""
     from postprocess.contract import Features
 
     index = np.arange(n) % len(images)
@@ -65,8 +66,16 @@ def repeated(features, images: np.ndarray, n: int, seed: int = 0):
     tokens = features.layer_tokens[index].astype(np.float32)
     again = np.arange(n) >= len(images)
     tokens[again] += 0.01 * float(tokens.std()) * rng.standard_normal(tokens[again].shape, dtype=np.float32)
+    pixels = images[index].copy()
+    pixels[again, 0, 0, :] = stamps(np.arange(n)[again])
     return Features(tokens.astype(np.float16), features.patch_embeds[index], features.image_embeds[index],
-                    features.grid), images[index]
+                    features.grid), pixels
+
+
+def stamps(numbers) -> np.ndarray:
+    """(N, 3) uint8 RGB values that spell each number: one pixel that tells synthetic lot images apart."""
+    numbers = np.asarray(numbers, dtype=np.int64)
+    return np.stack([(numbers >> shift) & 0xFF for shift in (0, 8, 16)], axis=-1).astype(np.uint8)
 
 
 def traced(fn):

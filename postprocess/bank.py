@@ -566,7 +566,7 @@ def build_bank(scorer, cfg: PAClipConfig, bank_id: str, encoder: dict, map_size=
     manifest = BankManifest(
         bank=bank_id, category=scorer.category, encoder=dict(encoder), config=cfg, grid=tuple(features.grid),
         image_size=run.map_size, n_images=n, image_keys=tuple(image_key(img) for img in scorer.images),
-        interval_k=lot_interval_k(n, cfg),
+        interval_k=lot_interval_k(n, cfg, scorer.lot_ids),
         tau_b=dict(result.tau_b),
         normal_bank_entries={r: int(b.shape[1]) for r, (b, _) in run.banks.items()},
         full_bank_entries_per_image={r: int(v.shape[2]) for r, v in full.items()},

@@ -30,6 +30,7 @@ BANK_STORAGE = ("float16", "int8")
 # on top of today's defaults these settings give it back
 FULL_BANK = {"bank_dim_divisor": 1, "full_bank_storage": "float16", "full_bank_neighbours": 0, "full_bank_images": 0}
 MAX_TAPS = 64  # the largest tapped-layer index ``layers`` may name (an encoder has far fewer taps)
+MAX_SCALE_WEIGHT = 1e6  # scale_weights are relative: their ratio matters, and a bound keeps their sum a float
 
 # Settings used only after the normal images are chosen (normal bank, subtraction, maps).
 FINISH_STAGE_FIELDS = frozenset({
@@ -212,13 +213,16 @@ class PAClipConfig:
         if self.scale_weights is not None:
             weights = self.scale_weights
             if not isinstance(weights, (tuple, list)) or not all(
-                    isinstance(w, numbers.Real) and not isinstance(w, bool) and 0 <= w < float("inf") for w in weights) \
-                    or not sum(weights) > 0:
-                raise ValueError(f"scale_weights must be non-negative numbers with a positive sum (or null), got "
-                                 f"{weights!r}")
+                    isinstance(w, numbers.Real) and not isinstance(w, bool) and 0 <= w <= MAX_SCALE_WEIGHT
+                    for w in weights) or not sum(weights) > 0:
+                # bounded: JSON carries integers past any float, whose sum overflowed (a 500), and floats whose sum
+                # is infinite made every weight 0 (every score 0)
+                raise ValueError(f"scale_weights are relative weights, non-negative numbers up to "
+                                 f"{MAX_SCALE_WEIGHT:g} with a positive sum, e.g. [1, 2, 1] (or null), got "
+                                 f"{str(weights)[:200]}")
 
     @property
-    def weights(self) -> tuple[float, ...]:
+    def weights(self) -> tuple[float, ...]:  # scale_weights as floats (their ranges keep the sum finite)
         if self.scale_weights is None:
             return tuple(1.0 / len(self.scales) for _ in self.scales)
         total = float(sum(self.scale_weights))

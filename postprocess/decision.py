@@ -60,6 +60,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.stats import beta as beta_distribution, norm
 
+from .errors import RequestError
 from .kernels import image_scores  # the scoring's own reduction of a map to a number (Decider.decide)
 
 METHODS = ("lot_quantile", "trimmed_tail", "lower_half", "mad", "upper_quartile", "exponential_tail",
@@ -87,8 +88,9 @@ CONFIDENCE = 0.9  # the share of lots the stated range of realised false-alarm r
 READS_REFERENCE = ("lot_quantile", "trimmed_tail", "quartile_conformal")  # thresholds that read the lot's scores
 
 
-class DecisionError(ValueError):
-    """A threshold or budget that cannot be used; the message gives the range."""
+class DecisionError(RequestError):
+    """A threshold or budget that cannot be used, or scores no threshold can be read from; the message says why (the
+    caller's to fix: a 400 where a server meets it, as a lot whose scores are not numbers)."""
 
 
 def tail_scale(sorted_scores: np.ndarray) -> float:

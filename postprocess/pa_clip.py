@@ -210,14 +210,24 @@ def represented_lot_size(n_images: int, cfg: PAClipConfig) -> int:
     return n_images if references is None else len(references) + 1
 
 
-def lot_interval_k(n_images: int, cfg: PAClipConfig) -> int:
+def lot_interval_k(n_images: int, cfg: PAClipConfig, lot_ids=None) -> int:
     """The interval k of a lot's scoring, lot images and new ones alike: from the images the full bank keeps (a new
     image is compared with all of them, a lot image with the others). A sampled lot's k is at most its sample - 1:
     an image of the sample sees only the other images of it, and a k past them averaged its own excluded (infinite)
-    distance into its score (NaN maps)."""
+    distance into its score (NaN maps). ``lot_ids`` (``contract.first_ids``): with copies of one image, which
+    exclude each other, at most the full bank's images less the most copies of one."""
     k = K.interval_k(represented_lot_size(n_images, cfg), cfg.interval_fraction, cfg.k_min, cfg.k_max)
     references = full_bank_references(n_images, cfg)
-    return k if references is None else max(1, min(k, len(references) - 1))
+    if references is not None:
+        k = max(1, min(k, len(references) - 1))
+    if lot_ids is not None:
+        kept = np.asarray(lot_ids) if references is None else np.asarray(lot_ids)[np.asarray(references)]
+        others = len(kept) - int(np.unique(kept, return_counts=True)[1].max())
+        if others < 1:
+            raise RequestError("the lot's full bank holds copies of one image only: a lot image has no other to be "
+                               "compared with; add different parts (or more images)")
+        k = min(k, others)
+    return k
 
 
 def normal_count(n_images: int, cfg: PAClipConfig) -> int:
@@ -275,7 +285,7 @@ def mutual_scores(features: Features, r: int, cfg: PAClipConfig, space: SearchSp
     own = lot_ids is None or bool((np.asarray(lot_ids) == np.arange(n)).all())  # no copies: id i is image i
     host_ids = np.arange(n) if own else np.asarray(lot_ids, dtype=np.int64)
     ids = xp.asarray(host_ids)
-    k = lot_interval_k(n, cfg)
+    k = lot_interval_k(n, cfg, None if own else host_ids)
     bank_ids = ids if references is None else xp.asarray(host_ids[np.asarray(references)])
     # the lot is its own bank (every image read, its entries as they are): each pair of images compared once
     pairwise = (own and selection is None and references is None and cfg.full_bank_storage != "int8"
@@ -312,8 +322,9 @@ def lot_stage(features: Features, text_embeds, cfg: PAClipConfig, lot_ids=None,
     if n < 2:
         raise RequestError(f"a lot needs at least 2 images to score them against each other, got {n}")
     has_text = text_embeds is not None
-    if cfg.text_only and not has_text:
-        raise ValueError("the text-only baseline needs a text encoder; this backbone has none")
+    if cfg.text_only and not has_text:  # the caller's setting: a 400
+        raise RequestError("the text-only baseline needs a text encoder; this server's has none: use mode 'mutual' "
+                           "or 'pad_mpam'")
     text_scores = text_patch_scores(features, text_embeds, cfg) if has_text else {}
     space = fit_search_space(features, cfg)
     references = full_bank_references(n, cfg)

@@ -110,6 +110,8 @@ class LotScorer:
         self.xp = xp if xp is not None else host.xp()
         self.images = images
         self.lot_ids = lot_image_ids(images)  # host: a copy of an earlier image goes by that one's index
+        if len(set(self.lot_ids.tolist())) < 2:  # copies of one image are one image: none to score it against
+            raise RequestError(f"a lot needs at least 2 different images, got {len(images)} copies of one")
         self.category = category
         self.batch_size = batch_size
         self.progress = progress

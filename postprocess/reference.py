@@ -77,14 +77,22 @@ def interval_k(n_bank_images: int, fraction: float, k_min: int, k_max: int) -> i
     return max(1, min(k, n_bank_images - 1))
 
 
-def lot_interval_k(n_images: int, cfg: PAClipConfig) -> int:
+def lot_interval_k(n_images: int, cfg: PAClipConfig, lot_ids=None) -> int:
     """``interval_k`` of the images a lot image is compared with, plus itself: the lot, or a sampled lot's sample +
-    1; and never past the sample's other images."""
+    1; and never past the sample's other images, nor (copies of one image exclude each other) past the fewest
+    images of another id that any lot image finds there."""
     references = full_bank_references(n_images, cfg)
     if references is None:
-        return interval_k(n_images, cfg.interval_fraction, cfg.k_min, cfg.k_max)
-    return max(1, min(interval_k(len(references) + 1, cfg.interval_fraction, cfg.k_min, cfg.k_max),
-                      len(references) - 1))
+        k = interval_k(n_images, cfg.interval_fraction, cfg.k_min, cfg.k_max)
+    else:
+        k = max(1, min(interval_k(len(references) + 1, cfg.interval_fraction, cfg.k_min, cfg.k_max),
+                       len(references) - 1))
+    if lot_ids is None:
+        return k
+    ids = torch.as_tensor(lot_ids)
+    kept = ids if references is None else ids[torch.as_tensor(references)]
+    fewest = min(int((kept != i).sum()) for i in ids.unique())
+    return min(k, fewest)
 
 
 def normal_count(n_images: int, cfg: PAClipConfig) -> int:
@@ -202,8 +210,8 @@ def mutual_scores(features: Features, r: int, cfg: PAClipConfig, space: SearchSp
     ``lot_ids``: the id each image goes by (copies of one image share one, none matching another), default its
     index."""
     n, _, length, _ = features.layer_tokens.shape
-    k = lot_interval_k(n, cfg)
     ids = torch.arange(n) if lot_ids is None else torch.as_tensor(lot_ids)
+    k = lot_interval_k(n, cfg, lot_ids)
     kept_images = torch.arange(n) if references is None else torch.as_tensor(references)
     bank_ids = ids[kept_images]
     total = torch.zeros(n, length)

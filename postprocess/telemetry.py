@@ -64,14 +64,14 @@ class RecordingTelemetry(Telemetry):
             del self.values[key]
 
 
-def sole_instance(model_config: dict) -> bool:
+def sole_instance(model_config: dict, instance_kind: str) -> bool:
     """Whether a model's config (Triton's JSON form) runs it in one instance on the whole server: one group of
-    count 1, on the CPU or on one named GPU (KIND_GPU without ``gpus`` is one per GPU, however many there are)."""
+    count 1, on the CPU (``instance_kind``, the Python backend's ``model_instance_kind``) or on one named GPU (a GPU
+    group without ``gpus`` is one instance per GPU, however many there are)."""
     groups = model_config.get("instance_group") or [{}]
     if len(groups) != 1 or int(groups[0].get("count", 1)) != 1:
         return False
-    kind = groups[0].get("kind", "KIND_GPU")
-    return kind in ("KIND_CPU", "KIND_MODEL") or len(groups[0].get("gpus", [])) == 1
+    return instance_kind != "GPU" or len(groups[0].get("gpus", [])) == 1
 
 
 class TritonTelemetry(Telemetry):

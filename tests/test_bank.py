@@ -533,6 +533,8 @@ def test_build_options_are_checked():
                            ({"scales": [1, 2]}, "odd integers"), ({"scales": [1, 99]}, "odd integers"),
                            ({"scale_weights": [0, 0, 0]}, "positive sum"),
                            ({"scale_weights": [1, -1, 1]}, "non-negative"),
+                           ({"scale_weights": [10 ** 400, 1, 1]}, "up to 1e+06"),  # its float sum overflowed
+                           ({"scale_weights": [1.7e308, 1.7e308, 0]}, "relative weights"),  # summed to inf: all 0
                            ({"seed": "x"}, "seed must be an integer in [0, 4294967295]"),
                            ({"seed": 1.5}, "seed must be an integer"), ({"seed": True}, "seed must be an integer"),
                            ({"normal_k": -3}, "normal_k must be an integer in [1, 64]"),
@@ -1149,3 +1151,35 @@ def test_an_add_landing_after_an_empty_folders_check_keeps_its_lot(tiny, lot, tm
     (tmp_path / "empty").mkdir()
     store.prune()
     assert added and store.lot_size("empty", "a") == 3
+
+
+def test_a_lot_whose_copies_leave_too_few_others_builds_with_a_smaller_k_or_is_refused(tiny, lot):
+    """k counted images, not the different ones a copy may be compared with (copies exclude each other): past them
+    its own excluded (infinite) distances went into its score, NaN, and the calibration failed (a 500) or kept NaN
+    lot scores. k stops at the fewest others any lot image finds; a sample of copies of one image is refused."""
+    from postprocess.pa_clip import lot_interval_k
+
+    copies = lot[np.asarray([0, 0, 0, 1])]
+    scorer = LotScorer(tiny, copies, "washer", progress=False)
+    assert lot_interval_k(4, PAClipConfig(k_min=3), scorer.lot_ids) == 1  # image 1 finds... image 0's three copies
+    bank, report = build_bank(scorer, PAClipConfig(k_min=3), "washer", tiny.fingerprint)
+    assert np.isfinite(report.scores).all() and bank.manifest.interval_k == 1
+    again = score_with_bank(bank, scorer.features, bank.query_ids([image_key(img) for img in copies]))
+    np.testing.assert_allclose(again.maps, report.maps, atol=BANK_STORAGE_TOL)
+    paired = lot[np.asarray([0, 1, 0, 1, 2, 2])]
+    assert np.isfinite(build_bank(LotScorer(tiny, paired, "washer", progress=False), PAClipConfig(full_bank_images=3),
+                                  "washer", tiny.fingerprint)[1].scores).all()
+    with pytest.raises(RequestError, match="copies of one image only"):
+        lot_interval_k(6, PAClipConfig(), np.zeros(6, dtype=np.int64))
+
+
+def test_the_text_baseline_on_an_encoder_without_text_is_the_callers_error(tiny, lot, tmp_path):
+    """It was a plain ValueError raised past build_config: the server answered a 500 "internal error"."""
+    from postprocess.serving import describe_failure
+
+    store = BankStore(tmp_path)
+    service = BankService(store, tiny.fingerprint, tiny.encode, None, log=lambda _: None)  # no text tower served
+    service.handle("add", "washer", "washer", lot[:4], {"reset": True})
+    with pytest.raises(RequestError, match="needs a text encoder; this server's has none") as refused:
+        service.handle("build", "washer", "", None, {"mode": "baseline"})
+    assert describe_failure("pa_clip_bank", refused.value, lambda _: None)[1] is False  # not an internal error

@@ -317,8 +317,8 @@ def test_a_timers_older_window_never_lands_over_a_newer_alarm(tiny_clip_112, lot
 def test_a_model_runs_in_one_instance_only_with_one_group_of_one_on_the_cpu_or_one_named_gpu():
     from postprocess.telemetry import sole_instance
 
-    assert sole_instance({"instance_group": [{"kind": "KIND_CPU", "count": 1}]})
-    assert sole_instance({"instance_group": [{"kind": "KIND_GPU", "count": 1, "gpus": [0]}]})
-    assert not sole_instance({"instance_group": [{"kind": "KIND_CPU", "count": 2}]})
-    assert not sole_instance({"instance_group": [{"kind": "KIND_GPU", "count": 1}]})  # one per GPU, however many
-    assert not sole_instance({"instance_group": [{"kind": "KIND_CPU", "count": 1}, {"kind": "KIND_CPU", "count": 1}]})
+    assert sole_instance({"instance_group": [{"count": 1}]}, "CPU")
+    assert sole_instance({"instance_group": [{"count": 1, "gpus": [0]}]}, "GPU")
+    assert not sole_instance({"instance_group": [{"count": 2}]}, "CPU")
+    assert not sole_instance({"instance_group": [{"count": 1}]}, "GPU")  # one per GPU, however many
+    assert not sole_instance({"instance_group": [{"count": 1}, {"count": 1}]}, "CPU")

@@ -48,6 +48,8 @@ def test_modes_share_stage_one_and_augmentations(tiny, lot):
 def test_bad_lots(tiny, lot):
     with pytest.raises(ValueError, match="at least 2 images"):
         LotScorer(tiny, lot[:1], "widget", progress=False)
+    with pytest.raises(ValueError, match="at least 2 different images, got 3 copies of one"):
+        LotScorer(tiny, np.repeat(lot[:1], 3, axis=0), "widget", progress=False)
     with pytest.raises(ValueError, match="uint8"):
         LotScorer(tiny, lot.astype(np.float32), "widget", progress=False)
     with pytest.raises(ValueError, match="unknown mode"):

@@ -203,8 +203,8 @@ def test_tensorrt_11_without_the_fp16_flag_is_refused_clearly(tiny_repository, t
 
 
 def test_the_command_line_takes_a_min_batch_of_one_only(capsys):
-    from export.__main__ import main
+    from cli.main import main
 
     with pytest.raises(SystemExit) as refused:
-        main(["tensorrt", "--min-batch", "2"])
+        main(["export", "tensorrt", "--min-batch", "2"])
     assert refused.value.code == 2 and "--min-batch: must be an integer in [1, 1]" in capsys.readouterr().err

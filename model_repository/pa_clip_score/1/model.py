@@ -28,7 +28,8 @@ class TritonPythonModel:
         repository = Path(args["model_repository"]).parent
         encoder = C.read_fingerprint(repository / params.get("encoder_model", C.VISION_MODEL))
         store = BankStore(bank_root(repository, params.get("bank_dir", "")))
-        telemetry = TritonTelemetry(pb_utils, args.get("model_instance_name"), sole_instance(config))
+        telemetry = TritonTelemetry(pb_utils, args.get("model_instance_name"),
+                                    sole_instance(config, args.get("model_instance_kind", "")))
         self.service = ScoreService(store, encoder, HostSettings.from_parameters(params), telemetry=telemetry)
 
     def execute(self, requests):
