@@ -336,6 +336,7 @@ def end_to_end_rows(dev, args) -> list[dict]:
     """open_clip in FP16 on torch, features handed to the CuPy scoring through DLPack, a lot of synthetic washers."""
     import tempfile
 
+    from benchmarks.lot_scaling import stamps
     from client.demo_lot import write_demo_lot
     from client.images import model_input, read_rgb
     from export.backbones import ClipBackbone
@@ -351,6 +352,7 @@ def end_to_end_rows(dev, args) -> list[dict]:
                             n_defective=2, size=args.image_size)
     pictures = [model_input(read_rgb(p), args.image_size) for p in sorted(folder.glob("*.png"))]
     images = np.stack([pictures[i % len(pictures)] for i in range(args.images)])
+    images[:, 0, 0, :] ^= stamps(np.arange(args.images))  # repeats of the pictures: distinct, not copies of one
 
     class DeviceBackbone:
         """The backbone interface with features left on the device (DLPack into CuPy)."""

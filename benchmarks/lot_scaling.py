@@ -67,13 +67,14 @@ def repeated(features, images: np.ndarray, n: int, seed: int = 0):
     again = np.arange(n) >= len(images)
     tokens[again] += 0.01 * float(tokens.std()) * rng.standard_normal(tokens[again].shape, dtype=np.float32)
     pixels = images[index].copy()
-    pixels[again, 0, 0, :] = stamps(np.arange(n)[again])
+    pixels[again, 0, 0, :] ^= stamps(np.arange(n)[again])  # non-zero for every repeat: never its source's pixel
     return Features(tokens.astype(np.float16), features.patch_embeds[index], features.image_embeds[index],
                     features.grid), pixels
 
 
 def stamps(numbers) -> np.ndarray:
-    """(N, 3) uint8 RGB values that spell each number: one pixel that tells synthetic lot images apart."""
+    """(N, 3) uint8 RGB values that spell each number (below 2^24): XOR-ed into one pixel, they tell synthetic lot
+    images apart (an image stamped with a non-zero number differs from its source, two numbers from each other)."""
     numbers = np.asarray(numbers, dtype=np.int64)
     return np.stack([(numbers >> shift) & 0xFF for shift in (0, 8, 16)], axis=-1).astype(np.uint8)
 

@@ -297,7 +297,7 @@ class Bank:
                                              for p in range(entries.shape[0])])
         return self._descriptors[r]
 
-    @property
+    @functools.cached_property  # a bank's ids never change (a grown bank is a new one): read once, on its device
     def full_bank_ids(self):
         """The id each image the full bank keeps (every lot image, or its sample) goes by: its lot index, a copy's
         the first copy's (``contract.first_ids``, as the lot stage read them)."""
@@ -563,6 +563,9 @@ def build_bank(scorer, cfg: PAClipConfig, bank_id: str, encoder: dict, map_size=
             full[r] = entries.astype(xp.float16)
     rescoring = cfg.rescore_k > 0  # the lot's embeddings and map scores stay, for scoring new images the same way
     maps, scores = report.maps, report.scores
+    unscored = np.flatnonzero(~np.isfinite(np.asarray(scores)))
+    if unscored.size:  # no input of the caller's makes them (the encoder's outputs are checked): a fault of ours
+        raise RuntimeError(f"the lot scores of images {unscored[:10].tolist()} are not numbers")
     manifest = BankManifest(
         bank=bank_id, category=scorer.category, encoder=dict(encoder), config=cfg, grid=tuple(features.grid),
         image_size=run.map_size, n_images=n, image_keys=tuple(image_key(img) for img in scorer.images),

@@ -162,7 +162,10 @@ def grow_bank(bank: Bank, features: Features, images, host: HostSettings = DEFAU
         ood = calibrate_ood(pooled, held_ood.statistics, held_ood.budget).to_dict()
     grown = manifest.replace(
         n_images=n_new, image_keys=manifest.image_keys + tuple(keys[int(fresh[j])] for j in accepted),
-        interval_k=lot_interval_k(n_new, cfg, np.concatenate([manifest.lot_ids, np.arange(n_old, n_new)])),
+        # from the sample the grown bank keeps (a reservoir's, not a fresh draw: with copies in the lot a fresh
+        # draw's k could pass the others a lot image finds in the kept one, and its maps came out infinite)
+        interval_k=lot_interval_k(n_new, cfg, np.concatenate([manifest.lot_ids, np.arange(n_old, n_new)]),
+                                  None if full_ids is None else K.to_numpy(full_ids)),
         lot_scores={"min": float(lowest), "median": float(np.median(summary_scores)), "max": float(highest)},
         decision=decision, ood=ood, sample_growth=sample_growth,
         left_out_keys=((manifest.left_out_keys or ()) + left_out_keys) or None,

@@ -210,14 +210,16 @@ def represented_lot_size(n_images: int, cfg: PAClipConfig) -> int:
     return n_images if references is None else len(references) + 1
 
 
-def lot_interval_k(n_images: int, cfg: PAClipConfig, lot_ids=None) -> int:
+def lot_interval_k(n_images: int, cfg: PAClipConfig, lot_ids=None, references=None) -> int:
     """The interval k of a lot's scoring, lot images and new ones alike: from the images the full bank keeps (a new
     image is compared with all of them, a lot image with the others). A sampled lot's k is at most its sample - 1:
     an image of the sample sees only the other images of it, and a k past them averaged its own excluded (infinite)
     distance into its score (NaN maps). ``lot_ids`` (``contract.first_ids``): with copies of one image, which
-    exclude each other, at most the full bank's images less the most copies of one."""
+    exclude each other, at most the full bank's images less the most copies of one. ``references``: the sample the
+    full bank keeps where it is not the settings' draw (a grown bank's reservoir)."""
     k = K.interval_k(represented_lot_size(n_images, cfg), cfg.interval_fraction, cfg.k_min, cfg.k_max)
-    references = full_bank_references(n_images, cfg)
+    if references is None:
+        references = full_bank_references(n_images, cfg)
     if references is not None:
         k = max(1, min(k, len(references) - 1))
     if lot_ids is not None:

@@ -74,6 +74,15 @@ def sole_instance(model_config: dict, instance_kind: str) -> bool:
     return instance_kind != "GPU" or len(groups[0].get("gpus", [])) == 1
 
 
+def instance_label(args: dict) -> str | None:
+    """A Python model's instance, from the backend's ``initialize`` arguments: its name, and on a GPU its device
+    (Triton names a GPU group's instances alike on every GPU: ``pa_clip_score_0_0`` on each)."""
+    name = args.get("model_instance_name")
+    if name and args.get("model_instance_kind") == "GPU":
+        return f"{name}_gpu{args.get('model_instance_device_id', '?')}"
+    return name
+
+
 class TritonTelemetry(Telemetry):
     """Triton's custom metrics (``pb_utils.MetricFamily``), created on first use.
 

@@ -348,3 +348,25 @@ def test_a_bank_without_kept_scores_folds_in_up_to_its_models_upper_quartile():
         level = growth.accept_level(dataclasses.replace(kept, reference=()))
         assert abs(level - np.quantile(scores, 0.75)) < 0.5 * (scores.max() - np.quantile(scores, 0.75)), method
 
+
+
+def test_a_grown_sampled_bank_with_copies_reads_its_k_off_the_sample_it_keeps(tiny_clip_112, washers):
+    """The grown bank's k came from a fresh draw of the sample, not the reservoir the bank keeps: with copies in
+    the lot it could pass the others a lot image finds there, and a lot image sent again got infinite maps."""
+    from postprocess.pa_clip import lot_interval_k
+
+    images, labels, features = washers
+    good = np.flatnonzero(~labels)
+    lot = good[[0, 1, 2, 3, 2]]  # image 2 twice
+    cfg = PAClipConfig(full_bank_images=3, k_min=64, rescore_k=0)
+    bank = bank_on(tiny_clip_112, images[lot], features.take(lot), cfg)
+    new = good[[2, 4]]  # a copy (already in the lot) and a new part like the lot's
+    grown, report = growth.grow_bank(bank, features.take(new), images[new])
+    sample = grown.manifest.full_bank_sample
+    kept = grown.manifest.lot_ids[sample] if sample is not None else grown.manifest.lot_ids
+    fewest = len(kept) - int(np.unique(kept, return_counts=True)[1].max())
+    assert grown.manifest.interval_k <= fewest
+    assert grown.manifest.interval_k == lot_interval_k(grown.manifest.n_images, cfg, grown.manifest.lot_ids, sample)
+    lot_keys = keys(images[lot])
+    again = score_with_bank(grown, features.take(lot), grown.query_ids(lot_keys))
+    assert report["folded_in"] == 1 and np.isfinite(again.maps).all()

@@ -322,3 +322,9 @@ def test_a_model_runs_in_one_instance_only_with_one_group_of_one_on_the_cpu_or_o
     assert not sole_instance({"instance_group": [{"count": 2}]}, "CPU")
     assert not sole_instance({"instance_group": [{"count": 1}]}, "GPU")  # one per GPU, however many
     assert not sole_instance({"instance_group": [{"count": 1}, {"count": 1}]}, "CPU")
+    from postprocess.telemetry import instance_label
+
+    assert instance_label({"model_instance_name": "pa_clip_score_0_0", "model_instance_kind": "CPU"}) == \
+        "pa_clip_score_0_0"
+    assert instance_label({"model_instance_name": "pa_clip_score_0_0", "model_instance_kind": "GPU",
+                           "model_instance_device_id": "1"}) == "pa_clip_score_0_0_gpu1"  # named alike per GPU

@@ -12,7 +12,7 @@ try:
     from postprocess.host import HostSettings
     from postprocess.serving import ScoreService, bank_root, canary_response, error_response, from_triton, is_canary
     from postprocess.logs import to_triton
-    from postprocess.telemetry import TritonTelemetry, sole_instance
+    from postprocess.telemetry import TritonTelemetry, instance_label, sole_instance
 except ImportError as err:  # the server's Python must have the project installed
     raise ImportError(f"pa_clip_score needs the pa-clip-triton package in the server's Python "
                       f"(pip install -e . in the environment tritonserver runs models with): {err}") from err
@@ -28,8 +28,8 @@ class TritonPythonModel:
         repository = Path(args["model_repository"]).parent
         encoder = C.read_fingerprint(repository / params.get("encoder_model", C.VISION_MODEL))
         store = BankStore(bank_root(repository, params.get("bank_dir", "")))
-        telemetry = TritonTelemetry(pb_utils, args.get("model_instance_name"),
-                                    sole_instance(config, args.get("model_instance_kind", "")))
+        kind = args.get("model_instance_kind", "")
+        telemetry = TritonTelemetry(pb_utils, instance_label(args), sole_instance(config, kind))
         self.service = ScoreService(store, encoder, HostSettings.from_parameters(params), telemetry=telemetry)
 
     def execute(self, requests):
