@@ -255,9 +255,8 @@ class BankManifest:
 
     @functools.cached_property
     def lot_ids(self) -> np.ndarray:
-        """(N,) the id each lot image goes by (``contract.first_ids`` of its keys; its index where keys are missing)."""
-        if len(self.image_keys) != self.n_images:
-            return np.arange(self.n_images, dtype=np.int64)
+        """(N,) the id each lot image goes by (``contract.first_ids`` of its keys: ``check_manifest`` holds one per
+        image)."""
         return first_ids(self.image_keys)
 
     @functools.cached_property  # drawn once per manifest: a load checks both the tensors' shapes and full_ids by it
@@ -328,9 +327,7 @@ class Bank:
     def query_ids(self, keys: list[str]) -> np.ndarray:
         """The id each image goes by (-1 for an image that is not in the lot; a lot's copies of one image go by its
         first, as the lot stage read them: ``contract.first_ids``)."""
-        index = {}
-        for i, key in enumerate(self.manifest.image_keys):
-            index.setdefault(key, i)
+        index = dict(zip(self.manifest.image_keys, self.manifest.lot_ids.tolist()))  # copies share their id
         return np.asarray([index.get(key, -1) for key in keys], dtype=np.int64)
 
     @property
@@ -568,7 +565,7 @@ def build_bank(scorer, cfg: PAClipConfig, bank_id: str, encoder: dict, map_size=
         raise RuntimeError(f"the lot scores of images {unscored[:10].tolist()} are not numbers")
     manifest = BankManifest(
         bank=bank_id, category=scorer.category, encoder=dict(encoder), config=cfg, grid=tuple(features.grid),
-        image_size=run.map_size, n_images=n, image_keys=tuple(image_key(img) for img in scorer.images),
+        image_size=run.map_size, n_images=n, image_keys=scorer.image_keys,
         interval_k=lot_interval_k(n, cfg, scorer.lot_ids),
         tau_b=dict(result.tau_b),
         normal_bank_entries={r: int(b.shape[1]) for r, (b, _) in run.banks.items()},

@@ -701,7 +701,7 @@ class BankStore:
         returns that lot's size. Refused while a build of this bank reads that lot: the build reads the lot it
         started with, and images added meanwhile would belong to neither. A reset starts only that lot over."""
         lot = self._lot(bank_id, session)
-        if (holder := self.build_holder(bank_id)) is not None and holder.get("lot") in (session, ALL_LOTS):
+        if (holder := self._lot_reader(bank_id, session)) is not None:
             raise BankError(f"bank {bank_id!r} is being built right now ({_described_holder(holder)}): add these "
                             "images after the build finishes, or to another bank id")
         adding = images.nbytes + sum(int(a.nbytes) for a in features.outputs().values())
@@ -796,9 +796,14 @@ class BankStore:
         except OSError:
             pass
 
+    def _lot_reader(self, bank_id: str, session: str | None) -> dict | None:
+        """The build (or delete) holding the bank's lock while it reads this lot (``build_holder``), or None."""
+        holder = self.build_holder(bank_id)
+        return holder if holder is not None and holder.get("lot") in (session, ALL_LOTS) else None
+
     def discard_lot(self, bank_id: str, session: str) -> None:
         """Remove a client's own pending lot (``session``), unless a build is reading it."""
-        if (holder := self.build_holder(bank_id)) is not None and holder.get("lot") in (session, ALL_LOTS):
+        if (holder := self._lot_reader(bank_id, session)) is not None:
             raise BankError(f"bank {bank_id!r} is being built from that lot right now ({_described_holder(holder)})")
         self.clear_lot(bank_id, session=session)
 

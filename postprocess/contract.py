@@ -301,8 +301,3 @@ def first_ids(keys) -> np.ndarray:
     query for one of the copies, did not: served maps 0.02-0.07 off the lot's)."""
     first = {}
     return np.asarray([first.setdefault(key, i) for i, key in enumerate(keys)], dtype=np.int64)
-
-
-def lot_image_ids(images) -> np.ndarray:
-    """``first_ids`` of a lot's (N, H, W, 3) images."""
-    return first_ids([image_key(image) for image in images])

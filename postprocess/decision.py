@@ -93,6 +93,11 @@ class DecisionError(RequestError):
     caller's to fix: a 400 where a server meets it, as a lot whose scores are not numbers)."""
 
 
+def spread_floor(centre: float) -> float:
+    """The smallest scale a spread or a tail is read with: ``MIN_SPREAD_FRACTION`` of the scores' centre."""
+    return MIN_SPREAD_FRACTION * max(abs(centre), 1e-6)
+
+
 def tail_scale(sorted_scores: np.ndarray) -> float:
     """Exponential scale of the upper tail from the gaps between the top quarter's scores (at least TAIL_MIN).
 
@@ -122,7 +127,7 @@ def trim_suspected_defects(sorted_scores: np.ndarray) -> int:
             break
         # floored as a calibration's spread is: a defect above tied good scores is infinitely many scales away,
         # where a zero scale trimmed nothing (and one 1e-9 apart trimmed it)
-        scale = max(tail_scale(below), MIN_SPREAD_FRACTION * max(abs(float(np.median(below))), 1e-6))
+        scale = max(tail_scale(below), spread_floor(float(np.median(below))))
         if sorted_scores[top] - sorted_scores[top - 1] > TRIM_GAP * scale:
             cut = depth
     return cut
@@ -344,7 +349,7 @@ def calibrate(scores, normal_indices=None, false_alarm_rate: float = DEFAULT_FAL
         if chosen.size < 2:
             chosen = scores
         centre, spread = float(np.mean(chosen)), float(np.std(chosen, ddof=1))
-    spread = max(spread, MIN_SPREAD_FRACTION * max(abs(centre), 1e-6))
+    spread = max(spread, spread_floor(centre))
     if not reference:  # the scores it read, kept whatever the method
         reference = tuple(float(v) for v in np.sort(scores))
     return Calibration(method, centre, spread, false_alarm_rate, int(scores.size), reference, excluded)

@@ -33,7 +33,7 @@ from scipy.stats import norm
 
 from . import kernels as K
 from .bank import Bank, BankError, image_key, score_with_bank
-from .contract import Features
+from .contract import Features, first_ids
 from .decision import EXPONENTIAL_FROM, Calibration, calibrate
 from .host import DEFAULT_HOST, HostSettings
 from .ood import OodCalibration, calibrate_ood, image_statistics, reason
@@ -160,11 +160,12 @@ def grow_bank(bank: Bank, features: Features, images, host: HostSettings = DEFAU
         pooled = {n: np.concatenate([np.asarray(held_ood.references[n]), ood_values[n][accepted]])
                   for n in held_ood.statistics}
         ood = calibrate_ood(pooled, held_ood.statistics, held_ood.budget).to_dict()
+    grown_keys = manifest.image_keys + tuple(keys[int(fresh[j])] for j in accepted)
     grown = manifest.replace(
-        n_images=n_new, image_keys=manifest.image_keys + tuple(keys[int(fresh[j])] for j in accepted),
+        n_images=n_new, image_keys=grown_keys,
         # from the sample the grown bank keeps (a reservoir's, not a fresh draw: with copies in the lot a fresh
         # draw's k could pass the others a lot image finds in the kept one, and its maps came out infinite)
-        interval_k=lot_interval_k(n_new, cfg, np.concatenate([manifest.lot_ids, np.arange(n_old, n_new)]),
+        interval_k=lot_interval_k(n_new, cfg, first_ids(grown_keys),
                                   None if full_ids is None else K.to_numpy(full_ids)),
         lot_scores={"min": float(lowest), "median": float(np.median(summary_scores)), "max": float(highest)},
         decision=decision, ood=ood, sample_growth=sample_growth,

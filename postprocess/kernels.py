@@ -405,10 +405,15 @@ def lot_minima_bytes(n_images: int, length: int) -> int:
     return 4 * n_images * n_images * length
 
 
+def lot_pair_bytes(length: int) -> int:
+    """Bytes one pair of images takes in a group block of ``lot_mutual_scores``: their (L, L) float32 similarities
+    and the four (1, L, 1) float32 results of its row and column maxima (each maximum, then one minus it)."""
+    return 4 * length * (length + 4)
+
+
 def lot_pair_block_images(n_images: int, length: int, budget_bytes: int) -> int:
-    """Images per group in ``lot_mutual_scores``: one group pair's (g*L, g*L) float32 similarities and the four
-    (g, L, g) float32 results of their row and column maxima (each maximum, then one minus it) fit the budget."""
-    return max(1, min(n_images, int((budget_bytes // (4 * length * (length + 4))) ** 0.5)))
+    """Images per group in ``lot_mutual_scores``: one group pair's block (g^2 ``lot_pair_bytes``) fits the budget."""
+    return max(1, min(n_images, int((budget_bytes // lot_pair_bytes(length)) ** 0.5)))
 
 
 def lot_mutual_scores(feats, k: int, budget_bytes: int, matmul: str = "float32"):
@@ -423,8 +428,7 @@ def lot_mutual_scores(feats, k: int, budget_bytes: int, matmul: str = "float32")
     xp = get_xp(feats)
     n, length, channels = feats.shape
     half = half_budget(budget_bytes)
-    one_pair = 4 * length * (length + 4)  # lot_pair_block_images of one image each way
-    if _fused(xp) is not None or lot_minima_bytes(n, length) > half or one_pair > half:
+    if _fused(xp) is not None or lot_minima_bytes(n, length) > half or lot_pair_bytes(length) > half:
         ids = xp.arange(n)
         return full_bank_scores(feats, feats, ids, ids, k, budget_bytes, matmul=matmul)
     flat = feats.reshape(n * length, channels)
@@ -561,10 +565,10 @@ def smoothing_limit(size) -> float:
 
 def _gaussian_matrix(n: int, sigma: float) -> np.ndarray:
     """(n, n) Gaussian blur operator with mirror borders (edge sample not repeated, torch's 'reflect')."""
+    if sigma >= smoothing_limit((n, n)):
+        raise ValueError(f"smoothing sigma {sigma} too large for a map of size {n}")
     taps = gaussian_kernel_1d(sigma)
     radius = len(taps) // 2
-    if radius >= n:
-        raise ValueError(f"smoothing sigma {sigma} too large for a map of size {n}")
     op = np.zeros((n, n), dtype=np.float64)
     for offset, weight in zip(range(-radius, radius + 1), taps):
         j = np.arange(n) + offset

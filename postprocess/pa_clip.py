@@ -463,7 +463,7 @@ def finish_stage(features: Features, state: LotState, normal: NormalSet | None, 
                  map_size: tuple[int, int], query_ids=None, banks: dict | None = None,
                  host: HostSettings = DEFAULT_HOST) -> ScoreResult:
     """Stage 2 on the lot itself. ``banks`` (from ``normal_banks``) may be passed in when the caller keeps them;
-    ``query_ids``: the id each lot image goes by against the normal banks (``contract.lot_image_ids``; default its
+    ``query_ids``: the id each lot image goes by against the normal banks (``contract.first_ids``; default its
     index)."""
     result = ScoreResult(maps=None, scores=None, patch_scores=None)
     if cfg.use_normal_bank and not cfg.text_only:

@@ -17,7 +17,7 @@ from . import kernels as K
 from .backbone import Backbone
 from .cada import apply_augmentation, cada_decision, draw_augmentations, warp_patch_map
 from .config import PAClipConfig
-from .contract import Features, lot_image_ids
+from .contract import Features, first_ids, image_key
 from .errors import RequestError
 from .host import DEFAULT_HOST, HostSettings
 from .pa_clip import LotState, NormalSet, ScoreResult, finish_stage, lot_stage, normal_banks, rescore_within_lot
@@ -109,7 +109,8 @@ class LotScorer:
         self.host = host
         self.xp = xp if xp is not None else host.xp()
         self.images = images
-        self.lot_ids = lot_image_ids(images)  # host: a copy of an earlier image goes by that one's index
+        self.image_keys = tuple(image_key(image) for image in images)  # hashed once: the bank records them too
+        self.lot_ids = first_ids(self.image_keys)  # host: a copy of an earlier image goes by that one's index
         if len(set(self.lot_ids.tolist())) < 2:  # copies of one image are one image: none to score it against
             raise RequestError(f"a lot needs at least 2 different images, got {len(images)} copies of one")
         self.category = category

@@ -1,6 +1,6 @@
 """What the server-tier modules (tests/test_serving_*.py) share besides conftest's fixtures: the skip when there is
-no tritonserver here, and ``start_server``. Importing this module skips the importing test module when tritonclient
-or the nvidia-pytriton bundle's tritonserver is absent."""
+no tritonserver here, ``start_server`` and ``metrics_text``. Importing this module skips the importing test module
+when tritonclient or the nvidia-pytriton bundle's tritonserver is absent."""
 
 from pathlib import Path
 
@@ -18,7 +18,8 @@ except Exception as err:  # noqa: BLE001
 
 from client.triton_client import ClientError, PAClipClient  # noqa: E402
 
-__all__ = ["ROOT", "ClientError", "LocalServer", "PAClipClient", "ServerError", "free_ports", "start_server"]
+__all__ = ["ROOT", "ClientError", "LocalServer", "PAClipClient", "ServerError", "free_ports", "metrics_text",
+           "start_server"]
 
 
 def start_server(repository: Path, banks: Path, log: Path, **options) -> LocalServer:
@@ -26,3 +27,11 @@ def start_server(repository: Path, banks: Path, log: Path, **options) -> LocalSe
     http, grpc, metrics = free_ports(3)
     return LocalServer(repository, banks, http_port=http, grpc_port=grpc, metrics_port=metrics,
                        log_file=log, **options).start(timeout=180)
+
+
+def metrics_text(server: LocalServer) -> str:
+    """What the server's metrics port answers (Prometheus text)."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10) as response:
+        return response.read().decode()

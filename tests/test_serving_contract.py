@@ -22,7 +22,7 @@ import pytest
 from conftest import (BANK_STORAGE_TOL, FLOAT16_HALF_ULP, LOT_IMAGE_SIZE as SIZE, assert_maps_within_contract,
                       write_manifest)
 from postprocess.decision import OVER_THRESHOLD_NOTE
-from serving_helpers import ROOT, ClientError, LocalServer, PAClipClient, free_ports
+from serving_helpers import ROOT, ClientError, LocalServer, PAClipClient, free_ports, metrics_text
 from postprocess.config import FULL_BANK, PAClipConfig
 from postprocess.pipeline import LotScorer
 
@@ -580,14 +580,10 @@ def test_prometheus_metrics_include_the_pipelines_own(server, built, lot):
 def _metric_values(server) -> dict:
     """name{labels} -> value off the metrics port, read with Prometheus's own parser; the scoring instance's label
     left out (one scoring instance here: two series that differ only in it would be an error)."""
-    import urllib.request
-
     from prometheus_client.parser import text_string_to_metric_families
 
-    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10) as response:
-        text = response.read().decode()
     values = {}
-    for family in text_string_to_metric_families(text):
+    for family in text_string_to_metric_families(metrics_text(server)):
         for sample in family.samples:
             labels = sorted((k, v) for k, v in sample.labels.items() if k != "instance")
             key = sample.name + ("{" + ",".join(f'{k}="{v}"' for k, v in labels) + "}" if labels else "")

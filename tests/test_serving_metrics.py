@@ -5,7 +5,6 @@ import re
 import shutil
 import threading
 import time
-import urllib.request
 from collections import Counter
 
 import numpy as np
@@ -13,14 +12,9 @@ import pytest
 
 from conftest import LOT_IMAGE_SIZE as SIZE
 from postprocess.telemetry import METRICS
-from serving_helpers import PAClipClient, start_server
+from serving_helpers import PAClipClient, metrics_text, start_server
 
 pytestmark = pytest.mark.server
-
-
-def _scrape(server) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10) as response:
-        return response.read().decode()
 
 
 def test_the_metrics_port_is_prometheus_text_with_the_documented_series(server, built, lot):
@@ -31,9 +25,9 @@ def test_the_metrics_port_is_prometheus_text_with_the_documented_series(server, 
     client.score(np.concatenate([new, np.zeros((1, SIZE, SIZE, 3), np.uint8)]), "washer")  # a black frame too
     with pytest.raises(Exception):
         client.build_bank("made-up-id")
-    first = _scrape(server)
+    first = metrics_text(server)
     client.score(lot[:2], "washer")
-    second = _scrape(server)
+    second = metrics_text(server)
     client.close()
     families = {f.name: f for f in parser.text_string_to_metric_families(first)}  # raises on text it cannot read
     lines = first.splitlines()
@@ -105,7 +99,7 @@ def test_a_deleted_banks_gauges_leave_without_harm_with_two_scoring_instances(re
             both("stays", (10 * cycle + 8, 10 * cycle + 9, 10 * cycle + 0))
         # several instances share each family: a deleted bank's gauges read NaN (a family made again crashed it)
         parser = pytest.importorskip("prometheus_client.parser")
-        samples = [s for f in parser.text_string_to_metric_families(_scrape(server)) for s in f.samples
+        samples = [s for f in parser.text_string_to_metric_families(metrics_text(server)) for s in f.samples
                    if s.name == "pa_clip_bank_drift_alarm"]
         gone = [s for s in samples if s.labels["bank"] == "gone"]
         assert gone and all(np.isnan(s.value) for s in gone)
