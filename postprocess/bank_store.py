@@ -6,7 +6,8 @@
     <root>/<bank>/v-<build id>/manifest.sha256 SHA-256 of manifest.json as written (format 6: a flipped bit in a
                                                threshold is damage like one in the tensors)
     <root>/<bank>/v-<build id>/bank.safetensors
-    <root>/<bank>/lot/part-<n>-<r>.safetensors images added but not yet built (the shared pending lot)
+    <root>/<bank>/lot/part-<n>-<d>.safetensors images added but not yet built (the shared pending lot); <d> is the
+                                               part's SHA-256 as written, checked when a build reads it
     <root>/<bank>/lot-<session>/part-...       a client's own pending lot (``add``/``build``/``update`` with option
                                                ``lot``): what one client adds, resets and consumes, no other's
     <root>/<bank>/.build-lock                  held by the one build of this bank id in progress
@@ -52,6 +53,8 @@ MANIFEST_DIGEST = "manifest.sha256"  # beside manifest.json: the manifest's own 
 MANIFEST_DIGESTED_FROM = 6
 MANIFEST_LIMIT = 64 << 20  # bytes: a lot of 100,000 images keeps its keys and scores in a few MB
 HASH_CHUNK = 1 << 20
+# a pending lot's part: its index, then the SHA-256 of the file as written (a flipped bit would build another bank)
+LOT_PART_PATTERN = re.compile(r"part-(\d{6,})-([0-9a-f]{64})\.safetensors")
 # flocked by the one build running on this host (any store, any bank; per user, so that no one else can hold it)
 BUILD_SLOT = Path(tempfile.gettempdir()) / f"pa-clip-build-slot-{os.getuid()}"
 
@@ -336,6 +339,10 @@ class BankStore:
                 # them was cut, not written so (read as format 1, only its tensors would be checked)
                 raise damaged(bank_id, version, f"its manifest is of format {written} but lacks the files' "
                               "digests or the tensors' record")
+            if not digested and (data_format := self._data_format(folder)) >= MANIFEST_DIGESTED_FROM:
+                # the manifest's own word on its format is what damage changed: the data file's is checked
+                raise damaged(bank_id, version, f"{MANIFEST_DIGEST} is missing (bank.safetensors was written as "
+                              f"format {data_format}; its manifest says {written})")
         except BankFormatError:  # written by a server of another format: not damage
             raise
         except BankDamaged:
@@ -353,6 +360,16 @@ class BankStore:
         except Exception as err:
             raise damaged(bank_id, version, f"manifest.json: {type(err).__name__}: {err}") from None
         return manifest
+
+    @staticmethod
+    def _data_format(folder: Path) -> int:
+        """The format bank.safetensors records it was written as (0: not recorded, in banks written before it was, or
+        unreadable, which the digest check reports)."""
+        path = folder / "bank.safetensors"
+        try:
+            return int(_load_tensors_meta(path)[1].get("format_version", 0)) if _regular_file(path) else 0
+        except Exception:
+            return 0
 
     @staticmethod
     def _check_manifest_digest(bank_id: str, version: str, folder: Path, text: bytes) -> bool:
@@ -519,7 +536,8 @@ class BankStore:
         staging.mkdir()
         try:
             tensors = bank.tensors()
-            _save_tensors(staging / "bank.safetensors", tensors)
+            # the format in the data file too: a manifest whose digest went missing cannot pass for an older one
+            _save_tensors(staging / "bank.safetensors", tensors, {"format_version": str(FORMAT_VERSION)})
             # the digest of what was written, read back from the disk it will be read from
             files = {name: {"sha256": file_digest(staging / name), "bytes": (staging / name).stat().st_size}
                      for name in DATA_FILES}
@@ -714,26 +732,27 @@ class BankStore:
         fsync_dir(self.root)
         parts = sorted(lot.glob("part-*.safetensors"))
         if parts:
-            _, meta = _load_tensors_meta(parts[0])
-            if meta.get("category") != category:
-                raise BankError(f"the pending lot of bank {bank_id!r} is for category {meta.get('category')!r}, "
+            _, lot_category, lot_grid = self._part_header(bank_id, parts[0])
+            if lot_category != category:
+                raise BankError(f"the pending lot of bank {bank_id!r} is for category {lot_category!r}, "
                                 f"not {category!r}: start a new lot (reset) or use another bank id")
-            if json.loads(meta["grid"]) != list(features.grid):
+            if lot_grid != list(features.grid):
                 raise BankError(f"the pending lot of bank {bank_id!r} holds images of another size (patch grid "
-                                f"{tuple(json.loads(meta['grid']))}, these give {tuple(features.grid)}): a lot is "
+                                f"{tuple(lot_grid)}, these give {tuple(features.grid)}): a lot is "
                                 "encoded at one size; resize them like the first part, or start over with reset")
         # written whole under a temporary name, then linked in under a name no other part has had (its index,
-        # then random bits): two adds at once never overwrite each other's part, and a build that clears the
+        # then its digest): two adds at once never overwrite each other's part, and a build that clears the
         # parts it read never removes one added after it by a name reused
         staged = lot / temp_name(f"part-{uuid.uuid4().hex[:8]}.safetensors")
         _save_tensors(staged, {
             IMAGES: images, **{name: K.to_numpy(array) for name, array in features.outputs().items()},
         }, metadata={"category": category, "grid": json.dumps(list(features.grid))})
         try:
+            digest = file_digest(staged)
             index = 1 + max([int(p.stem.split("-")[1]) for p in parts], default=-1)
             while True:
                 try:
-                    _place_exclusive(staged, lot / f"part-{index:06d}-{uuid.uuid4().hex[:8]}.safetensors")
+                    _place_exclusive(staged, lot / f"part-{index:06d}-{digest}.safetensors")
                     break
                 except FileExistsError:
                     index += 1
@@ -754,8 +773,24 @@ class BankStore:
         shutil.rmtree(trash, ignore_errors=True)
 
     def lot_size(self, bank_id: str, session: str | None = None) -> int:
-        return sum(_load_tensors_meta(p)[0][IMAGES]["shape"][0]
-                   for p in sorted(self._lot(bank_id, session).glob("part-*.safetensors")))
+        """Images in the pending lot, read off the parts' headers (a build checks their digests)."""
+        return sum(self._part_header(bank_id, part)[0]
+                   for part in sorted(self._lot(bank_id, session).glob("part-*.safetensors")))
+
+    @staticmethod
+    def _part_header(bank_id: str, part: Path) -> tuple[int, str, list]:
+        """(images, category, patch grid) of a pending lot's part, read off its header: one that cannot be read is
+        a ``BankError`` naming it, not an internal error of the add or the listing."""
+        try:
+            if part.is_symlink() or (part.exists() and not part.is_file()):  # a link leads out of the store
+                raise ValueError("a link or not a file")
+            tensors, meta = _load_tensors_meta(part)
+            return int(tensors[IMAGES]["shape"][0]), str(meta["category"]), json.loads(meta["grid"])
+        except FileNotFoundError:
+            raise
+        except Exception as err:
+            raise BankError(f"part {part.name} of the pending lot of bank {bank_id!r} is damaged "
+                            f"({type(err).__name__}: {err}): add the lot again with reset") from None
 
     def load_lot(self, bank_id: str, session: str | None = None) -> tuple[str, np.ndarray, Features, list[Path]]:
         """The pending lot (``session``: a client's own): (category, images, features, the part files it was read
@@ -766,7 +801,7 @@ class BankStore:
                             + (f" in lot {session!r}" if session is not None else "")
                             + ": add a lot first (pa-clip score --build --images DIR)")
         try:
-            loaded = [_load_tensors(p) for p in parts]
+            loaded = [self._read_part(bank_id, p) for p in parts]
         except FileNotFoundError:  # an add with reset started this lot over while it was read
             raise BankError(f"the pending lot of bank {bank_id!r} was started over while this build read it: add "
                             "the lot again and send the build again") from None
@@ -781,6 +816,27 @@ class BankStore:
         grid = tuple(json.loads(meta["grid"]))
         return (meta["category"], cat(IMAGES), Features.from_outputs({k: cat(k) for k in VISION_OUTPUTS}, grid),
                 parts)
+
+    @staticmethod
+    def _read_part(bank_id: str, part: Path) -> tuple[dict, dict]:
+        """A part of a pending lot, as it was written (the digest in its name), else a ``BankError`` naming it: a
+        build never reads a changed, cut or linked part into a bank, nor fails on one as an internal error."""
+        try:
+            if part.is_symlink() or not part.is_file():
+                if not part.exists() and not part.is_symlink():
+                    raise FileNotFoundError(part)
+                raise ValueError("a link or not a file")
+            named = LOT_PART_PATTERN.fullmatch(part.name)
+            if named is None:
+                raise ValueError("its name carries no digest (written by an earlier server, or not by a server)")
+            if file_digest(part) != named.group(2):
+                raise ValueError("its bytes are not those it was written with")
+            return _load_tensors(part)
+        except FileNotFoundError:
+            raise
+        except Exception as err:
+            raise BankError(f"part {part.name} of the pending lot of bank {bank_id!r} is damaged ({err}): add the "
+                            "lot again with reset (pa-clip score --build adds it anew)") from None
 
     def clear_lot(self, bank_id: str, parts: list[Path] | None = None, session: str | None = None) -> None:
         """Remove the pending lot (``session``: a client's own), or only ``parts`` of it (what a build read: a part
@@ -826,8 +882,8 @@ class BankStore:
                      "updated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(updated)),
                      "expires_in_s": max(0, int(updated + self.pending_ttl_s - time.time()))}
             try:
-                _, meta = _load_tensors_meta(parts[0])
-                entry.update(category=meta.get("category"), images=self.lot_size(lot.parent.name, session))
+                entry.update(category=self._part_header(lot.parent.name, parts[0])[1],
+                             images=self.lot_size(lot.parent.name, session))
             except Exception as err:  # one damaged part: that lot says so, the others are listed
                 entry["error"] = (f"a part of this lot cannot be read ({type(err).__name__}: {err}): add the lot "
                                   "again with reset")

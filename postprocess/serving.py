@@ -135,6 +135,14 @@ def text_value(raw, name: str) -> str:
     return str(raw)
 
 
+def check_finite_outputs(outputs: dict) -> None:
+    """The encoder's outputs (name -> NumPy or CuPy array) hold numbers only: NaN or infinity is a broken encoder,
+    refused before it is scored or kept in a lot."""
+    for name in C.VISION_OUTPUTS:
+        if not bool(K.get_xp(outputs[name]).isfinite(outputs[name]).all()):
+            raise RequestError(f"input '{name}' holds NaN or infinite values: the encoder output is broken")
+
+
 class ScoreService:
     """Scores images against banks. Loaded banks stay in memory up to the host's byte budget
     (``HostSettings.bank_cache_mb``; the least recently used goes first, the one in use always stays); a bank is
@@ -320,10 +328,7 @@ class ScoreService:
             raise RequestError(f"inputs disagree: '{C.LAYER_TOKENS}' {list(layer_tokens.shape)}, '{C.PATCH_EMBEDS}' "
                                f"{list(patch_embeds.shape)}, '{C.IMAGE_EMBEDS}' {list(image_embeds.shape)}: patches "
                                "(L) and the embedding width (D) must match")
-        for name in C.VISION_OUTPUTS:
-            xp = K.get_xp(req[name])
-            if not bool(xp.isfinite(req[name]).all()):
-                raise RequestError(f"input '{name}' holds NaN or infinite values: the encoder output is broken")
+        check_finite_outputs(req)
 
     @staticmethod
     def check_against_bank(bank, layer_tokens, patch_embeds, image_embeds, images) -> None:
@@ -556,6 +561,7 @@ class BankService:
         # the encoder's own limit checked here: past it clip_vision refuses, which a BLS call reported as a 500
         images = C.check_images(images, self.patch_size, self.fixed_size, C.max_image_side(self.encoder))
         features = self.backbone.encode(images)
+        check_finite_outputs(features.outputs())  # a lot kept with them would build a bank that cannot be loaded
         size = self.store.add_to_lot(bank_id, category, images, features, reset=reset, session=lot)
         return {"bank": bank_id, "category": category, "lot_size": size, **({"lot": lot} if lot else {})}
 

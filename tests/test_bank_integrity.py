@@ -13,6 +13,7 @@ from conftest import write_manifest
 from postprocess.bank import BankDamaged, BankError, build_bank
 from postprocess.bank_store import BankStore
 from postprocess.config import PAClipConfig
+from postprocess.errors import RequestError
 from postprocess.pipeline import LotScorer
 from postprocess.serving import BankService, ScoreService
 
@@ -147,6 +148,10 @@ DAMAGE = [
                                                                    '"image_keys": [\n  "\x01', digest_again=False),
      "manifest.json digest differs"),
     ("manifest digest missing", lambda r: (version_dir(r) / "manifest.sha256").unlink(), "manifest.sha256 is missing"),
+    ("manifest digest missing, its format flipped to 5 (which had none)", lambda r: (
+        (version_dir(r) / "manifest.sha256").unlink(),
+        replace_in_manifest(version_dir(r), '"format_version": 7', '"format_version": 5', digest_again=False)),
+     "bank.safetensors was written as format 7; its manifest says 5"),
     ("manifest digest garbled", lambda r: (version_dir(r) / "manifest.sha256").write_text("0" * 64),
      "manifest.json digest differs"),
     ("digests cut out of the manifest", lambda r: digests_cut(version_dir(r), older=False), "lacks the files' digests"),
@@ -363,3 +368,78 @@ def test_a_lot_that_two_adds_at_once_made_of_two_products_is_refused(template, t
     other.rename(store.root / "mixed" / "lot" / other.name.replace("part-000000", "part-000001"))
     with pytest.raises(BankError, match="mixes categories or image sizes .*bolt.*washer"):
         store.load_lot("mixed")
+
+
+def nan_in_part(part: Path) -> None:
+    """One number of a part's image embedding made NaN, the rest of the file (its metadata too) as written."""
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+
+    with safe_open(str(part), framework="numpy") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    tensors["image_embeds"][0, 0] = np.nan
+    save_file(tensors, str(part), metadata=meta)
+
+
+def linked_to_a_copy(part: Path) -> None:
+    copy = part.parent.parent / "elsewhere.safetensors"
+    shutil.copy(part, copy)
+    part.unlink()
+    part.symlink_to(copy)
+
+
+# (name, damage(part), the words the refusal must hold)
+LOT_DAMAGE = [
+    ("64 flipped bytes", flip_middle, "its bytes are not those it was written with"),
+    ("a NaN in the features", nan_in_part, "its bytes are not those it was written with"),
+    ("a link to an intact copy", linked_to_a_copy, "a link or not a file"),
+    ("cut short", lambda part: part.write_bytes(part.read_bytes()[:40]), "add the lot again with reset"),
+    ("renamed without its digest", lambda part: part.rename(part.with_name("part-000000-0123abcd.safetensors")),
+     "its name carries no digest"),
+]
+
+
+@pytest.mark.parametrize("name,damage,words", LOT_DAMAGE, ids=[d[0] for d in LOT_DAMAGE])
+def test_a_damaged_part_of_a_pending_lot_is_refused_by_the_build_and_the_update(template, tiny_clip_112, tmp_path,
+                                                                               name, damage, words):
+    """What an add left on disk is read back as it was written, or refused naming the part: a flipped byte or a NaN
+    in a part built a different bank (or grew the live one wrongly, a part left out for good) without a word."""
+    _, scorer = template
+    store = copied_store(template, tmp_path)
+    service = BankService(store, tiny_clip_112.fingerprint, tiny_clip_112.encode, tiny_clip_112.encode_text,
+                          log=lambda _: None)
+    before = store.manifest("washer")
+    refusal = rf"part part-\d+-\w+\.safetensors of the pending lot of bank '{{bank}}' is damaged .*{words}"
+    for bank_id, action, options in (("bolt", "build", {}), ("washer", "update", None)):
+        service.handle("add", bank_id, "washer", scorer.images[:4], {"reset": True})
+        (part,) = (store.root / bank_id / "lot").glob("part-*.safetensors")
+        damage(part)
+        with pytest.raises(BankError, match=refusal.format(bank=bank_id)):
+            service.handle(action, bank_id, options=options)
+        # the listing names the lot's damage; an add to it is refused as the caller's, not an internal error
+        (pending,) = [p for p in service.handle("list")["pending"] if p["bank"] == bank_id]
+        if "digest" not in words and "written with" not in words:
+            assert "cannot be read" in pending["error"]
+            with pytest.raises(BankError, match=refusal.format(bank=bank_id)):
+                service.handle("add", bank_id, "washer", scorer.images[4:5])
+        service.handle("add", bank_id, "washer", scorer.images[:4], {"reset": True})  # what the refusal says
+    assert not store.exists("bolt") and store.manifest("washer").version == before.version
+    service.handle("build", "bolt", options={})
+    assert store.load("bolt", tiny_clip_112.fingerprint).manifest.n_images == 4
+
+
+def test_an_add_whose_encoder_gives_nan_keeps_nothing(template, tiny_clip_112, tmp_path):
+    """An encoder that gives NaN (a broken export) is refused at the add: a lot kept with it built a bank that
+    could not be loaded."""
+    _, scorer = template
+
+    def broken(images):
+        features = tiny_clip_112.encode(images)
+        features.patch_embeds[...] = np.nan
+        return features
+
+    store = copied_store(template, tmp_path)
+    service = BankService(store, tiny_clip_112.fingerprint, broken, tiny_clip_112.encode_text, log=lambda _: None)
+    with pytest.raises(RequestError, match="'patch_embeds' holds NaN or infinite values: the encoder output is broken"):
+        service.handle("add", "bolt", "washer", scorer.images[:2], {"reset": True})
+    assert store.pending_lots() == []
