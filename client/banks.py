@@ -73,7 +73,7 @@ def update_paths(spec: str) -> list:
 
 def update(client: PAClipClient, args, paths: list) -> dict:
     """Send the new parts at the bank's size as its pending lot (started afresh), then grow the bank with them."""
-    from client.infer import UsageError, load_images
+    from client.infer import UsageError, load_images, path_text
 
     info = client.bank_info(args.bank)
     loaded, skipped = load_images(paths, tuple(info["image_size"]), not args.quiet)
@@ -86,8 +86,8 @@ def update(client: PAClipClient, args, paths: list) -> dict:
             client.add_images(args.bank, info["category"], np.stack(images[start:start + 8]), reset=start == 0,
                               lot=lot)
         answer = client.update_bank(args.bank, on_wait=lambda m: print(f"waiting: {m}", file=sys.stderr), lot=lot)
-    answer["update"]["paths"] = [str(item[0]) for item in loaded]
-    answer["update"]["skipped"] = [str(s) for s in skipped]
+    answer["update"]["paths"] = [path_text(item[0]) for item in loaded]
+    answer["update"]["skipped"] = skipped
     return answer
 
 
@@ -105,6 +105,8 @@ def print_update(answer: dict) -> None:
         name = paths[item["index"]] if item["index"] < len(paths) else f"#{item['index']}"
         score = "-" if item.get("score") is None else f"{item['score']:.4g}"  # no score: written null
         print(f"  left out: {name}: {item['why']} (score {score})")
+    for item in report.get("skipped", []):
+        print(f"  skipped: {item['path']}: {item['error']}")
     if answer.get("decision"):
         d = answer["decision"]
         print(f"threshold now {d['threshold']:.4g} ({d['method']}, {d['false_alarm_rate']:.1%} budget)")

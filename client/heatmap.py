@@ -175,7 +175,9 @@ def render_panel(image: np.ndarray, anomaly_map: np.ndarray, low: float, high: f
     picture.paste(bar, (x, header))
     if caption is not None:
         draw = ImageDraw.Draw(picture)
-        draw.text((MARGIN // 2, 3), caption.name, fill="black", font=font)
+        # one line: a newline in a file name drew its second line over the decision
+        name = "".join(c if c.isprintable() else repr(c)[1:-1] for c in caption.name)
+        draw.text((MARGIN // 2, 3), name, fill="black", font=font)
         draw.text((MARGIN // 2, font.size + 9), caption.text(), font=font,
                   fill=DECISION_COLOURS.get(caption.decision, (90, 90, 90)))
     return picture

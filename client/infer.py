@@ -53,7 +53,7 @@ from client.report import write_report
 from client import lot_checks
 from client.images import IMAGE_SUFFIXES, decode, display_copy, image_size_of, model_input
 from client import exits
-from client.triton_client import ClientError, PAClipClient
+from client.triton_client import ClientError, PAClipClient, ServerUnreachable
 from postprocess import contract as C
 from postprocess import decision as D, strict_json
 from postprocess.atomic import write_atomic
@@ -67,6 +67,8 @@ def find_images(spec: str) -> list[Path]:
     path = Path(spec)
     if path.is_dir():
         found = [p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+    elif path.is_file():  # a file named with glob's characters ('part[1].png') is that file, not a pattern
+        found = [path] if path.suffix.lower() in IMAGE_SUFFIXES else []
     else:
         found = [Path(p) for p in glob.glob(spec, recursive=True) if Path(p).suffix.lower() in IMAGE_SUFFIXES]
     return sorted(found)
@@ -154,7 +156,7 @@ def load_images(paths: list[Path], size, progress: bool, bit_depth: int | None =
             loaded.append((path, *load_lot_image(path, size, bit_depth, path in turn)))
         except ValueError as err:
             warnings.warn(f"skipping: {err}", stacklevel=2)
-            skipped.append({"path": str(path), "error": str(err)})
+            skipped.append({"path": path_text(path), "error": str(err)})
     return loaded, skipped
 
 
@@ -169,13 +171,20 @@ def bit_depth_warning(loaded: list) -> str | None:
     return None
 
 
+def path_text(path) -> str:
+    """A path as the results, captions and report write it: a name whose bytes are not UTF-8 (from another system's
+    share) shows those bytes as \\xNN escapes; kept as Python decodes it, it ended the run when results.csv was
+    written, after every image had been scored."""
+    return os.fspath(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def relative_name(path: Path, root: Path | None) -> str:
     """``path`` relative to ``root``, as it was found: links are not followed (two links to files of one name in
     two folders keep their folders)."""
     try:
-        return str(Path(os.path.abspath(path)).relative_to(root)) if root else path.name
+        return path_text(Path(os.path.abspath(path)).relative_to(root)) if root else path_text(path.name)
     except ValueError:
-        return path.name
+        return path_text(path.name)
 
 
 def images_root(spec: str, paths: list[Path]) -> Path | None:
@@ -388,7 +397,7 @@ def score_all(args, loaded: list, bank: str, value_range: tuple[float, float], o
         for (path, original, sent, info), amap, score in zip(batch, maps, scores):
             name = relative_name(path, root)
             width, height = info.get("size") or (original.shape[1], original.shape[0])
-            row = {"path": str(path), "score": float(score), "width": width, "height": height}
+            row = {"path": path_text(path), "score": float(score), "width": width, "height": height}
             level = add_decisions([row], decider, [amap], [sent])[0]
             if info["turned"]:  # sent turned a quarter counter-clockwise: the map is turned back onto the image
                 amap = np.rot90(amap, -1)
@@ -399,7 +408,7 @@ def score_all(args, loaded: list, bank: str, value_range: tuple[float, float], o
                     cut = None if decider is None else decider.threshold_calibrated
                     save_panel(target, original, amap, *value_range, caption=caption_for(name, row, level, cut),
                                max_side=args.overlay_size or None)
-                    row["overlay"] = str(target)
+                    row["overlay"] = path_text(target)
                 if args.save_maps:
                     target = out / "maps" / f"{stems[path]}.npy"
                     target.parent.mkdir(parents=True, exist_ok=True)
@@ -420,7 +429,8 @@ def score_all(args, loaded: list, bank: str, value_range: tuple[float, float], o
                 results.extend(future.result())
             except ClientError as err:
                 for path, *_ in futures[future]:
-                    failed.append({"path": str(path), "error": str(err)})
+                    failed.append({"path": path_text(path), "error": str(err),
+                                   **({"unreachable": True} if isinstance(err, ServerUnreachable) else {})})
                 warnings.warn(f"request failed: {err}", stacklevel=2)
             bar.update(len(futures[future]))
     except BaseException:  # Ctrl-C: the batches not sent yet are dropped (a pool's own exit sent every one first)
@@ -523,13 +533,19 @@ def csv_text(value) -> str:
     return "'" + text if text.startswith(FORMULA_STARTS) else text
 
 
+def recorded_command(prog: str, argv: list, key: str | None) -> list:
+    """The command line as results.json records it, the access key's value hidden wherever it was written
+    (``--key K``, ``--key=K``, an abbreviation): results.json is shared with the report page."""
+    return [prog, *(arg.replace(key, "***") if key else arg for arg in argv)]
+
+
 def write_results(out: Path, rows: list, skipped: list = (), failed: list = ()) -> Path:
     """results.csv: the scored images worst first (rank 1 = highest score), then those skipped or failed, each with
     its reason in 'note'. provisional: "yes" when the bank's threshold is extrapolated from too few lot images for
     the budget (``Calibration.confidence``). width x height: the original's, as it lies (the overlay may be
     smaller)."""
     def write(tmp: Path) -> None:
-        with open(tmp, "w", newline="") as f:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
             writer = csv.writer(f)
             writer.writerow(CSV_COLUMNS)
             for row in rows:
@@ -597,7 +613,8 @@ def main(argv=None, prog: str = "client/infer.py") -> int:
             D.check_false_alarm_rate(args.false_alarm_rate)
         if args.bit_depth is not None and not 1 <= args.bit_depth <= 16:
             raise ValueError(f"--bit-depth is the significant bits of 16-bit images, 1 to 16, got {args.bit_depth}")
-    except ValueError as err:  # DecisionError included
+        C.size_argument(args.image_size)  # before the server is asked (it was read only once it had answered)
+    except (ValueError, RequestError) as err:  # DecisionError included
         print(f"error: {err}", file=sys.stderr)
         return 2
     # a run's own pictures (an --out inside --images, run again) are its results, never parts to score
@@ -687,13 +704,18 @@ def main(argv=None, prog: str = "client/infer.py") -> int:
             return exits.USAGE
         warn(f"bank {bank!r} was built before banks kept a calibration: no decisions; build it again (--build)")
     clear_out(out, previous)
+    # the folders this run writes are a run's from its first picture: an interrupted run's overlays are replaced by
+    # --overwrite and never read as parts (results.json came only at the end, so they stood as the user's)
+    write_atomic(out / "results.json", strict_json.dumps(
+        {"complete": False, "outputs": list(folders_written(args)), "images": []}, indent=1))
     t1 = time.perf_counter()
     rows, failed = score_all(args, loaded, bank, tuple(info["map_range"]), out, root, progress, decider)
     elapsed = time.perf_counter() - t1
     csv_path = write_results(out, rows, skipped, failed)
     report = {
         "product": {"name": "pa-clip-triton", "version": product_version()},
-        "command": [prog, *(sys.argv[1:] if argv is None else list(argv))],
+        "command": recorded_command(prog, sys.argv[1:] if argv is None else list(argv), args.key),
+        "complete": True,
         "bank": summary_of(info), "bank_version": info.get("version"), "protocol": args.protocol,
         "decision": None if decider is None else {
             **decider.calibration.to_dict(), "threshold_calibrated": 0.5 if threshold is None else threshold,
@@ -715,7 +737,9 @@ def main(argv=None, prog: str = "client/infer.py") -> int:
         print_summary(rows, skipped, failed)
     if failed:
         print(f"error: {len(failed)} image(s) failed: {failed[0]['error']}", file=sys.stderr)
-        return exits.FLAGGED
+        # the server lost mid-run: a line script retries on 3 (README), as when it was not there at the start
+        lost = any(item.get("unreachable") for item in failed)
+        return exits.UNREACHABLE if lost else exits.FLAGGED
     if args.fail_on:
         wanted = ("anomalous", D.OUT_OF_DISTRIBUTION) if args.fail_on == "any" else (args.fail_on,)
         hits = sum(r.get("decision") in wanted or ("anomalous" in wanted and flagged_anomalous(r)) for r in rows)

@@ -52,7 +52,8 @@ def client_error(err: BaseException) -> ClientError:
     broke or timed out, the name does not resolve), refused when one did."""
     status = str(err.status()) if hasattr(err, "status") and callable(err.status) else ""
     text = _message(err)
-    if isinstance(err, TRANSPORT_ERRORS) or status == "StatusCode.DEADLINE_EXCEEDED" or (
+    # 502: the guard in front (python -m serve) found the tritonserver behind it gone mid-request: no server answered
+    if isinstance(err, TRANSPORT_ERRORS) or status in ("StatusCode.DEADLINE_EXCEEDED", "502") or (
             status in UNREACHABLE_STATUSES and not any(words in text for words in ANSWERED_UNAVAILABLE)):
         return ServerUnreachable(text or type(err).__name__)
     return ServerRefused(text)

@@ -79,7 +79,7 @@ def write_file(path: Path, content: Content) -> None:
     elif isinstance(content, bytes):
         path.write_bytes(content)
     else:
-        path.write_text(content)
+        path.write_text(content, encoding="utf-8")
     with open(path, "rb") as f:
         os.fsync(f.fileno())
 

@@ -134,6 +134,10 @@ def test_exit_statuses_without_a_server(tmp_path, capsys):
     # usage: the messages say what to pass or what was found
     assert cli.main(["score", "--images", str(images), "--category", "Schraube groß"]) == exits.USAGE
     assert "name the bank with --bank, e.g. --bank Schraube_gro" in capsys.readouterr().err
+    # a number the command line gives is checked before the server is asked (it was 3 here, 2 with a server)
+    assert cli.main(["score", "--images", str(images), "--bank", "b", "--url", url, "--image-size", "64", "64",
+                     "64"]) == exits.USAGE
+    assert "--image-size takes SIZE or HEIGHT WIDTH, got 3 numbers" in capsys.readouterr().err
     assert cli.main(["score", "--images", str(tmp_path / "missing"), "--bank", "b"]) == exits.USAGE
     assert "no such folder or file" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()

@@ -80,3 +80,15 @@ def test_the_colour_bar_marks_a_threshold_above_the_scale():
                                    Caption("x", 0.1, 0.2, "normal", threshold=None), max_side=0))
     assert calm.shape[1] > bare.shape[1]  # the label "3 threshold (above the scale)" widens the bar
     assert not outlined(calm, 60, 40)
+
+
+def test_a_name_with_a_newline_keeps_to_its_line_of_the_caption():
+    """A newline in a file name drew the name's second line over the decision line: it is written as \\n."""
+    from client.heatmap import Caption
+
+    def drawn(name):
+        return np.asarray(render_panel(np.full((120, 160, 3), 128, np.uint8), np.zeros((120, 160), np.float32), 0.0,
+                                       1.0, Caption(name, 0.1, 0.2, "normal"), max_side=0))
+
+    assert np.array_equal(drawn("new\nline.png"), drawn("new\\nline.png"))
+    assert not np.array_equal(drawn("new\nline.png"), drawn("newline.png"))
