@@ -58,6 +58,7 @@ from postprocess import contract as C
 from postprocess import decision as D, strict_json
 from postprocess.atomic import write_atomic
 from postprocess.bank_store import BANK_ID_PATTERN
+from postprocess.config import MODES
 from postprocess.errors import RequestError
 from postprocess.ood import named_in
 from postprocess import flags as F
@@ -223,8 +224,9 @@ def build_parser(prog: str = "client/infer.py") -> argparse.ArgumentParser:
                    help="product name used in the text prompts, e.g. 'bottle' (needed with --build)")
     p.add_argument("--bank", default=None, help="bank id (default: the category, spaces as underscores)")
     p.add_argument("--build", action="store_true", help="build the bank from these images first (replaces it)")
-    p.add_argument("--mode", default="pad_mpam", help="PA-CLIP variant for --build: pad_mpam (full, default), "
-                   "pad_pam, pad, mutual, baseline")
+    # choices: an unknown mode was refused by the server only after the whole lot was sent
+    p.add_argument("--mode", default="pad_mpam", choices=MODES, help="PA-CLIP variant for --build: pad_mpam (full, "
+                   "default), pad_pam, pad, mutual, baseline")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a PA-CLIP setting for --build, e.g. --set alpha=0.3 (JSON values)")
     p.add_argument("--image-size", type=F.IMAGE_SIDE, nargs="+", default=None, metavar="SIZE",

@@ -421,6 +421,11 @@ def check_manifest(manifest: "BankManifest", bank_id: str) -> None:
     if len(manifest.grid) != 2 or min(manifest.grid) < 1 or len(manifest.image_size) != 2 or \
             min(manifest.image_size) < 1:
         fail(f"grid {manifest.grid}, image size {manifest.image_size}")
+    patch = manifest.encoder.get("patch_size") if isinstance(manifest.encoder, dict) else None
+    if type(patch) is int and patch > 0 and tuple(manifest.grid) != tuple(s // patch for s in manifest.image_size):
+        # a request's features are laid out on this grid: another one pools the wrong neighbours together
+        fail(f"grid {manifest.grid} for {manifest.image_size[0]}x{manifest.image_size[1]} images of {patch}-pixel "
+             "patches")
     if not 1 <= manifest.interval_k <= max(1, manifest.n_images - 1):
         fail(f"interval k {manifest.interval_k} for {manifest.n_images} images")
     full_scales = set() if cfg.text_only else set(cfg.scales)

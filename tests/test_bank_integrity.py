@@ -173,6 +173,8 @@ DAMAGE = [
      "tau_b holds"),
     ("decision threshold at 1e30", lambda r: edit_manifest(version_dir(r), decision__centre=1e30), "decision"),
     ("n_images 0", lambda r: edit_manifest(version_dir(r), n_images=0), "n_images 0"),
+    ("the 8x8 grid as 1x64 (as many patches, other neighbours)", lambda r: edit_manifest(version_dir(r), grid=[1, 64]),
+     "grid (1, 64) for 112x112 images of 14-pixel patches"),
     ("sample_growth a string", lambda r: edit_manifest(version_dir(r), sample_growth="123"),
      "sample_growth is a list of lot sizes"),
     ("sample_growth of fractions", lambda r: edit_manifest(version_dir(r), sample_growth=[200.5, 300.0]),

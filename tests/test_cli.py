@@ -138,6 +138,9 @@ def test_exit_statuses_without_a_server(tmp_path, capsys):
     assert cli.main(["score", "--images", str(images), "--bank", "b", "--url", url, "--image-size", "64", "64",
                      "64"]) == exits.USAGE
     assert "--image-size takes SIZE or HEIGHT WIDTH, got 3 numbers" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as bad_mode:  # refused here, not by the server after the lot was sent
+        cli.main(["score", "--images", str(images), "--category", "b", "--build", "--url", url, "--mode", "padd"])
+    assert bad_mode.value.code == exits.USAGE and "invalid choice: 'padd'" in capsys.readouterr().err
     assert cli.main(["score", "--images", str(tmp_path / "missing"), "--bank", "b"]) == exits.USAGE
     assert "no such folder or file" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
