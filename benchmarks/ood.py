@@ -304,6 +304,71 @@ def capture(args) -> int:
     return 0
 
 
+def lookalikes(args) -> int:
+    """``lookalikes``: can a lamp's change be told from one image when its brightness is read against the lot images
+    it looks most like (by the encoder's image embedding, or the 4 x 4 grid of ``grid_nn``), rather than against the
+    whole lot? Per split (lots drawn as ``collect`` draws them), the log brightness less the mean of its ``k`` nearest
+    lot images', two-sided, beside the brightness itself, the budget shared as the bank shares it."""
+    from postprocess.ood import calibrate_ood, image_statistics
+    from postprocess.pipeline import encode_images
+
+    backbone, category, _, data = line_set(args.data, args.repository)
+    labels = data.labels
+    good = np.flatnonzero(labels == 0)
+    log_brightness = lambda images: np.log1p(image_statistics(  # noqa: E731
+        np.zeros((len(images), 1, 1), np.float32), images, ("brightness",))["brightness"])
+    groups = {"set": (image_descriptors(encode_images(backbone, data.images, 8, desc="encode the set")),
+                      log_brightness(data.images))}
+    for fault in ("brightness x0.5", "brightness x1.5", "shifted a quarter"):
+        faulty = np.stack([FAULTS[fault](data.images[i]) for i in good])
+        groups[fault] = (image_descriptors(encode_images(backbone, faulty, 8, desc=fault)), log_brightness(faulty))
+    n_defective = max(1, round(args.defect_rate * args.lot_size))
+    at_good = {int(i): row for row, i in enumerate(good)}
+    print(f"\n{category.name}: {args.splits} lots of {args.lot_size} ({n_defective} defective), k = {args.k}; share "
+          "called out of distribution by brightness and brightness against the look-alikes together\n")
+    faults = [f for f in groups if f != "set"]
+    print("| look-alikes by | new good | new defective | " + " | ".join(f"fault: {f}" for f in faults) + " |\n|---|"
+          + "---:|" * (2 + len(faults)))
+    for descriptor in EMBEDDING_STATISTICS:
+        hits: dict = {}
+        for split in range(args.splits):
+            lot = draw_lot(labels, args.lot_size, n_defective, args.seed, split)
+            new = np.setdiff1d(np.arange(len(labels)), lot)
+            lot_desc, lot_bright = groups["set"][0][descriptor][lot], groups["set"][1][lot]
+
+            def against_lookalikes(desc, bright, leave_own=False):
+                similarity = np.einsum("ikc,jkc->ij", desc, lot_desc) / desc.shape[1]
+                if leave_own:
+                    np.fill_diagonal(similarity, -np.inf)
+                nearest = np.argsort(-similarity, axis=1)[:, :args.k]
+                return bright - lot_bright[nearest].mean(axis=1)
+
+            calibration = calibrate_ood({"brightness": lot_bright, "contrast": against_lookalikes(
+                lot_desc, lot_bright, leave_own=True)}, ("brightness", "contrast"), args.budget)
+            rows = {"new good": new[labels[new] == 0], "new defective": new[labels[new] == 1]}
+            for group, index in rows.items():
+                desc, bright = groups["set"][0][descriptor][index], groups["set"][1][index]
+                hit, _ = calibration.outside({"brightness": bright, "contrast": against_lookalikes(desc, bright)})
+                hits.setdefault(group, []).extend(hit)
+            for fault in faults:
+                index = [at_good[i] for i in rows["new good"]]
+                desc, bright = groups[fault][0][descriptor][index], groups[fault][1][index]
+                hit, _ = calibration.outside({"brightness": bright, "contrast": against_lookalikes(desc, bright)})
+                hits.setdefault(f"fault: {fault}", []).extend(hit)
+        print(f"| {descriptor} | " + " | ".join(f"{100 * np.mean(v):.1f}%" for v in hits.values()) + " |")
+        # why: a darkened image's nearest images in the whole set, and the spread of brightness among look-alikes
+        darkened = groups["brightness x0.5"][0][descriptor]
+        everything = groups["set"][0][descriptor]
+        nearest = np.argmax(np.einsum("ikc,jkc->ij", darkened, everything), axis=1)
+        similarity = np.einsum("ikc,jkc->ij", everything[good], everything)
+        similarity[np.arange(len(good)), good] = -np.inf
+        spread = np.std(groups["set"][1][good] - groups["set"][1][np.argmax(similarity, axis=1)])
+        own = np.mean(nearest == good)
+        print(f"  ({descriptor}: a darkened good image's nearest image of the set is its own original for "
+              f"{own:.1%} of them; log brightness against the nearest other good image spreads by {spread:.2f})")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.ood", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -328,9 +393,21 @@ def main(argv=None) -> int:
     k = sub.add_parser("capture", help="brightness and contrast of a set's good and defective images, model-free")
     k.add_argument("--data", required=True, help="one category in the MVTec layout")
     k.add_argument("--size", type=int, default=224, help="the images' size as read (square, pixels)")
+    look = sub.add_parser("lookalikes", help="brightness against the lot images an image looks most like, measured "
+                          "as an out-of-distribution statistic (not served)")
+    look.add_argument("--data", required=True)
+    look.add_argument("--repository", default="model_repository")
+    look.add_argument("--lot-size", type=int, default=36)
+    look.add_argument("--defect-rate", type=float, default=0.05)
+    look.add_argument("--splits", type=int, default=10)
+    look.add_argument("--seed", type=int, default=0)
+    look.add_argument("--k", type=int, default=3, help="look-alikes per image")
+    look.add_argument("--budget", type=float, default=0.005, help="the lot's share the thresholds leave outside")
     args = p.parse_args(argv)
     if args.command == "capture":
         return capture(args)
+    if args.command == "lookalikes":
+        return lookalikes(args)
     if args.command == "collect":
         from client.infer import parse_overrides
 

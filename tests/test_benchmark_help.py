@@ -7,7 +7,8 @@ import pytest
 COMMANDS = [("bank_frontier", "collect"), ("bank_frontier", "report"), ("bank_isolation", None), ("bank_verify", None),
             ("encoder_speed", None), ("evaluate", None), ("gpu", None), ("growth", None), ("line", "collect"),
             ("line", "report"), ("lot_pairs_speed", None), ("lot_scaling", "time"), ("lot_scaling", "accuracy"),
-            ("lot_size", None), ("online_speed", None), ("ood", "collect"), ("ood", "report"), ("parity", None),
+            ("lot_size", None), ("online_speed", None), ("ood", "collect"), ("ood", "report"), ("ood", "capture"),
+            ("ood", "lookalikes"), ("parity", None),
             ("perf_analyzer", None), ("protocol", None), ("scoring_speed", None), ("serving_parity", None),
             ("serving_speed", None)]
 

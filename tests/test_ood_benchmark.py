@@ -103,3 +103,18 @@ def test_the_rule_breaks_a_tie_on_the_worst_group_by_the_next_worst_and_keeps_it
     rates["listed first"]["darker"] = 0.016
     assert ood.choose_from(rates, 0.05) == "listed first"
     assert ood.choose_from(rates, 0.2) == "loud"
+
+
+def test_lookalikes_prints_a_row_per_descriptor_and_catches_a_lamp_where_the_lot_is_lit_alike(repository, tmp_path,
+                                                                                                capsys):
+    """Synthetic parts all lit alike: a darkened part is outside the lot's brightness, whatever its look-alikes."""
+    data = make_mvtec_tree(tmp_path / "data", n_good=14, n_bad=4, size=112) / "widget"
+    assert ood.main(["lookalikes", "--data", str(data), "--repository", str(repository), "--lot-size", "8",
+                     "--splits", "2"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    header, body = rows[0].strip("|").split("|"), rows[1:]
+    assert [r.split("|")[1].strip() for r in body] == list(ood.EMBEDDING_STATISTICS)
+    for row in body:
+        cells = row.strip("|").split("|")
+        assert len(cells) == len(header)
+        assert cells[header.index(" fault: brightness x0.5 ")].strip() == "100.0%", row
