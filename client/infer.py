@@ -262,7 +262,9 @@ def build_parser(prog: str = "client/infer.py") -> argparse.ArgumentParser:
     p.add_argument("--key", default=None, help="the server's access key (default: $PA_CLIP_KEY; needed when the "
                    "server was started off loopback)")
     p.add_argument("--concurrency", type=F.integer(1, 64), default=4, help="requests in flight")
-    p.add_argument("--batch-size", type=F.integer(1, 64), default=1, help="images per scoring request")
+    # at most what the ensemble takes: 9 to 64 passed here and every request was refused, every image "failed"
+    p.add_argument("--batch-size", type=F.integer(1, C.ENSEMBLE_MAX_BATCH), default=1,
+                   help=f"images per scoring request (at most {C.ENSEMBLE_MAX_BATCH}, the server's limit)")
     p.add_argument("--shared-memory", action="store_true",
                    help="send pixels and receive maps through system shared memory (client on the server's host)")
     p.add_argument("--no-overlays", action="store_true", help="write scores only")

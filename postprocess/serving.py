@@ -60,6 +60,11 @@ def store_limit_bytes() -> int | None:
     return int(gigabytes * 2**30)
 
 
+# gRPC carries an error's message in a header of at most 16 KB, percent-encoded (up to 12 bytes a character): a
+# longer one was replaced by RESOURCE_EXHAUSTED, and the client never saw the reason
+MAX_MESSAGE_CHARS = 1000
+
+
 def describe_failure(model: str, err: BaseException, log_error) -> tuple[str, bool]:
     """(message for the client, whether the fault is ours).
 
@@ -68,7 +73,10 @@ def describe_failure(model: str, err: BaseException, log_error) -> tuple[str, bo
     gets an internal error that names the id, so the two can be matched up.
     """
     if isinstance(err, RequestError):
-        return f"{model}: {err}", False
+        message = str(err)
+        if len(message) > MAX_MESSAGE_CHARS:  # a client's 20,000-character bank id, echoed, never reached it
+            message = f"{message[:MAX_MESSAGE_CHARS]}... ({len(message) - MAX_MESSAGE_CHARS} more characters)"
+        return f"{model}: {message}", False
     incident = uuid.uuid4().hex[:8]
     trace = "".join(traceback.format_exception(type(err), err, err.__traceback__))
     log_error(f"{model}: internal error {incident}:\n{trace}")
@@ -468,6 +476,9 @@ def parse_options(text: str) -> dict:
         options = strict_json.loads(text)
     except ValueError as err:  # bad JSON, a key given twice, NaN
         raise RequestError(f"input 'options' must be a JSON object, e.g. {{\"mode\": \"pad_mpam\"}}: {err}") from err
+    except RecursionError:  # nested past Python's reading (the HTTP guard bounds the request's JSON, not this text)
+        raise RequestError("input 'options' is nested too deeply: it is a JSON object of PA-CLIP settings, e.g. "
+                           "{\"mode\": \"pad_mpam\"}") from None
     if not isinstance(options, dict):
         raise RequestError(f"input 'options' must be a JSON object, e.g. {{\"mode\": \"pad_mpam\"}}, got {text!r}")
     return options
@@ -534,6 +545,8 @@ class BankService:
         options = dict(options) if isinstance(options, dict) else options
         lot = check_lot_session(options.pop("lot", None)) if isinstance(options, dict) else None
         if action == "add":
+            if unknown := sorted(set(options) - {"reset"}):  # a misspelt reset was dropped and the lot grew on
+                raise BankError(f"add takes the options 'reset' and 'lot', got {unknown}")
             reset = options.get("reset", False)
             if not isinstance(reset, bool):  # "no" is a non-empty string: read as true it would wipe the lot
                 raise BankError(f"option 'reset' must be true or false, got {reset!r}")

@@ -23,7 +23,7 @@ from postprocess.logs import FORMAT_ENV, FORMATS, LEVEL_ENV, LEVELS, configure, 
 
 from .canary import Canaries
 from .local import LocalServer, ServerError, is_loopback
-from .request_checks import Limits, max_image_side
+from .request_checks import Limits, image_side_limits
 
 
 def build_parser(prog: str = "python -m serve") -> argparse.ArgumentParser:
@@ -98,7 +98,7 @@ def main(argv=None, prog: str = "python -m serve") -> int:
     # between two statements (a stop sent right after "ready" once escaped and left the process killed by SIGINT)
     try:
         limits = Limits(max_request_bytes=args.max_request_mb << 20, max_inflight_bytes=args.max_inflight_mb << 20,
-                        max_image_side=max_image_side(Path(args.repository)))
+                        **image_side_limits(Path(args.repository)))
         server = LocalServer(args.repository, args.banks, args.host, args.http_port, args.grpc_port,
                              args.metrics_port, args.log, log_verbose=args.verbose, key=key,
                              metrics_host=args.metrics_host, limits=limits, tritonserver=args.tritonserver,

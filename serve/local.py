@@ -35,7 +35,7 @@ from postprocess.atomic import pid_alive
 from postprocess.serving import STORE_LIMIT_ENV
 
 from .http_guard import INTERNAL_HEADER
-from .request_checks import Limits, max_image_side
+from .request_checks import Limits, image_side_limits
 
 HERE = Path(__file__).resolve().parent
 SHM_DIR = Path("/dev/shm")
@@ -220,7 +220,7 @@ class LocalServer:
         self.metrics_host = metrics_host
         self.log_offset = 0  # where the current start's lines begin in the log
         if limits is None:
-            limits = Limits(max_image_side=max_image_side(self.repository))
+            limits = Limits(**image_side_limits(self.repository))
         self.limits = limits
         self.guards: list = []
         self.secret = ""  # drawn at each start: what tritonserver's own ports ask for

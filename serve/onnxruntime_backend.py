@@ -34,10 +34,10 @@ class TritonPythonModel:
         self.model_name = config["name"]
         try:  # checked before any work: encoding time grows with the square of the side
             fingerprint = read_fingerprint(args["model_repository"])
-            self.max_side = max_image_side(fingerprint)
+            self.max_side, self.min_side = max_image_side(fingerprint), int(fingerprint["patch_size"])
             height, width = size_pair(fingerprint["image_size"])
         except (OSError, ValueError, KeyError):
-            self.max_side, height, width = 0, 0, 0
+            self.max_side, self.min_side, height, width = 0, 0, 0, 0
         # A run on more input bytes than a full batch at the configured size returns what its arena grew by
         # (ONNX Runtime keeps the peak otherwise: +49 MB held after one batch of eight 224x224 images here)
         self.usual_bytes = max(1, int(config.get("max_batch_size", 0))) * height * width * 3
@@ -55,6 +55,9 @@ class TritonPythonModel:
         """Why an input cannot be encoded (before any work), or None."""
         if array.size == 0:
             return f"input '{name}' is empty (shape {list(array.shape)})"
+        if name == IMAGES and array.ndim == 4 and min(array.shape[1:3]) < self.min_side:  # ONNX Runtime failed: a 500
+            return (f"input '{name}' holds {array.shape[1]}x{array.shape[2]} images; this encoder reads "
+                    f"{self.min_side}-pixel patches: each side must be at least that (pa-clip score resizes them)")
         if name == IMAGES and array.ndim == 4 and self.max_side and max(array.shape[1:3]) > self.max_side:
             return (f"input '{name}' holds {array.shape[1]}x{array.shape[2]} images; this encoder takes at most "
                     f"{self.max_side} pixels a side: resize them (pa-clip score does)")

@@ -65,6 +65,7 @@ class Limits:
     max_json_bytes: int = 32 << 20  # the JSON part (tensors as JSON lists are 2-20 bytes a value: send them binary)
     max_json_depth: int = 32
     max_image_side: int = 0  # the longest side of an 'images' input; 0: no bound
+    min_image_side: int = 0  # the shortest: the encoder's patch (a smaller image made it fail as a 500); 0: no bound
     idle_timeout_s: float = 120.0  # a keep-alive connection waiting for its next request
     head_timeout_s: float = 30.0  # from a request's first byte to the end of its head
     read_timeout_s: float = 30.0  # between two pieces of a body
@@ -126,6 +127,10 @@ def check_shape(name: str, datatype: str, shape, limits: Limits) -> int:
         height, width = shape[-3], shape[-2]
         if height == 0 or width == 0:
             raise Refused(400, f"input '{name}' claims {height}x{width} images: an image needs at least one pixel")
+        if min(height, width) < limits.min_image_side:
+            raise Refused(400, f"input '{name}' claims {height}x{width} images; this server's encoder reads "
+                               f"{limits.min_image_side}-pixel patches: each side must be at least that (pa-clip "
+                               "score resizes them)")
         if limits.max_image_side and max(height, width) > limits.max_image_side:
             raise Refused(413, f"input '{name}' claims {height}x{width} images; this server's encoder takes at most "
                                f"{limits.max_image_side} pixels a side: resize them (pa-clip score does)")
@@ -265,12 +270,13 @@ def _same_file_as_a_server_region(name: str) -> bool:
     return False
 
 
-def max_image_side(repository: Path | None) -> int:
-    """The longest image side the served encoder is asked to take (``contract.max_image_side``); 0 when the
-    repository has no encoder fingerprint."""
+def image_side_limits(repository: Path | None) -> dict:
+    """``Limits``' image sides for the served encoder: the longest it is asked to take (``contract.max_image_side``)
+    and the shortest, its patch; none when the repository has no encoder fingerprint."""
     if repository is None:
-        return 0
+        return {}
     try:
-        return C.max_image_side(C.read_fingerprint(Path(repository) / C.VISION_MODEL))
+        fingerprint = C.read_fingerprint(Path(repository) / C.VISION_MODEL)
+        return {"max_image_side": C.max_image_side(fingerprint), "min_image_side": int(fingerprint["patch_size"])}
     except Exception:  # noqa: BLE001 (no fingerprint, or an unreadable model: its own load will say so)
-        return 0
+        return {}

@@ -12,7 +12,7 @@ import pytest
 
 from postprocess import bank_store as store_module
 from postprocess.bank import BankError, build_bank, check_tensors, image_key, score_with_bank
-from postprocess.bank_store import BankStore
+from postprocess.bank_store import BankStore, check_bank_id
 from postprocess.config import FULL_BANK, PAClipConfig
 from conftest import BANK_STORAGE_TOL, assert_maps_within_contract, storage_tolerance, write_manifest
 from postprocess import kernels as K
@@ -381,6 +381,24 @@ def test_reset_must_be_a_boolean(tiny, lot, tmp_path):
         with pytest.raises(BankError, match="'reset' must be true or false"):
             service.handle("add", "washer", "washer", lot[3:5], {"reset": value})
     assert service.handle("add", "washer", "washer", lot[3:5], {"reset": False})["lot_size"] == 5  # kept
+    with pytest.raises(BankError, match=r"add takes the options 'reset' and 'lot', got \['rest'\]"):
+        service.handle("add", "washer", "washer", lot[3:5], {"rest": True})  # a misspelt reset: the lot grew on
+    assert service.store.lot_size("washer") == 5
+
+
+def test_options_nested_past_reading_and_echoed_values_past_grpcs_header_are_refused_with_a_bounded_reason():
+    """Options nested 5,000 deep were an internal error (RecursionError); a 20,000-character bank id, echoed in its
+    refusal, made a message gRPC could not carry (RESOURCE_EXHAUSTED, the reason lost)."""
+    from postprocess.serving import MAX_MESSAGE_CHARS, describe_failure, parse_options
+
+    for text in ("[" * 5000 + "]" * 5000, '{"a":' * 3000 + "1" + "}" * 3000):
+        with pytest.raises(RequestError, match="nested too deeply"):
+            parse_options(text)
+    with pytest.raises(BankError) as refused:
+        check_bank_id("x" * 20000)
+    message, internal = describe_failure("pa_clip_bank", refused.value, log_error=None)
+    assert not internal and message.startswith("pa_clip_bank: invalid bank id 'xxx")
+    assert len(message) < MAX_MESSAGE_CHARS + 100 and message.endswith("more characters)")
 
 
 def test_crash_while_writing_keeps_previous_bank(scorer, tiny, tmp_path, monkeypatch):

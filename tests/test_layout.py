@@ -136,3 +136,13 @@ def test_request_text_and_options_are_checked():
     for bad in ("[1,2]", "{not json", '"pad"', '{"mode": "pad", "mode": "mutual"}', '{"alpha": NaN}'):
         with pytest.raises(RequestError, match="'options' must be a JSON object"):
             parse_options(bad)
+
+
+def test_the_clients_batch_limit_is_the_ensembles():
+    """pa-clip score --batch-size took up to 64 while the ensemble takes 8: every request of a larger batch was
+    refused and every image reported failed."""
+    from export.triton_config import read_config
+    from postprocess import contract as C
+
+    config = read_config(Path(__file__).resolve().parents[1] / "model_repository" / C.ENSEMBLE / "config.pbtxt")
+    assert config.max_batch_size == C.ENSEMBLE_MAX_BATCH

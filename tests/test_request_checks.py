@@ -157,3 +157,10 @@ def test_the_servers_own_shared_memory_regions_cannot_be_registered():
     finally:
         for path in (region, alias, mine):
             path.unlink(missing_ok=True)
+
+
+def test_images_smaller_than_the_encoders_patch_are_refused_before_they_are_encoded():
+    """ONNX Runtime failed on them inside the ensemble: a 500 with its own error, where a 400 says what to send."""
+    item = {"name": "images", "shape": [1, 13, 200, 3], "datatype": "UINT8", "data": [0]}
+    got, message = refused(check_inference_json, infer_json(item), None, Limits(min_image_side=14))
+    assert got == 400 and "14-pixel patches: each side must be at least that" in message, message

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.server
 pytest.importorskip("h11", reason="h11 is not installed: pip install -e '.[serve]'")
 
 from serve.http_guard import INTERNAL_HEADER, HttpGuard  # noqa: E402
-from serve.request_checks import Limits, max_image_side  # noqa: E402
+from serve.request_checks import Limits, image_side_limits  # noqa: E402
 
 MAX_REQUEST = 16 << 20
 CRASH_INPUT = {"name": "images", "shape": [1, 100000, 100000, 3], "datatype": "UINT8", "data": [0] * 10}
@@ -34,7 +34,7 @@ BANK_INPUT = {"name": "bank", "shape": [1, 1], "datatype": "BYTES", "data": ["wa
 @pytest.fixture(scope="module")
 def server(repository, workdir):
     """This module's server: conftest's, with a 16 MB request limit."""
-    limits = Limits(max_request_bytes=MAX_REQUEST, max_image_side=max_image_side(repository))
+    limits = Limits(max_request_bytes=MAX_REQUEST, **image_side_limits(repository))
     srv = start_server(repository, workdir / "banks", workdir / "server.log", limits=limits)
     client = PAClipClient(srv.http_url)
     yield srv

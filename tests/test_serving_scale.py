@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from conftest import BANK_STORAGE_TOL, FLOAT16_HALF_ULP, LOT_SIZE, stub_rss_mb
+from client.triton_client import ServerRefused
 from serving_helpers import ROOT, ClientError, PAClipClient, start_server
 from postprocess.config import PAClipConfig
 from postprocess.pipeline import LotScorer
@@ -256,6 +257,13 @@ def test_a_non_square_lot_goes_through_export_the_server_and_infer_at_its_own_as
         # encoded: by the guard, and by the encoder itself for what does not pass the guard (BLS, direct calls)
         with pytest.raises(ClientError, match="at most 224 pixels a side"):
             client.score(np.zeros((1, 238, 238, 3), np.uint8), "washer")
+        # and one smaller than a patch (ONNX Runtime's failure was a 500), over both protocols
+        patch = OnnxBackbone.from_repository(repo).fingerprint["patch_size"]
+        for protocol, url in (("http", srv.http_url), ("grpc", srv.grpc_url)):
+            small = PAClipClient(url, protocol)
+            with pytest.raises(ServerRefused, match=f"{patch}-pixel patches: each side must be at least that"):
+                small.score(np.zeros((1, patch - 1, 112, 3), np.uint8), "washer")
+            small.close()
         client.close()
         assert maps.shape == (1, 42, 112)
         import tritonclient.http as httpclient
@@ -266,6 +274,11 @@ def test_a_non_square_lot_goes_through_export_the_server_and_infer_at_its_own_as
         tensor.set_data_from_numpy(np.zeros((1, 238, 238, 3), np.uint8))
         with pytest.raises(InferenceServerException, match="this encoder takes at most 224 pixels a side"):
             direct.infer("clip_vision", [tensor], headers=srv.internal_headers)
+        tensor = httpclient.InferInput("images", [1, patch - 1, patch - 1, 3], "UINT8")
+        tensor.set_data_from_numpy(np.zeros((1, patch - 1, patch - 1, 3), np.uint8))
+        with pytest.raises(InferenceServerException, match="each side must be at least that") as refused:
+            direct.infer("clip_vision", [tensor], headers=srv.internal_headers)
+        assert refused.value.status() == "400"
         # what a large admitted request made the encoder hold goes back (ONNX Runtime's arena shrunk, the heap
         # trimmed): without that, eight 224x224 images left it 49 MB bigger
         usual = httpclient.InferInput("images", [8, 112, 112, 3], "UINT8")
