@@ -40,12 +40,14 @@ Gaussian ones, z the normal quantile of 1 - budget): ``lower_half`` (median; RMS
 normal). Every calibration keeps the lot's scores it read (``reference``), so that a bank grown with new parts
 (``postprocess.growth``) reads its threshold again from them and the new ones.
 
-**How sure it is.** A threshold read off n lot scores at a budget is about as sure as the order statistic at rank
-(n + 1)(1 - budget), whose realised rate on new good parts is Beta((n + 1) budget, (n + 1)(1 - budget))
-distributed over lots: ``Calibration.confidence`` states its 5-95% range (a 36-image lot at a 5% budget: 0.8% to
-11.9% for 9 lots in 10) and marks a threshold *provisional* when it is read off fewer than ``images_needed`` images
-(36 at 1%: where the budget's rank lies more than one tail scale past the lot's largest score under an exponential
-tail; a rule on the lot's size, whatever the method); the results say so and how many images would measure it.
+**How sure it is.** ``Calibration.confidence`` states the 5-95% range of false-alarm rates that lots of this size
+realise on new good parts, and the median lot's: for ``lot_quantile`` the order statistic's Beta((n + 1) budget,
+(n + 1)(1 - budget)) law over clean lots; for the other methods what lots drawn from the method's own model of the
+scores realise (``model_realised_rates``: the default at 36 images and 1%: 0.1% to 6.8%, half above 1.3%; its mean
+is 2.2%, a noisy scale erring both ways on a convex rate). A threshold is *provisional* when it is read off fewer
+than ``images_needed`` images (36 at 1%: where the budget's rank lies more than one tail scale past the lot's largest
+score under an exponential tail; a rule on the lot's size, whatever the method) or when the lot's scores tie where it
+reads them (``Calibration.tied``); the results say so and what would measure it.
 
 The calibrated score is ``1 / (1 + exp(-(score - threshold) / spread))``: 0-1, **0.5 at the threshold**. A bank keeps
 the calibration (its ``decision`` in the manifest), so an image scored alone later gets the same threshold,
@@ -54,6 +56,7 @@ calibrated score and decision; the budget can be changed when scoring.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -85,6 +88,9 @@ TAIL_MIN = 3
 TRIM_GAP = 6.0  # lot_quantile: a gap of this many tail scales above the next score marks a suspected defect
 MAX_TRIM = 0.2  # of the lot: never more left out than this (a line's lot is a few percent defective)
 CONFIDENCE = 0.9  # the share of lots the stated range of realised false-alarm rates covers
+MODEL_LOTS = 4000  # lots drawn to read a tail model's range of realised rates (seeded: the same statement each time)
+MODEL_DRAWS = 4_000_000  # scores drawn at most for one range (fewer lots, at least MODEL_LOTS_MIN, for huge lots)
+MODEL_LOTS_MIN = 400
 READS_REFERENCE = ("lot_quantile", "trimmed_tail", "quartile_conformal")  # thresholds that read the lot's scores
 
 
@@ -157,11 +163,36 @@ def conformal_cap(reference, false_alarm_rate: float) -> float:
     return quantile_threshold(reference, 0.0, false_alarm_rate)
 
 
-def percent(fraction: float) -> str:
-    """A rate as a person reads it: one decimal, two significant digits where that would show a budget of 0.001%
-    or more as 0.0% (below that, 0.0% is what it is: a realised rate of 2e-7 reads 0.0%)."""
+def percent(fraction: float, smallest: float = 1e-5) -> str:
+    """A rate as a person reads it: one decimal, two significant digits where that would show ``smallest`` or more
+    as 0.0% (below it, 0.0% is what it is: a realised rate of 2e-7 reads 0.0%; every budget, down to
+    ``MIN_FALSE_ALARM_RATE``, shows its digits: ``percent(rate, MIN_FALSE_ALARM_RATE)``)."""
     text = f"{fraction:.1%}"
-    return f"{100 * fraction:.2g}%" if text == "0.0%" and fraction >= 1e-5 else text
+    return f"{100 * fraction:.2g}%" if text == "0.0%" and fraction >= smallest else text
+
+
+def model_of(method: str) -> str:
+    """What a method assumes of the good parts' scores, as the confidence statement names it."""
+    if method == "lot_quantile":
+        return "order statistic"
+    return "exponential tail" if method in EXPONENTIAL_FROM or method == "quartile_conformal" else "gaussian"
+
+
+@functools.lru_cache(maxsize=256)
+def model_realised_rates(method: str, n: int, rate: float) -> np.ndarray:
+    """The false-alarm rates that lots of ``n`` good parts realise on new ones when their scores are what ``method``
+    assumes (``model_of``: Exp(1) for the tail models, N(0, 1) for the Gaussian ones), each lot's threshold read by
+    ``calibrate`` itself: the methods are scale- and shift-free, so one seeded draw serves every lot of this size.
+    The order statistic's Beta law stood for every method before, which held for 84% of lots of 36 at 5% for the
+    default on its own model, and put its mean realised rate (2.2% at 1%, not 1%) out of sight."""
+    rng = np.random.default_rng([n, int(round(rate * 1e9))])
+    lots = max(MODEL_LOTS_MIN, min(MODEL_LOTS, MODEL_DRAWS // max(n, 1)))
+    exponential = model_of(method) == "exponential tail"
+    thresholds = np.empty(lots)
+    for i in range(lots):
+        scores = rng.exponential(size=n) if exponential else rng.standard_normal(n)
+        thresholds[i] = calibrate(scores, None, rate, method).threshold
+    return np.sort(np.exp(-np.maximum(thresholds, 0.0)) if exponential else norm.sf(thresholds))
 
 
 def images_needed(false_alarm_rate: float) -> int:
@@ -212,39 +243,59 @@ class Calibration:
         inverse, e.g. a user's calibrated threshold in map units."""
         return float(self.threshold + self.spread * np.log(calibrated / (1.0 - calibrated)))
 
-    def realised_range(self) -> tuple[float, float]:
-        """The ``CONFIDENCE`` range of false-alarm rates that lots of this size realise on new good parts: those of
-        the order statistic at rank (n + 1)(1 - budget), Beta((n + 1) budget, (n + 1)(1 - budget)) over lots. Exact
-        for ``lot_quantile``; the tail models fit more than one order statistic and err in their own way (on the
-        synthetic shapes of ``tests/test_decision.py`` the range held for 78-90% of lots instead of 90%)."""
+    def realised_range(self) -> tuple[float, float, float]:
+        """(low, median, high): the ``CONFIDENCE`` range of false-alarm rates that lots of this size realise on new
+        good parts, and the median lot's. ``lot_quantile``: its order statistic at rank (n + 1)(1 - budget),
+        Beta((n + 1) budget, (n + 1)(1 - budget)) over clean lots whatever their scores; the other methods: lots
+        whose scores are what the method assumes (``model_realised_rates``). A heavier tail than the model's realises
+        more, a lighter one less, and a lot's defects less."""
         rate = self.false_alarm_rate
         tail = (1.0 - CONFIDENCE) / 2
         n = self.n_images - self.n_excluded
+        if self.method != "lot_quantile":
+            realised = model_realised_rates(self.method, self.n_images, rate)
+            low, median, high = (float(np.quantile(realised, q)) for q in (tail, 0.5, 1.0 - tail))
+            return low, median, high
         a, b = (n + 1) * rate, (n + 1) * (1.0 - rate)
-        low, high = (float(beta_distribution.ppf(q, a, b)) for q in (tail, 1.0 - tail))
+        low, median, high = (float(beta_distribution.ppf(q, a, b)) for q in (tail, 0.5, 1.0 - tail))
         if a < 1.0:  # the rank lies past the lot's largest score: a threshold read there is no surer than that
             # score, whose rate is Beta(1, n) over lots (the rank's own Beta squeezed toward 0: 2 images at 0.1%
             # read "0.0% to 0.0%" where such lots realise up to 77.6%)
             high = max(high, float(beta_distribution.ppf(1.0 - tail, 1.0, n)))
-        return low, high
+        return low, median, high
+
+    @property
+    def tied(self) -> bool:
+        """Whether the lot's scale is the floor, not a measurement (the scores it reads tied): a threshold a hair
+        above the tied value, which new parts cross far more often than the budget says."""
+        return self.spread <= spread_floor(self.centre) * (1.0 + 1e-9)
 
     def confidence(self) -> dict:
         """How sure the threshold is: the range of false-alarm rates lots of this size realise on new good parts
         (``CONFIDENCE`` of them, ``realised_range``), whether it is provisional, and a sentence that says so."""
         rate = self.false_alarm_rate
         n = self.n_images - self.n_excluded  # the scores the threshold reads
-        low, high = self.realised_range()
+        low, median, high = self.realised_range()
         needed = images_needed(rate)
-        provisional = n < needed
-        sentence = (f"threshold from {n} lot images at a {percent(rate)} budget: {CONFIDENCE:.0%} of such lots "
-                    f"realise {percent(low)} to {percent(high)} false alarms on new good parts")
+        model = model_of(self.method)
+        assumed = "for clean lots" if model == "order statistic" else f"for scores with the {model} it assumes"
+        budget = percent(rate, MIN_FALSE_ALARM_RATE)  # 1e-6 to 1e-5 read "a 0.0% budget"
+        sentence = (f"threshold from {n} lot images at a {budget} budget: {CONFIDENCE:.0%} of such lots "
+                    f"realise {percent(low)} to {percent(high)} false alarms on new good parts, half of them above "
+                    f"{percent(median)} ({assumed})")
         if self.n_excluded:
             sentence += f" ({self.n_excluded} lot image{'s' if self.n_excluded > 1 else ''} left out as suspected " \
                         "defects)"
-        if provisional:
-            sentence += f"; provisional: extrapolated past the lot's scores, collect {needed}+ good images"
-        return {"realised_low": low, "realised_high": high, "reference_images": n, "images_needed": needed,
-                "provisional": provisional, "text": sentence}
+        why = []
+        if n < needed:
+            why.append(f"{n} images cannot measure a {budget} tail, collect {needed}+ good images")
+        if self.tied:
+            why.append("the lot's scores are tied where the threshold reads them, so its scale is a floor, not a "
+                       "measurement: collect good images whose scores vary")
+        if why:
+            sentence += "; provisional: " + "; ".join(why)
+        return {"realised_low": low, "realised_median": median, "realised_high": high, "model": model,
+                "reference_images": n, "images_needed": needed, "provisional": bool(why), "text": sentence}
 
     def to_dict(self) -> dict:
         out = {"method": self.method, "centre": self.centre, "spread": self.spread,

@@ -138,7 +138,9 @@ def test_the_summary_line_says_provisional_with_a_users_threshold_too_and_shows_
     big = {"decision": calibrate(np.linspace(0.04, 0.06, 400)).to_dict()}
     assert "provisional" not in decisions_line(rows, Decider.for_bank(big, threshold_calibrated=0.7).calibration, 0.7)
     assert "0.02% budget" in Decider.for_bank(big, 0.0002).calibration.confidence()["text"]
-    assert "realise 0.0% to" in Decider.for_bank(small).calibration.confidence()["text"]  # not 1.7e-05%
+    text = Decider.for_bank(small).calibration.confidence()["text"]
+    assert "realise " in text and "e-0" not in text  # not 1.7e-05%
+    assert "at a 0.00015% budget" in Decider.for_bank(big, 1.5e-6).calibration.confidence()["text"]  # not 0.0%
 
 
 def test_a_caption_states_the_threshold_the_decision_was_made_at():
