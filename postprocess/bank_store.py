@@ -306,8 +306,8 @@ class BankStore:
     def missing(self, bank_id: str) -> BankError:
         known = self.bank_ids()
         return BankError(f"unknown bank {bank_id!r}; " + (f"banks on this server: {', '.join(known)}" if known else
-                         "this server has no banks yet") + ". Build one with pa-clip score --build --category PRODUCT --images "
-                         "LOT_FOLDER --bank NAME")
+                         "this server has no banks yet") + ". Build one with pa-clip score --build --category PRODUCT "
+                         "--images LOT_FOLDER --bank NAME")
 
     def _live(self, bank_id: str) -> tuple[str, Path]:
         version = self.current_version(bank_id)

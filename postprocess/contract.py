@@ -25,7 +25,7 @@ ENSEMBLE = "pa_clip"
 SCORE_MODEL = "pa_clip_score"
 BANK_MODEL = "pa_clip_bank"
 SERVING_MODELS = (ENSEMBLE, SCORE_MODEL, BANK_MODEL)
-ENSEMBLE_MAX_BATCH = 8  # images per request the ensemble takes (model_repository/pa_clip/config.pbtxt, copied on export)
+ENSEMBLE_MAX_BATCH = 8  # images per request the ensemble takes (model_repository/pa_clip/config.pbtxt, as exported)
 
 # -- tensors ------------------------------------------------------------------------------------------------------
 IMAGES = "images"  # UINT8 [B,H,W,3], RGB, resized by the client; normalisation is inside the encoder graph
