@@ -150,7 +150,8 @@ def load_category(category: Category, size) -> LoadedCategory:
             warnings.warn(f"skipping {sample.path}: {err}", stacklevel=2)
             skipped.append((str(sample.path), str(err)))
             continue
-        original_size = rgb.size
+        # the file's upright size, not the decoded one: a JPEG decoded small warned of every mask as mis-sized
+        original_size = image_size_of(sample.path) or rgb.size
         images.append(model_input(rgb, size))
         labels.append(sample.label)
         kept.append(sample)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import png  # pypng
-from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, UnidentifiedImageError
 
 from postprocess.contract import size_pair
 
@@ -120,18 +120,53 @@ def _wide_colour_samples(img: Image.Image, path: Path) -> np.ndarray | None:
 
 
 def _tiff_samples(path: Path) -> np.ndarray:
+    """The first page's samples as stored, (H, W) or (H, W, samples): a planar ("separate") page's sample axis moved
+    last (tifffile gives it first, and the image was refused)."""
     import tifffile
 
-    return np.asarray(tifffile.imread(str(path), key=0))
+    with tifffile.TiffFile(str(path)) as tif:
+        page = tif.pages[0]
+        values = np.asarray(page.asarray())
+        if page.planarconfig == tifffile.PLANARCONFIG.SEPARATE and values.ndim == 3 and page.samplesperpixel > 1:
+            values = np.moveaxis(values, 0, -1)
+    return values
 
 
-def _turned_tiff_samples(img: Image.Image, path: Path, orientation: int) -> np.ndarray | None:
-    """The stored samples of a grey or RGB TIFF that carries an orientation, unturned; None for every other image.
-    Pillow 13 turns a TIFF itself while loading it, and a grey one wrongly (its size turned, its samples not: the
-    picture comes out scrambled): such a TIFF is read with tifffile and turned once, here."""
-    if img.format != "TIFF" or orientation not in UPRIGHT or img.tag_v2.get(262) not in (1, 2):  # Photometric:
-        return None  # black is zero, or RGB; white-is-zero, palette, CMYK and YCbCr are Pillow's to convert
-    return _tiff_samples(path)
+# bytes of a TIFF value by its type (BYTE, SHORT, LONG, SBYTE, SSHORT, SLONG, LONG8): where an orientation is rewritten
+TIFF_VALUE_BYTES = {1: 1, 3: 2, 4: 4, 6: 1, 8: 2, 9: 4, 16: 8}
+
+
+def _unturned_tiff(path: Path) -> Image.Image | None:
+    """A TIFF that carries an orientation, opened by Pillow as it is stored: Pillow 13 turns a TIFF itself while
+    loading it, wrongly for grey, palette and CMYK ones (the size turned, the samples not: the picture came out
+    scrambled). The orientation is set to 1 in a copy held in memory, at the place tifffile reads it from, and the
+    image is turned once, by ``decode``. None when the tag is not one to rewrite."""
+    import io
+
+    import tifffile
+
+    data = bytearray(path.read_bytes())
+    with tifffile.TiffFile(io.BytesIO(bytes(data))) as tif:
+        tag = tif.pages[0].tags.get(ExifTags.Base.Orientation)
+        order = "little" if tif.byteorder == "<" else "big"
+    width = TIFF_VALUE_BYTES.get(int(tag.dtype)) if tag is not None and tag.count == 1 else None
+    if width is None:
+        return None
+    data[tag.valueoffset:tag.valueoffset + width] = (1).to_bytes(width, order)
+    return Image.open(io.BytesIO(bytes(data)))
+
+
+def exif_orientation(img: Image.Image) -> int:
+    """The EXIF orientation of an open image, 1 to 8; anything else (a string, a rational, 0 or 9) reads as 1, as
+    Pillow's own ``exif_transpose`` reads it (``decode`` and ``image_size_of`` read it alike: one turned an image
+    the other did not, and a readable image with a tag of text was skipped)."""
+    value = img.getexif().get(ExifTags.Base.Orientation, 1)
+    return value if type(value) is int and value in UPRIGHT else 1
+
+
+def _is_regular_file(path: Path) -> bool:
+    """A plain file (a link to one included): a FIFO named x.png held the run for ever when it was opened."""
+    return path.is_file()
 
 
 def decode(path: str | Path, bit_depth: int | None = None, min_size=None) -> Decoded:
@@ -140,12 +175,18 @@ def decode(path: str | Path, bit_depth: int | None = None, min_size=None) -> Dec
     it cannot be read."""
     path = Path(path)
     try:
-        with Image.open(path) as img:
+        if not _is_regular_file(path):
+            raise ValueError("not a file")
+        with Image.open(path) as stored:
+            orientation = exif_orientation(stored) if stored.format == "TIFF" else 1
+        unturned = _unturned_tiff(path) if orientation in UPRIGHT else None
+        with (unturned or Image.open(path)) as img:
             source_mode = img.mode
             wide = _wide_colour_samples(img, path)  # before getexif: a PNG's getexif decodes it
-            orientation = int(img.getexif().get(ExifTags.Base.Orientation, 1) or 1)
-            if wide is None:
-                wide = _turned_tiff_samples(img, path, orientation)
+            if unturned is None:
+                orientation = exif_orientation(img)
+            if wide is None and _tiff_signed(img):  # Pillow reads signed 8-bit samples as unsigned (-92 as 164)
+                wide = _tiff_samples(path)
             if min_size is not None and img.format == "JPEG":
                 height, width = size_pair(min_size)
                 if orientation in QUARTER_TURNS:
@@ -155,18 +196,29 @@ def decode(path: str | Path, bit_depth: int | None = None, min_size=None) -> Dec
                 rgb, bits = _rgb_from_array(wide, bit_depth)
             elif img.mode in HIGH_DEPTH_MODES:
                 img.load()
-                rgb, bits = _rgb_from_array(np.asarray(img), bit_depth)
+                values = np.asarray(img)
+                if img.format == "TIFF" and img.tag_v2.get(262) == 0 and values.dtype.kind in "iu":
+                    # white is zero: Pillow inverts 8-bit ones, not these (stored 4095 of 12 bits came out white)
+                    per_sample = img.tag_v2.get(258, 16)
+                    top = (1 << int(per_sample[0] if isinstance(per_sample, tuple) else per_sample)) - 1
+                    values = top - np.clip(values.astype(np.int64), 0, top)
+                rgb, bits = _rgb_from_array(values, bit_depth)
             else:
                 img.load()
                 rgb, bits = img.convert("RGB"), 8
-            # a reader that turned the image itself (Pillow's TIFF, for the modes left to it) took the tag away
-            turned_already = (wide is None and img.format == "TIFF"
-                              and ExifTags.Base.Orientation not in img.getexif())
     except READ_ERRORS as err:
         raise ValueError(f"cannot read image {path}: {err}") from err
-    if orientation in UPRIGHT and not turned_already:
+    if orientation in UPRIGHT:
         rgb = rgb.transpose(UPRIGHT[orientation])
-    return Decoded(rgb, bits, orientation if orientation in UPRIGHT else 1, source_mode)
+    return Decoded(rgb, bits, orientation, source_mode)
+
+
+def _tiff_signed(img: Image.Image) -> bool:
+    """A TIFF of signed integer samples (SampleFormat 2), which the bit-depth rule reads (negatives at 0)."""
+    if img.format != "TIFF":
+        return False
+    sample_format = img.tag_v2.get(339, 1)
+    return 2 in (sample_format if isinstance(sample_format, tuple) else (sample_format,))
 
 
 def read_rgb(path: str | Path, bit_depth: int | None = None, min_size=None) -> Image.Image:
@@ -178,11 +230,13 @@ def image_size_of(path: str | Path) -> tuple[int, int] | None:
     """(width, height) of the upright image, from the file's header (nothing decoded), or None when it cannot be
     read."""
     try:
+        if not _is_regular_file(Path(path)):
+            return None
         with Image.open(path) as img:
             width, height = img.size
             stored = (img.tag_v2.get(256), img.tag_v2.get(257)) if img.format == "TIFF" else (width, height)
             # Pillow 13 gives a TIFF's size already turned: the stored width and length say whether it did
-            if img.getexif().get(ExifTags.Base.Orientation, 1) in QUARTER_TURNS and (width, height) == stored:
+            if exif_orientation(img) in QUARTER_TURNS and (width, height) == stored:
                 width, height = height, width
             return width, height
     except READ_ERRORS:
@@ -199,5 +253,6 @@ def display_copy(rgb: Image.Image, long_side: int = 1600) -> np.ndarray:
     """The image for an overlay panel, its long side at most ``long_side``: a lot of large photos is not held at
     full size while it is scored."""
     if max(rgb.size) > long_side:
-        rgb = ImageOps.contain(rgb, (long_side, long_side), Image.BICUBIC)
+        scale = long_side / max(rgb.size)  # the short side at least a pixel (a 100000x1 image's panel came out empty)
+        rgb = rgb.resize(tuple(max(1, round(side * scale)) for side in rgb.size), Image.BICUBIC)
     return np.asarray(rgb)

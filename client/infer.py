@@ -71,7 +71,8 @@ def find_images(spec: str) -> list[Path]:
     elif path.is_file():  # a file named with glob's characters ('part[1].png') is that file, not a pattern
         found = [path] if path.suffix.lower() in IMAGE_SUFFIXES else []
     else:
-        found = [Path(p) for p in glob.glob(spec, recursive=True) if Path(p).suffix.lower() in IMAGE_SUFFIXES]
+        found = [Path(p) for p in glob.glob(spec, recursive=True)  # files only: a FIFO held the run for ever
+                 if Path(p).suffix.lower() in IMAGE_SUFFIXES and Path(p).is_file()]
     return sorted(found)
 
 

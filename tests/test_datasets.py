@@ -40,6 +40,21 @@ def test_mask_of_other_size_is_resized_with_warning(mvtec_tree):
     assert lot.masks.shape == (10, 56, 56)
 
 
+def test_a_large_jpeg_decoded_small_is_no_mask_mismatch(mvtec_tree):
+    """A JPEG is decoded at a reduced scale for a small lot: its decoded size warned of every mask as mis-sized."""
+    for image_path in (mvtec_tree / "widget/test/scratch").iterdir():
+        mask_path = mvtec_tree / "widget/ground_truth/scratch" / f"{image_path.stem}_mask.png"
+        Image.open(image_path).convert("RGB").resize((448, 448)).save(image_path.with_suffix(".jpg"), quality=95)
+        Image.open(mask_path).resize((448, 448), Image.NEAREST).save(mask_path)
+        image_path.unlink()
+    (cat,) = discover(mvtec_tree, "mvtec")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        lot = load_category(cat, 56)
+    assert not [w for w in caught if "resizing the mask" in str(w.message)]
+    assert all(m.any() for m in lot.masks[6:])
+
+
 def test_a_mask_stored_as_0_and_1_is_not_read_empty(mvtec_tree):
     """Masks of some sets (VisA's as distributed) hold 0 and 1: read as > 127 every defect's mask was empty."""
     for mask_path in (mvtec_tree / "widget/ground_truth/scratch").iterdir():
