@@ -21,6 +21,7 @@ What cameras write, and how it is read:
 
 from __future__ import annotations
 
+import math
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,8 +133,9 @@ def _tiff_samples(path: Path) -> np.ndarray:
     return values
 
 
-# bytes of a TIFF value by its type (BYTE, SHORT, LONG, SBYTE, SSHORT, SLONG, LONG8): where an orientation is rewritten
-TIFF_VALUE_BYTES = {1: 1, 3: 2, 4: 4, 6: 1, 8: 2, 9: 4, 16: 8}
+# how a TIFF value of each type writes the number 1 (BYTE, SHORT, LONG, RATIONAL, SBYTE, SSHORT, SLONG, SRATIONAL,
+# FLOAT, DOUBLE, LONG8): where an orientation is rewritten, in the file's byte order
+TIFF_ONE = {1: "B", 3: "H", 4: "I", 5: "II", 6: "b", 8: "h", 9: "i", 10: "ii", 11: "f", 12: "d", 16: "Q"}
 
 
 def _unturned_tiff(path: Path) -> Image.Image | None:
@@ -142,26 +144,32 @@ def _unturned_tiff(path: Path) -> Image.Image | None:
     scrambled). The orientation is set to 1 in a copy held in memory, at the place tifffile reads it from, and the
     image is turned once, by ``decode``. None when the tag is not one to rewrite."""
     import io
+    import struct
 
     import tifffile
 
     data = bytearray(path.read_bytes())
     with tifffile.TiffFile(io.BytesIO(bytes(data))) as tif:
         tag = tif.pages[0].tags.get(ExifTags.Base.Orientation)
-        order = "little" if tif.byteorder == "<" else "big"
-    width = TIFF_VALUE_BYTES.get(int(tag.dtype)) if tag is not None and tag.count == 1 else None
-    if width is None:
+        order = tif.byteorder
+    layout = TIFF_ONE.get(int(tag.dtype)) if tag is not None and tag.count == 1 else None
+    if layout is None:
         return None
-    data[tag.valueoffset:tag.valueoffset + width] = (1).to_bytes(width, order)
+    one = struct.pack(order + layout, *([1] * len(layout)))  # a rational is 1/1
+    data[tag.valueoffset:tag.valueoffset + len(one)] = one
     return Image.open(io.BytesIO(bytes(data)))
 
 
 def exif_orientation(img: Image.Image) -> int:
-    """The EXIF orientation of an open image, 1 to 8; anything else (a string, a rational, 0 or 9) reads as 1, as
-    Pillow's own ``exif_transpose`` reads it (``decode`` and ``image_size_of`` read it alike: one turned an image
+    """The EXIF orientation of an open image, 1 to 8; anything else (a string, 0, 9, 6.5) reads as 1, as Pillow's own
+    ``exif_transpose`` reads it (``decode`` and ``image_size_of`` read it alike: one turned an image
     the other did not, and a readable image with a tag of text was skipped)."""
     value = img.getexif().get(ExifTags.Base.Orientation, 1)
-    return value if type(value) is int and value in UPRIGHT else 1
+    try:  # a number equal to one of 1-8 (a rational 6/1, a float 6.0: Pillow turns by them too), nothing else
+        number = float(value) if not isinstance(value, (str, bytes, bool)) else math.nan
+    except (TypeError, ValueError, ZeroDivisionError):
+        return 1
+    return int(number) if number in UPRIGHT else 1
 
 
 def _is_regular_file(path: Path) -> bool:

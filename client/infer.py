@@ -538,10 +538,18 @@ def csv_text(value) -> str:
     return "'" + text if text.startswith(FORMULA_STARTS) else text
 
 
-def recorded_command(prog: str, argv: list, key: str | None) -> list:
-    """The command line as results.json records it, the access key's value hidden wherever it was written
-    (``--key K``, ``--key=K``, an abbreviation): results.json is shared with the report page."""
-    return [prog, *(arg.replace(key, "***") if key else arg for arg in argv)]
+KEY_FLAGS = ("--k", "--ke", "--key")  # the access key's flag and the abbreviations argparse takes for it
+
+
+def recorded_command(prog: str, argv: list) -> list:
+    """The command line as results.json records it, the access key's value hidden (``--key K``, ``--key=K``, an
+    abbreviation): results.json is shared with the report page."""
+    recorded, hide_next = [prog], False
+    for arg in argv:
+        flag, equals, _ = arg.partition("=")
+        recorded.append("***" if hide_next else f"{flag}=***" if equals and flag in KEY_FLAGS else arg)
+        hide_next = arg in KEY_FLAGS
+    return recorded
 
 
 def write_results(out: Path, rows: list, skipped: list = (), failed: list = ()) -> Path:
@@ -719,7 +727,7 @@ def main(argv=None, prog: str = "client/infer.py") -> int:
     csv_path = write_results(out, rows, skipped, failed)
     report = {
         "product": {"name": "pa-clip-triton", "version": product_version()},
-        "command": recorded_command(prog, sys.argv[1:] if argv is None else list(argv), args.key),
+        "command": recorded_command(prog, sys.argv[1:] if argv is None else list(argv)),
         "complete": True,
         "bank": summary_of(info), "bank_version": info.get("version"), "protocol": args.protocol,
         "decision": None if decider is None else {

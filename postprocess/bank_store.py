@@ -785,6 +785,8 @@ class BankStore:
         try:
             if part.is_symlink() or (part.exists() and not part.is_file()):  # a link leads out of the store
                 raise ValueError("a link or not a file")
+            if LOT_PART_PATTERN.fullmatch(part.name) is None:  # said at the add and the listing, not the build only
+                raise ValueError("its name carries no digest (written by an earlier server, or not by a server)")
             tensors, meta = _load_tensors_meta(part)
             return int(tensors[IMAGES]["shape"][0]), str(meta["category"]), json.loads(meta["grid"])
         except FileNotFoundError:

@@ -34,10 +34,12 @@ class TritonPythonModel:
         self.model_name = config["name"]
         try:  # checked before any work: encoding time grows with the square of the side
             fingerprint = read_fingerprint(args["model_repository"])
-            self.max_side, self.min_side = max_image_side(fingerprint), int(fingerprint["patch_size"])
+            self.max_side = max_image_side(fingerprint)
             height, width = size_pair(fingerprint["image_size"])
         except (OSError, ValueError, KeyError):
-            self.max_side, self.min_side, height, width = 0, 0, 0, 0
+            fingerprint, self.max_side, height, width = {}, 0, 0, 0
+        patch = fingerprint.get("patch_size")
+        self.min_side = patch if type(patch) is int and patch > 0 else 0
         # A run on more input bytes than a full batch at the configured size returns what its arena grew by
         # (ONNX Runtime keeps the peak otherwise: +49 MB held after one batch of eight 224x224 images here)
         self.usual_bytes = max(1, int(config.get("max_batch_size", 0))) * height * width * 3

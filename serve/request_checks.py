@@ -277,6 +277,8 @@ def image_side_limits(repository: Path | None) -> dict:
         return {}
     try:
         fingerprint = C.read_fingerprint(Path(repository) / C.VISION_MODEL)
-        return {"max_image_side": C.max_image_side(fingerprint), "min_image_side": int(fingerprint["patch_size"])}
+        limits = {"max_image_side": C.max_image_side(fingerprint)}
     except Exception:  # noqa: BLE001 (no fingerprint, or an unreadable model: its own load will say so)
         return {}
+    patch = fingerprint.get("patch_size")
+    return {**limits, "min_image_side": patch} if type(patch) is int and patch > 0 else limits

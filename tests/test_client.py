@@ -399,3 +399,13 @@ def test_a_server_from_before_lot_sessions_is_named_at_the_first_add(monkeypatch
             with pytest.raises(ClientError, match="does not know lot sessions"):
                 client.add_images("washer", "washer", np.zeros((1, 14, 14, 3), np.uint8), lot="s1")
         assert client.add_images("washer", "washer", np.zeros((1, 14, 14, 3), np.uint8))["lot_size"] == 8
+
+
+def test_the_recorded_command_hides_the_keys_value_and_nothing_else():
+    """A key that is a common word or a letter was replaced in every argument (paths, option names)."""
+    from client.infer import recorded_command
+
+    assert recorded_command("pa-clip score", ["--images", "/data/lot", "--key", "a", "--out", "runs/a1"]) == \
+        ["pa-clip score", "--images", "/data/lot", "--key", "***", "--out", "runs/a1"]
+    assert recorded_command("p", ["--ke=s3cret", "--k", "s3cret", "--bank", "s3cret"]) == \
+        ["p", "--ke=***", "--k", "***", "--bank", "s3cret"]

@@ -240,6 +240,12 @@ def test_an_orientation_that_is_not_a_number_is_read_alike_everywhere_and_a_fifo
     decoded = decode(tmp_path / "text.tif")
     assert decoded.orientation == 1 and decoded.rgb.size == (10, 6) == image_size_of(tmp_path / "text.tif")
     Image.new("RGB", (10, 6), (50, 100, 150)).save(tmp_path / "text.png")
+    stored = np.random.default_rng(2).integers(0, 256, (20, 30), dtype=np.uint8)
+    for kind, value in (("2I", (6, 1)), ("f", 6.0)):  # a rational 6/1 or a float 6.0: Pillow turns by them too
+        tifffile.imwrite(tmp_path / "number.tif", stored, extratags=[(ExifTags.Base.Orientation, kind, 1, value, True)])
+        decoded = decode(tmp_path / "number.tif")
+        assert decoded.orientation == 6 and image_size_of(tmp_path / "number.tif") == (20, 30)
+        np.testing.assert_array_equal(np.asarray(decoded.rgb)[..., 0], np.rot90(stored, -1))
     os.mkfifo(tmp_path / "waiting.png")
     assert image_size_of(tmp_path / "waiting.png") is None
     with pytest.raises(ValueError, match="not a file"):

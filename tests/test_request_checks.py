@@ -164,3 +164,18 @@ def test_images_smaller_than_the_encoders_patch_are_refused_before_they_are_enco
     item = {"name": "images", "shape": [1, 13, 200, 3], "datatype": "UINT8", "data": [0]}
     got, message = refused(check_inference_json, infer_json(item), None, Limits(min_image_side=14))
     assert got == 400 and "14-pixel patches: each side must be at least that" in message, message
+
+
+def test_an_encoder_without_a_patch_size_keeps_its_largest_side(tmp_path):
+    """Read together, a fingerprint without patch_size lost the upper bound too."""
+    import json
+
+    from postprocess import contract as C
+    from serve.request_checks import image_side_limits
+
+    (tmp_path / C.VISION_MODEL).mkdir()
+    fingerprint = {"image_size": 224, "dynamic_size": True}
+    (tmp_path / C.VISION_MODEL / C.ENCODER_FILE).write_text(json.dumps(fingerprint))
+    assert image_side_limits(tmp_path) == {"max_image_side": C.max_image_side(fingerprint)}
+    (tmp_path / C.VISION_MODEL / C.ENCODER_FILE).write_text(json.dumps({**fingerprint, "patch_size": 14}))
+    assert image_side_limits(tmp_path) == {"max_image_side": C.max_image_side(fingerprint), "min_image_side": 14}
