@@ -146,7 +146,7 @@ def test_bad_requests_get_clear_errors_and_the_server_keeps_serving(server, repo
     with pytest.raises(InferenceServerException, match="must hold 4 layers"):
         scorer(layer_tokens=features.layer_tokens[:, :2].copy())
     with pytest.raises(InferenceServerException, match="scores 112x112 images"):
-        scorer(images=np.zeros((1, 1, 1, 3), np.uint8))
+        scorer(images=np.zeros((1, 32, 32, 3), np.uint8))  # (the guard refuses sides under the encoder's patch)
     assert scorer().as_numpy("anomaly_map").shape == (1, SIZE, SIZE)
     # still serving, and the bank is untouched
     maps, scores = client.score(lot[:2], "washer")

@@ -373,8 +373,9 @@ def test_limits_agree_with_triton_and_every_refusal_is_a_4xx(server, bank, lot):
          400, "Content-Length"),
     ]
     for data in ("[-1]", "[256]", "[1.5]", '["a"]', "[true]", "[null]"):
-        body = infer_body({"name": "images", "shape": [1, 1, 1, 1], "datatype": "UINT8", "data": json.loads(data)},
-                          BANK_INPUT)
+        # 32x32: at least the encoder's patch, which the guard asks before the values
+        body = infer_body({"name": "images", "shape": [1, 32, 32, 1], "datatype": "UINT8",
+                           "data": json.loads(data) + [0] * (32 * 32 - 1)}, BANK_INPUT)
         cases.append((f"UINT8 data {data}", request(body), 400, "UINT8 data must be integers in [0, 255]"))
     wrong = []
     for what, raw, status, words in cases:
