@@ -6,6 +6,8 @@
 #   ./run.sh serve [options]      only the server: python -m serve
 #   ./run.sh setup                only create .venv and install
 set -euo pipefail
+# the folder the user ran it from: a relative --images or --out given to main or serve is theirs, not the project's
+export PA_CLIP_CALLER_DIR="${PA_CLIP_CALLER_DIR:-$PWD}"
 cd "$(dirname "$0")"
 VENV=${PA_CLIP_VENV:-.venv}
 PYTRITON=nvidia-pytriton==0.7.0  # bundles tritonserver 2.51 with the Python backend

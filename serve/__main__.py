@@ -22,7 +22,7 @@ from postprocess import flags as F
 from postprocess.logs import FORMAT_ENV, FORMATS, LEVEL_ENV, LEVELS, configure, get_logger
 
 from .canary import Canaries
-from .local import LocalServer, ServerError, is_loopback
+from .local import LocalServer, ServerError, from_caller, is_loopback
 from .request_checks import Limits, image_side_limits
 
 
@@ -73,6 +73,7 @@ def build_parser(prog: str = "python -m serve") -> argparse.ArgumentParser:
 def main(argv=None, prog: str = "python -m serve") -> int:
     parser = build_parser(prog)
     args = parser.parse_args(argv)
+    from_caller(args, parser, ("repository", "banks", "log"))
     if args.max_inflight_mb < args.max_request_mb:
         parser.error(f"--max-inflight-mb ({args.max_inflight_mb}) must be at least --max-request-mb "
                      f"({args.max_request_mb}): one request of the largest size must fit")

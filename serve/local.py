@@ -162,6 +162,22 @@ def reclaim_shared_memory() -> list[str]:
     return removed
 
 
+CALLER_DIR = "PA_CLIP_CALLER_DIR"  # run.sh's: the folder the user ran it from, before it moved to the project
+
+
+def from_caller(args, parser, names: tuple) -> None:
+    """Make the relative paths the user gave in ``names`` (attributes of ``args``, any not left at the parser's
+    default) relative to where run.sh was run, not the project folder it moves to (--images photos/ was "no such
+    folder"). Defaults stay the project's; without run.sh nothing changes."""
+    caller = os.environ.get(CALLER_DIR)
+    if not caller:
+        return
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value != parser.get_default(name) and not Path(value).is_absolute():
+            setattr(args, name, str(Path(caller) / value))
+
+
 def listen_free(host: str, port: int) -> bool:
     """Whether a server could listen on (host, port) now (address reuse on, as servers have it: a port left in
     TIME_WAIT by a scrape is free)."""

@@ -13,31 +13,23 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-from client import exits, infer
+from client import exits, infer, lot_checks
+from client.images import image_size_of
 from client.demo_lot import write_demo_lot
 from postprocess import contract as C
 from postprocess import flags as F
 from postprocess.atomic import exclusive, exporting
 
-from .local import LocalServer, ServerError, free_ports
+from .local import LocalServer, ServerError, free_ports, from_caller, listen_free
 
 DEFAULT_PORTS = (8000, 8001, 8002)
 START_ATTEMPTS = 3  # another job may take a port between the pick and the bind: pick again
 SETTLE_S = 1.0
-
-
-def port_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def pick_ports(asked: tuple, preferred: tuple[int, int, int] = DEFAULT_PORTS) -> tuple[int, int, int]:
@@ -46,10 +38,10 @@ def pick_ports(asked: tuple, preferred: tuple[int, int, int] = DEFAULT_PORTS) ->
     metrics port last, so one free usual port is no sign that it stays free). tritonserver's own two ports are
     picked together at each start."""
     for port in asked:
-        if port is not None and not port_free(port):
+        if port is not None and not listen_free("127.0.0.1", port):
             raise ServerError(f"port {port} is taken on 127.0.0.1 (another server?): choose another")
     # a usual port that was asked for another role is not free for its own (--http-port 8001 took gRPC's)
-    usual_free = all(port_free(p) and p not in asked for a, p in zip(asked, preferred) if a is None)
+    usual_free = all(listen_free("127.0.0.1", p) and p not in asked for a, p in zip(asked, preferred) if a is None)
     spare = iter(p for p in free_ports(6) if p not in asked)
     picked = tuple(a if a is not None else (p if usual_free else next(spare)) for a, p in zip(asked, preferred))
     if not usual_free:
@@ -176,9 +168,24 @@ def build_parser(prog: str = "./run.sh main") -> argparse.ArgumentParser:
     return p
 
 
+def out_refused(out: Path) -> str | None:
+    """An --out that is a file or cannot be written, said before anything is written there (a traceback and exit
+    status 1 before)."""
+    try:
+        if out.exists() and not out.is_dir():
+            return f"--out {str(out)!r} is a file, not a folder: pass another --out"
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as err:
+        return f"--out {str(out)!r} cannot be written ({err.strerror or err}): pass another --out"
+    return None
+
+
 def inputs_refused(images: Path, category: str, threshold: str) -> str | None:
     """What the scoring run would refuse, said before minutes of export and start-up (None: nothing)."""
-    if not infer.part_images(str(images)):
+    paths = infer.part_images(str(images))
+    if not paths:
         return infer.no_images_message(str(images))
     if infer.safe_bank_id(category, fallback=None) is None:
         # every such name would share one bank id, and main builds: one product's bank would replace another's
@@ -188,16 +195,26 @@ def inputs_refused(images: Path, category: str, threshold: str) -> str | None:
         infer.parse_threshold(threshold)
     except ValueError as err:
         return str(err)
+    unreadable = [p for p in paths if image_size_of(p) is None]
+    # the lot it builds is what can be read: a lot too small was refused only after the export and the start
+    if refusal := lot_checks.check_lot_size(len(paths) - len(unreadable)).refusal:
+        named = ", ".join(str(p) for p in unreadable[:5]) + (" ..." if len(unreadable) > 5 else "")
+        return refusal + (f" ({len(unreadable)} file(s) could not be read as images: {named})" if unreadable else "")
     return None
 
 
 def main(argv=None, prog: str = "./run.sh main") -> int:
-    args = build_parser(prog).parse_args(argv)
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
+    from_caller(args, parser, ("images", "out", "repository", "banks"))
     asked = [p for p in (args.http_port, args.grpc_port, args.metrics_port) if p is not None]
     if len(set(asked)) < len(asked):
         print(f"error: the HTTP, gRPC and metrics ports must differ, got {asked}", file=sys.stderr)
         return 2
     out = Path(args.out)
+    if problem := out_refused(out):
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     truth = None
     if args.images is None:
         images = write_demo_lot(out / "demo_lot")

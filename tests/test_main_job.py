@@ -57,10 +57,33 @@ def test_what_the_scoring_run_would_refuse_is_refused_before_the_export(tmp_path
     cases = [(["--images", str(tmp_path / "nowhere")], "no such folder"),
              (["--images", str(parts), "--category", "washer", "--threshold", "7"], "strictly between 0 and 1"),
              (["--images", str(parts)], "makes no bank id"),
-             (["--http-port", "18000", "--grpc-port", "18000"], "must differ")]
+             (["--http-port", "18000", "--grpc-port", "18000"], "must differ"),
+             # from a review of the main job: refused after the export and the server's start before
+             (["--images", str(parts), "--category", "washer"], "a lot of 1 image(s) cannot be scored")]
+    (parts / "notes.png").write_text("not an image")
+    cases.append((["--images", str(parts), "--category", "washer"], "1 file(s) could not be read as images: "))
     for argv, words in cases:
         assert main_job.main(argv + ["--out", str(tmp_path / "out")]) == 2, argv
         assert words in capsys.readouterr().err, argv
+    # an --out that is a file, or lies under one: a traceback and status 1 before (the demo lot was written first)
+    (tmp_path / "a_file").write_text("x")
+    for out, words in ((tmp_path / "a_file", "is a file, not a folder"),
+                       (tmp_path / "a_file" / "sub", "cannot be written")):
+        assert main_job.main(["--out", str(out)]) == 2
+        assert words in capsys.readouterr().err
+
+
+def test_relative_paths_given_through_run_sh_are_the_callers(tmp_path, monkeypatch):
+    """run.sh moves to the project folder: --images photos/ from elsewhere was "no such folder", and a relative --out
+    landed in the project."""
+    from serve.local import CALLER_DIR, from_caller
+
+    parser = main_job.build_parser("x")
+    args = parser.parse_args(["--images", "photos", "--out", "/abs/out", "--banks", "banks"])
+    monkeypatch.setenv(CALLER_DIR, str(tmp_path))
+    from_caller(args, parser, ("images", "out", "repository", "banks"))
+    assert (args.images, args.out, args.repository, args.banks) == (str(tmp_path / "photos"), "/abs/out",
+                                                                     "model_repository", "banks")
 
 
 def test_ports_asked_for_one_role_are_not_taken_for_another():
