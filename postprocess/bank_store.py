@@ -780,20 +780,13 @@ class BankStore:
 
     @staticmethod
     def _part_header(bank_id: str, part: Path) -> tuple[int, str, list]:
-        """(images, category, patch grid) of a pending lot's part, read off its header: one that cannot be read is
-        a ``BankError`` naming it, not an internal error of the add or the listing."""
-        try:
-            if part.is_symlink() or (part.exists() and not part.is_file()):  # a link leads out of the store
-                raise ValueError("a link or not a file")
-            if LOT_PART_PATTERN.fullmatch(part.name) is None:  # said at the add and the listing, not the build only
-                raise ValueError("its name carries no digest (written by an earlier server, or not by a server)")
+        """(images, category, patch grid) of a pending lot's part, read off its header (``_read_pending_part``: its
+        digest is the build's to check)."""
+        def header():
             tensors, meta = _load_tensors_meta(part)
             return int(tensors[IMAGES]["shape"][0]), str(meta["category"]), json.loads(meta["grid"])
-        except FileNotFoundError:
-            raise
-        except Exception as err:
-            raise BankError(f"part {part.name} of the pending lot of bank {bank_id!r} is damaged "
-                            f"({type(err).__name__}: {err}): add the lot again with reset") from None
+
+        return _read_pending_part(bank_id, part, lambda _: header())
 
     def load_lot(self, bank_id: str, session: str | None = None) -> tuple[str, np.ndarray, Features, list[Path]]:
         """The pending lot (``session``: a client's own): (category, images, features, the part files it was read
@@ -822,24 +815,14 @@ class BankStore:
 
     @staticmethod
     def _read_part(bank_id: str, part: Path) -> tuple[dict, dict]:
-        """A part of a pending lot, as it was written (the digest in its name), else a ``BankError`` naming it: a
-        build never reads a changed, cut or linked part into a bank, nor fails on one as an internal error."""
-        try:
-            if part.is_symlink() or not part.is_file():
-                if not part.exists() and not part.is_symlink():
-                    raise FileNotFoundError(part)
-                raise ValueError("a link or not a file")
-            named = LOT_PART_PATTERN.fullmatch(part.name)
-            if named is None:
-                raise ValueError("its name carries no digest (written by an earlier server, or not by a server)")
-            if file_digest(part) != named.group(2):
+        """A part of a pending lot, as it was written (the digest in its name): a build never reads a changed part
+        into a bank."""
+        def checked(digest: str):
+            if file_digest(part) != digest:
                 raise ValueError("its bytes are not those it was written with")
             return _load_tensors(part)
-        except FileNotFoundError:
-            raise
-        except Exception as err:
-            raise BankError(f"part {part.name} of the pending lot of bank {bank_id!r} is damaged ({err}): add the "
-                            "lot again with reset (pa-clip score --build adds it anew)") from None
+
+        return _read_pending_part(bank_id, part, checked)
 
     def clear_lot(self, bank_id: str, parts: list[Path] | None = None, session: str | None = None) -> None:
         """Remove the pending lot (``session``: a client's own), or only ``parts`` of it (what a build read: a part
@@ -935,6 +918,25 @@ def _has_versions(folder: Path) -> bool:
         return folder.is_dir() and not folder.is_symlink() and any(p.name.startswith("v-") for p in folder.iterdir())
     except OSError:
         return False
+
+
+def _read_pending_part(bank_id: str, part: Path, read):
+    """``read(digest)`` of a pending lot's part that is a plain file named with its digest; anything else, or what
+    ``read`` cannot make of it, is a ``BankError`` naming the part, never an internal error of the add, the listing
+    or the build (``FileNotFoundError`` passes: a reset or a build removed the part meanwhile)."""
+    try:
+        if part.is_symlink() or (part.exists() and not part.is_file()):  # a link leads out of the store
+            raise ValueError("a link or not a file")
+        named = LOT_PART_PATTERN.fullmatch(part.name)
+        if named is None:  # said at the add and the listing, not the build only
+            raise ValueError("its name carries no digest (written by an earlier server, or not by a server)")
+        return read(named.group(2))
+    except FileNotFoundError:
+        raise
+    except Exception as err:
+        raise BankError(f"part {part.name} of the pending lot of bank {bank_id!r} is damaged "
+                        f"({type(err).__name__}: {err}): add the lot again with reset (pa-clip score --build adds "
+                        "it anew)") from None
 
 
 def _remove_emptied(folder: Path) -> bool:
