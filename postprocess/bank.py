@@ -23,7 +23,8 @@ import numpy as np
 
 from . import kernels as K, strict_json
 from .config import FULL_BANK, PAClipConfig
-from .contract import TEXT_EMBEDS, Features, encoder_identity, first_ids, image_key  # noqa: F401 (image_key)
+from .contract import (TEXT_EMBEDS, Features, encoder_identity, first_ids, image_key,  # noqa: F401 (image_key)
+                       patch_side)
 from .decision import calibrate
 from .errors import RequestError
 from .ood import DEFAULT_STATISTICS, calibrate_ood, image_statistics
@@ -421,8 +422,8 @@ def check_manifest(manifest: "BankManifest", bank_id: str) -> None:
     if len(manifest.grid) != 2 or min(manifest.grid) < 1 or len(manifest.image_size) != 2 or \
             min(manifest.image_size) < 1:
         fail(f"grid {manifest.grid}, image size {manifest.image_size}")
-    patch = manifest.encoder.get("patch_size") if isinstance(manifest.encoder, dict) else None
-    if type(patch) is int and patch > 0 and tuple(manifest.grid) != tuple(s // patch for s in manifest.image_size):
+    patch = patch_side(manifest.encoder)
+    if patch and tuple(manifest.grid) != tuple(s // patch for s in manifest.image_size):
         # a request's features are laid out on this grid: another one pools the wrong neighbours together
         fail(f"grid {manifest.grid} for {manifest.image_size[0]}x{manifest.image_size[1]} images of {patch}-pixel "
              "patches")

@@ -152,6 +152,12 @@ def square_size(fingerprint: dict) -> tuple[int, int]:
 MAX_SIDE_FACTOR = 2
 
 
+def patch_side(fingerprint) -> int:
+    """The encoder's patch side (the shortest image side it reads), 0 where a fingerprint does not say."""
+    patch = fingerprint.get("patch_size") if isinstance(fingerprint, dict) else None
+    return patch if type(patch) is int and patch > 0 else 0
+
+
 def max_image_side(fingerprint: dict) -> int:
     """The longest image side an encoder is asked to take: its own size when it takes one, else ``MAX_SIDE_FACTOR``
     times its configured long side (a fingerprint's ``max_image_side`` overrides)."""

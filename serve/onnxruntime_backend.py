@@ -13,7 +13,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from export.onnx_export import ort_run_options_shrinking_the_arena, ort_session, release_freed_heap
-from postprocess.contract import IMAGES, max_image_side, read_fingerprint, size_pair
+from postprocess.contract import IMAGES, max_image_side, patch_side, read_fingerprint, size_pair
 from postprocess.serving import canary_response, is_canary
 
 
@@ -38,8 +38,7 @@ class TritonPythonModel:
             height, width = size_pair(fingerprint["image_size"])
         except (OSError, ValueError, KeyError):
             fingerprint, self.max_side, height, width = {}, 0, 0, 0
-        patch = fingerprint.get("patch_size")
-        self.min_side = patch if type(patch) is int and patch > 0 else 0
+        self.min_side = patch_side(fingerprint)
         # A run on more input bytes than a full batch at the configured size returns what its arena grew by
         # (ONNX Runtime keeps the peak otherwise: +49 MB held after one batch of eight 224x224 images here)
         self.usual_bytes = max(1, int(config.get("max_batch_size", 0))) * height * width * 3

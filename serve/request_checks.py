@@ -280,5 +280,5 @@ def image_side_limits(repository: Path | None) -> dict:
         limits = {"max_image_side": C.max_image_side(fingerprint)}
     except Exception:  # noqa: BLE001 (no fingerprint, or an unreadable model: its own load will say so)
         return {}
-    patch = fingerprint.get("patch_size")
-    return {**limits, "min_image_side": patch} if type(patch) is int and patch > 0 else limits
+    patch = C.patch_side(fingerprint)
+    return {**limits, "min_image_side": patch} if patch else limits
