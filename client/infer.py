@@ -294,8 +294,6 @@ def check_out(out: Path, overwrite: bool, writes: tuple = RUN_FOLDERS) -> list[s
     A folder ``overlays`` or ``maps`` that no run's results.json there names (``run_folders``) is the user's: never
     counted or removed, and refused where this run would write into it (``writes``). The folder is made here, and
     refused when it cannot be written, before any work is sent."""
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {str(out)!r} is a file, not a folder")
     run_folders.cache_clear()  # what a run wrote there is read now, not remembered from before
     wrote = run_folders(out.resolve())
     present = [name for name in RUN_OUTPUTS if (out / name).exists() or (out / name).is_symlink()]
@@ -307,13 +305,20 @@ def check_out(out: Path, overwrite: bool, writes: tuple = RUN_FOLDERS) -> list[s
     if foreign:
         raise UsageError(f"--out {str(out)!r} holds a folder {foreign[0]!r} that no scoring run wrote (no results.json "
                          f"beside it): this run writes its {foreign[0]} there; pass another --out")
+    check_writable(out)
+    return found
+
+
+def check_writable(out: Path) -> None:
+    """--out made, and refused (``UsageError``) when it is a file or cannot be written: before any work is sent."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {str(out)!r} is a file, not a folder: pass another --out")
     try:
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=out):
             pass
     except OSError as err:
         raise UsageError(f"--out {str(out)!r} cannot be written ({err.strerror or err}): pass another --out") from None
-    return found
 
 
 def clear_out(out: Path, found: list[str]) -> None:

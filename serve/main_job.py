@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -168,20 +167,6 @@ def build_parser(prog: str = "./run.sh main") -> argparse.ArgumentParser:
     return p
 
 
-def out_refused(out: Path) -> str | None:
-    """An --out that is a file or cannot be written, said before anything is written there (a traceback and exit
-    status 1 before)."""
-    try:
-        if out.exists() and not out.is_dir():
-            return f"--out {str(out)!r} is a file, not a folder: pass another --out"
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out):
-            pass
-    except OSError as err:
-        return f"--out {str(out)!r} cannot be written ({err.strerror or err}): pass another --out"
-    return None
-
-
 def inputs_refused(images: Path, category: str, threshold: str) -> str | None:
     """What the scoring run would refuse, said before minutes of export and start-up (None: nothing)."""
     paths = infer.part_images(str(images))
@@ -212,8 +197,10 @@ def main(argv=None, prog: str = "./run.sh main") -> int:
         print(f"error: the HTTP, gRPC and metrics ports must differ, got {asked}", file=sys.stderr)
         return 2
     out = Path(args.out)
-    if problem := out_refused(out):
-        print(f"error: {problem}", file=sys.stderr)
+    try:  # before anything is written there (a traceback and exit status 1 before)
+        infer.check_writable(out)
+    except infer.UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
     truth = None
     if args.images is None:
