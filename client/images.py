@@ -21,6 +21,7 @@ What cameras write, and how it is read:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import zlib
 from dataclasses import dataclass
@@ -172,23 +173,21 @@ def exif_orientation(img: Image.Image) -> int:
     return int(number) if number in UPRIGHT else 1
 
 
-def _is_regular_file(path: Path) -> bool:
-    """A plain file (a link to one included): a FIFO named x.png held the run for ever when it was opened."""
-    return path.is_file()
-
-
 def decode(path: str | Path, bit_depth: int | None = None, min_size=None) -> Decoded:
     """The image at ``path`` as 8-bit RGB, upright (see the module's notes). ``min_size`` (height, width): the image
     may be decoded at a reduced scale as long as both sides stay at least twice this. ValueError naming the file when
     it cannot be read."""
     path = Path(path)
     try:
-        if not _is_regular_file(path):
+        if not path.is_file():  # plain files only (a link to one too): a FIFO named x.png held the run for ever
             raise ValueError("not a file")
-        with Image.open(path) as stored:
-            orientation = exif_orientation(stored) if stored.format == "TIFF" else 1
-        unturned = _unturned_tiff(path) if orientation in UPRIGHT else None
-        with (unturned or Image.open(path)) as img:
+        with contextlib.ExitStack() as opened:
+            img = opened.enter_context(Image.open(path))
+            unturned = None
+            if img.format == "TIFF" and (orientation := exif_orientation(img)) in UPRIGHT:
+                unturned = _unturned_tiff(path)
+                if unturned is not None:
+                    img = opened.enter_context(unturned)
             source_mode = img.mode
             wide = _wide_colour_samples(img, path)  # before getexif: a PNG's getexif decodes it
             if unturned is None:
@@ -238,7 +237,7 @@ def image_size_of(path: str | Path) -> tuple[int, int] | None:
     """(width, height) of the upright image, from the file's header (nothing decoded), or None when it cannot be
     read."""
     try:
-        if not _is_regular_file(Path(path)):
+        if not Path(path).is_file():  # plain files only (a FIFO held the run for ever)
             return None
         with Image.open(path) as img:
             width, height = img.size
