@@ -373,14 +373,18 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.ood", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    lots = argparse.ArgumentParser(add_help=False)  # the set and the lots drawn from it, as collect draws them
-    lots.add_argument("--data", required=True)
-    lots.add_argument("--repository", default="model_repository")
-    lots.add_argument("--lot-size", type=int, default=36)
-    lots.add_argument("--defect-rate", type=float, default=0.05)
-    lots.add_argument("--splits", type=int, default=3)
-    lots.add_argument("--seed", type=int, default=0)
-    c = sub.add_parser("collect", parents=[lots])
+
+    def lots(parser, splits: int):
+        """The set and the lots drawn from it, as collect draws them."""
+        parser.add_argument("--data", required=True)
+        parser.add_argument("--repository", default="model_repository")
+        parser.add_argument("--lot-size", type=int, default=36)
+        parser.add_argument("--defect-rate", type=float, default=0.05)
+        parser.add_argument("--splits", type=int, default=splits)
+        parser.add_argument("--seed", type=int, default=0)
+        return parser
+
+    c = lots(sub.add_parser("collect"), splits=3)
     c.add_argument("--others", nargs="*", default=[], help="other products' sets (MVTec layout)")
     c.add_argument("--out", required=True)
     c.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE")
@@ -394,9 +398,8 @@ def main(argv=None) -> int:
     k = sub.add_parser("capture", help="brightness and contrast of a set's good and defective images, model-free")
     k.add_argument("--data", required=True, help="one category in the MVTec layout")
     k.add_argument("--size", type=int, default=224, help="the images' size as read (square, pixels)")
-    look = sub.add_parser("lookalikes", parents=[lots], help="brightness against the lot images an image looks most "
-                          "like, measured as an out-of-distribution statistic (not served)")
-    look.set_defaults(splits=10)
+    look = lots(sub.add_parser("lookalikes", help="brightness against the lot images an image looks most like, "
+                               "measured as an out-of-distribution statistic (not served)"), splits=10)
     look.add_argument("--k", type=int, default=3, help="look-alikes per image")
     look.add_argument("--budget", type=float, default=0.005, help="the lot's share the thresholds leave outside")
     args = p.parse_args(argv)
