@@ -434,6 +434,26 @@ def lower_quartile_scale(factor: float):
     return threshold
 
 
+def lower_group_size(scores, level: float = 1e-4, start_min: int = 12) -> int:
+    """How many of the lot's lowest scores the quartile model reads when the lot may be mostly defective: from its
+    lowest quarter (at least ``start_min``), the next score joins while the group's own quartile threshold at
+    ``level`` lies at or above it; where more than a sixth of the lot (``MIN_BREAKDOWN``) is left above the group,
+    that group, else the whole lot."""
+    s = np.sort(np.asarray(scores, dtype=np.float64))
+    n = len(s)
+    k = max(start_min, math.ceil(n / 4))
+    while k < n and s[k] <= calibrate(s[:k], None, level, DEFAULT_METHOD).threshold:
+        k += 1
+    return k if n - k > MIN_BREAKDOWN * n else n
+
+
+def lower_group(scores, budget: float) -> float:
+    """The quartile model read off ``lower_group_size``'s group: a lot more defective than the model tolerates,
+    whose defects lie above its good parts' own tail, read from its good parts alone."""
+    s = np.sort(np.asarray(scores, dtype=np.float64))
+    return calibrate(s[:lower_group_size(s)], None, budget, DEFAULT_METHOD).threshold
+
+
 def capped_threshold(scores, budget: float) -> float:
     """``decision``'s ``quartile_conformal``: the quartile model capped at the lot's order statistic at the budget."""
     return calibrate(scores, None, budget, "quartile_conformal").threshold
@@ -524,6 +544,7 @@ TAIL_ESTIMATORS = {
     "tail shape from q87.5, at least -0.5": shaped_tail(-0.5),
     "tail shape from q87.5, at least -1": shaped_tail(-1.0),
     "scale from the lower quartile x 1.5": lower_quartile_scale(1.5),
+    "read off the lowest group whose next score passes its own threshold at 0.01%": lower_group,
     # peaks of the map: rows of "-" for another image score, or a collect made before the peaks were kept
     "the lot's map peaks pooled, 1 per image above the level": pooled_peaks(1.0),
     "the lot's map peaks pooled, 2 per image above the level": pooled_peaks(2.0),

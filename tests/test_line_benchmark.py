@@ -226,6 +226,21 @@ def test_tail_estimators_beside_the_product(budget):
     assert line.shaped_tail(-1.0)(good, budget) == pytest.approx(product, rel=0.2)
 
 
+def test_the_lowest_group_reading_takes_a_mostly_defective_lot_from_its_good_parts_and_a_clean_lot_whole():
+    """A lot three quarters defective, its defects above its good parts' tail (MVTec bottle's test set is one), is
+    read from its good parts; a clean lot, or one whose defects are fewer than a sixth, is read whole."""
+    rng = np.random.default_rng(4)
+    good = 0.05 + rng.exponential(0.004, 20)
+    mostly_defective = np.concatenate([good, 0.09 + rng.exponential(0.05, 60)])
+    assert line.lower_group_size(mostly_defective) == 20
+    assert line.lower_group(mostly_defective, 0.01) == pytest.approx(line.shipped_threshold(good, 0.01))
+    assert line.lower_group(mostly_defective, 0.01) < 0.09 < line.shipped_threshold(mostly_defective, 0.01)
+    clean = rng.exponential(1.0, 36)
+    assert line.lower_group_size(clean) == 36 and line.lower_group(clean, 0.01) == line.shipped_threshold(clean, 0.01)
+    few = np.concatenate([good, 0.09 + rng.exponential(0.05, 3)])  # under a sixth: left to the quartile model
+    assert line.lower_group_size(few) == len(few)
+
+
 def test_map_peaks_are_one_per_blob_and_plateau_on_the_patch_grid():
     maps = np.zeros((2, 28, 56), dtype=np.float32)  # 2 x 4 patch cells of 14 pixels
     maps[0, 0:14, 0:28] = 0.5  # one flat blob over two cells: one peak
