@@ -409,3 +409,50 @@ def test_the_recorded_command_hides_the_keys_value_and_nothing_else():
         ["pa-clip score", "--images", "/data/lot", "--key", "***", "--out", "runs/a1"]
     assert recorded_command("p", ["--ke=s3cret", "--k", "s3cret", "--bank", "s3cret"]) == \
         ["p", "--ke=***", "--k", "***", "--bank", "s3cret"]
+
+
+def test_fail_on_fails_the_run_for_an_image_without_a_score(monkeypatch, tmp_path, capsys):
+    """An image the server scored NaN (decided invalid) was not shown to be good: --fail-on anomalous fails the run
+    for it (exit status 1, saying it was not decided), though no image was decided anomalous. A stand-in client
+    answers for the server; the rest of the run is infer.main's own."""
+    from PIL import Image
+
+    from client import exits, infer
+
+    lot = np.r_[np.linspace(0.04, 0.06, 40), 0.2]
+    info = {"image_size": [16, 16], "n_images": 41, "bytes_on_disk": 0, "bytes_in_memory": 0, "map_range": [0.0, 1.0],
+            "decision": calibrate(lot).to_dict(), "config": {}}
+
+    class StandIn:
+        url = "stand-in"
+
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def check_ready(self):
+            pass
+
+        def encoder(self):
+            return {"encoder": {"backbone": "stand-in"}, "has_text": True}
+
+        def bank_info(self, bank):
+            return dict(info)
+
+        def score(self, images, bank):  # the image filled with 2 gets no score; the others a normal one
+            scores = np.where(images.reshape(len(images), -1)[:, 0] == 2, np.nan, 0.05)
+            return np.zeros((len(images), 16, 16), np.float32), scores.astype(np.float32)
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(infer, "PAClipClient", StandIn)
+    (tmp_path / "images").mkdir()
+    for i in range(4):
+        Image.fromarray(np.full((16, 16, 3), i, np.uint8)).save(tmp_path / "images" / f"{i}.png")
+    argv = ["--images", str(tmp_path / "images"), "--bank", "b", "--out", str(tmp_path / "out"), "--no-overlays",
+            "--quiet", "--concurrency", "1"]
+    capsys.readouterr()
+    assert infer.main([*argv, "--fail-on", "anomalous"]) == exits.FLAGGED
+    err = capsys.readouterr().err
+    assert "1 image(s) not decided (unreadable, or no score)" in err and "decided so" not in err
+    assert infer.main([*argv, "--overwrite"]) == exits.OK  # without --fail-on the same run is done

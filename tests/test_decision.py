@@ -356,3 +356,26 @@ def test_a_lot_whose_scores_tie_where_the_threshold_reads_them_is_provisional():
     confidence = calibrate(lot).confidence()
     assert confidence["provisional"] and "tied where the threshold reads them" in confidence["text"]
     assert not calibrate(0.05 + rng.exponential(0.01, 100)).confidence()["provisional"]
+
+
+def test_provisional_counts_the_images_the_threshold_reads_not_the_lots_size():
+    """37 images at 1% would be enough (36 needed), but 2 are left out as suspected defects: the threshold reads 35,
+    too few to measure the budget's tail, so the statement is provisional and says 35."""
+    rng = np.random.default_rng(0)
+    lot = np.r_[0.03 + rng.exponential(0.01, 35), [5.0, 6.0]]
+    cal = calibrate(lot, None, 0.01, "trimmed_tail")
+    assert cal.n_images == 37 and cal.n_excluded == 2 and not cal.tied  # the premise: only the count can make it so
+    confidence = cal.confidence()
+    assert confidence["reference_images"] == 35 < confidence["images_needed"] == images_needed(0.01) <= 37
+    assert confidence["provisional"] and "35 images cannot measure" in confidence["text"]
+
+
+def test_the_trim_leaves_out_everything_above_the_deepest_gap_not_only_the_shallowest():
+    """Two defects far above 60 good parts and apart from each other: each has a wide gap below it. The trim takes
+    the deepest such gap, both defects; stopping at the first (the top one alone) kept 0.3 in the reference, and a
+    1% threshold read past the lot's largest score then lay above it."""
+    rng = np.random.default_rng(0)
+    lot = np.r_[0.03 + rng.exponential(0.01, 60), [0.3, 1.0]]
+    cal = calibrate(lot, None, 0.01, "lot_quantile")
+    assert cal.n_excluded == 2 and max(cal.reference) < 0.3
+    assert cal.threshold < 0.3 and decide(cal.calibrated([0.3, 1.0])) == ["anomalous", "anomalous"]

@@ -102,6 +102,25 @@ def test_the_exif_orientation_is_applied(tmp_path):
     assert got[15, 55, 2] > 200 and got[15, 55, 0] < 60
 
 
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_every_exif_orientation_reads_as_pillows_own_exif_transpose(tmp_path, orientation):
+    """Each of the eight orientations (mirrored ones included, 5 and 7 among them, which tests turning a quarter
+    alone cannot tell apart) is undone as Pillow's reference ``exif_transpose`` undoes it. A lossless PNG with an
+    eXIf chunk, and a picture with no symmetry (random pixels, 6 x 10), so that any wrong transposition shows."""
+    from PIL import ImageOps
+
+    rng = np.random.default_rng(orientation)
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = orientation
+    Image.fromarray(rng.integers(0, 256, (6, 10, 3), dtype=np.uint8)).save(tmp_path / "turned.png", exif=exif)
+    with Image.open(tmp_path / "turned.png") as stored:
+        expected = np.asarray(ImageOps.exif_transpose(stored).convert("RGB"))
+    decoded = decode(tmp_path / "turned.png")
+    assert decoded.orientation == orientation
+    np.testing.assert_array_equal(np.asarray(decoded.rgb), expected)
+    assert image_size_of(tmp_path / "turned.png") == (expected.shape[1], expected.shape[0])
+
+
 @pytest.mark.parametrize("samples", ["grey8", "grey12", "rgb8", "rgb12"])
 @pytest.mark.parametrize("orientation", [3, 6, 8])
 def test_a_tiffs_orientation_is_applied_once(tmp_path, samples, orientation):

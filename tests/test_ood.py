@@ -67,6 +67,17 @@ def test_a_lot_image_read_off_its_served_float16_map_is_still_inside():
     assert not tiny.outside(served)[0].any()
 
 
+def test_a_lot_image_far_below_the_rest_is_inside_its_own_two_sided_calibration():
+    """Two-sided statistics get a lower bound from the tail of the negated values, which one dark image far below
+    the rest does not stretch: the bound would lie above it. The lot's own bottom value caps it, as its top caps the
+    upper bound: no lot image is foreign to its own lot."""
+    brightness = np.r_[120 + np.linspace(0, 1, 39), 60.0]
+    calibration = ood.calibrate_ood({"brightness": brightness}, ("brightness",))
+    assert calibration.low["brightness"] <= 60.0 and calibration.high["brightness"] >= 121.0
+    assert not calibration.outside({"brightness": brightness})[0].any()
+    assert calibration.outside({"brightness": np.array([50.0])})[0].all()  # darker than the lot's darkest still is
+
+
 def test_a_bank_decides_a_black_frame_out_of_distribution_and_its_own_parts_not(tiny_clip_112, lot):
     scorer = LotScorer(tiny_clip_112, lot, "washer", progress=False)
     bank, report = build_bank(scorer, PAClipConfig(), "washer", tiny_clip_112.fingerprint)
@@ -175,6 +186,18 @@ def test_the_drift_alarm_reads_every_statistic_and_pays_for_reading_several():
 
     alone = ks_2samp(darker["brightness"], lot["brightness"]).pvalue
     assert dark["drift_p"] == pytest.approx(min(1.0, 3 * alone)) and dark["drift_p"] < ALARM_P
+
+
+def test_a_window_smaller_than_min_images_never_alarms_however_far_off():
+    """Too few images say too little for an alarm: a window of 10 far above the lot has a p-value below the alarm
+    level but raises nothing; MIN_IMAGES of the same far-off values do."""
+    from postprocess.drift import ALARM_P, MIN_IMAGES, drift_test
+
+    lot = {"brightness": np.linspace(100, 140, 36)}
+    few = drift_test(lot, {"brightness": 200 + np.arange(10.0)})
+    assert 10 < MIN_IMAGES and few["drift_p"] < ALARM_P and not few["alarm"]
+    enough = drift_test(lot, {"brightness": 200 + np.arange(float(MIN_IMAGES))})
+    assert enough["drift_p"] < ALARM_P and enough["alarm"]
 
 
 def test_one_part_sent_over_and_over_is_one_image_of_the_window():
