@@ -29,6 +29,7 @@ from .local import LocalServer, ServerError, free_ports, from_caller, listen_fre
 DEFAULT_PORTS = (8000, 8001, 8002)
 START_ATTEMPTS = 3  # another job may take a port between the pick and the bind: pick again
 SETTLE_S = 1.0
+KEPT_LOGS = 5  # the newest tritonserver logs a run leaves in --out (one per run: they piled up)
 
 
 def pick_ports(asked: tuple, preferred: tuple[int, int, int] = DEFAULT_PORTS) -> tuple[int, int, int]:
@@ -54,6 +55,7 @@ def start_server(args, out: Path) -> LocalServer:
     asked = (args.http_port, args.grpc_port, args.metrics_port)
     # one log per run: two jobs on one output folder do not interleave their servers' lines
     log = out / f"tritonserver-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    prune_logs(out, KEPT_LOGS - 1)
     for attempt in range(START_ATTEMPTS):
         ports = pick_ports(asked)
         server = LocalServer(args.repository, args.banks, http_port=ports[0], grpc_port=ports[1],
@@ -73,6 +75,12 @@ def start_server(args, out: Path) -> LocalServer:
                 raise
             print(f"a port was taken meanwhile ({str(err).splitlines()[0]}); picking others", file=sys.stderr)
     raise AssertionError("unreachable")
+
+
+def prune_logs(out: Path, keep: int) -> None:
+    """Remove all but the ``keep`` newest server logs earlier runs left in ``out`` (their names sort by time)."""
+    for old in sorted(out.glob("tritonserver-*.log"))[:-keep or None]:
+        old.unlink(missing_ok=True)
 
 
 def lost_port_race(message: str) -> bool:

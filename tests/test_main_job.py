@@ -95,3 +95,13 @@ def test_ports_asked_for_one_role_are_not_taken_for_another():
         asked = tuple(usual[1] if i == role else None for i in range(3))
         picked = main_job.pick_ports(asked, usual)
         assert len(set(picked)) == 3 and picked[role] == usual[1], (asked, picked)
+
+
+def test_a_run_leaves_the_newest_server_logs_and_removes_the_older_ones(tmp_path):
+    """One log per run piled up in --out; the newest KEPT_LOGS stay (the new run's among them), nothing else goes."""
+    names = [f"tritonserver-202612{day:02d}-120000-{day}.log" for day in range(1, 9)]
+    for name in names:
+        (tmp_path / name).write_text("log")
+    (tmp_path / "results.csv").write_text("rank")
+    main_job.prune_logs(tmp_path, main_job.KEPT_LOGS - 1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.csv"] + names[-(main_job.KEPT_LOGS - 1):]
