@@ -4,11 +4,14 @@ Triton 2.51 keeps saying ready while a Python model's stub process is dead (kill
 request to it fails with "Stub process ... is not healthy" and nothing restarts it. ``Canaries`` sends each such model
 a request carrying the ``pa_clip_canary`` parameter, which our models answer at once, without work, with the error
 ``<model>: alive`` (``postprocess.serving.canary_response``); any other answer is a dead model. A canary still
-waiting (the model busy with a long build) is not a failure, and no second one is sent meanwhile.
+waiting (the model busy with a long build) is not a failure, and no second one is sent meanwhile; nor is one that
+this process could not send for want of file descriptors (EMFILE: a flood of connections to the guards restarted a
+healthy tritonserver over and over).
 """
 
 from __future__ import annotations
 
+import errno
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,9 +21,11 @@ from tritonclient.grpc import model_config_pb2
 from tritonclient.utils import triton_to_np_dtype
 
 from export.triton_config import read_config
+from postprocess.logs import get_logger
 from postprocess.serving import CANARY_PARAMETER, canary_message
 
 PYTHON_BACKEND = "python"
+OUT_OF_FILES = (errno.EMFILE, errno.ENFILE)  # this process (or the system) has no file descriptor left
 DTYPES = {"TYPE_STRING": "BYTES", "TYPE_FP16": "FP16", "TYPE_FP32": "FP32", "TYPE_UINT8": "UINT8",
           "TYPE_INT64": "INT64", "TYPE_INT32": "INT32", "TYPE_BOOL": "BOOL"}
 
@@ -85,17 +90,30 @@ class Canaries:
         return (not failures, "; ".join(failures))
 
     def probe(self, config, url: str, headers: dict) -> str:
-        """'' when the model answered as a live one, else what it answered."""
+        """'' when the model answered as a live one, or the canary could not be sent for want of file descriptors
+        here (that says nothing about the model); else what it answered."""
         try:
             client = self.http.InferenceServerClient(url, connection_timeout=3600, network_timeout=3600)
         except Exception as err:  # noqa: BLE001
-            return f"no client: {err}"
+            return _unsent(config.name, err) if _out_of_files(err) else f"no client: {err}"
         try:
             client.infer(config.name, canary_inputs(config, self.http), headers=headers,
                          parameters={CANARY_PARAMETER: True})
             return "answered a canary as a real request"
         except Exception as err:  # noqa: BLE001 (tritonclient's exception, or the connection)
+            if _out_of_files(err):
+                return _unsent(config.name, err)
             message = getattr(err, "message", lambda: str(err))()
             return "" if canary_message(config.name) in str(message) else str(message)
         finally:
             client.close()
+
+
+def _out_of_files(err: BaseException) -> bool:
+    return isinstance(err, OSError) and err.errno in OUT_OF_FILES
+
+
+def _unsent(model: str, err: BaseException) -> str:
+    get_logger("serve").warning(f"canary of {model} not sent: {err} (this process is out of file descriptors; "
+                                "the model is not judged by it)")
+    return ""

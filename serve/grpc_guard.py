@@ -11,6 +11,11 @@ asking for the guard's per-start secret (health aside), and clients reach it thr
   control character, checks an inference request's claimed shapes against what it carries and against the limits,
   and refuses a shared-memory registration of the server's own regions (``serve.request_checks``); a registration
   Triton cannot make is the client's INVALID_ARGUMENT, not INTERNAL;
+- holds at most ``max_connections`` connections (``connection_cap``), closing one that has not started HTTP/2
+  within ``keyless_timeout_s``;
+- handles at most ``max_keyless_calls`` health calls without the key at once (more: RESOURCE_EXHAUSTED, retry), and
+  cancels one whose message has not come within ``keyless_timeout_s``: a unary handler holds a worker thread until
+  its message arrives, and 16 keyless calls that never sent one held them all (keyed calls timed out);
 - answers ServerReady with false while the supervisor's canaries say a model is down;
 - forwards the message bytes unchanged otherwise. Streaming inference is not served (the product's models answer
   one response per request: use ModelInfer).
@@ -19,6 +24,7 @@ asking for the guard's per-start secret (health aside), and clients reach it thr
 from __future__ import annotations
 
 import hmac
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -29,7 +35,7 @@ from postprocess.errors import BUSY
 
 from .http_guard import INTERNAL_HEADER
 from .request_checks import (InflightBudget, Limits, Refused, check_carried, check_region_key, check_shape,
-                             check_tensor_names, has_control_character)
+                             check_tensor_names, connection_cap, has_control_character)
 
 SERVICE = "/inference.GRPCInferenceService/"
 STREAMING = {"ModelStreamInfer"}
@@ -46,6 +52,7 @@ REQUEST_TYPES = {m.name: getattr(service_pb2, m.input_type.name)
                  for m in service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods}
 REGISTRATIONS = {"SystemSharedMemoryRegister", "CudaSharedMemoryRegister"}
 NAME_FIELDS = ("name", "model_name", "region_name")
+KEYLESS_MESSAGE_BYTES = 4096  # a health request is a model's name and version
 
 
 def check_names(message) -> None:
@@ -87,6 +94,9 @@ class GrpcGuard:
         self.limits, self.key, self.secret, self.health = limits, key, secret, health
         self.workers = workers
         self.budget = InflightBudget(limits.max_inflight_bytes)  # messages checked and forwarded right now
+        # health calls without the key handled now: fewer than the workers, so keyed calls always find one
+        self.max_keyless_calls = max(1, min(limits.max_keyless_calls, workers - 1))
+        self.keyless = threading.BoundedSemaphore(self.max_keyless_calls)
         self.server = None
         self.channel = None
         self.set_upstream(upstream_port)
@@ -102,7 +112,13 @@ class GrpcGuard:
         self.server = grpc.server(ThreadPoolExecutor(self.workers, thread_name_prefix="grpc-guard"),
                                   handlers=[_Handlers(self)], maximum_concurrent_rpcs=4 * self.workers,
                                   options=[("grpc.max_receive_message_length", self.limits.max_request_bytes),
-                                           ("grpc.max_send_message_length", -1), ("grpc.so_reuseport", 0)])
+                                           ("grpc.max_send_message_length", -1), ("grpc.so_reuseport", 0),
+                                           # connections capped, and those that never start HTTP/2 closed soon:
+                                           # idle TCP connections exhausted the process's file descriptors
+                                           ("grpc.max_allowed_incoming_connections",
+                                            connection_cap(self.limits.max_connections)),
+                                           ("grpc.server_handshake_timeout_ms",
+                                            int(self.limits.keyless_timeout_s * 1000))])
         address = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
         try:
             bound = self.server.add_insecure_port(address)
@@ -124,15 +140,44 @@ class GrpcGuard:
             self.channel.close()
             self.channel = None
 
+    def has_key(self, metadata) -> bool:
+        """The call carries this server's key, or none is set."""
+        if not self.key:
+            return True
+        sent = next((v for k, v in metadata if k == KEY_METADATA), "")
+        return hmac.compare_digest(str(sent).encode(), self.key.encode())
+
     def key_refusal(self, name: str, metadata) -> str | None:
         """Why a call without this server's key is refused (None: it has the key, needs none, or none is set)."""
-        if not self.key or name in HEALTH:
-            return None
-        sent = next((v for k, v in metadata if k == KEY_METADATA), "")
-        if hmac.compare_digest(str(sent).encode(), self.key.encode()):
+        if name in HEALTH or self.has_key(metadata):
             return None
         return (f"this server needs its access key in the '{KEY_METADATA}' metadata (pa-clip score sends "
                 "$PA_CLIP_KEY)")
+
+    def keyless_health(self, method: str, requests, context) -> bytes:
+        """A health call without the key: one of at most ``max_keyless_calls`` at once, cancelled when its message has
+        not come within ``keyless_timeout_s`` (grpcio has no such timeout: a call that never sent one held a worker
+        thread for good)."""
+        if not self.keyless.acquire(blocking=False):
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{self.max_keyless_calls} health calls without the "
+                          "access key are under way already: retry in a moment")
+        timer = threading.Timer(self.limits.keyless_timeout_s, context.cancel)
+        try:
+            timer.start()
+            try:
+                request = next(requests, None)
+            except grpc.RpcError:  # cancelled: by the timer, or by the client
+                return b""  # not sent: the call is over
+            timer.cancel()
+            if request is None:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the call ended without its request message")
+            if len(request) > KEYLESS_MESSAGE_BYTES:  # nor the in-flight budget keyed calls share (as HTTP's health)
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"a {len(request)}-byte health message; at most "
+                              f"{KEYLESS_MESSAGE_BYTES} without the access key")
+            return self.forward(method, request, context)
+        finally:
+            timer.cancel()
+            self.keyless.release()
 
     def forward(self, method: str, request: bytes, context) -> bytes:
         name = method[len(SERVICE):]
@@ -198,7 +243,11 @@ class _Handlers(grpc.GenericRpcHandler):
             def refuse(_requests, context):
                 context.abort(grpc.StatusCode.UNIMPLEMENTED, "streaming inference is not served: use ModelInfer")
             return grpc.stream_stream_rpc_method_handler(refuse)
-        if (refusal := self.guard.key_refusal(name, details.invocation_metadata or ())) is not None:
+        metadata = details.invocation_metadata or ()
+        if name in HEALTH and not self.guard.has_key(metadata):
+            return grpc.stream_unary_rpc_method_handler(lambda requests, context: self.guard.keyless_health(
+                method, requests, context))  # its message read with a bounded wait, a few such calls at once
+        if (refusal := self.guard.key_refusal(name, metadata)) is not None:
             # refused from the call's metadata, before its message is read: a unary handler runs only once the
             # whole message (up to max_request_bytes) has arrived, and calls without a key could hold that much each
             def unauthenticated(_requests, context):

@@ -13,7 +13,10 @@ Refused before Triton sees them, each with a 4xx and a message that says what is
   match what it carries or claim too much (images over the encoder's side); a shared-memory registration of one of
   the server's own regions;
 - a client too slow to send: idle, head and body read timeouts, and a body that falls under ``min_body_rate_bps``
-  on average once ``body_grace_s`` have passed.
+  on average once ``body_grace_s`` have passed;
+- connections past ``max_connections`` (all addresses; ``connection_cap``: lowered under a low file limit) or, with a
+  key, past ``max_keyless_connections_per_peer`` of one address that have not yet sent the key (503, closed at once);
+  such a connection also has only ``keyless_timeout_s`` to send each request head.
 
 ``/v2/health/ready`` is answered by the guard itself while the supervisor's canaries say a model is down.
 """
@@ -34,7 +37,7 @@ import h11
 from postprocess.contract import ACCESS_KEY_HEADER
 
 from .request_checks import (InflightBudget, Limits, Refused, check_inference_json, check_region_key,
-                             load_json)
+                             connection_cap, load_json)
 
 INTERNAL_HEADER = "pa-clip-internal"  # the per-start secret tritonserver's own ports ask for
 # tritonserver 2.51 drops a request head of 8 KB or more (9 KB: it closed the connection unanswered, 502): a client's
@@ -52,6 +55,20 @@ NOT_FORWARDED = {b"connection", b"keep-alive", b"expect", b"transfer-encoding", 
 READ_SIZE = 1 << 16
 
 
+def _refusal(message: str) -> bytes:
+    """A whole 503 answer, for a connection refused before h11 reads anything of it."""
+    body = json.dumps({"error": message}).encode()
+    return (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nconnection: close\r\n"
+            b"content-length: %d\r\n\r\n" % len(body)) + body
+
+
+class _Client:
+    """One client connection: its address, and whether it has sent the key (or none is asked)."""
+
+    def __init__(self, peer: str, keyed: bool):
+        self.peer, self.keyed = peer, keyed
+
+
 class HttpGuard:
     """``start()`` listens on (host, port) in a thread of its own and forwards to 127.0.0.1:upstream_port.
 
@@ -67,6 +84,9 @@ class HttpGuard:
         self._thread = threading.Thread(target=self._loop.run_forever, name="http-guard", daemon=True)
         self._server = None
         self._idle: set = set()  # connection tasks waiting for a client's next request (keep-alive)
+        self.max_connections = connection_cap(limits.max_connections)
+        self.open = 0  # connections open now
+        self.keyless: dict = {}  # address -> its connections open now that have not sent the key
         self.budget = InflightBudget(limits.max_inflight_bytes)  # request bodies held right now
 
     def start(self) -> "HttpGuard":
@@ -115,21 +135,41 @@ class HttpGuard:
 
     # -- one client connection --------------------------------------------------------------------------------
     async def _serve(self, reader, writer):
+        client = _Client(str((writer.get_extra_info("peername") or ("?",))[0]), keyed=not self.key)
+        # connections are capped, and those that have not sent the key more tightly per address: idle keyless
+        # connections from one machine ran the process out of file descriptors (keyed clients got 503, then nothing)
+        if self.open >= self.max_connections:
+            refusal = f"the server has {self.open} connections open (at most {self.max_connections}): retry later"
+        elif not client.keyed and self.keyless.get(client.peer, 0) >= self.limits.max_keyless_connections_per_peer:
+            refusal = (f"{self.limits.max_keyless_connections_per_peer} connections from {client.peer} have not sent "
+                       f"the access key yet: send '{ACCESS_KEY_HEADER}', or retry later")
+        else:
+            refusal = None
+        if refusal is not None:
+            writer.write(_refusal(refusal))
+            writer.close()
+            return
+        self.open += 1
+        if not client.keyed:
+            self.keyless[client.peer] = self.keyless.get(client.peer, 0) + 1
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
         upstream = _Upstream(self)
         try:
             while True:
                 self._idle.add(asyncio.current_task())
+                # without the key, a connection has keyless_timeout_s for each head (and the wait before it)
+                limits, short = self.limits, self.limits.keyless_timeout_s
+                first, whole = ((limits.idle_timeout_s, limits.head_timeout_s) if client.keyed else
+                                (min(limits.idle_timeout_s, short), min(limits.head_timeout_s, short)))
                 try:
-                    event, head = await _next_event(conn, reader, self.limits.idle_timeout_s,
-                                                    self.limits.head_timeout_s)
+                    event, head = await _next_event(conn, reader, first, whole)
                 finally:
                     self._idle.discard(asyncio.current_task())
                 if not isinstance(event, h11.Request):
                     return  # the client closed, or timed out between requests
                 try:
                     _check_head(head)
-                    await self._handle(conn, reader, writer, event, upstream)
+                    await self._handle(conn, reader, writer, event, upstream, client)
                 except Refused as refused:
                     await _answer(conn, writer, refused.status, str(refused), close=True)
                     return  # what else it sent is unread: close
@@ -148,8 +188,20 @@ class HttpGuard:
         finally:
             upstream.close()
             writer.close()
+            self.open -= 1
+            if not client.keyed:
+                self._not_keyless(client)
 
-    async def _handle(self, conn, reader, writer, request: h11.Request, upstream) -> None:
+    def _not_keyless(self, client: _Client) -> None:
+        """``client`` no longer counts as a connection without the key (it sent it, or it closed)."""
+        left = self.keyless.get(client.peer, 0) - 1
+        if left > 0:
+            self.keyless[client.peer] = left
+        else:
+            self.keyless.pop(client.peer, None)
+        client.keyed = True
+
+    async def _handle(self, conn, reader, writer, request: h11.Request, upstream, client: _Client) -> None:
         headers = _header_lists(request.headers)
         path = request.target
         if request.method not in (b"GET", b"POST"):
@@ -161,9 +213,12 @@ class HttpGuard:
         if repeated:
             raise Refused(400, f"header {', '.join(repeated)} sent more than once")
         health = HEALTH.fullmatch(path) is not None
-        if self.key and not health:
+        if self.key:
             sent = headers.get(ACCESS_KEY_HEADER.encode(), [b""])[0]
-            if not hmac.compare_digest(sent, self.key.encode()):
+            if hmac.compare_digest(sent, self.key.encode()):
+                if not client.keyed:  # the documented timeouts from now on, and out of its address's count
+                    self._not_keyless(client)
+            elif not health:
                 raise Refused(401, f"this server needs its access key in the '{ACCESS_KEY_HEADER}' header "
                                    "(pa-clip score sends $PA_CLIP_KEY)")
         size = await self._check_length(conn, writer, request, headers, keyless=health)

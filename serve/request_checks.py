@@ -12,6 +12,7 @@ import json
 import math
 import os
 import re
+import resource
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,6 +74,25 @@ class Limits:
     # trickles a byte now and then is dropped): 16 KB/s is a 130 kbit/s line
     min_body_rate_bps: int = 16 << 10
     body_grace_s: float = 30.0
+    # What a client without the access key (when the server has one) may hold, so that keyed clients always find
+    # room: a probe's 1000 idle keyless connections ran the process out of file descriptors, and 16 gRPC health calls
+    # whose message never came held every worker thread.
+    # to send a whole request head (HTTP, also between requests) or message (gRPC), and gRPC's connection preface
+    keyless_timeout_s: float = 10.0
+    max_connections: int = 1024  # per guard, all addresses together (more: HTTP 503, gRPC closed; connection_cap)
+    max_keyless_connections_per_peer: int = 64  # HTTP connections of one address that have not yet sent the key
+    max_keyless_calls: int = 4  # gRPC health calls without the key handled at once (more: RESOURCE_EXHAUSTED)
+
+
+FDS_KEPT = 256  # file descriptors left to the rest of the process (tritonserver's pipes, canaries, logs)
+
+
+def connection_cap(limit: int) -> int:
+    """``limit`` (``Limits.max_connections``), lowered to a third of what the process's file-descriptor limit
+    leaves past ``FDS_KEPT``, for each guard: an HTTP connection may hold two (the client's, tritonserver's), a gRPC
+    one one. Running out failed keyed clients' accept() and made the canaries fail with EMFILE."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return limit if soft == resource.RLIM_INFINITY else max(16, min(limit, (soft - FDS_KEPT) // 3))
 
 
 def load_json(data: bytes, what: str, max_depth: int):

@@ -31,9 +31,35 @@ def test_with_an_access_key_nothing_but_health_answers_without_it(repository, wo
             assert keyed.list_banks() == []
             keyed.close()
         assert srv.ready()  # health stays open for probes
+        # the administrative APIs too: metadata and the model's configuration, over gRPC and HTTP
+        import grpc
+        import urllib.error
+        import urllib.request
+
+        from tritonclient.grpc import service_pb2
+
+        channel = grpc.insecure_channel(srv.grpc_url)
+        for method, message in (("ServerMetadata", service_pb2.ServerMetadataRequest()),
+                                ("ModelMetadata", service_pb2.ModelMetadataRequest(name="pa_clip")),
+                                ("ModelConfig", service_pb2.ModelConfigRequest(name="pa_clip"))):
+            call = channel.unary_unary(f"/inference.GRPCInferenceService/{method}")
+            for wrong in ([], [("triton-grpc-protocol-pa-clip-key", "not-the-key-at-all-000")]):
+                with pytest.raises(grpc.RpcError) as refused:
+                    call(message.SerializeToString(), metadata=wrong, timeout=30)
+                assert refused.value.code() is grpc.StatusCode.UNAUTHENTICATED, (method, refused.value)
+            assert call(message.SerializeToString(), metadata=[("triton-grpc-protocol-pa-clip-key", key)], timeout=30)
+        channel.close()
+        for path in ("/v2", "/v2/models/pa_clip/config"):
+            for wrong in ({}, {"pa-clip-key": "not-the-key-at-all-000"}):
+                with pytest.raises(urllib.error.HTTPError) as refused:
+                    urllib.request.urlopen(urllib.request.Request(f"http://{srv.http_url}{path}", headers=wrong),
+                                           timeout=30)
+                assert refused.value.code == 401, path
+            with urllib.request.urlopen(urllib.request.Request(f"http://{srv.http_url}{path}",
+                                                               headers={"pa-clip-key": key}), timeout=30) as answer:
+                assert answer.status == 200, path
         # a call without the key is refused from its metadata, before its message is read: one whose message never
         # comes is answered at once (the guard held every such message, up to 256 MB each, before it checked)
-        import grpc
         import time
 
         channel = grpc.insecure_channel(srv.grpc_url)
@@ -72,11 +98,13 @@ def test_with_an_access_key_nothing_but_health_answers_without_it(repository, wo
         srv.stop()
 
 
-def test_serve_refuses_to_open_up_without_a_key(repository):
-    proc = subprocess.run([sys.executable, "-m", "serve", "--repository", str(repository), "--host", "0.0.0.0"],
-                          cwd=ROOT, capture_output=True, text=True, env={k: v for k, v in os.environ.items()
-                                                                       if k != "PA_CLIP_KEY"})
-    assert proc.returncode == 2 and "give an access key" in proc.stderr
+@pytest.mark.parametrize("host", ["0.0.0.0", "10.0.0.1", "192.168.1.5"])
+def test_serve_refuses_to_open_up_without_a_key(repository, host):
+    """Any address off loopback, not only the wildcard: one interface's address opens the server as much."""
+    proc = subprocess.run([sys.executable, "-m", "serve", "--repository", str(repository), "--host", host],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={k: v for k, v in os.environ.items() if k != "PA_CLIP_KEY"})
+    assert proc.returncode == 2 and "give an access key" in proc.stderr and host in proc.stderr, proc.stderr
 
 
 

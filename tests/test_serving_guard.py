@@ -459,6 +459,149 @@ def test_clients_that_claim_much_and_trickle_do_not_stop_valid_requests(server, 
         guard.stop()
 
 
+KEY = "k" * 8 + "-test-key-0123456789"
+
+
+def test_keyless_grpc_health_calls_cannot_hold_the_workers(server):
+    """The probe: health answers without the key, and a unary handler holds a worker thread until its message
+    comes: 16 keyless ServerLive calls that never sent one held every worker (keyed calls timed out), 64 reached
+    grpcio's maximum_concurrent_rpcs (RESOURCE_EXHAUSTED). Now a few are handled at once (the others refused at
+    once), each cancelled when its message has not come within keyless_timeout_s. Connections are capped too
+    (max_connections), and one that never starts HTTP/2 is closed after keyless_timeout_s."""
+    import threading
+
+    import grpc
+    from tritonclient.grpc import service_pb2
+
+    from serve.grpc_guard import KEY_METADATA, SERVICE, GrpcGuard
+
+    limits = Limits(max_request_bytes=MAX_REQUEST, keyless_timeout_s=1.5, max_keyless_calls=4, max_connections=20)
+    port = free_ports(1)[0]
+    guard = GrpcGuard("127.0.0.1", port, server.internal_grpc, limits, key=KEY, secret=server.secret).start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    stop = threading.Event()
+
+    def never_sends():
+        stop.wait()
+        yield from ()
+
+    stalled, idle = [], []
+    try:
+        channel.unary_unary(f"{SERVICE}ServerLive")(b"", timeout=10)  # connected
+        idle = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(20)]  # never start HTTP/2
+        time.sleep(0.3)
+        assert idle[-1].recv(4096) == b""  # over the 20 connections: closed at once
+        stalled = [channel.stream_unary(f"{SERVICE}ServerLive").future(never_sends()) for _ in range(70)]
+        time.sleep(0.5)  # all of them at the guard
+        started = time.monotonic()
+        answer = channel.unary_unary(f"{SERVICE}ServerMetadata")(b"", metadata=[(KEY_METADATA, KEY)], timeout=5)
+        assert service_pb2.ServerMetadataResponse.FromString(answer).name == "triton"
+        assert time.monotonic() - started < 2
+        codes = []
+        for call in stalled:
+            with pytest.raises(grpc.RpcError) as ended:
+                call.result(timeout=10)
+            codes.append(ended.value.code())
+        assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) >= 70 - 4, codes
+        assert time.monotonic() - started < 5  # the waiting ones cancelled after 1.5 s
+        live = channel.unary_unary(f"{SERVICE}ServerLive")(b"", timeout=10)  # health still answers without the key
+        assert service_pb2.ServerLiveResponse.FromString(live).live
+        for sock in idle[:-1]:  # closed (after a GOAWAY) once keyless_timeout_s passed
+            while sock.recv(4096):
+                pass
+    finally:
+        stop.set()
+        for sock in idle:
+            sock.close()
+        for call in stalled:
+            call.cancel()
+        channel.close()
+        guard.stop()
+
+
+def test_keyless_http_connections_are_capped_and_time_out_soon(server):
+    """The probe: a thousand idle TCP connections without the key, 120 s idle timeout each, ran the process out of
+    file descriptors: keyed clients got 503, then nothing, and the canaries failed with EMFILE. A connection that
+    has not sent the key has keyless_timeout_s now, and one address may hold max_keyless_connections_per_peer of
+    them; all connections together max_connections (more: 503 at once). Keyed connections keep the idle timeout."""
+    limits = Limits(max_request_bytes=MAX_REQUEST, keyless_timeout_s=1.5, max_keyless_connections_per_peer=8,
+                    max_connections=24)
+    port = free_ports(1)[0]
+    guard = HttpGuard("127.0.0.1", port, server.internal_http, limits, key=KEY, secret=server.secret).start()
+
+    def connect(source: str):  # 127.0.0.0/8 is loopback: each source address is another peer
+        return socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(source, 0))
+
+    def ask(sock, target: str = "/v2/health/live", key: str | None = None) -> tuple[int, bytes]:
+        sock.sendall(request(b"", target, "GET", headers="Host: x\r\n" + (f"pa-clip-key: {key}\r\n" if key else "")))
+        response = HTTPResponse(sock)
+        response.begin()
+        return response.status, response.read()
+
+    def refused(sock) -> bool:
+        response = HTTPResponse(sock)
+        response.begin()  # without sending anything: the answer comes at once
+        return response.status == 503 and b"retry later" in response.read()
+
+    flood = []
+    try:
+        flood = [connect("127.0.0.1") for _ in range(8)]  # idle, no key: the address's share
+        time.sleep(0.2)
+        extra = connect("127.0.0.1")
+        assert refused(extra)
+        extra.close()
+        keyed = connect("127.0.0.2")
+        assert ask(keyed, "/v2", KEY)[0] == 200
+        for sock in flood:  # closed unanswered once keyless_timeout_s passed
+            assert sock.recv(4096) == b""
+            sock.close()
+        time.sleep(0.5)
+        assert ask(keyed)[0] == 200  # still open after twice the keyless timeout: the key was sent
+        with connect("127.0.0.1") as again:
+            assert ask(again)[0] == 200  # room again for that address
+        time.sleep(0.2)
+        assert guard.open == 1 and not guard.keyless
+        flood = [connect(f"127.0.0.{3 + i % 3}") for i in range(23)]  # every connection taken
+        time.sleep(0.2)
+        assert guard.open == 24
+        assert refused(connect("127.0.0.9"))
+        assert ask(keyed, "/v2", KEY)[0] == 200  # open connections go on
+        keyed.close()
+    finally:
+        for sock in flood:
+            sock.close()
+        guard.stop()
+
+
+def test_a_canary_this_process_cannot_send_is_not_a_dead_model(tmp_path):
+    """With its file descriptors exhausted (the flood above) the supervisor's canaries failed with EMFILE and it
+    restarted a healthy tritonserver over and over: a canary it cannot send says nothing about the model."""
+    script = """if True:
+        import resource, socket, types
+        from tritonclient.grpc import model_config_pb2
+        from serve.canary import Canaries
+        canaries = Canaries(types.SimpleNamespace(repository=%r, python_run_platforms=set()))
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            url = "127.0.0.1:%%d" %% s.getsockname()[1]  # closed: nothing answers
+        config = model_config_pb2.ModelConfig(name="pa_clip_score")
+        print(repr(canaries.probe(config, url, {})))  # a real failure
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+        held = []
+        try:
+            while True:
+                held.append(socket.socket())
+        except OSError:
+            pass
+        print(repr(canaries.probe(config, url, {})))
+    """ % str(tmp_path)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    dead, unsent = proc.stdout.splitlines()[-2:]
+    assert dead != "''" and unsent == "''", proc.stdout
+    assert "out of file descriptors" in proc.stderr
+
+
 @pytest.mark.slow
 def test_a_dead_stub_makes_health_false_and_the_server_comes_back(repository, workdir, lot):
     """Kill -9 of each Python-run model's stub (what the OOM killer does): ready must go false, the supervisor must
