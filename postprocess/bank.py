@@ -220,9 +220,12 @@ class BankManifest:
         while type(version) is int and version in MIGRATIONS:  # an older format: brought up to this one step by step
             values = MIGRATIONS[version](values)
             version = values.get("format_version")
-        if type(version) is not int or version != FORMAT_VERSION:
-            raise BankFormatError(f"bank {values.get('bank')!r} has format {version}, this server reads "
-                                  f"{FORMAT_VERSION}: rebuild it")
+        if type(version) is int and version > FORMAT_VERSION:
+            raise BankFormatError(f"bank {values.get('bank')!r} has format {version}, newer than this server reads "
+                                  f"({FORMAT_VERSION}): serve it with the newer server that wrote it, or rebuild it")
+        if type(version) is not int or version != FORMAT_VERSION:  # repr: a "7" read "format 7, this server reads 7"
+            raise BankFormatError(f"bank {values.get('bank')!r} has format {version!r}, not one this server reads (up "
+                                  f"to {FORMAT_VERSION}): the manifest is damaged; rebuild it")
         names = {f.name for f in dataclasses.fields(cls)}
         required = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING}
         if set(values) - names or required - set(values):

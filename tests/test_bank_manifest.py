@@ -3,6 +3,7 @@ before it wrote them: tests/fixtures/bank_store_format1) and writes them back th
 and damaged files."""
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -136,14 +137,19 @@ def test_legacy_host_fields_in_the_config_are_dropped_on_load(old_store, tiny_cl
     assert "memory_budget_mb" not in store.manifest("washer").to_dict()["config"]
 
 
-@pytest.mark.parametrize("version", [FORMAT_VERSION + 1, 0, None, "1", True])
+@pytest.mark.parametrize("version", [FORMAT_VERSION + 1, 0, None, "1", True, str(FORMAT_VERSION)])
 def test_formats_this_code_does_not_read_are_refused_with_what_to_do(old_store, tiny_clip_112, version):
     store, path = old_store
     raw = json.loads(path.read_text())
     raw["format_version"] = version
     path.write_text(json.dumps(raw))
     for read in (lambda: store.load("washer", tiny_clip_112.fingerprint), lambda: store.manifest("washer")):
-        with pytest.raises(BankError, match=f"bank 'washer' has format {version!s}, this server reads {FORMAT_VERSION}: rebuild it"):
+        # a newer server's bank: serve it there or rebuild; any other value (a "7" among them) named as it is
+        expected = (f"has format {version}, newer than this server reads \\({FORMAT_VERSION}\\): serve it with the "
+                    "newer server that wrote it, or rebuild it" if version == FORMAT_VERSION + 1 else
+                    f"has format {re.escape(repr(version))}, not one this server reads \\(up to {FORMAT_VERSION}\\)"
+                    ": the manifest is damaged; rebuild it")
+        with pytest.raises(BankError, match=f"bank 'washer' {expected}"):
             read()
     # the bank action 'list' still answers, naming the bank it cannot read and why
     service = BankService(store, tiny_clip_112.fingerprint, encode_images=None)
