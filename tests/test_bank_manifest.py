@@ -1,5 +1,6 @@
 """The bank manifest: a typed, versioned BankManifest that reads the banks already on a store (format 1, as the code
-before it wrote them: tests/fixtures/bank_store_format1) and writes them back the same, refusing formats it cannot read
+before it wrote them: tests/fixtures/bank_store_format1; format 6, as commit 01a982a wrote it, with what that code
+scored and decided: tests/fixtures/bank_store_format6) and writes them back the same, refusing formats it cannot read
 and damaged files."""
 
 import json
@@ -10,16 +11,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import BANK_STORAGE_TOL, assert_maps_within_contract
+from conftest import BANK_STORAGE_TOL, LOT_IMAGE_SIZE, assert_maps_within_contract
 from postprocess.bank import (ABSENT_SETTINGS, FORMAT_VERSION, BankError, BankManifest, build_bank, image_key,
                               score_with_bank)
 from postprocess.bank_store import BankStore
 from postprocess.config import PAClipConfig
-from postprocess.decision import DEFAULT_METHOD, Calibration
-from postprocess.pipeline import LotScorer
-from postprocess.serving import BankService
+from postprocess.decision import DEFAULT_METHOD, Calibration, Decider
+from postprocess.pipeline import LotScorer, encode_images
+from postprocess.serving import BankService, ScoreService
 
 FIXTURE = Path(__file__).parent / "fixtures" / "bank_store_format1"
+# bank 'washer' as the last code writing format 6 (commit 01a982a) built it, and what that code scored and decided for
+# the queries of format6_queries (tests/fixtures/write_bank_store_format6.py made both, run under that commit)
+FIXTURE_6 = Path(__file__).parent / "fixtures" / "bank_store_format6"
+OLD_RESULTS_6 = Path(__file__).parent / "fixtures" / "bank_store_format6.json"
 
 
 @pytest.fixture
@@ -186,3 +191,86 @@ def test_a_new_manifest_round_trips_and_its_optional_fields_stay_out_until_set(t
     version = BankStore(tmp_path).save(bank)
     assert bank.manifest.version == version and bank.manifest.built_at
     assert BankStore(tmp_path).manifest("washer") == bank.manifest
+
+
+def format6_queries(tmp_path: Path) -> np.ndarray:
+    """The queries the format-6 fixture's results are for, made again as the writer made them: 6 new demo washers (2
+    defective), the bank's lot's first 2 sent again, the first new one darkened, one of noise (uint8 [10,112,112,3])."""
+    from client.demo_lot import write_demo_lot
+    from client.infer import load_image
+
+    def demo(n, n_defective, seed):
+        folder = write_demo_lot(tmp_path / f"demo-{seed}", n_images=n, n_defective=n_defective, size=128, seed=seed)
+        return np.stack([load_image(p, LOT_IMAGE_SIZE)[1] for p in sorted(folder.glob("*.png"))])
+
+    lot, new = demo(12, 2, 7), demo(6, 2, 11)
+    dark = (new[:1].astype(np.float32) * 0.3).astype(np.uint8)
+    noise = np.random.default_rng(0).integers(0, 256, (1, LOT_IMAGE_SIZE, LOT_IMAGE_SIZE, 3), dtype=np.uint8)
+    return np.concatenate([new, lot[:2], dark, noise])
+
+
+def test_a_format_6_bank_written_by_the_old_code_scores_decides_and_grows_as_it_did(tmp_path, tiny_clip_112):
+    shutil.copytree(FIXTURE_6, tmp_path / "banks")
+    old = json.loads(OLD_RESULTS_6.read_text())
+    store = BankStore(tmp_path / "banks")
+    version = store.current_version("washer")
+    path = tmp_path / "banks" / "washer" / version
+    raw_text = (path / "manifest.json").read_text()
+    assert version == old["version"] and not (tmp_path / "banks" / "washer" / "monitor").exists()
+    # read as today's format; the manifest's own digest (format 6) is checked, and so are the files' and tensors'
+    manifest = store.manifest("washer")
+    assert json.loads(raw_text)["format_version"] == old["format_version"] == 6
+    assert manifest.format_version == FORMAT_VERSION
+    assert (path / "manifest.sha256").exists() and manifest.files and manifest.tensors and manifest.ood
+    assert manifest.accept_level is None and manifest.n_images == old["n_images"] == 12  # format 7's field: unset
+    assert store.verify("washer")["verified"] == "manifest, digests and tensors"
+
+    def encode(images):
+        return encode_images(tiny_clip_112, images, 8)
+
+    service = BankService(store, tiny_clip_112.fingerprint, encode, tiny_clip_112.encode_text)
+    assert service.handle("verify", "washer")["banks"][0]["ok"]
+    info = service.handle("info", "washer")
+    assert info["format_version"] == FORMAT_VERSION and info.get("accept_level") is None
+
+    # scores, calibrated scores and decisions (the default false-alarm rate's and another's) as the old code's
+    queries = format6_queries(tmp_path)
+    features = encode(queries)
+    maps, scores = ScoreService(store, tiny_clip_112.fingerprint).score(
+        "washer", features.layer_tokens, features.patch_embeds, features.image_embeds, queries)
+    np.testing.assert_allclose(scores, old["scores"], rtol=0, atol=1e-5)
+    for rate, key, threshold in ((None, "decisions", "threshold"),
+                                 (old["other_false_alarm_rate"], "decisions_other", "threshold_other")):
+        decider = Decider.for_bank(info, rate)
+        assert decider.raw_threshold == pytest.approx(old[threshold], abs=1e-5), key
+        got = [decider.decide(float(s), m, img) for s, m, img in zip(scores, maps, queries)]
+        assert [d["decision"] for d in got] == [d["decision"] for d in old[key]], key
+        np.testing.assert_allclose([d["calibrated"] for d in got], [d["calibrated"] for d in old[key]], rtol=0,
+                                   atol=1e-5, err_msg=key)
+    # the queries span the decisions: normal, anomalous at the looser rate, out of distribution (the dark, the noise)
+    assert {d["decision"] for d in old["decisions_other"]} == {"normal", "anomalous", "out_of_distribution"}
+
+    # growth (the update action) with today's code: a new version of today's format, its accept_level fixed at the
+    # first update (the lot's 75th-percentile reference as built); the dark part is left out as out of distribution
+    grow = queries[[0, 1, 2, 3, 4, 5, 8]]
+    service.handle("add", "washer", "washer", grow, {"reset": True})
+    out = service.handle("update", "washer")
+    report = out["update"]
+    assert report["written"] and report["scored"] == len(grow)
+    assert report["folded_in"] >= 1 and report["folded_in"] + len(report["left_out"]) == len(grow)
+    assert any(i["index"] == 6 and "out of distribution" in i["why"] for i in report["left_out"])
+    assert out["n_images"] == 12 + report["folded_in"] and out["format_version"] == FORMAT_VERSION
+    grown_version = store.current_version("washer")
+    assert grown_version != version and out["version"] == grown_version
+    assert isinstance(out["accept_level"], float) and 0 < out["accept_level"] < old["threshold"]
+    written = json.loads((tmp_path / "banks" / "washer" / grown_version / "manifest.json").read_text())
+    assert written["format_version"] == FORMAT_VERSION and written["accept_level"] == out["accept_level"]
+    assert (path / "manifest.json").read_text() == raw_text  # the old version stays as it was written
+    # today's code verifies, loads and scores the version it wrote
+    assert store.verify("washer")["verified"] == "manifest, digests and tensors"
+    reopened = BankStore(tmp_path / "banks")
+    grown = reopened.load("washer", tiny_clip_112.fingerprint)
+    assert grown.manifest.version == grown_version and grown.manifest.accept_level == out["accept_level"]
+    _, after = ScoreService(reopened, tiny_clip_112.fingerprint).score(
+        "washer", features.layer_tokens, features.patch_embeds, features.image_embeds, queries)
+    assert np.isfinite(after).all() and len(after) == len(queries)

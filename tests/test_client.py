@@ -153,6 +153,39 @@ def test_a_caption_states_the_threshold_the_decision_was_made_at():
     assert caption_for("a.png", row, 0.04).text().endswith("(calibrated 0.03; 0.5 = threshold)")
 
 
+def test_an_out_of_distribution_caption_names_the_reason_and_says_the_score_is_above_the_threshold_too():
+    """An image unlike the lot is not judged by its score alone: its overlay must say why it is out of distribution
+    and, when its score also calls it anomalous, that it is above the threshold (it is not a pass)."""
+    from client.infer import caption_for
+    from postprocess.ood import REASONS, reason
+
+    row = {"score": 0.2, "calibrated": 0.99, "decision": "out_of_distribution", "provisional": False,
+           "ood_reason": reason(["brightness"]), "over_threshold": True}
+    text = caption_for("a.png", row, None).text()
+    assert text.startswith("OUT OF DISTRIBUTION: ") and REASONS["brightness"] in text, text
+    assert text.endswith("above the threshold"), text
+    assert "above the threshold" not in caption_for("a.png", {**row, "over_threshold": False}, None).text()
+
+
+def test_an_out_of_distribution_row_keeps_whether_its_score_is_above_the_threshold():
+    """An image out of distribution loses its score's decision to 'out_of_distribution'; the row must keep whether
+    the score called it anomalous (--fail-on anomalous counts it, the caption says it)."""
+    from postprocess.ood import OodCalibration
+
+    lot = np.r_[np.linspace(0.04, 0.06, 40), 0.2]
+    # brightness between 100 and 150 is the lot's: the white images sent lie outside it
+    ood = OodCalibration(("brightness",), 0.01, {"brightness": (100.0, 125.0, 150.0)}, {"brightness": 100.0},
+                         {"brightness": 150.0})
+    decider = Decider(calibrate(lot), ood=ood)
+    threshold = decider.raw_threshold
+    rows = [{"path": "above.png", "score": threshold + 0.05}, {"path": "below.png", "score": threshold - 0.01}]
+    maps = np.full((2, 8, 8), 0.05, np.float32)
+    images = np.full((2, 8, 8, 3), 255, np.uint8)
+    add_decisions(rows, decider, maps, images)
+    assert [r["decision"] for r in rows] == ["out_of_distribution"] * 2
+    assert rows[0]["over_threshold"] is True and rows[1]["over_threshold"] is False
+
+
 def test_images_of_one_name_in_two_folders_or_two_formats_get_overlays_of_their_own(tmp_path):
     """A glob across folders named every image by its file name alone, and x.png / x.jpg shared one stem: two
     images wrote one overlay and one map, the last one winning."""

@@ -379,3 +379,14 @@ def test_the_trim_leaves_out_everything_above_the_deepest_gap_not_only_the_shall
     cal = calibrate(lot, None, 0.01, "lot_quantile")
     assert cal.n_excluded == 2 and max(cal.reference) < 0.3
     assert cal.threshold < 0.3 and decide(cal.calibrated([0.3, 1.0])) == ["anomalous", "anomalous"]
+
+
+def test_a_score_exactly_at_the_threshold_is_normal():
+    """'anomalous' is above the threshold, 'normal' at or below it: the lot quantile's threshold is one of the lot's
+    own scores, and that image must not be called anomalous by the threshold it set."""
+    lot = np.linspace(0.01, 0.2, 19)
+    cal = calibrate(lot, None, 0.05, "lot_quantile")
+    assert cal.threshold in lot.tolist()  # (n + 1)(1 - 0.05) = 19: the lot's largest score
+    decider = Decider(cal)
+    assert [decider.decide(float(s))["decision"] for s in lot] == ["normal"] * len(lot)
+    assert decide([cal.threshold], cal.threshold) == ["normal"]

@@ -260,6 +260,17 @@ def test_reservoir_steps_keep_every_image_of_the_grown_lot_equally_likely():
     assert np.abs(share - 5 / 40).max() < 0.025, share.round(3)
 
 
+def test_a_reservoir_step_keeps_the_one_new_image_with_the_chance_of_any_other():
+    """A full sample of 4 grown to a lot of 5 must keep the new image with chance 4 / 5, like each old one: drawing
+    its slot from the 4 old images only (not from all 5) would always keep it, and bias every grown sample."""
+    from postprocess.pa_clip import reservoir_step
+
+    trials = 2000
+    kept = sum(4 in reservoir_step(np.arange(4), 4, 5, PAClipConfig(full_bank_images=4, seed=seed))
+               for seed in range(trials))
+    assert abs(kept / trials - 4 / 5) < 0.05, kept / trials
+
+
 
 
 def test_an_image_out_of_distribution_is_not_folded_in_whatever_its_score(tiny_clip_112, washers, monkeypatch):

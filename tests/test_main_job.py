@@ -2,6 +2,7 @@
 by catching WeightsNotFound (not by reading a child's stderr)."""
 
 import json
+import threading
 from types import SimpleNamespace
 
 import pytest
@@ -105,3 +106,53 @@ def test_a_run_leaves_the_newest_server_logs_and_removes_the_older_ones(tmp_path
     (tmp_path / "results.csv").write_text("rank")
     main_job.prune_logs(tmp_path, main_job.KEPT_LOGS - 1)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.csv"] + names[-(main_job.KEPT_LOGS - 1):]
+
+
+def test_reexport_exports_again_over_an_encoder_the_repository_already_has(tmp_path, monkeypatch, capsys):
+    """--reexport is how a user replaces an encoder the repository holds: it must not be reused like a plain rerun."""
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty_hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    main_job.export(args_for(tmp_path / "repo", "auto"))
+    capsys.readouterr()
+    # mark the exported fingerprint: a real export writes a fresh one, a reuse returns (and keeps) the marked one
+    encoder_file = tmp_path / "repo" / "clip_vision" / "encoder.json"
+    marked = dict(json.loads(encoder_file.read_text()), left_by_the_first_export=True)
+    encoder_file.write_text(json.dumps(marked))
+    args = args_for(tmp_path / "repo", "auto")
+    args.reexport = True
+    fingerprint = main_job.export(args)
+    err = capsys.readouterr().err
+    assert "exporting the DINOv2" in err
+    assert "using the encoder already in" not in err
+    assert "left_by_the_first_export" not in fingerprint
+    assert "left_by_the_first_export" not in json.loads(encoder_file.read_text())
+
+
+def test_a_second_export_into_the_same_repository_waits_for_the_first_and_says_so(tmp_path, capsys):
+    """Two jobs writing one repository at once would mix their files: the export lock makes the second wait (and
+    tell the user why it is waiting) until the first lets go."""
+    repo = tmp_path / "repo"
+    first_holds, first_may_go, second_in = threading.Event(), threading.Event(), threading.Event()
+
+    def first():
+        with main_job.exporting(repo):
+            first_holds.set()
+            first_may_go.wait(5)
+
+    def second():
+        with main_job.exporting(repo):
+            second_in.set()
+
+    holder = threading.Thread(target=first)
+    holder.start()
+    assert first_holds.wait(5)
+    waiter = threading.Thread(target=second)
+    waiter.start()
+    try:
+        assert not second_in.wait(0.5), "the second export got the lock while the first held it"
+        assert f"another job is exporting into {repo}: waiting" in capsys.readouterr().err
+    finally:
+        first_may_go.set()
+        holder.join(5)
+    assert second_in.wait(2)  # and gets it once the first is done
+    waiter.join(5)

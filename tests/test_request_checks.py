@@ -53,6 +53,8 @@ def test_value_count_is_iterative():
     ({"name": "images", "shape": [1, 100000, 100000, 3], "datatype": "UINT8", "data": [0]}, 413, "claims shape"),
     ({"name": "images", "shape": [1, 2, 2, 3], "datatype": "UINT8", "data": [0] * 11}, 400, "but carries 11"),
     ({"name": "images", "shape": [1, 200, 100, 3], "datatype": "UINT8", "data": [0]}, 413, "at most 112 pixels"),
+    # too wide as well as too tall: the limit is on either side
+    ({"name": "images", "shape": [1, 100, 200, 3], "datatype": "UINT8", "data": [0]}, 413, "at most 112 pixels"),
     ({"name": "images", "shape": [1, 0, 0, 3], "datatype": "UINT8", "data": []}, 400, "at least one pixel"),
     ({"name": "images", "shape": [1, -2, 2, 3], "datatype": "UINT8", "data": [0]}, 400, "non-negative integers"),
     ({"name": "images", "shape": [1, True, 2, 3], "datatype": "UINT8", "data": [0] * 6}, 400, "non-negative"),
@@ -159,9 +161,11 @@ def test_the_servers_own_shared_memory_regions_cannot_be_registered():
             path.unlink(missing_ok=True)
 
 
-def test_images_smaller_than_the_encoders_patch_are_refused_before_they_are_encoded():
-    """ONNX Runtime failed on them inside the ensemble: a 500 with its own error, where a 400 says what to send."""
-    item = {"name": "images", "shape": [1, 13, 200, 3], "datatype": "UINT8", "data": [0]}
+@pytest.mark.parametrize("shape", [[1, 13, 200, 3], [1, 200, 13, 3]], ids=["too short", "too narrow"])
+def test_images_smaller_than_the_encoders_patch_are_refused_before_they_are_encoded(shape):
+    """ONNX Runtime failed on them inside the ensemble: a 500 with its own error, where a 400 says what to send
+    (whichever side is below the patch)."""
+    item = {"name": "images", "shape": shape, "datatype": "UINT8", "data": [0]}
     got, message = refused(check_inference_json, infer_json(item), None, Limits(min_image_side=14))
     assert got == 400 and "14-pixel patches: each side must be at least that" in message, message
 
