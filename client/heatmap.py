@@ -175,12 +175,16 @@ def render_panel(image: np.ndarray, anomaly_map: np.ndarray, low: float, high: f
     picture.paste(bar, (x, header))
     if caption is not None:
         draw = ImageDraw.Draw(picture)
-        # one line: a newline in a file name drew its second line over the decision
-        name = "".join(c if c.isprintable() else repr(c)[1:-1] for c in caption.name)
-        draw.text((MARGIN // 2, 3), name, fill="black", font=font)
+        draw.text((MARGIN // 2, 3), one_line(caption.name), fill="black", font=font)
         draw.text((MARGIN // 2, font.size + 9), caption.text(), font=font,
                   fill=DECISION_COLOURS.get(caption.decision, (90, 90, 90)))
     return picture
+
+
+def one_line(name: str) -> str:
+    """A file name on one line: its control characters as escapes (a newline in a name drew its second line over
+    the caption's decision, and broke the console's list of the worst images)."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in name)
 
 
 def save_panel(path: str | Path, image: np.ndarray, anomaly_map: np.ndarray, low: float, high: float,

@@ -33,7 +33,7 @@ from PIL import ExifTags, Image, UnidentifiedImageError
 
 from postprocess.contract import size_pair
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif"}  # a GIF: its first frame
 STANDARD_DEPTHS = (8, 10, 12, 14, 16)
 HIGH_DEPTH_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I", "F"}
 # EXIF orientations that turn the picture a quarter: width and height swap

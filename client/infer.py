@@ -48,7 +48,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from client.heatmap import DEFAULT_OVERLAY_SIZE, Caption, save_panel
+from client.heatmap import DEFAULT_OVERLAY_SIZE, Caption, one_line, save_panel
 from client.report import write_report
 from client import lot_checks
 from client.images import IMAGE_SUFFIXES, decode, display_copy, image_size_of, model_input
@@ -107,6 +107,22 @@ def part_images(spec: str) -> list[Path]:
     """The parts at ``spec`` (``find_images``) but the heat maps a scoring run left there (``is_run_output``)."""
     run_folders.cache_clear()  # read the runs' results.json now: one may have been written since
     return [p for p in find_images(spec) if not is_run_output(p)]
+
+
+def unread_note(spec: str) -> str | None:
+    """What a folder holds besides images, said once (None: nothing): a file type not read was left out of a lot
+    without a word (GIFs were, until they were read)."""
+    path = Path(spec)
+    if not path.is_dir():
+        return None
+    others = Counter(p.suffix.lower() or "(no suffix)" for p in path.rglob("*")
+                     if p.is_file() and p.suffix.lower() not in IMAGE_SUFFIXES and p.name not in RUN_OUTPUTS
+                     and not p.name.startswith("."))
+    if not others:
+        return None
+    kinds = ", ".join(f"{suffix} x{n}" for suffix, n in others.most_common(5)) + (", ..." if len(others) > 5 else "")
+    return (f"{sum(others.values())} other file(s) in {path_text(spec)!r} are not read ({kinds}): images end in "
+            f"{', '.join(sorted(IMAGE_SUFFIXES))}")
 
 
 def no_images_message(spec: str) -> str:
@@ -217,6 +233,18 @@ def output_stems(paths: list[Path], root: Path | None) -> dict:
     return out
 
 
+def add_reading_flags(p: argparse.ArgumentParser) -> None:
+    """How images are read (--orientation, --bit-depth): the scoring command's and the main job's, whose lot
+    checks' warnings ask for them."""
+    p.add_argument("--orientation", choices=lot_checks.ORIENTATIONS, default="keep",
+                   help="images that lie the other way from the lot (portrait in a landscape lot, or from the bank's "
+                   "shape): keep them as they are (a warning names them) or turn them a quarter to the majority "
+                   "orientation; their maps are turned back")
+    p.add_argument("--bit-depth", type=F.integer(1, 16), default=None, metavar="BITS",
+                   help="significant bits of images stored with more than 8 (e.g. 12 for a 12-bit camera writing "
+                   "16-bit PNGs); default: the smallest of 8/10/12/14/16 that holds each image's largest value")
+
+
 def build_parser(prog: str = "client/infer.py") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__, epilog=exits.HELP,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -235,13 +263,7 @@ def build_parser(prog: str = "client/infer.py") -> argparse.ArgumentParser:
                    "WIDTH. Without --build images are resized to the size the bank was built at")
     p.add_argument("--aspect", choices=C.ASPECTS, default=C.DEFAULT_ASPECT,
                    help="with --build: keep the lot's median aspect ratio (native) or stretch to a square")
-    p.add_argument("--orientation", choices=lot_checks.ORIENTATIONS, default="keep",
-                   help="images that lie the other way from the lot (portrait in a landscape lot, or from the bank's "
-                   "shape): keep them as they are (a warning names them) or turn them a quarter to the majority "
-                   "orientation; their maps are turned back")
-    p.add_argument("--bit-depth", type=F.integer(1, 16), default=None, metavar="BITS",
-                   help="significant bits of images stored with more than 8 (e.g. 12 for a 12-bit camera writing "
-                   "16-bit PNGs); default: the smallest of 8/10/12/14/16 that holds each image's largest value")
+    add_reading_flags(p)
     p.add_argument("--out", default="out/infer", help="output folder; one holding another run's results is refused "
                    "unless --overwrite")
     p.add_argument("--overwrite", action="store_true",
@@ -601,7 +623,7 @@ def print_summary(rows: list, skipped: list, failed: list, worst: int = 10) -> N
         calibrated = "-" if row.get("calibrated") is None else f"{row['calibrated']:.3f}"
         why = f"  ({named_in(row['ood_reason'])})" if row.get("ood_reason") else ""
         print(f"  {row['rank']:>4}  {row['score']:.4f}  {calibrated:>5}  {row.get('decision', 'unknown'):<19}  "
-              f"{row['path']}{why}", file=sys.stderr)
+              f"{one_line(row['path'])}{why}", file=sys.stderr)
 
 
 def main(argv=None, prog: str = "client/infer.py") -> int:
@@ -641,6 +663,8 @@ def main(argv=None, prog: str = "client/infer.py") -> int:
         print(f"error: {no_images_message(args.images)} (--images is a folder or a glob like 'photos/*.png')",
               file=sys.stderr)
         return 2
+    if unread := unread_note(args.images):
+        print(f"note: {unread}", file=sys.stderr)
     try:
         previous = check_out(out, args.overwrite, writes=folders_written(args))
     except UsageError as err:
@@ -654,7 +678,9 @@ def main(argv=None, prog: str = "client/infer.py") -> int:
         print(f"warning: {message}", file=sys.stderr)
 
     upright = {p: s for p in paths if (s := image_size_of(p))}  # (width, height) after the EXIF orientation
-    if args.build and (refusal := lot_checks.check_lot_size(len(upright)).refusal):
+    # before the server is asked anything: too few images, or too few different files (copies count once)
+    if args.build and (refusal := lot_checks.check_lot_size(
+            len(upright), len({lot_checks.sha256_of(p) for p in upright})).refusal):
         print(f"error: {refusal}", file=sys.stderr)
         return 2
     try:
@@ -686,7 +712,8 @@ def main(argv=None, prog: str = "client/infer.py") -> int:
             print("error: none of the images could be read", file=sys.stderr)
             return 2
         if args.build:
-            checked = lot_checks.check_lot_size(len(loaded))
+            # counted as the server counts them: copies of one image (its pixels as sent) are one image
+            checked = lot_checks.check_lot_size(len(loaded), len({C.image_key(item[2]) for item in loaded}))
             if checked.refusal:
                 print(f"error: {checked.refusal}", file=sys.stderr)
                 return 2

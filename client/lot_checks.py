@@ -108,15 +108,22 @@ def check_duplicates(hashes: dict) -> list[str]:
             for g in same]
 
 
-def check_lot_size(n_images: int) -> LotCheck:
+def check_lot_size(n_images: int, n_different: int | None = None) -> LotCheck:
+    """The lot's size, counted in ``n_different`` images where given (copies of one image are one: none is scored
+    against its copy; a lot of 12 copies was refused by the server only after its upload and the build's start)."""
     found = LotCheck()
-    if n_images < MIN_LOT_IMAGES:
-        found.refusal = (f"a lot of {n_images} image(s) cannot be scored: each image is scored against the others of "
-                         f"its lot, and below {MIN_LOT_IMAGES} a defective image is not told from a good one. Send "
-                         f"at least {MIN_LOT_IMAGES} (at least {WEAK_LOT_IMAGES} for dependable scores), or score "
-                         "these images against a bank built from a larger lot (--bank without --build)")
-    elif n_images < WEAK_LOT_IMAGES:
-        found.warnings.append(f"a lot of {n_images} images is small: scores are weak below {WEAK_LOT_IMAGES} "
+    different = n_images if n_different is None else n_different
+    if different < MIN_LOT_IMAGES:
+        copies = "" if different == n_images else f" ({different} different: copies of an image are one)"
+        found.refusal = (f"a lot of {n_images} image(s){copies} cannot be scored: each image is scored against the "
+                         f"others of its lot, and below {MIN_LOT_IMAGES} different images a defective image is not "
+                         f"told from a good one. Send at least {MIN_LOT_IMAGES} (at least {WEAK_LOT_IMAGES} for "
+                         "dependable scores), or score these images against a bank built from a larger lot "
+                         "(pa-clip score --bank NAME, without --build)")
+        return found
+    if different < WEAK_LOT_IMAGES:
+        copies = "" if different == n_images else f" ({different} different)"
+        found.warnings.append(f"a lot of {n_images} images{copies} is small: scores are weak below {WEAK_LOT_IMAGES} "
                               "(README, 'Lot size')")
     return found
 

@@ -168,6 +168,7 @@ def build_parser(prog: str = "./run.sh main") -> argparse.ArgumentParser:
                    help="the fraction of good parts you accept being called defective (default 0.01)")
     p.add_argument("--aspect", choices=C.ASPECTS, default=C.DEFAULT_ASPECT,
                    help="send the lot at its median aspect ratio (native) or stretched to a square")
+    infer.add_reading_flags(p)  # the lot checks' warnings ask for them (main did not take them)
     p.add_argument("--keep-serving", action="store_true", help="leave the server running at the end (Ctrl-C stops)")
     for name, port in zip(("http", "grpc", "metrics"), DEFAULT_PORTS):
         p.add_argument(f"--{name}-port", type=F.PORT, default=None,
@@ -189,8 +190,11 @@ def inputs_refused(images: Path, category: str, threshold: str) -> str | None:
     except ValueError as err:
         return str(err)
     unreadable = [p for p in paths if image_size_of(p) is None]
-    # the lot it builds is what can be read: a lot too small was refused only after the export and the start
-    if refusal := lot_checks.check_lot_size(len(paths) - len(unreadable)).refusal:
+    readable = [p for p in paths if p not in set(unreadable)]
+    # the lot it builds is what can be read, copies of one file counted once: a lot too small (or of 12 copies of
+    # one image) was refused only after the export, the start and the upload
+    different = len({lot_checks.sha256_of(p) for p in readable})
+    if refusal := lot_checks.check_lot_size(len(readable), different).refusal:
         named = ", ".join(str(p) for p in unreadable[:5]) + (" ..." if len(unreadable) > 5 else "")
         return refusal + (f" ({len(unreadable)} file(s) could not be read as images: {named})" if unreadable else "")
     return None
@@ -235,7 +239,9 @@ def main(argv=None, prog: str = "./run.sh main") -> int:
         bank = infer.safe_bank_id(category)
         with bank_in_use(Path(args.banks), bank):
             code = infer.main(["--url", server.http_url, "--images", str(images), "--category", category,
-                               "--bank", bank, "--build", "--out", str(out), "--overwrite", "--aspect", args.aspect]
+                               "--bank", bank, "--build", "--out", str(out), "--overwrite", "--aspect", args.aspect,
+                               "--orientation", args.orientation]
+                              + ([] if args.bit_depth is None else ["--bit-depth", str(args.bit_depth)])
                               + ["--threshold", str(args.threshold)]
                               + ([] if args.false_alarm_rate is None
                                  else ["--false-alarm-rate", str(args.false_alarm_rate)]))

@@ -27,6 +27,43 @@ def test_infer_refuses_a_two_image_lot_before_it_contacts_a_server(tmp_path, cap
     assert "a lot of 2 image(s) cannot be scored" in capsys.readouterr().err
 
 
+def test_a_lot_of_copies_counts_its_different_images_and_is_refused_before_a_server_is_asked(tmp_path, capsys):
+    """Copies of one image are one image to the server (none is scored against its copy): 12 copies of one were
+    refused by it (exit 4, no advice) only after the upload and the build's start; 11 copies and one other image
+    (2 different) were scored."""
+    assert "(1 different: copies of an image are one) cannot be scored" in lot_checks.check_lot_size(12, 1).refusal
+    assert lot_checks.check_lot_size(12, 2).refusal and lot_checks.check_lot_size(12, 3).refusal is None
+    assert "(4 different)" in lot_checks.check_lot_size(12, 4).warnings[0]
+    lot = tmp_path / "lot"
+    lot.mkdir()
+    for i in range(11):
+        Image.fromarray(np.full((32, 48, 3), 90, np.uint8)).save(lot / f"copy{i}.png")
+    Image.fromarray(np.full((32, 48, 3), 10, np.uint8)).save(lot / "other.png")
+    code = infer.main(["--images", str(lot), "--category", "bottle", "--build", "--url", "127.0.0.1:9", "--quiet",
+                       "--out", str(tmp_path / "out")])  # no server on this port: the refusal comes first
+    assert code == 2
+    assert "a lot of 12 image(s) (2 different: copies of an image are one) cannot be scored" in capsys.readouterr().err
+
+
+def test_a_folder_says_which_files_it_does_not_read_and_reads_gifs(tmp_path):
+    """A GIF was left out of a lot without a word (the count of scored images was silently short); other files are
+    named by kind, once."""
+    lot = tmp_path / "lot"
+    (lot / "sub").mkdir(parents=True)
+    picture = np.random.default_rng(0).integers(0, 255, (20, 30, 3), dtype=np.uint8)
+    Image.fromarray(picture).convert("P", palette=Image.Palette.ADAPTIVE).save(lot / "sub" / "part.gif")
+    Image.fromarray(picture).save(lot / "part.png")
+    for name in ("notes.txt", "more.txt", "frame.heic", ".DS_Store"):
+        (lot / name).write_text("x")
+    assert {p.name for p in infer.find_images(str(lot))} == {"part.gif", "part.png"}
+    decoded = infer.decode(lot / "sub" / "part.gif")
+    assert np.array_equal(np.asarray(decoded.rgb), np.asarray(Image.open(lot / "sub" / "part.gif").convert("RGB")))
+    note = infer.unread_note(str(lot))
+    assert note.startswith("3 other file(s)") and ".txt x2" in note and ".heic x1" in note and ".gif" in note
+    (lot / "notes.txt").unlink(), (lot / "more.txt").unlink(), (lot / "frame.heic").unlink()
+    assert infer.unread_note(str(lot)) is None and infer.unread_note(str(lot / "part.png")) is None
+
+
 def test_images_the_other_way_round_are_named_and_turned_on_request():
     sizes = {f"land{i}.png": (300, 200) for i in range(5)} | {"up.png": (200, 300), "sq.png": (250, 251)}
     kept = lot_checks.check_orientation(sizes, "keep")

@@ -63,6 +63,11 @@ def test_what_the_scoring_run_would_refuse_is_refused_before_the_export(tmp_path
              (["--images", str(parts), "--category", "washer"], "a lot of 1 image(s) cannot be scored")]
     (parts / "notes.png").write_text("not an image")
     cases.append((["--images", str(parts), "--category", "washer"], "1 file(s) could not be read as images: "))
+    copies = tmp_path / "copies"  # refused by the server after the export, the start and the upload (exit 4)
+    copies.mkdir()
+    for i in range(12):
+        Image.new("RGB", (32, 32)).save(copies / f"{i}.png")
+    cases.append((["--images", str(copies), "--category", "washer"], "(1 different: copies of an image are one)"))
     for argv, words in cases:
         assert main_job.main(argv + ["--out", str(tmp_path / "out")]) == 2, argv
         assert words in capsys.readouterr().err, argv
@@ -156,3 +161,11 @@ def test_a_second_export_into_the_same_repository_waits_for_the_first_and_says_s
         holder.join(5)
     assert second_in.wait(2)  # and gets it once the first is done
     waiter.join(5)
+
+
+def test_the_flags_the_lot_checks_ask_for_are_the_main_jobs_too():
+    """The lot checks' warnings say "add --orientation majority" and "give ... --bit-depth": main refused both as
+    unrecognized arguments."""
+    args = main_job.build_parser().parse_args(["--orientation", "majority", "--bit-depth", "12"])
+    assert (args.orientation, args.bit_depth) == ("majority", 12)
+    assert main_job.build_parser().parse_args([]).orientation == "keep"

@@ -92,3 +92,13 @@ def test_a_name_with_a_newline_keeps_to_its_line_of_the_caption():
 
     assert np.array_equal(drawn("new\nline.png"), drawn("new\\nline.png"))
     assert not np.array_equal(drawn("new\nline.png"), drawn("newline.png"))
+
+
+def test_the_consoles_list_of_the_worst_images_keeps_a_name_with_a_newline_on_its_line(capsys):
+    """The caption wrote a newline in a name as \\n; the console's list of the worst images broke its line there."""
+    from client.infer import print_summary
+
+    rows = [{"rank": 1, "score": 0.5, "calibrated": 0.9, "decision": "anomalous", "path": "new\nline.png"}]
+    print_summary(rows, [], [])
+    listed = capsys.readouterr().err.splitlines()[-1]
+    assert listed.endswith("new\\nline.png") and "anomalous" in listed
