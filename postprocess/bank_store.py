@@ -173,8 +173,10 @@ def build_slot(bank_id: str):
                 holder = json.loads(os.pread(fd, 4096, 0) or b"{}")
             except ValueError:  # being written by the holder right now
                 holder = {}
-            raise ServerBusy(f"this host is building bank {holder.get('bank', '?')!r} (started "
-                             f"{holder.get('started_at', '?')}); builds run one at a time so that scoring and "
+            # the holder writes its name just after it takes the slot: read before that, none is known yet
+            which = (f"bank {holder['bank']!r} (started {holder.get('started_at', '?')})"
+                     if isinstance(holder, dict) and "bank" in holder else "a bank (its build has just started)")
+            raise ServerBusy(f"this host is building {which}; builds run one at a time so that scoring and "
                              "bank actions stay answered: send the build again when it finishes (pa-clip score "
                              "waits by itself)") from None
         os.ftruncate(fd, 0)

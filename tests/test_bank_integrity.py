@@ -445,3 +445,25 @@ def test_an_add_whose_encoder_gives_nan_keeps_nothing(template, tiny_clip_112, t
     with pytest.raises(RequestError, match="'patch_embeds' holds NaN or infinite values: the encoder output is broken"):
         service.handle("add", "bolt", "washer", scorer.images[:2], {"reset": True})
     assert store.pending_lots() == []
+
+
+def test_a_build_slot_taken_a_moment_ago_is_named_as_just_started_not_as_bank_question_mark(tmp_path, monkeypatch):
+    """The slot's holder writes its bank's name just after it takes the slot: a build refused in that moment said
+    "building bank '?' (started ?)"."""
+    import fcntl
+    import os
+
+    from postprocess import bank_store
+    from postprocess.errors import ServerBusy
+
+    monkeypatch.setattr(bank_store, "BUILD_SLOT", tmp_path / "slot")
+    fd = os.open(tmp_path / "slot", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # taken, nothing written yet
+        with pytest.raises(ServerBusy, match=r"this host is building a bank \(its build has just started\); "):
+            with bank_store.build_slot("washer"):
+                pass
+    finally:
+        os.close(fd)
+    with bank_store.build_slot("washer"):  # released: free again
+        pass
