@@ -15,12 +15,14 @@ import json
 import os
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 from client import exits, infer, lot_checks
 from client.images import image_size_of
 from client.demo_lot import write_demo_lot
 from postprocess import contract as C
+from postprocess import decision as D
 from postprocess import flags as F
 from postprocess.atomic import exclusive, exporting
 
@@ -264,13 +266,18 @@ def main(argv=None, prog: str = "./run.sh main") -> int:
 
 def report(out: Path, fingerprint: dict, truth: dict | None) -> None:
     results = json.loads((out / "results.json").read_text())
-    print(f"\nencoder: {fingerprint['backbone']} at {fingerprint['image_size']}px; bank "
+    height, width = results["bank"]["image_size"]  # the lot's size as sent, not the encoder's default long side
+    print(f"\nencoder: {fingerprint['backbone']}, images sent at {height}x{width} (height x width); bank "
           f"{results['bank']['bank']!r} from {results['bank']['n_images']} images "
           f"(normal images chosen by {results['bank']['normal_selection']})", file=sys.stderr)
     decision = results.get("decision")
     if decision:
         called = [r for r in results["images"] if r.get("decision") == "anomalous"]
-        print(f"decisions: {len(called)} anomalous, {len(results['images']) - len(called)} normal (threshold "
+        # each decision counted as itself: out of distribution and invalid ones were counted as normal
+        counts = Counter(r.get("decision", "unknown") for r in results["images"])
+        decided = ", ".join(f"{counts[d]} {d.replace('_', ' ')}" for d in (*D.DECISIONS, "unknown")
+                            if counts[d] or d in ("anomalous", "normal"))
+        print(f"decisions: {decided} (threshold "
               f"{decision['threshold']:.4g} from the lot itself, {decision['method']}, false-alarm budget "
               f"{decision['false_alarm_rate']:.1%}; {out / 'results.csv'})", file=sys.stderr)
         if "confidence" in decision:

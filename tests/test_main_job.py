@@ -169,3 +169,17 @@ def test_the_flags_the_lot_checks_ask_for_are_the_main_jobs_too():
     args = main_job.build_parser().parse_args(["--orientation", "majority", "--bit-depth", "12"])
     assert (args.orientation, args.bit_depth) == ("majority", 12)
     assert main_job.build_parser().parse_args([]).orientation == "keep"
+
+
+def test_the_summary_counts_each_decision_as_itself_and_names_the_size_the_lot_was_sent_at(tmp_path, capsys):
+    """Out-of-distribution and invalid images were counted as normal, and the size said was the encoder's default
+    long side ("at 336px"), not the 84x336 the lot went in at."""
+    decisions = ["anomalous", "normal", "normal", "out_of_distribution", "invalid"]
+    results = {"bank": {"bank": "strips", "n_images": 5, "normal_selection": "visual", "image_size": [84, 336]},
+               "decision": {"threshold": 0.1, "method": "quartile_exponential", "false_alarm_rate": 0.01},
+               "images": [{"path": f"{i}.png", "score": 0.1 * i, "decision": d} for i, d in enumerate(decisions)]}
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    main_job.report(tmp_path, {"backbone": "dinov2-vit-s14", "image_size": 336}, None)
+    err = capsys.readouterr().err
+    assert "images sent at 84x336 (height x width)" in err
+    assert "decisions: 2 normal, 1 anomalous, 1 out of distribution, 1 invalid (threshold" in err
