@@ -128,6 +128,14 @@ def test_an_image_without_a_score_is_ranked_last_counted_apart_written_null_and_
     assert colorize(amap, 0.0, 1.0).shape == (4, 4, 3)
 
 
+def test_an_image_without_a_score_ranks_below_negative_scores_too():
+    """Scores can be negative (a map after the normal bank's subtraction): the image with no score still ranks last,
+    below the lowest of them, not where a NaN's stand-in value would put it."""
+    rows = rank_rows([{"path": "a.png", "score": -0.1}, {"path": "b.png", "score": float("nan")},
+                      {"path": "c.png", "score": -0.3}])
+    assert [r["path"] for r in rows] == ["a.png", "c.png", "b.png"] and [r["rank"] for r in rows] == [1, 2, 3]
+
+
 def test_the_summary_line_says_provisional_with_a_users_threshold_too_and_shows_small_budgets():
     lot = np.r_[np.linspace(0.04, 0.06, 7), 0.2]
     small = {"decision": calibrate(lot).to_dict()}

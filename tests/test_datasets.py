@@ -65,6 +65,24 @@ def test_a_mask_stored_as_0_and_1_is_not_read_empty(mvtec_tree):
     assert not lot.masks[:6].any() and all(m.any() for m in lot.masks[6:])
 
 
+def test_a_mask_read_smaller_keeps_its_defects_area(tmp_path):
+    """A defect's mask at the lot's size covers the defect's share of the image, as at full size: a blurring resize
+    read as "any grey" would grow every defect by a ring of pixels, and the pixel metrics would credit maps that
+    spill past it. A disc of about 2,900 pixels at 448 x 448, read at 112 x 112 (1/16 of the pixels): about 180."""
+    from PIL import ImageDraw
+
+    from benchmarks.datasets import read_mask
+
+    mask = Image.new("L", (448, 448), 0)
+    ImageDraw.Draw(mask).ellipse([100, 200, 160, 260], fill=255)
+    source_area = int((np.asarray(mask) > 0).sum())
+    assert abs(source_area - np.pi * 30 ** 2) < 0.05 * source_area  # the premise: a disc of radius 30
+    mask.save(tmp_path / "mask.png")
+    read = read_mask(tmp_path / "mask.png", (448, 448), (112, 112))
+    assert read.shape == (112, 112) and read.dtype == bool
+    assert abs(int(read.sum()) - source_area / 16) <= 0.1 * source_area / 16
+
+
 def test_empty_category_and_unknown_layouts(tmp_path, mvtec_tree):
     empty = tmp_path / "empty_root" / "thing" / "test" / "good"
     empty.mkdir(parents=True)

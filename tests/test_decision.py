@@ -370,6 +370,17 @@ def test_provisional_counts_the_images_the_threshold_reads_not_the_lots_size():
     assert confidence["provisional"] and "35 images cannot measure" in confidence["text"]
 
 
+def test_exactly_the_images_needed_make_a_threshold_that_is_not_provisional():
+    """images_needed(0.01) is 36: a clean lot of 36 images measures a 1% tail and is not provisional, one of 35 is
+    (the boundary is "fewer than needed")."""
+    assert images_needed(0.01) == 36
+    for n, provisional in ((36, False), (35, True)):
+        lot = 0.03 - 0.01 * np.log1p(-(np.arange(n) + 0.5) / n)  # an exponential lot, untied, no outlier
+        cal = calibrate(lot, None, 0.01)
+        assert cal.n_images - cal.n_excluded == n and not cal.tied  # the premise: only the count decides
+        assert cal.confidence()["provisional"] is provisional
+
+
 def test_the_trim_leaves_out_everything_above_the_deepest_gap_not_only_the_shallowest():
     """Two defects far above 60 good parts and apart from each other: each has a wide gap below it. The trim takes
     the deepest such gap, both defects; stopping at the first (the top one alone) kept 0.3 in the reference, and a

@@ -92,6 +92,19 @@ def test_identical_files_are_named(tmp_path):
     assert len(found) == 1 and "a.png, b.png" in found[0] and "c.png" not in found[0]
 
 
+def test_files_that_differ_only_past_their_first_blocks_are_not_identical(tmp_path):
+    """Two large images that share a header and their first rows (the same camera, the same background) differ
+    further on: the whole file is hashed, so only the true copy is named."""
+    rng = np.random.default_rng(0)
+    head = rng.integers(0, 256, 100_000, dtype=np.uint8).tobytes()
+    (tmp_path / "a.bin").write_bytes(head + rng.integers(0, 256, 100_000, dtype=np.uint8).tobytes())
+    (tmp_path / "b.bin").write_bytes(head + rng.integers(0, 256, 100_000, dtype=np.uint8).tobytes())
+    (tmp_path / "c.bin").write_bytes((tmp_path / "a.bin").read_bytes())
+    hashes = {p: lot_checks.sha256_of(p) for p in sorted(tmp_path.glob("*.bin"))}
+    found = lot_checks.check_duplicates(hashes)
+    assert len(found) == 1 and "a.bin, c.bin" in found[0] and "b.bin" not in found[0]
+
+
 def test_a_turned_image_is_sent_turned_and_its_overlay_is_upright(tmp_path):
     scene = np.zeros((40, 60, 3), np.uint8)
     scene[:, :10] = 255  # a white stripe on the left

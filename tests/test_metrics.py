@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from benchmarks.metrics import f1_max, image_metrics, mean_metrics, pixel_metrics, pro_score
+from benchmarks.metrics import f1_at_prevalence, f1_max, image_metrics, mean_metrics, pixel_metrics, pro_score
 
 
 def test_image_metrics_hand_case():
@@ -19,6 +19,23 @@ def test_image_metrics_hand_case():
 def test_f1_max_perfect_and_one_class_is_none():
     assert f1_max([0, 1, 1], [0.1, 0.5, 0.9]) == pytest.approx(1.0)
     assert image_metrics([1, 1], [0.2, 0.3])["image_auroc"] is None
+
+
+def test_a_lot_or_masks_with_no_defect_have_no_metric():
+    """AUROC, AP, F1 and PRO compare defective with good: with only good images (or no defective pixel) there is
+    nothing to compare, and each metric is None (left out of the means), not an error or a made-up number."""
+    assert image_metrics([0, 0, 0], [0.1, 0.5, 0.9]) == {k: None for k in image_metrics([0, 1], [0, 1])}
+    none = pixel_metrics(np.zeros((2, 3, 3), bool), np.random.default_rng(0).random((2, 3, 3)))
+    assert none and all(v is None for v in none.values())
+    assert set(none) == set(pixel_metrics(np.eye(3, dtype=bool)[None], np.eye(3)[None]))
+
+
+def test_f1_at_a_lines_prevalence_counts_false_alarms_on_the_good_parts_only():
+    """At a 2% defect rate, 1% false alarms and 80% recall: of 1000 parts 16 defects are caught and 9.8 of the 980
+    good ones are flagged, so precision is 16 / 25.8 and F1 = 2PR / (P + R)."""
+    precision = 0.8 * 0.02 / (0.8 * 0.02 + 0.01 * 0.98)
+    expected = 2 * precision * 0.8 / (precision + 0.8)
+    assert f1_at_prevalence(false_alarm_rate=0.01, recall=0.8, prevalence=0.02) == pytest.approx(expected, rel=1e-12)
 
 
 def test_pro_one_region():

@@ -78,6 +78,27 @@ def test_a_lot_image_far_below_the_rest_is_inside_its_own_two_sided_calibration(
     assert calibration.outside({"brightness": np.array([50.0])})[0].all()  # darker than the lot's darkest still is
 
 
+def test_the_budget_is_shared_among_the_statistics_and_halved_between_the_sides_of_a_two_sided_one():
+    """The budget is what the lot's own parts leave outside all statistics together: two statistics at 0.01 get
+    0.005 each, and brightness, outside on either side, 0.0025 a side. Each threshold is the decision's tail method
+    at that share; the lot is an exponential (and a two-sided Laplace) tail whose thresholds lie past its range."""
+    from postprocess.decision import calibrate
+
+    n = 60
+    p = (np.arange(n) + 0.5) / n  # the lot's values at evenly spaced quantiles of its distribution
+    q75 = 0.1 - 0.01 * np.log1p(-p)
+    brightness = 120 - 3 * np.sign(p - 0.5) * np.log1p(-2 * np.abs(p - 0.5))
+    calibration = ood.calibrate_ood({"map_q75": q75, "brightness": brightness}, ("map_q75", "brightness"), 0.01)
+    expected = {"map_q75": calibrate(q75, None, 0.005, ood.OOD_METHOD).threshold,
+                "brightness": calibrate(brightness, None, 0.0025, ood.OOD_METHOD).threshold}
+    lower = -calibrate(-brightness, None, 0.0025, ood.OOD_METHOD).threshold
+    assert expected["map_q75"] > q75.max() and expected["brightness"] > brightness.max()  # not the lot's range
+    assert lower < brightness.min()
+    assert calibration.high["map_q75"] == pytest.approx(expected["map_q75"], rel=1e-12)
+    assert calibration.high["brightness"] == pytest.approx(expected["brightness"], rel=1e-12)
+    assert calibration.low["brightness"] == pytest.approx(lower, rel=1e-12)
+
+
 def test_a_bank_decides_a_black_frame_out_of_distribution_and_its_own_parts_not(tiny_clip_112, lot):
     scorer = LotScorer(tiny_clip_112, lot, "washer", progress=False)
     bank, report = build_bank(scorer, PAClipConfig(), "washer", tiny_clip_112.fingerprint)

@@ -102,3 +102,24 @@ def test_the_consoles_list_of_the_worst_images_keeps_a_name_with_a_newline_on_it
     print_summary(rows, [], [])
     listed = capsys.readouterr().err.splitlines()[-1]
     assert listed.endswith("new\\nline.png") and "anomalous" in listed
+
+
+def test_the_colour_bar_is_hot_at_the_top_and_ticks_the_threshold_at_its_height_on_the_scale():
+    """The bar reads top (high) to bottom (low): a threshold at 0.75 on a 0..1 scale is a quarter of the way down,
+    and the top row is the colour table's hottest colour. A flipped ramp or a tick measured from the bottom would
+    mark the threshold where the map's colours say something else."""
+    from client.heatmap import BAR_WIDTH, _colour_bar, _font, colour_table
+
+    height = 201
+    bar = np.asarray(_colour_bar(height, 0.0, 1.0, 0.75, _font(10)))
+    ramp = bar[:, :BAR_WIDTH]
+    ticks = [y for y in range(height) if np.all(ramp[y] == 0)]  # black tick lines across the whole ramp
+    inner = [y for y in ticks if 0 < y < height - 1]  # the ends carry the high and low labels
+    assert inner and all(abs(y - 0.25 * (height - 1)) <= 2 for y in inner)
+    table = colour_table().astype(int)
+
+    def place(colour):  # where on the colour table (0 cold .. 255 hot) a colour of the ramp lies
+        return int(np.argmin(np.abs(table - colour.astype(int)).sum(axis=1)))
+
+    # rows 0 and height-1 carry the ticks of the high and low labels: the rows next to them
+    assert place(ramp[1, 0]) >= 250 and place(ramp[height - 2, 0]) <= 5

@@ -137,3 +137,34 @@ def test_numpy_matches_torch_reference_on_a_lot_with_copies(case):
     ref = reference.finish_stage(tfeats, ref_state, None, cfg, size, lot_ids)
     np.testing.assert_allclose(result.maps, ref.maps.numpy(), atol=1e-4)
     np.testing.assert_allclose(result.scores, ref.scores.numpy(), atol=1e-4)
+
+
+def _per_scale_scores(scales, n=3, seed=0):
+    rng = np.random.default_rng(seed)
+    length = GRID[0] * GRID[1]
+    full = {r: rng.random((n, length)).astype(np.float32) for r in scales}
+    normal = {r: rng.random((n, length)).astype(np.float32) for r in scales}
+    return full, normal, {r: 0.6 for r in scales}
+
+
+@pytest.mark.parametrize("text_only", [False, True])
+def test_the_fusion_weighs_each_scale_by_its_own_normalised_weight(text_only):
+    """Eq. 8: scale_weights (1, 4) on scales (1, 3) weigh the 1x1 scale 1/5 and the 3x3 scale 4/5, whichever scores
+    are fused (after the adaptive subtraction of Eq. 7, or the text-only row's). Weights are relative: (2, 2) fuses
+    exactly as (1, 1) and as the default equal weights."""
+    full, normal, taus = _per_scale_scores((1, 3))
+
+    def decided(weights):
+        cfg = PAClipConfig(scales=(1, 3), scale_weights=weights, text_only=text_only, alpha=0.5)
+        return pa_clip.decide(full, full, normal, taus, cfg, GRID, (12, 10))
+
+    if text_only:
+        per_scale = full
+    else:  # S_c - alpha S_b 1[S_b <= tau], by hand
+        per_scale = {r: full[r] - 0.5 * normal[r] * (normal[r] <= taus[r]) for r in (1, 3)}
+    weighted = decided((1, 4))
+    np.testing.assert_allclose(weighted.patch_scores, 0.2 * per_scale[1] + 0.8 * per_scale[3], rtol=1e-6)
+    equal = decided(None)
+    np.testing.assert_allclose(equal.patch_scores, 0.5 * (per_scale[1] + per_scale[3]), rtol=1e-6)
+    for weights in ((1, 1), (2, 2)):
+        np.testing.assert_allclose(decided(weights).maps, equal.maps, rtol=1e-6)

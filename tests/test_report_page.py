@@ -63,3 +63,17 @@ def test_the_report_page_renders_in_chromium_without_errors(tmp_path):
                        profile=tmp_path / "profile2")
     assert picture.returncode == 0 and shot.stat().st_size > 10_000, picture.stderr[-2000:]
     (tmp_path / "out" / "checked.json").write_text(json.dumps({"screenshot": str(shot)}))
+
+
+def test_file_names_are_escaped_in_the_cards_and_in_the_not_scored_table(tmp_path):
+    """A file name is the user's text, not markup: '<b>x</b>.png' must show as that name, not as bold 'x',
+ both in a scored image's card and in the list of images not scored."""
+    from client.report import render
+
+    rows = [{"path": "lot/<b>x</b>.png", "score": 0.5, "decision": "normal", "rank": 1}]
+    skipped = [{"path": "lot/<b>s</b>.png", "error": "cannot identify image file"}]
+    failed = [{"path": "lot/<b>f</b>.png", "error": "timed out"}]
+    page = render("lot", rows, skipped, failed, None, "scored 1 image", tmp_path)
+    for name in ("x", "s", "f"):
+        assert f"<b>{name}</b>" not in page
+        assert f"lot/&lt;b&gt;{name}&lt;/b&gt;.png" in page

@@ -68,3 +68,66 @@ def test_a_full_triton_install_is_run_with_its_own_backends(tmp_path):
     assert [c.name for c in python_run_models(repo, bundled.python_run_platforms)] == ["enc", "m"]
     server.stop()
     bundled.stop()
+
+
+class _Stop(Exception):
+    """Ends a supervision that would otherwise go on restarting for ever."""
+
+
+def _supervised(monkeypatch, lifetime: float, max_starts: int = 8):
+    """``serve.supervise`` on a fake clock over a stand-in tritonserver that is down at first and, once started,
+    dies ``lifetime`` seconds after the previous death (deaths at 0, lifetime, 2 * lifetime ...). Returns the return
+    code (None: still supervising after ``max_starts`` restarts), the restarts made and the deaths' times."""
+    import types
+
+    import serve.__main__ as S
+
+    clock = [0.0]
+    monkeypatch.setattr(S, "time", types.SimpleNamespace(monotonic=lambda: clock[0],
+                                                         sleep=lambda s: clock.__setitem__(0, clock[0] + s)))
+
+    class Process:
+        def __init__(self, dies_at):
+            self.dies_at, self.returncode = dies_at, None
+
+        def poll(self):
+            if clock[0] >= self.dies_at:
+                self.returncode = 1
+            return self.returncode
+
+    class Server:
+        process, log_file, banks, health_state, http_url, grpc_url = None, "log", "banks", None, "http", "grpc"
+
+        def __init__(self):
+            self.starts, self.deaths = 0, []
+
+        def last_errors(self):
+            self.deaths.append(clock[0])  # asked once per death, as the reason is written
+            return []
+
+        def stop(self, keep_guards=False):
+            self.process = None
+
+        def start(self, timeout):
+            if self.starts == max_starts:
+                raise _Stop
+            self.starts += 1
+            self.process = Process(len(self.deaths) * lifetime)
+
+    server = Server()
+    args = types.SimpleNamespace(canary_interval=0, max_restarts=3, restart_backoff=1.0, ready_timeout=1)
+    try:
+        code = S.supervise(server, args)
+    except _Stop:
+        code = None
+    return code, server.starts, server.deaths
+
+
+def test_the_supervisor_gives_up_after_max_restarts_within_ten_minutes_and_never_when_they_are_spread(monkeypatch):
+    """--max-restarts 3: a server that dies a fourth time within ten minutes of its first death is given up (exit
+    code 1) after exactly three restarts; one whose deaths come so far apart that no four fall within ten minutes
+    (the oldest leaves the window when it is 600 s old) is restarted for as long as it keeps dying."""
+    code, starts, deaths = _supervised(monkeypatch, lifetime=199.0)
+    assert code == 1 and starts == 3 and deaths == [0.0, 199.0, 398.0, 597.0]
+    code, starts, deaths = _supervised(monkeypatch, lifetime=200.0)
+    assert code is None and starts == 8 and deaths[3] == 600.0
