@@ -52,8 +52,8 @@ from benchmarks.datasets import Sample, _images_in, discover, load_category, ori
 from benchmarks.metrics import f1_at_prevalence, f1_max, f1_max_at_prevalence
 from postprocess import contract as C, strict_json
 from postprocess.atomic import write_atomic
-from postprocess.decision import (BREAKDOWN, DEFAULT_METHOD, METHODS, calibrate, conformal_cap, tail_scale,
-                                  threshold_for)
+from postprocess.decision import (BREAKDOWN, DEFAULT_METHOD, METHODS, calibrate, conformal_cap, mostly_defective_group,
+                                  tail_scale, threshold_for)
 
 IMAGE_SCORES = ("score", "max", "top1", "mean", "area", "max_or_mean")
 IMAGE_SCORE_HELP = {
@@ -434,17 +434,9 @@ def lower_quartile_scale(factor: float):
     return threshold
 
 
-def lower_group_size(scores, level: float = 1e-4, start_min: int = 12) -> int:
-    """How many of the lot's lowest scores the quartile model reads when the lot may be mostly defective: from its
-    lowest quarter (at least ``start_min``), the next score joins while the group's own quartile threshold at
-    ``level`` lies at or above it; where more than a sixth of the lot (``MIN_BREAKDOWN``) is left above the group,
-    that group, else the whole lot."""
-    s = np.sort(np.asarray(scores, dtype=np.float64))
-    n = len(s)
-    k = max(start_min, math.ceil(n / 4))
-    while k < n and s[k] <= calibrate(s[:k], None, level, DEFAULT_METHOD).threshold:
-        k += 1
-    return k if n - k > MIN_BREAKDOWN * n else n
+def lower_group_size(scores) -> int:
+    """``decision.mostly_defective_group``'s group, or the whole lot where it finds none."""
+    return mostly_defective_group(scores) or len(np.asarray(scores).reshape(-1))
 
 
 def lower_group(scores, budget: float) -> float:

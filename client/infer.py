@@ -748,6 +748,8 @@ def main(argv=None, prog: str = "client/infer.py") -> int:
                   "image can be decided; build it again (--build)", file=sys.stderr)
             return exits.USAGE
         warn(f"bank {bank!r} was built before banks kept a calibration: no decisions; build it again (--build)")
+    elif args.build and (note := D.mostly_defective_note(decider.calibration, decider.raw_threshold)):
+        warn(note)  # a benchmark's test set scored as a lot: 2 of 63 defective bottles were called anomalous
     clear_out(out, previous)
     # the folders this run writes are a run's from its first picture: an interrupted run's overlays are replaced by
     # --overwrite and never read as parts (results.json came only at the end, so they stood as the user's)
@@ -776,7 +778,7 @@ def main(argv=None, prog: str = "client/infer.py") -> int:
         line += decisions_line(rows, decider.calibration, threshold)
     print(f"{line}. Wrote {csv_path}" + ("" if args.no_overlays else f" and {out / 'overlays'}/"), file=sys.stderr)
     page = write_report(out, f"PA-CLIP: {len(rows)} images against bank {bank!r}", rows, skipped, failed,
-                        None if decider is None else decider.raw_threshold, line)
+                        None if decider is None else decider.raw_threshold, line, tuple(found_warnings))
     print(f"report page: {page}", file=sys.stderr)
     if not args.quiet:
         print_summary(rows, skipped, failed)

@@ -29,6 +29,7 @@ STYLE = """
 body { font-family: sans-serif; margin: 1.5em; color: #222; }
 h1 { font-size: 1.4em; margin-bottom: 0.2em; }
 .summary { margin: 0.3em 0 1em; }
+.warnings { color: #8a4b00; margin: 0 0 1em; }
 .grid { display: flex; flex-wrap: wrap; gap: 10px; }
 .card { width: 230px; border: 1px solid #ccc; border-radius: 4px; padding: 5px; font-size: 0.85em; }
 .card img { width: 100%; display: block; }
@@ -91,7 +92,9 @@ def _thumbnail(row: dict) -> str | None:
 
 
 def render(title: str, rows: list, skipped: list, failed: list, threshold: float | None, summary: str,
-           out: Path) -> str:
+           out: Path, warnings: tuple = ()) -> str:
+    """The page; ``warnings``: what the run warned of (lot checks, a lot mostly defective), shown under the summary
+    (they were on the console and in results.json only, where a person reading the page did not see them)."""
     e = html.escape
     cards = []
     for row in rows:
@@ -117,6 +120,7 @@ def render(title: str, rows: list, skipped: list, failed: list, threshold: float
     return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{e(title)}</title>"
             f"<style>{STYLE}</style><script>{CHECK_SCRIPT}</script></head><body>"
             f"<h1>{e(title)}</h1><p class=\"summary\">{e(summary)}</p>"
+            + (f'<ul class="warnings">{"".join(f"<li>warning: {e(w)}</li>" for w in warnings)}</ul>' if warnings else "")
             + (f'<img class="histogram" src="{histogram(scores, threshold)}" alt="score histogram">' if scores else "")
             + f"<h2>Images, worst first ({len(rows)})</h2><div class=\"grid\">{''.join(cards)}</div>"
             + (f"<h2>Not scored ({len(skipped) + len(failed)})</h2><table><tr><th></th><th>image</th><th>why</th>"
@@ -125,6 +129,6 @@ def render(title: str, rows: list, skipped: list, failed: list, threshold: float
 
 
 def write_report(out: Path, title: str, rows: list, skipped: list, failed: list, threshold: float | None,
-                 summary: str) -> Path:
-    page = render(title, rows, skipped, failed, threshold, summary, Path(out))
+                 summary: str, warnings: tuple = ()) -> Path:
+    page = render(title, rows, skipped, failed, threshold, summary, Path(out), warnings)
     return write_atomic(Path(out) / "report.html", page)

@@ -321,6 +321,49 @@ class Calibration:
         return cal
 
 
+LOWER_GROUP_LEVEL = 1e-4  # mostly_defective_group: how far past its own tail a score must lie to stay out
+LOWER_GROUP_START = 12  # ... and the fewest lowest scores its group starts from (at least a quarter of the lot)
+LOWER_GROUP_SHARE = 1 / 6  # ... and the share of the lot that must lie above the group (benchmarks.line.MIN_BREAKDOWN)
+
+
+def mostly_defective_group(scores) -> int | None:
+    """How many of the lot's lowest scores form a group the rest lies far above, where more than a sixth of the lot
+    does (None: no such group). From the lowest quarter (at least ``LOWER_GROUP_START``), the next score joins while
+    the group's own quartile threshold at ``LOWER_GROUP_LEVEL`` lies at or above it. A lot mostly defective whose
+    defects lie above its good parts' tail has one (MVTec bottle's test set: its 20 good bottles and 3 defects,
+    63 defects above), but so does a clean lot with near-twins in it (4 of ball screw's 40 line lots), so it is a
+    note for the user, never a threshold (README, "A lot mostly defective")."""
+    s = np.sort(np.asarray(scores, dtype=np.float64).reshape(-1))
+    s = s[np.isfinite(s)]
+    n = len(s)
+    k = max(LOWER_GROUP_START, math.ceil(n / 4))
+    if n - k <= LOWER_GROUP_SHARE * n:
+        return None
+    while k < n and s[k] <= calibrate(s[:k], None, LOWER_GROUP_LEVEL, DEFAULT_METHOD).threshold:
+        k += 1
+    return k if n - k > LOWER_GROUP_SHARE * n else None
+
+
+def mostly_defective_note(calibration: "Calibration", threshold: float) -> str | None:
+    """What a lot with a ``mostly_defective_group`` should know (None: nothing): how many lie above the group, how
+    many of them ``threshold`` calls anomalous, and the ``--threshold`` (calibrated) that reads the group alone."""
+    group = mostly_defective_group(calibration.reference)
+    if group is None:
+        return None
+    s = np.sort(np.asarray(calibration.reference, dtype=np.float64))
+    above, called = len(s) - group, int(np.sum(s > threshold))
+    own = calibrate(s[:group], None, calibration.false_alarm_rate, DEFAULT_METHOD).threshold
+    asked = float(f"{float(calibration.calibrated([own])[0]):.3g}")  # as a user types it
+    by_hand = (f"read from the lowest {group} alone the threshold is --threshold {asked:g} (it calls "
+               f"{int(np.sum(s > calibration.raw(asked)))} of the {len(s)} anomalous)" if 0.0 < asked < 1.0 else
+               "set --threshold by hand")
+    return (f"{above} of the lot's {len(s)} images score far above its lowest {group}, and the threshold calls "
+            f"{called} of the lot anomalous. If this lot is mostly defective (a benchmark's test set), its quartiles "
+            f"are defects' scores and the automatic threshold misses them: {by_hand}. A clean lot holding "
+            f"near-identical parts can look like this too; then keep the automatic threshold (README, 'A lot mostly "
+            f"defective')")
+
+
 def check_false_alarm_rate(rate) -> float:
     rate = float(rate)
     if not (math.isfinite(rate) and MIN_FALSE_ALARM_RATE <= rate < 0.5):

@@ -401,3 +401,29 @@ def test_a_score_exactly_at_the_threshold_is_normal():
     decider = Decider(cal)
     assert [decider.decide(float(s))["decision"] for s in lot] == ["normal"] * len(lot)
     assert decide([cal.threshold], cal.threshold) == ["normal"]
+
+
+def test_a_lot_mostly_defective_gets_a_note_with_the_threshold_its_good_group_reads_and_a_clean_lot_none():
+    """MVTec bottle's test set scored as one lot: 2 of its 63 defective bottles were called anomalous, though the
+    scores separate them. The note names the group the rest lies far above and the --threshold (calibrated) that
+    reads it alone; it never changes the threshold (a clean lot with near-twins can hold such a group too)."""
+    from postprocess.decision import mostly_defective_group, mostly_defective_note
+
+    rng = np.random.default_rng(5)
+    good = 0.05 + rng.exponential(0.004, 20)
+    defects = 0.09 + rng.exponential(0.05, 60)
+    lot = np.concatenate([good, defects])
+    cal = calibrate(lot)
+    assert mostly_defective_group(lot) == 20
+    note = mostly_defective_note(cal, cal.threshold)
+    called = int(np.sum(lot > cal.threshold))
+    assert note.startswith(f"60 of the lot's 80 images score far above its lowest 20, and the threshold calls {called} ")
+    asked = float(note.split("--threshold ")[1].split()[0])
+    by_hand = cal.raw(asked)  # what the suggested --threshold is in scores: every defect above it, every good below
+    assert good.max() < by_hand < defects.min() and "(it calls 60 of the 80 anomalous)" in note
+    assert called < 30  # the automatic threshold itself misses most of them: why the note is there
+    clean = rng.exponential(1.0, 36)
+    few = np.concatenate([good, 0.09 + rng.exponential(0.05, 3)])  # under a sixth: the quartile model tolerates it
+    for scores in (clean, few, lot[:12]):
+        c = calibrate(scores)
+        assert mostly_defective_group(scores) is None and mostly_defective_note(c, c.threshold) is None

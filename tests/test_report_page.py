@@ -77,3 +77,16 @@ def test_file_names_are_escaped_in_the_cards_and_in_the_not_scored_table(tmp_pat
     for name in ("x", "s", "f"):
         assert f"<b>{name}</b>" not in page
         assert f"lot/&lt;b&gt;{name}&lt;/b&gt;.png" in page
+
+
+def test_the_runs_warnings_are_on_the_page_escaped(tmp_path):
+    """What the run warned of (a lot mostly defective, images the other way round, copies) was on the console and in
+    results.json only; a person reading the page saw nothing of it."""
+    from client.report import render
+
+    rows = [{"path": "a.png", "score": 0.5, "decision": "normal", "rank": 1}]
+    warned = ("60 of the lot's 83 images score far above its lowest 23", "identical files: <a.png>, b.png")
+    page = render("lot", rows, [], [], None, "scored 1 image", tmp_path, warned)
+    assert "<li>warning: 60 of the lot&#x27;s 83 images score far above its lowest 23</li>" in page
+    assert "identical files: &lt;a.png&gt;, b.png" in page and "<a.png>" not in page
+    assert 'class="warnings"' not in render("lot", rows, [], [], None, "scored 1 image", tmp_path)
