@@ -277,10 +277,15 @@ def report(out: Path, fingerprint: dict, truth: dict | None) -> None:
         counts = Counter(r.get("decision", "unknown") for r in results["images"])
         decided = ", ".join(f"{counts[d]} {d.replace('_', ' ')}" for d in (*D.DECISIONS, "unknown")
                             if counts[d] or d in ("anomalous", "normal"))
-        print(f"decisions: {decided} (threshold "
-              f"{decision['threshold']:.4g} from the lot itself, {decision['method']}, false-alarm budget "
-              f"{decision['false_alarm_rate']:.1%}; {out / 'results.csv'})", file=sys.stderr)
-        if "confidence" in decision:
+        automatic = (f"{decision['threshold']:.4g} from the lot itself, {decision['method']}, false-alarm budget "
+                     f"{decision['false_alarm_rate']:.1%}")
+        by_hand = decision.get("threshold_source") == "--threshold"
+        if by_hand:  # the decisions used the user's threshold: the automatic one was named as theirs
+            raw = D.Calibration.from_dict(decision).raw(decision["threshold_calibrated"])
+            automatic = (f"{raw:.4g}, --threshold {decision['threshold_calibrated']:g} given by hand; the automatic "
+                         f"one: {automatic}")
+        print(f"decisions: {decided} (threshold {automatic}; {out / 'results.csv'})", file=sys.stderr)
+        if "confidence" in decision and not by_hand:  # it speaks of the automatic threshold
             print(f"  {decision['confidence']['text']}", file=sys.stderr)
         if truth:
             defective = {n for n, v in truth.items() if v != "good"}

@@ -5,6 +5,7 @@ import json
 import threading
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 from serve import main_job
@@ -183,3 +184,24 @@ def test_the_summary_counts_each_decision_as_itself_and_names_the_size_the_lot_w
     err = capsys.readouterr().err
     assert "images sent at 84x336 (height x width)" in err
     assert "decisions: 2 normal, 1 anomalous, 1 out of distribution, 1 invalid (threshold" in err
+
+
+def test_the_summary_names_a_threshold_given_by_hand_as_the_one_that_decided(tmp_path, capsys):
+    """With --threshold the decisions used the user's threshold, but the summary named the automatic one (and its
+    confidence statement) as if it had decided."""
+    from postprocess.decision import calibrate
+
+    cal = calibrate(np.linspace(0.1, 0.2, 36))
+    decision = {**cal.to_dict(), "threshold_calibrated": 0.01, "threshold_source": "--threshold"}
+    results = {"bank": {"bank": "b", "n_images": 36, "normal_selection": "visual", "image_size": [32, 32]},
+               "decision": decision, "images": [{"path": "a.png", "score": 0.15, "decision": "anomalous"}]}
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    main_job.report(tmp_path, {"backbone": "x", "image_size": 32}, None)
+    err = capsys.readouterr().err
+    assert f"(threshold {cal.raw(0.01):.4g}, --threshold 0.01 given by hand; the automatic one: {cal.threshold:.4g} " in err
+    assert cal.confidence()["text"] not in err
+    results["decision"] = {**cal.to_dict(), "threshold_calibrated": 0.5, "threshold_source": "auto"}
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    main_job.report(tmp_path, {"backbone": "x", "image_size": 32}, None)
+    err = capsys.readouterr().err
+    assert f"(threshold {cal.threshold:.4g} from the lot itself" in err and cal.confidence()["text"] in err
