@@ -422,6 +422,7 @@ def test_a_lot_mostly_defective_gets_a_note_with_the_threshold_its_good_group_re
     by_hand = cal.raw(asked)  # what the suggested --threshold is in scores: every defect above it, every good below
     assert good.max() < by_hand < defects.min() and "(it calls 60 of the 80 anomalous)" in note
     assert called < 30  # the automatic threshold itself misses most of them: why the note is there
+    assert mostly_defective_note(cal, by_hand) is None  # a threshold that calls them (the demo lot's) needs no word
     clean = rng.exponential(1.0, 36)
     few = np.concatenate([good, 0.09 + rng.exponential(0.05, 3)])  # under a sixth: the quartile model tolerates it
     for scores in (clean, few, lot[:12]):
