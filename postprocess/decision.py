@@ -330,9 +330,9 @@ def mostly_defective_group(scores) -> int | None:
     """How many of the lot's lowest scores form a group the rest lies far above, where more than a sixth of the lot
     does (None: no such group). From the lowest quarter (at least ``LOWER_GROUP_START``), the next score joins while
     the group's own quartile threshold at ``LOWER_GROUP_LEVEL`` lies at or above it. A lot mostly defective whose
-    defects lie above its good parts' tail has one (MVTec bottle's test set: its 20 good bottles and 3 defects,
-    63 defects above), but so does a clean lot with near-twins in it (4 of ball screw's 40 line lots), so it is a
-    note for the user, never a threshold (README, "A lot mostly defective")."""
+    defects lie above its good parts' tail has one (MVTec bottle's test set: its 20 good bottles and 3 defects in
+    the group, 60 defects above it), but so does a clean lot with near-twins in it (4 of ball screw's 40 line
+    lots), so it is a note for the user, never a threshold (README, "A lot mostly defective")."""
     s = np.sort(np.asarray(scores, dtype=np.float64).reshape(-1))
     s = s[np.isfinite(s)]
     n = len(s)
