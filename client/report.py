@@ -120,7 +120,8 @@ def render(title: str, rows: list, skipped: list, failed: list, threshold: float
     return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{e(title)}</title>"
             f"<style>{STYLE}</style><script>{CHECK_SCRIPT}</script></head><body>"
             f"<h1>{e(title)}</h1><p class=\"summary\">{e(summary)}</p>"
-            + (f'<ul class="warnings">{"".join(f"<li>warning: {e(w)}</li>" for w in warnings)}</ul>' if warnings else "")
+            + (f'<ul class="warnings">{"".join(f"<li>warning: {e(w)}</li>" for w in warnings)}</ul>'
+               if warnings else "")
             + (f'<img class="histogram" src="{histogram(scores, threshold)}" alt="score histogram">' if scores else "")
             + f"<h2>Images, worst first ({len(rows)})</h2><div class=\"grid\">{''.join(cards)}</div>"
             + (f"<h2>Not scored ({len(skipped) + len(failed)})</h2><table><tr><th></th><th>image</th><th>why</th>"
