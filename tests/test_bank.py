@@ -1201,3 +1201,27 @@ def test_the_text_baseline_on_an_encoder_without_text_is_the_callers_error(tiny,
     with pytest.raises(RequestError, match="needs a text encoder; this server's has none") as refused:
         service.handle("build", "washer", "", None, {"mode": "baseline"})
     assert describe_failure("pa_clip_bank", refused.value, lambda _: None)[1] is False  # not an internal error
+
+
+def test_discard_and_update_refuse_options_they_do_not_take(tiny, lot, tmp_path):
+    """discard takes only 'lot' and update only 'lot' (it keeps the bank's settings): an option they would ignore
+    (a build's 'mode' sent to update, a 'reset' sent with discard) is refused, not dropped without a word."""
+    service = BankService(BankStore(tmp_path), tiny.fingerprint, tiny.encode, tiny.encode_text, log=lambda _: None)
+    service.handle("add", "washer", "washer", lot[:2], {"reset": True, "lot": "c"})
+    with pytest.raises(BankError, match="discard takes one option, 'lot'"):
+        service.handle("discard", "washer", "", None, {"lot": "c", "reset": True})
+    assert service.store.lot_size("washer", "c") == 2  # nothing discarded
+    with pytest.raises(BankError, match=r"update takes no options but 'lot'.*\['mode'\]"):
+        service.handle("update", "washer", "", None, {"mode": "mutual", "lot": "c"})
+    assert service.store.lot_size("washer", "c") == 2
+
+
+def test_a_category_name_with_control_characters_or_past_200_characters_is_refused(tiny, lot, tmp_path):
+    """The category goes into the text prompts: a newline or NUL in it, or a name far past CLIP's 77 tokens, is
+    refused before anything is encoded or kept in a lot."""
+    service = BankService(BankStore(tmp_path), tiny.fingerprint, tiny.encode, tiny.encode_text, log=lambda _: None)
+    for bad in ("wash\ner", "washer\0", "tab\there", "x" * 201):
+        with pytest.raises(BankError, match="no control characters"):
+            service.handle("add", "washer", bad, lot[:2], {"reset": True})
+    assert service.store.lot_size("washer") == 0
+    assert service.handle("add", "washer", "x" * 200, lot[:2], {"reset": True})["lot_size"] == 2

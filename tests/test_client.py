@@ -497,3 +497,114 @@ def test_fail_on_fails_the_run_for_an_image_without_a_score(monkeypatch, tmp_pat
     err = capsys.readouterr().err
     assert "1 image(s) not decided (unreadable, or no score)" in err and "decided so" not in err
     assert infer.main([*argv, "--overwrite"]) == exits.OK  # without --fail-on the same run is done
+
+
+def test_each_error_class_has_its_own_exit_status():
+    """Scripts branch on the status (README, client/exits.py): 3 means retry later (no server answered), 4 means fix
+    the request (the server answered with an error), 2 bad usage; a refusal read as 'unreachable' retried forever."""
+    from client import exits
+    from client.triton_client import BadAddress, ServerRefused, ServerUnreachable
+
+    assert exits.for_error(ServerUnreachable("nothing listens")) == 3
+    assert exits.for_error(ServerRefused("unknown bank 'x'")) == 4
+    assert exits.for_error(ValueError("no images at photos/")) == 2
+    assert exits.for_error(BadAddress("--url with a scheme")) == 2
+
+
+def test_the_guards_502_for_a_tritonserver_gone_mid_request_is_unreachable():
+    """The guard in front (python -m serve) answers 502 when the tritonserver behind it went away mid-request: no
+    server answered, so the client must say 'unreachable' (exit 3, retry later), not 'refused' (exit 4)."""
+    from tritonclient.utils import InferenceServerException
+
+    from client.triton_client import ServerUnreachable, client_error
+
+    gone = InferenceServerException("the inference server closed the connection without an answer", status="502")
+    assert isinstance(client_error(gone), ServerUnreachable)
+
+
+def test_the_access_key_travels_in_the_header_each_protocol_reads(monkeypatch):
+    """Triton's gRPC frontend reads restricted-protocol keys only under the 'triton-grpc-protocol-' prefix: a key sent
+    bare over gRPC was never seen, and every request was refused as unauthenticated."""
+    from client.triton_client import PAClipClient
+
+    monkeypatch.delenv("PA_CLIP_KEY", raising=False)
+    http = PAClipClient("127.0.0.1:1", "http", key="s3cret")
+    grpc = PAClipClient("127.0.0.1:1", "grpc", key="s3cret")
+    bare = PAClipClient("127.0.0.1:1", "grpc")
+    assert http.headers == {"pa-clip-key": "s3cret"}
+    assert grpc.headers == {"triton-grpc-protocol-pa-clip-key": "s3cret"}
+    assert bare.headers is None
+    for client in (http, grpc, bare):
+        client.close()
+
+
+def test_a_build_is_sent_again_only_while_the_server_is_busy_building_another(monkeypatch):
+    """'server busy' (one build per host) is waited out, and the caller told once; any other refusal (a bad option,
+    an unknown bank) comes back at once: sent again it would be refused again until the deadline, an hour."""
+    from client import triton_client
+    from client.triton_client import PAClipClient, ServerRefused
+
+    monkeypatch.setattr(triton_client, "BUSY_RETRY_S", 0.01)
+    client = PAClipClient("127.0.0.1:1", "http")
+    answers = [ServerRefused("pa_clip_bank: server busy: this host is building bank 'a'")] * 3 + [{"bank": "b"}]
+    sent, told = [], []
+
+    def bank_action(action, bank="", category="", images=None, options=None):
+        sent.append(action)
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    monkeypatch.setattr(client, "bank_action", bank_action)
+    assert client.build_bank("b", wait_s=30, on_wait=told.append) == {"bank": "b"}
+    assert sent == ["build"] * 4 and len(told) == 1
+    sent.clear()
+    answers[:] = [ServerRefused("pa_clip_bank: unknown mode 'fast'")] * 1000
+    with pytest.raises(ServerRefused, match="unknown mode"):
+        client.update_bank("b", wait_s=0.5)
+    assert sent == ["update"]
+    client.close()
+
+
+def test_banks_delete_without_yes_and_without_a_terminal_stops_before_contacting_the_server(monkeypatch, capsys):
+    """Where there is no terminal to ask at (a script, a pipe), delete needs --yes: it is a usage error (2) said
+    before any server is asked, not an unreachable server (3) nor a deletion nobody confirmed."""
+    import io
+
+    from client import banks
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("y\n"))
+    assert banks.main(["--url", "127.0.0.1:1", "--timeout", "5", "delete", "washer"]) == 2
+    err = capsys.readouterr().err
+    assert "--yes" in err and "no Triton server" not in err
+
+
+def test_banks_verify_exits_1_when_a_bank_is_damaged(monkeypatch, capsys):
+    """'banks verify' is what a cron job runs: a damaged bank must fail it (exit 1, as exits.HELP says), not only be
+    printed; every bank ok is 0."""
+    from client import banks
+
+    verdicts = {}
+
+    class FakeClient:
+        def __init__(self, *args, **kwargs):
+            self.url = "fake"
+
+        def check_ready(self):
+            pass
+
+        def bank_action(self, action, bank=""):
+            assert action == "verify"
+            return verdicts
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(banks, "PAClipClient", FakeClient)
+    verdicts["banks"] = [{"bank": "a", "ok": True, "verified": "3 tensors", "version": "v1", "seconds": 0.1},
+                         {"bank": "b", "ok": False, "error": "digest of scores.npy does not match"}]
+    assert banks.main(["verify"]) == 1
+    assert "DAMAGED" in capsys.readouterr().out
+    verdicts["banks"] = verdicts["banks"][:1]
+    assert banks.main(["verify"]) == 0

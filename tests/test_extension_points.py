@@ -291,3 +291,27 @@ def test_the_canary_reads_configs_with_the_same_helper(tmp_path):
     models = canary.python_run_models(tmp_path, {targets.ONNX.platform})
     assert {m.name for m in models} == {C.VISION_MODEL, C.SCORE_MODEL, C.BANK_MODEL}
     assert all(isinstance(m, mc.ModelConfig) for m in models)
+
+
+def test_a_triton_model_config_names_exactly_one_of_a_platform_and_a_backend():
+    """tritonserver refuses a config that names both (or neither): the export must refuse it before writing."""
+    from export.triton_config import check_runner, vision_config
+
+    check_runner("clip_vision", "onnxruntime_onnx", "")
+    check_runner("clip_vision", "", "openvino")
+    for platform, backend in (("onnxruntime_onnx", "openvino"), ("", "")):
+        with pytest.raises(ValueError, match="platform or a backend"):
+            check_runner("clip_vision", platform, backend)
+    with pytest.raises(ValueError, match="platform or a backend"):
+        vision_config("clip_vision", 224, 4, 16, 64, 32, 8, kind="KIND_CPU", platform="onnxruntime_onnx",
+                      backend="openvino")
+
+
+def test_the_exported_vision_encoder_batches_requests_dynamically():
+    """The encoder's config turns on Triton's dynamic batcher (README: in-flight requests merged into one batch
+    raise throughput): without it each request of the ensemble ran the encoder on its own."""
+    from export.triton_config import vision_config
+
+    config = parse_config(config_text(vision_config("clip_vision", 224, 4, 16, 64, 32, 8, kind="KIND_CPU",
+                                                    platform="onnxruntime_onnx")))
+    assert config.HasField("dynamic_batching") and config.max_batch_size == 8

@@ -372,3 +372,32 @@ def test_a_model_runs_in_one_instance_only_with_one_group_of_one_on_the_cpu_or_o
         "pa_clip_score_0_0"
     assert instance_label({"model_instance_name": "pa_clip_score_0_0", "model_instance_kind": "GPU",
                            "model_instance_device_id": "1"}) == "pa_clip_score_0_0_gpu1"  # named alike per GPU
+
+
+def test_the_drift_window_holds_the_latest_256_new_images():
+    """README and docs/design.md: the window is the last 256 new images of a bank; older ones leave it (a line that
+    drifted and came back must stop alarming), while 'seen' counts every new image."""
+    from postprocess.drift import DriftMonitor
+
+    lot = {"brightness": np.linspace(100, 140, 36)}
+    monitor = DriftMonitor()
+    for start in range(0, 300, 50):  # 300 distinct parts in requests of 50
+        idx = np.arange(start, start + 50, dtype=float)
+        window = monitor.observe("b", "v1", lot, idx, {"brightness": np.full(50, 120.0)}, np.zeros(50, bool),
+                                 keys=[str(int(i)) for i in idx])
+    assert window["window"] == 256 and window["seen"] == 300
+    assert window["score_quantiles"]["0.5"] == pytest.approx(np.median(np.arange(300 - 256, 300)))
+
+
+def test_dropping_a_deleted_banks_gauges_keeps_its_counters():
+    """drop_gauges takes a gone bank's state (gauges) off /metrics; counters are totals Prometheus rates are
+    computed from, and removing them would read as a counter reset."""
+    from postprocess.telemetry import RecordingTelemetry
+
+    telemetry = RecordingTelemetry()
+    telemetry.count("pa_clip_images_scored_total", 5, bank="gone")
+    telemetry.gauge("pa_clip_bank_drift", 0.3, bank="gone")
+    telemetry.gauge("pa_clip_bank_drift", 0.1, bank="kept")
+    telemetry.drop_gauges(bank="gone")
+    assert telemetry.values == {("pa_clip_images_scored_total", (("bank", "gone"),)): 5,
+                                ("pa_clip_bank_drift", (("bank", "kept"),)): 0.1}
