@@ -284,7 +284,7 @@ def build_parser(prog: str = "client/infer.py") -> argparse.ArgumentParser:
     p.add_argument("--protocol", choices=["http", "grpc"], default="http")
     p.add_argument("--key", default=None, help="the server's access key (default: $PA_CLIP_KEY; needed when the "
                    "server was started off loopback)")
-    p.add_argument("--concurrency", type=F.integer(1, 64), default=4, help="requests in flight")
+    p.add_argument("--concurrency", type=F.integer(1, MAX_CONCURRENCY), default=4, help="requests in flight")
     # at most what the ensemble takes: 9 to 64 passed here and every request was refused, every image "failed"
     p.add_argument("--batch-size", type=F.integer(1, C.ENSEMBLE_MAX_BATCH), default=1,
                    help=f"images per scoring request (at most {C.ENSEMBLE_MAX_BATCH}, the server's limit)")
@@ -301,6 +301,7 @@ def build_parser(prog: str = "client/infer.py") -> argparse.ArgumentParser:
 
 
 FAIL_ON = ("anomalous", D.OUT_OF_DISTRIBUTION, "any")
+MAX_CONCURRENCY = 64  # requests in flight, each a connection: under the guards' per-address cap (request_checks)
 # what a run writes into --out: replaced as a whole by --overwrite, never mixed with another run's
 RUN_OUTPUTS = ("results.csv", "results.json", "report.html", "overlays", "maps")
 
@@ -748,7 +749,7 @@ def main(argv=None, prog: str = "client/infer.py") -> int:
                   "image can be decided; build it again (--build)", file=sys.stderr)
             return exits.USAGE
         warn(f"bank {bank!r} was built before banks kept a calibration: no decisions; build it again (--build)")
-    elif args.build and (note := D.mostly_defective_note(decider.calibration, decider.raw_threshold)):
+    elif args.build and (note := D.mostly_defective_note(decider.calibration, decider.calibration.threshold)):
         warn(note)  # a benchmark's test set scored as a lot: 2 of 63 defective bottles were called anomalous
     clear_out(out, previous)
     # the folders this run writes are a run's from its first picture: an interrupted run's overlays are replaced by

@@ -74,13 +74,15 @@ class Limits:
     # trickles a byte now and then is dropped): 16 KB/s is a 130 kbit/s line
     min_body_rate_bps: int = 16 << 10
     body_grace_s: float = 30.0
-    # What a client without the access key (when the server has one) may hold, so that keyed clients always find
-    # room: a probe's 1000 idle keyless connections ran the process out of file descriptors, and 16 gRPC health calls
-    # whose message never came held every worker thread.
+    # What a client without the access key (when the server has one) may hold: a probe's 1000 idle keyless
+    # connections ran the process out of file descriptors, and 16 gRPC health calls whose message never came held
+    # every worker thread. (gRPC connections that started HTTP/2 share the overall cap with keyed ones.)
     # to send a whole request head (HTTP, also between requests) or message (gRPC), and gRPC's connection preface
     keyless_timeout_s: float = 10.0
     max_connections: int = 1024  # per guard, all addresses together (more: HTTP 503, gRPC closed; connection_cap)
-    max_keyless_connections_per_peer: int = 64  # HTTP connections of one address that have not yet sent the key
+    # HTTP connections of one address that have not yet sent the key: a keyed client's count too until its first
+    # head is read, so well above the client's largest --concurrency (64), for a few clients behind one address
+    max_keyless_connections_per_peer: int = 256
     max_keyless_calls: int = 4  # gRPC health calls without the key handled at once (more: RESOURCE_EXHAUSTED)
 
 

@@ -146,3 +146,14 @@ def test_the_clients_batch_limit_is_the_ensembles():
 
     config = read_config(Path(__file__).resolve().parents[1] / "model_repository" / C.ENSEMBLE / "config.pbtxt")
     assert config.max_batch_size == C.ENSEMBLE_MAX_BATCH
+
+
+def test_a_keyed_clients_connections_fit_under_the_guards_cap_for_one_address_several_times():
+    """A keyed client's connections count against the HTTP guard's per-address cap until their first head is read:
+    at a cap of 64, `pa-clip score --concurrency 64` filled it, and a second client behind the same address got 503
+    with its key."""
+    from client.infer import MAX_CONCURRENCY, build_parser
+    from serve.request_checks import Limits
+
+    assert Limits().max_keyless_connections_per_peer >= 4 * MAX_CONCURRENCY
+    assert build_parser().parse_args(["--images", "x", "--concurrency", str(MAX_CONCURRENCY)]).concurrency == MAX_CONCURRENCY
