@@ -128,23 +128,36 @@ def _colour_bar(height: int, low: float, high: float, threshold: float | None, f
     """A vertical bar, hot end at the top, with the map values of its ends and the threshold written beside; a
     threshold beyond the scale is marked at the end it lies past."""
     ramp = colorize(np.linspace(high, low, height)[:, None].repeat(BAR_WIDTH, axis=1), low, high)
-    labels = [(0, f"{high:.3g}"), (height - 1, f"{low:.3g}")]
-    if threshold is not None and np.isfinite(threshold):
-        if threshold >= high:  # the map's colours stop below it: marked under the top label
-            labels.append((min(font.size + 4, height - 1), f"{threshold:.3g} threshold for this image (above the scale)"))
-        elif threshold <= low:
-            labels.append((max(0, height - 1 - font.size - 4), f"{threshold:.3g} threshold for this image (below the scale)"))
-        else:
-            labels.append((round((high - threshold) / (high - low) * (height - 1)), f"{threshold:.3g} threshold for this image"))
-    text_width = max(int(font.getlength(text)) for _, text in labels) + 6
+    labels = bar_labels(height, low, high, threshold, font.size)
+    text_width = max(int(font.getlength(text)) for _, _, text in labels) + 6
     bar = Image.new("RGB", (BAR_WIDTH + text_width, height), "white")
     bar.paste(Image.fromarray(ramp), (0, 0))
     draw = ImageDraw.Draw(bar)
-    for y, text in labels:
-        top = min(max(0, y - font.size // 2), height - font.size - 2)
+    for y, top, text in labels:
         draw.line([(0, y), (BAR_WIDTH + 3, y)], fill="black")
-        draw.text((BAR_WIDTH + 5, top), text, fill="black", font=font)
+        if text:
+            draw.text((BAR_WIDTH + 5, top), text, fill="black", font=font)
     return bar
+
+
+def bar_labels(height: int, low: float, high: float, threshold: float | None, size: int) -> list:
+    """The colour bar's ticks as (row, top of its text, text): the ends' values and the threshold. An end's value
+    whose text the threshold's would overlap keeps its tick without its text (a threshold near the bottom of the
+    scale printed "0.00045threshold" over it)."""
+    def top(y: int) -> int:
+        return min(max(0, y - size // 2), height - size - 2)
+
+    ends = [(0, f"{high:.3g}"), (height - 1, f"{low:.3g}")]
+    if threshold is None or not np.isfinite(threshold):
+        return [(y, top(y), text) for y, text in ends]
+    if threshold >= high:  # the map's colours stop below it: its text just under the top label's
+        y, text = min(size + 2 + size // 2, height - 1), f"{threshold:.3g} threshold for this image (above the scale)"
+    elif threshold <= low:  # its text just over the bottom label's
+        y, text = max(0, height - 2 * size - 4 + size // 2), f"{threshold:.3g} threshold for this image (below the scale)"
+    else:
+        y, text = round((high - threshold) / (high - low) * (height - 1)), f"{threshold:.3g} threshold for this image"
+    kept = [(e, top(e), t if abs(top(e) - top(y)) > size + 1 else "") for e, t in ends]
+    return kept + [(y, top(y), text)]
 
 
 def render_panel(image: np.ndarray, anomaly_map: np.ndarray, low: float, high: float,

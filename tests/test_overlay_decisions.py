@@ -123,3 +123,20 @@ def test_the_colour_bar_is_hot_at_the_top_and_ticks_the_threshold_at_its_height_
 
     # rows 0 and height-1 carry the ticks of the high and low labels: the rows next to them
     assert place(ramp[1, 0]) >= 250 and place(ramp[height - 2, 0]) <= 5
+
+
+@pytest.mark.parametrize("threshold", [1.0005, 1.5, 0.9999, 0.5, 0.0001, -0.2, 0.0, None])
+def test_the_colour_bars_texts_never_overlap_and_the_ends_keep_their_ticks(threshold):
+    """A threshold near the bottom of the scale printed its text over the scale's lowest value ("0.00045threshold");
+    one above or below the scale is written beside the end label, not over it."""
+    from client.heatmap import bar_labels
+
+    size, height = 12, 200
+    labels = bar_labels(height, 0.0, 1.0, threshold, size)
+    assert [y for y, _, _ in labels][:2] == [0, height - 1]  # both ends keep their ticks
+    tops = sorted(top for _, top, text in labels if text)
+    assert all(b - a > size for a, b in zip(tops, tops[1:]))  # text rows apart: none drawn over another
+    if threshold is not None and not 0.0 < threshold < 1.0:  # beyond or at an end: both end values still written
+        assert sum(bool(text) for _, _, text in labels) == 3
+    elif threshold is not None and not 0.01 < threshold < 0.99:  # at an end inside the scale: its own value for it
+        assert sum(bool(text) for _, _, text in labels) == 2
