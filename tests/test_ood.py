@@ -401,3 +401,85 @@ def test_dropping_a_deleted_banks_gauges_keeps_its_counters():
     telemetry.drop_gauges(bank="gone")
     assert telemetry.values == {("pa_clip_images_scored_total", (("bank", "gone"),)): 5,
                                 ("pa_clip_bank_drift", (("bank", "kept"),)): 0.1}
+
+
+def _store_with_a_live_version(tmp_path):
+    """A store whose bank 'washer' has a live version folder (no tensors: the drift windows never read them)."""
+    from postprocess.bank_store import BankStore
+
+    store = BankStore(tmp_path / "banks")
+    (store.root / "washer" / "v-1").mkdir(parents=True)
+    (store.root / "washer" / "CURRENT").write_text("v-1")
+    return store
+
+
+def test_persisted_drift_windows_are_read_back_newest_first_for_the_live_version_only(tmp_path):
+    """What info shows under 'monitors' is every live scoring process's window as it wrote it, the latest first,
+    and only those of the version served now (an old version's window says nothing about the bank in use)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from postprocess.atomic import HOST
+
+    store = _store_with_a_live_version(tmp_path)
+    mine = {"version": "v-1", "window": 40, "seen": 41, "updated": 100.0, "drift": 0.25, "alarm": False,
+            "score_quantiles": {"0.5": 0.1}}
+    store.write_monitor("washer", mine)
+    helper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # another live scoring process
+    try:
+        folder = store.root / "washer" / "monitor"
+        (folder / f"{HOST}-{helper.pid}.json").write_text(json.dumps({**mine, "window": 7, "updated": 200.0}))
+        assert store.monitors("washer") == [{**mine, "window": 7, "updated": 200.0, "process": f"{HOST}-{helper.pid}"},
+                                            {**mine, "process": f"{HOST}-{os.getpid()}"}]
+        (folder / f"{HOST}-{helper.pid}.json").write_text(json.dumps({**mine, "version": "v-0", "updated": 300.0}))
+        assert [m["process"] for m in store.monitors("washer")] == [f"{HOST}-{os.getpid()}"]
+    finally:
+        helper.kill()
+        helper.wait()
+
+
+def test_a_drift_window_of_a_gone_process_is_not_shown_and_prune_removes_it(tmp_path):
+    """Every restart left its window behind, listed by info as a scoring process for a day and removed by nothing;
+    a live process's window stays (shown and kept), however many gone ones lie beside it."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from postprocess.atomic import HOST
+
+    store = _store_with_a_live_version(tmp_path)
+    store.write_monitor("washer", {"version": "v-1", "window": 3, "updated": 1.0})
+    gone = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)
+    folder = store.root / "washer" / "monitor"
+    stale = folder / f"{HOST}-{gone}.json"
+    stale.write_text(json.dumps({"version": "v-1", "window": 9, "updated": 2.0}))  # newer, and fresh on disk
+    assert [m["process"] for m in store.monitors("washer")] == [f"{HOST}-{os.getpid()}"]
+    assert str(stale) in store.prune()["removed"]
+    assert sorted(p.name for p in folder.iterdir()) == [f"{HOST}-{os.getpid()}.json"]
+    assert [m["window"] for m in store.monitors("washer")] == [3]
+
+
+def test_drift_windows_are_read_as_strict_json_and_an_old_one_is_not_shown(tmp_path):
+    """A window file is read like everything the project is handed (postprocess.strict_json): NaN or a key given
+    twice leaves the window out instead of showing a value no JSON reader takes; one not rewritten for a day
+    (MONITOR_FRESH_S) no longer describes the line."""
+    import os
+
+    from postprocess.atomic import HOST
+
+    store = _store_with_a_live_version(tmp_path)
+    mine = store.root / "washer" / "monitor" / f"{HOST}-{os.getpid()}.json"
+    store.write_monitor("washer", {"version": "v-1", "window": 3, "updated": 1.0})
+    assert [m["window"] for m in store.monitors("washer")] == [3]
+    for text in ('{"version": "v-1", "window": 3, "updated": 1.0, "drift": NaN}',
+                 '{"version": "v-1", "window": 3, "window": 4, "updated": 1.0}'):
+        mine.write_text(text)
+        assert store.monitors("washer") == [], text
+    store.write_monitor("washer", {"version": "v-1", "window": 3, "updated": 1.0})
+    old = mine.stat().st_mtime - store.MONITOR_FRESH_S - 60
+    os.utime(mine, (old, old))
+    assert store.monitors("washer") == []

@@ -131,3 +131,45 @@ def test_the_supervisor_gives_up_after_max_restarts_within_ten_minutes_and_never
     assert code == 1 and starts == 3 and deaths == [0.0, 199.0, 398.0, 597.0]
     code, starts, deaths = _supervised(monkeypatch, lifetime=200.0)
     assert code is None and starts == 8 and deaths[3] == 600.0
+
+
+def test_listen_free_says_taken_for_a_port_a_server_listens_on_and_free_once_it_is_closed():
+    """pick_ports trusts listen_free: a port another server listens on reported free is a start that can only fail."""
+    import socket
+
+    from serve.local import listen_free
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        assert listen_free("127.0.0.1", port) is False
+    assert listen_free("127.0.0.1", port) is True
+
+
+def test_listen_free_counts_a_port_left_in_time_wait_as_free():
+    """A scrape's closed connection leaves the server's port in TIME_WAIT for a minute; servers bind with address
+    reuse, so the port is free for them and must not push a run off its usual ports."""
+    import socket
+
+    from serve.local import listen_free
+
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+    client = socket.create_connection(("127.0.0.1", port))
+    accepted, _ = listener.accept()
+    listener.close()
+    accepted.close()  # the server side closes first: its end of the connection waits in TIME_WAIT on the port
+    client.recv(1)
+    client.close()
+    with socket.socket() as plain:  # the premise: without address reuse the port cannot be bound now
+        try:
+            plain.bind(("127.0.0.1", port))
+        except OSError:
+            pass
+        else:
+            pytest.skip("this kernel let a plain bind reuse a TIME_WAIT port: nothing to tell apart")
+    assert listen_free("127.0.0.1", port) is True
