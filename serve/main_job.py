@@ -191,8 +191,9 @@ def inputs_refused(images: Path, category: str, threshold: str) -> str | None:
         infer.parse_threshold(threshold)
     except ValueError as err:
         return str(err)
-    unreadable = [p for p in paths if image_size_of(p) is None]
-    readable = [p for p in paths if p not in set(unreadable)]
+    readable, unreadable = [], []
+    for path in paths:
+        (readable if image_size_of(path) else unreadable).append(path)
     # the lot it builds is what can be read, copies of one file counted once: a lot too small (or of 12 copies of
     # one image) was refused only after the export, the start and the upload
     different = len({lot_checks.sha256_of(p) for p in readable})
