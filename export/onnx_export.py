@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from postprocess.atomic import write_file
+from postprocess.atomic import new_temp, write_file
 from postprocess.contract import set_onnx_fingerprint
 
 
@@ -64,7 +64,7 @@ def write_model_dir(repository: Path, name: str, files: dict[str, object]) -> Pa
     """
     repository.mkdir(parents=True, exist_ok=True)
     area = staging_area(repository)
-    staging = Path(tempfile.mkdtemp(prefix=f"{name}.partial-", dir=area))
+    staging = new_temp(area, f"{name}.partial-", directory=True)  # renamed into place: the umask's permissions
     try:
         for rel, content in files.items():
             target = staging / rel

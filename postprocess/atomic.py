@@ -7,9 +7,10 @@ from __future__ import annotations
 import fcntl
 import os
 import re
+import secrets
 import socket
+import stat
 import sys
-import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -84,18 +85,39 @@ def write_file(path: Path, content: Content) -> None:
         os.fsync(f.fileno())
 
 
+def new_temp(parent: Path, prefix: str, directory: bool = False) -> Path:
+    """A new empty file (or folder) ``parent/prefix<random>`` with the permissions the umask gives any new one:
+    tempfile's are private (0600, 0700), and the rename into place kept that, so results, banks and model folders
+    were unreadable to the group a user's umask shares them with."""
+    for _ in range(100):
+        path = parent / f"{prefix}{secrets.token_hex(6)}"
+        try:
+            if directory:
+                os.mkdir(path, 0o777)
+            else:
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name {prefix}* in {parent}")
+
+
 def write_atomic(path: str | Path, content: Content) -> Path:
-    """Replace ``path`` with ``content`` atomically (see the module docstring)."""
+    """Replace ``path`` with ``content`` atomically (see the module docstring); a file replaced keeps its
+    permissions, a new one gets the umask's."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=temp_name(path.name) + "-", dir=path.parent)
-    os.close(fd)
+    tmp = new_temp(path.parent, temp_name(path.name) + "-")
     try:
-        write_file(Path(tmp), content)
+        try:
+            os.chmod(tmp, stat.S_IMODE(path.stat().st_mode))
+        except FileNotFoundError:
+            pass
+        write_file(tmp, content)
         os.replace(tmp, path)
         fsync_dir(path.parent)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return path
 

@@ -1286,3 +1286,24 @@ def test_write_atomic_that_fails_keeps_the_old_file_and_leaves_no_temporary_file
         atomic.write_atomic(tmp_path / "manifest.json", half_written)
     assert [p.name for p in tmp_path.iterdir()] == ["manifest.json"]
     assert (tmp_path / "manifest.json").read_text() == "old"
+
+
+def test_written_files_and_model_folders_get_the_umasks_permissions_and_a_replaced_file_keeps_its_own(tmp_path):
+    """tempfile makes private files (0600) and folders (0700), and the rename into place kept that: a group sharing
+    results, banks or a model repository by its umask could not read them."""
+    from export.onnx_export import write_model_dir
+    from postprocess import atomic
+
+    old_umask = os.umask(0o027)
+    try:
+        atomic.write_atomic(tmp_path / "results.json", "{}")
+        model = write_model_dir(tmp_path / "repo", "clip_vision", {"config.pbtxt": "x"})
+        (tmp_path / "private.json").write_text("old")
+        os.chmod(tmp_path / "private.json", 0o600)
+        atomic.write_atomic(tmp_path / "private.json", "new")
+    finally:
+        os.umask(old_umask)
+    assert (tmp_path / "results.json").stat().st_mode & 0o777 == 0o640
+    assert model.stat().st_mode & 0o777 == 0o750
+    assert (tmp_path / "private.json").stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "private.json").read_text() == "new"
