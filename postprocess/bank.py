@@ -153,7 +153,7 @@ class BankManifest:
     full_bank_entries_per_image: dict  # r -> full-bank entries per lot image ({} for the text-only baseline)
     normal_selection: str  # "text" or "visual": how the normal images were chosen
     normal_indices: tuple[int, ...]  # lot index of each image chosen as normal
-    map_range: tuple[float, float]  # heat maps' colour scale: the lot's median pixel score to its 99.9th percentile
+    map_range: tuple[float, float]  # heat maps' colour scale (low, high): see colour_scale
     lot_scores: dict  # the lot's image scores: {"min", "median", "max"}
     # the automatic threshold and calibrated score of this lot (postprocess/decision.py, Calibration.to_dict), kept
     # as written so that an image scored alone later gets the decision it would have got in the lot
@@ -540,6 +540,17 @@ def tensor_record(tensors: dict) -> dict:
             for name, a in sorted(tensors.items())}
 
 
+def colour_scale(maps) -> tuple[float, float]:
+    """Heat maps' colour scale: the lot's median pixel score to its 99.9th percentile, read from the images whose
+    maximum lies within Tukey's far fence of the lot's maxima (q75 + 3 IQR). One black frame or broken part in a lot
+    of 36 is 2.7% of its pixels, all far above the rest: it set the top, and every other map came out blue."""
+    maps = np.asarray(maps, dtype=np.float64).reshape(len(maps), -1)
+    peaks = maps.max(axis=1)
+    q25, q75 = np.quantile(peaks, [0.25, 0.75])
+    typical = maps[peaks <= q75 + 3 * (q75 - q25)]
+    return float(np.quantile(typical, 0.5)), float(np.quantile(typical, 0.999))
+
+
 def build_bank(scorer, cfg: PAClipConfig, bank_id: str, encoder: dict, map_size=None):
     """Package what ``LotScorer.run`` computed on the lot as a bank (still where the lot was scored until it is saved).
 
@@ -580,7 +591,7 @@ def build_bank(scorer, cfg: PAClipConfig, bank_id: str, encoder: dict, map_size=
         normal_bank_entries={r: int(b.shape[1]) for r, (b, _) in run.banks.items()},
         full_bank_entries_per_image={r: int(v.shape[2]) for r, v in full.items()},
         normal_selection=state.selection, normal_indices=tuple(int(i) for i in state.normal_indices),
-        map_range=(float(np.quantile(maps, 0.5)), float(np.quantile(maps, 0.999))),
+        map_range=colour_scale(maps),
         lot_scores={"min": float(scores.min()), "median": float(np.median(scores)), "max": float(scores.max())},
         decision=calibrate(scores, state.normal_indices).to_dict(),
         ood=calibrate_ood(image_statistics(maps, scorer.images, DEFAULT_STATISTICS)).to_dict(),

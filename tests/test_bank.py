@@ -1307,3 +1307,21 @@ def test_written_files_and_model_folders_get_the_umasks_permissions_and_a_replac
     assert model.stat().st_mode & 0o777 == 0o750
     assert (tmp_path / "private.json").stat().st_mode & 0o777 == 0o600
     assert (tmp_path / "private.json").read_text() == "new"
+
+
+def test_one_far_image_in_a_lot_does_not_set_the_heat_maps_colour_scale(tiny_clip_112, lot):
+    """A black frame in a lot of 36 is 2.7% of its pixels, all far above the rest: read from every pixel, its level
+    was the scale's top and every other map came out blue. The scale is read from the images within the far fence."""
+    from postprocess.bank import colour_scale
+
+    rng = np.random.default_rng(3)
+    maps = rng.normal(0.2, 0.05, size=(36, 16, 16))
+    alone = colour_scale(maps)
+    far = np.concatenate([maps, np.full((1, 16, 16), 5.0)])
+    assert colour_scale(far)[1] == pytest.approx(alone[1])
+    assert alone[1] == pytest.approx(np.quantile(maps, 0.999))  # nothing far: every pixel read
+    assert alone[0] == pytest.approx(np.quantile(maps, 0.5))
+    # a build's scale is read this way
+    bank, report = build_bank(LotScorer(tiny_clip_112, lot, "washer", progress=False), PAClipConfig(), "scale",
+                              tiny_clip_112.fingerprint)
+    assert bank.manifest.map_range == colour_scale(report.maps)
