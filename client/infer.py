@@ -25,7 +25,9 @@ worst first as thumbnails linking to their overlays, in one self-contained page.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
+import fcntl
 import functools
 import glob
 import json
@@ -344,6 +346,38 @@ def check_writable(out: Path) -> None:
         raise UsageError(f"--out {str(out)!r} cannot be written ({err.strerror or err}): pass another --out") from None
 
 
+OUT_LOCK = ".pa-clip-run.lock"
+
+
+_HELD_OUT: set = set()  # the --out folders this process holds (the main job holds its own and runs infer in it)
+
+
+@contextlib.contextmanager
+def holding_out(out: Path):
+    """The --out folder held by this run (a lock that the system lets go when the process ends, however it ends):
+    two runs into one folder mixed their overlays and the last to finish wrote its results.csv over the other's."""
+    key = out.resolve()
+    if key in _HELD_OUT:
+        yield
+        return
+    with open(out / OUT_LOCK, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read(64).strip()
+            raise UsageError(f"another scoring run{f' (process {holder})' if holder.isdigit() else ''} is writing "
+                             f"into --out {str(out)!r}: wait for it to finish, or pass another --out") from None
+        handle.truncate(0)
+        handle.write(str(os.getpid()))
+        handle.flush()
+        _HELD_OUT.add(key)
+        try:
+            yield
+        finally:
+            _HELD_OUT.discard(key)
+
+
 def clear_out(out: Path, found: list[str]) -> None:
     """Remove the previous run's results (only what a run writes), so that old overlays never sit beside new ones."""
     import shutil
@@ -629,6 +663,12 @@ def print_summary(rows: list, skipped: list, failed: list, worst: int = 10) -> N
 
 def main(argv=None, prog: str = "client/infer.py") -> int:
     args = build_parser(prog).parse_args(argv)
+    command = recorded_command(prog, sys.argv[1:] if argv is None else list(argv))
+    with contextlib.ExitStack() as held:  # the --out folder's lock, held to the end of the run
+        return run_scoring(args, command, held)
+
+
+def run_scoring(args, command: list, held: contextlib.ExitStack) -> int:
     progress = not args.quiet
     out = Path(args.out)
     bank = args.bank or (args.category or "").strip().replace(" ", "_")
@@ -667,6 +707,8 @@ def main(argv=None, prog: str = "client/infer.py") -> int:
     if unread := unread_note(args.images):
         print(f"note: {unread}", file=sys.stderr)
     try:
+        check_writable(out)
+        held.enter_context(holding_out(out))
         previous = check_out(out, args.overwrite, writes=folders_written(args))
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -763,7 +805,7 @@ def main(argv=None, prog: str = "client/infer.py") -> int:
     csv_path = write_results(out, rows, skipped, failed)
     report = {
         "product": {"name": "pa-clip-triton", "version": product_version()},
-        "command": recorded_command(prog, sys.argv[1:] if argv is None else list(argv)),
+        "command": command,
         "complete": True,
         "bank": summary_of(info), "bank_version": info.get("version"), "protocol": args.protocol,
         "decision": None if decider is None else {

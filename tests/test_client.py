@@ -608,3 +608,41 @@ def test_banks_verify_exits_1_when_a_bank_is_damaged(monkeypatch, capsys):
     assert "DAMAGED" in capsys.readouterr().out
     verdicts["banks"] = verdicts["banks"][:1]
     assert banks.main(["verify"]) == 0
+
+
+def test_a_second_run_into_an_out_folder_in_use_is_refused_naming_the_first_and_writes_nothing(tmp_path, capsys):
+    """Two runs into one --out mixed their overlays and the last to finish wrote its results over the other's. The
+    first holds the folder until its process ends; the second is refused before it asks the server anything, and a
+    job holding the folder may run infer inside it (the main job does)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from PIL import Image
+
+    from client import infer
+
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from pathlib import Path; from client.infer import holding_out\n"
+         f"with holding_out(Path({str(out)!r})):\n    print('held', flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1])
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        (tmp_path / "images").mkdir()
+        for i in range(2):
+            Image.fromarray(np.full((16, 16, 3), i, np.uint8)).save(tmp_path / "images" / f"{i}.png")
+        argv = ["--images", str(tmp_path / "images"), "--bank", "b", "--out", str(out), "--quiet",
+                "--url", "127.0.0.1:9"]  # nothing listens there: a run that got past the lock would say unreachable
+        capsys.readouterr()
+        assert infer.main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"another scoring run (process {holder.pid}) is writing into --out" in err
+        assert sorted(p.name for p in out.iterdir()) == [infer.OUT_LOCK]
+    finally:
+        holder.communicate("")
+    with infer.holding_out(out), infer.holding_out(out):  # a job holding it runs infer in it
+        pass
+    assert infer.main(argv) != 2  # the folder is free once its holder has ended: on to the server
+    assert "another scoring run" not in capsys.readouterr().err
