@@ -47,6 +47,7 @@ BANK_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 VERSION_PATTERN = re.compile(r"v-[A-Za-z0-9][A-Za-z0-9._-]{0,200}")
 # a client's lot session (option "lot"): the folder lot-<session> of its bank; no dot, so never a part's name
 LOT_SESSION_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
+GIVEN_BACK = ".given-back-lots"  # <bank>/<session>: lot sessions their clients gave back (BankStore.discard_lot)
 ALL_LOTS = "*"  # what a delete's build lock names as its lot: every add to the bank waits for it
 DATA_FILES = ("bank.safetensors",)  # a version's files whose digests its manifest records
 MANIFEST_DIGEST = "manifest.sha256"  # beside manifest.json: the manifest's own digest (from format 6)
@@ -606,6 +607,7 @@ class BankStore:
             if (monitor := folder / "monitor").is_dir() and not monitor.is_symlink():  # windows of processes gone
                 leftovers += [p for p in monitor.glob("*.json") if _monitor_owner_gone(p, self.MONITOR_FRESH_S)]
         leftovers += [p for p in temporary if is_dead_leftover(p, self.STALE_AFTER_S)]
+        leftovers += [p for p in (self.root / GIVEN_BACK).glob("*/*") if _older_than(p, self.pending_ttl_s)]
         for path in leftovers:
             if path.is_dir():
                 shutil.rmtree(path, ignore_errors=True)
@@ -746,23 +748,44 @@ class BankStore:
         # written whole under a temporary name, then linked in under a name no other part has had (its index,
         # then its digest): two adds at once never overwrite each other's part, and a build that clears the
         # parts it read never removes one added after it by a name reused
+        self._check_not_given_back(bank_id, session, lot)
         staged = lot / temp_name(f"part-{uuid.uuid4().hex[:8]}.safetensors")
-        _save_tensors(staged, {
-            IMAGES: images, **{name: K.to_numpy(array) for name, array in features.outputs().items()},
-        }, metadata={"category": category, "grid": json.dumps(list(features.grid))})
         try:
-            digest = file_digest(staged)
-            index = 1 + max([int(p.stem.split("-")[1]) for p in parts], default=-1)
-            while True:
-                try:
-                    _place_exclusive(staged, lot / f"part-{index:06d}-{digest}.safetensors")
-                    break
-                except FileExistsError:
-                    index += 1
-        finally:
-            staged.unlink(missing_ok=True)
-        fsync_dir(lot)
+            _save_tensors(staged, {
+                IMAGES: images, **{name: K.to_numpy(array) for name, array in features.outputs().items()},
+            }, metadata={"category": category, "grid": json.dumps(list(features.grid))})
+            try:
+                digest = file_digest(staged)
+                index = 1 + max([int(p.stem.split("-")[1]) for p in parts], default=-1)
+                while True:
+                    try:
+                        _place_exclusive(staged, lot / f"part-{index:06d}-{digest}.safetensors")
+                        break
+                    except FileExistsError:
+                        index += 1
+            finally:
+                staged.unlink(missing_ok=True)
+            fsync_dir(lot)
+        except FileNotFoundError:  # the lot went while this part was written: given back, says why
+            self._check_not_given_back(bank_id, session, lot)
+            raise
+        self._check_not_given_back(bank_id, session, lot)  # given back while this part was written: it goes too
         return self.lot_size(bank_id, session)
+
+    def _given_back(self, bank_id: str, session: str) -> Path:
+        """The mark of a lot session its client gave back (``discard_lot``), kept ``pending_ttl_s``."""
+        return self.root / GIVEN_BACK / bank_id / session
+
+    def _check_not_given_back(self, bank_id: str, session: str | None, lot: Path) -> None:
+        """Refuse an add to a lot session its client has given back, removing the lot: an add still on its way
+        when the client was interrupted landed after the discard and left its images for a day. Checked before the
+        part is written and after it: a discard's mark is written before it removes the lot, so a part placed
+        before the mark is removed by the discard and one placed after it by this."""
+        if session is None or not self._given_back(bank_id, session).exists():
+            return
+        self._remove_lot(lot)
+        raise BankError(f"lot session {session!r} of bank {bank_id!r} was given back by its client (its run was "
+                        "interrupted or its build failed): add the lot again with a new session")
 
     @staticmethod
     def _remove_lot(lot: Path) -> None:
@@ -849,6 +872,7 @@ class BankStore:
         """Remove a client's own pending lot (``session``), unless a build is reading it."""
         if (holder := self._lot_reader(bank_id, session)) is not None:
             raise BankError(f"bank {bank_id!r} is being built from that lot right now ({_described_holder(holder)})")
+        write_atomic(self._given_back(bank_id, check_lot_session(session)), "")  # before the lot goes (see the add)
         self.clear_lot(bank_id, session=session)
 
     def pending_lots(self) -> list[dict]:
@@ -884,6 +908,13 @@ class BankStore:
         for bank_id, session in expired:
             self.clear_lot(bank_id, session=session)
         return [bank_id for bank_id, _ in expired]
+
+
+def _older_than(path: Path, age_s: float) -> bool:
+    try:
+        return time.time() - path.stat().st_mtime > age_s
+    except FileNotFoundError:
+        return False
 
 
 def _monitor_owner_gone(path: Path, stale_after_s: float) -> bool:

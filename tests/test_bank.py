@@ -1325,3 +1325,35 @@ def test_one_far_image_in_a_lot_does_not_set_the_heat_maps_colour_scale(tiny_cli
     bank, report = build_bank(LotScorer(tiny_clip_112, lot, "washer", progress=False), PAClipConfig(), "scale",
                               tiny_clip_112.fingerprint)
     assert bank.manifest.map_range == colour_scale(report.maps)
+
+
+def test_an_add_still_on_its_way_when_its_client_gave_the_lot_back_leaves_nothing(tiny, lot, tmp_path, monkeypatch):
+    """Ctrl-C during an add: the client gives its lot session back at once, while the add it sent is still being
+    written on the server; that add landed after the discard and its images stayed for a day (seen on a real server:
+    three interrupted runs, three lots of 8 left). Whichever lands first, nothing stays, and a later add to the
+    session given back is refused."""
+    store = BankStore(tmp_path)
+    features = tiny.encode(lot[:2])
+    store.add_to_lot("washer", "washer", lot[:2], features, session="s1")
+    real = store_module._save_tensors
+
+    def given_back_meanwhile(path, *args, **kwargs):  # the discard runs while the second part is written
+        real(path, *args, **kwargs)
+        store.discard_lot("washer", "s1")
+
+    monkeypatch.setattr(store_module, "_save_tensors", given_back_meanwhile)
+    with pytest.raises(BankError, match="was given back by its client"):
+        store.add_to_lot("washer", "washer", lot[:2], features, session="s1")
+    monkeypatch.setattr(store_module, "_save_tensors", real)
+    assert store.pending_lots() == [] and not (tmp_path / "washer" / "lot-s1").exists()
+    with pytest.raises(BankError, match="was given back by its client"):  # an add arriving after it
+        store.add_to_lot("washer", "washer", lot[:2], features, session="s1")
+    assert store.pending_lots() == []
+    store.add_to_lot("washer", "washer", lot[:2], features, session="s2")  # another session, and the shared lot
+    store.add_to_lot("washer", "washer", lot[:2], features)
+    assert sorted(p["lot"] or "" for p in store.pending_lots()) == ["", "s2"]
+    # the marks go with the day a lot would have waited
+    assert store.clean() == []
+    store.pending_ttl_s = 0
+    mark = tmp_path / ".given-back-lots" / "washer" / "s1"
+    assert str(mark) in store.clean() and not mark.exists()
