@@ -15,6 +15,11 @@ What cameras write, and how it is read:
   else the integer rule on their rounded values. 16-bit colour PNGs are decoded with pypng and colour TIFFs with
   tifffile, because Pillow keeps only their top byte.
 - The EXIF orientation (JPEG, TIFF, PNG eXIf) is applied: a camera held sideways gives an upright image.
+- An embedded ICC colour profile (JPEG, PNG, TIFF, WebP) of an RGB or grey image is honoured: the pixels are
+  converted from it to sRGB (LittleCMS through Pillow's ImageCms, perceptual intent), the space the encoder was
+  trained on, so a camera that writes Adobe RGB or a grey gamma of its own gives the colours it means. A profile
+  that cannot be read, or whose colour space is not the image's (a grey profile on an RGB image, CMYK, Lab), is left
+  out, as browsers leave it: the samples are read as sRGB, as they were before.
 - Large images are decoded small when the format allows it (JPEG: at 1/2, 1/4 or 1/8 scale, never below twice the
   size the image is sent at), so a 6000x4000 photo is not held at full size.
 """
@@ -22,6 +27,8 @@ What cameras write, and how it is read:
 from __future__ import annotations
 
 import contextlib
+import functools
+import io
 import math
 import zlib
 from dataclasses import dataclass
@@ -29,13 +36,15 @@ from pathlib import Path
 
 import numpy as np
 import png  # pypng
-from PIL import ExifTags, Image, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageCms, UnidentifiedImageError
 
 from postprocess.contract import size_pair
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif"}  # a GIF: its first frame
 STANDARD_DEPTHS = (8, 10, 12, 14, 16)
 HIGH_DEPTH_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I", "F"}
+# the source modes whose samples an ICC profile of each colour space describes (after the bit-depth rule)
+PROFILE_MODES = {"RGB": {"RGB", "RGBA", "RGBX", "P", "PA"}, "GRAY": {"L", "LA", "1", *HIGH_DEPTH_MODES}}
 # EXIF orientations that turn the picture a quarter: width and height swap
 QUARTER_TURNS = {5, 6, 7, 8}
 # EXIF orientation -> the transposition that makes the image upright (the TIFF/EXIF definition)
@@ -213,11 +222,41 @@ def decode(path: str | Path, bit_depth: int | None = None, min_size=None) -> Dec
             else:
                 img.load()
                 rgb, bits = img.convert("RGB"), 8
+            rgb = in_srgb(rgb, img.info.get("icc_profile"), source_mode)
     except READ_ERRORS as err:
         raise ValueError(f"cannot read image {path}: {err}") from err
     if orientation in UPRIGHT:
         rgb = rgb.transpose(UPRIGHT[orientation])
     return Decoded(rgb, bits, orientation, source_mode)
+
+
+def in_srgb(rgb: Image.Image, icc_profile: bytes | None, source_mode: str) -> Image.Image:
+    """8-bit RGB samples of an image whose file embeds ``icc_profile`` converted to sRGB (see the module's notes):
+    a grey image's through its grey profile, an RGB image's through its RGB one; as they are otherwise."""
+    if not icc_profile:
+        return rgb
+    try:
+        space = _profile_space(bytes(icc_profile))
+        if space is None or source_mode not in PROFILE_MODES[space]:
+            return rgb
+        grey = space == "GRAY"
+        return ImageCms.applyTransform(rgb.convert("L") if grey else rgb, _to_srgb(bytes(icc_profile), grey))
+    except (ImageCms.PyCMSError, OSError, ValueError):  # a damaged profile: left out, the samples read as sRGB
+        return rgb
+
+
+@functools.lru_cache(maxsize=16)
+def _profile_space(icc_profile: bytes) -> str | None:
+    """'RGB' or 'GRAY': the colour space of a profile read by LittleCMS; None for any other (CMYK, Lab, ...)."""
+    space = ImageCms.ImageCmsProfile(io.BytesIO(icc_profile)).profile.xcolor_space.strip()
+    return space if space in PROFILE_MODES else None
+
+
+@functools.lru_cache(maxsize=16)
+def _to_srgb(icc_profile: bytes, grey: bool) -> ImageCms.ImageCmsTransform:
+    """The transform from a profile to sRGB (built once per profile: a lot's images share their camera's)."""
+    return ImageCms.buildTransform(ImageCms.ImageCmsProfile(io.BytesIO(icc_profile)), ImageCms.createProfile("sRGB"),
+                                   "L" if grey else "RGB", "RGB")
 
 
 def _tiff_signed(img: Image.Image) -> bool:

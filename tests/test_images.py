@@ -283,3 +283,70 @@ def test_an_overlay_panel_is_at_most_1600_pixels_long_by_default_and_a_small_ima
     assert display_copy(Image.new("RGB", (1000, 5000))).shape == (1600, 320, 3)
     assert display_copy(Image.new("RGB", (1600, 900))).shape == (900, 1600, 3)
     assert display_copy(Image.new("RGB", (300, 200))).shape == (200, 300, 3)
+
+
+# sRGB's primaries as an ICC profile holds them (adapted to D50), and the D50 white
+SRGB_RED, SRGB_GREEN, SRGB_BLUE = (0.4361, 0.2225, 0.0139), (0.3851, 0.7169, 0.0971), (0.1431, 0.0606, 0.7141)
+D50 = (0.9642, 1.0, 0.8249)
+
+
+def icc_profile(space: str, gamma: float, colorants=None) -> bytes:
+    """A version-2 display profile written by the ICC layout (a header, a tag table, the tags): an RGB one with the
+    given colorants and one gamma curve per channel, or a grey one with its gamma. The only way to hold a profile
+    other than sRGB here: Pillow's ImageCms makes sRGB and Lab ones only."""
+    import struct
+
+    def xyz(values):
+        return b"XYZ " + bytes(4) + b"".join(struct.pack(">i", round(v * 65536)) for v in values)
+
+    curve = b"curv" + bytes(4) + struct.pack(">IH", 1, round(gamma * 256)) + bytes(2)  # u8Fixed8, padded to 4
+    text = b"test profile\0"
+    desc = b"desc" + bytes(4) + struct.pack(">I", len(text)) + text + bytes(4 + 4 + 2 + 1 + 67)
+    desc += bytes(-len(desc) % 4)
+    tags = [(b"desc", desc), (b"wtpt", xyz(D50))]
+    if space == "GRAY":
+        tags.append((b"kTRC", curve))
+    else:
+        tags += [(b"rXYZ", xyz(colorants[0])), (b"gXYZ", xyz(colorants[1])), (b"bXYZ", xyz(colorants[2])),
+                 (b"rTRC", curve), (b"gTRC", curve), (b"bTRC", curve)]
+    offset = 128 + 4 + 12 * len(tags)
+    table, data = struct.pack(">I", len(tags)), b""
+    for signature, body in tags:
+        table += signature + struct.pack(">II", offset + len(data), len(body))
+        data += body
+    size = offset + len(data)
+    header = (struct.pack(">I", size) + bytes(4) + struct.pack(">I", 0x02100000) + b"mntr"
+              + (b"GRAY" if space == "GRAY" else b"RGB ") + b"XYZ " + bytes(12) + b"acsp" + bytes(24)
+              + struct.pack(">I", 0) + b"".join(struct.pack(">i", round(v * 65536)) for v in D50) + bytes(48))
+    assert len(header) == 128
+    return header + table + data
+
+
+def test_an_embedded_colour_profile_is_honoured_and_one_that_does_not_fit_is_left_out(tmp_path):
+    """Pixels are what their profile says they mean, in sRGB: a profile whose red is sRGB's blue turns a red sample
+    blue; a grey gamma of 1.0 puts a mid sample's light well above sRGB's mid grey. Before, profiles were ignored and
+    the samples read as sRGB. An unreadable profile, or a grey one on an RGB image, is left out, as browsers do."""
+    swapped = icc_profile("RGB", 2.2, (SRGB_BLUE, SRGB_GREEN, SRGB_RED))
+    colours = np.zeros((8, 8, 3), np.uint8)
+    colours[:, :4, 0] = 255  # left half red as stored
+    Image.fromarray(colours).save(tmp_path / "swapped.png", icc_profile=swapped)
+    Image.fromarray(colours).save(tmp_path / "swapped.jpg", icc_profile=swapped, quality=100)
+    for name in ("swapped.png", "swapped.jpg"):
+        red = np.asarray(read_rgb(tmp_path / name))[0, 0].astype(int)
+        assert red[2] > 240 and red[0] < 15 and red[1] < 15, (name, red)
+    grey = np.full((8, 8), 128, np.uint8)
+    Image.fromarray(grey).save(tmp_path / "linear.png", icc_profile=icc_profile("GRAY", 1.0))
+    light = np.asarray(read_rgb(tmp_path / "linear.png"))
+    assert light.shape == (8, 8, 3) and 180 <= light.min() <= light.max() <= 195  # sRGB's code for half the light
+    Image.fromarray(grey).save(tmp_path / "srgb_gamma.png", icc_profile=icc_profile("GRAY", 2.2))
+    assert abs(int(np.asarray(read_rgb(tmp_path / "srgb_gamma.png"))[0, 0, 0]) - 128) <= 6
+    # left out: a damaged profile, a grey profile on an RGB image
+    Image.fromarray(colours).save(tmp_path / "damaged.png", icc_profile=swapped[:200])
+    Image.fromarray(colours).save(tmp_path / "mismatch.png", icc_profile=icc_profile("GRAY", 1.0))
+    for name in ("damaged.png", "mismatch.png"):
+        np.testing.assert_array_equal(np.asarray(read_rgb(tmp_path / name)), colours)
+    # a 16-bit grey image's profile too, after the bit-depth rule
+    Image.fromarray(np.full((8, 8), 128 * 257, np.uint16)).save(tmp_path / "wide.png",
+                                                               icc_profile=icc_profile("GRAY", 1.0))
+    decoded = decode(tmp_path / "wide.png")
+    assert decoded.bits == 16 and 180 <= np.asarray(decoded.rgb).min() <= np.asarray(decoded.rgb).max() <= 195
