@@ -8,7 +8,9 @@ measured with ``python -m benchmarks.lot_size``.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import os
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +26,15 @@ ORIENTATIONS = ("keep", "majority")
 
 
 def sha256_of(path: str | Path) -> str:
+    """The file's SHA-256, read once per version of it in a process (the main job's check and the run it starts
+    both need a lot's digests: every file was read twice); a file written since (size, mtime or inode changed) is
+    read again."""
+    stat = os.stat(path)
+    return _sha256(os.path.abspath(path), stat.st_size, stat.st_mtime_ns, stat.st_ino)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _sha256(path: str, size: int, mtime_ns: int, inode: int) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):

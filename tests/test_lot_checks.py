@@ -138,3 +138,29 @@ def test_infer_refuses_bad_thresholds_budgets_and_bit_depths_before_it_reads_any
         except SystemExit as stopped:
             code = stopped.code
         assert code == 2 and words in capsys.readouterr().err, flags
+
+
+def test_a_files_digest_is_read_once_and_again_when_the_file_is_written(tmp_path, monkeypatch):
+    """The main job's check and the run it starts both hash the lot: read once per version of a file. A file written
+    since, even to the same size, is read again (a digest kept for the old bytes would call a new part a copy)."""
+    import builtins
+    import os
+
+    from client import lot_checks
+
+    part = tmp_path / "part.png"
+    part.write_bytes(b"a" * 5000)
+    opened = []
+    real_open = builtins.open
+    monkeypatch.setattr(builtins, "open", lambda f, *a, **k: opened.append(str(f)) or real_open(f, *a, **k))
+    first = lot_checks.sha256_of(part)
+    assert lot_checks.sha256_of(part) == first and opened.count(str(part)) == 1
+    part.write_bytes(b"b" * 5000)
+    stat = part.stat()
+    os.utime(part, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))  # a write the clock tells apart
+    assert lot_checks.sha256_of(part) != first and opened.count(str(part)) == 2
+    moved = tmp_path / "moved.png"  # another file put in its place: another inode
+    moved.write_bytes(b"c" * 5000)
+    os.utime(moved, ns=(part.stat().st_atime_ns, part.stat().st_mtime_ns))
+    os.replace(moved, part)
+    assert lot_checks.sha256_of(part) == __import__("hashlib").sha256(b"c" * 5000).hexdigest()
