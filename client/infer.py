@@ -16,8 +16,8 @@ Writes OUT/results.csv (rank,path,score,calibrated,decision,provisional,width,he
 images skipped or failed with the reason; a name or note that starts like a spreadsheet formula, = + - @, gets a
 leading apostrophe), OUT/results.json (everything, names as they are, plus the bank's summary) and
 OUT/overlays/*.png (file name, score and decision above [image | heat map]: blue = like the lot, red = anomalous, on
-the bank's colour scale, with a colour bar marking the threshold and, on images decided anomalous only, a white
-outline where the map reaches the level that made the decision); prints the
+the bank's colour scale with its top at least the threshold, with a colour bar marking the threshold and, on
+images decided anomalous only, a white outline where the map reaches the level that made the decision); prints the
 counts and the ten worst images, and writes OUT/report.html: the score histogram with the threshold and the images
 worst first as thumbnails linking to their overlays, in one self-contained page.
 """
@@ -558,6 +558,16 @@ def parse_threshold(text: str) -> float | None:
     return D.check_calibrated_threshold(value)
 
 
+def colour_range(map_range, decider: D.Decider | None) -> tuple[float, float]:
+    """The run's heat-map colour scale: the bank's (its lot's typical maps, ``bank.colour_scale``), its top raised to
+    the threshold where that lies above it, so that only a map at the decision's level is drawn in the hottest colour
+    (a lot's good maps reach its top: without this every good part showed red spots)."""
+    low, high = (float(v) for v in map_range)
+    if decider is not None and math.isfinite(decider.raw_threshold):
+        high = max(high, decider.raw_threshold)
+    return low, high
+
+
 def add_decisions(rows: list, decider: D.Decider | None, maps=None, images=None) -> list:
     """Each row gets its calibrated score, decision (0.5 on the calibrated scale = the automatic threshold; with
     ``maps`` and the ``images`` sent, ``out_of_distribution`` and its reason for an image unlike the bank's lot) and
@@ -800,7 +810,8 @@ def run_scoring(args, command: list, held: contextlib.ExitStack) -> int:
     write_atomic(out / "results.json", strict_json.dumps(
         {"complete": False, "outputs": list(folders_written(args)), "images": []}, indent=1))
     t1 = time.perf_counter()
-    rows, failed = score_all(args, loaded, bank, tuple(info["map_range"]), out, root, progress, decider)
+    rows, failed = score_all(args, loaded, bank, colour_range(info["map_range"], decider), out, root, progress,
+                             decider)
     elapsed = time.perf_counter() - t1
     csv_path = write_results(out, rows, skipped, failed)
     report = {

@@ -125,7 +125,7 @@ def test_the_colour_bar_is_hot_at_the_top_and_ticks_the_threshold_at_its_height_
     assert place(ramp[1, 0]) >= 250 and place(ramp[height - 2, 0]) <= 5
 
 
-@pytest.mark.parametrize("threshold", [1.0005, 1.5, 0.9999, 0.5, 0.0001, -0.2, 0.0, None])
+@pytest.mark.parametrize("threshold", [1.0005, 1.5, 0.9999, 0.5, 0.0001, -0.2, 0.0, 1.0, None])
 def test_the_colour_bars_texts_never_overlap_and_the_ends_keep_their_ticks(threshold):
     """A threshold near the bottom of the scale printed its text over the scale's lowest value ("0.00045threshold");
     one above or below the scale is written beside the end label, not over it."""
@@ -136,7 +136,30 @@ def test_the_colour_bars_texts_never_overlap_and_the_ends_keep_their_ticks(thres
     assert [y for y, _, _ in labels][:2] == [0, height - 1]  # both ends keep their ticks
     tops = sorted(top for _, top, text in labels if text)
     assert all(b - a > size for a, b in zip(tops, tops[1:]))  # text rows apart: none drawn over another
-    if threshold is not None and not 0.0 < threshold < 1.0:  # beyond or at an end: both end values still written
+    if threshold is not None and not 0.0 <= threshold <= 1.0:  # beyond an end: both end values still written
         assert sum(bool(text) for _, _, text in labels) == 3
-    elif threshold is not None and not 0.01 < threshold < 0.99:  # at an end inside the scale: its own value for it
+        assert "the scale)" in labels[-1][2]
+    elif threshold is not None and not 0.01 < threshold < 0.99:  # at or near an end: its own value for it
         assert sum(bool(text) for _, _, text in labels) == 2
+        assert "the scale" not in labels[-1][2]  # on the scale (a run's scale ends at its threshold)
+
+
+def test_the_runs_colour_scale_reaches_the_threshold_so_that_only_the_decisions_level_is_hottest():
+    """A bank's scale ends at its lot's typical maps' 99.9th percentile, which every good map's hottest pixels
+    reach: drawn on it, a normal part showed red spots below a threshold far above the scale (the demo: scale
+    0.011-0.037, threshold 0.066). The run's scale ends at the threshold where that lies higher."""
+    from client.heatmap import colorize
+    from client.infer import colour_range
+
+    lot = np.r_[np.linspace(0.030, 0.045, 30), 0.2]
+    info = {"decision": calibrate(lot).to_dict(), "config": {}}
+    decider = Decider.for_bank(info)
+    low, high = colour_range((0.011, 0.037), decider)
+    assert (low, high) == (0.011, decider.raw_threshold) and high > 0.045
+    good_peak, defect = colorize(np.array([[0.045, 0.25]]), low, high)[0]
+    top = colorize(np.array([[high]]), low, high)[0, 0]
+    assert not np.array_equal(good_peak, top) and np.array_equal(defect, top)
+    assert colour_range((0.011, 0.5), decider) == (0.011, 0.5)  # a scale above the threshold stays
+    assert colour_range((0.011, 0.037), None) == (0.011, 0.037)  # no calibration: the bank's
+    by_hand = Decider.for_bank(info, threshold_calibrated=0.9)  # a threshold given by hand is the one drawn
+    assert colour_range((0.011, 0.037), by_hand)[1] == pytest.approx(by_hand.raw_threshold)
