@@ -151,12 +151,15 @@ def bar_labels(height: int, low: float, high: float, threshold: float | None, si
     if threshold is None or not np.isfinite(threshold):
         return [(y, top(y), text) for y, text in ends]
     text = f"{threshold:.3g} threshold for this image"
-    if threshold > high:  # the map's colours stop below it: its text just under the top label's
+    # an image's level is its own (decision.map_level: the map's float16 maximum against its float32 score): one a
+    # rounding past the run's threshold, at the scale's top, read "above the scale" on some images and not others
+    slack = 1e-3 * (high - low)
+    if threshold > high + slack:  # the map's colours stop below it: its text just under the top label's
         y, text = min(size + 2 + size // 2, height - 1), text + " (above the scale)"
-    elif threshold < low:  # its text just over the bottom label's
+    elif threshold < low - slack:  # its text just over the bottom label's
         y, text = max(0, height - 2 * size - 4 + size // 2), text + " (below the scale)"
     else:  # on the scale, its ends included (a run's scale ends at its threshold: infer.colour_range)
-        y = round((high - threshold) / (high - low) * (height - 1)) if high > low else 0
+        y = min(max(round((high - threshold) / (high - low) * (height - 1)), 0), height - 1) if high > low else 0
     kept = [(e, top(e), t if abs(top(e) - top(y)) > size + 1 else "") for e, t in ends]
     return kept + [(y, top(y), text)]
 

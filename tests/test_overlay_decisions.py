@@ -125,7 +125,7 @@ def test_the_colour_bar_is_hot_at_the_top_and_ticks_the_threshold_at_its_height_
     assert place(ramp[1, 0]) >= 250 and place(ramp[height - 2, 0]) <= 5
 
 
-@pytest.mark.parametrize("threshold", [1.0005, 1.5, 0.9999, 0.5, 0.0001, -0.2, 0.0, 1.0, None])
+@pytest.mark.parametrize("threshold", [1.0005, 1.5, 0.9999, 0.5, 0.0001, -0.2, 0.0, 1.0, 1.0004, -0.0004, None])
 def test_the_colour_bars_texts_never_overlap_and_the_ends_keep_their_ticks(threshold):
     """A threshold near the bottom of the scale printed its text over the scale's lowest value ("0.00045threshold");
     one above or below the scale is written beside the end label, not over it."""
@@ -136,12 +136,13 @@ def test_the_colour_bars_texts_never_overlap_and_the_ends_keep_their_ticks(thres
     assert [y for y, _, _ in labels][:2] == [0, height - 1]  # both ends keep their ticks
     tops = sorted(top for _, top, text in labels if text)
     assert all(b - a > size for a, b in zip(tops, tops[1:]))  # text rows apart: none drawn over another
-    if threshold is not None and not 0.0 <= threshold <= 1.0:  # beyond an end: both end values still written
+    if threshold is not None and not -0.001 <= threshold <= 1.001:  # beyond an end: both end values written
         assert sum(bool(text) for _, _, text in labels) == 3
         assert "the scale)" in labels[-1][2]
     elif threshold is not None and not 0.01 < threshold < 0.99:  # at or near an end: its own value for it
         assert sum(bool(text) for _, _, text in labels) == 2
-        assert "the scale" not in labels[-1][2]  # on the scale (a run's scale ends at its threshold)
+        # on the scale (a run's scale ends at its threshold; an image's level may lie a rounding past it)
+        assert "the scale" not in labels[-1][2] and 0 <= labels[-1][0] <= height - 1
 
 
 def test_the_runs_colour_scale_reaches_the_threshold_so_that_only_the_decisions_level_is_hottest():
