@@ -813,6 +813,8 @@ def run_scoring(args, command: list, held: contextlib.ExitStack) -> int:
     rows, failed = score_all(args, loaded, bank, colour_range(info["map_range"], decider), out, root, progress,
                              decider)
     elapsed = time.perf_counter() - t1
+    if rows and (alarm := drift_note(args, bank, info.get("version"))):
+        warn(alarm)
     csv_path = write_results(out, rows, skipped, failed)
     report = {
         "product": {"name": "pa-clip-triton", "version": product_version()},
@@ -853,6 +855,30 @@ def run_scoring(args, command: list, held: contextlib.ExitStack) -> int:
             print(f"--fail-on {args.fail_on}: {', '.join(said)} (exit status {exits.FLAGGED})", file=sys.stderr)
             return exits.FLAGGED
     return exits.OK
+
+
+def drift_note(args, bank: str, version: str | None) -> str | None:
+    """The bank's drift alarm, read from the server once this run's parts are scored (a window's alarm is written
+    the moment it turns): a line that scores batch after batch sees it where it looks, on the console, in
+    results.json and on the report page; it was on /metrics and in ``banks info`` only. None when no window of the
+    bank's version alarms, or when the server cannot say now (a report: the run's results stand without it)."""
+    try:
+        client = PAClipClient(args.url, args.protocol, min(args.timeout, 30.0), key=args.key)
+        try:
+            monitors = client.bank_info(bank).get("monitors", [])
+        finally:
+            client.close()
+    except (ClientError, RequestError):
+        return None
+    raised = [m for m in monitors if m.get("alarm") and m.get("version") == version]
+    if not raised:
+        return None
+    worst = max(raised, key=lambda m: float(m.get("drift", 0.0)))
+    return (f"the bank's drift alarm is up: the last {worst['window']} new parts it scored are unlike its lot in "
+            f"{worst.get('statistic') or 'their statistics'} (Kolmogorov-Smirnov distance {worst['drift']:.2f}, "
+            f"p {worst['drift_p']:.2g}; {worst['ood_rate']:.0%} of them out of distribution): a moved camera, "
+            f"changed lighting or another product looks like this. Check the line; pa-clip banks info {bank} shows "
+            "the window, and a bank built again on today's good parts starts a new one")
 
 
 def summary_of(info: dict) -> dict:

@@ -702,12 +702,24 @@ def test_a_brightening_line_raises_the_drift_alarm_on_the_metrics_port_and_in_in
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert info.returncode == 0 and "ALARM: the latest parts are unlike the lot" in info.stdout, info.stdout
     assert "out of dist." in info.stdout
+    # the scoring run says so where a line looks: the console, results.json, the report page
+    from PIL import Image
+
+    batch = workdir / "brighter_batch"
+    batch.mkdir()
+    for i, image in enumerate(brighter[-2:]):
+        Image.fromarray(image).save(batch / f"part_{i}.png")
+    run = subprocess.run([sys.executable, "client/infer.py", "--url", server.http_url, "--bank", "brighter",
+                          "--images", str(batch), "--out", str(workdir / "brighter_out"), "--quiet",
+                          "--no-overlays"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and "warning: the bank's drift alarm is up: the last" in run.stderr, run.stderr
+    said = json.loads((workdir / "brighter_out" / "results.json").read_text())["warnings"]
+    assert any(w.startswith("the bank's drift alarm is up") for w in said)
+    assert "drift alarm is up" in (workdir / "brighter_out" / "report.html").read_text()
     # the client's decision: a black frame among new washers
     parts = workdir / "with_black"
     parts.mkdir()
     shutil.copy(sorted(folder.glob("*.png"))[0], parts / "good.png")
-    from PIL import Image
-
     Image.new("RGB", (128, 128)).save(parts / "black.png")
     # noise: unlike the lot, and scoring far above the threshold: not passed by --fail-on anomalous (it was)
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (128, 128, 3), dtype=np.uint8)).save(parts / "noise.png")
@@ -721,6 +733,7 @@ def test_a_brightening_line_raises_the_drift_alarm_on_the_metrics_port_and_in_in
     assert rows["noise.png"]["decision"] == "out_of_distribution" and OVER_THRESHOLD_NOTE in rows["noise.png"]["note"]
     over = sum(OVER_THRESHOLD_NOTE in r["note"] for r in rows.values())
     assert "2 out of distribution" in run.stderr and f"({over} of them above the threshold too)" in run.stderr
+    assert "drift alarm" not in run.stderr  # the steady bank's window: 48 washers and these 3
     assert run.returncode == 1 and f"--fail-on anomalous: {over} image(s) decided so" in run.stderr, run.stderr
     shown = json.loads((out / "results.json").read_text())["images"]
     assert [r["over_threshold"] for r in shown if Path(r["path"]).name == "noise.png"] == [True]
