@@ -874,8 +874,12 @@ def drift_note(args, bank: str, version: str | None) -> str | None:
     if not raised:
         return None
     worst = max(raised, key=lambda m: float(m.get("drift", 0.0)))
+    statistic = str(worst.get("statistic") or "")
+    seen_in = statistic if statistic in ("brightness", "contrast") else (
+        f"how much of each image differs from it ({statistic}, a statistic of the heat map)" if statistic
+        else "their statistics")
     return (f"the bank's drift alarm is up: the last {worst['window']} new parts it scored are unlike its lot in "
-            f"{worst.get('statistic') or 'their statistics'} (Kolmogorov-Smirnov distance {worst['drift']:.2f}, "
+            f"{seen_in} (Kolmogorov-Smirnov distance {worst['drift']:.2f}, "
             f"p {worst['drift_p']:.2g}; {worst['ood_rate']:.0%} of them out of distribution): a moved camera, "
             f"changed lighting or another product looks like this. Check the line; pa-clip banks info {bank} shows "
             "the window, and a bank built again on today's good parts starts a new one")
