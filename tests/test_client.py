@@ -646,3 +646,39 @@ def test_a_second_run_into_an_out_folder_in_use_is_refused_naming_the_first_and_
         pass
     assert infer.main(argv) != 2  # the folder is free once its holder has ended: on to the server
     assert "another scoring run" not in capsys.readouterr().err
+
+
+def test_the_drift_warning_reads_only_the_live_versions_alarms_and_a_server_that_cannot_say_is_no_error(
+        monkeypatch):
+    """An old version's window (its alarm stood until a new part came) is not this bank's news; a server that does
+    not answer the check leaves the run's results as they are."""
+    import argparse
+
+    from client import infer
+    from client.triton_client import ServerUnreachable
+
+    window = {"window": 40, "drift": 0.61, "drift_p": 1e-6, "ood_rate": 0.05, "statistic": "map_q75"}
+    answers = {}
+
+    class StandIn:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def bank_info(self, bank):
+            if isinstance(answers["info"], Exception):
+                raise answers["info"]
+            return answers["info"]
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(infer, "PAClipClient", StandIn)
+    args = argparse.Namespace(url="x", protocol="http", timeout=60.0, key=None)
+    answers["info"] = {"monitors": [{**window, "version": "v-old", "alarm": True},
+                                    {**window, "version": "v-live", "alarm": False}]}
+    assert infer.drift_note(args, "b", "v-live") is None
+    answers["info"]["monitors"][1]["alarm"] = True
+    note = infer.drift_note(args, "b", "v-live")
+    assert note.startswith("the bank's drift alarm is up: the last 40 new parts") and "(map_q75" in note
+    answers["info"] = ServerUnreachable("gone")
+    assert infer.drift_note(args, "b", "v-live") is None
