@@ -273,8 +273,9 @@ def build_parser(prog: str = "client/infer.py") -> argparse.ArgumentParser:
                    "other files stay)")
     p.add_argument("--fail-on", choices=FAIL_ON, default=None,
                    help="exit with status 1 when any image is decided so (for scripts on a line): anomalous, "
-                   "out_of_distribution, or either; an image that could not be read or scored fails it too, and a "
-                   "bank without a calibration is refused (nothing could be decided)")
+                   "out_of_distribution; drift: when the bank's drift alarm is up after this run's parts; any: "
+                   "all three. An image that could not be read or scored fails it too, and a bank without a "
+                   "calibration is refused (nothing could be decided)")
     p.add_argument("--threshold", default="auto",
                    help="'auto' (default): the bank's automatic threshold for the false-alarm budget; or a "
                    "calibrated score strictly between 0 and 1 above which an image is anomalous (0.5 = auto; "
@@ -302,7 +303,7 @@ def build_parser(prog: str = "client/infer.py") -> argparse.ArgumentParser:
     return p
 
 
-FAIL_ON = ("anomalous", D.OUT_OF_DISTRIBUTION, "any")
+FAIL_ON = ("anomalous", D.OUT_OF_DISTRIBUTION, "drift", "any")
 MAX_CONCURRENCY = 64  # requests in flight, each a connection: under the guards' per-address cap (request_checks)
 # what a run writes into --out: replaced as a whole by --overwrite, never mixed with another run's
 RUN_OUTPUTS = ("results.csv", "results.json", "report.html", "overlays", "maps")
@@ -813,7 +814,7 @@ def run_scoring(args, command: list, held: contextlib.ExitStack) -> int:
     rows, failed = score_all(args, loaded, bank, colour_range(info["map_range"], decider), out, root, progress,
                              decider)
     elapsed = time.perf_counter() - t1
-    if rows and (alarm := drift_note(args, bank, info.get("version"))):
+    if alarm := (drift_note(args, bank, info.get("version")) if rows else None):
         warn(alarm)
     csv_path = write_results(out, rows, skipped, failed)
     report = {
@@ -849,9 +850,11 @@ def run_scoring(args, command: list, held: contextlib.ExitStack) -> int:
         hits = sum(r.get("decision") in wanted or ("anomalous" in wanted and flagged_anomalous(r)) for r in rows)
         # a part whose image could not be read, or got no score, was not shown to be good: it fails the run too
         undecided = len(skipped) + sum(r.get("decision") == "invalid" for r in rows)
-        if hits or undecided:
+        drifted = alarm is not None and args.fail_on in ("drift", "any")
+        if hits or undecided or drifted:
             said = ([f"{hits} image(s) decided so"] if hits else []) + (
-                [f"{undecided} image(s) not decided (unreadable, or no score)"] if undecided else [])
+                [f"{undecided} image(s) not decided (unreadable, or no score)"] if undecided else []) + (
+                ["the bank's drift alarm is up"] if drifted else [])
             print(f"--fail-on {args.fail_on}: {', '.join(said)} (exit status {exits.FLAGGED})", file=sys.stderr)
             return exits.FLAGGED
     return exits.OK

@@ -711,8 +711,10 @@ def test_a_brightening_line_raises_the_drift_alarm_on_the_metrics_port_and_in_in
         Image.fromarray(image).save(batch / f"part_{i}.png")
     run = subprocess.run([sys.executable, "client/infer.py", "--url", server.http_url, "--bank", "brighter",
                           "--images", str(batch), "--out", str(workdir / "brighter_out"), "--quiet",
-                          "--no-overlays"], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0 and "warning: the bank's drift alarm is up: the last" in run.stderr, run.stderr
+                          "--no-overlays", "--fail-on", "drift"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert "warning: the bank's drift alarm is up: the last" in run.stderr, run.stderr
+    assert run.returncode == 1 and "--fail-on drift: the bank's drift alarm is up" in run.stderr  # a line stops
     said = json.loads((workdir / "brighter_out" / "results.json").read_text())["warnings"]
     assert any(w.startswith("the bank's drift alarm is up") for w in said)
     assert "drift alarm is up" in (workdir / "brighter_out" / "report.html").read_text()
