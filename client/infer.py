@@ -811,8 +811,8 @@ def run_scoring(args, command: list, held: contextlib.ExitStack) -> int:
     write_atomic(out / "results.json", strict_json.dumps(
         {"complete": False, "outputs": list(folders_written(args)), "images": []}, indent=1))
     t1 = time.perf_counter()
-    rows, failed = score_all(args, loaded, bank, colour_range(info["map_range"], decider), out, root, progress,
-                             decider)
+    scale = colour_range(info["map_range"], decider)
+    rows, failed = score_all(args, loaded, bank, scale, out, root, progress, decider)
     elapsed = time.perf_counter() - t1
     if alarm := (drift_note(args, bank, info.get("version")) if rows else None):
         warn(alarm)
@@ -825,7 +825,7 @@ def run_scoring(args, command: list, held: contextlib.ExitStack) -> int:
         "decision": None if decider is None else {
             **decider.calibration.to_dict(), "threshold_calibrated": 0.5 if threshold is None else threshold,
             "threshold_source": "auto" if threshold is None else "--threshold"},
-        "outputs": list(folders_written(args)),
+        "outputs": list(folders_written(args)), "colour_range": list(scale),
         "scored": len(rows), "skipped": skipped, "failed": failed, "warnings": found_warnings,
         "seconds": round(elapsed, 3), "images_per_second": round(len(rows) / elapsed, 3) if elapsed > 0 else None,
         "images": rows,

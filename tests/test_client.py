@@ -1,6 +1,7 @@
 """client/infer.py pieces that need no server: the CSV, the decisions, the threshold's checks."""
 
 import csv
+import json
 
 import numpy as np
 import pytest
@@ -461,8 +462,8 @@ def test_fail_on_fails_the_run_for_an_image_without_a_score(monkeypatch, tmp_pat
     from client import exits, infer
 
     lot = np.r_[np.linspace(0.04, 0.06, 40), 0.2]
-    info = {"image_size": [16, 16], "n_images": 41, "bytes_on_disk": 0, "bytes_in_memory": 0, "map_range": [0.0, 1.0],
-            "decision": calibrate(lot).to_dict(), "config": {}}
+    info = {"image_size": [16, 16], "n_images": 41, "bytes_on_disk": 0, "bytes_in_memory": 0,
+            "map_range": [0.0, 0.01], "decision": calibrate(lot).to_dict(), "config": {}}
 
     class StandIn:
         url = "stand-in"
@@ -497,6 +498,9 @@ def test_fail_on_fails_the_run_for_an_image_without_a_score(monkeypatch, tmp_pat
     err = capsys.readouterr().err
     assert "1 image(s) not decided (unreadable, or no score)" in err and "decided so" not in err
     assert infer.main([*argv, "--overwrite"]) == exits.OK  # without --fail-on the same run is done
+    # the overlays' scale, recorded: the bank's, its top raised to the threshold above it
+    recorded = json.loads((tmp_path / "out" / "results.json").read_text())["colour_range"]
+    assert recorded == [0.0, pytest.approx(calibrate(lot).threshold)]
 
 
 def test_each_error_class_has_its_own_exit_status():
