@@ -348,8 +348,6 @@ def check_writable(out: Path) -> None:
 
 
 OUT_LOCK = ".pa-clip-run.lock"
-
-
 _HELD_OUT: set = set()  # the --out folders this process holds (the main job holds its own and runs infer in it)
 
 
@@ -361,7 +359,12 @@ def holding_out(out: Path):
     if key in _HELD_OUT:
         yield
         return
-    with open(out / OUT_LOCK, "a+") as handle:
+    try:  # never through a link: the holder's pid is written over what the lock file is
+        fd = os.open(out / OUT_LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+    except OSError as err:
+        raise UsageError(f"--out {str(out)!r}: its lock file {OUT_LOCK} cannot be opened ({err.strerror or err}; a "
+                         "link or a folder by that name is not one): remove it, or pass another --out") from None
+    with os.fdopen(fd, "r+") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -648,6 +648,16 @@ def test_a_second_run_into_an_out_folder_in_use_is_refused_naming_the_first_and_
         holder.communicate("")
     with infer.holding_out(out), infer.holding_out(out):  # a job holding it runs infer in it
         pass
+    # a lock file that is a link is never written through (the pid would go over what it points at)
+    elsewhere = tmp_path / "elsewhere.txt"
+    elsewhere.write_text("keep me")
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    (linked / infer.OUT_LOCK).symlink_to(elsewhere)
+    with pytest.raises(infer.UsageError, match="a link or a folder by that name is not one"):
+        with infer.holding_out(linked):
+            pass
+    assert elsewhere.read_text() == "keep me"
     assert infer.main(argv) != 2  # the folder is free once its holder has ended: on to the server
     assert "another scoring run" not in capsys.readouterr().err
 
