@@ -774,7 +774,10 @@ class BankStore:
 
     def _given_back(self, bank_id: str, session: str) -> Path:
         """The mark of a lot session its client gave back (``discard_lot``), kept ``pending_ttl_s``."""
-        return self.root / GIVEN_BACK / bank_id / session
+        marks = self.root / GIVEN_BACK
+        if marks.is_symlink():  # written through: never out of the store
+            raise BankError(f"{marks} is a symbolic link in the store, not a folder of its own: remove it")
+        return marks / bank_id / session
 
     def _check_not_given_back(self, bank_id: str, session: str | None, lot: Path) -> None:
         """Refuse an add to a lot session its client has given back, removing the lot: an add still on its way
