@@ -59,6 +59,20 @@ def _data_uri(picture: Image.Image, kind: str = "JPEG") -> str:
     return f"data:{mime};base64,{base64.b64encode(buffer.getvalue()).decode()}"
 
 
+def histogram_top(scores: np.ndarray, threshold: float | None) -> tuple[float, int]:
+    """Where the histogram's axis ends, and how many scores lie past it (drawn in its last bin): a quarter past the
+    larger of the threshold and the scores' 99th percentile. One image scoring 10x the rest (a black frame, noise)
+    stretched the axis so far that the lot filled a bin or two."""
+    if not len(scores):
+        return 0.0, 0
+    low, bulk = float(np.min(scores)), float(np.quantile(scores, 0.99))
+    if threshold is not None and np.isfinite(threshold):
+        bulk = max(bulk, float(threshold))
+    top = bulk + 0.25 * (bulk - low)
+    above = int(np.sum(scores > top))
+    return (top, above) if above else (float(np.max(scores)), 0)
+
+
 def histogram(scores: list[float], threshold: float | None) -> str:
     """The score histogram with the threshold, as a PNG data URI."""
     import matplotlib
@@ -69,7 +83,11 @@ def histogram(scores: list[float], threshold: float | None) -> str:
     figure = Figure(figsize=(7, 2.6), dpi=100)
     axes = figure.add_subplot()
     finite = np.asarray([s for s in scores if np.isfinite(s)])
-    axes.hist(finite, bins=max(10, min(60, len(finite) // 3 or 1)), color="#4a7fb5")
+    top, above = histogram_top(finite, threshold)
+    axes.hist(np.minimum(finite, top), bins=max(10, min(60, len(finite) // 3 or 1)), color="#4a7fb5")
+    if above:
+        axes.annotate(f"{above} above {top:.4g}, drawn at it", (top, 0), xytext=(-4, 40), textcoords="offset points",
+                      ha="right", fontsize=8, arrowprops={"arrowstyle": "->"})
     if threshold is not None:
         axes.axvline(threshold, color="#c81e1e", linestyle="--", label=f"threshold {threshold:.4g}")
         axes.legend(loc="upper right")

@@ -90,3 +90,17 @@ def test_the_runs_warnings_are_on_the_page_escaped(tmp_path):
     assert "<li>warning: 60 of the lot&#x27;s 83 images score far above its lowest 23</li>" in page
     assert "identical files: &lt;a.png&gt;, b.png" in page and "<a.png>" not in page
     assert 'class="warnings"' not in render("lot", rows, [], [], None, "scored 1 image", tmp_path)
+
+
+def test_the_histogram_axis_ends_near_the_lot_and_counts_what_lies_past_it():
+    """A noise image scoring 10x the lot stretched the histogram so that 200 parts filled a bin or two; the axis
+    ends a quarter past the larger of the threshold and the 99th percentile, the far scores counted in its last bin."""
+    from client.report import histogram_top
+
+    lot = np.random.default_rng(0).uniform(0.04, 0.08, 200)
+    assert histogram_top(lot, 0.1) == (lot.max(), 0)  # nothing far: the axis is the scores'
+    top, above = histogram_top(np.r_[lot, 0.9], 0.1)
+    assert above == 1 and 0.1 < top < 0.12  # the threshold stays on the axis, the far score is counted
+    top, above = histogram_top(np.r_[lot, 0.9], None)
+    assert above == 1 and top < 0.1
+    assert histogram_top(np.array([]), 0.1) == (0.0, 0)
