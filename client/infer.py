@@ -267,7 +267,7 @@ def build_parser(prog: str = "client/infer.py") -> argparse.ArgumentParser:
                    help="with --build: keep the lot's median aspect ratio (native) or stretch to a square")
     add_reading_flags(p)
     p.add_argument("--out", default="out/infer", help="output folder; one holding another run's results is refused "
-                   "unless --overwrite")
+                   "unless --overwrite, and one another run is writing into is refused")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the results a previous run left in --out (its results, overlays, maps, report; "
                    "other files stay)")
