@@ -27,7 +27,7 @@ What cameras write, and how it is read:
 from __future__ import annotations
 
 import contextlib
-import functools
+import hashlib
 import io
 import math
 import zlib
@@ -236,27 +236,32 @@ def in_srgb(rgb: Image.Image, icc_profile: bytes | None, source_mode: str) -> Im
     if not icc_profile:
         return rgb
     try:
-        space = _profile_space(bytes(icc_profile))
-        if space is None or source_mode not in PROFILE_MODES[space]:
-            return rgb
-        grey = space == "GRAY"
-        return ImageCms.applyTransform(rgb.convert("L") if grey else rgb, _to_srgb(bytes(icc_profile), grey))
+        space, transform = _to_srgb(bytes(icc_profile))
     except (ImageCms.PyCMSError, OSError, ValueError):  # a damaged profile: left out, the samples read as sRGB
         return rgb
+    if space is None or source_mode not in PROFILE_MODES[space]:
+        return rgb
+    return ImageCms.applyTransform(rgb.convert("L") if space == "GRAY" else rgb, transform)
 
 
-@functools.lru_cache(maxsize=16)
-def _profile_space(icc_profile: bytes) -> str | None:
-    """'RGB' or 'GRAY': the colour space of a profile read by LittleCMS; None for any other (CMYK, Lab, ...)."""
-    space = ImageCms.ImageCmsProfile(io.BytesIO(icc_profile)).profile.xcolor_space.strip()
-    return space if space in PROFILE_MODES else None
+PROFILES_KEPT = 16
+_PROFILES: dict = {}  # a profile's SHA-256 -> its colour space and transform; the newest PROFILES_KEPT of them
 
 
-@functools.lru_cache(maxsize=16)
-def _to_srgb(icc_profile: bytes, grey: bool) -> ImageCms.ImageCmsTransform:
-    """The transform from a profile to sRGB (built once per profile: a lot's images share their camera's)."""
-    return ImageCms.buildTransform(ImageCms.ImageCmsProfile(io.BytesIO(icc_profile)), ImageCms.createProfile("sRGB"),
-                                   "L" if grey else "RGB", "RGB")
+def _to_srgb(icc_profile: bytes) -> tuple:
+    """(colour space: 'RGB', 'GRAY' or None for any other, its transform to sRGB or None), read by LittleCMS once
+    per profile (a lot's images share their camera's). Kept by digest: kept by their bytes, 16 profiles of 20 MB
+    held 420 MB."""
+    key = hashlib.sha256(icc_profile).digest()
+    if key not in _PROFILES:
+        profile = ImageCms.ImageCmsProfile(io.BytesIO(icc_profile))
+        space = profile.profile.xcolor_space.strip()
+        kept = (space, ImageCms.buildTransform(profile, ImageCms.createProfile("sRGB"), "L" if space == "GRAY"
+                                               else "RGB", "RGB")) if space in PROFILE_MODES else (None, None)
+        while len(_PROFILES) >= PROFILES_KEPT:
+            _PROFILES.pop(next(iter(_PROFILES)), None)
+        _PROFILES[key] = kept
+    return _PROFILES[key]
 
 
 def _tiff_signed(img: Image.Image) -> bool:

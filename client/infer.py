@@ -34,6 +34,7 @@ import json
 import math
 import os
 import re
+import stat
 import sys
 import tempfile
 import threading
@@ -364,14 +365,26 @@ def holding_out(out: Path):
     except OSError as err:
         raise UsageError(f"--out {str(out)!r}: its lock file {OUT_LOCK} cannot be opened ({err.strerror or err}; a "
                          "link or a folder by that name is not one): remove it, or pass another --out") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO by that name: fdopen's seek raised a traceback
+        os.close(fd)
+        raise UsageError(f"--out {str(out)!r}: its lock file {OUT_LOCK} is not a plain file: remove it, or pass "
+                         "another --out")
     with os.fdopen(fd, "r+") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            unlockable = None
         except BlockingIOError:
             handle.seek(0)
             holder = handle.read(64).strip()
             raise UsageError(f"another scoring run{f' (process {holder})' if holder.isdigit() else ''} is writing "
                              f"into --out {str(out)!r}: wait for it to finish, or pass another --out") from None
+        except OSError as err:  # no locks there (NFS mounted nolock, some FUSE and SMB shares: ENOLCK, EOPNOTSUPP)
+            unlockable = err.strerror or str(err)
+        if unlockable is not None:  # the run goes on, as it did before there was a lock
+            print(f"warning: --out {str(out)!r} cannot be locked ({unlockable}): nothing stops another run from "
+                  "writing into it at the same time", file=sys.stderr)
+            yield
+            return
         handle.truncate(0)
         handle.write(str(os.getpid()))
         handle.flush()

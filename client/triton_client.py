@@ -9,6 +9,8 @@ import contextlib
 import http.client
 import json
 import os
+import signal
+import threading
 import time
 import uuid
 
@@ -76,6 +78,31 @@ def _message(err) -> str:
     return text or str(err)
 
 
+@contextlib.contextmanager
+def interrupted_once():
+    """While a lot session is open, SIGINT raises KeyboardInterrupt once; a second (``timeout -s INT`` signals the
+    run and then its process group, an impatient user presses twice) is let pass wherever it lands, so that the
+    lot is given back; a third raises again. Only where SIGINT raises KeyboardInterrupt now (Python's default, in
+    the main thread): a run started in the background, SIGINT ignored, stays so."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+    pressed = 0
+
+    def on_interrupt(signum, frame):
+        nonlocal pressed
+        pressed += 1
+        if pressed != 2:
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, on_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 class PAClipClient:
     def __init__(self, url: str | None = None, protocol: str = "http", timeout_s: float = 3600.0,
                  shared_memory: bool = False, key: str | None = None):
@@ -84,6 +111,7 @@ class PAClipClient:
         # Triton's gRPC frontend looks for restricted-protocol keys under this prefix
         header = ACCESS_KEY_HEADER if protocol == "http" else f"triton-grpc-protocol-{ACCESS_KEY_HEADER}"
         self.headers = {header: key} if key else None
+        self._key = key
         self.protocol = protocol
         self.url = url or DEFAULT_URLS[protocol]
         if "://" in self.url:  # tritonclient's own words ("should not include the scheme") came as unreachable
@@ -202,14 +230,45 @@ class PAClipClient:
         fails (a refused build, Ctrl-C), its images are given back, where they stayed on the server for a day,
         counted against its store limit, and no later run freed them."""
         lot = self.new_lot()
-        try:
-            yield lot
-        except BaseException:
+        with interrupted_once():
             try:
-                self.discard_lot(bank, lot)
-            except Exception:  # nothing added, a server gone, or one from before "discard": the lot expires
+                yield lot
+            except BaseException:
+                self._give_back(bank, lot)
+                raise
+
+    def _give_back(self, bank: str, lot: str, wait_s: float = 30.0) -> None:
+        """``discard_lot``, sent by a client of its own from a thread of its own (a Ctrl-C that came during a
+        request is thrown again by tritonclient's gevent hub at this client's next one), waited for ``wait_s`` at
+        most. A second SIGINT landed inside the discard itself, as KeyboardInterrupt, which ``except Exception``
+        let through: the discard never left and the lot stayed on the server for a day (3 of 17 runs stopped
+        with ``timeout -s INT``). Where no handler can hold it back (``interrupted_once``), one such repeat is let
+        pass while the discard is waited for; failures are let go (nothing added, a server gone, or one from
+        before "discard": the lot expires)."""
+        def give_back() -> None:
+            try:
+                other = PAClipClient(self.url, self.protocol, min(self.timeout_s, wait_s), key=self._key)
+                try:
+                    other.discard_lot(bank, lot)
+                finally:
+                    other.close()
+            except Exception:
                 pass
-            raise
+
+        worker = threading.Thread(target=give_back, name="pa-clip-give-back", daemon=True)
+        deadline, repeated, started = time.monotonic() + wait_s, False, False
+        while True:
+            try:
+                if not started:
+                    started = True
+                    worker.start()
+                if not worker.is_alive() or time.monotonic() >= deadline:
+                    return
+                worker.join(max(0.0, deadline - time.monotonic()))
+            except KeyboardInterrupt:  # a second SIGINT (`timeout -s INT` sends two, an impatient user too)
+                if repeated:  # a third: stop waiting (the discard may still reach the server)
+                    raise
+                repeated = True
 
     def build_bank(self, bank: str, options: dict | None = None, wait_s: float | None = None,
                    on_wait=None, lot: str | None = None) -> dict:

@@ -724,6 +724,7 @@ class BankStore:
         returns that lot's size. Refused while a build of this bank reads that lot: the build reads the lot it
         started with, and images added meanwhile would belong to neither. A reset starts only that lot over."""
         lot = self._lot(bank_id, session)
+        self._check_not_given_back(bank_id, session, lot)  # before anything is made for it (and again once written)
         if (holder := self._lot_reader(bank_id, session)) is not None:
             raise BankError(f"bank {bank_id!r} is being built right now ({_described_holder(holder)}): add these "
                             "images after the build finishes, or to another bank id")
@@ -748,7 +749,6 @@ class BankStore:
         # written whole under a temporary name, then linked in under a name no other part has had (its index,
         # then its digest): two adds at once never overwrite each other's part, and a build that clears the
         # parts it read never removes one added after it by a name reused
-        self._check_not_given_back(bank_id, session, lot)
         staged = lot / temp_name(f"part-{uuid.uuid4().hex[:8]}.safetensors")
         try:
             _save_tensors(staged, {
@@ -877,6 +877,8 @@ class BankStore:
             raise BankError(f"bank {bank_id!r} is being built from that lot right now ({_described_holder(holder)})")
         write_atomic(self._given_back(bank_id, check_lot_session(session)), "")  # before the lot goes (see the add)
         self.clear_lot(bank_id, session=session)
+        if _holds_nothing(folder := self._own_dir(bank_id)):  # a first build's lot given back: no empty bank folder
+            _remove_emptied(folder)
 
     def pending_lots(self) -> list[dict]:
         """Lots added but not (successfully) built: visible, with when they expire."""

@@ -1348,7 +1348,7 @@ def test_an_add_still_on_its_way_when_its_client_gave_the_lot_back_leaves_nothin
     assert store.pending_lots() == [] and not (tmp_path / "washer" / "lot-s1").exists()
     with pytest.raises(BankError, match="was given back by its client"):  # an add arriving after it
         store.add_to_lot("washer", "washer", lot[:2], features, session="s1")
-    assert store.pending_lots() == []
+    assert store.pending_lots() == [] and not (tmp_path / "washer").exists()  # nor an empty bank folder
     store.add_to_lot("washer", "washer", lot[:2], features, session="s2")  # another session, and the shared lot
     store.add_to_lot("washer", "washer", lot[:2], features)
     assert sorted(p["lot"] or "" for p in store.pending_lots()) == ["", "s2"]

@@ -350,3 +350,19 @@ def test_an_embedded_colour_profile_is_honoured_and_one_that_does_not_fit_is_lef
                                                                icc_profile=icc_profile("GRAY", 1.0))
     decoded = decode(tmp_path / "wide.png")
     assert decoded.bits == 16 and 180 <= np.asarray(decoded.rgb).min() <= np.asarray(decoded.rgb).max() <= 195
+
+
+def test_colour_profiles_are_kept_by_digest_and_only_the_newest_few(tmp_path):
+    """Each profile read once (a lot shares its camera's), held by its digest and at most PROFILES_KEPT of them:
+    kept by their bytes, 16 profiles of 20 MB held 420 MB. A profile of other bytes is read as its own."""
+    from client import images
+
+    grey = np.full((4, 4), 128, np.uint8)
+    for i in range(images.PROFILES_KEPT + 4):  # gammas 1.0, 1.1, ...: each its own profile
+        Image.fromarray(grey).save(tmp_path / f"g{i}.png", icc_profile=icc_profile("GRAY", 1.0 + i / 10))
+        read = np.asarray(read_rgb(tmp_path / f"g{i}.png"))[0, 0, 0]
+        assert len(images._PROFILES) <= images.PROFILES_KEPT
+        assert all(len(key) == 32 for key in images._PROFILES)  # digests, not the profiles' bytes
+        if i == 0:
+            assert read > 175  # gamma 1.0: half the light
+    assert abs(int(read) - 128) < 30 and read < 175  # the last, gamma 2.9, read with its own curve
