@@ -748,9 +748,10 @@ def run_scoring(args, command: list, held: contextlib.ExitStack) -> int:
         print(f"warning: {message}", file=sys.stderr)
 
     upright = {p: s for p in paths if (s := image_size_of(p))}  # (width, height) after the EXIF orientation
-    file_hashes = {p: lot_checks.sha256_of(p) for p in upright}  # read once: the lot size and the duplicates' check
-    # before the server is asked anything: too few images, or too few different files (copies count once)
-    if args.build and (refusal := lot_checks.check_lot_size(len(upright), len(set(file_hashes.values()))).refusal):
+    # before the server is asked anything: too few images, or too few different files (copies count once; each
+    # file is read once, sha256_of keeps its digest for the duplicates' check below)
+    if args.build and (refusal := lot_checks.check_lot_size(
+            len(upright), len({lot_checks.sha256_of(p) for p in upright})).refusal):
         print(f"error: {refusal}", file=sys.stderr)
         return 2
     try:
@@ -789,8 +790,7 @@ def run_scoring(args, command: list, held: contextlib.ExitStack) -> int:
                 return 2
             for message in checked.warnings:
                 warn(message)
-        for message in lot_checks.check_duplicates(
-                {item[0]: file_hashes.get(item[0]) or lot_checks.sha256_of(item[0]) for item in loaded}):
+        for message in lot_checks.check_duplicates({item[0]: lot_checks.sha256_of(item[0]) for item in loaded}):
             warn(message)
         if message := bit_depth_warning(loaded):
             warn(message)

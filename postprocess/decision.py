@@ -346,7 +346,8 @@ def mostly_defective_group(scores) -> int | None:
 
 def mostly_defective_note(calibration: "Calibration", threshold: float) -> str | None:
     """What a lot with a ``mostly_defective_group`` should know (None: nothing): how many lie above the group, how
-    many of them ``threshold`` (the automatic one: a user's own is not what the note speaks of) calls anomalous, and the ``--threshold`` (calibrated) that reads the group alone.
+    many of them ``threshold`` (the automatic one: a user's own is not what the note speaks of) calls anomalous,
+    and the ``--threshold`` (calibrated) that reads the group alone.
     Nothing where ``threshold`` calls at least half of those above the group anomalous: the demo lot's 4 defective
     washers of 24 (5 above its group, 4 called) need no word."""
     group = mostly_defective_group(calibration.reference)
@@ -362,8 +363,8 @@ def mostly_defective_note(calibration: "Calibration", threshold: float) -> str |
                f"{int(np.sum(s > calibration.raw(asked)))} of the {len(s)} anomalous)" if 0.0 < asked < 1.0 else
                "set --threshold by hand")
     return (f"{above} of the lot's {len(s)} images score far above its lowest {group}, and the automatic threshold "
-            f"calls {called} of the lot anomalous. If this lot is mostly defective (a benchmark's test set), its quartiles "
-            f"are defects' scores and the automatic threshold misses them: {by_hand}. A clean lot holding "
+            f"calls {called} of the lot anomalous. If this lot is mostly defective (a benchmark's test set), its "
+            f"quartiles are defects' scores and the automatic threshold misses them: {by_hand}. A clean lot holding "
             f"near-identical parts can look like this too; then keep the automatic threshold (README, 'A lot mostly "
             f"defective')")
 

@@ -417,7 +417,8 @@ def test_a_lot_mostly_defective_gets_a_note_with_the_threshold_its_good_group_re
     assert mostly_defective_group(lot) == 20
     note = mostly_defective_note(cal, cal.threshold)
     called = int(np.sum(lot > cal.threshold))
-    assert note.startswith(f"60 of the lot's 80 images score far above its lowest 20, and the automatic threshold calls {called} ")
+    assert note.startswith(f"60 of the lot's 80 images score far above its lowest 20, and the automatic threshold "
+                           f"calls {called} ")
     asked = float(note.split("--threshold ")[1].split()[0])
     by_hand = cal.raw(asked)  # what the suggested --threshold is in scores: every defect above it, every good below
     assert good.max() < by_hand < defects.min() and "(it calls 60 of the 80 anomalous)" in note
