@@ -66,11 +66,19 @@ from postprocess.errors import RequestError
 from postprocess.ood import named_in
 from postprocess import flags as F
 
-def find_images(spec: str) -> list[Path]:
-    """A folder (searched recursively) or a glob pattern -> sorted image files."""
+def folder_files(spec: str) -> tuple[Path, ...] | None:
+    """The files under the folder ``spec`` (None: not a folder), walked once for a run: its images
+    (``find_images``) and the note on what else it holds (``unread_note``) read the same walk."""
+    path = Path(spec)
+    return tuple(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else None
+
+
+def find_images(spec: str, files: tuple | None = None) -> list[Path]:
+    """A folder (searched recursively) or a glob pattern -> sorted image files; ``files``: the folder's walk
+    (``folder_files``) where the caller has it."""
     path = Path(spec)
     if path.is_dir():
-        found = [p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+        found = [p for p in files or folder_files(spec) if p.suffix.lower() in IMAGE_SUFFIXES]
     elif path.is_file():  # a file named with glob's characters ('part[1].png') is that file, not a pattern
         found = [path] if path.suffix.lower() in IMAGE_SUFFIXES else []
     else:
@@ -106,20 +114,20 @@ def is_run_output(path: Path) -> bool:
     return False
 
 
-def part_images(spec: str) -> list[Path]:
+def part_images(spec: str, files: tuple | None = None) -> list[Path]:
     """The parts at ``spec`` (``find_images``) but the heat maps a scoring run left there (``is_run_output``)."""
     run_folders.cache_clear()  # read the runs' results.json now: one may have been written since
-    return [p for p in find_images(spec) if not is_run_output(p)]
+    return [p for p in find_images(spec, files) if not is_run_output(p)]
 
 
-def unread_note(spec: str) -> str | None:
+def unread_note(spec: str, files: tuple | None = None) -> str | None:
     """What a folder holds besides images, said once (None: nothing): a file type not read was left out of a lot
     without a word (GIFs were, until they were read)."""
     path = Path(spec)
     if not path.is_dir():
         return None
-    others = Counter(p.suffix.lower() or "(no suffix)" for p in path.rglob("*")
-                     if p.is_file() and p.suffix.lower() not in IMAGE_SUFFIXES and p.name not in RUN_OUTPUTS
+    others = Counter(p.suffix.lower() or "(no suffix)" for p in files or folder_files(spec)
+                     if p.suffix.lower() not in IMAGE_SUFFIXES and p.name not in RUN_OUTPUTS
                      and not p.name.startswith("."))
     if not others:
         return None
@@ -319,8 +327,8 @@ def check_out(out: Path, overwrite: bool, writes: tuple = RUN_FOLDERS) -> list[s
     """--out for a new run: refused while it holds another run's results unless ``overwrite``; returns what a run
     wrote there (``RUN_OUTPUTS``), for ``clear_out`` once the server has answered (a refused run loses nothing).
     A folder ``overlays`` or ``maps`` that no run's results.json there names (``run_folders``) is the user's: never
-    counted or removed, and refused where this run would write into it (``writes``). The folder is made here, and
-    refused when it cannot be written, before any work is sent."""
+    counted or removed, and refused where this run would write into it (``writes``). The caller has made the folder
+    and seen it writable (``check_writable``, before it locks it)."""
     run_folders.cache_clear()  # what a run wrote there is read now, not remembered from before
     wrote = run_folders(out.resolve())
     present = [name for name in RUN_OUTPUTS if (out / name).exists() or (out / name).is_symlink()]
@@ -332,7 +340,6 @@ def check_out(out: Path, overwrite: bool, writes: tuple = RUN_FOLDERS) -> list[s
     if foreign:
         raise UsageError(f"--out {str(out)!r} holds a folder {foreign[0]!r} that no scoring run wrote (no results.json "
                          f"beside it): this run writes its {foreign[0]} there; pass another --out")
-    check_writable(out)
     return found
 
 
@@ -726,12 +733,13 @@ def run_scoring(args, command: list, held: contextlib.ExitStack) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     # a run's own pictures (an --out inside --images, run again) are its results, never parts to score
-    paths = part_images(args.images)
+    files = folder_files(args.images)  # one walk of a folder for its parts and the note on its other files
+    paths = part_images(args.images, files)
     if not paths:
         print(f"error: {no_images_message(args.images)} (--images is a folder or a glob like 'photos/*.png')",
               file=sys.stderr)
         return 2
-    if unread := unread_note(args.images):
+    if unread := unread_note(args.images, files):
         print(f"note: {unread}", file=sys.stderr)
     try:
         check_writable(out)

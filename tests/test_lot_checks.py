@@ -1,6 +1,8 @@
 """client/lot_checks.py and how client/infer.py uses it: lots too small, images the other way round or of another
 shape, the same file twice, mixed bit depths."""
 
+from pathlib import Path
+
 import numpy as np
 from PIL import Image
 
@@ -164,3 +166,25 @@ def test_a_files_digest_is_read_once_and_again_when_the_file_is_written(tmp_path
     os.utime(moved, ns=(part.stat().st_atime_ns, part.stat().st_mtime_ns))
     os.replace(moved, part)
     assert lot_checks.sha256_of(part) == __import__("hashlib").sha256(b"c" * 5000).hexdigest()
+
+
+def test_a_runs_folder_is_walked_once_for_its_parts_and_its_note(tmp_path, monkeypatch, capsys):
+    """A run listed its folder twice (its parts, then the note on its other files): on a share of 100,000 parts each
+    walk costs seconds. Both now read one walk, and the note still counts what the folder holds."""
+    lot = tmp_path / "lot"
+    lot.mkdir()
+    Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(lot / "part.png")
+    (lot / "notes.txt").write_text("x")
+    walks = []
+    real_rglob = Path.rglob
+
+    def counted_rglob(self, pattern):
+        walks.append(self)
+        return real_rglob(self, pattern)
+
+    monkeypatch.setattr(Path, "rglob", counted_rglob)
+    # nothing listens on port 1: the run stops at the server, after the folder was read and the note given
+    assert infer.main(["--images", str(lot), "--bank", "washer", "--out", str(tmp_path / "out"),
+                       "--url", "127.0.0.1:1", "--timeout", "5", "--quiet"]) != 0
+    assert "1 other file(s)" in capsys.readouterr().err
+    assert walks == [lot]
