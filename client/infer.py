@@ -291,7 +291,8 @@ def build_parser(prog: str = "client/infer.py") -> argparse.ArgumentParser:
                    "higher calls fewer parts defective)")
     p.add_argument("--false-alarm-rate", type=F.FALSE_ALARM_RATE, default=None, metavar="RATE",
                    help="the fraction of good parts you accept being called defective, e.g. 0.01 (default: the "
-                   f"bank's, {D.DEFAULT_FALSE_ALARM_RATE}); the threshold follows from it")
+                   f"bank's; a bank keeps the one given at its --build, else {D.DEFAULT_FALSE_ALARM_RATE}); the "
+                   "threshold follows from it")
     p.add_argument("--url", default=None, help="server address (default 127.0.0.1:8000 for http, :8001 for grpc)")
     p.add_argument("--protocol", choices=["http", "grpc"], default="http")
     p.add_argument("--key", default=None, help="the server's access key (default: $PA_CLIP_KEY; needed when the "
@@ -719,6 +720,8 @@ def run_scoring(args, command: list, held: contextlib.ExitStack) -> int:
         return 2
     try:
         options = {"mode": args.mode, **parse_overrides(args.set)} if args.build else {}
+        if args.build and args.false_alarm_rate is not None:  # the bank keeps it for the runs that score against it
+            options["false_alarm_rate"] = args.false_alarm_rate
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

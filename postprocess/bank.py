@@ -25,7 +25,7 @@ from . import kernels as K, strict_json
 from .config import FULL_BANK, PAClipConfig
 from .contract import (TEXT_EMBEDS, Features, encoder_identity, first_ids, image_key,  # noqa: F401 (image_key)
                        patch_side)
-from .decision import calibrate
+from .decision import DEFAULT_FALSE_ALARM_RATE, calibrate
 from .errors import RequestError
 from .ood import DEFAULT_STATISTICS, calibrate_ood, image_statistics
 from .host import DEFAULT_HOST, HostSettings
@@ -551,7 +551,8 @@ def colour_scale(maps) -> tuple[float, float]:
     return float(np.quantile(typical, 0.5)), float(np.quantile(typical, 0.999))
 
 
-def build_bank(scorer, cfg: PAClipConfig, bank_id: str, encoder: dict, map_size=None):
+def build_bank(scorer, cfg: PAClipConfig, bank_id: str, encoder: dict, map_size=None,
+               false_alarm_rate: float = DEFAULT_FALSE_ALARM_RATE):
     """Package what ``LotScorer.run`` computed on the lot as a bank (still where the lot was scored until it is saved).
 
     Returns the bank and the lot's own report (maps and scores of the lot images, as ``LotScorer.score`` gives, but
@@ -593,7 +594,7 @@ def build_bank(scorer, cfg: PAClipConfig, bank_id: str, encoder: dict, map_size=
         normal_selection=state.selection, normal_indices=tuple(int(i) for i in state.normal_indices),
         map_range=colour_scale(maps),
         lot_scores={"min": float(scores.min()), "median": float(np.median(scores)), "max": float(scores.max())},
-        decision=calibrate(scores, state.normal_indices).to_dict(),
+        decision=calibrate(scores, state.normal_indices, false_alarm_rate).to_dict(),
         ood=calibrate_ood(image_statistics(maps, scorer.images, DEFAULT_STATISTICS)).to_dict(),
         cada=run.extra.get("cada"), n_augmented=run.extra.get("n_augmented"))
     bank = Bank(manifest, full, {r: b for r, (b, _) in run.banks.items()},

@@ -24,6 +24,7 @@ from .bank import BankError, BankManifest, build_bank, config_from_dict, image_k
 from .bank_store import BankStore, build_slot, check_bank_id, check_lot_session
 from .config import MODES, PAClipConfig
 from .contract import Features
+from .decision import DEFAULT_FALSE_ALARM_RATE, check_false_alarm_rate
 from .errors import RequestError, ServerBusy
 from .host import DEFAULT_HOST, HostSettings
 from .pipeline import LotScorer
@@ -442,6 +443,21 @@ class RemoteEncoder:
         return None if self._encode_text is None else self._encode_text(prompts)
 
 
+BUDGET_OPTION = "false_alarm_rate"  # a build option beside the PA-CLIP settings: the budget the bank's threshold keeps
+
+
+def build_budget(options) -> float:
+    """The false-alarm budget of a build request (``BUDGET_OPTION``, default 1%): the bank keeps it, so that a part
+    scored later against it is decided at the budget chosen when it was built (a line's --false-alarm-rate 0.05 at
+    its build was read for that run alone, and every later run decided at 1%)."""
+    if not isinstance(options, dict) or BUDGET_OPTION not in options:
+        return DEFAULT_FALSE_ALARM_RATE
+    try:
+        return check_false_alarm_rate(options[BUDGET_OPTION])
+    except (TypeError, ValueError) as err:
+        raise BankError(f"bad build option {BUDGET_OPTION}: {err}") from None
+
+
 def build_config(options: dict) -> PAClipConfig:
     """The PA-CLIP configuration of a build request: ``mode`` (an ablation row, default the full method) plus
     overrides of any ``PAClipConfig`` field."""
@@ -582,7 +598,8 @@ class BankService:
         """Build the bank from its pending lot with ``options`` (a PA-CLIP configuration), or (None) grow the live
         bank with it (``postprocess.growth``). ``lot``: the client's lot session to read (None: the shared lot);
         only the parts read are cleared, so another client's lot, or a part added since, stays pending."""
-        cfg = None if options is None else build_config(options)
+        budget = None if options is None else build_budget(options)
+        cfg = None if options is None else build_config({k: v for k, v in options.items() if k != BUDGET_OPTION})
         started = time.perf_counter()
         outcome = "busy"  # refused before it held the host's slot and the bank's lock: a client sends it again
         try:
@@ -590,7 +607,7 @@ class BankService:
             # the cores it needs), and one build per bank id, also across replicas on one store
             with build_slot(bank_id), self.store.building(bank_id, lot=lot):
                 outcome = "failed"
-                result = self._build(bank_id, cfg, lot) if cfg is not None else self._update(bank_id, lot)
+                result = self._build(bank_id, cfg, lot, budget) if cfg is not None else self._update(bank_id, lot)
             outcome = "built" if cfg is not None else "updated"
             return result
         finally:
@@ -606,12 +623,13 @@ class BankService:
         except Exception:  # a damaged bank is there
             return True
 
-    def _build(self, bank_id: str, cfg: PAClipConfig, lot: str | None = None) -> dict:
+    def _build(self, bank_id: str, cfg: PAClipConfig, lot: str | None = None,
+               false_alarm_rate: float = DEFAULT_FALSE_ALARM_RATE) -> dict:
         category, images, features, parts = self.store.load_lot(bank_id, lot)
         self.log(f"building bank {bank_id!r}: {len(images)} images of {category!r}")
         # LotScorer refuses a lot of fewer than 2 images
         scorer = LotScorer(self.backbone, images, category, features=features, progress=False, host=self.host)
-        bank, report = build_bank(scorer, cfg, bank_id, self.encoder)
+        bank, report = build_bank(scorer, cfg, bank_id, self.encoder, false_alarm_rate=false_alarm_rate)
         self.store.save(bank)
         self.store.clear_lot(bank_id, parts, lot)  # only what it was built from: a later add stays for the next one
         self.log(f"bank {bank_id!r} built: version {bank.manifest.version}")

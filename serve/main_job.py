@@ -168,7 +168,8 @@ def build_parser(prog: str = "./run.sh main") -> argparse.ArgumentParser:
                    help="'auto' (default: the bank's automatic threshold for the false-alarm budget) or a calibrated "
                    "score strictly between 0 and 1 above which an image is anomalous (pa-clip score --help)")
     p.add_argument("--false-alarm-rate", type=F.FALSE_ALARM_RATE, default=None, metavar="RATE",
-                   help="the fraction of good parts you accept being called defective (default 0.01)")
+                   help="the fraction of good parts you accept being called defective (default 0.01); the bank "
+                   "keeps it for later runs against it")
     p.add_argument("--aspect", choices=C.ASPECTS, default=C.DEFAULT_ASPECT,
                    help="send the lot at its median aspect ratio (native) or stretched to a square")
     infer.add_reading_flags(p)  # the lot checks' warnings ask for them (main did not take them)

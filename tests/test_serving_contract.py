@@ -433,8 +433,11 @@ def test_a_bank_grows_with_new_parts_through_the_server(server, lot, lot_dir, wo
     folded into a new version (the others listed), the lot is cleared; the grown bank serves at once."""
     client = PAClipClient(server.http_url)
     client.add_images("grow", "washer", lot[:6], reset=True)
-    client.build_bank("grow")
+    with pytest.raises(ClientError, match="bad build option false_alarm_rate: the false-alarm rate must be"):
+        client.build_bank("grow", {"false_alarm_rate": 0.7})
+    client.build_bank("grow", {"false_alarm_rate": 0.05})  # the budget the bank keeps, through its updates too
     before = client.bank_info("grow")
+    assert before["decision"]["false_alarm_rate"] == 0.05
     new = workdir / "new_parts"
     new.mkdir()
     for path in sorted(lot_dir.glob("*.png"))[6:]:
@@ -457,6 +460,7 @@ def test_a_bank_grows_with_new_parts_through_the_server(server, lot, lot_dir, wo
     assert after["n_images"] == 6 + report["folded_in"]
     assert report["written"] and after["version"] != before["version"]  # 4 new parts counted: a new version
     assert after["decision"]["n_images"] == before["decision"]["n_images"] + 4
+    assert after["decision"]["false_alarm_rate"] == 0.05
     # the lot it read is cleared, the other client's lots are as they were
     assert sorted((p["lot"] or "", p["images"]) for p in client.store()["pending"] if p["bank"] == "grow") == \
         sorted([("", 1), (other, 2)])

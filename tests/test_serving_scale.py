@@ -237,8 +237,8 @@ def test_a_non_square_lot_goes_through_export_the_server_and_infer_at_its_own_as
     try:
         out = workdir / "wide_out"
         proc = subprocess.run([sys.executable, "client/infer.py", "--url", srv.http_url, "--images", str(images),
-                               "--category", "washer", "--build", "--out", str(out), "--save-maps", "--quiet"],
-                              cwd=ROOT, capture_output=True, text=True, timeout=600)
+                               "--category", "washer", "--build", "--out", str(out), "--save-maps", "--quiet",
+                               "--false-alarm-rate", "0.05"], cwd=ROOT, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert "images sent at 42x112 (height x width)" in proc.stderr
         report = json.loads((out / "results.json").read_text())
@@ -250,6 +250,9 @@ def test_a_non_square_lot_goes_through_export_the_server_and_infer_at_its_own_as
         assert np.abs(np.array([served[p.name] for p in paths]) - expected.scores).max() < BANK_STORAGE_TOL
         # one image at another size is refused with the size to send; the server keeps serving
         client = PAClipClient(srv.http_url)
+        # the budget given at the build is the bank's: a later run without --false-alarm-rate decides at it (the
+        # build's run alone did, and every later one at 1%)
+        assert client.bank_info("washer")["decision"]["false_alarm_rate"] == 0.05
         with pytest.raises(ClientError, match="scores 42x112 images"):
             client.score(np.zeros((1, 112, 112, 3), np.uint8), "washer")
         maps, _ = client.score(pixels[:1], "washer")
