@@ -39,7 +39,6 @@ import sys
 import tempfile
 import threading
 import time
-import warnings
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
@@ -56,7 +55,7 @@ from client.report import write_report
 from client import lot_checks
 from client.images import IMAGE_SUFFIXES, decode, display_copy, image_size_of, model_input
 from client import exits
-from client.triton_client import ClientError, PAClipClient, ServerUnreachable
+from client.triton_client import ClientError, PAClipClient, ServerRefused, ServerUnreachable
 from postprocess import contract as C
 from postprocess import decision as D, strict_json
 from postprocess.atomic import write_atomic
@@ -183,8 +182,8 @@ def load_images(paths: list[Path], size, progress: bool, bit_depth: int | None =
     for path in tqdm(paths, desc="read images", unit="img", disable=not progress, leave=False):
         try:
             loaded.append((path, *load_lot_image(path, size, bit_depth, path in turn)))
-        except ValueError as err:
-            warnings.warn(f"skipping: {err}", stacklevel=2)
+        except ValueError as err:  # a line of its own (a Python warning named the source line and showed each once)
+            print(f"warning: skipping: {err}", file=sys.stderr)
             skipped.append({"path": path_text(path), "error": str(err)})
     return loaded, skipped
 
@@ -309,7 +308,8 @@ def build_parser(prog: str = "client/infer.py") -> argparse.ArgumentParser:
                    "read for pictures, at most 1600 pixels long); results.csv keeps the original's width and height")
     p.add_argument("--save-maps", action="store_true", help="also write each map as float16 .npy")
     p.add_argument("--timeout", type=F.SECONDS, default=3600.0, help="seconds to wait for one request (builds are long)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", action="store_true", help="no progress bars, and no summary of counts and worst images "
+                   "(results.csv, results.json and report.html hold them; the one-line status stays)")
     return p
 
 
@@ -361,9 +361,10 @@ _HELD_OUT: set = set()  # the --out folders this process holds (the main job hol
 
 
 @contextlib.contextmanager
-def holding_out(out: Path):
+def holding_out(out: Path, made: bool = False):
     """The --out folder held by this run (a lock that the system lets go when the process ends, however it ends):
-    two runs into one folder mixed their overlays and the last to finish wrote its results.csv over the other's."""
+    two runs into one folder mixed their overlays and the last to finish wrote its results.csv over the other's.
+    ``made``: the run made the folder; one it leaves holding nothing but the lock (a refused run) is removed."""
     key = out.resolve()
     if key in _HELD_OUT:
         yield
@@ -401,6 +402,10 @@ def holding_out(out: Path):
             yield
         finally:
             _HELD_OUT.discard(key)
+            with contextlib.suppress(OSError):  # a refused run left an empty folder with a lock file in it
+                if made and [p.name for p in out.iterdir()] == [OUT_LOCK]:
+                    (out / OUT_LOCK).unlink()
+                    out.rmdir()
 
 
 def clear_out(out: Path, found: list[str]) -> None:
@@ -465,13 +470,24 @@ def build(client: PAClipClient, bank: str, category: str, images: np.ndarray, op
             f"waiting: {message.split(': ', 1)[-1]}", file=sys.stderr, flush=True), lot=lot)
 
 
+class ScoringInterrupted(KeyboardInterrupt):
+    """Ctrl-C while a run scored, with the rows and failures it had by then."""
+
+    def __init__(self, rows: list, failed: list):
+        super().__init__()
+        self.rows, self.failed = rows, failed
+
+
 def score_all(args, loaded: list, bank: str, value_range: tuple[float, float], out: Path, root: Path | None,
-              progress: bool, decider: D.Decider | None = None) -> tuple[list, list]:
+              progress: bool, decider: D.Decider | None = None, on_first_answer=None) -> tuple[list, list]:
     """Score in batches with ``args.concurrency`` requests in flight; each result gets its decision
-    (``add_decisions``) and its overlay as it arrives."""
+    (``add_decisions``) and its overlay as it arrives. ``on_first_answer()`` runs once, when the server first
+    scores a batch and before any picture is written (a run the server refuses as a whole leaves --out as it was).
+    A failed request's reason is said once, however many batches it failed."""
     local = threading.local()
     clients = []
     lock = threading.Lock()
+    answered = []  # set once on_first_answer has run
 
     def client() -> PAClipClient:
         if not hasattr(local, "client"):
@@ -485,6 +501,11 @@ def score_all(args, loaded: list, bank: str, value_range: tuple[float, float], o
     def work(batch):
         images = np.stack([item[2] for item in batch])
         maps, scores = client().score(images, bank)
+        with lock:
+            if not answered:
+                if on_first_answer is not None:
+                    on_first_answer()
+                answered.append(True)
         rows = []
         for (path, original, sent, info), amap, score in zip(batch, maps, scores):
             name = relative_name(path, root)
@@ -511,7 +532,7 @@ def score_all(args, loaded: list, bank: str, value_range: tuple[float, float], o
         return rows
 
     batches = [loaded[i:i + args.batch_size] for i in range(0, len(loaded), args.batch_size)]
-    results, failed = [], []
+    results, failed, reasons, refusals = [], [], Counter(), []
     bar = tqdm(total=len(loaded), desc=f"score against {bank}", unit="img", disable=not progress)
     pool = ThreadPoolExecutor(max_workers=max(1, args.concurrency))
     try:
@@ -523,16 +544,23 @@ def score_all(args, loaded: list, bank: str, value_range: tuple[float, float], o
                 for path, *_ in futures[future]:
                     failed.append({"path": path_text(path), "error": str(err),
                                    **({"unreachable": True} if isinstance(err, ServerUnreachable) else {})})
-                warnings.warn(f"request failed: {err}", stacklevel=2)
+                refusals.append(err if isinstance(err, ServerRefused) else None)
+                if not reasons[str(err)]:  # once per reason: a damaged bank's refusal came as many warnings
+                    print(f"warning: request failed: {err}", file=sys.stderr)
+                reasons[str(err)] += len(futures[future])
             bar.update(len(futures[future]))
-    except BaseException:  # Ctrl-C: the batches not sent yet are dropped (a pool's own exit sent every one first)
+    except BaseException as err:  # Ctrl-C: the batches not sent yet are dropped (a pool's own exit sent every one)
         pool.shutdown(wait=True, cancel_futures=True)
+        if isinstance(err, KeyboardInterrupt) and results:  # what was scored is kept (it was lost, its overlays not)
+            raise ScoringInterrupted(rank_rows(results), failed) from None
         raise
     finally:
         pool.shutdown(wait=True)
         bar.close()
         for c in clients:
             c.close()
+    if not results and refusals and all(refusals):  # the bank (damaged, deleted) or the request refused as a whole
+        raise refusals[0]
     return rank_rows(results), failed
 
 
@@ -696,9 +724,11 @@ def print_summary(rows: list, skipped: list, failed: list, worst: int = 10) -> N
               f"{one_line(row['path'])}{why}", file=sys.stderr)
 
 
-def main(argv=None, prog: str = "client/infer.py") -> int:
+def main(argv=None, prog: str = "client/infer.py", recorded_as: list | None = None) -> int:
+    """``recorded_as``: the command results.json records, where a job runs this one for the user (``pa-clip main``
+    recorded its own call to a server gone at its end)."""
     args = build_parser(prog).parse_args(argv)
-    command = recorded_command(prog, sys.argv[1:] if argv is None else list(argv))
+    command = recorded_as or recorded_command(prog, sys.argv[1:] if argv is None else list(argv))
     with contextlib.ExitStack() as held:  # the --out folder's lock, held to the end of the run
         return run_scoring(args, command, held)
 
@@ -745,8 +775,9 @@ def run_scoring(args, command: list, held: contextlib.ExitStack) -> int:
     if unread := unread_note(args.images, files):
         print(f"note: {unread}", file=sys.stderr)
     try:
+        made = not out.exists()
         check_writable(out)
-        held.enter_context(holding_out(out))
+        held.enter_context(holding_out(out, made))
         previous = check_out(out, args.overwrite, writes=folders_written(args))
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -767,6 +798,7 @@ def run_scoring(args, command: list, held: contextlib.ExitStack) -> int:
         return 2
     try:
         client = PAClipClient(args.url, args.protocol, args.timeout, key=args.key)
+        held.callback(client.close)  # also when the server is not there, or refuses
         client.check_ready()
         encoder = client.encoder()
         if args.build:
@@ -832,36 +864,59 @@ def run_scoring(args, command: list, held: contextlib.ExitStack) -> int:
         warn(f"bank {bank!r} was built before banks kept a calibration: no decisions; build it again (--build)")
     elif args.build and (note := D.mostly_defective_note(decider.calibration, decider.calibration.threshold)):
         warn(note)  # a benchmark's test set scored as a lot: 2 of 63 defective bottles were called anomalous
-    clear_out(out, previous)
-    # the folders this run writes are a run's from its first picture: an interrupted run's overlays are replaced by
-    # --overwrite and never read as parts (results.json came only at the end, so they stood as the user's)
-    write_atomic(out / "results.json", strict_json.dumps(
-        {"complete": False, "outputs": list(folders_written(args)), "images": []}, indent=1))
+    def start_writing() -> None:  # once the server has scored a batch: a run it refuses loses nothing
+        clear_out(out, previous)
+        # the folders this run writes are a run's from its first picture: an interrupted run's overlays are replaced
+        # by --overwrite and never read as parts (results.json came only at the end, so they stood as the user's)
+        write_atomic(out / "results.json", strict_json.dumps(
+            {"complete": False, "outputs": list(folders_written(args)), "images": []}, indent=1))
+
+    def results_report(rows: list, failed: list, elapsed: float, complete: bool) -> dict:
+        return {
+            "product": {"name": "pa-clip-triton", "version": product_version()},
+            "command": command,
+            "complete": complete,
+            "bank": summary_of(info), "bank_version": info.get("version"), "protocol": args.protocol,
+            "decision": None if decider is None else {
+                **decider.calibration.to_dict(), "threshold_calibrated": 0.5 if threshold is None else threshold,
+                "threshold_source": "auto" if threshold is None else "--threshold"},
+            "outputs": list(folders_written(args)), "colour_range": list(scale),
+            "scored": len(rows), "skipped": skipped, "failed": failed, "warnings": found_warnings,
+            "seconds": round(elapsed, 3),
+            "images_per_second": round(len(rows) / elapsed, 3) if elapsed > 0 else None,
+            "images": rows,
+        }
+
     t1 = time.perf_counter()
     scale = colour_range(info["map_range"], decider)
-    rows, failed = score_all(args, loaded, bank, scale, out, root, progress, decider)
+    try:
+        rows, failed = score_all(args, loaded, bank, scale, out, root, progress, decider, start_writing)
+    except ServerRefused as err:  # every request refused (a damaged bank): nothing scored, --out as it was
+        print(f"error: the server refused to score against bank {bank!r}: {err}", file=sys.stderr)
+        return exits.for_error(err)
+    except ScoringInterrupted as stop:  # the parts scored before Ctrl-C keep their results, marked incomplete
+        seen = {row["path"] for row in stop.rows} | {item["path"] for item in stop.failed}
+        failed = stop.failed + [{"path": path_text(item[0]), "error": "not scored: the run was interrupted"}
+                                for item in loaded if path_text(item[0]) not in seen]
+        csv_path = write_results(out, stop.rows, skipped, failed)
+        write_atomic(out / "results.json", strict_json.dumps(
+            {**results_report(stop.rows, failed, time.perf_counter() - t1, False), "interrupted": True}, indent=1))
+        print(f"interrupted: {len(stop.rows)} of {len(loaded)} images were scored; their results are in {csv_path} "
+              "and results.json (marked incomplete)", file=sys.stderr)
+        raise KeyboardInterrupt from None
+    if not rows:  # every request failed otherwise (the server lost): the results say which, in place of the old
+        start_writing()
     elapsed = time.perf_counter() - t1
     if alarm := (drift_note(args, bank, info.get("version")) if rows else None):
         warn(alarm)
     csv_path = write_results(out, rows, skipped, failed)
-    report = {
-        "product": {"name": "pa-clip-triton", "version": product_version()},
-        "command": command,
-        "complete": True,
-        "bank": summary_of(info), "bank_version": info.get("version"), "protocol": args.protocol,
-        "decision": None if decider is None else {
-            **decider.calibration.to_dict(), "threshold_calibrated": 0.5 if threshold is None else threshold,
-            "threshold_source": "auto" if threshold is None else "--threshold"},
-        "outputs": list(folders_written(args)), "colour_range": list(scale),
-        "scored": len(rows), "skipped": skipped, "failed": failed, "warnings": found_warnings,
-        "seconds": round(elapsed, 3), "images_per_second": round(len(rows) / elapsed, 3) if elapsed > 0 else None,
-        "images": rows,
-    }
+    report = results_report(rows, failed, elapsed, True)
     write_atomic(out / "results.json", strict_json.dumps(report, indent=1))  # a NaN score is written null
     line = f"scored {len(rows)} images in {elapsed:.1f} s ({report['images_per_second']} img/s)"
     if decider is not None:
         line += decisions_line(rows, decider.calibration, threshold)
-    print(f"{line}. Wrote {csv_path}" + ("" if args.no_overlays else f" and {out / 'overlays'}/"), file=sys.stderr)
+    drawn = not args.no_overlays and any("overlay" in row for row in rows)
+    print(f"{line}. Wrote {csv_path}" + (f" and {out / 'overlays'}/" if drawn else ""), file=sys.stderr)
     page = write_report(out, f"PA-CLIP: {len(rows)} images against bank {bank!r}", rows, skipped, failed,
                         None if decider is None else decider.raw_threshold, line, tuple(found_warnings))
     print(f"report page: {page}", file=sys.stderr)
@@ -874,12 +929,16 @@ def run_scoring(args, command: list, held: contextlib.ExitStack) -> int:
         return exits.UNREACHABLE if lost else exits.FLAGGED
     if args.fail_on:
         wanted = ("anomalous", D.OUT_OF_DISTRIBUTION) if args.fail_on == "any" else (args.fail_on,)
-        hits = sum(r.get("decision") in wanted or ("anomalous" in wanted and flagged_anomalous(r)) for r in rows)
+        decided = Counter(r.get("decision") for r in rows if r.get("decision") in wanted)
+        # out of distribution with a score above the threshold: it fails --fail-on anomalous too, said as what it is
+        over = sum("anomalous" in wanted and r.get("decision") not in wanted and flagged_anomalous(r) for r in rows)
+        hits = sum(decided.values()) + over
         # a part whose image could not be read, or got no score, was not shown to be good: it fails the run too
         undecided = len(skipped) + sum(r.get("decision") == "invalid" for r in rows)
         drifted = alarm is not None and args.fail_on in ("drift", "any")
         if hits or undecided or drifted:
-            said = ([f"{hits} image(s) decided so"] if hits else []) + (
+            said = [f"{n} image(s) decided {kind}" for kind, n in sorted(decided.items())] + (
+                [f"{over} image(s) out of distribution with a score above the threshold"] if over else []) + (
                 [f"{undecided} image(s) not decided (unreadable, or no score)"] if undecided else []) + (
                 ["the bank's drift alarm is up"] if drifted else [])
             print(f"--fail-on {args.fail_on}: {', '.join(said)} (exit status {exits.FLAGGED})", file=sys.stderr)

@@ -10,6 +10,7 @@ import http.client
 import json
 import os
 import signal
+import sys
 import threading
 import time
 import uuid
@@ -96,11 +97,19 @@ def interrupted_once():
         if pressed != 2:
             raise KeyboardInterrupt
 
+    # tritonclient.http waits in gevent's hub, which printed a KeyboardInterrupt raised there as a traceback and a
+    # timestamp before passing it on to the run: while the handler is in place the hub passes it on without a word
+    hub = sys.modules["gevent.hub"].get_hub() if "gevent.hub" in sys.modules else None
+    quiet = hub is not None and not issubclass(KeyboardInterrupt, hub.NOT_ERROR)
+    if quiet:
+        hub.NOT_ERROR = (*hub.NOT_ERROR, KeyboardInterrupt)
     signal.signal(signal.SIGINT, on_interrupt)
     try:
         yield
     finally:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        if quiet:
+            hub.NOT_ERROR = tuple(t for t in hub.NOT_ERROR if t is not KeyboardInterrupt)
 
 
 class PAClipClient:
@@ -374,6 +383,11 @@ class PAClipClient:
         self._shm = None
 
     def close(self) -> None:
+        """Once (again: nothing): left to the garbage collector, tritonclient's own close ran on whatever thread
+        collected it, outside the gevent hub it belongs to."""
+        if getattr(self, "_closed", False):
+            return
+        self._closed = True
         self.close_shared_memory()
         self.client.close()
 

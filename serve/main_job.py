@@ -209,6 +209,7 @@ def main(argv=None, prog: str = "./run.sh main") -> int:
     parser = build_parser(prog)
     args = parser.parse_args(argv)
     from_caller(args, parser, ("images", "out", "repository", "banks"))
+    args.recorded_as = infer.recorded_command(prog, sys.argv[1:] if argv is None else list(argv))
     with contextlib.ExitStack() as held:  # the --out folder's lock, held to the end of the job
         return run_job(args, held)
 
@@ -220,8 +221,9 @@ def run_job(args, held: contextlib.ExitStack) -> int:
         return 2
     out = Path(args.out)
     try:  # before anything is written there (a traceback and exit status 1 before)
+        made = not out.exists()
         infer.check_writable(out)
-        held.enter_context(infer.holding_out(out))
+        held.enter_context(infer.holding_out(out, made))
     except infer.UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -255,7 +257,8 @@ def run_job(args, held: contextlib.ExitStack) -> int:
                               + ([] if args.bit_depth is None else ["--bit-depth", str(args.bit_depth)])
                               + ["--threshold", str(args.threshold)]
                               + ([] if args.false_alarm_rate is None
-                                 else ["--false-alarm-rate", str(args.false_alarm_rate)]))
+                                 else ["--false-alarm-rate", str(args.false_alarm_rate)]),
+                              recorded_as=getattr(args, "recorded_as", None))  # the user's command, not this call
         if code == 0:
             report(out, fingerprint, truth)
         if args.keep_serving and code == 0:

@@ -496,7 +496,7 @@ def test_fail_on_fails_the_run_for_an_image_without_a_score(monkeypatch, tmp_pat
     capsys.readouterr()
     assert infer.main([*argv, "--fail-on", "anomalous"]) == exits.FLAGGED
     err = capsys.readouterr().err
-    assert "1 image(s) not decided (unreadable, or no score)" in err and "decided so" not in err
+    assert "1 image(s) not decided (unreadable, or no score)" in err and "decided anomalous" not in err
     assert infer.main([*argv, "--overwrite"]) == exits.OK  # without --fail-on the same run is done
     # the overlays' scale, recorded: the bank's, its top raised to the threshold above it
     recorded = json.loads((tmp_path / "out" / "results.json").read_text())["colour_range"]
@@ -788,3 +788,28 @@ def test_while_a_lot_session_is_open_a_second_sigint_is_let_pass_and_a_third_rai
             assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def test_a_ctrl_c_while_the_client_waits_in_gevents_hub_prints_no_traceback(tmp_path):
+    """tritonclient.http waits in gevent's hub: a Ctrl-C there, during a lot's upload, printed a traceback and a bare
+    timestamp above the run's "interrupted" (the hub reports what is raised inside it). The run still stops."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "wait_in_the_hub.py"
+    script.write_text(
+        "import os, signal, threading\n"
+        "import gevent\n"
+        "from client.triton_client import interrupted_once\n"
+        "signal.signal(signal.SIGINT, signal.default_int_handler)  # a CI job started in the background ignores it\n"
+        "threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()\n"
+        "try:\n"
+        "    with interrupted_once():\n"
+        "        gevent.sleep(5)\n"
+        "    print('not interrupted')\n"
+        "except KeyboardInterrupt:\n"
+        "    print('interrupted')\n")
+    done = subprocess.run([sys.executable, str(script)], cwd=Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "interrupted" and "Traceback" not in done.stderr, done.stderr

@@ -168,7 +168,7 @@ def test_a_files_digest_is_read_once_and_again_when_the_file_is_written(tmp_path
     assert lot_checks.sha256_of(part) == __import__("hashlib").sha256(b"c" * 5000).hexdigest()
 
 
-def test_a_runs_folder_is_walked_once_for_its_parts_and_its_note(tmp_path, monkeypatch, capsys):
+def test_a_run_walks_its_folder_once_and_a_refused_run_leaves_no_out_folder_it_made(tmp_path, monkeypatch, capsys):
     """A run listed its folder twice (its parts, then the note on its other files): on a share of 100,000 parts each
     walk costs seconds. Both now read one walk, and the note still counts what the folder holds."""
     lot = tmp_path / "lot"
@@ -188,3 +188,10 @@ def test_a_runs_folder_is_walked_once_for_its_parts_and_its_note(tmp_path, monke
                        "--url", "127.0.0.1:1", "--timeout", "5", "--quiet"]) != 0
     assert "1 other file(s)" in capsys.readouterr().err
     assert walks == [lot]
+    # the --out it made holds nothing of a run refused before it wrote: it is not left behind with its lock file
+    assert not (tmp_path / "out").exists()
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    assert infer.main(["--images", str(lot), "--bank", "washer", "--out", str(kept), "--url", "127.0.0.1:1",
+                       "--timeout", "5", "--quiet"]) != 0
+    assert kept.is_dir()  # a folder the user made stays

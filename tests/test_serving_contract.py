@@ -344,6 +344,14 @@ def test_a_run_with_odd_names_a_key_or_an_interruption_leaves_outputs_a_line_can
     monkeypatch.setattr(infer, "save_panel", interrupted_after_the_first)
     assert cli.main(argv) == 130
     assert len(list((out / "overlays").glob("*.png"))) == 1
+    # the part scored before Ctrl-C keeps its result (it was dropped, its overlay kept), the others say why they have
+    # none, and the run is marked incomplete
+    interrupted = json.loads((out / "results.json").read_text())
+    assert interrupted["complete"] is False and interrupted["interrupted"] is True and interrupted["scored"] == 1
+    rows = list(csv.DictReader(open(out / "results.csv", encoding="utf-8")))
+    assert [r["decision"] for r in rows] in (["normal", "failed", "failed"], ["anomalous", "failed", "failed"])
+    assert rows[0]["overlay"] and all(r["note"] == "not scored: the run was interrupted" for r in rows[1:])
+    assert "1 of 3 images were scored" in capsys.readouterr().err
     assert infer.part_images(str(out)) == []  # a run's pictures, never parts
     monkeypatch.setattr(infer, "save_panel", real_save_panel)
     capsys.readouterr()
@@ -480,13 +488,20 @@ def test_a_bank_grows_with_new_parts_through_the_server(server, lot, lot_dir, wo
     client.close()
 
 
-def test_a_damaged_bank_is_refused_through_the_server_naming_it_and_verify_finds_it(server, built, lot, workdir):
+def test_a_damaged_bank_is_refused_through_the_server_naming_it_and_verify_finds_it(server, built, lot, lot_dir,
+                                                                                     workdir):
     """The probe's worst find: 64 bytes flipped in a version's bank.safetensors moved maps by up to 9.1, silently.
     Now the scoring model refuses the bank when it loads it (400: the message names it and what to do), verify
-    finds it, and the other banks serve."""
+    finds it, and the other banks serve. A scoring run against it is refused as a whole: status 4 and one line
+    (it was 1, "N image(s) failed", a Python warning per batch, and the previous run's results removed)."""
     def verify(*bank):
         return subprocess.run([sys.executable, "-m", "client.banks", "--url", server.http_url, "verify", *bank],
                               cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+    def score(bank, *extra):
+        return subprocess.run([sys.executable, "-m", "cli", "score", "--url", server.http_url, "--images",
+                               str(lot_dir), "--bank", bank, "--out", str(workdir / "damaged_out"), "--quiet",
+                               "--batch-size", "2", *extra], cwd=ROOT, capture_output=True, text=True, timeout=300)
 
     store = workdir / "banks"
     shutil.copytree(store / "washer", store / "washer_copy")
@@ -496,6 +511,8 @@ def test_a_damaged_bank_is_refused_through_the_server_naming_it_and_verify_finds
     try:
         intact = verify("washer_copy")
         assert intact.returncode == 0 and "ok: manifest, digests and tensors" in intact.stdout, intact.stdout + intact.stderr
+        assert score("washer").returncode == 0  # a previous run's results in --out (the copy not loaded yet)
+        before = (workdir / "damaged_out" / "results.csv").read_bytes()
         data = bytearray((live / "bank.safetensors").read_bytes())
         middle = len(data) // 2
         data[middle:middle + 64] = bytes(b ^ 0xFF for b in data[middle:middle + 64])
@@ -511,6 +528,11 @@ def test_a_damaged_bank_is_refused_through_the_server_naming_it_and_verify_finds
             client.score(lot[:1], "washer_copy")
         client.score(lot[:1], "washer")  # the others still serve
         client.close()
+        refused = score("washer_copy", "--overwrite")
+        assert refused.returncode == 4, refused.stderr
+        assert "error: the server refused to score against bank 'washer_copy'" in refused.stderr
+        assert refused.stderr.count("is damaged") <= 2 and "Warning" not in refused.stderr, refused.stderr
+        assert (workdir / "damaged_out" / "results.csv").read_bytes() == before  # a refused run loses nothing
     finally:
         shutil.rmtree(store / "washer_copy", ignore_errors=True)
 
@@ -740,7 +762,10 @@ def test_a_brightening_line_raises_the_drift_alarm_on_the_metrics_port_and_in_in
     over = sum(OVER_THRESHOLD_NOTE in r["note"] for r in rows.values())
     assert "2 out of distribution" in run.stderr and f"({over} of them above the threshold too)" in run.stderr
     assert "drift alarm" not in run.stderr  # the steady bank's window: 48 washers and these 3
-    assert run.returncode == 1 and f"--fail-on anomalous: {over} image(s) decided so" in run.stderr, run.stderr
+    # said as what they are: decided out of distribution, failing --fail-on anomalous by their scores (the line said
+    # "decided so", which they were not)
+    assert run.returncode == 1 and (f"--fail-on anomalous: {over} image(s) out of distribution with a score above "
+                                    "the threshold") in run.stderr, run.stderr
     shown = json.loads((out / "results.json").read_text())["images"]
     assert [r["over_threshold"] for r in shown if Path(r["path"]).name == "noise.png"] == [True]
     # a deleted bank's drift gauges leave /metrics (they stayed at their last values while the server ran)
