@@ -348,8 +348,8 @@ def end_to_end_rows(dev, args) -> list[dict]:
     backbone = ClipBackbone(args.model, "none", args.image_size, device=dev.torch_device)
     if not dev.dry_run:
         backbone.vision.half()
-    folder = write_demo_lot(Path(tempfile.mkdtemp(prefix="pa-clip-gpu-")), n_images=min(args.images, 24),
-                            n_defective=2, size=args.image_size)
+    folder = write_demo_lot(Path(tempfile.mkdtemp(prefix="pa-clip-gpu-")) / "lot",
+                            n_images=min(args.images, 24), n_defective=2, size=args.image_size)
     pictures = [model_input(read_rgb(p), args.image_size) for p in sorted(folder.glob("*.png"))]
     images = np.stack([pictures[i % len(pictures)] for i in range(args.images)])
     images[:, 0, 0, :] ^= stamps(np.arange(args.images))  # repeats of the pictures: distinct, not copies of one

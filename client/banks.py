@@ -1,6 +1,7 @@
 """python -m client.banks: look after the banks a server keeps.
 
-  python -m client.banks list              every bank: lot size, image size, encoder, versions, bytes, build date
+  python -m client.banks list              every bank: category, lot size, image size, bytes on disk, build date,
+                                           encoder; the pending lots; the store's size
   python -m client.banks info BANK         one bank in full (its versions on disk, its decision calibration, what
                                            scoring saw lately: score quantiles, out-of-distribution rate, drift)
   python -m client.banks delete BANK       delete one (asks first at a terminal; --yes does not, and is needed
@@ -29,6 +30,8 @@ import numpy as np
 from client import exits
 from client.triton_client import ClientError, PAClipClient
 from postprocess import flags as F
+from postprocess.bank_store import BANK_ID_PATTERN
+from postprocess.drift import MIN_IMAGES
 
 
 def megabytes(n) -> str:
@@ -166,11 +169,36 @@ def print_info(info: dict) -> None:
               "is decided out_of_distribution")
     for monitor in info.get("monitors", []):
         quantiles = ", ".join(f"q{float(q):g} {v:.4g}" for q, v in monitor.get("score_quantiles", {}).items())
-        state = "ALARM: the latest parts are unlike the lot" if monitor.get("alarm") else "steady"
+        if monitor.get("alarm"):
+            state = "ALARM: the latest parts are unlike the lot"
+        elif monitor["window"] < MIN_IMAGES:  # no alarm can be raised yet: "steady" said more than is known
+            state = f"too few for an alarm yet ({monitor['window']} of {MIN_IMAGES})"
+        else:
+            state = "steady"
         print(f"{'scored lately':<17} {monitor['window']} new images (of {monitor['seen']}) by {monitor['process']}: "
               f"scores {quantiles or '-'}; out of distribution {monitor['ood_rate']:.1%}; drift "
               f"{monitor['drift']:.2f} (p {monitor['drift_p']:.2g}) against the lot's {monitor.get('statistic', '')}: "
               f"{state}")
+
+
+def check_bank_id(bank_id: str) -> None:
+    """Refuse a bank id the server would refuse, before asking it (bad usage, not a refusal), with the id that
+    ``score --category`` makes of the same name: a category "ball screw" is scored against bank ``ball_screw``."""
+    from client.infer import UsageError, safe_bank_id
+
+    if BANK_ID_PATTERN.fullmatch(bank_id):
+        return
+    made = safe_bank_id(bank_id, fallback=None)
+    raise UsageError(f"invalid bank id {bank_id!r}: use 1-128 letters, digits, '.', '_' or '-', starting with a "
+                     "letter or digit" + (f"; did you mean {made}?" if made else ""))
+
+
+def print_pruned(answer: dict) -> None:
+    print(f"removed {len(answer['removed'])} item(s), freed {megabytes(answer['freed_bytes'])}"
+          + "".join(f"\n  {item}" for item in answer["removed"]))
+    if kept := answer.get("kept_recent"):  # a replica may still be loading them (an older server does not say)
+        print(f"kept {len(kept)} version(s) written less than {answer['kept_after_s'] / 60:g} minutes ago: "
+              "prune again once they are older" + "".join(f"\n  {item}" for item in kept))
 
 
 def main(argv=None, prog: str = "python -m client.banks") -> int:
@@ -178,38 +206,38 @@ def main(argv=None, prog: str = "python -m client.banks") -> int:
 
     args = build_parser(prog).parse_args(argv)
     try:
+        if getattr(args, "bank", ""):
+            check_bank_id(args.bank)
         if args.command == "delete" and not args.yes and (sys.stdin is None or not sys.stdin.isatty()):
             raise UsageError("delete asks before it deletes, and there is no terminal to ask at: pass --yes")
         paths = update_paths(args.images) if args.command == "update" else None
         timeout = args.timeout if args.timeout is not None else (3600.0 if args.command == "update" else 60.0)
-        client = PAClipClient(args.url, args.protocol, timeout, key=args.key)
-        client.check_ready()
-        if args.command == "list":
-            answer = client.store()
-            show = print_list
-        elif args.command == "info":
-            answer = client.bank_info(args.bank)
-            show = print_info
-        elif args.command == "delete":
-            if not args.yes:
-                print(f"delete bank {args.bank!r} from {client.url}? [y/N] ", end="", file=sys.stderr, flush=True)
-                reply = sys.stdin.readline().strip().lower()  # "" at the end of input: no
-                if reply not in ("y", "yes"):
-                    print("nothing deleted", file=sys.stderr)
-                    return exits.USAGE  # nothing was sent
-            answer = client.delete_bank(args.bank)
-            show = lambda a: print(f"deleted bank {a['deleted']!r}")  # noqa: E731
-        elif args.command == "verify":
-            answer = client.bank_action("verify", args.bank)
-            show = print_verified
-        elif args.command == "update":
-            answer = update(client, args, paths)
-            show = print_update
-        else:
-            answer = client.prune_banks()
-            show = lambda a: print(f"removed {len(a['removed'])} item(s), freed {megabytes(a['freed_bytes'])}"  # noqa
-                                   + "".join(f"\n  {item}" for item in a["removed"]))
-        client.close()
+        with PAClipClient(args.url, args.protocol, timeout, key=args.key) as client:  # closed on every path
+            client.check_ready()
+            if args.command == "list":
+                answer = client.store()
+                show = print_list
+            elif args.command == "info":
+                answer = client.bank_info(args.bank)
+                show = print_info
+            elif args.command == "delete":
+                if not args.yes:
+                    print(f"delete bank {args.bank!r} from {client.url}? [y/N] ", end="", file=sys.stderr, flush=True)
+                    reply = sys.stdin.readline().strip().lower()  # "" at the end of input: no
+                    if reply not in ("y", "yes"):
+                        print("nothing deleted", file=sys.stderr)
+                        return exits.USAGE  # nothing was sent
+                answer = client.delete_bank(args.bank)
+                show = lambda a: print(f"deleted bank {a['deleted']!r}")  # noqa: E731
+            elif args.command == "verify":
+                answer = client.bank_action("verify", args.bank)
+                show = print_verified
+            elif args.command == "update":
+                answer = update(client, args, paths)
+                show = print_update
+            else:
+                answer = client.prune_banks()
+                show = print_pruned
     except (ClientError, ValueError) as err:  # ValueError: the command's inputs (UsageError)
         print(f"error: {err}", file=sys.stderr)
         return exits.for_error(err)

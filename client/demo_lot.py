@@ -1,10 +1,11 @@
 """A small lot of synthetic product photos that works on any machine: metal washers on a dark belt.
 
 Most washers are fine; a few carry a scratch, a dark pit or a chipped edge. The lot is generated from a seed, so
-every machine gets the same pictures; ``truth.json`` says which images are defective (for a quick sanity check,
-never used by the method).
+every machine gets the same pictures; ``<folder>.truth.json`` beside the folder says which images are defective (for
+a quick sanity check, never used by the method). It is kept out of the folder: a scoring run notes every file of a
+lot's folder that it does not read, and the demo's own answer key is no such file.
 
-  python -m client.demo_lot --out out/demo_lot
+  python -m client.demo_lot --out out/demo_lot     (writes out/demo_lot/*.png and out/demo_lot.truth.json)
 """
 
 from __future__ import annotations
@@ -50,9 +51,16 @@ def washer(rng: np.random.Generator, size: int, defect: str | None) -> Image.Ima
     return img.filter(ImageFilter.GaussianBlur(0.6))
 
 
+def truth_path(folder: str | Path) -> Path:
+    """Where ``write_demo_lot`` writes which images of ``folder`` are defective: beside the folder, not in it."""
+    folder = Path(folder)
+    return folder.parent / f"{folder.name}.truth.json"
+
+
 def write_demo_lot(out: str | Path, n_images: int = 24, n_defective: int = 4, size: int = 256,
                    seed: int = 7) -> Path:
-    """Write the lot as PNGs into ``out``; returns the folder."""
+    """Write the lot as PNGs into ``out`` and its truth (image name -> defect or "good") to ``truth_path(out)``;
+    returns the folder."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -63,7 +71,7 @@ def write_demo_lot(out: str | Path, n_images: int = 24, n_defective: int = 4, si
         name = f"washer_{i:03d}.png"
         washer(rng, size, defect).save(out / name)
         truth[name] = defect or "good"
-    (out / "truth.json").write_text(json.dumps(truth, indent=1))
+    truth_path(out).write_text(json.dumps(truth, indent=1))
     return out
 
 
@@ -76,7 +84,8 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=int, default=256)
     args = p.parse_args(argv)
     folder = write_demo_lot(args.out, args.images, args.defective, args.size)
-    print(f"wrote {args.images} images ({args.defective} defective) to {folder}", file=sys.stderr)
+    print(f"wrote {args.images} images ({args.defective} defective) to {folder}; which are defective: "
+          f"{truth_path(folder)}", file=sys.stderr)
     return 0
 
 

@@ -472,9 +472,11 @@ class BankStore:
 
     def prune(self) -> dict:
         """Remove what no one needs: versions other than the live one (older than ``PRUNE_AFTER_S``), bank folders
-        a failed build left empty, and ``clean``'s leftovers. Returns what went and the bytes freed."""
+        a failed build left empty, and ``clean``'s leftovers. Returns what went, the bytes freed and the versions kept
+        for their age (``kept_recent``, with ``kept_after_s``: a prune that removes nothing says why)."""
         before = self.total_bytes()
         removed = self.clean()
+        kept_recent = []
         for folder in sorted(p for p in self.root.iterdir()
                              if p.is_dir() and not p.is_symlink() and BANK_ID_PATTERN.fullmatch(p.name)):
             try:
@@ -482,12 +484,17 @@ class BankStore:
             except BankError:  # a damaged bank keeps its versions: one of them may be the one to restore
                 continue
             for version in folder.glob("v-*"):
-                if version.name != current and time.time() - version.stat().st_mtime > self.PRUNE_AFTER_S:
+                if version.name == current:
+                    continue
+                if time.time() - version.stat().st_mtime > self.PRUNE_AFTER_S:
                     shutil.rmtree(version, ignore_errors=True)
                     removed.append(str(version))
+                else:
+                    kept_recent.append(str(version))
             if _holds_nothing(folder) and _remove_emptied(folder):
                 removed.append(str(folder))
-        return {"removed": removed, "freed_bytes": max(0, before - self.total_bytes())}
+        return {"removed": removed, "freed_bytes": max(0, before - self.total_bytes()),
+                "kept_recent": sorted(kept_recent), "kept_after_s": self.PRUNE_AFTER_S}
 
     def load(self, bank_id: str, encoder: dict | None = None) -> Bank:
         """The live version, verified: manifest fields, file digests, every tensor against the manifest. Damage is a

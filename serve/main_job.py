@@ -21,7 +21,7 @@ from pathlib import Path
 
 from client import exits, infer, lot_checks
 from client.images import image_size_of
-from client.demo_lot import write_demo_lot
+from client.demo_lot import truth_path, write_demo_lot
 from postprocess import contract as C
 from postprocess import decision as D
 from postprocess import flags as F
@@ -230,7 +230,7 @@ def run_job(args, held: contextlib.ExitStack) -> int:
     truth = None
     if args.images is None:
         images = write_demo_lot(out / "demo_lot")
-        truth = json.loads((images / "truth.json").read_text())
+        truth = json.loads(truth_path(images).read_text())  # beside the lot: no note of a file it does not read
         category = args.category or "washer"
         print(f"no --images given: using the built-in demo lot ({len(truth)} synthetic washers, "
               f"{sum(v != 'good' for v in truth.values())} defective) in {images}", file=sys.stderr)

@@ -1070,11 +1070,14 @@ def test_failed_builds_leave_nothing_and_prune_removes_old_versions(tiny, lot, t
     second = service.handle("build", "washer")["version"]
     info = service.handle("info", "washer")
     assert [v["version"] for v in info["versions"]] == [second, first] and info["versions"][0]["live"]
-    assert service.handle("prune")["removed"] == []  # the one before may still be loading somewhere: kept a while
+    kept = service.handle("prune")  # the one before may still be loading somewhere: kept a while, and said so
+    assert kept["removed"] == [] and kept["kept_recent"] == [str(tmp_path / "washer" / first)]
+    assert kept["kept_after_s"] == BankStore.PRUNE_AFTER_S
     monkeypatch.setattr(BankStore, "PRUNE_AFTER_S", 0.0)
     (tmp_path / "empty").mkdir()  # what a failed build used to leave
     pruned = service.handle("prune")
     assert sorted(pruned["removed"]) == sorted([str(tmp_path / "washer" / first), str(tmp_path / "empty")])
+    assert pruned["kept_recent"] == []
     assert pruned["freed_bytes"] > 0 and store.current_version("washer") == second
     listed = service.handle("list")
     assert listed["banks"][0]["bytes_on_disk"] > 0 and listed["store_bytes"] == store.total_bytes()

@@ -260,6 +260,36 @@ def test_banks_update_checks_its_images_before_asking_the_server_and_leaves_a_ru
     assert banks.update_paths(str(parts)) == [parts / "a.png"]
 
 
+def test_a_bank_id_the_server_would_refuse_is_bad_usage_with_the_id_its_category_makes(capsys):
+    """`pa-clip main --category "ball screw"` makes bank ball_screw; `pa-clip banks info "ball screw"` was sent to the
+    server and refused (exit 4). Checked before any server is asked: no server answers at this address."""
+    from client import banks
+
+    for argv in (["info", "ball screw"], ["delete", "ball screw", "--yes"], ["verify", "ball screw"],
+                 ["update", "ball screw", "--images", "."]):
+        assert banks.main(["--url", "127.0.0.1:1", "--timeout", "5", *argv]) == 2, argv
+        err = capsys.readouterr().err
+        assert "invalid bank id 'ball screw'" in err and "did you mean ball_screw?" in err, err
+    assert banks.main(["--url", "127.0.0.1:1", "--timeout", "5", "info", "\u30cd\u30b8"]) == 2  # nothing to suggest
+    assert "did you mean" not in capsys.readouterr().err
+
+
+def test_the_banks_help_says_what_list_prints(capsys):
+    """The help said list shows versions; it never did (info does)."""
+    from client import banks
+
+    text = banks.build_parser().format_help()
+    said = text[text.index("banks list"):text.index("banks info")]
+    assert "versions" not in said, said
+    banks.print_list({"banks": [{"bank": "washer", "category": "washer", "n_images": 12, "image_size": [112, 112],
+                                 "bytes_on_disk": 2**20, "built_at": "2025-01-01T00:00:00", "encoder": {}}],
+                      "store_bytes": 2**20})
+    header = capsys.readouterr().out.splitlines()[1]
+    for column, described in (("category", "category"), ("lot", "lot size"), ("image size", "image size"),
+                              ("on disk", "bytes on disk"), ("built", "build date"), ("encoder", "encoder")):
+        assert column in header and described in said, column
+
+
 def test_banks_exit_statuses_for_an_address_with_a_scheme_and_for_no_server(capsys):
     from client import banks
 
@@ -602,7 +632,10 @@ def test_banks_verify_exits_1_when_a_bank_is_damaged(monkeypatch, capsys):
             assert action == "verify"
             return verdicts
 
-        def close(self):
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
             pass
 
     monkeypatch.setattr(banks, "PAClipClient", FakeClient)

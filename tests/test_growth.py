@@ -16,14 +16,14 @@ from postprocess.pipeline import LotScorer, encode_images
 
 @pytest.fixture(scope="module")
 def washers(tmp_path_factory, tiny_clip_112):
-    from client.demo_lot import write_demo_lot
+    from client.demo_lot import truth_path, write_demo_lot
     from client.infer import load_image
 
     folder = write_demo_lot(tmp_path_factory.mktemp("washers"), n_images=40, n_defective=4, size=128, seed=3)
     images = np.stack([load_image(p, 112)[1] for p in sorted(folder.glob("*.png"))])
     import json
 
-    truth = json.loads((folder / "truth.json").read_text())
+    truth = json.loads(truth_path(folder).read_text())
     labels = np.asarray([truth[p.name] != "good" for p in sorted(folder.glob("*.png"))])
     return images, labels, encode_images(tiny_clip_112, images, 8)
 
@@ -97,14 +97,14 @@ def test_a_grown_bank_keeps_its_false_alarms_near_the_budget(tiny_clip_112, tmp_
     before growing, 6% on a bank rebuilt on the same parts)."""
     import json
 
-    from client.demo_lot import write_demo_lot
+    from client.demo_lot import truth_path, write_demo_lot
     from client.infer import load_image
     from postprocess.decision import Calibration
 
-    folder = write_demo_lot(tmp_path, n_images=120, n_defective=6, size=128, seed=7)
+    folder = write_demo_lot(tmp_path / "lot", n_images=120, n_defective=6, size=128, seed=7)
     names = sorted(folder.glob("*.png"))
     images = np.stack([load_image(p, 112)[1] for p in names])
-    truth = json.loads((folder / "truth.json").read_text())
+    truth = json.loads(truth_path(folder).read_text())
     good = np.flatnonzero([truth[p.name] == "good" for p in names])
     features = encode_images(tiny_clip_112, images, 8)
     lot, new, later = good[:20], good[20:60], good[60:]
@@ -307,13 +307,13 @@ def test_defects_left_out_do_not_lift_the_level_that_lets_later_ones_in(tiny_cli
     update now (the manifest's accept_level)."""
     import json
 
-    from client.demo_lot import write_demo_lot
+    from client.demo_lot import truth_path, write_demo_lot
     from client.infer import load_image
 
-    folder = write_demo_lot(tmp_path, n_images=70, n_defective=40, size=128, seed=5)
+    folder = write_demo_lot(tmp_path / "lot", n_images=70, n_defective=40, size=128, seed=5)
     names = sorted(folder.glob("*.png"))
     images = np.stack([load_image(p, 112)[1] for p in names])
-    truth = json.loads((folder / "truth.json").read_text())
+    truth = json.loads(truth_path(folder).read_text())
     bad = np.flatnonzero([truth[p.name] != "good" for p in names])
     good = np.flatnonzero([truth[p.name] == "good" for p in names])
     features = encode_images(tiny_clip_112, images, 8)

@@ -66,6 +66,20 @@ def test_a_folder_says_which_files_it_does_not_read_and_reads_gifs(tmp_path):
     assert infer.unread_note(str(lot)) is None and infer.unread_note(str(lot / "part.png")) is None
 
 
+def test_the_demo_lots_truth_is_beside_its_folder_and_draws_no_note(tmp_path):
+    """./run.sh main with no --images noted "1 other file(s) in 'out/main/demo_lot' are not read (.json x1)" on every
+    run: the demo's truth.json was written into the lot it scores."""
+    import json
+
+    from client.demo_lot import truth_path, write_demo_lot
+
+    folder = write_demo_lot(tmp_path / "demo_lot", n_images=6, n_defective=2, size=64)
+    assert infer.unread_note(str(folder)) is None
+    truth = json.loads(truth_path(folder).read_text())
+    assert truth_path(folder).parent == tmp_path and sorted(truth) == sorted(p.name for p in folder.glob("*.png"))
+    assert sum(v != "good" for v in truth.values()) == 2
+
+
 def test_images_the_other_way_round_are_named_and_turned_on_request():
     sizes = {f"land{i}.png": (300, 200) for i in range(5)} | {"up.png": (200, 300), "sq.png": (250, 251)}
     kept = lot_checks.check_orientation(sizes, "keep")

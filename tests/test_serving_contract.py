@@ -398,7 +398,17 @@ def test_banks_command_lists_shows_deletes_and_prunes(server, built, lot, reposi
     client = PAClipClient(server.http_url)
     client.add_images("scratch", "washer", lot[:4], reset=True)
     client.build_bank("scratch", {"mode": "mutual"})
+    client.score(lot[4:7], "scratch")  # 3 new parts: a window too small for an alarm (it said "steady")
+    shown = banks("info", "scratch").stdout
+    assert "scored lately     3 new images" in shown and "too few for an alarm yet (3 of 32)" in shown, shown
+    # a version replaced a moment ago: prune keeps it (a replica may still load it) and says so (it said only
+    # "removed 0 item(s)")
+    client.add_images("scratch", "washer", lot[:4], reset=True)
+    client.build_bank("scratch", {"mode": "mutual"})
     client.close()
+    kept = banks("prune")
+    assert kept.returncode == 0 and "version(s) written less than 10 minutes ago" in kept.stdout, kept
+    assert "/scratch/v-" in kept.stdout.split("kept ")[1]  # other tests' banks may have one too
     listed = banks("list")
     assert listed.returncode == 0, listed.stderr
     assert "in the store" in listed.stdout and "scratch" in listed.stdout and "washer" in listed.stdout
