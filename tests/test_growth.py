@@ -298,6 +298,12 @@ def test_an_image_out_of_distribution_is_not_folded_in_whatever_its_score(tiny_c
     scored = len(Calibration.from_dict(bank.manifest.decision).reference) + len(pending) - len(
         [f for f in foreign if f[1] == "out of distribution"])
     assert len(Calibration.from_dict(grown.manifest.decision).reference) == scored  # its score is not a part's
+    # a batch of nothing but foreign frames changes nothing: no version is written (one for their keys alone started
+    # the drift window again, and the window that had seen them was gone)
+    frames = np.concatenate([white, np.zeros_like(white)])
+    same, report = growth.grow_bank(bank, tiny_clip_112.encode(frames), frames)
+    assert same is bank and report["folded_in"] == 0 and len(report["left_out"]) == 2
+    assert all(d["why"].startswith("out of distribution") for d in report["left_out"])
 
 
 def test_defects_left_out_do_not_lift_the_level_that_lets_later_ones_in(tiny_clip_112, tmp_path):
