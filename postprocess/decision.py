@@ -280,7 +280,8 @@ class Calibration:
         model = model_of(self.method)
         assumed = "for clean lots" if model == "order statistic" else f"for scores with the {model} it assumes"
         budget = percent(rate, MIN_FALSE_ALARM_RATE)  # 1e-6 to 1e-5 read "a 0.0% budget"
-        sentence = (f"threshold from {n} lot images at a {budget} budget: {CONFIDENCE:.0%} of such lots "
+        # "images", not "lot images": a grown bank reads its updates' parts too (a lot of 24 said "from 30 lot images")
+        sentence = (f"threshold from {n} images at a {budget} budget: {CONFIDENCE:.0%} of such lots "
                     f"realise {percent(low)} to {percent(high)} false alarms on new good parts, half of them above "
                     f"{percent(median)} ({assumed})")
         if self.n_excluded:
