@@ -16,6 +16,7 @@ report``, drift table); the map's statistic does not move with it.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import threading
 import time
@@ -41,6 +42,7 @@ class BankWindow:
     keys: deque = field(default_factory=lambda: deque(maxlen=WINDOW))  # each image's key (None: not known)
     seen: int = 0
     updated: float = 0.0
+    lot: tuple = (0, "")  # the version's lot: how many keys, and their digest (``lot_digest``)
 
     def summary(self) -> dict:
         """Quantiles of the window's scores, its out-of-distribution rate, the drift distance and whether it alarms."""
@@ -68,6 +70,11 @@ def drift_test(reference: dict, values: dict) -> dict:
             "alarm": bool(n >= MIN_IMAGES and p < ALARM_P)}
 
 
+def lot_digest(keys) -> str:
+    """One digest of a lot's image keys in order: a grown bank's lot begins with the lot it grew from."""
+    return hashlib.sha256("\n".join(keys).encode()).hexdigest()
+
+
 class DriftMonitor:
     """Windows of every bank this process scores with (thread-safe: a model instance may serve several threads)."""
 
@@ -76,19 +83,21 @@ class DriftMonitor:
         self._lock = threading.Lock()
 
     def observe(self, bank_id: str, version: str, references: dict, scores, values: dict, flagged,
-                keys=None) -> dict:
+                keys=None, lot_keys=None) -> dict:
         """Add the new images of one request (``values``: statistic -> their values, as ``references`` holds the
         lot's; ``keys``: each image's ``bank.image_key``); a new version of the bank starts a new window. An image
         already in the window (a part inspected again, a request sent again) is not added twice: the window
         describes distinct parts, and one part repeated would fill it with one value and raise the alarm. Returns
-        the summary."""
+        the summary. ``lot_keys``: the version's lot (its manifest's ``image_keys``), read when a window starts, so
+        that a version grown from it carries the window on (``carry``)."""
         keys = [None] * len(scores) if keys is None else list(keys)
         with self._lock:
             window = self._windows.get(bank_id)
             if window is None or window.version != version:
                 window = self._windows[bank_id] = BankWindow(
                     version, {k: np.asarray(v, dtype=np.float64) for k, v in references.items()},
-                    values={k: deque(maxlen=WINDOW) for k in references})
+                    values={k: deque(maxlen=WINDOW) for k in references},
+                    lot=(0, "") if lot_keys is None else (len(lot_keys), lot_digest(lot_keys)))
             held = set(window.keys) - {None}
             for i, key in enumerate(keys):
                 if key is not None and key in held:
@@ -120,6 +129,22 @@ class DriftMonitor:
         with self._lock:
             window = self._windows.get(bank_id)
             return None if window is None else window.version
+
+    def carry(self, bank_id: str, version: str, references: dict, lot_keys) -> bool:
+        """Carry the bank's window on to ``version``, an update of the version it holds (its lot, ``lot_keys``,
+        begins with the window's lot): an update folds good parts in, it does not start the line again, and each
+        update started a new window, so that a line grown every hour never gathered the parts an alarm needs. The
+        window's parts are kept; the lot's values it is tested against are the new version's. False (nothing
+        changed) when no window is held or ``version`` did not grow from its lot: a rebuild starts a new one."""
+        with self._lock:
+            window = self._windows.get(bank_id)
+            n, digest = (0, "") if window is None else window.lot
+            if window is None or not digest or len(lot_keys) < n or lot_digest(lot_keys[:n]) != digest:
+                return False
+            window.version = version
+            window.reference = {k: np.asarray(v, dtype=np.float64) for k, v in references.items()}
+            window.lot = (len(lot_keys), lot_digest(lot_keys))
+            return True
 
     def forget(self, bank_id: str) -> None:
         with self._lock:

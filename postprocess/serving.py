@@ -188,7 +188,7 @@ class ScoreService:
             return cached[1]
         self._cache.pop(bank_id, None)
         bank = self.store.load(bank_id, self.encoder).to(self.xp).prepare(self.host)  # BankError: missing
-        if self.drift.version(bank_id) not in (None, bank.manifest.version):
+        if self.drift.version(bank_id) not in (None, bank.manifest.version) and not self._carried(bank):
             # the window and gauges of the version replaced: on /metrics until the next new image, they described a
             # bank no longer scored with (an alarm of the old version stood over the new one)
             self.forget(bank_id)
@@ -198,6 +198,15 @@ class ScoreService:
             self._cache.popitem(last=False)
         self.telemetry.gauge("pa_clip_bank_cache_bytes", self.cached_bytes())
         return bank
+
+    def _carried(self, bank) -> bool:
+        """Whether the bank's drift window went on to this version: one grown by an update (``accept_level`` is
+        set by updates alone) from the version whose window is held; a rebuild starts a new window."""
+        manifest = bank.manifest
+        if manifest.accept_level is None or manifest.ood is None:
+            return False
+        return self.drift.carry(manifest.bank, manifest.version, OodCalibration.from_dict(manifest.ood).references,
+                                manifest.image_keys)
 
     DELETED_SWEEP_S = 5.0  # how often a request checks that the banks loaded or watched are still in the store
 
@@ -267,7 +276,8 @@ class ScoreService:
             outside, _ = calibration.outside(values)
             bank_id = bank.manifest.bank
             window = self.drift.observe(bank_id, bank.manifest.version, calibration.references, scores[new], values,
-                                        outside, None if keys is None else [k for k, n in zip(keys, new) if n])
+                                        outside, None if keys is None else [k for k, n in zip(keys, new) if n],
+                                        bank.manifest.image_keys)
             for q, value in window["score_quantiles"].items():
                 self.telemetry.gauge("pa_clip_bank_score_quantile", value, bank=bank_id, q=q)
             self.telemetry.gauge("pa_clip_bank_ood_rate", window["ood_rate"], bank=bank_id)

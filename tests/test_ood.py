@@ -488,3 +488,40 @@ def test_drift_windows_are_read_as_strict_json_and_an_old_one_is_not_shown(tmp_p
     old = mine.stat().st_mtime - store.MONITOR_FRESH_S - 60
     os.utime(mine, (old, old))
     assert store.monitors("washer") == []
+
+
+def test_an_update_carries_the_drift_window_on_and_a_rebuild_starts_a_new_one(tiny_clip_112, lot, tmp_path):
+    """Each update wrote a new version, and a new version started a new window: a line grown every hour never
+    gathered the parts an alarm needs, and one update hid an alarm that was up. A version grown from the window's
+    keeps its parts (tested against the grown lot's values); a bank built again starts afresh."""
+    from client.demo_lot import write_demo_lot
+    from client.infer import load_image
+    from postprocess.bank_store import BankStore
+    from postprocess.growth import grow_bank
+    from postprocess.serving import ScoreService
+
+    folder = write_demo_lot(tmp_path / "new", n_images=44, n_defective=0, size=128, seed=13)
+    fresh = np.stack([load_image(p, 112)[1] for p in sorted(folder.glob("*.png"))])
+    store = BankStore(tmp_path / "banks")
+    scorer = LotScorer(tiny_clip_112, lot, "washer", progress=False)
+    store.save(build_bank(scorer, PAClipConfig(), "line", tiny_clip_112.fingerprint)[0])
+    service = ScoreService(store, tiny_clip_112.fingerprint)
+    brighter = np.clip(fresh[:40].astype(np.float32) * 1.8, 0, 255).astype(np.uint8)
+    for start in range(0, 40, 8):
+        service.score("line", *tiny_clip_112.encode(brighter[start:start + 8]).outputs().values(),
+                      brighter[start:start + 8])
+    before = service.drift.summary("line")
+    assert before["alarm"] and before["window"] == 40
+    grown, report = grow_bank(store.load("line", tiny_clip_112.fingerprint), tiny_clip_112.encode(fresh[40:]),
+                              fresh[40:])
+    assert report["folded_in"] >= 1
+    store.save(grown)  # what the bank model's update writes
+    one = brighter[:1] // 2 + 100  # one more part, not one the window holds
+    service.score("line", *tiny_clip_112.encode(one).outputs().values(), one)
+    after = service.drift.summary("line")
+    assert after["version"] == store.current_version("line") != before["version"]
+    assert after["window"] == 41 and after["alarm"]  # it was a window of 1, no alarm
+    store.save(build_bank(scorer, PAClipConfig(), "line", tiny_clip_112.fingerprint)[0])  # built again
+    service.score("line", *tiny_clip_112.encode(fresh[:2]).outputs().values(), fresh[:2])
+    rebuilt = service.drift.summary("line")
+    assert rebuilt["window"] == 2 and not rebuilt["alarm"] and rebuilt["version"] == store.current_version("line")
