@@ -864,6 +864,7 @@ def run_scoring(args, command: list, held: contextlib.ExitStack) -> int:
         warn(f"bank {bank!r} was built before banks kept a calibration: no decisions; build it again (--build)")
     elif args.build and (note := D.mostly_defective_note(decider.calibration, decider.calibration.threshold)):
         warn(note)  # a benchmark's test set scored as a lot: 2 of 63 defective bottles were called anomalous
+
     def start_writing() -> None:  # once the server has scored a batch: a run it refuses loses nothing
         clear_out(out, previous)
         # the folders this run writes are a run's from its first picture: an interrupted run's overlays are replaced
