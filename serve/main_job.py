@@ -302,14 +302,14 @@ def report(out: Path, fingerprint: dict, truth: dict | None) -> None:
         if truth:
             defective = {n for n, v in truth.items() if v != "good"}
             caught = sum(Path(r["path"]).name in defective for r in called)
-            print(f"against truth.json: {caught} of {len(defective)} defective caught, {len(called) - caught} false "
-                  f"alarm(s) among {len(truth) - len(defective)} good", file=sys.stderr)
+            print(f"against the demo lot's truth: {caught} of {len(defective)} defective caught, "
+                  f"{len(called) - caught} false alarm(s) among {len(truth) - len(defective)} good", file=sys.stderr)
     if truth:
         from sklearn.metrics import roc_auc_score
 
         labels = [truth[Path(r["path"]).name] != "good" for r in results["images"]]
         auroc = roc_auc_score(labels, [r["score"] for r in results["images"]])
-        print(f"demo lot image AUROC (sanity check against truth.json): {auroc:.3f}", file=sys.stderr)
+        print(f"demo lot image AUROC (sanity check against its truth): {auroc:.3f}", file=sys.stderr)
     print(f"scores: {out / 'results.csv'}; heat maps: {out / 'overlays'}/", file=sys.stderr)
 
 

@@ -117,11 +117,11 @@ def test_two_main_jobs_at_once_both_finish(workdir):
         table = list(csv.DictReader(open(out / "results.csv")))
         assert len(table) == 24 and {r["decision"] for r in table} <= {"normal", "anomalous"}
         assert "decisions: " in err and "from the lot itself" in err  # no --threshold given
-        assert "against truth.json: " in err and "worst 10" in err
+        assert "against the demo lot's truth: " in err and "worst 10" in err
         assert len(list((out / "overlays").glob("*.png"))) == 24
         command = json.loads((out / "results.json").read_text())["command"]
         assert command[:2] == ["./run.sh main", "--backbone"] and "--url" not in command  # the user's command
-        auroc = float(err.split("image AUROC (sanity check against truth.json): ")[1].split()[0])
+        auroc = float(err.split("image AUROC (sanity check against its truth): ")[1].split()[0])
         assert auroc >= 0.95
 
 
