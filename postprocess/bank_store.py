@@ -39,6 +39,7 @@ from .atomic import HOST, fsync_dir, is_dead_leftover, owner_gone, temp_name, wr
 from .bank import (DIGESTED_FROM, DTYPES, FORMAT_VERSION, Bank, BankDamaged, BankError, BankFormatError,
                    BankManifest, check_encoder, check_manifest, check_tensors, damaged, tensor_record)
 from .contract import IMAGES, VISION_OUTPUTS, Features
+from .drift import grown_from
 from .errors import ServerBusy
 
 # used with fullmatch only: "$" would let a trailing newline through (a folder "banks/x\n")
@@ -283,8 +284,11 @@ class BankStore:
 
     def monitors(self, bank_id: str) -> list[dict]:
         """The fresh windows of every scoring process that scored with the bank's live version, newest first (a
-        window that cannot be read is left out: it is a report, not the bank)."""
+        window that cannot be read is left out: it is a report, not the bank). A window of the version an update grew
+        the live one from is the live version's (``drift.grown_from``): its process carries it on with its next
+        part, and until then ``info`` showed no window (an alarm that was up was hidden by the update)."""
         current = self.current_version(bank_id)
+        live = None  # the live manifest, read once and only where a window of another version needs it
         out = []
         if (self._dir(bank_id) / "monitor").is_symlink():  # never read through a link out of the store
             return out
@@ -296,8 +300,16 @@ class BankStore:
                 summary = strict_json.loads(path.read_text())
             except (OSError, ValueError):
                 continue
-            if isinstance(summary, dict) and summary.get("version") == current:
-                out.append({**summary, "process": path.stem})
+            if not isinstance(summary, dict):
+                continue
+            if summary.get("version") != current:
+                try:
+                    live = live or self.manifest(bank_id)
+                except (BankError, OSError):
+                    continue
+                if current is None or not grown_from(live, summary.get("lot")):
+                    continue
+            out.append({**summary, "version": current, "process": path.stem})
         return sorted(out, key=lambda m: -float(m.get("updated", 0)))
 
     def bank_ids(self) -> list[str]:

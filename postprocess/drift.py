@@ -47,7 +47,7 @@ class BankWindow:
     def summary(self) -> dict:
         """Quantiles of the window's scores, its out-of-distribution rate, the drift distance and whether it alarms."""
         n = len(self.scores)
-        out = {"version": self.version, "window": n, "seen": self.seen, "updated": self.updated,
+        out = {"version": self.version, "lot": list(self.lot), "window": n, "seen": self.seen, "updated": self.updated,
                "score_quantiles": {str(q): float(np.quantile(np.asarray(self.scores), q)) for q in QUANTILES} if n
                else {}, "ood_rate": float(np.mean(self.flagged)) if n else 0.0, "drift": 0.0, "drift_p": 1.0,
                "alarm": False}
@@ -73,6 +73,17 @@ def drift_test(reference: dict, values: dict) -> dict:
 def lot_digest(keys) -> str:
     """One digest of a lot's image keys in order: a grown bank's lot begins with the lot it grew from."""
     return hashlib.sha256("\n".join(keys).encode()).hexdigest()
+
+
+def grown_from(manifest, lot) -> bool:
+    """Whether ``manifest``'s version was grown by updates (``accept_level`` is set by updates alone) from the version
+    whose lot is ``lot`` ((n, digest), a window's ``lot``): its lot begins with that lot. A rebuild is not."""
+    try:
+        n, digest = int(lot[0]), str(lot[1])
+    except (TypeError, ValueError, IndexError):  # no lot recorded (a window written before it was)
+        return False
+    keys = manifest.image_keys
+    return manifest.accept_level is not None and bool(digest) and 0 < n <= len(keys) and lot_digest(keys[:n]) == digest
 
 
 class DriftMonitor:
@@ -130,20 +141,19 @@ class DriftMonitor:
             window = self._windows.get(bank_id)
             return None if window is None else window.version
 
-    def carry(self, bank_id: str, version: str, references: dict, lot_keys) -> bool:
-        """Carry the bank's window on to ``version``, an update of the version it holds (its lot, ``lot_keys``,
-        begins with the window's lot): an update folds good parts in, it does not start the line again, and each
-        update started a new window, so that a line grown every hour never gathered the parts an alarm needs. The
-        window's parts are kept; the lot's values it is tested against are the new version's. False (nothing
-        changed) when no window is held or ``version`` did not grow from its lot: a rebuild starts a new one."""
+    def carry(self, bank_id: str, manifest, references: dict) -> bool:
+        """Carry the bank's window on to ``manifest``'s version where an update grew it from the window's
+        (``grown_from``): an update folds good parts in, it does not start the line again, and each update started a
+        new window, so that a line grown every hour never gathered the parts an alarm needs. The window's parts are
+        kept; the lot's values it is tested against (``references``) are the new version's. False (nothing changed)
+        when no window is held or the version did not grow from its lot: a rebuild starts a new one."""
         with self._lock:
             window = self._windows.get(bank_id)
-            n, digest = (0, "") if window is None else window.lot
-            if window is None or not digest or len(lot_keys) < n or lot_digest(lot_keys[:n]) != digest:
+            if window is None or not grown_from(manifest, window.lot):
                 return False
-            window.version = version
+            window.version = manifest.version
             window.reference = {k: np.asarray(v, dtype=np.float64) for k, v in references.items()}
-            window.lot = (len(lot_keys), lot_digest(lot_keys))
+            window.lot = (len(manifest.image_keys), lot_digest(manifest.image_keys))
             return True
 
     def forget(self, bank_id: str) -> None:

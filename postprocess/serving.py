@@ -203,10 +203,9 @@ class ScoreService:
         """Whether the bank's drift window went on to this version: one grown by an update (``accept_level`` is
         set by updates alone) from the version whose window is held; a rebuild starts a new window."""
         manifest = bank.manifest
-        if manifest.accept_level is None or manifest.ood is None:
+        if manifest.ood is None:
             return False
-        return self.drift.carry(manifest.bank, manifest.version, OodCalibration.from_dict(manifest.ood).references,
-                                manifest.image_keys)
+        return self.drift.carry(manifest.bank, manifest, OodCalibration.from_dict(manifest.ood).references)
 
     DELETED_SWEEP_S = 5.0  # how often a request checks that the banks loaded or watched are still in the store
 

@@ -506,6 +506,7 @@ def test_an_update_carries_the_drift_window_on_and_a_rebuild_starts_a_new_one(ti
     scorer = LotScorer(tiny_clip_112, lot, "washer", progress=False)
     store.save(build_bank(scorer, PAClipConfig(), "line", tiny_clip_112.fingerprint)[0])
     service = ScoreService(store, tiny_clip_112.fingerprint)
+    service.MONITOR_WRITE_S = 0.0  # every window written for info at once
     brighter = np.clip(fresh[:40].astype(np.float32) * 1.8, 0, 255).astype(np.uint8)
     for start in range(0, 40, 8):
         service.score("line", *tiny_clip_112.encode(brighter[start:start + 8]).outputs().values(),
@@ -516,12 +517,16 @@ def test_an_update_carries_the_drift_window_on_and_a_rebuild_starts_a_new_one(ti
                               fresh[40:])
     assert report["folded_in"] >= 1
     store.save(grown)  # what the bank model's update writes
+    # info shows it as the live version's before the scoring process has seen the update (it showed none)
+    (shown,) = store.monitors("line")
+    assert shown["version"] == store.current_version("line") and shown["window"] == 40 and shown["alarm"]
     one = brighter[:1] // 2 + 100  # one more part, not one the window holds
     service.score("line", *tiny_clip_112.encode(one).outputs().values(), one)
     after = service.drift.summary("line")
     assert after["version"] == store.current_version("line") != before["version"]
     assert after["window"] == 41 and after["alarm"]  # it was a window of 1, no alarm
     store.save(build_bank(scorer, PAClipConfig(), "line", tiny_clip_112.fingerprint)[0])  # built again
+    assert store.monitors("line") == []  # the window of a version it did not grow from is not its own
     service.score("line", *tiny_clip_112.encode(fresh[:2]).outputs().values(), fresh[:2])
     rebuilt = service.drift.summary("line")
     assert rebuilt["window"] == 2 and not rebuilt["alarm"] and rebuilt["version"] == store.current_version("line")
