@@ -187,8 +187,7 @@ class PAClipClient:
             tensor.set_data_from_numpy(np.ascontiguousarray(images))
             inputs.append(tensor)
         try:
-            kwargs = {} if self.protocol == "http" else {"client_timeout": self.timeout_s}
-            result = self.client.infer(BANK_MODEL, inputs, headers=self.headers, **kwargs)
+            result = self.client.infer(BANK_MODEL, inputs, headers=self.headers, **self._deadline())
         except (self._error, *TRANSPORT_ERRORS) as err:
             raise client_error(err) from err
         raw = result.as_numpy("result").reshape(-1)[0]
@@ -328,7 +327,8 @@ class PAClipClient:
             return self._score_shm(images, image_input, bank_input, outputs)
         image_input.set_data_from_numpy(images)
         try:
-            result = self.client.infer(ENSEMBLE, [image_input, bank_input], outputs=outputs, headers=self.headers)
+            result = self.client.infer(ENSEMBLE, [image_input, bank_input], outputs=outputs, headers=self.headers,
+                                       **self._deadline())
         except (self._error, *TRANSPORT_ERRORS) as err:
             raise client_error(err) from err
         return result.as_numpy(ANOMALY_MAP).astype(np.float32), result.as_numpy(SCORE).reshape(-1)
@@ -359,7 +359,8 @@ class PAClipClient:
         outputs[0].set_shared_memory(regions["map"][0], h * w * 2 * n)
         outputs[1].set_shared_memory(regions["score"][0], 4 * n)
         try:
-            self.client.infer(ENSEMBLE, [image_input, bank_input], outputs=outputs, headers=self.headers)
+            self.client.infer(ENSEMBLE, [image_input, bank_input], outputs=outputs, headers=self.headers,
+                              **self._deadline())
         except (self._error, *TRANSPORT_ERRORS) as err:
             if MISSING_REGION in _message(err) and not registered_again:  # the server restarted: register again
                 self.close_shared_memory()
@@ -381,6 +382,11 @@ class PAClipClient:
                 pass
             shm.destroy_shared_memory_region(handle)
         self._shm = None
+
+    def _deadline(self) -> dict:
+        """A gRPC call's deadline, the client's timeout (scoring calls had none: a stuck server held a run for ever,
+        --timeout or not); an HTTP client has its network timeout from its construction."""
+        return {} if self.protocol == "http" else {"client_timeout": self.timeout_s}
 
     def close(self) -> None:
         """Once (again: nothing): left to the garbage collector, tritonclient's own close ran on whatever thread

@@ -148,6 +148,13 @@ def test_bad_requests_get_clear_errors_and_the_server_keeps_serving(server, repo
     with pytest.raises(InferenceServerException, match="scores 112x112 images"):
         scorer(images=np.zeros((1, 32, 32, 3), np.uint8))  # (the guard refuses sides under the encoder's patch)
     assert scorer().as_numpy("anomaly_map").shape == (1, SIZE, SIZE)
+    # a scoring call over gRPC keeps the client's timeout (it had no deadline: a stuck server held a run for ever),
+    # with shared memory too
+    for shared in (False, True):
+        hurried = PAClipClient(server.grpc_url, "grpc", timeout_s=0.001, shared_memory=shared)
+        with pytest.raises(ClientError, match="Deadline"):
+            hurried.score(lot[:2], "washer")
+        hurried.close()
     # still serving, and the bank is untouched
     maps, scores = client.score(lot[:2], "washer")
     assert maps.shape == (2, SIZE, SIZE) and np.isfinite(scores).all()
