@@ -91,6 +91,7 @@ def update(client: PAClipClient, args, paths: list) -> dict:
         answer = client.update_bank(args.bank, on_wait=lambda m: print(f"waiting: {m}", file=sys.stderr), lot=lot)
     answer["update"]["paths"] = [path_text(item[0]) for item in loaded]
     answer["update"]["skipped"] = skipped
+    answer["update"]["threshold_before"] = (info.get("decision") or {}).get("threshold")
     return answer
 
 
@@ -112,7 +113,15 @@ def print_update(answer: dict) -> None:
         print(f"  skipped: {item['path']}: {item['error']}")
     if answer.get("decision"):
         d = answer["decision"]
-        print(f"threshold now {d['threshold']:.4g} ({d['method']}, {d['false_alarm_rate']:.1%} budget)")
+        before = report.get("threshold_before")
+        print(f"threshold now {d['threshold']:.4g}" + ("" if before is None else f" (was {before:.4g})")
+              + f" ({d['method']}, {d['false_alarm_rate']:.1%} budget)")
+        above = [item for item in report["left_out"] if before is not None and item.get("score") is not None
+                 and item["score"] > before and not item["why"].startswith("out of distribution")]
+        if above and d["threshold"] > before:  # every part's score joins the calibration, a reject's too
+            print(f"note: {len(above)} of these parts scored above the threshold before the update; their scores "
+                  "joined the calibration, as every part's does, and lifted the threshold. Send an update a line's "
+                  "parts as they came (defects at the line's rate), not its rejects.")
 
 
 def print_verified(answer: dict) -> None:

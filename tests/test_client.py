@@ -323,6 +323,21 @@ def test_banks_printouts_of_an_empty_store_and_of_a_part_left_out_without_a_scor
         "scored": 1, "folded_in": 0, "already_in_lot": 0, "paths": ["a.png"],
         "left_out": [{"index": 0, "why": "no score", "score": None}]}})  # a NaN score arrives as null
     assert "left out: a.png: no score (score -)" in capsys.readouterr().out
+    # rejects sent through an update: their scores join the calibration and lift the threshold, which it says
+    # (a helper's 16 defective bottles lifted it from 0.0833 to 0.1035 with only "threshold now 0.1035")
+    answer = {"bank": "b", "n_images": 3, "version": "v", "decision": {
+        "threshold": 0.1035, "method": "quartile_exponential", "false_alarm_rate": 0.05}, "update": {
+        "scored": 3, "folded_in": 0, "already_in_lot": 0, "paths": ["a.png", "b.png", "c.png"],
+        "threshold_before": 0.0833, "left_out": [
+            {"index": 0, "why": "score above the lot's 75% reference (0.07)", "score": 0.2},
+            {"index": 1, "why": "score above the lot's 75% reference (0.07)", "score": 0.08},
+            {"index": 2, "why": "out of distribution: brightness", "score": 0.5}]}}
+    banks.print_update(answer)
+    said = capsys.readouterr().out
+    assert "threshold now 0.1035 (was 0.0833)" in said and "note: 1 of these parts scored above the threshold" in said
+    answer["decision"]["threshold"] = 0.08  # not lifted: nothing to say
+    banks.print_update(answer)
+    assert "note:" not in capsys.readouterr().out
 
 
 def test_ctrl_c_while_scoring_drops_the_batches_not_sent(monkeypatch, tmp_path):
