@@ -158,8 +158,14 @@ class PAClipClient:
                 if health is not self.client:
                     health.close()
         except Exception as err:
-            raise ServerUnreachable(f"no Triton server answers at {self.url} ({self.protocol}): {_message(err)}. "
-                                    "Start one with `python -m serve` (see README)") from err
+            text = _message(err)
+            # a server that answers in the other protocol: the port is the other one's (it said "no server answers")
+            other = ("http" if self.protocol == "grpc" and "http1.x server" in text else
+                     "grpc" if self.protocol == "http" and "Expected HTTP/" in text else None)
+            raise ServerUnreachable(
+                f"no Triton server answers at {self.url} ({self.protocol}): {text}. " +
+                (f"A server there speaks {other}: pass --protocol {other}, or the {self.protocol} port" if other else
+                 "Start one with `python -m serve` (see README)")) from err
         if not ready:
             raise ServerRefused(f"the server at {self.url} is up but {ENSEMBLE} / {BANK_MODEL} are not ready: "
                                 "is this the PA-CLIP model repository? (server log: `python -m serve` prints it)")

@@ -89,6 +89,9 @@ def main(argv=None, prog: str = "python -m serve") -> int:
         log.error(f"error: --host {args.host} opens the server to other machines: give an access key (--key or "
                   f"${ACCESS_KEY_ENV}; clients send it with the same variable), or --insecure on a network you trust")
         return 2
+    if not is_loopback(args.host) and not key:  # --insecure: said once, where the operator reads the start
+        log.warning(f"warning: --insecure: the server on {args.host} answers every machine that reaches it without a "
+                    "key: anyone there can score, build and delete banks")
 
     def stop_request(*_):
         raise KeyboardInterrupt  # also interrupts a start that is still waiting for readiness

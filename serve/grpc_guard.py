@@ -35,7 +35,7 @@ from postprocess.errors import BUSY
 
 from .http_guard import INTERNAL_HEADER
 from .request_checks import (InflightBudget, Limits, Refused, check_carried, check_region_key, check_shape,
-                             check_tensor_names, connection_cap, has_control_character)
+                             check_tensor_names, connection_cap, has_control_character, key_refusal)
 
 SERVICE = "/inference.GRPCInferenceService/"
 STREAMING = {"ModelStreamInfer"}
@@ -151,8 +151,8 @@ class GrpcGuard:
         """Why a call without this server's key is refused (None: it has the key, needs none, or none is set)."""
         if name in HEALTH or self.has_key(metadata):
             return None
-        return (f"this server needs its access key in the '{KEY_METADATA}' metadata (pa-clip score sends "
-                "$PA_CLIP_KEY)")
+        sent = any(k == KEY_METADATA and v for k, v in metadata)
+        return key_refusal(sent, f"the '{KEY_METADATA}' metadata")
 
     def keyless_health(self, method: str, requests, context) -> bytes:
         """A health call without the key: one of at most ``max_keyless_calls`` at once, cancelled when its message has

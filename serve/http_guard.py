@@ -37,7 +37,7 @@ import h11
 from postprocess.contract import ACCESS_KEY_HEADER
 
 from .request_checks import (InflightBudget, Limits, Refused, check_inference_json, check_region_key,
-                             connection_cap, load_json)
+                             connection_cap, key_refusal, load_json)
 
 INTERNAL_HEADER = "pa-clip-internal"  # the per-start secret tritonserver's own ports ask for
 # tritonserver 2.51 drops a request head of 8 KB or more (9 KB: it closed the connection unanswered, 502): a client's
@@ -219,8 +219,7 @@ class HttpGuard:
                 if not client.keyed:  # the documented timeouts from now on, and out of its address's count
                     self._not_keyless(client)
             elif not health:
-                raise Refused(401, f"this server needs its access key in the '{ACCESS_KEY_HEADER}' header "
-                                   "(pa-clip score sends $PA_CLIP_KEY)")
+                raise Refused(401, key_refusal(bool(sent), f"the '{ACCESS_KEY_HEADER}' header"))
         size = await self._check_length(conn, writer, request, headers, keyless=health)
         held = [0]  # what this body holds of the budget so far
 

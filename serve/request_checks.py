@@ -27,6 +27,13 @@ SERVER_REGION = re.compile(r"^pa_clip_\d+_[0-9a-f]{12}_")
 SHM_DIR = Path("/dev/shm")
 
 
+def key_refusal(sent: bool, where: str) -> str:
+    """Why a request without this server's key is refused: a wrong key said as one (it read as a missing one), and how
+    the commands send it (``where``: the header or metadata it goes in)."""
+    said = "the access key sent is not this server's" if sent else "this server needs its access key"
+    return f"{said}: send it in {where} (pa-clip score and pa-clip banks: --key, or $PA_CLIP_KEY)"
+
+
 class Refused(Exception):
     def __init__(self, status: int, message: str):
         super().__init__(message)

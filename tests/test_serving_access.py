@@ -19,9 +19,11 @@ def test_with_an_access_key_nothing_but_health_answers_without_it(repository, wo
                       key=key).start(timeout=180)
     try:
         for protocol, url in (("http", srv.http_url), ("grpc", srv.grpc_url)):
-            for wrong in ("", "not-the-key-at-all-000"):
+            for wrong, said in (("", "this server needs its access key"),
+                                ("not-the-key-at-all-000", "the access key sent is not this server's")):
                 stranger = PAClipClient(url, protocol, key=wrong)
-                with pytest.raises(ClientError):
+                # a wrong key said as one (it read as a missing one), with how the commands send it
+                with pytest.raises(ClientError, match=f"{said}: send it in .*--key, or \\$PA_CLIP_KEY"):
                     stranger.list_banks()
                 with pytest.raises(ClientError):
                     stranger.score(lot[:1], "washer")
@@ -124,3 +126,13 @@ def test_a_start_that_fails_before_the_server_runs_leaves_its_ports_free(reposit
     for port in (http, grpc):
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", port))  # free again
+
+
+def test_serve_opened_up_with_insecure_says_so_at_its_start(tmp_path):
+    """--insecure opened the server to the network with nothing said (the ready line only lacked "access key
+    required"). A repository that is none stops the start right after the check: nothing is bound."""
+    proc = subprocess.run([sys.executable, "-m", "serve", "--repository", str(tmp_path), "--host", "0.0.0.0",
+                           "--insecure"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={k: v for k, v in os.environ.items() if k != "PA_CLIP_KEY"})
+    assert proc.returncode == 2 and "is not a model repository" in proc.stderr, proc.stderr
+    assert "warning: --insecure: the server on 0.0.0.0 answers every machine" in proc.stderr, proc.stderr

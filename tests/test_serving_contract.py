@@ -155,6 +155,15 @@ def test_bad_requests_get_clear_errors_and_the_server_keeps_serving(server, repo
         with pytest.raises(ClientError, match="Deadline"):
             hurried.score(lot[:2], "washer")
         hurried.close()
+    # the other protocol's port: a server answers there, and the error says which protocol it speaks (it said "no
+    # Triton server answers ... Start one")
+    from client.triton_client import ServerUnreachable
+
+    for url, protocol, other in ((server.http_url, "grpc", "http"), (server.grpc_url, "http", "grpc")):
+        crossed = PAClipClient(url, protocol, timeout_s=30)
+        with pytest.raises(ServerUnreachable, match=f"A server there speaks {other}: pass --protocol {other}"):
+            crossed.check_ready()
+        crossed.close()
     # still serving, and the bank is untouched
     maps, scores = client.score(lot[:2], "washer")
     assert maps.shape == (2, SIZE, SIZE) and np.isfinite(scores).all()
