@@ -114,7 +114,7 @@ class Caption:
         provisional = " (provisional)" if self.provisional else ""
         if self.decision == "out_of_distribution":  # the score is not a verdict on this image: said first
             why = named_in(self.reason) if self.reason else "unlike the bank's lot"
-            over = ", above the threshold" if self.over_threshold else ""
+            over = ", above the threshold (a large defect?)" if self.over_threshold else ""
             return f"OUT OF DISTRIBUTION: {why}{provisional}  score {self.score:.4f}{over}"
         return f"{self.decision.upper()}{provisional}  score {self.score:.4f}{calibrated}"
 

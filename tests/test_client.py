@@ -172,7 +172,7 @@ def test_an_out_of_distribution_caption_names_the_reason_and_says_the_score_is_a
            "ood_reason": reason(["brightness"]), "over_threshold": True}
     text = caption_for("a.png", row, None).text()
     assert text.startswith("OUT OF DISTRIBUTION: ") and REASONS["brightness"] in text, text
-    assert text.endswith("above the threshold"), text
+    assert text.endswith("above the threshold (a large defect?)"), text
     assert "above the threshold" not in caption_for("a.png", {**row, "over_threshold": False}, None).text()
 
 
