@@ -72,6 +72,7 @@ def write_demo_lot(out: str | Path, n_images: int = 24, n_defective: int = 4, si
         washer(rng, size, defect).save(out / name)
         truth[name] = defect or "good"
     truth_path(out).write_text(json.dumps(truth, indent=1))
+    (out / "truth.json").unlink(missing_ok=True)  # where an older version wrote it: the lot's folder holds images only
     return out
 
 

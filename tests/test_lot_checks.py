@@ -73,6 +73,8 @@ def test_the_demo_lots_truth_is_beside_its_folder_and_draws_no_note(tmp_path):
 
     from client.demo_lot import truth_path, write_demo_lot
 
+    (tmp_path / "demo_lot").mkdir()
+    (tmp_path / "demo_lot" / "truth.json").write_text("{}")  # what an older version left in an --out used again
     folder = write_demo_lot(tmp_path / "demo_lot", n_images=6, n_defective=2, size=64)
     assert infer.unread_note(str(folder)) is None
     truth = json.loads(truth_path(folder).read_text())
