@@ -31,7 +31,7 @@ from benchmarks.datasets import LAYOUTS, DatasetError, discover, load_category, 
 from benchmarks.metrics import ALL_KEYS, DECISION_KEYS, decision_metrics, lot_metrics, mean_metrics, per_defect_type
 from client.heatmap import save_panel
 from export.clip_encoder import WeightsNotFound
-from postprocess.atomic import temp_name, write_atomic
+from postprocess.atomic import cannot_write, temp_name, write_atomic
 from postprocess.config import BANK_STORAGE, IMAGE_SCORES, MODE_HELP, MODES, PAClipConfig
 from postprocess.contract import ASPECTS, DEFAULT_ASPECT, Features, size_argument
 from postprocess.decision import DEFAULT_FALSE_ALARM_RATE, DEFAULT_METHOD, METHODS, calibrate
@@ -229,12 +229,7 @@ def make_out_folder(out: Path) -> list[Path]:
         probe.unlink()
     except OSError as err:
         remove_empty_folders(made)
-        reason = str(err)
-        for folder in (out, *out.parents):  # the first that exists is where writing failed
-            if folder.exists():
-                reason = f"{folder} is a file, not a folder" if not folder.is_dir() else f"{folder}: {err.strerror}"
-                break
-        raise ValueError(f"--out '{out}' cannot be written ({reason}): pass another --out") from err
+        raise ValueError(cannot_write("--out", out, err)) from err
     return made
 
 

@@ -30,7 +30,8 @@ import numpy as np
 from client import exits
 from client.triton_client import ClientError, PAClipClient
 from postprocess import flags as F
-from postprocess.bank_store import BANK_ID_PATTERN
+from postprocess.bank import BankError
+from postprocess.bank_store import check_bank_id as store_check_bank_id
 from postprocess.drift import MIN_IMAGES
 
 
@@ -195,11 +196,11 @@ def check_bank_id(bank_id: str) -> None:
     ``score --category`` makes of the same name: a category "ball screw" is scored against bank ``ball_screw``."""
     from client.infer import UsageError, safe_bank_id
 
-    if BANK_ID_PATTERN.fullmatch(bank_id):
-        return
-    made = safe_bank_id(bank_id, fallback=None)
-    raise UsageError(f"invalid bank id {bank_id!r}: use 1-128 letters, digits, '.', '_' or '-', starting with a "
-                     "letter or digit" + (f"; did you mean {made}?" if made else ""))
+    try:
+        store_check_bank_id(bank_id)  # the store's own rule and words
+    except BankError as err:
+        made = safe_bank_id(bank_id, fallback=None)
+        raise UsageError(f"{err}" + (f"; did you mean {made}?" if made else "")) from None
 
 
 def print_pruned(answer: dict) -> None:

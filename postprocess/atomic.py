@@ -135,6 +135,17 @@ def exclusive(lock: Path, waiting: str):
         yield
 
 
+def cannot_write(option: str, target: Path, err: OSError) -> str:
+    """What to say when the folder ``target`` given as ``option`` (--out, --repository) could not be made or written
+    (``err``): where writing failed, the first of it and its parents that is there, rather than a traceback's path."""
+    reason = str(err)
+    for folder in (target, *target.parents):
+        if folder.exists():
+            reason = f"{folder} is a file, not a folder" if not folder.is_dir() else f"{folder}: {err.strerror or err}"
+            break
+    return f"{option} '{target}' cannot be written ({reason}): pass another {option}"
+
+
 def exporting(repository: Path):
     """Held while a model repository is written (``python -m export``, ``pa-clip main``): a second export waits."""
     repository = Path(repository)

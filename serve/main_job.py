@@ -209,21 +209,21 @@ def main(argv=None, prog: str = "./run.sh main") -> int:
     parser = build_parser(prog)
     args = parser.parse_args(argv)
     from_caller(args, parser, ("images", "out", "repository", "banks"))
-    args.recorded_as = infer.recorded_command(prog, sys.argv[1:] if argv is None else list(argv))
+    command = infer.recorded_command(prog, sys.argv[1:] if argv is None else list(argv))
     with contextlib.ExitStack() as held:  # the --out folder's lock, held to the end of the job
-        return run_job(args, held)
+        return run_job(args, held, command)
 
 
-def run_job(args, held: contextlib.ExitStack) -> int:
+def run_job(args, held: contextlib.ExitStack, command: list) -> int:
+    """``command``: the user's command line, which the scoring run's results.json records (not the job's own call to
+    its server, gone at its end)."""
     asked = [p for p in (args.http_port, args.grpc_port, args.metrics_port) if p is not None]
     if len(set(asked)) < len(asked):
         print(f"error: the HTTP, gRPC and metrics ports must differ, got {asked}", file=sys.stderr)
         return 2
     out = Path(args.out)
     try:  # before anything is written there (a traceback and exit status 1 before)
-        made = not out.exists()
-        infer.check_writable(out)
-        held.enter_context(infer.holding_out(out, made))
+        held.enter_context(infer.holding_out(out, made=infer.check_writable(out)))
     except infer.UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -258,7 +258,7 @@ def run_job(args, held: contextlib.ExitStack) -> int:
                               + ["--threshold", str(args.threshold)]
                               + ([] if args.false_alarm_rate is None
                                  else ["--false-alarm-rate", str(args.false_alarm_rate)]),
-                              recorded_as=getattr(args, "recorded_as", None))  # the user's command, not this call
+                              recorded_as=command)
         if code == 0:
             report(out, fingerprint, truth)
         if args.keep_serving and code == 0:

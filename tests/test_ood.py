@@ -14,6 +14,15 @@ from postprocess.pipeline import LotScorer
 from postprocess.serving import summary
 
 
+def new_washers(folder, n_images: int, seed: int) -> np.ndarray:
+    """New good washers of the demo's making, as the 112-pixel test encoder is sent them."""
+    from client.demo_lot import write_demo_lot
+    from client.infer import load_image
+
+    folder = write_demo_lot(folder, n_images=n_images, n_defective=0, size=128, seed=seed)
+    return np.stack([load_image(p, 112)[1] for p in sorted(folder.glob("*.png"))])
+
+
 def test_statistics_read_the_map_and_the_pixels():
     maps = np.zeros((2, 4, 4), np.float32)
     maps[1, :2] = 1.0  # half the map high
@@ -127,14 +136,11 @@ def test_the_scoring_service_keeps_a_drift_window_that_alarms_on_a_brightening_l
     """New washers of the same making keep the window steady; the same washers growing brighter image by image
     move the whole-image statistic away from the lot's, and the alarm is raised. The window goes to the metrics and
     to the store, where the bank's info shows it."""
-    from client.demo_lot import write_demo_lot
-    from client.infer import load_image
     from postprocess.bank_store import BankStore
     from postprocess.serving import BankService, ScoreService
     from postprocess.telemetry import RecordingTelemetry
 
-    folder = write_demo_lot(tmp_path / "new", n_images=48, n_defective=0, size=128, seed=11)
-    fresh = np.stack([load_image(p, 112)[1] for p in sorted(folder.glob("*.png"))])
+    fresh = new_washers(tmp_path / "new", 48, seed=11)
     store = BankStore(tmp_path / "banks")
     for bank_id in ("steady", "brighter"):
         store.save(build_bank(LotScorer(tiny_clip_112, lot, "washer", progress=False), PAClipConfig(), bank_id,
@@ -271,13 +277,10 @@ def test_info_gets_the_end_of_a_burst_and_a_new_versions_window_without_another_
     written when the interval is over, and a new version of the bank has its window written at once."""
     import time
 
-    from client.demo_lot import write_demo_lot
-    from client.infer import load_image
     from postprocess.bank_store import BankStore
     from postprocess.serving import ScoreService
 
-    folder = write_demo_lot(tmp_path / "new", n_images=24, n_defective=0, size=128, seed=12)
-    fresh = np.stack([load_image(p, 112)[1] for p in sorted(folder.glob("*.png"))])
+    fresh = new_washers(tmp_path / "new", 24, seed=12)
     store = BankStore(tmp_path / "banks")
     scorer = LotScorer(tiny_clip_112, lot, "washer", progress=False)
     store.save(build_bank(scorer, PAClipConfig(), "burst", tiny_clip_112.fingerprint)[0])
@@ -320,8 +323,6 @@ def test_a_timers_older_window_never_lands_over_a_newer_alarm(tiny_clip_112, lot
     import threading
     import time
 
-    from client.demo_lot import write_demo_lot
-    from client.infer import load_image
     from postprocess.bank_store import BankStore
     from postprocess.serving import ScoreService
 
@@ -340,8 +341,7 @@ def test_a_timers_older_window_never_lands_over_a_newer_alarm(tiny_clip_112, lot
         written(bank_id, window)
 
     store.write_monitor = slow_write
-    folder = write_demo_lot(tmp_path / "new", n_images=42, n_defective=0, size=128, seed=12)
-    fresh = np.stack([load_image(p, 112)[1] for p in sorted(folder.glob("*.png"))])
+    fresh = new_washers(tmp_path / "new", 42, seed=12)
     dark = np.clip(fresh[2:].astype(np.float32) * 0.4, 0, 255).astype(np.uint8)  # the lamp failed
     # encoded before any request: each request is then only scored, well inside the interval
     batches = [(images, tiny_clip_112.encode(images).outputs().values()) for images in (fresh[:1], fresh[1:2], dark)]
@@ -495,14 +495,11 @@ def test_an_update_carries_the_drift_window_on_and_a_rebuild_starts_a_new_one(ti
     """Each update wrote a new version, and a new version started a new window: a line grown every hour never
     gathered the parts an alarm needs, and one update hid an alarm that was up. A version grown from the window's
     keeps its parts (tested against the grown lot's values); a bank built again starts afresh."""
-    from client.demo_lot import write_demo_lot
-    from client.infer import load_image
     from postprocess.bank_store import BankStore
     from postprocess.growth import grow_bank
     from postprocess.serving import ScoreService
 
-    folder = write_demo_lot(tmp_path / "new", n_images=44, n_defective=0, size=128, seed=13)
-    fresh = np.stack([load_image(p, 112)[1] for p in sorted(folder.glob("*.png"))])
+    fresh = new_washers(tmp_path / "new", 44, seed=13)
     store = BankStore(tmp_path / "banks")
     scorer = LotScorer(tiny_clip_112, lot, "washer", progress=False)
     store.save(build_bank(scorer, PAClipConfig(), "line", tiny_clip_112.fingerprint)[0])
