@@ -13,8 +13,8 @@ are needed. A lot too small to measure the threshold for the budget makes its de
 summary, results.csv and the report, with how many images would measure it).
 
 Writes OUT/results.csv (rank,path,score,calibrated,decision,provisional,width,height,overlay,note: worst first, then the
-images skipped or failed with the reason; a name or note that starts like a spreadsheet formula, = + - @, gets a
-leading apostrophe), OUT/results.json (everything, names as they are, plus the bank's summary) and
+images skipped or failed with the reason; overlay is relative to OUT, so the folder can be moved; a name or note that
+starts like a spreadsheet formula, = + - @, gets a leading apostrophe), OUT/results.json (everything, names as they are, plus the bank's summary) and
 OUT/overlays/*.png (file name, score and decision above [image | heat map]: blue = like the lot, red = anomalous, on
 the bank's colour scale with its top at least the threshold, with a colour bar marking the threshold and, on
 images decided anomalous only, a white outline where the map reaches the level that made the decision); prints the
@@ -524,7 +524,7 @@ def score_all(args, loaded: list, bank: str, value_range: tuple[float, float], o
                     cut = None if decider is None else decider.threshold_calibrated
                     save_panel(target, original, amap, *value_range, caption=caption_for(name, row, level, cut),
                                max_side=args.overlay_size or None)
-                    row["overlay"] = path_text(target)
+                    row["overlay"] = path_text(target.relative_to(out))  # beside results.csv: movable with it
                 if args.save_maps:
                     target = out / "maps" / f"{stems[path]}.npy"
                     target.parent.mkdir(parents=True, exist_ok=True)

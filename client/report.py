@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import os
 import urllib.parse
 from pathlib import Path
 
@@ -99,11 +98,11 @@ def histogram(scores: list[float], threshold: float | None) -> str:
     return f"data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}"
 
 
-def _thumbnail(row: dict) -> str | None:
-    overlay = row.get("overlay")
-    if not overlay or not Path(overlay).is_file():
+def _thumbnail(row: dict, out: Path) -> str | None:
+    overlay = row.get("overlay")  # relative to the run's folder
+    if not overlay or not (out / overlay).is_file():
         return None
-    with Image.open(overlay) as picture:
+    with Image.open(out / overlay) as picture:
         picture = picture.convert("RGB")
         picture.thumbnail((THUMBNAIL_SIDE * 2, THUMBNAIL_SIDE))
         return _data_uri(picture)
@@ -118,8 +117,8 @@ def render(title: str, rows: list, skipped: list, failed: list, threshold: float
     for row in rows:
         decision = row.get("decision", "unknown")
         calibrated = "" if row.get("calibrated") is None else f", calibrated {row['calibrated']:.3f}"
-        thumb = _thumbnail(row)
-        link = os.path.relpath(row["overlay"], out) if row.get("overlay") else None
+        thumb = _thumbnail(row, out)
+        link = row.get("overlay")
         picture = f'<img class="thumb" src="{thumb}" alt="{e(Path(row["path"]).name)}">' if thumb else ""
         if link and picture:
             # a relative URL: '#', '?' and '%' in a file name are characters of the name, not of the URL

@@ -84,6 +84,9 @@ class HttpGuard:
         self._thread = threading.Thread(target=self._loop.run_forever, name="http-guard", daemon=True)
         self._server = None
         self._idle: set = set()  # connection tasks waiting for a client's next request (keep-alive)
+        # every connection's task, held here: the loop holds tasks weakly, and one whose client has gone while it
+        # waits on tritonserver was collected mid-wait ("Task was destroyed but it is pending!" on the console)
+        self._connections: set = set()
         self.max_connections = connection_cap(limits.max_connections)
         self.open = 0  # connections open now
         self.keyless: dict = {}  # address -> its connections open now that have not sent the key
@@ -150,6 +153,7 @@ class HttpGuard:
             writer.close()
             return
         self.open += 1
+        self._connections.add(asyncio.current_task())
         if not client.keyed:
             self.keyless[client.peer] = self.keyless.get(client.peer, 0) + 1
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
@@ -189,6 +193,7 @@ class HttpGuard:
             upstream.close()
             writer.close()
             self.open -= 1
+            self._connections.discard(asyncio.current_task())
             if not client.keyed:
                 self._not_keyless(client)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib.util
 import ipaddress
 import os
+import random
 import re
 import secrets
 import shutil
@@ -32,6 +33,7 @@ import uuid
 from pathlib import Path
 
 from postprocess.atomic import pid_alive
+from postprocess.logs import get_logger
 from postprocess.serving import STORE_LIMIT_ENV
 
 from .http_guard import INTERNAL_HEADER
@@ -64,20 +66,50 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+# Starts tried when tritonserver finds one of its own (drawn) ports taken by the time it binds it.
+INTERNAL_PORT_ATTEMPTS = 3
+
+
 class ServerError(RuntimeError):
     """The server did not start or is not serving; the message carries its error lines."""
 
 
 def free_ports(n: int) -> list[int]:
-    """n TCP ports free on 127.0.0.1 right now (held together while picking, so they differ)."""
-    sockets = [socket.socket() for _ in range(n)]
+    """n TCP ports free on 127.0.0.1 right now (held together while picking, so they differ), drawn below the
+    machine's ephemeral range where it leaves room: a port is free when drawn and bound by a server a moment later
+    (tritonserver binds its own after loading the models), and meanwhile every outgoing connection of the machine
+    takes a source port from the ephemeral range."""
+    low, high = _outside_ephemeral_range()
+    candidates = random.sample(range(low, high), min(high - low, 64 * n)) if high - low >= 64 * n else []
+    sockets: list[socket.socket] = []
     try:
-        for s in sockets:
+        for port in candidates:
+            if len(sockets) == n:
+                break
+            s = socket.socket()
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                s.close()
+                continue
+            sockets.append(s)
+        while len(sockets) < n:  # no room below the range (or all taken): the kernel's choice
+            s = socket.socket()
             s.bind(("127.0.0.1", 0))
+            sockets.append(s)
         return [s.getsockname()[1] for s in sockets]
     finally:
         for s in sockets:
             s.close()
+
+
+def _outside_ephemeral_range() -> tuple[int, int]:
+    """Ports [low, high) below the ephemeral range (Linux: ip_local_port_range, 32768 by default); empty elsewhere."""
+    try:
+        first = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0, 0
+    return max(1024, first - 12000), first
 
 
 def pytriton_dir() -> Path:
@@ -299,6 +331,25 @@ class LocalServer:
             raise ServerError("already started")
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         reclaim_shared_memory()
+        for attempt in range(1, INTERNAL_PORT_ATTEMPTS + 1):
+            try:
+                return self._start_once(timeout)
+            except BaseException as err:
+                # tritonserver's own ports are free when drawn and bound a moment later: an outgoing connection
+                # of this machine can take one meanwhile (its source port comes from the same range)
+                if (not isinstance(err, ServerError) or attempt == INTERNAL_PORT_ATTEMPTS
+                        or not self._lost_an_internal_port()):
+                    self.stop_guards()
+                    raise
+                get_logger("serve").warning(f"tritonserver's own port was taken meanwhile "
+                                            f"({self.last_errors()[-1]}); starting again on others")
+        raise AssertionError("unreachable")
+
+    def _lost_an_internal_port(self) -> bool:
+        ports = (f":{self.internal_http}'", f":{self.internal_grpc}'")
+        return any("already in use" in line and any(port in line for port in ports) for line in self.last_errors())
+
+    def _start_once(self, timeout: float) -> "LocalServer":
         self.secret = secrets.token_urlsafe(24)
         self.internal_http, self.internal_grpc = free_ports(2)
         self.health_state = (True, "")
@@ -323,13 +374,13 @@ class LocalServer:
                                             start_new_session=True)
         except BaseException:
             log.close()
-            self.stop()
+            self.stop(keep_guards=True)  # start() closes them unless it tries again
             raise
         log.close()
         try:
             self.wait_ready(timeout)
         except BaseException:
-            self.stop()
+            self.stop(keep_guards=True)
             raise
         return self
 

@@ -224,7 +224,7 @@ def test_results_csv_cells_never_run_as_formulas_and_report_links_are_urls(tmp_p
 
     rows = [{"path": '=HYPERLINK("http://x","y").png', "score": 0.5, "rank": 1, "overlay": "-o.png",
              "ood_reason": "@note"},
-            {"path": "part#3.png", "score": 0.1, "rank": 2, "overlay": str(tmp_path / "overlays" / "part#3.png.png")}]
+            {"path": "part#3.png", "score": 0.1, "rank": 2, "overlay": "overlays/part#3.png.png"}]
     table = list(csv.reader(open(write_results(tmp_path, rows, [{"path": "+x.png", "error": "-e"}]))))
     cells = [cell for line in table[1:] for cell in (line[1], line[8], line[9]) if cell]
     assert cells and all(not cell.startswith(("=", "+", "-", "@")) for cell in cells), cells
@@ -233,7 +233,7 @@ def test_results_csv_cells_never_run_as_formulas_and_report_links_are_urls(tmp_p
     from PIL import Image
 
     (tmp_path / "overlays").mkdir()
-    Image.new("RGB", (8, 8)).save(rows[1]["overlay"], format="PNG")
+    Image.new("RGB", (8, 8)).save(tmp_path / rows[1]["overlay"], format="PNG")
     page = render("t", rows[1:], [], [], None, "", tmp_path)
     assert 'href="overlays/part%233.png.png"' in page and html.escape("part#3.png") in page
 

@@ -32,7 +32,7 @@ def lot_report(out, n=6):
         overlay = save_panel(out / "overlays" / f"part_{i}.png", image, amap, 0.0, 1.2,
                              caption=Caption(f"part_{i}.png", score, score / 2, decision, 1.0))
         rows.append({"path": f"lot/part_{i}.png", "score": score, "calibrated": score / 2, "decision": decision,
-                     "overlay": str(overlay)})
+                     "overlay": str(overlay.relative_to(out))})
     rows.sort(key=lambda r: -r["score"])
     for rank, row in enumerate(rows, 1):
         row["rank"] = rank

@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -573,6 +574,36 @@ def test_keyless_http_connections_are_capped_and_time_out_soon(server):
         guard.stop()
 
 
+def test_a_connection_whose_client_left_while_tritonserver_works_is_kept_until_the_stop(caplog):
+    """A client that gave up while its request waited on tritonserver (here: a port that takes connections and never
+    answers) left its connection's task held only weakly by the loop: it was collected mid-wait, its connection to
+    tritonserver left open, and "Task was destroyed but it is pending!" came on the console."""
+    import gc
+    import http.client
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen()
+    port = free_ports(1)[0]
+    guard = HttpGuard("127.0.0.1", port, silent.getsockname()[1]).start()
+    try:
+        for _ in range(3):
+            client = http.client.HTTPConnection("127.0.0.1", port, timeout=0.5)
+            with pytest.raises(TimeoutError):
+                client.request("GET", "/v2/health/live")
+                client.getresponse()
+            client.close()
+        time.sleep(0.3)
+        with caplog.at_level("ERROR", logger="asyncio"):
+            gc.collect()
+        assert "destroyed but it is pending" not in caplog.text
+        assert guard.open == 3  # still waiting on tritonserver's answer
+    finally:
+        guard.stop()
+        silent.close()
+    assert guard.open == 0
+
+
 def test_a_canary_this_process_cannot_send_is_not_a_dead_model(tmp_path):
     """With its file descriptors exhausted (the flood above) the supervisor's canaries failed with EMFILE and it
     restarted a healthy tritonserver over and over: a canary it cannot send says nothing about the model."""
@@ -612,6 +643,9 @@ def test_a_dead_stub_makes_health_false_and_the_server_comes_back(repository, wo
                              "--metrics-port", str(metrics), "--canary-interval", "1", "--max-restarts", "9", "--restart-backoff", "0.25"],
                             cwd=ROOT, stderr=subprocess.PIPE, text=True)
     url = f"127.0.0.1:{http}"
+    lines: list[str] = []  # read as it comes: what a failed wait shows (and a full pipe would stop serve)
+    reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
+    reader.start()
 
     def ready() -> bool:
         try:
@@ -623,7 +657,9 @@ def test_a_dead_stub_makes_health_false_and_the_server_comes_back(repository, wo
     def wait(condition, limit: float) -> float:
         started = time.monotonic()
         while not condition():
-            assert time.monotonic() - started < limit, f"not within {limit} s"
+            said = "".join(lines)[-3000:]
+            assert proc.poll() is None, f"python -m serve exited ({proc.returncode}):\n{said}"
+            assert time.monotonic() - started < limit, f"not within {limit} s; python -m serve said:\n{said}"
             time.sleep(0.1)
         return time.monotonic() - started
 
@@ -651,5 +687,6 @@ def test_a_dead_stub_makes_health_false_and_the_server_comes_back(repository, wo
             proc.wait(60)
         except subprocess.TimeoutExpired:
             proc.kill()
-    log = proc.stderr.read()
+    reader.join(10)
+    log = "".join(lines)
     assert log.count("failed its canary") >= 4 and "is not healthy" in log, log[-3000:]
