@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from postprocess import flags as F
 from postprocess.logs import FORMAT_ENV, FORMATS, LEVEL_ENV, LEVELS, configure, get_logger
 
 from .canary import Canaries
-from .local import LocalServer, ServerError, from_caller, is_loopback
+from .local import LocalServer, ServerError, StopRequested, from_caller, is_loopback
 from .request_checks import Limits, image_side_limits
 
 
@@ -93,13 +94,17 @@ def main(argv=None, prog: str = "python -m serve") -> int:
         log.warning(f"warning: --insecure: the server on {args.host} answers every machine that reaches it without a "
                     "key: anyone there can score, build and delete banks")
 
+    stopping = threading.Event()
+
     def stop_request(*_):
-        raise KeyboardInterrupt  # also interrupts a start that is still waiting for readiness
+        # a flag the start and the supervisor look at between their steps: a KeyboardInterrupt raised wherever the
+        # signal landed once escaped the stop and left the process killed by SIGINT (exit -2 after a clean SIGTERM)
+        stopping.set()
 
     signal.signal(signal.SIGTERM, stop_request)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # a background job's ignored Ctrl-C stays so
+        signal.signal(signal.SIGINT, stop_request)
     server = None
-    # one try from the start to the end: a SIGTERM (a KeyboardInterrupt here) is handled wherever it lands, also
-    # between two statements (a stop sent right after "ready" once escaped and left the process killed by SIGINT)
     try:
         limits = Limits(max_request_bytes=args.max_request_mb << 20, max_inflight_bytes=args.max_inflight_mb << 20,
                         **image_side_limits(Path(args.repository)))
@@ -107,6 +112,7 @@ def main(argv=None, prog: str = "python -m serve") -> int:
                              args.metrics_port, args.log, log_verbose=args.verbose, key=key,
                              metrics_host=args.metrics_host, limits=limits, tritonserver=args.tritonserver,
                              max_store_gb=args.max_store_gb)
+        server.stopping = stopping
         log.info(f"starting tritonserver on {args.host} (log: {server.log_file}) ...")
         start = time.monotonic()
         server.start(args.ready_timeout)
@@ -117,10 +123,10 @@ def main(argv=None, prog: str = "python -m serve") -> int:
     except ServerError as err:
         log.error(f"error: {err}")
         return 2
-    except KeyboardInterrupt:
+    except StopRequested:
         return 0
     finally:
-        # stopping: a second stop request (SIGTERM, Ctrl-C) must not cut the stop short and escape as an interrupt
+        # stopping: a second stop request (SIGTERM, Ctrl-C) must not cut the stop short
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         if server is not None and (server.process is not None or server.guards):
@@ -129,18 +135,18 @@ def main(argv=None, prog: str = "python -m serve") -> int:
 
 
 def supervise(server: LocalServer, args) -> int:
-    log = get_logger("serve")
     """Restart tritonserver when it dies (a crash, the OOM killer) or one of its Python-run models fails its canary
     (a dead stub: ``serve.canary``): health says not ready at once, back-off 1, 2, 4 ... 60 s, the reason logged;
     banks are on disk and a build cut short leaves the previous version live. Gives up after --max-restarts
-    within ten minutes."""
+    within ten minutes (1); returns 0 once a stop is asked for (``server.stopping``)."""
+    log = get_logger("serve")
     canaries = Canaries(server, args.canary_interval) if args.canary_interval > 0 else None
     deaths: list[float] = []
     try:
-        while True:
+        while not server.stopping.is_set():
             reason = _why_down(server, canaries)
             if reason is None:
-                time.sleep(0.25)
+                server.stopping.wait(0.25)
                 continue
             server.health_state = (False, reason)  # /v2/health/ready answers 503 from now until the restart is up
             now = time.monotonic()
@@ -152,7 +158,8 @@ def supervise(server: LocalServer, args) -> int:
             delay = min(60.0, args.restart_backoff * 2.0 ** (len(deaths) - 1))
             log.warning(f"restarting tritonserver in {delay:.3g} s (banks stay as they are in {server.banks}) ...")
             server.stop(keep_guards=True)  # what the server left: stubs, shared memory; clients wait at the guards
-            time.sleep(delay)
+            if server.stopping.wait(delay):
+                break
             try:
                 server.start(args.ready_timeout)
                 log.info(f"restarted: HTTP {server.http_url}, gRPC {server.grpc_url}")
@@ -160,6 +167,7 @@ def supervise(server: LocalServer, args) -> int:
                 log.error(f"restart failed: {err}")
             if canaries is not None:
                 canaries.reset()
+        return 0
     finally:
         if canaries is not None:
             canaries.close()

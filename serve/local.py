@@ -26,6 +26,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -72,6 +73,10 @@ INTERNAL_PORT_ATTEMPTS = 3
 
 class ServerError(RuntimeError):
     """The server did not start or is not serving; the message carries its error lines."""
+
+
+class StopRequested(Exception):
+    """A stop was asked for (``LocalServer.stopping``) while the server was starting."""
 
 
 def free_ports(n: int) -> list[int]:
@@ -275,6 +280,9 @@ class LocalServer:
         self.internal_http = self.internal_grpc = 0  # tritonserver's own ports (loopback)
         self.health_state = (True, "")  # set by the supervisor's canaries (serve.__main__); the guards report it
         self.process: subprocess.Popen | None = None
+        # set by whoever runs the server (python -m serve's SIGTERM / Ctrl-C): a start waiting for readiness stops
+        # waiting; a flag looked at between steps, not an exception raised wherever the signal lands
+        self.stopping = threading.Event()
 
     @property
     def python_run_platforms(self) -> set[str]:
@@ -419,11 +427,13 @@ class LocalServer:
     def wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            if self.stopping.is_set():
+                raise StopRequested("stopped while starting")
             if self.process.poll() is not None:
                 raise ServerError(self.failure(f"tritonserver exited with code {self.process.returncode}"))
             if self.ready():
                 return
-            time.sleep(0.25)
+            self.stopping.wait(0.25)
         raise ServerError(self.failure(f"tritonserver was not ready after {timeout:.0f} s"))
 
     def log_text(self) -> str:

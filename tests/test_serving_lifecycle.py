@@ -288,24 +288,28 @@ def test_sigterm_during_the_start_and_a_stop_held_by_an_idle_connection(reposito
 
     def serve():
         http_port, grpc_port, metrics_port = free_ports(3)
+        # Ctrl-C as at a terminal: a test run started in the background has SIGINT ignored, and serve keeps it so
         proc = subprocess.Popen([sys.executable, "-m", "serve", "--repository", str(repository), "--banks",
                                  str(workdir / "banks_sigterm"), "--http-port", str(http_port), "--grpc-port",
                                  str(grpc_port), "--metrics-port", str(metrics_port)], cwd=ROOT,
-                                stderr=subprocess.PIPE, text=True)
+                                stderr=subprocess.PIPE, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         return proc, http_port, grpc_port
 
-    proc, _, _ = serve()
-    try:
-        _read_until(proc.stderr, "starting tritonserver")
-        time.sleep(0.3)  # tritonserver is starting, not ready
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(60) == 0
-    finally:
-        proc.kill()
-    deadline = time.monotonic() + 10
-    while tritonserver_pids(proc.pid) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not tritonserver_pids(proc.pid)
+    for stop in (signal.SIGTERM, signal.SIGINT):  # a service manager's stop, and Ctrl-C at a terminal
+        proc, _, _ = serve()
+        try:
+            _read_until(proc.stderr, "starting tritonserver")
+            time.sleep(0.3)  # tritonserver is starting, not ready
+            proc.send_signal(stop)
+            code = proc.wait(60)
+            assert code == 0, (stop, code, proc.stderr.read()[-3000:])
+        finally:
+            proc.kill()
+        deadline = time.monotonic() + 10
+        while tritonserver_pids(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not tritonserver_pids(proc.pid)
 
     proc, http_port, _ = serve()
     try:
