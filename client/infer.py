@@ -36,7 +36,6 @@ import os
 import re
 import stat
 import sys
-import tempfile
 import threading
 import time
 from collections import Counter
@@ -58,7 +57,7 @@ from client import exits
 from client.triton_client import ClientError, PAClipClient, ServerRefused, ServerUnreachable
 from postprocess import contract as C
 from postprocess import decision as D, strict_json
-from postprocess.atomic import cannot_write, write_atomic
+from postprocess.atomic import cannot_write, try_writing_in, write_atomic
 from postprocess.bank_store import BANK_ID_PATTERN
 from postprocess.config import MODES
 from postprocess.errors import RequestError
@@ -352,8 +351,7 @@ def check_writable(out: Path) -> bool:
         raise UsageError(f"--out {str(out)!r} is a file, not a folder: pass another --out")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out):
-            pass
+        try_writing_in(out)
     except OSError as err:
         raise UsageError(cannot_write("--out", out, err)) from None
     return made

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from postprocess import contract as C
 from postprocess import flags as F
-from postprocess.atomic import cannot_write, exporting
+from postprocess.atomic import cannot_write, exporting, try_writing_in
 
 from . import clip_encoder
 from .onnx_export import remove_leftovers
@@ -87,6 +87,8 @@ def main(argv=None, prog: str = "python -m export") -> int:
         with ExitStack() as held:
             try:  # one export at a time into a repository; its lock file, beside it, is the first thing written
                 held.enter_context(exporting(target))
+                if target.is_dir():  # the lock is beside it: an existing folder is tried on its own
+                    try_writing_in(target)
             except OSError as err:  # so a folder that cannot be written is found here, before the model is built
                 raise ValueError(cannot_write(out_option, target, err)) from err
             remove_leftovers(target)  # what an interrupted export left

@@ -11,6 +11,7 @@ import secrets
 import socket
 import stat
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -133,6 +134,13 @@ def exclusive(lock: Path, waiting: str):
             print(waiting, file=sys.stderr, flush=True)
             fcntl.flock(handle, fcntl.LOCK_EX)
         yield
+
+
+def try_writing_in(folder: Path) -> None:
+    """Raises the OSError that writing a file in ``folder`` raises (a read-only mount, an immutable folder, a full
+    disk): found before long work, not when its results are written."""
+    with tempfile.TemporaryFile(dir=folder):
+        pass
 
 
 def cannot_write(option: str, target: Path, err: OSError) -> str:

