@@ -343,8 +343,8 @@ class LocalServer:
             try:
                 return self._start_once(timeout)
             except BaseException as err:
-                # tritonserver's own ports are free when drawn and bound a moment later: an outgoing connection
-                # of this machine can take one meanwhile (its source port comes from the same range)
+                # tritonserver's own ports are free when drawn and bound seconds later, once the models are loaded:
+                # another process can take one meanwhile
                 if (not isinstance(err, ServerError) or attempt == INTERNAL_PORT_ATTEMPTS
                         or not self._lost_an_internal_port()):
                     self.stop_guards()
