@@ -439,7 +439,7 @@ class LocalServer:
     def log_text(self) -> str:
         try:
             return self.log_file.read_text(errors="replace")
-        except FileNotFoundError:
+        except OSError:  # not written yet, or not a file (a start refused for that says so itself)
             return ""
 
     def last_errors(self) -> list[str]:
