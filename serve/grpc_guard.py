@@ -118,7 +118,10 @@ class GrpcGuard:
                                            ("grpc.max_allowed_incoming_connections",
                                             connection_cap(self.limits.max_connections)),
                                            ("grpc.server_handshake_timeout_ms",
-                                            int(self.limits.keyless_timeout_s * 1000))])
+                                            int(self.limits.keyless_timeout_s * 1000)),
+                                           # and one that started HTTP/2 and then sends no call is closed after
+                                           # the idle time HTTP gives keep-alive connections (clients reconnect)
+                                           ("grpc.max_connection_idle_ms", int(self.limits.idle_timeout_s * 1000))])
         address = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
         try:
             bound = self.server.add_insecure_port(address)

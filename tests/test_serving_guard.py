@@ -520,6 +520,27 @@ def test_keyless_grpc_health_calls_cannot_hold_the_workers(server):
         guard.stop()
 
 
+def test_a_grpc_connection_that_sends_no_call_is_closed_after_the_idle_time():
+    """A connection that started HTTP/2 and then sent nothing held its place in the guard's connection cap for ever
+    (only one that never started HTTP/2 was closed): a few hundred such took every place from keyed clients."""
+    from serve.grpc_guard import GrpcGuard
+
+    limits = Limits(max_request_bytes=MAX_REQUEST, idle_timeout_s=1.5)
+    port, upstream = free_ports(2)  # no call is made: nothing needs to answer upstream
+    guard = GrpcGuard("127.0.0.1", port, upstream, limits, key=KEY).start()
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            started = time.monotonic()
+            sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0]))  # preface, SETTINGS
+            received = sock.recv(4096)
+            assert received[3] == 4  # the server's SETTINGS: HTTP/2 has started
+            while chunk := sock.recv(4096):  # then nothing from us: a GOAWAY, and the connection closed
+                received += chunk
+            assert 1.0 < time.monotonic() - started < 8
+    finally:
+        guard.stop()
+
+
 def test_keyless_http_connections_are_capped_and_time_out_soon(server):
     """The probe: a thousand idle TCP connections without the key, 120 s idle timeout each, ran the process out of
     file descriptors: keyed clients got 503, then nothing, and the canaries failed with EMFILE. A connection that
