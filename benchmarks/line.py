@@ -31,6 +31,10 @@ chooses on the tuning set in two steps and reports the choice on the other set, 
    90% interval reaches into the band), the one that spends the budget most closely (mean |log2(rate / budget)|,
    to two decimals), then the one that tolerates more defective parts in a lot, then the higher recall; if none is
    inside, the one that misses the band least.
+
+``tails`` measures threshold estimators that are not shipped on the stored collects; ``grown`` measures the
+calibration grown with the shift's new parts (``banks update`` folds each new part's score into it) against the
+lot's alone.
 """
 
 from __future__ import annotations
@@ -569,6 +573,62 @@ def tails(args) -> int:
     return 0
 
 
+def grown_calibration(data: dict, kind: str, budget: float, line_rate: float, batch: int = 8,
+                      seed: int = 0) -> dict:
+    """The calibration grown with the line's parts, as ``banks update`` grows it (every new part's score joins it,
+    the lot's defects and the stream's with the good parts), against the lot's alone. Per split, a stream of its new
+    good parts with defective ones mixed in at ``line_rate`` (drawn, fixed seed) comes ``batch`` at a time; each
+    batch is decided by the threshold read from the lot and every part before it (the scores as collected: the bank
+    itself is not grown, which moves later scores a little). Per lot defect rate, pooled over the splits: false
+    alarms on the stream's good parts, and recall of every new defective part against the thresholds the stream had
+    (their mean), each beside the lot's own threshold."""
+    labels = np.asarray(data["labels"])
+    rng = np.random.default_rng(seed)
+    rows: dict = {}
+    for record in data["splits"]:
+        lot, new = candidate_scores(record, kind)
+        new_labels = labels[record["new"]["indices"]]
+        good, bad = new[new_labels == 0], new[new_labels == 1]
+        mixed = rng.choice(len(bad), min(len(bad), round(line_rate * len(good) / (1 - line_rate))), replace=False)
+        stream = np.concatenate([good, bad[mixed]])
+        is_bad = np.arange(len(stream)) >= len(good)
+        order = rng.permutation(len(stream))
+        stream, is_bad = stream[order], is_bad[order]
+        thresholds = []
+        for start in range(0, len(stream), batch):
+            thresholds.append(shipped_threshold(np.concatenate([lot, stream[:start]]), budget))
+        per_part = np.repeat(thresholds, batch)[:len(stream)]  # the threshold each stream part was decided by
+        row = rows.setdefault(record["defect_rate"], {k: 0 for k in ("good", "fa_grown", "fa_lot")} |
+                              {"recall_grown": [], "recall_lot": [], "pool": []})
+        row["good"] += int((~is_bad).sum())
+        row["fa_grown"] += int((stream[~is_bad] > per_part[~is_bad]).sum())
+        row["fa_lot"] += int((stream[~is_bad] > thresholds[0]).sum())
+        row["recall_grown"].append(float((bad[:, None] > np.asarray(thresholds)[None, :]).mean()))
+        row["recall_lot"].append(float((bad > thresholds[0]).mean()))
+        row["pool"].append(len(lot) + len(stream))
+    return {rate: {"new_good": r["good"], "fa_grown": r["fa_grown"] / max(1, r["good"]),
+                   "fa_lot": r["fa_lot"] / max(1, r["good"]), "recall_grown": float(np.mean(r["recall_grown"])),
+                   "recall_lot": float(np.mean(r["recall_lot"])), "pool": int(np.mean(r["pool"]))}
+            for rate, r in sorted(rows.items())}
+
+
+def grown(args) -> int:
+    """``grown_calibration`` on each collected set, per budget and the lot's defect rate."""
+    for spec in args.sets:
+        name, _, folder = spec.partition("=")
+        data = json.loads((Path(folder) / "line.json").read_text())
+        print(f"\n{name} ({args.score}; the stream {args.line_rate:.1%} defective, {args.batch} parts a batch): false "
+              "alarms on new good parts and recall on new defective parts, the lot's threshold against the "
+              "calibration grown with the stream\n")
+        print("| budget | lot defective | calibration at the end | false alarms: lot's / grown | recall: lot's / grown "
+              "|\n|---:|---:|---:|---:|---:|")
+        for budget in BUDGETS:
+            for rate, r in grown_calibration(data, args.score, budget, args.line_rate, args.batch).items():
+                print(f"| {budget:.0%} | {rate:.0%} | {r['pool']} | {r['fa_lot']:.1%} / {r['fa_grown']:.1%} | "
+                      f"{r['recall_lot']:.1%} / {r['recall_grown']:.1%} |")
+    return 0
+
+
 def variant_label(options: dict) -> str:
     """The name of a collect's settings in candidate names: "" for the defaults, else "key=value,..."."""
     return ",".join(f"{k}={json.dumps(v)}" for k, v in sorted(options.items()))
@@ -867,7 +927,17 @@ def main(argv=None) -> int:
     t = sub.add_parser("tails", help="threshold estimators measured beside the product's methods (not shipped)")
     t.add_argument("sets", nargs="+", metavar="NAME=FOLDER", help="collected sets")
     t.add_argument("--score", default="max", choices=IMAGE_SCORES)
+    g = sub.add_parser("grown", help="the calibration grown with the line's parts (banks update) against the lot's")
+    g.add_argument("sets", nargs="+", metavar="NAME=FOLDER", help="collected sets")
+    g.add_argument("--score", default="max", choices=IMAGE_SCORES)
+    g.add_argument("--line-rate", type=float, default=0.02,
+                   help="share of defective parts mixed into the stream of new good parts (default 0.02)")
+    g.add_argument("--batch", type=int, default=8, help="parts decided by one threshold")
     args = p.parse_args(argv)
+    if args.command == "grown":
+        if not 0 <= args.line_rate < 1 or args.batch < 1:
+            p.error("--line-rate is a fraction in [0, 1) and --batch at least 1")
+        return grown(args)
     if args.command == "collect":
         if not 2 <= args.lot_size or args.splits < 1 or args.batch < 1:
             p.error("--lot-size must be at least 2, --splits and --batch at least 1")

@@ -108,6 +108,14 @@ def test_the_report_compares_settings_side_by_side(shifts, capsys):
         line.main(["report", "--tune", f"A={root / 'server'},{root / 'in-process'}", "--report", f"B={root / 'server'}"])
 
 
+def test_the_grown_subcommand_prints_each_budget_and_lot_rate(shifts, capsys):
+    root, _ = shifts
+    assert line.main(["grown", f"A={root / 'server'}", "--line-rate", "0.1", "--batch", "2"]) == 0
+    text = capsys.readouterr().out
+    assert "the stream 10.0% defective, 2 parts a batch" in text
+    assert text.count("| 1% | 10% |") == text.count("| 5% | 10% |") == 1, text  # the collect's one rate
+
+
 def test_the_tails_subcommand_measures_each_estimator(shifts, capsys):
     root, _ = shifts
     assert line.main(["tails", f"A={root / 'server'}", f"B={root / 'in-process'}"]) == 0

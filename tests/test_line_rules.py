@@ -177,3 +177,30 @@ def test_pooled_peaks_keep_the_budget_when_peaks_are_a_poisson_process(budget):
     defective = lot.copy()
     defective[:4, :3] = 20.0  # four defective images of 36, three high peaks each
     assert estimator(defective, budget) == pytest.approx(estimator(lot, budget), rel=0.25)
+
+
+def _stream_data(shift: float, seed: int = 0) -> dict:
+    """One split: a lot of 36 good scores, 60 new good ones (moved up by ``shift``) and 20 defective ones."""
+    rng = np.random.default_rng(seed)
+    lot, good, bad = rng.exponential(1.0, 36), rng.exponential(1.0, 60) + shift, rng.exponential(1.0, 20) + 6.0
+    labels = [0] * 96 + [1] * 20
+    record = {"defect_rate": 0.0, "lot": {"indices": list(range(36)), "max": lot.tolist()},
+              "new": {"indices": list(range(36, 116)), "max": np.concatenate([good, bad]).tolist()}}
+    return {"labels": labels, "splits": [record]}
+
+
+def test_the_grown_calibration_reads_each_batch_from_the_lot_and_the_parts_before_it():
+    """banks update folds every new part's score into the calibration: the benchmark decides each batch by the
+    threshold of the lot and the stream so far; one batch holding the whole stream is the lot's threshold alone."""
+    data = _stream_data(0.0)
+    whole = line.grown_calibration(data, "max", 0.05, line_rate=0.1, batch=1000)[0.0]
+    assert whole["fa_grown"] == whole["fa_lot"] and whole["recall_grown"] == whole["recall_lot"]
+    assert whole["pool"] == 36 + 60 + round(0.1 * 60 / 0.9)
+    lot_threshold = line.shipped_threshold(np.asarray(data["splits"][0]["lot"]["max"]), 0.05)
+    good = np.asarray(data["splits"][0]["new"]["max"][:60])
+    assert whole["fa_lot"] == pytest.approx(float((good > lot_threshold).mean()))
+    # good parts that score higher than the lot's: the grown calibration learns it, the lot's threshold cannot
+    moved = line.grown_calibration(_stream_data(1.5), "max", 0.05, line_rate=0.0, batch=4)[0.0]
+    assert moved["fa_grown"] < 0.6 * moved["fa_lot"], moved
+    with pytest.raises(SystemExit):  # a share, not a count
+        line.main(["grown", "--line-rate", "1.5", "x=y"])
