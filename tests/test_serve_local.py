@@ -83,8 +83,15 @@ def _supervised(monkeypatch, lifetime: float, max_starts: int = 8):
     import serve.__main__ as S
 
     clock = [0.0]
-    monkeypatch.setattr(S, "time", types.SimpleNamespace(monotonic=lambda: clock[0],
-                                                         sleep=lambda s: clock.__setitem__(0, clock[0] + s)))
+    monkeypatch.setattr(S, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
+
+    class Stopping:  # no stop is asked for; the supervisor's waits (checks, back-off) pass on the clock
+        def is_set(self):
+            return False
+
+        def wait(self, seconds):
+            clock[0] += seconds
+            return False
 
     class Process:
         def __init__(self, dies_at):
@@ -100,6 +107,7 @@ def _supervised(monkeypatch, lifetime: float, max_starts: int = 8):
 
         def __init__(self):
             self.starts, self.deaths = 0, []
+            self.stopping = Stopping()
 
         def last_errors(self):
             self.deaths.append(clock[0])  # asked once per death, as the reason is written
