@@ -580,8 +580,8 @@ def grown_calibration(data: dict, kind: str, budget: float, line_rate: float, ba
     good parts with defective ones mixed in at ``line_rate`` (drawn, fixed seed) comes ``batch`` at a time; each
     batch is decided by the threshold read from the lot and every part before it (the scores as collected: the bank
     itself is not grown, which moves later scores a little). Per lot defect rate, pooled over the splits: false
-    alarms on the stream's good parts, and recall of every new defective part against the thresholds the stream had
-    (their mean), each beside the lot's own threshold."""
+    alarms on the stream's good parts, and recall of every new defective part against the threshold each part of the
+    stream was decided by (their mean), each beside the lot's own threshold."""
     labels = np.asarray(data["labels"])
     rng = np.random.default_rng(seed)
     rows: dict = {}
@@ -603,7 +603,7 @@ def grown_calibration(data: dict, kind: str, budget: float, line_rate: float, ba
         row["good"] += int((~is_bad).sum())
         row["fa_grown"] += int((stream[~is_bad] > per_part[~is_bad]).sum())
         row["fa_lot"] += int((stream[~is_bad] > thresholds[0]).sum())
-        row["recall_grown"].append(float((bad[:, None] > np.asarray(thresholds)[None, :]).mean()))
+        row["recall_grown"].append(float((bad[:, None] > per_part[None, :]).mean()))  # each part's threshold
         row["recall_lot"].append(float((bad > thresholds[0]).mean()))
         row["pool"].append(len(lot) + len(stream))
     return {rate: {"new_good": r["good"], "fa_grown": r["fa_grown"] / max(1, r["good"]),

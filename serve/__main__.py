@@ -14,7 +14,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from postprocess import flags as F
 from postprocess.logs import FORMAT_ENV, FORMATS, LEVEL_ENV, LEVELS, configure, get_logger
 
 from .canary import Canaries
-from .local import LocalServer, ServerError, StopRequested, from_caller, is_loopback
+from .local import LocalServer, ServerError, StopFlag, StopRequested, from_caller, is_loopback
 from .request_checks import Limits, image_side_limits
 
 
@@ -94,7 +93,7 @@ def main(argv=None, prog: str = "python -m serve") -> int:
         log.warning(f"warning: --insecure: the server on {args.host} answers every machine that reaches it without a "
                     "key: anyone there can score, build and delete banks")
 
-    stopping = threading.Event()
+    stopping = StopFlag()
 
     def stop_request(*_):
         # a flag the start and the supervisor look at between their steps: a KeyboardInterrupt raised wherever the

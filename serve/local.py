@@ -26,7 +26,6 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -79,18 +78,43 @@ class StopRequested(Exception):
     """A stop was asked for (``LocalServer.stopping``) while the server was starting."""
 
 
-def free_ports(n: int) -> list[int]:
+class StopFlag:
+    """What a stop request sets (``LocalServer.stopping``): set from a signal handler, so it takes no lock (a
+    ``threading.Event`` does: a handler landing while the main thread holds it inside ``wait`` would wait on its
+    own thread for ever)."""
+
+    def __init__(self):
+        self._set = False
+
+    def set(self) -> None:
+        self._set = True
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def wait(self, timeout: float) -> bool:
+        """Whether it is set, after at most ``timeout`` seconds (looked at every 0.1 s)."""
+        end = time.monotonic() + timeout
+        while not self._set and (left := end - time.monotonic()) > 0:
+            time.sleep(min(left, 0.1))
+        return self._set
+
+
+def free_ports(n: int, avoid: set[int] = frozenset()) -> list[int]:
     """n TCP ports free on 127.0.0.1 right now (held together while picking, so they differ), drawn below the
     machine's ephemeral range where it leaves room: a port is free when drawn and bound by a server a moment later
     (tritonserver binds its own after loading the models), and meanwhile every outgoing connection of the machine
-    takes a source port from the ephemeral range."""
+    takes a source port from the ephemeral range. ``avoid``: ports not to return (a server's own, not bound yet)."""
     low, high = _outside_ephemeral_range()
     candidates = random.sample(range(low, high), min(high - low, 64 * n)) if high - low >= 64 * n else []
     sockets: list[socket.socket] = []
+    extra: list[socket.socket] = []
     try:
         for port in candidates:
             if len(sockets) == n:
                 break
+            if port in avoid:
+                continue
             s = socket.socket()
             try:
                 s.bind(("127.0.0.1", port))
@@ -101,10 +125,13 @@ def free_ports(n: int) -> list[int]:
         while len(sockets) < n:  # no room below the range (or all taken): the kernel's choice
             s = socket.socket()
             s.bind(("127.0.0.1", 0))
+            if s.getsockname()[1] in avoid:
+                extra.append(s)  # held until the end, so that the kernel chooses another
+                continue
             sockets.append(s)
         return [s.getsockname()[1] for s in sockets]
     finally:
-        for s in sockets:
+        for s in sockets + extra:
             s.close()
 
 
@@ -282,7 +309,7 @@ class LocalServer:
         self.process: subprocess.Popen | None = None
         # set by whoever runs the server (python -m serve's SIGTERM / Ctrl-C): a start waiting for readiness stops
         # waiting; a flag looked at between steps, not an exception raised wherever the signal lands
-        self.stopping = threading.Event()
+        self.stopping = StopFlag()
 
     @property
     def python_run_platforms(self) -> set[str]:
@@ -339,6 +366,7 @@ class LocalServer:
             raise ServerError("already started")
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         reclaim_shared_memory()
+        restarting = bool(self.guards)  # the supervisor's restart: the public ports stay open (ready says no)
         for attempt in range(1, INTERNAL_PORT_ATTEMPTS + 1):
             try:
                 return self._start_once(timeout)
@@ -347,7 +375,8 @@ class LocalServer:
                 # another process can take one meanwhile
                 if (not isinstance(err, ServerError) or attempt == INTERNAL_PORT_ATTEMPTS
                         or not self._lost_an_internal_port()):
-                    self.stop_guards()
+                    if not restarting:
+                        self.stop_guards()
                     raise
                 get_logger("serve").warning(f"tritonserver's own port was taken meanwhile "
                                             f"({self.last_errors()[-1]}); starting again on others")
@@ -358,8 +387,11 @@ class LocalServer:
         return any("already in use" in line and any(port in line for port in ports) for line in self.last_errors())
 
     def _start_once(self, timeout: float) -> "LocalServer":
+        if self.stopping.is_set():
+            raise StopRequested("stopped before starting")
         self.secret = secrets.token_urlsafe(24)
-        self.internal_http, self.internal_grpc = free_ports(2)
+        self.internal_http, self.internal_grpc = free_ports(2, avoid={self.http_port, self.grpc_port,
+                                                                       self.metrics_port})
         self.health_state = (True, "")
         # what can fail before the server runs is done before the public ports are taken (a failed start left
         # them listening, and the next start on them failed with "address already in use")

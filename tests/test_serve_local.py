@@ -1,5 +1,6 @@
 """serve.local without a running server: what the supervisor shows of a dead server, and what a stop leaves."""
 
+import time
 from pathlib import Path
 
 import pytest
@@ -181,3 +182,40 @@ def test_listen_free_counts_a_port_left_in_time_wait_as_free():
         else:
             pytest.skip("this kernel let a plain bind reuse a TIME_WAIT port: nothing to tell apart")
     assert listen_free("127.0.0.1", port) is True
+
+
+def test_the_stop_flag_is_set_from_a_signal_handler_without_a_lock(tmp_path):
+    """python -m serve's SIGTERM / Ctrl-C handler sets the flag the start and the supervisor wait on. A
+    threading.Event takes its lock in set() and holds it for a moment in every wait(): a handler landing in that
+    moment waits on its own thread for ever (only SIGKILL ends the process). The flag holds no lock, and a signal
+    sent while the main thread waits on it ends the wait at once."""
+    import signal
+    import threading
+
+    from serve.local import StopFlag
+
+    server = LocalServer(_repository(tmp_path))  # what its start waits on, and python -m serve sets
+    flag = server.stopping
+    server.stop()
+    locks = (type(threading.Lock()), type(threading.RLock()), threading.Condition)
+    assert isinstance(flag, StopFlag) and not [name for name, value in vars(flag).items() if isinstance(value, locks)]
+    previous = signal.signal(signal.SIGTERM, lambda *_: flag.set())
+    try:
+        timer = threading.Timer(0.2, signal.raise_signal, (signal.SIGTERM,))
+        timer.start()
+        started = time.monotonic()
+        assert flag.wait(10) and time.monotonic() - started < 2
+        timer.join()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_free_ports_never_draws_a_port_it_is_told_to_avoid(monkeypatch):
+    """A server's own public ports are not bound yet when tritonserver's are drawn: a draw of one of them was a
+    start that failed ("already in use") after loading the models."""
+    import serve.local as L
+
+    monkeypatch.setattr(L, "_outside_ephemeral_range", lambda: (23000, 23128))
+    avoided = set(range(23000, 23126))
+    drawn = L.free_ports(2, avoid=avoided)
+    assert len(set(drawn)) == 2 and not avoided & set(drawn), drawn

@@ -128,6 +128,34 @@ def test_a_start_that_fails_before_the_server_runs_leaves_its_ports_free(reposit
             probe.bind(("127.0.0.1", port))  # free again
 
 
+def test_a_restart_that_fails_keeps_the_public_ports_open_saying_not_ready(repository, tmp_path):
+    """The supervisor restarts tritonserver behind guards it keeps (clients are told "not ready", not refused); a
+    restart that failed closed them, so the public ports refused connections through the back-off, and another
+    process could take them. Here the restart fails at once (no time to get ready)."""
+    import socket
+    import urllib.error
+    import urllib.request
+
+    from serve.local import ServerError
+
+    http, grpc, metrics = free_ports(3)
+    srv = LocalServer(repository, tmp_path / "banks", http_port=http, grpc_port=grpc, metrics_port=metrics)
+    srv.internal_http, srv.internal_grpc = free_ports(2)
+    srv._start_guards()  # what a first start left (the supervisor stopped the server with keep_guards=True)
+    try:
+        srv.health_state = (False, "restarting")
+        with pytest.raises(ServerError, match="not ready"):
+            srv.start(timeout=0.01)
+        assert len(srv.guards) == 2
+        with pytest.raises(urllib.error.HTTPError) as answered:
+            urllib.request.urlopen(f"http://127.0.0.1:{http}/v2/health/ready", timeout=10)
+        assert answered.value.code == 503  # the guard answers: not ready, retry
+        socket.create_connection(("127.0.0.1", grpc), timeout=5).close()
+    finally:
+        srv.stop()
+    assert not srv.guards
+
+
 def test_serve_opened_up_with_insecure_says_so_at_its_start(tmp_path):
     """--insecure opened the server to the network with nothing said (the ready line only lacked "access key
     required"). A repository that is none stops the start right after the check: nothing is bound."""

@@ -93,8 +93,8 @@ def test_a_start_whose_own_port_was_taken_meanwhile_starts_again_on_others(repos
     busy.listen()
     draws = []
 
-    def draw(n: int) -> list[int]:
-        ports = free_ports(n)
+    def draw(n: int, avoid=frozenset()) -> list[int]:
+        ports = free_ports(n, avoid)
         if n == 2 and not draws:
             ports[0] = busy.getsockname()[1]
         draws.append(ports)
