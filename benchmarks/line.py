@@ -554,8 +554,7 @@ def tails(args) -> int:
     """Each ``TAIL_ESTIMATORS`` entry on each collected set: false alarms on new good parts and recall, per budget
     and defect rate (pooled over splits)."""
     for spec in args.sets:
-        name, _, folder = spec.partition("=")
-        data = json.loads((Path(folder) / "line.json").read_text())
+        name, data = load_collect(spec)
         print(f"\n{name} ({args.score}): false alarms on new good parts / recall on new defective parts, per budget "
               "and the lot's defect rate\n")
         rates = sorted({r["defect_rate"] for r in data["splits"]})
@@ -615,8 +614,7 @@ def grown_calibration(data: dict, kind: str, budget: float, line_rate: float, ba
 def grown(args) -> int:
     """``grown_calibration`` on each collected set, per budget and the lot's defect rate."""
     for spec in args.sets:
-        name, _, folder = spec.partition("=")
-        data = json.loads((Path(folder) / "line.json").read_text())
+        name, data = load_collect(spec)
         print(f"\n{name} ({args.score}; the stream {args.line_rate:.1%} defective, {args.batch} parts a batch): false "
               "alarms on new good parts and recall on new defective parts, the lot's threshold against the "
               "calibration grown with the stream\n")
@@ -832,6 +830,12 @@ def load_variants(spec: str) -> tuple[str, dict]:
     if not variants:
         raise SystemExit(f"error: {spec!r}: want NAME=FOLDER[,FOLDER...] with FOLDER/line.json (run collect first)")
     return name, variants
+
+
+def load_collect(spec: str) -> tuple[str, dict]:
+    """NAME=FOLDER -> the set's name and its collect (``tails``, ``grown``: one folder each)."""
+    name, variants = load_variants(spec)
+    return name, next(iter(variants.values()))
 
 
 def report(args) -> int:

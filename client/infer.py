@@ -14,12 +14,13 @@ summary, results.csv and the report, with how many images would measure it).
 
 Writes OUT/results.csv (rank,path,score,calibrated,decision,provisional,width,height,overlay,note: worst first, then the
 images skipped or failed with the reason; overlay is relative to OUT, so the folder can be moved; a name or note that
-starts like a spreadsheet formula, = + - @, gets a leading apostrophe), OUT/results.json (everything, names as they are, plus the bank's summary) and
-OUT/overlays/*.png (file name, score and decision above [image | heat map]: blue = like the lot, red = anomalous, on
-the bank's colour scale with its top at least the threshold, with a colour bar marking the threshold and, on
-images decided anomalous only, a white outline where the map reaches the level that made the decision); prints the
-counts and the ten worst images, and writes OUT/report.html: the score histogram with the threshold and the images
-worst first as thumbnails linking to their overlays, in one self-contained page.
+starts like a spreadsheet formula, = + - @, gets a leading apostrophe), OUT/results.json (everything, names as they
+are, plus the bank's summary) and OUT/overlays/*.png (file name, score and decision above [image | heat map]:
+blue = like the lot, red = anomalous, on the bank's colour scale with its top at least the threshold, with a colour
+bar marking the threshold and, on images decided anomalous only, a white outline where the map reaches the level
+that made the decision); prints the counts and the ten worst images, and writes OUT/report.html: the score
+histogram with the threshold and the images worst first as thumbnails linking to their overlays, in one
+self-contained page.
 """
 
 from __future__ import annotations

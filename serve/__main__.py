@@ -124,10 +124,7 @@ def main(argv=None, prog: str = "python -m serve") -> int:
         return 2
     except StopRequested:
         return 0
-    finally:
-        # stopping: a second stop request (SIGTERM, Ctrl-C) must not cut the stop short
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    finally:  # a second stop request only sets the flag again: nothing cuts the stop short
         if server is not None and (server.process is not None or server.guards):
             log.info("stopping tritonserver ...")
             server.stop()

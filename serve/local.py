@@ -414,7 +414,7 @@ class LocalServer:
                                             start_new_session=True)
         except BaseException:
             log.close()
-            self.stop(keep_guards=True)  # start() closes them unless it tries again
+            self.stop(keep_guards=True)  # start() closes them, unless it tries again or they were open before
             raise
         log.close()
         try:
